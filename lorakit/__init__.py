@@ -1,0 +1,27 @@
+"""lorakit: LoRA adapters, exactly. `lorakit.load`, `Adapter.save`, and one function per CLI command.
+
+Attributes are imported lazily so that `import lorakit` (and `lorakit --help`) does not import torch.
+"""
+from ._version import __version__
+
+_LAZY = {
+    "load": ("lorakit.formats", "load"),
+    "Adapter": ("lorakit.adapter", "Adapter"),
+    "Module": ("lorakit.adapter", "Module"),
+    "LorakitError": ("lorakit.errors", "LorakitError"),
+    "inspect": ("lorakit.commands.inspect", "inspect"),
+    "validate": ("lorakit.commands.validate", "validate"),
+    "demo": ("lorakit.commands.demo", "demo"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute '{name}'")

@@ -1,0 +1,85 @@
+"""The in-memory model of a LoRA adapter. Pure: tensors and numbers in, tensors out, no file IO.
+
+One rule for every module (spec section "The delta"): with r = A.shape[0] and scale = alpha / r,
+    dW = scale * (B.flatten(1) @ A.flatten(1)), reshaped to the base weight's shape [B.shape[0], *A.shape[1:]].
+Factors are stored in the base weight's own layout, so embeddings and GPT-2 Conv1D need no transposes here.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("linear", "conv", "embedding", "linear_t")  # linear_t: a base weight stored [in, out] (GPT-2 Conv1D)
+
+
+@dataclass
+class Module:
+    name: str  # the base weight's tensor name without ".weight"
+    A: torch.Tensor  # [r, in, *kernel]
+    B: torch.Tensor  # [out, r, 1, ...]
+    alpha: float  # an fp32 value; scale = alpha / rank
+    kind: str = "linear"
+    bias: torch.Tensor = None  # delta added to the base bias [out]
+    magnitude: torch.Tensor = None  # DoRA magnitude, 1-D, indexed along `dora_axis` of the weight
+    dora_axis: int = None
+
+    @property
+    def rank(self):
+        return self.A.shape[0]
+
+    @property
+    def scale(self):
+        """alpha / rank, in fp64 from the fp32 alpha: the single scaling rule of the spec."""
+        return float(torch.tensor(self.alpha, dtype=torch.float32)) / self.rank
+
+    @property
+    def shape(self):
+        """Shape of the base weight this module changes."""
+        return (self.B.shape[0], *self.A.shape[1:])
+
+    def factors(self, dtype=torch.float32):
+        """(B2, A2) as matrices with dW.flatten(1) = B2 @ A2; the scale is folded into B2."""
+        return self.B.flatten(1).to(dtype) * self.scale, self.A.flatten(1).to(dtype)
+
+    def delta(self, dtype=torch.float32):
+        """dW in `dtype` (fp32 by default), shaped like the base weight."""
+        B2, A2 = self.factors(dtype)
+        return (B2 @ A2).reshape(self.shape)
+
+    def apply(self, W, sign=1.0, weight=1.0):
+        """W' for this module alone in fp32 (DoRA included): W + w*dW, or m * (W + dW) / ||W + dW||."""
+        Wf = W.float() + (sign * weight) * self.delta()
+        if self.magnitude is not None:
+            dims = [d for d in range(Wf.ndim) if d != self.dora_axis]
+            norm = Wf.norm(dim=dims, keepdim=True)
+            shape = [1] * Wf.ndim
+            shape[self.dora_axis] = -1
+            Wf = Wf * (self.magnitude.float().reshape(shape) / norm)
+        return Wf
+
+    @property
+    def num_params(self):
+        n = self.A.numel() + self.B.numel()
+        return n + sum(t.numel() for t in (self.bias, self.magnitude) if t is not None)
+
+
+@dataclass
+class Adapter:
+    modules: dict = field(default_factory=dict)  # name -> Module
+    replacements: dict = field(default_factory=dict)  # full base tensor name -> tensor (PEFT modules_to_save)
+    base_model: str = None
+    base_fingerprint: str = None
+    provenance: dict = field(default_factory=dict)
+    user_metadata: dict = field(default_factory=dict)  # free-form str -> str, kept verbatim
+    source_format: str = "lorakit"
+
+    def add(self, module):
+        self.modules[module.name] = module
+        return module
+
+    @property
+    def num_params(self):
+        return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.replacements.values())
+
+    def save(self, path, format="lorakit", force=False, **options):
+        from .formats import get_format
+        return get_format(format).write(self, path, force=force, **options)

@@ -1,0 +1,64 @@
+"""Lazy read access to a base checkpoint: one .safetensors file or a Hugging Face folder (single or sharded)."""
+import json
+import os
+
+from .errors import LorakitError
+from .io import TensorFile, read_header
+
+INDEX = "model.safetensors.index.json"
+
+
+def shard_files(path):
+    """The safetensors files of a checkpoint path, in a stable order, and the index (or None)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise LorakitError("no such file or folder", path=path)
+    if os.path.isfile(path):
+        return [path], None
+    index_path = os.path.join(path, INDEX)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            files = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise LorakitError("index is not JSON with a 'weight_map' object", path=index_path) from None
+        return [os.path.join(path, f) for f in files], index
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise LorakitError("folder holds no .safetensors files", path=path)
+    return [os.path.join(path, f) for f in files], None
+
+
+class Checkpoint:
+    """Tensor name -> lazy tensor across all shards. Reads headers only until a tensor is asked for."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.files, self.index = shard_files(self.path)
+        self.shards = {}  # file -> TensorFile
+        self.where = {}  # tensor name -> file
+        for file in self.files:
+            header = read_header(file)
+            self.shards[file] = TensorFile(file, header)
+            for name in header.entries:
+                if name in self.where:
+                    raise LorakitError(f"tensor also stored in {self.where[name]}", path=file, tensor=name)
+                self.where[name] = file
+        if self.index is not None:
+            missing = [n for n in self.index["weight_map"] if n not in self.where]
+            if missing:
+                raise LorakitError(f"index lists {len(missing)} tensor(s) that no shard holds, e.g. '{missing[0]}'",
+                                   path=os.path.join(self.path, INDEX))
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def entry(self, name):
+        return self.shards[self.where[name]].header.entries[name]
+
+    def get(self, name):
+        return self.shards[self.where[name]].get(name)
+
+    def shapes(self):
+        return {n: self.entry(n).shape for n in self.where}

@@ -1,0 +1,1 @@
+"""One module per command; each exposes a library function of the command's name (re-exported by `lorakit`)."""

@@ -1,0 +1,93 @@
+"""`lorakit inspect`: what an adapter is, from its header; with spectrum=True, the singular values of every dW."""
+import math
+import os
+import re
+from collections import Counter, defaultdict
+
+from ..errors import LorakitError
+from ..formats import detect_format
+
+
+def _pattern(name):
+    """Layer indices become '*': model.layers.3.mlp.up_proj -> model.layers.*.mlp.up_proj."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
+    """Summary of an adapter (any readable format). Returns a JSON-able dict.
+
+    Without `spectrum` only headers and the alpha scalars are read. With `spectrum`, per module: the singular values
+    of dW from the factors (QR + small SVD), effective rank and ||dW||_F; with `base`, also ||dW||_F / ||W||_F.
+    """
+    path = os.fspath(adapter)
+    fmt = detect_format(path)
+    ad = fmt.read(path, values=False) if fmt.name == "lorakit" else fmt.read(path)
+    modules = []
+    for m in ad.modules.values():
+        modules.append({"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
+                        "shape": list(m.shape), "dtype": str(m.A.dtype).replace("torch.", ""),
+                        "params": m.num_params, "bias_delta": m.bias is not None, "dora": m.magnitude is not None})
+    groups = defaultdict(list)
+    for m in modules:
+        groups[(m["kind"], _pattern(m["name"]))].append(m)
+    targets = [{"kind": kind, "pattern": pat, "name": pat.rsplit(".", 1)[-1], "count": len(ms),
+                "ranks": sorted({m["rank"] for m in ms}), "alphas": sorted({m["alpha"] for m in ms})}
+               for (kind, pat), ms in sorted(groups.items())]
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for m in ad.modules.values() for t in (m.A, m.B))
+    report = {
+        "file": path, "format": fmt.name, "file_size": _size(path),
+        "spec_version": _spec_version(path) if fmt.name == "lorakit" else None,
+        "base_model": ad.base_model, "base_fingerprint": ad.base_fingerprint,
+        "module_count": len(modules), "params": ad.num_params,
+        "ranks": dict(sorted(Counter(m["rank"] for m in modules).items())),
+        "rank_alpha": [{"rank": r, "alpha": a, "modules": n}
+                       for (r, a), n in sorted(Counter((m["rank"], m["alpha"]) for m in modules).items())],
+        "dtypes": dict(dtypes), "targets": targets,
+        "replacements": {k: list(v.shape) for k, v in ad.replacements.items()},
+        "provenance": ad.provenance, "metadata": ad.user_metadata,
+    }
+    if verbose or spectrum:
+        report["modules"] = modules
+    if spectrum:
+        _add_spectrum(ad, modules, base, quiet)
+    return report
+
+
+def _spec_version(path):
+    from ..io import read_header
+    from ..spec import META_VERSION
+    return read_header(path).metadata.get(META_VERSION)
+
+
+def _add_spectrum(ad, modules, base, quiet):
+    import torch
+    from tqdm import tqdm
+    from ..linalg import singular_values
+    ckpt = None
+    if base is not None:
+        from ..checkpoint import Checkpoint
+        ckpt = Checkpoint(base)
+    for row in tqdm(modules, desc="spectrum", unit="module", disable=quiet, file=None):
+        m = ad.modules[row["name"]]
+        S = singular_values(*m.factors(torch.float64))
+        norm = float(S.square().sum().sqrt())
+        p = S / S.sum() if S.sum() > 0 else S
+        entropy = -float((p[p > 0] * p[p > 0].log()).sum())
+        row.update(singular_values=[float(s) for s in S], norm=norm, effective_rank=math.exp(entropy) if norm else 0.0,
+                   numerical_rank=int((S > S[0] * 1e-6).sum()) if norm else 0)
+        if ckpt is not None:
+            key = f"{m.name}.weight"
+            if key not in ckpt:
+                raise LorakitError("base has no tensor for this module", path=base, tensor=key)
+            W = ckpt.get(key)
+            if tuple(W.shape) != tuple(m.shape):
+                raise LorakitError(f"base shape {list(W.shape)} does not fit the adapter's {list(m.shape)}",
+                                   path=base, tensor=key)
+            row["base_norm"] = float(W.double().norm())
+            row["relative_norm"] = norm / row["base_norm"] if row["base_norm"] else math.inf

@@ -1,0 +1,77 @@
+"""Built-in examples: a small Llama-style base checkpoint and adapters for it. Used by `demo`, tests and benchmarks."""
+import json
+import os
+
+import torch
+
+from .adapter import Adapter, Module
+from .spec import fingerprint
+
+LINEAR_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def llama_shapes(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_heads=2, tie=False):
+    """Tensor name -> shape of a Llama-family checkpoint (Hugging Face names)."""
+    head_dim = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })
+    if not tie:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def llama_config(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_heads=2, tie=False):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tie, "hidden_act": "silu"}
+
+
+def random_tensors(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norms: near 1
+            out[name] = (1 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
+        else:
+            out[name] = (torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
+    return out
+
+
+def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, **size):
+    """A Hugging Face style folder (config.json + model.safetensors) with random weights. Returns the tensors."""
+    from .io import write_safetensors
+    os.makedirs(folder, exist_ok=True)
+    tensors = random_tensors(llama_shapes(**size), dtype, seed)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**llama_config(**size), "torch_dtype": str(dtype).replace("torch.", "")}, f, indent=2)
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+    return tensors
+
+
+def random_adapter(shapes, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, dtype=torch.float32, seed=0,
+                   magnitude=1.0, base_model=None):
+    """A LoRA adapter on every 2-D weight whose name contains one of `targets` (B nonzero, unlike at init)."""
+    g = torch.Generator().manual_seed(seed)
+    ad = Adapter(base_model=base_model, base_fingerprint=fingerprint(shapes),
+                 provenance={"operation": "example", "params": {"seed": seed, "rank": rank}})
+    for name, shape in sorted(shapes.items()):
+        if len(shape) == 2 and name.endswith(".weight") and any(t in name for t in targets):
+            out, inp = shape
+            A = torch.randn(rank, inp, generator=g) / inp ** 0.5
+            B = magnitude * torch.randn(out, rank, generator=g) / rank ** 0.5
+            ad.add(Module(name[: -len(".weight")], A.to(dtype), B.to(dtype), alpha=alpha))
+    return ad

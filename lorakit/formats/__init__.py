@@ -1,0 +1,57 @@
+"""Format registry: each adapter format is a reader and/or writer keyed by name, detected from file content.
+
+A format module registers itself with `register(Format(...))`; the core never imports a format directly.
+"""
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import LorakitError
+
+
+@dataclass
+class Format:
+    name: str
+    detect: Callable  # (path) -> bool, looking at content, never at the file name
+    read: Callable = None  # (path, **options) -> Adapter
+    write: Callable = None  # (adapter, path, force=False, **options) -> None
+    description: str = ""
+
+
+REGISTRY = {}
+
+
+def register(fmt):
+    REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def _load_builtin():
+    from . import lorakit_v1  # noqa: F401  (registers itself)
+
+
+def get_format(name):
+    _load_builtin()
+    if name not in REGISTRY:
+        raise LorakitError(f"unknown format '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def detect_format(path):
+    """The registered format whose detector accepts the content at `path`."""
+    _load_builtin()
+    if not os.path.exists(path):
+        raise LorakitError("no such file or folder", path=path)
+    for fmt in REGISTRY.values():
+        if fmt.detect(path):
+            return fmt
+    raise LorakitError(f"not a recognized adapter (known formats: {', '.join(sorted(REGISTRY))})", path=path)
+
+
+def load(path, format=None, **options):
+    """Read an adapter in any registered format (auto-detected from content unless `format` is given)."""
+    path = os.fspath(path)
+    fmt = get_format(format) if format else detect_format(path)
+    if fmt.read is None:
+        raise LorakitError(f"format '{fmt.name}' cannot be read", path=path)
+    return fmt.read(path, **options)

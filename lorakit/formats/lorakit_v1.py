@@ -1,0 +1,95 @@
+"""lorakit's own format: spec/lorakit-adapter-v1.md. One safetensors file; everything for dW inside it."""
+import json
+import os
+import time
+
+import torch
+
+from .. import spec
+from .._version import __version__
+from ..adapter import Adapter, Module
+from ..errors import LorakitError
+from ..io import TensorFile, atomic_output, read_header, write_safetensors
+from . import Format, register
+
+
+def detect(path):
+    if not os.path.isfile(path):
+        return False
+    try:
+        return spec.META_VERSION in read_header(path).metadata
+    except LorakitError:
+        return False
+
+
+def read(path, values=True, **_):
+    """values=False skips the NaN/Inf scan (inspect reads headers only); structure is always checked."""
+    problems, layout = spec.check_file(path, values=values)
+    errors = [p for p in problems if p.is_error]
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s): run lorakit validate)" if len(errors) > 1 else ""
+        raise LorakitError(first.message + more, path=path, tensor=first.tensor, code=first.code)
+    tf = TensorFile(path)
+    meta = tf.header.metadata
+    adapter = Adapter(
+        base_model=meta.get(spec.META_BASE),
+        base_fingerprint=meta.get(spec.META_FINGERPRINT),
+        provenance=json.loads(meta.get(spec.META_PROVENANCE, "{}")),
+        user_metadata={k: v for k, v in meta.items() if not k.startswith("lorakit.")},
+        source_format="lorakit",
+    )
+    for name, keys in layout.modules.items():
+        info = layout.module_meta.get(name, {})
+        A, B = tf.get(keys["lora_A"]), tf.get(keys["lora_B"])
+        adapter.add(Module(
+            name, A, B, alpha=tf.get(keys["alpha"]).item(),
+            kind=info.get("kind", "conv" if A.ndim > 2 else "linear"),
+            bias=tf.get(keys["bias_delta"]) if "bias_delta" in keys else None,
+            magnitude=tf.get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
+            dora_axis=info.get("dora_axis"),
+        ))
+    for name, key in layout.replacements.items():
+        adapter.replacements[name] = tf.get(key)
+    return adapter
+
+
+def to_tensors(adapter):
+    """The spec's (tensors, metadata) for an adapter: the single place that knows the key grammar for writing."""
+    tensors, modules_meta = {}, {}
+    for name, m in adapter.modules.items():
+        tensors[f"{name}.lora_A"] = m.A
+        tensors[f"{name}.lora_B"] = m.B
+        tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+        if m.bias is not None:
+            tensors[f"{name}.bias_delta"] = m.bias
+        info = {"kind": m.kind}
+        if m.magnitude is not None:
+            tensors[f"{name}.dora_magnitude"] = m.magnitude
+            info["dora_axis"] = m.dora_axis
+        modules_meta[name] = info
+    for name, t in adapter.replacements.items():
+        tensors[f"{name}.{spec.REPLACEMENT}"] = t
+    provenance = dict(adapter.provenance)
+    provenance.setdefault("tool", f"lorakit {__version__}")
+    provenance.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    meta = dict(adapter.user_metadata)
+    meta.update({spec.META_VERSION: spec.SPEC_VERSION, spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
+                 spec.META_MODULES: json.dumps(modules_meta, sort_keys=True)})
+    if adapter.base_model:
+        meta[spec.META_BASE] = adapter.base_model
+    if adapter.base_fingerprint:
+        meta[spec.META_FINGERPRINT] = adapter.base_fingerprint
+    return tensors, meta
+
+
+def write(adapter, path, force=False, **_):
+    tensors, meta = to_tensors(adapter)
+    for key, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LorakitError(f"dtype {t.dtype} is not allowed by the spec (fp32, fp16, bf16)", path=path, tensor=key)
+    with atomic_output(path, force=force) as tmp:
+        write_safetensors(tmp, tensors, meta)
+
+
+register(Format("lorakit", detect, read, write, "lorakit adapter spec v1 (one safetensors file)"))

@@ -1,0 +1,212 @@
+"""safetensors files: a strict header parser (pure Python, no torch), lazy tensor reads and an atomic streaming writer.
+
+The writer is our own so that output bytes are deterministic (sorted keys, sorted metadata) and so that a checkpoint
+can be written tensor by tensor with the header computed up front (merge streams this way).
+"""
+import json
+import mmap
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import LorakitError
+
+MAX_HEADER = 100_000_000
+# safetensors dtype name -> item size in bytes
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple
+    start: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def nbytes(self):
+        return self.end - self.start
+
+    @property
+    def numel(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Header:
+    path: str
+    entries: dict  # name -> Entry, in file order
+    metadata: dict  # str -> str
+    data_start: int
+    file_size: int
+
+
+def check_readable_file(path):
+    """Missing paths and directories are I/O errors (exit 2 everywhere), checked before anything else."""
+    if not os.path.exists(path):
+        raise LorakitError("no such file", path=path)
+    if os.path.isdir(path):
+        raise LorakitError("is a directory, expected a .safetensors file", path=path)
+
+
+def read_header(path):
+    """Parse and check a safetensors header. Raises LorakitError with a validation code on any defect."""
+    check_readable_file(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LorakitError(f"file is {size} bytes, too short for a safetensors header", path=path, code="LK101")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise LorakitError(f"header length {n} runs past the end of the {size}-byte file (truncated or not "
+                               "safetensors)", path=path, code="LK101")
+        text = f.read(n)
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorakitError(f"header is not valid JSON ({e.msg if hasattr(e, 'msg') else e})", path=path,
+                           code="LK101") from None
+    if not isinstance(header, dict):
+        raise LorakitError("header is not a JSON object", path=path, code="LK101")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise LorakitError("__metadata__ must map strings to strings", path=path, code="LK101")
+    data_start = 8 + n
+    entries, spans = {}, []
+    for name, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            assert all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(a, int) and isinstance(b, int)
+        except Exception:
+            raise LorakitError("malformed header entry (needs dtype, shape, data_offsets)", path=path, tensor=name,
+                               code="LK101") from None
+        if dtype not in DTYPE_SIZES:
+            raise LorakitError(f"unknown dtype {dtype}", path=path, tensor=name, code="LK103")
+        entry = Entry(name, dtype, shape, data_start + a, data_start + b)
+        if a > b or entry.end > size:
+            raise LorakitError(f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
+                               path=path, tensor=name, code="LK102")
+        if entry.nbytes != entry.numel * DTYPE_SIZES[dtype]:
+            raise LorakitError(f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs "
+                               f"{entry.numel * DTYPE_SIZES[dtype]}", path=path, tensor=name, code="LK102")
+        entries[name] = entry
+        spans.append((a, b, name))
+    spans.sort()
+    pos = 0
+    for a, b, name in spans:
+        if a != pos:
+            what = "overlaps the previous tensor" if a < pos else "leaves a gap before it"
+            raise LorakitError(f"data offsets are not contiguous: tensor {what}", path=path, tensor=name,
+                               code="LK102")
+        pos = b
+    if data_start + pos != size:
+        raise LorakitError(f"{size - data_start - pos} bytes after the last tensor", path=path, code="LK102")
+    entries = dict(sorted(entries.items(), key=lambda kv: kv[1].start))
+    return Header(str(path), entries, metadata, data_start, size)
+
+
+class TensorFile:
+    """Lazy access to the tensors of one safetensors file through a memory map (nothing is read until asked)."""
+
+    def __init__(self, path, header=None):
+        self.header = header or read_header(path)
+        self.path = str(path)
+        self._map = None
+
+    def get(self, name):
+        import torch
+        from .dtypes import torch_dtype
+        e = self.header.entries[name]
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: writable for torch.frombuffer, yet writes never reach the file.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.header.file_size else b""
+        if e.numel == 0:
+            return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+        t = torch.frombuffer(self._map, dtype=torch_dtype(e.dtype), count=e.numel, offset=e.start)
+        return t.reshape(e.shape)
+
+    def raw(self, name):
+        """The stored bytes of a tensor, for byte-identical copies."""
+        e = self.header.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(e.start)
+            return f.read(e.nbytes)
+
+
+def tensor_bytes(t):
+    """Little-endian raw bytes of a tensor (safetensors stores native little-endian)."""
+    import torch
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return b""
+    return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+
+
+def build_header(specs, metadata=None):
+    """specs: list of (name, dtype_str, shape) in write order. Returns the header bytes (length prefix + padded JSON)."""
+    header, pos = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    for name, dtype, shape in specs:
+        n = DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # align tensor data to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(text)) + text
+
+
+@contextmanager
+def atomic_output(path, force=False, directory=False):
+    """Yield a temporary path next to `path`; rename it to `path` only when the block completes."""
+    path = os.path.abspath(str(path))
+    if os.path.exists(path) and not force:
+        raise LorakitError("output exists (use --force to overwrite)", path=path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise LorakitError("output folder does not exist", path=parent)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.") if directory else None
+    if not directory:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+    try:
+        yield tmp
+        if os.path.isdir(path) and force:
+            import shutil
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
+        raise
+
+
+def _unlink(p):
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write tensors (dict name -> torch tensor, or list of (name, tensor)) to `path` with sorted keys.
+    Writes straight to `path`: callers wrap it in atomic_output."""
+    from .dtypes import st_dtype
+    items = sorted(tensors.items() if isinstance(tensors, dict) else tensors, key=lambda kv: kv[0])
+    head = build_header([(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in items], metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for _, v in items:
+            f.write(tensor_bytes(v))

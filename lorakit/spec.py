@@ -1,0 +1,236 @@
+"""lorakit adapter spec v1 (spec/lorakit-adapter-v1.md): key grammar, metadata keys and the validation rules.
+
+`check_file` returns every problem of a file; the lorakit reader refuses a file with any error, so validation and
+loading can never disagree.
+"""
+import json
+import math
+from dataclasses import dataclass
+
+from .errors import LorakitError
+from .io import read_header
+
+SPEC_VERSION = "1.0"
+SPEC_MAJOR = 1
+
+# Stable codes. Errors make a file invalid; warnings do not. The spec's table lists exactly these.
+CODES = {
+    "LK001": ("unreadable", "the path is missing, a directory or cannot be read"),
+    "LK101": ("bad-header", "not a safetensors file: truncated, header length out of range, header not JSON"),
+    "LK102": ("bad-offsets", "tensor data offsets past the end, overlapping, with gaps or not matching the shape"),
+    "LK103": ("bad-dtype", "a dtype the spec does not allow for this tensor"),
+    "LK104": ("bad-metadata", "a lorakit.* metadata value that is not what the spec says (e.g. invalid JSON)"),
+    "LK105": ("missing-version", "no lorakit.spec_version metadata: not a lorakit adapter"),
+    "LK106": ("unsupported-version", "a spec major version this reader does not implement"),
+    "LK201": ("missing-pair", "lora_A without lora_B or the reverse, or a module tensor without its factors"),
+    "LK202": ("missing-alpha", "a module without its alpha tensor"),
+    "LK203": ("shape-mismatch", "factor shapes that do not fit the module kind (ndim, kernel, trailing 1s)"),
+    "LK204": ("rank-mismatch", "lora_A.shape[0] differs from lora_B.shape[1]"),
+    "LK205": ("zero-rank", "a module of rank 0"),
+    "LK206": ("bad-alpha", "alpha not finite or not positive"),
+    "LK207": ("alpha-not-scalar", "alpha not a 0-d F32 tensor"),
+    "LK208": ("non-finite", "NaN or Inf in a tensor"),
+    "LK209": ("unknown-key", "a tensor key outside the spec's grammar"),
+    "LK210": ("bad-bias", "bias_delta whose shape is not [out]"),
+    "LK211": ("bad-dora", "dora_magnitude without a valid dora_axis, or of the wrong length"),
+    "LK212": ("bad-kind", "a module kind the spec does not define, or one that contradicts the factor shapes"),
+    "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
+    "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
+}
+
+FACTOR_DTYPES = ("F32", "F16", "BF16")
+SUFFIXES = ("lora_A", "lora_B", "alpha", "bias_delta", "dora_magnitude")
+REPLACEMENT = "replacement"  # "<base tensor name>.replacement": full-tensor replacement
+KINDS = ("linear", "conv", "embedding", "linear_t")
+
+META_VERSION = "lorakit.spec_version"
+META_BASE = "lorakit.base_model"
+META_FINGERPRINT = "lorakit.base_fingerprint"
+META_PROVENANCE = "lorakit.provenance"
+META_MODULES = "lorakit.modules"
+KNOWN_META = (META_VERSION, META_BASE, META_FINGERPRINT, META_PROVENANCE, META_MODULES)
+
+
+@dataclass
+class Problem:
+    code: str
+    message: str
+    tensor: str = None
+
+    @property
+    def is_error(self):
+        return not self.code.startswith("LK3")
+
+    def as_dict(self):
+        return {"code": self.code, "rule": CODES[self.code][0], "tensor": self.tensor, "message": self.message}
+
+
+@dataclass
+class Layout:
+    """Which keys of a file make up each module (parsed from names alone)."""
+    modules: dict  # module name -> {suffix: key}
+    replacements: dict  # base tensor name -> key
+    unknown: list
+    module_meta: dict  # module name -> {"kind": ..., "dora_axis": ...}
+
+
+def parse_keys(names):
+    modules, replacements, unknown = {}, {}, []
+    for key in names:
+        stem, _, suffix = key.rpartition(".")
+        if suffix in SUFFIXES and stem:
+            modules.setdefault(stem, {})[suffix] = key
+        elif suffix == REPLACEMENT and stem:
+            replacements[stem] = key
+        else:
+            unknown.append(key)
+    return modules, replacements, unknown
+
+
+def parse_version(text):
+    """(major, minor) of a 'MAJOR.MINOR' string, or None."""
+    try:
+        major, minor = text.split(".")
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return None
+
+
+def check_file(path, values=True):
+    """All problems of a file against the spec. Raises LorakitError only when the path cannot be read at all."""
+    try:
+        header = read_header(path)
+    except LorakitError as e:
+        if e.code is None:  # missing path or directory: not a validation result
+            raise
+        return [Problem(e.code, str(e).split(f"[{e.code}] ", 1)[-1], e.tensor)], None
+    problems = []
+    layout = check_header(header, problems)
+    if values and layout is not None and not any(p.is_error for p in problems):
+        check_values(path, header, problems)
+    return problems, layout
+
+
+def check_header(header, problems):
+    """Append the header-level problems of a parsed header to `problems`; return the Layout."""
+    meta, entries = header.metadata, header.entries
+    add = lambda code, msg, tensor=None: problems.append(Problem(code, msg, tensor))  # noqa: E731
+    version = meta.get(META_VERSION)
+    if version is None:
+        add("LK105", f"no '{META_VERSION}' in __metadata__: not a lorakit adapter")
+    else:
+        v = parse_version(version)
+        if v is None:
+            add("LK104", f"'{META_VERSION}' is '{version}', expected MAJOR.MINOR")
+        elif v[0] != SPEC_MAJOR:
+            add("LK106", f"spec version {version}; this reader implements {SPEC_MAJOR}.x")
+            return None
+        elif v[1] > int(SPEC_VERSION.split(".")[1]):
+            add("LK302", f"spec version {version} is newer than {SPEC_VERSION}; reading it as {SPEC_VERSION}")
+    for k in meta:
+        if k.startswith("lorakit.") and k not in KNOWN_META:
+            add("LK301", f"unknown metadata key '{k}' ignored")
+    module_meta = {}
+    for k in (META_PROVENANCE, META_MODULES):
+        if k in meta:
+            try:
+                value = json.loads(meta[k])
+                assert isinstance(value, dict)
+            except (json.JSONDecodeError, AssertionError):
+                add("LK104", f"'{k}' must be a JSON object")
+                continue
+            if k == META_MODULES:
+                module_meta = value
+    if META_FINGERPRINT in meta and not meta[META_FINGERPRINT].startswith("sha256:"):
+        add("LK104", f"'{META_FINGERPRINT}' must be 'sha256:<hex>'")
+
+    modules, replacements, unknown = parse_keys(entries)
+    for key in unknown:
+        add("LK209", "key is not '<module>.(lora_A|lora_B|alpha|bias_delta|dora_magnitude)' or "
+                     "'<tensor>.replacement'", key)
+    for name, keys in modules.items():
+        check_module(name, keys, entries, module_meta.get(name, {}), add)
+    for name in module_meta:
+        if name not in modules:
+            add("LK201", f"'{META_MODULES}' describes module '{name}' that has no tensors")
+    for name, key in replacements.items():
+        if entries[key].dtype not in FACTOR_DTYPES:
+            add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
+    return Layout(modules, replacements, unknown, module_meta)
+
+
+def check_module(name, keys, entries, info, add):
+    a, b = keys.get("lora_A"), keys.get("lora_B")
+    if a is None or b is None:
+        have = ", ".join(sorted(keys))
+        add("LK201", f"module '{name}' has {have} but no {'lora_A' if a is None else 'lora_B'}", keys.get("lora_A") or
+            keys.get("lora_B") or next(iter(keys.values())))
+        return
+    A, B = entries[a], entries[b]
+    for e in (A, B):
+        if e.dtype not in FACTOR_DTYPES:
+            add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
+    if "alpha" not in keys:
+        add("LK202", f"module '{name}' has no '{name}.alpha'", a)
+    else:
+        al = entries[keys["alpha"]]
+        if al.dtype != "F32" or al.shape != ():
+            add("LK207", f"alpha is {al.dtype} of shape {list(al.shape)}, expected F32 of shape []", al.name)
+    if len(A.shape) < 2 or len(B.shape) != len(A.shape):
+        add("LK203", f"lora_A has shape {list(A.shape)} and lora_B {list(B.shape)}: both need the same ndim >= 2", a)
+        return
+    if any(d != 1 for d in B.shape[2:]):
+        add("LK203", f"lora_B of a conv module must be [out, r, 1, ...], got {list(B.shape)}", b)
+    if A.shape[0] != B.shape[1]:
+        add("LK204", f"lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}", b)
+    if A.shape[0] == 0:
+        add("LK205", "rank 0", a)
+    kind = info.get("kind", "conv" if len(A.shape) > 2 else "linear")
+    if kind not in KINDS:
+        add("LK212", f"kind '{kind}' is not one of {', '.join(KINDS)}", a)
+    elif (kind == "conv") != (len(A.shape) > 2):
+        add("LK212", f"kind '{kind}' does not fit factors of ndim {len(A.shape)}", a)
+    out, weight_shape = B.shape[0], (B.shape[0], *A.shape[1:])
+    if "bias_delta" in keys:
+        e = entries[keys["bias_delta"]]
+        if e.shape != (out,):
+            add("LK210", f"bias_delta has shape {list(e.shape)}, expected [{out}]", e.name)
+        if e.dtype not in FACTOR_DTYPES:
+            add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
+    if "dora_magnitude" in keys:
+        e = entries[keys["dora_magnitude"]]
+        axis = info.get("dora_axis")
+        if not isinstance(axis, int) or not 0 <= axis < len(weight_shape):
+            add("LK211", f"dora_magnitude needs an integer 'dora_axis' in {META_MODULES} (0..{len(weight_shape) - 1})",
+                e.name)
+        elif e.shape != (weight_shape[axis],):
+            add("LK211", f"dora_magnitude has shape {list(e.shape)}, expected [{weight_shape[axis]}] (axis {axis} of "
+                         f"the weight {list(weight_shape)})", e.name)
+        if e.dtype not in FACTOR_DTYPES:
+            add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
+
+
+def check_values(path, header, problems):
+    """NaN/Inf in any tensor, alpha finite and positive: needs the data, so it runs after the header checks."""
+    import torch
+    from .io import TensorFile
+    tf = TensorFile(path, header)
+    for name, e in header.entries.items():
+        t = tf.get(name)
+        if not torch.isfinite(t.float() if t.dtype != torch.float32 else t).all():
+            if name.endswith(".alpha"):
+                problems.append(Problem("LK206", f"alpha is {t.item()}, must be finite and > 0", name))
+            else:
+                bad = int((~torch.isfinite(t.float())).sum())
+                problems.append(Problem("LK208", f"{bad} NaN/Inf value(s)", name))
+        elif name.endswith(".alpha") and e.shape == () and t.item() <= 0:
+            problems.append(Problem("LK206", f"alpha is {t.item()}, must be finite and > 0", name))
+
+
+def fingerprint(shapes):
+    """Fingerprint of a base checkpoint: sha256 over its sorted 'name<TAB>d0,d1,...<LF>' lines (dtype-free)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(shapes):
+        h.update(f"{name}\t{','.join(str(d) for d in shapes[name])}\n".encode())
+    return "sha256:" + h.hexdigest()
