@@ -17,10 +17,15 @@ class Module:
     A: torch.Tensor  # [r, in, *kernel]
     B: torch.Tensor  # [out, r, 1, ...]
     alpha: float  # an fp32 value; scale = alpha / rank
-    kind: str = "linear"
+    kind: str = None  # default: "conv" for factors of ndim > 2, else "linear"
     bias: torch.Tensor = None  # delta added to the base bias [out]
     magnitude: torch.Tensor = None  # DoRA magnitude, 1-D, indexed along `dora_axis` of the weight
     dora_axis: int = None
+
+    def __post_init__(self):
+        self.alpha = float(torch.tensor(float(self.alpha), dtype=torch.float32))  # alpha is an fp32 number
+        if self.kind is None:
+            self.kind = "conv" if self.A.ndim > 2 else "linear"
 
     @property
     def rank(self):
@@ -29,7 +34,7 @@ class Module:
     @property
     def scale(self):
         """alpha / rank, in fp64 from the fp32 alpha: the single scaling rule of the spec."""
-        return float(torch.tensor(self.alpha, dtype=torch.float32)) / self.rank
+        return self.alpha / self.rank
 
     @property
     def shape(self):

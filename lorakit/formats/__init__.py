@@ -45,6 +45,9 @@ def detect_format(path):
     for fmt in REGISTRY.values():
         if fmt.detect(path):
             return fmt
+    if os.path.isfile(path):
+        from ..io import read_header
+        read_header(path)  # a broken safetensors file: raise its precise defect rather than "not recognized"
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(sorted(REGISTRY))})", path=path)
 
 

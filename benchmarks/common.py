@@ -1,0 +1,32 @@
+"""Shared helpers for the benchmark scripts: timing, peak memory of a child process, and the side-by-side table."""
+import subprocess
+import sys
+import time
+
+
+def timed(fn, repeat=1):
+    """Best wall time of `repeat` calls, and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def measure_python(code):
+    """Run Python `code` in a fresh interpreter that prints its own wall time and peak RSS (MiB) as 'wall rss'."""
+    wrapper = ("import resource, time\nt0 = time.perf_counter()\n" + code +
+               "\nprint('BENCH', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
+    return float(line[1]), float(line[2])
+
+
+def table(title, header, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n## {title}")
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")

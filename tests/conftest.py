@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lorakit import examples
+from lorakit.cli import main
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: returns (exit_code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def run(*args):
+        r = runner.invoke(main, [str(a) for a in args])
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise r.exception
+        return r.exit_code, r.stdout, r.stderr
+    return run
+
+
+@pytest.fixture
+def tiny_base(tmp_path):
+    """A tiny Llama-style fp32 checkpoint folder and its tensors."""
+    folder = tmp_path / "base"
+    tensors = examples.write_llama_checkpoint(str(folder))
+    return folder, tensors
+
+
+def shapes_of(tensors):
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def assert_one_line_error(code, out, err, *fragments, exit_code=2):
+    assert code == exit_code, (code, out, err)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def listdir_all(folder):
+    return sorted(os.listdir(folder))
+
+
+def bits(t):
+    """A tensor's raw bits, for bitwise comparisons that also hold for NaN and -0.0."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
