@@ -12,6 +12,10 @@ _LAZY = {
     "inspect": ("lorakit.commands.inspect", "inspect"),
     "validate": ("lorakit.commands.validate", "validate"),
     "demo": ("lorakit.commands.demo", "demo"),
+    "combine": ("lorakit.commands.algebra", "combine"),
+    "resize": ("lorakit.commands.algebra", "resize"),
+    "diff": ("lorakit.commands.algebra", "diff"),
+    "extract": ("lorakit.commands.extract", "extract"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -85,6 +85,82 @@ def validate_cmd(files, as_json):
     sys.exit(0 if report["valid"] else 1)
 
 
+# ---------------------------------------------------------------- algebra
+def _dtype_option(f):
+    return click.option("--dtype", default="keep", show_default=True,
+                        type=click.Choice(["keep", "fp32", "fp16", "bf16"]), help="dtype of the output factors.")(f)
+
+
+def _common_output(f):
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")(f)
+    f = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")(f)
+    return click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter file.")(f)
+
+
+@command(main, "combine")
+@click.argument("adapters", nargs=-1, required=True)
+@_common_output
+@click.option("--method", default="linear", show_default=True,
+              type=click.Choice(["cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]))
+@click.option("--rank", type=int, help="Truncate each module optimally to this rank.")
+@click.option("--energy", type=float, help="Keep the smallest rank with this share of ||dW||_F^2 (0-1).")
+@click.option("--density", type=float, default=0.5, show_default=True, help="Kept share for ties/dare/prune.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
+@_dtype_option
+def combine_cmd(adapters, output, force, as_json, quiet, method, rank, energy, density, seed, dtype):
+    """Combine adapters A[:W] B[:W] ... in delta space (exact for cat and linear)."""
+    from .commands.algebra import combine
+    emit(combine(list(adapters), output, method=method, rank=rank, energy=energy, density=density, seed=seed,
+                 dtype=dtype, force=force, quiet=quiet), as_json, render.combine_text)
+
+
+@command(main, "resize")
+@click.argument("adapter", type=click.Path())
+@_common_output
+@click.option("--rank", type=int, help="New rank of every module.")
+@click.option("--energy", type=float, help="Keep this share of ||dW||_F^2 per module (0-1).")
+@click.option("--sv-ratio", type=float, help="Keep singular values above S[0] / X (sd-scripts).")
+@click.option("--sv-fro", type=float, help="Keep until the Frobenius norm share reaches X (sd-scripts).")
+@click.option("--sv-cumulative", type=float, help="Keep until cumsum(S) / sum(S) reaches X (sd-scripts).")
+@click.option("--max-rank", type=int, help="Upper bound on the new rank.")
+@_dtype_option
+def resize_cmd(adapter, output, force, as_json, quiet, rank, energy, sv_ratio, sv_fro, sv_cumulative, max_rank,
+               dtype):
+    """Re-rank every module by optimal (Eckart-Young) truncation; the scale is kept."""
+    from .commands.algebra import resize
+    emit(resize(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
+                sv_cumulative=sv_cumulative, max_rank=max_rank, dtype=dtype, force=force, quiet=quiet),
+         as_json, render.resize_text)
+
+
+@command(main, "diff")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def diff_cmd(a, b, as_json, quiet):
+    """Compare two adapters' deltas module by module (a reparametrized delta compares equal)."""
+    from .commands.algebra import diff
+    emit(diff(a, b, quiet=quiet), as_json, render.diff_text)
+
+
+@command(main, "extract")
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@_common_output
+@click.option("--rank", type=int, help="Rank of every extracted module.")
+@click.option("--energy", type=float, help="Smallest rank keeping this share of ||tuned - base||_F^2 (0-1).")
+@click.option("--targets", help="Comma-separated module names, suffixes (q_proj) or globs; default: all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@_dtype_option
+def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, targets, seed, dtype):
+    """Extract an adapter from a base and a fine-tuned checkpoint (files or sharded folders)."""
+    from .commands.extract import extract
+    emit(extract(base, tuned, output, rank=rank, energy=energy, targets=targets, seed=seed, dtype=dtype, force=force,
+                 quiet=quiet), as_json, render.extract_text)
+
+
 # ---------------------------------------------------------------- demo
 @command(main, "demo")
 @click.option("--keep", type=click.Path(), help="Write the demo files into this folder instead of a temp folder.")

@@ -67,3 +67,57 @@ def validate_text(r):
             where = f" {p['tensor']}:" if p["tensor"] else ""
             lines.append(f"  {p['code']} {p['rule']}{where} {p['message']}")
     return "\n".join(lines)
+
+
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def combine_text(r):
+    lines = [f"wrote {r['output']}: method {r['method']}, {len(r['modules'])} modules, total rank {r['rank']}, "
+             f"min energy kept {_pct(r['min_energy_kept'])}"]
+    for m in r["modules"]:
+        lines.append(f"  {m['module']:<48} inputs {m['inputs']}  rank {m['input_rank']:>4} -> {m['rank']:<4} "
+                     f"kept {_pct(m['energy_kept'])}")
+    return "\n".join(lines)
+
+
+def resize_text(r):
+    lines = [f"wrote {r['output']}: params {r['params_before']:,} -> {r['params_after']:,}",
+             f"  {'module':<48} {'rank':>11}  {'kept ||dW||^2':>13}  {'rel. error':>10}"]
+    for m in r["modules"]:
+        lines.append(f"  {m['module']:<48} {m['old_rank']:>4} -> {m['new_rank']:<4}  {_pct(m['energy_kept']):>13}  "
+                     f"{m['relative_error']:>10.3e}")
+    return "\n".join(lines)
+
+
+def diff_text(r):
+    s = r["summary"]
+    lines = [f"{s['both']} modules in both, {s['only_a']} only in A, {s['only_b']} only in B; "
+             f"max ||dA-dB||/||dA|| {s['max_relative_diff']:.3e}; mean cosine {s['mean_cosine']:.4f}"
+             + ("; identical deltas" if s["identical_deltas"] else ""),
+             f"  {'module':<48} {'ranks':>9} {'||dA||':>10} {'||dB||':>10} {'rel.diff':>10} {'cosine':>7} "
+             f"{'col.ovl':>7} {'row.ovl':>7}"]
+    for m in r["modules"]:
+        if m["present"] != "both":
+            lines.append(f"  {m['module']:<48} only in {m['present'].upper()}")
+            continue
+        lines.append(f"  {m['module']:<48} {m['rank_a']:>4}/{m['rank_b']:<4} {m['norm_a']:>10.4g} {m['norm_b']:>10.4g} "
+                     f"{m['relative_diff']:>10.3e} {m['cosine']:>7.4f} {m['column_overlap']:>7.4f} "
+                     f"{m['row_overlap']:>7.4f}")
+    return "\n".join(lines)
+
+
+def extract_text(r):
+    lines = [f"wrote {r['output']}: {len(r['modules'])} modules, mean energy kept {_pct(r['mean_energy_kept'])}; "
+             f"{r['unchanged']} tensors unchanged"]
+    for m in r["modules"]:
+        lines.append(f"  {m['module']:<48} rank {m['rank']:<4} kept {_pct(m['energy_kept'])}  "
+                     f"rel. error {m['relative_error']:.3e}")
+    for key, label in (("replaced", "stored whole (changed, not a matrix)"), ("not_targeted", "changed, not targeted"),
+                       ("only_in_tuned", "only in the tuned checkpoint"), ("only_in_base", "only in the base"),
+                       ("shape_changed", "shape changed, skipped"), ("not_float", "changed, not floating point")):
+        if r[key]:
+            lines.append(f"  {label}: {', '.join(r[key][:8])}" + (f" (+{len(r[key]) - 8} more)" if len(r[key]) > 8
+                                                                  else ""))
+    return "\n".join(lines)

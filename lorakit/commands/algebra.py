@@ -1,0 +1,142 @@
+"""`combine`, `resize` and `diff`: IO around lorakit.algebra (the math lives there)."""
+import os
+
+import torch
+from tqdm import tqdm
+
+from .. import algebra
+from ..adapter import Adapter
+from ..dtypes import user_dtype
+from ..errors import LorakitError
+from ..formats import load
+
+WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
+
+
+def parse_weighted(spec):
+    """'path:0.5' -> ('path', 0.5); a path without a numeric suffix has weight 1 (paths may contain ':')."""
+    spec = os.fspath(spec) if not isinstance(spec, (tuple, list)) else spec
+    if isinstance(spec, (tuple, list)):
+        return os.fspath(spec[0]), float(spec[1])
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _parent(path, adapter, **extra):
+    return {"file": os.path.basename(path), "format": adapter.source_format, **extra}
+
+
+def _check_rule(**rule):
+    given = {k: v for k, v in rule.items() if v is not None}
+    if len(given) > 1:
+        raise LorakitError(f"give one of {', '.join('--' + k.replace('_', '-') for k in rule)}, not several")
+    return given
+
+
+def combine(adapters, output, method="linear", rank=None, energy=None, density=0.5, seed=0, dtype="keep",
+            force=False, quiet=False):
+    """Combine adapters (`path` or `path:weight`) in delta space. Returns the report; writes `output`.
+
+    cat/linear are exact (rank = sum of ranks), or optimally truncated with rank/energy; svd truncates to `rank`
+    (default: the largest input rank); ties, dare_linear, dare_ties, magnitude_prune act on the dense deltas.
+    """
+    if method not in algebra.METHODS:
+        raise LorakitError(f"unknown method '{method}' (choose from {', '.join(algebra.METHODS)})")
+    if method == "cat" and (rank is not None or energy is not None):
+        raise LorakitError("cat is exact: --rank/--energy apply to linear, svd and the sparsifying methods")
+    _check_rule(rank=rank, energy=energy)
+    if not 0 < density <= 1:
+        raise LorakitError(f"--density must be in (0, 1], got {density}")
+    inputs = [parse_weighted(a) for a in adapters]
+    if len(inputs) < 1:
+        raise LorakitError("give at least one adapter")
+    loaded = [(path, load(path), w) for path, w in inputs]
+    out_dtype = user_dtype(dtype) if dtype != "keep" else max(
+        (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()), key=lambda d: WIDTH.get(d, 0),
+        default=torch.float32)
+    names = sorted({n for _, ad, _ in loaded for n in ad.modules})
+    result = Adapter(base_model=loaded[0][1].base_model, base_fingerprint=loaded[0][1].base_fingerprint)
+    fingerprints = {ad.base_fingerprint for _, ad, _ in loaded if ad.base_fingerprint}
+    if len(fingerprints) > 1:
+        raise LorakitError("the adapters were made for different base models (base fingerprints differ)")
+    rows = []
+    for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=quiet):
+        entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
+        try:
+            module, stats = algebra.combine_module(name, entries, method, rank, energy, density, seed, out_dtype)
+        except LorakitError as e:
+            raise LorakitError(str(e), path=", ".join(p for p, _, _ in inputs)) from None
+        result.add(module)
+        rows.append(stats)
+    for path, ad, w in loaded:
+        for key, t in ad.replacements.items():
+            if key in result.replacements:
+                raise LorakitError("more than one input replaces this tensor: cannot combine full replacements",
+                                   path=path, tensor=key)
+            result.replacements[key] = t
+    result.provenance = {"operation": "combine", "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
+                         "params": {"method": method, "rank": rank, "energy": energy, "density": density,
+                                    "seed": seed}}
+    result.save(output, force=force)
+    return {"output": os.fspath(output), "method": method, "modules": rows,
+            "rank": sum(r["rank"] for r in rows), "min_energy_kept": min((r["energy_kept"] for r in rows),
+                                                                         default=1.0)}
+
+
+def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None,
+           dtype="keep", force=False, quiet=False):
+    """Optimal per-module truncation (Eckart-Young), alpha rescaled to keep each module's scale."""
+    rule = _check_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative)
+    if not rule:
+        raise LorakitError("give one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
+    ad = load(adapter)
+    out_dtype = None if dtype == "keep" else user_dtype(dtype)
+    result = Adapter(replacements=dict(ad.replacements), base_model=ad.base_model,
+                     base_fingerprint=ad.base_fingerprint, user_metadata=dict(ad.user_metadata))
+    rows = []
+    for m in tqdm(ad.modules.values(), desc="resize", unit="module", disable=quiet):
+        module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, **rule)
+        result.add(module)
+        rows.append(stats)
+    result.provenance = {"operation": "resize", "parents": [_parent(adapter, ad)],
+                         "params": {**rule, "max_rank": max_rank}}
+    result.save(output, force=force)
+    return {"output": os.fspath(output), "modules": rows,
+            "params_before": ad.num_params, "params_after": result.num_params}
+
+
+def diff(a, b, quiet=False):
+    """Compare two adapters in delta space, module by module, from the factors."""
+    ad_a, ad_b = load(a), load(b)
+    rows = []
+    for name in tqdm(sorted(set(ad_a.modules) | set(ad_b.modules)), desc="diff", unit="module", disable=quiet):
+        ma, mb = ad_a.modules.get(name), ad_b.modules.get(name)
+        if ma is None or mb is None:
+            present = ma or mb
+            rows.append({"module": name, "present": "a" if ma else "b", "rank_a": ma.rank if ma else None,
+                         "rank_b": mb.rank if mb else None, "norm_a": _norm(ma), "norm_b": _norm(mb)})
+            continue
+        if ma.shape != mb.shape:
+            raise LorakitError(f"module has shape {list(ma.shape)} in {a} and {list(mb.shape)} in {b}", tensor=name)
+        rows.append({"module": name, "present": "both", **algebra.compare_modules(ma, mb)})
+    both = [r for r in rows if r["present"] == "both"]
+    summary = {
+        "both": len(both), "only_a": sum(r["present"] == "a" for r in rows),
+        "only_b": sum(r["present"] == "b" for r in rows),
+        "max_relative_diff": max((r["relative_diff"] for r in both), default=0.0),
+        "mean_cosine": sum(r["cosine"] for r in both) / len(both) if both else 0.0,
+        "identical_deltas": all(r["relative_diff"] < 1e-6 for r in both) and len(both) == len(rows),
+    }
+    return {"a": os.fspath(a), "b": os.fspath(b), "summary": summary, "modules": rows}
+
+
+def _norm(m):
+    if m is None:
+        return None
+    from ..linalg import frobenius_norm
+    return frobenius_norm(*m.factors(torch.float64))

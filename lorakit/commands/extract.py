@@ -1,0 +1,98 @@
+"""`lorakit extract`: an adapter from the difference of two checkpoints, streamed one tensor at a time."""
+import fnmatch
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from .. import algebra
+from ..adapter import Adapter
+from ..checkpoint import Checkpoint
+from ..dtypes import user_dtype
+from ..errors import LorakitError
+from ..spec import fingerprint
+from .algebra import _check_rule
+
+
+def _targeted(name, targets):
+    """A target is a glob over the module name, or a name component / suffix (q_proj, self_attn.q_proj)."""
+    if not targets:
+        return True
+    return any(fnmatch.fnmatchcase(name, t) or name == t or name.endswith("." + t) for t in targets)
+
+
+def _base_model_name(path):
+    config = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if config and os.path.isfile(config):
+        try:
+            with open(config) as f:
+                name = json.load(f).get("_name_or_path")
+            if name:
+                return name
+        except (OSError, json.JSONDecodeError):
+            pass
+    return os.path.basename(os.path.normpath(path))
+
+
+def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False,
+            quiet=False):
+    """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
+    tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
+    if rank is None and energy is None:
+        raise LorakitError("give --rank or --energy")
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t]
+    cb, ct = Checkpoint(base), Checkpoint(tuned)
+    out_dtype = None if dtype == "keep" else user_dtype(dtype)
+    adapter = Adapter(base_model=_base_model_name(os.fspath(base)), base_fingerprint=fingerprint(cb.shapes()))
+    rows, report = [], {"unchanged": 0, "not_targeted": [], "only_in_tuned": [], "only_in_base": [],
+                        "shape_changed": [], "replaced": [], "not_float": []}
+    generator = torch.Generator().manual_seed(seed)
+    names = sorted(ct.where)
+    total = sum(ct.entry(n).nbytes for n in names)
+    with tqdm(total=total, desc="extract", unit="B", unit_scale=True, disable=quiet) as bar:
+        for name in names:
+            bar.update(ct.entry(name).nbytes)
+            if name not in cb:
+                report["only_in_tuned"].append(name)
+                continue
+            eb, et = cb.entry(name), ct.entry(name)
+            if eb.shape != et.shape:
+                report["shape_changed"].append(name)
+                continue
+            if eb.dtype == et.dtype and cb.shards[cb.where[name]].raw(name) == ct.shards[ct.where[name]].raw(name):
+                report["unchanged"] += 1
+                continue
+            W0, W1 = cb.get(name), ct.get(name)
+            if not (W0.is_floating_point() and W1.is_floating_point()):
+                report["not_float"].append(name)
+                continue
+            module_name = name[: -len(".weight")] if name.endswith(".weight") else name
+            if not _targeted(module_name, targets):
+                report["not_targeted"].append(name)
+                continue
+            if W1.ndim < 2 or not name.endswith(".weight"):
+                adapter.replacements[name] = W1.clone() if out_dtype is None else W1.to(out_dtype)
+                report["replaced"].append(name)
+                continue
+            D = W1.float().flatten(1) - W0.float().flatten(1)
+            B2, A2, stats = algebra.extract_matrix(D, rank=rank, energy=energy, generator=generator)
+            kind = "conv" if W1.ndim > 2 else ("embedding" if "embed" in module_name or "wte" in module_name
+                                               else "linear")
+            adapter.add(algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2,
+                                                    out_dtype or W1.dtype))
+            rows.append({"module": module_name, **stats})
+    for name in sorted(cb.where):
+        if name not in ct:
+            report["only_in_base"].append(name)
+    if not adapter.modules and not adapter.replacements:
+        raise LorakitError("nothing to extract: no targeted tensor differs between the checkpoints", path=tuned)
+    adapter.provenance = {"operation": "extract",
+                          "parents": [{"file": os.path.basename(os.path.normpath(os.fspath(p))), "role": r}
+                                      for p, r in ((base, "base"), (tuned, "tuned"))],
+                          "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed}}
+    adapter.save(output, force=force)
+    kept = [r["energy_kept"] for r in rows]
+    return {"output": os.fspath(output), "modules": rows, **report,
+            "mean_energy_kept": sum(kept) / len(kept) if kept else 1.0}
