@@ -70,7 +70,7 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
         try:
             module, stats = algebra.combine_module(name, entries, method, rank, energy, density, seed, out_dtype)
         except LorakitError as e:
-            raise LorakitError(str(e), path=", ".join(p for p, _, _ in inputs)) from None
+            raise LorakitError(str(e), path=", ".join(p for p, _ in inputs)) from None
         result.add(module)
         rows.append(stats)
     for path, ad, w in loaded:

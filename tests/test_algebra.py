@@ -1,0 +1,318 @@
+"""combine / resize / diff / extract against fp64 references and closed forms."""
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import examples
+from lorakit.adapter import Adapter, Module
+from lorakit.algebra import _sign_consensus, _sparsify_magnitude
+from lorakit.errors import LorakitError
+from lorakit.io import write_safetensors
+from lorakit.linalg import factor_svd, truncated_svd
+
+from conftest import assert_one_line_error, listdir_all
+
+g = torch.Generator().manual_seed(7)
+
+
+def rnd(*s):
+    return torch.randn(*s, generator=g)
+
+
+def dense(m):
+    return (m.B.double().flatten(1) @ m.A.double().flatten(1)).reshape(m.shape) * (float(m.alpha) / m.rank)
+
+
+def make(path, modules, **kw):
+    ad = Adapter(**kw)
+    for m in modules:
+        ad.add(m)
+    ad.save(path)
+    return ad
+
+
+@pytest.fixture
+def two_adapters(tmp_path):
+    """Different ranks, alphas, targets and a conv module; 'only_a' is missing from the second adapter."""
+    a = make(tmp_path / "a.safetensors", [
+        Module("l.q", rnd(4, 24), rnd(16, 4), alpha=8.0),
+        Module("l.conv", rnd(3, 5, 3, 3), rnd(6, 3, 1, 1), alpha=3.0),
+        Module("only_a", rnd(2, 10), rnd(10, 2), alpha=1.0),
+    ])
+    b = make(tmp_path / "b.safetensors", [
+        Module("l.q", rnd(6, 24), rnd(16, 6), alpha=2.5),
+        Module("l.conv", rnd(2, 5, 3, 3), rnd(6, 2, 1, 1), alpha=7.0),
+    ])
+    return tmp_path, a, b
+
+
+def test_svd_of_factors_is_exact():
+    B, A = rnd(300, 12).double(), rnd(12, 200).double()
+    svd = factor_svd(B, A)
+    U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
+    assert torch.allclose(svd.S, S[:12], rtol=1e-12)
+    assert torch.allclose(svd.U @ torch.diag(svd.S) @ svd.Vh, B @ A, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["cat", "linear"])
+def test_linear_is_exact_weighted_sum_with_negative_weights(two_adapters, cli, method):
+    d, a, b = two_adapters
+    code, out, err = cli("combine", d / "a.safetensors:0.7", d / "b.safetensors:-1.3", "-o", d / "c.safetensors",
+                         "--method", method, "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    c = lorakit.load(d / "c.safetensors")
+    for name in ("l.q", "l.conv"):
+        ref = 0.7 * dense(a.modules[name]) - 1.3 * dense(b.modules[name])
+        got = c.modules[name].delta().double()
+        assert (got - ref).norm() / ref.norm() < 1e-6
+        assert c.modules[name].rank == a.modules[name].rank + b.modules[name].rank
+    # a module missing from one input counts as zero
+    assert torch.allclose(c.modules["only_a"].delta().double(), 0.7 * dense(a.modules["only_a"]), rtol=1e-5,
+                          atol=1e-6)
+    assert report["rank"] == 4 + 6 + 3 + 2 + 2
+    assert c.provenance["operation"] == "combine"
+    assert [p["weight"] for p in c.provenance["parents"]] == [0.7, -1.3]
+
+
+def test_peft_3004_cross_terms_and_negative_weights(tmp_path):
+    """Summing A's and B's separately gives (wB1+wB2)(A1+A2) != w dW1 + w dW2; lorakit's linear is the exact sum."""
+    A1, B1, A2, B2 = rnd(4, 16), rnd(16, 4), rnd(4, 16), rnd(16, 4)
+    make(tmp_path / "1.safetensors", [Module("m", A1, B1, alpha=4.0)])
+    make(tmp_path / "2.safetensors", [Module("m", A2, B2, alpha=4.0)])
+    lorakit.combine([str(tmp_path / "1.safetensors:1"), str(tmp_path / "2.safetensors:-1")],
+                    tmp_path / "c.safetensors", method="linear", quiet=True)
+    got = lorakit.load(tmp_path / "c.safetensors").modules["m"].delta().double()
+    exact = B1.double() @ A1.double() - B2.double() @ A2.double()
+    naive = (B1.double() - B2.double()) @ (A1.double() + A2.double())  # the cross-term construction
+    assert (got - exact).norm() / exact.norm() < 1e-6
+    assert (naive - exact).norm() / exact.norm() > 0.5
+    # w and -w of the same adapter cancel exactly
+    lorakit.combine([str(tmp_path / "1.safetensors:2"), str(tmp_path / "1.safetensors:-2")],
+                    tmp_path / "z.safetensors", quiet=True)
+    assert lorakit.load(tmp_path / "z.safetensors").modules["m"].delta().abs().max() < 1e-5
+
+
+def test_peft_3111_scaling_applied_once(tmp_path):
+    """svd combination must apply each adapter's alpha/r exactly once."""
+    A, B = rnd(2, 12), rnd(12, 2)
+    make(tmp_path / "a.safetensors", [Module("m", A, B, alpha=16.0)])  # scale 8
+    lorakit.combine([str(tmp_path / "a.safetensors")], tmp_path / "s.safetensors", method="svd", quiet=True)
+    got = lorakit.load(tmp_path / "s.safetensors").modules["m"].delta().double()
+    ref = 8.0 * (B.double() @ A.double())
+    assert (got - ref).norm() / ref.norm() < 1e-6
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_svd_combine_is_optimal_truncation(two_adapters, rank):
+    d, a, b = two_adapters
+    lorakit.combine([str(d / "a.safetensors:1.5"), str(d / "b.safetensors:0.25")], d / f"s{rank}.safetensors",
+                    method="svd", rank=rank, quiet=True)
+    c = lorakit.load(d / f"s{rank}.safetensors")
+    for name in ("l.q", "l.conv"):
+        ref = 1.5 * dense(a.modules[name]) + 0.25 * dense(b.modules[name])
+        S = torch.linalg.svdvals(ref.flatten(1))
+        optimum = S[rank:].square().sum().sqrt()
+        err = (c.modules[name].delta().double() - ref).norm()
+        assert abs(err - optimum) / ref.norm() < 1e-6
+        assert c.modules[name].rank == rank
+
+
+def test_svd_default_rank_and_energy(two_adapters):
+    d, a, b = two_adapters
+    r = lorakit.combine([str(d / "a.safetensors"), str(d / "b.safetensors")], d / "s.safetensors", method="svd",
+                        quiet=True)
+    ranks = {m["module"]: m["rank"] for m in r["modules"]}
+    assert ranks["l.q"] == 6  # the largest input rank
+    r = lorakit.combine([str(d / "a.safetensors"), str(d / "b.safetensors")], d / "e.safetensors", method="linear",
+                        energy=0.9, quiet=True)
+    c = lorakit.load(d / "e.safetensors")
+    ref = dense(a.modules["l.q"]) + dense(b.modules["l.q"])
+    S2 = torch.linalg.svdvals(ref).square()
+    k = c.modules["l.q"].rank
+    assert S2[:k].sum() / S2.sum() >= 0.9 > S2[: k - 1].sum() / S2.sum()
+
+
+def test_ties_follows_the_paper_on_dense_deltas(tmp_path):
+    A1, B1, A2, B2 = rnd(3, 8), rnd(6, 3), rnd(3, 8), rnd(6, 3)
+    make(tmp_path / "1.safetensors", [Module("m", A1, B1, alpha=3.0)])
+    make(tmp_path / "2.safetensors", [Module("m", A2, B2, alpha=3.0)])
+    lorakit.combine([str(tmp_path / "1.safetensors"), str(tmp_path / "2.safetensors:0.5")],
+                    tmp_path / "t.safetensors", method="ties", density=0.3, rank=6, quiet=True)
+    got = lorakit.load(tmp_path / "t.safetensors").modules["m"].delta().double()
+    # independent reference: trim to top-30% magnitude, elect sign of the weighted sum, disjoint weighted mean
+    d = [(B1 @ A1).double(), (B2 @ A2).double()]
+    w = [1.0, 0.5]
+    trimmed = []
+    for x in d:
+        k = round(0.3 * x.numel())
+        thr = x.abs().flatten().sort(descending=True).values[k - 1]
+        trimmed.append(torch.where(x.abs() >= thr, x, torch.zeros_like(x)))
+    weighted = [wi * t for wi, t in zip(w, trimmed)]
+    sign = torch.sign(weighted[0] + weighted[1])
+    num = sum(torch.where(torch.sign(t) == sign, t, torch.zeros_like(t)) for t in weighted)
+    den = sum(torch.where(torch.sign(t) == sign, torch.full_like(t, wi), torch.zeros_like(t))
+              for wi, t in zip(w, weighted))
+    ref = num / torch.where(den == 0, torch.ones_like(den), den)
+    assert torch.allclose(got, ref, atol=1e-5)  # rank 6 = full rank of a 6 x 8 matrix: exact
+
+
+def test_dare_is_seeded_and_unbiased(tmp_path):
+    make(tmp_path / "1.safetensors", [Module("m", rnd(4, 64), rnd(64, 4), alpha=4.0)])
+    src = [str(tmp_path / "1.safetensors")]
+    lorakit.combine(src, tmp_path / "d1.safetensors", method="dare_linear", density=0.5, seed=3, rank=64, quiet=True)
+    lorakit.combine(src, tmp_path / "d2.safetensors", method="dare_linear", density=0.5, seed=3, rank=64, quiet=True)
+    lorakit.combine(src, tmp_path / "d3.safetensors", method="dare_linear", density=0.5, seed=4, rank=64, quiet=True)
+    d1, d2, d3 = (lorakit.load(tmp_path / f"d{i}.safetensors").modules["m"].delta() for i in (1, 2, 3))
+    assert torch.equal(d1, d2) and not torch.allclose(d1, d3)
+    ref = lorakit.load(src[0]).modules["m"].delta()
+    kept = d1.abs() > 1e-4 * d1.abs().max()
+    assert abs(kept.float().mean().item() - 0.5) < 0.05
+    assert torch.allclose(d1[kept], 2 * ref[kept], rtol=1e-3, atol=1e-4)
+
+
+def test_sparsify_and_consensus_units():
+    x = torch.tensor([[1.0, -5.0, 3.0, 0.5]])
+    assert torch.equal(_sparsify_magnitude(x, 0.5), torch.tensor([[0.0, -5.0, 3.0, 0.0]]))
+    merged = _sign_consensus([torch.tensor([2.0, -1.0]), torch.tensor([-1.0, -3.0])], [1.0, 1.0])
+    assert torch.equal(merged, torch.tensor([2.0, -2.0]))
+
+
+def test_combine_refuses_dora_and_bad_options(tmp_path, cli):
+    make(tmp_path / "d.safetensors", [Module("m", rnd(2, 4), rnd(4, 2), alpha=2.0, magnitude=torch.ones(4),
+                                             dora_axis=0)])
+    c, out, err = cli("combine", tmp_path / "d.safetensors", tmp_path / "d.safetensors", "-o", tmp_path / "o.st")
+    assert_one_line_error(c, out, err, "DoRA", "'m'")
+    c, out, err = cli("combine", tmp_path / "d.safetensors", "-o", tmp_path / "o.st", "--method", "cat",
+                      "--rank", "2")
+    assert_one_line_error(c, out, err, "cat is exact")
+    assert "o.st" not in listdir_all(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_resize_error_is_eckart_young_optimum(two_adapters, dtype, cli):
+    d, a, _ = two_adapters
+    code, out, err = cli("resize", d / "a.safetensors", "-o", d / "r.safetensors", "--rank", "2", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    r = lorakit.load(d / "r.safetensors")
+    for row in report["modules"]:
+        m, n = a.modules[row["module"]], r.modules[row["module"]]
+        ref = dense(m).flatten(1)
+        S = torch.linalg.svdvals(ref)
+        k = min(2, m.rank)
+        optimum = S[k:].square().sum().sqrt() / ref.norm()
+        err_ = (n.delta().double().flatten(1) - ref).norm() / ref.norm()
+        assert abs(err_ - optimum) < 1e-6 and abs(row["relative_error"] - optimum) < 1e-6
+        assert abs(row["energy_kept"] - (S[:k].square().sum() / S.square().sum())) < 1e-9
+        assert n.rank == k and row["old_rank"] == m.rank and row["new_rank"] == k
+        assert abs(n.scale - m.scale) <= 1e-6 * m.scale  # alpha rescaled: the scale is kept
+        assert n.shape == m.shape and n.kind == m.kind
+
+
+def test_resize_dynamic_rules_match_sd_scripts(tmp_path):
+    S = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5])
+    U = torch.linalg.qr(rnd(20, 5)).Q
+    V = torch.linalg.qr(rnd(30, 5)).Q
+    make(tmp_path / "a.safetensors", [Module("m", V.T.contiguous(), U * S, alpha=5.0)])  # scale 1
+    expect = {"sv_ratio": (3.0, 2), "sv_cumulative": (0.9, 3), "sv_fro": (0.99, 3), "energy": (0.99, 4)}
+    # sv_ratio 3: S > 8/3 -> {8, 4}; cumulative: cumsum/sum = .52,.77,.90 -> 3; fro: sqrt(cum S^2 / sum)
+    # = .87,.97,.992 -> 3; energy: cum S^2 / sum = .751,.938,.985,.997 -> 4
+    for opt, (x, k) in expect.items():
+        r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / f"{opt}.safetensors", **{opt: x}, quiet=True)
+        assert r["modules"][0]["new_rank"] == k, opt
+    r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "big.safetensors", rank=50, quiet=True)
+    assert r["modules"][0]["new_rank"] == 5  # never above the module's rank (sd-scripts #325)
+    r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "mx.safetensors", energy=0.999, max_rank=2, quiet=True)
+    assert r["modules"][0]["new_rank"] == 2
+    with pytest.raises(LorakitError, match="give one of"):
+        lorakit.resize(tmp_path / "a.safetensors", tmp_path / "x.safetensors", rank=2, energy=0.5)
+
+
+def test_diff_identical_and_reparametrized_is_zero(tmp_path, cli):
+    A, B = rnd(4, 20), rnd(12, 4)
+    make(tmp_path / "a.safetensors", [Module("m", A, B, alpha=8.0), Module("c", rnd(2, 3, 3, 3), rnd(5, 2, 1, 1), 2.0)])
+    a = lorakit.load(tmp_path / "a.safetensors")
+    # the same deltas: B scaled by 4 with alpha / 4; rank padded with zero components and permuted
+    perm = torch.tensor([2, 0, 3, 1])
+    A6 = torch.cat([A[perm], torch.zeros(2, 20)])
+    B6 = torch.cat([B[:, perm] * 4, rnd(12, 2)], 1)
+    make(tmp_path / "b.safetensors", [Module("m", A6, B6, alpha=3.0), a.modules["c"]])  # 3/6 = (8/4)/4
+    for other in ("a", "b"):
+        code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / f"{other}.safetensors", "--json", "-q")
+        r = json.loads(out)
+        assert code == 0 and r["summary"]["identical_deltas"]
+        for row in r["modules"]:
+            assert row["relative_diff"] < 1e-12 and abs(row["cosine"] - 1) < 1e-12
+            assert abs(row["column_overlap"] - 1) < 1e-9 and abs(row["row_overlap"] - 1) < 1e-9
+    code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert out.splitlines()[0].startswith("2 modules in both, 0 only in A, 0 only in B")
+
+
+def test_diff_measures_against_fp64(tmp_path):
+    a = make(tmp_path / "a.safetensors", [Module("m", rnd(3, 10), rnd(8, 3), 3.0), Module("x", rnd(1, 4), rnd(4, 1), 1)])
+    b = make(tmp_path / "b.safetensors", [Module("m", rnd(2, 10), rnd(8, 2), 5.0)])
+    r = lorakit.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", quiet=True)
+    row = next(x for x in r["modules"] if x["module"] == "m")
+    da, db = dense(a.modules["m"]), dense(b.modules["m"])
+    assert abs(row["relative_diff"] - ((da - db).norm() / da.norm()).item()) < 1e-10
+    assert abs(row["cosine"] - ((da * db).sum() / da.norm() / db.norm()).item()) < 1e-10
+    Ua = torch.linalg.svd(da)[0][:, :3]
+    Ub = torch.linalg.svd(db)[0][:, :2]
+    cos = torch.linalg.svdvals(Ua.T @ Ub)
+    assert abs(row["column_overlap"] - (cos.square().sum() / 2).item()) < 1e-9
+    assert r["summary"]["only_a"] == 1 and {x["module"]: x["present"] for x in r["modules"]}["x"] == "a"
+
+
+def test_extract_recovers_planted_low_rank_difference(tiny_base, tmp_path, cli):
+    folder, tensors = tiny_base
+    tuned = {k: v.clone() for k, v in tensors.items()}
+    planted = {}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        W = tuned[name].double()
+        D = rnd(W.shape[0], 3).double() @ rnd(3, W.shape[1]).double() * 0.01
+        tuned[name] = (W + D).float()
+        planted[name] = tuned[name].double() - tensors[name].double()  # the difference as stored
+    tuned["model.norm.weight"] = tuned["model.norm.weight"] + 0.5
+    write_safetensors(tmp_path / "tuned.safetensors", tuned)
+    code, out, err = cli("extract", folder, tmp_path / "tuned.safetensors", "-o", tmp_path / "e.safetensors",
+                         "--rank", "3", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    e = lorakit.load(tmp_path / "e.safetensors")
+    assert set(e.modules) == {n[:-7] for n in planted}
+    for name, D in planted.items():
+        got = e.modules[name[:-7]].delta().double()
+        assert (got - D).norm() / D.norm() < 1e-5
+    assert torch.equal(e.replacements["model.norm.weight"], tuned["model.norm.weight"])
+    assert report["replaced"] == ["model.norm.weight"] and report["unchanged"] == len(tensors) - 3
+    assert all(m["energy_kept"] > 1 - 1e-9 for m in report["modules"])
+    from lorakit.spec import fingerprint
+    assert e.base_fingerprint == fingerprint({k: tuple(v.shape) for k, v in tensors.items()})
+    # targets: only q_proj
+    r = lorakit.extract(folder, tmp_path / "tuned.safetensors", tmp_path / "q.safetensors", rank=3,
+                        targets="q_proj", quiet=True)
+    assert [m["module"] for m in r["modules"]] == ["model.layers.0.self_attn.q_proj"]
+    assert "model.layers.1.mlp.down_proj.weight" in r["not_targeted"]
+
+
+def test_randomized_svd_matches_exact_optimum():
+    M = (rnd(600, 20) @ rnd(20, 500) + 0.01 * rnd(600, 500))
+    S = torch.linalg.svdvals(M.double())
+    k = 10
+    svd = truncated_svd(M, k, generator=torch.Generator().manual_seed(0))
+    B, A = svd.factors()
+    err = (M.double() - (B @ A).double()).norm()
+    optimum = S[k:].square().sum().sqrt()
+    assert err / optimum < 1 + 1e-4
+
+
+def test_extract_errors(tiny_base, tmp_path, cli):
+    folder, _ = tiny_base
+    c, out, err = cli("extract", folder, folder, "-o", tmp_path / "x.safetensors", "--rank", "2")
+    assert_one_line_error(c, out, err, "nothing to extract")
+    c, out, err = cli("extract", folder, tmp_path / "missing", "-o", tmp_path / "x.safetensors", "--rank", "2")
+    assert_one_line_error(c, out, err, "missing", "no such file")
+    assert not (tmp_path / "x.safetensors").exists()
