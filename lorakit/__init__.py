@@ -16,6 +16,7 @@ _LAZY = {
     "resize": ("lorakit.commands.algebra", "resize"),
     "diff": ("lorakit.commands.algebra", "diff"),
     "extract": ("lorakit.commands.extract", "extract"),
+    "merge": ("lorakit.commands.merge", "merge"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -161,6 +161,25 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
                  quiet=quiet), as_json, render.extract_text)
 
 
+# ---------------------------------------------------------------- merge
+@command(main, "merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True)
+@_common_output
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
+              help="Output dtype of floating tensors (keep: each tensor's own).")
+@click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
+@click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
+@click.option("--threads", type=int, help="Worker threads (default: min(4, CPUs)).")
+@click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
+def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, shard_size, threads,
+              ignore_fingerprint):
+    """Merge ADAPTER[:WEIGHT]... into BASE (file or folder), streaming; fp32 math, rounded once."""
+    from .commands.merge import merge
+    emit(merge(base, list(adapters), output, dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads,
+               force=force, quiet=quiet, ignore_fingerprint=ignore_fingerprint), as_json, render.merge_text)
+
+
 # ---------------------------------------------------------------- demo
 @command(main, "demo")
 @click.option("--keep", type=click.Path(), help="Write the demo files into this folder instead of a temp folder.")

@@ -51,15 +51,34 @@ def random_tensors(shapes, dtype=torch.float32, seed=0):
     return out
 
 
-def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, **size):
-    """A Hugging Face style folder (config.json + model.safetensors) with random weights. Returns the tensors."""
-    from .io import write_safetensors
+def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, shards=1, **size):
+    """A Hugging Face style folder (config.json + model.safetensors, or `shards` files with an index) with random
+    weights. Returns the tensors."""
     os.makedirs(folder, exist_ok=True)
     tensors = random_tensors(llama_shapes(**size), dtype, seed)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({**llama_config(**size), "torch_dtype": str(dtype).replace("torch.", "")}, f, indent=2)
-    write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+    write_sharded(folder, tensors, shards)
     return tensors
+
+
+def write_sharded(folder, tensors, shards=1):
+    """Save tensors as model.safetensors, or as `shards` files plus model.safetensors.index.json."""
+    from .io import write_safetensors
+    names = list(tensors)
+    if shards == 1:
+        write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+        return
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
+        write_safetensors(os.path.join(folder, file), part, {"format": "pt"})
+        weight_map.update({n: file for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def random_adapter(shapes, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, dtype=torch.float32, seed=0,

@@ -142,14 +142,47 @@ class TensorFile:
             f.seek(e.start)
             return f.read(e.nbytes)
 
+    def read(self, name):
+        """A tensor in its own fresh memory (no mmap: streaming readers keep RSS bounded by what they hold)."""
+        import torch
+        from .dtypes import torch_dtype
+        e = self.header.entries[name]
+        buf = bytearray(e.nbytes)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(e.start)
+            view, got = memoryview(buf), 0
+            while got < e.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise LorakitError("file ended inside the tensor data", path=self.path, tensor=name)
+                got += n
+        if e.numel == 0:
+            return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+        return torch.frombuffer(buf, dtype=torch_dtype(e.dtype)).reshape(e.shape)
+
+    def copy_to(self, name, out):
+        """Copy a tensor's stored bytes into the open file `out` without going through Python memory."""
+        e = self.header.entries[name]
+        out.flush()
+        with open(self.path, "rb") as f:
+            offset, left = e.start, e.nbytes
+            while left:
+                n = os.copy_file_range(f.fileno(), out.fileno(), left, offset) if hasattr(os, "copy_file_range") \
+                    else 0
+                if n <= 0:  # no kernel copy here: fall back to a buffered copy
+                    f.seek(offset)
+                    out.write(f.read(left))
+                    break
+                offset, left = offset + n, left - n
+
 
 def tensor_bytes(t):
-    """Little-endian raw bytes of a tensor (safetensors stores native little-endian)."""
+    """The raw little-endian bytes of a tensor as a buffer, without a copy where the tensor is contiguous."""
     import torch
     t = t.detach().cpu().contiguous().reshape(-1)
     if t.numel() == 0:
         return b""
-    return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+    return memoryview(t.view(torch.uint8).numpy() if t.dtype != torch.bool else t.numpy()).cast("B")
 
 
 def build_header(specs, metadata=None):
@@ -198,6 +231,41 @@ def _unlink(p):
         os.unlink(p)
     except FileNotFoundError:
         pass
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor: the header is computed up front from (name, dtype, shape),
+    then each tensor's bytes are appended in that order. Checks that every tensor arrives with its exact size."""
+
+    def __init__(self, path, specs, metadata=None):
+        self.specs = list(specs)
+        self.file = open(path, "wb")
+        self.file.write(build_header(self.specs, metadata))
+        self.next = 0
+
+    def _expect(self, name):
+        spec_name, dtype, shape = self.specs[self.next]
+        assert spec_name == name, f"tensor {name} written out of order (expected {spec_name})"
+        self.next += 1
+        n = DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        return n
+
+    def write(self, name, tensor):
+        n = self._expect(name)
+        data = tensor_bytes(tensor)
+        assert len(data) == n, f"tensor {name}: {len(data)} bytes, header says {n}"
+        self.file.write(data)
+
+    def copy(self, name, source):
+        """Append `name`'s stored bytes from the TensorFile `source` (byte-identical)."""
+        self._expect(name)
+        source.copy_to(name, self.file)
+
+    def close(self):
+        assert self.next == len(self.specs), "file closed before all tensors were written"
+        self.file.close()
 
 
 def write_safetensors(path, tensors, metadata=None):

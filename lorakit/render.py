@@ -121,3 +121,12 @@ def extract_text(r):
             lines.append(f"  {label}: {', '.join(r[key][:8])}" + (f" (+{len(r[key]) - 8} more)" if len(r[key]) > 8
                                                                   else ""))
     return "\n".join(lines)
+
+
+def merge_text(r):
+    verb = "unmerged" if r["unmerge"] else "merged"
+    adapters = ", ".join(f"{a['file']}" + (f" x{a['weight']:g}" if a["weight"] != 1 else "") for a in r["adapters"])
+    lines = [f"{verb} {adapters} into {r['base']}: {r['merged']} of {r['tensors']} tensors changed, "
+             f"{r['bytes'] / 1e9:.2f} GB in {r['shards']} file(s) -> {r['output']}"]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""`lorakit merge`: adapters into a base checkpoint, streamed tensor by tensor with bounded memory.
+
+Plan first (every adapter tensor must land on a base tensor of the right shape; nothing is written otherwise), then
+write each output shard: header computed up front, tensors produced by a thread pool in file order and appended by
+the main thread. Untouched tensors are copied byte for byte. Memory: a few tensors in fp32, whatever the model size.
+"""
+import json
+import os
+import re
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import INDEX, Checkpoint
+from ..dtypes import st_dtype, torch_dtype, user_dtype
+from ..errors import LorakitError
+from ..formats import load
+from ..io import DTYPE_SIZES, ShardWriter, atomic_output
+from ..spec import fingerprint
+from .algebra import parse_weighted
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+HEAD = "lm_head.weight"
+
+
+@dataclass
+class TensorPlan:
+    """What to do with one output tensor: its source tensor in the base, and what the adapters add to it."""
+    name: str
+    source: str  # base tensor read (differs from name only for an untied lm_head)
+    loras: list = field(default_factory=list)  # [(Module, weight)]
+    biases: list = field(default_factory=list)  # [(Module, weight)]
+    replacement: torch.Tensor = None
+
+    @property
+    def touched(self):
+        return bool(self.loras or self.biases) or self.replacement is not None
+
+
+def parse_size(text):
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
+    if not m:
+        raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
+    power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+def _nbytes(spec):
+    n = DTYPE_SIZES[spec[1]]
+    for d in spec[2]:
+        n *= d
+    return n
+
+
+def _config(base):
+    path = os.path.join(base, "config.json") if os.path.isdir(base) else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def merge_tensor(W, plan, sign, out_dtype):
+    """The per-tensor path: read -> (dequantize) -> add delta -> (quantize) -> cast. W is the base tensor as stored;
+    every addition is in fp32 and the result is rounded once to `out_dtype`."""
+    if plan.replacement is not None:
+        return plan.replacement.to(out_dtype)
+    Wf = W.float() if W.dtype != torch.float32 else W.clone()
+    for m, w in plan.loras:
+        if m.magnitude is not None:
+            Wf = m.apply(Wf, weight=w)  # DoRA: alone on its tensor (checked in the plan)
+            continue
+        B2, A2 = m.factors(torch.float32)
+        Wf.view(Wf.shape[0], -1).addmm_(B2, A2, alpha=sign * w)
+    for m, w in plan.biases:
+        Wf.add_(m.bias.float(), alpha=sign * w)
+    return Wf.to(out_dtype)
+
+
+def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint):
+    """Resolve every adapter tensor to a base tensor. Raises one error listing everything that does not fit."""
+    plans = {}
+    problems = []
+    embed = next((n for n in ckpt.where if n.endswith(EMBEDDING_NAMES)), None) if tied else None
+    base_fp = fingerprint(ckpt.shapes())
+
+    def target(name):
+        if name in ckpt:
+            return plans.setdefault(name, TensorPlan(name, name))
+        if name == HEAD and embed is not None:  # tied head, stored only as the embedding
+            return plans.setdefault(name, TensorPlan(name, embed))
+        return None
+
+    for path, ad, w in adapters:
+        if ad.base_fingerprint and ad.base_fingerprint != base_fp and not ignore_fingerprint:
+            problems.append(f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
+                            f"{base_fp[:15]}...; --ignore-fingerprint to merge anyway)")
+        for m in ad.modules.values():
+            p = target(f"{m.name}.weight")
+            if p is None:
+                problems.append(f"{m.name}.weight: not in the base")
+                continue
+            shape = ckpt.entry(p.source).shape
+            if tuple(shape) != tuple(m.shape):
+                problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
+                continue
+            if m.magnitude is not None and (p.loras or unmerge):
+                problems.append(f"{m.name}: DoRA " + ("cannot be unmerged (the norm of W + dW is not in the file)"
+                                                      if unmerge else "shares its tensor with another adapter"))
+            if p.loras and any(x.magnitude is not None for x, _ in p.loras):
+                problems.append(f"{m.name}: DoRA shares its tensor with another adapter")
+            p.loras.append((m, w))
+            if m.bias is not None:
+                b = target(f"{m.name}.bias")
+                if b is None:
+                    problems.append(f"{m.name}.bias: the adapter has a bias delta but the base has no bias")
+                elif tuple(ckpt.entry(b.source).shape) != tuple(m.bias.shape):
+                    problems.append(f"{m.name}.bias: base {list(ckpt.entry(b.source).shape)}, "
+                                    f"adapter {list(m.bias.shape)}")
+                else:
+                    b.biases.append((m, w))
+        for name, t in ad.replacements.items():
+            p = target(name)
+            if p is None or tuple(ckpt.entry(p.source).shape) != tuple(t.shape):
+                problems.append(f"{name}: replacement does not fit the base")
+            elif unmerge:
+                problems.append(f"{name}: a full replacement cannot be unmerged")
+            elif p.replacement is not None or p.loras:
+                problems.append(f"{name}: replaced and changed by more than one adapter")
+            else:
+                p.replacement = t
+    for p in plans.values():
+        if p.replacement is not None and p.loras:
+            problems.append(f"{p.name}: replaced and changed by more than one adapter")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise LorakitError(f"{len(problems)} adapter tensor(s) do not fit the base: {shown}", path=ckpt.path)
+    untie = embed is not None and (HEAD in plans or embed in plans)
+    if untie:
+        target(HEAD)  # write the head explicitly, with or without its own delta
+    return plans, embed if untie else None
+
+
+def _layout(ckpt, plans, untie_embed, shard_size, out_dtype_of):
+    """Output shards: [(file name, [(tensor name, dtype, shape)])], in the base's order."""
+    order = []
+    for file in ckpt.files:
+        names = list(ckpt.shards[file].header.entries)
+        if untie_embed is not None and untie_embed in names:
+            names.insert(names.index(untie_embed) + 1, HEAD)
+        order.append((os.path.basename(file), names))
+    specs = lambda names: [(n, out_dtype_of(n), ckpt.entry(plans[n].source if n in plans else n).shape)  # noqa
+                           for n in names]
+    if shard_size is None:
+        return [(f, specs(names)) for f, names in order]
+    shards, current, size = [], [], 0
+    for _, names in order:
+        for spec in specs(names):
+            nbytes = _nbytes(spec)
+            if current and size + nbytes > shard_size:
+                shards.append(current)
+                current, size = [], 0
+            current.append(spec)
+            size += nbytes
+    shards.append(current)
+    n = len(shards)
+    if n == 1:
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
+
+
+def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, threads=None, force=False,
+          quiet=False, ignore_fingerprint=False):
+    """Merge adapters (`path` or `path:weight`) into `base`: W' = W + sum_i w_i * scale_i * B_i @ A_i, in fp32,
+    rounded once. Writes `output` in the base's layout (file or folder). Returns a report."""
+    base = os.fspath(base)
+    ckpt = Checkpoint(base)
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    loaded = [(p, load(p), w) for p, w in map(parse_weighted, adapters)]
+    config = _config(base)
+    tied = bool(config and config.get("tie_word_embeddings"))
+    plans, untie_embed = plan_merge(ckpt, loaded, unmerge, tied, ignore_fingerprint)
+    target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
+
+    def out_dtype_of(name):
+        stored = ckpt.entry(plans[name].source if name in plans else name).dtype
+        if target_dtype is not None and torch_dtype(stored).is_floating_point:
+            return st_dtype(target_dtype)
+        return stored
+
+    shard_bytes = parse_size(shard_size)
+    folder_out = os.path.isdir(base) or shard_bytes is not None
+    layout = _layout(ckpt, plans, untie_embed, shard_bytes, out_dtype_of)
+    sign = -1.0 if unmerge else 1.0
+    threads = threads or min(4, os.cpu_count() or 1)
+    total = sum(_nbytes(spec) for _, specs in layout for spec in specs)
+
+    def produce(name):
+        plan = plans.get(name)
+        source = plan.source if plan else name
+        if plan is None or not plan.touched:
+            if out_dtype_of(name) == ckpt.entry(source).dtype and source == name:
+                return None  # byte-identical copy, done by the writer
+            W = ckpt.shards[ckpt.where[source]].read(source)
+            return W.to(torch_dtype(out_dtype_of(name)))
+        W = ckpt.shards[ckpt.where[source]].read(source)
+        return merge_tensor(W, plan, sign, torch_dtype(out_dtype_of(name)))
+
+    with atomic_output(output, force=force, directory=folder_out) as tmp, \
+            tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=quiet) as bar, \
+            ThreadPoolExecutor(threads) as pool:
+        weight_map = {}
+        try:
+            for file_name, specs in layout:
+                meta = _shard_metadata(ckpt, file_name)
+                dest = os.path.join(tmp, file_name) if folder_out else tmp
+                writer = ShardWriter(dest, specs, meta)
+                pending = deque()
+
+                def drain(limit):
+                    while len(pending) > limit:
+                        spec, fut = pending.popleft()
+                        result = fut.result()
+                        if result is None:
+                            writer.copy(spec[0], ckpt.shards[ckpt.where[spec[0]]])
+                        else:
+                            writer.write(spec[0], result)
+                        bar.update(_nbytes(spec))
+
+                for spec in specs:
+                    pending.append((spec, pool.submit(produce, spec[0])))
+                    weight_map[spec[0]] = file_name
+                    drain(threads + 1)  # bounded look-ahead: memory stays a few tensors
+                drain(0)
+                writer.close()
+            if folder_out:
+                _write_folder_files(base, tmp, weight_map, total, target_dtype, untie_embed,
+                                    write_index=len(layout) > 1 or ckpt.index is not None)
+        except OSError as e:
+            raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
+    notes = []
+    if untie_embed:
+        notes.append(f"tied embeddings: the adapter changes {untie_embed} / {HEAD}; both were written and "
+                     "tie_word_embeddings set to false in config.json")
+    touched = [p for p in plans.values() if p.touched]
+    return {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+            "unmerge": unmerge, "tensors": sum(len(s) for _, s in layout), "merged": len(touched),
+            "shards": len(layout) if folder_out else 1, "bytes": total, "dtype": dtype or "keep", "notes": notes}
+
+
+def _shard_metadata(ckpt, file_name):
+    for file in ckpt.files:
+        if os.path.basename(file) == file_name:
+            return ckpt.shards[file].header.metadata or {"format": "pt"}
+    return {"format": "pt"}
+
+
+def _write_folder_files(base, tmp, weight_map, total, target_dtype, untie_embed, write_index):
+    """Copy the folder's other files; rewrite the index and, where needed, config.json."""
+    if os.path.isdir(base):
+        for entry in os.listdir(base):
+            src = os.path.join(base, entry)
+            if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
+                continue
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(tmp, entry))
+            else:
+                shutil.copy2(src, os.path.join(tmp, entry))
+    if write_index:
+        with open(os.path.join(tmp, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                      indent=2)
+            f.write("\n")
+    config_path = os.path.join(tmp, "config.json")
+    if os.path.isfile(config_path) and (target_dtype is not None or untie_embed):
+        with open(config_path) as f:
+            config = json.load(f)
+        if target_dtype is not None:
+            key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+            config[key] = str(target_dtype).replace("torch.", "")
+        if untie_embed:
+            config["tie_word_embeddings"] = False
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
