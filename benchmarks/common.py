@@ -15,9 +15,12 @@ def timed(fn, repeat=1):
 
 
 def measure_python(code):
-    """Run Python `code` in a fresh interpreter that prints its own wall time and peak RSS (MiB) as 'wall rss'."""
-    wrapper = ("import resource, time\nt0 = time.perf_counter()\n" + code +
-               "\nprint('BENCH', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    """Run Python `code` in a fresh interpreter; return (wall seconds, peak RSS MiB). The time includes the start-up,
+    the imports and a final sync, so that every compared tool is timed until its output is on disk. Peak RSS is
+    VmHWM: getrusage's ru_maxrss would carry over the benchmark parent's peak across fork + exec."""
+    wrapper = ("import os, resource, time\nt0 = time.perf_counter()\n" + code +
+               "\nos.sync()\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
+               "\nprint('BENCH', time.perf_counter() - t0, int(hwm) / 1024)")
     out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True).stdout
     line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
     return float(line[1]), float(line[2])
@@ -30,3 +33,13 @@ def table(title, header, rows):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def measure_command(cmd):
+    """Run a shell command (then sync) from a fresh interpreter; return (wall seconds, peak RSS MiB of the command)."""
+    code = ("import resource, subprocess, sys, time\nt0 = time.perf_counter()\n"
+            f"subprocess.run({cmd!r} + ' && sync', shell=True, check=True)\n"
+            "print('BENCH', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
+    return float(line[1]), float(line[2])
