@@ -15,7 +15,7 @@ from common import measure_command, measure_python, table  # noqa: E402
 from lorakit import examples  # noqa: E402
 from lorakit.io import write_safetensors  # noqa: E402
 
-LAYERS = int(os.environ.get("BENCH_LAYERS", 18))
+LAYERS = int(os.environ.get("BENCH_LAYERS", 20))
 SIZE = dict(layers=LAYERS, hidden=2048, intermediate=5632, vocab=32000, heads=16, kv_heads=4)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

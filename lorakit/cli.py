@@ -170,7 +170,7 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
               help="Output dtype of floating tensors (keep: each tensor's own).")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
-@click.option("--threads", type=int, help="Worker threads (default: 2 x CPUs, at most 8).")
+@click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
 def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, shard_size, threads,
               ignore_fingerprint):

@@ -210,7 +210,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     folder_out = os.path.isdir(base) or shard_bytes is not None
     layout = _layout(ckpt, plans, untie_embed, shard_bytes, out_dtype_of)
     sign = -1.0 if unmerge else 1.0
-    threads = threads or min(8, 2 * (os.cpu_count() or 1))  # more than the cores: reads and writes overlap
+    threads = threads or min(4, os.cpu_count() or 1)
     total = sum(_nbytes(spec) for _, specs in layout for spec in specs)
 
     def produce(name):
@@ -248,7 +248,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                 for spec in specs:
                     pending.append((spec, pool.submit(produce, spec[0])))
                     weight_map[spec[0]] = file_name
-                    drain(threads + 1)  # bounded look-ahead: memory stays a few tensors
+                    drain(threads)  # bounded look-ahead: at most 2 x threads tensors in memory
                 drain(0)
                 writer.close()
             if folder_out:
