@@ -17,6 +17,7 @@ _LAZY = {
     "diff": ("lorakit.commands.algebra", "diff"),
     "extract": ("lorakit.commands.extract", "extract"),
     "merge": ("lorakit.commands.merge", "merge"),
+    "convert": ("lorakit.commands.convert", "convert"),
 }
 
 __all__ = ["__version__", *_LAZY]

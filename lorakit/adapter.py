@@ -76,6 +76,7 @@ class Adapter:
     provenance: dict = field(default_factory=dict)
     user_metadata: dict = field(default_factory=dict)  # free-form str -> str, kept verbatim
     source_format: str = "lorakit"
+    notes: list = field(default_factory=list)  # what a reader did (folded scales, consumed copies); not saved
 
     def add(self, module):
         self.modules[module.name] = module

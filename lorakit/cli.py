@@ -161,6 +161,22 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
                  quiet=quiet), as_json, render.extract_text)
 
 
+# ---------------------------------------------------------------- convert
+@command(main, "convert")
+@click.argument("input", type=click.Path())
+@_common_output
+@click.option("--to", "to", required=True, help="Output format (lorakit, peft, kohya, diffusers, gguf).")
+@click.option("--from", "from_", help="Input format (default: detected from the content).")
+@click.option("--base", type=click.Path(), help="Base checkpoint: resolves kohya names and GPT-2 layouts.")
+@click.option("--alpha", type=float, help="Alpha for formats that do not store it (loralib .pt, bare PEFT files).")
+@click.option("--allow-unknown", is_flag=True, help="Convert the rest when some input keys are not understood.")
+def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, allow_unknown):
+    """Convert an adapter between formats (every input key is consumed or reported)."""
+    from .commands.convert import convert
+    emit(convert(input, output, to=to, from_=from_, base=base, alpha=alpha, allow_unknown=allow_unknown,
+                 force=force), as_json, render.convert_text)
+
+
 # ---------------------------------------------------------------- merge
 @command(main, "merge")
 @click.argument("base", type=click.Path())

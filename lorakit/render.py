@@ -130,3 +130,10 @@ def merge_text(r):
              f"{r['bytes'] / 1e9:.2f} GB in {r['shards']} file(s) -> {r['output']}"]
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def convert_text(r):
+    lines = [f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}): {r['modules']} modules"
+             + (f", {r['replacements']} full tensors" if r["replacements"] else "")]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)

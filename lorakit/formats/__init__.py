@@ -27,7 +27,7 @@ def register(fmt):
 
 
 def _load_builtin():
-    from . import lorakit_v1  # noqa: F401  (registers itself)
+    from . import lorakit_v1, peft  # noqa: F401  (each registers itself; detection tries them in this order)
 
 
 def get_format(name):

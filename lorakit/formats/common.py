@@ -1,0 +1,61 @@
+"""Helpers shared by the format readers and writers (the key bookkeeping every format needs)."""
+import os
+
+import torch
+
+from ..errors import LorakitError
+from ..io import TensorFile, read_header
+
+
+def open_safetensors(path):
+    """(TensorFile, metadata) of a safetensors file, with a clean error for anything else."""
+    header = read_header(path)
+    return TensorFile(path, header), header.metadata
+
+
+def is_safetensors(path):
+    try:
+        read_header(path)
+        return os.path.isfile(path)
+    except LorakitError:
+        return False
+
+
+def refuse_unknown(path, unknown, allow_unknown, notes, what="keys"):
+    """Every input key is consumed or reported: unknown keys are an error unless allow_unknown (then a note)."""
+    if not unknown:
+        return
+    shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
+    if not allow_unknown:
+        raise LorakitError(f"{len(unknown)} unknown {what}: {shown} (--allow-unknown to convert the rest)", path=path)
+    notes.append(f"skipped {len(unknown)} unknown {what}: {shown}")
+
+
+def pair_error(path, module, have, missing):
+    return LorakitError(f"module '{module}' has {have} but no {missing} (wrong pairing)", path=path)
+
+
+def check_rank(path, module, A, B):
+    if A.shape[0] != B.shape[1]:
+        raise LorakitError(f"down/A factor has rank {A.shape[0]} but up/B factor has rank {B.shape[1]} "
+                           f"(shapes {list(A.shape)} and {list(B.shape)})", path=path, tensor=module)
+
+
+def most_common(values):
+    from collections import Counter
+    return Counter(values).most_common(1)[0][0]
+
+
+
+def t_contig(t):
+    """A transposed factor, stored contiguous (safetensors writes row-major bytes)."""
+    return t.transpose(0, 1).contiguous()
+
+
+def fold_note(notes, what):
+    notes.append(f"{what}: the scale was folded into the factors (within 1 ulp of the output dtype)")
+
+
+def f32(x):
+    """x rounded to fp32, as a Python float."""
+    return float(torch.tensor(float(x), dtype=torch.float32))

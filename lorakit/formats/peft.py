@@ -1,0 +1,246 @@
+"""PEFT LoRA adapters: a folder (adapter_config.json + adapter_model.safetensors) or a bare safetensors file.
+
+Facts (huggingface/peft tuners/lora, utils/save_and_load.py): keys `base_model.model.<module>.lora_A.weight` [r, in],
+`.lora_B.weight` [out, r], `.lora_B.bias` (lora_bias), `.lora_embedding_A` [r, num] / `.lora_embedding_B` [dim, r],
+`.lora_magnitude_vector` (DoRA; [out], conv [1, out, 1, 1]); modules_to_save as full tensors at the module path;
+scaling = lora_alpha / r, or / sqrt(r) with use_rslora; rank_pattern / alpha_pattern resolved by the first key with
+re.match(rf"(.*\\.)?({key})$", module). The lora_B bias is scaled like the product.
+"""
+import json
+import math
+import os
+import re
+
+import torch
+
+from ..adapter import Adapter, Module
+from ..errors import LorakitError
+from ..io import atomic_output, write_safetensors
+from . import Format, register
+from .common import check_rank, f32, is_safetensors, most_common, open_safetensors, refuse_unknown, t_contig
+
+CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+PREFIX = "base_model.model."
+KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                 r"(?:\.(?!weight$|bias$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$")
+
+
+def pattern_value(patterns, module, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the first key (dict order) matching the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _files(path):
+    """(weights file, config dict or None) for a PEFT folder or a bare file (config read from beside it)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    weights = path
+    if os.path.isdir(path):
+        weights = os.path.join(path, WEIGHTS)
+        if not os.path.isfile(weights):
+            weights = os.path.join(path, WEIGHTS_BIN)
+        if not os.path.isfile(weights):
+            raise LorakitError(f"folder has no {WEIGHTS}", path=path)
+    config = None
+    config_path = os.path.join(folder, CONFIG)
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LorakitError(f"not JSON: {e.msg}", path=config_path) from None
+    return weights, config
+
+
+def _tensors(weights):
+    if weights.endswith(".bin"):
+        from .loralib import load_state_dict
+        return load_state_dict(weights), {}
+    tf, meta = open_safetensors(weights)
+    return {k: tf.get(k) for k in tf.header.entries}, meta
+
+
+def detect(path):
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, CONFIG)) and (
+            os.path.isfile(os.path.join(path, WEIGHTS)) or os.path.isfile(os.path.join(path, WEIGHTS_BIN)))
+    if not is_safetensors(path):
+        return False
+    tf, meta = open_safetensors(path)
+    if "lora_adapter_metadata" in meta:  # diffusers writes PEFT keys too: it has its own reader
+        return False
+    keys = list(tf.header.entries)
+    return bool(keys) and any(KEY.match(k.removeprefix(PREFIX)) for k in keys) and not any(
+        k.startswith(("unet.", "text_encoder", "transformer.")) for k in keys)
+
+
+def read(path, alpha=None, base=None, allow_unknown=False, **_):
+    weights, config = _files(path)
+    tensors, _ = _tensors(weights)
+    return from_state_dict(tensors, config, path, alpha=alpha, base=base, allow_unknown=allow_unknown)
+
+
+def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=False, source_format="peft"):
+    """An Adapter from PEFT-named tensors (prefix `base_model.model.` optional) and an adapter_config dict."""
+    if config is None:
+        if alpha is None:
+            raise LorakitError("no adapter_config.json beside the weights, so lora_alpha is unknown: pass --alpha",
+                               path=path)
+        config = {"r": None, "lora_alpha": alpha}
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LorakitError(f"peft_type {config.get('peft_type')} is not LoRA", path=path)
+    notes, parts, replacements, unknown = [], {}, {}, []
+    to_save = config.get("modules_to_save") or []
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        m = KEY.match(name)
+        if m:
+            parts.setdefault(m["module"], {})[(m["part"], m["param"])] = t
+        elif name.endswith(".base_layer.weight"):
+            notes.append(f"{key}: PEFT's copy of the base embedding (save_embedding_layers) is not part of the "
+                         "delta and was not kept")
+        elif ".modules_to_save." in name:
+            module, _, rest = name.partition(".modules_to_save.")
+            replacements[f"{module}.{rest.split('.', 1)[1]}"] = t
+        elif name.rsplit(".", 1)[0].rsplit(".", 1)[-1] in to_save or name.rsplit(".", 1)[0] in to_save:
+            replacements[name] = t
+        else:
+            unknown.append(key)
+    refuse_unknown(path, unknown, allow_unknown, notes)
+    rslora = bool(config.get("use_rslora"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    base_shapes = _base_shapes(base)
+    ad = Adapter(base_model=config.get("base_model_name_or_path"), source_format=source_format, notes=notes,
+                 provenance={"source_format": source_format, "source_config": config})
+    for module, p in sorted(parts.items()):
+        embedding = ("lora_embedding_A", None) in p or ("lora_embedding_B", None) in p
+        a_key = ("lora_embedding_A", None) if embedding else ("lora_A", "weight")
+        b_key = ("lora_embedding_B", None) if embedding else ("lora_B", "weight")
+        if a_key not in p or b_key not in p:
+            have = " and ".join(k[0] for k in p)
+            raise LorakitError(f"module has {have} but no {(a_key if a_key not in p else b_key)[0]} (wrong pairing)",
+                               path=path, tensor=module)
+        A, B = p[a_key], p[b_key]
+        if embedding:  # PEFT: delta = (B @ A)^T with A [r, num], B [dim, r]
+            check_rank(path, module, A, B)  # A [r, num], B [dim, r]
+            spec_A, spec_B, kind = t_contig(B), t_contig(A), "embedding"
+        else:
+            check_rank(path, module, A, B)
+            kind = "conv" if A.ndim > 2 else ("linear_t" if _is_transposed(module, A, B, fan_in_fan_out,
+                                                                            base_shapes) else "linear")
+            spec_A, spec_B = (t_contig(B), t_contig(A)) if kind == "linear_t" else (A, B)
+        r = A.shape[0]
+        lora_alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+        if lora_alpha is None:
+            raise LorakitError("adapter_config.json has no lora_alpha", path=path)
+        scale = lora_alpha / math.sqrt(r) if rslora else lora_alpha / r
+        mod = Module(module, spec_A, spec_B, alpha=f32(scale * r), kind=kind)
+        if abs(mod.scale - scale) > 0:
+            notes.append(f"{module}: scale {scale!r} stored as alpha {mod.alpha!r} / {r} (fp32 rounding)")
+        if ("lora_B", "bias") in p:
+            mod.bias = (p[("lora_B", "bias")].float() * scale).to(p[("lora_B", "bias")].dtype)
+        if ("lora_magnitude_vector", None) in p or ("lora_magnitude_vector", "weight") in p:
+            mag = p.get(("lora_magnitude_vector", None), p.get(("lora_magnitude_vector", "weight")))
+            if kind == "embedding":
+                raise LorakitError("DoRA on an embedding is not supported", path=path, tensor=module)
+            mod.magnitude = mag.reshape(-1)
+            mod.dora_axis = 1 if kind == "linear_t" else 0
+        ad.add(mod)
+    ad.replacements = replacements
+    if len(notes) > 12:
+        ad.notes[:] = notes[:12] + [f"... and {len(notes) - 12} more notes"]
+    return ad
+
+
+def _base_shapes(base):
+    if base is None:
+        return None
+    from ..checkpoint import Checkpoint
+    return Checkpoint(base).shapes()
+
+
+def _is_transposed(module, A, B, fan_in_fan_out, base_shapes):
+    """GPT-2 Conv1D stores W as [in, out]: decided by the base's shape where it tells, else by fan_in_fan_out."""
+    if base_shapes is not None and f"{module}.weight" in base_shapes:
+        shape = tuple(base_shapes[f"{module}.weight"])
+        if shape == (A.shape[1], B.shape[0]) and shape != (B.shape[0], A.shape[1]):
+            return True
+        if shape == (B.shape[0], A.shape[1]) and shape != (A.shape[1], B.shape[0]):
+            return False
+    return fan_in_fan_out
+
+
+def to_state_dict(adapter, path):
+    """(tensors with PEFT names, without the base_model.model. prefix, and the LoraConfig fields)."""
+    mods = list(adapter.modules.values())
+    if not mods and not adapter.replacements:
+        raise LorakitError("the adapter is empty", path=path)
+    dora = {m.magnitude is not None for m in mods}
+    if len(dora) > 1:
+        raise LorakitError("PEFT's use_dora applies to every module, but only some modules here are DoRA", path=path)
+    kinds_t = {m.kind == "linear_t" for m in mods if m.kind in ("linear", "linear_t")}
+    tensors = {}
+    for m in mods:
+        if m.kind == "embedding":
+            tensors[f"{m.name}.lora_embedding_A"] = t_contig(m.B)
+            tensors[f"{m.name}.lora_embedding_B"] = t_contig(m.A)
+        elif m.kind == "linear_t":
+            tensors[f"{m.name}.lora_A.weight"] = t_contig(m.B)
+            tensors[f"{m.name}.lora_B.weight"] = t_contig(m.A)
+        else:
+            tensors[f"{m.name}.lora_A.weight"] = m.A
+            tensors[f"{m.name}.lora_B.weight"] = m.B
+        if m.bias is not None:
+            if m.magnitude is not None:
+                raise LorakitError("PEFT does not allow lora_bias with DoRA", path=path, tensor=m.name)
+            tensors[f"{m.name}.lora_B.bias"] = (m.bias.float() / m.scale).to(m.bias.dtype)
+        if m.magnitude is not None:
+            want = 1 if m.kind == "linear_t" else 0
+            if m.dora_axis != want or m.kind == "embedding":
+                raise LorakitError(f"DoRA magnitude along axis {m.dora_axis} cannot be written as PEFT's "
+                                   f"(axis {want})", path=path, tensor=m.name)
+            mag = m.magnitude.reshape(1, -1, *[1] * (len(m.shape) - 2)) if m.kind == "conv" else m.magnitude
+            tensors[f"{m.name}.lora_magnitude_vector"] = mag.contiguous()
+    for name, t in adapter.replacements.items():
+        tensors[name] = t
+    ranks = {m.name: m.rank for m in mods}
+    alphas = {m.name: m.alpha for m in mods}  # PEFT's scale lora_alpha / r is then the spec's alpha / r exactly
+    r = most_common(ranks.values()) if mods else 8
+    alpha = most_common(alphas.values()) if mods else 8
+    source = adapter.provenance.get("source_config") or {}
+    config = {
+        "peft_type": "LORA",
+        "task_type": source.get("task_type"),
+        "base_model_name_or_path": adapter.base_model,
+        "revision": source.get("revision"),
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "use_rslora": False,
+        "use_dora": dora == {True},
+        "fan_in_fan_out": kinds_t == {True},
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.replacements}) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    if any(m.bias is not None for m in mods):
+        config["lora_bias"] = True
+    return tensors, config
+
+
+def write(adapter, path, force=False, **_):
+    tensors, config = to_state_dict(adapter, path)
+    with atomic_output(path, force=force, directory=True) as tmp:
+        write_safetensors(os.path.join(tmp, WEIGHTS), {PREFIX + k: v for k, v in tensors.items()}, {"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+register(Format("peft", detect, read, write, "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"))

@@ -1,0 +1,164 @@
+"""PEFT -> lorakit -> PEFT with the real PEFT and transformers: same logits (<= 1e-6, fp32), no warning on load."""
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+
+import lorakit
+from lorakit.errors import LorakitError
+
+LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+VARIANTS = {
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
+                     alpha_pattern={"v_proj": 3, "model.layers.0.mlp.down_proj": 5}),
+    "rslora": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"], use_rslora=True),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True),
+    "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
+    "modules_to_save": dict(r=2, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+    "lora_bias": dict(r=4, lora_alpha=6, target_modules=["q_proj", "gate_proj"], lora_bias=True),
+}
+
+
+def randomize_lora(model, seed):
+    """Training leaves lora_B (and the magnitudes) nonzero: set every adapter parameter at random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "magnitude" in name else 0.0))
+
+
+def load_peft(base, folder):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(base, folder).eval()
+    relevant = [str(w.message) for w in caught if "peft" in str(w.filename) or "Found missing" in str(w.message)
+                or "unexpected" in str(w.message).lower()]
+    return model, relevant
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_peft_round_trip_same_logits(tmp_path, variant):
+    torch.manual_seed(0)
+    # lora_bias needs layers with a bias (PEFT warns otherwise, and there is nothing to merge into)
+    config = transformers.LlamaConfig(**LLAMA, attention_bias=variant == "lora_bias", mlp_bias=variant == "lora_bias")
+    base = transformers.LlamaForCausalLM(config).eval()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(lora_dropout=0.0, **VARIANTS[variant])).eval()
+    randomize_lora(model, 1)
+    model.save_pretrained(tmp_path / "orig")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    lorakit.convert(tmp_path / "orig", tmp_path / "a.safetensors", to="lorakit")
+    assert lorakit.validate([str(tmp_path / "a.safetensors")])["valid"]
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
+    fresh = transformers.LlamaForCausalLM(config).eval()
+    fresh.load_state_dict(base_state)
+    fresh.save_pretrained(tmp_path / "base")  # before PEFT wraps it in place
+    loaded, warned = load_peft(fresh, tmp_path / "back")
+    assert warned == [], warned
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert (got - want).abs().max().item() <= 1e-6
+    # and lorakit's own merge of the converted adapter gives the same logits without the adapter
+    lorakit.merge(tmp_path / "base", [str(tmp_path / "a.safetensors")], tmp_path / "merged", quiet=True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max().item() <= 1e-4
+
+
+def test_gpt2_fan_in_fan_out_and_dora(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                                                      fan_in_fan_out=True, use_dora=True, lora_dropout=0.0)).eval()
+    randomize_lora(model, 2)
+    model.save_pretrained(tmp_path / "orig")
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    lorakit.convert(tmp_path / "orig", tmp_path / "a.safetensors", to="lorakit")
+    ad = lorakit.load(tmp_path / "a.safetensors")
+    m = ad.modules["transformer.h.0.attn.c_attn"]
+    assert m.kind == "linear_t" and m.shape == (32, 96) and m.dora_axis == 1
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
+    fresh = transformers.GPT2LMHeadModel(config).eval()
+    fresh.load_state_dict(state)
+    fresh.save_pretrained(tmp_path / "base")
+    loaded, warned = load_peft(fresh, tmp_path / "back")
+    assert warned == []
+    with torch.no_grad():
+        assert (loaded(ids).logits - want).abs().max().item() <= 1e-6
+    # merging the GPT-2 DoRA adapter into the [in, out] Conv1D weights gives the adapter's outputs
+    lorakit.merge(tmp_path / "base", [str(tmp_path / "a.safetensors")], tmp_path / "merged", quiet=True)
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max().item() <= 1e-4
+
+
+def test_conv_layers(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+    torch.manual_seed(0)
+    base = Net().eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "head"])).eval()
+    randomize_lora(model, 3)
+    model.save_pretrained(tmp_path / "orig")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    lorakit.convert(tmp_path / "orig", tmp_path / "a.safetensors", to="lorakit")
+    assert lorakit.load(tmp_path / "a.safetensors").modules["conv"].kind == "conv"
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
+    fresh = Net().eval()
+    fresh.load_state_dict(state)
+    loaded, warned = load_peft(fresh, tmp_path / "back")
+    with torch.no_grad():
+        assert (loaded(x) - want).abs().max().item() <= 1e-6
+
+
+def test_peft_bad_input(tmp_path, cli):
+    from lorakit.io import write_safetensors
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    write_safetensors(d / "adapter_model.safetensors",
+                      {"base_model.model.x.lora_A.weight": torch.zeros(2, 4)})
+    c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit")
+    assert c == 2 and "module has lora_A but no lora_B (wrong pairing)" in err and "'x'" in err
+    write_safetensors(d / "adapter_model.safetensors",
+                      {"base_model.model.x.lora_A.weight": torch.zeros(2, 4),
+                       "base_model.model.x.lora_B.weight": torch.zeros(3, 5)})
+    c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit")
+    assert c == 2 and "rank 2 but up/B factor has rank 5" in err
+    write_safetensors(d / "adapter_model.safetensors",
+                      {"base_model.model.x.lora_A.weight": torch.zeros(2, 4),
+                       "base_model.model.x.lora_B.weight": torch.zeros(3, 2),
+                       "base_model.model.x.something_else": torch.zeros(1)})
+    c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit")
+    assert c == 2 and "1 unknown keys: base_model.model.x.something_else" in err
+    c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit", "--allow-unknown")
+    assert c == 0 and "skipped 1 unknown keys" in out
+    bare = tmp_path / "bare.safetensors"
+    write_safetensors(bare, {"base_model.model.x.lora_A.weight": torch.zeros(2, 4),
+                             "base_model.model.x.lora_B.weight": torch.zeros(3, 2)})
+    with pytest.raises(LorakitError, match="lora_alpha is unknown: pass --alpha"):
+        lorakit.load(bare)
+    assert lorakit.load(bare, alpha=4.0).modules["x"].scale == 2.0
