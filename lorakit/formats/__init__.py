@@ -16,6 +16,7 @@ class Format:
     read: Callable = None  # (path, **options) -> Adapter
     write: Callable = None  # (adapter, path, force=False, **options) -> None
     description: str = ""
+    priority: int = 10  # detection order: lower first (the spec format before formats it could resemble)
 
 
 REGISTRY = {}
@@ -27,7 +28,7 @@ def register(fmt):
 
 
 def _load_builtin():
-    from . import lorakit_v1, peft  # noqa: F401  (each registers itself; detection tries them in this order)
+    from . import lorakit_v1, peft, kohya  # noqa: F401  (each registers itself; detection tries them in this order)
 
 
 def get_format(name):
@@ -42,7 +43,7 @@ def detect_format(path):
     _load_builtin()
     if not os.path.exists(path):
         raise LorakitError("no such file or folder", path=path)
-    for fmt in REGISTRY.values():
+    for fmt in sorted(REGISTRY.values(), key=lambda f: f.priority):
         if fmt.detect(path):
             return fmt
     if os.path.isfile(path):

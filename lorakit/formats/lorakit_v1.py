@@ -92,4 +92,4 @@ def write(adapter, path, force=False, **_):
         write_safetensors(tmp, tensors, meta)
 
 
-register(Format("lorakit", detect, read, write, "lorakit adapter spec v1 (one safetensors file)"))
+register(Format("lorakit", detect, read, write, "lorakit adapter spec v1 (one safetensors file)", priority=0))

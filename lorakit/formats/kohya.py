@@ -1,0 +1,306 @@
+"""kohya-ss/sd-scripts LoRA (and LyCORIS LoHa / LoKr / LoCon / Tucker / dora_scale, read only).
+
+Facts (sd-scripts networks/lora.py, lora_flux.py; LyCORIS; formats.md): key `<lora_name>.<tensor>` with
+lora_name = (prefix + "." + module path).replace(".", "_"); `.lora_down.weight` [r, in(, k, k)], `.lora_up.weight`
+[out, r(, 1, 1)], `.alpha` 0-d (missing or 0 means alpha = r); scale = alpha / r. The mangling is lossy, so names are
+resolved against the base's tensor names (`base=`); unresolved names are kept as the kohya names and reported.
+Flux split_qkv files store fused down [n r, in] and block-diagonal up [out, n r] with the alpha of one split.
+"""
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+from ..adapter import Adapter, Module
+from ..errors import LorakitError
+from ..io import atomic_output, build_header, tensor_bytes
+from ..lycoris import lokr_factors, loha_factors, tucker_factors
+from . import Format, register
+from .common import check_rank, f32, is_safetensors, most_common, open_safetensors, refuse_unknown
+
+PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
+TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
+           "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+           "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+# where each kohya prefix lives in a base: (kohya prefix, base name prefix). Diffusers folders are read with their
+# component as prefix (unet., text_encoder., ...); original single-file SD/SDXL/Flux checkpoints use the others.
+BASE_PREFIXES = (
+    ("lora_unet", "unet."), ("lora_unet", "transformer."), ("lora_te", "text_encoder."),
+    ("lora_te1", "text_encoder."), ("lora_te2", "text_encoder_2."), ("lora_te3", "text_encoder_3."),
+    ("lora_unet", "model.diffusion_model."), ("lora_te", "cond_stage_model.transformer."),
+    ("lora_te1", "conditioner.embedders.0.transformer."), ("lora_unet", ""),
+)
+SPLIT_QKV = (("double", "qkv", 3), ("single", "linear1", 4))
+
+
+def mangle(prefix, path):
+    return (prefix + "." + path).replace(".", "_")
+
+
+def _sd1_unet_to_diffusers(path):
+    """Original SD1/SD2 UNet module path (input_blocks...) -> diffusers path (down_blocks...), or None."""
+    resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+    fixed = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+    if path in fixed:
+        return fixed[path]
+    m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d)\.(.+)", path) or re.fullmatch(
+        r"(middle_block)\.(\d)\.(.+)", path)
+    if not m:
+        return None
+    if m[1] == "middle_block":
+        block = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}[m[2]]
+        rest = m[3]
+        return f"{block}.{resnet.get(rest, rest)}" if m[2] != "1" else f"{block}.{rest}"
+    n, j, rest = int(m[2]), m[3], m[4]
+    if m[1] == "input_blocks":
+        if n in (3, 6, 9) and rest == "op":
+            return f"down_blocks.{n // 3 - 1}.downsamplers.0.conv"
+        i, k = (n - 1) // 3, (n - 1) % 3
+        return f"down_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"down_blocks.{i}.attentions.{k}.{rest}"
+    i, k = n // 3, n % 3
+    if rest == "conv" and k == 2:
+        return f"up_blocks.{i}.upsamplers.0.conv"
+    return f"up_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"up_blocks.{i}.attentions.{k}.{rest}"
+
+
+def base_weight_shapes(base):
+    """Tensor name -> shape of a base: a checkpoint file/folder, or a diffusers pipeline folder (names get the
+    component folder as prefix: unet., text_encoder., ...)."""
+    from ..checkpoint import Checkpoint
+    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "model_index.json")):
+        shapes = {}
+        for component in sorted(os.listdir(base)):
+            folder = os.path.join(base, component)
+            if os.path.isdir(folder) and any(f.endswith(".safetensors") for f in os.listdir(folder)):
+                shapes.update({f"{component}.{k}": v for k, v in Checkpoint(folder).shapes().items()})
+        return shapes
+    return Checkpoint(base).shapes()
+
+
+def resolution_table(shapes):
+    """kohya lora_name -> spec module name, for every weight of the base."""
+    table = {}
+    for name in shapes:
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        for kohya_prefix, base_prefix in BASE_PREFIXES:
+            if module.startswith(base_prefix):
+                path = module[len(base_prefix):]
+                table.setdefault(mangle(kohya_prefix, path), module)
+                if base_prefix == "model.diffusion_model.":
+                    sd1 = _sd1_unet_to_diffusers(path)
+                    if sd1:
+                        table.setdefault(mangle(kohya_prefix, sd1), module)
+    return table
+
+
+def detect(path):
+    if not is_safetensors(path):
+        return False
+    tf, _ = open_safetensors(path)
+    keys = list(tf.header.entries)
+    return bool(keys) and all(k.startswith(PREFIXES) for k in keys)
+
+
+def _metadata_args(meta):
+    try:
+        return json.loads(meta.get("ss_network_args") or "{}") or {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def read(path, base=None, allow_unknown=False, **_):
+    tf, meta = open_safetensors(path)
+    groups, unknown = {}, []
+    for key in tf.header.entries:
+        name, _, tensor = key.partition(".")
+        if tensor in TENSORS and name.startswith(PREFIXES):
+            groups.setdefault(name, {})[tensor] = key
+        else:
+            unknown.append(key)
+    notes = []
+    refuse_unknown(path, unknown, allow_unknown, notes)
+    shapes = base_weight_shapes(base) if base is not None else None
+    table = resolution_table(shapes) if shapes is not None else {}
+    split_qkv = str(_metadata_args(meta).get("split_qkv", "")).lower() == "true"
+    ad = Adapter(source_format="kohya", notes=notes,
+                 provenance={"source_format": "kohya", "source_metadata": dict(meta)})
+    unresolved = []
+    for lora_name, keys in sorted(groups.items()):
+        get = lambda k: tf.get(keys[k]) if k in keys else None  # noqa: E731
+        module = table.get(lora_name)
+        if module is None:
+            module = lora_name
+            unresolved.append(lora_name)
+        weight_shape = tuple(shapes[module + ".weight"]) if shapes and module + ".weight" in shapes else None
+        ad.add(_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes))
+    if unresolved:
+        why = "no --base given" if base is None else "not found in the base"
+        notes.append(f"{len(unresolved)} kohya name(s) kept unresolved ({why}), e.g. {unresolved[0]}")
+    ad.base_model = meta.get("ss_sd_model_name")
+    return ad
+
+
+def _alpha(get, rank):
+    """kohya: alpha missing, None or 0 means alpha = rank (scale 1)."""
+    a = get("alpha")
+    value = float(a.float()) if a is not None else 0.0
+    return value if value else float(rank)
+
+
+def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
+    dtype = next(get(k).dtype for k in keys if k != "alpha")
+    if "lora_down.weight" in keys or "lora_up.weight" in keys:
+        down, up = get("lora_down.weight"), get("lora_up.weight")
+        if down is None or up is None:
+            raise LorakitError(f"has {'lora_down' if up is None else 'lora_up'} but no "
+                               f"{'lora_up' if up is None else 'lora_down'} (wrong pairing)", path=path,
+                               tensor=lora_name)
+        rank = down.shape[0]
+        if up.flatten(1).shape[1] != rank:
+            raise LorakitError(f"lora_down has rank {rank} but lora_up {list(up.shape)} (shape mismatch)", path=path,
+                               tensor=lora_name)
+        scale = _alpha(get, rank) / rank
+        n = _split_qkv_count(lora_name, up, rank, split_qkv)
+        if n > 1:  # sd-scripts #2204: fused rank n r, alpha of one split
+            scale *= n
+            notes.append(f"{lora_name}: Flux split_qkv (fused rank {rank} = {n} x {rank // n}): scale alpha / "
+                         f"{rank // n}")
+        if "lora_mid.weight" in keys:
+            B, A = tucker_factors(up, get("lora_mid.weight"), down)
+            A, B = A.to(dtype), B.to(dtype)
+        else:
+            A, B = down, up.reshape(up.shape[0], rank, *[1] * (down.ndim - 2))
+    elif "hada_w1_a" in keys:
+        if "hada_t1" in keys or "hada_t2" in keys:
+            raise LorakitError("LoHa with Tucker factors (hada_t1/hada_t2) is not supported", path=path,
+                               tensor=lora_name)
+        B, A = loha_factors(get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"))
+        scale = _alpha(get, get("hada_w1_b").shape[0]) / get("hada_w1_b").shape[0]
+        A, B = _shape_factors(A, B, weight_shape)
+    elif "lokr_w1" in keys or "lokr_w1_a" in keys:
+        if "lokr_t2" in keys:
+            raise LorakitError("LoKr with a Tucker factor (lokr_t2) is not supported", path=path, tensor=lora_name)
+        w1 = get("lokr_w1") if "lokr_w1" in keys else (get("lokr_w1_a"), get("lokr_w1_b"))
+        w2 = get("lokr_w2") if "lokr_w2" in keys else (get("lokr_w2_a"), get("lokr_w2_b"))
+        decomposed = [w[1].shape[0] for w in (w2, w1) if isinstance(w, tuple)]
+        scale = _alpha(get, decomposed[0]) / decomposed[0] if decomposed else 1.0
+        B, A = lokr_factors(w1, w2)
+        if not isinstance(w2, tuple) and w2.ndim > 2:
+            A = A.reshape(A.shape[0], -1, *w2.shape[2:])
+        A, B = _shape_factors(A, B, weight_shape)
+    else:
+        raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors", path=path, tensor=lora_name)
+    k = A.shape[0]
+    out = Module(module, A.to(dtype).contiguous(), B.to(dtype).reshape(B.shape[0], k, *[1] * (A.ndim - 2)),
+                 alpha=f32(scale * k))
+    if "dora_scale" in keys:
+        d = get("dora_scale")
+        axis = 0 if d.shape[0] == out.shape[0] and d.flatten().numel() == out.shape[0] else 1
+        out.magnitude, out.dora_axis = d.flatten().contiguous(), axis
+    return out
+
+
+def _shape_factors(A, B, weight_shape):
+    """LyCORIS stores conv factors flattened: give A the base's kernel shape when the base says what it is."""
+    if weight_shape is not None and len(weight_shape) > 2 and A.shape[1] == torch.Size(weight_shape[1:]).numel():
+        A = A.reshape(A.shape[0], *weight_shape[1:])
+    return A, B
+
+
+def _split_qkv_count(lora_name, up, rank, split_qkv):
+    for block, layer, n in SPLIT_QKV:
+        if block in lora_name and layer in lora_name and rank % n == 0 and split_qkv:
+            r = rank // n
+            U = up.flatten(1)
+            rows = U.shape[0]
+            sizes = [3072] * 3 + ([rows - 9216] if n == 4 else [])
+            if sum(sizes) != rows:
+                return 1
+            start, off = 0, torch.zeros_like(U, dtype=torch.bool)
+            for j, size in enumerate(sizes):
+                off[start:start + size] = True
+                off[start:start + size, j * r:(j + 1) * r] = False
+                start += size
+            if not U[off].any():
+                return n
+    return 1
+
+
+def kohya_name(module, components):
+    """spec module name -> kohya lora_name."""
+    if module.startswith(PREFIXES) and "." not in module:
+        return module
+    two_text_encoders = "text_encoder_2" in components
+    for kohya_prefix, base_prefix in BASE_PREFIXES:
+        if base_prefix and module.startswith(base_prefix):
+            if base_prefix == "text_encoder." and kohya_prefix != ("lora_te1" if two_text_encoders else "lora_te"):
+                continue
+            return mangle(kohya_prefix, module[len(base_prefix):])
+    return mangle("lora_unet", module)
+
+
+def write(adapter, path, force=False, **_):
+    mods = list(adapter.modules.values())
+    if adapter.replacements or any(m.bias is not None for m in mods):
+        raise LorakitError("kohya files hold no bias deltas or full-tensor replacements: convert to lorakit or peft "
+                           "to keep them", path=path)
+    components = {m.name.split(".", 1)[0] for m in mods}
+    tensors = {}
+    for m in mods:
+        name = kohya_name(m.name, components)
+        if f"{name}.lora_down.weight" in tensors:
+            raise LorakitError(f"two modules map to the kohya name {name}", path=path, tensor=m.name)
+        tensors[f"{name}.lora_down.weight"] = m.A
+        tensors[f"{name}.lora_up.weight"] = m.B
+        tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)  # exact, whatever the factor dtype
+        if m.magnitude is not None:
+            shape = [1] * len(m.shape)
+            shape[m.dora_axis] = -1
+            tensors[f"{name}.dora_scale"] = m.magnitude.reshape(shape).contiguous()
+    meta = {k: v for k, v in (adapter.provenance.get("source_metadata") or {}).items() if k.startswith("ss_")}
+    ranks, alphas = {m.rank for m in mods}, {m.alpha for m in mods}
+    meta.update({
+        "ss_v2": meta.get("ss_v2", "False"),
+        "ss_base_model_version": meta.get("ss_base_model_version", _base_version(components, tensors)),
+        "ss_network_module": meta.get("ss_network_module", "networks.lora"),
+        "ss_network_dim": str(most_common([m.rank for m in mods])) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": _num(most_common([m.alpha for m in mods])) if len(alphas) == 1 else "Dynamic",
+        "ss_network_args": meta.get("ss_network_args", "{}"),
+    })
+    items = sorted(tensors.items())
+    data = [tensor_bytes(t) for _, t in items]
+    digest = hashlib.sha256()
+    for chunk in data:  # the hash covers the bytes after the header, in their final dtype (sd-scripts #1722)
+        digest.update(chunk)
+    meta["sshs_model_hash"] = digest.hexdigest()
+    from ..dtypes import st_dtype
+    header = build_header([(k, st_dtype(t.dtype), tuple(t.shape)) for k, t in items], meta)
+    with atomic_output(path, force=force) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for chunk in data:
+                f.write(chunk)
+
+
+def _num(x):
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _base_version(components, tensors):
+    names = " ".join(tensors)
+    if "lora_te2_" in names or "lora_unet_input_blocks" in names:
+        return "sdxl_base_v1-0"
+    if "double_blocks" in names or "single_blocks" in names:
+        return "flux1"
+    if "lora_unet_down_blocks" in names or "lora_te_" in names:
+        return "sd_v1"
+    return "unknown"
+
+
+register(Format("kohya", detect, read, write, "kohya-ss/sd-scripts LoRA (and LyCORIS, read)"))

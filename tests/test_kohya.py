@@ -1,0 +1,177 @@
+"""kohya / LyCORIS: files built here by sd-scripts' naming rules; resolution against bases; exact LoHa/LoKr."""
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import LorakitError
+from lorakit.formats.kohya import _sd1_unet_to_diffusers, mangle
+from lorakit.io import TensorFile, write_safetensors
+
+g = torch.Generator().manual_seed(5)
+
+
+def rnd(*s):
+    return torch.randn(*s, generator=g)
+
+
+# diffusers-style module paths (names with "_" inside, which kohya's mangling makes ambiguous)
+UNET = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 16),
+        "down_blocks.0.attentions.0.proj_in": (16, 16), "down_blocks.0.resnets.0.conv1": (8, 4, 3, 3),
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj": (64, 16)}
+TE = {"text_model.encoder.layers.0.self_attn.q_proj": (16, 16), "text_model.encoder.layers.0.mlp.fc1": (32, 16)}
+
+
+def diffusers_base(folder):
+    (folder / "unet").mkdir(parents=True)
+    (folder / "text_encoder").mkdir()
+    (folder / "model_index.json").write_text("{}")
+    write_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors",
+                      {f"{k}.weight": torch.zeros(s) for k, s in UNET.items()})
+    write_safetensors(folder / "text_encoder" / "model.safetensors",
+                      {f"{k}.weight": torch.zeros(s) for k, s in TE.items()})
+
+
+def kohya_file(path, alpha_missing=(), dtype=torch.float16):
+    """An SD1 kohya LoRA: lora_unet_* (diffusers names) and lora_te_*; conv LoCon; one module without alpha."""
+    t, ref = {}, {}
+    for prefix, mods in (("lora_unet", UNET), ("lora_te", TE)):
+        for path_, shape in mods.items():
+            name = mangle(prefix, path_)
+            r = 4 if len(shape) == 2 else 2
+            down = rnd(r, *shape[1:]).to(dtype)
+            up = rnd(shape[0], r, *[1] * (len(shape) - 2)).to(dtype)
+            t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = down, up
+            alpha = 2.0 if name not in alpha_missing else None
+            if alpha is not None:
+                t[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+            scale = (alpha or r) / r
+            ref[name] = (scale * (up.double().flatten(1) @ down.double().flatten(1))).reshape(shape)
+    write_safetensors(path, t, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
+                                "ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    return ref
+
+
+def test_kohya_resolves_against_diffusers_base_and_round_trips(tmp_path, cli):
+    diffusers_base(tmp_path / "pipe")
+    no_alpha = mangle("lora_te", "text_model.encoder.layers.0.mlp.fc1")
+    ref = kohya_file(tmp_path / "k.safetensors", alpha_missing=(no_alpha,))
+    code, out, err = cli("convert", tmp_path / "k.safetensors", "-o", tmp_path / "a.safetensors", "--to", "lorakit",
+                         "--base", tmp_path / "pipe", "--json")
+    assert code == 0, err
+    assert json.loads(out)["from"] == "kohya"
+    ad = lorakit.load(tmp_path / "a.safetensors")
+    expected = {f"unet.{k}" for k in UNET} | {f"text_encoder.{k}" for k in TE}
+    assert set(ad.modules) == expected
+    for name, m in ad.modules.items():
+        prefix, path = name.split(".", 1)
+        kname = mangle("lora_unet" if prefix == "unet" else "lora_te", path)
+        assert torch.allclose(m.delta(torch.float64), ref[kname], rtol=1e-12, atol=1e-12)
+    assert ad.modules["unet.down_blocks.0.resnets.0.conv1"].kind == "conv"
+    assert ad.provenance["parents"][0]["format"] == "kohya"
+    # back to kohya: same names, same factor bytes, exact alpha in fp32, hash after the final cast
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    a, b = TensorFile(tmp_path / "k.safetensors"), TensorFile(tmp_path / "k2.safetensors")
+    factor_keys = {k for k in a.header.entries if not k.endswith(".alpha")}
+    assert factor_keys == {k for k in b.header.entries if not k.endswith(".alpha")}
+    for k in factor_keys:
+        assert a.raw(k) == b.raw(k)
+    assert b.get(f"{no_alpha}.alpha").item() == 4.0  # "no alpha" written as alpha = rank
+    meta = b.header.metadata
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    data = (tmp_path / "k2.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_kohya_without_base_keeps_names_and_reports(tmp_path):
+    kohya_file(tmp_path / "k.safetensors")
+    r = lorakit.convert(tmp_path / "k.safetensors", tmp_path / "a.safetensors", to="lorakit")
+    assert any("kept unresolved (no --base given)" in n for n in r["notes"])
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    assert set(TensorFile(tmp_path / "k2.safetensors").header.entries) == set(
+        TensorFile(tmp_path / "k.safetensors").header.entries)
+
+
+def test_sd1_original_single_file_names():
+    assert _sd1_unet_to_diffusers("input_blocks.1.1.transformer_blocks.0.attn1.to_q") == \
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert _sd1_unet_to_diffusers("input_blocks.4.0.in_layers.2") == "down_blocks.1.resnets.0.conv1"
+    assert _sd1_unet_to_diffusers("input_blocks.3.0.op") == "down_blocks.0.downsamplers.0.conv"
+    assert _sd1_unet_to_diffusers("middle_block.1.proj_in") == "mid_block.attentions.0.proj_in"
+    assert _sd1_unet_to_diffusers("middle_block.2.emb_layers.1") == "mid_block.resnets.1.time_emb_proj"
+    assert _sd1_unet_to_diffusers("output_blocks.5.1.proj_out") == "up_blocks.1.attentions.2.proj_out"
+    assert _sd1_unet_to_diffusers("output_blocks.2.1.conv") == "up_blocks.0.upsamplers.0.conv"
+    assert _sd1_unet_to_diffusers("output_blocks.8.2.conv") == "up_blocks.2.upsamplers.0.conv"
+
+
+def test_sd1_single_file_base_resolution(tmp_path):
+    write_safetensors(tmp_path / "sd15.safetensors", {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": torch.zeros(32, 16),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(16, 16)})
+    t = {}
+    for name, shape in ((mangle("lora_unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"), (32, 16)),
+                        (mangle("lora_te", "text_model.encoder.layers.0.self_attn.q_proj"), (16, 16))):
+        t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = rnd(2, shape[1]), rnd(shape[0], 2)
+    write_safetensors(tmp_path / "k.safetensors", t)
+    ad = lorakit.load(tmp_path / "k.safetensors", base=str(tmp_path / "sd15.safetensors"))
+    assert set(ad.modules) == {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+                               "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"}
+
+
+def test_flux_split_qkv_scale(tmp_path):
+    r, rows = 2, 9216
+    downs = [rnd(r, 16) for _ in range(3)]
+    ups = [rnd(3072, r) for _ in range(3)]
+    up = torch.zeros(rows, 3 * r)
+    for j in range(3):
+        up[3072 * j:3072 * (j + 1), j * r:(j + 1) * r] = ups[j]
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    write_safetensors(tmp_path / "f.safetensors", {f"{name}.lora_down.weight": torch.cat(downs),
+                                                   f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)},
+                      {"ss_network_args": json.dumps({"split_qkv": "True"})})
+    ad = lorakit.load(tmp_path / "f.safetensors")
+    ref = torch.cat([(ups[j].double() @ downs[j].double()) * (1.0 / r) for j in range(3)])  # alpha / r per split
+    assert torch.allclose(ad.modules[name].delta(torch.float64), ref, atol=1e-10)
+
+
+def test_loha_and_lokr_match_lycoris_formula(tmp_path):
+    w1a, w1b, w2a, w2b = rnd(12, 3), rnd(3, 10), rnd(12, 3), rnd(3, 10)
+    k1, k2a, k2b = rnd(2, 2), rnd(6, 4), rnd(4, 5)
+    write_safetensors(tmp_path / "ly.safetensors", {
+        "lora_unet_a.hada_w1_a": w1a, "lora_unet_a.hada_w1_b": w1b, "lora_unet_a.hada_w2_a": w2a,
+        "lora_unet_a.hada_w2_b": w2b, "lora_unet_a.alpha": torch.tensor(1.5),
+        "lora_unet_b.lokr_w1": k1, "lora_unet_b.lokr_w2_a": k2a, "lora_unet_b.lokr_w2_b": k2b,
+        "lora_unet_b.alpha": torch.tensor(2.0),
+        "lora_unet_c.lokr_w1": k1, "lora_unet_c.lokr_w2": rnd(3, 5),
+        "lora_unet_d.lora_down.weight": rnd(2, 10), "lora_unet_d.lora_up.weight": rnd(12, 2),
+        "lora_unet_d.dora_scale": rnd(1, 10).abs()})
+    ad = lorakit.load(tmp_path / "ly.safetensors")
+    loha = (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double()) * 1.5 / 3
+    assert ad.modules["lora_unet_a"].rank == 9
+    assert (ad.modules["lora_unet_a"].delta().double() - loha).norm() / loha.norm() < 1e-6
+    lokr = torch.kron(k1.double(), k2a.double() @ k2b.double()) * 2.0 / 4
+    assert (ad.modules["lora_unet_b"].delta().double() - lokr).norm() / lokr.norm() < 1e-6
+    lokr_full = torch.kron(k1.double(), ad.modules["lora_unet_c"].delta(torch.float64)[:3, :5] / k1[0, 0].double())
+    assert ad.modules["lora_unet_c"].delta().shape == (6, 10)
+    assert ad.modules["lora_unet_d"].dora_axis == 1  # older LyCORIS: one magnitude per input column
+    r = lorakit.resize(tmp_path / "ly.safetensors", tmp_path / "small.safetensors", rank=4, quiet=True)
+    assert {m["module"]: m["new_rank"] for m in r["modules"]}["lora_unet_a"] == 4
+
+
+def test_kohya_bad_input(tmp_path, cli):
+    write_safetensors(tmp_path / "k.safetensors", {"lora_unet_x.lora_down.weight": rnd(2, 4)})
+    c, out, err = cli("inspect", tmp_path / "k.safetensors")
+    assert c == 2 and "lora_unet_x" in err and "wrong pairing" in err
+    write_safetensors(tmp_path / "k.safetensors", {"lora_unet_x.lora_down.weight": rnd(2, 4),
+                                                   "lora_unet_x.lora_up.weight": rnd(3, 5)})
+    c, out, err = cli("inspect", tmp_path / "k.safetensors")
+    assert c == 2 and "shape mismatch" in err
+    write_safetensors(tmp_path / "k.safetensors", {"lora_unet_x.lora_down.weight": rnd(2, 4),
+                                                   "lora_unet_x.lora_up.weight": rnd(3, 2),
+                                                   "lora_unet_x.weird": rnd(1)})
+    with pytest.raises(LorakitError, match="1 unknown keys: lora_unet_x.weird"):
+        lorakit.load(tmp_path / "k.safetensors")
