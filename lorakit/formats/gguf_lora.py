@@ -1,0 +1,205 @@
+"""llama.cpp GGUF LoRA adapters (Llama family), through the `gguf` package (optional extra: pip install gguf).
+
+Facts (llama.cpp convert_lora_to_gguf.py, src/llama-adapter.cpp): KVs general.type = "adapter",
+general.architecture = the base's, adapter.type = "lora", adapter.lora.alpha (f32, one for the file); tensors
+`<gguf base tensor name>.lora_a` (numpy shape [r, in]) and `.lora_b` ([out, r]); scale = alpha / r. token_embd is
+flipped: lora_a [n_vocab, r], lora_b [n_embd, r]. Llama's Q and K rows are permuted for rotary embeddings in GGUF
+(convert_hf_to_gguf's permute), so lora_b of attn_q / attn_k is permuted the same way.
+"""
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..adapter import Adapter, Module
+from ..errors import LorakitError
+from ..io import atomic_output
+from . import Format, register
+from .common import f32, fold_note, most_common
+
+ARCHS = ("llama", "mistral", "qwen2")
+LAYER_MAP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+GLOBAL_MAP = {"model.embed_tokens": "token_embd", "lm_head": "output"}
+HEADS_KEY, KV_HEADS_KEY = "{arch}.attention.head_count", "{arch}.attention.head_count_kv"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise LorakitError("GGUF needs the gguf package: pip install gguf (or lorakit[interop])") from None
+    return gguf
+
+
+def to_gguf_name(module):
+    if module in GLOBAL_MAP:
+        return GLOBAL_MAP[module]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+    if m and m[2] in LAYER_MAP:
+        return f"blk.{m[1]}.{LAYER_MAP[m[2]]}"
+    raise LorakitError(f"no llama.cpp tensor name for module '{module}' (Llama family: attention, MLP, embeddings, "
+                       "lm_head)")
+
+
+def from_gguf_name(name):
+    inverse = {v: k for k, v in GLOBAL_MAP.items()}
+    if name in inverse:
+        return inverse[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    layer = {v: k for k, v in LAYER_MAP.items()}
+    if m and m[2] in layer:
+        return f"model.layers.{m[1]}.{layer[m[2]]}"
+    return None
+
+
+def permute(rows, n_head, n_head_kv=None):
+    """llama.cpp's Q/K row order: within each head, interleave the two rotary halves (convert_hf_to_gguf)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def unpermute(rows, n_head, n_head_kv=None):
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _heads(base, arch_fields=None):
+    """(n_head, n_head_kv) from the file's own KVs, else from the base's config.json."""
+    if arch_fields and arch_fields[0]:
+        return arch_fields
+    if base is not None:
+        import json
+        config = os.path.join(base, "config.json") if os.path.isdir(base) else None
+        if config and os.path.isfile(config):
+            with open(config) as f:
+                c = json.load(f)
+            return c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    return None, None
+
+
+def detect(path):
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _field(reader, key):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def read(path, base=None, **_):
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the package raises plain ValueError / struct errors on corrupt files
+        raise LorakitError(f"not a readable GGUF file ({e})", path=path) from None
+    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+        raise LorakitError("GGUF file is not a LoRA adapter (general.type / adapter.type)", path=path)
+    arch = _field(reader, "general.architecture")
+    alpha = _field(reader, "adapter.lora.alpha")
+    if alpha is None or not alpha > 0:
+        raise LorakitError(f"adapter.lora.alpha is {alpha}: the scale alpha / rank is undefined", path=path)
+    heads = _heads(base, (_field(reader, HEADS_KEY.format(arch=arch)), _field(reader, KV_HEADS_KEY.format(arch=arch))))
+    pairs, unknown = {}, []
+    for t in reader.tensors:
+        stem, _, part = t.name.rpartition(".")
+        if part in ("lora_a", "lora_b"):
+            pairs.setdefault(stem.removesuffix(".weight"), {})[part] = _array(gguf, t)
+        else:
+            unknown.append(t.name)
+    if unknown:
+        raise LorakitError(f"{len(unknown)} unknown tensors: {', '.join(unknown[:8])}", path=path)
+    ad = Adapter(source_format="gguf", provenance={"source_format": "gguf", "architecture": arch})
+    for gname, p in sorted(pairs.items()):
+        if set(p) != {"lora_a", "lora_b"}:
+            raise LorakitError(f"has {' and '.join(p)} only (wrong pairing)", path=path, tensor=gname)
+        module = from_gguf_name(gname)
+        if module is None:
+            raise LorakitError("not a Llama-family tensor name", path=path, tensor=gname)
+        a, b = p["lora_a"], p["lora_b"]
+        if gname == "token_embd":  # flipped: a [vocab, r], b [embd, r]; dW [vocab, embd] = a @ b^T
+            B, A, kind = a, b.T.contiguous(), "embedding"
+        else:
+            A, B, kind = a, b, "linear"
+        if A.shape[0] != B.shape[1]:
+            raise LorakitError(f"lora_a rank {A.shape[0]} != lora_b rank {B.shape[1]}", path=path, tensor=gname)
+        if gname.endswith(("attn_q", "attn_k")):
+            n_head, n_kv = heads
+            if n_head is None:
+                raise LorakitError("undoing llama.cpp's Q/K row permutation needs the head counts: pass --base "
+                                   "(a folder with config.json)", path=path, tensor=gname)
+            B = unpermute(B, n_head, n_kv if gname.endswith("attn_k") else None).contiguous()
+        ad.add(Module(module, A, B, alpha=f32(alpha), kind=kind))
+    return ad
+
+
+def _array(gguf, t):
+    kind = gguf.GGMLQuantizationType
+    shape = [int(d) for d in reversed(list(t.shape))]
+    if t.tensor_type == kind.F32:
+        return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)
+    if t.tensor_type == kind.F16:
+        return torch.from_numpy(np.array(t.data, dtype=np.float16)).reshape(shape)
+    if t.tensor_type == kind.BF16:
+        raw = np.array(t.data).view(np.uint16).reshape(shape)
+        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)
+    raise LorakitError(f"LoRA tensor of GGML type {t.tensor_type.name}: only F32, F16, BF16 are read",
+                       tensor=t.name)
+
+
+def write(adapter, path, force=False, base=None, **_):
+    gguf = _gguf()
+    mods = list(adapter.modules.values())
+    if adapter.replacements or any(m.bias is not None or m.magnitude is not None for m in mods):
+        raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
+                           path=path)
+    arch = adapter.provenance.get("architecture") or "llama"
+    alpha = most_common([m.alpha for m in mods])
+    n_head, n_kv = _heads(base)
+    folded = []
+    tensors = []
+    for m in mods:
+        gname = to_gguf_name(m.name)
+        B, A = m.B, m.A
+        if m.alpha != alpha:  # one alpha per file: fold this module's scale into B (within 1 ulp)
+            B = (B.float() * (m.scale * m.rank / alpha)).to(B.dtype)
+            folded.append(m.name)
+        if gname.endswith(("attn_q", "attn_k")):
+            if n_head is None:
+                raise LorakitError("llama.cpp permutes Q/K rows: pass --base (a folder with config.json) for the "
+                                   "head counts", path=path, tensor=m.name)
+            B = permute(B, n_head, n_kv if gname.endswith("attn_k") else None)
+        a, b = (B, A.T) if m.kind == "embedding" else (A, B)
+        tensors.append((f"{gname}.weight.lora_a", a))
+        tensors.append((f"{gname}.weight.lora_b", b))
+    if folded:
+        fold_note(adapter.notes, f"{len(folded)} module(s) with alpha != {alpha}")
+    with atomic_output(path, force=force) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_type("adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", float(alpha))
+        if n_head is not None:
+            w.add_uint32(HEADS_KEY.format(arch=arch), int(n_head))
+            w.add_uint32(KV_HEADS_KEY.format(arch=arch), int(n_kv))
+        for name, t in tensors:
+            t = t.contiguous()
+            if t.dtype == torch.bfloat16:
+                w.add_tensor(name, t.view(torch.int16).numpy().view(np.uint16),
+                             raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                w.add_tensor(name, t.numpy() if t.dtype in (torch.float32, torch.float16) else t.float().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+register(Format("gguf", detect, read, write, "llama.cpp GGUF LoRA adapter (Llama family; needs the gguf package)"))

@@ -1,0 +1,86 @@
+"""GGUF LoRA through the real gguf package: llama.cpp names, KVs, shapes, Q/K permutation, one alpha."""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit import examples
+from lorakit.adapter import Adapter, Module
+from lorakit.errors import LorakitError
+from lorakit.formats.gguf_lora import permute, unpermute
+
+from conftest import bits, shapes_of
+
+
+def test_permute_matches_llama_cpp_layout_and_inverts():
+    # 2 heads of dim 4: rows [h0: 0 1 2 3 | h1: 4 5 6 7] -> llama.cpp order interleaves the rotary halves
+    rows = torch.arange(8.0)[:, None]
+    assert permute(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    x = torch.randn(48, 5)
+    assert torch.equal(unpermute(permute(x, 4, 2), 4, 2), x)
+
+
+def test_gguf_write_read_with_the_gguf_package(tiny_base, tmp_path, cli):
+    folder, tensors = tiny_base
+    ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj", "k_proj", "v_proj", "down_proj"), rank=4,
+                                 alpha=8.0)
+    ad.modules["model.embed_tokens"] = Module("model.embed_tokens", torch.randn(4, 64), torch.randn(256, 4), 8.0,
+                                              kind="embedding")
+    ad.save(tmp_path / "a.safetensors")
+    code, out, err = cli("convert", tmp_path / "a.safetensors", "-o", tmp_path / "a.gguf", "--to", "gguf",
+                         "--base", folder)
+    assert code == 0, err
+    r = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["adapter.type"].contents() == "lora"
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.fields["adapter.lora.alpha"].contents() == 8.0
+    shapes = {t.name: tuple(int(d) for d in reversed(list(t.shape))) for t in r.tensors}
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (4, 64) and shapes["blk.0.attn_q.weight.lora_b"] == (64, 4)
+    assert shapes["blk.1.ffn_down.weight.lora_a"] == (4, 128) and shapes["blk.1.ffn_down.weight.lora_b"] == (64, 4)
+    assert shapes["token_embd.weight.lora_a"] == (256, 4) and shapes["token_embd.weight.lora_b"] == (64, 4)
+    q_b = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight.lora_b")
+    B = ad.modules["model.layers.0.self_attn.q_proj"].B
+    assert np.array_equal(np.array(q_b.data).reshape(64, 4), permute(B, 4).numpy())
+    # and back: bit-exact factors (the permutation undone with the head counts stored in the file)
+    back = lorakit.load(tmp_path / "a.gguf")
+    assert set(back.modules) == set(ad.modules)
+    for name, m in ad.modules.items():
+        n = back.modules[name]
+        assert torch.equal(bits(n.A), bits(m.A)) and torch.equal(bits(n.B), bits(m.B)) and n.alpha == m.alpha
+
+
+def test_gguf_single_alpha_folds_scale(tmp_path):
+    ad = Adapter()
+    ad.add(Module("model.layers.0.self_attn.v_proj", torch.randn(2, 8), torch.randn(4, 2), alpha=4.0))
+    ad.add(Module("model.layers.0.mlp.up_proj", torch.randn(3, 8), torch.randn(16, 3), alpha=1.0))
+    ad.save(tmp_path / "a.safetensors")
+    r = lorakit.convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf")
+    assert any("folded" in n for n in r["notes"])
+    back = lorakit.load(tmp_path / "a.gguf")
+    for name, m in ad.modules.items():
+        assert torch.allclose(back.modules[name].delta(), m.delta(), rtol=2 ** -23, atol=1e-7)
+
+
+def test_gguf_errors(tmp_path):
+    ad = Adapter()
+    ad.add(Module("model.layers.0.self_attn.q_proj", torch.randn(2, 8), torch.randn(8, 2), alpha=4.0))
+    ad.save(tmp_path / "a.safetensors")
+    with pytest.raises(LorakitError, match="pass --base"):
+        lorakit.convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf")
+    ad.modules["vision.x"] = Module("vision.x", torch.randn(2, 8), torch.randn(8, 2), alpha=4.0)
+    w = gguf.GGUFWriter(str(tmp_path / "b.gguf"), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 2.0)
+    w.add_tensor("blk.0.attn_v.weight.lora_a", np.zeros((2, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LorakitError, match="blk.0.attn_v.*wrong pairing"):
+        lorakit.load(tmp_path / "b.gguf")
+    (tmp_path / "c.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(LorakitError, match="c.gguf: not a readable GGUF file"):
+        lorakit.load(tmp_path / "c.gguf")
