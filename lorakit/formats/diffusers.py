@@ -1,0 +1,118 @@
+"""diffusers LoRA files: PEFT-style keys under component prefixes (unet., text_encoder., text_encoder_2.,
+transformer.), with each component's LoraConfig as JSON in the `lora_adapter_metadata` header entry; also the older
+`.lora.up/.lora.down` (attention processors) and `.lora_linear_layer.up/.down` naming. Module names keep the
+component prefix (`unet.down_blocks.0...`), as the tensors of a diffusers pipeline folder are named by lorakit."""
+import json
+import os
+import re
+
+from ..adapter import Adapter
+from ..errors import LorakitError
+from ..io import atomic_output, write_safetensors
+from . import Format, register
+from . import peft as peft_format
+from .common import is_safetensors, open_safetensors
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
+META = "lora_adapter_metadata"
+OLD = re.compile(r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
+                 r"\.weight$")
+OLD_LINEAR = re.compile(r"^(?P<module>.+?)\.lora_linear_layer\.(?P<part>up|down)\.weight$")
+
+
+def _component(key):
+    head = key.split(".", 1)[0]
+    return head if head in COMPONENTS else None
+
+
+def detect(path):
+    if not is_safetensors(path):
+        return False
+    tf, meta = open_safetensors(path)
+    keys = list(tf.header.entries)
+    return bool(keys) and (META in meta or all(_component(k) for k in keys))
+
+
+def _to_peft_names(key):
+    """Older diffusers names -> PEFT names (lora_A = down, lora_B = up)."""
+    m = OLD.match(key)
+    if m:
+        proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+        return f"{m['module']}.{proj}.lora_{'A' if m['part'] == 'down' else 'B'}.weight"
+    m = OLD_LINEAR.match(key)
+    if m:
+        return f"{m['module']}.lora_{'A' if m['part'] == 'down' else 'B'}.weight"
+    return key
+
+
+def read(path, allow_unknown=False, base=None, **_):
+    tf, meta = open_safetensors(path)
+    try:
+        packed = json.loads(meta[META]) if META in meta else {}
+    except json.JSONDecodeError:
+        raise LorakitError(f"'{META}' is not JSON", path=path) from None
+    groups, unknown = {}, []
+    for key in tf.header.entries:
+        component = _component(key)
+        if component is None:
+            unknown.append(key)
+            continue
+        groups.setdefault(component, {})[_to_peft_names(key)[len(component) + 1:]] = tf.get(key)
+    ad = Adapter(source_format="diffusers", provenance={"source_format": "diffusers", "source_metadata": packed})
+    if unknown:
+        from .common import refuse_unknown
+        refuse_unknown(path, unknown, allow_unknown, ad.notes)
+    for component, tensors in sorted(groups.items()):
+        config = {k[len(component) + 1:]: v for k, v in packed.items() if k.startswith(component + ".")} or None
+        alphas = {name: t for name, t in tensors.items() if name.endswith(".alpha")}
+        for name in alphas:
+            del tensors[name]
+        if config is None:  # no LoraConfig stored: diffusers then uses lora_alpha = r (scale 1) unless given
+            config = {"r": None, "lora_alpha": None}
+        part = peft_format.from_state_dict(tensors, _with_default_alpha(config, tensors, alphas), path,
+                                           allow_unknown=allow_unknown, source_format="diffusers")
+        for module in part.modules.values():
+            module.name = f"{component}.{module.name}"
+            ad.add(module)
+        ad.replacements.update({f"{component}.{k}": v for k, v in part.replacements.items()})
+        ad.notes += part.notes
+    return ad
+
+
+def _with_default_alpha(config, tensors, alphas):
+    """Fill alpha_pattern for files without a LoraConfig: an `.alpha` tensor per module, else alpha = rank."""
+    if config.get("lora_alpha") is not None:
+        return config
+    pattern = {}
+    for name, t in tensors.items():
+        if name.endswith(".lora_A.weight"):
+            module = name[: -len(".lora_A.weight")]
+            a = alphas.get(f"{module}.alpha")
+            pattern[re.escape(module)] = float(a) if a is not None else t.shape[0]
+    return {**config, "lora_alpha": 1.0, "alpha_pattern": pattern}
+
+
+def write(adapter, path, force=False, **_):
+    by_component = {}
+    for name, m in adapter.modules.items():
+        component = _component(name)
+        if component is None:
+            raise LorakitError(f"diffusers files need module names under a component ({', '.join(COMPONENTS[:5])}): "
+                               f"'{name}'", path=path)
+        by_component.setdefault(component, Adapter()).add(
+            type(m)(name[len(component) + 1:], m.A, m.B, m.alpha, m.kind, m.bias, m.magnitude, m.dora_axis))
+    for name, t in adapter.replacements.items():
+        component = _component(name)
+        if component is None:
+            raise LorakitError(f"replacement '{name}' is not under a diffusers component", path=path)
+        by_component.setdefault(component, Adapter()).replacements[name[len(component) + 1:]] = t
+    tensors, packed = {}, {}
+    for component, sub in sorted(by_component.items()):
+        part, config = peft_format.to_state_dict(sub, path)
+        tensors.update({f"{component}.{k}": v for k, v in part.items()})
+        packed.update({f"{component}.{k}": v for k, v in config.items() if k not in ("task_type", "revision")})
+    with atomic_output(path, force=force) as tmp:
+        write_safetensors(tmp, tensors, {"format": "pt", META: json.dumps(packed, sort_keys=True)})
+
+
+register(Format("diffusers", detect, read, write, "diffusers LoRA (PEFT keys under unet./text_encoder./transformer.)"))
