@@ -175,3 +175,21 @@ def test_kohya_bad_input(tmp_path, cli):
                                                    "lora_unet_x.weird": rnd(1)})
     with pytest.raises(LorakitError, match="1 unknown keys: lora_unet_x.weird"):
         lorakit.load(tmp_path / "k.safetensors")
+
+
+def test_diffusers_own_kohya_conversion_accepts_lorakit_output(tmp_path):
+    """diffusers' kohya -> diffusers converter (the one its pipelines use) takes lorakit's kohya file whole."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import load_file
+    diffusers_base(tmp_path / "pipe")
+    kohya_file(tmp_path / "k.safetensors")
+    lorakit.convert(tmp_path / "k.safetensors", tmp_path / "a.safetensors", to="lorakit", base=str(tmp_path / "pipe"))
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    state = load_file(str(tmp_path / "k2.safetensors"))
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(state))
+    ad = lorakit.load(tmp_path / "a.safetensors")
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    down = f"unet.{q}.processor.to_q_lora.down.weight"
+    assert torch.equal(converted[down], ad.modules[f"unet.{q}.to_q"].A)
+    assert alphas[down + ".alpha"] == ad.modules[f"unet.{q}.to_q"].alpha
+    assert len(converted) == 2 * len(ad.modules)  # nothing left over, nothing dropped
