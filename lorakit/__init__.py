@@ -18,6 +18,7 @@ _LAZY = {
     "extract": ("lorakit.commands.extract", "extract"),
     "merge": ("lorakit.commands.merge", "merge"),
     "convert": ("lorakit.commands.convert", "convert"),
+    "train": ("lorakit.commands.train", "train"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -137,3 +137,9 @@ def convert_text(r):
              + (f", {r['replacements']} full tensors" if r["replacements"] else "")]
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def train_text(r):
+    return (f"trained {r['modules']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
+            f"process(es)): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out {r['eval_loss']:.4f}, "
+            f"{r['tokens_per_s']:.0f} tokens/s -> {r['output']}")
