@@ -190,7 +190,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         g = torch.Generator().manual_seed(seed + 1)
         return sum(loss_of(*get_batch(kind, val_data, batch, seq_len, g), model).item() for _ in range(batches)) / batches
 
-    losses, evals, seen, t0 = [], [], 0, time.perf_counter()
+    losses, evals, seen, tokens_step0, t0 = [], [], 0, 0, time.perf_counter()
     bar = tqdm(range(steps), desc="train", disable=quiet or not master)
     for step in bar:
         for group in optimizer.param_groups:
@@ -208,16 +208,18 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
+        if step == 0 and steps > 1:  # throughput is measured after the first (warm-up) step
+            t0, tokens_step0, seen = time.perf_counter(), seen, 0
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             evals.append((step + 1, evaluate()))
-        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
     elapsed = time.perf_counter() - t0
     eval_loss = evaluate()
     evals.append((steps, eval_loss))
 
-    report = {"output": os.fspath(output), "modules": len(names), "steps": steps, "tokens": seen,
+    report = {"output": os.fspath(output), "modules": len(names), "steps": steps, "tokens": seen + tokens_step0,
               "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss, "evals": evals,
-              "tokens_per_s": seen / elapsed, "device": str(dev), "processes": world}
+              "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed, "device": str(dev), "processes": world}
     if master:
         adapter = lora.extract(model)
         with open(os.path.join(base, "config.json")) as f:
