@@ -188,12 +188,22 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
 @click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
+@click.option("--strategy", default="feedback", show_default=True,
+              type=click.Choice(["feedback", "same-grid", "stochastic", "rescale", "original"]),
+              help="Quantized bases: how W + dW goes back onto the grid (see README).")
+@click.option("--full-precision-base", type=click.Path(), help="The unquantized base (for --strategy original / "
+              "--onto original).")
+@click.option("--onto", default="dequantized", show_default=True, type=click.Choice(["dequantized", "original"]),
+              help="Quantized bases: merge onto dequant(Q(W)) (what a QLoRA adapter saw) or onto the original W.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy stochastic and the probes.")
 def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, shard_size, threads,
-              ignore_fingerprint):
-    """Merge ADAPTER[:WEIGHT]... into BASE (file or folder), streaming; fp32 math, rounded once."""
+              ignore_fingerprint, strategy, full_precision_base, onto, seed):
+    """Merge ADAPTER[:WEIGHT]... into BASE (file or folder), streaming; fp32 math, rounded once. Quantized bases
+    (FP8, INT8, GPTQ, AWQ; NF4 to --dtype) are written back in their format with a survival report."""
     from .commands.merge import merge
     emit(merge(base, list(adapters), output, dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads,
-               force=force, quiet=quiet, ignore_fingerprint=ignore_fingerprint), as_json, render.merge_text)
+               force=force, quiet=quiet, ignore_fingerprint=ignore_fingerprint, strategy=strategy,
+               full_precision_base=full_precision_base, onto=onto, seed=seed), as_json, render.merge_text)
 
 
 # ---------------------------------------------------------------- train

@@ -40,10 +40,10 @@ class LoRA(nn.Module):
         if self.merged:
             return y
         A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
-        if self.kind == "linear":
-            return y + F.linear(F.linear(x.to(y.dtype), A), B) * self.scale
+        if self.kind == "linear":  # the scale on the rank-r activations: the cheaper side
+            return y + F.linear(F.linear(x.to(y.dtype), A) * self.scale, B)
         if self.kind == "linear_t":  # GPT-2 Conv1D: y = x @ W with W [in, out] = B [in, r] @ A [r, out]
-            return y + (x.to(y.dtype) @ B @ A) * self.scale
+            return y + (x.to(y.dtype) @ B * self.scale) @ A
         if self.kind == "embedding":  # W [num, dim] = B [num, r] @ A [r, dim]: look up rows of B
             return y + F.embedding(x, B) @ A * self.scale
         conv = F.conv1d if self.lora_A.ndim == 3 else F.conv2d

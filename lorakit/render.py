@@ -128,6 +128,18 @@ def merge_text(r):
     adapters = ", ".join(f"{a['file']}" + (f" x{a['weight']:g}" if a["weight"] != 1 else "") for a in r["adapters"])
     lines = [f"{verb} {adapters} into {r['base']}: {r['merged']} of {r['tensors']} tensors changed, "
              f"{r['bytes'] / 1e9:.2f} GB in {r['shards']} file(s) -> {r['output']}"]
+    q = r.get("quantization")
+    if q and q["modules"]:
+        lines.append(f"survival ({q['format']}, strategy {q['strategy']}): mean retention "
+                     f"{100 * q['mean_retention']:.1f}%, noise {q['mean_noise']:.3f}, codes changed "
+                     f"{100 * q['mean_codes_changed']:.2f}%, probe error random {q['mean_probe_error_random']:.3f} / "
+                     f"aligned {q['mean_probe_error_aligned']:.3f}")
+        lines.append(f"  {'module':<48} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
+                     f"{'err rand':>9} {'err algn':>9}")
+        for name, m in q["modules"].items():
+            lines.append(f"  {name:<48} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
+                         f"{m['noise']:>8.3f} {100 * m['codes_changed']:>7.2f}% {m['probe_error_random']:>9.3f} "
+                         f"{m['probe_error_aligned']:>9.3f}")
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from .. import algebra
 from ..adapter import Adapter
-from ..checkpoint import Checkpoint
+from ..quant import WeightView
 from ..dtypes import user_dtype
 from ..errors import LorakitError
 from ..spec import fingerprint
@@ -43,30 +43,32 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
         raise LorakitError("give --rank or --energy")
     if isinstance(targets, str):
         targets = [t for t in targets.split(",") if t]
-    cb, ct = Checkpoint(base), Checkpoint(tuned)
+    cb, ct = WeightView(base), WeightView(tuned)  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     adapter = Adapter(base_model=_base_model_name(os.fspath(base)), base_fingerprint=fingerprint(cb.shapes()))
     rows, report = [], {"unchanged": 0, "not_targeted": [], "only_in_tuned": [], "only_in_base": [],
                         "shape_changed": [], "replaced": [], "not_float": []}
     generator = torch.Generator().manual_seed(seed)
-    names = sorted(ct.where)
-    total = sum(ct.entry(n).nbytes for n in names)
-    with tqdm(total=total, desc="extract", unit="B", unit_scale=True, disable=quiet) as bar:
-        for name in names:
-            bar.update(ct.entry(name).nbytes)
+    with tqdm(total=sum(ct.nbytes(n) for n in ct.names), desc="extract", unit="B", unit_scale=True,
+              disable=quiet) as bar:
+        for name in ct.names:
+            bar.update(ct.nbytes(name))
             if name not in cb:
                 report["only_in_tuned"].append(name)
                 continue
-            eb, et = cb.entry(name), ct.entry(name)
-            if eb.shape != et.shape:
+            if cb.shape(name) != ct.shape(name):
                 report["shape_changed"].append(name)
                 continue
-            if eb.dtype == et.dtype and cb.shards[cb.where[name]].raw(name) == ct.shards[ct.where[name]].raw(name):
+            raw = cb.raw(name)
+            if raw is not None and raw == ct.raw(name):
                 report["unchanged"] += 1
                 continue
             W0, W1 = cb.get(name), ct.get(name)
             if not (W0.is_floating_point() and W1.is_floating_point()):
                 report["not_float"].append(name)
+                continue
+            if torch.equal(W0.float(), W1.float()):
+                report["unchanged"] += 1
                 continue
             module_name = name[: -len(".weight")] if name.endswith(".weight") else name
             if not _targeted(module_name, targets):
@@ -83,7 +85,7 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
             adapter.add(algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2,
                                                     out_dtype or W1.dtype))
             rows.append({"module": module_name, **stats})
-    for name in sorted(cb.where):
+    for name in cb.names:
         if name not in ct:
             report["only_in_base"].append(name)
     if not adapter.modules and not adapter.replacements:

@@ -71,8 +71,8 @@ def _add_spectrum(ad, modules, base, quiet):
     from ..linalg import singular_values
     ckpt = None
     if base is not None:
-        from ..checkpoint import Checkpoint
-        ckpt = Checkpoint(base)
+        from ..quant import WeightView
+        ckpt = WeightView(base)
     for row in tqdm(modules, desc="spectrum", unit="module", disable=quiet, file=None):
         m = ad.modules[row["name"]]
         S = singular_values(*m.factors(torch.float64))
@@ -85,9 +85,9 @@ def _add_spectrum(ad, modules, base, quiet):
             key = f"{m.name}.weight"
             if key not in ckpt:
                 raise LorakitError("base has no tensor for this module", path=base, tensor=key)
-            W = ckpt.get(key)
-            if tuple(W.shape) != tuple(m.shape):
-                raise LorakitError(f"base shape {list(W.shape)} does not fit the adapter's {list(m.shape)}",
+            if ckpt.shape(key) != tuple(m.shape):
+                raise LorakitError(f"base shape {list(ckpt.shape(key))} does not fit the adapter's {list(m.shape)}",
                                    path=base, tensor=key)
+            W = ckpt.get(key)
             row["base_norm"] = float(W.double().norm())
             row["relative_norm"] = norm / row["base_norm"] if row["base_norm"] else math.inf

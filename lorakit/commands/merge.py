@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,15 +95,18 @@ def merge_tensor(W, plan, sign, out_dtype):
     return out.reshape(W.shape)
 
 
-def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint):
-    """Resolve every adapter tensor to a base tensor. Raises one error listing everything that does not fit."""
+def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint, qshapes=None, member_of=None):
+    """Resolve every adapter tensor to a base tensor (`qshapes`: the dequantized shapes of quantized weights, by
+    weight name; `member_of`: their packed tensors). Raises one error listing everything that does not fit."""
+    qshapes, member_of = qshapes or {}, member_of or {}
     plans = {}
     problems = []
     embed = next((n for n in ckpt.where if n.endswith(EMBEDDING_NAMES)), None) if tied else None
-    base_fp = fingerprint(ckpt.shapes())
+    # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
+    base_fp = fingerprint({**{n: e for n, e in ckpt.shapes().items() if n not in member_of}, **qshapes})
 
     def target(name):
-        if name in ckpt:
+        if name in ckpt or name in qshapes:
             return plans.setdefault(name, TensorPlan(name, name))
         if name == HEAD and embed is not None:  # tied head, stored only as the embedding
             return plans.setdefault(name, TensorPlan(name, embed))
@@ -117,7 +121,7 @@ def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint):
             if p is None:
                 problems.append(f"{m.name}.weight: not in the base")
                 continue
-            shape = ckpt.entry(p.source).shape
+            shape = qshapes.get(p.source) or ckpt.entry(p.source).shape
             if tuple(shape) != tuple(m.shape):
                 problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
                 continue
@@ -158,21 +162,20 @@ def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint):
     return plans, embed if untie else None
 
 
-def _layout(ckpt, plans, untie_embed, shard_size, out_dtype_of):
-    """Output shards: [(file name, [(tensor name, dtype, shape)])], in the base's order."""
+def _layout(ckpt, untie_embed, shard_size, spec_of, rename=None):
+    """Output shards: [(file name, [(tensor name, dtype, shape)])], in the base's order. `rename` maps a shard's
+    tensor names to the output's (dequantized modules replace their packed tensors by one weight)."""
     order = []
     for file in ckpt.files:
         names = list(ckpt.shards[file].header.entries)
         if untie_embed is not None and untie_embed in names:
             names.insert(names.index(untie_embed) + 1, HEAD)
-        order.append((os.path.basename(file), names))
-    specs = lambda names: [(n, out_dtype_of(n), ckpt.entry(plans[n].source if n in plans else n).shape)  # noqa
-                           for n in names]
+        order.append((os.path.basename(file), rename(names) if rename else names))
     if shard_size is None:
-        return [(f, specs(names)) for f, names in order]
+        return [(f, [spec_of(n) for n in names]) for f, names in order]
     shards, current, size = [], [], 0
     for _, names in order:
-        for spec in specs(names):
+        for spec in map(spec_of, names):
             nbytes = _nbytes(spec)
             if current and size + nbytes > shard_size:
                 shards.append(current)
@@ -187,42 +190,107 @@ def _layout(ckpt, plans, untie_embed, shard_size, out_dtype_of):
 
 
 def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, threads=None, force=False,
-          quiet=False, ignore_fingerprint=False):
+          quiet=False, ignore_fingerprint=False, strategy="feedback", full_precision_base=None, onto="dequantized",
+          seed=0):
     """Merge adapters (`path` or `path:weight`) into `base`: W' = W + sum_i w_i * scale_i * B_i @ A_i, in fp32,
-    rounded once. Writes `output` in the base's layout (file or folder). Returns a report."""
+    rounded once. Writes `output` in the base's layout (file or folder). Quantized bases (FP8, INT8, GPTQ, AWQ,
+    NF4) are written back in their format with `strategy` (see lorakit.requant), or dequantized with `dtype`; the
+    report then says how much of each adapter module survived. Returns a report."""
+    from .. import quant, requant
     base = os.fspath(base)
     ckpt = Checkpoint(base)
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
+    if strategy not in requant.STRATEGIES:
+        raise LorakitError(f"unknown strategy '{strategy}' (choose from {', '.join(requant.STRATEGIES)})")
+    if onto not in ("dequantized", "original"):
+        raise LorakitError(f"--onto is 'dequantized' or 'original', not '{onto}'")
     loaded = [(p, load(p), w) for p, w in map(parse_weighted, adapters)]
     config = _config(base)
     tied = bool(config and config.get("tie_word_embeddings"))
-    plans, untie_embed = plan_merge(ckpt, loaded, unmerge, tied, ignore_fingerprint)
+    handler, qmods = quant.detect(ckpt, base)
+    qweights = {f"{m}.weight": members for m, members in qmods.items()}
+    qshapes = {n: tuple(handler.shape(ckpt, members)) for n, members in qweights.items()}
+    member_of = {t: n for n, members in qweights.items() for t in quant.member_names(handler, ckpt, members)}
+    plans, untie_embed = plan_merge(ckpt, loaded, unmerge, tied, ignore_fingerprint, qshapes, member_of)
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
+    dequantize_out = bool(qmods) and target_dtype is not None
+    full = Checkpoint(full_precision_base) if full_precision_base else None
+    if qmods and not dequantize_out:
+        if not handler.writable:
+            raise LorakitError(f"{handler.name} checkpoints are read only: merge to full precision with --dtype bf16",
+                               path=base)
+        if (strategy == "original" or onto == "original") and full is None:
+            raise LorakitError(f"--strategy original and --onto original need --full-precision-base", path=base)
 
-    def out_dtype_of(name):
-        stored = ckpt.entry(plans[name].source if name in plans else name).dtype
-        if target_dtype is not None and torch_dtype(stored).is_floating_point:
-            return st_dtype(target_dtype)
-        return stored
+    def stored(name):
+        return ckpt.entry(plans[name].source if name in plans else name)
+
+    def spec_of(name):
+        if dequantize_out and name in qweights:  # a dequantized module: one full-precision weight
+            return (name, st_dtype(target_dtype), qshapes[name])
+        e = stored(name)
+        keep = target_dtype is None or not torch_dtype(e.dtype).is_floating_point or name in member_of
+        return (name, e.dtype if keep else st_dtype(target_dtype), e.shape)
+
+    def rename(names):
+        """Dequantized output: a module's packed tensors become `<module>.weight`, where its first one stood."""
+        out, done = [], set()
+        for n in names:
+            key = member_of.get(n)
+            if key is None:
+                out.append(n)
+            elif key not in done:
+                done.add(key)
+                out.append(key)
+        return out
 
     shard_bytes = parse_size(shard_size)
     folder_out = os.path.isdir(base) or shard_bytes is not None
-    layout = _layout(ckpt, plans, untie_embed, shard_bytes, out_dtype_of)
+    layout = _layout(ckpt, untie_embed, shard_bytes, spec_of, rename if dequantize_out else None)
     sign = -1.0 if unmerge else 1.0
     threads = threads or min(4, os.cpu_count() or 1)
     total = sum(_nbytes(spec) for _, specs in layout for spec in specs)
+    survival, cache, lock = {}, {}, threading.Lock()
+
+    def quantized(key):
+        """All output tensors of one quantized module, computed once (its tensors are written one by one)."""
+        with lock:
+            entry = cache.setdefault(key, {"lock": threading.Lock(), "out": None})
+        with entry["lock"]:
+            if entry["out"] is None:
+                members, plan = qweights[key], plans.get(key)
+                loras = plan.loras if plan else []
+                if dequantize_out:
+                    W = handler.dequantize(ckpt, members)
+                    if loras:
+                        T, _, _ = requant.merged_target(W, loras, sign, _full(full, key, onto))
+                        W = T
+                    entry["out"] = {key: W.to(target_dtype)}
+                else:
+                    out, row = requant.requantize(handler, ckpt, members, loras, sign,
+                                                  strategy, _full(full, key, onto if strategy != "original"
+                                                                  else "original"), seed)
+                    survival[key[: -len(".weight")]] = row
+                    entry["out"] = out
+            return entry["out"]
 
     def produce(name):
+        if name in qweights or name in member_of:
+            key = name if name in qweights else member_of[name]
+            plan = plans.get(key)
+            if not dequantize_out and (plan is None or not plan.touched):
+                return None  # an untouched quantized module: byte-identical
+            return quantized(key).get(name)  # members the strategy leaves alone (g_idx) are copied
         plan = plans.get(name)
         source = plan.source if plan else name
+        out_dtype = torch_dtype(spec_of(name)[1])
         if plan is None or not plan.touched:
-            if out_dtype_of(name) == ckpt.entry(source).dtype and source == name:
+            if spec_of(name)[1] == ckpt.entry(source).dtype and source == name:
                 return None  # byte-identical copy, done by the writer
-            W = ckpt.shards[ckpt.where[source]].read(source)
-            return W.to(torch_dtype(out_dtype_of(name)))
+            return ckpt.shards[ckpt.where[source]].read(source).to(out_dtype)
         W = ckpt.shards[ckpt.where[source]].read(source)
-        return merge_tensor(W, plan, sign, torch_dtype(out_dtype_of(name)))
+        return merge_tensor(W, plan, sign, out_dtype)
 
     with atomic_output(output, force=force, directory=folder_out) as tmp, \
             tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=quiet) as bar, \
@@ -253,7 +321,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                 writer.close()
             if folder_out:
                 _write_folder_files(base, tmp, weight_map, total, target_dtype, untie_embed,
-                                    write_index=len(layout) > 1 or ckpt.index is not None)
+                                    write_index=len(layout) > 1 or ckpt.index is not None,
+                                    drop_quantization=dequantize_out)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = []
@@ -261,9 +330,34 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / {HEAD}; both were written and "
                      "tie_word_embeddings set to false in config.json")
     touched = [p for p in plans.values() if p.touched]
-    return {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
-            "unmerge": unmerge, "tensors": sum(len(s) for _, s in layout), "merged": len(touched),
-            "shards": len(layout) if folder_out else 1, "bytes": total, "dtype": dtype or "keep", "notes": notes}
+    report = {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+              "unmerge": unmerge, "tensors": sum(len(s) for _, s in layout), "merged": len(touched),
+              "shards": len(layout) if folder_out else 1, "bytes": total, "dtype": dtype or "keep", "notes": notes}
+    if qmods:
+        report["quantization"] = _survival_summary(handler, strategy, survival, dequantize_out, notes)
+    return report
+
+
+def _full(full, key, onto):
+    """The full-precision weight when merging onto the original, else None (merge onto the dequantized weight)."""
+    if onto != "original" or full is None:
+        return None
+    if key not in full:
+        raise LorakitError("the full-precision base has no such tensor", path=full.path, tensor=key)
+    return full.get(key).float()
+
+
+def _survival_summary(handler, strategy, rows, dequantized, notes):
+    summary = {"format": handler.name, "strategy": "dequantized (--dtype)" if dequantized else strategy,
+               "modules": {k: rows[k] for k in sorted(rows)}}
+    if rows:
+        for key in ("retention", "noise", "codes_changed", "probe_error_random", "probe_error_aligned"):
+            summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)
+        if summary["mean_retention"] < 0.5:
+            notes.append(f"WARNING: only {100 * summary['mean_retention']:.0f}% of the adapter survived requantization "
+                         f"to {handler.name} with --strategy {strategy}. Better here: --strategy feedback (default), "
+                         "--strategy original with --full-precision-base, or a full-precision output with --dtype bf16")
+    return summary
 
 
 def _shard_metadata(ckpt, file_name):
@@ -273,12 +367,15 @@ def _shard_metadata(ckpt, file_name):
     return {"format": "pt"}
 
 
-def _write_folder_files(base, tmp, weight_map, total, target_dtype, untie_embed, write_index):
-    """Copy the folder's other files; rewrite the index and, where needed, config.json."""
+def _write_folder_files(base, tmp, weight_map, total, target_dtype, untie_embed, write_index, drop_quantization):
+    """Copy the folder's other files; rewrite the index and, where needed, config.json (a dequantized output loses
+    its quantization_config and quantize_config.json)."""
     if os.path.isdir(base):
         for entry in os.listdir(base):
             src = os.path.join(base, entry)
             if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
+                continue
+            if drop_quantization and entry == "quantize_config.json":
                 continue
             if os.path.isdir(src):
                 shutil.copytree(src, os.path.join(tmp, entry))
@@ -293,6 +390,8 @@ def _write_folder_files(base, tmp, weight_map, total, target_dtype, untie_embed,
     if os.path.isfile(config_path) and (target_dtype is not None or untie_embed):
         with open(config_path) as f:
             config = json.load(f)
+        if drop_quantization:
+            config.pop("quantization_config", None)
         if target_dtype is not None:
             key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
             config[key] = str(target_dtype).replace("torch.", "")

@@ -137,7 +137,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
           format="lorakit", resume=None, force=False, quiet=False):
     """Train a LoRA adapter on `base` (a Hugging Face Llama-family folder); returns a report, writes `output`."""
     from .. import lora
-    from ..checkpoint import Checkpoint
+    from ..quant import WeightView
     from ..dtypes import user_dtype
     from ..model import LlamaForCausalLM
     from ..spec import fingerprint
@@ -225,7 +225,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         with open(os.path.join(base, "config.json")) as f:
             config = json.load(f)
         adapter.base_model = config.get("_name_or_path") or os.path.basename(os.path.normpath(base))
-        adapter.base_fingerprint = fingerprint(Checkpoint(base).shapes())
+        adapter.base_fingerprint = fingerprint(WeightView(base).shapes())
         adapter.provenance = {"operation": "train", "parents": [{"file": os.path.basename(os.fspath(data)),
                                                                  "role": "data"}],
                               "params": {"rank": rank, "alpha": alpha, "targets": targets, "steps": steps, "lr": lr,

@@ -1,0 +1,307 @@
+"""Quantized bases: dequantization against each format's formula written independently here, merge -> write -> read
+round trips that keep the layout, config and untouched bytes, the survival report against fp64, clean errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit.adapter import Adapter, Module
+from lorakit.checkpoint import Checkpoint
+from lorakit.errors import LorakitError
+from lorakit.io import write_safetensors
+from lorakit.quant import detect
+
+OUT, IN, G = 64, 128, 32
+gen = torch.Generator().manual_seed(0)
+W = torch.randn(OUT, IN, generator=gen) / IN ** 0.5  # the full-precision weight of the quantized module
+NF4_LEVELS = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379,
+              0.4407, 0.5626, 0.7230, 1.0]
+
+
+def pack_rows(q, bits):
+    """Reference packing: `32 // bits` values of consecutive rows (dim 0) per int32, lowest bits first."""
+    q = np.asarray(q, dtype=np.uint64)
+    per = 32 // bits
+    out = np.zeros((q.shape[0] // per, q.shape[1]), dtype=np.uint64)
+    for i in range(q.shape[0]):
+        out[i // per] |= q[i] << np.uint64(bits * (i % per))
+    return torch.from_numpy(out.astype(np.uint32).view(np.int32))
+
+
+def pack_cols(q, bits, order=None):
+    q = np.asarray(q, dtype=np.uint64)
+    per = 32 // bits
+    order = order or list(range(per))
+    out = np.zeros((q.shape[0], q.shape[1] // per), dtype=np.uint64)
+    for c in range(q.shape[1] // per):
+        for slot, col in enumerate(order):
+            out[:, c] |= q[:, c * per + col] << np.uint64(bits * slot)
+    return torch.from_numpy(out.astype(np.uint32).view(np.int32))
+
+
+def make(folder, kind):
+    """A checkpoint with one quantized module `l.q` (and an untouched quantized `l.k`), a norm, and its config.
+    Returns (folder, reference dequantization of l.q in fp64)."""
+    os.makedirs(folder)
+    t, qc = {"norm.weight": torch.ones(IN)}, None
+
+    def fp8(name, Wm, per_channel, dtype=torch.bfloat16):
+        s = (Wm.abs().amax(1, keepdim=True) if per_channel else Wm.abs().amax().reshape(1)) / 448
+        s = s.to(dtype)
+        t[f"{name}.weight"] = (Wm / s.float()).to(torch.float8_e4m3fn)
+        t[f"{name}.weight_scale"] = s
+        t[f"{name}.input_scale"] = torch.ones(1)
+        return t[f"{name}.weight"].double() * s.double()
+
+    def gptq(name, Wm, bits, sym, v1, desc_act):
+        maxq = 2 ** bits - 1
+        g_idx = (torch.randperm(IN, generator=gen) if desc_act else torch.arange(IN)) // G
+        groups = IN // G
+        scales, zeros = torch.zeros(groups, OUT), torch.zeros(groups, OUT)
+        for gi in range(groups):
+            cols = Wm[:, g_idx == gi]
+            lo, hi = cols.min(1).values.clamp(max=0), cols.max(1).values.clamp(min=0)
+            scales[gi] = ((hi - lo) / maxq).clamp(min=1e-8)
+            zeros[gi] = torch.full((OUT,), float((maxq + 1) // 2)) if sym else torch.round(-lo / scales[gi])
+        scales = scales.half()
+        q = torch.clamp(torch.round(Wm.T / scales.float()[g_idx] + zeros[g_idx]), 0, maxq).to(torch.int64)
+        t[f"{name}.qweight"] = pack_rows(q.numpy(), bits)
+        t[f"{name}.qzeros"] = pack_cols((zeros - (1 if v1 else 0)).to(torch.int64).numpy(), bits)
+        t[f"{name}.scales"] = scales
+        t[f"{name}.g_idx"] = g_idx.to(torch.int32)
+        ref = np.zeros((IN, OUT))
+        for k in range(IN):  # W^T[k, n] = scales[g[k], n] * (q[k, n] - z[g[k], n])
+            ref[k] = scales[g_idx[k]].double().numpy() * (q[k].numpy() - zeros[g_idx[k]].numpy())
+        return torch.from_numpy(ref.T.copy())
+
+    def awq(name, Wm):
+        Wg = Wm.T.reshape(IN // G, G, OUT)
+        lo, hi = Wg.amin(1).clamp(max=0), Wg.amax(1).clamp(min=0)
+        scales = ((hi - lo) / 15).clamp(min=1e-8).half()
+        zeros = torch.round(-lo / scales.float()).clamp(0, 15)
+        g = torch.arange(IN) // G
+        q = torch.clamp(torch.round(Wm.T / scales.float()[g] + zeros[g]), 0, 15).to(torch.int64)
+        order = [0, 2, 4, 6, 1, 3, 5, 7]
+        t[f"{name}.qweight"] = pack_cols(q.numpy(), 4, order)
+        t[f"{name}.qzeros"] = pack_cols(zeros.to(torch.int64).numpy(), 4, order)
+        t[f"{name}.scales"] = scales
+        return ((q.double() - zeros.double()[g]) * scales.double()[g]).T.contiguous()
+
+    def int8(name, Wm, bnb):
+        amax = Wm.abs().amax(1)
+        if bnb:
+            t[f"{name}.weight"] = torch.round(Wm * 127 / amax[:, None]).to(torch.int8)
+            t[f"{name}.weight.SCB"] = amax
+            return t[f"{name}.weight"].double() * amax.double()[:, None] / 127
+        s = (amax / 127)[:, None]
+        t[f"{name}.weight"] = torch.round(Wm / s).clamp(-128, 127).to(torch.int8)
+        t[f"{name}.weight_scale"] = s
+        return t[f"{name}.weight"].double() * s.double()
+
+    def nf4(name, Wm, nested):
+        flat = Wm.reshape(-1)
+        absmax = flat.reshape(-1, 64).abs().amax(1)
+        levels = torch.tensor(NF4_LEVELS)
+        codes = (flat.reshape(-1, 64) / absmax[:, None]).reshape(-1, 1).sub(levels).abs().argmin(1)
+        t[f"{name}.weight"] = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
+        t[f"{name}.weight.quant_map"] = levels
+        state = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(Wm.shape)}
+        used = absmax.double()
+        if nested:
+            offset = float(absmax.mean())
+            centered = absmax - offset
+            nested_absmax = centered.reshape(-1, 256 if centered.numel() >= 256 else centered.numel()).abs().amax(1)
+            nested_map = torch.linspace(-1, 1, 256)
+            block = centered.numel() // nested_absmax.numel()
+            idx = (centered.reshape(-1, block) / nested_absmax[:, None]).reshape(-1, 1).sub(nested_map).abs().argmin(1)
+            t[f"{name}.weight.absmax"] = idx.to(torch.uint8)
+            t[f"{name}.weight.nested_absmax"] = nested_absmax
+            t[f"{name}.weight.nested_quant_map"] = nested_map
+            state.update(nested_blocksize=block, nested_offset=offset)
+            used = nested_map.double()[idx] * nested_absmax.double().repeat_interleave(block) + offset
+        else:
+            t[f"{name}.weight.absmax"] = absmax
+        t[f"{name}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()),
+                                                                          dtype=torch.uint8)
+        return (levels.double()[codes].reshape(-1, 64) * used.to(torch.float64)[:, None]).reshape(Wm.shape)
+
+    other = torch.randn(OUT, IN, generator=gen) / IN ** 0.5
+    if kind in ("fp8-channel", "fp8-tensor", "fbgemm"):
+        ref = fp8("l.q", W, kind != "fp8-tensor", torch.float32 if kind == "fbgemm" else torch.bfloat16)
+        fp8("l.k", other, True)
+        qc = {"quant_method": "fbgemm_fp8"} if kind == "fbgemm" else {"quant_method": "compressed-tensors",
+                                                                      "format": "float-quantized"}
+    elif kind == "fp8-block":
+        bw = torch.randn(256, 384, generator=gen) / 20
+        s = torch.zeros(2, 3)
+        for i in range(2):
+            for j in range(3):
+                s[i, j] = bw[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().amax() / 448
+        se = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        t["l.q.weight"] = (bw / se).to(torch.float8_e4m3fn)
+        t["l.q.weight_scale_inv"] = s
+        ref = t["l.q.weight"].double() * se.double()
+        qc = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    elif kind.startswith("gptq"):
+        bits, sym, v1 = (4, True, True) if kind == "gptq4" else (8, False, False)
+        ref = gptq("l.q", W, bits, sym, v1, desc_act=True)
+        gptq("l.k", other, bits, sym, v1, desc_act=False)
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": G, "sym": sym, "desc_act": True,
+              "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    elif kind == "awq":
+        ref, _ = awq("l.q", W), awq("l.k", other)
+        qc = {"quant_method": "awq", "bits": 4, "group_size": G, "version": "gemm", "zero_point": True}
+    elif kind in ("int8", "bnb-int8"):
+        ref = int8("l.q", W, kind == "bnb-int8")
+        int8("l.k", other, kind == "bnb-int8")
+        qc = {"quant_method": "bitsandbytes" if kind == "bnb-int8" else "compressed-tensors"}
+    elif kind in ("nf4", "nf4-double"):
+        ref = nf4("l.q", W, kind == "nf4-double")
+        qc = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    write_safetensors(os.path.join(folder, "model.safetensors"), t, {"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "quantization_config": qc}, f)
+    return ref
+
+
+KINDS = ["fp8-channel", "fp8-tensor", "fbgemm", "fp8-block", "int8", "bnb-int8", "gptq4", "gptq8", "awq", "nf4",
+         "nf4-double"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_matches_the_format_formula(tmp_path, kind):
+    ref = make(tmp_path / "q", kind)
+    ckpt = Checkpoint(tmp_path / "q")
+    handler, mods = detect(ckpt, str(tmp_path / "q"))
+    got = handler.dequantize(ckpt, mods["l.q"]).double()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7), (got - ref).abs().max()
+    assert tuple(handler.shape(ckpt, mods["l.q"])) == tuple(ref.shape)
+
+
+def adapter_for(shape, rel, tmp_path, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(8, shape[1], generator=g), torch.randn(shape[0], 8, generator=g)
+    scale = rel * float(W.norm() if shape == W.shape else 1.0) / float((B @ A).norm())
+    ad = Adapter()
+    ad.add(Module("l.q", A, B * scale, alpha=8.0))
+    ad.save(tmp_path / "a.safetensors", force=True)
+    return ad
+
+
+WRITABLE = ["fp8-channel", "fp8-tensor", "fbgemm", "int8", "bnb-int8", "gptq4", "gptq8", "awq"]
+
+
+@pytest.mark.parametrize("kind", WRITABLE)
+@pytest.mark.parametrize("strategy", ["feedback", "same-grid", "stochastic", "rescale"])
+def test_merge_round_trip_keeps_layout_and_reports_survival(tmp_path, kind, strategy):
+    ref = make(tmp_path / "q", kind)
+    ad = adapter_for(tuple(ref.shape), 2e-2, tmp_path)
+    r = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "out", strategy=strategy,
+                      quiet=True)
+    before, after = Checkpoint(tmp_path / "q"), Checkpoint(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_bytes() == (tmp_path / "q" / "config.json").read_bytes()
+    for name in before.where:
+        e0, e1 = before.entry(name), after.entry(name)
+        assert (e0.dtype, e0.shape) == (e1.dtype, e1.shape), name
+        if not name.startswith("l.q."):
+            assert before.shards[before.where[name]].raw(name) == after.shards[after.where[name]].raw(name), name
+    assert set(after.where) == set(before.where)
+    # the report against a direct fp64 computation from the files
+    handler, mods = detect(after, str(tmp_path / "out"))
+    W_new = handler.dequantize(after, mods["l.q"]).double()
+    dW = ad.modules["l.q"].delta(torch.float64)
+    dQ = W_new - ref
+    rho = float((dQ * dW).sum() / (dW * dW).sum())
+    nu = float((dQ - rho * dW).norm() / dW.norm())
+    row = r["quantization"]["modules"]["l.q"]
+    assert abs(row["retention"] - rho) < 1e-4 and abs(row["noise"] - nu) < 1e-4
+    assert r["quantization"]["format"] == handler.name
+
+
+def test_feedback_keeps_the_delta_where_same_grid_loses_it(tmp_path, cli):
+    make(tmp_path / "q", "fp8-channel")
+    adapter_for((OUT, IN), 1e-2, tmp_path)
+    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "sg", "--strategy",
+                         "same-grid", "--json", "-q")
+    same = json.loads(out)["quantization"]
+    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb", "-q")
+    assert code == 0 and "survival (fp8, strategy feedback)" in out
+    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb2", "--json", "-q")
+    fb = json.loads(out)["quantization"]
+    assert fb["mean_retention"] > 0.9 and same["mean_retention"] < 0.5
+    assert fb["mean_probe_error_aligned"] < 0.5 * same["mean_probe_error_aligned"]
+    # the loud warning names better strategies
+    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "sg2", "--strategy",
+                         "same-grid", "-q")
+    assert "WARNING: only" in out and "--strategy feedback" in out
+
+
+def test_original_strategy_and_onto(tmp_path):
+    make(tmp_path / "q", "int8")
+    os.makedirs(tmp_path / "full")
+    write_safetensors(tmp_path / "full" / "model.safetensors", {"l.q.weight": W})
+    ad = adapter_for((OUT, IN), 5e-2, tmp_path)
+    with pytest.raises(LorakitError, match="need --full-precision-base"):
+        lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy="original")
+    r = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy="original",
+                      full_precision_base=str(tmp_path / "full"), quiet=True)
+    out = Checkpoint(tmp_path / "o")
+    handler, mods = detect(out, str(tmp_path / "o"))
+    target = W.double() + ad.modules["l.q"].delta(torch.float64)
+    err = (handler.dequantize(out, mods["l.q"]).double() - target).abs()
+    step = target.abs().amax(1, keepdim=True) / 127
+    assert (err <= step / 2 + 1e-6).all()  # a fresh nearest quantization of W + dW
+    assert "l.q" in r["quantization"]["modules"]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-double", "gptq4"])
+def test_dequantized_output(tmp_path, kind):
+    ref = make(tmp_path / "q", kind)
+    ad = adapter_for(tuple(ref.shape), 1e-2, tmp_path)
+    if kind.startswith("nf4"):
+        with pytest.raises(LorakitError, match="read only: merge to full precision with --dtype"):
+            lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o")
+    lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", dtype="fp32", quiet=True)
+    out = Checkpoint(tmp_path / "o")
+    assert torch.allclose(out.get("l.q.weight").double(), ref + ad.modules["l.q"].delta(torch.float64), atol=1e-5)
+    assert not any(n.startswith("l.q.") and n != "l.q.weight" for n in out.where)
+    assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
+
+
+def test_extract_from_a_quantized_base_is_refused_or_dequantized(tmp_path):
+    ref = make(tmp_path / "q", "nf4")
+    # the dequantized model as the "tuned" one plus a planted delta: extract sees through the quantized base
+    os.makedirs(tmp_path / "tuned")
+    D = torch.randn(OUT, 2, generator=gen).double() @ torch.randn(2, IN, generator=gen).double() * 0.01
+    write_safetensors(tmp_path / "tuned" / "model.safetensors", {"l.q.weight": (ref + D).float(),
+                                                                 "norm.weight": torch.ones(IN)})
+    r = lorakit.extract(tmp_path / "q", tmp_path / "tuned", tmp_path / "e.safetensors", rank=2, quiet=True)
+    e = lorakit.load(tmp_path / "e.safetensors")
+    assert (e.modules["l.q"].delta(torch.float64) - D).norm() / D.norm() < 1e-4
+    assert r["modules"][0]["module"] == "l.q"
+
+
+def test_unknown_and_corrupt_layouts(tmp_path, cli):
+    make(tmp_path / "q", "gptq4")
+    adapter_for((OUT, IN), 1e-2, tmp_path)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "hqq"
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    c, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o")
+    assert c == 2 and "quantization method 'hqq' is not supported" in err
+    del cfg["quantization_config"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    c, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o")
+    assert c == 2 and "unknown quantized layout" in err
+    # corrupt: qzeros of the wrong shape
+    make(tmp_path / "q2", "gptq4")
+    t = Checkpoint(tmp_path / "q2")
+    tensors = {n: t.get(n).clone() for n in t.where}
+    tensors["l.q.qzeros"] = tensors["l.q.qzeros"][:, :3]
+    write_safetensors(tmp_path / "q2" / "model.safetensors", tensors)
+    c, out, err = cli("merge", tmp_path / "q2", tmp_path / "a.safetensors", "-o", tmp_path / "o")
+    assert c == 2 and "GPTQ tensors do not fit together" in err and "l.q.qweight" in err
+    assert not (tmp_path / "o").exists()
