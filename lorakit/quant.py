@@ -459,3 +459,63 @@ class WeightView:
 
     def shapes(self):
         return {n: self.shape(n) for n in self.names}
+
+
+class _Tensors:
+    """A dict of tensors with the little of the Checkpoint interface the handlers use."""
+
+    def __init__(self, tensors):
+        from .dtypes import st_dtype
+        from .io import Entry
+        self.tensors, self.path = tensors, "<memory>"
+        self.where = dict.fromkeys(tensors, "<memory>")
+        self._entries = {k: Entry(k, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
+                         for k, v in tensors.items()}
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def get(self, name):
+        return self.tensors[name]
+
+    def entry(self, name):
+        return self._entries[name]
+
+
+def quantize(W, fmt, group_size=128, bits=4):
+    """Quantize a weight [out, in] into a format's stored tensors (names relative to the module: 'weight',
+    'weight_scale', 'qweight', ...): for building quantized checkpoints (benchmarks, examples). Nearest rounding."""
+    from .rounding import nearest
+    out, inn = W.shape
+    if fmt == "fp8":
+        handler, t = FP8Channel(), {"weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
+                                    "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
+        members = {"weight": "weight", "weight_scale": "weight_scale"}
+    elif fmt == "int8":
+        handler, t = Int8Channel(), {"weight": torch.zeros(out, inn, dtype=torch.int8),
+                                     "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
+        members = {"weight": "weight", "weight_scale": "weight_scale"}
+    elif fmt in ("gptq", "awq"):
+        groups, per = inn // group_size, 32 // bits
+        handler = GPTQ(bits, group_size, sym=True) if fmt == "gptq" else AWQ(group_size, bits)
+        t = {"qweight": torch.zeros(inn // per, out, dtype=torch.int32) if fmt == "gptq" else
+             torch.zeros(inn, out // per, dtype=torch.int32),
+             "qzeros": torch.zeros(groups, out // per, dtype=torch.int32), "scales": torch.zeros(groups, out,
+                                                                                                 dtype=torch.float16)}
+        members = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales"}
+    else:
+        raise LorakitError(f"cannot quantize to '{fmt}' (fp8, int8, gptq, awq)")
+    ckpt = _Tensors(t)
+    grid = handler.fit(ckpt, members, W.float())
+    codes = nearest(W.float() / grid.S + grid.Z, grid.C)
+    return handler.encode(ckpt, members, codes, grid)
+
+
+def quantization_config(fmt, group_size=128, bits=4):
+    """The config.json `quantization_config` that goes with `quantize`'s tensors."""
+    return {"fp8": {"quant_method": "compressed-tensors", "format": "float-quantized"},
+            "int8": {"quant_method": "compressed-tensors", "format": "int-quantized"},
+            "gptq": {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": True, "desc_act": False,
+                     "checkpoint_format": "gptq"},
+            "awq": {"quant_method": "awq", "bits": bits, "group_size": group_size, "version": "gemm",
+                    "zero_point": True}}[fmt]

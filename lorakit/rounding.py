@@ -47,16 +47,16 @@ def feedback(T, S, Z, C, A, damp=1e-6):
     M = (a[:, :, None] * a[:, None, :]).flip(0).cumsum(0).flip(0)  # M_j = sum_{k >= j} a_k a_k^T
     eye = torch.eye(r, dtype=torch.float64)
     G = torch.linalg.solve(M + damp * M[0].diagonal().mean().clamp(min=1e-30) * eye, a[:, :, None])[..., 0]
+    # column-major copies: each step reads one contiguous column
+    Tt, St, Zt = T.T.double().contiguous(), S.T.double().contiguous(), Z.T.double().contiguous()
     R = torch.zeros(T.shape[0], r, dtype=torch.float64)  # sum over done columns of e_j a_j^T
-    codes = torch.empty_like(T)
-    Sd = S.double()
+    codes = torch.empty(T.shape[1], T.shape[0])
     for j in range(T.shape[1]):
-        target = T[:, j].double() - R @ G[j]  # this column also repays the error carried so far
-        c = nearest((target / Sd[:, j] + Z[:, j]).float(), C)
-        codes[:, j] = c
-        err = Sd[:, j] * (c.double() - Z[:, j].double()) - T[:, j].double()
-        R += err[:, None] * a[j][None, :]
-    return codes
+        t, s, z = Tt[j], St[j], Zt[j]
+        c = nearest(((t - R @ G[j]) / s + z).float(), C)  # this column also repays the error carried so far
+        codes[j] = c
+        R.addr_(s * (c.double() - z) - t, a[j])
+    return codes.T
 
 
 def survival(W_old, W_new, dW, target, A, generator, probes=64):

@@ -305,3 +305,19 @@ def test_unknown_and_corrupt_layouts(tmp_path, cli):
     c, out, err = cli("merge", tmp_path / "q2", tmp_path / "a.safetensors", "-o", tmp_path / "o")
     assert c == 2 and "GPTQ tensors do not fit together" in err and "l.q.qweight" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["fp8-channel", "int8"])
+def test_dequantize_matches_compressed_tensors(tmp_path, kind):
+    """The real compressed-tensors library dequantizes the same stored tensors to the same weights."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    make(tmp_path / "q", kind)
+    ckpt = Checkpoint(tmp_path / "q")
+    handler, mods = detect(ckpt, str(tmp_path / "q"))
+    q, s = ckpt.get("l.q.weight"), ckpt.get("l.q.weight_scale")
+    args = QuantizationArgs(num_bits=8, type="float" if kind == "fp8-channel" else "int", strategy="channel",
+                            symmetric=True)
+    theirs = dequantize(q, s.float(), torch.zeros_like(s.float()).to(torch.int8 if kind == "int8" else s.dtype),
+                        args, dtype=torch.float32)
+    assert torch.allclose(handler.dequantize(ckpt, mods["l.q"]), theirs, rtol=1e-6, atol=1e-8)
