@@ -21,7 +21,7 @@ with tempfile.TemporaryDirectory() as d:
     ad.save(path)
     del ad
     size = os.path.getsize(path)
-    os.system(f"sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")
+    os.system("sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")
     t_inspect, r = timed(lambda: inspect(path), repeat=3)
     from safetensors.torch import load_file
     t_load, _ = timed(lambda: load_file(path), repeat=1)

@@ -10,7 +10,7 @@ import torch
 
 from .adapter import Module
 from .errors import LorakitError
-from .linalg import LowRankSVD, choose_rank, factor_svd, truncated_svd
+from .linalg import choose_rank, factor_svd, truncated_svd
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")

@@ -4,7 +4,6 @@ Only click is imported at start-up; each command imports its library function wh
 """
 import functools
 import json as jsonlib
-import os
 import sys
 
 import click

@@ -33,10 +33,7 @@ class Entry:
 
     @property
     def numel(self):
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return _numel(self.shape)
 
 
 @dataclass
@@ -191,9 +188,7 @@ def build_header(specs, metadata=None):
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     for name, dtype, shape in specs:
-        n = DTYPE_SIZES[dtype]
-        for d in shape:
-            n *= d
+        n = spec_nbytes((name, dtype, shape))
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -233,6 +228,18 @@ def _unlink(p):
         pass
 
 
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def spec_nbytes(spec):
+    """Bytes of a (name, dtype, shape) tensor spec."""
+    return DTYPE_SIZES[spec[1]] * _numel(spec[2])
+
+
 class ShardWriter:
     """Writes one safetensors file tensor by tensor: the header is computed up front from (name, dtype, shape),
     then each tensor's bytes are appended in that order. Checks that every tensor arrives with its exact size."""
@@ -240,17 +247,22 @@ class ShardWriter:
     def __init__(self, path, specs, metadata=None):
         self.specs = list(specs)
         self.file = open(path, "wb")
-        self.file.write(build_header(self.specs, metadata))
+        header = build_header(self.specs, metadata)
+        size = len(header) + sum(map(spec_nbytes, self.specs))
+        if hasattr(os, "posix_fallocate") and size:
+            try:  # reserve the whole file up front: fewer block allocations while streaming, ENOSPC at once
+                os.posix_fallocate(self.file.fileno(), 0, size)
+            except OSError as e:
+                if e.errno in (28, 122):  # no space / quota: fail before writing anything
+                    raise
+        self.file.write(header)
         self.next = 0
 
     def _expect(self, name):
-        spec_name, dtype, shape = self.specs[self.next]
-        assert spec_name == name, f"tensor {name} written out of order (expected {spec_name})"
+        spec = self.specs[self.next]
+        assert spec[0] == name, f"tensor {name} written out of order (expected {spec[0]})"
         self.next += 1
-        n = DTYPE_SIZES[dtype]
-        for d in shape:
-            n *= d
-        return n
+        return spec_nbytes(spec)
 
     def write(self, name, tensor):
         n = self._expect(name)

@@ -4,7 +4,6 @@
 loading can never disagree.
 """
 import json
-import math
 from dataclasses import dataclass
 
 from .errors import LorakitError

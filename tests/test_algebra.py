@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import examples
 from lorakit.adapter import Adapter, Module
 from lorakit.algebra import _sign_consensus, _sparsify_magnitude
 from lorakit.errors import LorakitError

@@ -140,13 +140,13 @@ def test_flux_split_qkv_scale(tmp_path):
 
 def test_loha_and_lokr_match_lycoris_formula(tmp_path):
     w1a, w1b, w2a, w2b = rnd(12, 3), rnd(3, 10), rnd(12, 3), rnd(3, 10)
-    k1, k2a, k2b = rnd(2, 2), rnd(6, 4), rnd(4, 5)
+    k1, k2a, k2b, k2 = rnd(2, 2), rnd(6, 4), rnd(4, 5), rnd(3, 5)
     write_safetensors(tmp_path / "ly.safetensors", {
         "lora_unet_a.hada_w1_a": w1a, "lora_unet_a.hada_w1_b": w1b, "lora_unet_a.hada_w2_a": w2a,
         "lora_unet_a.hada_w2_b": w2b, "lora_unet_a.alpha": torch.tensor(1.5),
         "lora_unet_b.lokr_w1": k1, "lora_unet_b.lokr_w2_a": k2a, "lora_unet_b.lokr_w2_b": k2b,
         "lora_unet_b.alpha": torch.tensor(2.0),
-        "lora_unet_c.lokr_w1": k1, "lora_unet_c.lokr_w2": rnd(3, 5),
+        "lora_unet_c.lokr_w1": k1, "lora_unet_c.lokr_w2": k2,
         "lora_unet_d.lora_down.weight": rnd(2, 10), "lora_unet_d.lora_up.weight": rnd(12, 2),
         "lora_unet_d.dora_scale": rnd(1, 10).abs()})
     ad = lorakit.load(tmp_path / "ly.safetensors")
@@ -155,8 +155,8 @@ def test_loha_and_lokr_match_lycoris_formula(tmp_path):
     assert (ad.modules["lora_unet_a"].delta().double() - loha).norm() / loha.norm() < 1e-6
     lokr = torch.kron(k1.double(), k2a.double() @ k2b.double()) * 2.0 / 4
     assert (ad.modules["lora_unet_b"].delta().double() - lokr).norm() / lokr.norm() < 1e-6
-    lokr_full = torch.kron(k1.double(), ad.modules["lora_unet_c"].delta(torch.float64)[:3, :5] / k1[0, 0].double())
-    assert ad.modules["lora_unet_c"].delta().shape == (6, 10)
+    lokr_full = torch.kron(k1.double(), k2.double())  # no decomposed factor: scale 1
+    assert (ad.modules["lora_unet_c"].delta().double() - lokr_full).norm() / lokr_full.norm() < 1e-6
     assert ad.modules["lora_unet_d"].dora_axis == 1  # older LyCORIS: one magnitude per input column
     r = lorakit.resize(tmp_path / "ly.safetensors", tmp_path / "small.safetensors", rank=4, quiet=True)
     assert {m["module"]: m["new_rank"] for m in r["modules"]}["lora_unet_a"] == 4

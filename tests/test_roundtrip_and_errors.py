@@ -1,5 +1,4 @@
 """save -> load is bit-exact for every allowed dtype; bad input gets one clean line, exit 2, and no output."""
-import os
 import struct
 
 import pytest
@@ -10,7 +9,7 @@ from lorakit import examples
 from lorakit.adapter import Adapter, Module
 from lorakit.errors import LorakitError
 
-from conftest import assert_one_line_error, bits, listdir_all, shapes_of
+from conftest import assert_one_line_error, bits, listdir_all
 
 
 def full_adapter(dtype):

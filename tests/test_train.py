@@ -117,7 +117,7 @@ def test_jsonl_records_and_resume(task, tmp_path):
     r = lorakit.train(task / "base", tmp_path / "d.jsonl", tmp_path / "a.safetensors", rank=2, steps=3, batch=4,
                       seq_len=16, quiet=True)
     assert r["steps"] == 3
-    r2 = lorakit.train(task / "base", tmp_path / "d.jsonl", tmp_path / "b", rank=2, steps=1, batch=4, seq_len=16,
+    lorakit.train(task / "base", tmp_path / "d.jsonl", tmp_path / "b", rank=2, steps=1, batch=4, seq_len=16,
                        resume=str(tmp_path / "a.safetensors"), format="peft", quiet=True, lr=1e-12)
     back = lorakit.load(tmp_path / "b")
     first = lorakit.load(tmp_path / "a.safetensors")

@@ -117,7 +117,6 @@ def diff(a, b, quiet=False):
     for name in tqdm(sorted(set(ad_a.modules) | set(ad_b.modules)), desc="diff", unit="module", disable=quiet):
         ma, mb = ad_a.modules.get(name), ad_b.modules.get(name)
         if ma is None or mb is None:
-            present = ma or mb
             rows.append({"module": name, "present": "a" if ma else "b", "rank_a": ma.rank if ma else None,
                          "rank_b": mb.rank if mb else None, "norm_a": _norm(ma), "norm_b": _norm(mb)})
             continue

@@ -12,7 +12,6 @@ from ..quant import WeightView
 from ..dtypes import user_dtype
 from ..errors import LorakitError
 from ..spec import fingerprint
-from .algebra import _check_rule
 
 
 def _targeted(name, targets):

@@ -20,7 +20,7 @@ from ..checkpoint import INDEX, Checkpoint
 from ..dtypes import st_dtype, torch_dtype, user_dtype
 from ..errors import LorakitError
 from ..formats import load
-from ..io import DTYPE_SIZES, ShardWriter, atomic_output
+from ..io import ShardWriter, atomic_output, spec_nbytes
 from ..spec import fingerprint
 from .algebra import parse_weighted
 
@@ -51,13 +51,6 @@ def parse_size(text):
         raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
     power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-
-
-def _nbytes(spec):
-    n = DTYPE_SIZES[spec[1]]
-    for d in spec[2]:
-        n *= d
-    return n
 
 
 def _config(base):
@@ -176,7 +169,7 @@ def _layout(ckpt, untie_embed, shard_size, spec_of, rename=None):
     shards, current, size = [], [], 0
     for _, names in order:
         for spec in map(spec_of, names):
-            nbytes = _nbytes(spec)
+            nbytes = spec_nbytes(spec)
             if current and size + nbytes > shard_size:
                 shards.append(current)
                 current, size = [], 0
@@ -197,6 +190,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     NF4) are written back in their format with `strategy` (see lorakit.requant), or dequantized with `dtype`; the
     report then says how much of each adapter module survived. Returns a report."""
     from .. import quant, requant
+    _large_buffers_back_to_os()
     base = os.fspath(base)
     ckpt = Checkpoint(base)
     if isinstance(adapters, (str, os.PathLike)):
@@ -221,7 +215,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             raise LorakitError(f"{handler.name} checkpoints are read only: merge to full precision with --dtype bf16",
                                path=base)
         if (strategy == "original" or onto == "original") and full is None:
-            raise LorakitError(f"--strategy original and --onto original need --full-precision-base", path=base)
+            raise LorakitError("--strategy original and --onto original need --full-precision-base", path=base)
 
     def stored(name):
         return ckpt.entry(plans[name].source if name in plans else name)
@@ -250,7 +244,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     layout = _layout(ckpt, untie_embed, shard_bytes, spec_of, rename if dequantize_out else None)
     sign = -1.0 if unmerge else 1.0
     threads = threads or min(4, os.cpu_count() or 1)
-    total = sum(_nbytes(spec) for _, specs in layout for spec in specs)
+    total = sum(spec_nbytes(spec) for _, specs in layout for spec in specs)
     survival, cache, lock = {}, {}, threading.Lock()
 
     def quantized(key):
@@ -311,7 +305,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                             writer.copy(spec[0], ckpt.shards[ckpt.where[spec[0]]])
                         else:
                             writer.write(spec[0], result)
-                        bar.update(_nbytes(spec))
+                        bar.update(spec_nbytes(spec))
 
                 for spec in specs:
                     pending.append((spec, pool.submit(produce, spec[0])))
@@ -336,6 +330,16 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if qmods:
         report["quantization"] = _survival_summary(handler, strategy, survival, dequantize_out, notes)
     return report
+
+
+def _large_buffers_back_to_os():
+    """glibc keeps freed tensor-sized buffers in its heap once its mmap threshold has adapted upwards, so peak RSS
+    grows with the number of tensors seen. A fixed 1 MiB threshold gives every large buffer back when freed."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _full(full, key, onto):

@@ -28,7 +28,7 @@ def register(fmt):
 
 
 def _load_builtin():
-    from . import diffusers, gguf_lora, kohya, loralib, lorakit_v1, peft  # noqa: F401  (each registers itself; detection tries them in this order)
+    from . import diffusers, gguf_lora, kohya, loralib, lorakit_v1, peft  # noqa: F401  (each registers itself)
 
 
 def get_format(name):

@@ -3,7 +3,6 @@ transformer.), with each component's LoraConfig as JSON in the `lora_adapter_met
 `.lora.up/.lora.down` (attention processors) and `.lora_linear_layer.up/.down` naming. Module names keep the
 component prefix (`unet.down_blocks.0...`), as the tensors of a diffusers pipeline folder are named by lorakit."""
 import json
-import os
 import re
 
 from ..adapter import Adapter

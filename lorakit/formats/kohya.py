@@ -18,7 +18,7 @@ from ..errors import LorakitError
 from ..io import atomic_output, build_header, tensor_bytes
 from ..lycoris import lokr_factors, loha_factors, tucker_factors
 from . import Format, register
-from .common import check_rank, f32, is_safetensors, most_common, open_safetensors, refuse_unknown
+from .common import f32, is_safetensors, most_common, open_safetensors, refuse_unknown
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
 TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",

@@ -70,7 +70,6 @@ def read(path, alpha=None, base=None, allow_unknown=False, **_):
         if A.ndim != 2 or B.ndim != 2:
             raise LorakitError("only Linear and Embedding LoRA layers are supported", path=path, tensor=module)
         weight = shapes.get(f"{module}.weight") if shapes else None
-        r = A.shape[0]
         if weight is not None and tuple(weight) == (A.shape[1], B.shape[0]) != (B.shape[0], A.shape[1]):
             ad.add(Module(module, t_contig(B), t_contig(A), alpha=f32(alpha), kind="embedding"))
         else:

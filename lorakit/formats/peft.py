@@ -11,8 +11,6 @@ import math
 import os
 import re
 
-import torch
-
 from ..adapter import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
