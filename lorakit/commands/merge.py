@@ -20,7 +20,7 @@ from ..checkpoint import INDEX, Checkpoint
 from ..dtypes import st_dtype, torch_dtype, user_dtype
 from ..errors import LorakitError
 from ..formats import load
-from ..io import ShardWriter, atomic_output, spec_nbytes
+from ..io import BufferPool, ShardWriter, atomic_output, spec_nbytes
 from ..spec import fingerprint
 from .algebra import parse_weighted
 
@@ -64,9 +64,9 @@ def _config(base):
 BLOCK_ELEMENTS = 1 << 19  # fp32 row blocks of ~2 MB stay in cache: 2-3x faster than whole-tensor passes
 
 
-def merge_tensor(W, plan, sign, out_dtype):
+def merge_tensor(W, plan, sign, out_dtype, out=None):
     """The per-tensor path: read -> (dequantize) -> add delta -> (quantize) -> cast. W is the base tensor as stored;
-    every addition is in fp32 and the result is rounded once to `out_dtype`."""
+    every addition is in fp32 and the result is rounded once to `out_dtype` (into `out` when given)."""
     if plan.replacement is not None:
         return plan.replacement.to(out_dtype)
     if plan.biases or any(m.magnitude is not None for m, _ in plan.loras):
@@ -78,7 +78,7 @@ def merge_tensor(W, plan, sign, out_dtype):
         return Wf.to(out_dtype)
     factors = [(*m.factors(torch.float32), sign * w) for m, w in plan.loras]
     W2 = W.reshape(W.shape[0], -1)
-    out = torch.empty(W2.shape, dtype=out_dtype)
+    out = torch.empty(W2.shape, dtype=out_dtype) if out is None else out.reshape(W2.shape)
     rows = max(1, BLOCK_ELEMENTS // max(1, W2.shape[1]))
     for i in range(0, W2.shape[0], rows):
         block = W2[i:i + rows].to(torch.float32, copy=True)
@@ -269,22 +269,41 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                     entry["out"] = out
             return entry["out"]
 
+    # buffers for the tensors in flight (read: being computed; out: computed, waiting to be written), reused
+    def copied(name):  # written byte for byte from the base, never in memory
+        plan = plans.get(name)
+        return (plan is None or not plan.touched) and name in ckpt and spec_of(name)[1] == ckpt.entry(name).dtype
+
+    computed = [n for _, specs in layout for n, _, _ in specs
+                if n not in member_of and n not in qweights and not copied(n)]
+    largest = max([stored(n).nbytes for n in computed] + [spec_nbytes(spec_of(n)) for n in computed] + [0])
+    read_pool, out_pool = BufferPool(largest), BufferPool(largest)
+
     def produce(name):
+        """(tensor, pooled buffer to give back once written), or None for a byte-identical copy."""
         if name in qweights or name in member_of:
             key = name if name in qweights else member_of[name]
             plan = plans.get(key)
             if not dequantize_out and (plan is None or not plan.touched):
                 return None  # an untouched quantized module: byte-identical
-            return quantized(key).get(name)  # members the strategy leaves alone (g_idx) are copied
+            t = quantized(key).get(name)  # members the strategy leaves alone (g_idx) are copied
+            return None if t is None else (t, None)
+        if copied(name):
+            return None  # byte-identical copy, done by the writer
         plan = plans.get(name)
         source = plan.source if plan else name
-        out_dtype = torch_dtype(spec_of(name)[1])
-        if plan is None or not plan.touched:
-            if spec_of(name)[1] == ckpt.entry(source).dtype and source == name:
-                return None  # byte-identical copy, done by the writer
-            return ckpt.shards[ckpt.where[source]].read(source).to(out_dtype)
-        W = ckpt.shards[ckpt.where[source]].read(source)
-        return merge_tensor(W, plan, sign, out_dtype)
+        spec = spec_of(name)
+        rbuf, obuf = read_pool.get(), out_pool.get()
+        try:
+            W = ckpt.shards[ckpt.where[source]].read(source, rbuf)
+            out = out_pool.tensor(obuf, torch_dtype(spec[1]), spec[2])
+            if plan is None or not plan.touched:
+                out.copy_(W)
+            else:
+                out = merge_tensor(W, plan, sign, out.dtype, out)
+        finally:
+            read_pool.put(rbuf)
+        return out, obuf
 
     with atomic_output(output, force=force, directory=folder_out) as tmp, \
             tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=quiet) as bar, \
@@ -304,7 +323,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                         if result is None:
                             writer.copy(spec[0], ckpt.shards[ckpt.where[spec[0]]])
                         else:
-                            writer.write(spec[0], result)
+                            writer.write(spec[0], result[0])
+                            out_pool.put(result[1])
                         bar.update(spec_nbytes(spec))
 
                 for spec in specs:
@@ -334,10 +354,12 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
 
 def _large_buffers_back_to_os():
     """glibc keeps freed tensor-sized buffers in its heap once its mmap threshold has adapted upwards, so peak RSS
-    grows with the number of tensors seen. A fixed 1 MiB threshold gives every large buffer back when freed."""
+    grows with the number of tensors seen. A fixed 8 MiB threshold gives tensor-sized buffers back when freed (the
+    tensors in flight live in BufferPools anyway) while the 2 MB fp32 row blocks stay in the heap, reused without
+    page faults."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
