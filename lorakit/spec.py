@@ -33,7 +33,7 @@ CODES = {
     "LK210": ("bad-bias", "bias_delta whose shape is not [out]"),
     "LK211": ("bad-dora", "dora_magnitude without a valid dora_axis, or of the wrong length"),
     "LK212": ("bad-kind", "a module kind the spec does not define, or one that contradicts the factor shapes"),
-    "LK213": ("conflict", "a module with both LoRA factors and a replacement of its weight"),
+    "LK213": ("replacement-shape", "a replacement of a module's weight whose shape is not the module's weight shape"),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }
@@ -154,8 +154,13 @@ def check_header(header, problems):
         if name not in modules:
             add("LK201", f"'{META_MODULES}' describes module '{name}' that has no tensors")
     for name, key in replacements.items():
-        if name.endswith(".weight") and name[: -len(".weight")] in modules:
-            add("LK213", "module has LoRA factors and a replacement of its weight", key)
+        module = modules.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if module and "lora_A" in module and "lora_B" in module:
+            A, B = entries[module["lora_A"]], entries[module["lora_B"]]
+            expected = (B.shape[0], *A.shape[1:])
+            if entries[key].shape != expected:
+                add("LK213", f"replacement has shape {list(entries[key].shape)} but the module's factors make a "
+                             f"weight of shape {list(expected)}", key)
         if entries[key].dtype not in FACTOR_DTYPES:
             add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
     return Layout(modules, replacements, unknown, module_meta)

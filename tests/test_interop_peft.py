@@ -59,6 +59,10 @@ def test_peft_round_trip_same_logits(tmp_path, variant):
     lorakit.convert(tmp_path / "orig", tmp_path / "a.safetensors", to="lorakit")
     assert lorakit.validate([str(tmp_path / "a.safetensors")])["valid"]
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
+    from lorakit.io import TensorFile
+    orig, back = TensorFile(tmp_path / "orig" / "adapter_model.safetensors"), TensorFile(
+        tmp_path / "back" / "adapter_model.safetensors")
+    assert set(orig.header.entries) == set(back.header.entries)  # every tensor kept, under PEFT's own names
     fresh = transformers.LlamaForCausalLM(config).eval()
     fresh.load_state_dict(base_state)
     fresh.save_pretrained(tmp_path / "base")  # before PEFT wraps it in place

@@ -238,3 +238,17 @@ def test_dora_refusals(tiny_base, tmp_path):
     with pytest.raises(LorakitError, match="DoRA shares its tensor"):
         lorakit.merge(folder, [str(tmp_path / "d.safetensors")] * 2, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_replacement_with_a_delta_on_top(tiny_base, tmp_path):
+    """The spec: a module's weight replacement comes first, its delta applies on top (W' = R + dW)."""
+    folder, tensors = tiny_base
+    name = "model.layers.0.self_attn.q_proj"
+    ad = Adapter()
+    ad.add(Module(name, rnd(2, 64), rnd(64, 2), alpha=2.0))
+    R = rnd(64, 64)
+    ad.replacements[name + ".weight"] = R
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "out", quiet=True)
+    got = Checkpoint(tmp_path / "out").get(name + ".weight").double()
+    assert torch.allclose(got, R.double() + ad.modules[name].delta(torch.float64), atol=1e-6)

@@ -67,8 +67,10 @@ BLOCK_ELEMENTS = 1 << 19  # fp32 row blocks of ~2 MB stay in cache: 2-3x faster 
 def merge_tensor(W, plan, sign, out_dtype, out=None):
     """The per-tensor path: read -> (dequantize) -> add delta -> (quantize) -> cast. W is the base tensor as stored;
     every addition is in fp32 and the result is rounded once to `out_dtype` (into `out` when given)."""
-    if plan.replacement is not None:
-        return plan.replacement.to(out_dtype)
+    if plan.replacement is not None:  # the spec: a replacement first, then the deltas on top of it
+        W = plan.replacement
+        if not plan.loras and not plan.biases:
+            return W.to(out_dtype)
     if plan.biases or any(m.magnitude is not None for m, _ in plan.loras):
         Wf = W.float() if W.dtype != torch.float32 else W.clone()
         for m, w in plan.loras:
@@ -139,13 +141,10 @@ def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint, qshapes=None, 
                 problems.append(f"{name}: replacement does not fit the base")
             elif unmerge:
                 problems.append(f"{name}: a full replacement cannot be unmerged")
-            elif p.replacement is not None or p.loras:
-                problems.append(f"{name}: replaced and changed by more than one adapter")
+            elif p.replacement is not None:
+                problems.append(f"{name}: replaced by more than one adapter")
             else:
                 p.replacement = t
-    for p in plans.values():
-        if p.replacement is not None and p.loras:
-            problems.append(f"{p.name}: replaced and changed by more than one adapter")
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise LorakitError(f"{len(problems)} adapter tensor(s) do not fit the base: {shown}", path=ckpt.path)

@@ -96,9 +96,8 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         m = KEY.match(name)
         if m:
             parts.setdefault(m["module"], {})[(m["part"], m["param"])] = t
-        elif name.endswith(".base_layer.weight"):
-            notes.append(f"{key}: PEFT's copy of the base embedding (save_embedding_layers) is not part of the "
-                         "delta and was not kept")
+        elif name.endswith(".base_layer.weight"):  # save_embedding_layers: the (possibly resized) base weight
+            replacements[name[: -len(".base_layer.weight")] + ".weight"] = t
         elif ".modules_to_save." in name:
             module, _, rest = name.partition(".modules_to_save.")
             replacements[f"{module}.{rest.split('.', 1)[1]}"] = t
@@ -202,7 +201,8 @@ def to_state_dict(adapter, path):
             mag = m.magnitude.reshape(1, -1, *[1] * (len(m.shape) - 2)) if m.kind == "conv" else m.magnitude
             tensors[f"{m.name}.lora_magnitude_vector"] = mag.contiguous()
     for name, t in adapter.replacements.items():
-        tensors[name] = t
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        tensors[f"{module}.base_layer.weight" if module in adapter.modules else name] = t
     ranks = {m.name: m.rank for m in mods}
     alphas = {m.name: m.alpha for m in mods}  # PEFT's scale lora_alpha / r is then the spec's alpha / r exactly
     r = most_common(ranks.values()) if mods else 8
@@ -223,7 +223,8 @@ def to_state_dict(adapter, path):
         "fan_in_fan_out": kinds_t == {True},
         "bias": "none",
         "lora_dropout": 0.0,
-        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.replacements}) or None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.replacements
+                                   if n.rsplit(".", 1)[0] not in adapter.modules}) or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }

@@ -133,8 +133,10 @@ def vectors():
         *variant(lambda t: t.update({"layers.0.q_proj.dora_magnitude": torch.ones(8)})))
     add("invalid_kind.safetensors", "LK212", "kind conv with 2-D factors",
         *variant(edit_m=lambda m: m.update({"lorakit.modules": '{"layers.0.q_proj": {"kind": "conv"}}'})))
-    add("invalid_conflict.safetensors", "LK213", "factors and a replacement for the same weight",
-        *variant(lambda t: t.update({"layers.0.q_proj.weight.replacement": torch.zeros(8, 16)})))
+    add("valid_replacement_and_delta.safetensors", "valid", "a replaced weight with a delta on top (W' = R + dW)",
+        *variant(lambda t: t.update({"layers.0.q_proj.weight.replacement": torch.ones(8, 16)})))
+    add("invalid_replacement_shape.safetensors", "LK213", "a module's weight replacement of the wrong shape",
+        *variant(lambda t: t.update({"layers.0.q_proj.weight.replacement": torch.zeros(8, 15)})))
     return out
 
 
