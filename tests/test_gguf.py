@@ -84,3 +84,26 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "c.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(LorakitError, match="c.gguf: not a readable GGUF file"):
         lorakit.load(tmp_path / "c.gguf")
+
+
+def test_gguf_head_counts_from_the_adapters_base_path_and_qwen2(tmp_path):
+    """Without --base, the adapter's own base_model folder gives the head counts (as llama.cpp's converter does);
+    Qwen2 is converted as qwen2, whose Q/K rows llama.cpp does not permute."""
+    import json
+    folder = tmp_path / "base"
+    tensors = examples.write_llama_checkpoint(str(folder))
+    ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj",), rank=2)
+    ad.base_model = str(folder)
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf")
+    back = lorakit.load(tmp_path / "a.gguf")
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(back.modules[name].B, ad.modules[name].B)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "q.gguf", to="gguf")
+    r = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    assert r.fields["general.architecture"].contents() == "qwen2"
+    b = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight.lora_b")
+    assert np.array_equal(np.array(b.data).reshape(64, 2), ad.modules[name].B.numpy())  # not permuted
+    assert torch.equal(lorakit.load(tmp_path / "q.gguf").modules[name].B, ad.modules[name].B)

@@ -31,8 +31,12 @@ def _load_builtin():
     from . import diffusers, gguf_lora, kohya, loralib, lorakit_v1, peft  # noqa: F401  (each registers itself)
 
 
+ALIASES = {"lycoris": "kohya", "sd-scripts": "kohya", "llama.cpp": "gguf", "microsoft-lora": "loralib"}
+
+
 def get_format(name):
     _load_builtin()
+    name = ALIASES.get(name, name)
     if name not in REGISTRY:
         raise LorakitError(f"unknown format '{name}' (known: {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name]

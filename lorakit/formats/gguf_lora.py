@@ -68,18 +68,30 @@ def unpermute(rows, n_head, n_head_kv=None):
     return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _heads(base, arch_fields=None):
+def _base_config(*candidates):
+    """config.json of the first candidate folder that has one (--base, then the adapter's own base_model path, as
+    llama.cpp's converter does), or None."""
+    import json
+    for folder in candidates:
+        path = os.path.join(folder, "config.json") if folder and os.path.isdir(folder) else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def _heads(config, arch_fields=None):
     """(n_head, n_head_kv) from the file's own KVs, else from the base's config.json."""
     if arch_fields and arch_fields[0]:
         return arch_fields
-    if base is not None:
-        import json
-        config = os.path.join(base, "config.json") if os.path.isdir(base) else None
-        if config and os.path.isfile(config):
-            with open(config) as f:
-                c = json.load(f)
-            return c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    if config is not None:
+        return config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     return None, None
+
+
+def _arch(config):
+    """llama.cpp's architecture: Mistral converts as llama; Qwen2 as qwen2 (whose Q/K rows are not permuted)."""
+    return "qwen2" if config and config.get("model_type") == "qwen2" else "llama"
 
 
 def detect(path):
@@ -106,7 +118,8 @@ def read(path, base=None, **_):
     alpha = _field(reader, "adapter.lora.alpha")
     if alpha is None or not alpha > 0:
         raise LorakitError(f"adapter.lora.alpha is {alpha}: the scale alpha / rank is undefined", path=path)
-    heads = _heads(base, (_field(reader, HEADS_KEY.format(arch=arch)), _field(reader, KV_HEADS_KEY.format(arch=arch))))
+    heads = _heads(_base_config(base), (_field(reader, HEADS_KEY.format(arch=arch)),
+                                         _field(reader, KV_HEADS_KEY.format(arch=arch))))
     pairs, unknown = {}, []
     for t in reader.tensors:
         stem, _, part = t.name.rpartition(".")
@@ -130,7 +143,7 @@ def read(path, base=None, **_):
             A, B, kind = a, b, "linear"
         if A.shape[0] != B.shape[1]:
             raise LorakitError(f"lora_a rank {A.shape[0]} != lora_b rank {B.shape[1]}", path=path, tensor=gname)
-        if gname.endswith(("attn_q", "attn_k")):
+        if gname.endswith(("attn_q", "attn_k")) and arch != "qwen2":
             n_head, n_kv = heads
             if n_head is None:
                 raise LorakitError("undoing llama.cpp's Q/K row permutation needs the head counts: pass --base "
@@ -160,9 +173,10 @@ def write(adapter, path, force=False, base=None, **_):
     if adapter.replacements or any(m.bias is not None or m.magnitude is not None for m in mods):
         raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
                            path=path)
-    arch = adapter.provenance.get("architecture") or "llama"
+    config = _base_config(base, adapter.base_model)
+    arch = adapter.provenance.get("architecture") or _arch(config)
     alpha = most_common([m.alpha for m in mods])
-    n_head, n_kv = _heads(base)
+    n_head, n_kv = _heads(config)
     folded = []
     tensors = []
     for m in mods:
@@ -171,7 +185,7 @@ def write(adapter, path, force=False, base=None, **_):
         if m.alpha != alpha:  # one alpha per file: fold this module's scale into B (within 1 ulp)
             B = (B.float() * (m.scale * m.rank / alpha)).to(B.dtype)
             folded.append(m.name)
-        if gname.endswith(("attn_q", "attn_k")):
+        if gname.endswith(("attn_q", "attn_k")) and arch == "llama":
             if n_head is None:
                 raise LorakitError("llama.cpp permutes Q/K rows: pass --base (a folder with config.json) for the "
                                    "head counts", path=path, tensor=m.name)
