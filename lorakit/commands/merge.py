@@ -304,6 +304,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             read_pool.put(rbuf)
         return out, obuf
 
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
     with atomic_output(output, force=force, directory=folder_out) as tmp, \
             tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=quiet) as bar, \
             ThreadPoolExecutor(threads) as pool:
@@ -338,6 +340,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                                     drop_quantization=dequantize_out)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
+        finally:
+            torch.set_num_threads(intra_op)
     notes = []
     if untie_embed:
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / {HEAD}; both were written and "
