@@ -10,7 +10,7 @@ import torch
 
 from .adapter import Module
 from .errors import LorakitError
-from .linalg import choose_rank, factor_svd, truncated_svd
+from .linalg import choose_rank, factor_svd, inner, truncated_svd
 
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -181,7 +181,7 @@ def compare_modules(a, b):
     sa, sb = factor_svd(Ba, Aa), factor_svd(Bb, Ab)
     na, nb = float(sa.S.norm()), float(sb.S.norm())
     diff = float(factor_svd(torch.cat([Ba, -Bb], 1), torch.cat([Aa, Ab], 0)).S.norm())
-    inner = float(torch.trace((Ba.T @ Bb) @ (Ab @ Aa.T)))
+    dot = inner(Ba, Aa, Bb, Ab)
     Ua, Va = _orthonormal_range(sa)
     Ub, Vb = _orthonormal_range(sb)
     col, row = principal_cosines(Ua, Ub), principal_cosines(Va.T, Vb.T)
@@ -190,7 +190,7 @@ def compare_modules(a, b):
     return {
         "rank_a": a.rank, "rank_b": b.rank, "norm_a": na, "norm_b": nb, "norm_diff": diff,
         "relative_diff": diff / na if na > 0 else (0.0 if diff == 0 else float("inf")),
-        "cosine": inner / (na * nb) if na > 0 and nb > 0 else 0.0,
+        "cosine": dot / (na * nb) if na > 0 and nb > 0 else 0.0,
         "column_overlap": overlap(col, kmin), "row_overlap": overlap(row, kmin),
         "column_angles_deg": [float(torch.rad2deg(torch.arccos(c))) for c in col],
         "row_angles_deg": [float(torch.rad2deg(torch.arccos(c))) for c in row],

@@ -31,10 +31,6 @@ def refuse_unknown(path, unknown, allow_unknown, notes, what="keys"):
     notes.append(f"skipped {len(unknown)} unknown {what}: {shown}")
 
 
-def pair_error(path, module, have, missing):
-    return LorakitError(f"module '{module}' has {have} but no {missing} (wrong pairing)", path=path)
-
-
 def check_rank(path, module, A, B):
     if A.shape[0] != B.shape[1]:
         raise LorakitError(f"down/A factor has rank {A.shape[0]} but up/B factor has rank {B.shape[1]} "
