@@ -321,3 +321,30 @@ def test_dequantize_matches_compressed_tensors(tmp_path, kind):
     theirs = dequantize(q, s.float(), torch.zeros_like(s.float()).to(torch.int8 if kind == "int8" else s.dtype),
                         args, dtype=torch.float32)
     assert torch.allclose(handler.dequantize(ckpt, mods["l.q"]), theirs, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_dequantize_matches_bitsandbytes(tmp_path, double_quant):
+    """Tensors quantized by the real bitsandbytes (CPU) and saved under transformers' names dequantize exactly."""
+    import bitsandbytes.functional as bnbf
+    q, state = bnbf.quantize_4bit(W, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
+    os.makedirs(tmp_path / "q")
+    write_safetensors(tmp_path / "q" / "model.safetensors",
+                      {"l.q.weight": q, **{f"l.q.weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
+    (tmp_path / "q" / "config.json").write_text(json.dumps(
+        {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    ckpt = Checkpoint(tmp_path / "q")
+    handler, mods = detect(ckpt, str(tmp_path / "q"))
+    assert torch.equal(handler.dequantize(ckpt, mods["l.q"]), bnbf.dequantize_4bit(q, state))
+
+
+def test_int8_dequantize_matches_bitsandbytes(tmp_path):
+    import bitsandbytes.functional as bnbf
+    CB, SCB = bnbf.int8_vectorwise_quant(W)[:2]
+    os.makedirs(tmp_path / "q")
+    write_safetensors(tmp_path / "q" / "model.safetensors", {"l.q.weight": CB, "l.q.weight.SCB": SCB})
+    (tmp_path / "q" / "config.json").write_text(json.dumps(
+        {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}))
+    ckpt = Checkpoint(tmp_path / "q")
+    handler, mods = detect(ckpt, str(tmp_path / "q"))
+    assert torch.allclose(handler.dequantize(ckpt, mods["l.q"]), bnbf.int8_vectorwise_dequant(CB, SCB), atol=1e-7)
