@@ -285,8 +285,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             plan = plans.get(key)
             if not dequantize_out and (plan is None or not plan.touched):
                 return None  # an untouched quantized module: byte-identical
-            t = quantized(key).get(name)  # members the strategy leaves alone (g_idx) are copied
-            return None if t is None else (t, None)
+            t = quantized(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
+            return None if t is None else (t, None)  # members the strategy leaves alone (g_idx) are copied
         if copied(name):
             return None  # byte-identical copy, done by the writer
         plan = plans.get(name)
