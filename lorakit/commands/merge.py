@@ -279,7 +279,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     read_pool, out_pool = BufferPool(largest), BufferPool(largest)
 
     def produce(name):
-        """(tensor, pooled buffer to give back once written), or None for a byte-identical copy."""
+        """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy."""
         if name in qweights or name in member_of:
             key = name if name in qweights else member_of[name]
             plan = plans.get(key)
@@ -292,17 +292,22 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         plan = plans.get(name)
         source = plan.source if plan else name
         spec = spec_of(name)
-        rbuf, obuf = read_pool.get(), out_pool.get()
-        try:
-            W = ckpt.shards[ckpt.where[source]].read(source, rbuf)
-            out = out_pool.tensor(obuf, torch_dtype(spec[1]), spec[2])
-            if plan is None or not plan.touched:
-                out.copy_(W)
-            else:
-                out = merge_tensor(W, plan, sign, out.dtype, out)
-        finally:
-            read_pool.put(rbuf)
-        return out, obuf
+        rbuf = read_pool.get()
+        W = ckpt.shards[ckpt.where[source]].read(source, rbuf)
+        if plan is not None and plan.touched and spec[1] == ckpt.entry(source).dtype:
+            out = merge_tensor(W, plan, sign, W.dtype, out=W)  # in place: each row block is read before written
+            if out.data_ptr() == W.data_ptr():
+                return out, lambda: read_pool.put(rbuf)
+            read_pool.put(rbuf)  # a path that made its own tensor (DoRA, bias, replacement)
+            return out, None
+        obuf = out_pool.get()
+        out = out_pool.tensor(obuf, torch_dtype(spec[1]), spec[2])
+        if plan is None or not plan.touched:
+            out.copy_(W)
+        else:
+            out = merge_tensor(W, plan, sign, out.dtype, out)
+        read_pool.put(rbuf)
+        return out, lambda: out_pool.put(obuf)
 
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
@@ -325,7 +330,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                             writer.copy(spec[0], ckpt.shards[ckpt.where[spec[0]]])
                         else:
                             writer.write(spec[0], result[0])
-                            out_pool.put(result[1])
+                            if result[1] is not None:
+                                result[1]()  # its buffer back to the pool
                         bar.update(spec_nbytes(spec))
 
                 for spec in specs:
