@@ -252,3 +252,34 @@ def test_replacement_with_a_delta_on_top(tiny_base, tmp_path):
     lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "out", quiet=True)
     got = Checkpoint(tmp_path / "out").get(name + ".weight").double()
     assert torch.allclose(got, R.double() + ad.modules[name].delta(torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("fail_direct_write", [False, True])
+def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write):
+    """O_DIRECT staging: odd sizes across chunk boundaries, a padded tail cut back, and the fallback to plain writes
+    where a filesystem accepts O_DIRECT at open but refuses it at write."""
+    import errno
+
+    import lorakit.io as lio
+    monkeypatch.setattr(lio.DirectFile, "CHUNK", 3 * 4096)
+    if fail_direct_write:
+        real_write = os.write
+
+        def picky(fd, data):
+            if f.direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+        monkeypatch.setattr(lio.os, "write", picky)
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes()
+              for n in (5, 4096, 13000, 1, 30000, 77)]
+    f = lio.DirectFile(str(tmp_path / "x.bin"))
+    for p in pieces:
+        f.write(p)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"abc" * 5000)
+    with open(src, "rb") as s:
+        s.seek(7)
+        f.readinto_from(s, 9000)
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == b"".join(pieces) + (b"abc" * 5000)[7:9007]

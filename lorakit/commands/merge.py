@@ -319,7 +319,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             for file_name, specs in layout:
                 meta = _shard_metadata(ckpt, file_name)
                 dest = os.path.join(tmp, file_name) if folder_out else tmp
-                writer = ShardWriter(dest, specs, meta)
+                writer = ShardWriter(dest, specs, meta, direct=True)
                 pending = deque()
 
                 def drain(limit):
