@@ -87,6 +87,13 @@ def main():
               [[w, f"{t:.2f}", f"{t / t_cp:.2f}x", f"{r:.0f}", f"{r / rss_pf:.3f}"] for w, t, r in rows])
         print(f"\nlorakit is {t_pf / t_lk:.1f}x faster than PEFT, within {t_lk / t_cp:.2f}x of cp, "
               f"peak RSS {rss_lk / rss_pf:.3f} of PEFT's")
+        # same result: one merged tensor of each against the fp64 merge
+        from lorakit.checkpoint import Checkpoint
+        name = "model.layers.0.mlp.down_proj"
+        ref = Checkpoint(base).get(name + ".weight").double() + ad.modules[name].delta(torch.float64)
+        errors = [float((Checkpoint(f"{work}/{out}").get(name + ".weight").double() - ref).abs().max())
+                  for out in ("lk", "peft_out")]
+        print(f"{name}: max |merged - fp64 reference| lorakit {errors[0]:.2e}, PEFT {errors[1]:.2e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
