@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("linear", "conv", "embedding", "linear_t")  # linear_t: a base weight stored [in, out] (GPT-2 Conv1D)
+KINDS = ("linear", "conv", "embedding", "linear_t")
+
+
+def fp32(x):
+    """x rounded to an fp32 value, as a Python float: how the spec stores alpha."""
+    return float(torch.tensor(float(x), dtype=torch.float32))  # linear_t: a base weight stored [in, out] (GPT-2 Conv1D)
 
 
 @dataclass
@@ -23,7 +28,7 @@ class Module:
     dora_axis: int = None
 
     def __post_init__(self):
-        self.alpha = float(torch.tensor(float(self.alpha), dtype=torch.float32))  # alpha is an fp32 number
+        self.alpha = fp32(self.alpha)
         if self.kind is None:
             self.kind = "conv" if self.A.ndim > 2 else "linear"
 

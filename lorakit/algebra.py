@@ -16,14 +16,14 @@ METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitud
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
-def module_from_factors(name, shape, kind, B2, A2, dtype, alpha=None, rank_min=1):
+def module_from_factors(name, shape, kind, B2, A2, dtype, alpha=None):
     """A Module for a base weight of `shape` from flat factors with dW = B2 @ A2 (scale folded in).
 
     With `alpha` given the scale alpha/k is kept and B is divided by it (resize keeps the file's scale); without,
     alpha = k so that the scale is exactly 1.
     """
     k = A2.shape[0]
-    if k < rank_min:  # an all-zero result still needs rank >= 1 (spec LK205)
+    if k == 0:  # an all-zero result still needs rank >= 1 (spec LK205)
         B2 = torch.zeros(B2.shape[0], 1, dtype=B2.dtype)
         A2 = torch.zeros(1, A2.shape[1], dtype=A2.dtype)
         k = 1

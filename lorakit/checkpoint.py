@@ -8,6 +8,23 @@ from .io import TensorFile, read_header
 INDEX = "model.safetensors.index.json"
 
 
+def read_config(folder, name="config.json"):
+    """A model folder's config.json (or another JSON file in it) as a dict; None where the folder has none."""
+    path = os.path.join(folder, name) if folder and os.path.isdir(folder) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise LorakitError(f"not JSON: {e.msg}", path=path) from None
+
+
+def base_model_name(path):
+    """The name an adapter records for its base: config.json's _name_or_path, else the folder's name."""
+    return (read_config(path) or {}).get("_name_or_path") or os.path.basename(os.path.normpath(os.fspath(path)))
+
+
 def shard_files(path):
     """The safetensors files of a checkpoint path, in a stable order, and the index (or None)."""
     path = os.fspath(path)

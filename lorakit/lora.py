@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapter import Adapter, Module
+from .adapter import Adapter, Module, fp32
 from .errors import LorakitError
 
 
@@ -30,7 +30,7 @@ class LoRA(nn.Module):
 
     @property
     def scale(self):
-        return float(torch.tensor(self.alpha, dtype=torch.float32)) / self.rank
+        return fp32(self.alpha) / self.rank
 
     def delta(self):
         return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).reshape(self.base.weight.shape) * self.scale
@@ -75,6 +75,11 @@ def _kind(module):
     return None
 
 
+def target_list(targets):
+    """'q_proj,v_proj' or a list -> a list of patterns (None stays None)."""
+    return [t for t in targets.split(",") if t] if isinstance(targets, str) else targets
+
+
 def matches(name, patterns):
     """A pattern is a module name, its suffix (q_proj, self_attn.q_proj) or a glob."""
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -82,8 +87,7 @@ def matches(name, patterns):
 
 def inject(model, targets, rank=16, alpha=32.0):
     """Wrap every supported layer whose name matches `targets`; freeze everything else. Returns the wrapped names."""
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",") if t]
+    targets = target_list(targets)
     names = [n for n, m in model.named_modules() if n and matches(n, targets) and _kind(m)]
     if not names:
         raise LorakitError(f"targets {','.join(targets)} match no Linear, Conv, Embedding or Conv1D layer")

@@ -2,8 +2,6 @@
 SwiGLU. Module names mirror Hugging Face's (model.layers.0.self_attn.q_proj ...), so a checkpoint loads by name and
 an adapter trained here merges into that checkpoint directly. Loads Llama / Mistral / Qwen2-style folders
 (config.json + safetensors, sharded or not) and gives the same logits as transformers."""
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -149,12 +147,11 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face Llama / Mistral / Qwen2 folder (config.json + safetensors, sharded or not)."""
-        from .checkpoint import Checkpoint
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
+        from .checkpoint import Checkpoint, read_config
+        config = read_config(folder)
+        if config is None:
             raise LorakitError("no config.json: the base must be a Hugging Face model folder", path=folder)
-        with open(config_path) as f:
-            config = LlamaConfig.from_dict(json.load(f))
+        config = LlamaConfig.from_dict(config)
         with torch.device("meta"):
             model = cls(config)
         ckpt = Checkpoint(folder)

@@ -368,25 +368,21 @@ QUANT_NAMES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale", ".we
                ".quant_map", ".nested_absmax", ".quant_state")
 
 
-def _configs(base):
+def _quantization_config(base):
+    """config.json's quantization_config, else quantize_config.json (older GPTQ files), else None."""
+    from .checkpoint import read_config
     folder = base if os.path.isdir(base) else os.path.dirname(base)
-    config, qconfig = {}, None
-    path = os.path.join(folder, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f)
-        qconfig = config.get("quantization_config")
-    path = os.path.join(folder, "quantize_config.json")
-    if qconfig is None and os.path.isfile(path):
-        with open(path) as f:
-            qconfig = {"quant_method": "gptq", **json.load(f)}
-    return config, qconfig
+    qconfig = (read_config(folder) or {}).get("quantization_config")
+    if qconfig is None:
+        older = read_config(folder, "quantize_config.json")
+        qconfig = {"quant_method": "gptq", **older} if older is not None else None
+    return qconfig
 
 
 def detect(ckpt, base):
     """(format handler, {module: members}) of a quantized checkpoint, (None, {}) for a full-precision one.
     Unknown quantized layouts are refused rather than treated as weights."""
-    _, q = _configs(base)
+    q = _quantization_config(base)
     method = (q or {}).get("quant_method")
     handlers = []
     if method == "gptq" or (method is None and any(n.endswith(".qweight") for n in ckpt.where) and

@@ -15,9 +15,9 @@ WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
 
 def parse_weighted(spec):
     """'path:0.5' -> ('path', 0.5); a path without a numeric suffix has weight 1 (paths may contain ':')."""
-    spec = os.fspath(spec) if not isinstance(spec, (tuple, list)) else spec
     if isinstance(spec, (tuple, list)):
         return os.fspath(spec[0]), float(spec[1])
+    spec = os.fspath(spec)
     head, sep, tail = spec.rpartition(":")
     if sep and head:
         try:

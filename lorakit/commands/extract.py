@@ -1,6 +1,4 @@
 """`lorakit extract`: an adapter from the difference of two checkpoints, streamed one tensor at a time."""
-import fnmatch
-import json
 import os
 
 import torch
@@ -8,30 +6,12 @@ from tqdm import tqdm
 
 from .. import algebra
 from ..adapter import Adapter
-from ..quant import WeightView
+from ..checkpoint import base_model_name
 from ..dtypes import user_dtype
 from ..errors import LorakitError
+from ..lora import matches, target_list
+from ..quant import WeightView
 from ..spec import fingerprint
-
-
-def _targeted(name, targets):
-    """A target is a glob over the module name, or a name component / suffix (q_proj, self_attn.q_proj)."""
-    if not targets:
-        return True
-    return any(fnmatch.fnmatchcase(name, t) or name == t or name.endswith("." + t) for t in targets)
-
-
-def _base_model_name(path):
-    config = os.path.join(path, "config.json") if os.path.isdir(path) else None
-    if config and os.path.isfile(config):
-        try:
-            with open(config) as f:
-                name = json.load(f).get("_name_or_path")
-            if name:
-                return name
-        except (OSError, json.JSONDecodeError):
-            pass
-    return os.path.basename(os.path.normpath(path))
 
 
 def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False,
@@ -40,11 +20,10 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
     tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
     if rank is None and energy is None:
         raise LorakitError("give --rank or --energy")
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",") if t]
+    targets = target_list(targets)
     cb, ct = WeightView(base), WeightView(tuned)  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
-    adapter = Adapter(base_model=_base_model_name(os.fspath(base)), base_fingerprint=fingerprint(cb.shapes()))
+    adapter = Adapter(base_model=base_model_name(base), base_fingerprint=fingerprint(cb.shapes()))
     rows, report = [], {"unchanged": 0, "not_targeted": [], "only_in_tuned": [], "only_in_base": [],
                         "shape_changed": [], "replaced": [], "not_float": []}
     generator = torch.Generator().manual_seed(seed)
@@ -70,7 +49,7 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
                 report["unchanged"] += 1
                 continue
             module_name = name[: -len(".weight")] if name.endswith(".weight") else name
-            if not _targeted(module_name, targets):
+            if targets and not matches(module_name, targets):
                 report["not_targeted"].append(name)
                 continue
             if W1.ndim < 2 or not name.endswith(".weight"):

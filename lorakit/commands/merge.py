@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import INDEX, Checkpoint
+from ..checkpoint import INDEX, Checkpoint, read_config
 from ..dtypes import st_dtype, torch_dtype, user_dtype
 from ..errors import LorakitError
 from ..formats import load
@@ -51,14 +51,6 @@ def parse_size(text):
         raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
     power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-
-
-def _config(base):
-    path = os.path.join(base, "config.json") if os.path.isdir(base) else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
 
 
 BLOCK_ELEMENTS = 1 << 19  # fp32 row blocks of ~2 MB stay in cache: 2-3x faster than whole-tensor passes
@@ -199,7 +191,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if onto not in ("dequantized", "original"):
         raise LorakitError(f"--onto is 'dequantized' or 'original', not '{onto}'")
     loaded = [(p, load(p), w) for p, w in map(parse_weighted, adapters)]
-    config = _config(base)
+    config = read_config(base)
     tied = bool(config and config.get("tie_word_embeddings"))
     handler, qmods = quant.detect(ckpt, base)
     qweights = {f"{m}.weight": members for m, members in qmods.items()}

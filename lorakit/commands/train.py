@@ -137,6 +137,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
           format="lorakit", resume=None, force=False, quiet=False):
     """Train a LoRA adapter on `base` (a Hugging Face Llama-family folder); returns a report, writes `output`."""
     from .. import lora
+    from ..checkpoint import base_model_name
     from ..quant import WeightView
     from ..dtypes import user_dtype
     from ..model import LlamaForCausalLM
@@ -222,9 +223,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
               "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed, "device": str(dev), "processes": world}
     if master:
         adapter = lora.extract(model)
-        with open(os.path.join(base, "config.json")) as f:
-            config = json.load(f)
-        adapter.base_model = config.get("_name_or_path") or os.path.basename(os.path.normpath(base))
+        adapter.base_model = base_model_name(base)
         adapter.base_fingerprint = fingerprint(WeightView(base).shapes())
         adapter.provenance = {"operation": "train", "parents": [{"file": os.path.basename(os.fspath(data)),
                                                                  "role": "data"}],

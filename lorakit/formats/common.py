@@ -1,8 +1,6 @@
 """Helpers shared by the format readers and writers (the key bookkeeping every format needs)."""
 import os
 
-import torch
-
 from ..errors import LorakitError
 from ..io import TensorFile, read_header
 
@@ -50,8 +48,3 @@ def t_contig(t):
 
 def fold_note(notes, what):
     notes.append(f"{what}: the scale was folded into the factors (within 1 ulp of the output dtype)")
-
-
-def f32(x):
-    """x rounded to fp32, as a Python float."""
-    return float(torch.tensor(float(x), dtype=torch.float32))

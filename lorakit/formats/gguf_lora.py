@@ -16,7 +16,7 @@ from ..adapter import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output
 from . import Format, register
-from .common import f32, fold_note, most_common
+from .common import fold_note, most_common
 
 ARCHS = ("llama", "mistral", "qwen2")
 LAYER_MAP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -71,12 +71,11 @@ def unpermute(rows, n_head, n_head_kv=None):
 def _base_config(*candidates):
     """config.json of the first candidate folder that has one (--base, then the adapter's own base_model path, as
     llama.cpp's converter does), or None."""
-    import json
+    from ..checkpoint import read_config
     for folder in candidates:
-        path = os.path.join(folder, "config.json") if folder and os.path.isdir(folder) else None
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+        config = read_config(folder)
+        if config is not None:
+            return config
     return None
 
 
@@ -149,7 +148,7 @@ def read(path, base=None, **_):
                 raise LorakitError("undoing llama.cpp's Q/K row permutation needs the head counts: pass --base "
                                    "(a folder with config.json)", path=path, tensor=gname)
             B = unpermute(B, n_head, n_kv if gname.endswith("attn_k") else None).contiguous()
-        ad.add(Module(module, A, B, alpha=f32(alpha), kind=kind))
+        ad.add(Module(module, A, B, alpha=alpha, kind=kind))
     return ad
 
 

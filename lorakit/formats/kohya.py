@@ -18,7 +18,7 @@ from ..errors import LorakitError
 from ..io import atomic_output, build_header, tensor_bytes
 from ..lycoris import lokr_factors, loha_factors, tucker_factors
 from . import Format, register
-from .common import f32, is_safetensors, most_common, open_safetensors, refuse_unknown
+from .common import is_safetensors, most_common, open_safetensors, refuse_unknown
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
 TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
@@ -198,7 +198,7 @@ def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors", path=path, tensor=lora_name)
     k = A.shape[0]
     out = Module(module, A.to(dtype).contiguous(), B.to(dtype).reshape(B.shape[0], k, *[1] * (A.ndim - 2)),
-                 alpha=f32(scale * k))
+                 alpha=scale * k)
     if "dora_scale" in keys:
         d = get("dora_scale")
         axis = 0 if d.shape[0] == out.shape[0] and d.flatten().numel() == out.shape[0] else 1

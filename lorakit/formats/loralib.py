@@ -9,7 +9,7 @@ import torch
 from ..adapter import Adapter, Module
 from ..errors import LorakitError
 from . import Format, register
-from .common import check_rank, f32, refuse_unknown, t_contig
+from .common import check_rank, refuse_unknown, t_contig
 
 
 def load_state_dict(path):
@@ -71,9 +71,9 @@ def read(path, alpha=None, base=None, allow_unknown=False, **_):
             raise LorakitError("only Linear and Embedding LoRA layers are supported", path=path, tensor=module)
         weight = shapes.get(f"{module}.weight") if shapes else None
         if weight is not None and tuple(weight) == (A.shape[1], B.shape[0]) != (B.shape[0], A.shape[1]):
-            ad.add(Module(module, t_contig(B), t_contig(A), alpha=f32(alpha), kind="embedding"))
+            ad.add(Module(module, t_contig(B), t_contig(A), alpha=alpha, kind="embedding"))
         else:
-            ad.add(Module(module, A, B, alpha=f32(alpha)))
+            ad.add(Module(module, A, B, alpha=alpha))
         if weight is None and shapes is not None:
             notes.append(f"{module}.weight is not in the base")
     ad.replacements = replacements

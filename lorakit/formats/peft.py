@@ -15,7 +15,7 @@ from ..adapter import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
 from . import Format, register
-from .common import check_rank, f32, is_safetensors, most_common, open_safetensors, refuse_unknown, t_contig
+from .common import check_rank, is_safetensors, most_common, open_safetensors, refuse_unknown, t_contig
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -133,7 +133,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         if lora_alpha is None:
             raise LorakitError("adapter_config.json has no lora_alpha", path=path)
         scale = lora_alpha / math.sqrt(r) if rslora else lora_alpha / r
-        mod = Module(module, spec_A, spec_B, alpha=f32(scale * r), kind=kind)
+        mod = Module(module, spec_A, spec_B, alpha=scale * r, kind=kind)
         if abs(mod.scale - scale) > 0:
             notes.append(f"{module}: scale {scale!r} stored as alpha {mod.alpha!r} / {r} (fp32 rounding)")
         if ("lora_B", "bias") in p:
