@@ -393,8 +393,7 @@ def write_safetensors(path, tensors, metadata=None):
     Writes straight to `path`: callers wrap it in atomic_output."""
     from .dtypes import st_dtype
     items = sorted(tensors.items() if isinstance(tensors, dict) else tensors, key=lambda kv: kv[0])
-    head = build_header([(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in items], metadata)
-    with open(path, "wb") as f:
-        f.write(head)
-        for _, v in items:
-            f.write(tensor_bytes(v))
+    writer = ShardWriter(path, [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in items], metadata)
+    for name, v in items:
+        writer.write(name, v)
+    writer.close()

@@ -15,7 +15,7 @@ import torch
 
 from ..adapter import Adapter, Module
 from ..errors import LorakitError
-from ..io import atomic_output, build_header, tensor_bytes
+from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..lycoris import lokr_factors, loha_factors, tucker_factors
 from . import Format, register
 from .common import is_safetensors, most_common, open_safetensors, refuse_unknown
@@ -273,19 +273,12 @@ def write(adapter, path, force=False, **_):
         "ss_network_alpha": _num(most_common([m.alpha for m in mods])) if len(alphas) == 1 else "Dynamic",
         "ss_network_args": meta.get("ss_network_args", "{}"),
     })
-    items = sorted(tensors.items())
-    data = [tensor_bytes(t) for _, t in items]
     digest = hashlib.sha256()
-    for chunk in data:  # the hash covers the bytes after the header, in their final dtype (sd-scripts #1722)
-        digest.update(chunk)
+    for _, t in sorted(tensors.items()):  # the bytes after the header, in file order and final dtype (#1722)
+        digest.update(tensor_bytes(t))
     meta["sshs_model_hash"] = digest.hexdigest()
-    from ..dtypes import st_dtype
-    header = build_header([(k, st_dtype(t.dtype), tuple(t.shape)) for k, t in items], meta)
     with atomic_output(path, force=force) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for chunk in data:
-                f.write(chunk)
+        write_safetensors(tmp, tensors, meta)
 
 
 def _num(x):
