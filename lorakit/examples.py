@@ -81,6 +81,21 @@ def write_sharded(folder, tensors, shards=1):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def write_permutation_task(folder, vocab=64, tokens=8000, seed=0):
+    """The built-in synthetic task (demo, tests): a tiny random Llama in `folder`/base and a token stream in
+    `folder`/data.npy where every token is followed by a fixed permutation of itself: learnable by a LoRA, not known
+    to the base. Returns (base folder, data file)."""
+    import numpy as np
+    base, data = os.path.join(folder, "base"), os.path.join(folder, "data.npy")
+    write_llama_checkpoint(base, vocab=vocab, hidden=64, intermediate=128, layers=2, seed=seed)
+    rng = np.random.default_rng(seed)
+    perm, stream = rng.permutation(vocab), [0]
+    for _ in range(tokens):
+        stream.append(int(perm[stream[-1]]))
+    np.save(data, np.array(stream, dtype=np.uint16))
+    return base, data
+
+
 def random_adapter(shapes, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, dtype=torch.float32, seed=0,
                    magnitude=1.0, base_model=None):
     """A LoRA adapter on every 2-D weight whose name contains one of `targets` (B nonzero, unlike at init)."""

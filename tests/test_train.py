@@ -23,12 +23,7 @@ ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 def task(tmp_path_factory):
     """A tiny random Llama and a learnable synthetic stream: each token is followed by a fixed permutation of it."""
     d = tmp_path_factory.mktemp("task")
-    examples.write_llama_checkpoint(str(d / "base"), vocab=64, hidden=64, intermediate=128, layers=2)
-    g = np.random.default_rng(0)
-    perm, toks = g.permutation(64), [0]
-    for _ in range(8000):
-        toks.append(perm[toks[-1]])
-    np.save(d / "data.npy", np.array(toks, dtype=np.uint16))
+    examples.write_permutation_task(str(d))
     return d
 
 

@@ -6,7 +6,6 @@ import tempfile
 
 def demo(keep=None, quiet=False, echo=print):
     """Run the demo; returns a dict of what it made and found."""
-    import numpy as np
     import torch
 
     from .. import examples, lora
@@ -20,15 +19,7 @@ def demo(keep=None, quiet=False, echo=print):
 
     folder = keep or tempfile.mkdtemp(prefix="lorakit-demo-")
     os.makedirs(folder, exist_ok=True)
-    base = os.path.join(folder, "base")
-    examples.write_llama_checkpoint(base, vocab=64, hidden=64, intermediate=128, layers=2)
-    # the synthetic task: every token is followed by a fixed permutation of itself (learnable, not by the base)
-    rng = np.random.default_rng(0)
-    perm, tokens = rng.permutation(64), [0]
-    for _ in range(8000):
-        tokens.append(int(perm[tokens[-1]]))
-    data = os.path.join(folder, "data.npy")
-    np.save(data, np.array(tokens, dtype=np.uint16))
+    base, data = examples.write_permutation_task(folder)
     adapter_path = os.path.join(folder, "adapter.safetensors")
     targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     echo(f"# a tiny Llama-style base in {base} and a synthetic next-token task in {data}\n")
