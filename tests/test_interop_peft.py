@@ -34,7 +34,13 @@ def randomize_lora(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "magnitude" in name else 0.0))
 
 
-def load_peft(base, folder):
+def load_peft(make_base, state, folder, save_base_to=None):
+    """A fresh base with the original weights (saved first when asked: PEFT wraps it in place), then the PEFT
+    adapter in `folder` loaded on it. Returns (model, the warnings PEFT gave)."""
+    base = make_base().eval()
+    base.load_state_dict(state)
+    if save_base_to is not None:
+        base.save_pretrained(save_base_to)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = peft.PeftModel.from_pretrained(base, folder).eval()
@@ -63,10 +69,8 @@ def test_peft_round_trip_same_logits(tmp_path, variant):
     orig, back = TensorFile(tmp_path / "orig" / "adapter_model.safetensors"), TensorFile(
         tmp_path / "back" / "adapter_model.safetensors")
     assert set(orig.header.entries) == set(back.header.entries)  # every tensor kept, under PEFT's own names
-    fresh = transformers.LlamaForCausalLM(config).eval()
-    fresh.load_state_dict(base_state)
-    fresh.save_pretrained(tmp_path / "base")  # before PEFT wraps it in place
-    loaded, warned = load_peft(fresh, tmp_path / "back")
+    loaded, warned = load_peft(lambda: transformers.LlamaForCausalLM(config), base_state, tmp_path / "back",
+                               save_base_to=tmp_path / "base")
     assert warned == [], warned
     with torch.no_grad():
         got = loaded(ids).logits
@@ -96,10 +100,8 @@ def test_gpt2_fan_in_fan_out_and_dora(tmp_path):
     m = ad.modules["transformer.h.0.attn.c_attn"]
     assert m.kind == "linear_t" and m.shape == (32, 96) and m.dora_axis == 1
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
-    fresh = transformers.GPT2LMHeadModel(config).eval()
-    fresh.load_state_dict(state)
-    fresh.save_pretrained(tmp_path / "base")
-    loaded, warned = load_peft(fresh, tmp_path / "back")
+    loaded, warned = load_peft(lambda: transformers.GPT2LMHeadModel(config), state, tmp_path / "back",
+                               save_base_to=tmp_path / "base")
     assert warned == []
     with torch.no_grad():
         assert (loaded(ids).logits - want).abs().max().item() <= 1e-6
@@ -131,9 +133,7 @@ def test_conv_layers(tmp_path):
     lorakit.convert(tmp_path / "orig", tmp_path / "a.safetensors", to="lorakit")
     assert lorakit.load(tmp_path / "a.safetensors").modules["conv"].kind == "conv"
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
-    fresh = Net().eval()
-    fresh.load_state_dict(state)
-    loaded, warned = load_peft(fresh, tmp_path / "back")
+    loaded, warned = load_peft(Net, state, tmp_path / "back")
     with torch.no_grad():
         assert (loaded(x) - want).abs().max().item() <= 1e-6
 
