@@ -428,8 +428,10 @@ class WeightView:
         self.ckpt = Checkpoint(self.path)
         self.handler, mods = detect(self.ckpt, self.path)
         self.quantized = {f"{m}.weight": members for m, members in mods.items()}
-        hidden = {t for members in self.quantized.values() for t in member_names(self.handler, self.ckpt, members)}
-        self.names = sorted([n for n in self.ckpt.where if n not in hidden] + list(self.quantized))
+        # packed tensor -> the weight it makes up (hidden from the names: the weight stands for them)
+        self.member_of = {t: n for n, members in self.quantized.items()
+                          for t in member_names(self.handler, self.ckpt, members)}
+        self.names = sorted([n for n in self.ckpt.where if n not in self.member_of] + list(self.quantized))
 
     def __contains__(self, name):
         return name in self.quantized or (name in self.ckpt and name in self.names)

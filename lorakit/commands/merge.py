@@ -82,15 +82,16 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
     return out.reshape(W.shape)
 
 
-def plan_merge(ckpt, adapters, unmerge, tied, ignore_fingerprint, qshapes=None, member_of=None):
-    """Resolve every adapter tensor to a base tensor (`qshapes`: the dequantized shapes of quantized weights, by
-    weight name; `member_of`: their packed tensors). Raises one error listing everything that does not fit."""
-    qshapes, member_of = qshapes or {}, member_of or {}
+def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
+    """Resolve every adapter tensor to a base tensor of the WeightView `view` (quantized weights by their
+    dequantized shapes). Raises one error listing everything that does not fit."""
+    ckpt = view.ckpt
+    qshapes = {n: view.shape(n) for n in view.quantized}
     plans = {}
     problems = []
     embed = next((n for n in ckpt.where if n.endswith(EMBEDDING_NAMES)), None) if tied else None
     # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
-    base_fp = fingerprint({**{n: e for n, e in ckpt.shapes().items() if n not in member_of}, **qshapes})
+    base_fp = fingerprint(view.shapes())
 
     def target(name):
         if name in ckpt or name in qshapes:
@@ -183,7 +184,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     from .. import quant, requant
     _large_buffers_back_to_os()
     base = os.fspath(base)
-    ckpt = Checkpoint(base)
+    view = quant.WeightView(base)  # quantized modules seen as their full-precision weights
+    ckpt, handler, qweights, member_of = view.ckpt, view.handler, view.quantized, view.member_of
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     if strategy not in requant.STRATEGIES:
@@ -193,15 +195,12 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     loaded = [(p, load(p), w) for p, w in map(parse_weighted, adapters)]
     config = read_config(base)
     tied = bool(config and config.get("tie_word_embeddings"))
-    handler, qmods = quant.detect(ckpt, base)
-    qweights = {f"{m}.weight": members for m, members in qmods.items()}
-    qshapes = {n: tuple(handler.shape(ckpt, members)) for n, members in qweights.items()}
-    member_of = {t: n for n, members in qweights.items() for t in quant.member_names(handler, ckpt, members)}
-    plans, untie_embed = plan_merge(ckpt, loaded, unmerge, tied, ignore_fingerprint, qshapes, member_of)
+    qshapes = {n: view.shape(n) for n in qweights}
+    plans, untie_embed = plan_merge(view, loaded, unmerge, tied, ignore_fingerprint)
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
-    dequantize_out = bool(qmods) and target_dtype is not None
+    dequantize_out = bool(qweights) and target_dtype is not None
     full = Checkpoint(full_precision_base) if full_precision_base else None
-    if qmods and not dequantize_out:
+    if qweights and not dequantize_out:
         if not handler.writable:
             raise LorakitError(f"{handler.name} checkpoints are read only: merge to full precision with --dtype bf16",
                                path=base)
@@ -348,7 +347,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     report = {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
               "unmerge": unmerge, "tensors": sum(len(s) for _, s in layout), "merged": len(touched),
               "shards": len(layout) if folder_out else 1, "bytes": total, "dtype": dtype or "keep", "notes": notes}
-    if qmods:
+    if qweights:
         report["quantization"] = _survival_summary(handler, strategy, survival, dequantize_out, notes)
     return report
 
