@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table, timed  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit.adapter import Adapter, Module  # noqa: E402
+from lorakit.core import Adapter, Module  # noqa: E402
 
 N, RANK, MODULES, NEW_RANK = 4096, 64, int(os.environ.get("BENCH_MODULES", 2)), 32
 

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table, timed  # noqa: E402
 
 from lorakit import inspect  # noqa: E402
-from lorakit.adapter import Adapter, Module  # noqa: E402
+from lorakit.core import Adapter, Module  # noqa: E402
 
 with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "big.safetensors")

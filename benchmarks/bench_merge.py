@@ -88,7 +88,7 @@ def main():
         print(f"\nlorakit is {t_pf / t_lk:.1f}x faster than PEFT, within {t_lk / t_cp:.2f}x of cp, "
               f"peak RSS {rss_lk / rss_pf:.3f} of PEFT's")
         # same result: one merged tensor of each against the fp64 merge
-        from lorakit.checkpoint import Checkpoint
+        from lorakit.io import Checkpoint
         name = "model.layers.0.mlp.down_proj"
         ref = Checkpoint(base).get(name + ".weight").double() + ad.modules[name].delta(torch.float64)
         errors = [float((Checkpoint(f"{work}/{out}").get(name + ".weight").double() - ref).abs().max())

@@ -16,9 +16,9 @@ from common import measure_command, measure_python, table  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import examples  # noqa: E402
-from lorakit.adapter import Adapter, Module  # noqa: E402
+from lorakit.core import Adapter, Module  # noqa: E402
 from lorakit.io import write_safetensors  # noqa: E402
-from lorakit.quant import quantization_config, quantize  # noqa: E402
+from lorakit.examples import quantization_config, quantize  # noqa: E402
 
 SIZE = dict(layers=int(os.environ.get("BENCH_LAYERS", 2)), hidden=1024, intermediate=2816, vocab=8000, heads=8,
             kv_heads=4)

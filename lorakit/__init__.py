@@ -6,8 +6,8 @@ from ._version import __version__
 
 _LAZY = {
     "load": ("lorakit.formats", "load"),
-    "Adapter": ("lorakit.adapter", "Adapter"),
-    "Module": ("lorakit.adapter", "Module"),
+    "Adapter": ("lorakit.core", "Adapter"),
+    "Module": ("lorakit.core", "Module"),
     "LorakitError": ("lorakit.errors", "LorakitError"),
     "inspect": ("lorakit.commands.inspect", "inspect"),
     "validate": ("lorakit.commands.validate", "validate"),

@@ -10,6 +10,12 @@ import click
 
 from . import render
 from ._version import __version__
+from .formats import FORMATS
+from .io.dtypes import ALIASES, USER_DTYPES
+from .methods import METHODS
+from .quant import STRATEGIES
+
+DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
 
 
 def _fail(message, code=2):
@@ -87,7 +93,7 @@ def validate_cmd(files, as_json):
 # ---------------------------------------------------------------- algebra
 def _dtype_option(f):
     return click.option("--dtype", default="keep", show_default=True,
-                        type=click.Choice(["keep", "fp32", "fp16", "bf16"]), help="dtype of the output factors.")(f)
+                        help=f"dtype of the output factors: keep, {DTYPE_HELP}.")(f)
 
 
 def _common_output(f):
@@ -101,7 +107,7 @@ def _common_output(f):
 @click.argument("adapters", nargs=-1, required=True)
 @_common_output
 @click.option("--method", default="linear", show_default=True,
-              type=click.Choice(["cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]))
+              type=click.Choice(list(METHODS)), help="; ".join(f"{k}: {v[2]}" for k, v in METHODS.items()))
 @click.option("--rank", type=int, help="Truncate each module optimally to this rank.")
 @click.option("--energy", type=float, help="Keep the smallest rank with this share of ||dW||_F^2 (0-1).")
 @click.option("--density", type=float, default=0.5, show_default=True, help="Kept share for ties/dare/prune.")
@@ -164,7 +170,7 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
 @command(main, "convert")
 @click.argument("input", type=click.Path())
 @_common_output
-@click.option("--to", "to", required=True, help="Output format (lorakit, peft, kohya, diffusers, gguf).")
+@click.option("--to", "to", required=True, help=f"Output format ({', '.join(FORMATS)}).")
 @click.option("--from", "from_", help="Input format (default: detected from the content).")
 @click.option("--base", type=click.Path(), help="Base checkpoint: resolves kohya names and GPT-2 layouts.")
 @click.option("--alpha", type=float, help="Alpha for formats that do not store it (loralib .pt, bare PEFT files).")
@@ -181,14 +187,13 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
 @_common_output
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
-              help="Output dtype of floating tensors (keep: each tensor's own).")
+@click.option("--dtype", default="keep", show_default=True,
+              help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}.")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
 @click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
-@click.option("--strategy", default="feedback", show_default=True,
-              type=click.Choice(["feedback", "same-grid", "stochastic", "rescale", "original"]),
+@click.option("--strategy", default=next(iter(STRATEGIES)), show_default=True, type=click.Choice(list(STRATEGIES)),
               help="Quantized bases: how W + dW goes back onto the grid (see README).")
 @click.option("--full-precision-base", type=click.Path(), help="The unquantized base (for --strategy original / "
               "--onto original).")
@@ -221,8 +226,8 @@ def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, sha
 @click.option("--eval-every", type=int, default=50, show_default=True, help="Held-out eval every N steps (0: end).")
 @click.option("--warmup", type=int, help="Warmup steps (default: 10% of the steps).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda...")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Dtype of the frozen base (auto: bf16 on a GPU, else fp32).")
+@click.option("--dtype", default="auto", show_default=True,
+              help=f"Dtype of the frozen base: auto (bf16 on a GPU, else fp32), {DTYPE_HELP}.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "format_", default="lorakit", show_default=True, type=click.Choice(["lorakit", "peft"]))
 @click.option("--resume", type=click.Path(), help="Start from this adapter's factors.")

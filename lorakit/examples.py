@@ -1,10 +1,18 @@
-"""Built-in examples: a small Llama-style base checkpoint and adapters for it. Used by `demo`, tests and benchmarks."""
+"""Built-in examples and fixtures: small Llama-style base checkpoints (full precision or quantized) and adapters for
+them. Used by `demo`, the tests and the benchmarks; nothing else in the library depends on this file."""
 import json
 import os
 
 import torch
 
-from .adapter import Adapter, Module
+from .core import Adapter, Module
+from .errors import LorakitError
+from .io.dtypes import dtype_name, st_dtype
+from .io.safetensors import Entry
+from .quant import rounding
+from .quant.fp8 import FP8Channel
+from .quant.gptq_awq import AWQ, GPTQ
+from .quant.int8 import Int8Channel
 from .spec import fingerprint
 
 LINEAR_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -57,7 +65,7 @@ def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, shards=1, **size
     os.makedirs(folder, exist_ok=True)
     tensors = random_tensors(llama_shapes(**size), dtype, seed)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({**llama_config(**size), "torch_dtype": str(dtype).replace("torch.", "")}, f, indent=2)
+        json.dump({**llama_config(**size), "torch_dtype": dtype_name(dtype)}, f, indent=2)
     write_sharded(folder, tensors, shards)
     return tensors
 
@@ -109,3 +117,61 @@ def random_adapter(shapes, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, dtyp
             B = magnitude * torch.randn(out, rank, generator=g) / rank ** 0.5
             ad.add(Module(name[: -len(".weight")], A.to(dtype), B.to(dtype), alpha=alpha))
     return ad
+
+
+class TensorDict:
+    """A dict of tensors with the little of the Checkpoint interface the quantized formats use."""
+
+    def __init__(self, tensors):
+        self.tensors, self.path = tensors, "<memory>"
+        self.where = dict.fromkeys(tensors, "<memory>")
+        self._entries = {k: Entry(k, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
+                         for k, v in tensors.items()}
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def get(self, name):
+        return self.tensors[name]
+
+    def entry(self, name):
+        return self._entries[name]
+
+
+def quantize(W, fmt, group_size=128, bits=4):
+    """Quantize a weight [out, in] into a format's stored tensors (names relative to the module: 'weight',
+    'weight_scale', 'qweight', ...): for building quantized example checkpoints (tests, benchmarks). Nearest
+    rounding, with the format's own fit and encode."""
+    out, inn = W.shape
+    if fmt == "fp8":
+        handler, t = FP8Channel(), {"weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
+                                    "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
+        members = {"weight": "weight", "weight_scale": "weight_scale"}
+    elif fmt == "int8":
+        handler, t = Int8Channel(), {"weight": torch.zeros(out, inn, dtype=torch.int8),
+                                     "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
+        members = {"weight": "weight", "weight_scale": "weight_scale"}
+    elif fmt in ("gptq", "awq"):
+        groups, per = inn // group_size, 32 // bits
+        handler = GPTQ(bits, group_size, sym=True) if fmt == "gptq" else AWQ(group_size, bits)
+        t = {"qweight": torch.zeros(inn // per, out, dtype=torch.int32) if fmt == "gptq" else
+             torch.zeros(inn, out // per, dtype=torch.int32),
+             "qzeros": torch.zeros(groups, out // per, dtype=torch.int32), "scales": torch.zeros(groups, out,
+                                                                                                 dtype=torch.float16)}
+        members = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales"}
+    else:
+        raise LorakitError(f"cannot quantize to '{fmt}' (fp8, int8, gptq, awq)")
+    ckpt = TensorDict(t)
+    grid = handler.fit(ckpt, members, W.float())
+    codes = rounding.nearest(W.float() / grid.S + grid.Z, grid.C)
+    return handler.encode(ckpt, members, codes, grid)
+
+
+def quantization_config(fmt, group_size=128, bits=4):
+    """The config.json `quantization_config` that goes with `quantize`'s tensors."""
+    return {"fp8": {"quant_method": "compressed-tensors", "format": "float-quantized"},
+            "int8": {"quant_method": "compressed-tensors", "format": "int-quantized"},
+            "gptq": {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": True, "desc_act": False,
+                     "checkpoint_format": "gptq"},
+            "awq": {"quant_method": "awq", "bits": bits, "group_size": group_size, "version": "gemm",
+                    "zero_point": True}}[fmt]

@@ -6,8 +6,10 @@ loading can never disagree.
 import json
 from dataclasses import dataclass
 
+from .core.adapter import KINDS, default_kind
 from .errors import LorakitError
-from .io import read_header
+from .io import TensorFile, read_header
+from .io.dtypes import FACTOR_DTYPES
 
 SPEC_VERSION = "1.0"
 SPEC_MAJOR = 1
@@ -38,10 +40,8 @@ CODES = {
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }
 
-FACTOR_DTYPES = ("F32", "F16", "BF16")
 SUFFIXES = ("lora_A", "lora_B", "alpha", "bias_delta", "dora_magnitude")
 REPLACEMENT = "replacement"  # "<base tensor name>.replacement": full-tensor replacement
-KINDS = ("linear", "conv", "embedding", "linear_t")
 
 META_VERSION = "lorakit.spec_version"
 META_BASE = "lorakit.base_model"
@@ -192,7 +192,7 @@ def check_module(name, keys, entries, info, add):
         add("LK204", f"lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}", b)
     if A.shape[0] == 0:
         add("LK205", "rank 0", a)
-    kind = info.get("kind", "conv" if len(A.shape) > 2 else "linear")
+    kind = info.get("kind", default_kind(len(A.shape)))
     if kind not in KINDS:
         add("LK212", f"kind '{kind}' is not one of {', '.join(KINDS)}", a)
     elif (kind == "conv") != (len(A.shape) > 2):
@@ -220,7 +220,6 @@ def check_module(name, keys, entries, info, add):
 def check_values(path, header, problems):
     """NaN/Inf in any tensor, alpha finite and positive: needs the data, so it runs after the header checks."""
     import torch
-    from .io import TensorFile
     tf = TensorFile(path, header)
     for name, e in header.entries.items():
         t = tf.get(name)

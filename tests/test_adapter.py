@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapter import Module
+from lorakit.core import Module
 
 g = torch.Generator().manual_seed(0)
 

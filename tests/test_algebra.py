@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adapter import Adapter, Module
-from lorakit.algebra import _sign_consensus, _sparsify_magnitude
+from lorakit.core import Adapter, Module
+from lorakit.methods.sparse import _sign_consensus, _sparsify_magnitude
 from lorakit.errors import LorakitError
 from lorakit.io import write_safetensors
-from lorakit.linalg import factor_svd, truncated_svd
+from lorakit.core.linalg import factor_svd, truncated_svd
 
 from conftest import assert_one_line_error, listdir_all
 

@@ -6,9 +6,9 @@ import torch
 
 import lorakit
 from lorakit import examples
-from lorakit.adapter import Adapter, Module
+from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
-from lorakit.formats.gguf_lora import permute, unpermute
+from lorakit.formats.names import permute, unpermute
 
 from conftest import bits, shapes_of
 

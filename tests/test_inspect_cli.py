@@ -6,7 +6,7 @@ import sys
 import torch
 
 from lorakit import examples, inspect
-from lorakit.adapter import Adapter, Module
+from lorakit.core import Adapter, Module
 
 from conftest import assert_one_line_error, shapes_of
 

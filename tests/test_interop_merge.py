@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import lorakit
-from lorakit.adapter import Adapter, Module
+from lorakit.core import Adapter, Module
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.formats.kohya import _sd1_unet_to_diffusers, mangle
+from lorakit.formats.names import sd1_unet_to_diffusers as _sd1_unet_to_diffusers, mangle
 from lorakit.io import TensorFile, write_safetensors
 
 g = torch.Generator().manual_seed(5)

@@ -7,8 +7,8 @@ import torch
 
 import lorakit
 from lorakit import examples
-from lorakit.adapter import Adapter, Module
-from lorakit.checkpoint import Checkpoint
+from lorakit.core import Adapter, Module
+from lorakit.io import Checkpoint
 from lorakit.errors import LorakitError
 from lorakit.io import TensorFile, write_safetensors
 
@@ -212,7 +212,7 @@ def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
     c, out, err = cli("merge", bad, tmp_path / "good.safetensors", "-o", tmp_path / "o2")
     assert_one_line_error(c, out, err, "model.safetensors", "LK102")
     # disk full in the middle of writing
-    import lorakit.io as lio
+    import lorakit.io.safetensors as lio
     real = lio.ShardWriter.write
 
     def full(self, name, tensor):
@@ -260,7 +260,7 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
     where a filesystem accepts O_DIRECT at open but refuses it at write."""
     import errno
 
-    import lorakit.io as lio
+    import lorakit.io.safetensors as lio
     monkeypatch.setattr(lio.DirectFile, "CHUNK", 3 * 4096)
     if fail_direct_write:
         real_write = os.write

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.adapter import Adapter, Module
-from lorakit.checkpoint import Checkpoint
+from lorakit.core import Adapter, Module
+from lorakit.io import Checkpoint
 from lorakit.errors import LorakitError
 from lorakit.io import write_safetensors
 from lorakit.quant import detect

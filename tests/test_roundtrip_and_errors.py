@@ -6,7 +6,7 @@ import torch
 
 import lorakit
 from lorakit import examples
-from lorakit.adapter import Adapter, Module
+from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
 
 from conftest import assert_one_line_error, bits, listdir_all

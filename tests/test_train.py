@@ -12,9 +12,10 @@ import torch
 import transformers
 
 import lorakit
-from lorakit import examples, lora
+from lorakit import examples
+from lorakit.training import lora
 from lorakit.errors import LorakitError
-from lorakit.model import LlamaForCausalLM
+from lorakit.training.model import LlamaForCausalLM
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 

@@ -4,27 +4,14 @@ import os
 import torch
 from tqdm import tqdm
 
-from .. import algebra
-from ..adapter import Adapter
-from ..dtypes import user_dtype
+from ..core import Adapter, algebra
 from ..errors import LorakitError
 from ..formats import load
+from ..io.dtypes import user_dtype
+from ..methods import get_method
+from .args import parse_weighted
 
 WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
-
-
-def parse_weighted(spec):
-    """'path:0.5' -> ('path', 0.5); a path without a numeric suffix has weight 1 (paths may contain ':')."""
-    if isinstance(spec, (tuple, list)):
-        return os.fspath(spec[0]), float(spec[1])
-    spec = os.fspath(spec)
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _parent(path, adapter, **extra):
@@ -45,10 +32,7 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     cat/linear are exact (rank = sum of ranks), or optimally truncated with rank/energy; svd truncates to `rank`
     (default: the largest input rank); ties, dare_linear, dare_ties, magnitude_prune act on the dense deltas.
     """
-    if method not in algebra.METHODS:
-        raise LorakitError(f"unknown method '{method}' (choose from {', '.join(algebra.METHODS)})")
-    if method == "cat" and (rank is not None or energy is not None):
-        raise LorakitError("cat is exact: --rank/--energy apply to linear, svd and the sparsifying methods")
+    combine_method = get_method(method, rank, energy)
     _check_rule(rank=rank, energy=energy)
     if not 0 < density <= 1:
         raise LorakitError(f"--density must be in (0, 1], got {density}")
@@ -68,7 +52,8 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=quiet):
         entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
         try:
-            module, stats = algebra.combine_module(name, entries, method, rank, energy, density, seed, out_dtype)
+            module, stats = algebra.combine_module(name, entries, combine_method, out_dtype, rank=rank,
+                                                          energy=energy, density=density, seed=seed)
         except LorakitError as e:
             raise LorakitError(str(e), path=", ".join(p for p, _ in inputs)) from None
         result.add(module)
@@ -137,5 +122,5 @@ def diff(a, b, quiet=False):
 def _norm(m):
     if m is None:
         return None
-    from ..linalg import frobenius_norm
+    from ..core.linalg import frobenius_norm
     return frobenius_norm(*m.factors(torch.float64))

@@ -2,22 +2,26 @@
 import os
 
 from ..errors import LorakitError
-from ..formats import REGISTRY, detect_format, get_format
+from ..formats import detect_format, get_format, given, load, save, takes
 
 
-def convert(input, output, to, from_=None, base=None, alpha=None, allow_unknown=False, force=False, **options):
-    """Convert an adapter between formats. Returns a report with what the reader and writer did."""
-    src = get_format(from_) if from_ else detect_format(os.fspath(input))
+def convert(input, output, to, from_=None, base=None, alpha=None, allow_unknown=False, force=False):
+    """Convert an adapter between formats. Returns a report with what the reader and writer did. `base` goes to the
+    reader and/or the writer that use it (an error when neither does); `alpha` and `allow_unknown` to the reader."""
+    input, output = os.fspath(input), os.fspath(output)
+    src = get_format(from_) if from_ else detect_format(input)
     dst = get_format(to)
-    if src.read is None:
-        raise LorakitError(f"format '{src.name}' cannot be read", path=input)
     if dst.write is None:
-        writable = ", ".join(sorted(n for n, f in REGISTRY.items() if f.write))
-        raise LorakitError(f"format '{dst.name}' cannot be written (writable: {writable})")
-    adapter = src.read(os.fspath(input), base=base, alpha=alpha, allow_unknown=allow_unknown, **options)
+        raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
+    if base is not None and not ({"base"} & (takes(src.read or (lambda: None)) | takes(dst.write))):
+        raise LorakitError(f"--base is used neither by the {src.name} reader nor by the {dst.name} writer")
+    read_options = given({"alpha": alpha, "allow_unknown": allow_unknown})
+    if src.read is not None and "base" in takes(src.read) and base is not None:
+        read_options["base"] = base
+    adapter = load(input, format=src.name, **read_options)
     adapter.provenance = {**adapter.provenance, "operation": "convert",
-                          "parents": [{"file": os.path.basename(os.path.normpath(os.fspath(input))),
-                                       "format": src.name}]}
-    dst.write(adapter, os.fspath(output), force=force, base=base, **options)
-    return {"input": os.fspath(input), "output": os.fspath(output), "from": src.name, "to": dst.name,
-            "modules": len(adapter.modules), "replacements": len(adapter.replacements), "notes": adapter.notes}
+                          "parents": [{"file": os.path.basename(os.path.normpath(input)), "format": src.name}]}
+    write_options = {"base": base} if base is not None and "base" in takes(dst.write) else {}
+    notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
+    return {"input": input, "output": output, "from": src.name, "to": dst.name,
+            "modules": len(adapter.modules), "replacements": len(adapter.replacements), "notes": notes}

@@ -8,9 +8,10 @@ def demo(keep=None, quiet=False, echo=print):
     """Run the demo; returns a dict of what it made and found."""
     import torch
 
-    from .. import examples, lora
+    from .. import examples
+    from ..training import lora
     from ..formats import load
-    from ..model import LlamaForCausalLM
+    from ..training.model import LlamaForCausalLM
     from ..render import inspect_text, merge_text, train_text, validate_text
     from .inspect import inspect
     from .merge import merge

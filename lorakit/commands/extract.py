@@ -4,14 +4,14 @@ import os
 import torch
 from tqdm import tqdm
 
-from .. import algebra
-from ..adapter import Adapter
-from ..checkpoint import base_model_name
-from ..dtypes import user_dtype
+from ..core import Adapter, algebra, default_kind
 from ..errors import LorakitError
-from ..lora import matches, target_list
-from ..quant import WeightView
+from ..formats.names import is_embedding
+from ..io import base_model_name
+from ..io.dtypes import user_dtype
+from ..quant.view import WeightView
 from ..spec import fingerprint
+from ..training.lora import matches, target_list
 
 
 def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False,
@@ -58,8 +58,7 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
                 continue
             D = W1.float().flatten(1) - W0.float().flatten(1)
             B2, A2, stats = algebra.extract_matrix(D, rank=rank, energy=energy, generator=generator)
-            kind = "conv" if W1.ndim > 2 else ("embedding" if "embed" in module_name or "wte" in module_name
-                                               else "linear")
+            kind = "embedding" if W1.ndim == 2 and is_embedding(name) else default_kind(W1.ndim)
             adapter.add(algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2,
                                                     out_dtype or W1.dtype))
             rows.append({"module": module_name, **stats})

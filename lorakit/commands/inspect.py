@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 
 from ..errors import LorakitError
 from ..formats import detect_format
+from ..io.dtypes import dtype_name
 
 
 def _pattern(name):
@@ -31,7 +32,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     modules = []
     for m in ad.modules.values():
         modules.append({"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
-                        "shape": list(m.shape), "dtype": str(m.A.dtype).replace("torch.", ""),
+                        "shape": list(m.shape), "dtype": dtype_name(m.A.dtype),
                         "params": m.num_params, "bias_delta": m.bias is not None, "dora": m.magnitude is not None})
     groups = defaultdict(list)
     for m in modules:
@@ -39,7 +40,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     targets = [{"kind": kind, "pattern": pat, "name": pat.rsplit(".", 1)[-1], "count": len(ms),
                 "ranks": sorted({m["rank"] for m in ms}), "alphas": sorted({m["alpha"] for m in ms})}
                for (kind, pat), ms in sorted(groups.items())]
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for m in ad.modules.values() for t in (m.A, m.B))
+    dtypes = Counter(dtype_name(t.dtype) for m in ad.modules.values() for t in (m.A, m.B))
     report = {
         "file": path, "format": fmt.name, "file_size": _size(path),
         "spec_version": _spec_version(path) if fmt.name == "lorakit" else None,
@@ -68,10 +69,10 @@ def _spec_version(path):
 def _add_spectrum(ad, modules, base, quiet):
     import torch
     from tqdm import tqdm
-    from ..linalg import singular_values
+    from ..core.linalg import singular_values
     ckpt = None
     if base is not None:
-        from ..quant import WeightView
+        from ..quant.view import WeightView
         ckpt = WeightView(base)
     for row in tqdm(modules, desc="spectrum", unit="module", disable=quiet, file=None):
         m = ad.modules[row["name"]]

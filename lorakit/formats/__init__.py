@@ -1,59 +1,110 @@
-"""Format registry: each adapter format is a reader and/or writer keyed by name, detected from file content.
+"""Adapter formats: a registry of readers and writers, detected from file content.
 
-A format module registers itself with `register(Format(...))`; the core never imports a format directly.
+A format is one module of this package with `detect(probe) -> bool`, and `read(path, ...)` and/or
+`write(adapter, path, force=False, ...) -> notes`; the keyword parameters a reader or writer declares are the options
+it takes, and any other option given to it is an error, never silently dropped. Adding a format: its file here, and
+its row in FORMATS (whose order is the detection order).
+
+Torch-free at import: the CLI takes its choices from FORMATS.
 """
+import importlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import LorakitError
 
+# name -> (module in this package, description). Detection asks them in this order: the spec format first, then
+# the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).
+FORMATS = {
+    "lorakit": ("lorakit_v1", "lorakit adapter spec v1 (one safetensors file)"),
+    "diffusers": ("diffusers", "diffusers LoRA (PEFT keys under unet./text_encoder./transformer.)"),
+    "peft": ("peft", "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) or bare file"),
+    "kohya": ("kohya", "kohya-ss/sd-scripts LoRA (and LyCORIS, read)"),
+    "loralib": ("loralib", "microsoft/LoRA loralib .pt state dict (read only; needs --alpha)"),
+    "gguf": ("gguf_lora", "llama.cpp GGUF LoRA adapter (Llama family; needs the gguf package)"),
+}
+ALIASES = {"lycoris": "kohya", "sd-scripts": "kohya", "llama.cpp": "gguf", "microsoft-lora": "loralib"}
+
 
 @dataclass
 class Format:
     name: str
-    detect: Callable  # (path) -> bool, looking at content, never at the file name
-    read: Callable = None  # (path, **options) -> Adapter
-    write: Callable = None  # (adapter, path, force=False, **options) -> None
+    detect: Callable
+    read: Callable = None
+    write: Callable = None
     description: str = ""
-    priority: int = 10  # detection order: lower first (the spec format before formats it could resemble)
-
-
-REGISTRY = {}
-
-
-def register(fmt):
-    REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def _load_builtin():
-    from . import diffusers, gguf_lora, kohya, loralib, lorakit_v1, peft  # noqa: F401  (each registers itself)
-
-
-ALIASES = {"lycoris": "kohya", "sd-scripts": "kohya", "llama.cpp": "gguf", "microsoft-lora": "loralib"}
 
 
 def get_format(name):
-    _load_builtin()
     name = ALIASES.get(name, name)
-    if name not in REGISTRY:
-        raise LorakitError(f"unknown format '{name}' (known: {', '.join(sorted(REGISTRY))})")
-    return REGISTRY[name]
+    if name not in FORMATS:
+        raise LorakitError(f"unknown format '{name}' (known: {', '.join(FORMATS)})")
+    module_name, description = FORMATS[name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return Format(name, module.detect, getattr(module, "read", None), getattr(module, "write", None), description)
+
+
+class Probe:
+    """What detectors look at, read once for all of them: the path, and the safetensors header when it is one."""
+
+    def __init__(self, path):
+        self.path = path
+        self.is_dir = os.path.isdir(path)
+        self.is_file = os.path.isfile(path)
+        self._header = False
+
+    @property
+    def header(self):
+        """The parsed safetensors header, or None when the path is not a valid safetensors file."""
+        if self._header is False:
+            from ..io import read_header
+            try:
+                self._header = read_header(self.path) if self.is_file else None
+            except LorakitError:
+                self._header = None
+        return self._header
+
+    def magic(self, n):
+        if not self.is_file:
+            return b""
+        with open(self.path, "rb") as f:
+            return f.read(n)
 
 
 def detect_format(path):
     """The registered format whose detector accepts the content at `path`."""
-    _load_builtin()
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise LorakitError("no such file or folder", path=path)
-    for fmt in sorted(REGISTRY.values(), key=lambda f: f.priority):
-        if fmt.detect(path):
+    probe = Probe(path)
+    for name in FORMATS:
+        fmt = get_format(name)
+        if fmt.detect(probe):
             return fmt
-    if os.path.isfile(path):
+    if probe.is_file and probe.header is None:
         from ..io import read_header
         read_header(path)  # a broken safetensors file: raise its precise defect rather than "not recognized"
-    raise LorakitError(f"not a recognized adapter (known formats: {', '.join(sorted(REGISTRY))})", path=path)
+    raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
+
+
+def takes(function):
+    """The keyword options a reader or writer declares."""
+    return {p.name for p in inspect.signature(function).parameters.values()
+            if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty}
+
+
+def given(options):
+    """Options that were actually set (None and False are 'not given')."""
+    return {k: v for k, v in options.items() if v is not None and v is not False}
+
+
+def check_options(fmt, role, function, options, path=None):
+    extra = sorted(set(given(options)) - takes(function))
+    if extra:
+        shown = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise LorakitError(f"the {fmt.name} {role} does not use {shown}", path=path)
 
 
 def load(path, format=None, **options):
@@ -62,4 +113,16 @@ def load(path, format=None, **options):
     fmt = get_format(format) if format else detect_format(path)
     if fmt.read is None:
         raise LorakitError(f"format '{fmt.name}' cannot be read", path=path)
-    return fmt.read(path, **options)
+    check_options(fmt, "reader", fmt.read, options, path)
+    return fmt.read(path, **{k: v for k, v in options.items() if k in takes(fmt.read)})
+
+
+def save(adapter, path, format="lorakit", force=False, **options):
+    """Write `adapter` in `format`. Returns the writer's notes (what it had to change to fit the format)."""
+    fmt = get_format(format)
+    if fmt.write is None:
+        writable = ", ".join(n for n in FORMATS if get_format(n).write)
+        raise LorakitError(f"format '{fmt.name}' cannot be written (writable: {writable})")
+    check_options(fmt, "writer", fmt.write, options, path)
+    return fmt.write(adapter, os.fspath(path), force=force,
+                     **{k: v for k, v in options.items() if k in takes(fmt.write)}) or []

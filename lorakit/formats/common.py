@@ -1,5 +1,4 @@
 """Helpers shared by the format readers and writers (the key bookkeeping every format needs)."""
-import os
 
 from ..errors import LorakitError
 from ..io import TensorFile, read_header
@@ -9,14 +8,6 @@ def open_safetensors(path):
     """(TensorFile, metadata) of a safetensors file, with a clean error for anything else."""
     header = read_header(path)
     return TensorFile(path, header), header.metadata
-
-
-def is_safetensors(path):
-    try:
-        read_header(path)
-        return os.path.isfile(path)
-    except LorakitError:
-        return False
 
 
 def refuse_unknown(path, unknown, allow_unknown, notes, what="keys"):
@@ -38,7 +29,6 @@ def check_rank(path, module, A, B):
 def most_common(values):
     from collections import Counter
     return Counter(values).most_common(1)[0][0]
-
 
 
 def t_contig(t):

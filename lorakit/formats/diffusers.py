@@ -5,31 +5,22 @@ component prefix (`unet.down_blocks.0...`), as the tensors of a diffusers pipeli
 import json
 import re
 
-from ..adapter import Adapter
+from ..core import Adapter
 from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
-from . import Format, register
 from . import peft as peft_format
-from .common import is_safetensors, open_safetensors
+from .common import open_safetensors, refuse_unknown
+from .names import COMPONENTS, component as _component
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
 META = "lora_adapter_metadata"
 OLD = re.compile(r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
                  r"\.weight$")
 OLD_LINEAR = re.compile(r"^(?P<module>.+?)\.lora_linear_layer\.(?P<part>up|down)\.weight$")
 
 
-def _component(key):
-    head = key.split(".", 1)[0]
-    return head if head in COMPONENTS else None
-
-
-def detect(path):
-    if not is_safetensors(path):
-        return False
-    tf, meta = open_safetensors(path)
-    keys = list(tf.header.entries)
-    return bool(keys) and (META in meta or all(_component(k) for k in keys))
+def detect(probe):
+    keys = list(probe.header.entries) if probe.header else []
+    return bool(keys) and (META in probe.header.metadata or all(_component(k) for k in keys))
 
 
 def _to_peft_names(key):
@@ -44,7 +35,7 @@ def _to_peft_names(key):
     return key
 
 
-def read(path, allow_unknown=False, base=None, **_):
+def read(path, allow_unknown=False):
     tf, meta = open_safetensors(path)
     try:
         packed = json.loads(meta[META]) if META in meta else {}
@@ -59,7 +50,6 @@ def read(path, allow_unknown=False, base=None, **_):
         groups.setdefault(component, {})[_to_peft_names(key)[len(component) + 1:]] = tf.get(key)
     ad = Adapter(source_format="diffusers", provenance={"source_format": "diffusers", "source_metadata": packed})
     if unknown:
-        from .common import refuse_unknown
         refuse_unknown(path, unknown, allow_unknown, ad.notes)
     for component, tensors in sorted(groups.items()):
         config = {k[len(component) + 1:]: v for k, v in packed.items() if k.startswith(component + ".")} or None
@@ -91,7 +81,7 @@ def _with_default_alpha(config, tensors, alphas):
     return {**config, "lora_alpha": 1.0, "alpha_pattern": pattern}
 
 
-def write(adapter, path, force=False, **_):
+def write(adapter, path, force=False):
     by_component = {}
     for name, m in adapter.modules.items():
         component = _component(name)
@@ -113,5 +103,3 @@ def write(adapter, path, force=False, **_):
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, {"format": "pt", META: json.dumps(packed, sort_keys=True)})
 
-
-register(Format("diffusers", detect, read, write, "diffusers LoRA (PEFT keys under unet./text_encoder./transformer.)"))

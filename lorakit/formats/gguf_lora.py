@@ -6,23 +6,16 @@ general.architecture = the base's, adapter.type = "lora", adapter.lora.alpha (f3
 flipped: lora_a [n_vocab, r], lora_b [n_embd, r]. Llama's Q and K rows are permuted for rotary embeddings in GGUF
 (convert_hf_to_gguf's permute), so lora_b of attn_q / attn_k is permuted the same way.
 """
-import os
-import re
 
 import numpy as np
 import torch
 
-from ..adapter import Adapter, Module
+from ..core import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output
-from . import Format, register
-from .common import fold_note, most_common
+from .common import fold_note, most_common, refuse_unknown
+from .names import from_gguf_name, permute, to_gguf_name, unpermute
 
-ARCHS = ("llama", "mistral", "qwen2")
-LAYER_MAP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-GLOBAL_MAP = {"model.embed_tokens": "token_embd", "lm_head": "output"}
 HEADS_KEY, KV_HEADS_KEY = "{arch}.attention.head_count", "{arch}.attention.head_count_kv"
 
 
@@ -34,44 +27,10 @@ def _gguf():
     return gguf
 
 
-def to_gguf_name(module):
-    if module in GLOBAL_MAP:
-        return GLOBAL_MAP[module]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-    if m and m[2] in LAYER_MAP:
-        return f"blk.{m[1]}.{LAYER_MAP[m[2]]}"
-    raise LorakitError(f"no llama.cpp tensor name for module '{module}' (Llama family: attention, MLP, embeddings, "
-                       "lm_head)")
-
-
-def from_gguf_name(name):
-    inverse = {v: k for k, v in GLOBAL_MAP.items()}
-    if name in inverse:
-        return inverse[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    layer = {v: k for k, v in LAYER_MAP.items()}
-    if m and m[2] in layer:
-        return f"model.layers.{m[1]}.{layer[m[2]]}"
-    return None
-
-
-def permute(rows, n_head, n_head_kv=None):
-    """llama.cpp's Q/K row order: within each head, interleave the two rotary halves (convert_hf_to_gguf)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def unpermute(rows, n_head, n_head_kv=None):
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
 def _base_config(*candidates):
     """config.json of the first candidate folder that has one (--base, then the adapter's own base_model path, as
     llama.cpp's converter does), or None."""
-    from ..checkpoint import read_config
+    from ..io import read_config
     for folder in candidates:
         config = read_config(folder)
         if config is not None:
@@ -93,11 +52,8 @@ def _arch(config):
     return "qwen2" if config and config.get("model_type") == "qwen2" else "llama"
 
 
-def detect(path):
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+def detect(probe):
+    return probe.magic(4) == b"GGUF"
 
 
 def _field(reader, key):
@@ -105,7 +61,7 @@ def _field(reader, key):
     return None if f is None else f.contents()
 
 
-def read(path, base=None, **_):
+def read(path, base=None, allow_unknown=False):
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)
@@ -126,9 +82,9 @@ def read(path, base=None, **_):
             pairs.setdefault(stem.removesuffix(".weight"), {})[part] = _array(gguf, t)
         else:
             unknown.append(t.name)
-    if unknown:
-        raise LorakitError(f"{len(unknown)} unknown tensors: {', '.join(unknown[:8])}", path=path)
-    ad = Adapter(source_format="gguf", provenance={"source_format": "gguf", "architecture": arch})
+    notes = []
+    refuse_unknown(path, unknown, allow_unknown, notes, what="tensors")
+    ad = Adapter(source_format="gguf", notes=notes, provenance={"source_format": "gguf", "architecture": arch})
     for gname, p in sorted(pairs.items()):
         if set(p) != {"lora_a", "lora_b"}:
             raise LorakitError(f"has {' and '.join(p)} only (wrong pairing)", path=path, tensor=gname)
@@ -166,7 +122,7 @@ def _array(gguf, t):
                        tensor=t.name)
 
 
-def write(adapter, path, force=False, base=None, **_):
+def write(adapter, path, force=False, base=None):
     gguf = _gguf()
     mods = list(adapter.modules.values())
     if adapter.replacements or any(m.bias is not None or m.magnitude is not None for m in mods):
@@ -192,8 +148,9 @@ def write(adapter, path, force=False, base=None, **_):
         a, b = (B, A.T) if m.kind == "embedding" else (A, B)
         tensors.append((f"{gname}.weight.lora_a", a))
         tensors.append((f"{gname}.weight.lora_b", b))
+    notes = []
     if folded:
-        fold_note(adapter.notes, f"{len(folded)} module(s) with alpha != {alpha}")
+        fold_note(notes, f"{len(folded)} module(s) with alpha != {alpha}")
     with atomic_output(path, force=force) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_type("adapter")
@@ -213,6 +170,5 @@ def write(adapter, path, force=False, base=None, **_):
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+    return notes
 
-
-register(Format("gguf", detect, read, write, "llama.cpp GGUF LoRA adapter (Llama family; needs the gguf package)"))

@@ -8,102 +8,25 @@ Flux split_qkv files store fused down [n r, in] and block-diagonal up [out, n r]
 """
 import hashlib
 import json
-import os
-import re
 
 import torch
 
-from ..adapter import Adapter, Module
+from ..core import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output, tensor_bytes, write_safetensors
-from ..lycoris import lokr_factors, loha_factors, tucker_factors
-from . import Format, register
-from .common import is_safetensors, most_common, open_safetensors, refuse_unknown
+from ..quant.view import base_shapes
+from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
+from .common import most_common, open_safetensors, refuse_unknown
+from .names import PREFIXES, kohya_name, resolution_table
 
-PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
 TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
            "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
            "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-# where each kohya prefix lives in a base: (kohya prefix, base name prefix). Diffusers folders are read with their
-# component as prefix (unet., text_encoder., ...); original single-file SD/SDXL/Flux checkpoints use the others.
-BASE_PREFIXES = (
-    ("lora_unet", "unet."), ("lora_unet", "transformer."), ("lora_te", "text_encoder."),
-    ("lora_te1", "text_encoder."), ("lora_te2", "text_encoder_2."), ("lora_te3", "text_encoder_3."),
-    ("lora_unet", "model.diffusion_model."), ("lora_te", "cond_stage_model.transformer."),
-    ("lora_te1", "conditioner.embedders.0.transformer."), ("lora_unet", ""),
-)
 SPLIT_QKV = (("double", "qkv", 3), ("single", "linear1", 4))
 
 
-def mangle(prefix, path):
-    return (prefix + "." + path).replace(".", "_")
-
-
-def _sd1_unet_to_diffusers(path):
-    """Original SD1/SD2 UNet module path (input_blocks...) -> diffusers path (down_blocks...), or None."""
-    resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-    fixed = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-             "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
-    if path in fixed:
-        return fixed[path]
-    m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d)\.(.+)", path) or re.fullmatch(
-        r"(middle_block)\.(\d)\.(.+)", path)
-    if not m:
-        return None
-    if m[1] == "middle_block":
-        block = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}[m[2]]
-        rest = m[3]
-        return f"{block}.{resnet.get(rest, rest)}" if m[2] != "1" else f"{block}.{rest}"
-    n, j, rest = int(m[2]), m[3], m[4]
-    if m[1] == "input_blocks":
-        if n in (3, 6, 9) and rest == "op":
-            return f"down_blocks.{n // 3 - 1}.downsamplers.0.conv"
-        i, k = (n - 1) // 3, (n - 1) % 3
-        return f"down_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"down_blocks.{i}.attentions.{k}.{rest}"
-    i, k = n // 3, n % 3
-    if rest == "conv" and k == 2:
-        return f"up_blocks.{i}.upsamplers.0.conv"
-    return f"up_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"up_blocks.{i}.attentions.{k}.{rest}"
-
-
-def base_weight_shapes(base):
-    """Tensor name -> shape of a base: a checkpoint file/folder, or a diffusers pipeline folder (names get the
-    component folder as prefix: unet., text_encoder., ...)."""
-    from ..checkpoint import Checkpoint
-    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "model_index.json")):
-        shapes = {}
-        for component in sorted(os.listdir(base)):
-            folder = os.path.join(base, component)
-            if os.path.isdir(folder) and any(f.endswith(".safetensors") for f in os.listdir(folder)):
-                shapes.update({f"{component}.{k}": v for k, v in Checkpoint(folder).shapes().items()})
-        return shapes
-    return Checkpoint(base).shapes()
-
-
-def resolution_table(shapes):
-    """kohya lora_name -> spec module name, for every weight of the base."""
-    table = {}
-    for name in shapes:
-        if not name.endswith(".weight"):
-            continue
-        module = name[: -len(".weight")]
-        for kohya_prefix, base_prefix in BASE_PREFIXES:
-            if module.startswith(base_prefix):
-                path = module[len(base_prefix):]
-                table.setdefault(mangle(kohya_prefix, path), module)
-                if base_prefix == "model.diffusion_model.":
-                    sd1 = _sd1_unet_to_diffusers(path)
-                    if sd1:
-                        table.setdefault(mangle(kohya_prefix, sd1), module)
-    return table
-
-
-def detect(path):
-    if not is_safetensors(path):
-        return False
-    tf, _ = open_safetensors(path)
-    keys = list(tf.header.entries)
+def detect(probe):
+    keys = list(probe.header.entries) if probe.header else []
     return bool(keys) and all(k.startswith(PREFIXES) for k in keys)
 
 
@@ -114,7 +37,7 @@ def _metadata_args(meta):
         return {}
 
 
-def read(path, base=None, allow_unknown=False, **_):
+def read(path, base=None, allow_unknown=False):
     tf, meta = open_safetensors(path)
     groups, unknown = {}, []
     for key in tf.header.entries:
@@ -125,7 +48,7 @@ def read(path, base=None, allow_unknown=False, **_):
             unknown.append(key)
     notes = []
     refuse_unknown(path, unknown, allow_unknown, notes)
-    shapes = base_weight_shapes(base) if base is not None else None
+    shapes = base_shapes(base) if base is not None else None
     table = resolution_table(shapes) if shapes is not None else {}
     split_qkv = str(_metadata_args(meta).get("split_qkv", "")).lower() == "true"
     ad = Adapter(source_format="kohya", notes=notes,
@@ -232,20 +155,7 @@ def _split_qkv_count(lora_name, up, rank, split_qkv):
     return 1
 
 
-def kohya_name(module, components):
-    """spec module name -> kohya lora_name."""
-    if module.startswith(PREFIXES) and "." not in module:
-        return module
-    two_text_encoders = "text_encoder_2" in components
-    for kohya_prefix, base_prefix in BASE_PREFIXES:
-        if base_prefix and module.startswith(base_prefix):
-            if base_prefix == "text_encoder." and kohya_prefix != ("lora_te1" if two_text_encoders else "lora_te"):
-                continue
-            return mangle(kohya_prefix, module[len(base_prefix):])
-    return mangle("lora_unet", module)
-
-
-def write(adapter, path, force=False, **_):
+def write(adapter, path, force=False):
     mods = list(adapter.modules.values())
     if adapter.replacements or any(m.bias is not None for m in mods):
         raise LorakitError("kohya files hold no bias deltas or full-tensor replacements: convert to lorakit or peft "
@@ -295,5 +205,3 @@ def _base_version(components, tensors):
         return "sd_v1"
     return "unknown"
 
-
-register(Format("kohya", detect, read, write, "kohya-ss/sd-scripts LoRA (and LyCORIS, read)"))

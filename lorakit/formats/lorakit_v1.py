@@ -1,28 +1,22 @@
 """lorakit's own format: spec/lorakit-adapter-v1.md. One safetensors file; everything for dW inside it."""
 import json
-import os
 import time
 
 import torch
 
 from .. import spec
 from .._version import __version__
-from ..adapter import Adapter, Module
+from ..core import Adapter, Module, default_kind
 from ..errors import LorakitError
-from ..io import TensorFile, atomic_output, read_header, write_safetensors
-from . import Format, register
+from ..io import TensorFile, atomic_output, write_safetensors
+from ..io.dtypes import FACTOR_DTYPES, st_dtype
 
 
-def detect(path):
-    if not os.path.isfile(path):
-        return False
-    try:
-        return spec.META_VERSION in read_header(path).metadata
-    except LorakitError:
-        return False
+def detect(probe):
+    return probe.header is not None and spec.META_VERSION in probe.header.metadata
 
 
-def read(path, values=True, **_):
+def read(path, values=True):
     """values=False skips the NaN/Inf scan (inspect reads headers only); structure is always checked."""
     problems, layout = spec.check_file(path, values=values)
     errors = [p for p in problems if p.is_error]
@@ -44,7 +38,7 @@ def read(path, values=True, **_):
         A, B = tf.get(keys["lora_A"]), tf.get(keys["lora_B"])
         adapter.add(Module(
             name, A, B, alpha=tf.get(keys["alpha"]).item(),
-            kind=info.get("kind", "conv" if A.ndim > 2 else "linear"),
+            kind=info.get("kind", default_kind(A.ndim)),
             bias=tf.get(keys["bias_delta"]) if "bias_delta" in keys else None,
             magnitude=tf.get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
             dora_axis=info.get("dora_axis"),
@@ -83,13 +77,12 @@ def to_tensors(adapter):
     return tensors, meta
 
 
-def write(adapter, path, force=False, **_):
+def write(adapter, path, force=False):
     tensors, meta = to_tensors(adapter)
     for key, t in tensors.items():
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise LorakitError(f"dtype {t.dtype} is not allowed by the spec (fp32, fp16, bf16)", path=path, tensor=key)
+        if st_dtype(t.dtype) not in FACTOR_DTYPES:
+            raise LorakitError(f"dtype {t.dtype} is not allowed by the spec ({', '.join(FACTOR_DTYPES)})", path=path,
+                               tensor=key)
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, meta)
 
-
-register(Format("lorakit", detect, read, write, "lorakit adapter spec v1 (one safetensors file)", priority=0))

@@ -1,14 +1,13 @@
 """microsoft/LoRA (loralib) `.pt` files: the state dict `lora_state_dict` saves: `<module>.lora_A` [r, in],
 `<module>.lora_B` [out, r] (Embedding: lora_A [r, num], lora_B [dim, r], delta transposed); optional biases.
 No alpha is stored: the caller gives it. Loaded with torch.load(weights_only=True) only: never arbitrary objects."""
-import os
 import zipfile
 
 import torch
 
-from ..adapter import Adapter, Module
+from ..core import Adapter, Module
 from ..errors import LorakitError
-from . import Format, register
+from ..quant.view import base_shapes
 from .common import check_rank, refuse_unknown, t_contig
 
 
@@ -29,28 +28,21 @@ def load_state_dict(path):
     return obj
 
 
-def detect(path):
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head not in (b"PK", b"\x80\x02"):
+def detect(probe):
+    if probe.magic(2) not in (b"PK", b"\x80\x02"):
         return False
     try:
-        keys = load_state_dict(path).keys()
+        keys = load_state_dict(probe.path).keys()
     except LorakitError:
         return True  # a torch pickle we will refuse with a clear message when read
     return any(k.endswith((".lora_A", ".lora_B")) for k in keys)
 
 
-def read(path, alpha=None, base=None, allow_unknown=False, **_):
+def read(path, alpha=None, base=None, allow_unknown=False):
     tensors = load_state_dict(path)
     if alpha is None:
         raise LorakitError("loralib files do not store alpha (scale = alpha / r): pass --alpha", path=path)
-    shapes = None
-    if base is not None:
-        from ..checkpoint import Checkpoint
-        shapes = Checkpoint(base).shapes()
+    shapes = base_shapes(base) if base is not None else None
     parts, replacements, unknown, notes = {}, {}, [], []
     for key, t in tensors.items():
         module, _, part = key.rpartition(".")
@@ -79,5 +71,3 @@ def read(path, alpha=None, base=None, allow_unknown=False, **_):
     ad.replacements = replacements
     return ad
 
-
-register(Format("loralib", detect, read, None, "microsoft/LoRA loralib .pt state dict (read only; needs --alpha)"))

@@ -11,11 +11,12 @@ import math
 import os
 import re
 
-from ..adapter import Adapter, Module
+from ..core import Adapter, Module, default_kind
 from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
-from . import Format, register
-from .common import check_rank, is_safetensors, most_common, open_safetensors, refuse_unknown, t_contig
+from ..io import read_config
+from ..quant.view import base_shapes
+from .common import check_rank, most_common, open_safetensors, refuse_unknown, t_contig
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -41,15 +42,7 @@ def _files(path):
             weights = os.path.join(path, WEIGHTS_BIN)
         if not os.path.isfile(weights):
             raise LorakitError(f"folder has no {WEIGHTS}", path=path)
-    config = None
-    config_path = os.path.join(folder, CONFIG)
-    if os.path.isfile(config_path):
-        try:
-            with open(config_path) as f:
-                config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise LorakitError(f"not JSON: {e.msg}", path=config_path) from None
-    return weights, config
+    return weights, read_config(folder, CONFIG)
 
 
 def _tensors(weights):
@@ -60,21 +53,16 @@ def _tensors(weights):
     return {k: tf.get(k) for k in tf.header.entries}, meta
 
 
-def detect(path):
-    if os.path.isdir(path):
+def detect(probe):
+    path = probe.path
+    if probe.is_dir:
         return os.path.isfile(os.path.join(path, CONFIG)) and (
             os.path.isfile(os.path.join(path, WEIGHTS)) or os.path.isfile(os.path.join(path, WEIGHTS_BIN)))
-    if not is_safetensors(path):
-        return False
-    tf, meta = open_safetensors(path)
-    if "lora_adapter_metadata" in meta:  # diffusers writes PEFT keys too: it has its own reader
-        return False
-    keys = list(tf.header.entries)
-    return bool(keys) and any(KEY.match(k.removeprefix(PREFIX)) for k in keys) and not any(
-        k.startswith(("unet.", "text_encoder", "transformer.")) for k in keys)
+    keys = list(probe.header.entries) if probe.header else []
+    return bool(keys) and any(KEY.match(k.removeprefix(PREFIX)) for k in keys)
 
 
-def read(path, alpha=None, base=None, allow_unknown=False, **_):
+def read(path, alpha=None, base=None, allow_unknown=False):
     weights, config = _files(path)
     tensors, _ = _tensors(weights)
     return from_state_dict(tensors, config, path, alpha=alpha, base=base, allow_unknown=allow_unknown)
@@ -108,7 +96,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     refuse_unknown(path, unknown, allow_unknown, notes)
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    base_shapes = _base_shapes(base)
+    shapes = base_shapes(base) if base is not None else None
     ad = Adapter(base_model=config.get("base_model_name_or_path"), source_format=source_format, notes=notes,
                  provenance={"source_format": source_format, "source_config": config})
     for module, p in sorted(parts.items()):
@@ -125,8 +113,8 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
             spec_A, spec_B, kind = t_contig(B), t_contig(A), "embedding"
         else:
             check_rank(path, module, A, B)
-            kind = "conv" if A.ndim > 2 else ("linear_t" if _is_transposed(module, A, B, fan_in_fan_out,
-                                                                            base_shapes) else "linear")
+            transposed = A.ndim == 2 and _is_transposed(module, A, B, fan_in_fan_out, shapes)
+            kind = "linear_t" if transposed else default_kind(A.ndim)
             spec_A, spec_B = (t_contig(B), t_contig(A)) if kind == "linear_t" else (A, B)
         r = A.shape[0]
         lora_alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
@@ -149,13 +137,6 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     if len(notes) > 12:
         ad.notes[:] = notes[:12] + [f"... and {len(notes) - 12} more notes"]
     return ad
-
-
-def _base_shapes(base):
-    if base is None:
-        return None
-    from ..checkpoint import Checkpoint
-    return Checkpoint(base).shapes()
 
 
 def _is_transposed(module, A, B, fan_in_fan_out, base_shapes):
@@ -233,7 +214,7 @@ def to_state_dict(adapter, path):
     return tensors, config
 
 
-def write(adapter, path, force=False, **_):
+def write(adapter, path, force=False):
     tensors, config = to_state_dict(adapter, path)
     with atomic_output(path, force=force, directory=True) as tmp:
         write_safetensors(os.path.join(tmp, WEIGHTS), {PREFIX + k: v for k, v in tensors.items()}, {"format": "pt"})
@@ -241,5 +222,3 @@ def write(adapter, path, force=False, **_):
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-
-register(Format("peft", detect, read, write, "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"))

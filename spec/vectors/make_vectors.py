@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from lorakit.adapter import Adapter, Module
+from lorakit.core import Adapter, Module
 from lorakit.formats.lorakit_v1 import to_tensors
 from lorakit.io import build_header, tensor_bytes
 
@@ -32,7 +32,7 @@ def file_bytes(tensors, meta):
 
 
 def _st(dtype):
-    from lorakit.dtypes import st_dtype
+    from lorakit.io.dtypes import st_dtype
     return st_dtype(dtype)
 
 

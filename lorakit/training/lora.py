@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapter import Adapter, Module, fp32
-from .errors import LorakitError
+from ..core import Adapter, Module, fp32
+from ..errors import LorakitError
 
 
 class LoRA(nn.Module):

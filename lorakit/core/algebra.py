@@ -1,20 +1,15 @@
-"""Adapter algebra on modules: combine, truncate, compare. Pure math on factors, no file IO.
+"""Adapter algebra on modules: the combine frame (the methods are lorakit.methods), truncate, compare. Pure math
+on factors, no file IO.
 
 Every function works on the flattened factors (B2: out x r with the scale folded in, A2: r x in*kernel), so conv
 modules are handled by flattening and the results are reshaped back. Factor work is in fp64 (cheap: it is O(n r^2));
 dense work (TIES/DARE, extraction) in fp32.
 """
-import zlib
-
 import torch
 
+from ..errors import LorakitError
 from .adapter import Module
-from .errors import LorakitError
 from .linalg import choose_rank, factor_svd, inner, truncated_svd
-
-METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-
 
 def module_from_factors(name, shape, kind, B2, A2, dtype, alpha=None):
     """A Module for a base weight of `shape` from flat factors with dW = B2 @ A2 (scale folded in).
@@ -55,63 +50,10 @@ def weighted_stack(entries):
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
 
-def _sparsify_magnitude(d, density):
-    """Keep the `density` share of entries with the largest |value| (TIES 'trim')."""
-    k = int(round(density * d.numel()))
-    if k >= d.numel():
-        return d
-    if k <= 0:
-        return torch.zeros_like(d)
-    threshold = d.abs().flatten().kthvalue(d.numel() - k).values
-    return d * (d.abs() > threshold)
-
-
-def _sparsify_random(d, density, generator):
-    """DARE: drop each entry with probability 1 - density, rescale the kept ones by 1 / density."""
-    if density >= 1:
-        return d
-    keep = torch.rand(d.shape, generator=generator) < density
-    return d * keep / density
-
-
-def _sign_consensus(deltas, weights):
-    """TIES elect + disjoint merge: entries agreeing with the sign of the sum, divided by their summed weight."""
-    stacked = torch.stack(deltas)
-    sign = torch.sign(stacked.sum(0))
-    agree = torch.sign(stacked) == sign
-    merged = (stacked * agree).sum(0)
-    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
-    divisor = (w * agree).sum(0)
-    return merged / torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
-
-
-def _seeded(seed, name, index):
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % 2 ** 63)
-
-
-def dense_combine(name, entries, method, density, seed):
-    """The papers' definitions on the deltas: TIES (Yadav et al. 2023), DARE (Yu et al. 2024), magnitude pruning.
-
-    entries: [(Module or None, weight)]. Returns the combined dense delta (fp32, flattened to 2-D).
-    """
-    deltas, weights = [], []
-    for i, (m, w) in enumerate(entries):
-        if m is None:
-            continue
-        d = m.delta().flatten(1)
-        if method in ("ties", "magnitude_prune"):
-            d = _sparsify_magnitude(d, density)
-        else:
-            d = _sparsify_random(d, density, _seeded(seed, name, i))
-        deltas.append(w * d)
-        weights.append(w)
-    if method in ("ties", "dare_ties"):
-        return _sign_consensus(deltas, weights)
-    return torch.stack(deltas).sum(0)
-
-
-def combine_module(name, entries, method, rank=None, energy=None, density=0.5, seed=0, dtype=torch.float32):
-    """One module of `combine`. Returns (Module, stats)."""
+def combine_module(name, entries, method, dtype=torch.float32, **params):
+    """One module of `combine`: `method(name, present, **params)` gives flat factors (B2, A2) of the combined delta and
+    the share of energy kept; shapes are checked, DoRA refused and bias deltas summed here, once for every method.
+    entries: [(Module or None, weight)]. Returns (Module, stats)."""
     present = [(m, w) for m, w in entries if m is not None]
     like = present[0][0]
     for m, _ in present:
@@ -121,31 +63,13 @@ def combine_module(name, entries, method, rank=None, energy=None, density=0.5, s
         if m.magnitude is not None:
             raise LorakitError("DoRA modules cannot be combined exactly (the magnitude is not linear in dW): "
                                "merge them into the base one at a time instead", tensor=name)
-    in_rank = sum(m.rank for m, _ in present)
-    if method in DENSE_METHODS:
-        D = dense_combine(name, entries, method, density, seed)
-        k = rank or in_rank
-        svd = truncated_svd(D, min(k, *D.shape) if energy is None else min(D.shape))
-        if energy is not None:
-            k = choose_rank(svd.S, energy=energy)
-        total = float(D.double().square().sum())
-        B2, A2, _ = truncate(svd, min(k, len(svd.S)))
-        kept = float((svd.S[:k].double() ** 2).sum()) / total if total > 0 else 1.0
-    else:
-        B2, A2 = weighted_stack(entries)
-        kept = 1.0
-        if method == "svd" and rank is None and energy is None:
-            rank = max(m.rank for m, _ in present)
-        if method != "cat" and (rank is not None or energy is not None):
-            svd = factor_svd(B2, A2)
-            k = choose_rank(svd.S, rank=rank, energy=energy)
-            B2, A2, kept = truncate(svd, k)
+    B2, A2, kept = method(name, entries, **params)
     out = module_from_factors(name, like.shape, like.kind, B2, A2, dtype)
     biases = [(m.bias, w) for m, w in present if m.bias is not None]
     if biases:
         out.bias = sum(w * b.double() for b, w in biases).to(dtype)
-    return out, {"module": name, "inputs": len(present), "input_rank": in_rank, "rank": out.rank,
-                 "energy_kept": kept}
+    return out, {"module": name, "inputs": len(present), "input_rank": sum(m.rank for m, _ in present),
+                 "rank": out.rank, "energy_kept": kept}
 
 
 def resize_module(m, dtype=None, **rule):

@@ -1,19 +1,9 @@
 """Merging into a quantized tensor: dequantize -> add the deltas -> round onto a grid -> pack, and the survival
-report of what came through. The strategies (see `lorakit merge --help` and the README):
-
-- feedback (default): same grid, adapter-aware error-feedback rounding: keeps the delta in the adapter's input
-  subspace; best retention and aligned-probe error; more noise outside that subspace.
-- same-grid: the old scales and zero points, nearest code (PEFT's method for bitsandbytes): small deltas vanish.
-- stochastic: the old grid, unbiased random rounding (seeded): the delta survives in expectation, with noise.
-- rescale: fresh scales / zero points fitted to W_deq + dW, then nearest.
-- original: fresh quantization of W_full + dW from the full-precision base (--full-precision-base).
-"""
+report of what came through. The strategies are listed (and described) in lorakit.quant.STRATEGIES."""
 import torch
 
-from . import rounding
-from .errors import LorakitError
-
-STRATEGIES = ("feedback", "same-grid", "stochastic", "rescale", "original")
+from ..errors import LorakitError
+from . import STRATEGIES, rounding
 
 
 def merged_target(W_old, loras, sign, full):

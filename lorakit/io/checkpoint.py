@@ -2,16 +2,18 @@
 import json
 import os
 
-from .errors import LorakitError
-from .io import TensorFile, read_header
+from ..errors import LorakitError
+from .safetensors import TensorFile, read_header
 
 INDEX = "model.safetensors.index.json"
 
 
 def read_config(folder, name="config.json"):
     """A model folder's config.json (or another JSON file in it) as a dict; None where the folder has none."""
-    path = os.path.join(folder, name) if folder and os.path.isdir(folder) else None
-    if path is None or not os.path.isfile(path):
+    if folder is None or (folder and not os.path.isdir(folder)):
+        return None
+    path = os.path.join(folder or ".", name)
+    if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:

@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import LorakitError
+from ..errors import LorakitError
+from ..io import read_config
+from ..quant.view import WeightView
 
 
 @dataclass
@@ -147,14 +149,13 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face Llama / Mistral / Qwen2 folder (config.json + safetensors, sharded or not)."""
-        from .checkpoint import Checkpoint, read_config
         config = read_config(folder)
         if config is None:
             raise LorakitError("no config.json: the base must be a Hugging Face model folder", path=folder)
         config = LlamaConfig.from_dict(config)
         with torch.device("meta"):
             model = cls(config)
-        ckpt = Checkpoint(folder)
+        ckpt = WeightView(folder)  # quantized bases are read dequantized
         state = {}
         for name, p in model.state_dict(keep_vars=True).items():
             if name not in ckpt:

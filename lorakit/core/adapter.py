@@ -8,12 +8,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LorakitError
+
+# linear_t: a base weight stored [in, out] (GPT-2 Conv1D); conv: factors of ndim > 2
 KINDS = ("linear", "conv", "embedding", "linear_t")
+
+
+def default_kind(ndim):
+    """The kind a module has when nothing says otherwise: conv for factors (or weights) of ndim > 2."""
+    return "conv" if ndim > 2 else "linear"
 
 
 def fp32(x):
     """x rounded to an fp32 value, as a Python float: how the spec stores alpha."""
-    return float(torch.tensor(float(x), dtype=torch.float32))  # linear_t: a base weight stored [in, out] (GPT-2 Conv1D)
+    return float(torch.tensor(float(x), dtype=torch.float32))
 
 
 @dataclass
@@ -30,7 +38,10 @@ class Module:
     def __post_init__(self):
         self.alpha = fp32(self.alpha)
         if self.kind is None:
-            self.kind = "conv" if self.A.ndim > 2 else "linear"
+            self.kind = default_kind(self.A.ndim)
+        if self.kind not in KINDS or (self.kind == "conv") != (self.A.ndim > 2):
+            raise LorakitError(f"module kind '{self.kind}' does not fit factors of ndim {self.A.ndim} (kinds: "
+                               f"{', '.join(KINDS)})", tensor=self.name)
 
     @property
     def rank(self):
@@ -92,5 +103,7 @@ class Adapter:
         return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.replacements.values())
 
     def save(self, path, format="lorakit", force=False, **options):
-        from .formats import get_format
-        return get_format(format).write(self, path, force=force, **options)
+        """Write the adapter in `format` (atomic). The one call from the core outwards, made at call time so that
+        the core imports nothing of the format layer. Returns the writer's notes (what it had to change)."""
+        from ..formats import save
+        return save(self, path, format=format, force=force, **options)

@@ -8,16 +8,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import LorakitError
+from ..errors import LorakitError
+from .dtypes import DTYPES, itemsize, st_dtype, torch_dtype
 
 MAX_HEADER = 100_000_000
-# safetensors dtype name -> item size in bytes
-DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -87,15 +83,15 @@ def read_header(path):
         except Exception:
             raise LorakitError("malformed header entry (needs dtype, shape, data_offsets)", path=path, tensor=name,
                                code="LK101") from None
-        if dtype not in DTYPE_SIZES:
+        if dtype not in DTYPES:
             raise LorakitError(f"unknown dtype {dtype}", path=path, tensor=name, code="LK103")
         entry = Entry(name, dtype, shape, data_start + a, data_start + b)
         if a > b or entry.end > size:
             raise LorakitError(f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
                                path=path, tensor=name, code="LK102")
-        if entry.nbytes != entry.numel * DTYPE_SIZES[dtype]:
+        if entry.nbytes != entry.numel * itemsize(dtype):
             raise LorakitError(f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs "
-                               f"{entry.numel * DTYPE_SIZES[dtype]}", path=path, tensor=name, code="LK102")
+                               f"{entry.numel * itemsize(dtype)}", path=path, tensor=name, code="LK102")
         entries[name] = entry
         spans.append((a, b, name))
     spans.sort()
@@ -122,7 +118,6 @@ class TensorFile:
 
     def get(self, name):
         import torch
-        from .dtypes import torch_dtype
         e = self.header.entries[name]
         if self._map is None:
             with open(self.path, "rb") as f:
@@ -144,7 +139,6 @@ class TensorFile:
         """A tensor in its own memory, or in `buf` (a bytearray at least that large, e.g. from a BufferPool). No
         mmap: streaming readers keep RSS bounded by what they hold."""
         import torch
-        from .dtypes import torch_dtype
         e = self.header.entries[name]
         buf = bytearray(e.nbytes) if buf is None else buf
         with open(self.path, "rb", buffering=0) as f:
@@ -222,38 +216,6 @@ def build_header(specs, metadata=None):
     return struct.pack("<Q", len(text)) + text
 
 
-@contextmanager
-def atomic_output(path, force=False, directory=False):
-    """Yield a temporary path next to `path`; rename it to `path` only when the block completes."""
-    path = os.path.abspath(str(path))
-    if os.path.exists(path) and not force:
-        raise LorakitError("output exists (use --force to overwrite)", path=path)
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise LorakitError("output folder does not exist", path=parent)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.") if directory else None
-    if not directory:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-    try:
-        yield tmp
-        if os.path.isdir(path) and force:
-            import shutil
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
-        raise
-
-
-def _unlink(p):
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-
-
 def _numel(shape):
     n = 1
     for d in shape:
@@ -263,7 +225,7 @@ def _numel(shape):
 
 def spec_nbytes(spec):
     """Bytes of a (name, dtype, shape) tensor spec."""
-    return DTYPE_SIZES[spec[1]] * _numel(spec[2])
+    return itemsize(spec[1]) * _numel(spec[2])
 
 
 class DirectFile:
@@ -391,7 +353,6 @@ class ShardWriter:
 def write_safetensors(path, tensors, metadata=None):
     """Write tensors (dict name -> torch tensor, or list of (name, tensor)) to `path` with sorted keys.
     Writes straight to `path`: callers wrap it in atomic_output."""
-    from .dtypes import st_dtype
     items = sorted(tensors.items() if isinstance(tensors, dict) else tensors, key=lambda kv: kv[0])
     writer = ShardWriter(path, [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in items], metadata)
     for name, v in items:

@@ -1,0 +1,250 @@
+"""The merge pipeline: a pool of worker threads produces the output tensors in file order (merged, requantized or
+copied), and the main thread hands them to a Writer, with a bounded look-ahead so that memory holds a few tensors
+whatever the model size.
+
+A Writer is the output format: `shards` lists [(file name, [(tensor name, dtype, shape)])] in write order
+and `total` their bytes; `open_shard(tmp, file_name, specs)` returns an object with `write(name, tensor)`,
+`copy(name, source)` (the stored bytes of `name` in the base) and `close()`; `finish(tmp, weight_map, total)` writes
+what goes beside the tensors.
+SafetensorsWriter is the one for safetensors files and Hugging Face folders.
+"""
+import json
+import os
+import shutil
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..io import INDEX, BufferPool, ShardWriter, spec_nbytes
+from ..io.dtypes import dtype_name, st_dtype, torch_dtype
+from ..formats.names import HEAD
+from ..quant import requant
+from .tensor import merge_tensor
+
+
+class MergeJob:
+    """What each output tensor is and how it is produced: a byte copy, a full-precision merge, or one tensor of a
+    requantized (or dequantized) module."""
+
+    def __init__(self, view, plans, sign, target_dtype, strategy="feedback", full=None, onto="dequantized", seed=0):
+        self.view, self.ckpt, self.plans, self.sign = view, view.ckpt, plans, sign
+        self.target_dtype = target_dtype
+        self.dequantize_out = bool(view.quantized) and target_dtype is not None
+        self.strategy, self.full, self.onto, self.seed = strategy, full, onto, seed
+        self.survival, self._modules, self._lock = {}, {}, threading.Lock()
+        self.read_pool = self.out_pool = None
+
+    def source(self, name):
+        return self.plans[name].source if name in self.plans else name
+
+    def spec_of(self, name):
+        """(name, safetensors dtype, shape) of an output tensor."""
+        if self.dequantize_out and name in self.view.quantized:  # a dequantized module: one full-precision weight
+            return (name, st_dtype(self.target_dtype), self.view.shape(name))
+        e = self.ckpt.entry(self.source(name))
+        keep = (self.target_dtype is None or not torch_dtype(e.dtype).is_floating_point
+                or name in self.view.member_of)
+        return (name, e.dtype if keep else st_dtype(self.target_dtype), e.shape)
+
+    def output_names(self, names):
+        """A shard's tensor names as written: in a dequantized output a module's packed tensors become
+        `<module>.weight`, where its first one stood."""
+        if not self.dequantize_out:
+            return names
+        out, done = [], set()
+        for n in names:
+            key = self.view.member_of.get(n)
+            if key is None:
+                out.append(n)
+            elif key not in done:
+                done.add(key)
+                out.append(key)
+        return out
+
+    def copied(self, name):
+        """Written byte for byte from the base, never in memory."""
+        plan = self.plans.get(name)
+        return ((plan is None or not plan.touched) and name in self.ckpt
+                and self.spec_of(name)[1] == self.ckpt.entry(name).dtype)
+
+    def prepare(self, names):
+        """Buffers for the full-precision tensors in flight (read: being computed; out: computed, waiting to be
+        written), sized for the largest and reused."""
+        computed = [n for n in names if n not in self.view.member_of and n not in self.view.quantized
+                    and not self.copied(n)]
+        largest = max([self.ckpt.entry(self.source(n)).nbytes for n in computed]
+                      + [spec_nbytes(self.spec_of(n)) for n in computed] + [0])
+        self.read_pool, self.out_pool = BufferPool(largest), BufferPool(largest)
+
+    def produce(self, name):
+        """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy."""
+        view = self.view
+        if name in view.quantized or name in view.member_of:
+            key = name if name in view.quantized else view.member_of[name]
+            plan = self.plans.get(key)
+            if not self.dequantize_out and (plan is None or not plan.touched):
+                return None  # an untouched quantized module: byte-identical
+            t = self._module(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
+            return None if t is None else (t, None)  # members the strategy leaves alone (g_idx) are copied
+        if self.copied(name):
+            return None
+        plan, source, spec = self.plans.get(name), self.source(name), self.spec_of(name)
+        rbuf = self.read_pool.get()
+        W = self.ckpt.shards[self.ckpt.where[source]].read(source, rbuf)
+        if plan is not None and plan.touched and spec[1] == self.ckpt.entry(source).dtype:
+            out = merge_tensor(W, plan, self.sign, W.dtype, out=W)  # in place
+            if out.data_ptr() == W.data_ptr():
+                return out, lambda: self.read_pool.put(rbuf)
+            self.read_pool.put(rbuf)  # a path that made its own tensor (DoRA, bias, replacement)
+            return out, None
+        obuf = self.out_pool.get()
+        out = self.out_pool.tensor(obuf, torch_dtype(spec[1]), spec[2])
+        if plan is None or not plan.touched:
+            out.copy_(W)
+        else:
+            out = merge_tensor(W, plan, self.sign, out.dtype, out)
+        self.read_pool.put(rbuf)
+        return out, lambda: self.out_pool.put(obuf)
+
+    def _module(self, key):
+        """All output tensors of one quantized module, computed once (its tensors are written one by one)."""
+        with self._lock:
+            entry = self._modules.setdefault(key, {"lock": threading.Lock(), "out": None})
+        with entry["lock"]:
+            if entry["out"] is None:
+                view, plan = self.view, self.plans.get(key)
+                members, loras = view.quantized[key], plan.loras if plan else []
+                if self.dequantize_out:
+                    W = view.handler.dequantize(self.ckpt, members)
+                    if loras:
+                        W, _, _ = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
+                    entry["out"] = {key: W.to(self.target_dtype)}
+                else:
+                    onto = "original" if self.strategy == "original" else self.onto
+                    out, row = requant.requantize(view.handler, self.ckpt, members, loras, self.sign, self.strategy,
+                                                  self._full(key, onto), self.seed)
+                    self.survival[key[: -len(".weight")]] = row
+                    entry["out"] = out
+            return entry["out"]
+
+    def _full(self, key, onto):
+        """The full-precision weight when merging onto the original, else None (onto the dequantized weight)."""
+        if onto != "original" or self.full is None:
+            return None
+        from ..errors import LorakitError
+        if key not in self.full:
+            raise LorakitError("the full-precision base has no such tensor", path=self.full.path, tensor=key)
+        return self.full.get(key).float()
+
+
+class SafetensorsWriter:
+    """Output as the base's layout: one .safetensors file, or a Hugging Face folder (shards, index, the folder's other
+    files, config.json updated for a new dtype, untied embeddings or a dropped quantization)."""
+
+    def __init__(self, job, base, untie_embed, shard_size=None):
+        self.job, self.base, self.untie_embed = job, base, untie_embed
+        self.folder = os.path.isdir(base) or shard_size is not None
+        self.shards = self._layout(shard_size)
+        self.total = sum(spec_nbytes(spec) for _, specs in self.shards for spec in specs)
+
+    def _layout(self, shard_size):
+        ckpt, order = self.job.ckpt, []
+        for file in ckpt.files:
+            names = list(ckpt.shards[file].header.entries)
+            if self.untie_embed is not None and self.untie_embed in names:
+                names.insert(names.index(self.untie_embed) + 1, HEAD)
+            order.append((os.path.basename(file), self.job.output_names(names)))
+        if shard_size is None:
+            return [(f, [self.job.spec_of(n) for n in names]) for f, names in order]
+        shards, current, size = [], [], 0
+        for _, names in order:
+            for spec in map(self.job.spec_of, names):
+                nbytes = spec_nbytes(spec)
+                if current and size + nbytes > shard_size:
+                    shards.append(current)
+                    current, size = [], 0
+                current.append(spec)
+                size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            return [("model.safetensors", shards[0])]
+        return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
+
+    def open_shard(self, tmp, file_name, specs):
+        meta = next((self.job.ckpt.shards[f].header.metadata for f in self.job.ckpt.files
+                     if os.path.basename(f) == file_name), None) or {"format": "pt"}
+        return ShardWriter(os.path.join(tmp, file_name) if self.folder else tmp, specs, meta, direct=True)
+
+    def finish(self, tmp, weight_map, total):
+        """Copy the folder's other files; rewrite the index and, where needed, config.json (a dequantized output
+        loses its quantization_config and quantize_config.json)."""
+        if not self.folder:
+            return
+        drop_quantization, target_dtype = self.job.dequantize_out, self.job.target_dtype
+        if os.path.isdir(self.base):
+            for entry in os.listdir(self.base):
+                src = os.path.join(self.base, entry)
+                if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
+                    continue
+                if drop_quantization and entry == "quantize_config.json":
+                    continue
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, entry))
+                else:
+                    shutil.copy2(src, os.path.join(tmp, entry))
+        if len(self.shards) > 1 or self.job.ckpt.index is not None:
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                          indent=2)
+                f.write("\n")
+        config_path = os.path.join(tmp, "config.json")
+        if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed):
+            with open(config_path) as f:
+                config = json.load(f)
+            if drop_quantization:
+                config.pop("quantization_config", None)
+            if target_dtype is not None:
+                key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+                config[key] = dtype_name(target_dtype)
+            if self.untie_embed:
+                config["tie_word_embeddings"] = False
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")
+
+
+def run(job, writer, tmp, threads, bar):
+    """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
+    job.prepare([n for _, specs in writer.shards for n, _, _ in specs])
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            weight_map = {}
+            for file_name, specs in writer.shards:
+                shard, pending = writer.open_shard(tmp, file_name, specs), deque()
+
+                def drain(limit):
+                    while len(pending) > limit:
+                        spec, fut = pending.popleft()
+                        result = fut.result()
+                        if result is None:
+                            source = job.ckpt.shards[job.ckpt.where[spec[0]]]
+                            shard.copy(spec[0], source)
+                        else:
+                            shard.write(spec[0], result[0])
+                            if result[1] is not None:
+                                result[1]()  # its buffer back to the pool
+                        bar.update(spec_nbytes(spec))
+
+                for spec in specs:
+                    pending.append((spec, pool.submit(job.produce, spec[0])))
+                    weight_map[spec[0]] = file_name
+                    drain(threads)  # bounded look-ahead: at most 2 x threads tensors in memory
+                drain(0)
+                shard.close()
+            writer.finish(tmp, weight_map, writer.total)
+    finally:
+        torch.set_num_threads(intra_op)

@@ -1,0 +1,85 @@
+"""Merge planning: every adapter tensor resolved to a base tensor of the right shape before anything is written."""
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LorakitError
+from ..formats.names import HEAD, is_embedding
+from ..spec import fingerprint
+
+
+@dataclass
+class TensorPlan:
+    """What to do with one output tensor: its source tensor in the base, and what the adapters add to it."""
+    name: str
+    source: str  # base tensor read (differs from name only for an untied lm_head)
+    loras: list = field(default_factory=list)  # [(Module, weight)]
+    biases: list = field(default_factory=list)  # [(Module, weight)]
+    replacement: torch.Tensor = None
+
+    @property
+    def touched(self):
+        return bool(self.loras or self.biases) or self.replacement is not None
+
+
+def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
+    """Resolve every adapter tensor (adapters: [(path, Adapter, weight)]) to a tensor of the WeightView `view`
+    (quantized weights by their dequantized shapes). Returns ({output name: TensorPlan}, the embedding to untie or
+    None). Raises one error listing everything that does not fit."""
+    ckpt = view.ckpt
+    plans, problems = {}, []
+    embed = next((n for n in ckpt.where if is_embedding(n)), None) if tied else None
+    # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
+    base_fp = fingerprint(view.shapes())
+
+    def target(name):
+        if name in view:
+            return plans.setdefault(name, TensorPlan(name, name))
+        if name == HEAD and embed is not None:  # tied head, stored only as the embedding
+            return plans.setdefault(name, TensorPlan(name, embed))
+        return None
+
+    for path, ad, w in adapters:
+        if ad.base_fingerprint and ad.base_fingerprint != base_fp and not ignore_fingerprint:
+            problems.append(f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
+                            f"{base_fp[:15]}...; --ignore-fingerprint to merge anyway)")
+        for m in ad.modules.values():
+            p = target(f"{m.name}.weight")
+            if p is None:
+                problems.append(f"{m.name}.weight: not in the base")
+                continue
+            shape = view.shape(p.source)
+            if tuple(shape) != tuple(m.shape):
+                problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
+                continue
+            if m.magnitude is not None and (p.loras or unmerge):
+                problems.append(f"{m.name}: DoRA " + ("cannot be unmerged (the norm of W + dW is not in the file)"
+                                                      if unmerge else "shares its tensor with another adapter"))
+            if p.loras and any(x.magnitude is not None for x, _ in p.loras):
+                problems.append(f"{m.name}: DoRA shares its tensor with another adapter")
+            p.loras.append((m, w))
+            if m.bias is not None:
+                b = target(f"{m.name}.bias")
+                if b is None:
+                    problems.append(f"{m.name}.bias: the adapter has a bias delta but the base has no bias")
+                elif tuple(view.shape(b.source)) != tuple(m.bias.shape):
+                    problems.append(f"{m.name}.bias: base {list(view.shape(b.source))}, adapter {list(m.bias.shape)}")
+                else:
+                    b.biases.append((m, w))
+        for name, t in ad.replacements.items():
+            p = target(name)
+            if p is None or tuple(view.shape(p.source)) != tuple(t.shape):
+                problems.append(f"{name}: replacement does not fit the base")
+            elif unmerge:
+                problems.append(f"{name}: a full replacement cannot be unmerged")
+            elif p.replacement is not None:
+                problems.append(f"{name}: replaced by more than one adapter")
+            else:
+                p.replacement = t
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise LorakitError(f"{len(problems)} adapter tensor(s) do not fit the base: {shown}", path=ckpt.path)
+    untie = embed is not None and (HEAD in plans or embed in plans)
+    if untie:
+        target(HEAD)  # write the head explicitly, with or without its own delta
+    return plans, embed if untie else None

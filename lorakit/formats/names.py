@@ -1,0 +1,142 @@
+"""The name maps shared by the formats, the merge engine and the commands, in one place: diffusers pipeline
+components, kohya prefixes and the SD1 original <-> diffusers UNet map, Hugging Face <-> llama.cpp tensor names (with
+llama.cpp's Q/K row permutation), and embedding weights."""
+import re
+
+from ..errors import LorakitError
+
+# ---------------------------------------------------------------- diffusers pipelines
+# the components of a diffusers pipeline whose LoRA keys carry them as prefix
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
+
+
+def component(key):
+    """The diffusers component a key starts with (unet, text_encoder, ...), or None."""
+    head = key.split(".", 1)[0]
+    return head if head in COMPONENTS else None
+
+
+# ---------------------------------------------------------------- embeddings
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+HEAD = "lm_head.weight"
+
+
+def is_embedding(weight_name):
+    """Whether a base tensor name is a token embedding (the one rule: merge's tied embeddings, extract's kinds)."""
+    return weight_name.endswith(EMBEDDING_NAMES)
+
+
+# ---------------------------------------------------------------- kohya
+PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
+# where each kohya prefix lives in a base: (kohya prefix, base name prefix). Diffusers folders are read with their
+# component as prefix (unet., text_encoder., ...); original single-file SD/SDXL/Flux checkpoints use the others.
+BASE_PREFIXES = (
+    ("lora_unet", "unet."), ("lora_unet", "transformer."), ("lora_te", "text_encoder."),
+    ("lora_te1", "text_encoder."), ("lora_te2", "text_encoder_2."), ("lora_te3", "text_encoder_3."),
+    ("lora_unet", "model.diffusion_model."), ("lora_te", "cond_stage_model.transformer."),
+    ("lora_te1", "conditioner.embedders.0.transformer."), ("lora_unet", ""),
+)
+def mangle(prefix, path):
+    return (prefix + "." + path).replace(".", "_")
+
+
+def sd1_unet_to_diffusers(path):
+    """Original SD1/SD2 UNet module path (input_blocks...) -> diffusers path (down_blocks...), or None."""
+    resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+    fixed = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+    if path in fixed:
+        return fixed[path]
+    m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d)\.(.+)", path) or re.fullmatch(
+        r"(middle_block)\.(\d)\.(.+)", path)
+    if not m:
+        return None
+    if m[1] == "middle_block":
+        block = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}[m[2]]
+        rest = m[3]
+        return f"{block}.{resnet.get(rest, rest)}" if m[2] != "1" else f"{block}.{rest}"
+    n, j, rest = int(m[2]), m[3], m[4]
+    if m[1] == "input_blocks":
+        if n in (3, 6, 9) and rest == "op":
+            return f"down_blocks.{n // 3 - 1}.downsamplers.0.conv"
+        i, k = (n - 1) // 3, (n - 1) % 3
+        return f"down_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"down_blocks.{i}.attentions.{k}.{rest}"
+    i, k = n // 3, n % 3
+    if rest == "conv" and k == 2:
+        return f"up_blocks.{i}.upsamplers.0.conv"
+    return f"up_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"up_blocks.{i}.attentions.{k}.{rest}"
+
+
+def resolution_table(shapes):
+    """kohya lora_name -> spec module name, for every weight of the base."""
+    table = {}
+    for name in shapes:
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        for kohya_prefix, base_prefix in BASE_PREFIXES:
+            if module.startswith(base_prefix):
+                path = module[len(base_prefix):]
+                table.setdefault(mangle(kohya_prefix, path), module)
+                if base_prefix == "model.diffusion_model.":
+                    sd1 = sd1_unet_to_diffusers(path)
+                    if sd1:
+                        table.setdefault(mangle(kohya_prefix, sd1), module)
+    return table
+
+
+def kohya_name(module, components):
+    """spec module name -> kohya lora_name."""
+    if module.startswith(PREFIXES) and "." not in module:
+        return module
+    two_text_encoders = "text_encoder_2" in components
+    for kohya_prefix, base_prefix in BASE_PREFIXES:
+        if base_prefix and module.startswith(base_prefix):
+            if base_prefix == "text_encoder." and kohya_prefix != ("lora_te1" if two_text_encoders else "lora_te"):
+                continue
+            return mangle(kohya_prefix, module[len(base_prefix):])
+    return mangle("lora_unet", module)
+
+
+
+# ---------------------------------------------------------------- llama.cpp
+LAYER_MAP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+GLOBAL_MAP = {"model.embed_tokens": "token_embd", "lm_head": "output"}
+
+def to_gguf_name(module):
+    if module in GLOBAL_MAP:
+        return GLOBAL_MAP[module]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+    if m and m[2] in LAYER_MAP:
+        return f"blk.{m[1]}.{LAYER_MAP[m[2]]}"
+    raise LorakitError(f"no llama.cpp tensor name for module '{module}' (Llama family: attention, MLP, embeddings, "
+                       "lm_head)")
+
+
+def from_gguf_name(name):
+    inverse = {v: k for k, v in GLOBAL_MAP.items()}
+    if name in inverse:
+        return inverse[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    layer = {v: k for k, v in LAYER_MAP.items()}
+    if m and m[2] in layer:
+        return f"model.layers.{m[1]}.{layer[m[2]]}"
+    return None
+
+
+def permute(rows, n_head, n_head_kv=None):
+    """llama.cpp's Q/K row order: within each head, interleave the two rotary halves (convert_hf_to_gguf)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def unpermute(rows, n_head, n_head_kv=None):
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+

@@ -1,0 +1,75 @@
+"""Quantized BASE checkpoints: a registry of formats (each one file implementing lorakit.quant.base.QuantFormat),
+detection, the strategies that put W + dW back on a grid, and WeightView (lorakit.quant.view), the one way every
+`--base` is read. Adding a format: a file here with its QuantFormat class, and its row in FORMATS.
+
+Torch-free at import: the CLI takes the strategy choices from here.
+"""
+import importlib
+import os
+
+from ..errors import LorakitError
+
+# name -> (module in this package, class, what it reads). Detection tries them in this order.
+FORMATS = {
+    "gptq": ("gptq_awq", "GPTQ", "GPTQ 2/4/8 bits, groups, sym/asym, v1 (z-1) and v2 zero points, desc_act g_idx"),
+    "awq": ("gptq_awq", "AWQ", "AWQ GEMM int4 with its interleaved packing"),
+    "fp8-block": ("fp8", "FP8Block", "FP8 E4M3 in DeepSeek-V3 128 x 128 blocks (weight_scale_inv)"),
+    "fp8": ("fp8", "FP8Channel", "FP8 E4M3 per tensor / per channel (compressed-tensors, FBGEMM)"),
+    "int8": ("int8", "Int8Channel", "INT8 per channel (compressed-tensors weight_scale; bitsandbytes SCB)"),
+    "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization (read: merge to --dtype)"),
+}
+
+# how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default
+STRATEGIES = {
+    "feedback": "the old grid; columns rounded in order, each column's error carried into the next ones so that the "
+                "error seen through the adapter's input subspace stays near zero (GPTQ-style, low-rank A^T A)",
+    "same-grid": "the old grid, nearest code (PEFT's bitsandbytes merge): small deltas round straight back",
+    "stochastic": "the old grid, unbiased random rounding (--seed)",
+    "rescale": "fresh scales / zero points fitted to W_deq + dW, then nearest",
+    "original": "quantize W + dW afresh from --full-precision-base",
+}
+
+# tensor name endings that only quantized checkpoints have: refused when no format claims them
+QUANT_NAMES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_scale_inv", ".SCB", ".absmax",
+               ".quant_map", ".nested_absmax", ".quant_state")
+
+
+def format_class(name):
+    module, cls, _ = FORMATS[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def quantization_config(base):
+    """config.json's quantization_config, else quantize_config.json (older GPTQ files), else {}."""
+    from ..io import read_config
+    folder = base if os.path.isdir(base) else os.path.dirname(base)
+    qconfig = (read_config(folder) or {}).get("quantization_config")
+    if qconfig is None:
+        older = read_config(folder, "quantize_config.json")
+        qconfig = {"quant_method": "gptq", **older} if older is not None else {}
+    return qconfig
+
+
+def detect(ckpt, base):
+    """(format, {module: {role: tensor}}) of a quantized checkpoint, (None, {}) for a full-precision one. Unknown
+    quantized layouts are refused rather than treated as weights."""
+    q = quantization_config(base)
+    claimed = False
+    for name in FORMATS:
+        try:
+            fmt = format_class(name).configure(q)
+        except LorakitError as e:
+            raise LorakitError(str(e), path=base) from None
+        if fmt is None:
+            continue
+        claimed = True
+        found = fmt.find(ckpt)
+        if found:
+            return fmt, found
+    if not claimed:
+        raise LorakitError(f"quantization method '{q.get('quant_method')}' is not supported", path=base)
+    example = next((n for n in ckpt.where if n.endswith(QUANT_NAMES)), None)
+    if example is not None:
+        raise LorakitError(f"unknown quantized layout (e.g. tensor '{example}'): refusing to treat packed values as "
+                           "weights", path=base)
+    return None, {}

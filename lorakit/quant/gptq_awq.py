@@ -1,0 +1,192 @@
+"""Packed-integer bases: GPTQ (2/4/8 bits, groups, sym/asym, v1/v2 zero points, desc_act g_idx) and AWQ GEMM int4.
+Both store int32 words of `32 // bits` codes; they share the module layout (qweight, qzeros, scales)."""
+import torch
+
+from ..errors import LorakitError
+from .base import Grid, QuantFormat, round_to
+from .rounding import int_codebook
+
+
+def unpack(packed, bits, dim, order=None):
+    """int32 words -> codes, `32 // bits` per word along `dim`, lowest bits first (then reordered by `order`)."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    p = packed.to(torch.int32).unsqueeze(-1) if dim == packed.ndim - 1 else packed.to(torch.int32).unsqueeze(dim + 1)
+    shape = [1] * p.ndim
+    shape[-1 if dim == packed.ndim - 1 else dim + 1] = per
+    vals = (p >> shifts.reshape(shape)) & ((1 << bits) - 1)
+    if order is not None:  # vals[..., i] holds element order[i] of its word
+        vals = vals[..., torch.argsort(torch.tensor(order))]
+    if dim == packed.ndim - 1:
+        return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    return vals.reshape(*packed.shape[:dim], packed.shape[dim] * per, *packed.shape[dim + 1:])
+
+
+def pack(codes, bits, dim, order=None):
+    """The inverse of unpack."""
+    per = 32 // bits
+    c = codes.to(torch.int64)
+    if dim == c.ndim - 1:
+        c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
+        if order is not None:
+            c = c[..., torch.tensor(order)]
+        slots = c
+    else:
+        c = c.reshape(*c.shape[:dim], c.shape[dim] // per, per, *c.shape[dim + 1:])
+        slots = c.movedim(dim + 1, -1)
+    word = torch.zeros(slots.shape[:-1], dtype=torch.int64)
+    for i in range(per):
+        word |= slots[..., i] << (bits * i)
+    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+    return word
+
+
+class PackedInt(QuantFormat):
+    """What GPTQ and AWQ share: their module layout and W^T[k, n] = scales[g[k], n] * (q[k, n] - z[g[k], n])."""
+
+    def find(self, ckpt):
+        found = {}
+        for n in ckpt.where:
+            if n.endswith(".qweight") and n[:-8] + ".qzeros" in ckpt and n[:-8] + ".scales" in ckpt:
+                m = {"qweight": n, "qzeros": n[:-8] + ".qzeros", "scales": n[:-8] + ".scales"}
+                if n[:-8] + ".g_idx" in ckpt:
+                    m["g_idx"] = n[:-8] + ".g_idx"
+                found[n[:-8]] = m
+        return found
+
+    def dequantize(self, ckpt, m):
+        q, z, s, g = self._parts(ckpt, m)
+        return (s[g] * (q.float() - z[g])).T.contiguous()
+
+
+class GPTQ(PackedInt):
+    """GPTQ: qweight I32 [in * bits / 32, out] packed along in, qzeros [groups, out * bits / 32] packed along out,
+    scales [groups, out], optional g_idx [in]. W^T[k, n] = scales[g[k], n] * (q[k, n] - z[g[k], n]); v1 files
+    ("gptq") store z - 1."""
+    name = "gptq"
+
+    def __init__(self, bits=4, group_size=128, sym=True, v1=True):
+        if bits not in (2, 4, 8):
+            raise LorakitError(f"GPTQ with {bits} bits is not supported (2, 4 or 8)")
+        self.bits, self.group_size, self.sym, self.v1 = bits, group_size, sym, v1
+
+    @classmethod
+    def configure(cls, q):
+        method = q.get("quant_method")
+        if method == "gptq" or (method is None and q.get("bits")):
+            return cls(q.get("bits", 4), q.get("group_size", 128), q.get("sym", True),
+                       q.get("checkpoint_format", "gptq") != "gptq_v2")
+        return None
+
+    def shape(self, ckpt, m):
+        packed = ckpt.entry(m["qweight"]).shape
+        out, inn = packed[1], packed[0] * 32 // self.bits
+        scales, zeros = ckpt.entry(m["scales"]).shape, ckpt.entry(m["qzeros"]).shape
+        per = 32 // self.bits
+        if len(scales) != 2 or scales[1] != out or tuple(zeros) != (scales[0], out // per):
+            raise LorakitError(f"GPTQ tensors do not fit together: qweight {list(packed)}, qzeros {list(zeros)}, "
+                               f"scales {list(scales)} ({self.bits} bits)", path=ckpt.path, tensor=m["qweight"])
+        if "g_idx" in m and tuple(ckpt.entry(m["g_idx"]).shape) != (inn,):
+            raise LorakitError(f"g_idx has shape {list(ckpt.entry(m['g_idx']).shape)}, expected [{inn}]",
+                               path=ckpt.path, tensor=m["g_idx"])
+        return (out, inn)
+
+    def _groups(self, ckpt, m, inn):
+        if "g_idx" in m:
+            return ckpt.get(m["g_idx"]).long()
+        g = self.group_size if self.group_size and self.group_size > 0 else inn
+        return torch.arange(inn) // g
+
+    def _parts(self, ckpt, m):
+        q = unpack(ckpt.get(m["qweight"]), self.bits, 0)  # [in, out]
+        z = unpack(ckpt.get(m["qzeros"]), self.bits, 1).float() + (1 if self.v1 else 0)  # [groups, out]
+        s = ckpt.get(m["scales"]).float()
+        return q, z, s, self._groups(ckpt, m, q.shape[0])
+
+    def grid(self, ckpt, m):
+        _, z, s, g = self._parts(ckpt, m)
+        return Grid(s[g].T.contiguous(), z[g].T.contiguous(), int_codebook(0, 2 ** self.bits - 1),
+                    {"scales": ckpt.get(m["scales"]).clone(), "zeros": z, "g": g})
+
+    def fit(self, ckpt, m, W):
+        g = self._groups(ckpt, m, W.shape[1])
+        n_groups = int(g.max()) + 1
+        maxq = 2 ** self.bits - 1
+        lo = torch.full((n_groups, W.shape[0]), float("inf")).scatter_reduce(0, g[:, None].expand(-1, W.shape[0]),
+                                                                             W.T, "amin")
+        hi = torch.full((n_groups, W.shape[0]), -float("inf")).scatter_reduce(0, g[:, None].expand(-1, W.shape[0]),
+                                                                              W.T, "amax")
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        if self.sym:
+            amax = torch.maximum(-lo, hi)
+            scale, zero = (2 * amax / maxq).clamp(min=1e-8), torch.full_like(amax, (maxq + 1) / 2)
+        else:
+            scale = ((hi - lo) / maxq).clamp(min=1e-8)
+            zero = torch.round(-lo / scale).clamp(0, maxq)
+        scales = round_to(scale, ckpt.get(m["scales"]))
+        return Grid(scales.float()[g].T.contiguous(), zero[g].T.contiguous(), int_codebook(0, maxq),
+                    {"scales": scales, "zeros": zero, "g": g})
+
+    def encode(self, ckpt, m, codes, grid):
+        zeros = grid.params["zeros"] - (1 if self.v1 else 0)
+        return {m["qweight"]: pack(codes.T.contiguous(), self.bits, 0), m["qzeros"]: pack(zeros, self.bits, 1),
+                m["scales"]: grid.params["scales"]}
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+class AWQ(PackedInt):
+    """AWQ GEMM int4: qweight I32 [in, out / 8] and qzeros [in / g, out / 8] packed along out in the order
+    [0, 2, 4, 6, 1, 3, 5, 7]; scales [in / g, out]. W^T = (iw - iz) * scales."""
+    name = "awq"
+
+    def __init__(self, group_size=128, bits=4):
+        if bits != 4:
+            raise LorakitError(f"AWQ with {bits} bits is not supported (GEMM int4)")
+        self.group_size = group_size
+
+    @classmethod
+    def configure(cls, q):
+        if q.get("quant_method") != "awq":
+            return None
+        if str(q.get("version", "gemm")).lower() != "gemm":
+            raise LorakitError(f"AWQ version {q.get('version')} is not supported (GEMM only)")
+        return cls(q.get("group_size", 128), q.get("bits", 4))
+
+    def shape(self, ckpt, m):
+        packed = ckpt.entry(m["qweight"]).shape
+        out, inn = packed[1] * 8, packed[0]
+        scales, zeros = ckpt.entry(m["scales"]).shape, ckpt.entry(m["qzeros"]).shape
+        if tuple(scales) != (inn // self.group_size, out) or tuple(zeros) != (inn // self.group_size, out // 8):
+            raise LorakitError(f"AWQ tensors do not fit together: qweight {list(packed)}, qzeros {list(zeros)}, "
+                               f"scales {list(scales)} (group size {self.group_size})", path=ckpt.path,
+                               tensor=m["qweight"])
+        return (out, inn)
+
+    def _parts(self, ckpt, m):
+        q = unpack(ckpt.get(m["qweight"]), 4, 1, AWQ_ORDER)  # [in, out]
+        z = unpack(ckpt.get(m["qzeros"]), 4, 1, AWQ_ORDER).float()  # [groups, out]
+        s = ckpt.get(m["scales"]).float()
+        g = torch.arange(q.shape[0]) // self.group_size
+        return q, z, s, g
+
+
+    def grid(self, ckpt, m):
+        _, z, s, g = self._parts(ckpt, m)
+        return Grid(s[g].T.contiguous(), z[g].T.contiguous(), int_codebook(0, 15),
+                    {"scales": ckpt.get(m["scales"]).clone(), "zeros": z, "g": g})
+
+    def fit(self, ckpt, m, W):
+        g = torch.arange(W.shape[1]) // self.group_size
+        Wg = W.T.reshape(-1, self.group_size, W.shape[0])
+        lo, hi = Wg.amin(1).clamp(max=0), Wg.amax(1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        scales = round_to(scale, ckpt.get(m["scales"]))
+        return Grid(scales.float()[g].T.contiguous(), zero[g].T.contiguous(), int_codebook(0, 15),
+                    {"scales": scales, "zeros": zero, "g": g})
+
+    def encode(self, ckpt, m, codes, grid):
+        return {m["qweight"]: pack(codes.T.contiguous(), 4, 1, AWQ_ORDER),
+                m["qzeros"]: pack(grid.params["zeros"], 4, 1, AWQ_ORDER), m["scales"]: grid.params["scales"]}

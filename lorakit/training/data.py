@@ -1,0 +1,102 @@
+"""Training data: token ids from .npy / .bin / .jsonl or text, a held-out split, and random batches."""
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..errors import LorakitError
+
+
+def load_data(path, vocab_size, base=None):
+    """Token ids from .npy / .bin (uint16, or uint32 when the vocabulary needs it: nanoGPT's memmap convention),
+    .jsonl with input_ids (optional labels or loss_mask), or .txt / .jsonl text with the base's tokenizer.json.
+    Returns ("stream", 1-D tensor) or ("records", [(ids, labels)]). Every id is checked against the vocabulary."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LorakitError("no such data file", path=path)
+    if path.endswith(".npy"):
+        kind, data = "stream", torch.from_numpy(np.load(path).astype(np.int64).reshape(-1))
+    elif path.endswith(".bin"):
+        kind, data = "stream", torch.from_numpy(
+            np.memmap(path, dtype=np.uint32 if vocab_size > 65536 else np.uint16, mode="r").astype(np.int64))
+    elif path.endswith(".jsonl"):
+        kind, data = "records", _read_jsonl(path, base)
+    elif path.endswith(".txt"):
+        with open(path) as f:
+            kind, data = "stream", torch.tensor(_tokenizer(base, path).encode(f.read()).ids, dtype=torch.int64)
+    else:
+        raise LorakitError("data must be .npy, .bin, .jsonl or .txt", path=path)
+    ids = data if kind == "stream" else torch.cat([r[0] for r in data]) if data else torch.zeros(0, dtype=torch.long)
+    if ids.numel() == 0:
+        raise LorakitError("no tokens in the data", path=path)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise LorakitError(f"token id {int(ids[i])} at position {i} is outside the vocabulary [0, {vocab_size})",
+                           path=path)
+    return kind, data
+
+
+def _read_jsonl(path, base):
+    records, tokenizer = [], None
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                raise LorakitError(f"line {n} is not JSON", path=path) from None
+            if "input_ids" in r:
+                ids = torch.tensor(r["input_ids"], dtype=torch.int64)
+            elif "text" in r:
+                tokenizer = tokenizer or _tokenizer(base, path)
+                ids = torch.tensor(tokenizer.encode(r["text"]).ids, dtype=torch.int64)
+            else:
+                raise LorakitError(f"line {n} has neither input_ids nor text", path=path)
+            labels = torch.tensor(r["labels"], dtype=torch.int64) if "labels" in r else ids.clone()
+            if "loss_mask" in r:
+                labels[torch.tensor(r["loss_mask"]) == 0] = -100
+            if labels.shape != ids.shape:
+                raise LorakitError(f"line {n}: labels and input_ids differ in length", path=path)
+            records.append((ids, labels))
+    return records
+
+
+def _tokenizer(base, path):
+    tok = os.path.join(base or "", "tokenizer.json")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise LorakitError("text data needs the tokenizers package (pip install tokenizers)", path=path) from None
+    if not os.path.isfile(tok):
+        raise LorakitError("text data needs a tokenizer.json in the base folder", path=path)
+    return Tokenizer.from_file(tok)
+
+
+def split(kind, data, seq_len, val_fraction=0.1):
+    """Held-out tail for evaluation: the last 10% of the tokens (or records)."""
+    n = len(data)
+    cut = n - max(seq_len + 1 if kind == "stream" else 1, int(n * val_fraction))
+    if cut < (seq_len + 1 if kind == "stream" else 1):
+        raise LorakitError(f"too little data: {n} {'tokens' if kind == 'stream' else 'records'} for seq-len {seq_len} "
+                           "and a held-out split")
+    return data[:cut], data[cut:]
+
+
+def get_batch(kind, data, batch, seq_len, generator):
+    """(x, y) of [batch, seq_len]; y is x shifted by one (-100 where no loss)."""
+    if kind == "stream":
+        starts = torch.randint(len(data) - seq_len, (batch,), generator=generator)
+        x = torch.stack([data[s:s + seq_len] for s in starts])
+        y = torch.stack([data[s + 1:s + 1 + seq_len] for s in starts])
+        return x, y
+    picks = torch.randint(len(data), (batch,), generator=generator)
+    x = torch.zeros(batch, seq_len, dtype=torch.long)
+    y = torch.full((batch, seq_len), -100, dtype=torch.long)
+    for row, i in enumerate(picks.tolist()):
+        ids, labels = data[i]
+        n = min(len(ids) - 1, seq_len)
+        x[row, :n], y[row, :n] = ids[:n], labels[1:n + 1]
+    return x, y

@@ -1,0 +1,140 @@
+"""`lorakit train`: a minimal LoRA fine-tune of a Llama-family checkpoint, read top to bottom (nanoGPT style).
+
+Data -> model (frozen base, LoRA factors in fp32) -> AdamW with warmup + cosine -> held-out eval -> adapter in the
+spec format, with the settings in its provenance. Under torchrun the same command runs DistributedDataParallel:
+`--batch` is the global batch, split evenly over the processes.
+"""
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import LorakitError
+from ..io import base_model_name
+from ..io.dtypes import user_dtype
+from ..quant.view import WeightView
+from ..spec import fingerprint
+from . import lora
+from .data import get_batch, load_data, split
+from .model import LlamaForCausalLM
+
+
+# ----------------------------------------------------------------------------- training
+def pick_device(device):
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def learning_rate(step, steps, lr, warmup):
+    """Linear warmup, then cosine decay to lr / 10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", steps=100, lr=2e-4, batch=8,
+          seq_len=256, grad_accum=1, eval_every=50, warmup=None, device="auto", dtype="auto", seed=0,
+          format="lorakit", resume=None, force=False, quiet=False):
+    """Train a LoRA adapter on `base` (a Hugging Face Llama-family folder); returns a report, writes `output`."""
+    # distributed set-up (torchrun sets these); one process otherwise
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank_id = int(os.environ.get("RANK", 0))
+    dev = pick_device(device)
+    if world > 1:
+        import torch.distributed as dist
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if batch % world:
+            raise LorakitError(f"--batch {batch} (the global batch) must divide by the {world} processes")
+    master = rank_id == 0
+    if os.path.exists(output) and not force:
+        raise LorakitError("output exists (use --force to overwrite)", path=output)
+    base_dtype = user_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+    # everything is checked before the first step: config, data, targets
+    model = LlamaForCausalLM.from_pretrained(base, dtype=base_dtype, device=dev)
+    kind, tokens = load_data(data, model.config.vocab_size, base)
+    train_data, val_data = split(kind, tokens, seq_len)
+    torch.manual_seed(seed)  # the factors' initialization: the same in every process and every run
+    names = lora.inject(model, targets, rank=rank, alpha=alpha)
+    if resume:
+        from ..formats import load
+        lora.load_into(model, load(resume))
+    params = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    autocast = torch.autocast(dev.type, dtype=base_dtype, enabled=base_dtype != torch.float32)
+    generator = torch.Generator().manual_seed(seed)  # the same batches on every process: each takes its slice
+    per_rank = batch // world
+
+    def loss_of(x, y, module):
+        with autocast:
+            logits = module(x.to(dev))
+        return F.cross_entropy(logits.float().flatten(0, 1), y.to(dev).flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def evaluate(batches=4):
+        g = torch.Generator().manual_seed(seed + 1)
+        return sum(loss_of(*get_batch(kind, val_data, batch, seq_len, g), model).item() for _ in range(batches)) / batches
+
+    losses, evals, seen, tokens_step0, t0 = [], [], 0, 0, time.perf_counter()
+    bar = tqdm(range(steps), desc="train", disable=quiet or not master)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
+        total = 0.0
+        for micro in range(grad_accum):
+            x, y = get_batch(kind, train_data, batch, seq_len, generator)
+            x, y = x[rank_id * per_rank:(rank_id + 1) * per_rank], y[rank_id * per_rank:(rank_id + 1) * per_rank]
+            sync = world == 1 or micro == grad_accum - 1
+            with (net.no_sync() if not sync else nullcontext()):
+                loss = loss_of(x, y, net) / grad_accum
+                loss.backward()
+            total += loss.item()
+            seen += x.numel() * world
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        if step == 0 and steps > 1:  # throughput is measured after the first (warm-up) step
+            t0, tokens_step0, seen = time.perf_counter(), seen, 0
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            evals.append((step + 1, evaluate()))
+        bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+    elapsed = time.perf_counter() - t0
+    eval_loss = evaluate()
+    evals.append((steps, eval_loss))
+
+    report = {"output": os.fspath(output), "modules": len(names), "steps": steps, "tokens": seen + tokens_step0,
+              "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss, "evals": evals,
+              "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed, "device": str(dev), "processes": world}
+    if master:
+        adapter = lora.extract(model)
+        adapter.base_model = base_model_name(base)
+        adapter.base_fingerprint = fingerprint(WeightView(base).shapes())
+        adapter.provenance = {"operation": "train", "parents": [{"file": os.path.basename(os.fspath(data)),
+                                                                 "role": "data"}],
+                              "params": {"rank": rank, "alpha": alpha, "targets": targets, "steps": steps, "lr": lr,
+                                         "batch": batch, "seq_len": seq_len, "grad_accum": grad_accum,
+                                         "warmup": warmup, "seed": seed, "dtype": str(base_dtype), "processes": world},
+                              "final_loss": losses[-1], "eval_loss": eval_loss}
+        adapter.save(output, format=format, force=force)
+    if world > 1:
+        torch.distributed.barrier()
+    return report
