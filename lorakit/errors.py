@@ -5,7 +5,7 @@ class LorakitError(Exception):
     """A user-facing error. `str(err)` is a single line naming the file, the tensor and what is wrong."""
 
     def __init__(self, message, *, path=None, tensor=None, code=None):
-        self.path, self.tensor, self.code = path, tensor, code
+        self.path, self.tensor, self.code, self.message = path, tensor, code, message
         parts = []
         if path is not None:
             parts.append(str(path))
@@ -14,3 +14,10 @@ class LorakitError(Exception):
         prefix = ": ".join(parts)
         tag = f"[{code}] " if code else ""
         super().__init__(f"{prefix}: {tag}{message}" if prefix else f"{tag}{message}")
+
+
+def with_path(error, path):
+    """The same error, naming `path` when it names no file yet (a core check raised it, a reader knows the file)."""
+    if error.path is not None:
+        return error
+    return LorakitError(error.message, path=path, tensor=error.tensor, code=error.code)

@@ -4,6 +4,7 @@
 loading can never disagree.
 """
 import json
+import math
 from dataclasses import dataclass
 
 from .core.adapter import KINDS, default_kind
@@ -242,3 +243,52 @@ def fingerprint(shapes):
     for name in sorted(shapes):
         h.update(f"{name}\t{','.join(str(d) for d in shapes[name])}\n".encode())
     return "sha256:" + h.hexdigest()
+
+
+def check_adapter(adapter, values=True):
+    """The spec's rules on an Adapter in memory (the same codes as check_file): what every reader must produce and
+    every writer may write. values=False skips the NaN/Inf scan (header-only reads hold no values)."""
+    import torch
+    problems = []
+    add = lambda code, msg, tensor: problems.append(Problem(code, msg, tensor))  # noqa: E731
+    for name, m in adapter.modules.items():
+        A, B = m.A, m.B
+        if A.ndim < 2 or B.ndim != A.ndim:
+            add("LK203", f"factors of shapes {list(A.shape)} and {list(B.shape)}: both need the same ndim >= 2", name)
+            continue
+        if any(d != 1 for d in B.shape[2:]):
+            add("LK203", f"lora_B of a conv module must be [out, r, 1, ...], got {list(B.shape)}", name)
+        if A.shape[0] != B.shape[1]:
+            add("LK204", f"lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}", name)
+        if A.shape[0] == 0:
+            add("LK205", "rank 0", name)
+        if not math.isfinite(m.alpha) or m.alpha <= 0:
+            add("LK206", f"alpha is {m.alpha}, must be finite and > 0", name)
+        if m.kind not in KINDS or (m.kind == "conv") != (A.ndim > 2):
+            add("LK212", f"kind '{m.kind}' does not fit factors of ndim {A.ndim}", name)
+        if m.bias is not None and tuple(m.bias.shape) != (B.shape[0],):
+            add("LK210", f"bias delta has shape {list(m.bias.shape)}, expected [{B.shape[0]}]", name)
+        if m.magnitude is not None:
+            shape = m.shape
+            if not isinstance(m.dora_axis, int) or not 0 <= m.dora_axis < len(shape):
+                add("LK211", f"DoRA magnitude without a valid axis (0..{len(shape) - 1})", name)
+            elif tuple(m.magnitude.shape) != (shape[m.dora_axis],):
+                add("LK211", f"DoRA magnitude has shape {list(m.magnitude.shape)}, expected [{shape[m.dora_axis]}] "
+                             f"(axis {m.dora_axis} of the weight {list(shape)})", name)
+        if values:
+            for part, t in (("A", A), ("B", B), ("bias", m.bias), ("magnitude", m.magnitude)):
+                if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    add("LK208", f"{int((~torch.isfinite(t)).sum())} NaN/Inf value(s) in {part}", name)
+    for name, t in adapter.replacements.items():
+        if values and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            add("LK208", f"{int((~torch.isfinite(t)).sum())} NaN/Inf value(s) in the replacement", name)
+    return problems
+
+
+def raise_first(problems, path):
+    """Raise the first error of `problems` as a one-line LorakitError naming `path`."""
+    errors = [p for p in problems if p.is_error]
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise LorakitError(first.message + more, path=path, tensor=first.tensor, code=first.code)

@@ -1,4 +1,5 @@
 """save -> load is bit-exact for every allowed dtype; bad input gets one clean line, exit 2, and no output."""
+import os
 import struct
 
 import pytest
@@ -9,7 +10,7 @@ from lorakit import examples
 from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
 
-from conftest import assert_one_line_error, bits, listdir_all
+from conftest import assert_one_line_error, bits, listdir_all, write_unchecked
 
 
 def full_adapter(dtype):
@@ -90,14 +91,17 @@ def test_bad_input_clean_errors(cli, tmp_path):
 def test_nan_and_shape_errors_name_the_tensor(tmp_path, cli):
     ad = examples.random_adapter({"l.0.q_proj.weight": (8, 8)})
     ad.modules["l.0.q_proj"].A[0, 0] = float("nan")
-    ad.save(tmp_path / "nan.safetensors")
+    with pytest.raises(LorakitError, match=r"refused.safetensors: tensor 'l.0.q_proj': \[LK208\] 1 NaN"):
+        ad.save(tmp_path / "refused.safetensors")
+    assert not os.path.exists(tmp_path / "refused.safetensors")
+    write_unchecked(ad, tmp_path / "nan.safetensors")
     with pytest.raises(LorakitError, match=r"nan.safetensors: tensor 'l.0.q_proj.lora_A': \[LK208\] 1 NaN"):
         lorakit.load(tmp_path / "nan.safetensors")
     c, out, _ = cli("validate", tmp_path / "nan.safetensors")
     assert c == 1 and "LK208 non-finite l.0.q_proj.lora_A" in out
     bad = Adapter()
     bad.add(Module("m", torch.ones(2, 4), torch.ones(3, 5), alpha=1.0))
-    bad.save(tmp_path / "shape.safetensors")
+    write_unchecked(bad, tmp_path / "shape.safetensors")
     with pytest.raises(LorakitError, match=r"tensor 'm.lora_B': \[LK204\] lora_A has rank 2 but lora_B has rank 5"):
         lorakit.load(tmp_path / "shape.safetensors")
 
@@ -116,10 +120,10 @@ def test_output_is_atomic_and_never_overwritten(tmp_path, monkeypatch):
         open(path, "wb").write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(fmt, "write_safetensors", broken_write)
-    with pytest.raises(OSError):
+    with pytest.raises(LorakitError, match="new.safetensors: cannot write the output: No space left on device"):
         ad.save(tmp_path / "new.safetensors")
     assert listdir_all(tmp_path) == ["out.safetensors"]
-    with pytest.raises(OSError):
+    with pytest.raises(LorakitError, match="No space left"):
         ad.save(out, force=True)
     assert out.read_bytes() == before and listdir_all(tmp_path) == ["out.safetensors"]
 

@@ -28,7 +28,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     """
     path = os.fspath(adapter)
     fmt = detect_format(path)
-    ad = fmt.read(path, values=False) if fmt.name == "lorakit" else fmt.read(path)
+    ad = fmt.read(path, values=spectrum) if fmt.name == "lorakit" else fmt.read(path)
     modules = []
     for m in ad.modules.values():
         modules.append({"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,

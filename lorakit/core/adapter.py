@@ -4,6 +4,7 @@ One rule for every module (spec section "The delta"): with r = A.shape[0] and sc
     dW = scale * (B.flatten(1) @ A.flatten(1)), reshaped to the base weight's shape [B.shape[0], *A.shape[1:]].
 Factors are stored in the base weight's own layout, so embeddings and GPT-2 Conv1D need no transposes here.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,13 @@ class Module:
     dora_axis: int = None
 
     def __post_init__(self):
-        self.alpha = fp32(self.alpha)
+        try:
+            self.alpha = fp32(self.alpha)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise LorakitError(f"alpha {self.alpha!r} is not a number", tensor=self.name) from None
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise LorakitError(f"alpha is {self.alpha}: the spec needs a finite alpha > 0", tensor=self.name,
+                               code="LK206")
         if self.kind is None:
             self.kind = default_kind(self.A.ndim)
         if self.kind not in KINDS or (self.kind == "conv") != (self.A.ndim > 2):

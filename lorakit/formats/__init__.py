@@ -13,7 +13,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import LorakitError
+from ..errors import LorakitError, with_path
+
+# what a reader raises on a layout it did not expect; reported as a malformed file, never as an internal error
+MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError,
+             RecursionError, ZeroDivisionError, EOFError)
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).
@@ -114,7 +118,16 @@ def load(path, format=None, **options):
     if fmt.read is None:
         raise LorakitError(f"format '{fmt.name}' cannot be read", path=path)
     check_options(fmt, "reader", fmt.read, options, path)
-    return fmt.read(path, **{k: v for k, v in options.items() if k in takes(fmt.read)})
+    options = {k: v for k, v in options.items() if k in takes(fmt.read)}
+    try:
+        adapter = fmt.read(path, **options)
+    except LorakitError as e:
+        raise with_path(e, path) from None
+    except MALFORMED as e:  # a layout no check above foresaw: still one line naming the file
+        raise LorakitError(f"malformed {fmt.name} adapter ({type(e).__name__}: {e})", path=path) from None
+    from ..spec import check_adapter, raise_first
+    raise_first(check_adapter(adapter, values=options.get("values", True)), path)
+    return adapter
 
 
 def save(adapter, path, format="lorakit", force=False, **options):
@@ -124,5 +137,10 @@ def save(adapter, path, format="lorakit", force=False, **options):
         writable = ", ".join(n for n in FORMATS if get_format(n).write)
         raise LorakitError(f"format '{fmt.name}' cannot be written (writable: {writable})")
     check_options(fmt, "writer", fmt.write, options, path)
-    return fmt.write(adapter, os.fspath(path), force=force,
-                     **{k: v for k, v in options.items() if k in takes(fmt.write)}) or []
+    from ..spec import check_adapter, raise_first
+    raise_first(check_adapter(adapter), path)  # nothing that fails the spec's checks is written, in any format
+    try:
+        return fmt.write(adapter, os.fspath(path), force=force,
+                         **{k: v for k, v in options.items() if k in takes(fmt.write)}) or []
+    except OSError as e:
+        raise LorakitError(f"cannot write the output: {e.strerror or e}", path=path) from None

@@ -17,14 +17,12 @@ def detect(probe):
 
 
 def read(path, values=True):
-    """values=False skips the NaN/Inf scan (inspect reads headers only); structure is always checked."""
+    """values=False reads the header and the alphas only (inspect): the tensors are shape-only (meta) tensors and the
+    NaN/Inf scan is skipped; the structure is always checked."""
     problems, layout = spec.check_file(path, values=values)
-    errors = [p for p in problems if p.is_error]
-    if errors:
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more problem(s): run lorakit validate)" if len(errors) > 1 else ""
-        raise LorakitError(first.message + more, path=path, tensor=first.tensor, code=first.code)
+    spec.raise_first(problems, path)
     tf = TensorFile(path)
+    get = tf.get if values else tf.meta
     meta = tf.header.metadata
     adapter = Adapter(
         base_model=meta.get(spec.META_BASE),
@@ -35,16 +33,16 @@ def read(path, values=True):
     )
     for name, keys in layout.modules.items():
         info = layout.module_meta.get(name, {})
-        A, B = tf.get(keys["lora_A"]), tf.get(keys["lora_B"])
+        A, B = get(keys["lora_A"]), get(keys["lora_B"])
         adapter.add(Module(
             name, A, B, alpha=tf.get(keys["alpha"]).item(),
             kind=info.get("kind", default_kind(A.ndim)),
-            bias=tf.get(keys["bias_delta"]) if "bias_delta" in keys else None,
-            magnitude=tf.get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
+            bias=get(keys["bias_delta"]) if "bias_delta" in keys else None,
+            magnitude=get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
             dora_axis=info.get("dora_axis"),
         ))
     for name, key in layout.replacements.items():
-        adapter.replacements[name] = tf.get(key)
+        adapter.replacements[name] = get(key)
     return adapter
 
 

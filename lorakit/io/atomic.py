@@ -1,34 +1,166 @@
-"""Atomic outputs: every output is written under a temporary name next to its destination and renamed only when
-complete, so a reader never sees a partial file and an interrupted command leaves the old output in place."""
+"""Outputs that never lose data.
+
+- OUT is checked before any work (`check_output`): it is never an input, never inside one and never contains one;
+  an existing OUT is replaced only with --force, and only by an output of the same kind (a file by a file, a model
+  folder by a folder).
+- Everything is written under a temporary name next to OUT (`.OUT.lorakit-<pid>.<random>.tmp`, created with the
+  user's umask) and renamed only when complete; without --force the rename refuses to replace an OUT that appeared
+  meanwhile (another process), so two runs cannot silently overwrite each other.
+- Temporaries left by a killed run (its process gone) are removed by the next run writing the same OUT.
+"""
+import ctypes
+import errno
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 
 from ..errors import LorakitError
+
+TAG = ".lorakit-"
+
+
+def _real(path):
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _inside(child, parent):
+    return child != parent and os.path.commonpath([child, parent]) == parent
+
+
+def check_output(output, inputs=(), force=False, directory=None, flag="--force"):
+    """Refuse an OUT that would lose data, before anything is computed. `directory`: True when the command writes a
+    folder, False for a file, None when unknown yet."""
+    out = _real(output)
+    for given in inputs:
+        if given is None:
+            continue
+        inp = _real(given)
+        if out == inp:
+            raise LorakitError("the output is also an input: choose another output path", path=output)
+        if _inside(out, inp):
+            raise LorakitError(f"the output lies inside the input {given}: choose a path outside it", path=output)
+        if _inside(inp, out):
+            raise LorakitError(f"the output would contain the input {given}: choose another output path", path=output)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise LorakitError("output folder does not exist", path=parent)
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise LorakitError(f"output exists (use {flag} to replace it)", path=output)
+    if directory is None:
+        return
+    is_dir = os.path.isdir(out) and not os.path.islink(out)
+    if directory and not is_dir:
+        raise LorakitError(f"output exists as a file; this writes a folder, and {flag} replaces only an output of "
+                           "the same kind", path=output)
+    if not directory and is_dir:
+        raise LorakitError(f"output exists as a folder; this writes a single file, and {flag} replaces only an "
+                           "output of the same kind", path=output)
+    if directory and os.listdir(out) and not any(f.endswith((".safetensors", ".json", ".bin"))
+                                                 for f in os.listdir(out)):
+        raise LorakitError(f"output folder holds no model or adapter files: {flag} replaces only an output of this "
+                           "kind, not any folder", path=output)
+
+
+def remove_stale_temporaries(path):
+    """Temporaries of `path` left by runs whose process is gone (SIGKILL, power loss)."""
+    parent, base = os.path.split(path)
+    prefix = f".{base}{TAG}"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        stale = os.path.join(parent, name)
+        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else _unlink(stale)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temporary_name(path, suffix):
+    parent, base = os.path.split(path)
+    return os.path.join(parent, f".{base}{TAG}{os.getpid()}.{secrets.token_hex(4)}.{suffix}")
+
+
+def _rename_noreplace(src, dst):
+    """rename(src, dst) that fails with FileExistsError when dst exists, atomically where the kernel can."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL/ENOSYS: no renameat2 on this filesystem
+            raise OSError(err, os.strerror(err), dst)
+    if os.path.isdir(src):
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", dst)
+        os.rename(src, dst)
+    else:
+        os.link(src, dst)  # fails if dst exists
+        os.unlink(src)
 
 
 @contextmanager
 def atomic_output(path, force=False, directory=False):
     """Yield a temporary path next to `path`; rename it to `path` only when the block completes."""
-    path = os.path.abspath(str(path))
-    if os.path.exists(path) and not force:
-        raise LorakitError("output exists (use --force to overwrite)", path=path)
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise LorakitError("output folder does not exist", path=parent)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.") if directory else None
-    if not directory:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
+    path = os.path.abspath(os.fspath(path))
+    check_output(path, force=force, directory=directory)
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path, "tmp")
+    try:
+        if directory:
+            os.mkdir(tmp, 0o777)  # the umask applies, as for any folder the user makes
+        else:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise LorakitError(f"cannot write next to the output: {e.strerror or e}", path=path) from None
     try:
         yield tmp
-        if os.path.isdir(path) and force:
-                shutil.rmtree(path)
-        os.replace(tmp, path)
+        _publish(tmp, path, force, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
         raise
+
+
+def _publish(tmp, path, force, directory):
+    try:
+        if not (force and os.path.lexists(path)):
+            _rename_noreplace(tmp, path)
+        elif not directory:
+            os.replace(tmp, path)  # atomic: the old file stays until the new one is complete
+        else:
+            old = _temporary_name(path, "old")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    except FileExistsError:
+        raise LorakitError("output appeared while this command ran (another process writing it?): it was left "
+                           "alone and this result discarded", path=path) from None
 
 
 def _unlink(p):
@@ -36,5 +168,3 @@ def _unlink(p):
         os.unlink(p)
     except FileNotFoundError:
         pass
-
-

@@ -1,8 +1,8 @@
 """Lazy read access to a base checkpoint: one .safetensors file or a Hugging Face folder (single or sharded)."""
-import json
 import os
 
 from ..errors import LorakitError
+from .jsonio import read_json
 from .safetensors import TensorFile, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -15,11 +15,7 @@ def read_config(folder, name="config.json"):
     path = os.path.join(folder or ".", name)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise LorakitError(f"not JSON: {e.msg}", path=path) from None
+    return read_json(path)
 
 
 def base_model_name(path):
@@ -36,13 +32,19 @@ def shard_files(path):
         return [path], None
     index_path = os.path.join(path, INDEX)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-            files = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise LorakitError("index is not JSON with a 'weight_map' object", path=index_path) from None
-        return [os.path.join(path, f) for f in files], index
+        index = read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise LorakitError("'weight_map' must map tensor names to shard file names", path=index_path)
+        folder = os.path.realpath(path)
+        files = []
+        for f in sorted(set(weight_map.values())):
+            full = os.path.realpath(os.path.join(path, f))
+            if os.path.dirname(full) != folder:  # ../../etc/passwd, absolute paths, sub-folders, links out
+                raise LorakitError(f"shard '{f}' is not a file of the model folder", path=index_path)
+            files.append(os.path.join(path, f))
+        return files, index
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise LorakitError("folder holds no .safetensors files", path=path)

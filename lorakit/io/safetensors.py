@@ -7,11 +7,13 @@ import errno
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
 from ..errors import LorakitError
 from .dtypes import DTYPES, itemsize, st_dtype, torch_dtype
+from .jsonio import parse_json
 
 MAX_HEADER = 100_000_000
 
@@ -43,11 +45,14 @@ class Header:
 
 
 def check_readable_file(path):
-    """Missing paths and directories are I/O errors (exit 2 everywhere), checked before anything else."""
+    """Missing paths, directories and anything but a regular file (a FIFO would block, a device never end) are I/O
+    errors (exit 2 everywhere), checked before anything else."""
     if not os.path.exists(path):
         raise LorakitError("no such file", path=path)
     if os.path.isdir(path):
         raise LorakitError("is a directory, expected a .safetensors file", path=path)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise LorakitError("is not a regular file (a pipe or a device?)", path=path)
 
 
 def read_header(path):
@@ -63,13 +68,7 @@ def read_header(path):
             raise LorakitError(f"header length {n} runs past the end of the {size}-byte file (truncated or not "
                                "safetensors)", path=path, code="LK101")
         text = f.read(n)
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LorakitError(f"header is not valid JSON ({e.msg if hasattr(e, 'msg') else e})", path=path,
-                           code="LK101") from None
-    if not isinstance(header, dict):
-        raise LorakitError("header is not a JSON object", path=path, code="LK101")
+    header = parse_json(text, path, "header", code="LK101")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in metadata.items()):
@@ -109,24 +108,22 @@ def read_header(path):
 
 
 class TensorFile:
-    """Lazy access to the tensors of one safetensors file through a memory map (nothing is read until asked)."""
+    """Tensors of one safetensors file, read on demand into their own memory. Nothing is memory-mapped: a file that
+    shrinks while it is read gives a clean error instead of SIGBUS, and files larger than RAM are fine as long as
+    each tensor fits."""
 
     def __init__(self, path, header=None):
         self.header = header or read_header(path)
         self.path = str(path)
-        self._map = None
 
     def get(self, name):
+        return self.read(name)
+
+    def meta(self, name):
+        """A shape-and-dtype-only tensor (no data is read)."""
         import torch
         e = self.header.entries[name]
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY: writable for torch.frombuffer, yet writes never reach the file.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.header.file_size else b""
-        if e.numel == 0:
-            return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-        t = torch.frombuffer(self._map, dtype=torch_dtype(e.dtype), count=e.numel, offset=e.start)
-        return t.reshape(e.shape)
+        return torch.empty(e.shape, dtype=torch_dtype(e.dtype), device="meta")
 
     def raw(self, name):
         """The stored bytes of a tensor, for byte-identical copies."""
@@ -162,9 +159,12 @@ class TensorFile:
             while left:
                 n = os.copy_file_range(f.fileno(), out.fileno(), left, offset) if hasattr(os, "copy_file_range") \
                     else 0
-                if n <= 0:  # no kernel copy here: fall back to a buffered copy
+                if n <= 0:  # no kernel copy here (or the file shrank): a buffered copy, checked
                     f.seek(offset)
-                    out.write(f.read(left))
+                    data = f.read(left)
+                    if len(data) != left:
+                        raise LorakitError("file ended inside the tensor data", path=self.path, tensor=name)
+                    out.write(data)
                     break
                 offset, left = offset + n, left - n
 
@@ -242,10 +242,10 @@ class DirectFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT")
         try:
-            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o666)
         except OSError:
             self.direct = False
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path, flags, 0o666)
         self.staging = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT requires
         self.view = memoryview(self.staging)
 
