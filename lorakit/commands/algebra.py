@@ -9,7 +9,8 @@ from ..errors import LorakitError
 from ..formats import load
 from ..io.dtypes import user_dtype
 from ..methods import get_method
-from .args import parse_weighted
+from ..io import check_output
+from .args import in_range, rank_rule, same_base, weighted_inputs
 
 WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
 
@@ -34,20 +35,19 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     """
     combine_method = get_method(method, rank, energy)
     _check_rule(rank=rank, energy=energy)
-    if not 0 < density <= 1:
-        raise LorakitError(f"--density must be in (0, 1], got {density}")
-    inputs = [parse_weighted(a) for a in adapters]
+    rank_rule(rank=rank, energy=energy)
+    in_range("--density", density, 0, 1, low_open=True)
+    inputs = weighted_inputs(adapters)
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")
+    check_output(output, [p for p, _ in inputs], force, directory=False)
     loaded = [(path, load(path), w) for path, w in inputs]
+    same_base(loaded)
     out_dtype = user_dtype(dtype) if dtype != "keep" else max(
         (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()), key=lambda d: WIDTH.get(d, 0),
         default=torch.float32)
     names = sorted({n for _, ad, _ in loaded for n in ad.modules})
     result = Adapter(base_model=loaded[0][1].base_model, base_fingerprint=loaded[0][1].base_fingerprint)
-    fingerprints = {ad.base_fingerprint for _, ad, _ in loaded if ad.base_fingerprint}
-    if len(fingerprints) > 1:
-        raise LorakitError("the adapters were made for different base models (base fingerprints differ)")
     rows = []
     for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=quiet):
         entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
@@ -79,6 +79,11 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
     rule = _check_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative)
     if not rule:
         raise LorakitError("give one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
+    rank_rule(rank=rank, energy=energy, max_rank=max_rank)
+    in_range("--sv-ratio", sv_ratio, 1)
+    in_range("--sv-fro", sv_fro, 0, 1, low_open=True)
+    in_range("--sv-cumulative", sv_cumulative, 0, 1, low_open=True)
+    check_output(output, [adapter], force, directory=False)
     ad = load(adapter)
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     result = Adapter(replacements=dict(ad.replacements), base_model=ad.base_model,

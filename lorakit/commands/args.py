@@ -1,8 +1,12 @@
 """Argument parsing shared by the commands (not a command itself)."""
+import math
 import os
 import re
 
 from ..errors import LorakitError
+
+FP32_MAX = 3.4028234663852886e38
+MIN_SHARD = 1 << 20
 
 
 def parse_weighted(spec):
@@ -27,4 +31,79 @@ def parse_size(text):
     if not m:
         raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
     power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if size < 1000 or (not m.group(2) and size < MIN_SHARD):
+        raise LorakitError(f"shard size '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB")
+    return size
+
+
+def check_weight(path, weight):
+    """A merge/combine weight: finite and within fp32 (torch treats alpha=nan as 1 in addmm: never pass it on)."""
+    if not (math.isfinite(weight) and abs(weight) <= FP32_MAX):
+        raise LorakitError(f"weight {weight!r} is not a finite fp32 number", path=path)
+    return weight
+
+
+def weighted_inputs(specs):
+    """[(path, weight)] from 'path' / 'path:weight' strings, every weight checked."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    out = []
+    for spec in specs:
+        path, w = parse_weighted(spec)
+        out.append((path, check_weight(path, w)))
+    return out
+
+
+def in_range(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """Refuse (never clamp) an option outside its range: `name` is the CLI spelling (--rank)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
+        raise LorakitError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            where = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            where = f"{'>' if low_open else '>='} {low}"
+        else:
+            where = f"{'<' if high_open else '<='} {high}"
+        raise LorakitError(f"{name} must be {where}, got {value}")
+    return value
+
+
+def existing(path, option):
+    """A path option that must exist (never resolved against anything else when it does not)."""
+    if path is not None and not os.path.exists(os.fspath(path)):
+        raise LorakitError(f"{option}: no such file or folder", path=path)
+    return path
+
+
+def same_base(loaded):
+    """Refuse adapters made for different bases ([(path, Adapter, weight)]), naming both files: by fingerprint, by
+    recorded base name, or (neither recorded) by module names with no common root (a Llama and a GPT-2 adapter)."""
+    for (pa, a, _), (pb, b, _) in zip(loaded, loaded[1:]):
+        why = None
+        if a.base_fingerprint and b.base_fingerprint and a.base_fingerprint != b.base_fingerprint:
+            why = "their base fingerprints differ"
+        elif a.base_model and b.base_model and a.base_model != b.base_model:
+            why = f"one is for '{a.base_model}', the other for '{b.base_model}'"
+        else:
+            roots_a = {n.split(".", 1)[0] for n in a.modules}
+            roots_b = {n.split(".", 1)[0] for n in b.modules}
+            if roots_a and roots_b and not roots_a & roots_b:
+                why = f"their module names share no root ({', '.join(sorted(roots_a))} vs {', '.join(sorted(roots_b))})"
+        if why:
+            raise LorakitError(f"{pa} and {pb} were made for different base models: {why}")
+
+
+def rank_rule(rank=None, energy=None, max_rank=None):
+    """The rank options the commands share, refused (never clamped) out of range."""
+    in_range("--rank", rank, 1, integer=True)
+    in_range("--max-rank", max_rank, 1, integer=True)
+    in_range("--energy", energy, 0, 1, low_open=True)

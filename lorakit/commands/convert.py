@@ -3,12 +3,16 @@ import os
 
 from ..errors import LorakitError
 from ..formats import detect_format, get_format, given, load, save, takes
+from ..io import check_output
+from .args import existing
 
 
 def convert(input, output, to, from_=None, base=None, alpha=None, allow_unknown=False, force=False):
     """Convert an adapter between formats. Returns a report with what the reader and writer did. `base` goes to the
     reader and/or the writer that use it (an error when neither does); `alpha` and `allow_unknown` to the reader."""
     input, output = os.fspath(input), os.fspath(output)
+    existing(base, "--base")
+    check_output(output, [input, base], force)
     src = get_format(from_) if from_ else detect_format(input)
     dst = get_format(to)
     if dst.write is None:

@@ -7,11 +7,12 @@ from tqdm import tqdm
 from ..core import Adapter, algebra, default_kind
 from ..errors import LorakitError
 from ..formats.names import is_embedding
-from ..io import base_model_name
+from ..io import base_model_name, check_output
 from ..io.dtypes import user_dtype
 from ..quant.view import WeightView
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
+from .args import rank_rule
 
 
 def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False,
@@ -20,6 +21,8 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
     tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
     if rank is None and energy is None:
         raise LorakitError("give --rank or --energy")
+    rank_rule(rank=rank, energy=energy)
+    check_output(output, [base, tuned], force, directory=False)
     targets = target_list(targets)
     cb, ct = WeightView(base), WeightView(tuned)  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)

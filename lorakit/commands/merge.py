@@ -6,10 +6,10 @@ from tqdm import tqdm
 
 from ..errors import LorakitError
 from ..formats import load
-from ..io import Checkpoint, atomic_output, read_config
+from ..io import Checkpoint, atomic_output, check_output, read_config
 from ..io.dtypes import user_dtype
 from ..quant import STRATEGIES
-from .args import parse_size, parse_weighted
+from .args import existing, in_range, parse_size, weighted_inputs
 
 
 def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, threads=None, force=False,
@@ -23,16 +23,18 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     from ..engine.plan import plan_merge
     from ..quant.view import WeightView
     _large_buffers_back_to_os()
-    base = os.fspath(base)
-    view = WeightView(base)  # quantized modules seen as their full-precision weights
-    if isinstance(adapters, (str, os.PathLike)):
-        adapters = [adapters]
+    base = os.fspath(existing(base, "BASE"))
+    existing(full_precision_base, "--full-precision-base")
+    inputs = weighted_inputs(adapters)
+    in_range("--threads", threads, 1, integer=True)
     if strategy not in STRATEGIES:
         raise LorakitError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if onto not in ("dequantized", "original"):
         raise LorakitError(f"--onto is 'dequantized' or 'original', not '{onto}'")
-    loaded = [(p, load(p), w) for p, w in map(parse_weighted, adapters)]
-    config = read_config(base)
+    check_output(output, [base, full_precision_base, *(p for p, _ in inputs)], force)
+    view = WeightView(base)  # quantized modules seen as their full-precision weights
+    loaded = [(p, load(p), w) for p, w in inputs]
+    config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
     plans, untie_embed = plan_merge(view, loaded, unmerge, bool(config and config.get("tie_word_embeddings")),
                                     ignore_fingerprint)
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
@@ -45,6 +47,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         if (strategy == "original" or onto == "original") and full is None:
             raise LorakitError("--strategy original and --onto original need --full-precision-base", path=base)
     writer = pipeline.SafetensorsWriter(job, base, untie_embed, parse_size(shard_size))
+    check_output(output, force=force, directory=writer.folder)
     total = writer.total
     with atomic_output(output, force=force, directory=writer.folder) as tmp, \
             tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=quiet) as bar:
@@ -52,7 +55,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             pipeline.run(job, writer, tmp, threads or min(4, os.cpu_count() or 1), bar)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
-    notes = []
+    notes = _embedding_notes(view, plans, config)
     if untie_embed:
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / lm_head.weight; both were written and "
                      "tie_word_embeddings set to false in config.json")
@@ -63,6 +66,18 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report
+
+
+def _embedding_notes(view, plans, config):
+    """An adapter on the embedding of a base whose tying cannot be checked (no config.json, no lm_head.weight): the
+    merged embedding may or may not be the output head too; say so rather than guess."""
+    from ..formats.names import HEAD, is_embedding
+    touched = [n for n, p in plans.items() if p.touched and is_embedding(n)]
+    if touched and config is None and HEAD not in view:
+        return [f"WARNING: the adapter changes {touched[0]} and the base has no config.json and no {HEAD}: if the "
+                "model ties its output head to the embedding, the head changes too (put config.json beside the file "
+                "to have tied embeddings untied and the head written)"]
+    return []
 
 
 def _large_buffers_back_to_os():

@@ -21,7 +21,7 @@ from ..io import INDEX, BufferPool, ShardWriter, spec_nbytes
 from ..io.dtypes import dtype_name, st_dtype, torch_dtype
 from ..formats.names import HEAD
 from ..quant import requant
-from .tensor import merge_tensor
+from .tensor import check_finite, merge_tensor
 
 
 class MergeJob:
@@ -87,7 +87,7 @@ class MergeJob:
             if not self.dequantize_out and (plan is None or not plan.touched):
                 return None  # an untouched quantized module: byte-identical
             t = self._module(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
-            return None if t is None else (t, None)  # members the strategy leaves alone (g_idx) are copied
+            return None if t is None else (check_finite(name, t), None)  # untouched members (g_idx) are copied
         if self.copied(name):
             return None
         plan, source, spec = self.plans.get(name), self.source(name), self.spec_of(name)
@@ -102,7 +102,7 @@ class MergeJob:
         obuf = self.out_pool.get()
         out = self.out_pool.tensor(obuf, torch_dtype(spec[1]), spec[2])
         if plan is None or not plan.touched:
-            out.copy_(W)
+            check_finite(name, out.copy_(W))  # a cast to another dtype can overflow
         else:
             out = merge_tensor(W, plan, self.sign, out.dtype, out)
         self.read_pool.put(rbuf)

@@ -2,6 +2,8 @@
 through lorakit.quant.requant (dequantize, add, back onto the grid)."""
 import torch
 
+from ..errors import LorakitError
+
 BLOCK_ELEMENTS = 1 << 19  # fp32 row blocks of ~2 MB stay in cache: 2-3x faster than whole-tensor passes
 
 
@@ -12,14 +14,14 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
     if plan.replacement is not None:  # the spec: a replacement first, then the deltas on top of it
         W = plan.replacement
         if not plan.loras and not plan.biases:
-            return W.to(out_dtype)
+            return check_finite(plan.name, W.to(out_dtype))
     if plan.biases or any(m.magnitude is not None for m, _ in plan.loras):
         Wf = W.float() if W.dtype != torch.float32 else W.clone()
         for m, w in plan.loras:
             Wf = m.apply(Wf, sign=sign, weight=w)  # DoRA needs the whole tensor for its norm; it is alone here (see plan)
         for m, w in plan.biases:
             Wf.add_(m.bias.float(), alpha=sign * w)
-        return Wf.to(out_dtype)
+        return check_finite(plan.name, Wf.to(out_dtype))
     factors = [(*m.factors(torch.float32), sign * w) for m, w in plan.loras]
     W2 = W.reshape(W.shape[0], -1)
     out = torch.empty(W2.shape, dtype=out_dtype) if out is None else out.reshape(W2.shape)
@@ -29,4 +31,20 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
         for B2, A2, alpha in factors:
             block.addmm_(B2[i:i + rows], A2, alpha=alpha)
         out[i:i + rows] = block
+        if not bool(torch.isfinite(out[i:i + rows]).all()):  # checked while the block is in cache
+            raise non_finite(plan.name, out[i:i + rows])
     return out.reshape(W.shape)
+
+
+def non_finite(name, t):
+    return LorakitError(f"the merged tensor has {int((~torch.isfinite(t)).sum())} NaN/Inf value(s) (a NaN in the base "
+                        "or its scales, or a result out of the output dtype's range): nothing was written",
+                        tensor=name)
+
+
+def check_finite(name, t):
+    """Nothing non-finite reaches an output."""
+    x = t.float() if t.is_floating_point() and t.element_size() == 1 else t  # fp8: no isfinite kernel
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise non_finite(name, x)
+    return t

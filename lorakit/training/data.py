@@ -16,10 +16,19 @@ def load_data(path, vocab_size, base=None):
     if not os.path.isfile(path):
         raise LorakitError("no such data file", path=path)
     if path.endswith(".npy"):
-        kind, data = "stream", torch.from_numpy(np.load(path).astype(np.int64).reshape(-1))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise LorakitError(f"not a readable .npy array ({e})", path=path) from None
+        if array.dtype.kind not in "iu":
+            raise LorakitError(f"token ids must be integers, the array holds {array.dtype}", path=path)
+        kind, data = "stream", torch.from_numpy(array.astype(np.int64).reshape(-1))
     elif path.endswith(".bin"):
-        kind, data = "stream", torch.from_numpy(
-            np.memmap(path, dtype=np.uint32 if vocab_size > 65536 else np.uint16, mode="r").astype(np.int64))
+        dtype = np.uint32 if vocab_size > 65536 else np.uint16
+        if os.path.getsize(path) % np.dtype(dtype).itemsize:
+            raise LorakitError(f"{os.path.getsize(path)} bytes is not a whole number of {np.dtype(dtype).name} token "
+                               "ids (nanoGPT's .bin: uint16, uint32 for vocabularies over 65536)", path=path)
+        kind, data = "stream", torch.from_numpy(np.fromfile(path, dtype=dtype).astype(np.int64))
     elif path.endswith(".jsonl"):
         kind, data = "records", _read_jsonl(path, base)
     elif path.endswith(".txt"):
@@ -48,20 +57,33 @@ def _read_jsonl(path, base):
                 r = json.loads(line)
             except json.JSONDecodeError:
                 raise LorakitError(f"line {n} is not JSON", path=path) from None
+            if not isinstance(r, dict):
+                raise LorakitError(f"line {n} is not a JSON object", path=path)
             if "input_ids" in r:
-                ids = torch.tensor(r["input_ids"], dtype=torch.int64)
+                ids = torch.tensor(_token_ids(r["input_ids"], path, n, "input_ids"), dtype=torch.int64)
             elif "text" in r:
                 tokenizer = tokenizer or _tokenizer(base, path)
                 ids = torch.tensor(tokenizer.encode(r["text"]).ids, dtype=torch.int64)
             else:
                 raise LorakitError(f"line {n} has neither input_ids nor text", path=path)
-            labels = torch.tensor(r["labels"], dtype=torch.int64) if "labels" in r else ids.clone()
+            labels = torch.tensor(_token_ids(r["labels"], path, n, "labels"), dtype=torch.int64) \
+                if "labels" in r else ids.clone()
             if "loss_mask" in r:
-                labels[torch.tensor(r["loss_mask"]) == 0] = -100
+                mask = _token_ids(r["loss_mask"], path, n, "loss_mask")
+                if len(mask) != len(labels):
+                    raise LorakitError(f"line {n}: loss_mask and input_ids differ in length", path=path)
+                labels[torch.tensor(mask, dtype=torch.int64) == 0] = -100
             if labels.shape != ids.shape:
                 raise LorakitError(f"line {n}: labels and input_ids differ in length", path=path)
             records.append((ids, labels))
     return records
+
+
+def _token_ids(value, path, line, key):
+    """A list of integers (never floats truncated to ints, never nested lists)."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise LorakitError(f"line {line}: '{key}' must be a list of integers", path=path)
+    return value
 
 
 def _tokenizer(base, path):

@@ -60,8 +60,6 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         if batch % world:
             raise LorakitError(f"--batch {batch} (the global batch) must divide by the {world} processes")
     master = rank_id == 0
-    if os.path.exists(output) and not force:
-        raise LorakitError("output exists (use --force to overwrite)", path=output)
     base_dtype = user_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
     # everything is checked before the first step: config, data, targets

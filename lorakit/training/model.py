@@ -2,15 +2,19 @@
 SwiGLU. Module names mirror Hugging Face's (model.layers.0.self_attn.q_proj ...), so a checkpoint loads by name and
 an adapter trained here merges into that checkpoint directly. Loads Llama / Mistral / Qwen2-style folders
 (config.json + safetensors, sharded or not) and gives the same logits as transformers."""
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LorakitError
+from ..errors import LorakitError, with_path
 from ..io import read_config
 from ..quant.view import WeightView
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -30,6 +34,14 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, c):
+        """The config of a Llama / Mistral / Qwen2 config.json; anything else is refused (a Granite or Gemma config
+        has the same keys but other math)."""
+        if c.get("model_type") not in MODEL_TYPES:
+            raise LorakitError(f"model_type '{c.get('model_type')}' is not one lorakit's model implements "
+                               f"({', '.join(MODEL_TYPES)})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] < 1:
+                raise LorakitError(f"'{key}' must be a positive integer, got {c.get(key)!r}")
         if c.get("hidden_act", "silu") != "silu":
             raise LorakitError(f"hidden_act {c['hidden_act']} is not SwiGLU/silu")
         scaling = c.get("rope_scaling") or {}
@@ -37,6 +49,11 @@ class LlamaConfig:
             raise LorakitError(f"rope_scaling {scaling.get('rope_type', scaling.get('type'))} is not supported")
         rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         qwen2 = c.get("model_type") == "qwen2"
+        kv = c.get("num_key_value_heads") or c["num_attention_heads"]
+        if not isinstance(kv, int) or c["num_attention_heads"] % kv or (
+                not c.get("head_dim") and c["hidden_size"] % c["num_attention_heads"]):
+            raise LorakitError("the head counts do not divide: num_attention_heads "
+                               f"{c['num_attention_heads']}, num_key_value_heads {kv}, hidden_size {c['hidden_size']}")
         return cls(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
                    num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
                    num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
@@ -152,7 +169,10 @@ class LlamaForCausalLM(nn.Module):
         config = read_config(folder)
         if config is None:
             raise LorakitError("no config.json: the base must be a Hugging Face model folder", path=folder)
-        config = LlamaConfig.from_dict(config)
+        try:
+            config = LlamaConfig.from_dict(config)
+        except LorakitError as e:
+            raise with_path(e, os.path.join(folder, "config.json")) from None
         with torch.device("meta"):
             model = cls(config)
         ckpt = WeightView(folder)  # quantized bases are read dequantized
