@@ -4,6 +4,7 @@ Only click is imported at start-up; each command imports its library function wh
 """
 import functools
 import json as jsonlib
+import signal
 import sys
 
 import click
@@ -16,6 +17,14 @@ from .methods import METHODS
 from .quant import STRATEGIES
 
 DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
+
+
+class Terminated(KeyboardInterrupt):
+    pass
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 def _fail(message, code=2):
@@ -31,14 +40,17 @@ def command(group, name, **kw):
         @functools.wraps(fn)
         def run(*args, debug=False, **kwargs):
             from .errors import LorakitError
+            signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: temporaries removed, outputs untouched
             try:
                 return fn(*args, **kwargs)
             except LorakitError as e:
                 if debug:
                     raise
                 _fail(str(e))
+            except Terminated:
+                _fail("terminated (SIGTERM): nothing was written", 143)
             except KeyboardInterrupt:
-                _fail("interrupted", 130)
+                _fail("interrupted: nothing was written", 130)
             except Exception as e:  # a bug, not bad input: still one line unless --debug
                 if debug:
                     raise

@@ -21,3 +21,9 @@ def with_path(error, path):
     if error.path is not None:
         return error
     return LorakitError(error.message, path=path, tensor=error.tensor, code=error.code)
+
+
+# what parsing code raises on a layout it did not foresee; reported as a malformed file (one line naming it), never as
+# an internal error
+MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError,
+             RecursionError, ZeroDivisionError, EOFError)

@@ -13,11 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import LorakitError, with_path
-
-# what a reader raises on a layout it did not expect; reported as a malformed file, never as an internal error
-MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError,
-             RecursionError, ZeroDivisionError, EOFError)
+from ..errors import MALFORMED, LorakitError, with_path
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).

@@ -12,7 +12,7 @@ import json
 import torch
 
 from ..core import Adapter, Module
-from ..errors import LorakitError
+from ..errors import MALFORMED, LorakitError
 from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..quant.view import base_shapes
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
@@ -61,7 +61,12 @@ def read(path, base=None, allow_unknown=False):
             module = lora_name
             unresolved.append(lora_name)
         weight_shape = tuple(shapes[module + ".weight"]) if shapes and module + ".weight" in shapes else None
-        ad.add(_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes))
+        try:
+            ad.add(_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes))
+        except LorakitError as e:
+            raise LorakitError(e.message, path=path, tensor=lora_name, code=e.code) from None
+        except MALFORMED as e:  # factor shapes that do not fit together
+            raise LorakitError(f"factors do not fit together ({e})", path=path, tensor=lora_name) from None
     if unresolved:
         why = "no --base given" if base is None else "not found in the base"
         notes.append(f"{len(unresolved)} kohya name(s) kept unresolved ({why}), e.g. {unresolved[0]}")
@@ -72,8 +77,16 @@ def read(path, base=None, allow_unknown=False):
 def _alpha(get, rank):
     """kohya: alpha missing, None or 0 means alpha = rank (scale 1)."""
     a = get("alpha")
+    if a is not None and a.numel() != 1:
+        raise LorakitError(f"alpha has shape {list(a.shape)}, expected a scalar", tensor="alpha")
     value = float(a.float()) if a is not None else 0.0
     return value if value else float(rank)
+
+
+def _require(keys, needed, what):
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise LorakitError(f"{what} without {', '.join(missing)}")
 
 
 def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
@@ -100,6 +113,7 @@ def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
         else:
             A, B = down, up.reshape(up.shape[0], rank, *[1] * (down.ndim - 2))
     elif "hada_w1_a" in keys:
+        _require(keys, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa")
         if "hada_t1" in keys or "hada_t2" in keys:
             raise LorakitError("LoHa with Tucker factors (hada_t1/hada_t2) is not supported", path=path,
                                tensor=lora_name)
@@ -107,6 +121,9 @@ def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
         scale = _alpha(get, get("hada_w1_b").shape[0]) / get("hada_w1_b").shape[0]
         A, B = _shape_factors(A, B, weight_shape)
     elif "lokr_w1" in keys or "lokr_w1_a" in keys:
+        _require(keys, ("lokr_w1",) if "lokr_w1" in keys else ("lokr_w1_a", "lokr_w1_b"), "LoKr")
+        if "lokr_w2" not in keys:
+            _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr (no lokr_w2)")
         if "lokr_t2" in keys:
             raise LorakitError("LoKr with a Tucker factor (lokr_t2) is not supported", path=path, tensor=lora_name)
         w1 = get("lokr_w1") if "lokr_w1" in keys else (get("lokr_w1_a"), get("lokr_w1_b"))

@@ -127,16 +127,23 @@ def from_gguf_name(name):
     return None
 
 
+def _heads_fit(rows, n_head):
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1 or rows.shape[0] % (2 * n_head):
+        raise LorakitError(f"head count {n_head!r} does not divide the {rows.shape[0]} rows into rotary halves")
+
+
 def permute(rows, n_head, n_head_kv=None):
     """llama.cpp's Q/K row order: within each head, interleave the two rotary halves (convert_hf_to_gguf)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
+    _heads_fit(rows, n_head)
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def unpermute(rows, n_head, n_head_kv=None):
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
+    _heads_fit(rows, n_head)
     return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 

@@ -32,6 +32,42 @@ def pattern_value(patterns, module, default):
     return default
 
 
+# a quantified group that itself holds a quantifier or an alternative: (a+)+, (a|aa)*, (x*){9}: exponential
+# backtracking on a module name; PEFT's patterns are module names, and such a key would hang the reader
+NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*{|](?:[^()\\]|\\.)*\)[+*{]")
+
+
+def check_config(config, path):
+    """The adapter_config.json keys lorakit reads, with their types: a wrong one is an error naming the key."""
+    if not isinstance(config, dict):
+        raise LorakitError("adapter_config.json must be a JSON object", path=path)
+
+    def number(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LorakitError(f"'{key}' must be a number, got {value!r}", path=path)
+    r = config.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise LorakitError(f"'r' must be a positive integer, got {r!r}", path=path)
+    if config.get("lora_alpha") is not None:
+        number("lora_alpha", config["lora_alpha"])
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise LorakitError(f"'{key}' must be an object of pattern -> number", path=path)
+        for pattern, value in patterns.items():
+            number(f"{key}[{pattern!r}]", value)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LorakitError(f"'{key}' key {pattern!r} is not a regular expression ({e})", path=path) from None
+            if NESTED_QUANTIFIER.search(pattern) or len(pattern) > 1000:
+                raise LorakitError(f"'{key}' key {pattern!r} has a nested quantifier (exponential matching time): "
+                                   "refused", path=path)
+    to_save = config.get("modules_to_save")
+    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(s, str) for s in to_save)):
+        raise LorakitError("'modules_to_save' must be a list of module names", path=path)
+
+
 def _files(path):
     """(weights file, config dict or None) for a PEFT folder or a bare file (config read from beside it)."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -75,6 +111,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
             raise LorakitError("no adapter_config.json beside the weights, so lora_alpha is unknown: pass --alpha",
                                path=path)
         config = {"r": None, "lora_alpha": alpha}
+    check_config(config, path)
     if config.get("peft_type", "LORA") != "LORA":
         raise LorakitError(f"peft_type {config.get('peft_type')} is not LoRA", path=path)
     notes, parts, replacements, unknown = [], {}, {}, []

@@ -47,6 +47,8 @@ def quantization_config(base):
     if qconfig is None:
         older = read_config(folder, "quantize_config.json")
         qconfig = {"quant_method": "gptq", **older} if older is not None else {}
+    if not isinstance(qconfig, dict):
+        raise LorakitError("quantization_config must be a JSON object", path=os.path.join(folder, "config.json"))
     return qconfig
 
 

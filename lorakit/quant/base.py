@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LorakitError
+
 
 @dataclass
 class Grid:
@@ -51,6 +53,16 @@ class QuantFormat:
 
     def encode(self, ckpt, m, codes, grid):
         raise NotImplementedError
+
+
+def check_scale(ckpt, m, role, out):
+    """A per-tensor or per-output-channel scale: one value, or one per row."""
+    n = 1
+    for d in ckpt.entry(m[role]).shape:
+        n *= d
+    if n not in (1, out):
+        raise LorakitError(f"scale has shape {list(ckpt.entry(m[role]).shape)}: expected one value or {out} (one per "
+                           "output row)", path=ckpt.path, tensor=m[role])
 
 
 def expand_rows(s, out, inn):

@@ -2,7 +2,7 @@
 blocks (`weight_scale_inv`)."""
 import torch
 
-from .base import Grid, QuantFormat, expand_rows, round_to
+from .base import Grid, QuantFormat, check_scale, expand_rows, round_to
 from .rounding import fp8_codebook
 
 FP8_MAX = 448.0
@@ -18,6 +18,11 @@ class FP8Channel(QuantFormat):
         claimed = method in (None, "compressed-tensors", "fbgemm_fp8") or (method == "fp8" and
                                                                           not q.get("weight_block_size"))
         return cls() if claimed else None
+
+    def shape(self, ckpt, m):
+        shape = tuple(ckpt.entry(m["weight"]).shape)
+        check_scale(ckpt, m, "weight_scale", shape[0])
+        return shape
 
     def find(self, ckpt):
         return {n[:-7]: {"weight": n, "weight_scale": n[:-7] + ".weight_scale"} for n in ckpt.where

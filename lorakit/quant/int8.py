@@ -1,7 +1,7 @@
 """INT8 per-output-channel bases: compressed-tensors (`weight_scale`) and bitsandbytes LLM.int8 (`SCB`)."""
 import torch
 
-from .base import Grid, QuantFormat, expand_rows, round_to
+from .base import Grid, QuantFormat, check_scale, expand_rows, round_to
 from .rounding import int_codebook
 
 
@@ -27,6 +27,11 @@ class Int8Channel(QuantFormat):
                     found[n[:-7]] = {"weight": n, "weight_scale": n[:-7] + ".weight_scale"}
         return found
 
+
+    def shape(self, ckpt, m):
+        shape = tuple(ckpt.entry(m["weight"]).shape)
+        check_scale(ckpt, m, "SCB" if "SCB" in m else "weight_scale", shape[0])
+        return shape
 
     def _scale(self, ckpt, m):
         return ckpt.get(m["SCB"]).float() / 127 if "SCB" in m else ckpt.get(m["weight_scale"]).float()

@@ -1,6 +1,7 @@
 """WeightView: a base checkpoint as full-precision weights, the one way every `--base` is read."""
 import os
 
+from ..errors import MALFORMED, LorakitError
 from ..io import Checkpoint
 from . import detect
 
@@ -18,13 +19,18 @@ class WeightView:
         self.member_of = {t: n for n, members in self.quantized.items()
                           for t in self.handler.members(self.ckpt, members)}
         self.names = sorted([n for n in self.ckpt.where if n not in self.member_of] + list(self.quantized))
+        try:  # every quantized module's layout checked now, before any work: one line naming the tensor
+            self._qshapes = {n: tuple(self.handler.shape(self.ckpt, m)) for n, m in self.quantized.items()}
+        except MALFORMED as e:
+            raise LorakitError(f"malformed {self.handler.name} checkpoint ({type(e).__name__}: {e})",
+                               path=self.path) from None
 
     def __contains__(self, name):
         return name in self.quantized or (name in self.ckpt and name not in self.member_of)
 
     def shape(self, name):
         if name in self.quantized:
-            return tuple(self.handler.shape(self.ckpt, self.quantized[name]))
+            return self._qshapes[name]
         return tuple(self.ckpt.entry(name).shape)
 
     def nbytes(self, name):
@@ -38,7 +44,11 @@ class WeightView:
 
     def get(self, name):
         if name in self.quantized:
-            return self.handler.dequantize(self.ckpt, self.quantized[name])
+            try:
+                return self.handler.dequantize(self.ckpt, self.quantized[name])
+            except MALFORMED as e:
+                raise LorakitError(f"cannot dequantize ({type(e).__name__}: {e})", path=self.path,
+                                   tensor=name) from None
         return self.ckpt.get(name)
 
     def shapes(self):
