@@ -5,6 +5,7 @@ loading can never disagree.
 """
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from .core.adapter import KINDS, default_kind
@@ -12,7 +13,7 @@ from .errors import LorakitError
 from .io import TensorFile, read_header
 from .io.dtypes import FACTOR_DTYPES
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 SPEC_MAJOR = 1
 
 # Stable codes. Errors make a file invalid; warnings do not. The spec's table lists exactly these.
@@ -47,9 +48,10 @@ REPLACEMENT = "replacement"  # "<base tensor name>.replacement": full-tensor rep
 META_VERSION = "lorakit.spec_version"
 META_BASE = "lorakit.base_model"
 META_FINGERPRINT = "lorakit.base_fingerprint"
+META_IDENTITY = "lorakit.base_identity"  # since 1.1
 META_PROVENANCE = "lorakit.provenance"
 META_MODULES = "lorakit.modules"
-KNOWN_META = (META_VERSION, META_BASE, META_FINGERPRINT, META_PROVENANCE, META_MODULES)
+KNOWN_META = (META_VERSION, META_BASE, META_FINGERPRINT, META_IDENTITY, META_PROVENANCE, META_MODULES)
 
 
 @dataclass
@@ -142,8 +144,9 @@ def check_header(header, problems):
                 continue
             if k == META_MODULES:
                 module_meta = value
-    if META_FINGERPRINT in meta and not meta[META_FINGERPRINT].startswith("sha256:"):
-        add("LK104", f"'{META_FINGERPRINT}' must be 'sha256:<hex>'")
+    for key in (META_FINGERPRINT, META_IDENTITY):
+        if key in meta and not re.fullmatch(r"sha256:[0-9a-f]{64}", meta[key]):
+            add("LK104", f"'{key}' must be 'sha256:<64 hex>'")
 
     modules, replacements, unknown = parse_keys(entries)
     for key in unknown:
@@ -234,6 +237,28 @@ def check_values(path, header, problems):
                 problems.append(Problem("LK208", f"{bad} NaN/Inf value(s)", name))
         elif name.endswith(".alpha") and e.shape == () and t.item() <= 0:
             problems.append(Problem("LK206", f"alpha is {t.item()}, must be finite and > 0", name))
+
+
+IDENTITY_SAMPLE = 64
+
+
+def identity(checkpoint):
+    """Base identity (spec 1.1): sha256 over every stored tensor of a Checkpoint, sorted by name: the line
+    'name<TAB>dtype<TAB>d0,d1,...<LF>', then the stored bytes at [0, 64), [n//2, n//2 + 64) and [n - 64, n), each cut
+    to the tensor's n bytes. Unlike the fingerprint it sees the values (a fine-tune of the base differs) and the dtype
+    (so does a bf16 copy of an fp32 base): a mismatch is a warning, not a refusal."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(checkpoint.where):
+        file = checkpoint.shards[checkpoint.where[name]]
+        e = file.header.entries[name]
+        h.update(f"{name}\t{e.dtype}\t{','.join(str(d) for d in e.shape)}\n".encode())
+        n = e.nbytes
+        with open(file.path, "rb") as f:
+            for start in (0, n // 2, max(0, n - IDENTITY_SAMPLE)):
+                f.seek(e.start + start)
+                h.update(f.read(min(IDENTITY_SAMPLE, n - start)))
+    return "sha256:" + h.hexdigest()
 
 
 def fingerprint(shapes):

@@ -21,7 +21,7 @@ def test_inspect_summary_and_groups(tiny_base, tmp_path, cli):
     p = tmp_path / "a.safetensors"
     ad.save(p)
     r = inspect(p)
-    assert r["format"] == "lorakit" and r["spec_version"] == "1.0" and r["base_model"] == "tiny"
+    assert r["format"] == "lorakit" and r["spec_version"] == "1.1" and r["base_model"] == "tiny"
     assert r["module_count"] == 6 and r["file_size"] == p.stat().st_size
     assert r["params"] == sum(m.A.numel() + m.B.numel() for m in ad.modules.values())
     assert r["ranks"] == {2: 1, 4: 5}

@@ -47,7 +47,9 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
         (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()), key=lambda d: WIDTH.get(d, 0),
         default=torch.float32)
     names = sorted({n for _, ad, _ in loaded for n in ad.modules})
-    result = Adapter(base_model=loaded[0][1].base_model, base_fingerprint=loaded[0][1].base_fingerprint)
+    first = loaded[0][1]
+    result = Adapter(base_model=first.base_model, base_fingerprint=first.base_fingerprint,
+                     base_identity=first.base_identity)
     rows = []
     for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=quiet):
         entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
@@ -87,7 +89,8 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
     ad = load(adapter)
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     result = Adapter(replacements=dict(ad.replacements), base_model=ad.base_model,
-                     base_fingerprint=ad.base_fingerprint, user_metadata=dict(ad.user_metadata))
+                     base_fingerprint=ad.base_fingerprint, base_identity=ad.base_identity,
+                     user_metadata=dict(ad.user_metadata))
     rows = []
     for m in tqdm(ad.modules.values(), desc="resize", unit="module", disable=quiet):
         module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, **rule)

@@ -10,7 +10,7 @@ from ..formats.names import is_embedding
 from ..io import base_model_name, check_output
 from ..io.dtypes import user_dtype
 from ..quant.view import WeightView
-from ..spec import fingerprint
+from ..spec import fingerprint, identity
 from ..training.lora import matches, target_list
 from .args import rank_rule
 
@@ -26,7 +26,8 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
     targets = target_list(targets)
     cb, ct = WeightView(base), WeightView(tuned)  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
-    adapter = Adapter(base_model=base_model_name(base), base_fingerprint=fingerprint(cb.shapes()))
+    adapter = Adapter(base_model=base_model_name(base), base_fingerprint=fingerprint(cb.shapes()),
+                      base_identity=identity(cb.ckpt))
     rows, report = [], {"unchanged": 0, "not_targeted": [], "only_in_tuned": [], "only_in_base": [],
                         "shape_changed": [], "replaced": [], "not_float": []}
     generator = torch.Generator().manual_seed(seed)

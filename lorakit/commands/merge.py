@@ -55,7 +55,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             pipeline.run(job, writer, tmp, threads or min(4, os.cpu_count() or 1), bar)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
-    notes = _embedding_notes(view, plans, config)
+    notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
     if untie_embed:
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / lm_head.weight; both were written and "
                      "tie_word_embeddings set to false in config.json")
@@ -66,6 +66,29 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report
+
+
+def _base_notes(base, view, loaded):
+    """What the fingerprint cannot see (it checks names and shapes only): an adapter recording another base name, or
+    another base identity (the same shapes with other weights: the instruct model instead of the base)."""
+    from ..io import base_model_name
+    from ..spec import identity
+    notes, ours = [], None
+    name = base_model_name(base if os.path.isdir(base) else os.path.dirname(base) or ".")
+    for path, ad, _ in loaded:
+        if ad.base_identity:
+            ours = ours or identity(view.ckpt)
+            if ad.base_identity != ours:
+                notes.append(f"WARNING: {path} was made on a base with other weights (its base identity differs: same "
+                             "tensor names and shapes, other values or dtype; e.g. an instruct model instead of its "
+                             "base). Merged anyway")
+        if ad.base_model and _short(ad.base_model) != _short(name):
+            notes.append(f"note: {path} records the base '{ad.base_model}'; merging into '{name}'")
+    return notes
+
+
+def _short(name):
+    return os.path.basename(os.path.normpath(str(name))).lower()
 
 
 def _embedding_notes(view, plans, config):

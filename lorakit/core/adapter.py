@@ -95,7 +95,8 @@ class Adapter:
     modules: dict = field(default_factory=dict)  # name -> Module
     replacements: dict = field(default_factory=dict)  # full base tensor name -> tensor (PEFT modules_to_save)
     base_model: str = None
-    base_fingerprint: str = None
+    base_fingerprint: str = None  # names and shapes of the base (spec: base fingerprint)
+    base_identity: str = None  # a sample of the base's bytes (spec 1.1: base identity)
     provenance: dict = field(default_factory=dict)
     user_metadata: dict = field(default_factory=dict)  # free-form str -> str, kept verbatim
     source_format: str = "lorakit"

@@ -27,6 +27,7 @@ def read(path, values=True):
     adapter = Adapter(
         base_model=meta.get(spec.META_BASE),
         base_fingerprint=meta.get(spec.META_FINGERPRINT),
+        base_identity=meta.get(spec.META_IDENTITY),
         provenance=json.loads(meta.get(spec.META_PROVENANCE, "{}")),
         user_metadata={k: v for k, v in meta.items() if not k.startswith("lorakit.")},
         source_format="lorakit",
@@ -72,6 +73,8 @@ def to_tensors(adapter):
         meta[spec.META_BASE] = adapter.base_model
     if adapter.base_fingerprint:
         meta[spec.META_FINGERPRINT] = adapter.base_fingerprint
+    if adapter.base_identity:
+        meta[spec.META_IDENTITY] = adapter.base_identity
     return tensors, meta
 
 

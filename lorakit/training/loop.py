@@ -17,7 +17,7 @@ from ..errors import LorakitError
 from ..io import base_model_name
 from ..io.dtypes import user_dtype
 from ..quant.view import WeightView
-from ..spec import fingerprint
+from ..spec import fingerprint, identity
 from . import lora
 from .data import get_batch, load_data, split
 from .model import LlamaForCausalLM
@@ -125,7 +125,8 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
     if master:
         adapter = lora.extract(model)
         adapter.base_model = base_model_name(base)
-        adapter.base_fingerprint = fingerprint(WeightView(base).shapes())
+        view = WeightView(base)
+        adapter.base_fingerprint, adapter.base_identity = fingerprint(view.shapes()), identity(view.ckpt)
         adapter.provenance = {"operation": "train", "parents": [{"file": os.path.basename(os.fspath(data)),
                                                                  "role": "data"}],
                               "params": {"rank": rank, "alpha": alpha, "targets": targets, "steps": steps, "lr": lr,

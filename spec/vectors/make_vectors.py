@@ -73,7 +73,12 @@ def vectors():
     ad.replacements["score.weight"] = torch.randn(2, 16, generator=g)
     add("valid_all_kinds.safetensors", "valid", "conv, embedding, linear_t, DoRA + bias delta, a replacement, "
         "mixed ranks", *to_tensors(ad))
-    add("valid_newer_minor.safetensors", "valid", "spec 1.7: read as 1.0 with warning LK302",
+    add("valid_base_identity.safetensors", "valid", "spec 1.1: base fingerprint and base identity recorded",
+        *variant(edit_m=lambda m: m.update({"lorakit.base_fingerprint": "sha256:" + "ab" * 32,
+                                            "lorakit.base_identity": "sha256:" + "cd" * 32})))
+    add("invalid_base_identity.safetensors", "LK104", "base identity that is not sha256:<64 hex>",
+        *variant(edit_m=lambda m: m.update({"lorakit.base_identity": "md5:1234"})))
+    add("valid_newer_minor.safetensors", "valid", "spec 1.7: read as 1.1 with warning LK302",
         *variant(edit_m=lambda m: m.update({"lorakit.spec_version": "1.7", "lorakit.future_key": "x"})))
     add("valid_user_metadata.safetensors", "valid", "free-form user metadata is kept",
         *variant(edit_m=lambda m: m.update({"trigger_words": "sks dog", "license": "mit"})))
