@@ -51,6 +51,12 @@ def command(group, name, **kw):
                 _fail("terminated (SIGTERM): nothing was written", 143)
             except KeyboardInterrupt:
                 _fail("interrupted: nothing was written", 130)
+            except OSError as e:  # an input that cannot be read, a disk that fails: bad input, not a bug
+                if debug:
+                    raise
+                _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+            except MemoryError:
+                _fail("out of memory (the input is larger than this machine can hold)")
             except Exception as e:  # a bug, not bad input: still one line unless --debug
                 if debug:
                     raise

@@ -26,4 +26,4 @@ def with_path(error, path):
 # what parsing code raises on a layout it did not foresee; reported as a malformed file (one line naming it), never as
 # an internal error
 MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError,
-             RecursionError, ZeroDivisionError, EOFError)
+             RecursionError, ZeroDivisionError, EOFError, StopIteration)

@@ -90,7 +90,9 @@ def _require(keys, needed, what):
 
 
 def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
-    dtype = next(get(k).dtype for k in keys if k != "alpha")
+    if not any(k.startswith(("lora_down", "lora_up", "hada_", "lokr_")) for k in keys):
+        raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors")
+    dtype = next(get(k).dtype for k in keys if k not in ("alpha", "dora_scale"))
     if "lora_down.weight" in keys or "lora_up.weight" in keys:
         down, up = get("lora_down.weight"), get("lora_up.weight")
         if down is None or up is None:
@@ -98,6 +100,10 @@ def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
                                f"{'lora_up' if up is None else 'lora_down'} (wrong pairing)", path=path,
                                tensor=lora_name)
         rank = down.shape[0]
+        if rank == 0 or down.ndim < 2:
+            raise LorakitError(f"lora_down has shape {list(down.shape)}: " + ("rank 0" if down.ndim >= 2 else
+                                                                                "a factor needs ndim >= 2"),
+                               code="LK205" if down.ndim >= 2 else "LK203")
         if up.flatten(1).shape[1] != rank:
             raise LorakitError(f"lora_down has rank {rank} but lora_up {list(up.shape)} (shape mismatch)", path=path,
                                tensor=lora_name)

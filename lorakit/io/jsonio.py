@@ -30,8 +30,8 @@ def parse_json(text, path, what="file", code=None, expect=dict):
     except ValueError as e:  # duplicate keys, integers of thousands of digits
         raise LorakitError(f"{what} is not usable JSON ({e})", path=path, code=code) from None
     if expect is not None and not isinstance(value, expect):
-        kind = {dict: "an object", list: "an array", str: "a string"}.get(expect, expect.__name__)
-        raise LorakitError(f"{what} must be a JSON {kind}, not {type(value).__name__}", path=path, code=code)
+        kind = {dict: "a JSON object", list: "a JSON array", str: "a JSON string"}.get(expect, expect.__name__)
+        raise LorakitError(f"{what} must be {kind}, not {type(value).__name__}", path=path, code=code)
     return value
 
 

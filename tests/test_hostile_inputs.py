@@ -1,0 +1,479 @@
+"""Hostile and malformed inputs through the CLI, one class per block: data loss, silent wrong output, crashes and
+resource abuse. Each case must end in one clean line naming the file (exit 2; validate: 1 for an invalid file) or in
+a correct result, leave the inputs as they were and leave no output or temporary behind."""
+import json
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_one_line_error, write_unchecked
+from lorakit import examples
+from lorakit.core import Adapter, Module
+from lorakit.errors import LorakitError
+from lorakit.io import write_safetensors
+
+SHAPES = examples.llama_shapes()
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes: to prove inputs untouched."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture
+def w(tmp_path):
+    """A workspace: a tiny base folder, a single-file base, a lorakit adapter and a PEFT folder for that base."""
+    examples.write_llama_checkpoint(str(tmp_path / "base"))
+    examples.write_llama_checkpoint(str(tmp_path / "single"))
+    ad = examples.random_adapter(SHAPES, rank=2)
+    ad.save(tmp_path / "a.safetensors")
+    ad.save(tmp_path / "peft", format="peft")
+    return tmp_path
+
+
+def raw_safetensors(path, header_text, data=b""):
+    text = header_text.encode() if isinstance(header_text, str) else header_text
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def peft_folder(path, tensors, config):
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        f.write(config if isinstance(config, str) else json.dumps(config))
+
+
+def peft_tensors(rank=2):
+    g = torch.Generator().manual_seed(0)
+    p = "base_model.model.model.layers.0.self_attn.q_proj"
+    return {f"{p}.lora_A.weight": torch.randn(rank, 64, generator=g), f"{p}.lora_B.weight": torch.randn(64, rank,
+                                                                                                      generator=g)}
+
+
+def kohya_file(path, parts):
+    write_safetensors(path, {f"lora_unet_model_layers_0_self_attn_q_proj.{k}": v for k, v in parts.items()})
+
+
+# ---------------------------------------------------------------------------------------------------- data loss
+@pytest.mark.parametrize("argv, fragment", [
+    (["convert", "a.safetensors", "--base", "base", "-o", "base", "--to", "lorakit", "--force"], "also an input"),
+    (["merge", "base", "a.safetensors", "-o", "base", "--force"], "also an input"),
+    (["merge", "single/model.safetensors", "a.safetensors", "-o", "single/model.safetensors", "--force"],
+     "also an input"),
+    (["convert", "a.safetensors", "-o", "a.safetensors", "--to", "lorakit", "--force"], "also an input"),
+    (["convert", "peft", "-o", "peft/copy.safetensors", "--to", "lorakit"], "inside the input"),
+    (["convert", "a.safetensors", "-o", ".", "--to", "lorakit", "--force"], "would contain the input"),
+    (["convert", "a.safetensors", "-o", "base", "--to", "lorakit", "--force"], "exists as a folder"),
+    (["convert", "a.safetensors", "-o", "single/model.safetensors", "--to", "peft", "--force"], "exists as a file"),
+    (["merge", "base", "a.safetensors", "-o", "a.safetensors", "--force"], "also an input"),
+    (["combine", "a.safetensors", "a.safetensors:0.5", "-o", "a.safetensors", "--force"], "also an input"),
+    (["resize", "a.safetensors", "-o", "a.safetensors", "--rank", "1", "--force"], "also an input"),
+    (["extract", "base", "single", "-o", "single", "--rank", "1", "--force"], "also an input"),
+])
+def test_output_never_destroys_an_input(w, cli, monkeypatch, argv, fragment):
+    monkeypatch.chdir(w)
+    before = snapshot(w)
+    assert_one_line_error(*cli(*argv), fragment)
+    assert snapshot(w) == before
+
+
+def test_force_replaces_only_the_same_kind_and_atomically(w, cli, monkeypatch):
+    monkeypatch.chdir(w)
+    os.makedirs("notes")
+    open("notes/todo.txt", "w").write("mine")
+    assert_one_line_error(*cli("merge", "base", "a.safetensors", "-o", "notes", "--force"), "holds no model")
+    assert open("notes/todo.txt").read() == "mine"
+    code, out, err = cli("merge", "base", "a.safetensors", "-o", "merged", "-q")
+    assert code == 0, err
+    code, out, err = cli("merge", "base", "a.safetensors:0.5", "-o", "merged", "-q", "--force")
+    assert code == 0, err
+    assert sorted(f for f in os.listdir(".") if f.startswith(".")) == []  # no temporaries, no old copy left
+
+
+def test_two_writers_of_one_output_never_silently_replace(tmp_path):
+    from lorakit.io import atomic_output
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(LorakitError, match="output appeared while this command ran"):
+        with atomic_output(out) as tmp:
+            open(tmp, "wb").write(b"mine")
+            open(out, "wb").write(b"theirs")  # another process finished first
+    assert out.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["out.safetensors"]
+    with pytest.raises(LorakitError, match="output appeared"):
+        with atomic_output(tmp_path / "dir", directory=True) as tmp:
+            os.makedirs(tmp_path / "dir" / "x")
+    assert sorted(os.listdir(tmp_path)) == ["dir", "out.safetensors"]
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(tmp_path):
+    ad = examples.random_adapter(SHAPES, rank=2)
+    dead = tmp_path / ".a.safetensors.lorakit-999999999.dead.tmp"
+    alive = tmp_path / f".a.safetensors.lorakit-{os.getppid()}.live.tmp"
+    other = tmp_path / ".b.safetensors.lorakit-999999999.x.tmp"
+    for p in (dead, alive, other):
+        p.write_bytes(b"x" * 100)
+    ad.save(tmp_path / "a.safetensors")
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_sigterm_leaves_no_output_and_no_temporary(w):
+    data = w / "tokens.npy"
+    import numpy as np
+    np.save(data, np.arange(20000) % 200)
+    p = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "train", "--base", str(w / "base"), "--data",
+                          str(data), "-o", str(w / "t.safetensors"), "--steps", "100000", "--seq-len", "16",
+                          "--batch", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:  # wait until it trains (its progress bar is up)
+        time.sleep(0.5)
+        if any(f.startswith(".t.safetensors") for f in os.listdir(w)) or time.time() > deadline - 50:
+            break
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert not any(f.startswith(("t.safetensors", ".t.safetensors")) for f in os.listdir(w))
+
+
+def test_a_file_that_shrinks_while_read_is_a_clean_error(tmp_path):
+    from lorakit.io import TensorFile
+    write_safetensors(tmp_path / "x.safetensors", {"t": torch.ones(1000)})
+    tf = TensorFile(tmp_path / "x.safetensors")
+    os.truncate(tmp_path / "x.safetensors", 200)
+    with pytest.raises(LorakitError, match="file ended inside the tensor data"):
+        tf.get("t")
+
+
+def test_outputs_follow_the_umask(w):
+    old = os.umask(0o022)
+    try:
+        ad = lorakit.load(w / "a.safetensors")
+        ad.save(w / "u.safetensors")
+        ad.save(w / "u_peft", format="peft")
+        lorakit.merge(w / "base", [w / "a.safetensors"], w / "m", quiet=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(w / "u.safetensors").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(w / "u_peft").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(w / "m").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(w / "m" / "model.safetensors").st_mode) == 0o644
+
+
+# ---------------------------------------------------------------------------------------------------- wrong output
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e39"])
+def test_weights_must_be_finite(w, cli, monkeypatch, weight):
+    monkeypatch.chdir(w)
+    assert_one_line_error(*cli("merge", "base", f"a.safetensors:{weight}", "-o", "m"), "a.safetensors",
+                          "not a finite fp32 number")
+    assert_one_line_error(*cli("combine", f"a.safetensors:{weight}", "a.safetensors", "-o", "c.safetensors"),
+                          "not a finite fp32 number")
+    assert not os.path.exists("m") and not os.path.exists("c.safetensors")
+
+
+@pytest.mark.parametrize("alpha, fragment", [("NaN", "alpha is nan"), (0, "alpha is 0.0"), (-8, "alpha is -8.0"),
+                                             ('"8"', "'lora_alpha' must be a number"),
+                                             ("[8]", "'lora_alpha' must be a number")])
+def test_peft_alpha_out_of_spec_is_refused(tmp_path, cli, alpha, fragment):
+    peft_folder(tmp_path / "p", peft_tensors(), f'{{"r": 2, "lora_alpha": {alpha}, "peft_type": "LORA"}}')
+    assert_one_line_error(*cli("convert", tmp_path / "p", "-o", tmp_path / "o.safetensors", "--to", "lorakit"),
+                          str(tmp_path / "p"), fragment)
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("parts, fragment", [
+    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "alpha": torch.tensor(float("nan"))},
+     "alpha is nan"),
+    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "alpha": torch.tensor(-4.0)},
+     "alpha is -4.0"),
+    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "alpha": torch.ones(3)},
+     "alpha has shape [3]"),
+    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "dora_scale": torch.ones(1, 7)},
+     "[LK211]"),
+    ({"lora_down.weight": torch.ones(64), "lora_up.weight": torch.ones(64, 1)}, "[LK203] lora_down has shape [64]"),
+    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.full((64, 2), float("nan"))}, "[LK208]"),
+    ({"hada_w1_a": torch.ones(8, 2), "hada_w1_b": torch.ones(2, 8), "hada_w2_a": torch.ones(8, 2)},
+     "LoHa without hada_w2_b"),
+    ({"lokr_w1": torch.ones(8, 8)}, "LoKr (no lokr_w2) without lokr_w2_a, lokr_w2_b"),
+    ({"alpha": torch.tensor(4.0)}, "no factors"),
+    ({"lora_down.weight": torch.ones(0, 10 ** 9), "lora_up.weight": torch.ones(64, 0)}, "[LK205]"),
+])
+def test_kohya_modules_out_of_spec_are_refused(tmp_path, cli, parts, fragment):
+    kohya_file(tmp_path / "k.safetensors", parts)
+    assert_one_line_error(*cli("convert", tmp_path / "k.safetensors", "-o", tmp_path / "o.safetensors", "--to",
+                               "lorakit"), "k.safetensors", "lora_unet_model_layers_0_self_attn_q_proj", fragment)
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_loralib_alpha_must_be_finite(tmp_path, cli):
+    torch.save({"l.lora_A": torch.ones(2, 4), "l.lora_B": torch.ones(3, 2)}, tmp_path / "l.pt")
+    for alpha in ("inf", "nan", "0", "-1"):
+        assert_one_line_error(*cli("convert", tmp_path / "l.pt", "-o", tmp_path / "o.safetensors", "--to", "lorakit",
+                                   "--alpha", alpha), "l.pt", "alpha is")
+
+
+def test_nan_scale_in_an_int8_base_never_reaches_the_output(tmp_path, cli):
+    stored = {}
+    for name, t in examples.random_tensors(SHAPES).items():
+        if name.endswith("proj.weight"):
+            stored.update({f"{name[:-7]}.{k}": v for k, v in examples.quantize(t, "int8").items()})
+        else:
+            stored[name] = t
+    stored["model.layers.0.self_attn.q_proj.weight_scale"][3] = float("nan")
+    os.makedirs(tmp_path / "q")
+    write_safetensors(tmp_path / "q" / "model.safetensors", stored)
+    json.dump({**examples.llama_config(), "quantization_config": examples.quantization_config("int8")},
+              open(tmp_path / "q" / "config.json", "w"))
+    examples.random_adapter(SHAPES, rank=2).save(tmp_path / "a.safetensors")
+    for extra in ([], ["--dtype", "bf16"]):
+        assert_one_line_error(*cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o",
+                                   *extra), "model.layers.0.self_attn.q_proj", "NaN/Inf")
+        assert not os.path.exists(tmp_path / "o")
+
+
+def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
+    base = w / "h"
+    examples.write_llama_checkpoint(str(base), dtype=torch.float16)
+    assert_one_line_error(*cli("merge", base, f"{w / 'a.safetensors'}:3e38", "-o", w / "o"), "NaN/Inf")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1, got 0"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--rank", "-3"], "--rank must be >= 1, got -3"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "0"], "--energy must be in (0, 1]"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "-0.5"], "--energy must be in (0, 1]"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "1.5"], "--energy must be in (0, 1]"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "nan"], "--energy must be in (0, 1]"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-fro", "2"], "--sv-fro must be in (0, 1]"),
+    (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
+    (["extract", "base", "single", "-o", "o.safetensors", "--energy", "95"], "--energy must be in (0, 1]"),
+    (["extract", "base", "single", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1"),
+    (["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1"),
+    (["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--density", "0"], "--density"),
+    (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
+    (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
+    (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
+    (["convert", "a.safetensors", "-o", "o.gguf", "--to", "gguf", "--base", "/nonexistent"], "--base: no such"),
+    (["inspect", "a.safetensors", "--base", "/nonexistent"], "no such"),
+])
+def test_options_out_of_range_are_refused_not_clamped(w, cli, monkeypatch, argv, fragment):
+    monkeypatch.chdir(w)
+    assert_one_line_error(*cli(*argv), fragment)
+    assert not any(os.path.exists(o) for o in ("o.safetensors", "o", "o.gguf"))
+
+
+def test_duplicate_header_keys_are_invalid(tmp_path, cli):
+    raw_safetensors(tmp_path / "d.safetensors", '{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                                                '"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4)
+    code, out, err = cli("validate", tmp_path / "d.safetensors")
+    assert code == 1 and "LK101" in out and "duplicate key 'x'" in out
+
+
+def test_merge_into_a_fine_tune_of_the_base_warns(w):
+    tuned = w / "tuned"
+    examples.write_llama_checkpoint(str(tuned), seed=0)
+    t = examples.random_tensors(SHAPES, seed=0)
+    t["model.layers.0.self_attn.q_proj.weight"] += 0.1
+    write_safetensors(tuned / "model.safetensors", t)
+    lorakit.extract(w / "base", tuned, w / "x.safetensors", rank=2, quiet=True)
+    assert lorakit.load(w / "x.safetensors").base_identity.startswith("sha256:")
+    same = lorakit.merge(w / "base", [w / "x.safetensors"], w / "m1", quiet=True)
+    assert not any("identity" in n for n in same["notes"])
+    other = lorakit.merge(tuned, [w / "x.safetensors"], w / "m2", quiet=True)
+    assert any("base identity differs" in n for n in other["notes"])
+
+
+def test_combining_adapters_of_different_bases_is_refused(tmp_path, cli):
+    a = examples.random_adapter(SHAPES, rank=2)
+    a.base_fingerprint = None
+    a.save(tmp_path / "llama.safetensors")
+    g = Adapter()
+    g.add(Module("transformer.h.0.attn.c_attn", torch.ones(2, 64), torch.ones(192, 2), alpha=2.0))
+    g.save(tmp_path / "gpt2.safetensors")
+    assert_one_line_error(*cli("combine", tmp_path / "llama.safetensors", tmp_path / "gpt2.safetensors", "-o",
+                               tmp_path / "c.safetensors"), "llama.safetensors", "gpt2.safetensors",
+                          "different base models")
+
+
+def test_embedding_merge_into_a_lone_file_says_it_cannot_check_tying(tmp_path):
+    t = examples.random_tensors(examples.llama_shapes(tie=True))
+    write_safetensors(tmp_path / "model.safetensors", t)
+    ad = Adapter()
+    ad.add(Module("model.embed_tokens", torch.ones(2, 64), torch.ones(256, 2), alpha=2.0, kind="embedding"))
+    ad.save(tmp_path / "e.safetensors")
+    r = lorakit.merge(tmp_path / "model.safetensors", [tmp_path / "e.safetensors"], tmp_path / "o.safetensors",
+                      quiet=True)
+    assert any("no config.json and no lm_head.weight" in n for n in r["notes"])
+    json.dump(examples.llama_config(tie=True), open(tmp_path / "config.json", "w"))
+    r = lorakit.merge(tmp_path / "model.safetensors", [tmp_path / "e.safetensors"], tmp_path / "o2.safetensors",
+                      quiet=True)
+    assert any("tie_word_embeddings" in n for n in r["notes"])
+
+
+@pytest.mark.parametrize("edit, data, argv, fragment", [
+    (lambda c: c.update(model_type="granite"), None, [], "model_type 'granite'"),
+    (lambda c: c.pop("hidden_size"), None, [], "'hidden_size' must be a positive integer"),
+    (lambda c: c.update(num_key_value_heads=3), None, [], "head counts do not divide"),
+    (None, ("jsonl", '{"input_ids": [1.5, 2, 3]}\n' * 50), [], "must be a list of integers"),
+    (None, ("bin", b"\1\0\2"), [], "not a whole number"),
+    (None, None, ["--seq-len", "0"], "--seq-len must be >= 1"),
+    (None, None, ["--steps", "0"], "--steps must be >= 1"),
+    (None, None, ["--rank", "0"], "--rank must be >= 1"),
+    (None, None, ["--batch", "0"], "--batch must be >= 1"),
+    (None, None, ["--lr", "nan"], "--lr must be > 0"),
+    (None, None, ["--alpha", "nan"], "--alpha must be > 0"),
+])
+def test_train_refuses_bad_configs_data_and_options(tmp_path, cli, edit, data, argv, fragment):
+    examples.write_llama_checkpoint(str(tmp_path / "b"))
+    if edit:
+        config = json.load(open(tmp_path / "b" / "config.json"))
+        edit(config)
+        json.dump(config, open(tmp_path / "b" / "config.json", "w"))
+    path = tmp_path / "tokens.npy"
+    import numpy as np
+    np.save(path, np.arange(4000) % 200)
+    if data:
+        path = tmp_path / f"d.{data[0]}"
+        path.write_bytes(data[1] if isinstance(data[1], bytes) else data[1].encode())
+    assert_one_line_error(*cli("train", "--base", tmp_path / "b", "--data", path, "-o", tmp_path / "o.safetensors",
+                               "--steps", "2", "--seq-len", "8", *argv), fragment)
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------- crashes
+@pytest.mark.parametrize("header, fragment", [
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('{"x": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}', "not usable JSON"),
+    ('{"x": [1, 2, 3]}', "malformed header entry"),
+    ('{"x": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}', "malformed header entry"),
+    ('{"__metadata__": {"a": 1}}', "__metadata__ must map strings to strings"),
+    ("[1, 2]", "header must be a JSON object"),
+])
+def test_malformed_headers_are_one_line_errors(tmp_path, cli, header, fragment):
+    raw_safetensors(tmp_path / "h.safetensors", header, b"\0" * 4)
+    assert_one_line_error(*cli("inspect", tmp_path / "h.safetensors"), "h.safetensors", fragment)
+    code, out, err = cli("validate", tmp_path / "h.safetensors")
+    assert code == 1 and "LK101" in out
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ("[1, 2]", "must be a JSON object"),
+    ('{"r": 0, "lora_alpha": 8}', "'r' must be a positive integer"),
+    ('{"r": 2, "lora_alpha": 8, "alpha_pattern": {"q_proj[": 4}}', "is not a regular expression"),
+    ('{"r": 2, "lora_alpha": 8, "alpha_pattern": {"(a+)+b": 4}}', "nested quantifier"),
+    ('{"r": 2, "lora_alpha": 8, "rank_pattern": [1]}', "'rank_pattern' must be an object"),
+    ('{"r": 2, "lora_alpha": 8, "modules_to_save": "lm_head"}', "'modules_to_save' must be a list"),
+    ('{"r": 2, "lora_alpha": ' + "9" * 5000 + "}", "not usable JSON"),
+])
+def test_malformed_peft_configs_are_one_line_errors(tmp_path, cli, config, fragment):
+    peft_folder(tmp_path / "p", peft_tensors(), config)
+    start = time.time()
+    assert_one_line_error(*cli("inspect", tmp_path / "p"), "p", fragment)
+    assert time.time() - start < 10  # no catastrophic regex
+
+
+def test_sharded_index_paths_stay_inside_the_folder(w, cli):
+    folder = w / "sharded"
+    examples.write_llama_checkpoint(str(folder), shards=2)
+    index = json.load(open(folder / "model.safetensors.index.json"))
+    name = next(iter(index["weight_map"]))
+    for bad, fragment in (("../../../../etc/passwd", "not a file of the model folder"),
+                          ("/etc/passwd", "not a file of the model folder"), (7, "must map tensor names")):
+        index["weight_map"][name] = bad
+        json.dump(index, open(folder / "model.safetensors.index.json", "w"))
+        assert_one_line_error(*cli("merge", folder, w / "a.safetensors", "-o", w / "o"), "index.json", fragment)
+
+
+def test_quantized_layouts_that_do_not_fit_are_one_line_errors(tmp_path, cli):
+    t = {"l.weight": torch.ones(8, 16).to(torch.int8), "l.weight_scale": torch.ones(5, dtype=torch.bfloat16)}
+    os.makedirs(tmp_path / "q")
+    write_safetensors(tmp_path / "q" / "model.safetensors", t)
+    json.dump({"quantization_config": {"quant_method": "compressed-tensors"}}, open(tmp_path / "q" / "config.json",
+                                                                                      "w"))
+    assert_one_line_error(*cli("inspect", tmp_path / "q" / "x", "--base", tmp_path / "q"), "no such")
+    ad = Adapter()
+    ad.add(Module("l", torch.ones(1, 16), torch.ones(8, 1), alpha=1.0))
+    ad.save(tmp_path / "a.safetensors")
+    assert_one_line_error(*cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o"),
+                          "l.weight_scale", "expected one value or 8")
+
+
+@pytest.mark.parametrize("state, fragment", [
+    (b"not json", "not valid JSON"),
+    (json.dumps({"blocksize": 1 << 24, "shape": [8, 16], "dtype": "float32"}).encode(), "blocksize 16777216"),
+    (json.dumps({"blocksize": 64, "shape": [4096, 4096], "dtype": "float32"}).encode(), "needs 16777216 codes"),
+])
+def test_nf4_states_are_checked_against_the_stored_sizes(tmp_path, cli, state, fragment):
+    t = {"l.weight": torch.zeros(64, 1, dtype=torch.uint8), "l.weight.absmax": torch.ones(2),
+         "l.weight.quant_map": torch.linspace(-1, 1, 16),
+         "l.weight.quant_state.bitsandbytes__nf4": torch.frombuffer(bytearray(state), dtype=torch.uint8)}
+    os.makedirs(tmp_path / "q")
+    write_safetensors(tmp_path / "q" / "model.safetensors", t)
+    json.dump({"quantization_config": {"quant_method": "bitsandbytes"}}, open(tmp_path / "q" / "config.json", "w"))
+    ad = Adapter()
+    ad.add(Module("l", torch.ones(1, 16), torch.ones(8, 1), alpha=1.0))
+    ad.save(tmp_path / "a.safetensors")
+    assert_one_line_error(*cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o", "--dtype",
+                               "bf16"), "quant_state", fragment)
+
+
+def test_read_only_output_folder_is_a_clean_error(w, cli):
+    if os.geteuid() == 0:  # root writes anywhere: a full disk is simulated in test_roundtrip_and_errors instead
+        ro = "/proc/lorakit-test"
+        assert_one_line_error(*cli("convert", w / "a.safetensors", "-o", f"{ro}/x.safetensors", "--to", "kohya"),
+                              "output folder does not exist")
+        return
+    os.makedirs(w / "ro")
+    os.chmod(w / "ro", 0o555)
+    assert_one_line_error(*cli("convert", w / "a.safetensors", "-o", w / "ro" / "x.safetensors", "--to", "kohya"),
+                          "cannot write")
+
+
+# ---------------------------------------------------------------------------------------------------- resources
+def test_a_fifo_is_refused_without_blocking(tmp_path, cli):
+    os.mkfifo(tmp_path / "f.safetensors")
+    code, out, err = cli("validate", tmp_path / "f.safetensors")
+    assert code == 2 and "not a regular file" in out + err
+    assert_one_line_error(*cli("inspect", tmp_path / "f.safetensors"), "not")
+
+
+def test_header_only_inspect_of_a_huge_file_maps_and_reads_no_data(tmp_path):
+    """A 16 GiB adapter (sparse: nothing on disk) inspected with little memory: no mapping, no reads of the data."""
+    path = tmp_path / "huge.safetensors"
+    n = 1 << 30  # 1 Gi fp32 = 4 GiB per factor
+    meta = {"lorakit.spec_version": "1.1"}
+    header = {"__metadata__": meta}
+    pos = 0
+    for i in range(2):
+        for part, shape in (("lora_A", [1024, n // 1024]), ("lora_B", [n // 1024, 1024])):
+            header[f"m{i}.{part}"] = {"dtype": "F32", "shape": shape, "data_offsets": [pos, pos + 4 * n]}
+            pos += 4 * n
+        header[f"m{i}.alpha"] = {"dtype": "F32", "shape": [], "data_offsets": [pos, pos + 4]}
+        pos += 4
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + pos)
+        for i in range(2):  # the alphas: 8.0, at their offsets
+            f.seek(8 + len(text) + header[f"m{i}.alpha"]["data_offsets"][0])
+            f.write(struct.pack("<f", 8.0))
+    code = ("import resource, sys, lorakit\n"
+            f"r = lorakit.inspect({str(path)!r})\n"
+            "assert r['module_count'] == 2 and r['params'] == 2 * 2 ** 31, r\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) < 1024 * 1024  # KiB: under 1 GiB for a 16 GiB file
