@@ -27,7 +27,13 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
-def _fail(message, code=2):
+def _fail(message, code=2, as_json=False, error=None):
+    """One line on stderr; under --json also a JSON object on stdout (scripts read stdout)."""
+    if as_json:
+        detail = {"path": getattr(error, "path", None), "tensor": getattr(error, "tensor", None),
+                  "code": getattr(error, "code", None)}
+        click.echo(jsonlib.dumps({"error": message, **{k: str(v) for k, v in detail.items() if v is not None},
+                                  "exit_code": code}, indent=2))
     click.echo(f"lorakit: error: {message}", err=True)
     sys.exit(code)
 
@@ -39,28 +45,32 @@ def command(group, name, **kw):
         @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
         @functools.wraps(fn)
         def run(*args, debug=False, **kwargs):
-            from .errors import LorakitError
+            from .errors import CLI, LorakitError
             signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: temporaries removed, outputs untouched
+            CLI["active"] = True  # messages name options as --force, not force=True
+            fail = functools.partial(_fail, as_json=kwargs.get("as_json", False))
             try:
                 return fn(*args, **kwargs)
             except LorakitError as e:
                 if debug:
                     raise
-                _fail(str(e))
+                fail(str(e), error=e)
             except Terminated:
-                _fail("terminated (SIGTERM): nothing was written", 143)
+                fail("terminated (SIGTERM): nothing was written", 143)
             except KeyboardInterrupt:
-                _fail("interrupted: nothing was written", 130)
+                fail("interrupted: nothing was written", 130)
             except OSError as e:  # an input that cannot be read, a disk that fails: bad input, not a bug
                 if debug:
                     raise
-                _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+                fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
             except MemoryError:
-                _fail("out of memory (the input is larger than this machine can hold)")
+                fail("out of memory (the input is larger than this machine can hold)")
             except Exception as e:  # a bug, not bad input: still one line unless --debug
                 if debug:
                     raise
-                _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+                fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+            finally:
+                CLI["active"] = False
         return run
     return wrap
 
@@ -114,11 +124,16 @@ def _dtype_option(f):
                         help=f"dtype of the output factors: keep, {DTYPE_HELP}.")(f)
 
 
-def _common_output(f):
+def _common_output(f, what="Output adapter file."):
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")(f)
-    f = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")(f)
-    return click.option("-o", "--output", required=True, type=click.Path(), help="Output adapter file.")(f)
+    f = click.option("--force", is_flag=True, help="Replace OUT if it exists (an output of the same kind; never an "
+                     "input).")(f)
+    return click.option("-o", "--output", required=True, type=click.Path(), help=what)(f)
+
+
+def _output(what):
+    return functools.partial(_common_output, what=what)
 
 
 @command(main, "combine")
@@ -187,7 +202,7 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
 # ---------------------------------------------------------------- convert
 @command(main, "convert")
 @click.argument("input", type=click.Path())
-@_common_output
+@_output("Output file (a folder for --to peft).")
 @click.option("--to", "to", required=True, help=f"Output format ({', '.join(FORMATS)}).")
 @click.option("--from", "from_", help="Input format (default: detected from the content).")
 @click.option("--base", type=click.Path(), help="Base checkpoint: resolves kohya names and GPT-2 layouts.")
@@ -204,7 +219,7 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
 @command(main, "merge")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
-@_common_output
+@_output("Output: a .safetensors file for a file BASE, a folder for a folder BASE.")
 @click.option("--dtype", default="keep", show_default=True,
               help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}.")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
@@ -232,7 +247,7 @@ def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, sha
 @command(main, "train")
 @click.option("--base", required=True, type=click.Path(), help="Hugging Face Llama/Mistral/Qwen2 folder.")
 @click.option("--data", required=True, type=click.Path(), help="Token ids: .npy, .bin (uint16/uint32), .jsonl; or text.")
-@_common_output
+@_output("Output adapter file (a folder with --format peft).")
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--alpha", type=float, default=32.0, show_default=True)
 @click.option("--targets", default="q_proj,v_proj", show_default=True, help="Module names, suffixes or globs.")

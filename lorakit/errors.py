@@ -1,4 +1,5 @@
 """One exception type for every bad input: the CLI prints its message on one line and exits 2."""
+import re
 
 
 class LorakitError(Exception):
@@ -27,3 +28,24 @@ def with_path(error, path):
 # an internal error
 MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError,
              RecursionError, ZeroDivisionError, EOFError, StopIteration)
+
+
+# set by the CLI: messages name options as the caller spells them (--force on the command line, force=True in Python)
+CLI = {"active": False}
+
+
+def opt(name, flag=False):
+    """An option as the caller spells it: '--ignore-fingerprint' / 'ignore_fingerprint=True', '--alpha' / 'alpha='."""
+    if CLI["active"]:
+        return "--" + name.replace("_", "-")
+    return f"{name}=True" if flag else f"{name}=..."
+
+
+def missing(path, what=None):
+    """'no such file or folder', with a hint where the path looks like a Hugging Face hub id (org/name)."""
+    text = str(path)
+    hint = ""
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith("."):
+        hint = (f" (lorakit works on local files and folders; to fetch it from the Hugging Face hub: "
+                f"huggingface-cli download {text} --local-dir {text.rsplit('/', 1)[-1]})")
+    return LorakitError(f"{what + ': ' if what else ''}no such file or folder{hint}", path=path)

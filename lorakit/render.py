@@ -22,13 +22,13 @@ def inspect_text(r):
         echo(f"base model  {r['base_model'] or '?'}{fp}")
     echo(f"modules     {r['module_count']}    params {r['params']:,}    dtypes "
          + ", ".join(f"{k} x{v}" for k, v in r["dtypes"].items()))
-    echo("rank/alpha  " + "; ".join(f"r={x['rank']} alpha={_fmt_num(x['alpha'])}: {x['modules']} module(s)"
+    echo("rank/alpha  " + "; ".join(f"r={x['rank']} alpha={_fmt_num(x['alpha'])}: {x['module_count']} module(s)"
                                     for x in r["rank_alpha"]))
     echo("targets")
     for t in r["targets"]:
         layers = f" x {t['count']} layers" if "*" in t["pattern"] else ""
         ranks = ",".join(map(str, t["ranks"]))
-        echo(f"  {t['kind']:<9} {t['name']}{layers}   r={ranks}   ({t['pattern']})")
+        echo(f"  {t['kind']:<9} {t['target']}{layers}   r={ranks}   ({t['pattern']})")
     for name, shape in r["replacements"].items():
         echo(f"  replaced  {name} {shape}")
     if r["provenance"]:
@@ -47,7 +47,7 @@ def inspect_text(r):
                 head += "   ||dW||/||W||"
         echo(head)
         for m in r["modules"]:
-            line = (f"{m['name']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
+            line = (f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
                     f"{'x'.join(map(str, m['shape'])):<16}")
             if spectral:
                 sv = ", ".join(f"{s:.3g}" for s in m["singular_values"][:4])
@@ -77,16 +77,16 @@ def combine_text(r):
     lines = [f"wrote {r['output']}: method {r['method']}, {len(r['modules'])} modules, total rank {r['rank']}, "
              f"min energy kept {_pct(r['min_energy_kept'])}"]
     for m in r["modules"]:
-        lines.append(f"  {m['module']:<48} inputs {m['inputs']}  rank {m['input_rank']:>4} -> {m['rank']:<4} "
+        lines.append(f"  {m['module']:<48} inputs {m['inputs']}  rank {m['rank_in']:>4} -> {m['rank']:<4} "
                      f"kept {_pct(m['energy_kept'])}")
     return "\n".join(lines)
 
 
 def resize_text(r):
-    lines = [f"wrote {r['output']}: params {r['params_before']:,} -> {r['params_after']:,}",
+    lines = [f"wrote {r['output']}: params {r['params_in']:,} -> {r['params']:,}",
              f"  {'module':<48} {'rank':>11}  {'kept ||dW||^2':>13}  {'rel. error':>10}"]
     for m in r["modules"]:
-        lines.append(f"  {m['module']:<48} {m['old_rank']:>4} -> {m['new_rank']:<4}  {_pct(m['energy_kept']):>13}  "
+        lines.append(f"  {m['module']:<48} {m['rank_in']:>4} -> {m['rank']:<4}  {_pct(m['energy_kept']):>13}  "
                      f"{m['relative_error']:>10.3e}")
     return "\n".join(lines)
 
@@ -124,10 +124,10 @@ def extract_text(r):
 
 
 def merge_text(r):
-    verb = "unmerged" if r["unmerge"] else "merged"
     adapters = ", ".join(f"{a['file']}" + (f" x{a['weight']:g}" if a["weight"] != 1 else "") for a in r["adapters"])
-    lines = [f"{verb} {adapters} into {r['base']}: {r['merged']} of {r['tensors']} tensors changed, "
-             f"{r['bytes'] / 1e9:.2f} GB in {r['shards']} file(s) -> {r['output']}"]
+    head = (f"subtracted {adapters} from {r['base']}" if r["unmerge"] else f"merged {adapters} into {r['base']}")
+    lines = [f"{head}: {r['merged_count']} of {r['tensor_count']} tensors changed, "
+             f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {r['output']}"]
     q = r.get("quantization")
     if q and q["modules"]:
         lines.append(f"survival ({q['format']}, strategy {q['strategy']}): mean retention "
@@ -136,8 +136,8 @@ def merge_text(r):
                      f"aligned {q['mean_probe_error_aligned']:.3f}")
         lines.append(f"  {'module':<48} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
                      f"{'err rand':>9} {'err algn':>9}")
-        for name, m in q["modules"].items():
-            lines.append(f"  {name:<48} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
+        for m in q["modules"]:
+            lines.append(f"  {m['module']:<48} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
                          f"{m['noise']:>8.3f} {100 * m['codes_changed']:>7.2f}% {m['probe_error_random']:>9.3f} "
                          f"{m['probe_error_aligned']:>9.3f}")
     lines += [f"note: {n}" for n in r["notes"]]
@@ -145,13 +145,13 @@ def merge_text(r):
 
 
 def convert_text(r):
-    lines = [f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}): {r['modules']} modules"
-             + (f", {r['replacements']} full tensors" if r["replacements"] else "")]
+    lines = [f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}): {r['module_count']} modules"
+             + (f", {r['replacement_count']} full tensors" if r["replacement_count"] else "")]
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
 
 def train_text(r):
-    return (f"trained {r['modules']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
+    return (f"trained {r['module_count']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
             f"process(es)): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out {r['eval_loss']:.4f}, "
             f"{r['tokens_per_s']:.0f} tokens/s -> {r['output']}")

@@ -206,7 +206,7 @@ def test_resize_error_is_eckart_young_optimum(two_adapters, dtype, cli):
         err_ = (n.delta().double().flatten(1) - ref).norm() / ref.norm()
         assert abs(err_ - optimum) < 1e-6 and abs(row["relative_error"] - optimum) < 1e-6
         assert abs(row["energy_kept"] - (S[:k].square().sum() / S.square().sum())) < 1e-9
-        assert n.rank == k and row["old_rank"] == m.rank and row["new_rank"] == k
+        assert n.rank == k and row["rank_in"] == m.rank and row["rank"] == k
         assert abs(n.scale - m.scale) <= 1e-6 * m.scale  # alpha rescaled: the scale is kept
         assert n.shape == m.shape and n.kind == m.kind
 
@@ -221,11 +221,11 @@ def test_resize_dynamic_rules_match_sd_scripts(tmp_path):
     # = .87,.97,.992 -> 3; energy: cum S^2 / sum = .751,.938,.985,.997 -> 4
     for opt, (x, k) in expect.items():
         r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / f"{opt}.safetensors", **{opt: x}, quiet=True)
-        assert r["modules"][0]["new_rank"] == k, opt
+        assert r["modules"][0]["rank"] == k, opt
     r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "big.safetensors", rank=50, quiet=True)
-    assert r["modules"][0]["new_rank"] == 5  # never above the module's rank (sd-scripts #325)
+    assert r["modules"][0]["rank"] == 5  # never above the module's rank (sd-scripts #325)
     r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "mx.safetensors", energy=0.999, max_rank=2, quiet=True)
-    assert r["modules"][0]["new_rank"] == 2
+    assert r["modules"][0]["rank"] == 2
     with pytest.raises(LorakitError, match="give one of"):
         lorakit.resize(tmp_path / "a.safetensors", tmp_path / "x.safetensors", rank=2, energy=0.5)
 

@@ -25,8 +25,8 @@ def test_inspect_summary_and_groups(tiny_base, tmp_path, cli):
     assert r["module_count"] == 6 and r["file_size"] == p.stat().st_size
     assert r["params"] == sum(m.A.numel() + m.B.numel() for m in ad.modules.values())
     assert r["ranks"] == {2: 1, 4: 5}
-    assert {(t["name"], t["count"]) for t in r["targets"]} == {("q_proj", 2), ("v_proj", 2), ("down_proj", 2)}
-    assert {"rank": 2, "alpha": 16.0, "modules": 1} in r["rank_alpha"]
+    assert {(t["target"], t["count"]) for t in r["targets"]} == {("q_proj", 2), ("v_proj", 2), ("down_proj", 2)}
+    assert {"rank": 2, "alpha": 16.0, "module_count": 1} in r["rank_alpha"]
     assert r["metadata"] == {"trigger": "sks"} and r["dtypes"] == {"float32": 12}
     code, out, _ = cli("inspect", p)
     assert code == 0 and "q_proj x 2 layers" in out and "r=2 alpha=16: 1 module(s)" in out
@@ -43,12 +43,12 @@ def test_spectrum_matches_dense_fp64_svd(tiny_base, tmp_path, cli):
     ad.save(p)
     r = inspect(p, spectrum=True, base=str(folder), quiet=True)
     for row in r["modules"]:
-        m = ad.modules[row["name"]]
+        m = ad.modules[row["module"]]
         dense = (m.B.double() @ m.A.double()) * (3.0 / 5)
         S = torch.linalg.svdvals(dense)[:5]
         assert torch.allclose(torch.tensor(row["singular_values"], dtype=torch.float64), S, rtol=1e-10)
         assert abs(row["norm"] - dense.norm().item()) < 1e-10 * dense.norm().item()
-        W = tensors[row["name"] + ".weight"].double()
+        W = tensors[row["module"] + ".weight"].double()
         assert abs(row["relative_norm"] - dense.norm().item() / W.norm().item()) < 1e-10
         p_ = S / S.sum()
         assert abs(row["effective_rank"] - torch.exp(-(p_ * p_.log()).sum()).item()) < 1e-9

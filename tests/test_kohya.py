@@ -159,7 +159,7 @@ def test_loha_and_lokr_match_lycoris_formula(tmp_path):
     assert (ad.modules["lora_unet_c"].delta().double() - lokr_full).norm() / lokr_full.norm() < 1e-6
     assert ad.modules["lora_unet_d"].dora_axis == 1  # older LyCORIS: one magnitude per input column
     r = lorakit.resize(tmp_path / "ly.safetensors", tmp_path / "small.safetensors", rank=4, quiet=True)
-    assert {m["module"]: m["new_rank"] for m in r["modules"]}["lora_unet_a"] == 4
+    assert {m["module"]: m["rank"] for m in r["modules"]}["lora_unet_a"] == 4
 
 
 def test_kohya_bad_input(tmp_path, cli):

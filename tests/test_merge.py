@@ -72,7 +72,7 @@ def test_merge_every_kind_matches_fp64(tmp_path, dtype, cli):
     code, out, err = cli("merge", tmp_path / "base", tmp_path / "a.safetensors", "-o", tmp_path / "out", "--json",
                          "-q")
     assert code == 0, err
-    assert json.loads(out)["merged"] == 7
+    assert json.loads(out)["merged_count"] == 7
     merged = TensorFile(tmp_path / "out" / "model.safetensors")
     for name, m in ad.modules.items():
         assert_rounded_once(merged.get(f"{name}.weight"), reference(base[f"{name}.weight"], m), dtype)

@@ -36,7 +36,7 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     combine_method = get_method(method, rank, energy)
     _check_rule(rank=rank, energy=energy)
     rank_rule(rank=rank, energy=energy)
-    in_range("--density", density, 0, 1, low_open=True)
+    in_range("density", density, 0, 1, low_open=True)
     inputs = weighted_inputs(adapters)
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")
@@ -70,7 +70,8 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
                          "params": {"method": method, "rank": rank, "energy": energy, "density": density,
                                     "seed": seed}}
     result.save(output, force=force)
-    return {"output": os.fspath(output), "method": method, "modules": rows,
+    return {"output": os.fspath(output), "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+            "method": method, "module_count": len(rows), "modules": rows, "notes": [],
             "rank": sum(r["rank"] for r in rows), "min_energy_kept": min((r["energy_kept"] for r in rows),
                                                                          default=1.0)}
 
@@ -82,9 +83,9 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
     if not rule:
         raise LorakitError("give one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
     rank_rule(rank=rank, energy=energy, max_rank=max_rank)
-    in_range("--sv-ratio", sv_ratio, 1)
-    in_range("--sv-fro", sv_fro, 0, 1, low_open=True)
-    in_range("--sv-cumulative", sv_cumulative, 0, 1, low_open=True)
+    in_range("sv_ratio", sv_ratio, 1)
+    in_range("sv_fro", sv_fro, 0, 1, low_open=True)
+    in_range("sv_cumulative", sv_cumulative, 0, 1, low_open=True)
     check_output(output, [adapter], force, directory=False)
     ad = load(adapter)
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
@@ -100,7 +101,8 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
                          "params": {**rule, "max_rank": max_rank}}
     result.save(output, force=force)
     return {"output": os.fspath(output), "modules": rows,
-            "params_before": ad.num_params, "params_after": result.num_params}
+            "params_in": ad.num_params, "params": result.num_params, "input": os.fspath(adapter),
+            "module_count": len(rows), "notes": []}
 
 
 def diff(a, b, quiet=False):
@@ -124,7 +126,7 @@ def diff(a, b, quiet=False):
         "mean_cosine": sum(r["cosine"] for r in both) / len(both) if both else 0.0,
         "identical_deltas": all(r["relative_diff"] < 1e-6 for r in both) and len(both) == len(rows),
     }
-    return {"a": os.fspath(a), "b": os.fspath(b), "summary": summary, "modules": rows}
+    return {"a": os.fspath(a), "b": os.fspath(b), "summary": summary, "module_count": len(rows), "modules": rows}
 
 
 def _norm(m):

@@ -3,7 +3,7 @@ import math
 import os
 import re
 
-from ..errors import LorakitError
+from ..errors import LorakitError, missing, opt
 
 FP32_MAX = 3.4028234663852886e38
 MIN_SHARD = 1 << 20
@@ -51,14 +51,32 @@ def weighted_inputs(specs):
     out = []
     for spec in specs:
         path, w = parse_weighted(spec)
+        if not os.path.exists(path):
+            raise _weight_hint(os.fspath(spec), out) or missing(path)
         out.append((path, check_weight(path, w)))
     return out
 
 
+def _weight_hint(spec, before):
+    """The usual slips: a weight given as its own argument, or with a decimal comma."""
+    try:
+        float(spec)
+        prev = before[-1][0] if before else "adapter.safetensors"
+        return LorakitError(f"'{spec}' is not a file: a weight goes after its adapter with a colon, "
+                            f"{prev}:{spec}")
+    except ValueError:
+        pass
+    head, sep, tail = spec.rpartition(":")
+    if sep and os.path.exists(head):
+        return LorakitError(f"weight '{tail}' is not a number (write {head}:{tail.replace(',', '.')})", path=head)
+    return None
+
+
 def in_range(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """Refuse (never clamp) an option outside its range: `name` is the CLI spelling (--rank)."""
+    """Refuse (never clamp) an option outside its range (`name`: the parameter, named as the caller spells it)."""
     if value is None:
         return None
+    name = opt(name).split("=")[0]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
         raise LorakitError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
     ok = math.isfinite(value)
@@ -80,7 +98,7 @@ def in_range(name, value, low=None, high=None, low_open=False, high_open=False, 
 def existing(path, option):
     """A path option that must exist (never resolved against anything else when it does not)."""
     if path is not None and not os.path.exists(os.fspath(path)):
-        raise LorakitError(f"{option}: no such file or folder", path=path)
+        raise missing(path, opt(option).split("=")[0] if option.islower() else option)
     return path
 
 
@@ -104,6 +122,6 @@ def same_base(loaded):
 
 def rank_rule(rank=None, energy=None, max_rank=None):
     """The rank options the commands share, refused (never clamped) out of range."""
-    in_range("--rank", rank, 1, integer=True)
-    in_range("--max-rank", max_rank, 1, integer=True)
-    in_range("--energy", energy, 0, 1, low_open=True)
+    in_range("rank", rank, 1, integer=True)
+    in_range("max_rank", max_rank, 1, integer=True)
+    in_range("energy", energy, 0, 1, low_open=True)

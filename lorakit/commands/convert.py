@@ -11,7 +11,7 @@ def convert(input, output, to, from_=None, base=None, alpha=None, allow_unknown=
     """Convert an adapter between formats. Returns a report with what the reader and writer did. `base` goes to the
     reader and/or the writer that use it (an error when neither does); `alpha` and `allow_unknown` to the reader."""
     input, output = os.fspath(input), os.fspath(output)
-    existing(base, "--base")
+    existing(base, "base")
     check_output(output, [input, base], force)
     src = get_format(from_) if from_ else detect_format(input)
     dst = get_format(to)
@@ -28,4 +28,4 @@ def convert(input, output, to, from_=None, base=None, alpha=None, allow_unknown=
     write_options = {"base": base} if base is not None and "base" in takes(dst.write) else {}
     notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
     return {"input": input, "output": output, "from": src.name, "to": dst.name,
-            "modules": len(adapter.modules), "replacements": len(adapter.replacements), "notes": notes}
+            "module_count": len(adapter.modules), "replacement_count": len(adapter.replacements), "notes": notes}

@@ -77,5 +77,6 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
                           "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed}}
     adapter.save(output, force=force)
     kept = [r["energy_kept"] for r in rows]
-    return {"output": os.fspath(output), "modules": rows, **report,
+    return {"output": os.fspath(output), "base": os.fspath(base), "tuned": os.fspath(tuned), "module_count": len(rows),
+            "modules": rows, "notes": [], **report,
             "mean_energy_kept": sum(kept) / len(kept) if kept else 1.0}

@@ -31,13 +31,13 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     ad = fmt.read(path, values=spectrum) if fmt.name == "lorakit" else fmt.read(path)
     modules = []
     for m in ad.modules.values():
-        modules.append({"name": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
+        modules.append({"module": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
                         "shape": list(m.shape), "dtype": dtype_name(m.A.dtype),
                         "params": m.num_params, "bias_delta": m.bias is not None, "dora": m.magnitude is not None})
     groups = defaultdict(list)
     for m in modules:
-        groups[(m["kind"], _pattern(m["name"]))].append(m)
-    targets = [{"kind": kind, "pattern": pat, "name": pat.rsplit(".", 1)[-1], "count": len(ms),
+        groups[(m["kind"], _pattern(m["module"]))].append(m)
+    targets = [{"kind": kind, "pattern": pat, "target": pat.rsplit(".", 1)[-1], "count": len(ms),
                 "ranks": sorted({m["rank"] for m in ms}), "alphas": sorted({m["alpha"] for m in ms})}
                for (kind, pat), ms in sorted(groups.items())]
     dtypes = Counter(dtype_name(t.dtype) for m in ad.modules.values() for t in (m.A, m.B))
@@ -47,7 +47,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
         "base_model": ad.base_model, "base_fingerprint": ad.base_fingerprint,
         "module_count": len(modules), "params": ad.num_params,
         "ranks": dict(sorted(Counter(m["rank"] for m in modules).items())),
-        "rank_alpha": [{"rank": r, "alpha": a, "modules": n}
+        "rank_alpha": [{"rank": r, "alpha": a, "module_count": n}
                        for (r, a), n in sorted(Counter((m["rank"], m["alpha"]) for m in modules).items())],
         "dtypes": dict(dtypes), "targets": targets,
         "replacements": {k: list(v.shape) for k, v in ad.replacements.items()},
@@ -75,7 +75,7 @@ def _add_spectrum(ad, modules, base, quiet):
         from ..quant.view import WeightView
         ckpt = WeightView(base)
     for row in tqdm(modules, desc="spectrum", unit="module", disable=quiet, file=None):
-        m = ad.modules[row["name"]]
+        m = ad.modules[row["module"]]
         S = singular_values(*m.factors(torch.float64))
         norm = float(S.square().sum().sqrt())
         p = S / S.sum() if S.sum() > 0 else S

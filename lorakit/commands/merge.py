@@ -24,14 +24,15 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     from ..quant.view import WeightView
     _large_buffers_back_to_os()
     base = os.fspath(existing(base, "BASE"))
-    existing(full_precision_base, "--full-precision-base")
+    existing(full_precision_base, "full_precision_base")
     inputs = weighted_inputs(adapters)
-    in_range("--threads", threads, 1, integer=True)
+    in_range("threads", threads, 1, integer=True)
     if strategy not in STRATEGIES:
         raise LorakitError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if onto not in ("dequantized", "original"):
         raise LorakitError(f"--onto is 'dequantized' or 'original', not '{onto}'")
     check_output(output, [base, full_precision_base, *(p for p, _ in inputs)], force)
+    _refuse_adapter_as_base(base)
     view = WeightView(base)  # quantized modules seen as their full-precision weights
     loaded = [(p, load(p), w) for p, w in inputs]
     config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
@@ -47,6 +48,9 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         if (strategy == "original" or onto == "original") and full is None:
             raise LorakitError("--strategy original and --onto original need --full-precision-base", path=base)
     writer = pipeline.SafetensorsWriter(job, base, untie_embed, parse_size(shard_size))
+    if writer.folder and os.fspath(output).endswith(".safetensors"):
+        raise LorakitError("the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): "
+                           "-o names a .safetensors file; give a folder name", path=output)
     check_output(output, force=force, directory=writer.folder)
     total = writer.total
     with atomic_output(output, force=force, directory=writer.folder) as tmp, \
@@ -60,12 +64,23 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / lm_head.weight; both were written and "
                      "tie_word_embeddings set to false in config.json")
     report = {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
-              "unmerge": unmerge, "tensors": sum(len(s) for _, s in writer.shards),
-              "merged": sum(p.touched for p in plans.values()), "shards": len(writer.shards) if writer.folder else 1,
+              "unmerge": unmerge, "tensor_count": sum(len(s) for _, s in writer.shards),
+              "merged_count": sum(p.touched for p in plans.values()),
+              "shard_count": len(writer.shards) if writer.folder else 1,
               "bytes": total, "dtype": dtype or "keep", "notes": notes}
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report
+
+
+def _refuse_adapter_as_base(base):
+    from ..formats import detect_format
+    try:
+        fmt = detect_format(base)
+    except LorakitError:
+        return  # not an adapter: a model (or something WeightView will say is broken)
+    raise LorakitError(f"BASE is a {fmt.name} adapter, not a model: did you swap BASE and ADAPTER? "
+                       "(lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT)", path=base)
 
 
 def _base_notes(base, view, loaded):
@@ -117,7 +132,7 @@ def _large_buffers_back_to_os():
 
 def _survival_summary(handler, strategy, rows, dequantized, notes):
     summary = {"format": handler.name, "strategy": "dequantized (--dtype)" if dequantized else strategy,
-               "modules": {k: rows[k] for k in sorted(rows)}}
+               "modules": [{"module": k, **rows[k]} for k in sorted(rows)]}
     if rows:
         for key in ("retention", "noise", "codes_changed", "probe_error_random", "probe_error_aligned"):
             summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)

@@ -1,5 +1,6 @@
 """`lorakit validate`: check files against the spec, listing every problem with its stable code."""
 import os
+import shlex
 
 from .. import spec
 from ..errors import LorakitError
@@ -22,8 +23,8 @@ def validate(files, values=True):
             problems, readable = [spec.Problem("LK001", str(e))], False
         if readable and any(p.code == "LK105" for p in problems):
             hint = _other_format_hint(path)
-            if hint:
-                problems.append(spec.Problem("LK105", hint))
+            if hint:  # another tool's adapter: one line saying so, not a list of its keys the spec does not know
+                problems = [spec.Problem("LK105", hint)]
         results.append({"file": path, "readable": readable, "valid": readable and not any(p.is_error for p in problems),
                         "problems": [p.as_dict() for p in problems]})
     return {"valid": all(r["valid"] for r in results), "files": results}
@@ -35,4 +36,7 @@ def _other_format_hint(path):
         fmt = detect_format(path)
     except LorakitError:
         return None
-    return f"this is a {fmt.name} adapter: 'lorakit convert {path} --to lorakit' writes it in the spec format"
+    stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    out = os.path.join(os.path.dirname(os.path.normpath(path)), f"{stem}.lorakit.safetensors")
+    return (f"this is a {fmt.name} adapter, not a lorakit file; to write it in the spec format: "
+            f"lorakit convert {shlex.quote(path)} -o {shlex.quote(out)} --to lorakit")

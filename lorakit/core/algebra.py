@@ -68,7 +68,7 @@ def combine_module(name, entries, method, dtype=torch.float32, **params):
     biases = [(m.bias, w) for m, w in present if m.bias is not None]
     if biases:
         out.bias = sum(w * b.double() for b, w in biases).to(dtype)
-    return out, {"module": name, "inputs": len(present), "input_rank": sum(m.rank for m, _ in present),
+    return out, {"module": name, "inputs": len(present), "rank_in": sum(m.rank for m, _ in present),
                  "rank": out.rank, "energy_kept": kept}
 
 
@@ -79,7 +79,7 @@ def resize_module(m, dtype=None, **rule):
     B2, A2, kept = truncate(svd, k)
     out = module_from_factors(m.name, m.shape, m.kind, B2, A2, dtype or m.A.dtype, alpha=m.scale * k)
     out.bias, out.magnitude, out.dora_axis = m.bias, m.magnitude, m.dora_axis
-    return out, {"module": m.name, "old_rank": m.rank, "new_rank": k, "energy_kept": kept,
+    return out, {"module": m.name, "rank_in": m.rank, "rank": k, "energy_kept": kept,
                  "relative_error": max(0.0, 1.0 - kept) ** 0.5}
 
 

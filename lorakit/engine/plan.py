@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..formats.names import HEAD, is_embedding
 from ..spec import fingerprint
 
@@ -42,7 +42,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
     for path, ad, w in adapters:
         if ad.base_fingerprint and ad.base_fingerprint != base_fp and not ignore_fingerprint:
             problems.append(f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
-                            f"{base_fp[:15]}...; --ignore-fingerprint to merge anyway)")
+                            f"{base_fp[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)")
         for m in ad.modules.values():
             p = target(f"{m.name}.weight")
             if p is None:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import MALFORMED, LorakitError, with_path
+from ..errors import MALFORMED, LorakitError, missing, with_path
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).
@@ -77,7 +77,7 @@ def detect_format(path):
     """The registered format whose detector accepts the content at `path`."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise LorakitError("no such file or folder", path=path)
+        raise missing(path)
     probe = Probe(path)
     for name in FORMATS:
         fmt = get_format(name)

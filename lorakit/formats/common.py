@@ -1,6 +1,6 @@
 """Helpers shared by the format readers and writers (the key bookkeeping every format needs)."""
 
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..io import TensorFile, read_header
 
 
@@ -16,7 +16,7 @@ def refuse_unknown(path, unknown, allow_unknown, notes, what="keys"):
         return
     shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
     if not allow_unknown:
-        raise LorakitError(f"{len(unknown)} unknown {what}: {shown} (--allow-unknown to convert the rest)", path=path)
+        raise LorakitError(f"{len(unknown)} unknown {what}: {shown} ({opt('allow_unknown', True)} to read the rest)", path=path)
     notes.append(f"skipped {len(unknown)} unknown {what}: {shown}")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..core import Adapter, Module
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..io import atomic_output
 from .common import fold_note, most_common, refuse_unknown
 from .names import from_gguf_name, permute, to_gguf_name, unpermute
@@ -101,7 +101,7 @@ def read(path, base=None, allow_unknown=False):
         if gname.endswith(("attn_q", "attn_k")) and arch != "qwen2":
             n_head, n_kv = heads
             if n_head is None:
-                raise LorakitError("undoing llama.cpp's Q/K row permutation needs the head counts: pass --base "
+                raise LorakitError(f"undoing llama.cpp's Q/K row permutation needs the head counts: pass {opt('base')} "
                                    "(a folder with config.json)", path=path, tensor=gname)
             B = unpermute(B, n_head, n_kv if gname.endswith("attn_k") else None).contiguous()
         ad.add(Module(module, A, B, alpha=alpha, kind=kind))
@@ -142,7 +142,7 @@ def write(adapter, path, force=False, base=None):
             folded.append(m.name)
         if gname.endswith(("attn_q", "attn_k")) and arch == "llama":
             if n_head is None:
-                raise LorakitError("llama.cpp permutes Q/K rows: pass --base (a folder with config.json) for the "
+                raise LorakitError(f"llama.cpp permutes Q/K rows: pass {opt('base')} (a folder with config.json) for the "
                                    "head counts", path=path, tensor=m.name)
             B = permute(B, n_head, n_kv if gname.endswith("attn_k") else None)
         a, b = (B, A.T) if m.kind == "embedding" else (A, B)

@@ -6,7 +6,7 @@ import zipfile
 import torch
 
 from ..core import Adapter, Module
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..quant.view import base_shapes
 from .common import check_rank, refuse_unknown, t_contig
 
@@ -41,7 +41,7 @@ def detect(probe):
 def read(path, alpha=None, base=None, allow_unknown=False):
     tensors = load_state_dict(path)
     if alpha is None:
-        raise LorakitError("loralib files do not store alpha (scale = alpha / r): pass --alpha", path=path)
+        raise LorakitError(f"loralib files do not store alpha (scale = alpha / r): pass {opt('alpha')}", path=path)
     shapes = base_shapes(base) if base is not None else None
     parts, replacements, unknown, notes = {}, {}, [], []
     for key, t in tensors.items():

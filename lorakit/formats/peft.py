@@ -12,7 +12,7 @@ import os
 import re
 
 from ..core import Adapter, Module, default_kind
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
 from ..quant.view import base_shapes
@@ -108,7 +108,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     """An Adapter from PEFT-named tensors (prefix `base_model.model.` optional) and an adapter_config dict."""
     if config is None:
         if alpha is None:
-            raise LorakitError("no adapter_config.json beside the weights, so lora_alpha is unknown: pass --alpha",
+            raise LorakitError(f"no adapter_config.json beside the weights, so lora_alpha is unknown: pass {opt('alpha')}",
                                path=path)
         config = {"r": None, "lora_alpha": alpha}
     check_config(config, path)

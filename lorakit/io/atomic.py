@@ -15,7 +15,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 
 TAG = ".lorakit-"
 
@@ -28,10 +28,10 @@ def _inside(child, parent):
     return child != parent and os.path.commonpath([child, parent]) == parent
 
 
-def check_output(output, inputs=(), force=False, directory=None, flag="--force"):
+def check_output(output, inputs=(), force=False, directory=None):
     """Refuse an OUT that would lose data, before anything is computed. `directory`: True when the command writes a
     folder, False for a file, None when unknown yet."""
-    out = _real(output)
+    out, flag = _real(output), opt("force", True)
     for given in inputs:
         if given is None:
             continue

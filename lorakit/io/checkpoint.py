@@ -1,7 +1,7 @@
 """Lazy read access to a base checkpoint: one .safetensors file or a Hugging Face folder (single or sharded)."""
 import os
 
-from ..errors import LorakitError
+from ..errors import LorakitError, missing
 from .jsonio import read_json
 from .safetensors import TensorFile, read_header
 
@@ -27,8 +27,9 @@ def shard_files(path):
     """The safetensors files of a checkpoint path, in a stable order, and the index (or None)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise LorakitError("no such file or folder", path=path)
+        raise missing(path)
     if os.path.isfile(path):
+        _refuse_lone_shard(path)
         return [path], None
     index_path = os.path.join(path, INDEX)
     if os.path.isfile(index_path):
@@ -49,6 +50,20 @@ def shard_files(path):
     if not files:
         raise LorakitError("folder holds no .safetensors files", path=path)
     return [os.path.join(path, f) for f in files], None
+
+
+def _refuse_lone_shard(path):
+    """One shard of a sharded checkpoint is not a model: say to pass its folder."""
+    index = os.path.join(os.path.dirname(path) or ".", INDEX)
+    if not os.path.isfile(index):
+        return
+    try:
+        files = set(read_json(index).get("weight_map", {}).values())
+    except (LorakitError, AttributeError, TypeError):
+        return
+    if os.path.basename(path) in files and len(files) > 1:
+        raise LorakitError(f"this is one of the {len(files)} shards of a sharded checkpoint: pass its folder "
+                           f"({os.path.dirname(path) or '.'})", path=path)
 
 
 class Checkpoint:

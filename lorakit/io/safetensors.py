@@ -11,7 +11,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from ..errors import LorakitError
+from ..errors import LorakitError, missing
 from .dtypes import DTYPES, itemsize, st_dtype, torch_dtype
 from .jsonio import parse_json
 
@@ -48,7 +48,7 @@ def check_readable_file(path):
     """Missing paths, directories and anything but a regular file (a FIFO would block, a device never end) are I/O
     errors (exit 2 everywhere), checked before anything else."""
     if not os.path.exists(path):
-        raise LorakitError("no such file", path=path)
+        raise missing(path)
     if os.path.isdir(path):
         raise LorakitError("is a directory, expected a .safetensors file", path=path)
     if not stat.S_ISREG(os.stat(path).st_mode):
@@ -63,6 +63,9 @@ def read_header(path):
         raw = f.read(8)
         if len(raw) < 8:
             raise LorakitError(f"file is {size} bytes, too short for a safetensors header", path=path, code="LK101")
+        if raw[:1] in (b"{", b"["):
+            raise LorakitError("this is a JSON file, not safetensors: pass the folder that holds it", path=path,
+                               code="LK101")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise LorakitError(f"header length {n} runs past the end of the {size}-byte file (truncated or not "

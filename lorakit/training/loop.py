@@ -119,7 +119,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
     eval_loss = evaluate()
     evals.append((steps, eval_loss))
 
-    report = {"output": os.fspath(output), "modules": len(names), "steps": steps, "tokens": seen + tokens_step0,
+    report = {"output": os.fspath(output), "base": os.fspath(base), "module_count": len(names), "notes": [], "steps": steps, "tokens": seen + tokens_step0,
               "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss, "evals": evals,
               "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed, "device": str(dev), "processes": world}
     if master:
