@@ -1,6 +1,12 @@
-"""lorakit: LoRA adapters, exactly. `lorakit.load`, `Adapter.save`, and one function per CLI command.
+"""lorakit: LoRA adapters, exactly.
 
-Attributes are imported lazily so that `import lorakit` (and `lorakit --help`) does not import torch.
+    ad = lorakit.load("adapter.safetensors")   # any format, detected from the content
+    ad.save("out.safetensors")                 # the lorakit spec format (or format="peft", "kohya", ...)
+
+One function per CLI command, with the same name and parameters (`lorakit merge` is `lorakit.merge()`): inspect,
+validate, convert, combine, resize, diff, extract, merge, train, demo. Each returns its report as a dict (what
+`--json` prints) and raises LorakitError, a one-line message naming the file and tensor, on bad input. Adapter and
+Module are the in-memory model. Attributes are imported lazily: `import lorakit` does not import torch.
 """
 from ._version import __version__
 
@@ -22,6 +28,10 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 def __getattr__(name):

@@ -31,11 +31,14 @@ def inspect_text(r):
         echo(f"  {t['kind']:<9} {t['target']}{layers}   r={ranks}   ({t['pattern']})")
     for name, shape in r["replacements"].items():
         echo(f"  replaced  {name} {shape}")
-    if r["provenance"]:
-        p = r["provenance"]
-        echo("provenance  " + ", ".join(f"{k}={p[k]}" for k in ("tool", "operation", "created") if k in p))
-        for parent in p.get("parents", []):
-            echo(f"  parent    {parent}")
+    p = r["provenance"] or {}
+    said = [f"{k} {p[k]}" for k in ("operation", "source_format", "tool", "created") if p.get(k)]
+    if said:
+        echo("provenance  " + ", ".join(said))
+    for parent in p.get("parents", []):
+        if isinstance(parent, dict):
+            extra = ", ".join(f"{k} {v}" for k, v in parent.items() if k != "file")
+            echo(f"  from      {parent.get('file', '?')}" + (f" ({extra})" if extra else ""))
     for k, v in r["metadata"].items():
         echo(f"metadata    {k} = {v if len(v) < 80 else v[:77] + '...'}")
     if "modules" in r:
@@ -93,6 +96,9 @@ def resize_text(r):
 
 def diff_text(r):
     s = r["summary"]
+    if not s["both"]:
+        return (f"no module in common: {s['only_a']} only in A ({r['a']}), {s['only_b']} only in B ({r['b']}); "
+                "nothing to compare")
     lines = [f"{s['both']} modules in both, {s['only_a']} only in A, {s['only_b']} only in B; "
              f"max ||dA-dB||/||dA|| {s['max_relative_diff']:.3e}; mean cosine {s['mean_cosine']:.4f}"
              + ("; identical deltas" if s["identical_deltas"] else ""),

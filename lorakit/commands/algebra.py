@@ -2,15 +2,14 @@
 import os
 
 import torch
-from tqdm import tqdm
 
 from ..core import Adapter, algebra
 from ..errors import LorakitError
-from ..formats import load
 from ..io.dtypes import user_dtype
 from ..methods import get_method
+from ..progress import progress
 from ..io import check_output
-from .args import in_range, rank_rule, same_base, weighted_inputs
+from .args import as_adapter, in_range, load_inputs, paths, rank_rule, same_base, weighted_inputs
 
 WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
 
@@ -40,8 +39,8 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     inputs = weighted_inputs(adapters)
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")
-    check_output(output, [p for p, _ in inputs], force, directory=False)
-    loaded = [(path, load(path), w) for path, w in inputs]
+    check_output(output, paths(inputs), force, directory=False)
+    loaded = load_inputs(inputs)
     same_base(loaded)
     out_dtype = user_dtype(dtype) if dtype != "keep" else max(
         (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()), key=lambda d: WIDTH.get(d, 0),
@@ -51,13 +50,13 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     result = Adapter(base_model=first.base_model, base_fingerprint=first.base_fingerprint,
                      base_identity=first.base_identity)
     rows = []
-    for name in tqdm(names, desc=f"combine ({method})", unit="module", disable=quiet):
+    for name in progress(names, quiet=quiet, desc=f"combine ({method})", unit="module"):
         entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
         try:
             module, stats = algebra.combine_module(name, entries, combine_method, out_dtype, rank=rank,
                                                           energy=energy, density=density, seed=seed)
         except LorakitError as e:
-            raise LorakitError(str(e), path=", ".join(p for p, _ in inputs)) from None
+            raise LorakitError(str(e), path=", ".join(p for p, _, _ in loaded)) from None
         result.add(module)
         rows.append(stats)
     for path, ad, w in loaded:
@@ -86,14 +85,14 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
     in_range("sv_ratio", sv_ratio, 1)
     in_range("sv_fro", sv_fro, 0, 1, low_open=True)
     in_range("sv_cumulative", sv_cumulative, 0, 1, low_open=True)
-    check_output(output, [adapter], force, directory=False)
-    ad = load(adapter)
+    check_output(output, paths([(adapter, 1)]), force, directory=False)
+    adapter, ad = as_adapter(adapter)
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     result = Adapter(replacements=dict(ad.replacements), base_model=ad.base_model,
                      base_fingerprint=ad.base_fingerprint, base_identity=ad.base_identity,
                      user_metadata=dict(ad.user_metadata))
     rows = []
-    for m in tqdm(ad.modules.values(), desc="resize", unit="module", disable=quiet):
+    for m in progress(ad.modules.values(), quiet=quiet, desc="resize", unit="module"):
         module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, **rule)
         result.add(module)
         rows.append(stats)
@@ -107,9 +106,9 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
 
 def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
-    ad_a, ad_b = load(a), load(b)
+    (a, ad_a), (b, ad_b) = as_adapter(a), as_adapter(b)
     rows = []
-    for name in tqdm(sorted(set(ad_a.modules) | set(ad_b.modules)), desc="diff", unit="module", disable=quiet):
+    for name in progress(sorted(set(ad_a.modules) | set(ad_b.modules)), quiet=quiet, desc="diff", unit="module"):
         ma, mb = ad_a.modules.get(name), ad_b.modules.get(name)
         if ma is None or mb is None:
             rows.append({"module": name, "present": "a" if ma else "b", "rank_a": ma.rank if ma else None,

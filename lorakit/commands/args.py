@@ -3,6 +3,7 @@ import math
 import os
 import re
 
+from ..core import Adapter
 from ..errors import LorakitError, missing, opt
 
 FP32_MAX = 3.4028234663852886e38
@@ -10,9 +11,12 @@ MIN_SHARD = 1 << 20
 
 
 def parse_weighted(spec):
-    """'path:0.5' -> ('path', 0.5); a path without a numeric suffix has weight 1 (paths may contain ':')."""
+    """'path:0.5' -> ('path', 0.5); a path without a numeric suffix has weight 1 (paths may contain ':'). An Adapter
+    already loaded (or (Adapter, weight)) stands for itself."""
+    if isinstance(spec, Adapter):
+        return spec, 1.0
     if isinstance(spec, (tuple, list)):
-        return os.fspath(spec[0]), float(spec[1])
+        return (spec[0] if isinstance(spec[0], Adapter) else os.fspath(spec[0])), float(spec[1])
     spec = os.fspath(spec)
     head, sep, tail = spec.rpartition(":")
     if sep and head:
@@ -46,11 +50,14 @@ def check_weight(path, weight):
 
 def weighted_inputs(specs):
     """[(path, weight)] from 'path' / 'path:weight' strings, every weight checked."""
-    if isinstance(specs, (str, os.PathLike)):
+    if isinstance(specs, (str, os.PathLike, Adapter)):
         specs = [specs]
     out = []
     for spec in specs:
         path, w = parse_weighted(spec)
+        if isinstance(path, Adapter):
+            out.append((path, check_weight("<Adapter>", w)))
+            continue
         if not os.path.exists(path):
             raise _weight_hint(os.fspath(spec), out) or missing(path)
         out.append((path, check_weight(path, w)))
@@ -125,3 +132,20 @@ def rank_rule(rank=None, energy=None, max_rank=None):
     in_range("rank", rank, 1, integer=True)
     in_range("max_rank", max_rank, 1, integer=True)
     in_range("energy", energy, 0, 1, low_open=True)
+
+
+def load_inputs(inputs):
+    """[(path or Adapter, weight)] -> [(label, Adapter, weight)]; paths are read in any format."""
+    from ..formats import load
+    return [(f"<Adapter {i + 1}>", src, w) if isinstance(src, Adapter) else (src, load(src), w)
+            for i, (src, w) in enumerate(inputs)]
+
+
+def as_adapter(source):
+    """An Adapter given as itself or as a path."""
+    return load_inputs([(source, 1.0)])[0][:2]
+
+
+def paths(inputs):
+    """The file inputs among [(path or Adapter, weight)] (what an output must never be)."""
+    return [p for p, _ in inputs if not isinstance(p, Adapter)]

@@ -5,7 +5,15 @@ import tempfile
 
 
 def demo(keep=None, quiet=False, echo=print):
-    """Run the demo; returns a dict of what it made and found."""
+    """Run the demo; returns a dict of what it made and found. Its files go to `keep`, or to a temporary folder that
+    is removed at the end."""
+    if keep:
+        return _demo(keep, quiet, echo)
+    with tempfile.TemporaryDirectory(prefix="lorakit-demo-") as folder:
+        return _demo(folder, quiet, echo)
+
+
+def _demo(folder, quiet, echo):
     import torch
 
     from .. import examples
@@ -18,7 +26,6 @@ def demo(keep=None, quiet=False, echo=print):
     from .train import train
     from .validate import validate
 
-    folder = keep or tempfile.mkdtemp(prefix="lorakit-demo-")
     os.makedirs(folder, exist_ok=True)
     base, data = examples.write_permutation_task(folder)
     adapter_path = os.path.join(folder, "adapter.safetensors")

@@ -2,7 +2,6 @@
 import os
 
 import torch
-from tqdm import tqdm
 
 from ..core import Adapter, algebra, default_kind
 from ..errors import LorakitError
@@ -10,6 +9,7 @@ from ..formats.names import is_embedding
 from ..io import base_model_name, check_output
 from ..io.dtypes import user_dtype
 from ..quant.view import WeightView
+from ..progress import progress
 from ..spec import fingerprint, identity
 from ..training.lora import matches, target_list
 from .args import rank_rule
@@ -31,8 +31,8 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
     rows, report = [], {"unchanged": 0, "not_targeted": [], "only_in_tuned": [], "only_in_base": [],
                         "shape_changed": [], "replaced": [], "not_float": []}
     generator = torch.Generator().manual_seed(seed)
-    with tqdm(total=sum(ct.nbytes(n) for n in ct.names), desc="extract", unit="B", unit_scale=True,
-              disable=quiet) as bar:
+    with progress(total=sum(ct.nbytes(n) for n in ct.names), quiet=quiet, desc="extract", unit="B",
+                  unit_scale=True) as bar:
         for name in ct.names:
             bar.update(ct.nbytes(name))
             if name not in cb:

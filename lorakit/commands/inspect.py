@@ -68,13 +68,13 @@ def _spec_version(path):
 
 def _add_spectrum(ad, modules, base, quiet):
     import torch
-    from tqdm import tqdm
+    from ..progress import progress
     from ..core.linalg import singular_values
     ckpt = None
     if base is not None:
         from ..quant.view import WeightView
         ckpt = WeightView(base)
-    for row in tqdm(modules, desc="spectrum", unit="module", disable=quiet, file=None):
+    for row in progress(modules, quiet=quiet, desc="spectrum", unit="module"):
         m = ad.modules[row["module"]]
         S = singular_values(*m.factors(torch.float64))
         norm = float(S.square().sum().sqrt())

@@ -2,14 +2,12 @@
 lorakit.engine; this checks the arguments and reports)."""
 import os
 
-from tqdm import tqdm
-
 from ..errors import LorakitError
-from ..formats import load
 from ..io import Checkpoint, atomic_output, check_output, read_config
 from ..io.dtypes import user_dtype
+from ..progress import progress
 from ..quant import STRATEGIES
-from .args import existing, in_range, parse_size, weighted_inputs
+from .args import existing, in_range, load_inputs, parse_size, paths, weighted_inputs
 
 
 def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, threads=None, force=False,
@@ -31,10 +29,10 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         raise LorakitError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if onto not in ("dequantized", "original"):
         raise LorakitError(f"--onto is 'dequantized' or 'original', not '{onto}'")
-    check_output(output, [base, full_precision_base, *(p for p, _ in inputs)], force)
+    check_output(output, [base, full_precision_base, *paths(inputs)], force)
     _refuse_adapter_as_base(base)
     view = WeightView(base)  # quantized modules seen as their full-precision weights
-    loaded = [(p, load(p), w) for p, w in inputs]
+    loaded = load_inputs(inputs)
     config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
     plans, untie_embed = plan_merge(view, loaded, unmerge, bool(config and config.get("tie_word_embeddings")),
                                     ignore_fingerprint)
@@ -54,7 +52,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     check_output(output, force=force, directory=writer.folder)
     total = writer.total
     with atomic_output(output, force=force, directory=writer.folder) as tmp, \
-            tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=quiet) as bar:
+            progress(total=total, quiet=quiet, desc="merge", unit="B", unit_scale=True) as bar:
         try:
             pipeline.run(job, writer, tmp, threads or min(4, os.cpu_count() or 1), bar)
         except OSError as e:

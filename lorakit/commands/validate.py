@@ -20,7 +20,9 @@ def validate(files, values=True):
             problems, _ = spec.check_file(path, values=values)
             readable = True
         except LorakitError as e:
-            problems, readable = [spec.Problem("LK001", str(e))], False
+            hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
+            problems, readable = ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))],
+                                                                                    False)
         if readable and any(p.code == "LK105" for p in problems):
             hint = _other_format_hint(path)
             if hint:  # another tool's adapter: one line saying so, not a list of its keys the spec does not know

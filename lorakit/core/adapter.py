@@ -3,13 +3,19 @@
 One rule for every module (spec section "The delta"): with r = A.shape[0] and scale = alpha / r,
     dW = scale * (B.flatten(1) @ A.flatten(1)), reshaped to the base weight's shape [B.shape[0], *A.shape[1:]].
 Factors are stored in the base weight's own layout, so embeddings and GPT-2 Conv1D need no transposes here.
+Torch is imported where tensors are computed, not at import: header-only work (inspect, validate) never loads it.
 """
-import math
-from dataclasses import dataclass, field
+from __future__ import annotations
 
-import torch
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import LorakitError
+
+if TYPE_CHECKING:
+    import torch
 
 # linear_t: a base weight stored [in, out] (GPT-2 Conv1D); conv: factors of ndim > 2
 KINDS = ("linear", "conv", "embedding", "linear_t")
@@ -22,7 +28,11 @@ def default_kind(ndim):
 
 def fp32(x):
     """x rounded to an fp32 value, as a Python float: how the spec stores alpha."""
-    return float(torch.tensor(float(x), dtype=torch.float32))
+    x = float(x)
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]  # IEEE round to nearest, as a cast to float32
+    except OverflowError:  # beyond fp32's range: what the cast gives
+        return math.copysign(math.inf, x)
 
 
 @dataclass
@@ -64,11 +74,13 @@ class Module:
         """Shape of the base weight this module changes."""
         return (self.B.shape[0], *self.A.shape[1:])
 
-    def factors(self, dtype=torch.float32):
-        """(B2, A2) as matrices with dW.flatten(1) = B2 @ A2; the scale is folded into B2."""
+    def factors(self, dtype=None):
+        """(B2, A2) as matrices with dW.flatten(1) = B2 @ A2; the scale is folded into B2 (fp32 by default)."""
+        import torch
+        dtype = dtype or torch.float32
         return self.B.flatten(1).to(dtype) * self.scale, self.A.flatten(1).to(dtype)
 
-    def delta(self, dtype=torch.float32):
+    def delta(self, dtype=None):
         """dW in `dtype` (fp32 by default), shaped like the base weight."""
         B2, A2 = self.factors(dtype)
         return (B2 @ A2).reshape(self.shape)

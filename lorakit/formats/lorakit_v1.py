@@ -2,8 +2,6 @@
 import json
 import time
 
-import torch
-
 from .. import spec
 from .._version import __version__
 from ..core import Adapter, Module, default_kind
@@ -36,7 +34,7 @@ def read(path, values=True):
         info = layout.module_meta.get(name, {})
         A, B = get(keys["lora_A"]), get(keys["lora_B"])
         adapter.add(Module(
-            name, A, B, alpha=tf.get(keys["alpha"]).item(),
+            name, A, B, alpha=tf.f32_scalar(keys["alpha"]),
             kind=info.get("kind", default_kind(A.ndim)),
             bias=get(keys["bias_delta"]) if "bias_delta" in keys else None,
             magnitude=get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
@@ -49,6 +47,7 @@ def read(path, values=True):
 
 def to_tensors(adapter):
     """The spec's (tensors, metadata) for an adapter: the single place that knows the key grammar for writing."""
+    import torch
     tensors, modules_meta = {}, {}
     for name, m in adapter.modules.items():
         tensors[f"{name}.lora_A"] = m.A

@@ -110,6 +110,27 @@ def read_header(path):
     return Header(str(path), entries, metadata, data_start, size)
 
 
+@dataclass(frozen=True)
+class HeaderTensor:
+    """What a header says of a tensor, with the few tensor attributes header-only work asks for."""
+    shape: tuple
+    st_dtype: str
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return DTYPES[self.st_dtype][1]  # the torch name: 'float32', 'bfloat16', ...
+
+    def numel(self):
+        return _numel(self.shape)
+
+    def is_floating_point(self):
+        return self.st_dtype.startswith(("F", "BF"))
+
+
 class TensorFile:
     """Tensors of one safetensors file, read on demand into their own memory. Nothing is memory-mapped: a file that
     shrinks while it is read gives a clean error instead of SIGBUS, and files larger than RAM are fine as long as
@@ -122,11 +143,18 @@ class TensorFile:
     def get(self, name):
         return self.read(name)
 
-    def meta(self, name):
-        """A shape-and-dtype-only tensor (no data is read)."""
-        import torch
+    def f32_scalar(self, name):
+        """A 0-d F32 tensor's value (an alpha), read without torch."""
         e = self.header.entries[name]
-        return torch.empty(e.shape, dtype=torch_dtype(e.dtype), device="meta")
+        assert e.dtype == "F32" and e.nbytes == 4, name
+        with open(self.path, "rb") as f:
+            f.seek(e.start)
+            return struct.unpack("<f", f.read(4))[0]
+
+    def meta(self, name):
+        """A shape-and-dtype-only stand-in for the tensor (no data is read, no torch is imported)."""
+        e = self.header.entries[name]
+        return HeaderTensor(tuple(e.shape), e.dtype)
 
     def raw(self, name):
         """The stored bytes of a tensor, for byte-identical copies."""

@@ -11,12 +11,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..errors import LorakitError
 from ..io import base_model_name
 from ..io.dtypes import user_dtype
 from ..quant.view import WeightView
+from ..progress import progress
 from ..spec import fingerprint, identity
 from . import lora
 from .data import get_batch, load_data, split
@@ -93,7 +93,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         return sum(loss_of(*get_batch(kind, val_data, batch, seq_len, g), model).item() for _ in range(batches)) / batches
 
     losses, evals, seen, tokens_step0, t0 = [], [], 0, 0, time.perf_counter()
-    bar = tqdm(range(steps), desc="train", disable=quiet or not master)
+    bar = progress(range(steps), quiet=quiet or not master, desc="train")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
