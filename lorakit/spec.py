@@ -187,38 +187,42 @@ def check_module(name, keys, entries, info, add):
         al = entries[keys["alpha"]]
         if al.dtype != "F32" or al.shape != ():
             add("LK207", f"alpha is {al.dtype} of shape {list(al.shape)}, expected F32 of shape []", al.name)
-    if len(A.shape) < 2 or len(B.shape) != len(A.shape):
-        add("LK203", f"lora_A has shape {list(A.shape)} and lora_B {list(B.shape)}: both need the same ndim >= 2", a)
+    for e in (entries.get(keys.get("bias_delta")), entries.get(keys.get("dora_magnitude"))):
+        if e is not None and e.dtype not in FACTOR_DTYPES:
+            add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
+    shape = lambda part: tuple(entries[keys[part]].shape) if part in keys else None  # noqa: E731
+    check_factors(shape("lora_A"), shape("lora_B"), info.get("kind"), shape("bias_delta"), shape("dora_magnitude"),
+                  info.get("dora_axis"), add, lambda part: keys.get(part, a))
+
+
+def check_factors(A, B, kind, bias, magnitude, dora_axis, add, tensor):
+    """The shape rules of one module (LK203-LK205, LK210-LK212), from shapes alone: the one place both the file
+    checks and the in-memory checks use. `tensor(part)` names the tensor a problem is reported on."""
+    if len(A) < 2 or len(B) != len(A):
+        add("LK203", f"lora_A has shape {list(A)} and lora_B {list(B)}: both need the same ndim >= 2",
+            tensor("lora_A"))
         return
-    if any(d != 1 for d in B.shape[2:]):
-        add("LK203", f"lora_B of a conv module must be [out, r, 1, ...], got {list(B.shape)}", b)
-    if A.shape[0] != B.shape[1]:
-        add("LK204", f"lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}", b)
-    if A.shape[0] == 0:
-        add("LK205", "rank 0", a)
-    kind = info.get("kind", default_kind(len(A.shape)))
+    if any(d != 1 for d in B[2:]):
+        add("LK203", f"lora_B of a conv module must be [out, r, 1, ...], got {list(B)}", tensor("lora_B"))
+    if A[0] != B[1]:
+        add("LK204", f"lora_A has rank {A[0]} but lora_B has rank {B[1]}", tensor("lora_B"))
+    if A[0] == 0:
+        add("LK205", "rank 0", tensor("lora_A"))
+    kind = kind or default_kind(len(A))
     if kind not in KINDS:
-        add("LK212", f"kind '{kind}' is not one of {', '.join(KINDS)}", a)
-    elif (kind == "conv") != (len(A.shape) > 2):
-        add("LK212", f"kind '{kind}' does not fit factors of ndim {len(A.shape)}", a)
-    out, weight_shape = B.shape[0], (B.shape[0], *A.shape[1:])
-    if "bias_delta" in keys:
-        e = entries[keys["bias_delta"]]
-        if e.shape != (out,):
-            add("LK210", f"bias_delta has shape {list(e.shape)}, expected [{out}]", e.name)
-        if e.dtype not in FACTOR_DTYPES:
-            add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
-    if "dora_magnitude" in keys:
-        e = entries[keys["dora_magnitude"]]
-        axis = info.get("dora_axis")
-        if not isinstance(axis, int) or not 0 <= axis < len(weight_shape):
-            add("LK211", f"dora_magnitude needs an integer 'dora_axis' in {META_MODULES} (0..{len(weight_shape) - 1})",
-                e.name)
-        elif e.shape != (weight_shape[axis],):
-            add("LK211", f"dora_magnitude has shape {list(e.shape)}, expected [{weight_shape[axis]}] (axis {axis} of "
-                         f"the weight {list(weight_shape)})", e.name)
-        if e.dtype not in FACTOR_DTYPES:
-            add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
+        add("LK212", f"kind '{kind}' is not one of {', '.join(KINDS)}", tensor("lora_A"))
+    elif (kind == "conv") != (len(A) > 2):
+        add("LK212", f"kind '{kind}' does not fit factors of ndim {len(A)}", tensor("lora_A"))
+    weight = (B[0], *A[1:])
+    if bias is not None and bias != (B[0],):
+        add("LK210", f"bias_delta has shape {list(bias)}, expected [{B[0]}]", tensor("bias_delta"))
+    if magnitude is not None:
+        if isinstance(dora_axis, bool) or not isinstance(dora_axis, int) or not 0 <= dora_axis < len(weight):
+            add("LK211", f"dora_magnitude needs an integer 'dora_axis' in {META_MODULES} (0..{len(weight) - 1})",
+                tensor("dora_magnitude"))
+        elif magnitude != (weight[dora_axis],):
+            add("LK211", f"dora_magnitude has shape {list(magnitude)}, expected [{weight[dora_axis]}] (axis "
+                         f"{dora_axis} of the weight {list(weight)})", tensor("dora_magnitude"))
 
 
 def check_values(path, header, problems):
@@ -289,28 +293,11 @@ def check_adapter(adapter, values=True):
     add = lambda code, msg, tensor: problems.append(Problem(code, msg, tensor))  # noqa: E731
     for name, m in adapter.modules.items():
         A, B = m.A, m.B
-        if A.ndim < 2 or B.ndim != A.ndim:
-            add("LK203", f"factors of shapes {list(A.shape)} and {list(B.shape)}: both need the same ndim >= 2", name)
-            continue
-        if any(d != 1 for d in B.shape[2:]):
-            add("LK203", f"lora_B of a conv module must be [out, r, 1, ...], got {list(B.shape)}", name)
-        if A.shape[0] != B.shape[1]:
-            add("LK204", f"lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}", name)
-        if A.shape[0] == 0:
-            add("LK205", "rank 0", name)
+        shape = lambda t: tuple(t.shape) if t is not None else None  # noqa: E731
+        check_factors(shape(A), shape(B), m.kind, shape(m.bias), shape(m.magnitude), m.dora_axis, add,
+                      lambda part: name)
         if not math.isfinite(m.alpha) or m.alpha <= 0:
             add("LK206", f"alpha is {m.alpha}, must be finite and > 0", name)
-        if m.kind not in KINDS or (m.kind == "conv") != (A.ndim > 2):
-            add("LK212", f"kind '{m.kind}' does not fit factors of ndim {A.ndim}", name)
-        if m.bias is not None and tuple(m.bias.shape) != (B.shape[0],):
-            add("LK210", f"bias delta has shape {list(m.bias.shape)}, expected [{B.shape[0]}]", name)
-        if m.magnitude is not None:
-            shape = m.shape
-            if not isinstance(m.dora_axis, int) or not 0 <= m.dora_axis < len(shape):
-                add("LK211", f"DoRA magnitude without a valid axis (0..{len(shape) - 1})", name)
-            elif tuple(m.magnitude.shape) != (shape[m.dora_axis],):
-                add("LK211", f"DoRA magnitude has shape {list(m.magnitude.shape)}, expected [{shape[m.dora_axis]}] "
-                             f"(axis {m.dora_axis} of the weight {list(shape)})", name)
         if values:
             for part, t in (("A", A), ("B", B), ("bias", m.bias), ("magnitude", m.magnitude)):
                 bad = count_non_finite(t) if t is not None else 0

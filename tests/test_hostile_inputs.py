@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import assert_one_line_error, write_unchecked
+from conftest import assert_one_line_error
 from lorakit import examples
 from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
