@@ -9,7 +9,7 @@ from .core import Adapter, Module
 from .errors import LorakitError
 from .io.dtypes import dtype_name, st_dtype
 from .io.safetensors import Entry
-from .quant import rounding
+from .quant import requant
 from .quant.fp8 import FP8Channel
 from .quant.gptq_awq import AWQ, GPTQ
 from .quant.int8 import Int8Channel
@@ -162,9 +162,10 @@ def quantize(W, fmt, group_size=128, bits=4):
     else:
         raise LorakitError(f"cannot quantize to '{fmt}' (fp8, int8, gptq, awq)")
     ckpt = TensorDict(t)
-    grid = handler.fit(ckpt, members, W.float())
-    codes = rounding.nearest(W.float() / grid.S + grid.Z, grid.C)
-    return handler.encode(ckpt, members, codes, grid)
+    grid = requant.fit(handler, ckpt, members, handler.grid(ckpt, members), [(0, inn, W.float())])
+    S, Z = grid.columns(0, inn)
+    U = W.float() / S + Z if Z is not None else W.float() / S
+    return handler.encode(ckpt, members, grid.codebook.to_storage(grid.codebook.nearest(U)), grid)
 
 
 def quantization_config(fmt, group_size=128, bits=4):

@@ -100,11 +100,14 @@ def test_quantize_fixture_is_nearest_on_its_grid(fmt):
     ckpt = TensorDict(stored)
     members = {k: k for k in stored}
     grid = fmt_obj.grid(ckpt, members)
+    S, Z = grid.columns(0, W.shape[1])
+    S, Z = S.double().expand_as(W), (Z.double().expand_as(W) if Z is not None else torch.zeros_like(W.double()))
     # the reference: the nearest codebook value in fp64, by brute force over the whole codebook
-    U = (W.double() / grid.S.double() + grid.Z.double())
-    C = grid.C.double()
+    U = W.double() / S + Z
+    book = grid.codebook
+    C = (book.sorted if hasattr(book, "sorted") else torch.arange(book.lo, book.hi + 1)).double()
     codes = C[(U[..., None] - C).abs().argmin(-1)]
-    ref = grid.S.double() * (codes - grid.Z.double())
+    ref = S * (codes - Z)
     assert torch.allclose(fmt_obj.dequantize(ckpt, members).double(), ref, rtol=1e-6, atol=1e-9)
 
 

@@ -1,8 +1,8 @@
 """The interface every quantized base format implements, and the grid it describes.
 
-A format finds its modules in a checkpoint, gives each module's full-precision shape, dequantizes it to W [out, in]
-in fp32, describes its grid (per-element scale S, zero point Z, codebook C: W = S * (c - Z)), fits a fresh grid, and
-encodes codes back into tensors of exactly the stored names, shapes and dtypes. `ckpt` is a Checkpoint (or anything
+A format finds its modules in a checkpoint, gives each module's full-precision shape, describes its grid (scale S,
+zero point Z, codebook: W = S * (c - Z)) and its stored codes, fits a fresh grid, and encodes codes back into tensors
+of exactly the stored names, shapes and dtypes. Dequantizing follows from the grid and the codes. `ckpt` is a Checkpoint (or anything
 with `where`, `entry`, `get` and `__contains__`); `m` is one module's {role: tensor name}.
 """
 from dataclasses import dataclass
@@ -14,10 +14,21 @@ from ..errors import LorakitError
 
 @dataclass
 class Grid:
-    S: torch.Tensor  # [out, in] fp32 scale of each element
-    Z: torch.Tensor  # [out, in] fp32 zero point (in code units)
-    C: torch.Tensor  # sorted codebook of code values
-    params: dict  # the compact tensors (stored shape and dtype) that define S and Z
+    """Scale S and zero point Z of every element, compactly: element (i, j) uses S[g[j], i] and Z[g[j], i] (a group of
+    input columns shares a scale per output row: per-channel formats have one group, GPTQ one per g_idx value)."""
+    S: torch.Tensor  # [groups, out] fp32
+    g: torch.Tensor  # [in] int64: the group of each input column
+    codebook: object  # lorakit.quant.rounding.Uniform / FP8 / Table
+    Z: torch.Tensor = None  # [groups, out] fp32 zero points in code units, None for 0
+    params: dict = None  # the stored tensors (their names' roles, shapes and dtypes) that define S and Z
+
+    def columns(self, j0, j1):
+        """(S, Z) of columns j0:j1 as [out, j1 - j0], or [out, 1] where one group spans them all (they broadcast);
+        Z None for 0."""
+        if self.S.shape[0] == 1:
+            return self.S[0][:, None], (self.Z[0][:, None] if self.Z is not None else None)
+        g = self.g[j0:j1]
+        return self.S[g].T, (self.Z[g].T if self.Z is not None else None)
 
 
 class QuantFormat:
@@ -42,17 +53,30 @@ class QuantFormat:
     def shape(self, ckpt, m):
         return tuple(ckpt.entry(m["weight"]).shape)
 
-    def dequantize(self, ckpt, m):
-        raise NotImplementedError
-
     def grid(self, ckpt, m):
+        """The stored grid (Grid)."""
         raise NotImplementedError
 
-    def fit(self, ckpt, m, W):
+    def codes(self, ckpt, m):
+        """The stored codes [out, in] in the codebook's storage dtype (unpacked, one byte per element)."""
+        raise NotImplementedError
+
+    def fit(self, ckpt, m, lo, hi):
+        """A fresh Grid for targets whose minimum and maximum per (column group, row) are lo, hi [groups, out]
+        (the groups of the stored grid)."""
         raise NotImplementedError
 
     def encode(self, ckpt, m, codes, grid):
+        """{stored tensor name: tensor} for codes [out, in] (storage dtype) on `grid`: the stored names, shapes and
+        dtypes exactly."""
         raise NotImplementedError
+
+    def dequantize(self, ckpt, m):
+        """W [out, in] in fp32: S * (c - Z)."""
+        grid = self.grid(ckpt, m)
+        S, Z = grid.columns(0, len(grid.g))
+        c = grid.codebook.values(self.codes(ckpt, m))
+        return (c.sub_(Z) if Z is not None else c).mul_(S)
 
 
 def check_scale(ckpt, m, role, out):
@@ -65,9 +89,13 @@ def check_scale(ckpt, m, role, out):
                            "output row)", path=ckpt.path, tensor=m[role])
 
 
-def expand_rows(s, out, inn):
-    """A per-tensor or per-output-channel scale as an [out, in] fp32 view."""
-    return s.float().reshape(-1, 1).expand(out, inn) if s.numel() == out else s.float().reshape(1, 1).expand(out, inn)
+def per_row(s, out):
+    """A per-tensor or per-output-channel scale as one group [1, out] in fp32."""
+    return s.float().reshape(1, -1).expand(1, out).contiguous() if s.numel() == 1 else s.float().reshape(1, out)
+
+
+def one_group(inn):
+    return torch.zeros(inn, dtype=torch.int64)
 
 
 def round_to(t, like):

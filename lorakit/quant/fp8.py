@@ -2,10 +2,10 @@
 blocks (`weight_scale_inv`)."""
 import torch
 
-from .base import Grid, QuantFormat, check_scale, expand_rows, round_to
-from .rounding import fp8_codebook
+from .base import Grid, QuantFormat, check_scale, one_group, per_row, round_to
+from .rounding import FP8, FP8_MAX
 
-FP8_MAX = 448.0
+CODEBOOK = FP8()
 
 
 class FP8Channel(QuantFormat):
@@ -28,22 +28,24 @@ class FP8Channel(QuantFormat):
         return {n[:-7]: {"weight": n, "weight_scale": n[:-7] + ".weight_scale"} for n in ckpt.where
                 if n.endswith(".weight") and ckpt.entry(n).dtype == "F8_E4M3" and n[:-7] + ".weight_scale" in ckpt}
 
-    def dequantize(self, ckpt, m):
-        w, s = ckpt.get(m["weight"]), ckpt.get(m["weight_scale"])
-        return w.float() * expand_rows(s, *w.shape)
+    def codes(self, ckpt, m):
+        return ckpt.get(m["weight"])
 
     def grid(self, ckpt, m):
-        w, s = ckpt.entry(m["weight"]), ckpt.get(m["weight_scale"])
-        return Grid(expand_rows(s, *w.shape), torch.zeros(w.shape), fp8_codebook(), {"weight_scale": s.clone()})
-
-    def fit(self, ckpt, m, W):
+        out, inn = ckpt.entry(m["weight"]).shape
         s = ckpt.get(m["weight_scale"])
-        amax = W.abs().amax(1) if s.numel() == W.shape[0] and W.shape[0] > 1 else W.abs().amax()
+        return Grid(per_row(s, out), one_group(inn), CODEBOOK, params={"weight_scale": s})
+
+    def fit(self, ckpt, m, lo, hi):
+        s = ckpt.get(m["weight_scale"])
+        amax = torch.maximum(-lo, hi).amax(0)  # [out]
+        amax = amax if s.numel() == amax.numel() and amax.numel() > 1 else amax.amax()
         s_new = round_to((amax / FP8_MAX).clamp(min=1e-12), s)
-        return Grid(expand_rows(s_new, *W.shape), torch.zeros(W.shape), fp8_codebook(), {"weight_scale": s_new})
+        return Grid(per_row(s_new, lo.shape[1]), one_group(ckpt.entry(m["weight"]).shape[1]), CODEBOOK,
+                    params={"weight_scale": s_new})
 
     def encode(self, ckpt, m, codes, grid):
-        return {m["weight"]: codes.to(torch.float8_e4m3fn), m["weight_scale"]: grid.params["weight_scale"]}
+        return {m["weight"]: codes, m["weight_scale"]: grid.params["weight_scale"]}
 
 
 class FP8Block(QuantFormat):
@@ -64,27 +66,28 @@ class FP8Block(QuantFormat):
         return {n[:-7]: {"weight": n, "weight_scale_inv": n[:-7] + ".weight_scale_inv"} for n in ckpt.where
                 if n.endswith(".weight") and ckpt.entry(n).dtype == "F8_E4M3" and n[:-7] + ".weight_scale_inv" in ckpt}
 
+    def codes(self, ckpt, m):
+        return ckpt.get(m["weight"])
 
-    def _expand(self, s, out, inn):
+    def _grid(self, s, out, inn):
+        """Column groups of `bi` columns; each row takes its row block's scale."""
         bo, bi = self.block
-        return s.float().repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:out, :inn]
-
-    def dequantize(self, ckpt, m):
-        w = ckpt.get(m["weight"])
-        return w.float() * self._expand(ckpt.get(m["weight_scale_inv"]), *w.shape)
+        return Grid(s.float().T.repeat_interleave(bo, 1)[:, :out].contiguous(), torch.arange(inn) // bi, CODEBOOK,
+                    params={"weight_scale_inv": s})
 
     def grid(self, ckpt, m):
-        w, s = ckpt.entry(m["weight"]), ckpt.get(m["weight_scale_inv"])
-        return Grid(self._expand(s, *w.shape), torch.zeros(w.shape), fp8_codebook(), {"weight_scale_inv": s.clone()})
+        out, inn = ckpt.entry(m["weight"]).shape
+        return self._grid(ckpt.get(m["weight_scale_inv"]), out, inn)
 
-    def fit(self, ckpt, m, W):
-        bo, bi = self.block
-        out, inn = W.shape
-        padded = torch.zeros(-(-out // bo) * bo, -(-inn // bi) * bi)
-        padded[:out, :inn] = W.abs()
-        amax = padded.reshape(padded.shape[0] // bo, bo, padded.shape[1] // bi, bi).amax((1, 3))
-        s = round_to((amax / FP8_MAX).clamp(min=1e-12), ckpt.get(m["weight_scale_inv"]))
-        return Grid(self._expand(s, out, inn), torch.zeros(W.shape), fp8_codebook(), {"weight_scale_inv": s})
+    def fit(self, ckpt, m, lo, hi):
+        bo, _ = self.block
+        out, inn = ckpt.entry(m["weight"]).shape
+        amax = torch.maximum(-lo, hi)  # [in blocks, out]
+        padded = torch.zeros(amax.shape[0], -(-out // bo) * bo)
+        padded[:, :out] = amax
+        block_amax = padded.reshape(amax.shape[0], -1, bo).amax(-1).T  # [out blocks, in blocks]
+        s = round_to((block_amax / FP8_MAX).clamp(min=1e-12), ckpt.get(m["weight_scale_inv"]))
+        return self._grid(s, out, inn)
 
     def encode(self, ckpt, m, codes, grid):
-        return {m["weight"]: codes.to(torch.float8_e4m3fn), m["weight_scale_inv"]: grid.params["weight_scale_inv"]}
+        return {m["weight"]: codes, m["weight_scale_inv"]: grid.params["weight_scale_inv"]}

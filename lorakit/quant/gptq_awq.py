@@ -4,17 +4,27 @@ import torch
 
 from ..errors import LorakitError
 from .base import Grid, QuantFormat, round_to
-from .rounding import int_codebook
+from .rounding import Uniform
+
+
+CHUNK = 1 << 22  # elements per step of (un)packing: bounded temporaries whatever the module size
 
 
 def unpack(packed, bits, dim, order=None):
-    """int32 words -> codes, `32 // bits` per word along `dim`, lowest bits first (then reordered by `order`)."""
+    """int32 words -> uint8 codes, `32 // bits` per word along `dim` (0 or 1), lowest bits first (then reordered by
+    `order`). Chunked along dim 0, so the int32 temporaries stay small."""
+    rows = max(1, CHUNK // max(1, packed[0].numel() * (32 // bits)))
+    parts = [_unpack(packed[i:i + rows], bits, dim, order) for i in range(0, packed.shape[0], rows)]
+    return torch.cat(parts) if parts else torch.empty(0, *packed.shape[1:], dtype=torch.uint8)
+
+
+def _unpack(packed, bits, dim, order):
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     p = packed.to(torch.int32).unsqueeze(-1) if dim == packed.ndim - 1 else packed.to(torch.int32).unsqueeze(dim + 1)
     shape = [1] * p.ndim
     shape[-1 if dim == packed.ndim - 1 else dim + 1] = per
-    vals = (p >> shifts.reshape(shape)) & ((1 << bits) - 1)
+    vals = ((p >> shifts.reshape(shape)) & ((1 << bits) - 1)).to(torch.uint8)
     if order is not None:  # vals[..., i] holds element order[i] of its word
         vals = vals[..., torch.argsort(torch.tensor(order))]
     if dim == packed.ndim - 1:
@@ -23,26 +33,31 @@ def unpack(packed, bits, dim, order=None):
 
 
 def pack(codes, bits, dim, order=None):
-    """The inverse of unpack."""
+    """The inverse of unpack: integer codes -> int32 words. Chunked along dim 0 like unpack."""
+    per = 32 // bits
+    step = per if dim == 0 else 1  # whole words along dim 0
+    rows = max(step, CHUNK // max(1, codes[0].numel()) // step * step)
+    parts = [_pack(codes[i:i + rows], bits, dim, order) for i in range(0, codes.shape[0], rows)]
+    return torch.cat(parts) if parts else torch.empty(0, *codes.shape[1:], dtype=torch.int32)
+
+
+def _pack(codes, bits, dim, order):
     per = 32 // bits
     c = codes.to(torch.int64)
     if dim == c.ndim - 1:
         c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
-        if order is not None:
-            c = c[..., torch.tensor(order)]
-        slots = c
+        slots = c[..., torch.tensor(order)] if order is not None else c
     else:
-        c = c.reshape(*c.shape[:dim], c.shape[dim] // per, per, *c.shape[dim + 1:])
-        slots = c.movedim(dim + 1, -1)
+        slots = c.reshape(*c.shape[:dim], c.shape[dim] // per, per, *c.shape[dim + 1:]).movedim(dim + 1, -1)
     word = torch.zeros(slots.shape[:-1], dtype=torch.int64)
     for i in range(per):
         word |= slots[..., i] << (bits * i)
-    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
-    return word
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
 
 
 class PackedInt(QuantFormat):
-    """What GPTQ and AWQ share: their module layout and W^T[k, n] = scales[g[k], n] * (q[k, n] - z[g[k], n])."""
+    """What GPTQ and AWQ share: the module layout (qweight, qzeros, scales, g_idx) and the grid
+    W^T[k, n] = scales[g[k], n] * (q[k, n] - z[g[k], n]) with integer codes 0 .. 2^bits - 1."""
 
     def find(self, ckpt):
         found = {}
@@ -54,9 +69,28 @@ class PackedInt(QuantFormat):
                 found[n[:-8]] = m
         return found
 
-    def dequantize(self, ckpt, m):
-        q, z, s, g = self._parts(ckpt, m)
-        return (s[g] * (q.float() - z[g])).T.contiguous()
+    def _codebook(self):
+        return Uniform(0, 2 ** self.bits - 1, torch.uint8)
+
+    def grid(self, ckpt, m):
+        zeros = self._zeros(ckpt, m)
+        scales = ckpt.get(m["scales"])
+        return Grid(scales.float(), self._groups(ckpt, m, self.shape(ckpt, m)[1]), self._codebook(), Z=zeros,
+                    params={"scales": scales, "zeros": zeros})
+
+    def fit(self, ckpt, m, lo, hi):
+        """GPTQ's and AWQ's own min/max fit per (group, row), scales rounded to their stored dtype."""
+        maxq = 2 ** self.bits - 1
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        if getattr(self, "sym", False):
+            amax = torch.maximum(-lo, hi)
+            scale, zero = (2 * amax / maxq).clamp(min=1e-8), torch.full_like(amax, (maxq + 1) / 2)
+        else:
+            scale = ((hi - lo) / maxq).clamp(min=1e-8)
+            zero = torch.round(-lo / scale).clamp(0, maxq)
+        scales = round_to(scale, ckpt.get(m["scales"]))
+        return Grid(scales.float(), self._groups(ckpt, m, self.shape(ckpt, m)[1]), self._codebook(), Z=zero,
+                    params={"scales": scales, "zeros": zero})
 
 
 class GPTQ(PackedInt):
@@ -97,39 +131,15 @@ class GPTQ(PackedInt):
         g = self.group_size if self.group_size and self.group_size > 0 else inn
         return torch.arange(inn) // g
 
-    def _parts(self, ckpt, m):
-        q = unpack(ckpt.get(m["qweight"]), self.bits, 0)  # [in, out]
-        z = unpack(ckpt.get(m["qzeros"]), self.bits, 1).float() + (1 if self.v1 else 0)  # [groups, out]
-        s = ckpt.get(m["scales"]).float()
-        return q, z, s, self._groups(ckpt, m, q.shape[0])
+    def codes(self, ckpt, m):
+        return unpack(ckpt.get(m["qweight"]), self.bits, 0).T.contiguous()  # [out, in]
 
-    def grid(self, ckpt, m):
-        _, z, s, g = self._parts(ckpt, m)
-        return Grid(s[g].T.contiguous(), z[g].T.contiguous(), int_codebook(0, 2 ** self.bits - 1),
-                    {"scales": ckpt.get(m["scales"]).clone(), "zeros": z, "g": g})
-
-    def fit(self, ckpt, m, W):
-        g = self._groups(ckpt, m, W.shape[1])
-        n_groups = int(g.max()) + 1
-        maxq = 2 ** self.bits - 1
-        lo = torch.full((n_groups, W.shape[0]), float("inf")).scatter_reduce(0, g[:, None].expand(-1, W.shape[0]),
-                                                                             W.T, "amin")
-        hi = torch.full((n_groups, W.shape[0]), -float("inf")).scatter_reduce(0, g[:, None].expand(-1, W.shape[0]),
-                                                                              W.T, "amax")
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        if self.sym:
-            amax = torch.maximum(-lo, hi)
-            scale, zero = (2 * amax / maxq).clamp(min=1e-8), torch.full_like(amax, (maxq + 1) / 2)
-        else:
-            scale = ((hi - lo) / maxq).clamp(min=1e-8)
-            zero = torch.round(-lo / scale).clamp(0, maxq)
-        scales = round_to(scale, ckpt.get(m["scales"]))
-        return Grid(scales.float()[g].T.contiguous(), zero[g].T.contiguous(), int_codebook(0, maxq),
-                    {"scales": scales, "zeros": zero, "g": g})
+    def _zeros(self, ckpt, m):
+        return unpack(ckpt.get(m["qzeros"]), self.bits, 1).float() + (1 if self.v1 else 0)  # [groups, out]
 
     def encode(self, ckpt, m, codes, grid):
         zeros = grid.params["zeros"] - (1 if self.v1 else 0)
-        return {m["qweight"]: pack(codes.T.contiguous(), self.bits, 0), m["qzeros"]: pack(zeros, self.bits, 1),
+        return {m["qweight"]: pack(codes.T, self.bits, 0), m["qzeros"]: pack(zeros, self.bits, 1),
                 m["scales"]: grid.params["scales"]}
 
 
@@ -164,29 +174,17 @@ class AWQ(PackedInt):
                                tensor=m["qweight"])
         return (out, inn)
 
-    def _parts(self, ckpt, m):
-        q = unpack(ckpt.get(m["qweight"]), 4, 1, AWQ_ORDER)  # [in, out]
-        z = unpack(ckpt.get(m["qzeros"]), 4, 1, AWQ_ORDER).float()  # [groups, out]
-        s = ckpt.get(m["scales"]).float()
-        g = torch.arange(q.shape[0]) // self.group_size
-        return q, z, s, g
+    bits = 4
 
+    def codes(self, ckpt, m):
+        return unpack(ckpt.get(m["qweight"]), 4, 1, AWQ_ORDER).T.contiguous()  # [out, in]
 
-    def grid(self, ckpt, m):
-        _, z, s, g = self._parts(ckpt, m)
-        return Grid(s[g].T.contiguous(), z[g].T.contiguous(), int_codebook(0, 15),
-                    {"scales": ckpt.get(m["scales"]).clone(), "zeros": z, "g": g})
+    def _zeros(self, ckpt, m):
+        return unpack(ckpt.get(m["qzeros"]), 4, 1, AWQ_ORDER).float()  # [groups, out]
 
-    def fit(self, ckpt, m, W):
-        g = torch.arange(W.shape[1]) // self.group_size
-        Wg = W.T.reshape(-1, self.group_size, W.shape[0])
-        lo, hi = Wg.amin(1).clamp(max=0), Wg.amax(1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        zero = torch.round(-lo / scale).clamp(0, 15)
-        scales = round_to(scale, ckpt.get(m["scales"]))
-        return Grid(scales.float()[g].T.contiguous(), zero[g].T.contiguous(), int_codebook(0, 15),
-                    {"scales": scales, "zeros": zero, "g": g})
+    def _groups(self, ckpt, m, inn):
+        return torch.arange(inn) // self.group_size
 
     def encode(self, ckpt, m, codes, grid):
-        return {m["qweight"]: pack(codes.T.contiguous(), 4, 1, AWQ_ORDER),
+        return {m["qweight"]: pack(codes.T, 4, 1, AWQ_ORDER),
                 m["qzeros"]: pack(grid.params["zeros"], 4, 1, AWQ_ORDER), m["scales"]: grid.params["scales"]}

@@ -1,8 +1,8 @@
 """INT8 per-output-channel bases: compressed-tensors (`weight_scale`) and bitsandbytes LLM.int8 (`SCB`)."""
 import torch
 
-from .base import Grid, QuantFormat, check_scale, expand_rows, round_to
-from .rounding import int_codebook
+from .base import Grid, QuantFormat, check_scale, one_group, per_row, round_to
+from .rounding import Uniform
 
 
 class Int8Channel(QuantFormat):
@@ -27,37 +27,31 @@ class Int8Channel(QuantFormat):
                     found[n[:-7]] = {"weight": n, "weight_scale": n[:-7] + ".weight_scale"}
         return found
 
-
     def shape(self, ckpt, m):
         shape = tuple(ckpt.entry(m["weight"]).shape)
         check_scale(ckpt, m, "SCB" if "SCB" in m else "weight_scale", shape[0])
         return shape
 
-    def _scale(self, ckpt, m):
-        return ckpt.get(m["SCB"]).float() / 127 if "SCB" in m else ckpt.get(m["weight_scale"]).float()
-
-    def dequantize(self, ckpt, m):
-        q = ckpt.get(m["weight"])
-        return q.float() * expand_rows(self._scale(ckpt, m), *q.shape)
-
     def _codebook(self, m):
-        return int_codebook(-127, 127) if "SCB" in m else int_codebook(-128, 127)
+        return Uniform(-127, 127, torch.int8) if "SCB" in m else Uniform(-128, 127, torch.int8)
+
+    def _grid(self, m, key, stored, out, inn):
+        scale = stored.float() / 127 if key == "SCB" else stored
+        return Grid(per_row(scale, out), one_group(inn), self._codebook(m), params={key: stored})
+
+    def codes(self, ckpt, m):
+        return ckpt.get(m["weight"])
 
     def grid(self, ckpt, m):
-        shape = ckpt.entry(m["weight"]).shape
         key = "SCB" if "SCB" in m else "weight_scale"
-        return Grid(expand_rows(self._scale(ckpt, m), *shape), torch.zeros(shape), self._codebook(m),
-                    {key: ckpt.get(m[key]).clone()})
+        return self._grid(m, key, ckpt.get(m[key]), *ckpt.entry(m["weight"]).shape)
 
-    def fit(self, ckpt, m, W):
-        amax = W.abs().amax(1).clamp(min=1e-12)
-        if "SCB" in m:
-            scb = round_to(amax, ckpt.get(m["SCB"]))
-            return Grid(expand_rows(scb.float() / 127, *W.shape), torch.zeros(W.shape), self._codebook(m),
-                        {"SCB": scb})
-        s = round_to(amax / 127, ckpt.get(m["weight_scale"]))
-        return Grid(expand_rows(s, *W.shape), torch.zeros(W.shape), self._codebook(m), {"weight_scale": s})
+    def fit(self, ckpt, m, lo, hi):
+        key = "SCB" if "SCB" in m else "weight_scale"
+        amax = torch.maximum(-lo, hi).amax(0).clamp(min=1e-12)  # [out]
+        stored = round_to(amax if key == "SCB" else amax / 127, ckpt.get(m[key]))
+        return self._grid(m, key, stored, *ckpt.entry(m["weight"]).shape)
 
     def encode(self, ckpt, m, codes, grid):
         key = "SCB" if "SCB" in m else "weight_scale"
-        return {m["weight"]: codes.to(torch.int8), m[key]: grid.params[key]}
+        return {m["weight"]: codes, m[key]: grid.params[key]}

@@ -3,17 +3,17 @@ import torch
 
 from ..errors import LorakitError
 from ..io.jsonio import parse_json
-from .base import QuantFormat
+from .base import Grid, QuantFormat, round_to
+from .rounding import Table
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class NF4(QuantFormat):
-    """bitsandbytes NF4 (read and dequantize only): weight U8 (two 4-bit codes per byte, the first in the high
+    """bitsandbytes NF4: weight U8 (two 4-bit codes per byte, the first in the high
     nibble), weight.absmax per block (or uint8 with nested_absmax / nested_quant_map / offset: double quantization),
     weight.quant_map (the 16 NF4 levels), weight.quant_state.bitsandbytes__nf4 (JSON: blocksize, shape, ...)."""
     name = "nf4"
-    writable = False
 
     @classmethod
     def configure(cls, q):
@@ -61,11 +61,9 @@ class NF4(QuantFormat):
     def shape(self, ckpt, m):
         return tuple(self._state(ckpt, m)["shape"])
 
-    def dequantize(self, ckpt, m):
-        state = self._state(ckpt, m)
+    def _absmax(self, ckpt, m, state):
+        """The absmax of every block in fp32 (double quantization undone)."""
         w = m["weight"]
-        packed = ckpt.get(w).reshape(-1).to(torch.int32)
-        codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)
         absmax = ckpt.get(w + ".absmax")
         if w + ".nested_absmax" in ckpt:  # double quantization of the absmax values
             nested = ckpt.get(w + ".nested_absmax").float()
@@ -73,10 +71,60 @@ class NF4(QuantFormat):
             block = int(state.get("nested_blocksize", 256))
             absmax = nested_map[absmax.long()] * nested.repeat_interleave(block)[: absmax.numel()]
             absmax = absmax + float(state.get("nested_offset", 0.0))
+        return absmax.float()
+
+    def _indices(self, ckpt, m, n):
+        """The n stored 4-bit indices, flat (two per byte, the first in the high nibble)."""
+        packed = ckpt.get(m["weight"]).reshape(-1)
+        return torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
+
+    def dequantize(self, ckpt, m):
+        """Blocks run over the flattened weight, so rows need not be whole blocks (unlike the grid of a write)."""
+        state = self._state(ckpt, m)
         shape = state["shape"]
         n = int(torch.tensor(shape).prod())
-        values = ckpt.get(w + ".quant_map").float()[codes[:n].long()]
-        return (values * absmax.float().repeat_interleave(int(state["blocksize"]))[:n]).reshape(shape)
+        values = ckpt.get(m["weight"] + ".quant_map").float()[self._indices(ckpt, m, n).long()]
+        return (values * self._absmax(ckpt, m, state).repeat_interleave(int(state["blocksize"]))[:n]).reshape(shape)
+
+    def _layout(self, ckpt, m):
+        """(state, out, in, blocksize) for writing: each row must be whole blocks (every NF4 linear layer of a real
+        model is: in is a multiple of 64)."""
+        state = self._state(ckpt, m)
+        out, inn = self.shape(ckpt, m)
+        bs = int(state["blocksize"])
+        if len(state["shape"]) != 2 or inn % bs:
+            raise LorakitError(f"NF4 blocks of {bs} do not tile rows of {inn}: merge to full precision with --dtype",
+                               path=ckpt.path, tensor=m["weight"])
+        return state, out, inn, bs
+
+    def codes(self, ckpt, m):
+        _, out, inn, _ = self._layout(ckpt, m)
+        return self._indices(ckpt, m, out * inn).reshape(out, inn)
+
+    def grid(self, ckpt, m):
+        state, out, inn, bs = self._layout(ckpt, m)
+        S = self._absmax(ckpt, m, state).reshape(out, inn // bs).T.contiguous()
+        return Grid(S, torch.arange(inn) // bs, Table(ckpt.get(m["weight"] + ".quant_map")),
+                    params={"absmax": ckpt.get(m["weight"] + ".absmax")})
+
+    def fit(self, ckpt, m, lo, hi):
+        state, out, inn, bs = self._layout(ckpt, m)
+        if m["weight"] + ".nested_absmax" in ckpt:
+            raise LorakitError("fresh scales for double-quantized NF4 (--strategy rescale/original) are not supported: "
+                               "use feedback, same-grid or stochastic, or --dtype", path=ckpt.path, tensor=m["weight"])
+        absmax = torch.maximum(-lo, hi).clamp(min=1e-12)  # [in blocks, out]
+        stored = round_to(absmax.T.contiguous(), ckpt.get(m["weight"] + ".absmax"))
+        return Grid(stored.float().reshape(out, inn // bs).T.contiguous(), torch.arange(inn) // bs,
+                    Table(ckpt.get(m["weight"] + ".quant_map")), params={"absmax": stored})
+
+    def encode(self, ckpt, m, codes, grid):
+        w = m["weight"]
+        flat = codes.reshape(-1)
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        pairs = flat.reshape(-1, 2)
+        packed = (pairs[:, 0] << 4 | pairs[:, 1]).to(torch.uint8)
+        return {w: packed.reshape(ckpt.entry(w).shape), w + ".absmax": grid.params["absmax"]}
 
     def members(self, ckpt, m):
         w = m["weight"]

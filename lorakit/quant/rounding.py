@@ -1,77 +1,168 @@
-"""Rounding a merged weight onto a quantization grid (pure math, no IO).
+"""Rounding a merged weight onto a quantization grid (pure math, no IO), at memory speed.
 
 A grid gives every element of W [out, in] a scale S and zero point Z; the representable values are S * (c - Z) for c
-in a sorted codebook C (integers for INT/GPTQ/AWQ, the finite FP8 values for FP8). Strategies:
+in a codebook. Each codebook rounds in its own cheapest exact way: FP8 with the native cast (round to nearest even,
+saturated first), integer grids with round + clamp, and only a non-uniform table (NF4) with a search.
 
-- nearest (same-grid): the closest value; small deltas round straight back (what PEFT does for bitsandbytes).
-- stochastic: one of the two neighbours, unbiased (E[dQ] = dW), seeded.
+Strategies on U = T / S + Z (the target in code units):
+- nearest (same-grid): the closest code; small deltas round straight back (what PEFT does for bitsandbytes).
+- stochastic: one of the two neighbouring codes, unbiased (E[dQ] = dW), seeded.
 - feedback (adapter-aware error feedback): columns are rounded in order and each column's rounding error is carried
   into the remaining columns so that the error seen by inputs in the adapter's input subspace (the rows of A) stays
-  near zero: (Q - T) A^T ~ 0. Sequential like GPTQ/OPTQ, with the low-rank Hessian A^T A, O(out * in * r).
+  near zero: (Q - T) A^T ~ 0. GPTQ/OPTQ's column order with the adapter's low-rank Hessian A^T A; the carried error
+  is R = sum_k e_k a_k^T [out, r], so each column costs O(out r) and a block of columns starts from one matmul.
 """
 import torch
 
-
-def fp8_codebook():
-    """All finite float8_e4m3fn values, sorted."""
-    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    return values[torch.isfinite(values)].unique()
+FP8_MAX = 448.0
 
 
-def int_codebook(lo, hi):
-    return torch.arange(lo, hi + 1, dtype=torch.float32)
+class Uniform:
+    """Integer codes lo..hi (INT8, GPTQ, AWQ), stored as `storage` integers."""
+
+    def __init__(self, lo, hi, storage):
+        self.lo, self.hi, self.storage = lo, hi, storage
+
+    def nearest(self, U):
+        return U.round().clamp_(self.lo, self.hi)
+
+    def nearest_into(self, u, out):
+        """The nearest code values of u, written to `out` (u may be overwritten)."""
+        return torch.round(u, out=out).clamp_(self.lo, self.hi)
+
+    def round(self, U):
+        """(stored codes, their values) of the nearest codes; U is overwritten."""
+        c = U.round_().clamp_(self.lo, self.hi)
+        return c.to(self.storage), c
+
+    def neighbours(self, U):
+        lo = U.floor().clamp_(self.lo, self.hi)
+        return lo, (lo + 1).clamp_(max=self.hi)
+
+    def to_storage(self, c):
+        return c.to(self.storage)
+
+    def values(self, stored):
+        return stored.float()
 
 
-def neighbours(U, C):
-    """The codebook values just below and above each element of U (clamped to the codebook's range)."""
-    i = torch.searchsorted(C, U.contiguous()).clamp(1, len(C) - 1)
-    return C[i - 1], C[i]
+class FP8:
+    """The finite float8_e4m3fn values; a code is stored as itself."""
+    storage = torch.float8_e4m3fn
+
+    def __init__(self):
+        bits = torch.arange(256, dtype=torch.uint8)
+        values = bits.view(torch.float8_e4m3fn).float()
+        finite = torch.isfinite(values)
+        self.sorted = values[finite].unique()  # 253 values (the two zeros are one)
+        # rank of each bit pattern in the sorted list, to step to a neighbouring code
+        self.rank = torch.searchsorted(self.sorted, torch.where(finite, values, torch.zeros(()))).to(torch.int64)
+
+    def nearest(self, U):
+        return U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+    def nearest_into(self, u, out):
+        return out.copy_(u.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+
+    def round(self, U):
+        q = self.to_storage(U.clamp_(-FP8_MAX, FP8_MAX))
+        return q, q.float()
+
+    def neighbours(self, U):
+        c = U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        i = self.rank[c.view(torch.uint8).long()]
+        v = c.float()
+        below = torch.where(v > U, self.sorted[(i - 1).clamp_(min=0)], v)
+        above = torch.where(v < U, self.sorted[(i + 1).clamp_(max=len(self.sorted) - 1)], v)
+        return below, above
+
+    def to_storage(self, c):
+        """The FP8 codes, with one zero (+0: -0.0 and 0.0 are one code value, so one stored byte)."""
+        return (c + 0.0).to(torch.float8_e4m3fn)
+
+    def values(self, stored):
+        return stored.float()
 
 
-def nearest(U, C):
-    lo, hi = neighbours(U, C)
-    return torch.where((U - lo) <= (hi - U), lo, hi)
+class Table:
+    """A non-uniform table of levels (NF4's quant_map); a code is stored as its index in the table."""
+
+    def __init__(self, levels, storage=torch.uint8):
+        self.levels = levels.float()
+        self.sorted, self.order = self.levels.sort()
+        self.mid = (self.sorted[1:] + self.sorted[:-1]) / 2
+        self.storage = storage
+
+    def nearest(self, U):
+        return self.sorted[torch.bucketize(U, self.mid)]
+
+    def nearest_into(self, u, out):
+        return out.copy_(self.nearest(u))
+
+    def round(self, U):
+        i = torch.bucketize(U, self.mid)
+        return self.order[i].to(self.storage), self.sorted[i]
+
+    def neighbours(self, U):
+        i = torch.searchsorted(self.sorted, U.contiguous()).clamp_(1, len(self.sorted) - 1)
+        return self.sorted[i - 1], self.sorted[i]
+
+    def to_storage(self, c):
+        return self.order[torch.searchsorted(self.sorted, c.contiguous())].to(self.storage)
+
+    def values(self, stored):
+        return self.levels[stored.long()]
 
 
-def stochastic(U, C, generator):
-    lo, hi = neighbours(U, C)
-    p = ((U - lo) / (hi - lo)).clamp(0, 1)
-    return torch.where(torch.rand(U.shape, generator=generator) < p, hi, lo)
+def stochastic(book, U, generator):
+    """One of the two neighbouring codes, with the probability that makes the expectation U (clamped to the book)."""
+    lo, hi = book.neighbours(U)
+    width = hi - lo
+    p = torch.where(width > 0, (U - lo) / torch.where(width > 0, width, torch.ones(())), torch.zeros(()))
+    return torch.where(torch.rand(U.shape, generator=generator) < p.clamp_(0, 1), hi, lo)
 
 
-def feedback(T, S, Z, C, A, damp=1e-6):
-    """Codes for target T [out, in] such that (S (codes - Z) - T) A^T stays near zero. A: [r, in] (all adapters'
-    input factors stacked). Returns code values [out, in]."""
-    a = A.double().T.contiguous()  # [in, r]: a_j for column j
-    r = a.shape[1]
-    M = (a[:, :, None] * a[:, None, :]).flip(0).cumsum(0).flip(0)  # M_j = sum_{k >= j} a_k a_k^T
+def feedback_gains(A, damp=1e-6, block=256):
+    """G [in, r] for error feedback: G_j = (M_j + damp I)^-1 a_j with M_j = sum_{k >= j} a_k a_k^T (what the columns
+    from j on can still repay), built backwards block by block in fp64 so that memory stays O(block r^2)."""
+    a = A.double().T.contiguous()  # [in, r]
+    n, r = a.shape
     eye = torch.eye(r, dtype=torch.float64)
-    G = torch.linalg.solve(M + damp * M[0].diagonal().mean().clamp(min=1e-30) * eye, a[:, :, None])[..., 0]
-    # column-major copies: each step reads one contiguous column
-    Tt, St, Zt = T.T.double().contiguous(), S.T.double().contiguous(), Z.T.double().contiguous()
-    R = torch.zeros(T.shape[0], r, dtype=torch.float64)  # sum over done columns of e_j a_j^T
-    codes = torch.empty(T.shape[1], T.shape[0])
-    for j in range(T.shape[1]):
-        t, s, z = Tt[j], St[j], Zt[j]
-        c = nearest(((t - R @ G[j]) / s + z).float(), C)  # this column also repays the error carried so far
-        codes[j] = c
-        R.addr_(s * (c.double() - z) - t, a[j])
+    damping = damp * float((a * a).sum()) / max(r, 1) * eye if r else eye
+    G = torch.empty(n, r, dtype=torch.float64)
+    tail = torch.zeros(r, r, dtype=torch.float64)  # M_{j1}: the columns after this block
+    for j1 in range(n, 0, -block):
+        j0 = max(0, j1 - block)
+        outer = a[j0:j1, :, None] * a[j0:j1, None, :]
+        M = outer.flip(0).cumsum(0).flip(0) + tail
+        G[j0:j1] = torch.linalg.solve(M + damping, a[j0:j1, :, None])[..., 0]
+        tail = M[0]
+    return G.float()
+
+
+def feedback_block(T, S, Z, book, A, G, R, sub=16):
+    """Code values of one block of columns [out, b] by error feedback; R [out, r], the error carried from the columns
+    before (sum_k e_k a_k^T), is updated in place. T: the merged target; S, Z: the grid (Z None for 0); A [r, b] the
+    adapters' input factors; G [b, r] their gains. Column j is rounded after repaying R G_j: the errors of earlier
+    sub-blocks of `sub` columns arrive with one matmul, those of its own sub-block through K = a_k . g_j."""
+    Tt, St = T.T.contiguous(), S.expand_as(T).T.contiguous()
+    inv = 1.0 / St
+    Zt = Z.expand_as(T).T.contiguous() if Z is not None else None
+    a = A.T.contiguous()  # [b, r]
+    codes, E = torch.empty_like(Tt), torch.empty_like(Tt)
+    for s0 in range(0, Tt.shape[0], sub):
+        s1 = min(Tt.shape[0], s0 + sub)
+        U = torch.addmm(Tt[s0:s1], G[s0:s1], R.T, alpha=-1.0)  # targets less what the earlier columns repay
+        K = a[s0:s1] @ G[s0:s1].T  # K[k, j]: how much of column k's error column j repays
+        for j in range(s0, s1):
+            u = U[j - s0]
+            if j > s0:
+                u.addmv_(E[s0:j].T, K[: j - s0, j - s0], alpha=-1.0)
+            u.mul_(inv[j])
+            if Zt is not None:
+                u.add_(Zt[j])
+            c = book.nearest_into(u, codes[j])
+            e = torch.sub(c, Zt[j], out=E[j]) if Zt is not None else E[j].copy_(c)
+            e.mul_(St[j]).sub_(Tt[j])  # its own error, against the target
+        R.addmm_(E[s0:s1].T, a[s0:s1])
     return codes.T
-
-
-def survival(W_old, W_new, dW, target, A, generator, probes=64):
-    """What came through: retention rho = <dQ, dW> / ||dW||^2, noise nu = ||dQ - rho dW|| / ||dW||, and the output
-    error ||(W_new - target) x|| / ||dW x|| on random probes and on probes in the adapter's input subspace."""
-    dQ = (W_new - W_old).double()
-    d = dW.double()
-    n2 = float((d * d).sum())
-    rho = float((dQ * d).sum()) / n2 if n2 else 0.0
-    nu = float((dQ - rho * d).norm()) / n2 ** 0.5 if n2 else 0.0
-    X = torch.randn(W_old.shape[1], probes, generator=generator, dtype=torch.float64)
-    Xa = A.double().T @ torch.randn(A.shape[0], probes, generator=generator, dtype=torch.float64)
-    E = (W_new - target).double()
-
-    def err(P):
-        base = float((d @ P).norm())
-        return float((E @ P).norm()) / base if base else 0.0
-    return {"retention": rho, "noise": nu, "probe_error_random": err(X), "probe_error_aligned": err(Xa)}
