@@ -10,11 +10,17 @@ from .errors import LorakitError
 from .io.dtypes import dtype_name, st_dtype
 from .io.safetensors import Entry
 from .quant import requant
-from .quant.fp8 import FP8Channel
+from .quant.fp8 import FP8Block, FP8Channel
 from .quant.gptq_awq import AWQ, GPTQ
 from .quant.int8 import Int8Channel
+from .quant.nf4 import NF4
 from .spec import fingerprint
 
+# bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023)
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+              1.0)
 LINEAR_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -147,6 +153,18 @@ def quantize(W, fmt, group_size=128, bits=4):
         handler, t = FP8Channel(), {"weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
                                     "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
         members = {"weight": "weight", "weight_scale": "weight_scale"}
+    elif fmt == "fp8-block":
+        handler = FP8Block()
+        t = {"weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
+             "weight_scale_inv": torch.zeros(-(-out // 128), -(-inn // 128))}
+        members = {"weight": "weight", "weight_scale_inv": "weight_scale_inv"}
+    elif fmt == "nf4":
+        n, state = out * inn, {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [out, inn]}
+        handler, key = NF4(), "weight.quant_state.bitsandbytes__nf4"
+        t = {"weight": torch.zeros((n + 1) // 2, 1, dtype=torch.uint8), "weight.absmax": torch.zeros(-(-n // 64)),
+             "weight.quant_map": torch.tensor(NF4_LEVELS),
+             key: torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)}
+        members = {"weight": "weight", "state": key}
     elif fmt == "int8":
         handler, t = Int8Channel(), {"weight": torch.zeros(out, inn, dtype=torch.int8),
                                      "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
@@ -160,17 +178,20 @@ def quantize(W, fmt, group_size=128, bits=4):
                                                                                                  dtype=torch.float16)}
         members = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales"}
     else:
-        raise LorakitError(f"cannot quantize to '{fmt}' (fp8, int8, gptq, awq)")
+        raise LorakitError(f"cannot quantize to '{fmt}' (fp8, fp8-block, int8, gptq, awq, nf4)")
     ckpt = TensorDict(t)
     grid = requant.fit(handler, ckpt, members, handler.grid(ckpt, members), [(0, inn, W.float())])
     S, Z = grid.columns(0, inn)
     U = W.float() / S + Z if Z is not None else W.float() / S
-    return handler.encode(ckpt, members, grid.codebook.to_storage(grid.codebook.nearest(U)), grid)
+    stored = handler.encode(ckpt, members, grid.codebook.round(U)[0], grid)
+    return {**{k: v for k, v in t.items() if k not in stored}, **stored}  # NF4's quant_map and state are fixed
 
 
 def quantization_config(fmt, group_size=128, bits=4):
     """The config.json `quantization_config` that goes with `quantize`'s tensors."""
     return {"fp8": {"quant_method": "compressed-tensors", "format": "float-quantized"},
+            "fp8-block": {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3"},
+            "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
             "int8": {"quant_method": "compressed-tensors", "format": "int-quantized"},
             "gptq": {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": True, "desc_act": False,
                      "checkpoint_format": "gptq"},

@@ -283,3 +283,36 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
         f.readinto_from(s, 9000)
     f.close()
     assert (tmp_path / "x.bin").read_bytes() == b"".join(pieces) + (b"abc" * 5000)[7:9007]
+
+
+def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):
+    """F8_E5M2, F8_E8M0, packed F4 / F6 and dtype names lorakit has never heard of: an untouched tensor of any of them
+    opens and is copied as bytes (FP4 microscaling checkpoints carry F8_E8M0 scales beside U8 codes)."""
+    import json
+    import struct
+    tensors = {"model.layers.0.self_attn.q_proj.weight": torch.randn(8, 16)}
+    extra = {"x.f8e5m2": ("F8_E5M2", [4, 4], 16), "x.f8e8m0": ("F8_E8M0", [8], 8), "x.f4": ("F4", [4, 8], 16),
+             "x.f6": ("F6_E2M3", [8], 6), "x.future": ("F3_E1M1", [5], 7)}
+    from lorakit.io import build_header, tensor_bytes
+    specs = [(n, "F32", tuple(t.shape)) for n, t in tensors.items()] + [(n, d, tuple(s), b)
+                                                                        for n, (d, s, b) in extra.items()]
+    payload = {n: bytes(range(b)) for n, (_, _, b) in extra.items()}
+    header = build_header(specs, {"format": "pt"})
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.write(header)
+        for n, t in tensors.items():
+            f.write(tensor_bytes(t))
+        for n in extra:
+            f.write(payload[n])
+    ad = lorakit.Adapter()
+    ad.add(lorakit.Module("model.layers.0.self_attn.q_proj", torch.randn(2, 16), torch.randn(8, 2), alpha=2.0))
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.merge(tmp_path / "model.safetensors", [tmp_path / "a.safetensors"], tmp_path / "o.safetensors",
+                  quiet=True, dtype="bf16")
+    from lorakit.io import Checkpoint
+    out = Checkpoint(tmp_path / "o.safetensors")
+    for n, (d, s, b) in extra.items():
+        assert (out.entry(n).dtype, list(out.entry(n).shape)) == (d, s)
+        assert out.shards[out.where[n]].raw(n) == payload[n]
+    assert out.entry("model.layers.0.self_attn.q_proj.weight").dtype == "BF16"
+

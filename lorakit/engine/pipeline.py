@@ -23,6 +23,8 @@ from ..formats.names import HEAD
 from ..quant import requant
 from .tensor import check_finite, merge_tensor
 
+FULL_PRECISION = ("F64", "F32", "F16", "BF16")
+
 
 class MergeJob:
     """What each output tensor is and how it is produced: a byte copy, a full-precision merge, or one tensor of a
@@ -44,9 +46,9 @@ class MergeJob:
         if self.dequantize_out and name in self.view.quantized:  # a dequantized module: one full-precision weight
             return (name, st_dtype(self.target_dtype), self.view.shape(name))
         e = self.ckpt.entry(self.source(name))
-        keep = (self.target_dtype is None or not torch_dtype(e.dtype).is_floating_point
-                or name in self.view.member_of)
-        return (name, e.dtype if keep else st_dtype(self.target_dtype), e.shape)
+        # --dtype converts the full-precision floats; 8-bit floats are stored codes or scales, kept as they are
+        keep = self.target_dtype is None or e.dtype not in FULL_PRECISION or name in self.view.member_of
+        return (name, e.dtype, e.shape, e.nbytes) if keep else (name, st_dtype(self.target_dtype), e.shape)
 
     def output_names(self, names):
         """A shard's tensor names as written: in a dequantized output a module's packed tensors become
@@ -87,7 +89,11 @@ class MergeJob:
             if not self.dequantize_out and (plan is None or not plan.touched):
                 return None  # an untouched quantized module: byte-identical
             t = self._module(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
-            return None if t is None else (check_finite(name, t), None)  # untouched members (g_idx) are copied
+            if t is None:
+                return None  # members the strategy leaves alone (g_idx) are copied
+            if self.dequantize_out or t.element_size() > 1:  # requantize checked the codes' values itself
+                check_finite(name, t)
+            return t, None
         if self.copied(name):
             return None
         plan, source, spec = self.plans.get(name), self.source(name), self.spec_of(name)
@@ -217,7 +223,7 @@ class SafetensorsWriter:
 
 def run(job, writer, tmp, threads, bar):
     """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
-    job.prepare([n for _, specs in writer.shards for n, _, _ in specs])
+    job.prepare([n for _, specs in writer.shards for n, *_ in specs])
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
     try:

@@ -75,7 +75,7 @@ class Checkpoint:
         self.shards = {}  # file -> TensorFile
         self.where = {}  # tensor name -> file
         for file in self.files:
-            header = read_header(file)
+            header = read_header(file, any_dtype=True)  # untouched tensors are copied whatever they hold
             self.shards[file] = TensorFile(file, header)
             for name in header.entries:
                 if name in self.where:

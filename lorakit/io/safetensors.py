@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import LorakitError, missing
-from .dtypes import DTYPES, itemsize, st_dtype, torch_dtype
+from .dtypes import DTYPES, nbytes, st_dtype, torch_dtype
 from .jsonio import parse_json
 
 MAX_HEADER = 100_000_000
@@ -55,8 +55,10 @@ def check_readable_file(path):
         raise LorakitError("is not a regular file (a pipe or a device?)", path=path)
 
 
-def read_header(path):
-    """Parse and check a safetensors header. Raises LorakitError with a validation code on any defect."""
+def read_header(path, any_dtype=False):
+    """Parse and check a safetensors header. Raises LorakitError with a validation code on any defect. any_dtype: a
+    dtype name this reader does not know is accepted (its size unchecked): a checkpoint's tensors the adapter does
+    not touch are copied as bytes, whatever they hold."""
     check_readable_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -85,15 +87,19 @@ def read_header(path):
         except Exception:
             raise LorakitError("malformed header entry (needs dtype, shape, data_offsets)", path=path, tensor=name,
                                code="LK101") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or (nbytes(dtype, 0) is None and not any_dtype):
             raise LorakitError(f"unknown dtype {dtype}", path=path, tensor=name, code="LK103")
         entry = Entry(name, dtype, shape, data_start + a, data_start + b)
         if a > b or entry.end > size:
             raise LorakitError(f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
                                path=path, tensor=name, code="LK102")
-        if entry.nbytes != entry.numel * itemsize(dtype):
+        expected = nbytes(dtype, entry.numel)
+        if expected is None and not any_dtype:
+            raise LorakitError(f"{entry.numel} elements of {dtype} are not a whole number of bytes", path=path,
+                               tensor=name, code="LK102")
+        if expected is not None and entry.nbytes != expected:
             raise LorakitError(f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs "
-                               f"{entry.numel * itemsize(dtype)}", path=path, tensor=name, code="LK102")
+                               f"{expected}", path=path, tensor=name, code="LK102")
         entries[name] = entry
         spans.append((a, b, name))
     spans.sort()
@@ -234,12 +240,13 @@ def tensor_bytes(t):
 
 
 def build_header(specs, metadata=None):
-    """specs: list of (name, dtype_str, shape) in write order. Returns the header bytes (length prefix + padded JSON)."""
+    """specs: list of (name, dtype_str, shape[, nbytes]) in write order. Returns the header bytes (length prefix + padded JSON)."""
     header, pos = {}, 0
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
-    for name, dtype, shape in specs:
-        n = spec_nbytes((name, dtype, shape))
+    for spec in specs:
+        name, dtype, shape = spec[:3]
+        n = spec_nbytes(spec)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -255,8 +262,8 @@ def _numel(shape):
 
 
 def spec_nbytes(spec):
-    """Bytes of a (name, dtype, shape) tensor spec."""
-    return itemsize(spec[1]) * _numel(spec[2])
+    """Bytes of a (name, dtype, shape[, nbytes]) tensor spec (nbytes given for a tensor copied as bytes)."""
+    return spec[3] if len(spec) > 3 else nbytes(spec[1], _numel(spec[2]))
 
 
 class DirectFile:

@@ -42,8 +42,10 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     out, inn = stored.shape
     B, A = stacked_factors(loras, sign) if loras else (torch.zeros(out, 1), torch.zeros(1, inn))
     generator = torch.Generator().manual_seed(seed)
-    probes = torch.randn(inn, PROBES, generator=generator)  # random inputs, then inputs in the adapter's subspace
-    aligned = torch.randn(A.shape[0], PROBES, generator=generator)  # x = A^T y
+    # random inputs, then inputs in the adapter's subspace (x = A^T y); drawn in fp64 as lorakit always has, so that a
+    # report does not change with the implementation
+    probes = torch.randn(inn, PROBES, generator=generator, dtype=torch.float64).float()
+    aligned = torch.randn(A.shape[0], PROBES, generator=generator, dtype=torch.float64).float()
 
     def blocks():
         """(j0, j1, W_old, dW, target) for each block of columns."""
@@ -74,10 +76,17 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
         else:
             new, c = book.round(T / S + Z if Z is not None else T / S)
         codes[:, j0:j1] = new
-        W_new = (c.sub_(Z) if Z is not None else c).mul_(S)
-        report.add(W_old, W_new, dW, T, probes[j0:j1], A[:, j0:j1], full is None,
+        E = (c.sub_(Z) if Z is not None else c).mul_(S).sub_(T)  # W_new - target, in place of the codes
+        if not float(E.abs().amax()) < float("inf"):
+            raise LorakitError("the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
+                               "or a zero scale): nothing was written", path=ckpt.path, tensor=members_name(members))
+        report.add(E, W_old, dW, T if full is not None else None, probes[j0:j1], A[:, j0:j1],
                    int((bits(new) != bits(stored[:, j0:j1])).sum()))
     return fmt.encode(ckpt, members, codes, grid), report.row(B, A, probes, aligned)
+
+
+def members_name(members):
+    return next(iter(members.values()))
 
 
 def bits(codes):
@@ -99,31 +108,42 @@ def fit(fmt, ckpt, members, old, targets):
 
 class Survival:
     """What came through, summed block by block: retention rho = <dQ, dW> / ||dW||^2, noise nu = ||dQ - rho dW|| /
-    ||dW||, the share of codes changed, and the output error ||(W_new - target) x|| / ||dW x|| on random probes X and
-    on probes in the adapter's input subspace x = A^T y. The products with the aligned probes go through the factors
-    (E A^T is [out, r]), and dW x = B (A x) never needs dW."""
+    ||dW|| (dQ = W_new - W_old), the share of codes changed, and the output error ||E x|| / ||dW x|| (E = W_new -
+    target) on random probes x and on probes in the adapter's input subspace x = A^T y. Everything comes from E, which
+    the rounding makes anyway: onto the dequantized base dQ = E + dW, so nu^2 = (||E||^2 - <E, dW>^2 / ||dW||^2) /
+    ||dW||^2 without subtracting nearly equal numbers; E x = E A^T y goes through the factors, and dW x = B (A x)."""
 
     def __init__(self, out, rank):
-        self.qd = self.qq = self.dd = self.old2 = 0.0
+        self.ee = self.ed = self.dd = self.old2 = self.extra_qq = self.extra_qd = 0.0
         self.changed = self.count = 0
         self.EX, self.EAt = torch.zeros(out, PROBES), torch.zeros(out, rank)
 
-    def add(self, W_old, W_new, dW, target, X, A, onto_old, changed):
-        dQ = W_new - W_old
-        q, d = dQ.reshape(-1).double(), dW.reshape(-1).double()  # fp64 sums: nu subtracts nearly equal numbers
-        self.qd += float(torch.dot(q, d))
-        self.qq += float(torch.dot(q, q))
+    def add(self, E, W_old, dW, target, X, A, changed):
+        """One block: E = W_new - target; target None when it is W_old + dW (the usual merge onto the base)."""
+        e, d = E.reshape(-1), dW.reshape(-1)
+        self.ee += float(torch.dot(e, e))
+        self.ed += float(torch.dot(e, d))
         self.dd += float(torch.dot(d, d))
-        self.old2 += float(W_old.square().sum(dtype=torch.float64))
-        E = dQ.sub_(dW) if onto_old else W_new - target  # W_new - (W_old + dW) without another block
+        self.old2 += float(torch.dot(W_old.reshape(-1), W_old.reshape(-1)))
+        if target is not None:  # onto the original weight: dQ = E + (target - W_old), kept apart
+            shift = (target - W_old - dW).reshape(-1)
+            self.extra_qq += float(torch.dot(shift, shift) + 2 * torch.dot(shift, e + d))
+            self.extra_qd += float(torch.dot(shift, d))
         self.EX.addmm_(E, X)
         self.EAt.addmm_(E, A.T)
         self.changed += changed
-        self.count += W_old.numel()
+        self.count += E.numel()
 
     def row(self, B, A, X, Y):
-        rho = self.qd / self.dd if self.dd else 0.0
-        nu = max(0.0, self.qq - 2 * rho * self.qd + rho * rho * self.dd) ** 0.5 / self.dd ** 0.5 if self.dd else 0.0
+        dd = self.dd
+        qd = self.ed + dd + self.extra_qd
+        rho = qd / dd if dd else 0.0
+        if self.extra_qq or self.extra_qd:
+            qq = self.ee + 2 * self.ed + dd + self.extra_qq
+            nu2 = qq - qd * qd / dd if dd else 0.0
+        else:
+            nu2 = self.ee - self.ed * self.ed / dd if dd else 0.0
+        nu = (max(0.0, nu2) / dd) ** 0.5 if dd else 0.0
 
         def err(E, D):
             base = float(D.double().norm())
@@ -131,4 +151,4 @@ class Survival:
         AAtY = A @ (A.T @ Y)
         return {"retention": rho, "noise": nu, "probe_error_random": err(self.EX, B @ (A @ X)),
                 "probe_error_aligned": err(self.EAt @ Y, B @ AAtY), "codes_changed": self.changed / max(1, self.count),
-                "relative_delta": (self.dd / self.old2) ** 0.5 if self.old2 else 0.0}
+                "relative_delta": (dd / self.old2) ** 0.5 if self.old2 else 0.0}

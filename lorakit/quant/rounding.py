@@ -65,7 +65,7 @@ class FP8:
         return out.copy_(u.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
 
     def round(self, U):
-        q = self.to_storage(U.clamp_(-FP8_MAX, FP8_MAX))
+        q = U.clamp_(-FP8_MAX, FP8_MAX).add_(0.0).to(torch.float8_e4m3fn)  # + 0.0: one zero, +0
         return q, q.float()
 
     def neighbours(self, U):
@@ -145,9 +145,10 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16):
     before (sum_k e_k a_k^T), is updated in place. T: the merged target; S, Z: the grid (Z None for 0); A [r, b] the
     adapters' input factors; G [b, r] their gains. Column j is rounded after repaying R G_j: the errors of earlier
     sub-blocks of `sub` columns arrive with one matmul, those of its own sub-block through K = a_k . g_j."""
-    Tt, St = T.T.contiguous(), S.expand_as(T).T.contiguous()
-    inv = 1.0 / St
-    Zt = Z.expand_as(T).T.contiguous() if Z is not None else None
+    # rows of the transposed blocks are the columns; S and Z come as [out, b] transposes or [out, 1] broadcasts, whose
+    # transposed rows are contiguous without a copy
+    Tt, St, inv = T.T.contiguous(), S.expand_as(T).T, (1.0 / S).expand_as(T).T
+    Zt = Z.expand_as(T).T if Z is not None else None
     a = A.T.contiguous()  # [b, r]
     codes, E = torch.empty_like(Tt), torch.empty_like(Tt)
     for s0 in range(0, Tt.shape[0], sub):
