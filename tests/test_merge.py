@@ -288,8 +288,6 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
 def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):
     """F8_E5M2, F8_E8M0, packed F4 / F6 and dtype names lorakit has never heard of: an untouched tensor of any of them
     opens and is copied as bytes (FP4 microscaling checkpoints carry F8_E8M0 scales beside U8 codes)."""
-    import json
-    import struct
     tensors = {"model.layers.0.self_attn.q_proj.weight": torch.randn(8, 16)}
     extra = {"x.f8e5m2": ("F8_E5M2", [4, 4], 16), "x.f8e8m0": ("F8_E8M0", [8], 8), "x.f4": ("F4", [4, 8], 16),
              "x.f6": ("F6_E2M3", [8], 6), "x.future": ("F3_E1M1", [5], 7)}

@@ -24,6 +24,7 @@ from ..quant import requant
 from .tensor import check_finite, merge_tensor
 
 FULL_PRECISION = ("F64", "F32", "F16", "BF16")
+LOOKAHEAD = 8  # tensors queued per thread at most, byte copies included
 
 
 class MergeJob:
@@ -64,6 +65,15 @@ class MergeJob:
                 done.add(key)
                 out.append(key)
         return out
+
+    def work_unit(self, name):
+        """What producing `name` computes: its quantized module (all members come from one computation), the tensor
+        itself, or None for a byte copy. The look-ahead keeps `threads` of these in flight."""
+        key = self.view.member_of.get(name, name if name in self.view.quantized else None)
+        if key is not None:
+            plan = self.plans.get(key)
+            return key if self.dequantize_out or (plan is not None and plan.touched) else None
+        return None if self.copied(name) else name
 
     def copied(self, name):
         """Written byte for byte from the base, never in memory."""
@@ -233,8 +243,8 @@ def run(job, writer, tmp, threads, bar):
                 shard, pending = writer.open_shard(tmp, file_name, specs), deque()
 
                 def drain(limit):
-                    while len(pending) > limit:
-                        spec, fut = pending.popleft()
+                    while len(pending) > limit * LOOKAHEAD or len({u for _, _, u in pending if u}) > limit:
+                        spec, fut, _ = pending.popleft()
                         result = fut.result()
                         if result is None:
                             source = job.ckpt.shards[job.ckpt.where[spec[0]]]
@@ -246,9 +256,9 @@ def run(job, writer, tmp, threads, bar):
                         bar.update(spec_nbytes(spec))
 
                 for spec in specs:
-                    pending.append((spec, pool.submit(job.produce, spec[0])))
+                    pending.append((spec, pool.submit(job.produce, spec[0]), job.work_unit(spec[0])))
                     weight_map[spec[0]] = file_name
-                    drain(threads)  # bounded look-ahead: at most 2 x threads tensors in memory
+                    drain(threads)  # bounded look-ahead: `threads` pieces of work (and their memory) in flight
                 drain(0)
                 shard.close()
             writer.finish(tmp, weight_map, writer.total)
