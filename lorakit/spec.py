@@ -298,11 +298,11 @@ def check_adapter(adapter, values=True):
                       lambda part: name)
         if not math.isfinite(m.alpha) or m.alpha <= 0:
             add("LK206", f"alpha is {m.alpha}, must be finite and > 0", name)
-        if values:
-            for part, t in (("A", A), ("B", B), ("bias", m.bias), ("magnitude", m.magnitude)):
+        if values:  # named by the spec's keys, whatever the format read
+            for part, t in (("lora_A", A), ("lora_B", B), ("bias_delta", m.bias), ("dora_magnitude", m.magnitude)):
                 bad = count_non_finite(t) if t is not None else 0
                 if bad:
-                    add("LK208", f"{bad} NaN/Inf value(s) in {part}", name)
+                    add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.{part}")
     for name, t in adapter.replacements.items():
         bad = count_non_finite(t) if values else 0
         if bad:

@@ -91,7 +91,7 @@ def test_bad_input_clean_errors(cli, tmp_path):
 def test_nan_and_shape_errors_name_the_tensor(tmp_path, cli):
     ad = examples.random_adapter({"l.0.q_proj.weight": (8, 8)})
     ad.modules["l.0.q_proj"].A[0, 0] = float("nan")
-    with pytest.raises(LorakitError, match=r"refused.safetensors: tensor 'l.0.q_proj': \[LK208\] 1 NaN"):
+    with pytest.raises(LorakitError, match=r"refused.safetensors: tensor 'l.0.q_proj.lora_A': \[LK208\] 1 NaN"):
         ad.save(tmp_path / "refused.safetensors")
     assert not os.path.exists(tmp_path / "refused.safetensors")
     write_unchecked(ad, tmp_path / "nan.safetensors")

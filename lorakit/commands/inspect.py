@@ -5,7 +5,7 @@ import re
 from collections import Counter, defaultdict
 
 from ..errors import LorakitError
-from ..formats import detect_format
+from ..formats import detect_format, load
 from ..io.dtypes import dtype_name
 
 
@@ -28,7 +28,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     """
     path = os.fspath(adapter)
     fmt = detect_format(path)
-    ad = fmt.read(path, values=spectrum) if fmt.name == "lorakit" else fmt.read(path)
+    ad = load(path, format=fmt.name, **({"values": spectrum} if fmt.name == "lorakit" else {}))
     modules = []
     for m in ad.modules.values():
         modules.append({"module": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,

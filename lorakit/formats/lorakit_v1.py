@@ -15,9 +15,9 @@ def detect(probe):
 
 
 def read(path, values=True):
-    """values=False reads the header and the alphas only (inspect): the tensors are shape-only (meta) tensors and the
-    NaN/Inf scan is skipped; the structure is always checked."""
-    problems, layout = spec.check_file(path, values=values)
+    """values=False reads the header and the alphas only (inspect): the tensors are shape-only stand-ins. The
+    structure is always checked here; NaN/Inf and alpha values by load() on what was read."""
+    problems, layout = spec.check_file(path, values=False)  # the values are checked once, in memory, by load()
     spec.raise_first(problems, path)
     tf = TensorFile(path)
     get = tf.get if values else tf.meta

@@ -16,6 +16,7 @@ from .dtypes import DTYPES, nbytes, st_dtype, torch_dtype
 from .jsonio import parse_json
 
 MAX_HEADER = 100_000_000
+DIRECT_FROM = 64 << 20  # bytes from which write_safetensors bypasses the page cache
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ class TensorFile:
         mmap: streaming readers keep RSS bounded by what they hold."""
         import torch
         e = self.header.entries[name]
-        buf = bytearray(e.nbytes) if buf is None else buf
+        # a fresh tensor's memory is not zero-filled first (a bytearray is): one pass over the bytes, not two
+        buf = torch.empty(e.nbytes, dtype=torch.uint8).numpy() if buf is None else buf
         with open(self.path, "rb", buffering=0) as f:
             f.seek(e.start)
             view, got = memoryview(buf)[: e.nbytes], 0
@@ -392,7 +394,9 @@ def write_safetensors(path, tensors, metadata=None):
     """Write tensors (dict name -> torch tensor, or list of (name, tensor)) to `path` with sorted keys.
     Writes straight to `path`: callers wrap it in atomic_output."""
     items = sorted(tensors.items() if isinstance(tensors, dict) else tensors, key=lambda kv: kv[0])
-    writer = ShardWriter(path, [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in items], metadata)
+    specs = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in items]
+    large = sum(map(spec_nbytes, specs)) > DIRECT_FROM  # large files go through O_DIRECT, as merge's do
+    writer = ShardWriter(path, specs, metadata, direct=large)
     for name, v in items:
         writer.write(name, v)
     writer.close()
