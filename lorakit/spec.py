@@ -288,9 +288,10 @@ def fingerprint(shapes):
 def check_adapter(adapter, values=True):
     """The spec's rules on an Adapter in memory (the same codes as check_file): what every reader must produce and
     every writer may write. values=False skips the NaN/Inf scan (header-only reads hold no values)."""
-    from .core.linalg import count_non_finite
     problems = []
     add = lambda code, msg, tensor: problems.append(Problem(code, msg, tensor))  # noqa: E731
+    if values:
+        from .core.linalg import count_non_finite  # torch: only where there are values to scan
     for name, m in adapter.modules.items():
         A, B = m.A, m.B
         shape = lambda t: tuple(t.shape) if t is not None else None  # noqa: E731
@@ -306,7 +307,7 @@ def check_adapter(adapter, values=True):
     for name, t in adapter.replacements.items():
         bad = count_non_finite(t) if values else 0
         if bad:
-            add("LK208", f"{bad} NaN/Inf value(s) in the replacement", name)
+            add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.replacement")
     return problems
 
 
