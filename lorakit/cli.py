@@ -224,7 +224,7 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
               help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}.")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
-@click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4).")
+@click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4; twice that, at most 8, into quantized bases).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
 @click.option("--strategy", default=next(iter(STRATEGIES)), show_default=True, type=click.Choice(list(STRATEGIES)),
               help="Quantized bases: how W + dW goes back onto the grid (see README).")

@@ -54,7 +54,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     with atomic_output(output, force=force, directory=writer.folder) as tmp, \
             progress(total=total, quiet=quiet, desc="merge", unit="B", unit_scale=True) as bar:
         try:
-            pipeline.run(job, writer, tmp, threads or min(4, os.cpu_count() or 1), bar)
+            pipeline.run(job, writer, tmp, threads or default_threads(job), bar)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
@@ -69,6 +69,14 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report
+
+
+def default_threads(job):
+    """Workers: one per CPU (at most 4) for full-precision merges, whose tensors are big vectorized passes; twice as many
+    (at most 8) when modules are requantized, whose column loops leave a CPU idle while they hold the GIL (one layer of
+    a 4096 x 11008 FP8 model on 2 CPUs: feedback 11.6 s with 2 workers, 6.3 s with 4)."""
+    cpus = os.cpu_count() or 1
+    return min(8, 2 * cpus) if job.view.quantized and not job.dequantize_out else min(4, cpus)
 
 
 def _refuse_adapter_as_base(base):
