@@ -34,11 +34,12 @@ MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, Runtim
 CLI = {"active": False}
 
 
-def opt(name, flag=False):
-    """An option as the caller spells it: '--ignore-fingerprint' / 'ignore_fingerprint=True', '--alpha' / 'alpha='."""
+def opt(name, flag=False, bare=False):
+    """An option as the caller spells it: '--ignore-fingerprint' / 'ignore_fingerprint=True', '--alpha' /
+    'alpha=...', or bare (for 'rank must be >= 1'): '--rank' / 'rank'."""
     if CLI["active"]:
         return "--" + name.replace("_", "-")
-    return f"{name}=True" if flag else f"{name}=..."
+    return name if bare else f"{name}=True" if flag else f"{name}=..."
 
 
 def missing(path, what=None):

@@ -83,7 +83,7 @@ def in_range(name, value, low=None, high=None, low_open=False, high_open=False, 
     """Refuse (never clamp) an option outside its range (`name`: the parameter, named as the caller spells it)."""
     if value is None:
         return None
-    name = opt(name).split("=")[0]
+    name = opt(name, bare=True)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
         raise LorakitError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
     ok = math.isfinite(value)
@@ -105,7 +105,7 @@ def in_range(name, value, low=None, high=None, low_open=False, high_open=False, 
 def existing(path, option):
     """A path option that must exist (never resolved against anything else when it does not)."""
     if path is not None and not os.path.exists(os.fspath(path)):
-        raise missing(path, opt(option).split("=")[0] if option.islower() else option)
+        raise missing(path, opt(option, bare=True) if option.islower() else option)
     return path
 
 

@@ -39,12 +39,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
     full = Checkpoint(full_precision_base) if full_precision_base else None
     job = pipeline.MergeJob(view, plans, -1.0 if unmerge else 1.0, target_dtype, strategy, full, onto, seed)
-    if view.quantized and not job.dequantize_out:
-        if not view.handler.writable:
-            raise LorakitError(f"{view.handler.name} checkpoints are read only: merge to full precision with --dtype "
-                               "bf16", path=base)
-        if (strategy == "original" or onto == "original") and full is None:
-            raise LorakitError("--strategy original and --onto original need --full-precision-base", path=base)
+    if job.requantizes and (strategy == "original" or onto == "original") and full is None:
+        raise LorakitError("--strategy original and --onto original need --full-precision-base", path=base)
     writer = pipeline.SafetensorsWriter(job, base, untie_embed, parse_size(shard_size))
     if writer.folder and os.fspath(output).endswith(".safetensors"):
         raise LorakitError("the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): "
@@ -76,7 +72,7 @@ def default_threads(job):
     (at most 8) when modules are requantized, whose column loops leave a CPU idle while they hold the GIL (one layer of
     a 4096 x 11008 FP8 model on 2 CPUs: feedback 11.6 s with 2 workers, 6.3 s with 4)."""
     cpus = os.cpu_count() or 1
-    return min(8, 2 * cpus) if job.view.quantized and not job.dequantize_out else min(4, cpus)
+    return min(8, 2 * cpus) if job.requantizes else min(4, cpus)
 
 
 def _refuse_adapter_as_base(base):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..errors import LorakitError
 from ..io import INDEX, BufferPool, ShardWriter, spec_nbytes
 from ..io.dtypes import dtype_name, st_dtype, torch_dtype
 from ..formats.names import HEAD
@@ -35,6 +36,7 @@ class MergeJob:
         self.view, self.ckpt, self.plans, self.sign = view, view.ckpt, plans, sign
         self.target_dtype = target_dtype
         self.dequantize_out = bool(view.quantized) and target_dtype is not None
+        self.requantizes = bool(view.quantized) and target_dtype is None
         self.strategy, self.full, self.onto, self.seed = strategy, full, onto, seed
         self.survival, self._modules, self._lock = {}, {}, threading.Lock()
         self.read_pool = self.out_pool = None
@@ -66,13 +68,21 @@ class MergeJob:
                 out.append(key)
         return out
 
+    def module_of(self, name):
+        """The quantized module `name` is (or is a stored tensor of), or None."""
+        return name if name in self.view.quantized else self.view.member_of.get(name)
+
+    def computed_module(self, key):
+        """Whether a quantized module's outputs are computed (dequantized, or requantized with a delta), not copied."""
+        plan = self.plans.get(key)
+        return self.dequantize_out or (plan is not None and plan.touched)
+
     def work_unit(self, name):
         """What producing `name` computes: its quantized module (all members come from one computation), the tensor
         itself, or None for a byte copy. The look-ahead keeps `threads` of these in flight."""
-        key = self.view.member_of.get(name, name if name in self.view.quantized else None)
+        key = self.module_of(name)
         if key is not None:
-            plan = self.plans.get(key)
-            return key if self.dequantize_out or (plan is not None and plan.touched) else None
+            return key if self.computed_module(key) else None
         return None if self.copied(name) else name
 
     def copied(self, name):
@@ -92,11 +102,9 @@ class MergeJob:
 
     def produce(self, name):
         """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy."""
-        view = self.view
-        if name in view.quantized or name in view.member_of:
-            key = name if name in view.quantized else view.member_of[name]
-            plan = self.plans.get(key)
-            if not self.dequantize_out and (plan is None or not plan.touched):
+        key = self.module_of(name)
+        if key is not None:
+            if not self.computed_module(key):
                 return None  # an untouched quantized module: byte-identical
             t = self._module(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
             if t is None:
@@ -135,7 +143,7 @@ class MergeJob:
                 if self.dequantize_out:
                     W = view.handler.dequantize(self.ckpt, members)
                     if loras:
-                        W, _, _ = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
+                        W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
                     entry["out"] = {key: W.to(self.target_dtype)}
                 else:
                     onto = "original" if self.strategy == "original" else self.onto
@@ -149,7 +157,6 @@ class MergeJob:
         """The full-precision weight when merging onto the original, else None (onto the dequantized weight)."""
         if onto != "original" or self.full is None:
             return None
-        from ..errors import LorakitError
         if key not in self.full:
             raise LorakitError("the full-precision base has no such tensor", path=self.full.path, tensor=key)
         return self.full.get(key).float()

@@ -16,7 +16,7 @@ FORMATS = {
     "fp8-block": ("fp8", "FP8Block", "FP8 E4M3 in DeepSeek-V3 128 x 128 blocks (weight_scale_inv)"),
     "fp8": ("fp8", "FP8Channel", "FP8 E4M3 per tensor / per channel (compressed-tensors, FBGEMM)"),
     "int8": ("int8", "Int8Channel", "INT8 per channel (compressed-tensors weight_scale; bitsandbytes SCB)"),
-    "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization (read: merge to --dtype)"),
+    "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization"),
 }
 
 # how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default

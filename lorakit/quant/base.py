@@ -34,7 +34,6 @@ class Grid:
 class QuantFormat:
     """Base class of the registered formats (lorakit.quant.FORMATS)."""
     name = None
-    writable = True  # merge can write this format back (else: --dtype only)
 
     @classmethod
     def configure(cls, qconfig):
@@ -81,10 +80,7 @@ class QuantFormat:
 
 def check_scale(ckpt, m, role, out):
     """A per-tensor or per-output-channel scale: one value, or one per row."""
-    n = 1
-    for d in ckpt.entry(m[role]).shape:
-        n *= d
-    if n not in (1, out):
+    if ckpt.entry(m[role]).numel not in (1, out):
         raise LorakitError(f"scale has shape {list(ckpt.entry(m[role]).shape)}: expected one value or {out} (one per "
                            "output row)", path=ckpt.path, tensor=m[role])
 

@@ -1,4 +1,6 @@
 """bitsandbytes NF4 bases (read and dequantize), with and without double quantization."""
+import math
+
 import torch
 
 from ..errors import LorakitError
@@ -39,9 +41,7 @@ class NF4(QuantFormat):
             raise bad(f"shape {shape!r}")
         if block not in BLOCKSIZES:
             raise bad(f"blocksize {block!r} (bitsandbytes uses {', '.join(map(str, BLOCKSIZES))})")
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         for part in (".absmax", ".quant_map"):
             if w + part not in ckpt:
                 raise bad(f"no {w + part}")

@@ -7,19 +7,17 @@ module costs its stored codes twice (old and new, one byte per element) plus a f
 import torch
 
 from ..errors import LorakitError
-from . import STRATEGIES, rounding
+from . import rounding
 
 COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths
 PROBES = 64
 
 
 def merged_target(W_old, loras, sign, full):
-    """(target, dW, A) of a whole module (the dequantized --dtype path): dW = sum_i sign w_i s_i B_i A_i in fp32; the
-    target is onto the dequantized weight, or onto the full-precision one when given."""
+    """W + dW of a whole module in fp32 (the dequantized --dtype path), dW = sum_i sign w_i s_i B_i A_i; W is the
+    dequantized weight, or the full-precision one when given."""
     B, A = stacked_factors(loras, sign)
-    dW = B @ A
-    base = full if full is not None else W_old
-    return base + dW, dW, A
+    return (full if full is not None else W_old) + B @ A
 
 
 def stacked_factors(loras, sign):
@@ -36,8 +34,6 @@ def stacked_factors(loras, sign):
 
 def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row."""
-    if strategy not in STRATEGIES:
-        raise LorakitError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
     B, A = stacked_factors(loras, sign) if loras else (torch.zeros(out, 1), torch.zeros(1, inn))
