@@ -45,7 +45,6 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if writer.folder and os.fspath(output).endswith(".safetensors"):
         raise LorakitError("the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): "
                            "-o names a .safetensors file; give a folder name", path=output)
-    check_output(output, force=force, directory=writer.folder)
     total = writer.total
     with atomic_output(output, force=force, directory=writer.folder) as tmp, \
             progress(total=total, quiet=quiet, desc="merge", unit="B", unit_scale=True) as bar:
