@@ -158,17 +158,19 @@ def combine_cmd(adapters, output, force, as_json, quiet, method, rank, energy, d
 @_common_output
 @click.option("--rank", type=int, help="New rank of every module.")
 @click.option("--energy", type=float, help="Keep this share of ||dW||_F^2 per module (0-1).")
-@click.option("--sv-ratio", type=float, help="Keep singular values above S[0] / X (sd-scripts).")
-@click.option("--sv-fro", type=float, help="Keep until the Frobenius norm share reaches X (sd-scripts).")
-@click.option("--sv-cumulative", type=float, help="Keep until cumsum(S) / sum(S) reaches X (sd-scripts).")
+@click.option("--sv-ratio", type=float, help="Keep singular values above S[0] / X, plus one (sd-scripts' rank).")
+@click.option("--sv-fro", type=float, help="Keep until the Frobenius norm share reaches X, plus one (sd-scripts).")
+@click.option("--sv-cumulative", type=float, help="Keep until cumsum(S) / sum(S) reaches X, plus one (sd-scripts).")
+@click.option("--minimal", is_flag=True, help="With --sv-*: the smallest rank meeting the rule (no sd-scripts +1).")
 @click.option("--max-rank", type=int, help="Upper bound on the new rank.")
 @_dtype_option
-def resize_cmd(adapter, output, force, as_json, quiet, rank, energy, sv_ratio, sv_fro, sv_cumulative, max_rank,
-               dtype):
+def resize_cmd(adapter, output, force, as_json, quiet, rank, energy, sv_ratio, sv_fro, sv_cumulative, minimal,
+               max_rank, dtype):
     """Re-rank every module by optimal (Eckart-Young) truncation; the scale is kept."""
     from .commands.algebra import resize
     emit(resize(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                sv_cumulative=sv_cumulative, max_rank=max_rank, dtype=dtype, force=force, quiet=quiet),
+                sv_cumulative=sv_cumulative, max_rank=max_rank, dtype=dtype, force=force, quiet=quiet,
+                minimal=minimal),
          as_json, render.resize_text)
 
 

@@ -216,12 +216,21 @@ def test_resize_dynamic_rules_match_sd_scripts(tmp_path):
     U = torch.linalg.qr(rnd(20, 5)).Q
     V = torch.linalg.qr(rnd(30, 5)).Q
     make(tmp_path / "a.safetensors", [Module("m", V.T.contiguous(), U * S, alpha=5.0)])  # scale 1
-    expect = {"sv_ratio": (3.0, 2), "sv_cumulative": (0.9, 3), "sv_fro": (0.99, 3), "energy": (0.99, 4)}
+    minimal = {"sv_ratio": (3.0, 2), "sv_cumulative": (0.9, 3), "sv_fro": (0.99, 3), "energy": (0.99, 4)}
     # sv_ratio 3: S > 8/3 -> {8, 4}; cumulative: cumsum/sum = .52,.77,.90 -> 3; fro: sqrt(cum S^2 / sum)
-    # = .87,.97,.992 -> 3; energy: cum S^2 / sum = .751,.938,.985,.997 -> 4
-    for opt, (x, k) in expect.items():
+    # = .87,.97,.992 -> 3; energy: cum S^2 / sum = .751,.938,.985,.997 -> 4. sd-scripts' resize_lora keeps one more
+    # for the sv_* rules (rank_resize: index + 1); --minimal keeps the smallest rank meeting the rule.
+    for opt, (x, k) in minimal.items():
         r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / f"{opt}.safetensors", **{opt: x}, quiet=True)
-        assert r["modules"][0]["rank"] == k, opt
+        assert r["modules"][0]["rank"] == (k if opt == "energy" else k + 1), opt
+        if opt != "energy":
+            r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / f"{opt}m.safetensors", **{opt: x}, quiet=True,
+                               minimal=True)
+            assert r["modules"][0]["rank"] == k, opt
+    r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "all.safetensors", sv_ratio=100.0, quiet=True)
+    assert r["modules"][0]["rank"] == 5  # all five kept: the +1 adds no zero direction
+    with pytest.raises(LorakitError, match="--minimal applies to"):
+        lorakit.resize(tmp_path / "a.safetensors", tmp_path / "x.safetensors", rank=2, minimal=True)
     r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "big.safetensors", rank=50, quiet=True)
     assert r["modules"][0]["rank"] == 5  # never above the module's rank (sd-scripts #325)
     r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "mx.safetensors", energy=0.999, max_rank=2, quiet=True)

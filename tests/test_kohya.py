@@ -120,6 +120,33 @@ def test_sd1_single_file_base_resolution(tmp_path):
     ad = lorakit.load(tmp_path / "k.safetensors", base=str(tmp_path / "sd15.safetensors"))
     assert set(ad.modules) == {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
                                "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"}
+    # back to kohya: sd-scripts' SD1 names (diffusers paths), not the single file's LDM paths
+    lorakit.convert(tmp_path / "k.safetensors", tmp_path / "a.safetensors", to="lorakit",
+                    base=str(tmp_path / "sd15.safetensors"))
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    keys = set(TensorFile(tmp_path / "k2.safetensors").header.entries)
+    assert {k for k in keys if not k.endswith(".alpha")} == set(t)
+    # merge into the single file in one command: the kohya names resolved against it, exact
+    lorakit.merge(tmp_path / "sd15.safetensors", [tmp_path / "k.safetensors"], tmp_path / "m.safetensors")
+    merged, base = TensorFile(tmp_path / "m.safetensors"), TensorFile(tmp_path / "sd15.safetensors")
+    for module in ad.modules.values():
+        w = f"{module.name}.weight"
+        ref = base.get(w).double() + module.delta(torch.float64)
+        assert torch.allclose(merged.get(w).double(), ref, rtol=0, atol=4e-7 * ref.abs().max())  # fp32 rounding
+
+
+def test_sdxl_single_file_names_stay_original(tmp_path):
+    """SDXL: sd-scripts trains on the original UNet, so its kohya names are LDM paths (input_blocks...)."""
+    name = "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q"
+    write_safetensors(tmp_path / "sdxl.safetensors", {f"{name}.weight": torch.zeros(32, 16)})
+    lora = mangle("lora_unet", name[len("model.diffusion_model."):])
+    write_safetensors(tmp_path / "k.safetensors", {f"{lora}.lora_down.weight": rnd(2, 16),
+                                                   f"{lora}.lora_up.weight": rnd(32, 2)})
+    lorakit.convert(tmp_path / "k.safetensors", tmp_path / "a.safetensors", to="lorakit",
+                    base=str(tmp_path / "sdxl.safetensors"))
+    assert set(lorakit.load(tmp_path / "a.safetensors").modules) == {name}
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    assert f"{lora}.lora_down.weight" in TensorFile(tmp_path / "k2.safetensors").header.entries
 
 
 def test_flux_split_qkv_scale(tmp_path):
@@ -136,6 +163,14 @@ def test_flux_split_qkv_scale(tmp_path):
     ad = lorakit.load(tmp_path / "f.safetensors")
     ref = torch.cat([(ups[j].double() @ downs[j].double()) * (1.0 / r) for j in range(3)])  # alpha / r per split
     assert torch.allclose(ad.modules[name].delta(torch.float64), ref, atol=1e-10)
+    # written back (through lorakit's own format too): the alpha of one split again, split_qkv still declared
+    lorakit.convert(tmp_path / "f.safetensors", tmp_path / "a.safetensors", to="lorakit")
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "f2.safetensors", to="kohya")
+    f2 = TensorFile(tmp_path / "f2.safetensors")
+    assert f2.get(f"{name}.alpha").item() == 1.0
+    assert json.loads(f2.header.metadata["ss_network_args"])["split_qkv"] == "True"
+    assert torch.allclose(lorakit.load(tmp_path / "f2.safetensors").modules[name].delta(torch.float64), ref,
+                          atol=1e-10)
 
 
 def test_loha_and_lokr_match_lycoris_formula(tmp_path):

@@ -76,11 +76,15 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
 
 
 def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None,
-           dtype="keep", force=False, quiet=False):
-    """Optimal per-module truncation (Eckart-Young), alpha rescaled to keep each module's scale."""
+           dtype="keep", force=False, quiet=False, minimal=False):
+    """Optimal per-module truncation (Eckart-Young), alpha rescaled to keep each module's scale. The sv_* rules keep
+    the ranks sd-scripts' resize_lora keeps (one above the smallest rank meeting the rule); `minimal` keeps that
+    smallest rank."""
     rule = _check_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative)
     if not rule:
         raise LorakitError("give one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
+    if minimal and not {"sv_ratio", "sv_fro", "sv_cumulative"} & set(rule):
+        raise LorakitError("--minimal applies to --sv-ratio, --sv-fro and --sv-cumulative")
     rank_rule(rank=rank, energy=energy, max_rank=max_rank)
     in_range("sv_ratio", sv_ratio, 1)
     in_range("sv_fro", sv_fro, 0, 1, low_open=True)
@@ -93,11 +97,11 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
                      user_metadata=dict(ad.user_metadata))
     rows = []
     for m in progress(ad.modules.values(), quiet=quiet, desc="resize", unit="module"):
-        module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, **rule)
+        module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, minimal=minimal, **rule)
         result.add(module)
         rows.append(stats)
     result.provenance = {"operation": "resize", "parents": [_parent(adapter, ad)],
-                         "params": {**rule, "max_rank": max_rank}}
+                         "params": {**rule, "max_rank": max_rank, **({"minimal": True} if minimal else {})}}
     result.save(output, force=force)
     return {"output": os.fspath(output), "modules": rows,
             "params_in": ad.num_params, "params": result.num_params, "input": os.fspath(adapter),

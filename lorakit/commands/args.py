@@ -134,11 +134,19 @@ def rank_rule(rank=None, energy=None, max_rank=None):
     in_range("energy", energy, 0, 1, low_open=True)
 
 
-def load_inputs(inputs):
-    """[(path or Adapter, weight)] -> [(label, Adapter, weight)]; paths are read in any format."""
-    from ..formats import load
-    return [(f"<Adapter {i + 1}>", src, w) if isinstance(src, Adapter) else (src, load(src), w)
-            for i, (src, w) in enumerate(inputs)]
+def load_inputs(inputs, base=None):
+    """[(path or Adapter, weight)] -> [(label, Adapter, weight)]; paths are read in any format. `base` (a path) goes
+    to the readers that resolve names or layouts against it (kohya's mangled names, PEFT's Conv1D)."""
+    from ..formats import detect_format, load, takes
+    out = []
+    for i, (src, w) in enumerate(inputs):
+        if isinstance(src, Adapter):
+            out.append((f"<Adapter {i + 1}>", src, w))
+            continue
+        fmt = detect_format(src)
+        options = {"base": base} if base is not None and "base" in takes(fmt.read or (lambda: None)) else {}
+        out.append((src, load(src, format=fmt.name, **options), w))
+    return out
 
 
 def as_adapter(source):

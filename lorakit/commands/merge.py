@@ -32,7 +32,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     check_output(output, [base, full_precision_base, *paths(inputs)], force)
     _refuse_adapter_as_base(base)
     view = WeightView(base)  # quantized modules seen as their full-precision weights
-    loaded = load_inputs(inputs)
+    loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
     plans, untie_embed = plan_merge(view, loaded, unmerge, bool(config and config.get("tie_word_embeddings")),
                                     ignore_fingerprint)

@@ -44,24 +44,27 @@ def rank_for_energy(S, energy):
     return _first_reaching(e / e[-1], energy) if len(e) and e[-1] > 0 else 1
 
 
-def choose_rank(S, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None):
+def choose_rank(S, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None,
+                minimal=False):
     """The kept rank for one module: a fixed rank, an energy share, or sd-scripts' dynamic rules.
 
-    sd-scripts' resize_lora meanings: sv_ratio keeps S > S[0] / x; sv_cumulative keeps until cumsum(S)/sum(S) >= x;
-    sv_fro keeps until sqrt(cumsum(S^2)/sum(S^2)) >= x. The result lies in [1, len(S)]: never more than the number
-    of singular values (sd-scripts #325).
+    sd-scripts' resize_lora rules, as it applies them: the smallest k with S[k-1] > S[0] / x (sv_ratio), with
+    cumsum(S)/sum(S) >= x (sv_cumulative) or sqrt(cumsum(S^2)/sum(S^2)) >= x (sv_fro), plus one (its `index + 1`).
+    `minimal` drops that extra rank. The result lies in [1, len(S)]: never more than the number of singular values
+    (sd-scripts #325; where sd-scripts would add a zero direction, lorakit does not).
     """
     S = S.double()
+    extra = 0 if minimal else 1
     if rank is not None:
         k = rank
     elif energy is not None:
         k = rank_for_energy(S, energy)
     elif sv_fro is not None:
-        k = rank_for_energy(S, sv_fro ** 2)
+        k = rank_for_energy(S, sv_fro ** 2) + extra
     elif sv_ratio is not None:
-        k = int((S > S[0] / sv_ratio).sum())
+        k = int((S > S[0] / sv_ratio).sum()) + extra
     elif sv_cumulative is not None:
-        k = _first_reaching(S.cumsum(0) / S.sum(), sv_cumulative) if S.sum() > 0 else 1
+        k = (_first_reaching(S.cumsum(0) / S.sum(), sv_cumulative) if S.sum() > 0 else 1) + extra
     else:
         k = len(S)
     if max_rank is not None:

@@ -17,7 +17,7 @@ from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..quant.view import base_shapes
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_unknown
-from .names import PREFIXES, kohya_name, resolution_table
+from .names import PREFIXES, kohya_names, resolution_table
 
 TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
            "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
@@ -184,19 +184,24 @@ def write(adapter, path, force=False):
         raise LorakitError("kohya files hold no bias deltas or full-tensor replacements: convert to lorakit or peft "
                            "to keep them", path=path)
     components = {m.name.split(".", 1)[0] for m in mods}
+    source_meta = adapter.provenance.get("source_metadata") or {}
+    split_qkv = str(_metadata_args(source_meta).get("split_qkv", "")).lower() == "true"
+    names = kohya_names([m.name for m in mods], source_meta)
     tensors = {}
     for m in mods:
-        name = kohya_name(m.name, components)
+        name = names[m.name]
         if f"{name}.lora_down.weight" in tensors:
             raise LorakitError(f"two modules map to the kohya name {name}", path=path, tensor=m.name)
         tensors[f"{name}.lora_down.weight"] = m.A
         tensors[f"{name}.lora_up.weight"] = m.B
-        tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)  # exact, whatever the factor dtype
+        # a Flux split_qkv module stores the alpha of one split (what the reader multiplied by n), as sd-scripts does
+        n = _split_qkv_count(name, m.B, m.rank, split_qkv)
+        tensors[f"{name}.alpha"] = torch.tensor(m.alpha / n, dtype=torch.float32)  # exact, whatever the factor dtype
         if m.magnitude is not None:
             shape = [1] * len(m.shape)
             shape[m.dora_axis] = -1
             tensors[f"{name}.dora_scale"] = m.magnitude.reshape(shape).contiguous()
-    meta = {k: v for k, v in (adapter.provenance.get("source_metadata") or {}).items() if k.startswith("ss_")}
+    meta = {k: v for k, v in source_meta.items() if k.startswith("ss_")}
     ranks, alphas = {m.rank for m in mods}, {m.alpha for m in mods}
     meta.update({
         "ss_v2": meta.get("ss_v2", "False"),

@@ -86,8 +86,42 @@ def resolution_table(shapes):
     return table
 
 
+def ldm_unet_family(modules, meta=None):
+    """'sd1' or 'sdxl' for modules under the original (LDM) UNet names, from what only one family has: SD1/SD2 put
+    attention in input_blocks 1-2 and output_blocks 6-11 and have 12 input blocks; SDXL has deeper transformers
+    (transformer_blocks.1+), attention in output_blocks 0-2, and label_emb. The sd-scripts metadata decides first."""
+    version = str((meta or {}).get("ss_base_model_version", ""))
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith(("sd_v1", "sd_v2")):
+        return "sd1"
+    text = " ".join(modules)
+    if re.search(r"conditioner\.|label_emb|transformer_blocks\.[1-9]|output_blocks\.[0-2]\.1\.", text):
+        return "sdxl"
+    if re.search(r"input_blocks\.[12]\.1\.|(input|output)_blocks\.(9|10|11)\.|output_blocks\.[6-8]\.1\.|"
+                 r"cond_stage_model\.", text):
+        return "sd1"
+    return None
+
+
+def kohya_names(modules, meta=None):
+    """spec module names -> the kohya lora_names sd-scripts' own trainer uses for that model family: SD1/SD2 UNets
+    by their diffusers paths (sd-scripts' original_unet mirrors them) even when the module names are the single
+    file's (model.diffusion_model.input_blocks...), SDXL and Flux by their original paths."""
+    components = {m.split(".", 1)[0] for m in modules}
+    sd1 = ldm_unet_family(modules, meta) == "sd1"
+    out = {}
+    for module in modules:
+        if module.startswith("model.diffusion_model.") and sd1:
+            path = module[len("model.diffusion_model."):]
+            out[module] = mangle("lora_unet", sd1_unet_to_diffusers(path) or path)
+        else:
+            out[module] = kohya_name(module, components)
+    return out
+
+
 def kohya_name(module, components):
-    """spec module name -> kohya lora_name."""
+    """spec module name -> kohya lora_name (by prefix only; kohya_names knows the model families)."""
     if module.startswith(PREFIXES) and "." not in module:
         return module
     two_text_encoders = "text_encoder_2" in components
@@ -97,7 +131,6 @@ def kohya_name(module, components):
                 continue
             return mangle(kohya_prefix, module[len(base_prefix):])
     return mangle("lora_unet", module)
-
 
 
 # ---------------------------------------------------------------- llama.cpp
