@@ -82,14 +82,21 @@ def _with_default_alpha(config, tensors, alphas):
 
 
 def write(adapter, path, force=False):
-    by_component = {}
+    """Each module's scale is folded into lora_B (alpha = rank): diffusers reads alpha from `lora_adapter_metadata`,
+    ComfyUI and older diffusers ignore it (scale 1), so only a scale of 1 reaches every consumer at the same strength.
+    Text encoder names in the metadata lose `text_model.`: transformers 5 flattened CLIPTextModel and diffusers strips
+    it from the keys, while PEFT's suffix match still finds `text_model.<name>` in older transformers."""
+    by_component, folded = {}, 0
     for name, m in adapter.modules.items():
         component = _component(name)
         if component is None:
             raise LorakitError(f"diffusers files need module names under a component ({', '.join(COMPONENTS[:5])}): "
                                f"'{name}'", path=path)
+        B = m.B
+        if m.scale != 1.0:
+            B, folded = (m.B.double() * m.scale).to(m.B.dtype), folded + 1  # one rounding, in the factor's dtype
         by_component.setdefault(component, Adapter()).add(
-            type(m)(name[len(component) + 1:], m.A, m.B, m.alpha, m.kind, m.bias, m.magnitude, m.dora_axis))
+            type(m)(name[len(component) + 1:], m.A, B, float(m.rank), m.kind, m.bias, m.magnitude, m.dora_axis))
     for name, t in adapter.replacements.items():
         component = _component(name)
         if component is None:
@@ -98,8 +105,22 @@ def write(adapter, path, force=False):
     tensors, packed = {}, {}
     for component, sub in sorted(by_component.items()):
         part, config = peft_format.to_state_dict(sub, path)
+        if component.startswith("text_encoder"):
+            config = _flattened_clip_names(config)
         tensors.update({f"{component}.{k}": v for k, v in part.items()})
         packed.update({f"{component}.{k}": v for k, v in config.items() if k not in ("task_type", "revision")})
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, {"format": "pt", META: json.dumps(packed, sort_keys=True)})
+    if folded:
+        return [f"{folded} module scale(s) folded into lora_B (alpha = rank), so diffusers, ComfyUI and every other "
+                "reader apply the same strength"]
+    return []
 
+
+def _flattened_clip_names(config):
+    strip = lambda n: n[len("text_model."):] if n.startswith("text_model.") else n  # noqa: E731
+    out = dict(config)
+    out["target_modules"] = sorted(strip(n) for n in config["target_modules"])
+    for key in ("rank_pattern", "alpha_pattern"):
+        out[key] = {strip(n): v for n, v in config[key].items()}
+    return out
