@@ -13,7 +13,7 @@ from .errors import LorakitError
 from .io import read_header
 from .io.dtypes import FACTOR_DTYPES
 
-SPEC_VERSION = "1.1"
+SPEC_VERSION = "1.2"
 SPEC_MAJOR = 1
 
 # Stable codes. Errors make a file invalid; warnings do not. The spec's table lists exactly these.
@@ -44,6 +44,7 @@ CODES = {
 
 SUFFIXES = ("lora_A", "lora_B", "alpha", "bias_delta", "dora_magnitude")
 REPLACEMENT = "replacement"  # "<base tensor name>.replacement": full-tensor replacement
+DELTA = "delta"  # "<base tensor name>.delta": full tensor added to the base tensor (since 1.2)
 
 META_VERSION = "lorakit.spec_version"
 META_BASE = "lorakit.base_model"
@@ -73,21 +74,24 @@ class Layout:
     """Which keys of a file make up each module (parsed from names alone)."""
     modules: dict  # module name -> {suffix: key}
     replacements: dict  # base tensor name -> key
+    deltas: dict  # base tensor name -> key
     unknown: list
     module_meta: dict  # module name -> {"kind": ..., "dora_axis": ...}
 
 
 def parse_keys(names):
-    modules, replacements, unknown = {}, {}, []
+    modules, replacements, deltas, unknown = {}, {}, {}, []
     for key in names:
         stem, _, suffix = key.rpartition(".")
         if suffix in SUFFIXES and stem:
             modules.setdefault(stem, {})[suffix] = key
         elif suffix == REPLACEMENT and stem:
             replacements[stem] = key
+        elif suffix == DELTA and stem:
+            deltas[stem] = key
         else:
             unknown.append(key)
-    return modules, replacements, unknown
+    return modules, replacements, deltas, unknown
 
 
 def parse_version(text):
@@ -148,10 +152,13 @@ def check_header(header, problems):
         if key in meta and not re.fullmatch(r"sha256:[0-9a-f]{64}", meta[key]):
             add("LK104", f"'{key}' must be 'sha256:<64 hex>'")
 
-    modules, replacements, unknown = parse_keys(entries)
+    modules, replacements, deltas, unknown = parse_keys(entries)
     for key in unknown:
         add("LK209", "key is not '<module>.(lora_A|lora_B|alpha|bias_delta|dora_magnitude)' or "
-                     "'<tensor>.replacement'", key)
+                     "'<tensor>.(replacement|delta)'", key)
+    for key in deltas.values():
+        if entries[key].dtype not in FACTOR_DTYPES:
+            add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
     for name, keys in modules.items():
         check_module(name, keys, entries, module_meta.get(name, {}), add)
     for name in module_meta:
@@ -167,7 +174,7 @@ def check_header(header, problems):
                              f"weight of shape {list(expected)}", key)
         if entries[key].dtype not in FACTOR_DTYPES:
             add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
-    return Layout(modules, replacements, unknown, module_meta)
+    return Layout(modules, replacements, deltas, unknown, module_meta)
 
 
 def check_module(name, keys, entries, info, add):
@@ -304,10 +311,11 @@ def check_adapter(adapter, values=True):
                 bad = count_non_finite(t) if t is not None else 0
                 if bad:
                     add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.{part}")
-    for name, t in adapter.replacements.items():
-        bad = count_non_finite(t) if values else 0
-        if bad:
-            add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.replacement")
+    for suffix, tensors in ((REPLACEMENT, adapter.replacements), (DELTA, adapter.deltas)):
+        for name, t in tensors.items():
+            bad = count_non_finite(t) if values else 0
+            if bad:
+                add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.{suffix}")
     return problems
 
 

@@ -65,6 +65,11 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
                 raise LorakitError("more than one input replaces this tensor: cannot combine full replacements",
                                    path=path, tensor=key)
             result.replacements[key] = t
+    sums = {}
+    for _, ad, w in loaded:  # full-tensor deltas add exactly, in fp32, rounded once
+        for key, t in ad.deltas.items():
+            sums[key] = sums.get(key, 0) + t.float() * w
+    result.deltas = {key: t.to(out_dtype) for key, t in sums.items()}
     result.provenance = {"operation": "combine", "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
                          "params": {"method": method, "rank": rank, "energy": energy, "density": density,
                                     "seed": seed}}
@@ -92,7 +97,7 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
     check_output(output, paths([(adapter, 1)]), force, directory=False)
     adapter, ad = as_adapter(adapter)
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
-    result = Adapter(replacements=dict(ad.replacements), base_model=ad.base_model,
+    result = Adapter(replacements=dict(ad.replacements), deltas=dict(ad.deltas), base_model=ad.base_model,
                      base_fingerprint=ad.base_fingerprint, base_identity=ad.base_identity,
                      user_metadata=dict(ad.user_metadata))
     rows = []

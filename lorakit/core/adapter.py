@@ -106,6 +106,7 @@ class Module:
 class Adapter:
     modules: dict = field(default_factory=dict)  # name -> Module
     replacements: dict = field(default_factory=dict)  # full base tensor name -> tensor (PEFT modules_to_save)
+    deltas: dict = field(default_factory=dict)  # full base tensor name -> tensor added to it (ComfyUI .diff/.diff_b)
     base_model: str = None
     base_fingerprint: str = None  # names and shapes of the base (spec: base fingerprint)
     base_identity: str = None  # a sample of the base's bytes (spec 1.1: base identity)
@@ -120,7 +121,8 @@ class Adapter:
 
     @property
     def num_params(self):
-        return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.replacements.values())
+        return sum(m.num_params for m in self.modules.values()) + sum(
+            t.numel() for t in (*self.replacements.values(), *self.deltas.values()))
 
     def save(self, path, format="lorakit", force=False, **options):
         """Write the adapter in `format` (atomic). The one call from the core outwards, made at call time so that

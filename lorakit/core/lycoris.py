@@ -34,7 +34,8 @@ def lokr_factors(w1, w2):
     else:
         w2 = w2.double()
         U2, V2 = _split(w2.flatten(1)) if w2.ndim == 2 else (torch.eye(w2.shape[0], dtype=w2.dtype), w2.flatten(1))
-    return torch.kron(U1, U2), torch.kron(V1.flatten(1), V2.flatten(1))
+    c = lambda t: t.flatten(1).contiguous()  # noqa: E731  (torch.kron views its inputs)
+    return torch.kron(c(U1), c(U2)), torch.kron(c(V1), c(V2))
 
 
 def tucker_factors(up, mid, down):

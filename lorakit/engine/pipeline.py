@@ -140,10 +140,15 @@ class MergeJob:
             if entry["out"] is None:
                 view, plan = self.view, self.plans.get(key)
                 members, loras = view.quantized[key], plan.loras if plan else []
+                if plan is not None and plan.deltas and not self.dequantize_out:
+                    raise LorakitError("a full-tensor delta into a quantized module is not supported: merge with "
+                                       "--dtype", tensor=key)
                 if self.dequantize_out:
                     W = view.handler.dequantize(self.ckpt, members)
                     if loras:
                         W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
+                    for D, w in plan.deltas if plan else []:
+                        W = W + D.float() * (self.sign * w)
                     entry["out"] = {key: W.to(self.target_dtype)}
                 else:
                     onto = "original" if self.strategy == "original" else self.onto

@@ -16,10 +16,11 @@ class TensorPlan:
     loras: list = field(default_factory=list)  # [(Module, weight)]
     biases: list = field(default_factory=list)  # [(Module, weight)]
     replacement: torch.Tensor = None
+    deltas: list = field(default_factory=list)  # [(full tensor added, weight)]
 
     @property
     def touched(self):
-        return bool(self.loras or self.biases) or self.replacement is not None
+        return bool(self.loras or self.biases or self.deltas) or self.replacement is not None
 
 
 def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
@@ -66,6 +67,13 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
                     problems.append(f"{m.name}.bias: base {list(view.shape(b.source))}, adapter {list(m.bias.shape)}")
                 else:
                     b.biases.append((m, w))
+        for name, t in ad.deltas.items():
+            p = target(name)
+            if p is None or tuple(view.shape(p.source)) != tuple(t.shape):
+                problems.append(f"{name}: " + ("not in the base" if p is None else
+                                               f"base {list(view.shape(p.source))}, delta {list(t.shape)}"))
+            else:
+                p.deltas.append((t, w))
         for name, t in ad.replacements.items():
             p = target(name)
             if p is None or tuple(view.shape(p.source)) != tuple(t.shape):

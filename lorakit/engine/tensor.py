@@ -14,7 +14,7 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
     written)."""
     if plan.replacement is not None:  # the spec: a replacement first, then the deltas on top of it
         W = plan.replacement
-        if not plan.loras and not plan.biases:
+        if not plan.loras and not plan.biases and not plan.deltas:
             return check_finite(plan.name, W.to(out_dtype))
     if plan.biases or any(m.magnitude is not None for m, _ in plan.loras):
         Wf = W.float() if W.dtype != torch.float32 else W.clone()
@@ -22,8 +22,11 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
             Wf = m.apply(Wf, sign=sign, weight=w)  # DoRA needs the whole tensor for its norm; it is alone here (see plan)
         for m, w in plan.biases:
             Wf.add_(m.bias.float(), alpha=sign * w)
+        for D, w in plan.deltas:
+            Wf.add_(D.float(), alpha=sign * w)
         return check_finite(plan.name, Wf.to(out_dtype))
     factors = [(*m.factors(torch.float32), sign * w) for m, w in plan.loras]
+    deltas = [(D.reshape(W.shape[0], -1), sign * w) for D, w in plan.deltas]
     W2 = W.reshape(W.shape[0], -1)
     out = torch.empty(W2.shape, dtype=out_dtype) if out is None else out.reshape(W2.shape)
     rows = max(1, BLOCK_ELEMENTS // max(1, W2.shape[1]))
@@ -32,6 +35,8 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
         block = W2[i:i + rows].to(torch.float32, copy=True)
         for B2, A2, alpha in factors:
             block.addmm_(B2[i:i + rows], A2, alpha=alpha)
+        for D, alpha in deltas:
+            block.add_(D[i:i + rows].float(), alpha=alpha)
         # one reduction over the fp32 block while it is in cache: NaN, Inf and values the cast would overflow
         if not float(block.abs().amax()) <= limit:
             raise non_finite(plan.name, block.to(out_dtype))

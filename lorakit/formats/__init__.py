@@ -20,12 +20,14 @@ from ..errors import MALFORMED, LorakitError, missing, with_path
 FORMATS = {
     "lorakit": ("lorakit_v1", "lorakit adapter spec v1 (one safetensors file)"),
     "diffusers": ("diffusers", "diffusers LoRA (PEFT keys under unet./text_encoder./transformer.)"),
+    "comfyui": ("comfyui", "ComfyUI / original-names LoRA (diffusion_model.<module>.lora_*, alpha, diff; Wan, "
+                           "HunyuanVideo, Qwen-Image, xlabs Flux ...)"),
     "peft": ("peft", "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) or bare file"),
     "kohya": ("kohya", "kohya-ss/sd-scripts LoRA (and LyCORIS, read)"),
     "loralib": ("loralib", "microsoft/LoRA loralib .pt state dict (read only; needs --alpha)"),
     "gguf": ("gguf_lora", "llama.cpp GGUF LoRA adapter (Llama family; needs the gguf package)"),
 }
-ALIASES = {"lycoris": "kohya", "sd-scripts": "kohya", "llama.cpp": "gguf", "microsoft-lora": "loralib"}
+ALIASES = {"original": "comfyui", "lycoris": "kohya", "sd-scripts": "kohya", "llama.cpp": "gguf", "microsoft-lora": "loralib"}
 
 
 @dataclass

@@ -20,6 +20,14 @@ def refuse_unknown(path, unknown, allow_unknown, notes, what="keys"):
     notes.append(f"skipped {len(unknown)} unknown {what}: {shown}")
 
 
+def refuse_deltas(adapter, what, path):
+    """Full-tensor additive deltas (ComfyUI .diff / .diff_b) have no place in most formats: refused, never dropped."""
+    if adapter.deltas:
+        name = next(iter(adapter.deltas))
+        raise LorakitError(f"{what} files hold no full-tensor deltas ({len(adapter.deltas)} here, e.g. {name}): "
+                           "convert to lorakit or comfyui to keep them", path=path)
+
+
 def check_rank(path, module, A, B):
     if A.shape[0] != B.shape[1]:
         raise LorakitError(f"down/A factor has rank {A.shape[0]} but up/B factor has rank {B.shape[1]} "

@@ -10,7 +10,7 @@ from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
 from . import peft as peft_format
 from .common import open_safetensors, refuse_unknown
-from .names import COMPONENTS, component as _component
+from .names import COMPONENTS, ORIGINAL, component as _component
 
 META = "lora_adapter_metadata"
 OLD = re.compile(r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
@@ -20,7 +20,8 @@ OLD_LINEAR = re.compile(r"^(?P<module>.+?)\.lora_linear_layer\.(?P<part>up|down)
 
 def detect(probe):
     keys = list(probe.header.entries) if probe.header else []
-    return bool(keys) and (META in probe.header.metadata or all(_component(k) for k in keys))
+    return bool(keys) and (META in probe.header.metadata or (all(_component(k) for k in keys)
+                                                             and not any(ORIGINAL.search(k) for k in keys)))
 
 
 def _to_peft_names(key):

@@ -13,7 +13,7 @@ import torch
 from ..core import Adapter, Module
 from ..errors import LorakitError, opt
 from ..io import atomic_output
-from .common import fold_note, most_common, refuse_unknown
+from .common import fold_note, most_common, refuse_deltas, refuse_unknown
 from .names import from_gguf_name, permute, to_gguf_name, unpermute
 
 HEADS_KEY, KV_HEADS_KEY = "{arch}.attention.head_count", "{arch}.attention.head_count_kv"
@@ -125,6 +125,7 @@ def _array(gguf, t):
 def write(adapter, path, force=False, base=None):
     gguf = _gguf()
     mods = list(adapter.modules.values())
+    refuse_deltas(adapter, "llama.cpp LoRA", path)
     if adapter.replacements or any(m.bias is not None or m.magnitude is not None for m in mods):
         raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
                            path=path)

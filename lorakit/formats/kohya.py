@@ -16,7 +16,7 @@ from ..errors import MALFORMED, LorakitError
 from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..quant.view import base_shapes
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
-from .common import most_common, open_safetensors, refuse_unknown
+from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
 from .names import PREFIXES, kohya_names, resolution_table
 
 TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
@@ -62,7 +62,7 @@ def read(path, base=None, allow_unknown=False):
             unresolved.append(lora_name)
         weight_shape = tuple(shapes[module + ".weight"]) if shapes and module + ".weight" in shapes else None
         try:
-            ad.add(_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes))
+            ad.add(build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes))
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=lora_name, code=e.code) from None
         except MALFORMED as e:  # factor shapes that do not fit together
@@ -89,7 +89,7 @@ def _require(keys, needed, what):
         raise LorakitError(f"{what} without {', '.join(missing)}")
 
 
-def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
+def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
     if not any(k.startswith(("lora_down", "lora_up", "hada_", "lokr_")) for k in keys):
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors")
     dtype = next(get(k).dtype for k in keys if k not in ("alpha", "dora_scale"))
@@ -120,25 +120,33 @@ def _module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
             A, B = down, up.reshape(up.shape[0], rank, *[1] * (down.ndim - 2))
     elif "hada_w1_a" in keys:
         _require(keys, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa")
-        if "hada_t1" in keys or "hada_t2" in keys:
-            raise LorakitError("LoHa with Tucker factors (hada_t1/hada_t2) is not supported", path=path,
-                               tensor=lora_name)
-        B, A = loha_factors(get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"))
+        if "hada_t1" in keys or "hada_t2" in keys:  # Tucker: w = einsum(t, w_a, w_b), w_a stored [rank, out]
+            _require(keys, ("hada_t1", "hada_t2"), "LoHa Tucker")
+            B1, A1 = tucker_factors(get("hada_w1_a").T, get("hada_t1"), get("hada_w1_b"))
+            B2, A2 = tucker_factors(get("hada_w2_a").T, get("hada_t2"), get("hada_w2_b"))
+            B, A = loha_factors(B1, A1, B2, A2)
+            A = A.reshape(A.shape[0], *A1.shape[1:])
+        else:
+            B, A = loha_factors(get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"))
         scale = _alpha(get, get("hada_w1_b").shape[0]) / get("hada_w1_b").shape[0]
         A, B = _shape_factors(A, B, weight_shape)
     elif "lokr_w1" in keys or "lokr_w1_a" in keys:
         _require(keys, ("lokr_w1",) if "lokr_w1" in keys else ("lokr_w1_a", "lokr_w1_b"), "LoKr")
         if "lokr_w2" not in keys:
             _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr (no lokr_w2)")
-        if "lokr_t2" in keys:
-            raise LorakitError("LoKr with a Tucker factor (lokr_t2) is not supported", path=path, tensor=lora_name)
         w1 = get("lokr_w1") if "lokr_w1" in keys else (get("lokr_w1_a"), get("lokr_w1_b"))
         w2 = get("lokr_w2") if "lokr_w2" in keys else (get("lokr_w2_a"), get("lokr_w2_b"))
+        if "lokr_t2" in keys:  # Tucker: w2 = einsum(t2, w2_a, w2_b), w2_a stored [rank, out2]
+            _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr Tucker")
+            w2 = tucker_factors(get("lokr_w2_a").T, get("lokr_t2"), get("lokr_w2_b"))
+            w2 = (w2[0], w2[1].flatten(1))
         decomposed = [w[1].shape[0] for w in (w2, w1) if isinstance(w, tuple)]
         scale = _alpha(get, decomposed[0]) / decomposed[0] if decomposed else 1.0
         B, A = lokr_factors(w1, w2)
         if not isinstance(w2, tuple) and w2.ndim > 2:
             A = A.reshape(A.shape[0], -1, *w2.shape[2:])
+        elif "lokr_t2" in keys:
+            A = A.reshape(A.shape[0], -1, *get("lokr_t2").shape[2:])
         A, B = _shape_factors(A, B, weight_shape)
     else:
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors", path=path, tensor=lora_name)
@@ -183,6 +191,7 @@ def write(adapter, path, force=False):
     if adapter.replacements or any(m.bias is not None for m in mods):
         raise LorakitError("kohya files hold no bias deltas or full-tensor replacements: convert to lorakit or peft "
                            "to keep them", path=path)
+    refuse_deltas(adapter, "kohya", path)
     components = {m.name.split(".", 1)[0] for m in mods}
     source_meta = adapter.provenance.get("source_metadata") or {}
     split_qkv = str(_metadata_args(source_meta).get("split_qkv", "")).lower() == "true"

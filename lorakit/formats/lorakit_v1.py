@@ -42,6 +42,8 @@ def read(path, values=True):
         ))
     for name, key in layout.replacements.items():
         adapter.replacements[name] = get(key)
+    for name, key in layout.deltas.items():
+        adapter.deltas[name] = get(key)
     return adapter
 
 
@@ -62,11 +64,13 @@ def to_tensors(adapter):
         modules_meta[name] = info
     for name, t in adapter.replacements.items():
         tensors[f"{name}.{spec.REPLACEMENT}"] = t
+    for name, t in adapter.deltas.items():
+        tensors[f"{name}.{spec.DELTA}"] = t
     provenance = dict(adapter.provenance)
     provenance.setdefault("tool", f"lorakit {__version__}")
     provenance.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta = dict(adapter.user_metadata)
-    meta.update({spec.META_VERSION: spec.SPEC_VERSION, spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
+    meta.update({spec.META_VERSION: spec.SPEC_VERSION if adapter.deltas else "1.1", spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
                  spec.META_MODULES: json.dumps(modules_meta, sort_keys=True)})
     if adapter.base_model:
         meta[spec.META_BASE] = adapter.base_model

@@ -10,6 +10,12 @@ from ..errors import LorakitError
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
 
 
+# names only the original (non-diffusers) layouts of DiT models have (BFL Flux / HunyuanVideo blocks, Wan's attention
+# and FFN): a `transformer.` prefix in front of these is diffusion-pipe's, not a diffusers component
+ORIGINAL = re.compile(r"(^|\.)(double_blocks|single_blocks|final_layer|img_in|txt_in|vector_in|time_in|guidance_in)\.|"
+                      r"\.(self_attn|cross_attn)\.[qkvo]\.|_attn_(qkv|proj)\.|\.ffn\.[02]\.")
+
+
 def component(key):
     """The diffusers component a key starts with (unet, text_encoder, ...), or None."""
     head = key.split(".", 1)[0]
@@ -27,7 +33,7 @@ def is_embedding(weight_name):
 
 
 # ---------------------------------------------------------------- kohya
-PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te")
+PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te", "lycoris")  # lycoris_: LyCORIS on DiTs
 # where each kohya prefix lives in a base: (kohya prefix, base name prefix). Diffusers folders are read with their
 # component as prefix (unet., text_encoder., ...); original single-file SD/SDXL/Flux checkpoints use the others.
 BASE_PREFIXES = (
@@ -35,6 +41,7 @@ BASE_PREFIXES = (
     ("lora_te1", "text_encoder."), ("lora_te2", "text_encoder_2."), ("lora_te3", "text_encoder_3."),
     ("lora_unet", "model.diffusion_model."), ("lora_te", "cond_stage_model.transformer."),
     ("lora_te1", "conditioner.embedders.0.transformer."), ("lora_unet", ""),
+    ("lycoris", "transformer."), ("lycoris", "model.diffusion_model."), ("lycoris", "unet."), ("lycoris", ""),
 )
 def mangle(prefix, path):
     return (prefix + "." + path).replace(".", "_")

@@ -16,7 +16,7 @@ from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
 from ..quant.view import base_shapes
-from .common import check_rank, most_common, open_safetensors, refuse_unknown, t_contig
+from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -190,6 +190,7 @@ def _is_transposed(module, A, B, fan_in_fan_out, base_shapes):
 def to_state_dict(adapter, path):
     """(tensors with PEFT names, without the base_model.model. prefix, and the LoraConfig fields)."""
     mods = list(adapter.modules.values())
+    refuse_deltas(adapter, "PEFT / diffusers", path)
     if not mods and not adapter.replacements:
         raise LorakitError("the adapter is empty", path=path)
     dora = {m.magnitude is not None for m in mods}

@@ -1,0 +1,183 @@
+"""Diffusion LoRA dialects as the tools that make them name them (ComfyUI / diffusion-pipe / musubi-tuner / lightx2v
+"original names", xlabs Flux, BFL control, LyCORIS `lycoris_` and Tucker), each checked against an fp64 reference:
+read, converted to every format that can hold it and read back, merged into a single-file base with original names."""
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import LorakitError
+from lorakit.io import TensorFile, write_safetensors
+
+g = torch.Generator().manual_seed(7)
+
+
+def rnd(*s):
+    return torch.randn(*s, generator=g)
+
+
+def lora(prefix, down, up, shape, r, alpha=None, names=("lora_A.weight", "lora_B.weight")):
+    """(tensors, fp64 delta) of one LoRA module in a dialect."""
+    A, B = rnd(r, shape[1]), rnd(shape[0], r)
+    t = {f"{prefix}.{names[0]}": A, f"{prefix}.{names[1]}": B}
+    if alpha is not None:
+        t[f"{prefix}.alpha"] = torch.tensor(alpha)
+    return t, (alpha / r if alpha is not None else 1.0) * (B.double() @ A.double())
+
+
+def close(x, ref):
+    """Equal up to the factors' fp32 storage (LyCORIS products are stored as fp32 factors)."""
+    return torch.allclose(x, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+def load(path, base):
+    """Read as merge does: the base goes to the readers that resolve names against it."""
+    from lorakit.commands.args import load_inputs
+    return load_inputs([(str(path), 1.0)], str(base))[0][1]
+
+
+def check_dialect(tmp_path, cli, base, tensors, expected, fmt="comfyui", writable=("lorakit", "comfyui")):
+    """expected: {base tensor name: fp64 delta}. Read with the base, convert, merge with the CLI."""
+    write_safetensors(tmp_path / "base.safetensors", base)
+    write_safetensors(tmp_path / "lora.safetensors", tensors)
+    ad = lorakit.load(tmp_path / "lora.safetensors", base=str(tmp_path / "base.safetensors"))
+    assert ad.source_format == fmt
+    got = {f"{n}.weight": m.delta(torch.float64) for n, m in ad.modules.items()}
+    got.update({n: t.double() for n, t in ad.deltas.items()})
+    assert set(got) == set(expected)
+    for name, ref in expected.items():
+        assert close(got[name], ref), name
+    lorakit.convert(tmp_path / "lora.safetensors", tmp_path / "a.safetensors", to="lorakit",
+                    base=str(tmp_path / "base.safetensors"))
+    for to in writable:
+        out = tmp_path / f"x.{to}"
+        lorakit.convert(tmp_path / "a.safetensors", out, to=to)
+        back = load(out, tmp_path / "base.safetensors")
+        again = {f"{n}.weight": m.delta(torch.float64) for n, m in back.modules.items()}
+        again.update({n: t.double() for n, t in back.deltas.items()})
+        assert set(again) == set(expected), to
+        for name, ref in expected.items():
+            assert close(again[name], ref), (to, name)
+    code, out, err = cli("merge", tmp_path / "base.safetensors", tmp_path / "lora.safetensors", "-o",
+                         tmp_path / "m.safetensors", "--json")
+    assert code == 0, err
+    merged = TensorFile(tmp_path / "m.safetensors")
+    for name, W in base.items():
+        want = W.double() + expected.get(name, 0)
+        assert torch.allclose(merged.get(name).double(), want, rtol=0, atol=3e-7 * want.abs().max()), name
+    return ad
+
+
+def test_comfyui_wan_with_diff_and_diff_b(tmp_path, cli):
+    """Wan as ComfyUI / diffusion-pipe save it: diffusion_model.<original path>, alpha, diff (norms), diff_b (biases);
+    the base keeps Comfy-Org's unprefixed names."""
+    base = {"blocks.0.self_attn.q.weight": rnd(24, 16), "blocks.0.self_attn.q.bias": rnd(24),
+            "blocks.0.ffn.0.weight": rnd(32, 16), "blocks.0.norm3.weight": rnd(16), "head.head.weight": rnd(8, 16)}
+    t, dq = lora("diffusion_model.blocks.0.self_attn.q", "", "", (24, 16), 4, alpha=2.0)
+    t2, dffn = lora("diffusion_model.blocks.0.ffn.0", "", "", (32, 16), 2, alpha=8.0)
+    t.update(t2)
+    t["diffusion_model.blocks.0.self_attn.q.diff_b"] = rnd(24)
+    t["diffusion_model.blocks.0.norm3.diff"] = rnd(16)
+    expected = {"blocks.0.self_attn.q.weight": dq, "blocks.0.ffn.0.weight": dffn,
+                "blocks.0.self_attn.q.bias": t["diffusion_model.blocks.0.self_attn.q.diff_b"].double(),
+                "blocks.0.norm3.weight": t["diffusion_model.blocks.0.norm3.diff"].double()}
+    check_dialect(tmp_path, cli, base, t, expected)
+    # formats without full-tensor deltas refuse them by name rather than drop them
+    with pytest.raises(LorakitError, match="hold no full-tensor deltas"):
+        lorakit.convert(tmp_path / "a.safetensors", tmp_path / "p", to="peft")
+    # ComfyUI's own key layout on the way out: diffusion_model.<path>.diff / .diff_b
+    keys = set(TensorFile(tmp_path / "x.comfyui").header.entries)
+    assert "blocks.0.norm3.diff" in keys and "blocks.0.self_attn.q.diff_b" in keys
+
+
+def test_hunyuan_video_diffusion_pipe_is_not_diffusers(tmp_path, cli):
+    base = {"double_blocks.0.img_attn_qkv.weight": rnd(48, 16), "single_blocks.0.linear1.weight": rnd(40, 16)}
+    t, d1 = lora("transformer.double_blocks.0.img_attn_qkv", "", "", (48, 16), 4)
+    t2, d2 = lora("transformer.single_blocks.0.linear1", "", "", (40, 16), 2)
+    t.update(t2)
+    check_dialect(tmp_path, cli, base, t, {"double_blocks.0.img_attn_qkv.weight": d1,
+                                           "single_blocks.0.linear1.weight": d2},
+                  writable=("lorakit", "comfyui", "kohya"))
+
+
+def test_qwen_image_lightx2v(tmp_path, cli):
+    base = {"transformer_blocks.0.attn.to_q.weight": rnd(32, 16), "transformer_blocks.0.img_mlp.net.2.weight":
+            rnd(16, 64)}
+    t, d1 = lora("transformer_blocks.0.attn.to_q", "", "", (32, 16), 4, alpha=4.0,
+                 names=("lora_down.weight", "lora_up.weight"))
+    t2, d2 = lora("transformer_blocks.0.img_mlp.net.2", "", "", (16, 64), 8, alpha=2.0,
+                  names=("lora_down.weight", "lora_up.weight"))
+    t.update(t2)
+    check_dialect(tmp_path, cli, base, t, {"transformer_blocks.0.attn.to_q.weight": d1,
+                                           "transformer_blocks.0.img_mlp.net.2.weight": d2},
+                  writable=("lorakit", "comfyui", "kohya", "peft"))
+
+
+def test_xlabs_flux(tmp_path, cli):
+    base = {"double_blocks.0.img_attn.qkv.weight": rnd(48, 16), "double_blocks.0.txt_attn.proj.weight": rnd(16, 16)}
+    t, d1 = lora("double_blocks.0.processor.qkv_lora1", "", "", (48, 16), 4, names=("down.weight", "up.weight"))
+    t2, d2 = lora("double_blocks.0.processor.proj_lora2", "", "", (16, 16), 4, names=("down.weight", "up.weight"))
+    t.update(t2)
+    check_dialect(tmp_path, cli, base, t, {"double_blocks.0.img_attn.qkv.weight": d1,
+                                           "double_blocks.0.txt_attn.proj.weight": d2})
+
+
+def test_bfl_control_lora_replacements(tmp_path, cli):
+    base = {"double_blocks.0.img_attn.qkv.weight": rnd(48, 16), "double_blocks.0.img_attn.norm.key_norm.scale": rnd(8)}
+    t, d1 = lora("double_blocks.0.img_attn.qkv", "", "", (48, 16), 4)
+    t["double_blocks.0.img_attn.norm.key_norm.scale"] = rnd(8)
+    write_safetensors(tmp_path / "base.safetensors", base)
+    write_safetensors(tmp_path / "c.safetensors", t)
+    ad = lorakit.load(tmp_path / "c.safetensors", base=str(tmp_path / "base.safetensors"))
+    assert ad.source_format == "comfyui"
+    assert torch.equal(ad.replacements["double_blocks.0.img_attn.norm.key_norm.scale"],
+                       t["double_blocks.0.img_attn.norm.key_norm.scale"])
+    lorakit.merge(tmp_path / "base.safetensors", [tmp_path / "c.safetensors"], tmp_path / "m.safetensors")
+    m = TensorFile(tmp_path / "m.safetensors")
+    assert torch.equal(m.get("double_blocks.0.img_attn.norm.key_norm.scale"),
+                       t["double_blocks.0.img_attn.norm.key_norm.scale"])
+
+
+def test_lycoris_prefix_and_tucker(tmp_path, cli):
+    """lycoris_<mangled path> (LyCORIS on DiTs), LoKr with a Tucker w2 and LoHa with Tucker factors on a conv,
+    against ComfyUI's / LyCORIS' einsum formulas in fp64."""
+    base = {"single_blocks.0.linear1.weight": rnd(12, 8), "img_in.weight": rnd(6, 4, 3, 3),
+            "final_layer.conv.weight": rnd(4, 6, 3, 3)}
+    t, R = {}, 2
+    # LoKr: w1 full [3, 2], w2 = w2_a @ w2_b [4, 4] -> kron [12, 8]; alpha / rank of w2
+    w1, w2a, w2b = rnd(3, 2), rnd(4, R), rnd(R, 4)
+    t.update({"lycoris_single_blocks_0_linear1.lokr_w1": w1, "lycoris_single_blocks_0_linear1.lokr_w2_a": w2a,
+              "lycoris_single_blocks_0_linear1.lokr_w2_b": w2b, "lycoris_single_blocks_0_linear1.alpha":
+              torch.tensor(1.0)})
+    d_lokr = torch.kron(w1.double(), w2a.double() @ w2b.double()) * (1.0 / R)
+    # LoHa Tucker on img_in [6, 4, 3, 3]: w = einsum('ijkl,jr,ip->prkl', t, w_b, w_a)
+    loha = {k: rnd(*s) for k, s in (("hada_t1", (R, R, 3, 3)), ("hada_w1_a", (R, 6)), ("hada_w1_b", (R, 4)),
+                                     ("hada_t2", (R, R, 3, 3)), ("hada_w2_a", (R, 6)), ("hada_w2_b", (R, 4)))}
+    t.update({f"lycoris_img_in.{k}": v for k, v in loha.items()})
+    t["lycoris_img_in.alpha"] = torch.tensor(4.0)
+    e = {k: v.double() for k, v in loha.items()}
+    w1_ = torch.einsum("ijkl,jr,ip->prkl", e["hada_t1"], e["hada_w1_b"], e["hada_w1_a"])
+    w2_ = torch.einsum("ijkl,jr,ip->prkl", e["hada_t2"], e["hada_w2_b"], e["hada_w2_a"])
+    d_loha = w1_ * w2_ * (4.0 / R)
+    # LoKr with lokr_t2 on a conv: w2 = einsum('ijkl,jr,ip->prkl', t2, w2_b, w2_a) [2, 3, 3, 3], w1 [2, 2]
+    k1, kt, ka, kb = rnd(2, 2), rnd(R, R, 3, 3), rnd(R, 2), rnd(R, 3)
+    t.update({"lycoris_final_layer_conv.lokr_w1": k1, "lycoris_final_layer_conv.lokr_t2": kt,
+              "lycoris_final_layer_conv.lokr_w2_a": ka, "lycoris_final_layer_conv.lokr_w2_b": kb})
+    w2c = torch.einsum("ijkl,jr,ip->prkl", kt.double(), kb.double(), ka.double())
+    d_conv = torch.kron(k1.double()[:, :, None, None].contiguous(), w2c.contiguous())  # no alpha: scale 1
+    check_dialect(tmp_path, cli, base, t, {"single_blocks.0.linear1.weight": d_lokr, "img_in.weight": d_loha,
+                                           "final_layer.conv.weight": d_conv},
+                  fmt="kohya", writable=("lorakit", "comfyui", "kohya"))
+
+
+def test_unresolved_names_are_reported(tmp_path):
+    write_safetensors(tmp_path / "base.safetensors", {"blocks.0.x.weight": torch.zeros(4, 4)})
+    t, _ = lora("diffusion_model.blocks.9.y", "", "", (4, 4), 2, alpha=2.0)
+    write_safetensors(tmp_path / "lora.safetensors", t)
+    ad = lorakit.load(tmp_path / "lora.safetensors", base=str(tmp_path / "base.safetensors"))
+    assert any("1 name(s) not found in the base" in n for n in ad.notes)
+    with pytest.raises(LorakitError, match="diffusion_model.blocks.9.y.weight: not in the base"):
+        lorakit.merge(tmp_path / "base.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    assert json.loads(json.dumps(ad.notes))  # notes are plain strings
