@@ -228,6 +228,8 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
 @click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4; twice that, at most 8, into quantized bases).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
+@click.option("--skip-unmatched", is_flag=True, help="Merge the adapter tensors the base has, report the others by name "
+              "(parts stored in other files: a Flux LoRA's CLIP-L, SDXL's second text encoder).")
 @click.option("--strategy", default=next(iter(STRATEGIES)), show_default=True, type=click.Choice(list(STRATEGIES)),
               help="Quantized bases: how W + dW goes back onto the grid (see README).")
 @click.option("--full-precision-base", type=click.Path(), help="The unquantized base (for --strategy original / "
@@ -236,13 +238,14 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
               help="Quantized bases: merge onto dequant(Q(W)) (what a QLoRA adapter saw) or onto the original W.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy stochastic and the probes.")
 def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, shard_size, threads,
-              ignore_fingerprint, strategy, full_precision_base, onto, seed):
+              ignore_fingerprint, skip_unmatched, strategy, full_precision_base, onto, seed):
     """Merge ADAPTER[:WEIGHT]... into BASE (file or folder), streaming; fp32 math, rounded once. Quantized bases
     (FP8, INT8, GPTQ, AWQ; NF4 to --dtype) are written back in their format with a survival report."""
     from .commands.merge import merge
     emit(merge(base, list(adapters), output, dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads,
                force=force, quiet=quiet, ignore_fingerprint=ignore_fingerprint, strategy=strategy,
-               full_precision_base=full_precision_base, onto=onto, seed=seed), as_json, render.merge_text)
+               full_precision_base=full_precision_base, onto=onto, seed=seed, skip_unmatched=skip_unmatched),
+         as_json, render.merge_text)
 
 
 # ---------------------------------------------------------------- train

@@ -181,3 +181,32 @@ def test_unresolved_names_are_reported(tmp_path):
         lorakit.merge(tmp_path / "base.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
     assert json.loads(json.dumps(ad.notes))  # notes are plain strings
+
+
+def test_skip_unmatched_merges_what_fits(tmp_path, cli):
+    """A Flux LoRA with CLIP-L parts (lora_te1) into the transformer-only single file: an error by default naming the
+    way out; --skip-unmatched merges the transformer part exactly and lists what it skipped."""
+    from lorakit.formats.names import mangle
+    W = rnd(48, 16)
+    write_safetensors(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": W})
+    t, delta = lora(mangle("lora_unet", "double_blocks.0.img_attn.qkv"), "", "", (48, 16), 4, alpha=4.0,
+                    names=("lora_down.weight", "lora_up.weight"))
+    te = mangle("lora_te1", "text_model.encoder.layers.0.self_attn.q_proj")
+    t.update({f"{te}.lora_down.weight": rnd(4, 8), f"{te}.lora_up.weight": rnd(8, 4)})
+    write_safetensors(tmp_path / "k.safetensors", t)
+    code, out, err = cli("merge", tmp_path / "flux.safetensors", tmp_path / "k.safetensors", "-o",
+                         tmp_path / "m.safetensors")
+    assert code == 2 and "not in the base" in err and "--skip-unmatched merges the tensors the base has" in err
+    assert "Traceback" not in err and not (tmp_path / "m.safetensors").exists()
+    code, out, err = cli("merge", tmp_path / "flux.safetensors", tmp_path / "k.safetensors", "-o",
+                         tmp_path / "m.safetensors", "--skip-unmatched", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["skipped"] == [f"{te}.weight"] and report["merged_count"] == 1
+    merged = TensorFile(tmp_path / "m.safetensors").get("double_blocks.0.img_attn.qkv.weight").double()
+    assert torch.allclose(merged, W.double() + delta, rtol=0, atol=3e-7 * float(merged.abs().max()))
+    # nothing at all in the base: still an error
+    write_safetensors(tmp_path / "te.safetensors", {k: v for k, v in t.items() if k.startswith("lora_te1")})
+    code, out, err = cli("merge", tmp_path / "flux.safetensors", tmp_path / "te.safetensors", "-o",
+                         tmp_path / "m2.safetensors", "--skip-unmatched")
+    assert code == 2 and "none of the adapter tensors is in the base" in err

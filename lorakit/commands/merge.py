@@ -12,11 +12,12 @@ from .args import existing, in_range, load_inputs, parse_size, paths, weighted_i
 
 def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, threads=None, force=False,
           quiet=False, ignore_fingerprint=False, strategy="feedback", full_precision_base=None, onto="dequantized",
-          seed=0):
+          seed=0, skip_unmatched=False):
     """Merge adapters (`path` or `path:weight`) into `base`: W' = W + sum_i w_i * scale_i * B_i @ A_i, in fp32,
     rounded once. Writes `output` in the base's layout (file or folder). Quantized bases (FP8, INT8, GPTQ, AWQ,
     NF4) are written back in their format with `strategy` (lorakit.quant.STRATEGIES), or dequantized with `dtype`;
-    the report then says how much of each adapter module survived. Returns a report."""
+    the report then says how much of each adapter module survived. `skip_unmatched`: adapter tensors the base does not
+    have are skipped and listed in the report (an error otherwise). Returns a report."""
     from ..engine import pipeline
     from ..engine.plan import plan_merge
     from ..quant.view import WeightView
@@ -34,8 +35,11 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     view = WeightView(base)  # quantized modules seen as their full-precision weights
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
-    plans, untie_embed = plan_merge(view, loaded, unmerge, bool(config and config.get("tie_word_embeddings")),
-                                    ignore_fingerprint)
+    plans, untie_embed, skipped = plan_merge(view, loaded, unmerge, bool(config and config.get("tie_word_embeddings")),
+                                             ignore_fingerprint, skip_unmatched)
+    if skipped and not any(p.touched for p in plans.values()):
+        raise LorakitError(f"none of the adapter tensors is in the base ({len(skipped)} skipped, e.g. {skipped[0]}): "
+                           "is this the right base?", path=base)
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
     full = Checkpoint(full_precision_base) if full_precision_base else None
     job = pipeline.MergeJob(view, plans, -1.0 if unmerge else 1.0, target_dtype, strategy, full, onto, seed)
@@ -53,6 +57,9 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
+    if skipped:
+        notes.append(f"skipped {len(skipped)} adapter tensor(s) not in the base (--skip-unmatched): "
+                     + ", ".join(skipped[:20]) + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
     if untie_embed:
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / lm_head.weight; both were written and "
                      "tie_word_embeddings set to false in config.json")
@@ -60,7 +67,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
               "unmerge": unmerge, "tensor_count": sum(len(s) for _, s in writer.shards),
               "merged_count": sum(p.touched for p in plans.values()),
               "shard_count": len(writer.shards) if writer.folder else 1,
-              "bytes": total, "dtype": dtype or "keep", "notes": notes}
+              "bytes": total, "dtype": dtype or "keep", "skipped": skipped, "notes": notes}
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report

@@ -23,12 +23,20 @@ class TensorPlan:
         return bool(self.loras or self.biases or self.deltas) or self.replacement is not None
 
 
-def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
+def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched=False):
     """Resolve every adapter tensor (adapters: [(path, Adapter, weight)]) to a tensor of the WeightView `view`
     (quantized weights by their dequantized shapes). Returns ({output name: TensorPlan}, the embedding to untie or
-    None). Raises one error listing everything that does not fit."""
+    None, [tensors skipped]). Raises one error listing everything that does not fit; with `skip_unmatched`, tensors
+    the base does not have are skipped instead (a shape that differs stays an error: that is another base)."""
     ckpt = view.ckpt
-    plans, problems = {}, []
+    plans, problems, skipped, hints = {}, [], [], set()
+
+    def unmatched(name, problem):
+        if skip_unmatched:
+            skipped.append(name)
+        else:
+            problems.append(problem)
+            hints.add(f"{opt('skip_unmatched', True)} merges the tensors the base has")
     embed = next((n for n in ckpt.where if is_embedding(n)), None) if tied else None
     # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
     base_fp = fingerprint(view.shapes())
@@ -47,7 +55,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
         for m in ad.modules.values():
             p = target(f"{m.name}.weight")
             if p is None:
-                problems.append(f"{m.name}.weight: not in the base")
+                unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
                 continue
             shape = view.shape(p.source)
             if tuple(shape) != tuple(m.shape):
@@ -69,14 +77,17 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
                     b.biases.append((m, w))
         for name, t in ad.deltas.items():
             p = target(name)
-            if p is None or tuple(view.shape(p.source)) != tuple(t.shape):
-                problems.append(f"{name}: " + ("not in the base" if p is None else
-                                               f"base {list(view.shape(p.source))}, delta {list(t.shape)}"))
+            if p is None:
+                unmatched(name, f"{name}: not in the base")
+            elif tuple(view.shape(p.source)) != tuple(t.shape):
+                problems.append(f"{name}: base {list(view.shape(p.source))}, delta {list(t.shape)}")
             else:
                 p.deltas.append((t, w))
         for name, t in ad.replacements.items():
             p = target(name)
-            if p is None or tuple(view.shape(p.source)) != tuple(t.shape):
+            if p is None:
+                unmatched(name, f"{name}: replacement does not fit the base (not in it)")
+            elif tuple(view.shape(p.source)) != tuple(t.shape):
                 problems.append(f"{name}: replacement does not fit the base")
             elif unmerge:
                 problems.append(f"{name}: a full replacement cannot be unmerged")
@@ -86,8 +97,9 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint):
                 p.replacement = t
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise LorakitError(f"{len(problems)} adapter tensor(s) do not fit the base: {shown}", path=ckpt.path)
+        hint = f" ({'; '.join(sorted(hints))})" if hints else ""
+        raise LorakitError(f"{len(problems)} adapter tensor(s) do not fit the base: {shown}{hint}", path=ckpt.path)
     untie = embed is not None and (HEAD in plans or embed in plans)
     if untie:
         target(HEAD)  # write the head explicitly, with or without its own delta
-    return plans, embed if untie else None
+    return plans, embed if untie else None, skipped
