@@ -31,6 +31,8 @@ def inspect_text(r):
         echo(f"  {t['kind']:<9} {t['target']}{layers}   r={ranks}   ({t['pattern']})")
     for name, shape in r["replacements"].items():
         echo(f"  replaced  {name} {shape}")
+    for name, shape in r.get("deltas", {}).items():
+        echo(f"  delta     {name} {shape}")
     p = r["provenance"] or {}
     said = [f"{k} {p[k]}" for k in ("operation", "source_format", "tool", "created") if p.get(k)]
     if said:

@@ -228,3 +228,24 @@ def test_diffusers_own_kohya_conversion_accepts_lorakit_output(tmp_path):
     assert torch.equal(converted[down], ad.modules[f"unet.{q}.to_q"].A)
     assert alphas[down + ".alpha"] == ad.modules[f"unet.{q}.to_q"].alpha
     assert len(converted) == 2 * len(ad.modules)  # nothing left over, nothing dropped
+
+
+def test_inspect_groups_kohya_names(tmp_path, cli):
+    """kohya's mangled names group by layer like dotted ones: 24 SDXL UNet modules + 3 TE -> 4 target lines."""
+    t = {}
+    for b in (4, 5, 7, 8):
+        for tb in range(2):
+            for p in ("attn1.to_q", "attn2.to_k", "ff.net.0.proj"):
+                n = mangle("lora_unet", f"input_blocks.{b}.1.transformer_blocks.{tb}.{p}")
+                t[f"{n}.lora_down.weight"], t[f"{n}.lora_up.weight"] = rnd(4, 8), rnd(8, 4)
+    for layer in range(3):
+        n = mangle("lora_te1", f"text_model.encoder.layers.{layer}.self_attn.q_proj")
+        t[f"{n}.lora_down.weight"], t[f"{n}.lora_up.weight"] = rnd(4, 8), rnd(8, 4)
+    write_safetensors(tmp_path / "k.safetensors", t)
+    code, out, err = cli("inspect", tmp_path / "k.safetensors", "--json")
+    assert code == 0, err
+    targets = {x["pattern"]: x["count"] for x in json.loads(out)["targets"]}
+    assert targets == {"lora_te1_text_model_encoder_layers_*_self_attn_q_proj": 3,
+                       "lora_unet_input_blocks_*_*_transformer_blocks_*_attn1_to_q": 8,
+                       "lora_unet_input_blocks_*_*_transformer_blocks_*_attn2_to_k": 8,
+                       "lora_unet_input_blocks_*_*_transformer_blocks_*_ff_net_*_proj": 8}

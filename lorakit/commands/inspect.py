@@ -10,8 +10,19 @@ from ..io.dtypes import dtype_name
 
 
 def _pattern(name):
-    """Layer indices become '*': model.layers.3.mlp.up_proj -> model.layers.*.mlp.up_proj."""
+    """Layer indices become '*': model.layers.3.mlp.up_proj -> model.layers.*.mlp.up_proj; in kohya's mangled names
+    too: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q -> lora_unet_input_blocks_*_*_transformer_blocks_*_
+    attn1_to_q (an SDXL file is then ~20 lines, not 800)."""
+    if "." not in name:
+        return re.sub(r"(?<=_)\d+(?=_|$)", "*", name)
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def _target(pattern):
+    """The layer a pattern ends in: mlp.up_proj -> up_proj; ..._blocks_*_attn1_to_q -> attn1_to_q."""
+    if "." in pattern:
+        return pattern.rsplit(".", 1)[-1]
+    return pattern.rsplit("*_", 1)[-1]
 
 
 def _size(path):
@@ -37,7 +48,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     groups = defaultdict(list)
     for m in modules:
         groups[(m["kind"], _pattern(m["module"]))].append(m)
-    targets = [{"kind": kind, "pattern": pat, "target": pat.rsplit(".", 1)[-1], "count": len(ms),
+    targets = [{"kind": kind, "pattern": pat, "target": _target(pat), "count": len(ms),
                 "ranks": sorted({m["rank"] for m in ms}), "alphas": sorted({m["alpha"] for m in ms})}
                for (kind, pat), ms in sorted(groups.items())]
     dtypes = Counter(dtype_name(t.dtype) for m in ad.modules.values() for t in (m.A, m.B))
@@ -51,6 +62,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
                        for (r, a), n in sorted(Counter((m["rank"], m["alpha"]) for m in modules).items())],
         "dtypes": dict(dtypes), "targets": targets,
         "replacements": {k: list(v.shape) for k, v in ad.replacements.items()},
+        "deltas": {k: list(v.shape) for k, v in ad.deltas.items()},
         "provenance": ad.provenance, "metadata": ad.user_metadata,
     }
     if verbose or spectrum:
