@@ -210,3 +210,48 @@ def test_skip_unmatched_merges_what_fits(tmp_path, cli):
     code, out, err = cli("merge", tmp_path / "flux.safetensors", tmp_path / "te.safetensors", "-o",
                          tmp_path / "m2.safetensors", "--skip-unmatched")
     assert code == 2 and "none of the adapter tensors is in the base" in err
+
+
+def test_fused_slices_sdxl_te2_and_flux_diffusers(tmp_path, cli):
+    """LoRAs on q/k/v of a model whose single file stores them fused land on the right rows: SDXL's second text
+    encoder (OpenCLIP in_proj_weight) from a kohya file, and Flux's qkv / linear1 from a diffusers-format file."""
+    from lorakit.formats.names import mangle
+    H, M = 8, 12
+    te2 = "conditioner.embedders.1.model.transformer.resblocks.0."
+    base = {f"{te2}attn.in_proj_weight": rnd(3 * H, H), f"{te2}mlp.c_fc.weight": rnd(M, H),
+            "model.diffusion_model.double_blocks.0.img_attn.qkv.weight": rnd(3 * H, H),
+            "model.diffusion_model.double_blocks.0.img_attn.proj.weight": rnd(H, H),
+            "model.diffusion_model.single_blocks.0.linear1.weight": rnd(3 * H + M, H),
+            "model.diffusion_model.img_in.weight": rnd(H, 4)}
+    write_safetensors(tmp_path / "base.safetensors", base)
+    expected = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in base.items()}
+    kohya, diff = {}, {}
+    for i, layer in enumerate(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+        t, d = lora(mangle("lora_te2", f"text_model.encoder.layers.0.{layer}"), "", "", (H, H), 2, alpha=1.0,
+                    names=("lora_down.weight", "lora_up.weight"))
+        kohya.update(t)
+        expected[f"{te2}attn.in_proj_weight"][i * H:(i + 1) * H] += d
+    t, d = lora(mangle("lora_te2", "text_model.encoder.layers.0.mlp.fc1"), "", "", (M, H), 2, alpha=4.0,
+                names=("lora_down.weight", "lora_up.weight"))
+    kohya.update(t)
+    expected[f"{te2}mlp.c_fc.weight"] += d
+    for name, (rows, target) in {"transformer_blocks.0.attn.to_k": ((H, 2 * H), "double_blocks.0.img_attn.qkv"),
+                                 "transformer_blocks.0.attn.to_out.0": ((0, H), "double_blocks.0.img_attn.proj"),
+                                 "single_transformer_blocks.0.attn.to_v": ((2 * H, 3 * H), "single_blocks.0.linear1"),
+                                 "single_transformer_blocks.0.proj_mlp": ((3 * H, 3 * H + M),
+                                                                          "single_blocks.0.linear1"),
+                                 "x_embedder": ((0, H), "img_in")}.items():
+        shape = (rows[1] - rows[0], base[f"model.diffusion_model.{target}.weight"].shape[1])
+        t, d = lora(f"transformer.{name}", "", "", shape, 2)
+        diff.update(t)
+        expected[f"model.diffusion_model.{target}.weight"][rows[0]:rows[1]] += d
+    write_safetensors(tmp_path / "k.safetensors", kohya)
+    write_safetensors(tmp_path / "d.safetensors", diff)
+    code, out, err = cli("merge", tmp_path / "base.safetensors", tmp_path / "k.safetensors", tmp_path / "d.safetensors",
+                         "-o", tmp_path / "m.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(out)["merged_count"] == len(base)
+    merged = TensorFile(tmp_path / "m.safetensors")
+    for name, W in base.items():
+        want = W.double() + expected[name]
+        assert torch.allclose(merged.get(name).double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LorakitError, opt
-from ..formats.names import HEAD, is_embedding
+from ..core import Module
+from ..formats.names import HEAD, fused_aliases, is_embedding
 from ..spec import fingerprint
 
 
@@ -30,6 +31,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     the base does not have are skipped instead (a shape that differs stays an error: that is another base)."""
     ckpt = view.ckpt
     plans, problems, skipped, hints = {}, [], [], set()
+    aliases = None  # other tools' names for the base's tensors and fused slices, built when first needed
 
     def unmatched(name, problem):
         if skip_unmatched:
@@ -54,6 +56,14 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                             f"{base_fp[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)")
         for m in ad.modules.values():
             p = target(f"{m.name}.weight")
+            if p is None:
+                if aliases is None:
+                    aliases = fused_aliases(view.shapes())
+                if m.name in aliases and m.magnitude is None and m.bias is None:
+                    tensor, start, stop = aliases[m.name]
+                    if tuple(m.shape) == (stop - start, *view.shape(tensor)[1:]):
+                        m = on_rows(m, tensor, start, stop, view.shape(tensor)[0])
+                        p = target(tensor)
             if p is None:
                 unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
                 continue
@@ -103,3 +113,10 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     if untie:
         target(HEAD)  # write the head explicitly, with or without its own delta
     return plans, embed if untie else None, skipped
+
+
+def on_rows(m, tensor, start, stop, rows):
+    """Module `m` as a delta of the whole fused `tensor`: B padded with zero rows outside [start, stop) (exact)."""
+    B = m.B.new_zeros((rows, *m.B.shape[1:]))
+    B[start:stop] = m.B
+    return Module(tensor, m.A, B, m.alpha, m.kind)

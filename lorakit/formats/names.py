@@ -140,6 +140,77 @@ def kohya_name(module, components):
     return mangle("lora_unet", module)
 
 
+# ---------------------------------------------------------------- fused tensors of original single files
+# HF CLIP layer -> (OpenCLIP tensor, which third of in_proj or None)
+OPENCLIP = {"self_attn.q_proj": ("attn.in_proj_weight", 0), "self_attn.k_proj": ("attn.in_proj_weight", 1),
+            "self_attn.v_proj": ("attn.in_proj_weight", 2), "self_attn.out_proj": ("attn.out_proj.weight", None),
+            "mlp.fc1": ("mlp.c_fc.weight", None), "mlp.fc2": ("mlp.c_proj.weight", None)}
+# (OpenCLIP text encoder in a single file, its kohya prefix, its diffusers component)
+OPENCLIP_ENCODERS = (("conditioner.embedders.1.model.transformer.resblocks.", "lora_te2", "text_encoder_2"),
+                     ("cond_stage_model.model.transformer.resblocks.", "lora_te", "text_encoder"))
+# diffusers Flux block layer -> (BFL layer, slice index into its fused rows or None)
+FLUX_DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+               "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+               "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
+               "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
+               "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
+               "ff_context.net.2": ("txt_mlp.2", None), "norm1.linear": ("img_mod.lin", None),
+               "norm1_context.linear": ("txt_mod.lin", None)}
+FLUX_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
+               "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
+FLUX_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+               "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+
+
+def fused_aliases(shapes):
+    """Other tools' module names for the tensors of an original single-file checkpoint, including slices of fused
+    tensors: {alias: (base tensor, row start, row stop)}. Aliases are the diffusers names (dotted, under their
+    component) and their kohya manglings; a LoRA on `to_q` of a model whose file stores a fused qkv lands on its
+    rows. Covers the OpenCLIP text encoders (SDXL's second, SD2's) and Flux (BFL names, any model prefix)."""
+    out = {}
+
+    def add(path, prefixes, tensor, part, parts):
+        rows = shapes[tensor][0]
+        if part is None:
+            start, stop = 0, rows
+        else:
+            sizes = parts(rows)
+            start, stop = sum(sizes[:part]), sum(sizes[:part + 1])
+        for kohya, component in prefixes:
+            out[f"{component}.{path}"] = out[mangle(kohya, path)] = (tensor, start, stop)
+
+    for name in shapes:
+        for base_prefix, kohya, component in OPENCLIP_ENCODERS:
+            m = re.fullmatch(re.escape(base_prefix) + r"(\d+)\.attn\.in_proj_weight", name)
+            if m:
+                for layer, (tensor, part) in OPENCLIP.items():
+                    full = f"{base_prefix}{m[1]}.{tensor}"
+                    if full in shapes:
+                        add(f"text_model.encoder.layers.{m[1]}.{layer}", [(kohya, component)], full, part,
+                            lambda rows: [rows // 3] * 3)
+        m = re.fullmatch(r"(.*?)(double|single)_blocks\.(\d+)\.(img_attn\.qkv|linear1)\.weight", name)
+        if m:
+            prefix, kind, n = m[1], m[2], m[3]
+            hidden = shapes[name][1]
+            table, block = (FLUX_DOUBLE, "transformer_blocks") if kind == "double" else (
+                FLUX_SINGLE, "single_transformer_blocks")
+            for layer, (bfl, part) in table.items():
+                tensor = f"{prefix}{kind}_blocks.{n}.{bfl}.weight"
+                if tensor in shapes:
+                    add(f"{block}.{n}.{layer}", [("lora_transformer", "transformer")], tensor, part,
+                        lambda rows: [hidden] * 3 + [rows - 3 * hidden])
+            if kind == "double" and n == "0":
+                for layer, bfl in FLUX_GLOBAL.items():
+                    if f"{prefix}{bfl}.weight" in shapes:
+                        add(layer, [("lora_transformer", "transformer")], f"{prefix}{bfl}.weight", None, None)
+    return out
+
+
 # ---------------------------------------------------------------- llama.cpp
 LAYER_MAP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
