@@ -249,3 +249,21 @@ def test_inspect_groups_kohya_names(tmp_path, cli):
                        "lora_unet_input_blocks_*_*_transformer_blocks_*_attn1_to_q": 8,
                        "lora_unet_input_blocks_*_*_transformer_blocks_*_attn2_to_k": 8,
                        "lora_unet_input_blocks_*_*_transformer_blocks_*_ff_net_*_proj": 8}
+
+
+def test_merge_into_diffusers_pipeline_folder(tmp_path, cli):
+    """One command into a diffusers pipeline folder: each component merged with its modules, the rest copied."""
+    diffusers_base(tmp_path / "pipe")
+    kohya_file(tmp_path / "k.safetensors")
+    code, out, err = cli("merge", tmp_path / "pipe", tmp_path / "k.safetensors", "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["components"] == {"text_encoder": len(TE), "unet": len(UNET)}
+    assert (tmp_path / "out" / "model_index.json").read_text() == "{}"
+    ad = lorakit.load(tmp_path / "k.safetensors", base=str(tmp_path / "pipe"))
+    for name, m in ad.modules.items():
+        c, path = name.split(".", 1)
+        file = "diffusion_pytorch_model.safetensors" if c == "unet" else "model.safetensors"
+        got = TensorFile(tmp_path / "out" / c / file).get(f"{path}.weight").double()
+        want = TensorFile(tmp_path / "pipe" / c / file).get(f"{path}.weight").double() + m.delta(torch.float64)
+        assert torch.allclose(got, want, rtol=0, atol=3e-7 * float(want.abs().max())), name

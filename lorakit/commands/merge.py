@@ -2,7 +2,7 @@
 lorakit.engine; this checks the arguments and reports)."""
 import os
 
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..io import Checkpoint, atomic_output, check_output, read_config
 from ..io.dtypes import user_dtype
 from ..progress import progress
@@ -32,6 +32,10 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         raise LorakitError(f"--onto is 'dequantized' or 'original', not '{onto}'")
     check_output(output, [base, full_precision_base, *paths(inputs)], force)
     _refuse_adapter_as_base(base)
+    if os.path.isfile(os.path.join(base, "model_index.json")):
+        return _merge_pipeline(base, inputs, output, force, skip_unmatched,
+                               dict(dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads, quiet=quiet,
+                                    ignore_fingerprint=ignore_fingerprint, strategy=strategy, onto=onto, seed=seed))
     view = WeightView(base)  # quantized modules seen as their full-precision weights
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
@@ -71,6 +75,59 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report
+
+
+def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
+    """A diffusers pipeline folder: each component folder (unet/, transformer/, text_encoder/...) merged with the
+    modules under its name, everything else copied; one atomic output folder."""
+    import shutil
+    from ..core import Adapter
+    from ..formats.names import component
+    loaded = load_inputs(inputs, base)  # kohya names resolve to unet.*, text_encoder.*, ...
+    parts, skipped = {}, []
+    for path, ad, w in loaded:
+        split = {}
+        for name, m in ad.modules.items():
+            c = component(name)
+            if c is None or not os.path.isdir(os.path.join(base, c)):
+                skipped.append(f"{name}.weight")
+                continue
+            sub = split.setdefault(c, Adapter(base_fingerprint=None))
+            sub.add(type(m)(name[len(c) + 1:], m.A, m.B, m.alpha, m.kind, m.bias, m.magnitude, m.dora_axis))
+        for key, tensors in (("replacements", ad.replacements), ("deltas", ad.deltas)):
+            for name, t in tensors.items():
+                c = component(name)
+                if c is None or not os.path.isdir(os.path.join(base, c)):
+                    skipped.append(name)
+                    continue
+                getattr(split.setdefault(c, Adapter()), key)[name[len(c) + 1:]] = t
+        for c, sub in split.items():
+            parts.setdefault(c, []).append((sub, w))
+    if skipped and not skip_unmatched:
+        raise LorakitError(f"{len(skipped)} adapter tensor(s) are in no component of the pipeline: "
+                           f"{', '.join(skipped[:6])} ({opt('skip_unmatched', True)} merges the rest)", path=base)
+    if not parts:
+        raise LorakitError("none of the adapter tensors is in a component of the pipeline", path=base)
+    reports = {}
+    with atomic_output(output, force=force, directory=True) as tmp:
+        for entry in sorted(os.listdir(base)):
+            src, dst = os.path.join(base, entry), os.path.join(tmp, entry)
+            if entry in parts:
+                reports[entry] = merge(src, parts[entry], dst, skip_unmatched=skip_unmatched, **options)
+            elif os.path.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+    notes = [f"{c}: {n}" for c, r in reports.items() for n in r["notes"]]
+    if skipped:
+        notes.append(f"skipped {len(skipped)} adapter tensor(s) in no component: " + ", ".join(skipped[:20]))
+    return {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+            "unmerge": options["unmerge"], "components": {c: r["merged_count"] for c, r in reports.items()},
+            "tensor_count": sum(r["tensor_count"] for r in reports.values()),
+            "merged_count": sum(r["merged_count"] for r in reports.values()),
+            "shard_count": sum(r["shard_count"] for r in reports.values()),
+            "bytes": sum(r["bytes"] for r in reports.values()), "dtype": options["dtype"] or "keep",
+            "skipped": skipped + [s for r in reports.values() for s in r["skipped"]], "notes": notes}
 
 
 def default_threads(job):
