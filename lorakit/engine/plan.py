@@ -50,6 +50,17 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
             return plans.setdefault(name, TensorPlan(name, embed))
         return None
 
+    def fitting(name, t, what):
+        """The plan of the base tensor a full tensor (delta or replacement) goes to, or None (the problem noted)."""
+        p = target(name)
+        if p is None:
+            unmatched(name, f"{name}: {what} of a tensor not in the base")
+        elif tuple(view.shape(p.source)) != tuple(t.shape):
+            problems.append(f"{name}: base {list(view.shape(p.source))}, {what} {list(t.shape)}")
+        else:
+            return p
+        return None
+
     for path, ad, w in adapters:
         if ad.base_fingerprint and ad.base_fingerprint != base_fp and not ignore_fingerprint:
             problems.append(f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
@@ -86,24 +97,16 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 else:
                     b.biases.append((m, w))
         for name, t in ad.deltas.items():
-            p = target(name)
-            if p is None:
-                unmatched(name, f"{name}: not in the base")
-            elif tuple(view.shape(p.source)) != tuple(t.shape):
-                problems.append(f"{name}: base {list(view.shape(p.source))}, delta {list(t.shape)}")
-            else:
+            p = fitting(name, t, "delta")
+            if p is not None:
                 p.deltas.append((t, w))
         for name, t in ad.replacements.items():
-            p = target(name)
-            if p is None:
-                unmatched(name, f"{name}: replacement does not fit the base (not in it)")
-            elif tuple(view.shape(p.source)) != tuple(t.shape):
-                problems.append(f"{name}: replacement does not fit the base")
-            elif unmerge:
+            p = fitting(name, t, "replacement")
+            if p is not None and unmerge:
                 problems.append(f"{name}: a full replacement cannot be unmerged")
-            elif p.replacement is not None:
+            elif p is not None and p.replacement is not None:
                 problems.append(f"{name}: replaced by more than one adapter")
-            else:
+            elif p is not None:
                 p.replacement = t
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
