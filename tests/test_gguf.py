@@ -1,4 +1,5 @@
 """GGUF LoRA through the real gguf package: llama.cpp names, KVs, shapes, Q/K permutation, one alpha."""
+import json
 import gguf
 import numpy as np
 import pytest
@@ -107,3 +108,60 @@ def test_gguf_head_counts_from_the_adapters_base_path_and_qwen2(tmp_path):
     b = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight.lora_b")
     assert np.array_equal(np.array(b.data).reshape(64, 2), ad.modules[name].B.numpy())  # not permuted
     assert torch.equal(lorakit.load(tmp_path / "q.gguf").modules[name].B, ad.modules[name].B)
+
+
+def test_llama_cpp_converter_style_lora_gguf_q8_0_and_no_head_counts(tmp_path, cli):
+    """What convert_lora_to_gguf.py --outtype q8_0 writes: Q8_0 factors and no head-count KVs. inspect reads it
+    (no statistic depends on llama.cpp's Q/K row order); converting still needs the head counts, and gets them from
+    --base; the values are gguf's own Q8_0 dequantization."""
+    from gguf.quants import dequantize, quantize
+    folder = tmp_path / "base"
+    examples.write_llama_checkpoint(str(folder))
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(32, 64, generator=g), torch.randn(64, 32, generator=g)  # rank 32: a Q8_0 block per row
+    w = gguf.GGUFWriter(str(tmp_path / "l.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 16.0)
+    qt = gguf.GGMLQuantizationType.Q8_0
+    for part, t in (("lora_a", A), ("lora_b", B)):
+        q = quantize(t.numpy(), qt)
+        w.add_tensor(f"blk.0.attn_q.weight.{part}", q, raw_shape=q.shape, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, out, err = cli("inspect", tmp_path / "l.gguf", "--json")
+    assert code == 0, err
+    assert json.loads(out)["module_count"] == 1 and json.loads(out)["rank_alpha"][0]["rank"] == 32
+    code, out, err = cli("convert", tmp_path / "l.gguf", "-o", tmp_path / "a.safetensors", "--to", "lorakit")
+    assert code == 2 and "needs the head counts" in err
+    ad = lorakit.load(tmp_path / "l.gguf", base=str(folder))
+    m = ad.modules["model.layers.0.self_attn.q_proj"]
+    deq = lambda t: torch.from_numpy(dequantize(quantize(t.numpy(), qt), qt).astype(np.float32))  # noqa: E731
+    assert torch.equal(m.A, deq(A))
+    from lorakit.formats.names import unpermute
+    n_head = json.loads((folder / "config.json").read_text())["num_attention_heads"]
+    assert torch.equal(m.B, unpermute(deq(B), n_head).contiguous())
+
+
+def test_peft_base_layer_copies_skipped_for_gguf(tmp_path):
+    """PEFT's save of an embed_tokens LoRA carries base_layer.weight (read as a replacement): to GGUF it is skipped
+    when it equals the base, as llama.cpp's converter does, and refused when it differs (a resized vocabulary)."""
+    from lorakit.core import Module
+    from lorakit.io import TensorFile
+    folder = tmp_path / "base"
+    tensors = examples.write_llama_checkpoint(str(folder))
+    ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj",), rank=2)
+    E = TensorFile(next(folder.glob("*.safetensors"))).get("model.embed_tokens.weight")
+    ad.add(Module("model.embed_tokens", torch.randn(2, E.shape[1]), torch.randn(E.shape[0], 2), 2.0, "embedding"))
+    ad.replacements["model.embed_tokens.weight"] = E.clone()
+    ad.save(tmp_path / "a.safetensors")
+    r = lorakit.convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf", base=str(folder))
+    assert any("skipped 1 copy(ies) of base weights" in n and "equal to the base" in n for n in r["notes"])
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors}
+    assert "token_embd.weight.lora_a" in names and not any("base_layer" in n for n in names)
+    ad.replacements["model.embed_tokens.weight"] = E + 1
+    ad.save(tmp_path / "b.safetensors")
+    with pytest.raises(LorakitError, match="differs from the base"):
+        lorakit.convert(tmp_path / "b.safetensors", tmp_path / "b.gguf", to="gguf", base=str(folder))

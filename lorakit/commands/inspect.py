@@ -5,7 +5,7 @@ import re
 from collections import Counter, defaultdict
 
 from ..errors import LorakitError
-from ..formats import detect_format, load
+from ..formats import detect_format, load, takes
 from ..io.dtypes import dtype_name
 
 
@@ -39,7 +39,8 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     """
     path = os.fspath(adapter)
     fmt = detect_format(path)
-    ad = load(path, format=fmt.name, **({"values": spectrum} if fmt.name == "lorakit" else {}))
+    options = {"values": spectrum, "unpermute_qk": False}  # llama.cpp's Q/K row order changes no statistic here
+    ad = load(path, format=fmt.name, **{k: v for k, v in options.items() if k in takes(fmt.read)})
     modules = []
     for m in ad.modules.values():
         modules.append({"module": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,

@@ -61,7 +61,9 @@ def _field(reader, key):
     return None if f is None else f.contents()
 
 
-def read(path, base=None, allow_unknown=False):
+def read(path, base=None, allow_unknown=False, unpermute_qk=True):
+    """`unpermute_qk=False` keeps Q/K rows in llama.cpp's order (no head counts needed): for statistics a row order
+    does not change (inspect: ranks, shapes, singular values, norms)."""
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)
@@ -98,7 +100,7 @@ def read(path, base=None, allow_unknown=False):
             A, B, kind = a, b, "linear"
         if A.shape[0] != B.shape[1]:
             raise LorakitError(f"lora_a rank {A.shape[0]} != lora_b rank {B.shape[1]}", path=path, tensor=gname)
-        if gname.endswith(("attn_q", "attn_k")) and arch != "qwen2":
+        if gname.endswith(("attn_q", "attn_k")) and arch != "qwen2" and unpermute_qk:
             n_head, n_kv = heads
             if n_head is None:
                 raise LorakitError(f"undoing llama.cpp's Q/K row permutation needs the head counts: pass {opt('base')} "
@@ -118,15 +120,44 @@ def _array(gguf, t):
     if t.tensor_type == kind.BF16:
         raw = np.array(t.data).view(np.uint16).reshape(shape)
         return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)
-    raise LorakitError(f"LoRA tensor of GGML type {t.tensor_type.name}: only F32, F16, BF16 are read",
+    if t.tensor_type == kind.Q8_0:  # convert_lora_to_gguf.py --outtype q8_0
+        from gguf.quants import dequantize
+        return torch.from_numpy(np.ascontiguousarray(dequantize(np.array(t.data), t.tensor_type),
+                                                     dtype=np.float32)).reshape(shape)
+    raise LorakitError(f"LoRA tensor of GGML type {t.tensor_type.name}: only F32, F16, BF16 and Q8_0 are read",
                        tensor=t.name)
+
+
+def _base_copies_skipped(adapter, base, path):
+    """PEFT saves `<module>.base_layer.weight` copies of the base's embedding / lm_head beside their LoRA (read as
+    replacements of modules with factors). llama.cpp's converter skips them: so does this writer, comparing them with
+    the base when it is given (a resized vocabulary differs, and is refused). Any other replacement is refused."""
+    copies = [n for n in adapter.replacements if n.endswith(".weight") and n[: -len(".weight")] in adapter.modules]
+    others = [n for n in adapter.replacements if n not in copies]
+    if others:
+        raise LorakitError(f"llama.cpp LoRA holds only A and B: no full-tensor replacements ({others[0]})", path=path)
+    if not copies:
+        return []
+    if base is None:
+        return [f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}), as "
+                "llama.cpp's converter does; not compared with the base (no --base)"]
+    from ..quant.view import WeightView
+    view = WeightView(base)
+    for name in copies:
+        if name not in view or not torch.equal(view.get(name).to(adapter.replacements[name].dtype),
+                                               adapter.replacements[name]):
+            raise LorakitError("the adapter's copy of this base weight differs from the base (a resized vocabulary?): "
+                               "llama.cpp LoRA cannot hold it", path=path, tensor=name)
+    return [f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}): equal "
+            "to the base"]
 
 
 def write(adapter, path, force=False, base=None):
     gguf = _gguf()
     mods = list(adapter.modules.values())
     refuse_deltas(adapter, "llama.cpp LoRA", path)
-    if adapter.replacements or any(m.bias is not None or m.magnitude is not None for m in mods):
+    notes = _base_copies_skipped(adapter, base, path)
+    if any(m.bias is not None or m.magnitude is not None for m in mods):
         raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
                            path=path)
     config = _base_config(base, adapter.base_model)
@@ -149,7 +180,7 @@ def write(adapter, path, force=False, base=None):
         a, b = (B, A.T) if m.kind == "embedding" else (A, B)
         tensors.append((f"{gname}.weight.lora_a", a))
         tensors.append((f"{gname}.weight.lora_b", b))
-    notes = []
+    notes = list(notes)
     if folded:
         fold_note(notes, f"{len(folded)} module(s) with alpha != {alpha}")
     with atomic_output(path, force=force) as tmp:
