@@ -156,9 +156,6 @@ def check_header(header, problems):
     for key in unknown:
         add("LK209", "key is not '<module>.(lora_A|lora_B|alpha|bias_delta|dora_magnitude)' or "
                      "'<tensor>.(replacement|delta)'", key)
-    for key in deltas.values():
-        if entries[key].dtype not in FACTOR_DTYPES:
-            add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
     for name, keys in modules.items():
         check_module(name, keys, entries, module_meta.get(name, {}), add)
     for name in module_meta:
@@ -172,6 +169,7 @@ def check_header(header, problems):
             if entries[key].shape != expected:
                 add("LK213", f"replacement has shape {list(entries[key].shape)} but the module's factors make a "
                              f"weight of shape {list(expected)}", key)
+    for key in (*replacements.values(), *deltas.values()):  # full tensors: factor dtypes
         if entries[key].dtype not in FACTOR_DTYPES:
             add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
     return Layout(modules, replacements, deltas, unknown, module_meta)

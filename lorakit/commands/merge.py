@@ -62,8 +62,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
     if skipped:
-        notes.append(f"skipped {len(skipped)} adapter tensor(s) not in the base (--skip-unmatched): "
-                     + ", ".join(skipped[:20]) + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
+        notes.append(f"skipped {len(skipped)} adapter tensor(s) not in the base (--skip-unmatched): {_listed(skipped)}")
     if untie_embed:
         notes.append(f"tied embeddings: the adapter changes {untie_embed} / lm_head.weight; both were written and "
                      "tie_word_embeddings set to false in config.json")
@@ -81,28 +80,17 @@ def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
     """A diffusers pipeline folder: each component folder (unet/, transformer/, text_encoder/...) merged with the
     modules under its name, everything else copied; one atomic output folder."""
     import shutil
-    from ..core import Adapter
-    from ..formats.names import component
+    from ..formats.diffusers import split_components
     loaded = load_inputs(inputs, base)  # kohya names resolve to unet.*, text_encoder.*, ...
     parts, skipped = {}, []
     for path, ad, w in loaded:
-        split = {}
-        for name, m in ad.modules.items():
-            c = component(name)
-            if c is None or not os.path.isdir(os.path.join(base, c)):
-                skipped.append(f"{name}.weight")
-                continue
-            sub = split.setdefault(c, Adapter(base_fingerprint=None))
-            sub.add(type(m)(name[len(c) + 1:], m.A, m.B, m.alpha, m.kind, m.bias, m.magnitude, m.dora_axis))
-        for key, tensors in (("replacements", ad.replacements), ("deltas", ad.deltas)):
-            for name, t in tensors.items():
-                c = component(name)
-                if c is None or not os.path.isdir(os.path.join(base, c)):
-                    skipped.append(name)
-                    continue
-                getattr(split.setdefault(c, Adapter()), key)[name[len(c) + 1:]] = t
+        split, outside = split_components(ad)
+        skipped += outside
         for c, sub in split.items():
-            parts.setdefault(c, []).append((sub, w))
+            if os.path.isdir(os.path.join(base, c)):
+                parts.setdefault(c, []).append((sub, w))
+            else:
+                skipped += [f"{n}.weight" for n in sub.modules] + list(sub.replacements) + list(sub.deltas)
     if skipped and not skip_unmatched:
         raise LorakitError(f"{len(skipped)} adapter tensor(s) are in no component of the pipeline: "
                            f"{', '.join(skipped[:6])} ({opt('skip_unmatched', True)} merges the rest)", path=base)
@@ -120,7 +108,7 @@ def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
                 shutil.copy2(src, dst)
     notes = [f"{c}: {n}" for c, r in reports.items() for n in r["notes"]]
     if skipped:
-        notes.append(f"skipped {len(skipped)} adapter tensor(s) in no component: " + ", ".join(skipped[:20]))
+        notes.append(f"skipped {len(skipped)} adapter tensor(s) in no component: {_listed(skipped)}")
     return {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
             "unmerge": options["unmerge"], "components": {c: r["merged_count"] for c, r in reports.items()},
             "tensor_count": sum(r["tensor_count"] for r in reports.values()),
@@ -128,6 +116,10 @@ def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
             "shard_count": sum(r["shard_count"] for r in reports.values()),
             "bytes": sum(r["bytes"] for r in reports.values()), "dtype": options["dtype"] or "keep",
             "skipped": skipped + [s for r in reports.values() for s in r["skipped"]], "notes": notes}
+
+
+def _listed(names, limit=20):
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def default_threads(job):

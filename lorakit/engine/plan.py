@@ -122,4 +122,4 @@ def on_rows(m, tensor, start, stop, rows):
     """Module `m` as a delta of the whole fused `tensor`: B padded with zero rows outside [start, stop) (exact)."""
     B = m.B.new_zeros((rows, *m.B.shape[1:]))
     B[start:stop] = m.B
-    return Module(tensor, m.A, B, m.alpha, m.kind)
+    return Module(tensor.removesuffix(".weight"), m.A, B, m.alpha, m.kind)

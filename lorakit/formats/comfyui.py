@@ -23,6 +23,7 @@ from .names import ORIGINAL, PREFIXES
 
 PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora.down.weight": "lora_down.weight",
          "lora.up.weight": "lora_up.weight", **{t: t for t in TENSORS}}
+LONGEST_FIRST = sorted(PARTS, key=len, reverse=True)  # "lora_down.weight" before a shorter part it ends with
 DIFFS = {"diff": ".weight", "diff_b": ".bias"}
 XLABS = re.compile(r"^(?P<block>double_blocks\.\d+)\.processor\.(?P<layer>qkv|proj)_lora(?P<stream>[12])\."
                    r"(?P<part>down|up)\.weight$")
@@ -35,10 +36,9 @@ def split_key(key):
     """(stem, canonical part) of a key in this dialect, or None."""
     m = XLABS.match(key)
     if m:
-        layer = {"qkv": "qkv", "proj": "proj"}[m["layer"]]
         stream = "img_attn" if m["stream"] == "1" else "txt_attn"
-        return f"{m['block']}.{stream}.{layer}", "lora_down.weight" if m["part"] == "down" else "lora_up.weight"
-    for part in sorted(PARTS, key=len, reverse=True):
+        return f"{m['block']}.{stream}.{m['layer']}", "lora_down.weight" if m["part"] == "down" else "lora_up.weight"
+    for part in LONGEST_FIRST:
         if key.endswith("." + part):
             return key[: -len(part) - 1], PARTS[part]
     stem, _, last = key.rpartition(".")
@@ -72,13 +72,13 @@ def resolve(stem, shapes, suffix=".weight"):
 def read(path, base=None, allow_unknown=False):
     tf, meta = open_safetensors(path)
     shapes = base_shapes(base) if base is not None else None
-    groups, full, unknown = {}, {}, []
+    groups, full, unknown = {}, [], []
     for key in tf.header.entries:
         parsed = split_key(key)
         if parsed is not None:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
         elif key.endswith((".scale", ".bias", ".weight")):  # BFL control LoRAs: tensors replacing the model's
-            full[key] = key
+            full.append(key)
         else:
             unknown.append(key)
     ad = Adapter(source_format="comfyui", provenance={"source_format": "comfyui", "source_metadata": dict(meta)})

@@ -4,6 +4,7 @@ transformer.), with each component's LoraConfig as JSON in the `lora_adapter_met
 component prefix (`unet.down_blocks.0...`), as the tensors of a diffusers pipeline folder are named by lorakit."""
 import json
 import re
+from dataclasses import replace
 
 from ..core import Adapter
 from ..errors import LorakitError
@@ -87,22 +88,16 @@ def write(adapter, path, force=False):
     ComfyUI and older diffusers ignore it (scale 1), so only a scale of 1 reaches every consumer at the same strength.
     Text encoder names in the metadata lose `text_model.`: transformers 5 flattened CLIPTextModel and diffusers strips
     it from the keys, while PEFT's suffix match still finds `text_model.<name>` in older transformers."""
-    by_component, folded = {}, 0
-    for name, m in adapter.modules.items():
-        component = _component(name)
-        if component is None:
-            raise LorakitError(f"diffusers files need module names under a component ({', '.join(COMPONENTS[:5])}): "
-                               f"'{name}'", path=path)
-        B = m.B
-        if m.scale != 1.0:
-            B, folded = (m.B.double() * m.scale).to(m.B.dtype), folded + 1  # one rounding, in the factor's dtype
-        by_component.setdefault(component, Adapter()).add(
-            type(m)(name[len(component) + 1:], m.A, B, float(m.rank), m.kind, m.bias, m.magnitude, m.dora_axis))
-    for name, t in adapter.replacements.items():
-        component = _component(name)
-        if component is None:
-            raise LorakitError(f"replacement '{name}' is not under a diffusers component", path=path)
-        by_component.setdefault(component, Adapter()).replacements[name[len(component) + 1:]] = t
+    by_component, outside = split_components(adapter)
+    if outside:
+        raise LorakitError(f"diffusers files need names under a component ({', '.join(COMPONENTS[:5])}): "
+                           f"'{outside[0]}'", path=path)
+    folded = 0
+    for sub in by_component.values():
+        for name, m in sub.modules.items():
+            if m.scale != 1.0:  # one rounding, in the factor's dtype
+                sub.modules[name] = replace(m, B=(m.B.double() * m.scale).to(m.B.dtype), alpha=float(m.rank))
+                folded += 1
     tensors, packed = {}, {}
     for component, sub in sorted(by_component.items()):
         part, config = peft_format.to_state_dict(sub, path)
@@ -116,6 +111,23 @@ def write(adapter, path, force=False):
         return [f"{folded} module scale(s) folded into lora_B (alpha = rank), so diffusers, ComfyUI and every other "
                 "reader apply the same strength"]
     return []
+
+
+def split_components(adapter):
+    """({component: Adapter of what lies under it, names without the component prefix}, [names under none]): a
+    pipeline's LoRA as one adapter per component (modules listed as `<module>.weight`)."""
+    parts, outside = {}, []
+    for tensors, key in ((adapter.modules, "modules"), (adapter.replacements, "replacements"),
+                         (adapter.deltas, "deltas")):
+        for name, value in tensors.items():
+            c = _component(name)
+            if c is None:
+                outside.append(f"{name}.weight" if key == "modules" else name)
+                continue
+            rest = name[len(c) + 1:]
+            getattr(parts.setdefault(c, Adapter()), key)[rest] = replace(value, name=rest) if key == "modules" \
+                else value
+    return parts, outside
 
 
 def _flattened_clip_names(config):

@@ -70,7 +70,8 @@ def to_tensors(adapter):
     provenance.setdefault("tool", f"lorakit {__version__}")
     provenance.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta = dict(adapter.user_metadata)
-    meta.update({spec.META_VERSION: spec.SPEC_VERSION if adapter.deltas else "1.1", spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
+    version = spec.SPEC_VERSION if adapter.deltas else "1.1"  # files 1.1 readers can read stay 1.1
+    meta.update({spec.META_VERSION: version, spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
                  spec.META_MODULES: json.dumps(modules_meta, sort_keys=True)})
     if adapter.base_model:
         meta[spec.META_BASE] = adapter.base_model
