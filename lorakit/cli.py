@@ -221,9 +221,11 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
 @command(main, "merge")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
-@_output("Output: a .safetensors file for a file BASE, a folder for a folder BASE.")
+@_output("Output: a .safetensors file for a file BASE, a folder for a folder BASE, a .gguf file (or the same splits) "
+         "for a GGUF BASE.")
 @click.option("--dtype", default="keep", show_default=True,
-              help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}.")
+              help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}. GGUF bases: the type of "
+              "merged tensors whose GGML type has no codec (IQ*); every other tensor keeps its type.")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
 @click.option("--threads", type=int, help="Worker threads (default: CPUs, at most 4; twice that, at most 8, into quantized bases).")
@@ -239,8 +241,8 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy stochastic and the probes.")
 def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, shard_size, threads,
               ignore_fingerprint, skip_unmatched, strategy, full_precision_base, onto, seed):
-    """Merge ADAPTER[:WEIGHT]... into BASE (file or folder), streaming; fp32 math, rounded once. Quantized bases
-    (FP8, INT8, GPTQ, AWQ; NF4 to --dtype) are written back in their format with a survival report."""
+    """Merge ADAPTER[:WEIGHT]... into BASE (file, folder or GGUF), streaming; fp32 math, rounded once. Quantized bases
+    (FP8, INT8, GPTQ, AWQ, NF4, GGUF Q8_0..Q6_K) are written back in their format with a survival report."""
     from .commands.merge import merge
     emit(merge(base, list(adapters), output, dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads,
                force=force, quiet=quiet, ignore_fingerprint=ignore_fingerprint, strategy=strategy,

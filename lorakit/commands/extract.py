@@ -8,6 +8,7 @@ from ..errors import LorakitError
 from ..formats.names import is_embedding
 from ..io import base_model_name, check_output
 from ..io.dtypes import user_dtype
+from ..io.gguf import GGUFCheckpoint
 from ..quant.view import WeightView
 from ..progress import progress
 from ..spec import fingerprint, identity
@@ -75,6 +76,10 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
                           "parents": [{"file": os.path.basename(os.path.normpath(os.fspath(p))), "role": r}
                                       for p, r in ((base, "base"), (tuned, "tuned"))],
                           "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed}}
+    if isinstance(cb.ckpt, GGUFCheckpoint):  # llama.cpp names back to Hugging Face's (Q/K rows unpermuted)
+        from ..formats.gguf_lora import gguf_modules
+        adapter = gguf_modules(adapter, base, to_gguf=False)
+        adapter.base_model = base_model_name(base)
     adapter.save(output, force=force)
     kept = [r["energy_kept"] for r in rows]
     return {"output": os.fspath(output), "base": os.fspath(base), "tuned": os.fspath(tuned), "module_count": len(rows),

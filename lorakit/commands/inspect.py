@@ -81,12 +81,16 @@ def _spec_version(path):
 
 def _add_spectrum(ad, modules, base, quiet):
     import torch
+    from ..io.gguf import GGUFCheckpoint
     from ..progress import progress
     from ..core.linalg import singular_values
-    ckpt = None
+    ckpt, on_base = None, ad.modules
     if base is not None:
         from ..quant.view import WeightView
         ckpt = WeightView(base)
+        if isinstance(ckpt.ckpt, GGUFCheckpoint):  # the base's tensors by llama.cpp's names
+            from ..formats.gguf_lora import gguf_modules
+            on_base = dict(zip(ad.modules, gguf_modules(ad, base).modules.values()))
     for row in progress(modules, quiet=quiet, desc="spectrum", unit="module"):
         m = ad.modules[row["module"]]
         S = singular_values(*m.factors(torch.float64))
@@ -96,7 +100,7 @@ def _add_spectrum(ad, modules, base, quiet):
         row.update(singular_values=[float(s) for s in S], norm=norm, effective_rank=math.exp(entropy) if norm else 0.0,
                    numerical_rank=int((S > S[0] * 1e-6).sum()) if norm else 0)
         if ckpt is not None:
-            key = f"{m.name}.weight"
+            key = f"{on_base[m.name].name}.weight"
             if key not in ckpt:
                 raise LorakitError("base has no tensor for this module", path=base, tensor=key)
             if ckpt.shape(key) != tuple(m.shape):

@@ -3,7 +3,9 @@ lorakit.engine; this checks the arguments and reports)."""
 import os
 
 from ..errors import LorakitError, opt
-from ..io import Checkpoint, atomic_output, check_output, read_config
+from ..engine.gguf import GGUFWriter, output_files
+from ..io import Checkpoint, atomic_output, atomic_outputs, check_output, read_config
+from ..io.gguf import GGUFCheckpoint
 from ..io.dtypes import user_dtype
 from ..progress import progress
 from ..quant import STRATEGIES
@@ -38,7 +40,14 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                                     ignore_fingerprint=ignore_fingerprint, strategy=strategy, onto=onto, seed=seed))
     view = WeightView(base)  # quantized modules seen as their full-precision weights
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
-    config = read_config(base if os.path.isdir(base) else os.path.dirname(base))  # a single file: the one beside it
+    gguf = isinstance(view.ckpt, GGUFCheckpoint)
+    if gguf:  # llama.cpp's tensor names and Q/K row order
+        from ..formats.gguf_lora import gguf_modules
+        loaded = [(p, gguf_modules(ad, base), w) for p, ad, w in loaded]
+        if os.fspath(output).endswith(".safetensors"):
+            raise LorakitError("the base is GGUF, so the output is GGUF: -o names a .safetensors file", path=output)
+    # a single file's config.json is the one beside it; a GGUF's own KVs are its config
+    config = None if gguf else read_config(base if os.path.isdir(base) else os.path.dirname(base))
     plans, untie_embed, skipped = plan_merge(view, loaded, unmerge, bool(config and config.get("tie_word_embeddings")),
                                              ignore_fingerprint, skip_unmatched)
     if skipped and not any(p.touched for p in plans.values()):
@@ -46,21 +55,35 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                            "is this the right base?", path=base)
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
     full = Checkpoint(full_precision_base) if full_precision_base else None
-    job = pipeline.MergeJob(view, plans, -1.0 if unmerge else 1.0, target_dtype, strategy, full, onto, seed)
+    dequantize = _gguf_dequantized(view, plans, target_dtype) if gguf else None
+    job = pipeline.MergeJob(view, plans, -1.0 if unmerge else 1.0, target_dtype, strategy, full, onto, seed,
+                            dequantize)
     if job.requantizes and (strategy == "original" or onto == "original") and full is None:
         raise LorakitError("--strategy original and --onto original need --full-precision-base", path=base)
-    writer = pipeline.SafetensorsWriter(job, base, untie_embed, parse_size(shard_size))
-    if writer.folder and os.fspath(output).endswith(".safetensors"):
-        raise LorakitError("the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): "
-                           "-o names a .safetensors file; give a folder name", path=output)
+    if gguf:
+        if shard_size is not None:
+            raise LorakitError(f"{opt('shard_size')} re-shards safetensors folders; a GGUF output keeps the base's "
+                               "splits", path=base)
+        outputs = output_files(output, len(view.ckpt.files))
+        for path in outputs:
+            check_output(path, [base, full_precision_base, *paths(inputs), *view.ckpt.files], force)
+        writer = GGUFWriter(job, outputs)
+        destination = atomic_outputs(outputs, force=force)
+    else:
+        writer = pipeline.SafetensorsWriter(job, base, untie_embed, parse_size(shard_size))
+        if writer.folder and os.fspath(output).endswith(".safetensors"):
+            raise LorakitError("the base is a folder, so the output is a folder (shards, index, config.json, "
+                               "tokenizer): -o names a .safetensors file; give a folder name", path=output)
+        destination = atomic_output(output, force=force, directory=writer.folder)
     total = writer.total
-    with atomic_output(output, force=force, directory=writer.folder) as tmp, \
-            progress(total=total, quiet=quiet, desc="merge", unit="B", unit_scale=True) as bar:
+    with destination as tmp, progress(total=total, quiet=quiet, desc="merge", unit="B", unit_scale=True) as bar:
         try:
             pipeline.run(job, writer, tmp, threads or default_threads(job), bar)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
+    if gguf:
+        notes += _gguf_notes(view, plans, job, dtype)
     if skipped:
         notes.append(f"skipped {len(skipped)} adapter tensor(s) not in the base (--skip-unmatched): {_listed(skipped)}")
     if untie_embed:
@@ -71,6 +94,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
               "merged_count": sum(p.touched for p in plans.values()),
               "shard_count": len(writer.shards) if writer.folder else 1,
               "bytes": total, "dtype": dtype or "keep", "skipped": skipped, "notes": notes}
+    if gguf:
+        report["files"] = [spec[0] for spec in writer.shards]
     if view.quantized:
         report["quantization"] = _survival_summary(view.handler, strategy, job.survival, job.dequantize_out, notes)
     return report
@@ -118,6 +143,37 @@ def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
             "skipped": skipped + [s for r in reports.values() for s in r["skipped"]], "notes": notes}
 
 
+def _gguf_dequantized(view, plans, target_dtype):
+    """A GGUF base's merged tensors whose GGML type has no codec here (IQ*, TQ*, ...): written in --dtype, as
+    llama.cpp's export-lora writes F16; an error naming the tensor and its type without it."""
+    from ..quant.gguf import TYPES
+    keys = sorted(k for k, p in plans.items() if p.touched and k in view.quantized
+                  and view.ckpt.entry(k).dtype not in TYPES)
+    if keys and target_dtype is None:
+        raise LorakitError(f"GGML type {view.ckpt.entry(keys[0]).dtype} cannot be requantized on its grid (lorakit "
+                           f"writes {', '.join(TYPES)}): pass {opt('dtype')} f16 to write the merged tensors of such "
+                           f"types in F16, as llama.cpp's export-lora does ({len(keys)} tensor(s))", path=view.path,
+                           tensor=keys[0])
+    return set(keys)
+
+
+def _gguf_notes(view, plans, job, dtype):
+    notes = []
+    for key, row in job.survival.items():
+        row["type"] = view.ckpt.entry(f"{key}.weight").dtype
+    if job.dequantized:
+        shown = [f"{k} ({view.ckpt.entry(k).dtype})" for k in sorted(job.dequantized)]
+        notes.append(f"{len(shown)} merged tensor(s) of GGML types without a codec written in {dtype} "
+                     f"({opt('dtype')}), as llama.cpp's export-lora does: {_listed(shown)}")
+    elif job.target_dtype is not None:
+        notes.append(f"{opt('dtype')} {dtype} applies to merged tensors of GGML types without a codec: there are none, "
+                     "every tensor kept its type")
+    if plans.get("token_embd.weight") and plans["token_embd.weight"].touched and "output.weight" not in view:
+        notes.append("the base has no output.weight: llama.cpp uses token_embd as the output head, so the merged "
+                     "embedding is the head too (as in a model with tied embeddings)")
+    return notes
+
+
 def _listed(names, limit=20):
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -132,6 +188,12 @@ def default_threads(job):
 
 def _refuse_adapter_as_base(base):
     from ..formats import detect_format
+    from ..io.gguf import GGUFHeader, is_gguf
+    if is_gguf(base):  # a GGUF model or a llama.cpp LoRA: its general.type says which
+        if GGUFHeader(base).kv.get("general.type") != "adapter":
+            return
+        raise LorakitError("BASE is a llama.cpp LoRA adapter (general.type = adapter), not a model: did you swap BASE "
+                           "and ADAPTER? (lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT)", path=base)
     try:
         fmt = detect_format(base)
     except LorakitError:

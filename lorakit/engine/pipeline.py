@@ -32,11 +32,17 @@ class MergeJob:
     """What each output tensor is and how it is produced: a byte copy, a full-precision merge, or one tensor of a
     requantized (or dequantized) module."""
 
-    def __init__(self, view, plans, sign, target_dtype, strategy="feedback", full=None, onto="dequantized", seed=0):
+    def __init__(self, view, plans, sign, target_dtype, strategy="feedback", full=None, onto="dequantized", seed=0,
+                 dequantize=None):
+        """`target_dtype` (--dtype) converts every full-precision tensor and writes every quantized module in it;
+        with `dequantize` (a set of quantized modules: a GGUF base's merged tensors of types without a codec) only
+        those are written in it and every other tensor keeps its type."""
         self.view, self.ckpt, self.plans, self.sign = view, view.ckpt, plans, sign
         self.target_dtype = target_dtype
-        self.dequantize_out = bool(view.quantized) and target_dtype is not None
-        self.requantizes = bool(view.quantized) and target_dtype is None
+        self.convert_floats = target_dtype is not None and dequantize is None
+        self.dequantized = set(view.quantized) if self.convert_floats else set(dequantize or ())
+        self.dequantize_out = bool(view.quantized) and self.convert_floats  # the whole output is full precision
+        self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = strategy, full, onto, seed
         self.survival, self._modules, self._lock = {}, {}, threading.Lock()
         self.read_pool = self.out_pool = None
@@ -46,22 +52,22 @@ class MergeJob:
 
     def spec_of(self, name):
         """(name, safetensors dtype, shape) of an output tensor."""
-        if self.dequantize_out and name in self.view.quantized:  # a dequantized module: one full-precision weight
+        if name in self.dequantized:  # a dequantized module: one full-precision weight
             return (name, st_dtype(self.target_dtype), self.view.shape(name))
         e = self.ckpt.entry(self.source(name))
         # --dtype converts the full-precision floats; 8-bit floats are stored codes or scales, kept as they are
-        keep = self.target_dtype is None or e.dtype not in FULL_PRECISION or name in self.view.member_of
+        keep = not self.convert_floats or e.dtype not in FULL_PRECISION or name in self.view.member_of
         return (name, e.dtype, e.shape, e.nbytes) if keep else (name, st_dtype(self.target_dtype), e.shape)
 
     def output_names(self, names):
         """A shard's tensor names as written: in a dequantized output a module's packed tensors become
         `<module>.weight`, where its first one stood."""
-        if not self.dequantize_out:
+        if not self.dequantized:
             return names
         out, done = [], set()
         for n in names:
             key = self.view.member_of.get(n)
-            if key is None:
+            if key is None or key not in self.dequantized:
                 out.append(n)
             elif key not in done:
                 done.add(key)
@@ -75,7 +81,7 @@ class MergeJob:
     def computed_module(self, key):
         """Whether a quantized module's outputs are computed (dequantized, or requantized with a delta), not copied."""
         plan = self.plans.get(key)
-        return self.dequantize_out or (plan is not None and plan.touched)
+        return key in self.dequantized or (plan is not None and plan.touched)
 
     def work_unit(self, name):
         """What producing `name` computes: its quantized module (all members come from one computation), the tensor
@@ -109,7 +115,7 @@ class MergeJob:
             t = self._module(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
             if t is None:
                 return None  # members the strategy leaves alone (g_idx) are copied
-            if self.dequantize_out or t.element_size() > 1:  # requantize checked the codes' values itself
+            if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
                 check_finite(name, t)
             return t, None
         if self.copied(name):
@@ -140,10 +146,10 @@ class MergeJob:
             if entry["out"] is None:
                 view, plan = self.view, self.plans.get(key)
                 members, loras = view.quantized[key], plan.loras if plan else []
-                if plan is not None and plan.deltas and not self.dequantize_out:
+                if plan is not None and plan.deltas and key not in self.dequantized:
                     raise LorakitError("a full-tensor delta into a quantized module is not supported: merge with "
                                        "--dtype", tensor=key)
-                if self.dequantize_out:
+                if key in self.dequantized:
                     W = view.handler.dequantize(self.ckpt, members)
                     if loras:
                         W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))

@@ -7,6 +7,9 @@ flipped: lora_a [n_vocab, r], lora_b [n_embd, r]. Llama's Q and K rows are permu
 (convert_hf_to_gguf's permute), so lora_b of attn_q / attn_k is permuted the same way.
 """
 
+import os
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -38,13 +41,74 @@ def _base_config(*candidates):
     return None
 
 
-def _heads(config, arch_fields=None):
-    """(n_head, n_head_kv) from the file's own KVs, else from the base's config.json."""
+def _heads(config, arch_fields=None, base=None):
+    """(n_head, n_head_kv) from the file's own KVs, else from a GGUF base's KVs, else from the base's config.json."""
     if arch_fields and arch_fields[0]:
         return arch_fields
+    fields = gguf_base_fields(base)
+    if fields is not None and fields[1]:
+        return fields[1:]
     if config is not None:
         return config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     return None, None
+
+
+def gguf_base_fields(base):
+    """(architecture, n_head, n_head_kv) from the KVs of a GGUF model given as the base; None when it is not one.
+    Head counts stored per layer (arrays) count as unknown."""
+    from ..io.gguf import GGUFHeader, is_gguf, split_files
+    if base is None or not is_gguf(base):
+        return None
+    kv = GGUFHeader(split_files(os.fspath(base))[0]).kv
+    arch = kv.get("general.architecture")
+
+    def count(key):
+        v = kv.get(key.format(arch=arch))
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    n_head = count(HEADS_KEY)
+    return arch, n_head, count(KV_HEADS_KEY) or n_head
+
+
+def gguf_modules(adapter, base, to_gguf=True):
+    """The adapter in a GGUF base's terms (to_gguf) or back: llama.cpp's tensor names (blk.N.attn_q, token_embd,
+    output) and, for the llama architecture, Q/K rows in llama.cpp's order (the factors' rows: exact). Names with no
+    counterpart are kept (the merge plan reports them). The fingerprint and identity describe another container's
+    names: dropped."""
+    arch, n_head, n_kv = gguf_base_fields(base)
+    out = replace(adapter, modules={}, replacements={}, deltas={}, base_fingerprint=None, base_identity=None)
+
+    def renamed(name):
+        """(the other side's name, or the name itself; row order function or None)."""
+        if to_gguf:
+            try:
+                g = to_gguf_name(name)
+            except LorakitError:
+                return name, None
+        else:
+            g = name
+            name = from_gguf_name(g)
+            if name is None:
+                return g, None
+        if g.endswith(("attn_q", "attn_k")) and arch == "llama":
+            if n_head is None:
+                raise LorakitError("llama.cpp permutes Q/K rows and the GGUF base has no head count "
+                                   f"({HEADS_KEY.format(arch=arch)})", path=base, tensor=g)
+            kv, order = n_kv if g.endswith("attn_k") else None, permute if to_gguf else unpermute
+            return (g if to_gguf else name), lambda rows: None if rows is None else order(rows, n_head, kv).contiguous()
+        return (g if to_gguf else name), None
+
+    for m in adapter.modules.values():
+        name, rows = renamed(m.name)
+        if rows is not None:
+            m = replace(m, B=rows(m.B), bias=rows(m.bias),
+                        magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude)
+        out.add(replace(m, name=name))
+    for table in ("replacements", "deltas"):
+        for full, t in getattr(adapter, table).items():
+            stem, _, suffix = full.rpartition(".")
+            name, rows = renamed(stem)
+            getattr(out, table)[f"{name}.{suffix}"] = rows(t) if rows is not None else t
+    return out
 
 
 def _arch(config):
@@ -76,7 +140,7 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     if alpha is None or not alpha > 0:
         raise LorakitError(f"adapter.lora.alpha is {alpha}: the scale alpha / rank is undefined", path=path)
     heads = _heads(_base_config(base), (_field(reader, HEADS_KEY.format(arch=arch)),
-                                         _field(reader, KV_HEADS_KEY.format(arch=arch))))
+                                         _field(reader, KV_HEADS_KEY.format(arch=arch))), base)
     pairs, unknown = {}, []
     for t in reader.tensors:
         stem, _, part = t.name.rpartition(".")
@@ -161,9 +225,10 @@ def write(adapter, path, force=False, base=None):
         raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
                            path=path)
     config = _base_config(base, adapter.base_model)
-    arch = adapter.provenance.get("architecture") or _arch(config)
+    fields = gguf_base_fields(base)
+    arch = adapter.provenance.get("architecture") or (fields[0] if fields else None) or _arch(config)
     alpha = most_common([m.alpha for m in mods])
-    n_head, n_kv = _heads(config)
+    n_head, n_kv = _heads(config, base=base)
     folded = []
     tensors = []
     for m in mods:

@@ -13,7 +13,7 @@ import errno
 import os
 import secrets
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from ..errors import LorakitError, opt
 
@@ -145,6 +145,13 @@ def atomic_output(path, force=False, directory=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
         raise
+
+
+@contextmanager
+def atomic_outputs(paths, force=False):
+    """atomic_output for files written together (a GGUF's splits): each is renamed once all of them are complete."""
+    with ExitStack() as stack:
+        yield {p: stack.enter_context(atomic_output(p, force=force)) for p in paths}
 
 
 def _publish(tmp, path, force, directory):

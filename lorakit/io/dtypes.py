@@ -15,7 +15,8 @@ DTYPES = {
 PACKED_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 # what --dtype accepts: the short names (the choices shown) and their usual aliases -> safetensors name
 USER_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+ALIASES = {"float32": "fp32", "float": "fp32", "f32": "fp32", "float16": "fp16", "half": "fp16", "f16": "fp16",
+           "bfloat16": "bf16"}
 # floating dtypes an adapter's factors may have (the spec's rule, LK103): the --dtype choices
 FACTOR_DTYPES = tuple(USER_DTYPES.values())
 

@@ -17,6 +17,8 @@ FORMATS = {
     "fp8": ("fp8", "FP8Channel", "FP8 E4M3 per tensor / per channel (compressed-tensors, FBGEMM)"),
     "int8": ("int8", "Int8Channel", "INT8 per channel (compressed-tensors weight_scale; bitsandbytes SCB)"),
     "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization"),
+    "gguf": ("gguf", "GGUFBlocks", "llama.cpp GGUF files (found by their container): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+                                   "Q2_K..Q6_K kept; other types read (gguf package), merged ones written in --dtype"),
 }
 
 # how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default

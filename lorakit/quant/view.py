@@ -3,6 +3,7 @@ import os
 
 from ..errors import MALFORMED, LorakitError
 from ..io import Checkpoint
+from ..io.gguf import GGUFCheckpoint, is_gguf
 from . import detect
 
 
@@ -12,8 +13,13 @@ class WeightView:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.ckpt = Checkpoint(self.path)
-        self.handler, mods = detect(self.ckpt, self.path)
+        if is_gguf(self.path):  # llama.cpp: every block-quantized tensor is a module
+            from .gguf import GGUFBlocks
+            self.ckpt, self.handler = GGUFCheckpoint(self.path), GGUFBlocks()
+            mods = self.handler.find(self.ckpt)
+        else:
+            self.ckpt = Checkpoint(self.path)
+            self.handler, mods = detect(self.ckpt, self.path)
         self.quantized = {f"{m}.weight": members for m, members in mods.items()}
         # packed tensor -> the weight it makes up (hidden from the names: the weight stands for them)
         self.member_of = {t: n for n, members in self.quantized.items()

@@ -1,0 +1,358 @@
+"""GGUF base models (llama.cpp): merge keeps every block type's grid, KVs and untouched tensors byte for byte; the
+codecs agree with the gguf package's dequantization; inspect / extract / convert read GGUF bases."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf.constants import GGMLQuantizationType as T  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit.core import Adapter, Module  # noqa: E402
+from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
+
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 64
+KVD = HIDDEN // HEADS * KV_HEADS
+DIMS = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KVD, HIDDEN), "attn_v": (KVD, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
+        "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+      "ffn_down": "mlp.down_proj"}
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # types gguf-py quantizes itself
+
+
+def packed(kind, out, inn, rng):
+    """Blocks of a type gguf-py cannot quantize, packed by hand: random codes and scales, fp16 super-scales sane."""
+    bt = TYPES.get(kind)
+    block, size = gguf.GGML_QUANT_SIZES[T[kind]]
+    raw = rng.integers(0, 256, size=(out, inn // block, size), dtype=np.uint8)
+    for off in ([bt.d] + ([bt.dmin] if bt.dmin is not None else [])) if bt else [0]:
+        raw[:, :, off:off + 2] = (np.abs(rng.standard_normal((out, inn // block, 1))) * 2e-3 + 1e-3) \
+            .astype(np.float16).view(np.uint8)
+    return raw.reshape(out, -1)
+
+
+def weight(kind, out, inn, rng):
+    if kind in ("F32", "F16"):
+        return (rng.standard_normal((out, inn)) * 0.02).astype(np.float32 if kind == "F32" else np.float16), None
+    if kind in LEGACY:
+        return quantize((rng.standard_normal((out, inn)) * 0.02).astype(np.float32), T[kind]), T[kind]
+    return packed(kind, out, inn, rng), T[kind]
+
+
+def build(path, kind, layers=2, seed=0, split=0, types=None):
+    """A tiny Llama GGUF: linear weights in `kind` (or per tensor from `types`), norms F32, token_embd F16."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(os.fspath(path), "llama", split_max_tensors=split)
+    w.add_block_count(layers)
+    w.add_uint32("llama.attention.head_count", HEADS)
+    w.add_uint32("llama.attention.head_count_kv", KV_HEADS)
+    w.add_string("general.name", "tiny")
+    w.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float16))
+    for layer in range(layers):
+        w.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(HIDDEN, np.float32))
+        for n, (o, i) in DIMS.items():
+            name = f"blk.{layer}.{n}.weight"
+            data, raw = weight((types or {}).get(name, kind), o, i, rng)
+            w.add_tensor(name, data, raw_dtype=raw)
+    w.add_tensor("output.weight", (rng.standard_normal((VOCAB, HIDDEN)) * 0.02).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def adapter(scale=0.05, seed=1, layers=2):
+    """Rank-4 LoRA on q, k, v and down_proj with Hugging Face names (Q/K rows in Hugging Face's order)."""
+    g = torch.Generator().manual_seed(seed)
+    ad = Adapter()
+    for layer in range(layers):
+        for n, hf in HF.items():
+            o, i = DIMS[n]
+            ad.add(Module(f"model.layers.{layer}.{hf}", torch.randn(4, i, generator=g) * scale,
+                          torch.randn(o, 4, generator=g) * scale, alpha=8.0))
+    return ad
+
+
+def llama_cpp_rows(rows, n_head):
+    """llama.cpp's Q/K row order written out (convert_hf_to_gguf's permute): within each head, row 2i comes from the
+    first rotary half's row i and row 2i + 1 from the second half's row i."""
+    d = rows.shape[0] // n_head
+    order = [h * d + (j // 2 if j % 2 == 0 else d // 2 + j // 2) for h in range(n_head) for j in range(d)]
+    return rows[order]
+
+
+def tensors(path):
+    r = gguf.GGUFReader(os.fspath(path))
+    return r, {t.name: t for t in r.tensors}
+
+
+def values(t):
+    shape = [int(d) for d in reversed(list(t.shape))]
+    if t.tensor_type in (T.F32, T.F16):
+        return torch.from_numpy(np.array(t.data, dtype=np.float64)).reshape(shape)
+    return torch.from_numpy(dequantize(np.array(t.data), t.tensor_type).astype(np.float64)).reshape(shape)
+
+
+def delta64(ad, gguf_name, terms=False):
+    """The fp64 delta of a GGUF tensor in llama.cpp's row order (terms: the size of its terms, |B| |A| scale)."""
+    layer, part = gguf_name.split(".")[1], gguf_name.split(".")[2]
+    m = ad.modules[f"model.layers.{layer}.{HF[part]}"]
+    B, A = (m.B.double().abs(), m.A.double().abs()) if terms else (m.B.double(), m.A.double())
+    D = B @ A * m.scale
+    if part in ("attn_q", "attn_k"):
+        D = llama_cpp_rows(D, HEADS if part == "attn_q" else KV_HEADS)
+    return D
+
+
+def grid_bounds(kind, base_tensor):
+    """Each element's grid step |S| = |d * sc| and the lowest and highest value its sub-block can hold (the codec's grid,
+    checked against gguf's dequantization in the test above)."""
+    class One:
+        path = "x"
+
+        def entry(self, name):
+            class E:
+                dtype, shape = kind, tuple(int(d) for d in reversed(list(base_tensor.shape)))
+            return E()
+
+        def get(self, name):
+            return torch.from_numpy(np.array(base_tensor.data).reshape(-1).copy())
+    g = GGUFBlocks().grid(One(), {"weight": "w"})
+    S, Z = g.columns(0, len(g.g))
+    S, Z = S.double(), (Z.double() if Z is not None else 0.0)
+    a, b = S * (g.codebook.lo - Z), S * (g.codebook.hi - Z)  # Q4_0's d is negative where the extreme value is
+    return S.abs(), torch.minimum(a, b), torch.maximum(a, b)
+
+
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_codecs_agree_with_gguf_dequantize_and_repack_byte_for_byte(kind):
+    rng = np.random.default_rng(3)
+    raw = packed(kind, 6, 512, rng) if kind not in LEGACY else quantize(
+        (rng.standard_normal((6, 512)) * 0.1).astype(np.float32), T[kind])
+
+    class One:
+        path = "x"
+
+        def entry(self, name):
+            class E:
+                dtype, shape = kind, (6, 512)
+            return E()
+
+        def get(self, name):
+            return torch.from_numpy(raw.reshape(-1).copy())
+    fmt, m = GGUFBlocks(), {"weight": "w"}
+    ref = dequantize(raw, T[kind]).astype(np.float32)
+    assert np.array_equal(fmt.dequantize(One(), m).numpy(), ref)  # ggml's own arithmetic
+    grid = fmt.grid(One(), m)
+    S, Z = grid.columns(0, 512)
+    c = grid.codebook.values(fmt.codes(One(), m))
+    np.testing.assert_allclose(((c - Z) * S if Z is not None else c * S).numpy(), ref, rtol=0,
+                               atol=1e-6 * np.abs(ref).max())
+    assert np.array_equal(fmt.encode(One(), m, fmt.codes(One(), m), grid)["w"].numpy(), raw.reshape(-1))
+
+
+@pytest.mark.parametrize("kind", list(TYPES) + ["F16", "F32"])
+def test_merge_keeps_type_size_kvs_and_untouched_bytes(tmp_path, kind, cli):
+    base = build(tmp_path / "base.gguf", kind)
+    ad = adapter(scale=0.01)  # ||dW|| / ||W|| ~ 1e-2
+    ad.save(tmp_path / "ad.safetensors")
+    out = tmp_path / "out.gguf"
+    assert cli("merge", base, tmp_path / "ad.safetensors", "-o", out, "--strategy", "same-grid", "--quiet")[0] == 0
+    assert os.path.getsize(out) == os.path.getsize(base)
+    (r0, t0), (r1, t1) = tensors(base), tensors(out)
+    assert [(k, f.types, [bytes(p) for p in f.parts]) for k, f in r0.fields.items() if not k.startswith("GGUF.")] \
+        == [(k, f.types, [bytes(p) for p in f.parts]) for k, f in r1.fields.items() if not k.startswith("GGUF.")]
+    assert list(t0) == list(t1)
+    touched = 0
+    for name, t in t0.items():
+        assert t1[name].tensor_type == t.tensor_type
+        part = name.split(".")[2] if name.startswith("blk.") else None
+        if part not in HF:
+            assert bytes(t1[name].data) == bytes(t.data), name  # untouched: byte for byte
+            continue
+        touched += 1
+        target = values(t) + delta64(ad, name)
+        err = (values(t1[name]) - target).abs()
+        if kind in ("F16", "F32"):  # exact in fp32, rounded once
+            info = torch.finfo(torch.float16 if kind == "F16" else torch.float32)
+            # one rounding of the output, plus fp32's in W + B A (of the size of the terms, not of their sum)
+            size = values(t).abs() + delta64(ad, name, terms=True)
+            ulp = torch.maximum(size * 2 * info.eps, torch.full((), info.smallest_normal * info.eps))
+            assert bool((err <= ulp).all()), name
+        else:  # the nearest code on the stored grid: half a step, or the distance to the sub-block's range
+            S, low, high = grid_bounds(kind, t)
+            outside = (low - target).clamp(min=0) + (target - high).clamp(min=0)
+            bound = torch.where(outside > 0, outside + S * 1e-4, S / 2 * (1 + 1e-4)) + 1e-9
+            assert bool((err <= bound).all()), (name, float((err - bound).max()))
+            # the half-step bound has teeth: random 2-bit codes sit on an extreme half the time, the rest rarely
+            assert float((outside > 0).double().mean()) < (0.35 if TYPES[kind].bits <= 3 else 0.15), name
+    assert touched == 8
+
+
+def test_default_feedback_keeps_the_adapter_in_its_input_subspace(tmp_path):
+    """||dW||/||W|| = 1e-2 on Q8_0: the default keeps >= 90% and the aligned probe error stays small."""
+    base = build(tmp_path / "base.gguf", "Q8_0")
+    ad = adapter(scale=0.0072)
+    ad.save(tmp_path / "ad.safetensors")
+    report = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", quiet=True)
+    q = report["quantization"]
+    assert q["format"] == "gguf" and q["strategy"] == "feedback" and len(q["modules"]) == 8
+    assert {m["type"] for m in q["modules"]} == {"Q8_0"}
+    assert all(m["retention"] >= 0.9 for m in q["modules"]), q["modules"]
+    rel = [m["relative_delta"] for m in q["modules"]]
+    assert 0.007 < min(rel) and max(rel) < 0.014
+    same = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "same.gguf", strategy="same-grid",
+                         quiet=True)["quantization"]
+    assert q["mean_probe_error_aligned"] < 0.5 * same["mean_probe_error_aligned"]
+    # the report's aligned error, recomputed from the written file through the gguf package
+    _, t0 = tensors(base)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    name = "blk.0.attn_q.weight"
+    m = ad.modules["model.layers.0.self_attn.q_proj"]
+    E = values(t1[name]) - values(t0[name]) - delta64(ad, name)
+    A = m.A.double()
+    assert float((E @ A.T).norm() / (delta64(ad, name) @ A.T).norm()) < 0.3
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "Q5_0", "Q3_K", "Q4_K", "Q6_K", "Q2_K"])
+def test_rescale_fits_fresh_block_scales(tmp_path, kind):
+    """--strategy rescale: new d (and dmin, sub-block scales) that cover W + dW; checked by gguf's dequantization."""
+    base = build(tmp_path / "base.gguf", kind, layers=1)
+    ad = adapter(layers=1)
+    ad.save(tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="rescale", quiet=True)
+    _, t0 = tensors(base)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    name = "blk.0.ffn_down.weight"
+    target = values(t0[name]) + delta64(ad, name)
+    got = values(t1[name])
+    assert bytes(t1[name].data) != bytes(t0[name].data)
+    # the fresh grid (read back from the written bytes) holds every target: nearest code, half its step
+    S, low, high = grid_bounds(kind, t1[name])
+    outside = (low - target).clamp(min=0) + (target - high).clamp(min=0)
+    assert float((outside / S).max()) < 0.02  # covered, up to the fp16 rounding of d
+    assert bool(((got - target).abs() <= S / 2 * (1 + 1e-3) + outside + 1e-9).all())
+    # and the steps are those of a min/max fit: near each sub-block's range over its levels
+    sub, levels = TYPES[kind].sub, (1 << TYPES[kind].bits) - 1
+    blocks = target.reshape(target.shape[0], -1, sub)
+    span = blocks.amax(-1).clamp(min=0) - blocks.amin(-1).clamp(max=0)
+    ratio = S.reshape(target.shape[0], -1, sub)[..., 0] / (span / levels)
+    assert 0.99 < float(ratio.median()) < 1.6, float(ratio.median())
+
+
+def test_unsupported_types_refused_or_written_f16(tmp_path, cli):
+    base = build(tmp_path / "base.gguf", "Q8_0", layers=1, types={"blk.0.attn_q.weight": "IQ4_NL"})
+    ad = adapter(layers=1)
+    ad.save(tmp_path / "ad.safetensors")
+    out = tmp_path / "out.gguf"
+    code, _, err = cli("merge", base, tmp_path / "ad.safetensors", "-o", out, "--quiet")
+    assert code == 2 and "IQ4_NL" in err and "--dtype f16" in err
+    assert not out.exists()
+    with pytest.raises(lorakit.LorakitError, match=r"blk\.0\.attn_q\.weight'.*IQ4_NL.*--dtype f16|"
+                                                   r"blk\.0\.attn_q\.weight'.*IQ4_NL.*dtype"):
+        lorakit.merge(base, [tmp_path / "ad.safetensors"], out, quiet=True)
+    report = lorakit.merge(base, [tmp_path / "ad.safetensors"], out, dtype="f16", quiet=True)
+    assert any("IQ4_NL" in n and "F16" in n.upper() for n in report["notes"])
+    _, t0 = tensors(base)
+    _, t1 = tensors(out)
+    assert t1["blk.0.attn_q.weight"].tensor_type == T.F16
+    target = values(t0["blk.0.attn_q.weight"]) + delta64(ad, "blk.0.attn_q.weight")
+    torch.testing.assert_close(values(t1["blk.0.attn_q.weight"]), target, rtol=1e-3, atol=1e-4)
+    assert t1["blk.0.attn_k.weight"].tensor_type == T.Q8_0  # the others keep their type
+    assert bytes(t1["blk.0.ffn_up.weight"].data) == bytes(t0["blk.0.ffn_up.weight"].data)
+
+
+def test_split_gguf_in_split_gguf_out(tmp_path):
+    base = build(tmp_path / "model.gguf", "Q4_K", split=6)
+    first = tmp_path / "model-00001-of-00003.gguf"
+    assert first.exists() and not (tmp_path / "model-00004-of-00003.gguf").exists()
+    ad = adapter()
+    ad.save(tmp_path / "ad.safetensors")
+    report = lorakit.merge(first, [tmp_path / "ad.safetensors"], tmp_path / "merged.gguf", quiet=True)
+    outs = [tmp_path / f"merged-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert report["files"] == [os.fspath(p) for p in outs] and report["merged_count"] == 8
+    for i, o in enumerate(outs, 1):
+        src = tmp_path / f"model-0000{i}-of-00003.gguf"
+        assert os.path.getsize(o) == os.path.getsize(src)
+        (_, t0), (r1, t1) = tensors(src), tensors(o)
+        assert r1.fields["split.no"].contents() == i - 1 and list(t0) == list(t1)
+    # the splits read as one model: lorakit's own reader sees every tensor once
+    view = lorakit.quant.view.WeightView(outs[0])
+    assert len(view.names) == 2 + 2 * (1 + len(DIMS))
+    with pytest.raises(lorakit.LorakitError, match="split 2 of 3: pass the first one"):
+        lorakit.merge(tmp_path / "model-00002-of-00003.gguf", [tmp_path / "ad.safetensors"], tmp_path / "x.gguf")
+    del base
+
+
+def test_gguf_lora_merges_into_gguf_base(tmp_path):
+    """A llama.cpp LoRA (llama.cpp names, permuted rows) into a GGUF base: heads from the base's KVs."""
+    base = build(tmp_path / "base.gguf", "F32", layers=1)
+    ad = adapter(layers=1)
+    lora = tmp_path / "lora.gguf"
+    cfg = tmp_path / "hf"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}))
+    ad.save(lora, format="gguf", base=str(cfg))
+    # llama.cpp's converter wrote no head counts into the LoRA: the reader takes them from the GGUF base
+    lorakit.merge(base, [lora], tmp_path / "a.gguf", quiet=True)
+    ad.save(tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "b.gguf", quiet=True)
+    _, ta = tensors(tmp_path / "a.gguf")
+    _, tb = tensors(tmp_path / "b.gguf")
+    _, t0 = tensors(base)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+        torch.testing.assert_close(values(ta[name]), values(tb[name]), rtol=0, atol=1e-7)
+        torch.testing.assert_close(values(tb[name]), values(t0[name]) + delta64(ad, name), rtol=0, atol=1e-6)
+
+
+def test_inspect_extract_convert_read_gguf_bases(tmp_path, cli):
+    base = build(tmp_path / "base.gguf", "F32", layers=1)
+    ad = adapter(layers=1)
+    ad.save(tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "tuned.gguf", quiet=True)
+    # inspect --base: ||dW|| / ||W|| against the GGUF tensor of each module
+    report = lorakit.inspect(tmp_path / "ad.safetensors", base=base, spectrum=True, quiet=True)
+    row = next(r for r in report["modules"] if r["module"] == "model.layers.0.self_attn.q_proj")
+    _, t0 = tensors(base)
+    assert row["base_norm"] == pytest.approx(float(values(t0["blk.0.attn_q.weight"]).norm()), rel=1e-6)
+    # extract from two GGUFs: Hugging Face names and row order again
+    lorakit.extract(base, tmp_path / "tuned.gguf", tmp_path / "ex.safetensors", rank=4, quiet=True)
+    ex = lorakit.load(tmp_path / "ex.safetensors")
+    assert set(ex.modules) == set(ad.modules)
+    for name, m in ad.modules.items():
+        torch.testing.assert_close(ex.modules[name].delta(torch.float64), m.delta(torch.float64), rtol=0, atol=1e-5)
+    # convert --to gguf --base model.gguf: head counts from the base's KVs
+    assert cli("convert", tmp_path / "ad.safetensors", "--to", "gguf", "--base", base, "-o", tmp_path / "lora.gguf",
+               "--quiet")[0] == 0
+    _, tl = tensors(tmp_path / "lora.gguf")
+    b = torch.from_numpy(np.array(tl["blk.0.attn_q.weight.lora_b"].data, dtype=np.float64))
+    m = ad.modules["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(b.reshape(m.B.shape), llama_cpp_rows(m.B.double(), HEADS), rtol=0, atol=0)
+
+
+def test_bad_gguf_bases_are_one_line_errors(tmp_path, cli):
+    base = build(tmp_path / "base.gguf", "Q8_0", layers=1)
+    ad = adapter(layers=1)
+    ad.save(tmp_path / "ad.safetensors")
+    data = base.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    lora = tmp_path / "lora.gguf"
+    cfg = tmp_path / "hf"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}))
+    ad.save(lora, format="gguf", base=str(cfg))
+    cases = [([str(cut)], "runs past the end of the file"),
+             ([str(lora)], "llama.cpp LoRA adapter"),
+             ([str(base), "-o", str(tmp_path / "o.safetensors")], "the output is GGUF")]
+    for args, message in cases:
+        argv = ["merge", *args[:1], tmp_path / "ad.safetensors", "-o", *(args[2:] or [tmp_path / "o.gguf"])]
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        code, _, err = cli(*argv)
+        assert code == 2 and message in err and "\n" not in err.strip() and "Traceback" not in err, err
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
