@@ -128,11 +128,12 @@ def random_adapter(shapes, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, dtyp
 class TensorDict:
     """A dict of tensors with the little of the Checkpoint interface the quantized formats use."""
 
-    def __init__(self, tensors):
+    def __init__(self, tensors, kinds=None):
+        """kinds: name -> (GGML type, shape) for packed GGUF blocks (bytes as uint8)."""
         self.tensors, self.path = tensors, "<memory>"
         self.where = dict.fromkeys(tensors, "<memory>")
-        self._entries = {k: Entry(k, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
-                         for k, v in tensors.items()}
+        self._entries = {k: Entry(k, *(kinds or {}).get(k, (st_dtype(v.dtype), tuple(v.shape))), 0,
+                                  v.numel() * v.element_size()) for k, v in tensors.items()}
 
     def __contains__(self, name):
         return name in self.tensors
@@ -185,6 +186,21 @@ def quantize(W, fmt, group_size=128, bits=4):
     U = W.float() / S + Z if Z is not None else W.float() / S
     stored = handler.encode(ckpt, members, grid.codebook.round(U)[0], grid)
     return {**{k: v for k, v in t.items() if k not in stored}, **stored}  # NF4's quant_map and state are fixed
+
+
+def quantize_gguf(W, kind):
+    """A weight [out, in] as the bytes of a GGML block type (`kind`: Q8_0 ... Q6_K): a min/max fit of every
+    sub-block with the format's own fit (--strategy rescale's), nearest codes. For GGUF fixtures (tests,
+    benchmarks)."""
+    from .quant.gguf import TYPES, GGUFBlocks
+    t, (out, inn) = TYPES[kind], W.shape
+    ckpt = TensorDict({"w": torch.zeros(out * (inn // t.block) * t.size, dtype=torch.uint8)}, {"w": (kind, (out, inn))})
+    blocks = W.float().reshape(out, -1, t.sub)
+    fmt = GGUFBlocks()
+    grid = fmt.fit(ckpt, {"weight": "w"}, blocks.amin(-1).T, blocks.amax(-1).T)
+    S, Z = grid.columns(0, inn)
+    codes, _ = grid.codebook.round(W.float() / S + Z if Z is not None else W.float() / S)
+    return fmt.encode(ckpt, {"weight": "w"}, codes, grid)["w"]
 
 
 def quantization_config(fmt, group_size=128, bits=4):

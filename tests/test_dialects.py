@@ -222,7 +222,8 @@ def test_fused_slices_sdxl_te2_and_flux_diffusers(tmp_path, cli):
             "model.diffusion_model.double_blocks.0.img_attn.qkv.weight": rnd(3 * H, H),
             "model.diffusion_model.double_blocks.0.img_attn.proj.weight": rnd(H, H),
             "model.diffusion_model.single_blocks.0.linear1.weight": rnd(3 * H + M, H),
-            "model.diffusion_model.img_in.weight": rnd(H, 4)}
+            "model.diffusion_model.img_in.weight": rnd(H, 4),
+            "model.diffusion_model.final_layer.adaLN_modulation.1.weight": rnd(2 * H, H)}
     write_safetensors(tmp_path / "base.safetensors", base)
     expected = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in base.items()}
     kohya, diff = {}, {}
@@ -245,6 +246,9 @@ def test_fused_slices_sdxl_te2_and_flux_diffusers(tmp_path, cli):
         t, d = lora(f"transformer.{name}", "", "", shape, 2)
         diff.update(t)
         expected[f"model.diffusion_model.{target}.weight"][rows[0]:rows[1]] += d
+    t, d = lora("transformer.norm_out.linear", "", "", (2 * H, H), 2)  # diffusers [scale, shift], BFL [shift, scale]
+    diff.update(t)
+    expected["model.diffusion_model.final_layer.adaLN_modulation.1.weight"] += torch.cat([d[H:], d[:H]])
     write_safetensors(tmp_path / "k.safetensors", kohya)
     write_safetensors(tmp_path / "d.safetensors", diff)
     code, out, err = cli("merge", tmp_path / "base.safetensors", tmp_path / "k.safetensors", tmp_path / "d.safetensors",

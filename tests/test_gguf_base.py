@@ -13,6 +13,7 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.core import Adapter, Module  # noqa: E402
+from lorakit.examples import TensorDict, quantize_gguf  # noqa: E402
 from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 64
@@ -38,6 +39,9 @@ def packed(kind, out, inn, rng):
 def weight(kind, out, inn, rng):
     if kind in ("F32", "F16"):
         return (rng.standard_normal((out, inn)) * 0.02).astype(np.float32 if kind == "F32" else np.float16), None
+    if kind == "BF16":
+        w = torch.from_numpy((rng.standard_normal((out, inn)) * 0.02).astype(np.float32)).bfloat16()
+        return w.view(torch.int16).numpy().view(np.uint16), T.BF16
     if kind in LEGACY:
         return quantize((rng.standard_normal((out, inn)) * 0.02).astype(np.float32), T[kind]), T[kind]
     return packed(kind, out, inn, rng), T[kind]
@@ -95,6 +99,8 @@ def values(t):
     shape = [int(d) for d in reversed(list(t.shape))]
     if t.tensor_type in (T.F32, T.F16):
         return torch.from_numpy(np.array(t.data, dtype=np.float64)).reshape(shape)
+    if t.tensor_type == T.BF16:
+        return torch.from_numpy(np.array(t.data).view(np.int16).copy()).view(torch.bfloat16).double().reshape(shape)
     return torch.from_numpy(dequantize(np.array(t.data), t.tensor_type).astype(np.float64)).reshape(shape)
 
 
@@ -109,20 +115,16 @@ def delta64(ad, gguf_name, terms=False):
     return D
 
 
+def as_checkpoint(kind, shape, raw):
+    """One tensor's GGUF bytes as a checkpoint of the QuantFormat interface."""
+    return TensorDict({"w": torch.from_numpy(np.array(raw).reshape(-1).copy())}, {"w": (kind, tuple(shape))})
+
+
 def grid_bounds(kind, base_tensor):
-    """Each element's grid step |S| = |d * sc| and the lowest and highest value its sub-block can hold (the codec's grid,
-    checked against gguf's dequantization in the test above)."""
-    class One:
-        path = "x"
-
-        def entry(self, name):
-            class E:
-                dtype, shape = kind, tuple(int(d) for d in reversed(list(base_tensor.shape)))
-            return E()
-
-        def get(self, name):
-            return torch.from_numpy(np.array(base_tensor.data).reshape(-1).copy())
-    g = GGUFBlocks().grid(One(), {"weight": "w"})
+    """Each element's grid step |S| = |d * sc| and the lowest and highest value its sub-block can hold (the codec's
+    grid, checked against gguf's dequantization in the test above)."""
+    shape = tuple(int(d) for d in reversed(list(base_tensor.shape)))
+    g = GGUFBlocks().grid(as_checkpoint(kind, shape, base_tensor.data), {"weight": "w"})
     S, Z = g.columns(0, len(g.g))
     S, Z = S.double(), (Z.double() if Z is not None else 0.0)
     a, b = S * (g.codebook.lo - Z), S * (g.codebook.hi - Z)  # Q4_0's d is negative where the extreme value is
@@ -135,28 +137,33 @@ def test_codecs_agree_with_gguf_dequantize_and_repack_byte_for_byte(kind):
     raw = packed(kind, 6, 512, rng) if kind not in LEGACY else quantize(
         (rng.standard_normal((6, 512)) * 0.1).astype(np.float32), T[kind])
 
-    class One:
-        path = "x"
-
-        def entry(self, name):
-            class E:
-                dtype, shape = kind, (6, 512)
-            return E()
-
-        def get(self, name):
-            return torch.from_numpy(raw.reshape(-1).copy())
-    fmt, m = GGUFBlocks(), {"weight": "w"}
+    fmt, m, ckpt = GGUFBlocks(), {"weight": "w"}, as_checkpoint(kind, (6, 512), raw)
     ref = dequantize(raw, T[kind]).astype(np.float32)
-    assert np.array_equal(fmt.dequantize(One(), m).numpy(), ref)  # ggml's own arithmetic
-    grid = fmt.grid(One(), m)
+    assert np.array_equal(fmt.dequantize(ckpt, m).numpy(), ref)  # ggml's own arithmetic
+    grid = fmt.grid(ckpt, m)
     S, Z = grid.columns(0, 512)
-    c = grid.codebook.values(fmt.codes(One(), m))
+    c = grid.codebook.values(fmt.codes(ckpt, m))
     np.testing.assert_allclose(((c - Z) * S if Z is not None else c * S).numpy(), ref, rtol=0,
                                atol=1e-6 * np.abs(ref).max())
-    assert np.array_equal(fmt.encode(One(), m, fmt.codes(One(), m), grid)["w"].numpy(), raw.reshape(-1))
+    assert np.array_equal(fmt.encode(ckpt, m, fmt.codes(ckpt, m), grid)["w"].numpy(), raw.reshape(-1))
 
 
-@pytest.mark.parametrize("kind", list(TYPES) + ["F16", "F32"])
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_fixture_quantizer_is_the_nearest_code_on_its_fit(kind):
+    """examples.quantize_gguf (the benchmark's fixtures, --strategy rescale's fit): gguf's dequantization of its
+    bytes is within half a step of W everywhere, and the steps are those of a min/max fit."""
+    W = torch.randn(8, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.02
+    raw = quantize_gguf(W.float(), kind).numpy().reshape(8, -1)
+    got = torch.from_numpy(dequantize(raw, T[kind]).astype(np.float64))
+
+    class Info:
+        shape, data = (512, 8), raw
+    S, low, high = grid_bounds(kind, Info)
+    assert bool(((got - W).abs() <= S / 2 * (1 + 1e-3) + 1e-9).all())
+    assert float((low - W).clamp(min=0).max()) < 1e-7 and float((W - high).clamp(min=0).max()) < 1e-7
+
+
+@pytest.mark.parametrize("kind", list(TYPES) + ["F16", "F32", "BF16"])
 def test_merge_keeps_type_size_kvs_and_untouched_bytes(tmp_path, kind, cli):
     base = build(tmp_path / "base.gguf", kind)
     ad = adapter(scale=0.01)  # ||dW|| / ||W|| ~ 1e-2
@@ -178,8 +185,8 @@ def test_merge_keeps_type_size_kvs_and_untouched_bytes(tmp_path, kind, cli):
         touched += 1
         target = values(t) + delta64(ad, name)
         err = (values(t1[name]) - target).abs()
-        if kind in ("F16", "F32"):  # exact in fp32, rounded once
-            info = torch.finfo(torch.float16 if kind == "F16" else torch.float32)
+        if kind in ("F16", "F32", "BF16"):  # exact in fp32, rounded once
+            info = torch.finfo({"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}[kind])
             # one rounding of the output, plus fp32's in W + B A (of the size of the terms, not of their sum)
             size = values(t).abs() + delta64(ad, name, terms=True)
             ulp = torch.maximum(size * 2 * info.eps, torch.full((), info.smallest_normal * info.eps))
@@ -356,3 +363,23 @@ def test_bad_gguf_bases_are_one_line_errors(tmp_path, cli):
         code, _, err = cli(*argv)
         assert code == 2 and message in err and "\n" not in err.strip() and "Traceback" not in err, err
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_original_strategy_from_the_f32_gguf(tmp_path):
+    """--strategy original: W + dW quantized afresh from the full-precision GGUF the base was quantized from."""
+    base = build(tmp_path / "base.gguf", "Q8_0", layers=1)
+    full = build(tmp_path / "full.gguf", "F32", layers=1)  # the same draws: the weights the base quantized
+    ad = adapter(layers=1)
+    ad.save(tmp_path / "ad.safetensors")
+    with pytest.raises(lorakit.LorakitError, match="GGUF it was quantized from"):
+        lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "x.gguf", strategy="original",
+                      full_precision_base=tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="original",
+                  full_precision_base=full, quiet=True)
+    _, tf = tensors(full)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    name = "blk.0.attn_k.weight"
+    target = values(tf[name]) + delta64(ad, name)
+    S, low, high = grid_bounds("Q8_0", t1[name])
+    assert bool(((values(t1[name]) - target).abs() <= S / 2 * (1 + 1e-3) + 1e-9).all())
+    assert float((low - target).clamp(min=0).max()) == 0 and float((target - high).clamp(min=0).max()) == 0

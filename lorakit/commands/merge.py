@@ -5,7 +5,7 @@ import os
 from ..errors import LorakitError, opt
 from ..engine.gguf import GGUFWriter, output_files
 from ..io import Checkpoint, atomic_output, atomic_outputs, check_output, read_config
-from ..io.gguf import GGUFCheckpoint
+from ..io.gguf import GGUFCheckpoint, is_gguf
 from ..io.dtypes import user_dtype
 from ..progress import progress
 from ..quant import STRATEGIES
@@ -54,7 +54,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
         raise LorakitError(f"none of the adapter tensors is in the base ({len(skipped)} skipped, e.g. {skipped[0]}): "
                            "is this the right base?", path=base)
     target_dtype = user_dtype(dtype) if dtype not in (None, "keep") else None
-    full = Checkpoint(full_precision_base) if full_precision_base else None
+    full = _full_precision(full_precision_base, gguf)
     dequantize = _gguf_dequantized(view, plans, target_dtype) if gguf else None
     job = pipeline.MergeJob(view, plans, -1.0 if unmerge else 1.0, target_dtype, strategy, full, onto, seed,
                             dequantize)
@@ -141,6 +141,18 @@ def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
             "shard_count": sum(r["shard_count"] for r in reports.values()),
             "bytes": sum(r["bytes"] for r in reports.values()), "dtype": options["dtype"] or "keep",
             "skipped": skipped + [s for r in reports.values() for s in r["skipped"]], "notes": notes}
+
+
+def _full_precision(path, gguf):
+    """--full-precision-base: a checkpoint with the base's tensor names (for a GGUF base, the F16 / F32 / BF16 GGUF it
+    was quantized from: llama.cpp's names and row order)."""
+    if not path:
+        return None
+    if gguf != is_gguf(path):
+        raise LorakitError("--full-precision-base must name its tensors as the base does: "
+                           + ("a GGUF base takes the F16 / F32 / BF16 GGUF it was quantized from" if gguf else
+                              "a safetensors checkpoint for a safetensors base"), path=path)
+    return GGUFCheckpoint(path) if gguf else Checkpoint(path)
 
 
 def _gguf_dequantized(view, plans, target_dtype):

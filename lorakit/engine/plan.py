@@ -1,5 +1,5 @@
 """Merge planning: every adapter tensor resolved to a base tensor of the right shape before anything is written."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -71,8 +71,11 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 if aliases is None:
                     aliases = fused_aliases(view.shapes())
                 if m.name in aliases and m.magnitude is None and m.bias is None:
-                    tensor, start, stop = aliases[m.name]
+                    tensor, start, stop, swap = aliases[m.name]
                     if tuple(m.shape) == (stop - start, *view.shape(tensor)[1:]):
+                        if swap:  # the same two halves of rows in the other order
+                            half = m.B.shape[0] // 2
+                            m = replace(m, B=torch.cat([m.B[half:], m.B[:half]]))
                         m = on_rows(m, tensor, start, stop, view.shape(tensor)[0])
                         p = target(tensor)
             if p is None:

@@ -166,6 +166,8 @@ FLUX_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out":
                "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
                "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
 
+FLUX_FINAL_NORM = "final_layer.adaLN_modulation.1"
+
 
 def fused_aliases(shapes):
     """Other tools' module names for the tensors of an original single-file checkpoint, including slices of fused
@@ -174,7 +176,7 @@ def fused_aliases(shapes):
     rows. Covers the OpenCLIP text encoders (SDXL's second, SD2's) and Flux (BFL names, any model prefix)."""
     out = {}
 
-    def add(path, prefixes, tensor, part, parts):
+    def add(path, prefixes, tensor, part, parts, swap=False):
         rows = shapes[tensor][0]
         if part is None:
             start, stop = 0, rows
@@ -182,7 +184,7 @@ def fused_aliases(shapes):
             sizes = parts(rows)
             start, stop = sum(sizes[:part]), sum(sizes[:part + 1])
         for kohya, component in prefixes:
-            out[f"{component}.{path}"] = out[mangle(kohya, path)] = (tensor, start, stop)
+            out[f"{component}.{path}"] = out[mangle(kohya, path)] = (tensor, start, stop, swap)
 
     for name in shapes:
         for base_prefix, kohya, component in OPENCLIP_ENCODERS:
@@ -208,6 +210,9 @@ def fused_aliases(shapes):
                 for layer, bfl in FLUX_GLOBAL.items():
                     if f"{prefix}{bfl}.weight" in shapes:
                         add(layer, [("lora_transformer", "transformer")], f"{prefix}{bfl}.weight", None, None)
+                final = f"{prefix}{FLUX_FINAL_NORM}.weight"
+                if final in shapes:  # diffusers' norm_out.linear is [scale, shift], BFL's [shift, scale]
+                    add("norm_out.linear", [("lora_transformer", "transformer")], final, None, None, swap=True)
     return out
 
 

@@ -176,8 +176,7 @@ class GGUFFile(TensorFile):
         if e.dtype in PLAIN:
             return super().read(name, buf)
         import torch
-        return torch.frombuffer(bytearray(self.raw(name)), dtype=torch.uint8) if e.nbytes else \
-            torch.empty(0, dtype=torch.uint8)
+        return torch.from_numpy(self.read_bytes(name, buf)[: e.nbytes])
 
 
 def split_files(path):

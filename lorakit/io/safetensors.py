@@ -175,6 +175,15 @@ class TensorFile:
         mmap: streaming readers keep RSS bounded by what they hold."""
         import torch
         e = self.header.entries[name]
+        buf = self.read_bytes(name, buf)
+        if e.numel == 0:
+            return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+        return torch.frombuffer(buf, dtype=torch_dtype(e.dtype), count=e.numel).reshape(e.shape)
+
+    def read_bytes(self, name, buf=None):
+        """A tensor's stored bytes in `buf`, or in a fresh uint8 array."""
+        import torch
+        e = self.header.entries[name]
         # a fresh tensor's memory is not zero-filled first (a bytearray is): one pass over the bytes, not two
         buf = torch.empty(e.nbytes, dtype=torch.uint8).numpy() if buf is None else buf
         with open(self.path, "rb", buffering=0) as f:
@@ -185,9 +194,7 @@ class TensorFile:
                 if not n:
                     raise LorakitError("file ended inside the tensor data", path=self.path, tensor=name)
                 got += n
-        if e.numel == 0:
-            return torch.empty(e.shape, dtype=torch_dtype(e.dtype))
-        return torch.frombuffer(buf, dtype=torch_dtype(e.dtype), count=e.numel).reshape(e.shape)
+        return buf
 
     def copy_to(self, name, out):
         """Copy a tensor's stored bytes into the open file `out` without going through Python memory."""

@@ -20,7 +20,7 @@ from .base import Grid, QuantFormat
 from .rounding import Uniform
 
 DEAD = 2.0 ** -100  # the scale standing in for 0: values within 1e-28 of the constant, Z = M / DEAD still finite
-ROWS = 512  # rows packed / unpacked at once: [ROWS, in] int32 temporaries
+ROWS = 512  # rows packed / unpacked at once: [ROWS, in] byte temporaries
 
 
 @dataclass(frozen=True)
@@ -100,27 +100,27 @@ TYPES = {t.name: t for t in (
 
 def _gather(raw, pieces):
     """Unsigned integers assembled from bit pieces of each block's bytes: raw [rows, blocks, size] uint8 ->
-    [rows, blocks, n] int32."""
+    [rows, blocks, n] uint8 (every code and scale here fits a byte)."""
     out, at = None, 0
     for byte, shift, width in pieces:
-        v = (raw[:, :, torch.from_numpy(byte)].to(torch.int32) >> torch.from_numpy(shift).to(torch.int32)) \
-            & ((1 << width) - 1)
-        out = v if out is None else out | (v << at)
+        v = (raw[:, :, torch.from_numpy(byte)] >> torch.from_numpy(shift).to(torch.uint8)) & ((1 << width) - 1)
+        out = v if out is None else out.bitwise_or_(v << at)
         at += width
     return out
 
 
 def _scatter(raw, pieces, values):
-    """raw with the bits of `pieces` replaced by `values` [rows, blocks, n] (the other bits kept)."""
-    acc = raw.to(torch.int32)
+    """raw with the bits of `pieces` replaced by `values` [rows, blocks, n] uint8 (the other bits kept). The pieces
+    of one byte never overlap, so adding them is OR-ing them."""
+    acc = raw.clone()
     at = 0
     for byte, shift, width in pieces:
-        index, sh = torch.from_numpy(byte), torch.from_numpy(shift).to(torch.int32)
-        mask = torch.zeros(raw.shape[-1], dtype=torch.int32).index_add_(0, index, ((1 << width) - 1) << sh)
-        acc &= ~mask
+        index, sh = torch.from_numpy(byte), torch.from_numpy(shift).to(torch.uint8)
+        mask = torch.zeros(raw.shape[-1], dtype=torch.uint8).index_add_(0, index, ((1 << width) - 1) << sh)
+        acc.bitwise_and_(~mask)
         acc.index_add_(2, index, ((values >> at) & ((1 << width) - 1)) << sh)
         at += width
-    return acc.to(torch.uint8)
+    return acc
 
 
 def _f16(raw, offset):
@@ -166,7 +166,7 @@ class GGUFBlocks(QuantFormat):
         out = torch.empty(raw.shape[0], raw.shape[1] * t.block, dtype=t.codebook().storage)
         for r0 in range(0, raw.shape[0], ROWS):
             c = _gather(raw[r0:r0 + ROWS], t.code).reshape(-1, out.shape[1])
-            out[r0:r0 + ROWS] = c.to(torch.uint8).view(torch.int8) if t.signed_codes else c.to(torch.uint8)
+            out[r0:r0 + ROWS] = c.view(torch.int8) if t.signed_codes else c
         return out
 
     def _fields(self, t, raw):
@@ -176,8 +176,7 @@ class GGUFBlocks(QuantFormat):
         per = t.block // t.sub
         if t.scale:
             sc = _gather(raw, t.scale)
-            if t.scale_signed:
-                sc = sc.to(torch.uint8).view(torch.int8).to(torch.int32)
+            sc = (sc.view(torch.int8) if t.scale_signed else sc).to(torch.int32)
             S = (d[..., None] * (sc - t.scale_offset).float()).reshape(raw.shape[0], -1)
         else:
             S = d.reshape(raw.shape[0], -1) if per == 1 else d.repeat_interleave(per, 1)
@@ -224,18 +223,17 @@ class GGUFBlocks(QuantFormat):
         return W.reshape(entry.shape)
 
     def encode(self, ckpt, m, codes, grid):
-        """The stored grid's bytes (or a fitted grid's) with the codes' bits replaced; sub-blocks of scale 0 keep
-        their stored codes."""
+        """The stored grid's bytes (or a fitted grid's) with the codes' bits replaced, in place: the grid is spent;
+        sub-blocks of scale 0 keep their stored codes."""
         t, raw = grid.params["type"], grid.params["raw"]
         out, nb = raw.shape[0], raw.shape[1]
-        dead = (grid.S.T == DEAD).repeat_interleave(t.sub, 1)
+        dead = grid.S.T == DEAD  # [out, sub-blocks]: expanded to elements only where some exist
         if bool(dead.any()):
-            codes = torch.where(dead, self.codes(ckpt, m), codes)
-        c = (codes.view(torch.uint8) if t.signed_codes else codes).to(torch.int32).reshape(out, nb, t.block)
-        packed = torch.empty_like(raw)
-        for r0 in range(0, out, ROWS):
-            packed[r0:r0 + ROWS] = _scatter(raw[r0:r0 + ROWS], t.code, c[r0:r0 + ROWS])
-        return {m["weight"]: packed.reshape(-1)}
+            codes = torch.where(dead.repeat_interleave(t.sub, 1), self.codes(ckpt, m), codes)
+        c = (codes.view(torch.uint8) if t.signed_codes else codes).reshape(out, nb, t.block)
+        for r0 in range(0, out, ROWS):  # in place (the grid's bytes were read for this merge), ROWS rows at a time
+            raw[r0:r0 + ROWS] = _scatter(raw[r0:r0 + ROWS], t.code, c[r0:r0 + ROWS])
+        return {m["weight"]: raw.reshape(-1)}
 
     def fit(self, ckpt, m, lo, hi):
         """Fresh block scales from each sub-block's range lo..hi [sub-blocks, out]: the sub-block scale (and min)
@@ -264,13 +262,11 @@ class GGUFBlocks(QuantFormat):
             dmin = _fp16_toward(M.amax(-1) / top, up=True).float()
             m_int = _ceil_ratio(M, dmin, top)
             s = ((hi + dmin[..., None] * m_int) / qmax).clamp(min=0)
-            new = _scatter(new, t.minimum, m_int.to(torch.int32))
+            new = _scatter(new, t.minimum, m_int.to(torch.uint8))
             _put_f16(new, t.dmin, dmin)
         d = _fp16_toward(s.amax(-1) / top, up=True).float()
         sc = _ceil_ratio(s, d, top).to(torch.int32) + t.scale_offset
-        if t.scale_signed:
-            sc = sc.to(torch.int8).view(torch.uint8).to(torch.int32)
-        new = _scatter(new, t.scale, sc)
+        new = _scatter(new, t.scale, sc.to(torch.int8).view(torch.uint8) if t.scale_signed else sc.to(torch.uint8))
         _put_f16(new, t.d, d)
         return self._grid(t, new, raw.shape[1] * t.block)
 
