@@ -259,3 +259,52 @@ def test_fused_slices_sdxl_te2_and_flux_diffusers(tmp_path, cli):
     for name, W in base.items():
         want = W.double() + expected[name]
         assert torch.allclose(merged.get(name).double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name
+
+
+def test_flux_single_file_names_to_diffusers_split_fused_rows(tmp_path, cli):
+    """A kohya Flux LoRA (BFL names, fused qkv / linear1) converted --to diffusers: one LoRA per slice with diffusers'
+    names (norm_out.linear's halves swapped back); it merges into the BFL file exactly as the kohya file does, and the
+    diffusers file reads back with the deltas of each slice."""
+    H, M = 8, 12
+    prefix = "model.diffusion_model."
+    base = {f"{prefix}double_blocks.0.img_attn.qkv.weight": rnd(3 * H, H),
+            f"{prefix}single_blocks.0.linear1.weight": rnd(3 * H + M, H),
+            f"{prefix}final_layer.adaLN_modulation.1.weight": rnd(2 * H, H), f"{prefix}img_in.weight": rnd(H, 4)}
+    write_safetensors(tmp_path / "base.safetensors", base)
+    kohya, deltas = {}, {}
+    for name, W in base.items():
+        path = name[len(prefix):-len(".weight")]
+        t, d = lora(f"lora_unet_{path.replace('.', '_')}", "", "", tuple(W.shape), 2, alpha=1.0,
+                    names=("lora_down.weight", "lora_up.weight"))
+        kohya.update(t)
+        deltas[name] = d
+    write_safetensors(tmp_path / "k.safetensors", kohya)
+    code, out, err = cli("convert", tmp_path / "k.safetensors", "--to", "diffusers", "--base", tmp_path /
+                         "base.safetensors", "-o", tmp_path / "d.safetensors", "--json")
+    assert code == 0, err
+    assert any("split into one LoRA per slice" in n for n in json.loads(out)["notes"])
+    back = lorakit.load(tmp_path / "d.safetensors")
+    got = {n: m.delta(torch.float64) for n, m in back.modules.items()}
+    qkv, lin1, final = (deltas[f"{prefix}{p}.weight"] for p in ("double_blocks.0.img_attn.qkv",
+                                                                "single_blocks.0.linear1",
+                                                                "final_layer.adaLN_modulation.1"))
+    expected = {"transformer.transformer_blocks.0.attn.to_q": qkv[:H],
+                "transformer.transformer_blocks.0.attn.to_k": qkv[H:2 * H],
+                "transformer.transformer_blocks.0.attn.to_v": qkv[2 * H:],
+                "transformer.single_transformer_blocks.0.attn.to_q": lin1[:H],
+                "transformer.single_transformer_blocks.0.attn.to_k": lin1[H:2 * H],
+                "transformer.single_transformer_blocks.0.attn.to_v": lin1[2 * H:3 * H],
+                "transformer.single_transformer_blocks.0.proj_mlp": lin1[3 * H:],
+                "transformer.norm_out.linear": torch.cat([final[H:], final[:H]]),
+                "transformer.x_embedder": deltas[f"{prefix}img_in.weight"]}
+    assert set(got) == set(expected)
+    for name, ref in expected.items():
+        assert close(got[name], ref), name
+    for src in ("k", "d"):
+        assert cli("merge", tmp_path / "base.safetensors", tmp_path / f"{src}.safetensors", "-o",
+                   tmp_path / f"m{src}.safetensors")[0] == 0
+    mk, md = TensorFile(tmp_path / "mk.safetensors"), TensorFile(tmp_path / "md.safetensors")
+    for name, W in base.items():
+        want = W.double() + deltas[name]
+        assert torch.allclose(mk.get(name).double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name
+        assert torch.allclose(md.get(name).double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name

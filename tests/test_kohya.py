@@ -126,6 +126,14 @@ def test_sd1_single_file_base_resolution(tmp_path):
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k2.safetensors", to="kohya")
     keys = set(TensorFile(tmp_path / "k2.safetensors").header.entries)
     assert {k for k in keys if not k.endswith(".alpha")} == set(t)
+    # to diffusers from the single file's names: unet.<diffusers path>, text_encoder.text_model...
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "d.safetensors", to="diffusers")
+    d = lorakit.load(tmp_path / "d.safetensors")
+    assert set(d.modules) == {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                              "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"}
+    for original, module in zip(sorted(ad.modules.values(), key=lambda m: m.name.startswith("cond")),
+                                sorted(d.modules.values(), key=lambda m: m.name.startswith("text"))):
+        assert torch.allclose(module.delta(torch.float64), original.delta(torch.float64), rtol=1e-6, atol=0)
     # merge into the single file in one command: the kohya names resolved against it, exact
     lorakit.merge(tmp_path / "sd15.safetensors", [tmp_path / "k.safetensors"], tmp_path / "m.safetensors")
     merged, base = TensorFile(tmp_path / "m.safetensors"), TensorFile(tmp_path / "sd15.safetensors")

@@ -6,12 +6,14 @@ import json
 import re
 from dataclasses import replace
 
+import torch
+
 from ..core import Adapter
 from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
 from . import peft as peft_format
 from .common import open_safetensors, refuse_unknown
-from .names import COMPONENTS, ORIGINAL, component as _component
+from .names import COMPONENTS, ORIGINAL, component as _component, diffusers_names, ldm_unet_family
 
 META = "lora_adapter_metadata"
 OLD = re.compile(r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
@@ -88,6 +90,8 @@ def write(adapter, path, force=False):
     ComfyUI and older diffusers ignore it (scale 1), so only a scale of 1 reaches every consumer at the same strength.
     Text encoder names in the metadata lose `text_model.`: transformers 5 flattened CLIPTextModel and diffusers strips
     it from the keys, while PEFT's suffix match still finds `text_model.<name>` in older transformers."""
+    notes = []
+    adapter = _from_original_names(adapter, notes)
     by_component, outside = split_components(adapter)
     if outside:
         raise LorakitError(f"diffusers files need names under a component ({', '.join(COMPONENTS[:5])}): "
@@ -108,9 +112,37 @@ def write(adapter, path, force=False):
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, {"format": "pt", META: json.dumps(packed, sort_keys=True)})
     if folded:
-        return [f"{folded} module scale(s) folded into lora_B (alpha = rank), so diffusers, ComfyUI and every other "
-                "reader apply the same strength"]
-    return []
+        notes.append(f"{folded} module scale(s) folded into lora_B (alpha = rank), so diffusers, ComfyUI and every "
+                     "other reader apply the same strength")
+    return notes
+
+
+def _from_original_names(adapter, notes):
+    """Modules under a single file's original names renamed to diffusers' (names.diffusers_names); a LoRA on a fused
+    tensor (Flux qkv, linear1) becomes one LoRA per slice: the same A, B's rows of the slice (exact)."""
+    shapes = {n: tuple(m.shape[:2]) for n, m in adapter.modules.items() if m.kind == "linear"}
+    maps = diffusers_names(shapes, ldm_unet_family(adapter.modules, adapter.user_metadata))
+    if not maps:
+        return adapter
+    out, split = replace(adapter, modules={}), 0
+    for name, m in adapter.modules.items():
+        if name not in maps:
+            out.add(m)
+            continue
+        if len(maps[name]) > 1 and m.magnitude is not None:
+            raise LorakitError("DoRA on a fused tensor has no diffusers equivalent (one norm over the fused rows)",
+                               tensor=name)
+        split += len(maps[name]) > 1
+        for target, start, stop, swap in maps[name]:
+            B, bias = m.B[start:stop], (m.bias[start:stop] if m.bias is not None else None)
+            if swap:
+                half = B.shape[0] // 2
+                B = torch.cat([B[half:], B[:half]])
+                bias = torch.cat([bias[half:], bias[:half]]) if bias is not None else None
+            out.add(replace(m, name=target, B=B.contiguous(), bias=bias))
+    notes.append(f"{len(maps)} module(s) renamed from the single file's names to diffusers'"
+                 + (f"; {split} fused one(s) (qkv, linear1) split into one LoRA per slice, exactly" if split else ""))
+    return out
 
 
 def split_components(adapter):

@@ -216,6 +216,43 @@ def fused_aliases(shapes):
     return out
 
 
+def diffusers_names(shapes, family=None):
+    """Original single-file module names -> their diffusers names, one per slice of a fused tensor:
+    {module: [(diffusers name, row start, row stop, halves swapped)]} for the modules of `shapes` ({module: (out,
+    in)}) that have one: Flux (BFL names, bare or under model.diffusion_model. / diffusion_model.), SD1/SD2 UNets
+    (LDM names; `family` from ldm_unet_family) and the CLIP text encoders of SD1 and SDXL. The inverse of
+    fused_aliases' Flux part."""
+    out = {}
+    for module, (rows, cols) in shapes.items():
+        m = re.fullmatch(r"(?:model\.diffusion_model\.|diffusion_model\.)?(?:(double|single)_blocks\.(\d+)\.)?(.+)",
+                         module)
+        kind, n, layer = m[1], m[2], m[3]
+        if kind:
+            table, block = (FLUX_DOUBLE, "transformer_blocks") if kind == "double" else (
+                FLUX_SINGLE, "single_transformer_blocks")
+            parts = sorted((part or 0, name) for name, (bfl, part) in table.items() if bfl == layer)
+            if parts:
+                sizes = [rows // 3] * 3 if len(parts) == 3 else [cols] * 3 + [rows - 3 * cols]
+                sizes = sizes if len(parts) > 1 else [rows]
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                out[module] = [(f"transformer.{block}.{n}.{name}", starts[i], starts[i] + sizes[i], False)
+                               for i, (_, name) in enumerate(parts)]
+            continue
+        inverse = {bfl: name for name, bfl in FLUX_GLOBAL.items()}
+        if layer in inverse and family is None:
+            out[module] = [(f"transformer.{inverse[layer]}", 0, rows, False)]
+        elif layer == FLUX_FINAL_NORM:
+            out[module] = [("transformer.norm_out.linear", 0, rows, True)]
+        elif module.startswith("model.diffusion_model.") and family == "sd1" and sd1_unet_to_diffusers(layer):
+            out[module] = [(f"unet.{sd1_unet_to_diffusers(layer)}", 0, rows, False)]
+        else:
+            for original, component in (("cond_stage_model.transformer.", "text_encoder."),
+                                        ("conditioner.embedders.0.transformer.", "text_encoder.")):
+                if module.startswith(original + "text_model."):
+                    out[module] = [(component + module[len(original):], 0, rows, False)]
+    return out
+
+
 # ---------------------------------------------------------------- llama.cpp
 LAYER_MAP = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
