@@ -308,3 +308,103 @@ def test_flux_single_file_names_to_diffusers_split_fused_rows(tmp_path, cli):
         want = W.double() + deltas[name]
         assert torch.allclose(mk.get(name).double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name
         assert torch.allclose(md.get(name).double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name
+
+
+def _wan(H):
+    shapes = {f"blocks.0.{a}.{p}.weight": (H, H) for a in ("self_attn", "cross_attn") for p in "qkvo"}
+    shapes.update({"blocks.0.cross_attn.k_img.weight": (H, H), "blocks.0.cross_attn.v_img.weight": (H, H),
+                   "blocks.0.ffn.0.weight": (4 * H, H), "blocks.0.ffn.2.weight": (H, 4 * H),
+                   "time_embedding.0.weight": (H, 5), "time_embedding.2.weight": (H, H),
+                   "text_embedding.0.weight": (H, 6), "text_embedding.2.weight": (H, H),
+                   "time_projection.1.weight": (6 * H, H), "head.head.weight": (4, H),
+                   "img_emb.proj.1.weight": (H, 7), "img_emb.proj.3.weight": (H, H)})
+    return shapes
+
+
+def _hunyuan_video(H):
+    d = "double_blocks.0."
+    shapes = {f"{d}img_attn_qkv.weight": (3 * H, H), f"{d}txt_attn_qkv.weight": (3 * H, H),
+              f"{d}img_attn_proj.weight": (H, H), f"{d}txt_attn_proj.weight": (H, H),
+              f"{d}img_mlp.fc1.weight": (4 * H, H), f"{d}img_mlp.fc2.weight": (H, 4 * H),
+              f"{d}txt_mlp.fc1.weight": (4 * H, H), f"{d}txt_mlp.fc2.weight": (H, 4 * H),
+              f"{d}img_mod.linear.weight": (6 * H, H), f"{d}txt_mod.linear.weight": (6 * H, H),
+              "single_blocks.0.linear2.weight": (H, 5 * H), "single_blocks.0.modulation.linear.weight": (3 * H, H),
+              "time_in.mlp.0.weight": (H, 5), "time_in.mlp.2.weight": (H, H), "guidance_in.mlp.0.weight": (H, 5),
+              "guidance_in.mlp.2.weight": (H, H), "vector_in.in_layer.weight": (H, 6),
+              "vector_in.out_layer.weight": (H, H), "final_layer.linear.weight": (4, H),
+              "final_layer.adaLN_modulation.1.weight": (2 * H, H)}
+    return shapes  # single blocks' linear1: diffusers' converter cuts it at a fixed 3072 rows (Flux's test covers it)
+
+
+def _sd3(H):
+    shapes = {"pos_embed": (1, 4, H), "x_embedder.proj.weight": (H, 4, 2, 2), "x_embedder.proj.bias": (H,),
+              "context_embedder.weight": (H, 6), "context_embedder.bias": (H,)}
+    for e in ("t_embedder", "y_embedder"):
+        shapes.update({f"{e}.mlp.0.weight": (H, 5), f"{e}.mlp.0.bias": (H,), f"{e}.mlp.2.weight": (H, H),
+                       f"{e}.mlp.2.bias": (H,)})
+    for i in (0, 1):  # block 1 is the last: its context block has only its (2-chunk) modulation
+        blocks = ("x_block", "context_block") if i == 0 else ("x_block",)
+        for b in blocks:
+            p = f"joint_blocks.{i}.{b}."
+            shapes.update({f"{p}attn.qkv.weight": (3 * H, H), f"{p}attn.qkv.bias": (3 * H,),
+                           f"{p}attn.proj.weight": (H, H), f"{p}attn.proj.bias": (H,),
+                           f"{p}mlp.fc1.weight": (4 * H, H), f"{p}mlp.fc1.bias": (4 * H,),
+                           f"{p}mlp.fc2.weight": (H, 4 * H), f"{p}mlp.fc2.bias": (H,),
+                           f"{p}adaLN_modulation.1.weight": (6 * H, H), f"{p}adaLN_modulation.1.bias": (6 * H,)})
+        if i == 1:
+            p = "joint_blocks.1.context_block."
+            shapes.update({f"{p}attn.qkv.weight": (3 * H, H), f"{p}attn.qkv.bias": (3 * H,),
+                           f"{p}adaLN_modulation.1.weight": (2 * H, H), f"{p}adaLN_modulation.1.bias": (2 * H,)})
+    shapes.update({"final_layer.linear.weight": (4, H), "final_layer.linear.bias": (4,),
+                   "final_layer.adaLN_modulation.1.weight": (2 * H, H), "final_layer.adaLN_modulation.1.bias": (2 * H,)})
+    return shapes
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "sd3"])
+def test_dit_maps_agree_with_diffusers_single_file_converters(tmp_path, cli, family):
+    """The diffusers <-> original maps checked against diffusers' own single-file converters (linear maps: rename,
+    cut, swap): a diffusers-format LoRA merged into the original file gives, through the converter, the converted
+    base plus each delta; a ComfyUI LoRA on the original names converted --to diffusers gives the converter's image
+    of its deltas."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    convert = {"wan": sfu.convert_wan_transformer_to_diffusers,
+               "hunyuan_video": sfu.convert_hunyuan_video_transformer_to_diffusers,
+               "sd3": sfu.convert_sd3_transformer_checkpoint_to_diffusers}[family]
+    shapes = {"wan": _wan, "hunyuan_video": _hunyuan_video, "sd3": _sd3}[family](8)
+    prefix = "model.diffusion_model." if family != "hunyuan_video" else ""
+    base = {f"{prefix}{k}": rnd(*s) for k, s in shapes.items()}
+    reference = convert({k[len(prefix):]: v.clone() for k, v in base.items()})
+    linears = {k for k, v in reference.items() if k.endswith(".weight") and v.ndim == 2}
+    lora_tensors, deltas = {}, {}
+    for name in sorted(linears):
+        t, d = lora(f"transformer.{name[:-len('.weight')]}", "", "", tuple(reference[name].shape), 2)
+        lora_tensors.update(t)
+        deltas[name] = d
+    write_safetensors(tmp_path / "base.safetensors", base)
+    write_safetensors(tmp_path / "d.safetensors", lora_tensors)
+    code, out, err = cli("merge", tmp_path / "base.safetensors", tmp_path / "d.safetensors", "-o",
+                         tmp_path / "m.safetensors", "--json")
+    assert code == 0, err
+    merged = TensorFile(tmp_path / "m.safetensors")
+    got = convert({k[len(prefix):]: merged.get(k) for k in base})
+    for name, W in reference.items():
+        want = W.double() + deltas.get(name, 0)
+        assert torch.allclose(got[name].double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), name
+    # the other way: original names -> diffusers names, cut and swapped as diffusers' converter does
+    comfy, zero = {}, {k[len(prefix):]: torch.zeros(v.shape, dtype=torch.float64) for k, v in base.items()}
+    for name, W in base.items():
+        if W.ndim == 2 and name.endswith(".weight"):
+            bare = name[len(prefix):]
+            t, d = lora(f"diffusion_model.{bare[:-len('.weight')]}", "", "", tuple(W.shape), 2)
+            comfy.update(t)
+            zero[bare] += d
+    write_safetensors(tmp_path / "c.safetensors", comfy)
+    code, _, err = cli("convert", tmp_path / "c.safetensors", "--to", "diffusers", "--base",
+                       tmp_path / "base.safetensors", "-o", tmp_path / "x.safetensors")
+    assert code == 0, err
+    back = {f"{n[len('transformer.'):]}.weight": m.delta(torch.float64)
+            for n, m in lorakit.load(tmp_path / "x.safetensors").modules.items()}
+    want = convert(zero)
+    assert set(back) == linears
+    for name in linears:
+        assert close(back[name], want[name].double()), name

@@ -12,7 +12,8 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "trans
 
 # names only the original (non-diffusers) layouts of DiT models have (BFL Flux / HunyuanVideo blocks, Wan's attention
 # and FFN): a `transformer.` prefix in front of these is diffusion-pipe's, not a diffusers component
-ORIGINAL = re.compile(r"(^|\.)(double_blocks|single_blocks|final_layer|img_in|txt_in|vector_in|time_in|guidance_in)\.|"
+ORIGINAL = re.compile(r"(^|\.)(double_blocks|single_blocks|joint_blocks|final_layer|img_in|txt_in|vector_in|time_in|"
+                      r"guidance_in)\.|"
                       r"\.(self_attn|cross_attn)\.[qkvo]\.|_attn_(qkv|proj)\.|\.ffn\.[02]\.")
 
 
@@ -148,16 +149,19 @@ OPENCLIP = {"self_attn.q_proj": ("attn.in_proj_weight", 0), "self_attn.k_proj": 
 # (OpenCLIP text encoder in a single file, its kohya prefix, its diffusers component)
 OPENCLIP_ENCODERS = (("conditioner.embedders.1.model.transformer.resblocks.", "lora_te2", "text_encoder_2"),
                      ("cond_stage_model.model.transformer.resblocks.", "lora_te", "text_encoder"))
-# diffusers Flux block layer -> (BFL layer, slice index into its fused rows or None)
-FLUX_DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-               "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
-               "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
-               "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
-               "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
-               "ff_context.net.2": ("txt_mlp.2", None), "norm1.linear": ("img_mod.lin", None),
-               "norm1_context.linear": ("txt_mod.lin", None)}
-FLUX_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
-               "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
+# DiT families: diffusers layer -> (original layer, slice of its fused rows or None), per block kind, and the global
+# layers (facts: diffusers' convert_*_to_diffusers.py scripts and lora_conversion_utils.py). A fused q/k/v is cut in
+# thirds; a fused q/k/v/mlp (Flux and HunyuanVideo single blocks) in three of the input width and the rest.
+QKV = ("to_q", "to_k", "to_v")
+ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+FLUX_DOUBLE = {**{f"attn.{q}": ("img_attn.qkv", i) for i, q in enumerate(QKV)},
+               **{f"attn.{q}": ("txt_attn.qkv", i) for i, q in enumerate(ADD_QKV)},
+               "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
+               "ff.net.0.proj": ("img_mlp.0", None), "ff.net.2": ("img_mlp.2", None),
+               "ff_context.net.0.proj": ("txt_mlp.0", None), "ff_context.net.2": ("txt_mlp.2", None),
+               "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None)}
+FLUX_SINGLE = {**{f"attn.{q}": ("linear1", i) for i, q in enumerate(QKV)}, "proj_mlp": ("linear1", 3),
+               "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
 FLUX_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
                "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
                "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
@@ -165,86 +169,142 @@ FLUX_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out":
                "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
                "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
                "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+HUNYUAN_DOUBLE = {**{f"attn.{q}": ("img_attn_qkv", i) for i, q in enumerate(QKV)},
+                  **{f"attn.{q}": ("txt_attn_qkv", i) for i, q in enumerate(ADD_QKV)},
+                  "attn.to_out.0": ("img_attn_proj", None), "attn.to_add_out": ("txt_attn_proj", None),
+                  "ff.net.0.proj": ("img_mlp.fc1", None), "ff.net.2": ("img_mlp.fc2", None),
+                  "ff_context.net.0.proj": ("txt_mlp.fc1", None), "ff_context.net.2": ("txt_mlp.fc2", None),
+                  "norm1.linear": ("img_mod.linear", None), "norm1_context.linear": ("txt_mod.linear", None)}
+HUNYUAN_SINGLE = {**{f"attn.{q}": ("linear1", i) for i, q in enumerate(QKV)}, "proj_mlp": ("linear1", 3),
+                  "proj_out": ("linear2", None), "norm.linear": ("modulation.linear", None)}
+HUNYUAN_GLOBAL = {"x_embedder.proj": "img_in.proj", "proj_out": "final_layer.linear",
+                  "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
+                  "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+                  "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0",
+                  "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+                  "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+                  "time_text_embed.text_embedder.linear_2": "vector_in.out_layer"}
+SD3_JOINT = {**{f"attn.{q}": ("x_block.attn.qkv", i) for i, q in enumerate(QKV)},
+             **{f"attn2.{q}": ("x_block.attn2.qkv", i) for i, q in enumerate(QKV)},
+             **{f"attn.{q}": ("context_block.attn.qkv", i) for i, q in enumerate(ADD_QKV)},
+             "attn.to_out.0": ("x_block.attn.proj", None), "attn2.to_out.0": ("x_block.attn2.proj", None),
+             "attn.to_add_out": ("context_block.attn.proj", None),
+             "ff.net.0.proj": ("x_block.mlp.fc1", None), "ff.net.2": ("x_block.mlp.fc2", None),
+             "ff_context.net.0.proj": ("context_block.mlp.fc1", None),
+             "ff_context.net.2": ("context_block.mlp.fc2", None), "norm1.linear": ("x_block.adaLN_modulation.1", None),
+             "norm1_context.linear": ("context_block.adaLN_modulation.1", None)}
+SD3_GLOBAL = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+              "proj_out": "final_layer.linear", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+              "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+              "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2"}
+WAN_BLOCK = {**{f"attn1.{q}": (f"self_attn.{q[-1]}", None) for q in QKV},
+             **{f"attn2.{q}": (f"cross_attn.{q[-1]}", None) for q in QKV},
+             "attn1.to_out.0": ("self_attn.o", None), "attn2.to_out.0": ("cross_attn.o", None),
+             "attn2.add_k_proj": ("cross_attn.k_img", None), "attn2.add_v_proj": ("cross_attn.v_img", None),
+             "ffn.net.0.proj": ("ffn.0", None), "ffn.net.2": ("ffn.2", None)}
+WAN_GLOBAL = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+              "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+              "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+              "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+              "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
+              "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+              "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3", "patch_embedding": "patch_embedding"}
+# family -> ([(original block, diffusers block, layers)], global layers); AdaLayerNormContinuous (diffusers
+# [scale, shift], original [shift, scale]): the final layer's modulation, and SD3's last context block (2 chunks)
+DIT = {"flux": ([("double_blocks", "transformer_blocks", FLUX_DOUBLE),
+                 ("single_blocks", "single_transformer_blocks", FLUX_SINGLE)], FLUX_GLOBAL),
+       "hunyuan_video": ([("double_blocks", "transformer_blocks", HUNYUAN_DOUBLE),
+                          ("single_blocks", "single_transformer_blocks", HUNYUAN_SINGLE)], HUNYUAN_GLOBAL),
+       "sd3": ([("joint_blocks", "transformer_blocks", SD3_JOINT)], SD3_GLOBAL),
+       "wan": ([("blocks", "blocks", WAN_BLOCK)], WAN_GLOBAL)}
+FINAL_NORM = "final_layer.adaLN_modulation.1"
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 
-FLUX_FINAL_NORM = "final_layer.adaLN_modulation.1"
+
+def _dit_table():
+    """original path pattern -> [(diffusers path pattern, part)]: block paths with {n} for the block number."""
+    table = {}
+    for blocks, globals_ in DIT.values():
+        for original, diffusers, layers in blocks:
+            for layer, (source, part) in layers.items():
+                entry = table.setdefault(f"{original}.{{n}}.{source}", [])
+                if (f"{diffusers}.{{n}}.{layer}", part) not in entry:
+                    entry.append((f"{diffusers}.{{n}}.{layer}", part))
+        for layer, source in globals_.items():
+            entry = table.setdefault(source, [])
+            if (layer, None) not in entry:
+                entry.append((layer, None))
+    table.setdefault(FINAL_NORM, []).append(("norm_out.linear", None))
+    return {k: sorted(v, key=lambda e: e[1] or 0) for k, v in table.items()}
+
+
+DIT_TABLE = _dit_table()
+
+
+def dit_diffusers(module, rows, cols):
+    """A DiT module under its original name (any of DIT_PREFIXES) -> [(diffusers path under `transformer.`, row start,
+    row stop, halves swapped)], one per slice of a fused tensor; None when it has no diffusers name."""
+    for prefix in DIT_PREFIXES:
+        if not module.startswith(prefix):
+            continue
+        path = module[len(prefix):]
+        m = re.fullmatch(r"([a-z_]*blocks)\.(\d+)\.(.+)", path)
+        key, n = (f"{m[1]}.{{n}}.{m[3]}", m[2]) if m else (path, None)
+        targets = DIT_TABLE.get(key)
+        if not targets:
+            continue
+        if len(targets) == 1:
+            sizes = [rows]
+        else:
+            sizes = [rows // 3] * 3 if len(targets) == 3 else [cols] * 3 + [rows - 3 * cols]
+        # AdaLayerNormContinuous: the final norm, and SD3's last context block (shift and scale only)
+        swap = path == FINAL_NORM or (path.endswith("context_block.adaLN_modulation.1") and rows == 2 * cols)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [(target.format(n=n), starts[i], starts[i] + sizes[i], swap) for i, (target, _) in enumerate(targets)]
+    return None
 
 
 def fused_aliases(shapes):
     """Other tools' module names for the tensors of an original single-file checkpoint, including slices of fused
-    tensors: {alias: (base tensor, row start, row stop)}. Aliases are the diffusers names (dotted, under their
-    component) and their kohya manglings; a LoRA on `to_q` of a model whose file stores a fused qkv lands on its
-    rows. Covers the OpenCLIP text encoders (SDXL's second, SD2's) and Flux (BFL names, any model prefix)."""
+    tensors: {alias: (base tensor, row start, row stop, halves swapped)}. Aliases are the diffusers names (dotted,
+    under their component) and their kohya manglings; a LoRA on `to_q` of a model whose file stores a fused qkv lands
+    on its rows. Covers the OpenCLIP text encoders (SDXL's second, SD2's) and the DiT families of DIT (Flux,
+    HunyuanVideo, SD3, Wan; any model prefix)."""
     out = {}
 
-    def add(path, prefixes, tensor, part, parts, swap=False):
-        rows = shapes[tensor][0]
-        if part is None:
-            start, stop = 0, rows
-        else:
-            sizes = parts(rows)
-            start, stop = sum(sizes[:part]), sum(sizes[:part + 1])
+    def add(path, prefixes, tensor, start, stop, swap=False):
         for kohya, component in prefixes:
             out[f"{component}.{path}"] = out[mangle(kohya, path)] = (tensor, start, stop, swap)
 
-    for name in shapes:
+    for name, shape in shapes.items():
         for base_prefix, kohya, component in OPENCLIP_ENCODERS:
             m = re.fullmatch(re.escape(base_prefix) + r"(\d+)\.attn\.in_proj_weight", name)
             if m:
                 for layer, (tensor, part) in OPENCLIP.items():
                     full = f"{base_prefix}{m[1]}.{tensor}"
                     if full in shapes:
-                        add(f"text_model.encoder.layers.{m[1]}.{layer}", [(kohya, component)], full, part,
-                            lambda rows: [rows // 3] * 3)
-        m = re.fullmatch(r"(.*?)(double|single)_blocks\.(\d+)\.(img_attn\.qkv|linear1)\.weight", name)
-        if m:
-            prefix, kind, n = m[1], m[2], m[3]
-            hidden = shapes[name][1]
-            table, block = (FLUX_DOUBLE, "transformer_blocks") if kind == "double" else (
-                FLUX_SINGLE, "single_transformer_blocks")
-            for layer, (bfl, part) in table.items():
-                tensor = f"{prefix}{kind}_blocks.{n}.{bfl}.weight"
-                if tensor in shapes:
-                    add(f"{block}.{n}.{layer}", [("lora_transformer", "transformer")], tensor, part,
-                        lambda rows: [hidden] * 3 + [rows - 3 * hidden])
-            if kind == "double" and n == "0":
-                for layer, bfl in FLUX_GLOBAL.items():
-                    if f"{prefix}{bfl}.weight" in shapes:
-                        add(layer, [("lora_transformer", "transformer")], f"{prefix}{bfl}.weight", None, None)
-                final = f"{prefix}{FLUX_FINAL_NORM}.weight"
-                if final in shapes:  # diffusers' norm_out.linear is [scale, shift], BFL's [shift, scale]
-                    add("norm_out.linear", [("lora_transformer", "transformer")], final, None, None, swap=True)
+                        rows = shapes[full][0]
+                        start, stop = (0, rows) if part is None else (part * rows // 3, (part + 1) * rows // 3)
+                        add(f"text_model.encoder.layers.{m[1]}.{layer}", [(kohya, component)], full, start, stop)
+        if name.endswith(".weight") and len(shape) >= 2:
+            for path, start, stop, swap in dit_diffusers(name[: -len(".weight")], shape[0], shape[1]) or []:
+                add(path, [("lora_transformer", "transformer")], name, start, stop, swap)
     return out
 
 
 def diffusers_names(shapes, family=None):
     """Original single-file module names -> their diffusers names, one per slice of a fused tensor:
     {module: [(diffusers name, row start, row stop, halves swapped)]} for the modules of `shapes` ({module: (out,
-    in)}) that have one: Flux (BFL names, bare or under model.diffusion_model. / diffusion_model.), SD1/SD2 UNets
-    (LDM names; `family` from ldm_unet_family) and the CLIP text encoders of SD1 and SDXL. The inverse of
-    fused_aliases' Flux part."""
+    in)}) that have one: the DiT families (Flux, HunyuanVideo, SD3, Wan: the inverse of fused_aliases), SD1/SD2
+    UNets (LDM names; `family` from ldm_unet_family) and the CLIP text encoders of SD1 and SDXL."""
     out = {}
     for module, (rows, cols) in shapes.items():
-        m = re.fullmatch(r"(?:model\.diffusion_model\.|diffusion_model\.)?(?:(double|single)_blocks\.(\d+)\.)?(.+)",
-                         module)
-        kind, n, layer = m[1], m[2], m[3]
-        if kind:
-            table, block = (FLUX_DOUBLE, "transformer_blocks") if kind == "double" else (
-                FLUX_SINGLE, "single_transformer_blocks")
-            parts = sorted((part or 0, name) for name, (bfl, part) in table.items() if bfl == layer)
-            if parts:
-                sizes = [rows // 3] * 3 if len(parts) == 3 else [cols] * 3 + [rows - 3 * cols]
-                sizes = sizes if len(parts) > 1 else [rows]
-                starts = [sum(sizes[:i]) for i in range(len(sizes))]
-                out[module] = [(f"transformer.{block}.{n}.{name}", starts[i], starts[i] + sizes[i], False)
-                               for i, (_, name) in enumerate(parts)]
-            continue
-        inverse = {bfl: name for name, bfl in FLUX_GLOBAL.items()}
-        if layer in inverse and family is None:
-            out[module] = [(f"transformer.{inverse[layer]}", 0, rows, False)]
-        elif layer == FLUX_FINAL_NORM:
-            out[module] = [("transformer.norm_out.linear", 0, rows, True)]
-        elif module.startswith("model.diffusion_model.") and family == "sd1" and sd1_unet_to_diffusers(layer):
+        layer = module[len("model.diffusion_model."):] if module.startswith("model.diffusion_model.") else None
+        if layer is not None and family == "sd1" and sd1_unet_to_diffusers(layer):
             out[module] = [(f"unet.{sd1_unet_to_diffusers(layer)}", 0, rows, False)]
+        elif family is None and dit_diffusers(module, rows, cols):
+            out[module] = [(f"transformer.{path}", *rest) for path, *rest in dit_diffusers(module, rows, cols)]
         else:
             for original, component in (("cond_stage_model.transformer.", "text_encoder."),
                                         ("conditioner.embedders.0.transformer.", "text_encoder.")):
