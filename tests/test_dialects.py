@@ -408,3 +408,58 @@ def test_dit_maps_agree_with_diffusers_single_file_converters(tmp_path, cli, fam
     assert set(back) == linears
     for name in linears:
         assert close(back[name], want[name].double()), name
+
+
+def test_original_names_merge_into_diffusers_models(tmp_path, cli):
+    """A kohya Flux LoRA (BFL names: fused qkv / linear1, final norm) and a ComfyUI Wan LoRA (original names) merged
+    into tiny diffusers models built from diffusers' own classes (a transformer folder, and a pipeline folder): each
+    fused LoRA lands on the diffusers tensors its slices became; the output loads in diffusers."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=4, num_attention_heads=2, joint_attention_dim=8,
+                                            pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 0))
+    wan = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=4,
+                                          in_channels=4, out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16,
+                                          num_layers=1, rope_max_seq_len=32)
+    H = 8
+    cases = {"flux": (flux, {"lora_unet_double_blocks_0_img_attn_qkv": [("transformer_blocks.0.attn.to_q", H),
+                                                                         ("transformer_blocks.0.attn.to_k", H),
+                                                                         ("transformer_blocks.0.attn.to_v", H)],
+                             "lora_unet_single_blocks_0_linear1": [("single_transformer_blocks.0.attn.to_q", H),
+                                                                   ("single_transformer_blocks.0.attn.to_k", H),
+                                                                   ("single_transformer_blocks.0.attn.to_v", H),
+                                                                   ("single_transformer_blocks.0.proj_mlp", 4 * H)],
+                             "lora_unet_final_layer_adaLN_modulation_1": [("norm_out.linear", 2 * H)],
+                             "lora_unet_img_in": [("x_embedder", H)]}, ("lora_down.weight", "lora_up.weight")),
+             "wan": (wan, {"diffusion_model.blocks.0.self_attn.q": [("blocks.0.attn1.to_q", H)],
+                           "diffusion_model.blocks.0.cross_attn.o": [("blocks.0.attn2.to_out.0", H)],
+                           "diffusion_model.blocks.0.ffn.0": [("blocks.0.ffn.net.0.proj", 16)],
+                           "diffusion_model.head.head": [("proj_out", 16)]}, ("lora_A.weight", "lora_B.weight"))}
+    for family, (model, modules, parts) in cases.items():
+        folder = tmp_path / family
+        model.save_pretrained(folder / "pipe" / "transformer")
+        (folder / "pipe" / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "x"]}))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        tensors, expected = {}, {}
+        for name, pieces in modules.items():
+            cols = state[f"{pieces[0][0]}.weight"].shape[1]
+            t, d = lora(name, "", "", (sum(r for _, r in pieces), cols), 2, alpha=2.0, names=parts)
+            tensors.update(t)
+            start = 0
+            for target, rows in pieces:
+                piece = d[start:start + rows]
+                if target == "norm_out.linear":  # BFL [shift, scale] -> diffusers [scale, shift]
+                    piece = torch.cat([piece[rows // 2:], piece[:rows // 2]])
+                expected[f"{target}.weight"] = piece
+                start += rows
+        write_safetensors(folder / "lora.safetensors", tensors)
+        for base, out in ((folder / "pipe" / "transformer", folder / "t"), (folder / "pipe", folder / "p")):
+            code, _, err = cli("merge", base, folder / "lora.safetensors", "-o", out)
+            assert code == 0, (family, err)
+        for out in (folder / "t", folder / "p" / "transformer"):
+            merged = type(model).from_pretrained(out).state_dict()  # loads in diffusers
+            for name, W in state.items():
+                want = W.double() + expected.get(name, 0)
+                assert torch.allclose(merged[name].double(), want, rtol=0, atol=3e-7 * float(want.abs().max())), \
+                    (family, name)

@@ -105,11 +105,17 @@ def _merge_pipeline(base, inputs, output, force, skip_unmatched, options):
     """A diffusers pipeline folder: each component folder (unet/, transformer/, text_encoder/...) merged with the
     modules under its name, everything else copied; one atomic output folder."""
     import shutil
+    from ..core import Adapter
     from ..formats.diffusers import split_components
     loaded = load_inputs(inputs, base)  # kohya names resolve to unet.*, text_encoder.*, ...
     parts, skipped = {}, []
     for path, ad, w in loaded:
         split, outside = split_components(ad)
+        if outside and os.path.isdir(os.path.join(base, "transformer")):
+            # original DiT names (BFL, Wan, ...): the transformer's plan cuts them into its diffusers tensors
+            split.setdefault("transformer", Adapter()).modules.update(
+                {n: m for n, m in ad.modules.items() if f"{n}.weight" in outside})
+            outside = [n for n in outside if n[: -len(".weight")] not in ad.modules]
         skipped += outside
         for c, sub in split.items():
             if os.path.isdir(os.path.join(base, c)):

@@ -5,7 +5,7 @@ import torch
 
 from ..errors import LorakitError, opt
 from ..core import Module
-from ..formats.names import HEAD, fused_aliases, is_embedding
+from ..formats.names import HEAD, fused_aliases, is_embedding, split_aliases
 from ..spec import fingerprint
 
 
@@ -31,7 +31,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     the base does not have are skipped instead (a shape that differs stays an error: that is another base)."""
     ckpt = view.ckpt
     plans, problems, skipped, hints = {}, [], [], set()
-    aliases = None  # other tools' names for the base's tensors and fused slices, built when first needed
+    aliases = splits = None  # other tools' names for the base's tensors and fused slices, built when first needed
 
     def unmatched(name, problem):
         if skip_unmatched:
@@ -73,11 +73,19 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 if m.name in aliases and m.magnitude is None and m.bias is None:
                     tensor, start, stop, swap = aliases[m.name]
                     if tuple(m.shape) == (stop - start, *view.shape(tensor)[1:]):
-                        if swap:  # the same two halves of rows in the other order
-                            half = m.B.shape[0] // 2
-                            m = replace(m, B=torch.cat([m.B[half:], m.B[:half]]))
-                        m = on_rows(m, tensor, start, stop, view.shape(tensor)[0])
+                        m = on_rows(swapped(m) if swap else m, tensor, start, stop, view.shape(tensor)[0])
                         p = target(tensor)
+            if p is None and m.magnitude is None and m.bias is None:  # an original DiT name on a diffusers base
+                if splits is None:
+                    splits = split_aliases(view.shapes())
+                pieces = splits.get(m.name)
+                if pieces and m.shape[0] == pieces[-1][2] and all(view.shape(t)[1:] == tuple(m.shape[1:])
+                                                                  for t, *_ in pieces):
+                    for tensor, start, stop, swap in pieces:
+                        piece = replace(m, name=tensor[: -len(".weight")], B=m.B[start:stop],
+                                        bias=None if m.bias is None else m.bias[start:stop])
+                        target(tensor).loras.append((swapped(piece) if swap else piece, w))
+                    continue
             if p is None:
                 unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
                 continue
@@ -119,6 +127,14 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     if untie:
         target(HEAD)  # write the head explicitly, with or without its own delta
     return plans, embed if untie else None, skipped
+
+
+def swapped(m):
+    """Module `m` with the two halves of its output rows in the other order (AdaLayerNormContinuous: diffusers'
+    [scale, shift] is the original [shift, scale])."""
+    half = m.B.shape[0] // 2
+    bias = None if m.bias is None else torch.cat([m.bias[half:], m.bias[:half]])
+    return replace(m, B=torch.cat([m.B[half:], m.B[:half]]), bias=bias)
 
 
 def on_rows(m, tensor, start, stop, rows):

@@ -293,6 +293,41 @@ def fused_aliases(shapes):
     return out
 
 
+def split_aliases(shapes):
+    """The other way round from fused_aliases: for a base in diffusers' layout (a transformer folder, or a pipeline
+    component with `transformer.` in front), the original DiT names of its tensors, a fused one as the diffusers
+    tensors it is cut into: {original name, or its kohya / ComfyUI spelling: [(base tensor, row start, row stop,
+    halves swapped)]}, each slice's rows given by its tensor."""
+    inverse = {}  # diffusers path pattern -> [(original path pattern, part)]: proj_out is head.head in Wan
+    for original, targets in DIT_TABLE.items():
+        for target, part in targets:
+            inverse.setdefault(target, []).append((original, part))
+    parts = {}  # original module -> {part: (tensor, rows, swap)}
+    for name, shape in shapes.items():
+        if not name.endswith(".weight") or len(shape) < 2:
+            continue
+        stem = name[: -len(".weight")]
+        path = stem[len("transformer."):] if stem.startswith("transformer.") else stem
+        m = re.fullmatch(r"([a-z_]*blocks)\.(\d+)\.(.+)", path)
+        key, n = (f"{m[1]}.{{n}}.{m[3]}", m[2]) if m else (path, None)
+        if key not in inverse:
+            continue
+        swap = path == "norm_out.linear" or (path.endswith("norm1_context.linear") and shape[0] == 2 * shape[1])
+        for original, part in inverse[key]:
+            parts.setdefault(original.format(n=n), {})[part or 0] = (name, shape[0], swap)
+    out = {}
+    for original, pieces in parts.items():
+        slices, start = [], 0
+        for part in sorted(pieces):
+            tensor, rows, swap = pieces[part]
+            slices.append((tensor, start, start + rows, swap))
+            start += rows
+        for spelling in (original, f"diffusion_model.{original}", mangle("lora_unet", original),
+                         mangle("lora_transformer", original)):
+            out[spelling] = slices
+    return out
+
+
 def diffusers_names(shapes, family=None):
     """Original single-file module names -> their diffusers names, one per slice of a fused tensor:
     {module: [(diffusers name, row start, row stop, halves swapped)]} for the modules of `shapes` ({module: (out,
