@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.formats.names import sd1_unet_to_diffusers as _sd1_unet_to_diffusers, mangle
+from lorakit.formats.names import ldm_unet_to_diffusers as _sd1_unet_to_diffusers, mangle
 from lorakit.io import TensorFile, write_safetensors
 
 g = torch.Generator().manual_seed(5)
@@ -275,3 +275,46 @@ def test_merge_into_diffusers_pipeline_folder(tmp_path, cli):
         got = TensorFile(tmp_path / "out" / c / file).get(f"{path}.weight").double()
         want = TensorFile(tmp_path / "pipe" / c / file).get(f"{path}.weight").double() + m.delta(torch.float64)
         assert torch.allclose(got, want, rtol=0, atol=3e-7 * float(want.abs().max())), name
+
+
+def test_sdxl_single_file_kohya_to_diffusers(tmp_path):
+    """An SDXL kohya LoRA read against the single file (original names; te2's q/k/v fused in OpenCLIP's in_proj) and
+    written --to diffusers: the names of diffusers' own SDXL UNet and text encoders, the same deltas."""
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                                transformer_layers_per_block=2)
+    names = {k for k in unet.state_dict()}
+    te2 = "conditioner.embedders.1.model.transformer.resblocks.0."
+    base = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight": torch.zeros(64, 64),
+            "model.diffusion_model.output_blocks.2.2.conv.weight": torch.zeros(64, 64, 3, 3),
+            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(128, 80),
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(37, 32),
+            f"{te2}attn.in_proj_weight": torch.zeros(96, 32), f"{te2}attn.out_proj.weight": torch.zeros(32, 32)}
+    write_safetensors(tmp_path / "sdxl.safetensors", base)
+    t = {}
+    kohya = {"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": (64, 64),
+             "lora_unet_output_blocks_2_2_conv": (64, 64, 3, 3), "lora_unet_label_emb_0_0": (128, 80),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc1": (37, 32),
+             "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (32, 32)}
+    for name, shape in kohya.items():
+        down = rnd(2, shape[1], *shape[2:]) if len(shape) == 4 else rnd(2, shape[1])
+        up = rnd(shape[0], 2, 1, 1) if len(shape) == 4 else rnd(shape[0], 2)
+        t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = down, up
+    write_safetensors(tmp_path / "k.safetensors", t)
+    ad = lorakit.load(tmp_path / "k.safetensors", base=str(tmp_path / "sdxl.safetensors"))
+    lorakit.convert(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers",
+                    base=str(tmp_path / "sdxl.safetensors"))
+    d = lorakit.load(tmp_path / "d.safetensors")
+    unet_names = {"unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+                  "unet.up_blocks.0.upsamplers.0.conv", "unet.add_embedding.linear_1"}
+    assert set(d.modules) == unet_names | {"text_encoder.text_model.encoder.layers.0.mlp.fc1",
+                                           "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"}
+    assert all(f"{n[len('unet.'):]}.weight" in names for n in unet_names)  # diffusers' own SDXL UNet has them
+    before = sorted((m.delta(torch.float64) for m in ad.modules.values()), key=lambda x: (x.shape, float(x.sum())))
+    after = sorted((m.delta(torch.float64) for m in d.modules.values()), key=lambda x: (x.shape, float(x.sum())))
+    for x, y in zip(before, after):
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-7)

@@ -120,7 +120,7 @@ def write(adapter, path, force=False):
 def _from_original_names(adapter, notes):
     """Modules under a single file's original names renamed to diffusers' (names.diffusers_names); a LoRA on a fused
     tensor (Flux qkv, linear1) becomes one LoRA per slice: the same A, B's rows of the slice (exact)."""
-    shapes = {n: tuple(m.shape[:2]) for n, m in adapter.modules.items() if m.kind == "linear"}
+    shapes = {n: tuple(m.shape[:2]) for n, m in adapter.modules.items() if m.kind in ("linear", "conv")}
     maps = diffusers_names(shapes, ldm_unet_family(adapter.modules, adapter.user_metadata))
     if not maps:
         return adapter

@@ -17,7 +17,7 @@ from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..quant.view import base_shapes
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
-from .names import PREFIXES, kohya_names, resolution_table
+from .names import PREFIXES, fused_aliases, kohya_names, resolution_table
 
 TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
            "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
@@ -53,10 +53,16 @@ def read(path, base=None, allow_unknown=False):
     split_qkv = str(_metadata_args(meta).get("split_qkv", "")).lower() == "true"
     ad = Adapter(source_format="kohya", notes=notes,
                  provenance={"source_format": "kohya", "source_metadata": dict(meta)})
-    unresolved = []
+    unresolved, dotted = [], None
     for lora_name, keys in sorted(groups.items()):
         get = lambda k: tf.get(keys[k]) if k in keys else None  # noqa: E731
         module = table.get(lora_name)
+        if module is None and shapes is not None:  # a slice of a fused tensor (SDXL te2 q_proj): its diffusers name
+            if dotted is None:
+                aliases = fused_aliases(shapes)
+                spelled = {v: k for k, v in aliases.items() if "." in k}
+                dotted = {k: spelled[v] for k, v in aliases.items() if "." not in k and v in spelled}
+            module = dotted.get(lora_name)
         if module is None:
             module = lora_name
             unresolved.append(lora_name)

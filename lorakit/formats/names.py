@@ -48,12 +48,14 @@ def mangle(prefix, path):
     return (prefix + "." + path).replace(".", "_")
 
 
-def sd1_unet_to_diffusers(path):
-    """Original SD1/SD2 UNet module path (input_blocks...) -> diffusers path (down_blocks...), or None."""
+def ldm_unet_to_diffusers(path):
+    """Original (LDM) UNet module path (input_blocks...) -> diffusers path (down_blocks...), or None. SD1/SD2 and
+    SDXL share the arithmetic (three blocks per level, the upsampler last in a level); SDXL adds label_emb."""
     resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
               "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
     fixed = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-             "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+             "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
     if path in fixed:
         return fixed[path]
     m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d)\.(.+)", path) or re.fullmatch(
@@ -88,7 +90,7 @@ def resolution_table(shapes):
                 path = module[len(base_prefix):]
                 table.setdefault(mangle(kohya_prefix, path), module)
                 if base_prefix == "model.diffusion_model.":
-                    sd1 = sd1_unet_to_diffusers(path)
+                    sd1 = ldm_unet_to_diffusers(path)
                     if sd1:
                         table.setdefault(mangle(kohya_prefix, sd1), module)
     return table
@@ -122,7 +124,7 @@ def kohya_names(modules, meta=None):
     for module in modules:
         if module.startswith("model.diffusion_model.") and sd1:
             path = module[len("model.diffusion_model."):]
-            out[module] = mangle("lora_unet", sd1_unet_to_diffusers(path) or path)
+            out[module] = mangle("lora_unet", ldm_unet_to_diffusers(path) or path)
         else:
             out[module] = kohya_name(module, components)
     return out
@@ -332,12 +334,12 @@ def diffusers_names(shapes, family=None):
     """Original single-file module names -> their diffusers names, one per slice of a fused tensor:
     {module: [(diffusers name, row start, row stop, halves swapped)]} for the modules of `shapes` ({module: (out,
     in)}) that have one: the DiT families (Flux, HunyuanVideo, SD3, Wan: the inverse of fused_aliases), SD1/SD2
-    UNets (LDM names; `family` from ldm_unet_family) and the CLIP text encoders of SD1 and SDXL."""
+    UNets and SDXL's (LDM names; `family` from ldm_unet_family) and the CLIP text encoders of SD1 and SDXL."""
     out = {}
     for module, (rows, cols) in shapes.items():
         layer = module[len("model.diffusion_model."):] if module.startswith("model.diffusion_model.") else None
-        if layer is not None and family == "sd1" and sd1_unet_to_diffusers(layer):
-            out[module] = [(f"unet.{sd1_unet_to_diffusers(layer)}", 0, rows, False)]
+        if layer is not None and family in ("sd1", "sdxl") and ldm_unet_to_diffusers(layer):
+            out[module] = [(f"unet.{ldm_unet_to_diffusers(layer)}", 0, rows, False)]
         elif family is None and dit_diffusers(module, rows, cols):
             out[module] = [(f"transformer.{path}", *rest) for path, *rest in dit_diffusers(module, rows, cols)]
         else:
