@@ -383,3 +383,35 @@ def test_original_strategy_from_the_f32_gguf(tmp_path):
     S, low, high = grid_bounds("Q8_0", t1[name])
     assert bool(((values(t1[name]) - target).abs() <= S / 2 * (1 + 1e-3) + 1e-9).all())
     assert float((low - target).clamp(min=0).max()) == 0 and float((target - high).clamp(min=0).max()) == 0
+
+
+def test_embedding_and_stochastic(tmp_path):
+    """An adapter on embed_tokens lands on token_embd (F16: exact); --strategy stochastic on Q5_K keeps the stored
+    scales and rounds each code to a neighbour of the target, unbiased."""
+    base = build(tmp_path / "base.gguf", "Q5_K", layers=1)
+    g = torch.Generator().manual_seed(5)
+    ad = Adapter()
+    ad.add(Module("model.embed_tokens", torch.randn(3, HIDDEN, generator=g) * 0.1, torch.randn(VOCAB, 3, generator=g)
+                  * 0.1, alpha=3.0, kind="embedding"))  # dW = B A: [vocab, embd], as the weight
+    o, i = DIMS["ffn_up"]
+    ad.add(Module("model.layers.0.mlp.up_proj", torch.randn(4, i, generator=g) * 0.05,
+                  torch.randn(o, 4, generator=g) * 0.05, alpha=4.0))
+    ad.save(tmp_path / "ad.safetensors")
+    report = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="stochastic",
+                           seed=3, quiet=True)
+    assert report["merged_count"] == 2
+    _, t0 = tensors(base)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    want = values(t0["token_embd.weight"]) + ad.modules["model.embed_tokens"].delta(torch.float64)
+    assert t1["token_embd.weight"].tensor_type == T.F16
+    torch.testing.assert_close(values(t1["token_embd.weight"]), want, rtol=1e-3, atol=1e-3)
+    name = "blk.0.ffn_up.weight"
+    target = values(t0[name]) + ad.modules["model.layers.0.mlp.up_proj"].delta(torch.float64)
+    S, low, high = grid_bounds("Q5_K", t0[name])
+    got = values(t1[name])
+    inside = (target > low) & (target < high)
+    assert bool(((got - target).abs() <= S * (1 + 1e-4) + 1e-9)[inside].all())  # a neighbouring code
+    # scales kept: the same grid read back from the output
+    assert torch.equal(grid_bounds("Q5_K", t1[name])[0], S)
+    # unbiased: the mean error is small next to the step
+    assert abs(float((got - target)[inside].mean())) < 0.02 * float(S.mean())
