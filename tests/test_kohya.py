@@ -318,3 +318,15 @@ def test_sdxl_single_file_kohya_to_diffusers(tmp_path):
     after = sorted((m.delta(torch.float64) for m in d.modules.values()), key=lambda x: (x.shape, float(x.sum())))
     for x, y in zip(before, after):
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+    # the same kohya UNet modules (original names) merged into a diffusers SDXL pipeline folder
+    unet.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    write_safetensors(tmp_path / "ku.safetensors", {k: v for k, v in t.items() if k.startswith("lora_unet")})
+    lorakit.merge(tmp_path / "pipe", [tmp_path / "ku.safetensors"], tmp_path / "out")
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").state_dict()
+    original = unet.state_dict()
+    for name in unet_names:
+        key = f"{name[len('unet.'):]}.weight"
+        want = original[key].double() + d.modules[name].delta(torch.float64)
+        assert torch.allclose(merged[key].double(), want, rtol=0, atol=1e-6), key
+    assert sum(not torch.equal(merged[k], original[k]) for k in original) == len(unet_names)

@@ -78,6 +78,34 @@ def ldm_unet_to_diffusers(path):
     return f"up_blocks.{i}.resnets.{k}.{resnet.get(rest, rest)}" if j == "0" else f"up_blocks.{i}.attentions.{k}.{rest}"
 
 
+def diffusers_to_ldm_unet(path):
+    """The inverse of ldm_unet_to_diffusers: the original (LDM) paths a diffusers UNet path can be (an up level's
+    upsampler sits at index 1 or 2 of its last block, by whether the level has attention: both are given)."""
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    fixed = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+    if path in fixed:
+        return [fixed[path]]
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", path)
+    if m:
+        side, i, part, k, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if part == "downsamplers":
+            return [f"input_blocks.{3 * (i + 1)}.0.op"] if rest == "conv" else []
+        if part == "upsamplers":
+            return [f"output_blocks.{3 * i + 2}.{j}.conv" for j in (1, 2)] if rest == "conv" else []
+        n = 3 * i + k + 1 if side == "down" else 3 * i + k
+        block = "input_blocks" if side == "down" else "output_blocks"
+        return [f"{block}.{n}.0.{resnet.get(rest, rest)}" if part == "resnets" else f"{block}.{n}.1.{rest}"]
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", path)
+    if m:
+        if m[1] == "attentions":
+            return [f"middle_block.1.{m[3]}"]
+        return [f"middle_block.{2 * int(m[2])}.{resnet.get(m[3], m[3])}"]
+    return []
+
+
 def resolution_table(shapes):
     """kohya lora_name -> spec module name, for every weight of the base."""
     table = {}
@@ -89,10 +117,13 @@ def resolution_table(shapes):
             if module.startswith(base_prefix):
                 path = module[len(base_prefix):]
                 table.setdefault(mangle(kohya_prefix, path), module)
-                if base_prefix == "model.diffusion_model.":
+                if base_prefix == "model.diffusion_model.":  # a single file: kohya's SD1 names are diffusers paths
                     sd1 = ldm_unet_to_diffusers(path)
                     if sd1:
                         table.setdefault(mangle(kohya_prefix, sd1), module)
+                if base_prefix == "unet.":  # a diffusers UNet: kohya's SDXL names are the original paths
+                    for ldm in diffusers_to_ldm_unet(path):
+                        table.setdefault(mangle(kohya_prefix, ldm), module)
     return table
 
 
