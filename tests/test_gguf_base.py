@@ -415,3 +415,15 @@ def test_embedding_and_stochastic(tmp_path):
     assert torch.equal(grid_bounds("Q5_K", t1[name])[0], S)
     # unbiased: the mean error is small next to the step
     assert abs(float((got - target)[inside].mean())) < 0.02 * float(S.mean())
+
+
+def test_validate_names_gguf_files(tmp_path, cli):
+    base = build(tmp_path / "base.gguf", "Q8_0", layers=1)
+    code, out, _ = cli("validate", base)
+    assert code == 1 and "GGUF model (llama.cpp), not an adapter file" in out
+    cfg = tmp_path / "hf"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}))
+    adapter(layers=1).save(tmp_path / "lora.gguf", format="gguf", base=str(cfg))
+    code, out, _ = cli("validate", tmp_path / "lora.gguf")
+    assert code == 1 and "this is a gguf adapter, not a lorakit file" in out and "--to lorakit" in out

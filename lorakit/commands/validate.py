@@ -4,6 +4,7 @@ import shlex
 
 from .. import spec
 from ..errors import LorakitError
+from ..io.gguf import is_gguf
 
 
 def validate(files, values=True):
@@ -23,6 +24,9 @@ def validate(files, values=True):
             hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
             problems, readable = ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))],
                                                                                     False)
+        if readable and is_gguf(path):  # llama.cpp: a LoRA (convert it) or a model (not an adapter at all)
+            problems = [spec.Problem("LK105", _other_format_hint(path)) if _gguf_type(path) == "adapter" else
+                        spec.Problem("LK101", "this is a GGUF model (llama.cpp), not an adapter file")]
         if readable and any(p.code == "LK105" for p in problems):
             hint = _other_format_hint(path)
             if hint:  # another tool's adapter: one line saying so, not a list of its keys the spec does not know
@@ -30,6 +34,14 @@ def validate(files, values=True):
         results.append({"file": path, "readable": readable, "valid": readable and not any(p.is_error for p in problems),
                         "problems": [p.as_dict() for p in problems]})
     return {"valid": all(r["valid"] for r in results), "files": results}
+
+
+def _gguf_type(path):
+    from ..io.gguf import GGUFHeader
+    try:
+        return GGUFHeader(path).kv.get("general.type")
+    except LorakitError:
+        return None
 
 
 def _other_format_hint(path):
