@@ -469,3 +469,12 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     aligned = lambda c: float(((S.double() * (c - Z.double()) - T.double()) @ A.double().T).norm())  # noqa: E731
     nearest = levels[((T.double() / S + Z)[..., None] - levels).abs().argmin(-1)]
     assert aligned(ours) < 1.1 * aligned(ref) and aligned(ours) < 0.2 * aligned(nearest)
+    # one shared scale per row (per-channel grids, groups of 16+): the code-unit path, the same result
+    S = (0.5 + torch.rand(out, 1, generator=g)).expand(out, inn)
+    T = T * S
+    ref = _feedback_reference(T, S, Z, levels, A)
+    G, R = feedback_gains(A), torch.zeros(out, r)
+    shared = torch.cat([feedback_block(T[:, j0:j0 + 128], S[:, :1], Z[:, :1] if name == "int4" else None, book,
+                                       A[:, j0:j0 + 128], G[j0:j0 + 128], R) for j0 in range(0, inn, 128)], 1).double()
+    assert float((shared == ref).double().mean()) > 0.99
+    assert aligned(shared) < 1.1 * aligned(ref)

@@ -65,7 +65,7 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
         S, Z = grid.columns(j0, j1)
         if strategy in ("feedback", "stochastic"):
             if strategy == "feedback":
-                c = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R)
+                c = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
             else:
                 c = rounding.stochastic(book, T / S + Z if Z is not None else T / S, generator)
             new = book.to_storage(c)

@@ -15,6 +15,7 @@ Strategies on U = T / S + Z (the target in code units):
 import torch
 
 FP8_MAX = 448.0
+GATHER_MAX = 1 << 23  # elements up to which FP8 values come from a table gather (2x the cast), e.g. column blocks
 
 
 class Uniform:
@@ -54,6 +55,7 @@ class FP8:
         bits = torch.arange(256, dtype=torch.uint8)
         values = bits.view(torch.float8_e4m3fn).float()
         finite = torch.isfinite(values)
+        self.table = torch.where(finite, values, torch.zeros(()))  # bit pattern -> value: a gather beats the cast
         self.sorted = values[finite].unique()  # 253 values (the two zeros are one)
         # rank of each bit pattern in the sorted list, to step to a neighbouring code
         self.rank = torch.searchsorted(self.sorted, torch.where(finite, values, torch.zeros(()))).to(torch.int64)
@@ -62,11 +64,12 @@ class FP8:
         return U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
     def nearest_into(self, u, out):
-        return out.copy_(u.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        q = u.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return torch.index_select(self.table, 0, q.view(torch.uint8).long(), out=out)
 
     def round(self, U):
         q = U.clamp_(-FP8_MAX, FP8_MAX).add_(0.0).to(torch.float8_e4m3fn)  # + 0.0: one zero, +0
-        return q, q.float()
+        return q, self.values(q)
 
     def neighbours(self, U):
         c = U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -81,7 +84,9 @@ class FP8:
         return (c + 0.0).to(torch.float8_e4m3fn)
 
     def values(self, stored):
-        return stored.float()
+        if stored.numel() > GATHER_MAX:  # a whole tensor: the cast, without an int64 index per element
+            return stored.float()
+        return torch.take(self.table, stored.view(torch.uint8).long())
 
 
 class Table:
@@ -140,11 +145,14 @@ def feedback_gains(A, damp=1e-6, block=256):
     return G.float()
 
 
-def feedback_block(T, S, Z, book, A, G, R, sub=16):
+def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     """Code values of one block of columns [out, b] by error feedback; R [out, r], the error carried from the columns
     before (sum_k e_k a_k^T), is updated in place. T: the merged target; S, Z: the grid (Z None for 0); A [r, b] the
-    adapters' input factors; G [b, r] their gains. Column j is rounded after repaying R G_j: the errors of earlier
-    sub-blocks of `sub` columns arrive with one matmul, those of its own sub-block through K = a_k . g_j."""
+    adapters' input factors; G [b, r] their gains; groups [b]: each column's scale group (None: read S). Column j is
+    rounded after repaying R G_j: the errors of earlier sub-blocks of `sub` columns arrive with one matmul, those of
+    its own sub-block through K = a_k . g_j. Where a sub-block's columns share one scale (per-channel grids, and
+    groups or blocks of 16 or more), it runs in code units: the errors stay in them, so a column costs one
+    correction, one rounding and one subtraction."""
     # rows of the transposed blocks are the columns; S and Z come as [out, b] transposes or [out, 1] broadcasts, whose
     # transposed rows are contiguous without a copy
     Tt, St, inv = T.T.contiguous(), S.expand_as(T).T, (1.0 / S).expand_as(T).T
@@ -155,6 +163,20 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16):
         s1 = min(Tt.shape[0], s0 + sub)
         U = torch.addmm(Tt[s0:s1], G[s0:s1], R.T, alpha=-1.0)  # targets less what the earlier columns repay
         K = a[s0:s1] @ G[s0:s1].T  # K[k, j]: how much of column k's error column j repays
+        if S.shape[1] == 1 or (groups is not None and bool((groups[s0:s1] == groups[s0]).all())):
+            Uc, Tc = U.mul_(inv[s0]), Tt[s0:s1] * inv[s0]  # in code units of the one scale
+            if Zt is not None:
+                Uc.add_(Zt[s0])
+                Tc.add_(Zt[s0])
+            Ec = E[s0:s1]
+            for j in range(s1 - s0):
+                u = Uc[j]
+                if j:
+                    u.addmv_(Ec[:j].T, K[:j, j], alpha=-1.0)
+                torch.sub(book.nearest_into(u, codes[s0 + j]), Tc[j], out=Ec[j])
+            Ec.mul_(St[s0])  # back to values for R
+            R.addmm_(Ec.T, a[s0:s1])
+            continue
         for j in range(s0, s1):
             u = U[j - s0]
             if j > s0:
