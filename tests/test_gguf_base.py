@@ -283,6 +283,7 @@ def test_split_gguf_in_split_gguf_out(tmp_path):
     report = lorakit.merge(first, [tmp_path / "ad.safetensors"], tmp_path / "merged.gguf", quiet=True)
     outs = [tmp_path / f"merged-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert report["files"] == [os.fspath(p) for p in outs] and report["merged_count"] == 8
+    assert report["shard_count"] == 3
     for i, o in enumerate(outs, 1):
         src = tmp_path / f"model-0000{i}-of-00003.gguf"
         assert os.path.getsize(o) == os.path.getsize(src)

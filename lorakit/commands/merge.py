@@ -92,7 +92,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     report = {"output": os.fspath(output), "base": base, "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
               "unmerge": unmerge, "tensor_count": sum(len(s) for _, s in writer.shards),
               "merged_count": sum(p.touched for p in plans.values()),
-              "shard_count": len(writer.shards) if writer.folder else 1,
+              "shard_count": len(writer.shards) if writer.folder or gguf else 1,
               "bytes": total, "dtype": dtype or "keep", "skipped": skipped, "notes": notes}
     if gguf:
         report["files"] = [spec[0] for spec in writer.shards]
@@ -164,14 +164,11 @@ def _full_precision(path, gguf):
 def _gguf_dequantized(view, plans, target_dtype):
     """A GGUF base's merged tensors whose GGML type has no codec here (IQ*, TQ*, ...): written in --dtype, as
     llama.cpp's export-lora writes F16; an error naming the tensor and its type without it."""
-    from ..quant.gguf import TYPES
+    from ..quant.gguf import TYPES, no_codec
     keys = sorted(k for k, p in plans.items() if p.touched and k in view.quantized
                   and view.ckpt.entry(k).dtype not in TYPES)
     if keys and target_dtype is None:
-        raise LorakitError(f"GGML type {view.ckpt.entry(keys[0]).dtype} cannot be requantized on its grid (lorakit "
-                           f"writes {', '.join(TYPES)}): pass {opt('dtype')} f16 to write the merged tensors of such "
-                           f"types in F16, as llama.cpp's export-lora does ({len(keys)} tensor(s))", path=view.path,
-                           tensor=keys[0])
+        raise no_codec(view.path, keys[0], view.ckpt.entry(keys[0]).dtype, len(keys))
     return set(keys)
 
 

@@ -176,7 +176,9 @@ class GGUFFile(TensorFile):
         if e.dtype in PLAIN:
             return super().read(name, buf)
         import torch
-        return torch.from_numpy(self.read_bytes(name, buf)[: e.nbytes])
+        if not e.nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self.read_bytes(name, buf), dtype=torch.uint8, count=e.nbytes)
 
 
 def split_files(path):

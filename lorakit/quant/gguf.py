@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from .base import Grid, QuantFormat
 from .rounding import Uniform
 
@@ -145,16 +145,10 @@ class GGUFBlocks(QuantFormat):
         return {n[: -len(".weight")]: {"weight": n} for n in ckpt.where
                 if n.endswith(".weight") and ckpt.entry(n).dtype not in PLAIN and len(ckpt.entry(n).shape) == 2}
 
-    def writable(self, ckpt, m):
-        """Whether this tensor's type has a codec here (else it can only be written in another dtype)."""
-        return ckpt.entry(m["weight"]).dtype in TYPES
-
     def _type(self, ckpt, m):
         kind = ckpt.entry(m["weight"]).dtype
         if kind not in TYPES:
-            raise LorakitError(f"GGML type {kind} cannot be requantized on its grid (lorakit writes "
-                               f"{', '.join(TYPES)}): pass --dtype f16 to write the merged tensors of such types in "
-                               "F16, as llama.cpp's export-lora does", path=ckpt.path, tensor=m["weight"])
+            raise no_codec(ckpt.path, m["weight"], kind)
         return TYPES[kind]
 
     def _blocks(self, ckpt, m):
@@ -269,6 +263,13 @@ class GGUFBlocks(QuantFormat):
         new = _scatter(new, t.scale, sc.to(torch.int8).view(torch.uint8) if t.scale_signed else sc.to(torch.uint8))
         _put_f16(new, t.d, d)
         return self._grid(t, new, raw.shape[1] * t.block)
+
+
+def no_codec(path, tensor, kind, count=1):
+    """The error for a merged tensor whose GGML type has no codec here."""
+    return LorakitError(f"GGML type {kind} cannot be requantized on its grid (lorakit writes {', '.join(TYPES)}): pass "
+                        f"{opt('dtype')} f16 to write the merged tensors of such types in F16, as llama.cpp's "
+                        f"export-lora does ({count} tensor(s))", path=path, tensor=tensor)
 
 
 def _fp16_toward(x, up):
