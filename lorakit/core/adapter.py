@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import LorakitError
@@ -95,6 +95,18 @@ class Module:
             shape[self.dora_axis] = -1
             Wf = Wf * (self.magnitude.float().reshape(shape) / norm)
         return Wf
+
+    def rows(self, start, stop, swap=False, name=None):
+        """This module on output rows start:stop (B's and the bias's rows: exact), as module `name`; with `swap` the
+        two halves of those rows in the other order (diffusers' AdaLayerNormContinuous [scale, shift] is the original
+        [shift, scale])."""
+        import torch
+        B, bias = self.B[start:stop], None if self.bias is None else self.bias[start:stop]
+        if swap:
+            half = B.shape[0] // 2
+            B = torch.cat([B[half:], B[:half]])
+            bias = None if bias is None else torch.cat([bias[half:], bias[:half]])
+        return replace(self, name=name or self.name, B=B.contiguous(), bias=bias)
 
     @property
     def num_params(self):

@@ -1,5 +1,5 @@
 """Merge planning: every adapter tensor resolved to a base tensor of the right shape before anything is written."""
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,7 +73,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 if m.name in aliases and m.magnitude is None and m.bias is None:
                     tensor, start, stop, swap = aliases[m.name]
                     if tuple(m.shape) == (stop - start, *view.shape(tensor)[1:]):
-                        m = on_rows(swapped(m) if swap else m, tensor, start, stop, view.shape(tensor)[0])
+                        m = on_rows(m.rows(0, m.shape[0], swap), tensor, start, stop, view.shape(tensor)[0])
                         p = target(tensor)
             if p is None and m.magnitude is None and m.bias is None:  # an original DiT name on a diffusers base
                 if splits is None:
@@ -82,9 +82,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 if pieces and m.shape[0] == pieces[-1][2] and all(view.shape(t)[1:] == tuple(m.shape[1:])
                                                                   for t, *_ in pieces):
                     for tensor, start, stop, swap in pieces:
-                        piece = replace(m, name=tensor[: -len(".weight")], B=m.B[start:stop],
-                                        bias=None if m.bias is None else m.bias[start:stop])
-                        target(tensor).loras.append((swapped(piece) if swap else piece, w))
+                        target(tensor).loras.append((m.rows(start, stop, swap, tensor[: -len(".weight")]), w))
                     continue
             if p is None:
                 unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
@@ -127,14 +125,6 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     if untie:
         target(HEAD)  # write the head explicitly, with or without its own delta
     return plans, embed if untie else None, skipped
-
-
-def swapped(m):
-    """Module `m` with the two halves of its output rows in the other order (AdaLayerNormContinuous: diffusers'
-    [scale, shift] is the original [shift, scale])."""
-    half = m.B.shape[0] // 2
-    bias = None if m.bias is None else torch.cat([m.bias[half:], m.bias[:half]])
-    return replace(m, B=torch.cat([m.B[half:], m.B[:half]]), bias=bias)
 
 
 def on_rows(m, tensor, start, stop, rows):

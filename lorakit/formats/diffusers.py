@@ -6,8 +6,6 @@ import json
 import re
 from dataclasses import replace
 
-import torch
-
 from ..core import Adapter
 from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
@@ -134,12 +132,7 @@ def _from_original_names(adapter, notes):
                                tensor=name)
         split += len(maps[name]) > 1
         for target, start, stop, swap in maps[name]:
-            B, bias = m.B[start:stop], (m.bias[start:stop] if m.bias is not None else None)
-            if swap:
-                half = B.shape[0] // 2
-                B = torch.cat([B[half:], B[:half]])
-                bias = torch.cat([bias[half:], bias[:half]]) if bias is not None else None
-            out.add(replace(m, name=target, B=B.contiguous(), bias=bias))
+            out.add(m.rows(start, stop, swap, target))
     notes.append(f"{len(maps)} module(s) renamed from the single file's names to diffusers'"
                  + (f"; {split} fused one(s) (qkv, linear1) split into one LoRA per slice, exactly" if split else ""))
     return out
