@@ -78,7 +78,7 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
                           "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed}}
     if isinstance(cb.ckpt, GGUFCheckpoint):  # llama.cpp names back to Hugging Face's (Q/K rows unpermuted)
         from ..formats.gguf_lora import gguf_modules
-        adapter = gguf_modules(adapter, base, to_gguf=False)
+        adapter = gguf_modules(adapter, cb.ckpt.kv, base, to_gguf=False)
         adapter.base_model = base_model_name(base)
     adapter.save(output, force=force)
     kept = [r["energy_kept"] for r in rows]

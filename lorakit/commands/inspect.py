@@ -90,7 +90,7 @@ def _add_spectrum(ad, modules, base, quiet):
         ckpt = WeightView(base)
         if isinstance(ckpt.ckpt, GGUFCheckpoint):  # the base's tensors by llama.cpp's names
             from ..formats.gguf_lora import gguf_modules
-            on_base = dict(zip(ad.modules, gguf_modules(ad, base).modules.values()))
+            on_base = dict(zip(ad.modules, gguf_modules(ad, ckpt.ckpt.kv, base).modules.values()))
     for row in progress(modules, quiet=quiet, desc="spectrum", unit="module"):
         m = ad.modules[row["module"]]
         S = singular_values(*m.factors(torch.float64))

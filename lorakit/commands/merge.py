@@ -39,11 +39,14 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
                                dict(dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads, quiet=quiet,
                                     ignore_fingerprint=ignore_fingerprint, strategy=strategy, onto=onto, seed=seed))
     view = WeightView(base)  # quantized modules seen as their full-precision weights
-    loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     gguf = isinstance(view.ckpt, GGUFCheckpoint)
+    if gguf and view.ckpt.kv.get("general.type") == "adapter":
+        raise LorakitError("BASE is a llama.cpp LoRA adapter (general.type = adapter), not a model: did you swap BASE "
+                           "and ADAPTER? (lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT)", path=base)
+    loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     if gguf:  # llama.cpp's tensor names and Q/K row order
         from ..formats.gguf_lora import gguf_modules
-        loaded = [(p, gguf_modules(ad, base), w) for p, ad, w in loaded]
+        loaded = [(p, gguf_modules(ad, view.ckpt.kv, base), w) for p, ad, w in loaded]
         if os.fspath(output).endswith(".safetensors"):
             raise LorakitError("the base is GGUF, so the output is GGUF: -o names a .safetensors file", path=output)
     # a single file's config.json is the one beside it; a GGUF's own KVs are its config
@@ -203,12 +206,8 @@ def default_threads(job):
 
 def _refuse_adapter_as_base(base):
     from ..formats import detect_format
-    from ..io.gguf import GGUFHeader, is_gguf
-    if is_gguf(base):  # a GGUF model or a llama.cpp LoRA: its general.type says which
-        if GGUFHeader(base).kv.get("general.type") != "adapter":
-            return
-        raise LorakitError("BASE is a llama.cpp LoRA adapter (general.type = adapter), not a model: did you swap BASE "
-                           "and ADAPTER? (lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT)", path=base)
+    if is_gguf(base):  # a GGUF model or a llama.cpp LoRA: merge reads its general.type with the rest of its header
+        return
     try:
         fmt = detect_format(base)
     except LorakitError:

@@ -41,25 +41,31 @@ def _base_config(*candidates):
     return None
 
 
-def _heads(config, arch_fields=None, base=None):
-    """(n_head, n_head_kv) from the file's own KVs, else from a GGUF base's KVs, else from the base's config.json."""
+def _heads(config, arch_fields=None, base_fields=None):
+    """(n_head, n_head_kv) from the file's own KVs, else from a GGUF base's (gguf_base_fields), else from the base's
+    config.json."""
     if arch_fields and arch_fields[0]:
         return arch_fields
-    fields = gguf_base_fields(base)
-    if fields is not None and fields[1]:
-        return fields[1:]
+    if base_fields is not None and base_fields[1]:
+        return base_fields[1:]
     if config is not None:
         return config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     return None, None
 
 
-def gguf_base_fields(base):
-    """(architecture, n_head, n_head_kv) from the KVs of a GGUF model given as the base; None when it is not one.
-    Head counts stored per layer (arrays) count as unknown."""
+def base_kv(base):
+    """The KVs of a GGUF model given as the base (its first split), or None when it is not one."""
     from ..io.gguf import GGUFHeader, is_gguf, split_files
     if base is None or not is_gguf(base):
         return None
-    kv = GGUFHeader(split_files(os.fspath(base))[0]).kv
+    return GGUFHeader(split_files(os.fspath(base))[0]).kv
+
+
+def gguf_base_fields(kv):
+    """(architecture, n_head, n_head_kv) from a GGUF model's KVs; None for None. Head counts stored per layer (arrays)
+    count as unknown."""
+    if kv is None:
+        return None
     arch = kv.get("general.architecture")
 
     def count(key):
@@ -69,12 +75,12 @@ def gguf_base_fields(base):
     return arch, n_head, count(KV_HEADS_KEY) or n_head
 
 
-def gguf_modules(adapter, base, to_gguf=True):
-    """The adapter in a GGUF base's terms (to_gguf) or back: llama.cpp's tensor names (blk.N.attn_q, token_embd,
-    output) and, for the llama architecture, Q/K rows in llama.cpp's order (the factors' rows: exact). Names with no
-    counterpart are kept (the merge plan reports them). The fingerprint and identity describe another container's
-    names: dropped."""
-    arch, n_head, n_kv = gguf_base_fields(base)
+def gguf_modules(adapter, kv, base, to_gguf=True):
+    """The adapter in the terms of a GGUF base (its KVs `kv`, its path `base`) when to_gguf, or back: llama.cpp's
+    tensor names (blk.N.attn_q, token_embd, output) and, for the llama architecture, Q/K rows in llama.cpp's order
+    (the factors' rows: exact). Names with no counterpart are kept (the merge plan reports them). The fingerprint and
+    identity describe another container's names: dropped."""
+    arch, n_head, n_kv = gguf_base_fields(kv)
     out = replace(adapter, modules={}, replacements={}, deltas={}, base_fingerprint=None, base_identity=None)
 
     def renamed(name):
@@ -140,7 +146,8 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     if alpha is None or not alpha > 0:
         raise LorakitError(f"adapter.lora.alpha is {alpha}: the scale alpha / rank is undefined", path=path)
     heads = _heads(_base_config(base), (_field(reader, HEADS_KEY.format(arch=arch)),
-                                         _field(reader, KV_HEADS_KEY.format(arch=arch))), base)
+                                         _field(reader, KV_HEADS_KEY.format(arch=arch))),
+                   gguf_base_fields(base_kv(base)) if _field(reader, HEADS_KEY.format(arch=arch)) is None else None)
     pairs, unknown = {}, []
     for t in reader.tensors:
         stem, _, part = t.name.rpartition(".")
@@ -225,10 +232,10 @@ def write(adapter, path, force=False, base=None):
         raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
                            path=path)
     config = _base_config(base, adapter.base_model)
-    fields = gguf_base_fields(base)
+    fields = gguf_base_fields(base_kv(base))
     arch = adapter.provenance.get("architecture") or (fields[0] if fields else None) or _arch(config)
     alpha = most_common([m.alpha for m in mods])
-    n_head, n_kv = _heads(config, base=base)
+    n_head, n_kv = _heads(config, base_fields=fields)
     folded = []
     tensors = []
     for m in mods:
