@@ -275,6 +275,18 @@ def _dit_table():
 DIT_TABLE = _dit_table()
 
 
+def _dit_key(path):
+    """(the table's pattern for a DiT path, its block number or None): blocks.3.attn1.to_q -> blocks.{n}.attn1.to_q."""
+    m = re.fullmatch(r"([a-z_]*blocks)\.(\d+)\.(.+)", path)
+    return (f"{m[1]}.{{n}}.{m[3]}", m[2]) if m else (path, None)
+
+
+def _halves_swapped(original, rows, cols):
+    """AdaLayerNormContinuous (diffusers [scale, shift], original [shift, scale]): the final norm, and SD3's last
+    context block, the one of 2 chunks (shift and scale only)."""
+    return original == FINAL_NORM or (original.endswith("context_block.adaLN_modulation.1") and rows == 2 * cols)
+
+
 def dit_diffusers(module, rows, cols):
     """A DiT module under its original name (any of DIT_PREFIXES) -> [(diffusers path under `transformer.`, row start,
     row stop, halves swapped)], one per slice of a fused tensor; None when it has no diffusers name."""
@@ -282,8 +294,7 @@ def dit_diffusers(module, rows, cols):
         if not module.startswith(prefix):
             continue
         path = module[len(prefix):]
-        m = re.fullmatch(r"([a-z_]*blocks)\.(\d+)\.(.+)", path)
-        key, n = (f"{m[1]}.{{n}}.{m[3]}", m[2]) if m else (path, None)
+        key, n = _dit_key(path)
         targets = DIT_TABLE.get(key)
         if not targets:
             continue
@@ -291,8 +302,7 @@ def dit_diffusers(module, rows, cols):
             sizes = [rows]
         else:
             sizes = [rows // 3] * 3 if len(targets) == 3 else [cols] * 3 + [rows - 3 * cols]
-        # AdaLayerNormContinuous: the final norm, and SD3's last context block (shift and scale only)
-        swap = path == FINAL_NORM or (path.endswith("context_block.adaLN_modulation.1") and rows == 2 * cols)
+        swap = _halves_swapped(path, rows, cols)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return [(target.format(n=n), starts[i], starts[i] + sizes[i], swap) for i, (target, _) in enumerate(targets)]
     return None
@@ -341,12 +351,9 @@ def split_aliases(shapes):
             continue
         stem = name[: -len(".weight")]
         path = stem[len("transformer."):] if stem.startswith("transformer.") else stem
-        m = re.fullmatch(r"([a-z_]*blocks)\.(\d+)\.(.+)", path)
-        key, n = (f"{m[1]}.{{n}}.{m[3]}", m[2]) if m else (path, None)
-        if key not in inverse:
-            continue
-        swap = path == "norm_out.linear" or (path.endswith("norm1_context.linear") and shape[0] == 2 * shape[1])
-        for original, part in inverse[key]:
+        key, n = _dit_key(path)
+        for original, part in inverse.get(key, ()):
+            swap = _halves_swapped(original, shape[0], shape[1])
             parts.setdefault(original.format(n=n), {})[part or 0] = (name, shape[0], swap)
     out = {}
     for original, pieces in parts.items():
@@ -371,8 +378,8 @@ def diffusers_names(shapes, family=None):
         layer = module[len("model.diffusion_model."):] if module.startswith("model.diffusion_model.") else None
         if layer is not None and family in ("sd1", "sdxl") and ldm_unet_to_diffusers(layer):
             out[module] = [(f"unet.{ldm_unet_to_diffusers(layer)}", 0, rows, False)]
-        elif family is None and dit_diffusers(module, rows, cols):
-            out[module] = [(f"transformer.{path}", *rest) for path, *rest in dit_diffusers(module, rows, cols)]
+        elif family is None and (dit := dit_diffusers(module, rows, cols)):
+            out[module] = [(f"transformer.{path}", *rest) for path, *rest in dit]
         else:
             for original, component in (("cond_stage_model.transformer.", "text_encoder."),
                                         ("conditioner.embedders.0.transformer.", "text_encoder.")):
