@@ -58,7 +58,7 @@ class FP8:
         self.table = torch.where(finite, values, torch.zeros(()))  # bit pattern -> value: a gather beats the cast
         self.sorted = values[finite].unique()  # 253 values (the two zeros are one)
         # rank of each bit pattern in the sorted list, to step to a neighbouring code
-        self.rank = torch.searchsorted(self.sorted, torch.where(finite, values, torch.zeros(()))).to(torch.int64)
+        self.rank = torch.searchsorted(self.sorted, self.table).to(torch.int64)
 
     def nearest(self, U):
         return U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
