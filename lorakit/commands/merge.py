@@ -86,6 +86,8 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
     if gguf:
+        for key, row in job.survival.items():  # each survival row says the tensor's GGML type
+            row["type"] = view.ckpt.entry(f"{key}.weight").dtype
         notes += _gguf_notes(view, plans, job, dtype)
     if skipped:
         notes.append(f"skipped {len(skipped)} adapter tensor(s) not in the base (--skip-unmatched): {_listed(skipped)}")
@@ -177,8 +179,6 @@ def _gguf_dequantized(view, plans, target_dtype):
 
 def _gguf_notes(view, plans, job, dtype):
     notes = []
-    for key, row in job.survival.items():
-        row["type"] = view.ckpt.entry(f"{key}.weight").dtype
     if job.dequantized:
         shown = [f"{k} ({view.ckpt.entry(k).dtype})" for k in sorted(job.dequantized)]
         notes.append(f"{len(shown)} merged tensor(s) of GGML types without a codec written in {dtype} "
