@@ -414,10 +414,15 @@ def test_rounding_against_fp64_nearest_over_the_codebook(name):
     for got in (values, book.values(stored), book.nearest(U), book.nearest_into(U.clone(), torch.empty_like(U))):
         assert torch.equal(got.double()[clear], ref[clear])
         assert bool((got.double() - U.double()).abs().le(two[:, 0] + 1e-9).all())
-    lo, hi = book.neighbours(U)
+    # the other neighbour: the next code on U's other side (the nearest itself beyond the ends)
+    v, o = book.nearest_other(U)
+    assert torch.equal(v, book.nearest(U))
+    lo, hi = torch.minimum(v, o).double(), torch.maximum(v, o).double()
     inside = (U >= levels.min()) & (U <= levels.max())
     assert bool(((lo <= U) & (U <= hi))[inside].all())
-    assert bool(((hi - lo) <= torch.diff(levels).max() + 1e-6).all())
+    below = levels[(torch.searchsorted(levels, U.double(), right=True) - 1).clamp(0, len(levels) - 1)]
+    assert torch.equal(lo[inside & clear & (U.double() != below)], below[inside & clear & (U.double() != below)])
+    assert bool((o[~inside] == v[~inside]).all())
 
 
 @pytest.mark.parametrize("name", ["int4", "fp8", "nf4"])
@@ -425,9 +430,10 @@ def test_stochastic_rounding_is_unbiased(name):
     from lorakit.quant.rounding import stochastic
     book, _ = _codebooks()[name]
     U = torch.full((200000,), 0.3 if name != "int4" else 6.3)
-    lo, hi = book.neighbours(U[:1])
-    mean = float(stochastic(book, U, torch.Generator().manual_seed(0)).double().mean())
-    assert abs(mean - float(U[0])) < 4 * float(hi - lo) / 200000 ** 0.5
+    v, o = book.nearest_other(U[:1])
+    drawn = stochastic(book, U, torch.Generator().manual_seed(0)).double()
+    assert set(drawn.unique().tolist()) == {float(v), float(o)}
+    assert abs(float(drawn.mean()) - float(U[0])) < 4 * float((o - v).abs()) / 200000 ** 0.5
 
 
 def _feedback_reference(T, S, Z, levels, A, damp=1e-6):
@@ -462,9 +468,12 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     T = (torch.rand(out, inn, generator=g) - 0.5) * span * 0.8 + Z
     ref = _feedback_reference(T, S, Z, levels, A)
     G, R = feedback_gains(A), torch.zeros(out, r)
-    ours = torch.cat([feedback_block(T[:, j0:j0 + 128], S[:, j0:j0 + 128], Z[:, j0:j0 + 128] if name == "int4" else
-                                     None, book, A[:, j0:j0 + 128], G[j0:j0 + 128], R)
-                      for j0 in range(0, inn, 128)], 1).double()
+    blocks = [feedback_block(T[:, j0:j0 + 128], S[:, j0:j0 + 128], Z[:, j0:j0 + 128] if name == "int4" else None, book,
+                             A[:, j0:j0 + 128], G[j0:j0 + 128], R) for j0 in range(0, inn, 128)]
+    ours = torch.cat([c.T for c, _ in blocks], 1).double()
+    # the errors it returns are W_new - T
+    E = torch.cat([e.T for _, e in blocks], 1).double()
+    assert torch.allclose(E, S.double() * (ours - Z.double()) - T.double(), atol=1e-5)
     assert float((ours == ref).double().mean()) > 0.99  # fp32 vs fp64: a few codes at rounding boundaries flip
     aligned = lambda c: float(((S.double() * (c - Z.double()) - T.double()) @ A.double().T).norm())  # noqa: E731
     nearest = levels[((T.double() / S + Z)[..., None] - levels).abs().argmin(-1)]
@@ -475,6 +484,7 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     ref = _feedback_reference(T, S, Z, levels, A)
     G, R = feedback_gains(A), torch.zeros(out, r)
     shared = torch.cat([feedback_block(T[:, j0:j0 + 128], S[:, :1], Z[:, :1] if name == "int4" else None, book,
-                                       A[:, j0:j0 + 128], G[j0:j0 + 128], R) for j0 in range(0, inn, 128)], 1).double()
+                                       A[:, j0:j0 + 128], G[j0:j0 + 128], R)[0].T for j0 in range(0, inn, 128)],
+                       1).double()
     assert float((shared == ref).double().mean()) > 0.99
     assert aligned(shared) < 1.1 * aligned(ref)

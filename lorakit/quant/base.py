@@ -5,7 +5,7 @@ zero point Z, codebook: W = S * (c - Z)) and its stored codes, fits a fresh grid
 of exactly the stored names, shapes and dtypes. Dequantizing follows from the grid and the codes. `ckpt` is a Checkpoint (or anything
 with `where`, `entry`, `get` and `__contains__`); `m` is one module's {role: tensor name}.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,14 +21,22 @@ class Grid:
     codebook: object  # lorakit.quant.rounding.Uniform / FP8 / Table
     Z: torch.Tensor = None  # [groups, out] fp32 zero points in code units, None for 0
     params: dict = None  # the stored tensors (their names' roles, shapes and dtypes) that define S and Z
+    _by_row: tuple = field(default=None, repr=False, compare=False)
 
-    def columns(self, j0, j1):
-        """(S, Z) of columns j0:j1 as [out, j1 - j0], or [out, 1] where one group spans them all (they broadcast);
-        Z None for 0."""
+    def columns(self, j0, j1, row_major=True):
+        """(S, Z) of columns j0:j1 as [out, j1 - j0] in the layout of the codes they go with: row-major, or (not
+        row_major) the transpose of a contiguous [j1 - j0, out], as GPTQ/AWQ store codes; [out, 1] where one group
+        spans them all (they broadcast); Z None for 0. Elementwise work between tensors of one layout runs at memory
+        speed, across layouts at a fraction of it."""
         if self.S.shape[0] == 1:
             return self.S[0][:, None], (self.Z[0][:, None] if self.Z is not None else None)
         g = self.g[j0:j1]
-        return self.S[g].T, (self.Z[g].T if self.Z is not None else None)
+        if not row_major:
+            return self.S[g].T, (self.Z[g].T if self.Z is not None else None)
+        if self._by_row is None:  # [out, groups]: a gather along dim 1 gives row-major blocks without a transpose
+            self._by_row = (self.S.T.contiguous(), self.Z.T.contiguous() if self.Z is not None else None)
+        S, Z = self._by_row
+        return S.index_select(1, g), (Z.index_select(1, g) if Z is not None else None)
 
 
 class QuantFormat:
@@ -57,7 +65,8 @@ class QuantFormat:
         raise NotImplementedError
 
     def codes(self, ckpt, m):
-        """The stored codes [out, in] in the codebook's storage dtype (unpacked, one byte per element)."""
+        """The stored codes [out, in] in the codebook's storage dtype (unpacked, one byte per element): row-major,
+        or the transpose of a contiguous [in, out] where the format stores W^T (see row_major)."""
         raise NotImplementedError
 
     def fit(self, ckpt, m, lo, hi):
@@ -72,10 +81,15 @@ class QuantFormat:
 
     def dequantize(self, ckpt, m):
         """W [out, in] in fp32: S * (c - Z)."""
-        grid = self.grid(ckpt, m)
-        S, Z = grid.columns(0, len(grid.g))
-        c = grid.codebook.values(self.codes(ckpt, m))
-        return (c.sub_(Z) if Z is not None else c).mul_(S)
+        grid, codes = self.grid(ckpt, m), self.codes(ckpt, m)
+        S, Z = grid.columns(0, len(grid.g), row_major(codes))
+        c = grid.codebook.values(codes)
+        return (c.sub_(Z) if Z is not None else c).mul_(S).contiguous()
+
+
+def row_major(codes):
+    """Whether codes [out, in] are laid out row by row (else they are the transpose of a contiguous [in, out])."""
+    return codes.stride(1) == 1 or codes.shape[1] == 1
 
 
 def check_scale(ckpt, m, role, out):

@@ -10,21 +10,17 @@ from .rounding import Uniform
 CHUNK = 1 << 22  # elements per step of (un)packing: bounded temporaries whatever the module size
 
 
-def unpack(packed, bits, dim, order=None, transposed=False):
+def unpack(packed, bits, dim, order=None):
     """int32 words [a, b] -> uint8 codes, `32 // bits` per word along `dim` (0 or 1), lowest bits first (then
-    reordered by `order`); `transposed` gives the codes' transpose (a module's [out, in] from GPTQ's [in, out]).
-    Chunked along dim 0 into one preallocated result, so the temporaries stay small."""
+    reordered by `order`). Chunked along dim 0 into one preallocated result, so the temporaries stay small."""
     per = 32 // bits
     shape = (packed.shape[0] * per, packed.shape[1]) if dim == 0 else (packed.shape[0], packed.shape[1] * per)
-    result = torch.empty(shape[::-1] if transposed else shape, dtype=torch.uint8)
+    result = torch.empty(shape, dtype=torch.uint8)
     rows = max(1, CHUNK // max(1, packed[0].numel() * per))
     step = per if dim == 0 else 1  # result rows per packed row
     for i in range(0, packed.shape[0], rows):
         chunk = _unpack(packed[i:i + rows], bits, dim, order)
-        if transposed:
-            result[:, i * step:i * step + chunk.shape[0]] = chunk.T
-        else:
-            result[i * step:i * step + chunk.shape[0]] = chunk
+        result[i * step:i * step + chunk.shape[0]] = chunk
     return result
 
 
@@ -142,7 +138,7 @@ class GPTQ(PackedInt):
         return torch.arange(inn) // g
 
     def codes(self, ckpt, m):
-        return unpack(ckpt.get(m["qweight"]), self.bits, 0, transposed=True)  # [out, in]
+        return unpack(ckpt.get(m["qweight"]), self.bits, 0).T  # [out, in], stored as GPTQ's [in, out]
 
     def _zeros(self, ckpt, m):
         return unpack(ckpt.get(m["qzeros"]), self.bits, 1).float() + (1 if self.v1 else 0)  # [groups, out]
@@ -187,7 +183,7 @@ class AWQ(PackedInt):
     bits = 4
 
     def codes(self, ckpt, m):
-        return unpack(ckpt.get(m["qweight"]), 4, 1, AWQ_ORDER, transposed=True)  # [out, in]
+        return unpack(ckpt.get(m["qweight"]), 4, 1, AWQ_ORDER).T  # [out, in], stored as AWQ's [in, out]
 
     def _zeros(self, ckpt, m):
         return unpack(ckpt.get(m["qzeros"]), 4, 1, AWQ_ORDER).float()  # [groups, out]

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import LorakitError
 from . import rounding
+from .base import row_major
 
 COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths
 PROBES = 64
@@ -36,48 +37,64 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
+    rows = row_major(stored)  # every block below takes the stored codes' layout: elementwise work stays at memory speed
     B, A = stacked_factors(loras, sign) if loras else (torch.zeros(out, 1), torch.zeros(1, inn))
     generator = torch.Generator().manual_seed(seed)
     # random inputs, then inputs in the adapter's subspace (x = A^T y); drawn in fp64 as lorakit always has, so that a
     # report does not change with the implementation
     probes = torch.randn(inn, PROBES, generator=generator, dtype=torch.float64).float()
     aligned = torch.randn(A.shape[0], PROBES, generator=generator, dtype=torch.float64).float()
+    report = Survival(out, A.shape[0])
 
-    def blocks():
-        """(j0, j1, W_old, dW, target) for each block of columns."""
+    def in_layout(X):
+        """X [out, b] in the stored codes' layout (no copy when it is already)."""
+        return X.contiguous() if rows else X.T.contiguous().T
+
+    def blocks(tally):
+        """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns; `tally` adds W_old to the report."""
         for j0 in range(0, inn, COLUMNS):
             j1 = min(inn, j0 + COLUMNS)
-            S, Z = old.columns(j0, j1)
+            S, Z = old.columns(j0, j1, rows)
             c = old.codebook.values(stored[:, j0:j1])
             W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
-            dW = B @ A[:, j0:j1]
-            yield j0, j1, W_old, dW, (full[:, j0:j1].float() if full is not None else W_old) + dW
+            dW = B @ A[:, j0:j1] if rows else (A[:, j0:j1].T @ B.T).T
+            if tally:
+                report.add_base(W_old)
+            if full is None:
+                yield j0, j1, W_old.add_(dW), dW
+            else:
+                T = in_layout(full[:, j0:j1].to(torch.float32, copy=True)).add_(dW)
+                yield j0, j1, T, T - W_old
 
     if strategy in ("rescale", "original"):
-        grid = fit(fmt, ckpt, members, old, ((j0, j1, T) for j0, j1, _, _, T in blocks()))
+        grid = fit(fmt, ckpt, members, old, ((j0, j1, T) for j0, j1, T, _ in blocks(False)))
     else:
         grid = old
     book, codes = grid.codebook, torch.empty_like(stored)
     if strategy == "feedback":
         G, R = rounding.feedback_gains(A), torch.zeros(out, A.shape[0])
-    report = Survival(out, A.shape[0])
-    for j0, j1, W_old, dW, T in blocks():
-        S, Z = grid.columns(j0, j1)
-        if strategy in ("feedback", "stochastic"):
-            if strategy == "feedback":
-                c = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
-            else:
-                c = rounding.stochastic(book, T / S + Z if Z is not None else T / S, generator)
+    for j0, j1, T, D in blocks(True):
+        S, Z = grid.columns(j0, j1, rows)
+        if strategy == "feedback":
+            c, E = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
+            c, E = in_layout(c.T), in_layout(E.T)  # [b, out] -> [out, b]
             new = book.to_storage(c)
         else:
-            new, c = book.round(T / S + Z if Z is not None else T / S)
+            U = T / S
+            if Z is not None:
+                U.add_(Z)
+            if strategy == "stochastic":
+                c = book.stochastic(U, generator)
+                new = book.to_storage(c)
+            else:
+                new, c = book.round(U)
+            E = (c.sub_(Z) if Z is not None else c).mul_(S).sub_(T)  # W_new - target, in place of the codes
         codes[:, j0:j1] = new
-        E = (c.sub_(Z) if Z is not None else c).mul_(S).sub_(T)  # W_new - target, in place of the codes
-        if not float(E.abs().amax()) < float("inf"):
-            raise LorakitError("the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
-                               "or a zero scale): nothing was written", path=ckpt.path, tensor=members_name(members))
-        report.add(E, W_old, dW, T if full is not None else None, probes[j0:j1], A[:, j0:j1],
-                   int((bits(new) != bits(stored[:, j0:j1])).sum()))
+        report.add(E, D, probes[j0:j1], A[:, j0:j1], full is not None)
+    if not report.finite():
+        raise LorakitError("the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
+                           "or a zero scale): nothing was written", path=ckpt.path, tensor=members_name(members))
+    report.changed = int(torch.count_nonzero(bits(codes) != bits(stored)))
     return fmt.encode(ckpt, members, codes, grid), report.row(B, A, probes, aligned)
 
 
@@ -95,51 +112,67 @@ def fit(fmt, ckpt, members, old, targets):
     row), the groups of the stored grid `old`."""
     lo = torch.full(old.S.shape, float("inf"))
     hi = torch.full(old.S.shape, -float("inf"))
+    size = run_length(old.g)
     for j0, j1, T in targets:
+        b = j1 - j0
+        if size and j0 % size == 0 and b % size == 0:  # groups of `size` columns in order: reductions, no scatter
+            n, g0 = b // size, j0 // size
+            by_group = T.reshape(-1, n, size).transpose(0, 1) if T.is_contiguous() else T.T.reshape(n, size, -1)
+            dim = 2 if T.is_contiguous() else 1
+            torch.minimum(lo[g0:g0 + n], by_group.amin(dim), out=lo[g0:g0 + n])
+            torch.maximum(hi[g0:g0 + n], by_group.amax(dim), out=hi[g0:g0 + n])
+            continue
         index = old.g[j0:j1, None].expand(-1, T.shape[0])
         lo.scatter_reduce_(0, index, T.T, "amin")
         hi.scatter_reduce_(0, index, T.T, "amax")
     return fmt.fit(ckpt, members, lo, hi)
 
 
+def run_length(g):
+    """k when column j is in group j // k (per-channel grids: k = all columns), else None (GPTQ's act-order g_idx)."""
+    if len(g) == 0:
+        return None
+    k = int((g == g[0]).sum())
+    return k if bool((g == torch.arange(len(g)) // k).all()) else None
+
+
 class Survival:
-    """What came through, summed block by block: retention rho = <dQ, dW> / ||dW||^2, noise nu = ||dQ - rho dW|| /
-    ||dW|| (dQ = W_new - W_old), the share of codes changed, and the output error ||E x|| / ||dW x|| (E = W_new -
-    target) on random probes x and on probes in the adapter's input subspace x = A^T y. Everything comes from E, which
-    the rounding makes anyway: onto the dequantized base dQ = E + dW, so nu^2 = (||E||^2 - <E, dW>^2 / ||dW||^2) /
-    ||dW||^2 without subtracting nearly equal numbers; E x = E A^T y goes through the factors, and dW x = B (A x)."""
+    """What came through: retention rho = <dQ, dW> / ||dW||^2, noise nu = ||dQ - rho dW|| / ||dW|| (dQ = W_new -
+    W_old), the share of codes changed, and the output error ||E x|| / ||dW x|| (E = W_new - target) on random probes
+    x and on probes in the adapter's input subspace x = A^T y. Summed block by block, without a dense copy: ||dQ||^2
+    directly (dQ = E + D, D = target - W_old), so that nu^2 = (||dQ||^2 - <dQ, dW>^2 / ||dW||^2) / ||dW||^2 stays
+    exact where nothing changed; every product with dW = B A goes through the factors: <dQ, dW> = <E A^T + D A^T, B>
+    (E A^T being the aligned probes' sum anyway; D A^T = dW A^T onto the dequantized base), ||dW||^2 = <B^T B, A A^T>,
+    E x = E A^T y and dW x = B (A x)."""
 
     def __init__(self, out, rank):
-        self.ee = self.ed = self.dd = self.old2 = self.extra_qq = self.extra_qd = 0.0
+        self.qq = self.old2 = 0.0
         self.changed = self.count = 0
-        self.EX, self.EAt = torch.zeros(out, PROBES), torch.zeros(out, rank)
+        self.EX, self.EAt, self.DAt = torch.zeros(out, PROBES), torch.zeros(out, rank), None
 
-    def add(self, E, W_old, dW, target, X, A, changed):
-        """One block: E = W_new - target; target None when it is W_old + dW (the usual merge onto the base)."""
-        e, d = E.reshape(-1), dW.reshape(-1)
-        self.ee += float(torch.dot(e, e))
-        self.ed += float(torch.dot(e, d))
-        self.dd += float(torch.dot(d, d))
-        self.old2 += float(torch.dot(W_old.reshape(-1), W_old.reshape(-1)))
-        if target is not None:  # onto the original weight: dQ = E + (target - W_old), kept apart
-            shift = (target - W_old - dW).reshape(-1)
-            self.extra_qq += float(torch.dot(shift, shift) + 2 * torch.dot(shift, e + d))
-            self.extra_qd += float(torch.dot(shift, d))
+    def add_base(self, W_old):
+        self.old2 += float(torch.dot(flat(W_old), flat(W_old)))
+
+    def add(self, E, D, X, A, shifted):
+        """One block: E = W_new - target and D = target - W_old in one layout, X its rows of the probes, A its
+        columns of the factors; `shifted`: the target is not W_old + dW (merging onto the original weight)."""
+        q = flat(E.add(D))
+        self.qq += float(torch.dot(q, q))
         self.EX.addmm_(E, X)
         self.EAt.addmm_(E, A.T)
-        self.changed += changed
+        if shifted:
+            self.DAt = D @ A.T if self.DAt is None else self.DAt.addmm_(D, A.T)
         self.count += E.numel()
 
+    def finite(self):
+        return self.qq < float("inf")  # one NaN or Inf in E makes the sum of squares of dQ = E + D so
+
     def row(self, B, A, X, Y):
-        dd = self.dd
-        qd = self.ed + dd + self.extra_qd
+        Bd, Ad = B.double(), A.double()
+        dd = float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum())
+        qd = float((self.EAt.double() * Bd).sum()) + (dd if self.DAt is None else float((self.DAt.double() * Bd).sum()))
         rho = qd / dd if dd else 0.0
-        if self.extra_qq or self.extra_qd:
-            qq = self.ee + 2 * self.ed + dd + self.extra_qq
-            nu2 = qq - qd * qd / dd if dd else 0.0
-        else:
-            nu2 = self.ee - self.ed * self.ed / dd if dd else 0.0
-        nu = (max(0.0, nu2) / dd) ** 0.5 if dd else 0.0
+        nu = (max(0.0, self.qq - qd * qd / dd) / dd) ** 0.5 if dd else 0.0
 
         def err(E, D):
             base = float(D.double().norm())
@@ -148,3 +181,8 @@ class Survival:
         return {"retention": rho, "noise": nu, "probe_error_random": err(self.EX, B @ (A @ X)),
                 "probe_error_aligned": err(self.EAt @ Y, B @ AAtY), "codes_changed": self.changed / max(1, self.count),
                 "relative_delta": (dd / self.old2) ** 0.5 if self.old2 else 0.0}
+
+
+def flat(t):
+    """A contiguous block, or the transpose of one, as a flat view (for sums over all its elements)."""
+    return t.T.reshape(-1) if not t.is_contiguous() and t.T.is_contiguous() else t.reshape(-1)
