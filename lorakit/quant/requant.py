@@ -46,24 +46,29 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     aligned = torch.randn(A.shape[0], PROBES, generator=generator, dtype=torch.float64).float()
     report = Survival(out, A.shape[0])
 
-    def in_layout(X):
-        """X [out, b] in the stored codes' layout (no copy when it is already)."""
-        return X.contiguous() if rows else X.T.contiguous().T
+    # feedback makes its codes column by column: its targets come column-major ([b, out] contiguous, seen as [out, b])
+    by_rows = rows and strategy != "feedback"
+
+    def in_layout(X, row_wise):
+        """X [out, b] laid out row-major or column-major (no copy when it already is)."""
+        return X.contiguous() if row_wise else X.T.contiguous().T
 
     def blocks(tally):
-        """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns; `tally` adds W_old to the report."""
+        """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns, in the layout `by_rows`; `tally`
+        adds W_old to the report."""
         for j0 in range(0, inn, COLUMNS):
             j1 = min(inn, j0 + COLUMNS)
             S, Z = old.columns(j0, j1, rows)
             c = old.codebook.values(stored[:, j0:j1])
             W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
-            dW = B @ A[:, j0:j1] if rows else (A[:, j0:j1].T @ B.T).T
             if tally:
                 report.add_base(W_old)
+            W_old = in_layout(W_old, by_rows)
+            dW = B @ A[:, j0:j1] if by_rows else (A[:, j0:j1].T @ B.T).T
             if full is None:
                 yield j0, j1, W_old.add_(dW), dW
             else:
-                T = in_layout(full[:, j0:j1].to(torch.float32, copy=True)).add_(dW)
+                T = in_layout(full[:, j0:j1].to(torch.float32, copy=True), by_rows).add_(dW)
                 yield j0, j1, T, T - W_old
 
     if strategy in ("rescale", "original"):
@@ -74,11 +79,10 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     if strategy == "feedback":
         G, R = rounding.feedback_gains(A), torch.zeros(out, A.shape[0])
     for j0, j1, T, D in blocks(True):
-        S, Z = grid.columns(j0, j1, rows)
+        S, Z = grid.columns(j0, j1, by_rows)
         if strategy == "feedback":
             c, E = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
-            c, E = in_layout(c.T), in_layout(E.T)  # [b, out] -> [out, b]
-            new = book.to_storage(c)
+            new, E = book.to_storage(in_layout(c.T, rows)), E.T  # [b, out] -> [out, b]
         else:
             U = T / S
             if Z is not None:

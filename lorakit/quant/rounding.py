@@ -12,10 +12,15 @@ Strategies on U = T / S + Z (the target in code units):
   near zero: (Q - T) A^T ~ 0. GPTQ/OPTQ's column order with the adapter's low-rank Hessian A^T A; the carried error
   is R = sum_k e_k a_k^T [out, r], so each column costs O(out r) and a block of columns starts from one matmul.
 """
+import threading
+
 import torch
 
 FP8_MAX = 448.0
 CHUNK = 1 << 22  # elements per step of a table gather: its int32 index stays a small temporary
+# Column loops (feedback) of concurrent workers take turns: two threads issuing many microsecond ops at once hand the GIL
+# over at every op and run 3-4x slower than one after the other; meanwhile the other worker does its bulk work.
+COLUMN_LOOPS = threading.Lock()
 
 
 def gather(table, codes):
@@ -210,8 +215,7 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     adapters' input factors; G [b, r] their gains; groups [b]: each column's scale group (None: read S). Column j is
     rounded after repaying R G_j: the errors of earlier sub-blocks of `sub` columns arrive with one matmul, those of
     its own sub-block through K = a_k . g_j. Where a sub-block's columns share one scale (per-channel grids, and
-    groups or blocks of 16 or more), it runs in code units: the errors stay in them, so a column costs one
-    correction, one rounding and one subtraction."""
+    groups or blocks of 16 or more), it runs in code units: a column costs one correction and one rounding."""
     # rows of the transposed blocks are the columns (a copy only for row-major blocks; [out, 1] grids broadcast)
     def by_column(X):
         return X.T.expand(T.shape[1], -1) if X.shape[1] == 1 else X.T.contiguous()
@@ -228,16 +232,20 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
             if Zt is not None:
                 Uc.add_(Zt[s0])
                 Tc.add_(Zt[s0])
-            Ec = E[s0:s1]
-            for j in range(s1 - s0):
-                u = Uc[j]
-                if j:
-                    u.addmv_(Ec[:j].T, K[:j, j], alpha=-1.0)
-                torch.sub(book.nearest_into(u, codes[s0 + j]), Tc[j], out=Ec[j])
-            Ec.mul_(St[s0])  # back to values for R
+            # V_j = U_j + sum_{k<j} K[k, j] T_k: the targets' share of the corrections, at once; each column then
+            # repays only its codes' share, sum_{k<j} K[k, j] C_k (the errors being C - T)
+            V = torch.addmm(Uc, K.triu(1).T, Tc)
+            C = codes[s0:s1]
+            with COLUMN_LOOPS:
+                for j in range(s1 - s0):
+                    u = V[j]
+                    if j:
+                        u.addmv_(C[:j].T, K[:j, j], alpha=-1.0)
+                    book.nearest_into(u, C[j])
+            Ec = torch.sub(C, Tc, out=E[s0:s1]).mul_(St[s0])  # the errors, back to values for R
             R.addmm_(Ec.T, a[s0:s1])
             continue
-        for j in range(s0, s1):
+        for j in range(s0, s1):  # (per-column scales: only GPTQ act-order and odd groups, left unserialized)
             u = U[j - s0]
             if j > s0:
                 u.addmv_(E[s0:j].T, K[: j - s0, j - s0], alpha=-1.0)
