@@ -427,11 +427,12 @@ def test_rounding_against_fp64_nearest_over_the_codebook(name):
 
 @pytest.mark.parametrize("name", ["int4", "fp8", "nf4"])
 def test_stochastic_rounding_is_unbiased(name):
-    from lorakit.quant.rounding import stochastic
     book, _ = _codebooks()[name]
     U = torch.full((200000,), 0.3 if name != "int4" else 6.3)
     v, o = book.nearest_other(U[:1])
-    drawn = stochastic(book, U, torch.Generator().manual_seed(0)).double()
+    stored, drawn = book.stochastic(U, torch.Generator().manual_seed(0))
+    assert torch.equal(book.values(stored), drawn)
+    drawn = drawn.double()
     assert set(drawn.unique().tolist()) == {float(v), float(o)}
     assert abs(float(drawn.mean()) - float(U[0])) < 4 * float((o - v).abs()) / 200000 ** 0.5
 

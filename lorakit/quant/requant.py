@@ -87,11 +87,7 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
             U = T / S
             if Z is not None:
                 U.add_(Z)
-            if strategy == "stochastic":
-                c = book.stochastic(U, generator)
-                new = book.to_storage(c)
-            else:
-                new, c = book.round(U)
+            new, c = book.stochastic(U, generator) if strategy == "stochastic" else book.round(U)
             E = (c.sub_(Z) if Z is not None else c).mul_(S).sub_(T)  # W_new - target, in place of the codes
         codes[:, j0:j1] = new
         report.add(E, D, probes[j0:j1], A[:, j0:j1], full is not None)

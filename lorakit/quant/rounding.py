@@ -27,6 +27,8 @@ def gather(table, codes):
     """table[codes] for integer codes (one byte each) of any layout, in fp32 and the codes' layout: index_select with
     an int32 index, 2-5x faster than advanced indexing or the fp8 -> fp32 cast; chunked so that the index stays
     small."""
+    if codes.dim() == 1 and codes.numel() <= CHUNK:  # one column of a feedback loop: no bookkeeping
+        return torch.index_select(table, 0, codes if codes.dtype == torch.int32 else codes.int())
     if codes.dim() == 2 and not codes.is_contiguous() and codes.T.is_contiguous():
         return gather(table, codes.T).T  # the transpose of a contiguous block: gathered as it lies
     flat = codes.reshape(-1)
@@ -41,11 +43,12 @@ class Codebook:
     way."""
 
     def stochastic(self, U, generator):
-        """One of the two codes around U, the farther with probability |U - nearest| / |other - nearest|, so that
-        the expectation is U (clamped to the codebook)."""
+        """(stored codes, their values) of one of the two codes around U, the farther with probability
+        |U - nearest| / |other - nearest|, so that the expectation is U (clamped to the codebook); seeded."""
         v, o = self.nearest_other(U)
         p = (U - v).div_(o - v)  # 0 / 0 where U is a code or beyond the end: NaN, never drawn
-        return torch.where(torch.rand(U.shape, generator=generator) < p, o, v)
+        c = torch.where(torch.rand(U.shape, generator=generator) < p, o, v)
+        return self.to_storage(c), c
 
 
 class Uniform(Codebook):
@@ -73,7 +76,8 @@ class Uniform(Codebook):
 
     def stochastic(self, U, generator):
         """floor(U + r), r uniform in [0, 1): the upper code with probability frac(U)."""
-        return U.add(torch.rand(U.shape, generator=generator)).floor_().clamp_(self.lo, self.hi)
+        c = U.add(torch.rand(U.shape, generator=generator)).floor_().clamp_(self.lo, self.hi)
+        return c.to(self.storage), c
 
     def to_storage(self, c):
         return c.to(self.storage)
@@ -149,45 +153,57 @@ class Table(Codebook):
             if len(mid) == 0 or (inside.unique().numel() == len(mid) and
                                  float(torch.minimum(pos - inside, inside + 1 - pos).min()) > 1e-3):
                 break
-        self.bins, self.lo, self.scale = bins, lo, bins / (hi - lo) if hi > lo else 0.0
-        edges = lo + torch.arange(bins, dtype=torch.float64) * ((hi - lo) / bins)
-        self.first = torch.bucketize(edges, mid, right=True).int()  # nearest level index at each bin's left edge
-        self.split = torch.full((bins,), float("inf"))  # the midpoint inside each bin
+        self.bins, self.lo, self.hi = bins, lo, hi
+        self.scale = bins / (hi - lo) if hi > lo else 0.0
+        self.offset = torch.tensor(-lo * self.scale)  # bin of u: offset + scale * u
+        # per bin (and one past the last, where u == hi lands): the nearest level's index at its left edge, and the
+        # midpoint inside it (inf for none)
+        edges = lo + torch.arange(bins + 1, dtype=torch.float64) * ((hi - lo) / bins)
+        self.first = torch.bucketize(edges, mid, right=True).int()
+        self.split = torch.full((bins + 1,), float("inf"))
         if len(mid):
             self.split[(mid - lo).mul(self.scale).floor().long().clamp(0, bins - 1)] = self.mid
+        self.stored = self.order.to(torch.int32)  # sorted index -> stored code
 
     def _index(self, U):
-        """The index (in sorted order) of the nearest level; exactly halfway goes to the lower one."""
-        b = (U * self.scale).sub_(self.lo * self.scale).clamp_(0, self.bins - 1).int().clamp_(0, self.bins - 1)
+        """The index (in sorted order) of the nearest level; exactly halfway goes to the lower one. (A NaN lands in
+        bin 0.)"""
+        b = torch.add(self.offset, U.clamp(self.lo, self.hi), alpha=self.scale).int().clamp_(0, self.bins)
         i = gather(self.first, b)
-        return i.add_(U > gather(self.split, b)).clamp_(max=len(self.sorted) - 1)
+        return i.add_(U > gather(self.split, b))
 
     def nearest(self, U):
         return gather(self.sorted, self._index(U))
 
     def nearest_into(self, u, out):
-        return torch.index_select(self.sorted, 0, self._index(u), out=out)
+        return torch.index_select(self.sorted, 0, self._index(u).reshape(-1), out=out.reshape(-1)).reshape(out.shape)
 
     def round(self, U):
         i = self._index(U)
-        return gather(self.order.to(torch.int32), i).to(self.storage), gather(self.sorted, i)
+        return gather(self.stored, i).to(self.storage), gather(self.sorted, i)
+
+    def _other(self, i, v, U):
+        return torch.where(v > U, i - 1, i + 1).clamp_(0, len(self.sorted) - 1)
 
     def nearest_other(self, U):
         i = self._index(U)
         v = gather(self.sorted, i)
-        j = torch.where(v > U, i - 1, i + 1).clamp_(0, len(self.sorted) - 1)
-        return v, gather(self.sorted, j)
+        return v, gather(self.sorted, self._other(i, v, U))
+
+    def stochastic(self, U, generator):
+        """As Codebook.stochastic, on the levels' indexes."""
+        i = self._index(U)
+        v = gather(self.sorted, i)
+        j = self._other(i, v, U)
+        p = (U - v).div_(gather(self.sorted, j).sub_(v))
+        k = torch.where(torch.rand(U.shape, generator=generator) < p, j, i)
+        return gather(self.stored, k).to(self.storage), gather(self.sorted, k)
 
     def to_storage(self, c):
-        return gather(self.order.to(torch.int32), self._index(c)).to(self.storage)
+        return gather(self.stored, self._index(c)).to(self.storage)
 
     def values(self, stored):
         return gather(self.levels, stored)
-
-
-def stochastic(book, U, generator):
-    """One of the two codes around U, unbiased (E = U, clamped to the codebook), seeded."""
-    return book.stochastic(U, generator)
 
 
 def feedback_gains(A, damp=1e-6, block=256):
