@@ -10,7 +10,8 @@ from ..errors import LorakitError
 from . import rounding
 from .base import row_major
 
-COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths
+COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths...
+BLOCK_ELEMENTS = 1 << 21  # ...and tall modules take fewer (down to 64: a multiple of the usual group sizes)
 PROBES = 64
 
 
@@ -38,6 +39,9 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
     rows = row_major(stored)  # every block below takes the stored codes' layout: elementwise work stays at memory speed
+    columns = COLUMNS
+    while out * columns > BLOCK_ELEMENTS and columns > 64:
+        columns //= 2
     B, A = stacked_factors(loras, sign) if loras else (torch.zeros(out, 1), torch.zeros(1, inn))
     generator = torch.Generator().manual_seed(seed)
     # random inputs, then inputs in the adapter's subspace (x = A^T y); drawn in fp64 as lorakit always has, so that a
@@ -56,8 +60,8 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     def blocks(tally):
         """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns, in the layout `by_rows`; `tally`
         adds W_old to the report."""
-        for j0 in range(0, inn, COLUMNS):
-            j1 = min(inn, j0 + COLUMNS)
+        for j0 in range(0, inn, columns):
+            j1 = min(inn, j0 + columns)
             S, Z = old.columns(j0, j1, rows)
             c = old.codebook.values(stored[:, j0:j1])
             W_old = (c.sub_(Z) if Z is not None else c).mul_(S)

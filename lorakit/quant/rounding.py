@@ -43,11 +43,12 @@ class Codebook:
     way."""
 
     def stochastic(self, U, generator):
-        """(stored codes, their values) of one of the two codes around U, the farther with probability
-        |U - nearest| / |other - nearest|, so that the expectation is U (clamped to the codebook); seeded."""
+        """(stored codes, their values) of one of the two codes lo <= U <= hi around U: hi when r < (U - lo) / (hi -
+        lo) for r uniform in [0, 1), so that the expectation is U (clamped to the codebook); seeded."""
         v, o = self.nearest_other(U)
-        p = (U - v).div_(o - v)  # 0 / 0 where U is a code or beyond the end: NaN, never drawn
-        c = torch.where(torch.rand(U.shape, generator=generator) < p, o, v)
+        lo, hi = torch.minimum(v, o), torch.maximum(v, o)
+        p = (U - lo).div_(hi - lo)  # 0 / 0 where U is a code or beyond the ends: NaN, never drawn
+        c = torch.where(torch.rand(U.shape, generator=generator) < p, hi, lo)
         return self.to_storage(c), c
 
 
@@ -75,8 +76,8 @@ class Uniform(Codebook):
         return v, torch.where(v > U, v - 1, v + 1).clamp_(self.lo, self.hi)
 
     def stochastic(self, U, generator):
-        """floor(U + r), r uniform in [0, 1): the upper code with probability frac(U)."""
-        c = U.add(torch.rand(U.shape, generator=generator)).floor_().clamp_(self.lo, self.hi)
+        """ceil(U - r): the upper code exactly when r < frac(U), as Codebook.stochastic, in two passes."""
+        c = U.sub(torch.rand(U.shape, generator=generator)).ceil_().clamp_(self.lo, self.hi)
         return c.to(self.storage), c
 
     def to_storage(self, c):
@@ -193,10 +194,11 @@ class Table(Codebook):
     def stochastic(self, U, generator):
         """As Codebook.stochastic, on the levels' indexes."""
         i = self._index(U)
-        v = gather(self.sorted, i)
-        j = self._other(i, v, U)
-        p = (U - v).div_(gather(self.sorted, j).sub_(v))
-        k = torch.where(torch.rand(U.shape, generator=generator) < p, j, i)
+        j = self._other(i, gather(self.sorted, i), U)
+        lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+        below = gather(self.sorted, lo)
+        p = (U - below).div_(gather(self.sorted, hi).sub_(below))
+        k = torch.where(torch.rand(U.shape, generator=generator) < p, hi, lo)
         return gather(self.stored, k).to(self.storage), gather(self.sorted, k)
 
     def to_storage(self, c):
