@@ -66,7 +66,8 @@ class QuantFormat:
 
     def codes(self, ckpt, m):
         """The stored codes [out, in] in the codebook's storage dtype (unpacked, one byte per element): row-major,
-        or the transpose of a contiguous [in, out] where the format stores W^T (see row_major)."""
+        or the transpose of a contiguous [in, out] where the format stores W^T (see row_major). A tensor of the
+        caller's own (freshly read or unpacked): requantizing writes the new codes over it."""
         raise NotImplementedError
 
     def fit(self, ckpt, m, lo, hi):

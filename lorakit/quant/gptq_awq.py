@@ -39,12 +39,15 @@ def _unpack(packed, bits, dim, order):
 
 
 def pack(codes, bits, dim, order=None):
-    """The inverse of unpack: integer codes -> int32 words. Chunked along dim 0 like unpack."""
+    """The inverse of unpack: integer codes -> int32 words. Chunked along dim 0 like unpack, into one result."""
     per = 32 // bits
     step = per if dim == 0 else 1  # whole words along dim 0
     rows = max(step, CHUNK // max(1, codes[0].numel()) // step * step)
-    parts = [_pack(codes[i:i + rows], bits, dim, order) for i in range(0, codes.shape[0], rows)]
-    return torch.cat(parts) if parts else torch.empty(0, *codes.shape[1:], dtype=torch.int32)
+    shape = (codes.shape[0] // per, codes.shape[1]) if dim == 0 else (codes.shape[0], codes.shape[1] // per)
+    result = torch.empty(shape, dtype=torch.int32)
+    for i in range(0, codes.shape[0], rows):
+        result[i // step:(i + rows) // step] = _pack(codes[i:i + rows], bits, dim, order)
+    return result
 
 
 def _pack(codes, bits, dim, order):

@@ -79,7 +79,8 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
         grid = fit(fmt, ckpt, members, old, ((j0, j1, T) for j0, j1, T, _ in blocks(False)))
     else:
         grid = old
-    book, codes = grid.codebook, torch.empty_like(stored)
+    # the new codes overwrite the stored ones block by block (each block is read before it is written)
+    book, codes = grid.codebook, stored
     if strategy == "feedback":
         G, R = rounding.feedback_gains(A), torch.zeros(out, A.shape[0])
     for j0, j1, T, D in blocks(True):
@@ -93,12 +94,12 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
                 U.add_(Z)
             new, c = book.stochastic(U, generator) if strategy == "stochastic" else book.round(U)
             E = (c.sub_(Z) if Z is not None else c).mul_(S).sub_(T)  # W_new - target, in place of the codes
+        report.changed += int(torch.count_nonzero(bits(new) != bits(codes[:, j0:j1])))
         codes[:, j0:j1] = new
         report.add(E, D, probes[j0:j1], A[:, j0:j1], full is not None)
     if not report.finite():
         raise LorakitError("the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
                            "or a zero scale): nothing was written", path=ckpt.path, tensor=members_name(members))
-    report.changed = int(torch.count_nonzero(bits(codes) != bits(stored)))
     return fmt.encode(ckpt, members, codes, grid), report.row(B, A, probes, aligned)
 
 

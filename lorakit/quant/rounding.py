@@ -120,7 +120,7 @@ class FP8(Codebook):
         return q, self.values(q)
 
     def nearest_other(self, U):
-        b = self._cast(U).view(torch.uint8)
+        b = U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)  # -0 as it comes: values only
         v = gather(self.table, b)
         return v, torch.where(v > U, gather(self.below, b), gather(self.above, b))
 
