@@ -489,3 +489,22 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
                        1).double()
     assert float((shared == ref).double().mean()) > 0.99
     assert aligned(shared) < 1.1 * aligned(ref)
+
+
+def test_table_lookup_is_exact_for_any_levels():
+    """The bin lookup behind non-uniform tables, on levels it was not tuned for (clustered, uneven, unsorted), against
+    brute force in fp64; inputs right next to every midpoint and beyond both ends."""
+    from lorakit.quant.rounding import Table
+    g = torch.Generator().manual_seed(11)
+    levels = torch.cat([torch.rand(12, generator=g) * 0.01, torch.randn(4, generator=g) * 3])
+    levels = levels[torch.randperm(16, generator=g)]
+    book = Table(levels)
+    s = levels.double().sort().values
+    mid = (s[1:] + s[:-1]) / 2
+    near = torch.cat([mid - 1e-5, mid + 1e-5]).float()
+    U = torch.cat([near, (torch.rand(20000, generator=g) * 1.4 - 0.7) * float(s[-1] - s[0]) + float(s.mean())])
+    dist = (U.double()[:, None] - s).abs()
+    ref = s[dist.argmin(1)]
+    stored, values = book.round(U.clone())
+    assert torch.equal(values.double(), ref) and torch.equal(book.values(stored).double(), ref)
+    assert torch.equal(levels[stored.long()].double(), ref)  # stored codes index the table as given (unsorted)

@@ -12,6 +12,7 @@ Strategies on U = T / S + Z (the target in code units):
   near zero: (Q - T) A^T ~ 0. GPTQ/OPTQ's column order with the adapter's low-rank Hessian A^T A; the carried error
   is R = sum_k e_k a_k^T [out, r], so each column costs O(out r) and a block of columns starts from one matmul.
 """
+import itertools
 import threading
 
 import torch
@@ -147,28 +148,33 @@ class Table(Codebook):
         self.storage = storage
         lo, hi = float(self.sorted[0]), float(self.sorted[-1])
         mid = self.mid.double()
-        for bins in range(2048, 4096):
-            width = (hi - lo) / bins
-            pos = (mid - lo) / width  # each midpoint's place in bins
+
+        def fits(bins):
+            pos = (mid - lo) * (bins / (hi - lo))  # each midpoint's place in bins
             inside = pos.floor()
-            if len(mid) == 0 or (inside.unique().numel() == len(mid) and
-                                 float(torch.minimum(pos - inside, inside + 1 - pos).min()) > 1e-3):
-                break
-        self.bins, self.lo, self.hi = bins, lo, hi
-        self.scale = bins / (hi - lo) if hi > lo else 0.0
+            margin = float(torch.minimum(pos - inside, inside + 1 - pos).min())
+            return inside.unique().numel() == len(mid) and margin > 1e-3
+        # clustered levels need finer bins; none at all (an absurd table) falls back to a search
+        bins = 1 if len(mid) == 0 or hi <= lo else next(
+            (n for n in itertools.chain(range(2048, 4096), range(4096, 1 << 20, 4093)) if fits(n)), None)
+        self.bins, self.lo, self.hi = bins or 1, lo, hi
+        self.search = bins is None
+        self.scale = self.bins / (hi - lo) if hi > lo else 0.0
         self.offset = torch.tensor(-lo * self.scale)  # bin of u: offset + scale * u
         # per bin (and one past the last, where u == hi lands): the nearest level's index at its left edge, and the
         # midpoint inside it (inf for none)
-        edges = lo + torch.arange(bins + 1, dtype=torch.float64) * ((hi - lo) / bins)
+        edges = lo + torch.arange(self.bins + 1, dtype=torch.float64) * ((hi - lo) / self.bins)
         self.first = torch.bucketize(edges, mid, right=True).int()
-        self.split = torch.full((bins + 1,), float("inf"))
-        if len(mid):
-            self.split[(mid - lo).mul(self.scale).floor().long().clamp(0, bins - 1)] = self.mid
+        self.split = torch.full((self.bins + 1,), float("inf"))
+        if len(mid) and not self.search:
+            self.split[(mid - lo).mul(self.scale).floor().long().clamp(0, self.bins - 1)] = self.mid
         self.stored = self.order.to(torch.int32)  # sorted index -> stored code
 
     def _index(self, U):
         """The index (in sorted order) of the nearest level; exactly halfway goes to the lower one. (A NaN lands in
         bin 0.)"""
+        if self.search:
+            return torch.bucketize(U, self.mid).int()
         b = torch.add(self.offset, U.clamp(self.lo, self.hi), alpha=self.scale).int().clamp_(0, self.bins)
         i = gather(self.first, b)
         return i.add_(U > gather(self.split, b))
