@@ -187,13 +187,20 @@ OPENCLIP_ENCODERS = (("conditioner.embedders.1.model.transformer.resblocks.", "l
 # thirds; a fused q/k/v/mlp (Flux and HunyuanVideo single blocks) in three of the input width and the rest.
 QKV = ("to_q", "to_k", "to_v")
 ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
-FLUX_DOUBLE = {**{f"attn.{q}": ("img_attn.qkv", i) for i, q in enumerate(QKV)},
-               **{f"attn.{q}": ("txt_attn.qkv", i) for i, q in enumerate(ADD_QKV)},
+
+
+def fused(attn, projections, target):
+    """The diffusers projections `attn.<q/k/v>` as slices 0, 1, 2 of the original fused layer `target`."""
+    return {f"{attn}.{q}": (target, i) for i, q in enumerate(projections)}
+
+
+FLUX_DOUBLE = {**fused("attn", QKV, "img_attn.qkv"),
+               **fused("attn", ADD_QKV, "txt_attn.qkv"),
                "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
                "ff.net.0.proj": ("img_mlp.0", None), "ff.net.2": ("img_mlp.2", None),
                "ff_context.net.0.proj": ("txt_mlp.0", None), "ff_context.net.2": ("txt_mlp.2", None),
                "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None)}
-FLUX_SINGLE = {**{f"attn.{q}": ("linear1", i) for i, q in enumerate(QKV)}, "proj_mlp": ("linear1", 3),
+FLUX_SINGLE = {**fused("attn", QKV, "linear1"), "proj_mlp": ("linear1", 3),
                "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None)}
 FLUX_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
                "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
@@ -202,13 +209,13 @@ FLUX_GLOBAL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out":
                "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
                "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
                "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
-HUNYUAN_DOUBLE = {**{f"attn.{q}": ("img_attn_qkv", i) for i, q in enumerate(QKV)},
-                  **{f"attn.{q}": ("txt_attn_qkv", i) for i, q in enumerate(ADD_QKV)},
+HUNYUAN_DOUBLE = {**fused("attn", QKV, "img_attn_qkv"),
+                  **fused("attn", ADD_QKV, "txt_attn_qkv"),
                   "attn.to_out.0": ("img_attn_proj", None), "attn.to_add_out": ("txt_attn_proj", None),
                   "ff.net.0.proj": ("img_mlp.fc1", None), "ff.net.2": ("img_mlp.fc2", None),
                   "ff_context.net.0.proj": ("txt_mlp.fc1", None), "ff_context.net.2": ("txt_mlp.fc2", None),
                   "norm1.linear": ("img_mod.linear", None), "norm1_context.linear": ("txt_mod.linear", None)}
-HUNYUAN_SINGLE = {**{f"attn.{q}": ("linear1", i) for i, q in enumerate(QKV)}, "proj_mlp": ("linear1", 3),
+HUNYUAN_SINGLE = {**fused("attn", QKV, "linear1"), "proj_mlp": ("linear1", 3),
                   "proj_out": ("linear2", None), "norm.linear": ("modulation.linear", None)}
 HUNYUAN_GLOBAL = {"x_embedder.proj": "img_in.proj", "proj_out": "final_layer.linear",
                   "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
@@ -217,9 +224,9 @@ HUNYUAN_GLOBAL = {"x_embedder.proj": "img_in.proj", "proj_out": "final_layer.lin
                   "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
                   "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
                   "time_text_embed.text_embedder.linear_2": "vector_in.out_layer"}
-SD3_JOINT = {**{f"attn.{q}": ("x_block.attn.qkv", i) for i, q in enumerate(QKV)},
-             **{f"attn2.{q}": ("x_block.attn2.qkv", i) for i, q in enumerate(QKV)},
-             **{f"attn.{q}": ("context_block.attn.qkv", i) for i, q in enumerate(ADD_QKV)},
+SD3_JOINT = {**fused("attn", QKV, "x_block.attn.qkv"),
+             **fused("attn2", QKV, "x_block.attn2.qkv"),
+             **fused("attn", ADD_QKV, "context_block.attn.qkv"),
              "attn.to_out.0": ("x_block.attn.proj", None), "attn2.to_out.0": ("x_block.attn2.proj", None),
              "attn.to_add_out": ("context_block.attn.proj", None),
              "ff.net.0.proj": ("x_block.mlp.fc1", None), "ff.net.2": ("x_block.mlp.fc2", None),
