@@ -2,7 +2,8 @@
 
 A grid gives every element of W [out, in] a scale S and zero point Z; the representable values are S * (c - Z) for c
 in a codebook. Each codebook rounds in its own cheapest exact way: FP8 with the native cast (round to nearest even,
-saturated first), integer grids with round + clamp, and only a non-uniform table (NF4) with a search.
+saturated first), integer grids with round + clamp, a non-uniform table (NF4) by a bin lookup; code values come from
+int32 table gathers.
 
 Strategies on U = T / S + Z (the target in code units):
 - nearest (same-grid): the closest code; small deltas round straight back (what PEFT does for bitsandbytes).
@@ -183,7 +184,7 @@ class Table(Codebook):
         return gather(self.sorted, self._index(U))
 
     def nearest_into(self, u, out):
-        return torch.index_select(self.sorted, 0, self._index(u).reshape(-1), out=out.reshape(-1)).reshape(out.shape)
+        return torch.index_select(self.sorted, 0, self._index(u), out=out)
 
     def round(self, U):
         i = self._index(U)
