@@ -19,6 +19,7 @@ import torch
 
 from ..errors import LorakitError
 from ..io import INDEX, BufferPool, ShardWriter, spec_nbytes
+from ..io.heap import retained_heap
 from ..io.dtypes import dtype_name, st_dtype, torch_dtype
 from ..formats.names import HEAD
 from ..quant import requant
@@ -255,7 +256,7 @@ def run(job, writer, tmp, threads, bar):
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
     try:
-        with ThreadPoolExecutor(threads) as pool:
+        with retained_heap(job.requantizes), ThreadPoolExecutor(threads) as pool:
             weight_map = {}
             for file_name, specs in writer.shards:
                 shard, pending = writer.open_shard(tmp, file_name, specs), deque()

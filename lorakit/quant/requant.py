@@ -57,6 +57,9 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
         """X [out, b] laid out row-major or column-major (no copy when it already is)."""
         return X.contiguous() if row_wise else X.T.contiguous().T
 
+    def empty(b, row_wise):
+        return torch.empty(out, b) if row_wise else torch.empty(b, out).T
+
     def blocks(tally):
         """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns, in the layout `by_rows`; `tally`
         adds W_old to the report."""
@@ -64,10 +67,9 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
             j1 = min(inn, j0 + columns)
             S, Z = old.columns(j0, j1, rows)
             c = old.codebook.values(stored[:, j0:j1])
-            W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
+            W_old = torch.mul(c.sub_(Z) if Z is not None else c, S, out=empty(j1 - j0, by_rows))  # (relaid out)
             if tally:
                 report.add_base(W_old)
-            W_old = in_layout(W_old, by_rows)
             dW = B @ A[:, j0:j1] if by_rows else (A[:, j0:j1].T @ B.T).T
             if full is None:
                 yield j0, j1, W_old.add_(dW), dW
@@ -153,7 +155,8 @@ class Survival:
     def __init__(self, out, rank):
         self.qq = self.old2 = 0.0
         self.changed = self.count = 0
-        self.EX, self.EAt, self.DAt = torch.zeros(out, PROBES), torch.zeros(out, rank), None
+        self.EP = torch.zeros(out, PROBES + rank)  # [E X | E A^T]: one product reads E once
+        self.EX, self.EAt, self.DAt = self.EP[:, :PROBES], self.EP[:, PROBES:], None
 
     def add_base(self, W_old):
         self.old2 += float(torch.dot(flat(W_old), flat(W_old)))
@@ -163,8 +166,7 @@ class Survival:
         columns of the factors; `shifted`: the target is not W_old + dW (merging onto the original weight)."""
         q = flat(E.add(D))
         self.qq += float(torch.dot(q, q))
-        self.EX.addmm_(E, X)
-        self.EAt.addmm_(E, A.T)
+        self.EP.addmm_(E, torch.cat([X, A.T], 1))
         if shifted:
             self.DAt = D @ A.T if self.DAt is None else self.DAt.addmm_(D, A.T)
         self.count += E.numel()

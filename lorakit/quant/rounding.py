@@ -41,17 +41,13 @@ def gather(table, codes):
 
 
 class Codebook:
-    """What every codebook offers (values from stored codes, nearest, stochastic); the subclasses round their own
-    way."""
+    """What every codebook offers: values(stored), nearest, round and stochastic ((stored codes, their values)),
+    to_storage, and column_rounder(n): a function (u, out) writing the nearest code values of one column of n
+    (feedback's inner loop: u may be overwritten). The subclasses round their own way.
 
-    def stochastic(self, U, generator):
-        """(stored codes, their values) of one of the two codes lo <= U <= hi around U: hi when r < (U - lo) / (hi -
-        lo) for r uniform in [0, 1), so that the expectation is U (clamped to the codebook); seeded."""
-        v, o = self.nearest_other(U)
-        lo, hi = torch.minimum(v, o), torch.maximum(v, o)
-        p = (U - lo).div_(hi - lo)  # 0 / 0 where U is a code or beyond the ends: NaN, never drawn
-        c = torch.where(torch.rand(U.shape, generator=generator) < p, hi, lo)
-        return self.to_storage(c), c
+    stochastic draws one of the two codes lo <= U <= hi around U: hi when r < (U - lo) / (hi - lo) for r uniform in
+    [0, 1) (torch.rand, seeded), so that the expectation is U (clamped to the codebook); every codebook makes this
+    same draw."""
 
 
 class Uniform(Codebook):
@@ -63,22 +59,17 @@ class Uniform(Codebook):
     def nearest(self, U):
         return U.round().clamp_(self.lo, self.hi)
 
-    def nearest_into(self, u, out):
-        """The nearest code values of u, written to `out` (u may be overwritten)."""
-        return torch.round(u, out=out).clamp_(self.lo, self.hi)
+    def column_rounder(self, n):
+        return lambda u, out: torch.round(u, out=out).clamp_(self.lo, self.hi)
 
     def round(self, U):
         """(stored codes, their values) of the nearest codes; U is overwritten."""
         c = U.round_().clamp_(self.lo, self.hi)
         return c.to(self.storage), c
 
-    def nearest_other(self, U):
-        """(the nearest code, the code on U's other side: the nearest itself where there is none)."""
-        v = self.nearest(U)
-        return v, torch.where(v > U, v - 1, v + 1).clamp_(self.lo, self.hi)
-
     def stochastic(self, U, generator):
-        """ceil(U - r): the upper code exactly when r < frac(U), as Codebook.stochastic, in two passes."""
+        """ceil(U - r): the upper code exactly when r < frac(U) (but for U - r rounding onto an integer), in two
+        passes."""
         c = U.sub(torch.rand(U.shape, generator=generator)).ceil_().clamp_(self.lo, self.hi)
         return c.to(self.storage), c
 
@@ -98,11 +89,8 @@ class FP8(Codebook):
         values = bits.view(torch.float8_e4m3fn).float()
         finite = torch.isfinite(values)
         self.table = torch.where(finite, values, torch.zeros(()))  # bit pattern -> value: a gather beats the cast
-        self.sorted = values[finite].unique()  # 253 values (the two zeros are one)
-        rank = torch.searchsorted(self.sorted, self.table)
-        # each bit pattern's neighbouring values below and above (itself at the ends)
-        self.below = self.sorted[(rank - 1).clamp_(min=0)]
-        self.above = self.sorted[(rank + 1).clamp_(max=len(self.sorted) - 1)]
+        # the same, with the NaN patterns as +-448: a cast that does not saturate (older torch) still rounds right
+        self.saturated = torch.where(finite, values, torch.where(bits < 0x80, FP8_MAX, -FP8_MAX))
 
     def _cast(self, U):
         """Round to nearest even by the native cast (saturated first); -0 stored as +0 (one zero, one byte)."""
@@ -113,18 +101,38 @@ class FP8(Codebook):
     def nearest(self, U):
         return self.values(self._cast(U))
 
-    def nearest_into(self, u, out):
-        q = u.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return torch.index_select(self.table, 0, q.view(torch.uint8).int(), out=out)
+    def column_rounder(self, n):
+        """The cast and the int32 index go to buffers of their own, and the lookup saturates (no clamp): three
+        dispatches a column."""
+        q, index = torch.empty(n, dtype=torch.float8_e4m3fn), torch.empty(n, dtype=torch.int32)
+        bits = q.view(torch.uint8)
+
+        def round_into(u, out):
+            q.copy_(u)
+            return torch.index_select(self.saturated, 0, index.copy_(bits), out=out)
+        return round_into
 
     def round(self, U):
         q = self._cast(U)
         return q, self.values(q)
 
-    def nearest_other(self, U):
-        b = U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)  # -0 as it comes: values only
-        v = gather(self.table, b)
-        return v, torch.where(v > U, gather(self.below, b), gather(self.above, b))
+    def stochastic(self, U, generator):
+        """The draw of Codebook.stochastic (hi when r < (U - lo) / (hi - lo)), branch-free on the fp32 bits (a
+        torch.where on random conditions costs 4 ns an element in branch misses). r = k 2^-24 exactly, and in the
+        normal range p is U's 20 bits below e4m3's 3 mantissa bits, f 2^-20 (1 - that for negative U, whose hi is the
+        smaller magnitude), so the magnitude rounds up exactly when f + (k >> 4) (positive U: f + 2^20 - 1 - (k >> 4))
+        carries into the mantissa. The subnormal range (|U| < 2^-6: a fixed step of 2^-9) is a uniform grid."""
+        U = U.clamp_(-FP8_MAX, FP8_MAX)
+        r = torch.rand(U.shape, generator=generator)
+        bits = U.view(torch.int32)
+        positive = (bits >> 31).bitwise_not_().bitwise_and_(0xFFFFF)  # 2^20 - 1 for positive U, 0 for negative
+        k = r.mul(2.0 ** 24).int().bitwise_right_shift_(4)
+        c = k.bitwise_xor_(positive).add_(bits).bitwise_and_(~0xFFFFF).view(torch.float32)
+        small = torch.nonzero(U.reshape(-1).abs() < 2.0 ** -6)[:, 0]  # few: gathered, drawn as a uniform grid
+        if len(small):
+            x = U.reshape(-1)[small].mul_(512.0).sub_(r.reshape(-1)[small])
+            c.reshape(-1)[small] = x.ceil_().div_(512.0).add_(0.0)  # (+ 0.0: -0 is +0)
+        return c.to(torch.float8_e4m3fn), c
 
     def to_storage(self, c):
         """The FP8 codes, with one zero (+0: -0.0 and 0.0 are one code value, so one stored byte)."""
@@ -183,29 +191,21 @@ class Table(Codebook):
     def nearest(self, U):
         return gather(self.sorted, self._index(U))
 
-    def nearest_into(self, u, out):
-        return torch.index_select(self.sorted, 0, self._index(u), out=out)
+    def column_rounder(self, n):
+        return lambda u, out: torch.index_select(self.sorted, 0, self._index(u), out=out)
 
     def round(self, U):
         i = self._index(U)
         return gather(self.stored, i).to(self.storage), gather(self.sorted, i)
 
-    def _other(self, i, v, U):
-        return torch.where(v > U, i - 1, i + 1).clamp_(0, len(self.sorted) - 1)
-
-    def nearest_other(self, U):
-        i = self._index(U)
-        v = gather(self.sorted, i)
-        return v, gather(self.sorted, self._other(i, v, U))
-
     def stochastic(self, U, generator):
-        """As Codebook.stochastic, on the levels' indexes."""
+        """The draw on the levels' indexes, branch-free: lo is the nearest level's index, less one where that level
+        lies above U; beyond the ends p is 0 / 0 or negative (lo drawn) or +inf (the last level)."""
         i = self._index(U)
-        j = self._other(i, gather(self.sorted, i), U)
-        lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+        lo = i.add_(gather(self.sorted, i) > U, alpha=-1).clamp_(min=0)
         below = gather(self.sorted, lo)
-        p = (U - below).div_(gather(self.sorted, hi).sub_(below))
-        k = torch.where(torch.rand(U.shape, generator=generator) < p, hi, lo)
+        p = (U - below).div_(gather(self.sorted, (lo + 1).clamp_(max=len(self.sorted) - 1)).sub_(below))
+        k = lo.add_(torch.rand(U.shape, generator=generator) < p).clamp_(max=len(self.sorted) - 1)
         return gather(self.stored, k).to(self.storage), gather(self.sorted, k)
 
     def to_storage(self, c):
@@ -248,10 +248,16 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     Zt = by_column(Z) if Z is not None else None
     a = A.T.contiguous()  # [b, r]
     codes, E = torch.empty_like(Tt), torch.empty_like(Tt)
+    round_into = book.column_rounder(Tt.shape[1])
+    # a sub-block's loop works in buffers whose views are made once (a view costs a dispatch, like an op)
+    V, C, K = torch.empty(sub, Tt.shape[1]), torch.empty(sub, Tt.shape[1]), torch.empty(sub, sub)
+    V_rows, C_rows = V.unbind(0), C.unbind(0)
+    C_before, K_before = [C[:j].T for j in range(sub)], [K[:j, j] for j in range(sub)]
     for s0 in range(0, Tt.shape[0], sub):
         s1 = min(Tt.shape[0], s0 + sub)
+        n = s1 - s0
         U = torch.addmm(Tt[s0:s1], G[s0:s1], R.T, alpha=-1.0)  # targets less what the earlier columns repay
-        K = a[s0:s1] @ G[s0:s1].T  # K[k, j]: how much of column k's error column j repays
+        K[:n, :n] = a[s0:s1] @ G[s0:s1].T  # K[k, j]: how much of column k's error column j repays
         if S.shape[1] == 1 or (groups is not None and bool((groups[s0:s1] == groups[s0]).all())):
             Uc, Tc = U.mul_(inv[s0]), Tt[s0:s1] * inv[s0]  # in code units of the one scale
             if Zt is not None:
@@ -259,15 +265,14 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
                 Tc.add_(Zt[s0])
             # V_j = U_j + sum_{k<j} K[k, j] T_k: the targets' share of the corrections, at once; each column then
             # repays only its codes' share, sum_{k<j} K[k, j] C_k (the errors being C - T)
-            V = torch.addmm(Uc, K.triu(1).T, Tc)
-            C = codes[s0:s1]
+            torch.addmm(Uc, K[:n, :n].triu(1).T, Tc, out=V[:n])
             with COLUMN_LOOPS:
-                for j in range(s1 - s0):
-                    u = V[j]
+                for j in range(n):
                     if j:
-                        u.addmv_(C[:j].T, K[:j, j], alpha=-1.0)
-                    book.nearest_into(u, C[j])
-            Ec = torch.sub(C, Tc, out=E[s0:s1]).mul_(St[s0])  # the errors, back to values for R
+                        V_rows[j].addmv_(C_before[j], K_before[j], alpha=-1.0)
+                    round_into(V_rows[j], C_rows[j])
+            codes[s0:s1] = C[:n]
+            Ec = torch.sub(C[:n], Tc, out=E[s0:s1]).mul_(St[s0])  # the errors, back to values for R
             R.addmm_(Ec.T, a[s0:s1])
             continue
         for j in range(s0, s1):  # (per-column scales: only GPTQ act-order and odd groups, left unserialized)
@@ -277,7 +282,7 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
             u.mul_(inv[j])
             if Zt is not None:
                 u.add_(Zt[j])
-            c = book.nearest_into(u, codes[j])
+            c = round_into(u, codes[j])
             e = torch.sub(c, Zt[j], out=E[j]) if Zt is not None else E[j].copy_(c)
             e.mul_(St[j]).sub_(Tt[j])  # its own error, against the target
         R.addmm_(E[s0:s1].T, a[s0:s1])
