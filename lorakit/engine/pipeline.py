@@ -8,10 +8,10 @@ and `total` their bytes; `open_shard(tmp, file_name, specs)` returns an object w
 what goes beside the tensors.
 SafetensorsWriter is the one for safetensors files and Hugging Face folders.
 """
+import functools
 import json
 import os
 import shutil
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +45,7 @@ class MergeJob:
         self.dequantize_out = bool(view.quantized) and self.convert_floats  # the whole output is full precision
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = strategy, full, onto, seed
-        self.survival, self._modules, self._lock = {}, {}, threading.Lock()
+        self.survival = {}
         self.read_pool = self.out_pool = None
 
     def source(self, name):
@@ -108,17 +108,8 @@ class MergeJob:
         self.read_pool, self.out_pool = BufferPool(largest), BufferPool(largest)
 
     def produce(self, name):
-        """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy."""
-        key = self.module_of(name)
-        if key is not None:
-            if not self.computed_module(key):
-                return None  # an untouched quantized module: byte-identical
-            t = self._module(key).pop(name, None)  # popped: a module's outputs leave memory as they are written
-            if t is None:
-                return None  # members the strategy leaves alone (g_idx) are copied
-            if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
-                check_finite(name, t)
-            return t, None
+        """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy: a
+        tensor that is not part of a computed quantized module (those come from module_outputs)."""
         if self.copied(name):
             return None
         plan, source, spec = self.plans.get(name), self.source(name), self.spec_of(name)
@@ -139,31 +130,30 @@ class MergeJob:
         self.read_pool.put(rbuf)
         return out, lambda: self.out_pool.put(obuf)
 
-    def _module(self, key):
-        """All output tensors of one quantized module, computed once (its tensors are written one by one)."""
-        with self._lock:
-            entry = self._modules.setdefault(key, {"lock": threading.Lock(), "out": None})
-        with entry["lock"]:
-            if entry["out"] is None:
-                view, plan = self.view, self.plans.get(key)
-                members, loras = view.quantized[key], plan.loras if plan else []
-                if plan is not None and plan.deltas and key not in self.dequantized:
-                    raise LorakitError("a full-tensor delta into a quantized module is not supported: merge with "
-                                       "--dtype", tensor=key)
-                if key in self.dequantized:
-                    W = view.handler.dequantize(self.ckpt, members)
-                    if loras:
-                        W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
-                    for D, w in plan.deltas if plan else []:
-                        W = W + D.float() * (self.sign * w)
-                    entry["out"] = {key: W.to(self.target_dtype)}
-                else:
-                    onto = "original" if self.strategy == "original" else self.onto
-                    out, row = requant.requantize(view.handler, self.ckpt, members, loras, self.sign, self.strategy,
-                                                  self._full(key, onto), self.seed)
-                    self.survival[key[: -len(".weight")]] = row
-                    entry["out"] = out
-            return entry["out"]
+    def module_outputs(self, key):
+        """All output tensors of one computed quantized module {name: tensor}, checked: one computation, whose
+        tensors are then taken one by one as they are written."""
+        view, plan = self.view, self.plans.get(key)
+        members, loras = view.quantized[key], plan.loras if plan else []
+        if plan is not None and plan.deltas and key not in self.dequantized:
+            raise LorakitError("a full-tensor delta into a quantized module is not supported: merge with --dtype",
+                               tensor=key)
+        if key in self.dequantized:
+            W = view.handler.dequantize(self.ckpt, members)
+            if loras:
+                W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
+            for D, w in plan.deltas if plan else []:
+                W = W + D.float() * (self.sign * w)
+            out = {key: W.to(self.target_dtype)}
+        else:
+            onto = "original" if self.strategy == "original" else self.onto
+            out, row = requant.requantize(view.handler, self.ckpt, members, loras, self.sign, self.strategy,
+                                          self._full(key, onto), self.seed)
+            self.survival[key[: -len(".weight")]] = row
+        for name, t in out.items():
+            if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
+                check_finite(name, t)
+        return out
 
     def _full(self, key, onto):
         """The full-precision weight when merging onto the original, else None (onto the dequantized weight)."""
@@ -250,6 +240,13 @@ class SafetensorsWriter:
                 f.write("\n")
 
 
+def member(future, name):
+    """One output tensor of a computed quantized module, popped (it leaves memory once written), or None for members
+    the strategy leaves alone (g_idx: copied)."""
+    t = future.result().pop(name, None)
+    return None if t is None else (t, None)
+
+
 def run(job, writer, tmp, threads, bar):
     """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
     job.prepare([n for _, specs in writer.shards for n, *_ in specs])
@@ -258,13 +255,16 @@ def run(job, writer, tmp, threads, bar):
     try:
         with retained_heap(job.requantizes), ThreadPoolExecutor(threads) as pool:
             weight_map = {}
+            # quantized module -> the future of its outputs: one worker computes it (its members may lie in
+            # several shards), and no worker waits for another
+            modules = {}
             for file_name, specs in writer.shards:
                 shard, pending = writer.open_shard(tmp, file_name, specs), deque()
 
                 def drain(limit):
                     while len(pending) > limit * LOOKAHEAD or len({u for _, _, u in pending if u}) > limit:
-                        spec, fut, _ = pending.popleft()
-                        result = fut.result()
+                        spec, take, _ = pending.popleft()
+                        result = take()
                         if result is None:
                             source = job.ckpt.shards[job.ckpt.where[spec[0]]]
                             shard.copy(spec[0], source)
@@ -275,7 +275,14 @@ def run(job, writer, tmp, threads, bar):
                         bar.update(spec_nbytes(spec))
 
                 for spec in specs:
-                    pending.append((spec, pool.submit(job.produce, spec[0]), job.work_unit(spec[0])))
+                    name, unit = spec[0], job.work_unit(spec[0])
+                    key = job.module_of(name)
+                    if unit is not None and unit == key:
+                        if key not in modules:
+                            modules[key] = pool.submit(job.module_outputs, key)
+                        pending.append((spec, functools.partial(member, modules[key], name), unit))
+                    else:
+                        pending.append((spec, pool.submit(job.produce, name).result, unit))
                     weight_map[spec[0]] = file_name
                     drain(threads)  # bounded look-ahead: `threads` pieces of work (and their memory) in flight
                 drain(0)
