@@ -57,9 +57,6 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
         """X [out, b] laid out row-major or column-major (no copy when it already is)."""
         return X.contiguous() if row_wise else X.T.contiguous().T
 
-    def empty(b, row_wise):
-        return torch.empty(out, b) if row_wise else torch.empty(b, out).T
-
     def blocks(tally):
         """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns, in the layout `by_rows`; `tally`
         adds W_old to the report."""
@@ -67,9 +64,10 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
             j1 = min(inn, j0 + columns)
             S, Z = old.columns(j0, j1, rows)
             c = old.codebook.values(stored[:, j0:j1])
-            W_old = torch.mul(c.sub_(Z) if Z is not None else c, S, out=empty(j1 - j0, by_rows))  # (relaid out)
+            W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
             if tally:
                 report.add_base(W_old)
+            W_old = in_layout(W_old, by_rows)  # (a transposing mul into the other layout is 4x slower than this)
             dW = B @ A[:, j0:j1] if by_rows else (A[:, j0:j1].T @ B.T).T
             if full is None:
                 yield j0, j1, W_old.add_(dW), dW
@@ -155,8 +153,9 @@ class Survival:
     def __init__(self, out, rank):
         self.qq = self.old2 = 0.0
         self.changed = self.count = 0
-        self.EP = torch.zeros(out, PROBES + rank)  # [E X | E A^T]: one product reads E once
-        self.EX, self.EAt, self.DAt = self.EP[:, :PROBES], self.EP[:, PROBES:], None
+        # [E X | E A^T]: one product reads E once. Blocks of column-major E add to its transpose instead: BLAS's
+        # faster form of the product for each layout (1.8 ms against 2.3 for a [4096, 256] block)
+        self.EP, self.PE, self.DAt = torch.zeros(out, PROBES + rank), torch.zeros(PROBES + rank, out), None
 
     def add_base(self, W_old):
         self.old2 += float(torch.dot(flat(W_old), flat(W_old)))
@@ -166,7 +165,11 @@ class Survival:
         columns of the factors; `shifted`: the target is not W_old + dW (merging onto the original weight)."""
         q = flat(E.add(D))
         self.qq += float(torch.dot(q, q))
-        self.EP.addmm_(E, torch.cat([X, A.T], 1))
+        P = torch.cat([X, A.T], 1)
+        if E.is_contiguous():
+            self.EP.addmm_(E, P)
+        else:
+            self.PE.addmm_(P.T, E.T)
         if shifted:
             self.DAt = D @ A.T if self.DAt is None else self.DAt.addmm_(D, A.T)
         self.count += E.numel()
@@ -176,8 +179,10 @@ class Survival:
 
     def row(self, B, A, X, Y):
         Bd, Ad = B.double(), A.double()
+        EP = self.EP + self.PE.T
+        EX, EAt = EP[:, :PROBES], EP[:, PROBES:]
         dd = float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum())
-        qd = float((self.EAt.double() * Bd).sum()) + (dd if self.DAt is None else float((self.DAt.double() * Bd).sum()))
+        qd = float((EAt.double() * Bd).sum()) + (dd if self.DAt is None else float((self.DAt.double() * Bd).sum()))
         rho = qd / dd if dd else 0.0
         nu = (max(0.0, self.qq - qd * qd / dd) / dd) ** 0.5 if dd else 0.0
 
@@ -185,8 +190,8 @@ class Survival:
             base = float(D.double().norm())
             return float(E.double().norm()) / base if base else 0.0
         AAtY = A @ (A.T @ Y)
-        return {"retention": rho, "noise": nu, "probe_error_random": err(self.EX, B @ (A @ X)),
-                "probe_error_aligned": err(self.EAt @ Y, B @ AAtY), "codes_changed": self.changed / max(1, self.count),
+        return {"retention": rho, "noise": nu, "probe_error_random": err(EX, B @ (A @ X)),
+                "probe_error_aligned": err(EAt @ Y, B @ AAtY), "codes_changed": self.changed / max(1, self.count),
                 "relative_delta": (dd / self.old2) ** 0.5 if self.old2 else 0.0}
 
 

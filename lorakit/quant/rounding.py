@@ -253,16 +253,18 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     V, C, K = torch.empty(sub, Tt.shape[1]), torch.empty(sub, Tt.shape[1]), torch.empty(sub, sub)
     V_rows, C_rows = V.unbind(0), C.unbind(0)
     C_before, K_before = [C[:j].T for j in range(sub)], [K[:j, j] for j in range(sub)]
+    Tc_all = None
     for s0 in range(0, Tt.shape[0], sub):
         s1 = min(Tt.shape[0], s0 + sub)
         n = s1 - s0
         U = torch.addmm(Tt[s0:s1], G[s0:s1], R.T, alpha=-1.0)  # targets less what the earlier columns repay
         K[:n, :n] = a[s0:s1] @ G[s0:s1].T  # K[k, j]: how much of column k's error column j repays
         if S.shape[1] == 1 or (groups is not None and bool((groups[s0:s1] == groups[s0]).all())):
-            Uc, Tc = U.mul_(inv[s0]), Tt[s0:s1] * inv[s0]  # in code units of the one scale
+            if Tc_all is None:  # the targets in code units, for the whole block at once
+                Tc_all = Tt * inv if Zt is None else torch.addcmul(Zt, Tt, inv)
+            Uc, Tc = U.mul_(inv[s0]), Tc_all[s0:s1]  # in code units of the one scale
             if Zt is not None:
                 Uc.add_(Zt[s0])
-                Tc.add_(Zt[s0])
             # V_j = U_j + sum_{k<j} K[k, j] T_k: the targets' share of the corrections, at once; each column then
             # repays only its codes' share, sum_{k<j} K[k, j] C_k (the errors being C - T)
             torch.addmm(Uc, K[:n, :n].triu(1).T, Tc, out=V[:n])
