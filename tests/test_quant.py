@@ -226,6 +226,36 @@ def test_merge_round_trip_keeps_layout_and_reports_survival(tmp_path, kind, stra
     assert r["quantization"]["format"] == handler.name
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_module_split_across_shards_is_computed_once(tmp_path, threads, monkeypatch):
+    """An AWQ module whose packed tensors lie in two shards (as Hugging Face's sharding leaves them): one computation
+    gives all three, whatever the workers, byte for byte what the single-file merge writes."""
+    from safetensors.torch import load_file
+    make(tmp_path / "q", "awq")
+    adapter_for((OUT, IN), 2e-2, tmp_path)
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    split = {"model-00001-of-00002.safetensors": [n for n in tensors if n != "l.q.scales" and n != "l.q.qzeros"],
+             "model-00002-of-00002.safetensors": ["l.q.qzeros", "l.q.scales"]}
+    os.makedirs(tmp_path / "s")
+    for file, names in split.items():
+        write_safetensors(str(tmp_path / "s" / file), {n: tensors[n] for n in names}, {"format": "pt"})
+    with open(tmp_path / "s" / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": {n: file for file, names in split.items() for n in names}}, f)
+    (tmp_path / "s" / "config.json").write_bytes((tmp_path / "q" / "config.json").read_bytes())
+    one = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o1", quiet=True)
+    from lorakit.quant import requant
+    calls, requantize = [], requant.requantize
+    monkeypatch.setattr(requant, "requantize", lambda *a, **k: calls.append(a[2]) or requantize(*a, **k))
+    two = lorakit.merge(tmp_path / "s", [str(tmp_path / "a.safetensors")], tmp_path / "o2", quiet=True,
+                        threads=threads)
+    assert len(calls) == 1
+    assert one["quantization"]["modules"] == two["quantization"]["modules"]
+    a, b = Checkpoint(tmp_path / "o1"), Checkpoint(tmp_path / "o2")
+    assert set(a.where) == set(b.where) and os.path.basename(b.where["l.q.scales"]) == "model-00002-of-00002.safetensors"
+    for name in a.where:
+        assert a.shards[a.where[name]].raw(name) == b.shards[b.where[name]].raw(name), name
+
+
 def test_feedback_keeps_the_delta_where_same_grid_loses_it(tmp_path, cli):
     make(tmp_path / "q", "fp8-channel")
     adapter_for((OUT, IN), 1e-2, tmp_path)
