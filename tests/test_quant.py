@@ -549,6 +549,32 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     assert aligned(shared) < 1.1 * aligned(ref)
 
 
+@pytest.mark.parametrize("row_major", [True, False])
+def test_fit_takes_each_groups_range_exactly(row_major):
+    """--strategy rescale's fit: the min and max of the targets per (column group, row), over blocks of columns, for
+    every grouping (per channel, groups that blocks hold whole or cut, a block inside a group, act-order g_idx) in
+    both block layouts, against a direct reduction."""
+    from types import SimpleNamespace
+    from lorakit.quant.requant import fit
+    g = torch.Generator().manual_seed(4)
+    out, inn = 24, 600
+    T = torch.randn(out, inn, generator=g, dtype=torch.float64)
+    cases = [(torch.zeros(inn, dtype=torch.long), 256), (torch.arange(inn) // 64, 256), (torch.arange(inn) // 128, 64),
+             ((torch.arange(inn) // 64)[torch.randperm(inn, generator=g)], 256)]
+    for groups, columns in cases:
+        n = int(groups.max()) + 1
+        old = SimpleNamespace(S=torch.zeros(n, out), g=groups)
+        fmt = SimpleNamespace(fit=lambda ckpt, members, lo, hi: (lo, hi))
+        blocks = []
+        for j0 in range(0, inn, columns):
+            block = T[:, j0:j0 + columns].float()
+            blocks.append((j0, min(inn, j0 + columns), block.contiguous() if row_major else block.T.contiguous().T))
+        lo, hi = fit(fmt, None, None, old, blocks)
+        for k in range(n):
+            assert torch.equal(lo[k], T[:, groups == k].amin(1).float()), (k, columns)
+            assert torch.equal(hi[k], T[:, groups == k].amax(1).float()), (k, columns)
+
+
 def test_table_lookup_is_exact_for_any_levels():
     """The bin lookup behind non-uniform tables, on levels it was not tuned for (clustered, uneven, unsorted), against
     brute force in fp64; inputs right next to every midpoint and beyond both ends."""

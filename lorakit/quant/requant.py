@@ -120,6 +120,11 @@ def fit(fmt, ckpt, members, old, targets):
     size = run_length(old.g)
     for j0, j1, T in targets:
         b = j1 - j0
+        if size and j0 // size == (j1 - 1) // size:  # the block inside one group (per-channel grids: every block)
+            g = j0 // size
+            torch.minimum(lo[g], T.amin(1), out=lo[g])
+            torch.maximum(hi[g], T.amax(1), out=hi[g])
+            continue
         if size and j0 % size == 0 and b % size == 0:  # groups of `size` columns in order: reductions, no scatter
             n, g0 = b // size, j0 // size
             by_group = T.reshape(-1, n, size).transpose(0, 1) if T.is_contiguous() else T.T.reshape(n, size, -1)
