@@ -314,3 +314,38 @@ def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):
         assert out.shards[out.where[n]].raw(n) == payload[n]
     assert out.entry("model.layers.0.self_attn.q_proj.weight").dtype == "BF16"
 
+
+
+def test_retained_heap_sets_and_restores_glibc_and_only_when_asked(monkeypatch):
+    """The heap settings of a requantizing merge: set on entry, glibc's defaults back and the heap trimmed on exit,
+    even when the merge fails; nothing touched when disabled or without glibc."""
+    from lorakit.io import heap
+    real = heap.glibc()
+    if real is not None:  # the real glibc accepts every value (mallopt returns 0 for one out of its range)
+        assert [real.mallopt(p, v) for p, v in list(heap.RETAINING.items()) + list(heap.DEFAULTS.items())] == [1] * 6
+
+    class Libc:
+        def __init__(self):
+            self.calls = []
+
+        def mallopt(self, param, value):
+            self.calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            self.calls.append(("trim", pad))
+            return 1
+    libc = Libc()
+    monkeypatch.setattr(heap, "glibc", lambda: libc)
+    with pytest.raises(RuntimeError, match="boom"):
+        with heap.retained_heap():
+            assert libc.calls == list(heap.RETAINING.items())
+            raise RuntimeError("boom")
+    assert libc.calls == list(heap.RETAINING.items()) + list(heap.DEFAULTS.items()) + [("trim", 0)]
+    libc.calls.clear()
+    with heap.retained_heap(False):
+        pass
+    assert libc.calls == []
+    monkeypatch.setattr(heap, "glibc", lambda: None)
+    with heap.retained_heap():
+        pass

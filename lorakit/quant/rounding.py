@@ -247,36 +247,45 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     Tt, St, inv = T.T.contiguous(), by_column(S), by_column(1.0 / S)
     Zt = by_column(Z) if Z is not None else None
     a = A.T.contiguous()  # [b, r]
+    b, out = Tt.shape
     codes, E = torch.empty_like(Tt), torch.empty_like(Tt)
-    round_into = book.column_rounder(Tt.shape[1])
+    round_into = book.column_rounder(out)
     # a sub-block's loop works in buffers whose views are made once (a view costs a dispatch, like an op)
-    V, C, K = torch.empty(sub, Tt.shape[1]), torch.empty(sub, Tt.shape[1]), torch.empty(sub, sub)
+    V, C, K = torch.empty(sub, out), torch.empty(sub, out), torch.empty(sub, sub)
     V_rows, C_rows = V.unbind(0), C.unbind(0)
     C_before, K_before = [C[:j].T for j in range(sub)], [K[:j, j] for j in range(sub)]
-    Tc_all = None
-    for s0 in range(0, Tt.shape[0], sub):
-        s1 = min(Tt.shape[0], s0 + sub)
+    # each sub-block's scale group when its columns share one (it runs in code units), else None
+    g = [0] * b if S.shape[1] == 1 else groups.tolist() if groups is not None else None
+    shared = [g[s0] if g is not None and len(set(g[s0:s0 + sub])) == 1 else None for s0 in range(0, b, sub)]
+    # in code units, R is carried as Rc = R / s (s the sub-blocks' shared scale, per row): U = Tc - G Rc^T and
+    # Rc += (C - Tc)^T a, with no rescaling a sub-block; R is back in values where the scale changes, and at the end
+    Rc, scale, key = torch.empty_like(R), None, None
+    Tc_all = Tt * inv if Zt is None else torch.addcmul(Zt, Tt, inv) if any(k is not None for k in shared) else None
+    for s0, group in zip(range(0, b, sub), shared):
+        s1 = min(b, s0 + sub)
         n = s1 - s0
-        U = torch.addmm(Tt[s0:s1], G[s0:s1], R.T, alpha=-1.0)  # targets less what the earlier columns repay
         K[:n, :n] = a[s0:s1] @ G[s0:s1].T  # K[k, j]: how much of column k's error column j repays
-        if S.shape[1] == 1 or (groups is not None and bool((groups[s0:s1] == groups[s0]).all())):
-            if Tc_all is None:  # the targets in code units, for the whole block at once
-                Tc_all = Tt * inv if Zt is None else torch.addcmul(Zt, Tt, inv)
-            Uc, Tc = U.mul_(inv[s0]), Tc_all[s0:s1]  # in code units of the one scale
-            if Zt is not None:
-                Uc.add_(Zt[s0])
-            # V_j = U_j + sum_{k<j} K[k, j] T_k: the targets' share of the corrections, at once; each column then
-            # repays only its codes' share, sum_{k<j} K[k, j] C_k (the errors being C - T)
-            torch.addmm(Uc, K[:n, :n].triu(1).T, Tc, out=V[:n])
+        if key is not None and group != key:
+            torch.mul(Rc, scale[:, None], out=R)
+            key = None
+        if group is not None:
+            if key is None:
+                scale, key = St[s0], group
+                torch.mul(R, inv[s0][:, None], out=Rc)
+            Tc = Tc_all[s0:s1]
+            # V_j = T_j - G_j Rc + sum_{k<j} K[k, j] T_k: the targets less what the earlier sub-blocks repay, and the
+            # targets' share of this one's corrections, at once; each column then repays only its codes' share,
+            # sum_{k<j} K[k, j] C_k (the errors being C - T)
+            torch.addmm(Tc, K[:n, :n].triu(1).T, Tc, out=V[:n]).addmm_(G[s0:s1], Rc.T, alpha=-1.0)
             with COLUMN_LOOPS:
                 for j in range(n):
                     if j:
                         V_rows[j].addmv_(C_before[j], K_before[j], alpha=-1.0)
                     round_into(V_rows[j], C_rows[j])
             codes[s0:s1] = C[:n]
-            Ec = torch.sub(C[:n], Tc, out=E[s0:s1]).mul_(St[s0])  # the errors, back to values for R
-            R.addmm_(Ec.T, a[s0:s1])
+            Rc.addmm_(torch.sub(C[:n], Tc, out=E[s0:s1]).T, a[s0:s1])  # errors in code units (scaled below)
             continue
+        U = torch.addmm(Tt[s0:s1], G[s0:s1], R.T, alpha=-1.0)  # targets less what the earlier columns repay
         for j in range(s0, s1):  # (per-column scales: only GPTQ act-order and odd groups, left unserialized)
             u = U[j - s0]
             if j > s0:
@@ -288,4 +297,12 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
             e = torch.sub(c, Zt[j], out=E[j]) if Zt is not None else E[j].copy_(c)
             e.mul_(St[j]).sub_(Tt[j])  # its own error, against the target
         R.addmm_(E[s0:s1].T, a[s0:s1])
+    if key is not None:
+        torch.mul(Rc, scale[:, None], out=R)
+    if all(k is not None for k in shared):
+        E.mul_(St)  # the errors back to values
+    else:
+        for s0, group in zip(range(0, b, sub), shared):
+            if group is not None:
+                E[s0:s0 + sub].mul_(St[s0:s0 + sub])
     return codes, E
