@@ -1,8 +1,9 @@
 """The C heap during a requantizing merge: freed blocks are kept for the next ones, not given back to the OS.
 
-Requantization allocates and frees the same few block sizes (megabytes each) thousands of times. glibc's defaults give
-each one back (mmap above 128 KiB, and the heap's top trimmed), so every fresh block costs a page fault per 4 KiB: about
-1 ms for a 4 MB block, as much as the arithmetic on it.
+Requantization allocates and frees the same few block sizes (megabytes each) thousands of times, from two or more
+threads. With glibc's defaults (a sliding mmap threshold from 128 KiB, the heap's top trimmed above twice it), many of
+them still come fresh from the OS, at a page fault per 4 KiB: an FP8 feedback merge of 405M parameters took 560k minor
+faults (1.7 s of system time) with them, 160k (1.0 s) with these settings.
 
 - Memory stays bounded by what is in flight, plus up to 128 MiB kept free.
 - When the merge ends, the defaults are back and the heap is trimmed. The mmap threshold stays fixed at 128 KiB:
