@@ -42,8 +42,9 @@ def gather(table, codes):
 
 class Codebook:
     """What every codebook offers: values(stored), nearest, round and stochastic ((stored codes, their values)),
-    to_storage, and column_rounder(n): a function (u, out) writing the nearest code values of one column of n
-    (feedback's inner loop: u may be overwritten). The subclasses round their own way.
+    to_storage(c) (the stored codes of code values c, which may be overwritten), and column_rounder(n): a function
+    (u, out) writing the nearest code values of one column of n (feedback's inner loop: u may be overwritten). The
+    subclasses round their own way.
 
     stochastic draws one of the two codes lo <= U <= hi around U: hi when r < (U - lo) / (hi - lo) for r uniform in
     [0, 1) (torch.rand, seeded), so that the expectation is U (clamped to the codebook); every codebook makes this
@@ -135,8 +136,8 @@ class FP8(Codebook):
         return c.to(torch.float8_e4m3fn), c
 
     def to_storage(self, c):
-        """The FP8 codes, with one zero (+0: -0.0 and 0.0 are one code value, so one stored byte)."""
-        return (c + 0.0).to(torch.float8_e4m3fn)
+        """The FP8 codes, with one zero (+0: -0.0 and 0.0 are one code value, so one stored byte); c is overwritten."""
+        return c.add_(0.0).to(torch.float8_e4m3fn)
 
     def values(self, stored):
         return gather(self.table, stored.view(torch.uint8))
