@@ -228,7 +228,7 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
               "merged tensors whose GGML type has no codec (IQ*); every other tensor keeps its type.")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
-@click.option("--threads", type=int, help="Worker threads (default: one per CPU, at most 4; at most 8 into quantized bases).")
+@click.option("--threads", type=int, help="Worker threads (default: one per CPU, at most 4).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
 @click.option("--skip-unmatched", is_flag=True, help="Merge the adapter tensors the base has, report the others by name "
               "(parts stored in other files: a Flux LoRA's CLIP-L, SDXL's second text encoder).")

@@ -81,7 +81,7 @@ def merge(base, adapters, output, dtype="keep", unmerge=False, shard_size=None, 
     total = writer.total
     with destination as tmp, progress(total=total, quiet=quiet, desc="merge", unit="B", unit_scale=True) as bar:
         try:
-            pipeline.run(job, writer, tmp, threads or default_threads(job), bar)
+            pipeline.run(job, writer, tmp, threads or default_threads(), bar)
         except OSError as e:
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
     notes = _embedding_notes(view, plans, config) + _base_notes(base, view, loaded)
@@ -196,12 +196,12 @@ def _listed(names, limit=20):
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def default_threads(job):
-    """Workers: one per CPU, at most 4 for full-precision merges (big vectorized passes that memory bandwidth bounds)
-    and at most 8 when modules are requantized (their blocks stay in cache). More workers than CPUs only add modules in
-    memory: 2 layers of 4096 x 11008 FP8 on 2 CPUs, feedback 5.5 s / 555 MiB with 2 workers, 5.7 s / 706 MiB with 4."""
-    cpus = os.cpu_count() or 1
-    return min(8, cpus) if job.requantizes else min(4, cpus)
+def default_threads():
+    """Workers: one per CPU, at most 4. Full-precision tensors are big vectorized passes that memory bandwidth bounds;
+    requantized modules take turns in their column loops (rounding.COLUMN_LOOPS, 30-40% of a worker's time), so more
+    workers only add modules in memory: 2 layers of 4096 x 11008 FP8 on 2 CPUs, feedback 5.5 s / 555 MiB with 2
+    workers, 5.7 s / 706 MiB with 4."""
+    return min(4, os.cpu_count() or 1)
 
 
 def _refuse_adapter_as_base(base):
