@@ -7,7 +7,7 @@ from .base import Grid, QuantFormat, round_to
 from .rounding import Uniform
 
 
-CHUNK = 1 << 22  # elements per step of (un)packing: bounded temporaries whatever the module size
+CHUNK = 1 << 20  # elements per step of (un)packing: bounded temporaries whatever the module size
 
 
 def unpack(packed, bits, dim, order=None):
