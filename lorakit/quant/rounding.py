@@ -29,7 +29,7 @@ def gather(table, codes):
     """table[codes] for integer codes (one byte each) of any layout, in fp32 and the codes' layout: index_select with
     an int32 index, 2-5x faster than advanced indexing or the fp8 -> fp32 cast; chunked so that the index stays
     small."""
-    if codes.dim() == 1 and codes.numel() <= CHUNK:  # one column of a feedback loop: no bookkeeping
+    if codes.dim() == 1 and codes.numel() <= CHUNK:  # one column (NF4's feedback loop): no bookkeeping
         return torch.index_select(table, 0, codes if codes.dtype == torch.int32 else codes.int())
     if codes.dim() == 2 and not codes.is_contiguous() and codes.T.is_contiguous():
         return gather(table, codes.T).T  # the transpose of a contiguous block: gathered as it lies
@@ -41,7 +41,7 @@ def gather(table, codes):
 
 
 class Codebook:
-    """What every codebook offers: values(stored), nearest, round and stochastic ((stored codes, their values)),
+    """What every codebook offers: values(stored), round (the nearest) and stochastic ((stored codes, their values)),
     to_storage(c) (the stored codes of code values c, which may be overwritten), and column_rounder(n): a function
     (u, out) writing the nearest code values of one column of n (feedback's inner loop: u may be overwritten). The
     subclasses round their own way.
@@ -56,9 +56,6 @@ class Uniform(Codebook):
 
     def __init__(self, lo, hi, storage):
         self.lo, self.hi, self.storage = lo, hi, storage
-
-    def nearest(self, U):
-        return U.round().clamp_(self.lo, self.hi)
 
     def column_rounder(self, n):
         return lambda u, out: torch.round(u, out=out).clamp_(self.lo, self.hi)
@@ -93,15 +90,6 @@ class FP8(Codebook):
         # the same, with the NaN patterns as +-448: a cast that does not saturate (older torch) still rounds right
         self.saturated = torch.where(finite, values, torch.where(bits < 0x80, FP8_MAX, -FP8_MAX))
 
-    def _cast(self, U):
-        """Round to nearest even by the native cast (saturated first); -0 stored as +0 (one zero, one byte)."""
-        q = U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        b = q.view(torch.uint8)
-        return b.masked_fill_(b == 0x80, 0).view(torch.float8_e4m3fn)
-
-    def nearest(self, U):
-        return self.values(self._cast(U))
-
     def column_rounder(self, n):
         """The cast and the int32 index go to buffers of their own, and the lookup saturates (no clamp): three
         dispatches a column."""
@@ -114,7 +102,9 @@ class FP8(Codebook):
         return round_into
 
     def round(self, U):
-        q = self._cast(U)
+        """Round to nearest even by the native cast (saturated first); -0 stored as +0 (one zero, one byte)."""
+        b = U.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        q = b.masked_fill_(b == 0x80, 0).view(torch.float8_e4m3fn)
         return q, self.values(q)
 
     def stochastic(self, U, generator):
@@ -189,9 +179,6 @@ class Table(Codebook):
         i = gather(self.first, b)
         return i.add_(U > gather(self.split, b))
 
-    def nearest(self, U):
-        return gather(self.sorted, self._index(U))
-
     def column_rounder(self, n):
         return lambda u, out: torch.index_select(self.sorted, 0, self._index(u), out=out)
 
@@ -261,7 +248,10 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     # in code units, R is carried as Rc = R / s (s the sub-blocks' shared scale, per row): U = Tc - G Rc^T and
     # Rc += (C - Tc)^T a, with no rescaling a sub-block; R is back in values where the scale changes, and at the end
     Rc, scale, key = torch.empty_like(R), None, None
-    Tc_all = Tt * inv if Zt is None else torch.addcmul(Zt, Tt, inv) if any(k is not None for k in shared) else None
+    in_code_units = [k is not None for k in shared]
+    Tc_all = None  # the targets in code units, for the whole block at once
+    if any(in_code_units):
+        Tc_all = Tt * inv if Zt is None else torch.addcmul(Zt, Tt, inv)
     for s0, group in zip(range(0, b, sub), shared):
         s1 = min(b, s0 + sub)
         n = s1 - s0
@@ -300,7 +290,7 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
         R.addmm_(E[s0:s1].T, a[s0:s1])
     if key is not None:
         torch.mul(Rc, scale[:, None], out=R)
-    if all(k is not None for k in shared):
+    if all(in_code_units):
         E.mul_(St)  # the errors back to values
     else:
         for s0, group in zip(range(0, b, sub), shared):
