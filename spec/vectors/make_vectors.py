@@ -5,7 +5,6 @@
 import json
 import os
 import struct
-import sys
 
 import torch
 
@@ -159,4 +158,9 @@ def main(folder):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__)))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Regenerate the conformance vectors and manifest.json.")
+    parser.add_argument("out_dir", nargs="?", default=os.path.dirname(os.path.abspath(__file__)),
+                        help="folder to write the vectors in (default: this script's folder)")
+    main(parser.parse_args().out_dir)
