@@ -9,6 +9,7 @@ with Hugging Face names at ||dW|| / ||W|| = 1e-2 on every module. For each type,
 Then the survival report of each: retention (goal: >= 90% for Q8_0 with the default) and the output error on probes
 in the adapter's input subspace relative to ||dW x|| (the error the adapter's own inputs see), next to same-grid's.
 """
+
 import json
 import os
 import shutil
@@ -27,16 +28,22 @@ from lorakit.examples import quantize_gguf  # noqa: E402
 LAYERS = int(os.environ.get("BENCH_LAYERS", 4))
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 4096, 11008, 32000, 32, 8
 KVD = HIDDEN // HEADS * KV_HEADS
-DIMS = {"attn_q": (HIDDEN, HIDDEN, "self_attn.q_proj"), "attn_k": (KVD, HIDDEN, "self_attn.k_proj"),
-        "attn_v": (KVD, HIDDEN, "self_attn.v_proj"), "attn_output": (HIDDEN, HIDDEN, "self_attn.o_proj"),
-        "ffn_gate": (INTER, HIDDEN, "mlp.gate_proj"), "ffn_up": (INTER, HIDDEN, "mlp.up_proj"),
-        "ffn_down": (HIDDEN, INTER, "mlp.down_proj")}
+DIMS = {
+    "attn_q": (HIDDEN, HIDDEN, "self_attn.q_proj"),
+    "attn_k": (KVD, HIDDEN, "self_attn.k_proj"),
+    "attn_v": (KVD, HIDDEN, "self_attn.v_proj"),
+    "attn_output": (HIDDEN, HIDDEN, "self_attn.o_proj"),
+    "ffn_gate": (INTER, HIDDEN, "mlp.gate_proj"),
+    "ffn_up": (INTER, HIDDEN, "mlp.up_proj"),
+    "ffn_down": (HIDDEN, INTER, "mlp.down_proj"),
+}
 SIGMA, REL, RANK, ROUNDS = 0.02, 1e-2, 16, int(os.environ.get("BENCH_ROUNDS", 2))
 
 
 def build(path, kind, seed=0):
     import gguf
     from gguf.constants import GGMLQuantizationType as T
+
     g = torch.Generator().manual_seed(seed)
     w = gguf.GGUFWriter(path, "llama", use_temp_file=True)
     w.add_block_count(LAYERS)
@@ -49,6 +56,7 @@ def build(path, kind, seed=0):
     def add(name, shape):
         W = torch.randn(shape, generator=g) * SIGMA
         w.add_tensor(name, quantize_gguf(W, kind).numpy().reshape(shape[0], -1), raw_dtype=T[kind])
+
     add("token_embd.weight", (VOCAB, HIDDEN))
     for layer in range(LAYERS):
         w.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(HIDDEN, np.float32))
@@ -69,7 +77,7 @@ def adapter(path, seed=1):
     ad = Adapter()
     for layer in range(LAYERS):
         for o, i, hf in DIMS.values():
-            A = torch.randn(RANK, i, generator=g) / i ** 0.5
+            A = torch.randn(RANK, i, generator=g) / i**0.5
             B = torch.randn(o, RANK, generator=g)
             B *= REL * SIGMA * (o * i) ** 0.5 / float((B @ A).norm())
             ad.add(Module(f"model.layers.{layer}.{hf}", A, B, alpha=float(RANK)))
@@ -77,8 +85,10 @@ def adapter(path, seed=1):
 
 
 def merge_code(base, ad, out, strategy):
-    return (f"import json, lorakit\nr = lorakit.merge({base!r}, [{ad!r}], {out!r}, strategy={strategy!r}, quiet=True, "
-            f"force=True)\njson.dump(r['quantization'], open({out + '.json'!r}, 'w'))")
+    return (
+        f"import json, lorakit\nr = lorakit.merge({base!r}, [{ad!r}], {out!r}, strategy={strategy!r}, quiet=True, "
+        f"force=True)\njson.dump(r['quantization'], open({out + '.json'!r}, 'w'))"
+    )
 
 
 def main():
@@ -107,23 +117,54 @@ def main():
                     assert os.path.getsize(out) == size
             floor = min(times["cp + sync"])
             for name, ts in times.items():
-                speed.append((kind, f"{size / 1e9:.2f} GB", name, f"{min(ts):.2f} s", f"{min(ts) / floor:.2f}x",
-                              f"{rss[name]:.0f} MiB"))
+                speed.append(
+                    (
+                        kind,
+                        f"{size / 1e9:.2f} GB",
+                        name,
+                        f"{min(ts):.2f} s",
+                        f"{min(ts) / floor:.2f}x",
+                        f"{rss[name]:.0f} MiB",
+                    )
+                )
             reports = {s: json.load(open(f"{work}/out-{s}.gguf.json")) for s in ("feedback", "same-grid")}
             for s, q in reports.items():
                 rows = q["modules"]
-                survival.append((kind, s, f"{100 * q['mean_retention']:.1f}%",
-                                 f"{100 * min(r['retention'] for r in rows):.1f}%", f"{q['mean_noise']:.3f}",
-                                 f"{q['mean_probe_error_aligned']:.4f}",
-                                 f"{q['mean_probe_error_aligned'] / reports['same-grid']['mean_probe_error_aligned']:.2f}x",
-                                 f"{q['mean_probe_error_random']:.3f}", f"{100 * q['mean_codes_changed']:.1f}%"))
+                survival.append(
+                    (
+                        kind,
+                        s,
+                        f"{100 * q['mean_retention']:.1f}%",
+                        f"{100 * min(r['retention'] for r in rows):.1f}%",
+                        f"{q['mean_noise']:.3f}",
+                        f"{q['mean_probe_error_aligned']:.4f}",
+                        f"{q['mean_probe_error_aligned'] / reports['same-grid']['mean_probe_error_aligned']:.2f}x",
+                        f"{q['mean_probe_error_random']:.3f}",
+                        f"{100 * q['mean_codes_changed']:.1f}%",
+                    )
+                )
             os.remove(base)
-        table(f"merge into a GGUF base ({LAYERS} layers x {HIDDEN} x {INTER}, rank {RANK} all-linear), best of "
-              f"{ROUNDS} interleaved rounds, each until synced to disk", ["type", "base", "what", "wall",
-                                                                          "vs cp + sync", "peak RSS"], speed)
-        table(f"survival at ||dW||/||W|| = {REL:g} (means over {LAYERS * len(DIMS)} tensors)",
-              ["type", "strategy", "retention", "min retention", "noise", "aligned err", "vs same-grid",
-               "random err", "codes changed"], survival)
+        table(
+            f"merge into a GGUF base ({LAYERS} layers x {HIDDEN} x {INTER}, rank {RANK} all-linear), best of "
+            f"{ROUNDS} interleaved rounds, each until synced to disk",
+            ["type", "base", "what", "wall", "vs cp + sync", "peak RSS"],
+            speed,
+        )
+        table(
+            f"survival at ||dW||/||W|| = {REL:g} (means over {LAYERS * len(DIMS)} tensors)",
+            [
+                "type",
+                "strategy",
+                "retention",
+                "min retention",
+                "noise",
+                "aligned err",
+                "vs same-grid",
+                "random err",
+                "codes changed",
+            ],
+            survival,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

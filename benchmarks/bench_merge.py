@@ -1,6 +1,7 @@
 """Merge a rank-16 all-linear adapter into a generated Llama-style bf16 checkpoint (>= 2 GB, sharded).
 Side by side in one run: cp -r (the I/O floor), lorakit merge, PEFT from_pretrained + merge_and_unload +
 save_pretrained. Goals: lorakit within 1.5x of the copy, >= 3x faster than PEFT, peak RSS <= 1/5 of PEFT's."""
+
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ def write_base(folder):
         write_safetensors(os.path.join(folder, file), shard, {"format": "pt"})
         weight_map.update({n: file for n in shard})
         shard, size = {}, 0
+
     for name in names:
         t = (torch.randn(shapes[name], generator=g) * 0.02).to(torch.bfloat16)
         shard[name] = t
@@ -62,37 +64,59 @@ def main():
         # the same adapter as a PEFT folder, for PEFT's own loader
         peft_dir = os.path.join(work, "peft")
         os.makedirs(peft_dir)
-        write_safetensors(os.path.join(peft_dir, "adapter_model.safetensors"),
-                          {**{f"base_model.model.{n}.lora_A.weight": m.A for n, m in ad.modules.items()},
-                           **{f"base_model.model.{n}.lora_B.weight": m.B for n, m in ad.modules.items()}},
-                          {"format": "pt"})
+        write_safetensors(
+            os.path.join(peft_dir, "adapter_model.safetensors"),
+            {
+                **{f"base_model.model.{n}.lora_A.weight": m.A for n, m in ad.modules.items()},
+                **{f"base_model.model.{n}.lora_B.weight": m.B for n, m in ad.modules.items()},
+            },
+            {"format": "pt"},
+        )
         with open(os.path.join(peft_dir, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": TARGETS,
-                       "task_type": "CAUSAL_LM", "base_model_name_or_path": base}, f)
+            json.dump(
+                {
+                    "peft_type": "LORA",
+                    "r": 16,
+                    "lora_alpha": 32,
+                    "target_modules": TARGETS,
+                    "task_type": "CAUSAL_LM",
+                    "base_model_name_or_path": base,
+                },
+                f,
+            )
         rows = []
         t_cp, rss_cp = measure_command(f"cp -r {base} {work}/copy")
         rows.append(["cp -r (I/O floor)", t_cp, rss_cp])
-        t_lk, rss_lk = measure_python(f"import lorakit; lorakit.merge({base!r}, [{adapter!r}], {work + '/lk'!r}, "
-                                      "quiet=True)")
+        t_lk, rss_lk = measure_python(
+            f"import lorakit; lorakit.merge({base!r}, [{adapter!r}], {work + '/lk'!r}, quiet=True)"
+        )
         rows.append(["lorakit merge", t_lk, rss_lk])
         t_pf, rss_pf = measure_python(
             "import torch, transformers, peft\n"
             f"m = transformers.AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
             f"m = peft.PeftModel.from_pretrained(m, {peft_dir!r}).merge_and_unload()\n"
-            f"m.save_pretrained({work + '/peft_out'!r})")
+            f"m.save_pretrained({work + '/peft_out'!r})"
+        )
         rows.append(["PEFT from_pretrained + merge_and_unload + save_pretrained", t_pf, rss_pf])
-        table(f"merge a rank-16 all-linear adapter into a {total / 1e9:.2f} GB bf16 Llama-style checkpoint "
-              f"({LAYERS} layers, {os.cpu_count()} CPUs)",
-              ["what", "wall s", "vs cp", "peak RSS MiB", "RSS vs PEFT"],
-              [[w, f"{t:.2f}", f"{t / t_cp:.2f}x", f"{r:.0f}", f"{r / rss_pf:.3f}"] for w, t, r in rows])
-        print(f"\nlorakit is {t_pf / t_lk:.1f}x faster than PEFT, within {t_lk / t_cp:.2f}x of cp, "
-              f"peak RSS {rss_lk / rss_pf:.3f} of PEFT's")
+        table(
+            f"merge a rank-16 all-linear adapter into a {total / 1e9:.2f} GB bf16 Llama-style checkpoint "
+            f"({LAYERS} layers, {os.cpu_count()} CPUs)",
+            ["what", "wall s", "vs cp", "peak RSS MiB", "RSS vs PEFT"],
+            [[w, f"{t:.2f}", f"{t / t_cp:.2f}x", f"{r:.0f}", f"{r / rss_pf:.3f}"] for w, t, r in rows],
+        )
+        print(
+            f"\nlorakit is {t_pf / t_lk:.1f}x faster than PEFT, within {t_lk / t_cp:.2f}x of cp, "
+            f"peak RSS {rss_lk / rss_pf:.3f} of PEFT's"
+        )
         # same result: one merged tensor of each against the fp64 merge
         from lorakit.io import Checkpoint
+
         name = "model.layers.0.mlp.down_proj"
         ref = Checkpoint(base).get(name + ".weight").double() + ad.modules[name].delta(torch.float64)
-        errors = [float((Checkpoint(f"{work}/{out}").get(name + ".weight").double() - ref).abs().max())
-                  for out in ("lk", "peft_out")]
+        errors = [
+            float((Checkpoint(f"{work}/{out}").get(name + ".weight").double() - ref).abs().max())
+            for out in ("lk", "peft_out")
+        ]
         print(f"{name}: max |merged - fp64 reference| lorakit {errors[0]:.2e}, PEFT {errors[1]:.2e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@
    is on disk, next to lorakit's own `--dtype bf16` merge of the same checkpoint in the same run. Goals: <= 1.5x that
    for FP8 / INT8, <= 2.5x for int4 / NF4; peak RSS <= 1 GiB.
 Set BENCH_PART=1 or 2 to run one part, BENCH_ROUNDS for the rounds of part 2 (2)."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,14 @@ from lorakit.core import Adapter, Module  # noqa: E402
 from lorakit.io import write_safetensors  # noqa: E402
 from lorakit.examples import quantization_config, quantize  # noqa: E402
 
-SIZE = dict(layers=int(os.environ.get("BENCH_LAYERS", 2)), hidden=1024, intermediate=2816, vocab=8000, heads=8,
-            kv_heads=4)
+SIZE = dict(
+    layers=int(os.environ.get("BENCH_LAYERS", 2)),
+    hidden=1024,
+    intermediate=2816,
+    vocab=8000,
+    heads=8,
+    kv_heads=4,
+)
 FORMATS = ("fp8", "int8", "gptq", "awq", "fp8-block", "nf4")
 BIG = dict(layers=2, hidden=4096, intermediate=11008, vocab=32000, heads=32, kv_heads=8)
 TIMED = ("feedback", "same-grid", "stochastic", "rescale")
@@ -47,7 +54,10 @@ def build(work, size=SIZE, formats=FORMATS, full_file=True):
         write_safetensors(f"{work}/full/model.safetensors", full, {"format": "pt"})
     for fmt in formats:
         os.makedirs(f"{work}/{fmt}")
-        json.dump({**config, "quantization_config": quantization_config(fmt)}, open(f"{work}/{fmt}/config.json", "w"))
+        json.dump(
+            {**config, "quantization_config": quantization_config(fmt)},
+            open(f"{work}/{fmt}/config.json", "w"),
+        )
         tensors = {}
         for name, t in full.items():
             if any(k in name for k in examples.LINEAR_TARGETS):
@@ -81,29 +91,62 @@ def survival(work):
             for strategy in STRATEGIES:
                 if fmt == "nf4" and strategy == "original":
                     continue
-                r = lorakit.merge(f"{work}/{fmt}", [f"{work}/a.safetensors"], f"{work}/out", strategy=strategy,
-                                  full_precision_base=f"{work}/full", force=True, quiet=True,
-                                  ignore_fingerprint=True)["quantization"]
+                r = lorakit.merge(
+                    f"{work}/{fmt}",
+                    [f"{work}/a.safetensors"],
+                    f"{work}/out",
+                    strategy=strategy,
+                    full_precision_base=f"{work}/full",
+                    force=True,
+                    quiet=True,
+                    ignore_fingerprint=True,
+                )["quantization"]
                 results[strategy] = r
             base = results["same-grid"]
             for strategy, q in results.items():
-                rows.append([fmt, f"{rel:g}", strategy + (" (default)" if strategy == "feedback" else ""),
-                             f"{100 * q['mean_retention']:.1f}%", f"{q['mean_noise']:.3f}",
-                             f"{q['mean_probe_error_random']:.3f}", f"{q['mean_probe_error_aligned']:.3f}",
-                             f"{q['mean_probe_error_aligned'] / base['mean_probe_error_aligned']:.2f}x"])
+                rows.append(
+                    [
+                        fmt,
+                        f"{rel:g}",
+                        strategy + (" (default)" if strategy == "feedback" else ""),
+                        f"{100 * q['mean_retention']:.1f}%",
+                        f"{q['mean_noise']:.3f}",
+                        f"{q['mean_probe_error_random']:.3f}",
+                        f"{q['mean_probe_error_aligned']:.3f}",
+                        f"{q['mean_probe_error_aligned'] / base['mean_probe_error_aligned']:.2f}x",
+                    ]
+                )
             fb = results["feedback"]
             if rel == 1e-2:
-                goals.append((fmt, fb["mean_retention"], fb["mean_probe_error_aligned"] /
-                              base["mean_probe_error_aligned"], fb["mean_probe_error_random"] /
-                              base["mean_probe_error_random"]))
-    table(f"survival of a rank-16 all-linear adapter ({SIZE['layers']} layers x {SIZE['hidden']})",
-          ["format", "||dW||/||W||", "strategy", "retention", "noise", "probe err (random)",
-           "probe err (aligned)", "aligned vs same-grid"], rows)
+                goals.append(
+                    (
+                        fmt,
+                        fb["mean_retention"],
+                        fb["mean_probe_error_aligned"] / base["mean_probe_error_aligned"],
+                        fb["mean_probe_error_random"] / base["mean_probe_error_random"],
+                    )
+                )
+    table(
+        f"survival of a rank-16 all-linear adapter ({SIZE['layers']} layers x {SIZE['hidden']})",
+        [
+            "format",
+            "||dW||/||W||",
+            "strategy",
+            "retention",
+            "noise",
+            "probe err (random)",
+            "probe err (aligned)",
+            "aligned vs same-grid",
+        ],
+        rows,
+    )
     print("\ngoal at 1e-2 (retention >= 90%, aligned probe error <= 0.5x same-grid):")
     for fmt, ret, ratio, ratio_rand in goals:
         ok = ret >= 0.9 and ratio <= 0.5
-        print(f"  {fmt:9s} feedback: retention {100 * ret:.1f}%, aligned error {ratio:.2f}x, random-probe error "
-              f"{ratio_rand:.2f}x of same-grid -> {'met' if ok else 'NOT met'}")
+        print(
+            f"  {fmt:9s} feedback: retention {100 * ret:.1f}%, aligned error {ratio:.2f}x, random-probe error "
+            f"{ratio_rand:.2f}x of same-grid -> {'met' if ok else 'NOT met'}"
+        )
 
 
 def speed(work):
@@ -117,10 +160,13 @@ def speed(work):
     rows.append(["fp8", "cp -r (I/O floor)", f"{t_cp:.2f}", "", f"{rss_cp:.0f}"])
 
     def timed(fmt, extra):
-        t, rss = measure_python(f"import lorakit; lorakit.merge({work + '/' + fmt!r}, [{work + '/a.safetensors'!r}], "
-                                f"{work + '/out'!r}, quiet=True, force=True, {extra})")
+        t, rss = measure_python(
+            f"import lorakit; lorakit.merge({work + '/' + fmt!r}, [{work + '/a.safetensors'!r}], "
+            f"{work + '/out'!r}, quiet=True, force=True, {extra})"
+        )
         shutil.rmtree(f"{work}/out", ignore_errors=True)
         return t, rss
+
     # rounds interleaved (every format and strategy once per round): the best time of each, the highest peak RSS
     runs = {}
     for _ in range(ROUNDS):
@@ -130,15 +176,20 @@ def speed(work):
     best = {k: (min(t for t, _ in v), max(r for _, r in v)) for k, v in runs.items()}
     for fmt in FORMATS:
         t_bf16, rss_bf16 = best[(fmt, "dtype='bf16'")]
-        rows.append([fmt, "--dtype bf16 (dequantize, merge, write bf16)", f"{t_bf16:.2f}", "1.00x", f"{rss_bf16:.0f}"])
+        rows.append(
+            [fmt, "--dtype bf16 (dequantize, merge, write bf16)", f"{t_bf16:.2f}", "1.00x", f"{rss_bf16:.0f}"]
+        )
         for strategy in TIMED:
             t, rss = best[(fmt, f"strategy={strategy!r}")]
             rows.append([fmt, f"--strategy {strategy}", f"{t:.2f}", f"{t / t_bf16:.2f}x", f"{rss:.0f}"])
             verdicts.append((fmt, strategy, t / t_bf16, rss))
-    table(f"merge a rank-16 all-linear adapter into {BIG['layers']} layers x {BIG['hidden']} x "
-          f"{BIG['intermediate']} quantized checkpoints (FP8 one: {size / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
-          f"best of {ROUNDS} interleaved rounds",
-          ["format", "what", "wall s", "vs --dtype bf16", "peak RSS MiB"], rows)
+    table(
+        f"merge a rank-16 all-linear adapter into {BIG['layers']} layers x {BIG['hidden']} x "
+        f"{BIG['intermediate']} quantized checkpoints (FP8 one: {size / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
+        f"best of {ROUNDS} interleaved rounds",
+        ["format", "what", "wall s", "vs --dtype bf16", "peak RSS MiB"],
+        rows,
+    )
     print("\ngoals (wall <= 1.5x --dtype bf16 for FP8/INT8, <= 2.5x for int4/NF4; peak RSS <= 1024 MiB):")
     for fmt, strategy, ratio, rss in verdicts:
         ok = ratio <= GOALS[fmt] and rss <= 1024

@@ -1,6 +1,7 @@
 """Training throughput and peak memory: lorakit train against PEFT + transformers on the same model, data, batch,
 rank and steps, each in a fresh process (CPU here; on a GPU when one is present). Goal: >= PEFT's tokens/s at no
 more memory."""
+
 import json
 import os
 import subprocess
@@ -71,16 +72,35 @@ with tempfile.TemporaryDirectory() as d:
     examples.write_llama_checkpoint(base, **SIZE)
     data = os.path.join(d, "data.npy")
     np.save(data, np.random.default_rng(0).integers(0, SIZE["vocab"], 200_000, dtype=np.uint16))
-    kw = dict(base=base, data=data, rank=RANK, targets=TARGETS, steps=STEPS, batch=BATCH, seq=SEQ, device=DEVICE)
-    runs = [(run(PEFT_RUN.format(**kw)), run(LORAKIT_RUN.format(out=os.path.join(d, "a.safetensors"), **kw)))
-            for _ in range(2)]  # alternated, best of two each: less noise from the machine
+    kw = dict(
+        base=base, data=data, rank=RANK, targets=TARGETS, steps=STEPS, batch=BATCH, seq=SEQ, device=DEVICE
+    )
+    runs = [
+        (run(PEFT_RUN.format(**kw)), run(LORAKIT_RUN.format(out=os.path.join(d, "a.safetensors"), **kw)))
+        for _ in range(2)
+    ]  # alternated, best of two each: less noise from the machine
     peft_r = max((r[0] for r in runs), key=lambda r: r["tokens_per_s"])
     ours = max((r[1] for r in runs), key=lambda r: r["tokens_per_s"])
     mem = "gpu" if DEVICE == "cuda" else "rss"
-    rows = [["PEFT + transformers", f"{peft_r['tokens_per_s']:.0f}", "1.00x", f"{peft_r[mem]:.0f}", "1.00"],
-            ["lorakit train", f"{ours['tokens_per_s']:.0f}", f"{ours['tokens_per_s'] / peft_r['tokens_per_s']:.2f}x",
-             f"{ours[mem]:.0f}", f"{ours[mem] / peft_r[mem]:.2f}"]]
-    table(f"train rank {RANK} on {TARGETS}, Llama {SIZE['layers']} layers x {SIZE['hidden']}, batch {BATCH} x {SEQ} "
-          f"tokens, {STEPS} steps, {DEVICE}",
-          ["what", "tokens/s", "vs PEFT", "peak MiB (" + ("GPU" if DEVICE == "cuda" else "RSS") + ")", "mem vs PEFT"],
-          rows)
+    rows = [
+        ["PEFT + transformers", f"{peft_r['tokens_per_s']:.0f}", "1.00x", f"{peft_r[mem]:.0f}", "1.00"],
+        [
+            "lorakit train",
+            f"{ours['tokens_per_s']:.0f}",
+            f"{ours['tokens_per_s'] / peft_r['tokens_per_s']:.2f}x",
+            f"{ours[mem]:.0f}",
+            f"{ours[mem] / peft_r[mem]:.2f}",
+        ],
+    ]
+    table(
+        f"train rank {RANK} on {TARGETS}, Llama {SIZE['layers']} layers x {SIZE['hidden']}, batch {BATCH} x {SEQ} "
+        f"tokens, {STEPS} steps, {DEVICE}",
+        [
+            "what",
+            "tokens/s",
+            "vs PEFT",
+            "peak MiB (" + ("GPU" if DEVICE == "cuda" else "RSS") + ")",
+            "mem vs PEFT",
+        ],
+        rows,
+    )

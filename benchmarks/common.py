@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: timing, peak memory of a child process, and the side-by-side table."""
+
 import subprocess
 import sys
 import time
@@ -18,9 +19,12 @@ def measure_python(code):
     """Run Python `code` in a fresh interpreter; return (wall seconds, peak RSS MiB). The time includes the start-up,
     the imports and a final sync, so that every compared tool is timed until its output is on disk. Peak RSS is
     VmHWM: getrusage's ru_maxrss would carry over the benchmark parent's peak across fork + exec."""
-    wrapper = ("import os, resource, time\nt0 = time.perf_counter()\n" + code +
-               "\nos.sync()\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
-               "\nprint('BENCH', time.perf_counter() - t0, int(hwm) / 1024)")
+    wrapper = (
+        "import os, resource, time\nt0 = time.perf_counter()\n"
+        + code
+        + "\nos.sync()\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
+        "\nprint('BENCH', time.perf_counter() - t0, int(hwm) / 1024)"
+    )
     out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True).stdout
     line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
     return float(line[1]), float(line[2])
@@ -37,9 +41,11 @@ def table(title, header, rows):
 
 def measure_command(cmd):
     """Run a shell command (then sync) from a fresh interpreter; return (wall seconds, peak RSS MiB of the command)."""
-    code = ("import resource, subprocess, sys, time\nt0 = time.perf_counter()\n"
-            f"subprocess.run({cmd!r} + ' && sync', shell=True, check=True)\n"
-            "print('BENCH', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    code = (
+        "import resource, subprocess, sys, time\nt0 = time.perf_counter()\n"
+        f"subprocess.run({cmd!r} + ' && sync', shell=True, check=True)\n"
+        "print('BENCH', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
     return float(line[1]), float(line[2])

@@ -1,4 +1,5 @@
 """Run every benchmark (benchmarks/bench_*.py) or the ones named: python benchmarks/run.py [inspect resize ...]"""
+
 import glob
 import os
 import subprocess

@@ -8,6 +8,7 @@ validate, convert, combine, resize, diff, extract, merge, train, demo. Each retu
 `--json` prints) and raises LorakitError, a one-line message naming the file and tensor, on bad input. Adapter and
 Module are the in-memory model. Attributes are imported lazily: `import lorakit` does not import torch.
 """
+
 from ._version import __version__
 
 _LAZY = {
@@ -37,6 +38,7 @@ def __dir__():
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value

@@ -2,6 +2,7 @@
 
 Only click is imported at start-up; each command imports its library function when it runs, so `--help` is fast.
 """
+
 import functools
 import json as jsonlib
 import signal
@@ -30,22 +31,35 @@ def _terminated(signum, frame):
 def _fail(message, code=2, as_json=False, error=None):
     """One line on stderr; under --json also a JSON object on stdout (scripts read stdout)."""
     if as_json:
-        detail = {"path": getattr(error, "path", None), "tensor": getattr(error, "tensor", None),
-                  "code": getattr(error, "code", None)}
-        click.echo(jsonlib.dumps({"error": message, **{k: str(v) for k, v in detail.items() if v is not None},
-                                  "exit_code": code}, indent=2))
+        detail = {
+            "path": getattr(error, "path", None),
+            "tensor": getattr(error, "tensor", None),
+            "code": getattr(error, "code", None),
+        }
+        click.echo(
+            jsonlib.dumps(
+                {
+                    "error": message,
+                    **{k: str(v) for k, v in detail.items() if v is not None},
+                    "exit_code": code,
+                },
+                indent=2,
+            )
+        )
     click.echo(f"lorakit: error: {message}", err=True)
     sys.exit(code)
 
 
 def command(group, name, **kw):
     """A subcommand with --debug, clean one-line errors and exit code 2 on bad input."""
+
     def wrap(fn):
         @group.command(name, **kw)
         @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
         @functools.wraps(fn)
         def run(*args, debug=False, **kwargs):
             from .errors import CLI, LorakitError
+
             signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: temporaries removed, outputs untouched
             CLI["active"] = True  # messages name options as --force, not force=True
             fail = functools.partial(_fail, as_json=kwargs.get("as_json", False))
@@ -71,7 +85,9 @@ def command(group, name, **kw):
                 fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
             finally:
                 CLI["active"] = False
+
         return run
+
     return wrap
 
 
@@ -93,15 +109,22 @@ def main():
 @click.argument("adapter", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--spectrum", is_flag=True, help="Singular values of each dW, from the factors.")
-@click.option("--base", type=click.Path(), help="Base checkpoint: adds ||dW|| / ||W|| per module (with --spectrum).")
+@click.option(
+    "--base", type=click.Path(), help="Base checkpoint: adds ||dW|| / ||W|| per module (with --spectrum)."
+)
 @click.option("-v", "--verbose", is_flag=True, help="One line per module.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     """Summarize an adapter of any readable format (header only unless --spectrum)."""
     from .commands.inspect import inspect
+
     if base and not spectrum:
         spectrum = True
-    emit(inspect(adapter, spectrum=spectrum, base=base, verbose=verbose, quiet=quiet), as_json, render.inspect_text)
+    emit(
+        inspect(adapter, spectrum=spectrum, base=base, verbose=verbose, quiet=quiet),
+        as_json,
+        render.inspect_text,
+    )
 
 
 # ---------------------------------------------------------------- validate
@@ -111,6 +134,7 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
 def validate_cmd(files, as_json):
     """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid, 2 unreadable."""
     from .commands.validate import validate
+
     report = validate(list(files))
     emit(report, as_json, render.validate_text)
     if not all(f["readable"] for f in report["files"]):
@@ -120,15 +144,17 @@ def validate_cmd(files, as_json):
 
 # ---------------------------------------------------------------- algebra
 def _dtype_option(f):
-    return click.option("--dtype", default="keep", show_default=True,
-                        help=f"dtype of the output factors: keep, {DTYPE_HELP}.")(f)
+    return click.option(
+        "--dtype", default="keep", show_default=True, help=f"dtype of the output factors: keep, {DTYPE_HELP}."
+    )(f)
 
 
 def _common_output(f, what="Output adapter file."):
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")(f)
-    f = click.option("--force", is_flag=True, help="Replace OUT if it exists (an output of the same kind; never an "
-                     "input).")(f)
+    f = click.option(
+        "--force", is_flag=True, help="Replace OUT if it exists (an output of the same kind; never an input)."
+    )(f)
     return click.option("-o", "--output", required=True, type=click.Path(), help=what)(f)
 
 
@@ -139,8 +165,13 @@ def _output(what):
 @command(main, "combine")
 @click.argument("adapters", nargs=-1, required=True)
 @_common_output
-@click.option("--method", default="linear", show_default=True,
-              type=click.Choice(list(METHODS)), help="; ".join(f"{k}: {v[2]}" for k, v in METHODS.items()))
+@click.option(
+    "--method",
+    default="linear",
+    show_default=True,
+    type=click.Choice(list(METHODS)),
+    help="; ".join(f"{k}: {v[2]}" for k, v in METHODS.items()),
+)
 @click.option("--rank", type=int, help="Truncate each module optimally to this rank.")
 @click.option("--energy", type=float, help="Keep the smallest rank with this share of ||dW||_F^2 (0-1).")
 @click.option("--density", type=float, default=0.5, show_default=True, help="Kept share for ties/dare/prune.")
@@ -149,8 +180,23 @@ def _output(what):
 def combine_cmd(adapters, output, force, as_json, quiet, method, rank, energy, density, seed, dtype):
     """Combine adapters A[:W] B[:W] ... in delta space (exact for cat and linear)."""
     from .commands.algebra import combine
-    emit(combine(list(adapters), output, method=method, rank=rank, energy=energy, density=density, seed=seed,
-                 dtype=dtype, force=force, quiet=quiet), as_json, render.combine_text)
+
+    emit(
+        combine(
+            list(adapters),
+            output,
+            method=method,
+            rank=rank,
+            energy=energy,
+            density=density,
+            seed=seed,
+            dtype=dtype,
+            force=force,
+            quiet=quiet,
+        ),
+        as_json,
+        render.combine_text,
+    )
 
 
 @command(main, "resize")
@@ -158,20 +204,56 @@ def combine_cmd(adapters, output, force, as_json, quiet, method, rank, energy, d
 @_common_output
 @click.option("--rank", type=int, help="New rank of every module.")
 @click.option("--energy", type=float, help="Keep this share of ||dW||_F^2 per module (0-1).")
-@click.option("--sv-ratio", type=float, help="Keep singular values above S[0] / X, plus one (sd-scripts' rank).")
-@click.option("--sv-fro", type=float, help="Keep until the Frobenius norm share reaches X, plus one (sd-scripts).")
-@click.option("--sv-cumulative", type=float, help="Keep until cumsum(S) / sum(S) reaches X, plus one (sd-scripts).")
-@click.option("--minimal", is_flag=True, help="With --sv-*: the smallest rank meeting the rule (no sd-scripts +1).")
+@click.option(
+    "--sv-ratio", type=float, help="Keep singular values above S[0] / X, plus one (sd-scripts' rank)."
+)
+@click.option(
+    "--sv-fro", type=float, help="Keep until the Frobenius norm share reaches X, plus one (sd-scripts)."
+)
+@click.option(
+    "--sv-cumulative", type=float, help="Keep until cumsum(S) / sum(S) reaches X, plus one (sd-scripts)."
+)
+@click.option(
+    "--minimal", is_flag=True, help="With --sv-*: the smallest rank meeting the rule (no sd-scripts +1)."
+)
 @click.option("--max-rank", type=int, help="Upper bound on the new rank.")
 @_dtype_option
-def resize_cmd(adapter, output, force, as_json, quiet, rank, energy, sv_ratio, sv_fro, sv_cumulative, minimal,
-               max_rank, dtype):
+def resize_cmd(
+    adapter,
+    output,
+    force,
+    as_json,
+    quiet,
+    rank,
+    energy,
+    sv_ratio,
+    sv_fro,
+    sv_cumulative,
+    minimal,
+    max_rank,
+    dtype,
+):
     """Re-rank every module by optimal (Eckart-Young) truncation; the scale is kept."""
     from .commands.algebra import resize
-    emit(resize(adapter, output, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                sv_cumulative=sv_cumulative, max_rank=max_rank, dtype=dtype, force=force, quiet=quiet,
-                minimal=minimal),
-         as_json, render.resize_text)
+
+    emit(
+        resize(
+            adapter,
+            output,
+            rank=rank,
+            energy=energy,
+            sv_ratio=sv_ratio,
+            sv_fro=sv_fro,
+            sv_cumulative=sv_cumulative,
+            max_rank=max_rank,
+            dtype=dtype,
+            force=force,
+            quiet=quiet,
+            minimal=minimal,
+        ),
+        as_json,
+        render.resize_text,
+    )
 
 
 @command(main, "diff")
@@ -182,6 +264,7 @@ def resize_cmd(adapter, output, force, as_json, quiet, rank, energy, sv_ratio, s
 def diff_cmd(a, b, as_json, quiet):
     """Compare two adapters' deltas module by module (a reparametrized delta compares equal)."""
     from .commands.algebra import diff
+
     emit(diff(a, b, quiet=quiet), as_json, render.diff_text)
 
 
@@ -197,8 +280,23 @@ def diff_cmd(a, b, as_json, quiet):
 def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, targets, seed, dtype):
     """Extract an adapter from a base and a fine-tuned checkpoint (files or sharded folders)."""
     from .commands.extract import extract
-    emit(extract(base, tuned, output, rank=rank, energy=energy, targets=targets, seed=seed, dtype=dtype, force=force,
-                 quiet=quiet), as_json, render.extract_text)
+
+    emit(
+        extract(
+            base,
+            tuned,
+            output,
+            rank=rank,
+            energy=energy,
+            targets=targets,
+            seed=seed,
+            dtype=dtype,
+            force=force,
+            quiet=quiet,
+        ),
+        as_json,
+        render.extract_text,
+    )
 
 
 # ---------------------------------------------------------------- convert
@@ -208,86 +306,225 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
 @click.option("--to", "to", required=True, help=f"Output format ({', '.join(FORMATS)}).")
 @click.option("--from", "from_", help="Input format (default: detected from the content).")
 @click.option("--base", type=click.Path(), help="Base checkpoint: resolves kohya names and GPT-2 layouts.")
-@click.option("--alpha", type=float, help="Alpha for formats that do not store it (loralib .pt, bare PEFT files).")
-@click.option("--allow-unknown", is_flag=True, help="Convert the rest when some input keys are not understood.")
+@click.option(
+    "--alpha", type=float, help="Alpha for formats that do not store it (loralib .pt, bare PEFT files)."
+)
+@click.option(
+    "--allow-unknown", is_flag=True, help="Convert the rest when some input keys are not understood."
+)
 def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, allow_unknown):
     """Convert an adapter between formats (every input key is consumed or reported)."""
     from .commands.convert import convert
-    emit(convert(input, output, to=to, from_=from_, base=base, alpha=alpha, allow_unknown=allow_unknown,
-                 force=force), as_json, render.convert_text)
+
+    emit(
+        convert(
+            input,
+            output,
+            to=to,
+            from_=from_,
+            base=base,
+            alpha=alpha,
+            allow_unknown=allow_unknown,
+            force=force,
+        ),
+        as_json,
+        render.convert_text,
+    )
 
 
 # ---------------------------------------------------------------- merge
 @command(main, "merge")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
-@_output("Output: a .safetensors file for a file BASE, a folder for a folder BASE, a .gguf file (or the same splits) "
-         "for a GGUF BASE.")
-@click.option("--dtype", default="keep", show_default=True,
-              help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}. GGUF bases: the type of "
-              "merged tensors whose GGML type has no codec (IQ*); every other tensor keeps its type.")
+@_output(
+    "Output: a .safetensors file for a file BASE, a folder for a folder BASE, a .gguf file (or the same splits) "
+    "for a GGUF BASE."
+)
+@click.option(
+    "--dtype",
+    default="keep",
+    show_default=True,
+    help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}. GGUF bases: the type of "
+    "merged tensors whose GGML type has no codec (IQ*); every other tensor keeps its type.",
+)
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
 @click.option("--threads", type=int, help="Worker threads (default: one per CPU, at most 4).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
-@click.option("--skip-unmatched", is_flag=True, help="Merge the adapter tensors the base has, report the others by name "
-              "(parts stored in other files: a Flux LoRA's CLIP-L, SDXL's second text encoder).")
-@click.option("--strategy", default=next(iter(STRATEGIES)), show_default=True, type=click.Choice(list(STRATEGIES)),
-              help="Quantized bases: how W + dW goes back onto the grid (see README).")
-@click.option("--full-precision-base", type=click.Path(), help="The unquantized base (for --strategy original / "
-              "--onto original).")
-@click.option("--onto", default="dequantized", show_default=True, type=click.Choice(["dequantized", "original"]),
-              help="Quantized bases: merge onto dequant(Q(W)) (what a QLoRA adapter saw) or onto the original W.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy stochastic and the probes.")
-def merge_cmd(base, adapters, output, force, as_json, quiet, dtype, unmerge, shard_size, threads,
-              ignore_fingerprint, skip_unmatched, strategy, full_precision_base, onto, seed):
+@click.option(
+    "--skip-unmatched",
+    is_flag=True,
+    help="Merge the adapter tensors the base has, report the others by name "
+    "(parts stored in other files: a Flux LoRA's CLIP-L, SDXL's second text encoder).",
+)
+@click.option(
+    "--strategy",
+    default=next(iter(STRATEGIES)),
+    show_default=True,
+    type=click.Choice(list(STRATEGIES)),
+    help="Quantized bases: how W + dW goes back onto the grid (see README).",
+)
+@click.option(
+    "--full-precision-base",
+    type=click.Path(),
+    help="The unquantized base (for --strategy original / --onto original).",
+)
+@click.option(
+    "--onto",
+    default="dequantized",
+    show_default=True,
+    type=click.Choice(["dequantized", "original"]),
+    help="Quantized bases: merge onto dequant(Q(W)) (what a QLoRA adapter saw) or onto the original W.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of --strategy stochastic and the probes."
+)
+def merge_cmd(
+    base,
+    adapters,
+    output,
+    force,
+    as_json,
+    quiet,
+    dtype,
+    unmerge,
+    shard_size,
+    threads,
+    ignore_fingerprint,
+    skip_unmatched,
+    strategy,
+    full_precision_base,
+    onto,
+    seed,
+):
     """Merge ADAPTER[:WEIGHT]... into BASE (file, folder or GGUF), streaming; fp32 math, rounded once. Quantized bases
     (FP8, INT8, GPTQ, AWQ, NF4, GGUF Q8_0..Q6_K) are written back in their format with a survival report."""
     from .commands.merge import merge
-    emit(merge(base, list(adapters), output, dtype=dtype, unmerge=unmerge, shard_size=shard_size, threads=threads,
-               force=force, quiet=quiet, ignore_fingerprint=ignore_fingerprint, strategy=strategy,
-               full_precision_base=full_precision_base, onto=onto, seed=seed, skip_unmatched=skip_unmatched),
-         as_json, render.merge_text)
+
+    emit(
+        merge(
+            base,
+            list(adapters),
+            output,
+            dtype=dtype,
+            unmerge=unmerge,
+            shard_size=shard_size,
+            threads=threads,
+            force=force,
+            quiet=quiet,
+            ignore_fingerprint=ignore_fingerprint,
+            strategy=strategy,
+            full_precision_base=full_precision_base,
+            onto=onto,
+            seed=seed,
+            skip_unmatched=skip_unmatched,
+        ),
+        as_json,
+        render.merge_text,
+    )
 
 
 # ---------------------------------------------------------------- train
 @command(main, "train")
 @click.option("--base", required=True, type=click.Path(), help="Hugging Face Llama/Mistral/Qwen2 folder.")
-@click.option("--data", required=True, type=click.Path(), help="Token ids: .npy, .bin (uint16/uint32), .jsonl; or text.")
+@click.option(
+    "--data", required=True, type=click.Path(), help="Token ids: .npy, .bin (uint16/uint32), .jsonl; or text."
+)
 @_output("Output adapter file (a folder with --format peft).")
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--alpha", type=float, default=32.0, show_default=True)
-@click.option("--targets", default="q_proj,v_proj", show_default=True, help="Module names, suffixes or globs.")
+@click.option(
+    "--targets", default="q_proj,v_proj", show_default=True, help="Module names, suffixes or globs."
+)
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--batch", type=int, default=8, show_default=True, help="Global batch (split over torchrun processes).")
+@click.option(
+    "--batch", type=int, default=8, show_default=True, help="Global batch (split over torchrun processes)."
+)
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--eval-every", type=int, default=50, show_default=True, help="Held-out eval every N steps (0: end).")
+@click.option(
+    "--eval-every", type=int, default=50, show_default=True, help="Held-out eval every N steps (0: end)."
+)
 @click.option("--warmup", type=int, help="Warmup steps (default: 10% of the steps).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda...")
-@click.option("--dtype", default="auto", show_default=True,
-              help=f"Dtype of the frozen base: auto (bf16 on a GPU, else fp32), {DTYPE_HELP}.")
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda..."
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help=f"Dtype of the frozen base: auto (bf16 on a GPU, else fp32), {DTYPE_HELP}.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--format", "format_", default="lorakit", show_default=True, type=click.Choice(["lorakit", "peft"]))
+@click.option(
+    "--format", "format_", default="lorakit", show_default=True, type=click.Choice(["lorakit", "peft"])
+)
 @click.option("--resume", type=click.Path(), help="Start from this adapter's factors.")
-def train_cmd(base, data, output, force, as_json, quiet, rank, alpha, targets, steps, lr, batch, seq_len, grad_accum,
-              eval_every, warmup, device, dtype, seed, format_, resume):
+def train_cmd(
+    base,
+    data,
+    output,
+    force,
+    as_json,
+    quiet,
+    rank,
+    alpha,
+    targets,
+    steps,
+    lr,
+    batch,
+    seq_len,
+    grad_accum,
+    eval_every,
+    warmup,
+    device,
+    dtype,
+    seed,
+    format_,
+    resume,
+):
     """Train a LoRA adapter on a Llama-family checkpoint (GPU when there is one; torchrun for several)."""
     from .commands.train import train
-    emit(train(base, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps, lr=lr, batch=batch,
-               seq_len=seq_len, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, device=device,
-               dtype=dtype, seed=seed, format=format_, resume=resume, force=force, quiet=quiet),
-         as_json, render.train_text)
+
+    emit(
+        train(
+            base,
+            data,
+            output,
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            steps=steps,
+            lr=lr,
+            batch=batch,
+            seq_len=seq_len,
+            grad_accum=grad_accum,
+            eval_every=eval_every,
+            warmup=warmup,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            format=format_,
+            resume=resume,
+            force=force,
+            quiet=quiet,
+        ),
+        as_json,
+        render.train_text,
+    )
 
 
 # ---------------------------------------------------------------- demo
 @command(main, "demo")
-@click.option("--keep", type=click.Path(), help="Write the demo files into this folder instead of a temp folder.")
+@click.option(
+    "--keep", type=click.Path(), help="Write the demo files into this folder instead of a temp folder."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def demo_cmd(keep, quiet):
     """Build a tiny base model and adapter, and show what lorakit does with them."""
     from .commands.demo import demo
+
     demo(keep=keep, quiet=quiet, echo=click.echo)
 
 

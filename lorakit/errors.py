@@ -1,4 +1,5 @@
 """One exception type for every bad input: the CLI prints its message on one line and exits 2."""
+
 import re
 
 
@@ -26,8 +27,19 @@ def with_path(error, path):
 
 # what parsing code raises on a layout it did not foresee; reported as a malformed file (one line naming it), never as
 # an internal error
-MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError,
-             RecursionError, ZeroDivisionError, EOFError, StopIteration)
+MALFORMED = (
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    RuntimeError,
+    OverflowError,
+    RecursionError,
+    ZeroDivisionError,
+    EOFError,
+    StopIteration,
+)
 
 
 # set by the CLI: messages name options as the caller spells them (--force on the command line, force=True in Python)
@@ -47,6 +59,8 @@ def missing(path, what=None):
     text = str(path)
     hint = ""
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith("."):
-        hint = (f" (lorakit works on local files and folders; to fetch it from the Hugging Face hub: "
-                f"huggingface-cli download {text} --local-dir {text.rsplit('/', 1)[-1]})")
+        hint = (
+            f" (lorakit works on local files and folders; to fetch it from the Hugging Face hub: "
+            f"huggingface-cli download {text} --local-dir {text.rsplit('/', 1)[-1]})"
+        )
     return LorakitError(f"{what + ': ' if what else ''}no such file or folder{hint}", path=path)

@@ -1,5 +1,6 @@
 """Built-in examples and fixtures: small Llama-style base checkpoints (full precision or quantized) and adapters for
 them. Used by `demo`, the tests and the benchmarks; nothing else in the library depends on this file."""
+
 import json
 import os
 
@@ -17,12 +18,33 @@ from .quant.nf4 import NF4
 from .spec import fingerprint
 
 # bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023)
-NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
-              1.0)
-LINEAR_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+LINEAR_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def llama_shapes(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_heads=2, tie=False):
@@ -31,27 +53,40 @@ def llama_shapes(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_h
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": (intermediate, hidden),
-            p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                p + "mlp.gate_proj.weight": (intermediate, hidden),
+                p + "mlp.up_proj.weight": (intermediate, hidden),
+                p + "mlp.down_proj.weight": (hidden, intermediate),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     if not tie:
         shapes["lm_head.weight"] = (vocab, hidden)
     return shapes
 
 
 def llama_config(layers=2, hidden=64, intermediate=128, vocab=256, heads=4, kv_heads=2, tie=False):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 256,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tie, "hidden_act": "silu"}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tie,
+        "hidden_act": "silu",
+    }
 
 
 def random_tensors(shapes, dtype=torch.float32, seed=0):
@@ -79,6 +114,7 @@ def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, shards=1, **size
 def write_sharded(folder, tensors, shards=1):
     """Save tensors as model.safetensors, or as `shards` files plus model.safetensors.index.json."""
     from .io import write_safetensors
+
     names = list(tensors)
     if shards == 1:
         write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
@@ -87,7 +123,7 @@ def write_sharded(folder, tensors, shards=1):
     weight_map = {}
     for i in range(shards):
         file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
+        part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
         write_safetensors(os.path.join(folder, file), part, {"format": "pt"})
         weight_map.update({n: file for n in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -100,6 +136,7 @@ def write_permutation_task(folder, vocab=64, tokens=8000, seed=0):
     `folder`/data.npy where every token is followed by a fixed permutation of itself: learnable by a LoRA, not known
     to the base. Returns (base folder, data file)."""
     import numpy as np
+
     base, data = os.path.join(folder, "base"), os.path.join(folder, "data.npy")
     write_llama_checkpoint(base, vocab=vocab, hidden=64, intermediate=128, layers=2, seed=seed)
     rng = np.random.default_rng(seed)
@@ -110,17 +147,28 @@ def write_permutation_task(folder, vocab=64, tokens=8000, seed=0):
     return base, data
 
 
-def random_adapter(shapes, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, dtype=torch.float32, seed=0,
-                   magnitude=1.0, base_model=None):
+def random_adapter(
+    shapes,
+    targets=("q_proj", "v_proj"),
+    rank=4,
+    alpha=8.0,
+    dtype=torch.float32,
+    seed=0,
+    magnitude=1.0,
+    base_model=None,
+):
     """A LoRA adapter on every 2-D weight whose name contains one of `targets` (B nonzero, unlike at init)."""
     g = torch.Generator().manual_seed(seed)
-    ad = Adapter(base_model=base_model, base_fingerprint=fingerprint(shapes),
-                 provenance={"operation": "example", "params": {"seed": seed, "rank": rank}})
+    ad = Adapter(
+        base_model=base_model,
+        base_fingerprint=fingerprint(shapes),
+        provenance={"operation": "example", "params": {"seed": seed, "rank": rank}},
+    )
     for name, shape in sorted(shapes.items()):
         if len(shape) == 2 and name.endswith(".weight") and any(t in name for t in targets):
             out, inp = shape
-            A = torch.randn(rank, inp, generator=g) / inp ** 0.5
-            B = magnitude * torch.randn(out, rank, generator=g) / rank ** 0.5
+            A = torch.randn(rank, inp, generator=g) / inp**0.5
+            B = magnitude * torch.randn(out, rank, generator=g) / rank**0.5
             ad.add(Module(name[: -len(".weight")], A.to(dtype), B.to(dtype), alpha=alpha))
     return ad
 
@@ -132,8 +180,12 @@ class TensorDict:
         """kinds: name -> (GGML type, shape) for packed GGUF blocks (bytes as uint8)."""
         self.tensors, self.path = tensors, "<memory>"
         self.where = dict.fromkeys(tensors, "<memory>")
-        self._entries = {k: Entry(k, *(kinds or {}).get(k, (st_dtype(v.dtype), tuple(v.shape))), 0,
-                                  v.numel() * v.element_size()) for k, v in tensors.items()}
+        self._entries = {
+            k: Entry(
+                k, *(kinds or {}).get(k, (st_dtype(v.dtype), tuple(v.shape))), 0, v.numel() * v.element_size()
+            )
+            for k, v in tensors.items()
+        }
 
     def __contains__(self, name):
         return name in self.tensors
@@ -151,32 +203,50 @@ def quantize(W, fmt, group_size=128, bits=4):
     rounding, with the format's own fit and encode."""
     out, inn = W.shape
     if fmt == "fp8":
-        handler, t = FP8Channel(), {"weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
-                                    "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
+        handler, t = (
+            FP8Channel(),
+            {
+                "weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
+                "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16),
+            },
+        )
         members = {"weight": "weight", "weight_scale": "weight_scale"}
     elif fmt == "fp8-block":
         handler = FP8Block()
-        t = {"weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
-             "weight_scale_inv": torch.zeros(-(-out // 128), -(-inn // 128))}
+        t = {
+            "weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
+            "weight_scale_inv": torch.zeros(-(-out // 128), -(-inn // 128)),
+        }
         members = {"weight": "weight", "weight_scale_inv": "weight_scale_inv"}
     elif fmt == "nf4":
         n, state = out * inn, {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [out, inn]}
         handler, key = NF4(), "weight.quant_state.bitsandbytes__nf4"
-        t = {"weight": torch.zeros((n + 1) // 2, 1, dtype=torch.uint8), "weight.absmax": torch.zeros(-(-n // 64)),
-             "weight.quant_map": torch.tensor(NF4_LEVELS),
-             key: torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)}
+        t = {
+            "weight": torch.zeros((n + 1) // 2, 1, dtype=torch.uint8),
+            "weight.absmax": torch.zeros(-(-n // 64)),
+            "weight.quant_map": torch.tensor(NF4_LEVELS),
+            key: torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8),
+        }
         members = {"weight": "weight", "state": key}
     elif fmt == "int8":
-        handler, t = Int8Channel(), {"weight": torch.zeros(out, inn, dtype=torch.int8),
-                                     "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16)}
+        handler, t = (
+            Int8Channel(),
+            {
+                "weight": torch.zeros(out, inn, dtype=torch.int8),
+                "weight_scale": torch.zeros(out, 1, dtype=torch.bfloat16),
+            },
+        )
         members = {"weight": "weight", "weight_scale": "weight_scale"}
     elif fmt in ("gptq", "awq"):
         groups, per = inn // group_size, 32 // bits
         handler = GPTQ(bits, group_size, sym=True) if fmt == "gptq" else AWQ(group_size, bits)
-        t = {"qweight": torch.zeros(inn // per, out, dtype=torch.int32) if fmt == "gptq" else
-             torch.zeros(inn, out // per, dtype=torch.int32),
-             "qzeros": torch.zeros(groups, out // per, dtype=torch.int32), "scales": torch.zeros(groups, out,
-                                                                                                 dtype=torch.float16)}
+        t = {
+            "qweight": torch.zeros(inn // per, out, dtype=torch.int32)
+            if fmt == "gptq"
+            else torch.zeros(inn, out // per, dtype=torch.int32),
+            "qzeros": torch.zeros(groups, out // per, dtype=torch.int32),
+            "scales": torch.zeros(groups, out, dtype=torch.float16),
+        }
         members = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales"}
     else:
         raise LorakitError(f"cannot quantize to '{fmt}' (fp8, fp8-block, int8, gptq, awq, nf4)")
@@ -185,7 +255,10 @@ def quantize(W, fmt, group_size=128, bits=4):
     S, Z = grid.columns(0, inn)
     U = W.float() / S + Z if Z is not None else W.float() / S
     stored = handler.encode(ckpt, members, grid.codebook.round(U)[0], grid)
-    return {**{k: v for k, v in t.items() if k not in stored}, **stored}  # NF4's quant_map and state are fixed
+    return {
+        **{k: v for k, v in t.items() if k not in stored},
+        **stored,
+    }  # NF4's quant_map and state are fixed
 
 
 def quantize_gguf(W, kind):
@@ -193,8 +266,11 @@ def quantize_gguf(W, kind):
     sub-block with the format's own fit (--strategy rescale's), nearest codes. For GGUF fixtures (tests,
     benchmarks)."""
     from .quant.gguf import TYPES, GGUFBlocks
+
     t, (out, inn) = TYPES[kind], W.shape
-    ckpt = TensorDict({"w": torch.zeros(out * (inn // t.block) * t.size, dtype=torch.uint8)}, {"w": (kind, (out, inn))})
+    ckpt = TensorDict(
+        {"w": torch.zeros(out * (inn // t.block) * t.size, dtype=torch.uint8)}, {"w": (kind, (out, inn))}
+    )
     blocks = W.float().reshape(out, -1, t.sub)
     fmt = GGUFBlocks()
     grid = fmt.fit(ckpt, {"weight": "w"}, blocks.amin(-1).T, blocks.amax(-1).T)
@@ -205,11 +281,24 @@ def quantize_gguf(W, kind):
 
 def quantization_config(fmt, group_size=128, bits=4):
     """The config.json `quantization_config` that goes with `quantize`'s tensors."""
-    return {"fp8": {"quant_method": "compressed-tensors", "format": "float-quantized"},
-            "fp8-block": {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3"},
-            "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-            "int8": {"quant_method": "compressed-tensors", "format": "int-quantized"},
-            "gptq": {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": True, "desc_act": False,
-                     "checkpoint_format": "gptq"},
-            "awq": {"quant_method": "awq", "bits": bits, "group_size": group_size, "version": "gemm",
-                    "zero_point": True}}[fmt]
+    return {
+        "fp8": {"quant_method": "compressed-tensors", "format": "float-quantized"},
+        "fp8-block": {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3"},
+        "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        "int8": {"quant_method": "compressed-tensors", "format": "int-quantized"},
+        "gptq": {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group_size,
+            "sym": True,
+            "desc_act": False,
+            "checkpoint_format": "gptq",
+        },
+        "awq": {
+            "quant_method": "awq",
+            "bits": bits,
+            "group_size": group_size,
+            "version": "gemm",
+            "zero_point": True,
+        },
+    }[fmt]

@@ -20,10 +20,17 @@ def inspect_text(r):
     if r["base_model"] or r["base_fingerprint"]:
         fp = f" (fingerprint {r['base_fingerprint'][:19]}...)" if r["base_fingerprint"] else ""
         echo(f"base model  {r['base_model'] or '?'}{fp}")
-    echo(f"modules     {r['module_count']}    params {r['params']:,}    dtypes "
-         + ", ".join(f"{k} x{v}" for k, v in r["dtypes"].items()))
-    echo("rank/alpha  " + "; ".join(f"r={x['rank']} alpha={_fmt_num(x['alpha'])}: {x['module_count']} module(s)"
-                                    for x in r["rank_alpha"]))
+    echo(
+        f"modules     {r['module_count']}    params {r['params']:,}    dtypes "
+        + ", ".join(f"{k} x{v}" for k, v in r["dtypes"].items())
+    )
+    echo(
+        "rank/alpha  "
+        + "; ".join(
+            f"r={x['rank']} alpha={_fmt_num(x['alpha'])}: {x['module_count']} module(s)"
+            for x in r["rank_alpha"]
+        )
+    )
     echo("targets")
     for t in r["targets"]:
         layers = f" x {t['count']} layers" if "*" in t["pattern"] else ""
@@ -52,8 +59,10 @@ def inspect_text(r):
                 head += "   ||dW||/||W||"
         echo(head)
         for m in r["modules"]:
-            line = (f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
-                    f"{'x'.join(map(str, m['shape'])):<16}")
+            line = (
+                f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
+                f"{'x'.join(map(str, m['shape'])):<16}"
+            )
             if spectral:
                 sv = ", ".join(f"{s:.3g}" for s in m["singular_values"][:4])
                 line += f" {m['norm']:>10.4g} {m['effective_rank']:>8.2f}  [{sv}{', ...' if m['rank'] > 4 else ''}]"
@@ -79,87 +88,128 @@ def _pct(x):
 
 
 def combine_text(r):
-    lines = [f"wrote {r['output']}: method {r['method']}, {len(r['modules'])} modules, total rank {r['rank']}, "
-             f"min energy kept {_pct(r['min_energy_kept'])}"]
+    lines = [
+        f"wrote {r['output']}: method {r['method']}, {len(r['modules'])} modules, total rank {r['rank']}, "
+        f"min energy kept {_pct(r['min_energy_kept'])}"
+    ]
     for m in r["modules"]:
-        lines.append(f"  {m['module']:<48} inputs {m['inputs']}  rank {m['rank_in']:>4} -> {m['rank']:<4} "
-                     f"kept {_pct(m['energy_kept'])}")
+        lines.append(
+            f"  {m['module']:<48} inputs {m['inputs']}  rank {m['rank_in']:>4} -> {m['rank']:<4} "
+            f"kept {_pct(m['energy_kept'])}"
+        )
     return "\n".join(lines)
 
 
 def resize_text(r):
-    lines = [f"wrote {r['output']}: params {r['params_in']:,} -> {r['params']:,}",
-             f"  {'module':<48} {'rank':>11}  {'kept ||dW||^2':>13}  {'rel. error':>10}"]
+    lines = [
+        f"wrote {r['output']}: params {r['params_in']:,} -> {r['params']:,}",
+        f"  {'module':<48} {'rank':>11}  {'kept ||dW||^2':>13}  {'rel. error':>10}",
+    ]
     for m in r["modules"]:
-        lines.append(f"  {m['module']:<48} {m['rank_in']:>4} -> {m['rank']:<4}  {_pct(m['energy_kept']):>13}  "
-                     f"{m['relative_error']:>10.3e}")
+        lines.append(
+            f"  {m['module']:<48} {m['rank_in']:>4} -> {m['rank']:<4}  {_pct(m['energy_kept']):>13}  "
+            f"{m['relative_error']:>10.3e}"
+        )
     return "\n".join(lines)
 
 
 def diff_text(r):
     s = r["summary"]
     if not s["both"]:
-        return (f"no module in common: {s['only_a']} only in A ({r['a']}), {s['only_b']} only in B ({r['b']}); "
-                "nothing to compare")
-    lines = [f"{s['both']} modules in both, {s['only_a']} only in A, {s['only_b']} only in B; "
-             f"max ||dA-dB||/||dA|| {s['max_relative_diff']:.3e}; mean cosine {s['mean_cosine']:.4f}"
-             + ("; identical deltas" if s["identical_deltas"] else ""),
-             f"  {'module':<48} {'ranks':>9} {'||dA||':>10} {'||dB||':>10} {'rel.diff':>10} {'cosine':>7} "
-             f"{'col.ovl':>7} {'row.ovl':>7}"]
+        return (
+            f"no module in common: {s['only_a']} only in A ({r['a']}), {s['only_b']} only in B ({r['b']}); "
+            "nothing to compare"
+        )
+    lines = [
+        f"{s['both']} modules in both, {s['only_a']} only in A, {s['only_b']} only in B; "
+        f"max ||dA-dB||/||dA|| {s['max_relative_diff']:.3e}; mean cosine {s['mean_cosine']:.4f}"
+        + ("; identical deltas" if s["identical_deltas"] else ""),
+        f"  {'module':<48} {'ranks':>9} {'||dA||':>10} {'||dB||':>10} {'rel.diff':>10} {'cosine':>7} "
+        f"{'col.ovl':>7} {'row.ovl':>7}",
+    ]
     for m in r["modules"]:
         if m["present"] != "both":
             lines.append(f"  {m['module']:<48} only in {m['present'].upper()}")
             continue
-        lines.append(f"  {m['module']:<48} {m['rank_a']:>4}/{m['rank_b']:<4} {m['norm_a']:>10.4g} {m['norm_b']:>10.4g} "
-                     f"{m['relative_diff']:>10.3e} {m['cosine']:>7.4f} {m['column_overlap']:>7.4f} "
-                     f"{m['row_overlap']:>7.4f}")
+        lines.append(
+            f"  {m['module']:<48} {m['rank_a']:>4}/{m['rank_b']:<4} {m['norm_a']:>10.4g} {m['norm_b']:>10.4g} "
+            f"{m['relative_diff']:>10.3e} {m['cosine']:>7.4f} {m['column_overlap']:>7.4f} "
+            f"{m['row_overlap']:>7.4f}"
+        )
     return "\n".join(lines)
 
 
 def extract_text(r):
-    lines = [f"wrote {r['output']}: {len(r['modules'])} modules, mean energy kept {_pct(r['mean_energy_kept'])}; "
-             f"{r['unchanged']} tensors unchanged"]
+    lines = [
+        f"wrote {r['output']}: {len(r['modules'])} modules, mean energy kept {_pct(r['mean_energy_kept'])}; "
+        f"{r['unchanged']} tensors unchanged"
+    ]
     for m in r["modules"]:
-        lines.append(f"  {m['module']:<48} rank {m['rank']:<4} kept {_pct(m['energy_kept'])}  "
-                     f"rel. error {m['relative_error']:.3e}")
-    for key, label in (("replaced", "stored whole (changed, not a matrix)"), ("not_targeted", "changed, not targeted"),
-                       ("only_in_tuned", "only in the tuned checkpoint"), ("only_in_base", "only in the base"),
-                       ("shape_changed", "shape changed, skipped"), ("not_float", "changed, not floating point")):
+        lines.append(
+            f"  {m['module']:<48} rank {m['rank']:<4} kept {_pct(m['energy_kept'])}  "
+            f"rel. error {m['relative_error']:.3e}"
+        )
+    for key, label in (
+        ("replaced", "stored whole (changed, not a matrix)"),
+        ("not_targeted", "changed, not targeted"),
+        ("only_in_tuned", "only in the tuned checkpoint"),
+        ("only_in_base", "only in the base"),
+        ("shape_changed", "shape changed, skipped"),
+        ("not_float", "changed, not floating point"),
+    ):
         if r[key]:
-            lines.append(f"  {label}: {', '.join(r[key][:8])}" + (f" (+{len(r[key]) - 8} more)" if len(r[key]) > 8
-                                                                  else ""))
+            lines.append(
+                f"  {label}: {', '.join(r[key][:8])}"
+                + (f" (+{len(r[key]) - 8} more)" if len(r[key]) > 8 else "")
+            )
     return "\n".join(lines)
 
 
 def merge_text(r):
-    adapters = ", ".join(f"{a['file']}" + (f" x{a['weight']:g}" if a["weight"] != 1 else "") for a in r["adapters"])
-    head = (f"subtracted {adapters} from {r['base']}" if r["unmerge"] else f"merged {adapters} into {r['base']}")
-    lines = [f"{head}: {r['merged_count']} of {r['tensor_count']} tensors changed, "
-             f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {r['output']}"]
+    adapters = ", ".join(
+        f"{a['file']}" + (f" x{a['weight']:g}" if a["weight"] != 1 else "") for a in r["adapters"]
+    )
+    head = (
+        f"subtracted {adapters} from {r['base']}" if r["unmerge"] else f"merged {adapters} into {r['base']}"
+    )
+    lines = [
+        f"{head}: {r['merged_count']} of {r['tensor_count']} tensors changed, "
+        f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {r['output']}"
+    ]
     q = r.get("quantization")
     if q and q["modules"]:
-        lines.append(f"survival ({q['format']}, strategy {q['strategy']}): mean retention "
-                     f"{100 * q['mean_retention']:.1f}%, noise {q['mean_noise']:.3f}, codes changed "
-                     f"{100 * q['mean_codes_changed']:.2f}%, probe error random {q['mean_probe_error_random']:.3f} / "
-                     f"aligned {q['mean_probe_error_aligned']:.3f}")
-        lines.append(f"  {'module':<48} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
-                     f"{'err rand':>9} {'err algn':>9}")
+        lines.append(
+            f"survival ({q['format']}, strategy {q['strategy']}): mean retention "
+            f"{100 * q['mean_retention']:.1f}%, noise {q['mean_noise']:.3f}, codes changed "
+            f"{100 * q['mean_codes_changed']:.2f}%, probe error random {q['mean_probe_error_random']:.3f} / "
+            f"aligned {q['mean_probe_error_aligned']:.3f}"
+        )
+        lines.append(
+            f"  {'module':<48} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
+            f"{'err rand':>9} {'err algn':>9}"
+        )
         for m in q["modules"]:
-            lines.append(f"  {m['module']:<48} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
-                         f"{m['noise']:>8.3f} {100 * m['codes_changed']:>7.2f}% {m['probe_error_random']:>9.3f} "
-                         f"{m['probe_error_aligned']:>9.3f}")
+            lines.append(
+                f"  {m['module']:<48} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
+                f"{m['noise']:>8.3f} {100 * m['codes_changed']:>7.2f}% {m['probe_error_random']:>9.3f} "
+                f"{m['probe_error_aligned']:>9.3f}"
+            )
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
 
 def convert_text(r):
-    lines = [f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}): {r['module_count']} modules"
-             + (f", {r['replacement_count']} full tensors" if r["replacement_count"] else "")]
+    lines = [
+        f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}): {r['module_count']} modules"
+        + (f", {r['replacement_count']} full tensors" if r["replacement_count"] else "")
+    ]
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 
 
 def train_text(r):
-    return (f"trained {r['module_count']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
-            f"process(es)): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out {r['eval_loss']:.4f}, "
-            f"{r['tokens_per_s']:.0f} tokens/s -> {r['output']}")
+    return (
+        f"trained {r['module_count']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
+        f"process(es)): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out {r['eval_loss']:.4f}, "
+        f"{r['tokens_per_s']:.0f} tokens/s -> {r['output']}"
+    )

@@ -3,6 +3,7 @@
 `check_file` returns every problem of a file; the lorakit reader refuses a file with any error, so validation and
 loading can never disagree.
 """
+
 import json
 import math
 import re
@@ -20,9 +21,15 @@ SPEC_MAJOR = 1
 CODES = {
     "LK001": ("unreadable", "the path is missing, a directory or cannot be read"),
     "LK101": ("bad-header", "not a safetensors file: truncated, header length out of range, header not JSON"),
-    "LK102": ("bad-offsets", "tensor data offsets past the end, overlapping, with gaps or not matching the shape"),
+    "LK102": (
+        "bad-offsets",
+        "tensor data offsets past the end, overlapping, with gaps or not matching the shape",
+    ),
     "LK103": ("bad-dtype", "a dtype the spec does not allow for this tensor"),
-    "LK104": ("bad-metadata", "a lorakit.* metadata value that is not what the spec says (e.g. invalid JSON)"),
+    "LK104": (
+        "bad-metadata",
+        "a lorakit.* metadata value that is not what the spec says (e.g. invalid JSON)",
+    ),
     "LK105": ("missing-version", "no lorakit.spec_version metadata: not a lorakit adapter"),
     "LK106": ("unsupported-version", "a spec major version this reader does not implement"),
     "LK201": ("missing-pair", "lora_A without lora_B or the reverse, or a module tensor without its factors"),
@@ -36,8 +43,14 @@ CODES = {
     "LK209": ("unknown-key", "a tensor key outside the spec's grammar"),
     "LK210": ("bad-bias", "bias_delta whose shape is not [out]"),
     "LK211": ("bad-dora", "dora_magnitude without a valid dora_axis, or of the wrong length"),
-    "LK212": ("bad-kind", "a module kind the spec does not define, or one that contradicts the factor shapes"),
-    "LK213": ("replacement-shape", "a replacement of a module's weight whose shape is not the module's weight shape"),
+    "LK212": (
+        "bad-kind",
+        "a module kind the spec does not define, or one that contradicts the factor shapes",
+    ),
+    "LK213": (
+        "replacement-shape",
+        "a replacement of a module's weight whose shape is not the module's weight shape",
+    ),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }
@@ -66,12 +79,18 @@ class Problem:
         return not self.code.startswith("LK3")
 
     def as_dict(self):
-        return {"code": self.code, "rule": CODES[self.code][0], "tensor": self.tensor, "message": self.message}
+        return {
+            "code": self.code,
+            "rule": CODES[self.code][0],
+            "tensor": self.tensor,
+            "message": self.message,
+        }
 
 
 @dataclass
 class Layout:
     """Which keys of a file make up each module (parsed from names alone)."""
+
     modules: dict  # module name -> {suffix: key}
     replacements: dict  # base tensor name -> key
     deltas: dict  # base tensor name -> key
@@ -154,8 +173,12 @@ def check_header(header, problems):
 
     modules, replacements, deltas, unknown = parse_keys(entries)
     for key in unknown:
-        add("LK209", "key is not '<module>.(lora_A|lora_B|alpha|bias_delta|dora_magnitude)' or "
-                     "'<tensor>.(replacement|delta)'", key)
+        add(
+            "LK209",
+            "key is not '<module>.(lora_A|lora_B|alpha|bias_delta|dora_magnitude)' or "
+            "'<tensor>.(replacement|delta)'",
+            key,
+        )
     for name, keys in modules.items():
         check_module(name, keys, entries, module_meta.get(name, {}), add)
     for name in module_meta:
@@ -167,8 +190,12 @@ def check_header(header, problems):
             A, B = entries[module["lora_A"]], entries[module["lora_B"]]
             expected = (B.shape[0], *A.shape[1:])
             if entries[key].shape != expected:
-                add("LK213", f"replacement has shape {list(entries[key].shape)} but the module's factors make a "
-                             f"weight of shape {list(expected)}", key)
+                add(
+                    "LK213",
+                    f"replacement has shape {list(entries[key].shape)} but the module's factors make a "
+                    f"weight of shape {list(expected)}",
+                    key,
+                )
     for key in (*replacements.values(), *deltas.values()):  # full tensors: factor dtypes
         if entries[key].dtype not in FACTOR_DTYPES:
             add("LK103", f"dtype {entries[key].dtype}, expected one of {', '.join(FACTOR_DTYPES)}", key)
@@ -179,8 +206,11 @@ def check_module(name, keys, entries, info, add):
     a, b = keys.get("lora_A"), keys.get("lora_B")
     if a is None or b is None:
         have = ", ".join(sorted(keys))
-        add("LK201", f"module '{name}' has {have} but no {'lora_A' if a is None else 'lora_B'}", keys.get("lora_A") or
-            keys.get("lora_B") or next(iter(keys.values())))
+        add(
+            "LK201",
+            f"module '{name}' has {have} but no {'lora_A' if a is None else 'lora_B'}",
+            keys.get("lora_A") or keys.get("lora_B") or next(iter(keys.values())),
+        )
         return
     A, B = entries[a], entries[b]
     for e in (A, B):
@@ -196,16 +226,27 @@ def check_module(name, keys, entries, info, add):
         if e is not None and e.dtype not in FACTOR_DTYPES:
             add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
     shape = lambda part: tuple(entries[keys[part]].shape) if part in keys else None  # noqa: E731
-    check_factors(shape("lora_A"), shape("lora_B"), info.get("kind"), shape("bias_delta"), shape("dora_magnitude"),
-                  info.get("dora_axis"), add, lambda part: keys.get(part, a))
+    check_factors(
+        shape("lora_A"),
+        shape("lora_B"),
+        info.get("kind"),
+        shape("bias_delta"),
+        shape("dora_magnitude"),
+        info.get("dora_axis"),
+        add,
+        lambda part: keys.get(part, a),
+    )
 
 
 def check_factors(A, B, kind, bias, magnitude, dora_axis, add, tensor):
     """The shape rules of one module (LK203-LK205, LK210-LK212), from shapes alone: the one place both the file
     checks and the in-memory checks use. `tensor(part)` names the tensor a problem is reported on."""
     if len(A) < 2 or len(B) != len(A):
-        add("LK203", f"lora_A has shape {list(A)} and lora_B {list(B)}: both need the same ndim >= 2",
-            tensor("lora_A"))
+        add(
+            "LK203",
+            f"lora_A has shape {list(A)} and lora_B {list(B)}: both need the same ndim >= 2",
+            tensor("lora_A"),
+        )
         return
     if any(d != 1 for d in B[2:]):
         add("LK203", f"lora_B of a conv module must be [out, r, 1, ...], got {list(B)}", tensor("lora_B"))
@@ -223,17 +264,25 @@ def check_factors(A, B, kind, bias, magnitude, dora_axis, add, tensor):
         add("LK210", f"bias_delta has shape {list(bias)}, expected [{B[0]}]", tensor("bias_delta"))
     if magnitude is not None:
         if isinstance(dora_axis, bool) or not isinstance(dora_axis, int) or not 0 <= dora_axis < len(weight):
-            add("LK211", f"dora_magnitude needs an integer 'dora_axis' in {META_MODULES} (0..{len(weight) - 1})",
-                tensor("dora_magnitude"))
+            add(
+                "LK211",
+                f"dora_magnitude needs an integer 'dora_axis' in {META_MODULES} (0..{len(weight) - 1})",
+                tensor("dora_magnitude"),
+            )
         elif magnitude != (weight[dora_axis],):
-            add("LK211", f"dora_magnitude has shape {list(magnitude)}, expected [{weight[dora_axis]}] (axis "
-                         f"{dora_axis} of the weight {list(weight)})", tensor("dora_magnitude"))
+            add(
+                "LK211",
+                f"dora_magnitude has shape {list(magnitude)}, expected [{weight[dora_axis]}] (axis "
+                f"{dora_axis} of the weight {list(weight)})",
+                tensor("dora_magnitude"),
+            )
 
 
 def check_values(path, header, problems):
     """NaN/Inf in any tensor, alpha finite and positive: needs the data, so it runs after the header checks. With
     numpy, chunk by chunk (no torch, bounded memory); bf16 by its bits (exponent all ones: Inf or NaN)."""
     import numpy as np
+
     chunk = 1 << 24
     with open(path, "rb") as f:
         for name, e in header.entries.items():
@@ -268,6 +317,7 @@ def identity(checkpoint):
     to the tensor's n bytes. Unlike the fingerprint it sees the values (a fine-tune of the base differs) and the dtype
     (so does a bf16 copy of an fp32 base): a mismatch is a warning, not a refusal."""
     import hashlib
+
     h = hashlib.sha256()
     for name in sorted(checkpoint.where):
         file = checkpoint.shards[checkpoint.where[name]]
@@ -284,6 +334,7 @@ def identity(checkpoint):
 def fingerprint(shapes):
     """Fingerprint of a base checkpoint: sha256 over its sorted 'name<TAB>d0,d1,...<LF>' lines (dtype-free)."""
     import hashlib
+
     h = hashlib.sha256()
     for name in sorted(shapes):
         h.update(f"{name}\t{','.join(str(d) for d in shapes[name])}\n".encode())
@@ -300,12 +351,18 @@ def check_adapter(adapter, values=True):
     for name, m in adapter.modules.items():
         A, B = m.A, m.B
         shape = lambda t: tuple(t.shape) if t is not None else None  # noqa: E731
-        check_factors(shape(A), shape(B), m.kind, shape(m.bias), shape(m.magnitude), m.dora_axis, add,
-                      lambda part: name)
+        check_factors(
+            shape(A), shape(B), m.kind, shape(m.bias), shape(m.magnitude), m.dora_axis, add, lambda part: name
+        )
         if not math.isfinite(m.alpha) or m.alpha <= 0:
             add("LK206", f"alpha is {m.alpha}, must be finite and > 0", name)
         if values:  # named by the spec's keys, whatever the format read
-            for part, t in (("lora_A", A), ("lora_B", B), ("bias_delta", m.bias), ("dora_magnitude", m.magnitude)):
+            for part, t in (
+                ("lora_A", A),
+                ("lora_B", B),
+                ("bias_delta", m.bias),
+                ("dora_magnitude", m.magnitude),
+            ):
                 bad = count_non_finite(t) if t is not None else 0
                 if bad:
                     add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.{part}")

@@ -18,6 +18,7 @@ def cli():
         if r.exception is not None and not isinstance(r.exception, SystemExit):
             raise r.exception
         return r.exit_code, r.stdout, r.stderr
+
     return run
 
 
@@ -56,4 +57,5 @@ def write_unchecked(adapter, path):
     `save` (rightly) refuses to write."""
     from lorakit.formats.lorakit_v1 import to_tensors
     from lorakit.io import write_safetensors
+
     write_safetensors(path, *to_tensors(adapter))

@@ -1,4 +1,5 @@
 """The delta rule of the spec, for every module kind, against fp64 references and the layers' own forward passes."""
+
 import math
 
 import pytest
@@ -48,8 +49,9 @@ def test_conv1d_kernel():
     A, B = rnd(2, 3, 5), rnd(4, 2, 1)
     m = Module("c1", A, B, alpha=2.0)
     x = rnd(1, 3, 11).double()
-    assert torch.allclose(F.conv1d(x, m.delta(torch.float64)),
-                          F.conv1d(F.conv1d(x, A.double()), B.double()), atol=1e-10)
+    assert torch.allclose(
+        F.conv1d(x, m.delta(torch.float64)), F.conv1d(F.conv1d(x, A.double()), B.double()), atol=1e-10
+    )
 
 
 def test_embedding_delta_matches_peft_embedding_path():
@@ -88,7 +90,9 @@ def test_dora_apply_matches_fp64_formula(axis):
 def test_apply_weighted_and_unmerge_is_subtraction():
     W, A, B = rnd(8, 6), rnd(2, 6), rnd(8, 2)
     m = Module("x", A, B, alpha=2.0)
-    assert torch.allclose(m.apply(W, weight=0.5).double(), W.double() + 0.5 * (B.double() @ A.double()), atol=1e-6)
+    assert torch.allclose(
+        m.apply(W, weight=0.5).double(), W.double() + 0.5 * (B.double() @ A.double()), atol=1e-6
+    )
     assert torch.allclose(m.apply(m.apply(W), sign=-1.0), W, atol=1e-6)
 
 

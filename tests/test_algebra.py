@@ -1,4 +1,5 @@
 """combine / resize / diff / extract against fp64 references and closed forms."""
+
 import json
 
 import pytest
@@ -35,15 +36,21 @@ def make(path, modules, **kw):
 @pytest.fixture
 def two_adapters(tmp_path):
     """Different ranks, alphas, targets and a conv module; 'only_a' is missing from the second adapter."""
-    a = make(tmp_path / "a.safetensors", [
-        Module("l.q", rnd(4, 24), rnd(16, 4), alpha=8.0),
-        Module("l.conv", rnd(3, 5, 3, 3), rnd(6, 3, 1, 1), alpha=3.0),
-        Module("only_a", rnd(2, 10), rnd(10, 2), alpha=1.0),
-    ])
-    b = make(tmp_path / "b.safetensors", [
-        Module("l.q", rnd(6, 24), rnd(16, 6), alpha=2.5),
-        Module("l.conv", rnd(2, 5, 3, 3), rnd(6, 2, 1, 1), alpha=7.0),
-    ])
+    a = make(
+        tmp_path / "a.safetensors",
+        [
+            Module("l.q", rnd(4, 24), rnd(16, 4), alpha=8.0),
+            Module("l.conv", rnd(3, 5, 3, 3), rnd(6, 3, 1, 1), alpha=3.0),
+            Module("only_a", rnd(2, 10), rnd(10, 2), alpha=1.0),
+        ],
+    )
+    b = make(
+        tmp_path / "b.safetensors",
+        [
+            Module("l.q", rnd(6, 24), rnd(16, 6), alpha=2.5),
+            Module("l.conv", rnd(2, 5, 3, 3), rnd(6, 2, 1, 1), alpha=7.0),
+        ],
+    )
     return tmp_path, a, b
 
 
@@ -58,8 +65,17 @@ def test_svd_of_factors_is_exact():
 @pytest.mark.parametrize("method", ["cat", "linear"])
 def test_linear_is_exact_weighted_sum_with_negative_weights(two_adapters, cli, method):
     d, a, b = two_adapters
-    code, out, err = cli("combine", d / "a.safetensors:0.7", d / "b.safetensors:-1.3", "-o", d / "c.safetensors",
-                         "--method", method, "--json", "-q")
+    code, out, err = cli(
+        "combine",
+        d / "a.safetensors:0.7",
+        d / "b.safetensors:-1.3",
+        "-o",
+        d / "c.safetensors",
+        "--method",
+        method,
+        "--json",
+        "-q",
+    )
     assert code == 0, err
     report = json.loads(out)
     c = lorakit.load(d / "c.safetensors")
@@ -69,8 +85,9 @@ def test_linear_is_exact_weighted_sum_with_negative_weights(two_adapters, cli, m
         assert (got - ref).norm() / ref.norm() < 1e-6
         assert c.modules[name].rank == a.modules[name].rank + b.modules[name].rank
     # a module missing from one input counts as zero
-    assert torch.allclose(c.modules["only_a"].delta().double(), 0.7 * dense(a.modules["only_a"]), rtol=1e-5,
-                          atol=1e-6)
+    assert torch.allclose(
+        c.modules["only_a"].delta().double(), 0.7 * dense(a.modules["only_a"]), rtol=1e-5, atol=1e-6
+    )
     assert report["rank"] == 4 + 6 + 3 + 2 + 2
     assert c.provenance["operation"] == "combine"
     assert [p["weight"] for p in c.provenance["parents"]] == [0.7, -1.3]
@@ -81,16 +98,23 @@ def test_peft_3004_cross_terms_and_negative_weights(tmp_path):
     A1, B1, A2, B2 = rnd(4, 16), rnd(16, 4), rnd(4, 16), rnd(16, 4)
     make(tmp_path / "1.safetensors", [Module("m", A1, B1, alpha=4.0)])
     make(tmp_path / "2.safetensors", [Module("m", A2, B2, alpha=4.0)])
-    lorakit.combine([str(tmp_path / "1.safetensors:1"), str(tmp_path / "2.safetensors:-1")],
-                    tmp_path / "c.safetensors", method="linear", quiet=True)
+    lorakit.combine(
+        [str(tmp_path / "1.safetensors:1"), str(tmp_path / "2.safetensors:-1")],
+        tmp_path / "c.safetensors",
+        method="linear",
+        quiet=True,
+    )
     got = lorakit.load(tmp_path / "c.safetensors").modules["m"].delta().double()
     exact = B1.double() @ A1.double() - B2.double() @ A2.double()
     naive = (B1.double() - B2.double()) @ (A1.double() + A2.double())  # the cross-term construction
     assert (got - exact).norm() / exact.norm() < 1e-6
     assert (naive - exact).norm() / exact.norm() > 0.5
     # w and -w of the same adapter cancel exactly
-    lorakit.combine([str(tmp_path / "1.safetensors:2"), str(tmp_path / "1.safetensors:-2")],
-                    tmp_path / "z.safetensors", quiet=True)
+    lorakit.combine(
+        [str(tmp_path / "1.safetensors:2"), str(tmp_path / "1.safetensors:-2")],
+        tmp_path / "z.safetensors",
+        quiet=True,
+    )
     assert lorakit.load(tmp_path / "z.safetensors").modules["m"].delta().abs().max() < 1e-5
 
 
@@ -107,8 +131,13 @@ def test_peft_3111_scaling_applied_once(tmp_path):
 @pytest.mark.parametrize("rank", [1, 3, 5])
 def test_svd_combine_is_optimal_truncation(two_adapters, rank):
     d, a, b = two_adapters
-    lorakit.combine([str(d / "a.safetensors:1.5"), str(d / "b.safetensors:0.25")], d / f"s{rank}.safetensors",
-                    method="svd", rank=rank, quiet=True)
+    lorakit.combine(
+        [str(d / "a.safetensors:1.5"), str(d / "b.safetensors:0.25")],
+        d / f"s{rank}.safetensors",
+        method="svd",
+        rank=rank,
+        quiet=True,
+    )
     c = lorakit.load(d / f"s{rank}.safetensors")
     for name in ("l.q", "l.conv"):
         ref = 1.5 * dense(a.modules[name]) + 0.25 * dense(b.modules[name])
@@ -121,12 +150,18 @@ def test_svd_combine_is_optimal_truncation(two_adapters, rank):
 
 def test_svd_default_rank_and_energy(two_adapters):
     d, a, b = two_adapters
-    r = lorakit.combine([str(d / "a.safetensors"), str(d / "b.safetensors")], d / "s.safetensors", method="svd",
-                        quiet=True)
+    r = lorakit.combine(
+        [str(d / "a.safetensors"), str(d / "b.safetensors")], d / "s.safetensors", method="svd", quiet=True
+    )
     ranks = {m["module"]: m["rank"] for m in r["modules"]}
     assert ranks["l.q"] == 6  # the largest input rank
-    r = lorakit.combine([str(d / "a.safetensors"), str(d / "b.safetensors")], d / "e.safetensors", method="linear",
-                        energy=0.9, quiet=True)
+    r = lorakit.combine(
+        [str(d / "a.safetensors"), str(d / "b.safetensors")],
+        d / "e.safetensors",
+        method="linear",
+        energy=0.9,
+        quiet=True,
+    )
     c = lorakit.load(d / "e.safetensors")
     ref = dense(a.modules["l.q"]) + dense(b.modules["l.q"])
     S2 = torch.linalg.svdvals(ref).square()
@@ -138,8 +173,14 @@ def test_ties_follows_the_paper_on_dense_deltas(tmp_path):
     A1, B1, A2, B2 = rnd(3, 8), rnd(6, 3), rnd(3, 8), rnd(6, 3)
     make(tmp_path / "1.safetensors", [Module("m", A1, B1, alpha=3.0)])
     make(tmp_path / "2.safetensors", [Module("m", A2, B2, alpha=3.0)])
-    lorakit.combine([str(tmp_path / "1.safetensors"), str(tmp_path / "2.safetensors:0.5")],
-                    tmp_path / "t.safetensors", method="ties", density=0.3, rank=6, quiet=True)
+    lorakit.combine(
+        [str(tmp_path / "1.safetensors"), str(tmp_path / "2.safetensors:0.5")],
+        tmp_path / "t.safetensors",
+        method="ties",
+        density=0.3,
+        rank=6,
+        quiet=True,
+    )
     got = lorakit.load(tmp_path / "t.safetensors").modules["m"].delta().double()
     # independent reference: trim to top-30% magnitude, elect sign of the weighted sum, disjoint weighted mean
     d = [(B1 @ A1).double(), (B2 @ A2).double()]
@@ -152,8 +193,10 @@ def test_ties_follows_the_paper_on_dense_deltas(tmp_path):
     weighted = [wi * t for wi, t in zip(w, trimmed)]
     sign = torch.sign(weighted[0] + weighted[1])
     num = sum(torch.where(torch.sign(t) == sign, t, torch.zeros_like(t)) for t in weighted)
-    den = sum(torch.where(torch.sign(t) == sign, torch.full_like(t, wi), torch.zeros_like(t))
-              for wi, t in zip(w, weighted))
+    den = sum(
+        torch.where(torch.sign(t) == sign, torch.full_like(t, wi), torch.zeros_like(t))
+        for wi, t in zip(w, weighted)
+    )
     ref = num / torch.where(den == 0, torch.ones_like(den), den)
     assert torch.allclose(got, ref, atol=1e-5)  # rank 6 = full rank of a 6 x 8 matrix: exact
 
@@ -161,9 +204,15 @@ def test_ties_follows_the_paper_on_dense_deltas(tmp_path):
 def test_dare_is_seeded_and_unbiased(tmp_path):
     make(tmp_path / "1.safetensors", [Module("m", rnd(4, 64), rnd(64, 4), alpha=4.0)])
     src = [str(tmp_path / "1.safetensors")]
-    lorakit.combine(src, tmp_path / "d1.safetensors", method="dare_linear", density=0.5, seed=3, rank=64, quiet=True)
-    lorakit.combine(src, tmp_path / "d2.safetensors", method="dare_linear", density=0.5, seed=3, rank=64, quiet=True)
-    lorakit.combine(src, tmp_path / "d3.safetensors", method="dare_linear", density=0.5, seed=4, rank=64, quiet=True)
+    lorakit.combine(
+        src, tmp_path / "d1.safetensors", method="dare_linear", density=0.5, seed=3, rank=64, quiet=True
+    )
+    lorakit.combine(
+        src, tmp_path / "d2.safetensors", method="dare_linear", density=0.5, seed=3, rank=64, quiet=True
+    )
+    lorakit.combine(
+        src, tmp_path / "d3.safetensors", method="dare_linear", density=0.5, seed=4, rank=64, quiet=True
+    )
     d1, d2, d3 = (lorakit.load(tmp_path / f"d{i}.safetensors").modules["m"].delta() for i in (1, 2, 3))
     assert torch.equal(d1, d2) and not torch.allclose(d1, d3)
     ref = lorakit.load(src[0]).modules["m"].delta()
@@ -180,12 +229,17 @@ def test_sparsify_and_consensus_units():
 
 
 def test_combine_refuses_dora_and_bad_options(tmp_path, cli):
-    make(tmp_path / "d.safetensors", [Module("m", rnd(2, 4), rnd(4, 2), alpha=2.0, magnitude=torch.ones(4),
-                                             dora_axis=0)])
-    c, out, err = cli("combine", tmp_path / "d.safetensors", tmp_path / "d.safetensors", "-o", tmp_path / "o.st")
+    make(
+        tmp_path / "d.safetensors",
+        [Module("m", rnd(2, 4), rnd(4, 2), alpha=2.0, magnitude=torch.ones(4), dora_axis=0)],
+    )
+    c, out, err = cli(
+        "combine", tmp_path / "d.safetensors", tmp_path / "d.safetensors", "-o", tmp_path / "o.st"
+    )
     assert_one_line_error(c, out, err, "DoRA", "'m'")
-    c, out, err = cli("combine", tmp_path / "d.safetensors", "-o", tmp_path / "o.st", "--method", "cat",
-                      "--rank", "2")
+    c, out, err = cli(
+        "combine", tmp_path / "d.safetensors", "-o", tmp_path / "o.st", "--method", "cat", "--rank", "2"
+    )
     assert_one_line_error(c, out, err, "cat is exact")
     assert "o.st" not in listdir_all(tmp_path)
 
@@ -193,7 +247,9 @@ def test_combine_refuses_dora_and_bad_options(tmp_path, cli):
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_resize_error_is_eckart_young_optimum(two_adapters, dtype, cli):
     d, a, _ = two_adapters
-    code, out, err = cli("resize", d / "a.safetensors", "-o", d / "r.safetensors", "--rank", "2", "--json", "-q")
+    code, out, err = cli(
+        "resize", d / "a.safetensors", "-o", d / "r.safetensors", "--rank", "2", "--json", "-q"
+    )
     assert code == 0, err
     report = json.loads(out)
     r = lorakit.load(d / "r.safetensors")
@@ -221,11 +277,18 @@ def test_resize_dynamic_rules_match_sd_scripts(tmp_path):
     # = .87,.97,.992 -> 3; energy: cum S^2 / sum = .751,.938,.985,.997 -> 4. sd-scripts' resize_lora keeps one more
     # for the sv_* rules (rank_resize: index + 1); --minimal keeps the smallest rank meeting the rule.
     for opt, (x, k) in minimal.items():
-        r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / f"{opt}.safetensors", **{opt: x}, quiet=True)
+        r = lorakit.resize(
+            tmp_path / "a.safetensors", tmp_path / f"{opt}.safetensors", **{opt: x}, quiet=True
+        )
         assert r["modules"][0]["rank"] == (k if opt == "energy" else k + 1), opt
         if opt != "energy":
-            r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / f"{opt}m.safetensors", **{opt: x}, quiet=True,
-                               minimal=True)
+            r = lorakit.resize(
+                tmp_path / "a.safetensors",
+                tmp_path / f"{opt}m.safetensors",
+                **{opt: x},
+                quiet=True,
+                minimal=True,
+            )
             assert r["modules"][0]["rank"] == k, opt
     r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "all.safetensors", sv_ratio=100.0, quiet=True)
     assert r["modules"][0]["rank"] == 5  # all five kept: the +1 adds no zero direction
@@ -233,7 +296,9 @@ def test_resize_dynamic_rules_match_sd_scripts(tmp_path):
         lorakit.resize(tmp_path / "a.safetensors", tmp_path / "x.safetensors", rank=2, minimal=True)
     r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "big.safetensors", rank=50, quiet=True)
     assert r["modules"][0]["rank"] == 5  # never above the module's rank (sd-scripts #325)
-    r = lorakit.resize(tmp_path / "a.safetensors", tmp_path / "mx.safetensors", energy=0.999, max_rank=2, quiet=True)
+    r = lorakit.resize(
+        tmp_path / "a.safetensors", tmp_path / "mx.safetensors", energy=0.999, max_rank=2, quiet=True
+    )
     assert r["modules"][0]["rank"] == 2
     with pytest.raises(LorakitError, match="give one of"):
         lorakit.resize(tmp_path / "a.safetensors", tmp_path / "x.safetensors", rank=2, energy=0.5)
@@ -241,7 +306,10 @@ def test_resize_dynamic_rules_match_sd_scripts(tmp_path):
 
 def test_diff_identical_and_reparametrized_is_zero(tmp_path, cli):
     A, B = rnd(4, 20), rnd(12, 4)
-    make(tmp_path / "a.safetensors", [Module("m", A, B, alpha=8.0), Module("c", rnd(2, 3, 3, 3), rnd(5, 2, 1, 1), 2.0)])
+    make(
+        tmp_path / "a.safetensors",
+        [Module("m", A, B, alpha=8.0), Module("c", rnd(2, 3, 3, 3), rnd(5, 2, 1, 1), 2.0)],
+    )
     a = lorakit.load(tmp_path / "a.safetensors")
     # the same deltas: B scaled by 4 with alpha / 4; rank padded with zero components and permuted
     perm = torch.tensor([2, 0, 3, 1])
@@ -249,7 +317,9 @@ def test_diff_identical_and_reparametrized_is_zero(tmp_path, cli):
     B6 = torch.cat([B[:, perm] * 4, rnd(12, 2)], 1)
     make(tmp_path / "b.safetensors", [Module("m", A6, B6, alpha=3.0), a.modules["c"]])  # 3/6 = (8/4)/4
     for other in ("a", "b"):
-        code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / f"{other}.safetensors", "--json", "-q")
+        code, out, _ = cli(
+            "diff", tmp_path / "a.safetensors", tmp_path / f"{other}.safetensors", "--json", "-q"
+        )
         r = json.loads(out)
         assert code == 0 and r["summary"]["identical_deltas"]
         for row in r["modules"]:
@@ -260,7 +330,10 @@ def test_diff_identical_and_reparametrized_is_zero(tmp_path, cli):
 
 
 def test_diff_measures_against_fp64(tmp_path):
-    a = make(tmp_path / "a.safetensors", [Module("m", rnd(3, 10), rnd(8, 3), 3.0), Module("x", rnd(1, 4), rnd(4, 1), 1)])
+    a = make(
+        tmp_path / "a.safetensors",
+        [Module("m", rnd(3, 10), rnd(8, 3), 3.0), Module("x", rnd(1, 4), rnd(4, 1), 1)],
+    )
     b = make(tmp_path / "b.safetensors", [Module("m", rnd(2, 10), rnd(8, 2), 5.0)])
     r = lorakit.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", quiet=True)
     row = next(x for x in r["modules"] if x["module"] == "m")
@@ -285,8 +358,17 @@ def test_extract_recovers_planted_low_rank_difference(tiny_base, tmp_path, cli):
         planted[name] = tuned[name].double() - tensors[name].double()  # the difference as stored
     tuned["model.norm.weight"] = tuned["model.norm.weight"] + 0.5
     write_safetensors(tmp_path / "tuned.safetensors", tuned)
-    code, out, err = cli("extract", folder, tmp_path / "tuned.safetensors", "-o", tmp_path / "e.safetensors",
-                         "--rank", "3", "--json", "-q")
+    code, out, err = cli(
+        "extract",
+        folder,
+        tmp_path / "tuned.safetensors",
+        "-o",
+        tmp_path / "e.safetensors",
+        "--rank",
+        "3",
+        "--json",
+        "-q",
+    )
     assert code == 0, err
     report = json.loads(out)
     e = lorakit.load(tmp_path / "e.safetensors")
@@ -298,16 +380,23 @@ def test_extract_recovers_planted_low_rank_difference(tiny_base, tmp_path, cli):
     assert report["replaced"] == ["model.norm.weight"] and report["unchanged"] == len(tensors) - 3
     assert all(m["energy_kept"] > 1 - 1e-9 for m in report["modules"])
     from lorakit.spec import fingerprint
+
     assert e.base_fingerprint == fingerprint({k: tuple(v.shape) for k, v in tensors.items()})
     # targets: only q_proj
-    r = lorakit.extract(folder, tmp_path / "tuned.safetensors", tmp_path / "q.safetensors", rank=3,
-                        targets="q_proj", quiet=True)
+    r = lorakit.extract(
+        folder,
+        tmp_path / "tuned.safetensors",
+        tmp_path / "q.safetensors",
+        rank=3,
+        targets="q_proj",
+        quiet=True,
+    )
     assert [m["module"] for m in r["modules"]] == ["model.layers.0.self_attn.q_proj"]
     assert "model.layers.1.mlp.down_proj.weight" in r["not_targeted"]
 
 
 def test_randomized_svd_matches_exact_optimum():
-    M = (rnd(600, 20) @ rnd(20, 500) + 0.01 * rnd(600, 500))
+    M = rnd(600, 20) @ rnd(20, 500) + 0.01 * rnd(600, 500)
     S = torch.linalg.svdvals(M.double())
     k = 10
     svd = truncated_svd(M, k, generator=torch.Generator().manual_seed(0))
@@ -321,6 +410,8 @@ def test_extract_errors(tiny_base, tmp_path, cli):
     folder, _ = tiny_base
     c, out, err = cli("extract", folder, folder, "-o", tmp_path / "x.safetensors", "--rank", "2")
     assert_one_line_error(c, out, err, "nothing to extract")
-    c, out, err = cli("extract", folder, tmp_path / "missing", "-o", tmp_path / "x.safetensors", "--rank", "2")
+    c, out, err = cli(
+        "extract", folder, tmp_path / "missing", "-o", tmp_path / "x.safetensors", "--rank", "2"
+    )
     assert_one_line_error(c, out, err, "missing", "no such file")
     assert not (tmp_path / "x.safetensors").exists()

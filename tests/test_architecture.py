@@ -1,5 +1,6 @@
 """The layers stay layers: the core is pure, every list of choices exists once (and the README lists every entry),
 formats take only the options they declare, and the quantized-checkpoint fixtures are exact."""
+
 import os
 import re
 import subprocess
@@ -20,17 +21,22 @@ README = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
 
 
 def test_core_imports_no_outer_layer():
-    code = ("import sys, lorakit.core, lorakit.core.algebra, lorakit.core.linalg, lorakit.core.lycoris\n"
-            "bad = [m for m in sys.modules if m.split('.')[:2] in (['lorakit', 'io'], ['lorakit', 'formats'], "
-            "['lorakit', 'quant'], ['lorakit', 'engine'], ['lorakit', 'methods'], ['lorakit', 'commands'])]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, lorakit.core, lorakit.core.algebra, lorakit.core.linalg, lorakit.core.lycoris\n"
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['lorakit', 'io'], ['lorakit', 'formats'], "
+        "['lorakit', 'quant'], ['lorakit', 'engine'], ['lorakit', 'methods'], ['lorakit', 'commands'])]\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("package", ["lorakit.formats", "lorakit.quant", "lorakit.methods", "lorakit.io",
-                                     "lorakit.cli"])
+@pytest.mark.parametrize(
+    "package", ["lorakit.formats", "lorakit.quant", "lorakit.methods", "lorakit.io", "lorakit.cli"]
+)
 def test_registries_import_without_torch(package):
-    subprocess.run([sys.executable, "-c", f"import sys, {package}\nassert 'torch' not in sys.modules"], check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import sys, {package}\nassert 'torch' not in sys.modules"], check=True
+    )
 
 
 def test_every_registered_entry_resolves():
@@ -64,8 +70,11 @@ def test_readme_lists_every_registered_entry():
 def test_cli_choices_come_from_the_registries():
     from click.testing import CliRunner
     from lorakit.cli import main
-    help_text = CliRunner().invoke(main, ["merge", "--help"]).output + CliRunner().invoke(main, ["combine",
-                                                                                             "--help"]).output
+
+    help_text = (
+        CliRunner().invoke(main, ["merge", "--help"]).output
+        + CliRunner().invoke(main, ["combine", "--help"]).output
+    )
     for name in [*STRATEGIES, *METHODS]:
         assert name in help_text
 
@@ -94,6 +103,7 @@ def test_quantize_fixture_is_nearest_on_its_grid(fmt):
     from lorakit.quant.fp8 import FP8Channel
     from lorakit.quant.gptq_awq import AWQ, GPTQ
     from lorakit.quant.int8 import Int8Channel
+
     W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) / 16
     stored = examples.quantize(W, fmt, group_size=64)
     fmt_obj = {"fp8": FP8Channel(), "int8": Int8Channel(), "gptq": GPTQ(4, 64), "awq": AWQ(64)}[fmt]
@@ -101,7 +111,10 @@ def test_quantize_fixture_is_nearest_on_its_grid(fmt):
     members = {k: k for k in stored}
     grid = fmt_obj.grid(ckpt, members)
     S, Z = grid.columns(0, W.shape[1])
-    S, Z = S.double().expand_as(W), (Z.double().expand_as(W) if Z is not None else torch.zeros_like(W.double()))
+    S, Z = (
+        S.double().expand_as(W),
+        (Z.double().expand_as(W) if Z is not None else torch.zeros_like(W.double())),
+    )
     # the reference: the nearest codebook value in fp64, by brute force over the whole codebook
     U = W.double() / S + Z
     book = grid.codebook
@@ -119,23 +132,29 @@ def test_convert_base_sees_through_a_quantized_base(tmp_path):
     """`convert --base` reads the base through WeightView like merge does: a GPTQ base resolves kohya names."""
     import json
     from lorakit.io import write_safetensors
+
     shapes = examples.llama_shapes()
     tensors = examples.random_tensors(shapes)
     stored = {}
     for name, t in tensors.items():
         if name.endswith("proj.weight"):
-            stored.update({f"{name[:-7]}.{k}": v for k, v in examples.quantize(t, "gptq", group_size=32).items()})
+            stored.update(
+                {f"{name[:-7]}.{k}": v for k, v in examples.quantize(t, "gptq", group_size=32).items()}
+            )
         else:
             stored[name] = t
     os.makedirs(tmp_path / "gptq")
     write_safetensors(tmp_path / "gptq" / "model.safetensors", stored)
     with open(tmp_path / "gptq" / "config.json", "w") as f:
-        json.dump({**examples.llama_config(), "quantization_config": examples.quantization_config("gptq", 32)}, f)
+        json.dump(
+            {**examples.llama_config(), "quantization_config": examples.quantization_config("gptq", 32)}, f
+        )
     ad = examples.random_adapter(shapes, rank=2)
     ad.save(tmp_path / "a.safetensors")
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "k.safetensors", to="kohya")
-    report = lorakit.convert(tmp_path / "k.safetensors", tmp_path / "b.safetensors", to="lorakit",
-                             base=str(tmp_path / "gptq"))
+    report = lorakit.convert(
+        tmp_path / "k.safetensors", tmp_path / "b.safetensors", to="lorakit", base=str(tmp_path / "gptq")
+    )
     back = lorakit.load(tmp_path / "b.safetensors")
     assert sorted(back.modules) == sorted(ad.modules), report["notes"]
     for name, m in ad.modules.items():

@@ -1,4 +1,5 @@
 """diffusers LoRA files: PEFT keys under component prefixes with lora_adapter_metadata; older namings."""
+
 import json
 
 import torch
@@ -20,9 +21,17 @@ def test_diffusers_round_trip_with_metadata(tmp_path):
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": r(4, 16),
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": r(16, 4),
     }
-    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"proj_in": 2}, "unet.alpha_pattern": {},
-            "text_encoder.r": 4, "text_encoder.lora_alpha": 4}
-    write_safetensors(tmp_path / "d.safetensors", tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    meta = {
+        "unet.r": 4,
+        "unet.lora_alpha": 8,
+        "unet.rank_pattern": {"proj_in": 2},
+        "unet.alpha_pattern": {},
+        "text_encoder.r": 4,
+        "text_encoder.lora_alpha": 4,
+    }
+    write_safetensors(
+        tmp_path / "d.safetensors", tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta)}
+    )
     lorakit.convert(tmp_path / "d.safetensors", tmp_path / "a.safetensors", to="lorakit")
     ad = lorakit.load(tmp_path / "a.safetensors")
     q = ad.modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
@@ -35,11 +44,15 @@ def test_diffusers_round_trip_with_metadata(tmp_path):
     for name, m in ad.modules.items():
         # the scale lives in lora_B (scale 1): readers that ignore the metadata (ComfyUI: no .alpha -> 1) agree
         assert torch.equal(bits(back.modules[name].A), bits(m.A)) and back.modules[name].scale == 1.0
-        assert torch.equal(back.modules[name].delta(torch.float64), m.delta(torch.float64))  # scales 2, 4: exact
+        assert torch.equal(
+            back.modules[name].delta(torch.float64), m.delta(torch.float64)
+        )  # scales 2, 4: exact
         raw = d2.get(f"{name}.lora_B.weight").double() @ d2.get(f"{name}.lora_A.weight").double()
         assert torch.equal(raw, m.delta(torch.float64))
     packed = json.loads(d2.header.metadata["lora_adapter_metadata"])
-    assert packed["unet.r"] == 4 and packed["unet.lora_alpha"] == 4 and packed["text_encoder.lora_alpha"] == 4.0
+    assert (
+        packed["unet.r"] == 4 and packed["unet.lora_alpha"] == 4 and packed["text_encoder.lora_alpha"] == 4.0
+    )
     assert packed["text_encoder.target_modules"] == ["encoder.layers.0.self_attn.q_proj"]
     assert set(d2.header.entries) == set(tensors)
 
@@ -47,55 +60,106 @@ def test_diffusers_round_trip_with_metadata(tmp_path):
 def tiny_sd_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=8, attention_head_dim=4)
-    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
-                                      vocab_size=100, projection_dim=32, bos_token_id=0, eos_token_id=1))
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            vocab_size=100,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def test_real_diffusers_loads_lorakit_output_at_the_right_strength(tmp_path):
     """diffusers' load_lora_weights + fuse_lora on lorakit's --to diffusers output: W + scale B A exactly as
     lorakit computes it, text encoder included (transformers 5's flattened CLIPTextModel)."""
     from lorakit.core import Adapter, Module
+
     pipe = tiny_sd_pipeline()
     g = torch.Generator().manual_seed(1)
     unet_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     te_q = "text_model.encoder.layers.0.self_attn.q_proj"
     ad = Adapter()
-    ad.add(Module(f"unet.{unet_q}", torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), alpha=8.0))
-    ad.add(Module(f"text_encoder.{te_q}", torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), alpha=1.0))
+    ad.add(
+        Module(f"unet.{unet_q}", torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), alpha=8.0)
+    )
+    ad.add(
+        Module(
+            f"text_encoder.{te_q}",
+            torch.randn(2, 32, generator=g),
+            torch.randn(32, 2, generator=g),
+            alpha=1.0,
+        )
+    )
     ad.save(tmp_path / "a.safetensors")
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "d.safetensors", to="diffusers")
     unet_w = pipe.unet.get_submodule(unet_q).weight.detach().double().clone()
-    te_mod = te_q if hasattr(pipe.text_encoder, "text_model") else te_q[len("text_model."):]
+    te_mod = te_q if hasattr(pipe.text_encoder, "text_model") else te_q[len("text_model.") :]
     te_w = pipe.text_encoder.get_submodule(te_mod).weight.detach().double().clone()
     pipe.load_lora_weights(str(tmp_path / "d.safetensors"))
     pipe.fuse_lora()
-    for w0, module, name in ((unet_w, pipe.unet.get_submodule(unet_q), f"unet.{unet_q}"),
-                             (te_w, pipe.text_encoder.get_submodule(te_mod), f"text_encoder.{te_q}")):
+    for w0, module, name in (
+        (unet_w, pipe.unet.get_submodule(unet_q), f"unet.{unet_q}"),
+        (te_w, pipe.text_encoder.get_submodule(te_mod), f"text_encoder.{te_q}"),
+    ):
         want = w0 + ad.modules[name].delta(torch.float64)
         assert torch.allclose(module.weight.detach().double(), want, atol=1e-5), name
 
 
 def test_older_diffusers_names(tmp_path):
     A, B = torch.randn(2, 8), torch.randn(8, 2)
-    write_safetensors(tmp_path / "old.safetensors", {
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": A,
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": B,
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": A,
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": B,
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": A,
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": B,
-    })
+    write_safetensors(
+        tmp_path / "old.safetensors",
+        {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": A,
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": B,
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": A,
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": B,
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": A,
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": B,
+        },
+    )
     ad = lorakit.load(tmp_path / "old.safetensors")
-    assert set(ad.modules) == {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-                               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
-                               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"}
+    assert set(ad.modules) == {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+    }
     assert all(m.scale == 1.0 for m in ad.modules.values())

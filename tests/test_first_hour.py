@@ -1,5 +1,6 @@
 """A new user's first hour: the usual mistakes get hints, --json speaks one vocabulary, header-only commands import no
 torch, progress bars stay out of logs, the demo cleans up, and the library takes Adapters."""
+
 import json
 import os
 import shlex
@@ -27,20 +28,39 @@ def w(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["merge", "base", "a.safetensors", "0.7", "-o", "m"], ["'0.7' is not a file", "a.safetensors:0.7"]),
-    (["merge", "base", "a.safetensors:0,7", "-o", "m"], ["weight '0,7' is not a number", "a.safetensors:0.7"]),
-    (["merge", "a.safetensors", "base", "-o", "m"], ["did you swap BASE and ADAPTER?"]),
-    (["merge", "peft", "a.safetensors", "-o", "m"], ["BASE is a peft adapter", "did you swap"]),
-    (["inspect", "peft/adapter_config.json"], ["this is a JSON file", "pass the folder"]),
-    (["merge", "sharded/model.safetensors.index.json", "a.safetensors", "-o", "m"], ["this is a JSON file"]),
-    (["merge", "sharded/model-00001-of-00002.safetensors", "a.safetensors", "-o", "m.safetensors"],
-     ["one of the 2 shards", "pass its folder"]),
-    (["merge", "meta-llama/Llama-3.2-1B", "a.safetensors", "-o", "m"],
-     ["no such file or folder", "huggingface-cli download meta-llama/Llama-3.2-1B"]),
-    (["merge", "base", "a.safetensors", "-o", "merged.safetensors"], ["the base is a folder", "give a folder name"]),
-    (["merge", "base", "a.safetensors", "-o", "m", "--dtype", "bfloat17"], ["unknown dtype 'bfloat17'", "bf16"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["merge", "base", "a.safetensors", "0.7", "-o", "m"], ["'0.7' is not a file", "a.safetensors:0.7"]),
+        (
+            ["merge", "base", "a.safetensors:0,7", "-o", "m"],
+            ["weight '0,7' is not a number", "a.safetensors:0.7"],
+        ),
+        (["merge", "a.safetensors", "base", "-o", "m"], ["did you swap BASE and ADAPTER?"]),
+        (["merge", "peft", "a.safetensors", "-o", "m"], ["BASE is a peft adapter", "did you swap"]),
+        (["inspect", "peft/adapter_config.json"], ["this is a JSON file", "pass the folder"]),
+        (
+            ["merge", "sharded/model.safetensors.index.json", "a.safetensors", "-o", "m"],
+            ["this is a JSON file"],
+        ),
+        (
+            ["merge", "sharded/model-00001-of-00002.safetensors", "a.safetensors", "-o", "m.safetensors"],
+            ["one of the 2 shards", "pass its folder"],
+        ),
+        (
+            ["merge", "meta-llama/Llama-3.2-1B", "a.safetensors", "-o", "m"],
+            ["no such file or folder", "huggingface-cli download meta-llama/Llama-3.2-1B"],
+        ),
+        (
+            ["merge", "base", "a.safetensors", "-o", "merged.safetensors"],
+            ["the base is a folder", "give a folder name"],
+        ),
+        (
+            ["merge", "base", "a.safetensors", "-o", "m", "--dtype", "bfloat17"],
+            ["unknown dtype 'bfloat17'", "bf16"],
+        ),
+    ],
+)
 def test_usual_mistakes_get_a_hint(w, cli, argv, fragments):
     assert_one_line_error(*cli(*argv), *fragments)
     assert not any(os.path.exists(p) for p in ("m", "m.safetensors", "merged.safetensors"))
@@ -69,8 +89,10 @@ def test_library_errors_name_python_options_and_the_cli_shell_options(w, cli):
     lorakit.convert("a.safetensors", "a2.safetensors", to="lorakit")
     with pytest.raises(LorakitError, match=r"use force=True to replace it"):
         lorakit.convert("a.safetensors", "a2.safetensors", to="lorakit")
-    assert_one_line_error(*cli("convert", "a.safetensors", "-o", "a2.safetensors", "--to", "lorakit"),
-                          "use --force to replace it")
+    assert_one_line_error(
+        *cli("convert", "a.safetensors", "-o", "a2.safetensors", "--to", "lorakit"),
+        "use --force to replace it",
+    )
     with pytest.raises(LorakitError, match="rank must be >= 1"):
         lorakit.resize("a.safetensors", "r.safetensors", rank=0)
 
@@ -137,8 +159,11 @@ def test_human_output_reads_well(w, cli):
     code, out, _ = cli("inspect", "c.safetensors")
     assert "  from      a.safetensors (format lorakit, weight 1.0)" in out and "{'" not in out
     other = lorakit.Adapter()
-    other.add(lorakit.Module("model.layers.0.mlp.up_proj", examples.torch.ones(1, 64),
-                             examples.torch.ones(128, 1), alpha=1.0))
+    other.add(
+        lorakit.Module(
+            "model.layers.0.mlp.up_proj", examples.torch.ones(1, 64), examples.torch.ones(128, 1), alpha=1.0
+        )
+    )
     other.save("o.safetensors")
     code, out, _ = cli("diff", "a.safetensors", "o.safetensors")
     assert code == 0 and out.startswith("no module in common: 4 only in A") and "cosine" not in out
@@ -149,10 +174,12 @@ def test_human_output_reads_well(w, cli):
 
 @pytest.mark.parametrize("argv", [["inspect", "{a}"], ["inspect", "{a}", "--json"], ["validate", "{a}"]])
 def test_header_only_commands_import_no_torch(w, argv):
-    code = ("import sys\nfrom lorakit.cli import main\n"
-            f"try:\n    main({[x.format(a=str(w / 'a.safetensors')) for x in argv]!r})\nexcept SystemExit as e:\n"
-            "    assert e.code in (0, None), e.code\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    code = (
+        "import sys\nfrom lorakit.cli import main\n"
+        f"try:\n    main({[x.format(a=str(w / 'a.safetensors')) for x in argv]!r})\nexcept SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -164,6 +191,7 @@ def test_progress_bars_stay_out_of_logs(w, cli):
 
 def test_demo_is_clean(tmp_path, cli, monkeypatch):
     import tempfile
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code, out, err = cli("demo", "--quiet")
     assert code == 0, err

@@ -1,4 +1,5 @@
 """GGUF LoRA through the real gguf package: llama.cpp names, KVs, shapes, Q/K permutation, one alpha."""
+
 import json
 import gguf
 import numpy as np
@@ -24,13 +25,16 @@ def test_permute_matches_llama_cpp_layout_and_inverts():
 
 def test_gguf_write_read_with_the_gguf_package(tiny_base, tmp_path, cli):
     folder, tensors = tiny_base
-    ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj", "k_proj", "v_proj", "down_proj"), rank=4,
-                                 alpha=8.0)
-    ad.modules["model.embed_tokens"] = Module("model.embed_tokens", torch.randn(4, 64), torch.randn(256, 4), 8.0,
-                                              kind="embedding")
+    ad = examples.random_adapter(
+        shapes_of(tensors), targets=("q_proj", "k_proj", "v_proj", "down_proj"), rank=4, alpha=8.0
+    )
+    ad.modules["model.embed_tokens"] = Module(
+        "model.embed_tokens", torch.randn(4, 64), torch.randn(256, 4), 8.0, kind="embedding"
+    )
     ad.save(tmp_path / "a.safetensors")
-    code, out, err = cli("convert", tmp_path / "a.safetensors", "-o", tmp_path / "a.gguf", "--to", "gguf",
-                         "--base", folder)
+    code, out, err = cli(
+        "convert", tmp_path / "a.safetensors", "-o", tmp_path / "a.gguf", "--to", "gguf", "--base", folder
+    )
     assert code == 0, err
     r = gguf.GGUFReader(str(tmp_path / "a.gguf"))
     assert r.fields["general.type"].contents() == "adapter"
@@ -39,7 +43,10 @@ def test_gguf_write_read_with_the_gguf_package(tiny_base, tmp_path, cli):
     assert r.fields["adapter.lora.alpha"].contents() == 8.0
     shapes = {t.name: tuple(int(d) for d in reversed(list(t.shape))) for t in r.tensors}
     assert shapes["blk.0.attn_q.weight.lora_a"] == (4, 64) and shapes["blk.0.attn_q.weight.lora_b"] == (64, 4)
-    assert shapes["blk.1.ffn_down.weight.lora_a"] == (4, 128) and shapes["blk.1.ffn_down.weight.lora_b"] == (64, 4)
+    assert shapes["blk.1.ffn_down.weight.lora_a"] == (4, 128) and shapes["blk.1.ffn_down.weight.lora_b"] == (
+        64,
+        4,
+    )
     assert shapes["token_embd.weight.lora_a"] == (256, 4) and shapes["token_embd.weight.lora_b"] == (64, 4)
     q_b = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight.lora_b")
     B = ad.modules["model.layers.0.self_attn.q_proj"].B
@@ -61,7 +68,7 @@ def test_gguf_single_alpha_folds_scale(tmp_path):
     assert any("folded" in n for n in r["notes"])
     back = lorakit.load(tmp_path / "a.gguf")
     for name, m in ad.modules.items():
-        assert torch.allclose(back.modules[name].delta(), m.delta(), rtol=2 ** -23, atol=1e-7)
+        assert torch.allclose(back.modules[name].delta(), m.delta(), rtol=2**-23, atol=1e-7)
 
 
 def test_gguf_errors(tmp_path):
@@ -91,6 +98,7 @@ def test_gguf_head_counts_from_the_adapters_base_path_and_qwen2(tmp_path):
     """Without --base, the adapter's own base_model folder gives the head counts (as llama.cpp's converter does);
     Qwen2 is converted as qwen2, whose Q/K rows llama.cpp does not permute."""
     import json
+
     folder = tmp_path / "base"
     tensors = examples.write_llama_checkpoint(str(folder))
     ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj",), rank=2)
@@ -115,6 +123,7 @@ def test_llama_cpp_converter_style_lora_gguf_q8_0_and_no_head_counts(tmp_path, c
     (no statistic depends on llama.cpp's Q/K row order); converting still needs the head counts, and gets them from
     --base; the values are gguf's own Q8_0 dequantization."""
     from gguf.quants import dequantize, quantize
+
     folder = tmp_path / "base"
     examples.write_llama_checkpoint(str(folder))
     g = torch.Generator().manual_seed(3)
@@ -141,6 +150,7 @@ def test_llama_cpp_converter_style_lora_gguf_q8_0_and_no_head_counts(tmp_path, c
     deq = lambda t: torch.from_numpy(dequantize(quantize(t.numpy(), qt), qt).astype(np.float32))  # noqa: E731
     assert torch.equal(m.A, deq(A))
     from lorakit.formats.names import unpermute
+
     n_head = json.loads((folder / "config.json").read_text())["num_attention_heads"]
     assert torch.equal(m.B, unpermute(deq(B), n_head).contiguous())
 
@@ -150,11 +160,14 @@ def test_peft_base_layer_copies_skipped_for_gguf(tmp_path):
     when it equals the base, as llama.cpp's converter does, and refused when it differs (a resized vocabulary)."""
     from lorakit.core import Module
     from lorakit.io import TensorFile
+
     folder = tmp_path / "base"
     tensors = examples.write_llama_checkpoint(str(folder))
     ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj",), rank=2)
     E = TensorFile(next(folder.glob("*.safetensors"))).get("model.embed_tokens.weight")
-    ad.add(Module("model.embed_tokens", torch.randn(2, E.shape[1]), torch.randn(E.shape[0], 2), 2.0, "embedding"))
+    ad.add(
+        Module("model.embed_tokens", torch.randn(2, E.shape[1]), torch.randn(E.shape[0], 2), 2.0, "embedding")
+    )
     ad.replacements["model.embed_tokens.weight"] = E.clone()
     ad.save(tmp_path / "a.safetensors")
     r = lorakit.convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf", base=str(folder))

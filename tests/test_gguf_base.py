@@ -1,5 +1,6 @@
 """GGUF base models (llama.cpp): merge keeps every block type's grid, KVs and untouched tensors byte for byte; the
 codecs agree with the gguf package's dequantization; inspect / extract / convert read GGUF bases."""
+
 import json
 import os
 
@@ -18,10 +19,21 @@ from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 64
 KVD = HIDDEN // HEADS * KV_HEADS
-DIMS = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KVD, HIDDEN), "attn_v": (KVD, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
-        "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
-HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-      "ffn_down": "mlp.down_proj"}
+DIMS = {
+    "attn_q": (HIDDEN, HIDDEN),
+    "attn_k": (KVD, HIDDEN),
+    "attn_v": (KVD, HIDDEN),
+    "attn_output": (HIDDEN, HIDDEN),
+    "ffn_gate": (INTER, HIDDEN),
+    "ffn_up": (INTER, HIDDEN),
+    "ffn_down": (HIDDEN, INTER),
+}
+HF = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "ffn_down": "mlp.down_proj",
+}
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # types gguf-py quantizes itself
 
 
@@ -31,14 +43,19 @@ def packed(kind, out, inn, rng):
     block, size = gguf.GGML_QUANT_SIZES[T[kind]]
     raw = rng.integers(0, 256, size=(out, inn // block, size), dtype=np.uint8)
     for off in ([bt.d] + ([bt.dmin] if bt.dmin is not None else [])) if bt else [0]:
-        raw[:, :, off:off + 2] = (np.abs(rng.standard_normal((out, inn // block, 1))) * 2e-3 + 1e-3) \
-            .astype(np.float16).view(np.uint8)
+        raw[:, :, off : off + 2] = (
+            (np.abs(rng.standard_normal((out, inn // block, 1))) * 2e-3 + 1e-3)
+            .astype(np.float16)
+            .view(np.uint8)
+        )
     return raw.reshape(out, -1)
 
 
 def weight(kind, out, inn, rng):
     if kind in ("F32", "F16"):
-        return (rng.standard_normal((out, inn)) * 0.02).astype(np.float32 if kind == "F32" else np.float16), None
+        return (rng.standard_normal((out, inn)) * 0.02).astype(
+            np.float32 if kind == "F32" else np.float16
+        ), None
     if kind == "BF16":
         w = torch.from_numpy((rng.standard_normal((out, inn)) * 0.02).astype(np.float32)).bfloat16()
         return w.view(torch.int16).numpy().view(np.uint16), T.BF16
@@ -77,8 +94,14 @@ def adapter(scale=0.05, seed=1, layers=2):
     for layer in range(layers):
         for n, hf in HF.items():
             o, i = DIMS[n]
-            ad.add(Module(f"model.layers.{layer}.{hf}", torch.randn(4, i, generator=g) * scale,
-                          torch.randn(o, 4, generator=g) * scale, alpha=8.0))
+            ad.add(
+                Module(
+                    f"model.layers.{layer}.{hf}",
+                    torch.randn(4, i, generator=g) * scale,
+                    torch.randn(o, 4, generator=g) * scale,
+                    alpha=8.0,
+                )
+            )
     return ad
 
 
@@ -100,7 +123,12 @@ def values(t):
     if t.tensor_type in (T.F32, T.F16):
         return torch.from_numpy(np.array(t.data, dtype=np.float64)).reshape(shape)
     if t.tensor_type == T.BF16:
-        return torch.from_numpy(np.array(t.data).view(np.int16).copy()).view(torch.bfloat16).double().reshape(shape)
+        return (
+            torch.from_numpy(np.array(t.data).view(np.int16).copy())
+            .view(torch.bfloat16)
+            .double()
+            .reshape(shape)
+        )
     return torch.from_numpy(dequantize(np.array(t.data), t.tensor_type).astype(np.float64)).reshape(shape)
 
 
@@ -134,8 +162,11 @@ def grid_bounds(kind, base_tensor):
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_codecs_agree_with_gguf_dequantize_and_repack_byte_for_byte(kind):
     rng = np.random.default_rng(3)
-    raw = packed(kind, 6, 512, rng) if kind not in LEGACY else quantize(
-        (rng.standard_normal((6, 512)) * 0.1).astype(np.float32), T[kind])
+    raw = (
+        packed(kind, 6, 512, rng)
+        if kind not in LEGACY
+        else quantize((rng.standard_normal((6, 512)) * 0.1).astype(np.float32), T[kind])
+    )
 
     fmt, m, ckpt = GGUFBlocks(), {"weight": "w"}, as_checkpoint(kind, (6, 512), raw)
     ref = dequantize(raw, T[kind]).astype(np.float32)
@@ -143,8 +174,9 @@ def test_codecs_agree_with_gguf_dequantize_and_repack_byte_for_byte(kind):
     grid = fmt.grid(ckpt, m)
     S, Z = grid.columns(0, 512)
     c = grid.codebook.values(fmt.codes(ckpt, m))
-    np.testing.assert_allclose(((c - Z) * S if Z is not None else c * S).numpy(), ref, rtol=0,
-                               atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(
+        ((c - Z) * S if Z is not None else c * S).numpy(), ref, rtol=0, atol=1e-6 * np.abs(ref).max()
+    )
     assert np.array_equal(fmt.encode(ckpt, m, fmt.codes(ckpt, m), grid)["w"].numpy(), raw.reshape(-1))
 
 
@@ -158,6 +190,7 @@ def test_fixture_quantizer_is_the_nearest_code_on_its_fit(kind):
 
     class Info:
         shape, data = (512, 8), raw
+
     S, low, high = grid_bounds(kind, Info)
     assert bool(((got - W).abs() <= S / 2 * (1 + 1e-3) + 1e-9).all())
     assert float((low - W).clamp(min=0).max()) < 1e-7 and float((W - high).clamp(min=0).max()) < 1e-7
@@ -169,11 +202,17 @@ def test_merge_keeps_type_size_kvs_and_untouched_bytes(tmp_path, kind, cli):
     ad = adapter(scale=0.01)  # ||dW|| / ||W|| ~ 1e-2
     ad.save(tmp_path / "ad.safetensors")
     out = tmp_path / "out.gguf"
-    assert cli("merge", base, tmp_path / "ad.safetensors", "-o", out, "--strategy", "same-grid", "--quiet")[0] == 0
+    assert (
+        cli("merge", base, tmp_path / "ad.safetensors", "-o", out, "--strategy", "same-grid", "--quiet")[0]
+        == 0
+    )
     assert os.path.getsize(out) == os.path.getsize(base)
     (r0, t0), (r1, t1) = tensors(base), tensors(out)
-    assert [(k, f.types, [bytes(p) for p in f.parts]) for k, f in r0.fields.items() if not k.startswith("GGUF.")] \
-        == [(k, f.types, [bytes(p) for p in f.parts]) for k, f in r1.fields.items() if not k.startswith("GGUF.")]
+    assert [
+        (k, f.types, [bytes(p) for p in f.parts]) for k, f in r0.fields.items() if not k.startswith("GGUF.")
+    ] == [
+        (k, f.types, [bytes(p) for p in f.parts]) for k, f in r1.fields.items() if not k.startswith("GGUF.")
+    ]
     assert list(t0) == list(t1)
     touched = 0
     for name, t in t0.items():
@@ -213,8 +252,9 @@ def test_default_feedback_keeps_the_adapter_in_its_input_subspace(tmp_path):
     assert all(m["retention"] >= 0.9 for m in q["modules"]), q["modules"]
     rel = [m["relative_delta"] for m in q["modules"]]
     assert 0.007 < min(rel) and max(rel) < 0.014
-    same = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "same.gguf", strategy="same-grid",
-                         quiet=True)["quantization"]
+    same = lorakit.merge(
+        base, [tmp_path / "ad.safetensors"], tmp_path / "same.gguf", strategy="same-grid", quiet=True
+    )["quantization"]
     assert q["mean_probe_error_aligned"] < 0.5 * same["mean_probe_error_aligned"]
     # the report's aligned error, recomputed from the written file through the gguf package
     _, t0 = tensors(base)
@@ -260,8 +300,11 @@ def test_unsupported_types_refused_or_written_f16(tmp_path, cli):
     code, _, err = cli("merge", base, tmp_path / "ad.safetensors", "-o", out, "--quiet")
     assert code == 2 and "IQ4_NL" in err and "--dtype f16" in err
     assert not out.exists()
-    with pytest.raises(lorakit.LorakitError, match=r"blk\.0\.attn_q\.weight'.*IQ4_NL.*--dtype f16|"
-                                                   r"blk\.0\.attn_q\.weight'.*IQ4_NL.*dtype"):
+    with pytest.raises(
+        lorakit.LorakitError,
+        match=r"blk\.0\.attn_q\.weight'.*IQ4_NL.*--dtype f16|"
+        r"blk\.0\.attn_q\.weight'.*IQ4_NL.*dtype",
+    ):
         lorakit.merge(base, [tmp_path / "ad.safetensors"], out, quiet=True)
     report = lorakit.merge(base, [tmp_path / "ad.safetensors"], out, dtype="f16", quiet=True)
     assert any("IQ4_NL" in n and "F16" in n.upper() for n in report["notes"])
@@ -293,7 +336,9 @@ def test_split_gguf_in_split_gguf_out(tmp_path):
     view = lorakit.quant.view.WeightView(outs[0])
     assert len(view.names) == 2 + 2 * (1 + len(DIMS))
     with pytest.raises(lorakit.LorakitError, match="split 2 of 3: pass the first one"):
-        lorakit.merge(tmp_path / "model-00002-of-00003.gguf", [tmp_path / "ad.safetensors"], tmp_path / "x.gguf")
+        lorakit.merge(
+            tmp_path / "model-00002-of-00003.gguf", [tmp_path / "ad.safetensors"], tmp_path / "x.gguf"
+        )
     del base
 
 
@@ -304,7 +349,9 @@ def test_gguf_lora_merges_into_gguf_base(tmp_path):
     lora = tmp_path / "lora.gguf"
     cfg = tmp_path / "hf"
     cfg.mkdir()
-    (cfg / "config.json").write_text(json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}))
+    (cfg / "config.json").write_text(
+        json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS})
+    )
     ad.save(lora, format="gguf", base=str(cfg))
     # llama.cpp's converter wrote no head counts into the LoRA: the reader takes them from the GGUF base
     lorakit.merge(base, [lora], tmp_path / "a.gguf", quiet=True)
@@ -333,10 +380,24 @@ def test_inspect_extract_convert_read_gguf_bases(tmp_path, cli):
     ex = lorakit.load(tmp_path / "ex.safetensors")
     assert set(ex.modules) == set(ad.modules)
     for name, m in ad.modules.items():
-        torch.testing.assert_close(ex.modules[name].delta(torch.float64), m.delta(torch.float64), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ex.modules[name].delta(torch.float64), m.delta(torch.float64), rtol=0, atol=1e-5
+        )
     # convert --to gguf --base model.gguf: head counts from the base's KVs
-    assert cli("convert", tmp_path / "ad.safetensors", "--to", "gguf", "--base", base, "-o", tmp_path / "lora.gguf",
-               "--quiet")[0] == 0
+    assert (
+        cli(
+            "convert",
+            tmp_path / "ad.safetensors",
+            "--to",
+            "gguf",
+            "--base",
+            base,
+            "-o",
+            tmp_path / "lora.gguf",
+            "--quiet",
+        )[0]
+        == 0
+    )
     _, tl = tensors(tmp_path / "lora.gguf")
     b = torch.from_numpy(np.array(tl["blk.0.attn_q.weight.lora_b"].data, dtype=np.float64))
     m = ad.modules["model.layers.0.self_attn.q_proj"]
@@ -353,11 +414,15 @@ def test_bad_gguf_bases_are_one_line_errors(tmp_path, cli):
     lora = tmp_path / "lora.gguf"
     cfg = tmp_path / "hf"
     cfg.mkdir()
-    (cfg / "config.json").write_text(json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}))
+    (cfg / "config.json").write_text(
+        json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS})
+    )
     ad.save(lora, format="gguf", base=str(cfg))
-    cases = [([str(cut)], "runs past the end of the file"),
-             ([str(lora)], "llama.cpp LoRA adapter"),
-             ([str(base), "-o", str(tmp_path / "o.safetensors")], "the output is GGUF")]
+    cases = [
+        ([str(cut)], "runs past the end of the file"),
+        ([str(lora)], "llama.cpp LoRA adapter"),
+        ([str(base), "-o", str(tmp_path / "o.safetensors")], "the output is GGUF"),
+    ]
     for args, message in cases:
         argv = ["merge", *args[:1], tmp_path / "ad.safetensors", "-o", *(args[2:] or [tmp_path / "o.gguf"])]
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -373,10 +438,21 @@ def test_original_strategy_from_the_f32_gguf(tmp_path):
     ad = adapter(layers=1)
     ad.save(tmp_path / "ad.safetensors")
     with pytest.raises(lorakit.LorakitError, match="GGUF it was quantized from"):
-        lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "x.gguf", strategy="original",
-                      full_precision_base=tmp_path / "ad.safetensors")
-    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="original",
-                  full_precision_base=full, quiet=True)
+        lorakit.merge(
+            base,
+            [tmp_path / "ad.safetensors"],
+            tmp_path / "x.gguf",
+            strategy="original",
+            full_precision_base=tmp_path / "ad.safetensors",
+        )
+    lorakit.merge(
+        base,
+        [tmp_path / "ad.safetensors"],
+        tmp_path / "out.gguf",
+        strategy="original",
+        full_precision_base=full,
+        quiet=True,
+    )
     _, tf = tensors(full)
     _, t1 = tensors(tmp_path / "out.gguf")
     name = "blk.0.attn_k.weight"
@@ -392,14 +468,28 @@ def test_embedding_and_stochastic(tmp_path):
     base = build(tmp_path / "base.gguf", "Q5_K", layers=1)
     g = torch.Generator().manual_seed(5)
     ad = Adapter()
-    ad.add(Module("model.embed_tokens", torch.randn(3, HIDDEN, generator=g) * 0.1, torch.randn(VOCAB, 3, generator=g)
-                  * 0.1, alpha=3.0, kind="embedding"))  # dW = B A: [vocab, embd], as the weight
+    ad.add(
+        Module(
+            "model.embed_tokens",
+            torch.randn(3, HIDDEN, generator=g) * 0.1,
+            torch.randn(VOCAB, 3, generator=g) * 0.1,
+            alpha=3.0,
+            kind="embedding",
+        )
+    )  # dW = B A: [vocab, embd], as the weight
     o, i = DIMS["ffn_up"]
-    ad.add(Module("model.layers.0.mlp.up_proj", torch.randn(4, i, generator=g) * 0.05,
-                  torch.randn(o, 4, generator=g) * 0.05, alpha=4.0))
+    ad.add(
+        Module(
+            "model.layers.0.mlp.up_proj",
+            torch.randn(4, i, generator=g) * 0.05,
+            torch.randn(o, 4, generator=g) * 0.05,
+            alpha=4.0,
+        )
+    )
     ad.save(tmp_path / "ad.safetensors")
-    report = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="stochastic",
-                           seed=3, quiet=True)
+    report = lorakit.merge(
+        base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="stochastic", seed=3, quiet=True
+    )
     assert report["merged_count"] == 2
     _, t0 = tensors(base)
     _, t1 = tensors(tmp_path / "out.gguf")
@@ -424,7 +514,9 @@ def test_validate_names_gguf_files(tmp_path, cli):
     assert code == 1 and "GGUF model (llama.cpp), not an adapter file" in out
     cfg = tmp_path / "hf"
     cfg.mkdir()
-    (cfg / "config.json").write_text(json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}))
+    (cfg / "config.json").write_text(
+        json.dumps({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS})
+    )
     adapter(layers=1).save(tmp_path / "lora.gguf", format="gguf", base=str(cfg))
     code, out, _ = cli("validate", tmp_path / "lora.gguf")
     assert code == 1 and "this is a gguf adapter, not a lorakit file" in out and "--to lorakit" in out

@@ -1,6 +1,7 @@
 """Hostile and malformed inputs through the CLI, one class per block: data loss, silent wrong output, crashes and
 resource abuse. Each case must end in one clean line naming the file (exit 2; validate: 1 for an invalid file) or in
 a correct result, leave the inputs as they were and leave no output or temporary behind."""
+
 import json
 import os
 import signal
@@ -60,8 +61,10 @@ def peft_folder(path, tensors, config):
 def peft_tensors(rank=2):
     g = torch.Generator().manual_seed(0)
     p = "base_model.model.model.layers.0.self_attn.q_proj"
-    return {f"{p}.lora_A.weight": torch.randn(rank, 64, generator=g), f"{p}.lora_B.weight": torch.randn(64, rank,
-                                                                                                      generator=g)}
+    return {
+        f"{p}.lora_A.weight": torch.randn(rank, 64, generator=g),
+        f"{p}.lora_B.weight": torch.randn(64, rank, generator=g),
+    }
 
 
 def kohya_file(path, parts):
@@ -69,21 +72,42 @@ def kohya_file(path, parts):
 
 
 # ---------------------------------------------------------------------------------------------------- data loss
-@pytest.mark.parametrize("argv, fragment", [
-    (["convert", "a.safetensors", "--base", "base", "-o", "base", "--to", "lorakit", "--force"], "also an input"),
-    (["merge", "base", "a.safetensors", "-o", "base", "--force"], "also an input"),
-    (["merge", "single/model.safetensors", "a.safetensors", "-o", "single/model.safetensors", "--force"],
-     "also an input"),
-    (["convert", "a.safetensors", "-o", "a.safetensors", "--to", "lorakit", "--force"], "also an input"),
-    (["convert", "peft", "-o", "peft/copy.safetensors", "--to", "lorakit"], "inside the input"),
-    (["convert", "a.safetensors", "-o", ".", "--to", "lorakit", "--force"], "would contain the input"),
-    (["convert", "a.safetensors", "-o", "base", "--to", "lorakit", "--force"], "exists as a folder"),
-    (["convert", "a.safetensors", "-o", "single/model.safetensors", "--to", "peft", "--force"], "exists as a file"),
-    (["merge", "base", "a.safetensors", "-o", "a.safetensors", "--force"], "also an input"),
-    (["combine", "a.safetensors", "a.safetensors:0.5", "-o", "a.safetensors", "--force"], "also an input"),
-    (["resize", "a.safetensors", "-o", "a.safetensors", "--rank", "1", "--force"], "also an input"),
-    (["extract", "base", "single", "-o", "single", "--rank", "1", "--force"], "also an input"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (
+            ["convert", "a.safetensors", "--base", "base", "-o", "base", "--to", "lorakit", "--force"],
+            "also an input",
+        ),
+        (["merge", "base", "a.safetensors", "-o", "base", "--force"], "also an input"),
+        (
+            [
+                "merge",
+                "single/model.safetensors",
+                "a.safetensors",
+                "-o",
+                "single/model.safetensors",
+                "--force",
+            ],
+            "also an input",
+        ),
+        (["convert", "a.safetensors", "-o", "a.safetensors", "--to", "lorakit", "--force"], "also an input"),
+        (["convert", "peft", "-o", "peft/copy.safetensors", "--to", "lorakit"], "inside the input"),
+        (["convert", "a.safetensors", "-o", ".", "--to", "lorakit", "--force"], "would contain the input"),
+        (["convert", "a.safetensors", "-o", "base", "--to", "lorakit", "--force"], "exists as a folder"),
+        (
+            ["convert", "a.safetensors", "-o", "single/model.safetensors", "--to", "peft", "--force"],
+            "exists as a file",
+        ),
+        (["merge", "base", "a.safetensors", "-o", "a.safetensors", "--force"], "also an input"),
+        (
+            ["combine", "a.safetensors", "a.safetensors:0.5", "-o", "a.safetensors", "--force"],
+            "also an input",
+        ),
+        (["resize", "a.safetensors", "-o", "a.safetensors", "--rank", "1", "--force"], "also an input"),
+        (["extract", "base", "single", "-o", "single", "--rank", "1", "--force"], "also an input"),
+    ],
+)
 def test_output_never_destroys_an_input(w, cli, monkeypatch, argv, fragment):
     monkeypatch.chdir(w)
     before = snapshot(w)
@@ -106,6 +130,7 @@ def test_force_replaces_only_the_same_kind_and_atomically(w, cli, monkeypatch):
 
 def test_two_writers_of_one_output_never_silently_replace(tmp_path):
     from lorakit.io import atomic_output
+
     out = tmp_path / "out.safetensors"
     with pytest.raises(LorakitError, match="output appeared while this command ran"):
         with atomic_output(out) as tmp:
@@ -132,10 +157,30 @@ def test_stale_temporaries_of_dead_runs_are_removed(tmp_path):
 def test_sigterm_leaves_no_output_and_no_temporary(w):
     data = w / "tokens.npy"
     import numpy as np
+
     np.save(data, np.arange(20000) % 200)
-    p = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "train", "--base", str(w / "base"), "--data",
-                          str(data), "-o", str(w / "t.safetensors"), "--steps", "100000", "--seq-len", "16",
-                          "--batch", "2"], stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit.cli",
+            "train",
+            "--base",
+            str(w / "base"),
+            "--data",
+            str(data),
+            "-o",
+            str(w / "t.safetensors"),
+            "--steps",
+            "100000",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and p.poll() is None:  # wait until it trains (its progress bar is up)
         time.sleep(0.5)
@@ -151,6 +196,7 @@ def test_sigterm_leaves_no_output_and_no_temporary(w):
 
 def test_a_file_that_shrinks_while_read_is_a_clean_error(tmp_path):
     from lorakit.io import TensorFile
+
     write_safetensors(tmp_path / "x.safetensors", {"t": torch.ones(1000)})
     tf = TensorFile(tmp_path / "x.safetensors")
     os.truncate(tmp_path / "x.safetensors", 200)
@@ -177,52 +223,118 @@ def test_outputs_follow_the_umask(w):
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e39"])
 def test_weights_must_be_finite(w, cli, monkeypatch, weight):
     monkeypatch.chdir(w)
-    assert_one_line_error(*cli("merge", "base", f"a.safetensors:{weight}", "-o", "m"), "a.safetensors",
-                          "not a finite fp32 number")
-    assert_one_line_error(*cli("combine", f"a.safetensors:{weight}", "a.safetensors", "-o", "c.safetensors"),
-                          "not a finite fp32 number")
+    assert_one_line_error(
+        *cli("merge", "base", f"a.safetensors:{weight}", "-o", "m"),
+        "a.safetensors",
+        "not a finite fp32 number",
+    )
+    assert_one_line_error(
+        *cli("combine", f"a.safetensors:{weight}", "a.safetensors", "-o", "c.safetensors"),
+        "not a finite fp32 number",
+    )
     assert not os.path.exists("m") and not os.path.exists("c.safetensors")
 
 
-@pytest.mark.parametrize("alpha, fragment", [("NaN", "alpha is nan"), (0, "alpha is 0.0"), (-8, "alpha is -8.0"),
-                                             ('"8"', "'lora_alpha' must be a number"),
-                                             ("[8]", "'lora_alpha' must be a number")])
+@pytest.mark.parametrize(
+    "alpha, fragment",
+    [
+        ("NaN", "alpha is nan"),
+        (0, "alpha is 0.0"),
+        (-8, "alpha is -8.0"),
+        ('"8"', "'lora_alpha' must be a number"),
+        ("[8]", "'lora_alpha' must be a number"),
+    ],
+)
 def test_peft_alpha_out_of_spec_is_refused(tmp_path, cli, alpha, fragment):
     peft_folder(tmp_path / "p", peft_tensors(), f'{{"r": 2, "lora_alpha": {alpha}, "peft_type": "LORA"}}')
-    assert_one_line_error(*cli("convert", tmp_path / "p", "-o", tmp_path / "o.safetensors", "--to", "lorakit"),
-                          str(tmp_path / "p"), fragment)
+    assert_one_line_error(
+        *cli("convert", tmp_path / "p", "-o", tmp_path / "o.safetensors", "--to", "lorakit"),
+        str(tmp_path / "p"),
+        fragment,
+    )
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
-@pytest.mark.parametrize("parts, fragment", [
-    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "alpha": torch.tensor(float("nan"))},
-     "alpha is nan"),
-    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "alpha": torch.tensor(-4.0)},
-     "alpha is -4.0"),
-    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "alpha": torch.ones(3)},
-     "alpha has shape [3]"),
-    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2), "dora_scale": torch.ones(1, 7)},
-     "[LK211]"),
-    ({"lora_down.weight": torch.ones(64), "lora_up.weight": torch.ones(64, 1)}, "[LK203] lora_down has shape [64]"),
-    ({"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.full((64, 2), float("nan"))}, "[LK208]"),
-    ({"hada_w1_a": torch.ones(8, 2), "hada_w1_b": torch.ones(2, 8), "hada_w2_a": torch.ones(8, 2)},
-     "LoHa without hada_w2_b"),
-    ({"lokr_w1": torch.ones(8, 8)}, "LoKr (no lokr_w2) without lokr_w2_a, lokr_w2_b"),
-    ({"alpha": torch.tensor(4.0)}, "no factors"),
-    ({"lora_down.weight": torch.ones(0, 10 ** 9), "lora_up.weight": torch.ones(64, 0)}, "[LK205]"),
-])
+@pytest.mark.parametrize(
+    "parts, fragment",
+    [
+        (
+            {
+                "lora_down.weight": torch.ones(2, 64),
+                "lora_up.weight": torch.ones(64, 2),
+                "alpha": torch.tensor(float("nan")),
+            },
+            "alpha is nan",
+        ),
+        (
+            {
+                "lora_down.weight": torch.ones(2, 64),
+                "lora_up.weight": torch.ones(64, 2),
+                "alpha": torch.tensor(-4.0),
+            },
+            "alpha is -4.0",
+        ),
+        (
+            {
+                "lora_down.weight": torch.ones(2, 64),
+                "lora_up.weight": torch.ones(64, 2),
+                "alpha": torch.ones(3),
+            },
+            "alpha has shape [3]",
+        ),
+        (
+            {
+                "lora_down.weight": torch.ones(2, 64),
+                "lora_up.weight": torch.ones(64, 2),
+                "dora_scale": torch.ones(1, 7),
+            },
+            "[LK211]",
+        ),
+        (
+            {"lora_down.weight": torch.ones(64), "lora_up.weight": torch.ones(64, 1)},
+            "[LK203] lora_down has shape [64]",
+        ),
+        (
+            {"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.full((64, 2), float("nan"))},
+            "[LK208]",
+        ),
+        (
+            {"hada_w1_a": torch.ones(8, 2), "hada_w1_b": torch.ones(2, 8), "hada_w2_a": torch.ones(8, 2)},
+            "LoHa without hada_w2_b",
+        ),
+        ({"lokr_w1": torch.ones(8, 8)}, "LoKr (no lokr_w2) without lokr_w2_a, lokr_w2_b"),
+        ({"alpha": torch.tensor(4.0)}, "no factors"),
+        ({"lora_down.weight": torch.ones(0, 10**9), "lora_up.weight": torch.ones(64, 0)}, "[LK205]"),
+    ],
+)
 def test_kohya_modules_out_of_spec_are_refused(tmp_path, cli, parts, fragment):
     kohya_file(tmp_path / "k.safetensors", parts)
-    assert_one_line_error(*cli("convert", tmp_path / "k.safetensors", "-o", tmp_path / "o.safetensors", "--to",
-                               "lorakit"), "k.safetensors", "lora_unet_model_layers_0_self_attn_q_proj", fragment)
+    assert_one_line_error(
+        *cli("convert", tmp_path / "k.safetensors", "-o", tmp_path / "o.safetensors", "--to", "lorakit"),
+        "k.safetensors",
+        "lora_unet_model_layers_0_self_attn_q_proj",
+        fragment,
+    )
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
 def test_loralib_alpha_must_be_finite(tmp_path, cli):
     torch.save({"l.lora_A": torch.ones(2, 4), "l.lora_B": torch.ones(3, 2)}, tmp_path / "l.pt")
     for alpha in ("inf", "nan", "0", "-1"):
-        assert_one_line_error(*cli("convert", tmp_path / "l.pt", "-o", tmp_path / "o.safetensors", "--to", "lorakit",
-                                   "--alpha", alpha), "l.pt", "alpha is")
+        assert_one_line_error(
+            *cli(
+                "convert",
+                tmp_path / "l.pt",
+                "-o",
+                tmp_path / "o.safetensors",
+                "--to",
+                "lorakit",
+                "--alpha",
+                alpha,
+            ),
+            "l.pt",
+            "alpha is",
+        )
 
 
 def test_nan_scale_in_an_int8_base_never_reaches_the_output(tmp_path, cli):
@@ -235,12 +347,17 @@ def test_nan_scale_in_an_int8_base_never_reaches_the_output(tmp_path, cli):
     stored["model.layers.0.self_attn.q_proj.weight_scale"][3] = float("nan")
     os.makedirs(tmp_path / "q")
     write_safetensors(tmp_path / "q" / "model.safetensors", stored)
-    json.dump({**examples.llama_config(), "quantization_config": examples.quantization_config("int8")},
-              open(tmp_path / "q" / "config.json", "w"))
+    json.dump(
+        {**examples.llama_config(), "quantization_config": examples.quantization_config("int8")},
+        open(tmp_path / "q" / "config.json", "w"),
+    )
     examples.random_adapter(SHAPES, rank=2).save(tmp_path / "a.safetensors")
     for extra in ([], ["--dtype", "bf16"]):
-        assert_one_line_error(*cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o",
-                                   *extra), "model.layers.0.self_attn.q_proj", "NaN/Inf")
+        assert_one_line_error(
+            *cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o", *extra),
+            "model.layers.0.self_attn.q_proj",
+            "NaN/Inf",
+        )
         assert not os.path.exists(tmp_path / "o")
 
 
@@ -250,25 +367,40 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
     assert_one_line_error(*cli("merge", base, f"{w / 'a.safetensors'}:3e38", "-o", w / "o"), "NaN/Inf")
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1, got 0"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--rank", "-3"], "--rank must be >= 1, got -3"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "0"], "--energy must be in (0, 1]"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "-0.5"], "--energy must be in (0, 1]"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "1.5"], "--energy must be in (0, 1]"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "nan"], "--energy must be in (0, 1]"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-fro", "2"], "--sv-fro must be in (0, 1]"),
-    (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
-    (["extract", "base", "single", "-o", "o.safetensors", "--energy", "95"], "--energy must be in (0, 1]"),
-    (["extract", "base", "single", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1"),
-    (["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1"),
-    (["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--density", "0"], "--density"),
-    (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
-    (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
-    (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
-    (["convert", "a.safetensors", "-o", "o.gguf", "--to", "gguf", "--base", "/nonexistent"], "--base: no such"),
-    (["inspect", "a.safetensors", "--base", "/nonexistent"], "no such"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1, got 0"),
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--rank", "-3"], "--rank must be >= 1, got -3"),
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "0"], "--energy must be in (0, 1]"),
+        (
+            ["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "-0.5"],
+            "--energy must be in (0, 1]",
+        ),
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "1.5"], "--energy must be in (0, 1]"),
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "nan"], "--energy must be in (0, 1]"),
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-fro", "2"], "--sv-fro must be in (0, 1]"),
+        (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
+        (
+            ["extract", "base", "single", "-o", "o.safetensors", "--energy", "95"],
+            "--energy must be in (0, 1]",
+        ),
+        (["extract", "base", "single", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1"),
+        (
+            ["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--rank", "0"],
+            "--rank must be >= 1",
+        ),
+        (["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--density", "0"], "--density"),
+        (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
+        (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
+        (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
+        (
+            ["convert", "a.safetensors", "-o", "o.gguf", "--to", "gguf", "--base", "/nonexistent"],
+            "--base: no such",
+        ),
+        (["inspect", "a.safetensors", "--base", "/nonexistent"], "no such"),
+    ],
+)
 def test_options_out_of_range_are_refused_not_clamped(w, cli, monkeypatch, argv, fragment):
     monkeypatch.chdir(w)
     assert_one_line_error(*cli(*argv), fragment)
@@ -276,8 +408,12 @@ def test_options_out_of_range_are_refused_not_clamped(w, cli, monkeypatch, argv,
 
 
 def test_duplicate_header_keys_are_invalid(tmp_path, cli):
-    raw_safetensors(tmp_path / "d.safetensors", '{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-                                                '"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4)
+    raw_safetensors(
+        tmp_path / "d.safetensors",
+        '{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        '"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b"\0" * 4,
+    )
     code, out, err = cli("validate", tmp_path / "d.safetensors")
     assert code == 1 and "LK101" in out and "duplicate key 'x'" in out
 
@@ -303,9 +439,18 @@ def test_combining_adapters_of_different_bases_is_refused(tmp_path, cli):
     g = Adapter()
     g.add(Module("transformer.h.0.attn.c_attn", torch.ones(2, 64), torch.ones(192, 2), alpha=2.0))
     g.save(tmp_path / "gpt2.safetensors")
-    assert_one_line_error(*cli("combine", tmp_path / "llama.safetensors", tmp_path / "gpt2.safetensors", "-o",
-                               tmp_path / "c.safetensors"), "llama.safetensors", "gpt2.safetensors",
-                          "different base models")
+    assert_one_line_error(
+        *cli(
+            "combine",
+            tmp_path / "llama.safetensors",
+            tmp_path / "gpt2.safetensors",
+            "-o",
+            tmp_path / "c.safetensors",
+        ),
+        "llama.safetensors",
+        "gpt2.safetensors",
+        "different base models",
+    )
 
 
 def test_embedding_merge_into_a_lone_file_says_it_cannot_check_tying(tmp_path):
@@ -314,28 +459,33 @@ def test_embedding_merge_into_a_lone_file_says_it_cannot_check_tying(tmp_path):
     ad = Adapter()
     ad.add(Module("model.embed_tokens", torch.ones(2, 64), torch.ones(256, 2), alpha=2.0, kind="embedding"))
     ad.save(tmp_path / "e.safetensors")
-    r = lorakit.merge(tmp_path / "model.safetensors", [tmp_path / "e.safetensors"], tmp_path / "o.safetensors",
-                      quiet=True)
+    r = lorakit.merge(
+        tmp_path / "model.safetensors", [tmp_path / "e.safetensors"], tmp_path / "o.safetensors", quiet=True
+    )
     assert any("no config.json and no lm_head.weight" in n for n in r["notes"])
     json.dump(examples.llama_config(tie=True), open(tmp_path / "config.json", "w"))
-    r = lorakit.merge(tmp_path / "model.safetensors", [tmp_path / "e.safetensors"], tmp_path / "o2.safetensors",
-                      quiet=True)
+    r = lorakit.merge(
+        tmp_path / "model.safetensors", [tmp_path / "e.safetensors"], tmp_path / "o2.safetensors", quiet=True
+    )
     assert any("tie_word_embeddings" in n for n in r["notes"])
 
 
-@pytest.mark.parametrize("edit, data, argv, fragment", [
-    (lambda c: c.update(model_type="granite"), None, [], "model_type 'granite'"),
-    (lambda c: c.pop("hidden_size"), None, [], "'hidden_size' must be a positive integer"),
-    (lambda c: c.update(num_key_value_heads=3), None, [], "head counts do not divide"),
-    (None, ("jsonl", '{"input_ids": [1.5, 2, 3]}\n' * 50), [], "must be a list of integers"),
-    (None, ("bin", b"\1\0\2"), [], "not a whole number"),
-    (None, None, ["--seq-len", "0"], "--seq-len must be >= 1"),
-    (None, None, ["--steps", "0"], "--steps must be >= 1"),
-    (None, None, ["--rank", "0"], "--rank must be >= 1"),
-    (None, None, ["--batch", "0"], "--batch must be >= 1"),
-    (None, None, ["--lr", "nan"], "--lr must be > 0"),
-    (None, None, ["--alpha", "nan"], "--alpha must be > 0"),
-])
+@pytest.mark.parametrize(
+    "edit, data, argv, fragment",
+    [
+        (lambda c: c.update(model_type="granite"), None, [], "model_type 'granite'"),
+        (lambda c: c.pop("hidden_size"), None, [], "'hidden_size' must be a positive integer"),
+        (lambda c: c.update(num_key_value_heads=3), None, [], "head counts do not divide"),
+        (None, ("jsonl", '{"input_ids": [1.5, 2, 3]}\n' * 50), [], "must be a list of integers"),
+        (None, ("bin", b"\1\0\2"), [], "not a whole number"),
+        (None, None, ["--seq-len", "0"], "--seq-len must be >= 1"),
+        (None, None, ["--steps", "0"], "--steps must be >= 1"),
+        (None, None, ["--rank", "0"], "--rank must be >= 1"),
+        (None, None, ["--batch", "0"], "--batch must be >= 1"),
+        (None, None, ["--lr", "nan"], "--lr must be > 0"),
+        (None, None, ["--alpha", "nan"], "--alpha must be > 0"),
+    ],
+)
 def test_train_refuses_bad_configs_data_and_options(tmp_path, cli, edit, data, argv, fragment):
     examples.write_llama_checkpoint(str(tmp_path / "b"))
     if edit:
@@ -344,24 +494,43 @@ def test_train_refuses_bad_configs_data_and_options(tmp_path, cli, edit, data, a
         json.dump(config, open(tmp_path / "b" / "config.json", "w"))
     path = tmp_path / "tokens.npy"
     import numpy as np
+
     np.save(path, np.arange(4000) % 200)
     if data:
         path = tmp_path / f"d.{data[0]}"
         path.write_bytes(data[1] if isinstance(data[1], bytes) else data[1].encode())
-    assert_one_line_error(*cli("train", "--base", tmp_path / "b", "--data", path, "-o", tmp_path / "o.safetensors",
-                               "--steps", "2", "--seq-len", "8", *argv), fragment)
+    assert_one_line_error(
+        *cli(
+            "train",
+            "--base",
+            tmp_path / "b",
+            "--data",
+            path,
+            "-o",
+            tmp_path / "o.safetensors",
+            "--steps",
+            "2",
+            "--seq-len",
+            "8",
+            *argv,
+        ),
+        fragment,
+    )
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- crashes
-@pytest.mark.parametrize("header, fragment", [
-    ("[" * 100000 + "]" * 100000, "nested too deeply"),
-    ('{"x": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}', "not usable JSON"),
-    ('{"x": [1, 2, 3]}', "malformed header entry"),
-    ('{"x": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}', "malformed header entry"),
-    ('{"__metadata__": {"a": 1}}', "__metadata__ must map strings to strings"),
-    ("[1, 2]", "header must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        ("[" * 100000 + "]" * 100000, "nested too deeply"),
+        ('{"x": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}', "not usable JSON"),
+        ('{"x": [1, 2, 3]}', "malformed header entry"),
+        ('{"x": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}', "malformed header entry"),
+        ('{"__metadata__": {"a": 1}}', "__metadata__ must map strings to strings"),
+        ("[1, 2]", "header must be a JSON object"),
+    ],
+)
 def test_malformed_headers_are_one_line_errors(tmp_path, cli, header, fragment):
     raw_safetensors(tmp_path / "h.safetensors", header, b"\0" * 4)
     assert_one_line_error(*cli("inspect", tmp_path / "h.safetensors"), "h.safetensors", fragment)
@@ -369,15 +538,18 @@ def test_malformed_headers_are_one_line_errors(tmp_path, cli, header, fragment):
     assert code == 1 and "LK101" in out
 
 
-@pytest.mark.parametrize("config, fragment", [
-    ("[1, 2]", "must be a JSON object"),
-    ('{"r": 0, "lora_alpha": 8}', "'r' must be a positive integer"),
-    ('{"r": 2, "lora_alpha": 8, "alpha_pattern": {"q_proj[": 4}}', "is not a regular expression"),
-    ('{"r": 2, "lora_alpha": 8, "alpha_pattern": {"(a+)+b": 4}}', "nested quantifier"),
-    ('{"r": 2, "lora_alpha": 8, "rank_pattern": [1]}', "'rank_pattern' must be an object"),
-    ('{"r": 2, "lora_alpha": 8, "modules_to_save": "lm_head"}', "'modules_to_save' must be a list"),
-    ('{"r": 2, "lora_alpha": ' + "9" * 5000 + "}", "not usable JSON"),
-])
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ("[1, 2]", "must be a JSON object"),
+        ('{"r": 0, "lora_alpha": 8}', "'r' must be a positive integer"),
+        ('{"r": 2, "lora_alpha": 8, "alpha_pattern": {"q_proj[": 4}}', "is not a regular expression"),
+        ('{"r": 2, "lora_alpha": 8, "alpha_pattern": {"(a+)+b": 4}}', "nested quantifier"),
+        ('{"r": 2, "lora_alpha": 8, "rank_pattern": [1]}', "'rank_pattern' must be an object"),
+        ('{"r": 2, "lora_alpha": 8, "modules_to_save": "lm_head"}', "'modules_to_save' must be a list"),
+        ('{"r": 2, "lora_alpha": ' + "9" * 5000 + "}", "not usable JSON"),
+    ],
+)
 def test_malformed_peft_configs_are_one_line_errors(tmp_path, cli, config, fragment):
     peft_folder(tmp_path / "p", peft_tensors(), config)
     start = time.time()
@@ -390,56 +562,89 @@ def test_sharded_index_paths_stay_inside_the_folder(w, cli):
     examples.write_llama_checkpoint(str(folder), shards=2)
     index = json.load(open(folder / "model.safetensors.index.json"))
     name = next(iter(index["weight_map"]))
-    for bad, fragment in (("../../../../etc/passwd", "not a file of the model folder"),
-                          ("/etc/passwd", "not a file of the model folder"), (7, "must map tensor names")):
+    for bad, fragment in (
+        ("../../../../etc/passwd", "not a file of the model folder"),
+        ("/etc/passwd", "not a file of the model folder"),
+        (7, "must map tensor names"),
+    ):
         index["weight_map"][name] = bad
         json.dump(index, open(folder / "model.safetensors.index.json", "w"))
-        assert_one_line_error(*cli("merge", folder, w / "a.safetensors", "-o", w / "o"), "index.json", fragment)
+        assert_one_line_error(
+            *cli("merge", folder, w / "a.safetensors", "-o", w / "o"), "index.json", fragment
+        )
 
 
 def test_quantized_layouts_that_do_not_fit_are_one_line_errors(tmp_path, cli):
     t = {"l.weight": torch.ones(8, 16).to(torch.int8), "l.weight_scale": torch.ones(5, dtype=torch.bfloat16)}
     os.makedirs(tmp_path / "q")
     write_safetensors(tmp_path / "q" / "model.safetensors", t)
-    json.dump({"quantization_config": {"quant_method": "compressed-tensors"}}, open(tmp_path / "q" / "config.json",
-                                                                                      "w"))
+    json.dump(
+        {"quantization_config": {"quant_method": "compressed-tensors"}},
+        open(tmp_path / "q" / "config.json", "w"),
+    )
     assert_one_line_error(*cli("inspect", tmp_path / "q" / "x", "--base", tmp_path / "q"), "no such")
     ad = Adapter()
     ad.add(Module("l", torch.ones(1, 16), torch.ones(8, 1), alpha=1.0))
     ad.save(tmp_path / "a.safetensors")
-    assert_one_line_error(*cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o"),
-                          "l.weight_scale", "expected one value or 8")
+    assert_one_line_error(
+        *cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o"),
+        "l.weight_scale",
+        "expected one value or 8",
+    )
 
 
-@pytest.mark.parametrize("state, fragment", [
-    (b"not json", "not valid JSON"),
-    (json.dumps({"blocksize": 1 << 24, "shape": [8, 16], "dtype": "float32"}).encode(), "blocksize 16777216"),
-    (json.dumps({"blocksize": 64, "shape": [4096, 4096], "dtype": "float32"}).encode(), "needs 16777216 codes"),
-])
+@pytest.mark.parametrize(
+    "state, fragment",
+    [
+        (b"not json", "not valid JSON"),
+        (
+            json.dumps({"blocksize": 1 << 24, "shape": [8, 16], "dtype": "float32"}).encode(),
+            "blocksize 16777216",
+        ),
+        (
+            json.dumps({"blocksize": 64, "shape": [4096, 4096], "dtype": "float32"}).encode(),
+            "needs 16777216 codes",
+        ),
+    ],
+)
 def test_nf4_states_are_checked_against_the_stored_sizes(tmp_path, cli, state, fragment):
-    t = {"l.weight": torch.zeros(64, 1, dtype=torch.uint8), "l.weight.absmax": torch.ones(2),
-         "l.weight.quant_map": torch.linspace(-1, 1, 16),
-         "l.weight.quant_state.bitsandbytes__nf4": torch.frombuffer(bytearray(state), dtype=torch.uint8)}
+    t = {
+        "l.weight": torch.zeros(64, 1, dtype=torch.uint8),
+        "l.weight.absmax": torch.ones(2),
+        "l.weight.quant_map": torch.linspace(-1, 1, 16),
+        "l.weight.quant_state.bitsandbytes__nf4": torch.frombuffer(bytearray(state), dtype=torch.uint8),
+    }
     os.makedirs(tmp_path / "q")
     write_safetensors(tmp_path / "q" / "model.safetensors", t)
-    json.dump({"quantization_config": {"quant_method": "bitsandbytes"}}, open(tmp_path / "q" / "config.json", "w"))
+    json.dump(
+        {"quantization_config": {"quant_method": "bitsandbytes"}}, open(tmp_path / "q" / "config.json", "w")
+    )
     ad = Adapter()
     ad.add(Module("l", torch.ones(1, 16), torch.ones(8, 1), alpha=1.0))
     ad.save(tmp_path / "a.safetensors")
-    assert_one_line_error(*cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o", "--dtype",
-                               "bf16"), "quant_state", fragment)
+    assert_one_line_error(
+        *cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "o", "--dtype", "bf16"),
+        "quant_state",
+        fragment,
+    )
 
 
 def test_read_only_output_folder_is_a_clean_error(w, cli):
-    if os.geteuid() == 0:  # root writes anywhere: a full disk is simulated in test_roundtrip_and_errors instead
+    if (
+        os.geteuid() == 0
+    ):  # root writes anywhere: a full disk is simulated in test_roundtrip_and_errors instead
         ro = "/proc/lorakit-test"
-        assert_one_line_error(*cli("convert", w / "a.safetensors", "-o", f"{ro}/x.safetensors", "--to", "kohya"),
-                              "output folder does not exist")
+        assert_one_line_error(
+            *cli("convert", w / "a.safetensors", "-o", f"{ro}/x.safetensors", "--to", "kohya"),
+            "output folder does not exist",
+        )
         return
     os.makedirs(w / "ro")
     os.chmod(w / "ro", 0o555)
-    assert_one_line_error(*cli("convert", w / "a.safetensors", "-o", w / "ro" / "x.safetensors", "--to", "kohya"),
-                          "cannot write")
+    assert_one_line_error(
+        *cli("convert", w / "a.safetensors", "-o", w / "ro" / "x.safetensors", "--to", "kohya"),
+        "cannot write",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- resources
@@ -470,10 +675,12 @@ def test_header_only_inspect_of_a_huge_file_maps_and_reads_no_data(tmp_path):
         for i in range(2):  # the alphas: 8.0, at their offsets
             f.seek(8 + len(text) + header[f"m{i}.alpha"]["data_offsets"][0])
             f.write(struct.pack("<f", 8.0))
-    code = ("import resource, sys, lorakit\n"
-            f"r = lorakit.inspect({str(path)!r})\n"
-            "assert r['module_count'] == 2 and r['params'] == 2 * 2 ** 31, r\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    code = (
+        "import resource, sys, lorakit\n"
+        f"r = lorakit.inspect({str(path)!r})\n"
+        "assert r['module_count'] == 2 and r['params'] == 2 * 2 ** 31, r\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) < 1024 * 1024  # KiB: under 1 GiB for a 16 GiB file

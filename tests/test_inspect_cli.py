@@ -1,4 +1,5 @@
 """inspect: summary, grouping, spectrum from factors vs a dense fp64 SVD, ||dW||/||W||; CLI basics."""
+
 import json
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from conftest import assert_one_line_error, shapes_of
 
 def test_inspect_summary_and_groups(tiny_base, tmp_path, cli):
     folder, tensors = tiny_base
-    ad = examples.random_adapter(shapes_of(tensors), targets=("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0,
-                                 base_model="tiny")
-    ad.modules["model.layers.1.mlp.down_proj"] = Module("model.layers.1.mlp.down_proj", torch.zeros(2, 128),
-                                                        torch.zeros(64, 2), alpha=16.0)
+    ad = examples.random_adapter(
+        shapes_of(tensors), targets=("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0, base_model="tiny"
+    )
+    ad.modules["model.layers.1.mlp.down_proj"] = Module(
+        "model.layers.1.mlp.down_proj", torch.zeros(2, 128), torch.zeros(64, 2), alpha=16.0
+    )
     ad.user_metadata["trigger"] = "sks"
     p = tmp_path / "a.safetensors"
     ad.save(p)
@@ -25,7 +28,11 @@ def test_inspect_summary_and_groups(tiny_base, tmp_path, cli):
     assert r["module_count"] == 6 and r["file_size"] == p.stat().st_size
     assert r["params"] == sum(m.A.numel() + m.B.numel() for m in ad.modules.values())
     assert r["ranks"] == {2: 1, 4: 5}
-    assert {(t["target"], t["count"]) for t in r["targets"]} == {("q_proj", 2), ("v_proj", 2), ("down_proj", 2)}
+    assert {(t["target"], t["count"]) for t in r["targets"]} == {
+        ("q_proj", 2),
+        ("v_proj", 2),
+        ("down_proj", 2),
+    }
     assert {"rank": 2, "alpha": 16.0, "module_count": 1} in r["rank_alpha"]
     assert r["metadata"] == {"trigger": "sks"} and r["dtypes"] == {"float32": 12}
     code, out, _ = cli("inspect", p)
@@ -71,14 +78,17 @@ def test_inspect_without_spectrum_reads_no_tensor_data(tmp_path):
     ad.modules["l.0.q_proj"].B[:] = float("nan")
     from lorakit.formats.lorakit_v1 import to_tensors
     from lorakit.io import write_safetensors
+
     write_safetensors(tmp_path / "nan.safetensors", *to_tensors(ad))  # save() refuses to write NaN
     assert inspect(tmp_path / "nan.safetensors")["module_count"] == 1
 
 
 def test_help_does_not_import_torch_and_version():
-    code = ("import sys; from lorakit.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    code = (
+        "import sys; from lorakit.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "inspect" in r.stdout and "validate" in r.stdout

@@ -1,5 +1,6 @@
 """Interop with the real transformers and PEFT: lorakit's merged checkpoint loads with from_pretrained and its logits
 match PEFT's unmerged forward; lorakit's error against fp64 is no larger than merge_and_unload's."""
+
 import peft
 import pytest
 import torch
@@ -13,9 +14,16 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def tiny_llama(tmp_path, dtype):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     model.save_pretrained(tmp_path / "base", safe_serialization=True)
     return model

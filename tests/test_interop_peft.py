@@ -1,4 +1,5 @@
 """PEFT -> lorakit -> PEFT with the real PEFT and transformers: same logits (<= 1e-6, fp32), no warning on load."""
+
 import json
 import warnings
 
@@ -10,13 +11,25 @@ import transformers
 import lorakit
 from lorakit.errors import LorakitError
 
-LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+LLAMA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 VARIANTS = {
-    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                     rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
-                     alpha_pattern={"v_proj": 3, "model.layers.0.mlp.down_proj": 5}),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
+        alpha_pattern={"v_proj": 3, "model.layers.0.mlp.down_proj": 5},
+    ),
     "rslora": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj"], use_rslora=True),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True),
     "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
@@ -44,8 +57,13 @@ def load_peft(make_base, state, folder, save_base_to=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = peft.PeftModel.from_pretrained(base, folder).eval()
-    relevant = [str(w.message) for w in caught if "peft" in str(w.filename) or "Found missing" in str(w.message)
-                or "unexpected" in str(w.message).lower()]
+    relevant = [
+        str(w.message)
+        for w in caught
+        if "peft" in str(w.filename)
+        or "Found missing" in str(w.message)
+        or "unexpected" in str(w.message).lower()
+    ]
     return model, relevant
 
 
@@ -53,7 +71,9 @@ def load_peft(make_base, state, folder, save_base_to=None):
 def test_peft_round_trip_same_logits(tmp_path, variant):
     torch.manual_seed(0)
     # lora_bias needs layers with a bias (PEFT warns otherwise, and there is nothing to merge into)
-    config = transformers.LlamaConfig(**LLAMA, attention_bias=variant == "lora_bias", mlp_bias=variant == "lora_bias")
+    config = transformers.LlamaConfig(
+        **LLAMA, attention_bias=variant == "lora_bias", mlp_bias=variant == "lora_bias"
+    )
     base = transformers.LlamaForCausalLM(config).eval()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     model = peft.get_peft_model(base, peft.LoraConfig(lora_dropout=0.0, **VARIANTS[variant])).eval()
@@ -66,11 +86,18 @@ def test_peft_round_trip_same_logits(tmp_path, variant):
     assert lorakit.validate([str(tmp_path / "a.safetensors")])["valid"]
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
     from lorakit.io import TensorFile
-    orig, back = TensorFile(tmp_path / "orig" / "adapter_model.safetensors"), TensorFile(
-        tmp_path / "back" / "adapter_model.safetensors")
+
+    orig, back = (
+        TensorFile(tmp_path / "orig" / "adapter_model.safetensors"),
+        TensorFile(tmp_path / "back" / "adapter_model.safetensors"),
+    )
     assert set(orig.header.entries) == set(back.header.entries)  # every tensor kept, under PEFT's own names
-    loaded, warned = load_peft(lambda: transformers.LlamaForCausalLM(config), base_state, tmp_path / "back",
-                               save_base_to=tmp_path / "base")
+    loaded, warned = load_peft(
+        lambda: transformers.LlamaForCausalLM(config),
+        base_state,
+        tmp_path / "back",
+        save_base_to=tmp_path / "base",
+    )
     assert warned == [], warned
     with torch.no_grad():
         got = loaded(ids).logits
@@ -84,12 +111,22 @@ def test_peft_round_trip_same_logits(tmp_path, variant):
 
 def test_gpt2_fan_in_fan_out_and_dora(tmp_path):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     base = transformers.GPT2LMHeadModel(config).eval()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
-                                                      fan_in_fan_out=True, use_dora=True, lora_dropout=0.0)).eval()
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["c_attn", "c_fc"],
+            fan_in_fan_out=True,
+            use_dora=True,
+            lora_dropout=0.0,
+        ),
+    ).eval()
     randomize_lora(model, 2)
     model.save_pretrained(tmp_path / "orig")
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -100,8 +137,9 @@ def test_gpt2_fan_in_fan_out_and_dora(tmp_path):
     m = ad.modules["transformer.h.0.attn.c_attn"]
     assert m.kind == "linear_t" and m.shape == (32, 96) and m.dora_axis == 1
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
-    loaded, warned = load_peft(lambda: transformers.GPT2LMHeadModel(config), state, tmp_path / "back",
-                               save_base_to=tmp_path / "base")
+    loaded, warned = load_peft(
+        lambda: transformers.GPT2LMHeadModel(config), state, tmp_path / "back", save_base_to=tmp_path / "base"
+    )
     assert warned == []
     with torch.no_grad():
         assert (loaded(ids).logits - want).abs().max().item() <= 1e-6
@@ -121,10 +159,13 @@ def test_conv_layers(tmp_path):
 
         def forward(self, x):
             return self.head(self.conv(x).mean((2, 3)))
+
     torch.manual_seed(0)
     base = Net().eval()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "head"])).eval()
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "head"])
+    ).eval()
     randomize_lora(model, 3)
     model.save_pretrained(tmp_path / "orig")
     x = torch.randn(2, 3, 6, 6)
@@ -140,29 +181,44 @@ def test_conv_layers(tmp_path):
 
 def test_peft_bad_input(tmp_path, cli):
     from lorakit.io import write_safetensors
+
     d = tmp_path / "bad"
     d.mkdir()
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
-    write_safetensors(d / "adapter_model.safetensors",
-                      {"base_model.model.x.lora_A.weight": torch.zeros(2, 4)})
+    write_safetensors(
+        d / "adapter_model.safetensors", {"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}
+    )
     c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit")
     assert c == 2 and "module has lora_A but no lora_B (wrong pairing)" in err and "'x'" in err
-    write_safetensors(d / "adapter_model.safetensors",
-                      {"base_model.model.x.lora_A.weight": torch.zeros(2, 4),
-                       "base_model.model.x.lora_B.weight": torch.zeros(3, 5)})
+    write_safetensors(
+        d / "adapter_model.safetensors",
+        {
+            "base_model.model.x.lora_A.weight": torch.zeros(2, 4),
+            "base_model.model.x.lora_B.weight": torch.zeros(3, 5),
+        },
+    )
     c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit")
     assert c == 2 and "rank 2 but up/B factor has rank 5" in err
-    write_safetensors(d / "adapter_model.safetensors",
-                      {"base_model.model.x.lora_A.weight": torch.zeros(2, 4),
-                       "base_model.model.x.lora_B.weight": torch.zeros(3, 2),
-                       "base_model.model.x.something_else": torch.zeros(1)})
+    write_safetensors(
+        d / "adapter_model.safetensors",
+        {
+            "base_model.model.x.lora_A.weight": torch.zeros(2, 4),
+            "base_model.model.x.lora_B.weight": torch.zeros(3, 2),
+            "base_model.model.x.something_else": torch.zeros(1),
+        },
+    )
     c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit")
     assert c == 2 and "1 unknown keys: base_model.model.x.something_else" in err
     c, out, err = cli("convert", d, "-o", tmp_path / "o.safetensors", "--to", "lorakit", "--allow-unknown")
     assert c == 0 and "skipped 1 unknown keys" in out
     bare = tmp_path / "bare.safetensors"
-    write_safetensors(bare, {"base_model.model.x.lora_A.weight": torch.zeros(2, 4),
-                             "base_model.model.x.lora_B.weight": torch.zeros(3, 2)})
+    write_safetensors(
+        bare,
+        {
+            "base_model.model.x.lora_A.weight": torch.zeros(2, 4),
+            "base_model.model.x.lora_B.weight": torch.zeros(3, 2),
+        },
+    )
     with pytest.raises(LorakitError, match=r"lora_alpha is unknown: pass alpha=\.\.\."):
         lorakit.load(bare)
     assert lorakit.load(bare, alpha=4.0).modules["x"].scale == 2.0

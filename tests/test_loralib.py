@@ -1,4 +1,5 @@
 """loralib .pt: plain state dicts only (weights_only), alpha required, embedding orientation from the base."""
+
 import pickle
 
 import pytest
@@ -18,12 +19,23 @@ def test_loralib_linear_and_embedding(tmp_path, cli):
     A, B = torch.randn(4, 16), torch.randn(8, 4)
     EA, EB = torch.randn(4, 30), torch.randn(16, 4)  # loralib Embedding: A [r, num], B [dim, r]
     torch.save({"enc.q.lora_A": A, "enc.q.lora_B": B, "emb.lora_A": EA, "emb.lora_B": EB}, tmp_path / "l.pt")
-    write_safetensors(tmp_path / "base.safetensors", {"enc.q.weight": torch.zeros(8, 16),
-                                                      "emb.weight": torch.zeros(30, 16)})
+    write_safetensors(
+        tmp_path / "base.safetensors", {"enc.q.weight": torch.zeros(8, 16), "emb.weight": torch.zeros(30, 16)}
+    )
     c, out, err = cli("convert", tmp_path / "l.pt", "-o", tmp_path / "a.safetensors", "--to", "lorakit")
     assert c == 2 and "do not store alpha" in err and "--alpha" in err
-    c, out, err = cli("convert", tmp_path / "l.pt", "-o", tmp_path / "a.safetensors", "--to", "lorakit",
-                      "--alpha", "8", "--base", tmp_path / "base.safetensors")
+    c, out, err = cli(
+        "convert",
+        tmp_path / "l.pt",
+        "-o",
+        tmp_path / "a.safetensors",
+        "--to",
+        "lorakit",
+        "--alpha",
+        "8",
+        "--base",
+        tmp_path / "base.safetensors",
+    )
     assert c == 0, err
     ad = lorakit.load(tmp_path / "a.safetensors")
     assert torch.allclose(ad.modules["enc.q"].delta(torch.float64), 2 * B.double() @ A.double(), atol=1e-12)

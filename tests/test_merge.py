@@ -1,4 +1,5 @@
 """merge: fp64 references rounded once, byte-identical untouched tensors, layouts, unmerge, tied embeddings, errors."""
+
 import json
 import os
 
@@ -24,8 +25,16 @@ def rnd(*s):
 def base_with_all_kinds(folder, dtype):
     """Linear (+bias), conv, embedding, GPT-2 Conv1D layout, a DoRA target and a replaced head, in `dtype`."""
     os.makedirs(folder, exist_ok=True)
-    t = {"lin.weight": rnd(24, 16), "lin.bias": rnd(24), "conv.weight": rnd(6, 4, 3, 3), "emb.weight": rnd(50, 8),
-         "c_attn.weight": rnd(16, 48), "dora.weight": rnd(12, 16), "score.weight": rnd(3, 16), "norm.weight": rnd(16)}
+    t = {
+        "lin.weight": rnd(24, 16),
+        "lin.bias": rnd(24),
+        "conv.weight": rnd(6, 4, 3, 3),
+        "emb.weight": rnd(50, 8),
+        "c_attn.weight": rnd(16, 48),
+        "dora.weight": rnd(12, 16),
+        "score.weight": rnd(3, 16),
+        "norm.weight": rnd(16),
+    }
     t = {k: v.to(dtype) for k, v in t.items()}
     write_safetensors(os.path.join(folder, "model.safetensors"), t, {"format": "pt"})
     return t
@@ -69,14 +78,17 @@ def test_merge_every_kind_matches_fp64(tmp_path, dtype, cli):
     base = base_with_all_kinds(tmp_path / "base", dtype)
     ad = adapter_all_kinds(shapes_of(base))
     ad.save(tmp_path / "a.safetensors")
-    code, out, err = cli("merge", tmp_path / "base", tmp_path / "a.safetensors", "-o", tmp_path / "out", "--json",
-                         "-q")
+    code, out, err = cli(
+        "merge", tmp_path / "base", tmp_path / "a.safetensors", "-o", tmp_path / "out", "--json", "-q"
+    )
     assert code == 0, err
     assert json.loads(out)["merged_count"] == 7
     merged = TensorFile(tmp_path / "out" / "model.safetensors")
     for name, m in ad.modules.items():
         assert_rounded_once(merged.get(f"{name}.weight"), reference(base[f"{name}.weight"], m), dtype)
-    assert_rounded_once(merged.get("lin.bias"), base["lin.bias"].double() + ad.modules["lin"].bias.double(), dtype)
+    assert_rounded_once(
+        merged.get("lin.bias"), base["lin.bias"].double() + ad.modules["lin"].bias.double(), dtype
+    )
     assert torch.equal(merged.get("score.weight"), ad.replacements["score.weight"].to(dtype))
     src = TensorFile(tmp_path / "base" / "model.safetensors")
     assert merged.raw("norm.weight") == src.raw("norm.weight")  # untouched: byte-identical
@@ -84,13 +96,20 @@ def test_merge_every_kind_matches_fp64(tmp_path, dtype, cli):
 
 def test_weights_and_several_adapters_in_one_pass(tiny_base, tmp_path):
     folder, tensors = tiny_base
-    a = examples.random_adapter(shapes_of(tensors), targets=("q_proj", "v_proj"), rank=4, seed=1, magnitude=0.1)
-    b = examples.random_adapter(shapes_of(tensors), targets=("q_proj", "up_proj"), rank=2, alpha=5.0, seed=2,
-                                magnitude=0.1)
+    a = examples.random_adapter(
+        shapes_of(tensors), targets=("q_proj", "v_proj"), rank=4, seed=1, magnitude=0.1
+    )
+    b = examples.random_adapter(
+        shapes_of(tensors), targets=("q_proj", "up_proj"), rank=2, alpha=5.0, seed=2, magnitude=0.1
+    )
     a.save(tmp_path / "a.safetensors")
     b.save(tmp_path / "b.safetensors")
-    lorakit.merge(folder, [f"{tmp_path / 'a.safetensors'}:0.5", f"{tmp_path / 'b.safetensors'}:-2"],
-                  tmp_path / "out", quiet=True)
+    lorakit.merge(
+        folder,
+        [f"{tmp_path / 'a.safetensors'}:0.5", f"{tmp_path / 'b.safetensors'}:-2"],
+        tmp_path / "out",
+        quiet=True,
+    )
     out = Checkpoint(tmp_path / "out")
     for name, W in tensors.items():
         ref = W.double()
@@ -112,7 +131,9 @@ def test_sharded_base_reshard_and_files_copied(tmp_path):
     assert listdir_all(tmp_path / "out") == listdir_all(folder)
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"t": 1}'
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        index["weight_map"] == json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     base, out = Checkpoint(folder), Checkpoint(tmp_path / "out")
     for name in tensors:
         if name[:-7] not in ad.modules:
@@ -129,8 +150,13 @@ def test_sharded_base_reshard_and_files_copied(tmp_path):
     # single file in, single file out
     lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "m2", quiet=True)
     examples.write_sharded(str(tmp_path), tensors)
-    lorakit.merge(tmp_path / "model.safetensors", [str(tmp_path / "a.safetensors")], tmp_path / "one.safetensors",
-                  quiet=True, dtype="bf16")
+    lorakit.merge(
+        tmp_path / "model.safetensors",
+        [str(tmp_path / "a.safetensors")],
+        tmp_path / "one.safetensors",
+        quiet=True,
+        dtype="bf16",
+    )
     one = TensorFile(tmp_path / "one.safetensors")
     assert one.get("model.norm.weight").dtype == torch.bfloat16
     name = "model.layers.0.self_attn.q_proj"
@@ -145,7 +171,9 @@ def test_unmerge_inverts_merge(tmp_path, dtype):
     ad = examples.random_adapter(shapes_of(tensors), rank=4, magnitude=0.05)
     ad.save(tmp_path / "a.safetensors")
     lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "m", quiet=True)
-    code = lorakit.merge(tmp_path / "m", [str(tmp_path / "a.safetensors")], tmp_path / "u", unmerge=True, quiet=True)
+    code = lorakit.merge(
+        tmp_path / "m", [str(tmp_path / "a.safetensors")], tmp_path / "u", unmerge=True, quiet=True
+    )
     assert code["unmerge"]
     u = Checkpoint(tmp_path / "u")
     for name, W in tensors.items():
@@ -154,7 +182,7 @@ def test_unmerge_inverts_merge(tmp_path, dtype):
         else:  # two roundings to bf16: half an ulp of W + dW, then half an ulp of the result
             mod = name[: -len(".weight")]
             merged = W.double() + (ad.modules[mod].delta(torch.float64) if mod in ad.modules else 0)
-            bound = 2.0 ** -8 * (merged.abs() + W.double().abs()) + 1e-30
+            bound = 2.0**-8 * (merged.abs() + W.double().abs()) + 1e-30
             assert ((u.get(name).double() - W.double()).abs() <= bound).all(), name
 
 
@@ -169,9 +197,14 @@ def test_tied_embeddings_are_untied(tmp_path):
     assert "tie_word_embeddings set to false" in r["notes"][0]
     out = Checkpoint(tmp_path / "out")
     W = tensors["model.embed_tokens.weight"]
-    assert torch.equal(out.get("lm_head.weight"), W)  # the head keeps the base weight: PEFT's unmerged forward
-    assert torch.allclose(out.get("model.embed_tokens.weight").double(),
-                          W.double() + ad.modules["model.embed_tokens"].delta(torch.float64), atol=1e-6)
+    assert torch.equal(
+        out.get("lm_head.weight"), W
+    )  # the head keeps the base weight: PEFT's unmerged forward
+    assert torch.allclose(
+        out.get("model.embed_tokens.weight").double(),
+        W.double() + ad.modules["model.embed_tokens"].delta(torch.float64),
+        atol=1e-6,
+    )
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     # an adapter on the (absent) tied lm_head resolves to the embedding and is written as lm_head.weight
     ad2 = Adapter()
@@ -180,8 +213,11 @@ def test_tied_embeddings_are_untied(tmp_path):
     lorakit.merge(folder, [str(tmp_path / "h.safetensors")], tmp_path / "out2", quiet=True)
     out2 = Checkpoint(tmp_path / "out2")
     assert torch.equal(out2.get("model.embed_tokens.weight"), W)
-    assert torch.allclose(out2.get("lm_head.weight").double(),
-                          W.double() + ad2.modules["lm_head"].delta(torch.float64), atol=1e-6)
+    assert torch.allclose(
+        out2.get("lm_head.weight").double(),
+        W.double() + ad2.modules["lm_head"].delta(torch.float64),
+        atol=1e-6,
+    )
 
 
 def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
@@ -191,16 +227,32 @@ def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
     wrong.add(Module("model.layers.9.mlp.up_proj", rnd(2, 64), rnd(128, 2), alpha=1.0))
     wrong.save(tmp_path / "wrong.safetensors")
     c, out, err = cli("merge", folder, tmp_path / "wrong.safetensors", "-o", tmp_path / "out")
-    assert_one_line_error(c, out, err, "2 adapter tensor(s) do not fit", "q_proj.weight: base [64, 64], adapter [64, 32]",
-                          "model.layers.9.mlp.up_proj.weight: not in the base")
+    assert_one_line_error(
+        c,
+        out,
+        err,
+        "2 adapter tensor(s) do not fit",
+        "q_proj.weight: base [64, 64], adapter [64, 32]",
+        "model.layers.9.mlp.up_proj.weight: not in the base",
+    )
     other = examples.random_adapter({"x.q_proj.weight": (64, 64)})
     other.modules = {"model.layers.0.self_attn.q_proj": other.modules["x.q_proj"]}
     other.modules["model.layers.0.self_attn.q_proj"].name = "model.layers.0.self_attn.q_proj"
     other.save(tmp_path / "other.safetensors")
     c, out, err = cli("merge", folder, tmp_path / "other.safetensors", "-o", tmp_path / "out")
     assert_one_line_error(c, out, err, "made for another base", "--ignore-fingerprint")
-    assert cli("merge", folder, tmp_path / "other.safetensors", "-o", tmp_path / "out", "--ignore-fingerprint",
-               "-q")[0] == 0
+    assert (
+        cli(
+            "merge",
+            folder,
+            tmp_path / "other.safetensors",
+            "-o",
+            tmp_path / "out",
+            "--ignore-fingerprint",
+            "-q",
+        )[0]
+        == 0
+    )
     good = examples.random_adapter(shapes_of(tensors))
     good.save(tmp_path / "good.safetensors")
     c, out, err = cli("merge", folder, tmp_path / "good.safetensors", "-o", tmp_path / "out")
@@ -213,12 +265,14 @@ def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
     assert_one_line_error(c, out, err, "model.safetensors", "LK102")
     # disk full in the middle of writing
     import lorakit.io.safetensors as lio
+
     real = lio.ShardWriter.write
 
     def full(self, name, tensor):
         if self.next > 3:
             raise OSError(28, "No space left on device")
         return real(self, name, tensor)
+
     monkeypatch.setattr(lio.ShardWriter, "write", full)
     c, out, err = cli("merge", folder, tmp_path / "good.safetensors", "-o", tmp_path / "o3", "-q")
     assert_one_line_error(c, out, err, "o3", "No space left on device")
@@ -230,8 +284,16 @@ def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
 def test_dora_refusals(tiny_base, tmp_path):
     folder, tensors = tiny_base
     ad = Adapter()
-    ad.add(Module("model.layers.0.self_attn.q_proj", rnd(2, 64), rnd(64, 2), alpha=1.0, magnitude=torch.ones(64),
-                  dora_axis=0))
+    ad.add(
+        Module(
+            "model.layers.0.self_attn.q_proj",
+            rnd(2, 64),
+            rnd(64, 2),
+            alpha=1.0,
+            magnitude=torch.ones(64),
+            dora_axis=0,
+        )
+    )
     ad.save(tmp_path / "d.safetensors")
     with pytest.raises(LorakitError, match="DoRA cannot be unmerged"):
         lorakit.merge(folder, [str(tmp_path / "d.safetensors")], tmp_path / "o", unmerge=True)
@@ -261,6 +323,7 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
     import errno
 
     import lorakit.io.safetensors as lio
+
     monkeypatch.setattr(lio.DirectFile, "CHUNK", 3 * 4096)
     if fail_direct_write:
         real_write = os.write
@@ -269,10 +332,13 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
             if f.direct:
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real_write(fd, data)
+
         monkeypatch.setattr(lio.os, "write", picky)
     g = torch.Generator().manual_seed(0)
-    pieces = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes()
-              for n in (5, 4096, 13000, 1, 30000, 77)]
+    pieces = [
+        torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes()
+        for n in (5, 4096, 13000, 1, 30000, 77)
+    ]
     f = lio.DirectFile(str(tmp_path / "x.bin"))
     for p in pieces:
         f.write(p)
@@ -289,11 +355,18 @@ def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):
     """F8_E5M2, F8_E8M0, packed F4 / F6 and dtype names lorakit has never heard of: an untouched tensor of any of them
     opens and is copied as bytes (FP4 microscaling checkpoints carry F8_E8M0 scales beside U8 codes)."""
     tensors = {"model.layers.0.self_attn.q_proj.weight": torch.randn(8, 16)}
-    extra = {"x.f8e5m2": ("F8_E5M2", [4, 4], 16), "x.f8e8m0": ("F8_E8M0", [8], 8), "x.f4": ("F4", [4, 8], 16),
-             "x.f6": ("F6_E2M3", [8], 6), "x.future": ("F3_E1M1", [5], 7)}
+    extra = {
+        "x.f8e5m2": ("F8_E5M2", [4, 4], 16),
+        "x.f8e8m0": ("F8_E8M0", [8], 8),
+        "x.f4": ("F4", [4, 8], 16),
+        "x.f6": ("F6_E2M3", [8], 6),
+        "x.future": ("F3_E1M1", [5], 7),
+    }
     from lorakit.io import build_header, tensor_bytes
-    specs = [(n, "F32", tuple(t.shape)) for n, t in tensors.items()] + [(n, d, tuple(s), b)
-                                                                        for n, (d, s, b) in extra.items()]
+
+    specs = [(n, "F32", tuple(t.shape)) for n, t in tensors.items()] + [
+        (n, d, tuple(s), b) for n, (d, s, b) in extra.items()
+    ]
     payload = {n: bytes(range(b)) for n, (_, _, b) in extra.items()}
     header = build_header(specs, {"format": "pt"})
     with open(tmp_path / "model.safetensors", "wb") as f:
@@ -303,11 +376,19 @@ def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):
         for n in extra:
             f.write(payload[n])
     ad = lorakit.Adapter()
-    ad.add(lorakit.Module("model.layers.0.self_attn.q_proj", torch.randn(2, 16), torch.randn(8, 2), alpha=2.0))
+    ad.add(
+        lorakit.Module("model.layers.0.self_attn.q_proj", torch.randn(2, 16), torch.randn(8, 2), alpha=2.0)
+    )
     ad.save(tmp_path / "a.safetensors")
-    lorakit.merge(tmp_path / "model.safetensors", [tmp_path / "a.safetensors"], tmp_path / "o.safetensors",
-                  quiet=True, dtype="bf16")
+    lorakit.merge(
+        tmp_path / "model.safetensors",
+        [tmp_path / "a.safetensors"],
+        tmp_path / "o.safetensors",
+        quiet=True,
+        dtype="bf16",
+    )
     from lorakit.io import Checkpoint
+
     out = Checkpoint(tmp_path / "o.safetensors")
     for n, (d, s, b) in extra.items():
         assert (out.entry(n).dtype, list(out.entry(n).shape)) == (d, s)
@@ -315,14 +396,16 @@ def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):
     assert out.entry("model.layers.0.self_attn.q_proj.weight").dtype == "BF16"
 
 
-
 def test_retained_heap_sets_and_restores_glibc_and_only_when_asked(monkeypatch):
     """The heap settings of a requantizing merge: set on entry, glibc's defaults back and the heap trimmed on exit,
     even when the merge fails; nothing touched when disabled or without glibc."""
     from lorakit.io import heap
+
     real = heap.glibc()
     if real is not None:  # the real glibc accepts every value (mallopt returns 0 for one out of its range)
-        assert [real.mallopt(p, v) for p, v in list(heap.RETAINING.items()) + list(heap.DEFAULTS.items())] == [1] * 6
+        assert [
+            real.mallopt(p, v) for p, v in list(heap.RETAINING.items()) + list(heap.DEFAULTS.items())
+        ] == [1] * 6
 
     class Libc:
         def __init__(self):
@@ -335,6 +418,7 @@ def test_retained_heap_sets_and_restores_glibc_and_only_when_asked(monkeypatch):
         def malloc_trim(self, pad):
             self.calls.append(("trim", pad))
             return 1
+
     libc = Libc()
     monkeypatch.setattr(heap, "glibc", lambda: libc)
     with pytest.raises(RuntimeError, match="boom"):

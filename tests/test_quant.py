@@ -1,5 +1,6 @@
 """Quantized bases: dequantization against each format's formula written independently here, merge -> write -> read
 round trips that keep the layout, config and untouched bytes, the survival report against fp64, clean errors."""
+
 import json
 import os
 
@@ -16,9 +17,25 @@ from lorakit.quant import detect
 
 OUT, IN, G = 64, 128, 32
 gen = torch.Generator().manual_seed(0)
-W = torch.randn(OUT, IN, generator=gen) / IN ** 0.5  # the full-precision weight of the quantized module
-NF4_LEVELS = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379,
-              0.4407, 0.5626, 0.7230, 1.0]
+W = torch.randn(OUT, IN, generator=gen) / IN**0.5  # the full-precision weight of the quantized module
+NF4_LEVELS = [
+    -1.0,
+    -0.6962,
+    -0.5251,
+    -0.3949,
+    -0.2844,
+    -0.1848,
+    -0.0911,
+    0.0,
+    0.0796,
+    0.1609,
+    0.2461,
+    0.3379,
+    0.4407,
+    0.5626,
+    0.7230,
+    1.0,
+]
 
 
 def pack_rows(q, bits):
@@ -57,7 +74,7 @@ def make(folder, kind):
         return t[f"{name}.weight"].double() * s.double()
 
     def gptq(name, Wm, bits, sym, v1, desc_act):
-        maxq = 2 ** bits - 1
+        maxq = 2**bits - 1
         g_idx = (torch.randperm(IN, generator=gen) if desc_act else torch.arange(IN)) // G
         groups = IN // G
         scales, zeros = torch.zeros(groups, OUT), torch.zeros(groups, OUT)
@@ -113,10 +130,18 @@ def make(folder, kind):
         if nested:
             offset = float(absmax.mean())
             centered = absmax - offset
-            nested_absmax = centered.reshape(-1, 256 if centered.numel() >= 256 else centered.numel()).abs().amax(1)
+            nested_absmax = (
+                centered.reshape(-1, 256 if centered.numel() >= 256 else centered.numel()).abs().amax(1)
+            )
             nested_map = torch.linspace(-1, 1, 256)
             block = centered.numel() // nested_absmax.numel()
-            idx = (centered.reshape(-1, block) / nested_absmax[:, None]).reshape(-1, 1).sub(nested_map).abs().argmin(1)
+            idx = (
+                (centered.reshape(-1, block) / nested_absmax[:, None])
+                .reshape(-1, 1)
+                .sub(nested_map)
+                .abs()
+                .argmin(1)
+            )
             t[f"{name}.weight.absmax"] = idx.to(torch.uint8)
             t[f"{name}.weight.nested_absmax"] = nested_absmax
             t[f"{name}.weight.nested_quant_map"] = nested_map
@@ -124,22 +149,26 @@ def make(folder, kind):
             used = nested_map.double()[idx] * nested_absmax.double().repeat_interleave(block) + offset
         else:
             t[f"{name}.weight.absmax"] = absmax
-        t[f"{name}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()),
-                                                                          dtype=torch.uint8)
+        t[f"{name}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(
+            list(json.dumps(state).encode()), dtype=torch.uint8
+        )
         return (levels.double()[codes].reshape(-1, 64) * used.to(torch.float64)[:, None]).reshape(Wm.shape)
 
-    other = torch.randn(OUT, IN, generator=gen) / IN ** 0.5
+    other = torch.randn(OUT, IN, generator=gen) / IN**0.5
     if kind in ("fp8-channel", "fp8-tensor", "fbgemm"):
         ref = fp8("l.q", W, kind != "fp8-tensor", torch.float32 if kind == "fbgemm" else torch.bfloat16)
         fp8("l.k", other, True)
-        qc = {"quant_method": "fbgemm_fp8"} if kind == "fbgemm" else {"quant_method": "compressed-tensors",
-                                                                      "format": "float-quantized"}
+        qc = (
+            {"quant_method": "fbgemm_fp8"}
+            if kind == "fbgemm"
+            else {"quant_method": "compressed-tensors", "format": "float-quantized"}
+        )
     elif kind == "fp8-block":
         bw = torch.randn(256, 384, generator=gen) / 20
         s = torch.zeros(2, 3)
         for i in range(2):
             for j in range(3):
-                s[i, j] = bw[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().amax() / 448
+                s[i, j] = bw[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].abs().amax() / 448
         se = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
         t["l.q.weight"] = (bw / se).to(torch.float8_e4m3fn)
         t["l.q.weight_scale_inv"] = s
@@ -149,8 +178,14 @@ def make(folder, kind):
         bits, sym, v1 = (4, True, True) if kind == "gptq4" else (8, False, False)
         ref = gptq("l.q", W, bits, sym, v1, desc_act=True)
         gptq("l.k", other, bits, sym, v1, desc_act=False)
-        qc = {"quant_method": "gptq", "bits": bits, "group_size": G, "sym": sym, "desc_act": True,
-              "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+        qc = {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": G,
+            "sym": sym,
+            "desc_act": True,
+            "checkpoint_format": "gptq" if v1 else "gptq_v2",
+        }
     elif kind == "awq":
         ref, _ = awq("l.q", W), awq("l.k", other)
         qc = {"quant_method": "awq", "bits": 4, "group_size": G, "version": "gemm", "zero_point": True}
@@ -167,8 +202,19 @@ def make(folder, kind):
     return ref
 
 
-KINDS = ["fp8-channel", "fp8-tensor", "fbgemm", "fp8-block", "int8", "bnb-int8", "gptq4", "gptq8", "awq", "nf4",
-         "nf4-double"]
+KINDS = [
+    "fp8-channel",
+    "fp8-tensor",
+    "fbgemm",
+    "fp8-block",
+    "int8",
+    "bnb-int8",
+    "gptq4",
+    "gptq8",
+    "awq",
+    "nf4",
+    "nf4-double",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -191,8 +237,19 @@ def adapter_for(shape, rel, tmp_path, seed=1):
     return ad
 
 
-WRITABLE = ["fp8-channel", "fp8-tensor", "fbgemm", "fp8-block", "int8", "bnb-int8", "gptq4", "gptq8", "awq", "nf4",
-            "nf4-double"]
+WRITABLE = [
+    "fp8-channel",
+    "fp8-tensor",
+    "fbgemm",
+    "fp8-block",
+    "int8",
+    "bnb-int8",
+    "gptq4",
+    "gptq8",
+    "awq",
+    "nf4",
+    "nf4-double",
+]
 
 
 @pytest.mark.parametrize("kind", WRITABLE)
@@ -202,17 +259,22 @@ def test_merge_round_trip_keeps_layout_and_reports_survival(tmp_path, kind, stra
     ad = adapter_for(tuple(ref.shape), 2e-2, tmp_path)
     if kind == "nf4-double" and strategy == "rescale":
         with pytest.raises(LorakitError, match="fresh scales for double-quantized NF4"):
-            lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "out", strategy=strategy)
+            lorakit.merge(
+                tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "out", strategy=strategy
+            )
         return
-    r = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "out", strategy=strategy,
-                      quiet=True)
+    r = lorakit.merge(
+        tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "out", strategy=strategy, quiet=True
+    )
     before, after = Checkpoint(tmp_path / "q"), Checkpoint(tmp_path / "out")
     assert (tmp_path / "out" / "config.json").read_bytes() == (tmp_path / "q" / "config.json").read_bytes()
     for name in before.where:
         e0, e1 = before.entry(name), after.entry(name)
         assert (e0.dtype, e0.shape) == (e1.dtype, e1.shape), name
         if not name.startswith("l.q."):
-            assert before.shards[before.where[name]].raw(name) == after.shards[after.where[name]].raw(name), name
+            assert before.shards[before.where[name]].raw(name) == after.shards[after.where[name]].raw(name), (
+                name
+            )
     assert set(after.where) == set(before.where)
     # the report against a direct fp64 computation from the files
     handler, mods = detect(after, str(tmp_path / "out"))
@@ -231,27 +293,37 @@ def test_a_module_split_across_shards_is_computed_once(tmp_path, threads, monkey
     """An AWQ module whose packed tensors lie in two shards (as Hugging Face's sharding leaves them): one computation
     gives all three, whatever the workers, byte for byte what the single-file merge writes."""
     from safetensors.torch import load_file
+
     make(tmp_path / "q", "awq")
     adapter_for((OUT, IN), 2e-2, tmp_path)
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
-    split = {"model-00001-of-00002.safetensors": [n for n in tensors if n != "l.q.scales" and n != "l.q.qzeros"],
-             "model-00002-of-00002.safetensors": ["l.q.qzeros", "l.q.scales"]}
+    split = {
+        "model-00001-of-00002.safetensors": [n for n in tensors if n != "l.q.scales" and n != "l.q.qzeros"],
+        "model-00002-of-00002.safetensors": ["l.q.qzeros", "l.q.scales"],
+    }
     os.makedirs(tmp_path / "s")
     for file, names in split.items():
         write_safetensors(str(tmp_path / "s" / file), {n: tensors[n] for n in names}, {"format": "pt"})
     with open(tmp_path / "s" / "model.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {}, "weight_map": {n: file for file, names in split.items() for n in names}}, f)
+        json.dump(
+            {"metadata": {}, "weight_map": {n: file for file, names in split.items() for n in names}}, f
+        )
     (tmp_path / "s" / "config.json").write_bytes((tmp_path / "q" / "config.json").read_bytes())
     one = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o1", quiet=True)
     from lorakit.quant import requant
+
     calls, requantize = [], requant.requantize
     monkeypatch.setattr(requant, "requantize", lambda *a, **k: calls.append(a[2]) or requantize(*a, **k))
-    two = lorakit.merge(tmp_path / "s", [str(tmp_path / "a.safetensors")], tmp_path / "o2", quiet=True,
-                        threads=threads)
+    two = lorakit.merge(
+        tmp_path / "s", [str(tmp_path / "a.safetensors")], tmp_path / "o2", quiet=True, threads=threads
+    )
     assert len(calls) == 1
     assert one["quantization"]["modules"] == two["quantization"]["modules"]
     a, b = Checkpoint(tmp_path / "o1"), Checkpoint(tmp_path / "o2")
-    assert set(a.where) == set(b.where) and os.path.basename(b.where["l.q.scales"]) == "model-00002-of-00002.safetensors"
+    assert (
+        set(a.where) == set(b.where)
+        and os.path.basename(b.where["l.q.scales"]) == "model-00002-of-00002.safetensors"
+    )
     for name in a.where:
         assert a.shards[a.where[name]].raw(name) == b.shards[b.where[name]].raw(name), name
 
@@ -259,18 +331,37 @@ def test_a_module_split_across_shards_is_computed_once(tmp_path, threads, monkey
 def test_feedback_keeps_the_delta_where_same_grid_loses_it(tmp_path, cli):
     make(tmp_path / "q", "fp8-channel")
     adapter_for((OUT, IN), 1e-2, tmp_path)
-    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "sg", "--strategy",
-                         "same-grid", "--json", "-q")
+    code, out, err = cli(
+        "merge",
+        tmp_path / "q",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "sg",
+        "--strategy",
+        "same-grid",
+        "--json",
+        "-q",
+    )
     same = json.loads(out)["quantization"]
     code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb", "-q")
     assert code == 0 and "survival (fp8, strategy feedback)" in out
-    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb2", "--json", "-q")
+    code, out, err = cli(
+        "merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb2", "--json", "-q"
+    )
     fb = json.loads(out)["quantization"]
     assert fb["mean_retention"] > 0.9 and same["mean_retention"] < 0.5
     assert fb["mean_probe_error_aligned"] < 0.5 * same["mean_probe_error_aligned"]
     # the loud warning names better strategies
-    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "sg2", "--strategy",
-                         "same-grid", "-q")
+    code, out, err = cli(
+        "merge",
+        tmp_path / "q",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "sg2",
+        "--strategy",
+        "same-grid",
+        "-q",
+    )
     assert "WARNING: only" in out and "--strategy feedback" in out
 
 
@@ -281,8 +372,14 @@ def test_original_strategy_and_onto(tmp_path):
     ad = adapter_for((OUT, IN), 5e-2, tmp_path)
     with pytest.raises(LorakitError, match="need --full-precision-base"):
         lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy="original")
-    r = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy="original",
-                      full_precision_base=str(tmp_path / "full"), quiet=True)
+    r = lorakit.merge(
+        tmp_path / "q",
+        [str(tmp_path / "a.safetensors")],
+        tmp_path / "o",
+        strategy="original",
+        full_precision_base=str(tmp_path / "full"),
+        quiet=True,
+    )
     out = Checkpoint(tmp_path / "o")
     handler, mods = detect(out, str(tmp_path / "o"))
     target = W.double() + ad.modules["l.q"].delta(torch.float64)
@@ -298,7 +395,9 @@ def test_dequantized_output(tmp_path, kind):
     ad = adapter_for(tuple(ref.shape), 1e-2, tmp_path)
     lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", dtype="fp32", quiet=True)
     out = Checkpoint(tmp_path / "o")
-    assert torch.allclose(out.get("l.q.weight").double(), ref + ad.modules["l.q"].delta(torch.float64), atol=1e-5)
+    assert torch.allclose(
+        out.get("l.q.weight").double(), ref + ad.modules["l.q"].delta(torch.float64), atol=1e-5
+    )
     assert not any(n.startswith("l.q.") and n != "l.q.weight" for n in out.where)
     assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
 
@@ -308,8 +407,10 @@ def test_extract_from_a_quantized_base_is_refused_or_dequantized(tmp_path):
     # the dequantized model as the "tuned" one plus a planted delta: extract sees through the quantized base
     os.makedirs(tmp_path / "tuned")
     D = torch.randn(OUT, 2, generator=gen).double() @ torch.randn(2, IN, generator=gen).double() * 0.01
-    write_safetensors(tmp_path / "tuned" / "model.safetensors", {"l.q.weight": (ref + D).float(),
-                                                                 "norm.weight": torch.ones(IN)})
+    write_safetensors(
+        tmp_path / "tuned" / "model.safetensors",
+        {"l.q.weight": (ref + D).float(), "norm.weight": torch.ones(IN)},
+    )
     r = lorakit.extract(tmp_path / "q", tmp_path / "tuned", tmp_path / "e.safetensors", rank=2, quiet=True)
     e = lorakit.load(tmp_path / "e.safetensors")
     assert (e.modules["l.q"].delta(torch.float64) - D).norm() / D.norm() < 1e-4
@@ -344,14 +445,21 @@ def test_dequantize_matches_compressed_tensors(tmp_path, kind):
     """The real compressed-tensors library dequantizes the same stored tensors to the same weights."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
+
     make(tmp_path / "q", kind)
     ckpt = Checkpoint(tmp_path / "q")
     handler, mods = detect(ckpt, str(tmp_path / "q"))
     q, s = ckpt.get("l.q.weight"), ckpt.get("l.q.weight_scale")
-    args = QuantizationArgs(num_bits=8, type="float" if kind == "fp8-channel" else "int", strategy="channel",
-                            symmetric=True)
-    theirs = dequantize(q, s.float(), torch.zeros_like(s.float()).to(torch.int8 if kind == "int8" else s.dtype),
-                        args, dtype=torch.float32)
+    args = QuantizationArgs(
+        num_bits=8, type="float" if kind == "fp8-channel" else "int", strategy="channel", symmetric=True
+    )
+    theirs = dequantize(
+        q,
+        s.float(),
+        torch.zeros_like(s.float()).to(torch.int8 if kind == "int8" else s.dtype),
+        args,
+        dtype=torch.float32,
+    )
     assert torch.allclose(handler.dequantize(ckpt, mods["l.q"]), theirs, rtol=1e-6, atol=1e-8)
 
 
@@ -359,12 +467,16 @@ def test_dequantize_matches_compressed_tensors(tmp_path, kind):
 def test_nf4_dequantize_matches_bitsandbytes(tmp_path, double_quant):
     """Tensors quantized by the real bitsandbytes (CPU) and saved under transformers' names dequantize exactly."""
     import bitsandbytes.functional as bnbf
+
     q, state = bnbf.quantize_4bit(W, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
     os.makedirs(tmp_path / "q")
-    write_safetensors(tmp_path / "q" / "model.safetensors",
-                      {"l.q.weight": q, **{f"l.q.weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
-    (tmp_path / "q" / "config.json").write_text(json.dumps(
-        {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    write_safetensors(
+        tmp_path / "q" / "model.safetensors",
+        {"l.q.weight": q, **{f"l.q.weight.{k}": v for k, v in state.as_dict(packed=True).items()}},
+    )
+    (tmp_path / "q" / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    )
     ckpt = Checkpoint(tmp_path / "q")
     handler, mods = detect(ckpt, str(tmp_path / "q"))
     assert torch.equal(handler.dequantize(ckpt, mods["l.q"]), bnbf.dequantize_4bit(q, state))
@@ -372,14 +484,18 @@ def test_nf4_dequantize_matches_bitsandbytes(tmp_path, double_quant):
 
 def test_int8_dequantize_matches_bitsandbytes(tmp_path):
     import bitsandbytes.functional as bnbf
+
     CB, SCB = bnbf.int8_vectorwise_quant(W)[:2]
     os.makedirs(tmp_path / "q")
     write_safetensors(tmp_path / "q" / "model.safetensors", {"l.q.weight": CB, "l.q.weight.SCB": SCB})
-    (tmp_path / "q" / "config.json").write_text(json.dumps(
-        {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}))
+    (tmp_path / "q" / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}})
+    )
     ckpt = Checkpoint(tmp_path / "q")
     handler, mods = detect(ckpt, str(tmp_path / "q"))
-    assert torch.allclose(handler.dequantize(ckpt, mods["l.q"]), bnbf.int8_vectorwise_dequant(CB, SCB), atol=1e-7)
+    assert torch.allclose(
+        handler.dequantize(ckpt, mods["l.q"]), bnbf.int8_vectorwise_dequant(CB, SCB), atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -389,25 +505,30 @@ def test_nf4_write_is_read_back_by_bitsandbytes(tmp_path, double_quant, strategy
     re-rounded; the real bitsandbytes dequantizes the written tensors to what lorakit reports."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
+
     q, state = bnbf.quantize_4bit(W, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
     os.makedirs(tmp_path / "q")
     stored = {"l.q.weight": q, **{f"l.q.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     write_safetensors(tmp_path / "q" / "model.safetensors", stored)
-    (tmp_path / "q" / "config.json").write_text(json.dumps(
-        {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    (tmp_path / "q" / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    )
     W_old = bnbf.dequantize_4bit(q, state).double()
     ad = adapter_for((OUT, IN), 1e-2, tmp_path)
-    r = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy=strategy,
-                      quiet=True)
+    r = lorakit.merge(
+        tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy=strategy, quiet=True
+    )
     out = Checkpoint(tmp_path / "o")
     tensors = {n: out.get(n) for n in out.where}
     assert {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()} == {
-        n: (t.dtype, tuple(t.shape)) for n, t in stored.items()}
+        n: (t.dtype, tuple(t.shape)) for n, t in stored.items()
+    }
     for n in stored:
         if n != "l.q.weight":  # the statistics are kept byte for byte: only the codes change
             assert torch.equal(tensors[n], stored[n]), n
-    state2 = QuantState.from_dict({k[len("l.q.weight."):]: v for k, v in tensors.items() if k != "l.q.weight"},
-                                  device="cpu")
+    state2 = QuantState.from_dict(
+        {k[len("l.q.weight.") :]: v for k, v in tensors.items() if k != "l.q.weight"}, device="cpu"
+    )
     theirs = bnbf.dequantize_4bit(tensors["l.q.weight"], state2).double()
     handler, mods = detect(out, str(tmp_path / "o"))
     assert torch.equal(theirs.float(), handler.dequantize(out, mods["l.q"]))
@@ -427,8 +548,13 @@ def _fp8_values():
 
 def _codebooks():
     from lorakit.quant.rounding import FP8, Table, Uniform
-    return {"int8": (Uniform(-128, 127, torch.int8), torch.arange(-128, 128)), "int4": (Uniform(0, 15, torch.uint8),
-            torch.arange(16)), "fp8": (FP8(), None), "nf4": (Table(torch.tensor(NF4_LEVELS)), torch.tensor(NF4_LEVELS))}
+
+    return {
+        "int8": (Uniform(-128, 127, torch.int8), torch.arange(-128, 128)),
+        "int4": (Uniform(0, 15, torch.uint8), torch.arange(16)),
+        "fp8": (FP8(), None),
+        "nf4": (Table(torch.tensor(NF4_LEVELS)), torch.tensor(NF4_LEVELS)),
+    }
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8", "nf4"])
@@ -464,8 +590,14 @@ def test_stochastic_rounding_draws_against_fp64(name):
     span = float(levels.max() - levels.min())
     U = (torch.rand(60000, generator=g) * 1.2 - 0.1) * span + float(levels.min())
     if name == "fp8":  # every binade, and the codes themselves
-        U = torch.cat([U, torch.randn(60000, generator=g) * torch.exp2(torch.randint(-12, 9, (60000,), generator=g)),
-                       levels.float(), -levels.float()])
+        U = torch.cat(
+            [
+                U,
+                torch.randn(60000, generator=g) * torch.exp2(torch.randint(-12, 9, (60000,), generator=g)),
+                levels.float(),
+                -levels.float(),
+            ]
+        )
     stored, drawn = book.stochastic(U.clone(), torch.Generator().manual_seed(11))
     r = torch.rand(U.shape, generator=torch.Generator().manual_seed(11)).double()
     u = U.double().clamp(float(levels.min()), float(levels.max()))
@@ -490,9 +622,11 @@ def test_stochastic_rounding_is_unbiased(name):
     assert torch.equal(book.values(stored), drawn)
     drawn = drawn.double()
     values = sorted(drawn.unique().tolist())
-    assert len(values) == 2 and float(v) in values and values[0] < 0.3 + (6 if name == "int4" else 0) < values[1]
+    assert (
+        len(values) == 2 and float(v) in values and values[0] < 0.3 + (6 if name == "int4" else 0) < values[1]
+    )
     step = values[1] - values[0]
-    assert abs(float(drawn.mean()) - float(U[0])) < 4 * step / 200000 ** 0.5
+    assert abs(float(drawn.mean()) - float(U[0])) < 4 * step / 200000**0.5
 
 
 def _feedback_reference(T, S, Z, levels, A, damp=1e-6):
@@ -500,7 +634,9 @@ def _feedback_reference(T, S, Z, levels, A, damp=1e-6):
     a = A.double().T
     r = a.shape[1]
     M = (a[:, :, None] * a[:, None, :]).flip(0).cumsum(0).flip(0)
-    G = torch.linalg.solve(M + damp * M[0].diagonal().mean() * torch.eye(r, dtype=torch.float64), a[:, :, None])[..., 0]
+    G = torch.linalg.solve(
+        M + damp * M[0].diagonal().mean() * torch.eye(r, dtype=torch.float64), a[:, :, None]
+    )[..., 0]
     R = torch.zeros(T.shape[0], r, dtype=torch.float64)
     codes = torch.empty_like(T, dtype=torch.float64)
     for j in range(T.shape[1]):
@@ -514,6 +650,7 @@ def _feedback_reference(T, S, Z, levels, A, damp=1e-6):
 @pytest.mark.parametrize("name", ["int4", "fp8", "nf4"])
 def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     from lorakit.quant.rounding import feedback_block, feedback_gains
+
     book, levels = _codebooks()[name]
     if levels is None:
         levels = _fp8_values()
@@ -523,17 +660,33 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     A = torch.randn(r, inn, generator=g)
     span = float(levels.max() - levels.min())
     S = torch.full((out, inn), 1.0)
-    Z = torch.full((out, inn), float(levels.min() + levels.max()) / 2) if name == "int4" else torch.zeros(out, inn)
+    Z = (
+        torch.full((out, inn), float(levels.min() + levels.max()) / 2)
+        if name == "int4"
+        else torch.zeros(out, inn)
+    )
     T = (torch.rand(out, inn, generator=g) - 0.5) * span * 0.8 + Z
     ref = _feedback_reference(T, S, Z, levels, A)
     G, R = feedback_gains(A), torch.zeros(out, r)
-    blocks = [feedback_block(T[:, j0:j0 + 128], S[:, j0:j0 + 128], Z[:, j0:j0 + 128] if name == "int4" else None, book,
-                             A[:, j0:j0 + 128], G[j0:j0 + 128], R) for j0 in range(0, inn, 128)]
+    blocks = [
+        feedback_block(
+            T[:, j0 : j0 + 128],
+            S[:, j0 : j0 + 128],
+            Z[:, j0 : j0 + 128] if name == "int4" else None,
+            book,
+            A[:, j0 : j0 + 128],
+            G[j0 : j0 + 128],
+            R,
+        )
+        for j0 in range(0, inn, 128)
+    ]
     ours = torch.cat([c.T for c, _ in blocks], 1).double()
     # the errors it returns are W_new - T
     E = torch.cat([e.T for _, e in blocks], 1).double()
     assert torch.allclose(E, S.double() * (ours - Z.double()) - T.double(), atol=1e-5)
-    assert float((ours == ref).double().mean()) > 0.99  # fp32 vs fp64: a few codes at rounding boundaries flip
+    assert (
+        float((ours == ref).double().mean()) > 0.99
+    )  # fp32 vs fp64: a few codes at rounding boundaries flip
     aligned = lambda c: float(((S.double() * (c - Z.double()) - T.double()) @ A.double().T).norm())  # noqa: E731
     nearest = levels[((T.double() / S + Z)[..., None] - levels).abs().argmin(-1)]
     assert aligned(ours) < 1.1 * aligned(ref) and aligned(ours) < 0.2 * aligned(nearest)
@@ -542,9 +695,21 @@ def test_blocked_feedback_matches_the_column_by_column_fp64_result(name):
     T = T * S
     ref = _feedback_reference(T, S, Z, levels, A)
     G, R = feedback_gains(A), torch.zeros(out, r)
-    shared = torch.cat([feedback_block(T[:, j0:j0 + 128], S[:, :1], Z[:, :1] if name == "int4" else None, book,
-                                       A[:, j0:j0 + 128], G[j0:j0 + 128], R)[0].T for j0 in range(0, inn, 128)],
-                       1).double()
+    shared = torch.cat(
+        [
+            feedback_block(
+                T[:, j0 : j0 + 128],
+                S[:, :1],
+                Z[:, :1] if name == "int4" else None,
+                book,
+                A[:, j0 : j0 + 128],
+                G[j0 : j0 + 128],
+                R,
+            )[0].T
+            for j0 in range(0, inn, 128)
+        ],
+        1,
+    ).double()
     assert float((shared == ref).double().mean()) > 0.99
     assert aligned(shared) < 1.1 * aligned(ref)
 
@@ -556,19 +721,26 @@ def test_fit_takes_each_groups_range_exactly(row_major):
     both block layouts, against a direct reduction."""
     from types import SimpleNamespace
     from lorakit.quant.requant import fit
+
     g = torch.Generator().manual_seed(4)
     out, inn = 24, 600
     T = torch.randn(out, inn, generator=g, dtype=torch.float64)
-    cases = [(torch.zeros(inn, dtype=torch.long), 256), (torch.arange(inn) // 64, 256), (torch.arange(inn) // 128, 64),
-             ((torch.arange(inn) // 64)[torch.randperm(inn, generator=g)], 256)]
+    cases = [
+        (torch.zeros(inn, dtype=torch.long), 256),
+        (torch.arange(inn) // 64, 256),
+        (torch.arange(inn) // 128, 64),
+        ((torch.arange(inn) // 64)[torch.randperm(inn, generator=g)], 256),
+    ]
     for groups, columns in cases:
         n = int(groups.max()) + 1
         old = SimpleNamespace(S=torch.zeros(n, out), g=groups)
         fmt = SimpleNamespace(fit=lambda ckpt, members, lo, hi: (lo, hi))
         blocks = []
         for j0 in range(0, inn, columns):
-            block = T[:, j0:j0 + columns].float()
-            blocks.append((j0, min(inn, j0 + columns), block.contiguous() if row_major else block.T.contiguous().T))
+            block = T[:, j0 : j0 + columns].float()
+            blocks.append(
+                (j0, min(inn, j0 + columns), block.contiguous() if row_major else block.T.contiguous().T)
+            )
         lo, hi = fit(fmt, None, None, old, blocks)
         for k in range(n):
             assert torch.equal(lo[k], T[:, groups == k].amin(1).float()), (k, columns)
@@ -579,6 +751,7 @@ def test_table_lookup_is_exact_for_any_levels():
     """The bin lookup behind non-uniform tables, on levels it was not tuned for (clustered, uneven, unsorted), against
     brute force in fp64; inputs right next to every midpoint and beyond both ends."""
     from lorakit.quant.rounding import Table
+
     g = torch.Generator().manual_seed(11)
     levels = torch.cat([torch.rand(12, generator=g) * 0.01, torch.randn(4, generator=g) * 3])
     levels = levels[torch.randperm(16, generator=g)]
@@ -586,9 +759,13 @@ def test_table_lookup_is_exact_for_any_levels():
     s = levels.double().sort().values
     mid = (s[1:] + s[:-1]) / 2
     near = torch.cat([mid - 1e-5, mid + 1e-5]).float()
-    U = torch.cat([near, (torch.rand(20000, generator=g) * 1.4 - 0.7) * float(s[-1] - s[0]) + float(s.mean())])
+    U = torch.cat(
+        [near, (torch.rand(20000, generator=g) * 1.4 - 0.7) * float(s[-1] - s[0]) + float(s.mean())]
+    )
     dist = (U.double()[:, None] - s).abs()
     ref = s[dist.argmin(1)]
     stored, values = book.round(U.clone())
     assert torch.equal(values.double(), ref) and torch.equal(book.values(stored).double(), ref)
-    assert torch.equal(levels[stored.long()].double(), ref)  # stored codes index the table as given (unsorted)
+    assert torch.equal(
+        levels[stored.long()].double(), ref
+    )  # stored codes index the table as given (unsorted)

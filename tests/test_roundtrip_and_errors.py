@@ -1,4 +1,5 @@
 """save -> load is bit-exact for every allowed dtype; bad input gets one clean line, exit 2, and no output."""
+
 import os
 import struct
 
@@ -16,8 +17,12 @@ from conftest import assert_one_line_error, bits, listdir_all, write_unchecked
 def full_adapter(dtype):
     g = torch.Generator().manual_seed(3)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    ad = Adapter(base_model="m", base_fingerprint="sha256:" + "0" * 64, user_metadata={"note": "hello"},
-                 provenance={"operation": "test", "created": "2026-01-01T00:00:00Z"})
+    ad = Adapter(
+        base_model="m",
+        base_fingerprint="sha256:" + "0" * 64,
+        user_metadata={"note": "hello"},
+        provenance={"operation": "test", "created": "2026-01-01T00:00:00Z"},
+    )
     ad.add(Module("lin", r(4, 10), r(6, 4), alpha=7.25))
     ad.add(Module("conv", r(2, 3, 3, 3), r(5, 2, 1, 1), alpha=0.1))
     ad.add(Module("emb", r(3, 8), r(20, 3), alpha=3.0, kind="embedding"))
@@ -65,8 +70,8 @@ def corrupt_files(tmp_path):
         "not_json": (struct.pack("<Q", 8) + b"not json", "not valid JSON", "LK101"),
         "offsets_past_end": (data[: 8 + n] + b"\0" * 4, "run past the end", "LK102"),
     }
-    header = data[8: 8 + n].replace(b'"shape":[4,8]', b'"shape":[4,4]')
-    files["wrong_shape"] = (struct.pack("<Q", n) + header + data[8 + n:], "shape [4, 4]", "LK102")
+    header = data[8 : 8 + n].replace(b'"shape":[4,8]', b'"shape":[4,4]')
+    files["wrong_shape"] = (struct.pack("<Q", n) + header + data[8 + n :], "shape [4, 4]", "LK102")
     out = {}
     for name, (blob, fragment, code) in files.items():
         p = tmp_path / f"{name}.safetensors"
@@ -91,7 +96,9 @@ def test_bad_input_clean_errors(cli, tmp_path):
 def test_nan_and_shape_errors_name_the_tensor(tmp_path, cli):
     ad = examples.random_adapter({"l.0.q_proj.weight": (8, 8)})
     ad.modules["l.0.q_proj"].A[0, 0] = float("nan")
-    with pytest.raises(LorakitError, match=r"refused.safetensors: tensor 'l.0.q_proj.lora_A': \[LK208\] 1 NaN"):
+    with pytest.raises(
+        LorakitError, match=r"refused.safetensors: tensor 'l.0.q_proj.lora_A': \[LK208\] 1 NaN"
+    ):
         ad.save(tmp_path / "refused.safetensors")
     assert not os.path.exists(tmp_path / "refused.safetensors")
     write_unchecked(ad, tmp_path / "nan.safetensors")
@@ -102,7 +109,9 @@ def test_nan_and_shape_errors_name_the_tensor(tmp_path, cli):
     bad = Adapter()
     bad.add(Module("m", torch.ones(2, 4), torch.ones(3, 5), alpha=1.0))
     write_unchecked(bad, tmp_path / "shape.safetensors")
-    with pytest.raises(LorakitError, match=r"tensor 'm.lora_B': \[LK204\] lora_A has rank 2 but lora_B has rank 5"):
+    with pytest.raises(
+        LorakitError, match=r"tensor 'm.lora_B': \[LK204\] lora_A has rank 2 but lora_B has rank 5"
+    ):
         lorakit.load(tmp_path / "shape.safetensors")
 
 
@@ -119,8 +128,11 @@ def test_output_is_atomic_and_never_overwritten(tmp_path, monkeypatch):
     def broken_write(path, tensors, metadata=None):
         open(path, "wb").write(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(fmt, "write_safetensors", broken_write)
-    with pytest.raises(LorakitError, match="new.safetensors: cannot write the output: No space left on device"):
+    with pytest.raises(
+        LorakitError, match="new.safetensors: cannot write the output: No space left on device"
+    ):
         ad.save(tmp_path / "new.safetensors")
     assert listdir_all(tmp_path) == ["out.safetensors"]
     with pytest.raises(LorakitError, match="No space left"):
@@ -144,6 +156,7 @@ def test_load_detects_format_from_content_not_name(tmp_path):
     with pytest.raises(LorakitError, match=r"junk.safetensors: \[LK101\] header is not valid JSON"):
         lorakit.load(tmp_path / "junk.safetensors")
     from safetensors.torch import save_file
+
     save_file({"something.else": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(LorakitError, match="other.safetensors: not a recognized adapter"):
         lorakit.load(tmp_path / "other.safetensors")

@@ -1,4 +1,5 @@
 """Every conformance vector gives its manifest's result; the generator is deterministic; spec and code agree."""
+
 import json
 import os
 import re
@@ -36,6 +37,7 @@ def test_manifest_covers_every_error_code():
 
 def test_vectors_regenerate_bit_identically(tmp_path):
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("make_vectors", os.path.join(VECTORS, "make_vectors.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -65,8 +67,12 @@ def test_validate_json_and_exit_codes(cli, tmp_path):
     assert code == 1 and r["valid"] is False
     assert [f["valid"] for f in r["files"]] == [True, False]
     p = r["files"][1]["problems"][0]
-    assert p == {"code": "LK204", "rule": "rank-mismatch", "tensor": "layers.0.q_proj.lora_B",
-                 "message": "lora_A has rank 4 but lora_B has rank 3"}
+    assert p == {
+        "code": "LK204",
+        "rule": "rank-mismatch",
+        "tensor": "layers.0.q_proj.lora_B",
+        "message": "lora_A has rank 4 but lora_B has rank 3",
+    }
     code, out, _ = cli("validate", good, tmp_path / "missing.safetensors")
     assert code == 2 and "LK001" in out and "no such file" in out
     code, out, _ = cli("validate", tmp_path)
@@ -76,6 +82,7 @@ def test_validate_json_and_exit_codes(cli, tmp_path):
 def test_validate_points_other_formats_to_convert(tmp_path):
     from safetensors.torch import save_file
     import torch
+
     f = tmp_path / "adapter_model.safetensors"
     save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 3)}, str(f))
     r = validate([str(f)])

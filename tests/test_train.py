@@ -1,5 +1,6 @@
 """Training: the built-in model against transformers, loss falls, the adapter in PEFT and in merge gives lorakit's
 logits, 2-process gloo equals 1 process, bad input stops before the first step."""
+
 import json
 import os
 import subprocess
@@ -31,8 +32,16 @@ def task(tmp_path_factory):
 @pytest.mark.parametrize("extra", [{}, {"tie_word_embeddings": True}, {"num_key_value_heads": 4}])
 def test_builtin_model_matches_transformers(tmp_path, extra):
     torch.manual_seed(0)
-    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rope_theta=5e5)
+    kw = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=5e5,
+    )
     kw.update(extra)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
     hf.save_pretrained(tmp_path / "m")
@@ -44,8 +53,15 @@ def test_builtin_model_matches_transformers(tmp_path, extra):
 
 def test_builtin_model_matches_qwen2(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.Qwen2Config(
+        vocab_size=80,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     hf = transformers.Qwen2ForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "q")
     ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "q"))
@@ -55,12 +71,38 @@ def test_builtin_model_matches_qwen2(tmp_path):
 
 
 def test_loss_falls_and_adapter_reproduces_in_peft_and_merge(task, tmp_path, cli):
-    code, out, err = cli("train", "--base", task / "base", "--data", task / "data.npy", "-o", tmp_path / "a.safetensors",
-                         "--rank", "8", "--alpha", "16", "--targets", ALL_LINEAR, "--steps", "120", "--lr", "3e-3",
-                         "--batch", "16", "--seq-len", "32", "--eval-every", "40", "--quiet", "--json")
+    code, out, err = cli(
+        "train",
+        "--base",
+        task / "base",
+        "--data",
+        task / "data.npy",
+        "-o",
+        tmp_path / "a.safetensors",
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--targets",
+        ALL_LINEAR,
+        "--steps",
+        "120",
+        "--lr",
+        "3e-3",
+        "--batch",
+        "16",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "40",
+        "--quiet",
+        "--json",
+    )
     assert code == 0, err
     r = json.loads(out)
-    assert r["final_loss"] < r["first_loss"] / 10 and r["eval_loss"] < r["first_loss"] / 10  # the stated factor: 10x
+    assert (
+        r["final_loss"] < r["first_loss"] / 10 and r["eval_loss"] < r["first_loss"] / 10
+    )  # the stated factor: 10x
     ad = lorakit.load(tmp_path / "a.safetensors")
     assert len(ad.modules) == 14 and ad.provenance["operation"] == "train"
     assert ad.provenance["params"]["rank"] == 8 and "eval_loss" in ad.provenance
@@ -92,14 +134,55 @@ def test_loss_falls_and_adapter_reproduces_in_peft_and_merge(task, tmp_path, cli
 
 
 def test_two_gloo_processes_equal_one(task, tmp_path):
-    args = ["--base", str(task / "base"), "--data", str(task / "data.npy"), "--rank", "4", "--targets",
-            "q_proj,v_proj,down_proj", "--steps", "6", "--batch", "8", "--seq-len", "16", "--quiet"]
+    args = [
+        "--base",
+        str(task / "base"),
+        "--data",
+        str(task / "data.npy"),
+        "--rank",
+        "4",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--steps",
+        "6",
+        "--batch",
+        "8",
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-                    "-m", "lorakit.cli", "train", *args, "-o", str(tmp_path / "ddp.safetensors")], check=True, env=env,
-                   capture_output=True)
-    lorakit.train(task / "base", task / "data.npy", tmp_path / "one.safetensors", rank=4,
-                  targets="q_proj,v_proj,down_proj", steps=6, batch=8, seq_len=16, quiet=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29541",
+            "-m",
+            "lorakit.cli",
+            "train",
+            *args,
+            "-o",
+            str(tmp_path / "ddp.safetensors"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    lorakit.train(
+        task / "base",
+        task / "data.npy",
+        tmp_path / "one.safetensors",
+        rank=4,
+        targets="q_proj,v_proj,down_proj",
+        steps=6,
+        batch=8,
+        seq_len=16,
+        quiet=True,
+    )
     r = lorakit.diff(tmp_path / "ddp.safetensors", tmp_path / "one.safetensors", quiet=True)
     assert r["summary"]["both"] == 6 and r["summary"]["max_relative_diff"] < 1e-5
     assert lorakit.load(tmp_path / "ddp.safetensors").provenance["params"]["processes"] == 2
@@ -110,11 +193,30 @@ def test_jsonl_records_and_resume(task, tmp_path):
         for i in range(40):
             ids = [(i + j) % 64 for j in range(20)]
             f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 5 + [1] * 15}) + "\n")
-    r = lorakit.train(task / "base", tmp_path / "d.jsonl", tmp_path / "a.safetensors", rank=2, steps=3, batch=4,
-                      seq_len=16, quiet=True)
+    r = lorakit.train(
+        task / "base",
+        tmp_path / "d.jsonl",
+        tmp_path / "a.safetensors",
+        rank=2,
+        steps=3,
+        batch=4,
+        seq_len=16,
+        quiet=True,
+    )
     assert r["steps"] == 3
-    lorakit.train(task / "base", tmp_path / "d.jsonl", tmp_path / "b", rank=2, steps=1, batch=4, seq_len=16,
-                       resume=str(tmp_path / "a.safetensors"), format="peft", quiet=True, lr=1e-12)
+    lorakit.train(
+        task / "base",
+        tmp_path / "d.jsonl",
+        tmp_path / "b",
+        rank=2,
+        steps=1,
+        batch=4,
+        seq_len=16,
+        resume=str(tmp_path / "a.safetensors"),
+        format="peft",
+        quiet=True,
+        lr=1e-12,
+    )
     back = lorakit.load(tmp_path / "b")
     first = lorakit.load(tmp_path / "a.safetensors")
     name = "model.layers.0.self_attn.q_proj"
@@ -126,27 +228,51 @@ def test_bad_input_stops_before_training(task, tmp_path, cli):
     c, out, err = cli("train", "--base", task / "base", "--data", tmp_path / "big.npy", "-o", tmp_path / "x")
     assert c == 2 and "token id 999 at position 2 is outside the vocabulary [0, 64)" in err
     (tmp_path / "noconfig").mkdir()
-    c, out, err = cli("train", "--base", tmp_path / "noconfig", "--data", task / "data.npy", "-o", tmp_path / "x")
+    c, out, err = cli(
+        "train", "--base", tmp_path / "noconfig", "--data", task / "data.npy", "-o", tmp_path / "x"
+    )
     assert c == 2 and "no config.json" in err
-    c, out, err = cli("train", "--base", task / "base", "--data", task / "data.npy", "-o", tmp_path / "x",
-                      "--targets", "nothing_here")
+    c, out, err = cli(
+        "train",
+        "--base",
+        task / "base",
+        "--data",
+        task / "data.npy",
+        "-o",
+        tmp_path / "x",
+        "--targets",
+        "nothing_here",
+    )
     assert c == 2 and "match no Linear" in err
     assert not (tmp_path / "x").exists()
 
 
 def test_lora_layers_for_any_model():
     conv1d = transformers.pytorch_utils.Conv1D(12, 5)  # GPT-2: weight [in=5, out=12]
-    net = torch.nn.ModuleDict({"c2": torch.nn.Conv2d(3, 4, 3, padding=1), "c1": torch.nn.Conv1d(3, 4, 3),
-                               "emb": torch.nn.Embedding(10, 6), "gpt": conv1d, "lin": torch.nn.Linear(6, 2)})
+    net = torch.nn.ModuleDict(
+        {
+            "c2": torch.nn.Conv2d(3, 4, 3, padding=1),
+            "c1": torch.nn.Conv1d(3, 4, 3),
+            "emb": torch.nn.Embedding(10, 6),
+            "gpt": conv1d,
+            "lin": torch.nn.Linear(6, 2),
+        }
+    )
     names = lora.inject(net, ["c2", "c1", "emb", "gpt", "lin"], rank=2, alpha=4)
     assert sorted(names) == ["c1", "c2", "emb", "gpt", "lin"]
-    assert {n for n, p in net.named_parameters() if p.requires_grad} == {f"{n}.lora_{x}" for n in names
-                                                                            for x in "AB"}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{x}" for n in names for x in "AB"
+    }
     with torch.no_grad():
         for _, layer in lora.lora_layers(net):
             layer.lora_B.normal_()
-    inputs = {"c2": torch.randn(1, 3, 5, 5), "c1": torch.randn(1, 3, 7), "emb": torch.tensor([[1, 7]]),
-              "gpt": torch.randn(2, 5), "lin": torch.randn(2, 6)}
+    inputs = {
+        "c2": torch.randn(1, 3, 5, 5),
+        "c1": torch.randn(1, 3, 7),
+        "emb": torch.tensor([[1, 7]]),
+        "gpt": torch.randn(2, 5),
+        "lin": torch.randn(2, 6),
+    }
     with torch.no_grad():
         before = {n: net[n](x) for n, x in inputs.items()}
         lora.merge(net)

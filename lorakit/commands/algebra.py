@@ -1,4 +1,5 @@
 """`combine`, `resize` and `diff`: IO around lorakit.algebra (the math lives there)."""
+
 import os
 
 import torch
@@ -25,8 +26,18 @@ def _check_rule(**rule):
     return given
 
 
-def combine(adapters, output, method="linear", rank=None, energy=None, density=0.5, seed=0, dtype="keep",
-            force=False, quiet=False):
+def combine(
+    adapters,
+    output,
+    method="linear",
+    rank=None,
+    energy=None,
+    density=0.5,
+    seed=0,
+    dtype="keep",
+    force=False,
+    quiet=False,
+):
     """Combine adapters (`path` or `path:weight`) in delta space. Returns the report; writes `output`.
 
     cat/linear are exact (rank = sum of ranks), or optimally truncated with rank/energy; svd truncates to `rank`
@@ -42,19 +53,29 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     check_output(output, paths(inputs), force, directory=False)
     loaded = load_inputs(inputs)
     same_base(loaded)
-    out_dtype = user_dtype(dtype) if dtype != "keep" else max(
-        (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()), key=lambda d: WIDTH.get(d, 0),
-        default=torch.float32)
+    out_dtype = (
+        user_dtype(dtype)
+        if dtype != "keep"
+        else max(
+            (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()),
+            key=lambda d: WIDTH.get(d, 0),
+            default=torch.float32,
+        )
+    )
     names = sorted({n for _, ad, _ in loaded for n in ad.modules})
     first = loaded[0][1]
-    result = Adapter(base_model=first.base_model, base_fingerprint=first.base_fingerprint,
-                     base_identity=first.base_identity)
+    result = Adapter(
+        base_model=first.base_model,
+        base_fingerprint=first.base_fingerprint,
+        base_identity=first.base_identity,
+    )
     rows = []
     for name in progress(names, quiet=quiet, desc=f"combine ({method})", unit="module"):
         entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
         try:
-            module, stats = algebra.combine_module(name, entries, combine_method, out_dtype, rank=rank,
-                                                          energy=energy, density=density, seed=seed)
+            module, stats = algebra.combine_module(
+                name, entries, combine_method, out_dtype, rank=rank, energy=energy, density=density, seed=seed
+            )
         except LorakitError as e:
             raise LorakitError(str(e), path=", ".join(p for p, _, _ in loaded)) from None
         result.add(module)
@@ -62,30 +83,55 @@ def combine(adapters, output, method="linear", rank=None, energy=None, density=0
     for path, ad, w in loaded:
         for key, t in ad.replacements.items():
             if key in result.replacements:
-                raise LorakitError("more than one input replaces this tensor: cannot combine full replacements",
-                                   path=path, tensor=key)
+                raise LorakitError(
+                    "more than one input replaces this tensor: cannot combine full replacements",
+                    path=path,
+                    tensor=key,
+                )
             result.replacements[key] = t
     sums = {}
     for _, ad, w in loaded:  # full-tensor deltas add exactly, in fp32, rounded once
         for key, t in ad.deltas.items():
             sums[key] = sums.get(key, 0) + t.float() * w
     result.deltas = {key: t.to(out_dtype) for key, t in sums.items()}
-    result.provenance = {"operation": "combine", "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
-                         "params": {"method": method, "rank": rank, "energy": energy, "density": density,
-                                    "seed": seed}}
+    result.provenance = {
+        "operation": "combine",
+        "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
+        "params": {"method": method, "rank": rank, "energy": energy, "density": density, "seed": seed},
+    }
     result.save(output, force=force)
-    return {"output": os.fspath(output), "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
-            "method": method, "module_count": len(rows), "modules": rows, "notes": [],
-            "rank": sum(r["rank"] for r in rows), "min_energy_kept": min((r["energy_kept"] for r in rows),
-                                                                         default=1.0)}
+    return {
+        "output": os.fspath(output),
+        "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+        "method": method,
+        "module_count": len(rows),
+        "modules": rows,
+        "notes": [],
+        "rank": sum(r["rank"] for r in rows),
+        "min_energy_kept": min((r["energy_kept"] for r in rows), default=1.0),
+    }
 
 
-def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None,
-           dtype="keep", force=False, quiet=False, minimal=False):
+def resize(
+    adapter,
+    output,
+    rank=None,
+    energy=None,
+    sv_ratio=None,
+    sv_fro=None,
+    sv_cumulative=None,
+    max_rank=None,
+    dtype="keep",
+    force=False,
+    quiet=False,
+    minimal=False,
+):
     """Optimal per-module truncation (Eckart-Young), alpha rescaled to keep each module's scale. The sv_* rules keep
     the ranks sd-scripts' resize_lora keeps (one above the smallest rank meeting the rule); `minimal` keeps that
     smallest rank."""
-    rule = _check_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative)
+    rule = _check_rule(
+        rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative
+    )
     if not rule:
         raise LorakitError("give one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
     if minimal and not {"sv_ratio", "sv_fro", "sv_cumulative"} & set(rule):
@@ -97,48 +143,82 @@ def resize(adapter, output, rank=None, energy=None, sv_ratio=None, sv_fro=None, 
     check_output(output, paths([(adapter, 1)]), force, directory=False)
     adapter, ad = as_adapter(adapter)
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
-    result = Adapter(replacements=dict(ad.replacements), deltas=dict(ad.deltas), base_model=ad.base_model,
-                     base_fingerprint=ad.base_fingerprint, base_identity=ad.base_identity,
-                     user_metadata=dict(ad.user_metadata))
+    result = Adapter(
+        replacements=dict(ad.replacements),
+        deltas=dict(ad.deltas),
+        base_model=ad.base_model,
+        base_fingerprint=ad.base_fingerprint,
+        base_identity=ad.base_identity,
+        user_metadata=dict(ad.user_metadata),
+    )
     rows = []
     for m in progress(ad.modules.values(), quiet=quiet, desc="resize", unit="module"):
         module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, minimal=minimal, **rule)
         result.add(module)
         rows.append(stats)
-    result.provenance = {"operation": "resize", "parents": [_parent(adapter, ad)],
-                         "params": {**rule, "max_rank": max_rank, **({"minimal": True} if minimal else {})}}
+    result.provenance = {
+        "operation": "resize",
+        "parents": [_parent(adapter, ad)],
+        "params": {**rule, "max_rank": max_rank, **({"minimal": True} if minimal else {})},
+    }
     result.save(output, force=force)
-    return {"output": os.fspath(output), "modules": rows,
-            "params_in": ad.num_params, "params": result.num_params, "input": os.fspath(adapter),
-            "module_count": len(rows), "notes": []}
+    return {
+        "output": os.fspath(output),
+        "modules": rows,
+        "params_in": ad.num_params,
+        "params": result.num_params,
+        "input": os.fspath(adapter),
+        "module_count": len(rows),
+        "notes": [],
+    }
 
 
 def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
     (a, ad_a), (b, ad_b) = as_adapter(a), as_adapter(b)
     rows = []
-    for name in progress(sorted(set(ad_a.modules) | set(ad_b.modules)), quiet=quiet, desc="diff", unit="module"):
+    for name in progress(
+        sorted(set(ad_a.modules) | set(ad_b.modules)), quiet=quiet, desc="diff", unit="module"
+    ):
         ma, mb = ad_a.modules.get(name), ad_b.modules.get(name)
         if ma is None or mb is None:
-            rows.append({"module": name, "present": "a" if ma else "b", "rank_a": ma.rank if ma else None,
-                         "rank_b": mb.rank if mb else None, "norm_a": _norm(ma), "norm_b": _norm(mb)})
+            rows.append(
+                {
+                    "module": name,
+                    "present": "a" if ma else "b",
+                    "rank_a": ma.rank if ma else None,
+                    "rank_b": mb.rank if mb else None,
+                    "norm_a": _norm(ma),
+                    "norm_b": _norm(mb),
+                }
+            )
             continue
         if ma.shape != mb.shape:
-            raise LorakitError(f"module has shape {list(ma.shape)} in {a} and {list(mb.shape)} in {b}", tensor=name)
+            raise LorakitError(
+                f"module has shape {list(ma.shape)} in {a} and {list(mb.shape)} in {b}", tensor=name
+            )
         rows.append({"module": name, "present": "both", **algebra.compare_modules(ma, mb)})
     both = [r for r in rows if r["present"] == "both"]
     summary = {
-        "both": len(both), "only_a": sum(r["present"] == "a" for r in rows),
+        "both": len(both),
+        "only_a": sum(r["present"] == "a" for r in rows),
         "only_b": sum(r["present"] == "b" for r in rows),
         "max_relative_diff": max((r["relative_diff"] for r in both), default=0.0),
         "mean_cosine": sum(r["cosine"] for r in both) / len(both) if both else 0.0,
         "identical_deltas": all(r["relative_diff"] < 1e-6 for r in both) and len(both) == len(rows),
     }
-    return {"a": os.fspath(a), "b": os.fspath(b), "summary": summary, "module_count": len(rows), "modules": rows}
+    return {
+        "a": os.fspath(a),
+        "b": os.fspath(b),
+        "summary": summary,
+        "module_count": len(rows),
+        "modules": rows,
+    }
 
 
 def _norm(m):
     if m is None:
         return None
     from ..core.linalg import frobenius_norm
+
     return frobenius_norm(*m.factors(torch.float64))

@@ -1,4 +1,5 @@
 """Argument parsing shared by the commands (not a command itself)."""
+
 import math
 import os
 import re
@@ -37,7 +38,9 @@ def parse_size(text):
     power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
     size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
     if size < 1000 or (not m.group(2) and size < MIN_SHARD):
-        raise LorakitError(f"shard size '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB")
+        raise LorakitError(
+            f"shard size '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB"
+        )
     return size
 
 
@@ -69,13 +72,16 @@ def _weight_hint(spec, before):
     try:
         float(spec)
         prev = before[-1][0] if before else "adapter.safetensors"
-        return LorakitError(f"'{spec}' is not a file: a weight goes after its adapter with a colon, "
-                            f"{prev}:{spec}")
+        return LorakitError(
+            f"'{spec}' is not a file: a weight goes after its adapter with a colon, {prev}:{spec}"
+        )
     except ValueError:
         pass
     head, sep, tail = spec.rpartition(":")
     if sep and os.path.exists(head):
-        return LorakitError(f"weight '{tail}' is not a number (write {head}:{tail.replace(',', '.')})", path=head)
+        return LorakitError(
+            f"weight '{tail}' is not a number (write {head}:{tail.replace(',', '.')})", path=head
+        )
     return None
 
 
@@ -138,6 +144,7 @@ def load_inputs(inputs, base=None):
     """[(path or Adapter, weight)] -> [(label, Adapter, weight)]; paths are read in any format. `base` (a path) goes
     to the readers that resolve names or layouts against it (kohya's mangled names, PEFT's Conv1D)."""
     from ..formats import detect_format, load, takes
+
     out = []
     for i, (src, w) in enumerate(inputs):
         if isinstance(src, Adapter):

@@ -1,4 +1,5 @@
 """`lorakit convert`: read any format, write any writable one; every key consumed or reported."""
+
 import os
 
 from ..errors import LorakitError
@@ -23,9 +24,19 @@ def convert(input, output, to, from_=None, base=None, alpha=None, allow_unknown=
     if src.read is not None and "base" in takes(src.read) and base is not None:
         read_options["base"] = base
     adapter = load(input, format=src.name, **read_options)
-    adapter.provenance = {**adapter.provenance, "operation": "convert",
-                          "parents": [{"file": os.path.basename(os.path.normpath(input)), "format": src.name}]}
+    adapter.provenance = {
+        **adapter.provenance,
+        "operation": "convert",
+        "parents": [{"file": os.path.basename(os.path.normpath(input)), "format": src.name}],
+    }
     write_options = {"base": base} if base is not None and "base" in takes(dst.write) else {}
     notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
-    return {"input": input, "output": output, "from": src.name, "to": dst.name,
-            "module_count": len(adapter.modules), "replacement_count": len(adapter.replacements), "notes": notes}
+    return {
+        "input": input,
+        "output": output,
+        "from": src.name,
+        "to": dst.name,
+        "module_count": len(adapter.modules),
+        "replacement_count": len(adapter.replacements),
+        "notes": notes,
+    }

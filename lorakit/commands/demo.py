@@ -1,5 +1,6 @@
 """`lorakit demo`: a new user's first minute. A tiny Llama-style base in a temp folder, a LoRA trained on a built-in
 synthetic task in seconds on the CPU, then validated, inspected and merged, and the merged model checked."""
+
 import os
 import tempfile
 
@@ -31,10 +32,25 @@ def _demo(folder, quiet, echo):
     adapter_path = os.path.join(folder, "adapter.safetensors")
     targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     echo(f"# a tiny Llama-style base in {base} and a synthetic next-token task in {data}\n")
-    echo(f"$ lorakit train --base base --data data.npy -o adapter.safetensors --rank 8 --targets {targets} "
-         "--steps 120 --lr 3e-3 --batch 16 --seq-len 32")
-    trained = train(base, data, adapter_path, rank=8, alpha=16, targets=targets, steps=120, lr=3e-3, batch=16,
-                    seq_len=32, eval_every=40, force=True, quiet=quiet)
+    echo(
+        f"$ lorakit train --base base --data data.npy -o adapter.safetensors --rank 8 --targets {targets} "
+        "--steps 120 --lr 3e-3 --batch 16 --seq-len 32"
+    )
+    trained = train(
+        base,
+        data,
+        adapter_path,
+        rank=8,
+        alpha=16,
+        targets=targets,
+        steps=120,
+        lr=3e-3,
+        batch=16,
+        seq_len=32,
+        eval_every=40,
+        force=True,
+        quiet=quiet,
+    )
     echo(train_text(trained))
 
     echo("\n$ lorakit validate adapter.safetensors")
@@ -57,5 +73,13 @@ def _demo(folder, quiet, echo):
     with torch.no_grad():
         diff = (LlamaForCausalLM.from_pretrained(merged_dir)(ids) - model(ids)).abs().max().item()
     echo(f"\n# merged model vs base + adapter: max |logits difference| = {diff:.2e}")
-    return {"folder": folder, "base": base, "adapter": adapter_path, "valid": report["valid"], "train": trained,
-            "inspect": summary, "merge": merged, "max_logit_diff": diff}
+    return {
+        "folder": folder,
+        "base": base,
+        "adapter": adapter_path,
+        "valid": report["valid"],
+        "train": trained,
+        "inspect": summary,
+        "merge": merged,
+        "max_logit_diff": diff,
+    }

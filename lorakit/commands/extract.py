@@ -1,4 +1,5 @@
 """`lorakit extract`: an adapter from the difference of two checkpoints, streamed one tensor at a time."""
+
 import os
 
 import torch
@@ -16,8 +17,9 @@ from ..training.lora import matches, target_list
 from .args import rank_rule
 
 
-def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False,
-            quiet=False):
+def extract(
+    base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False, quiet=False
+):
     """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
     tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
     if rank is None and energy is None:
@@ -27,13 +29,27 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
     targets = target_list(targets)
     cb, ct = WeightView(base), WeightView(tuned)  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
-    adapter = Adapter(base_model=base_model_name(base), base_fingerprint=fingerprint(cb.shapes()),
-                      base_identity=identity(cb.ckpt))
-    rows, report = [], {"unchanged": 0, "not_targeted": [], "only_in_tuned": [], "only_in_base": [],
-                        "shape_changed": [], "replaced": [], "not_float": []}
+    adapter = Adapter(
+        base_model=base_model_name(base),
+        base_fingerprint=fingerprint(cb.shapes()),
+        base_identity=identity(cb.ckpt),
+    )
+    rows, report = (
+        [],
+        {
+            "unchanged": 0,
+            "not_targeted": [],
+            "only_in_tuned": [],
+            "only_in_base": [],
+            "shape_changed": [],
+            "replaced": [],
+            "not_float": [],
+        },
+    )
     generator = torch.Generator().manual_seed(seed)
-    with progress(total=sum(ct.nbytes(n) for n in ct.names), quiet=quiet, desc="extract", unit="B",
-                  unit_scale=True) as bar:
+    with progress(
+        total=sum(ct.nbytes(n) for n in ct.names), quiet=quiet, desc="extract", unit="B", unit_scale=True
+    ) as bar:
         for name in ct.names:
             bar.update(ct.nbytes(name))
             if name not in cb:
@@ -64,24 +80,39 @@ def extract(base, tuned, output, rank=None, energy=None, targets=None, dtype="ke
             D = W1.float().flatten(1) - W0.float().flatten(1)
             B2, A2, stats = algebra.extract_matrix(D, rank=rank, energy=energy, generator=generator)
             kind = "embedding" if W1.ndim == 2 and is_embedding(name) else default_kind(W1.ndim)
-            adapter.add(algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2,
-                                                    out_dtype or W1.dtype))
+            adapter.add(
+                algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2, out_dtype or W1.dtype)
+            )
             rows.append({"module": module_name, **stats})
     for name in cb.names:
         if name not in ct:
             report["only_in_base"].append(name)
     if not adapter.modules and not adapter.replacements:
-        raise LorakitError("nothing to extract: no targeted tensor differs between the checkpoints", path=tuned)
-    adapter.provenance = {"operation": "extract",
-                          "parents": [{"file": os.path.basename(os.path.normpath(os.fspath(p))), "role": r}
-                                      for p, r in ((base, "base"), (tuned, "tuned"))],
-                          "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed}}
+        raise LorakitError(
+            "nothing to extract: no targeted tensor differs between the checkpoints", path=tuned
+        )
+    adapter.provenance = {
+        "operation": "extract",
+        "parents": [
+            {"file": os.path.basename(os.path.normpath(os.fspath(p))), "role": r}
+            for p, r in ((base, "base"), (tuned, "tuned"))
+        ],
+        "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed},
+    }
     if isinstance(cb.ckpt, GGUFCheckpoint):  # llama.cpp names back to Hugging Face's (Q/K rows unpermuted)
         from ..formats.gguf_lora import gguf_modules
+
         adapter = gguf_modules(adapter, cb.ckpt.kv, base, to_gguf=False)
         adapter.base_model = base_model_name(base)
     adapter.save(output, force=force)
     kept = [r["energy_kept"] for r in rows]
-    return {"output": os.fspath(output), "base": os.fspath(base), "tuned": os.fspath(tuned), "module_count": len(rows),
-            "modules": rows, "notes": [], **report,
-            "mean_energy_kept": sum(kept) / len(kept) if kept else 1.0}
+    return {
+        "output": os.fspath(output),
+        "base": os.fspath(base),
+        "tuned": os.fspath(tuned),
+        "module_count": len(rows),
+        "modules": rows,
+        "notes": [],
+        **report,
+        "mean_energy_kept": sum(kept) / len(kept) if kept else 1.0,
+    }

@@ -1,4 +1,5 @@
 """`lorakit inspect`: what an adapter is, from its header; with spectrum=True, the singular values of every dW."""
+
 import math
 import os
 import re
@@ -39,32 +40,62 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     """
     path = os.fspath(adapter)
     fmt = detect_format(path)
-    options = {"values": spectrum, "unpermute_qk": False}  # llama.cpp's Q/K row order changes no statistic here
+    options = {
+        "values": spectrum,
+        "unpermute_qk": False,
+    }  # llama.cpp's Q/K row order changes no statistic here
     ad = load(path, format=fmt.name, **{k: v for k, v in options.items() if k in takes(fmt.read)})
     modules = []
     for m in ad.modules.values():
-        modules.append({"module": m.name, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
-                        "shape": list(m.shape), "dtype": dtype_name(m.A.dtype),
-                        "params": m.num_params, "bias_delta": m.bias is not None, "dora": m.magnitude is not None})
+        modules.append(
+            {
+                "module": m.name,
+                "kind": m.kind,
+                "rank": m.rank,
+                "alpha": m.alpha,
+                "scale": m.scale,
+                "shape": list(m.shape),
+                "dtype": dtype_name(m.A.dtype),
+                "params": m.num_params,
+                "bias_delta": m.bias is not None,
+                "dora": m.magnitude is not None,
+            }
+        )
     groups = defaultdict(list)
     for m in modules:
         groups[(m["kind"], _pattern(m["module"]))].append(m)
-    targets = [{"kind": kind, "pattern": pat, "target": _target(pat), "count": len(ms),
-                "ranks": sorted({m["rank"] for m in ms}), "alphas": sorted({m["alpha"] for m in ms})}
-               for (kind, pat), ms in sorted(groups.items())]
+    targets = [
+        {
+            "kind": kind,
+            "pattern": pat,
+            "target": _target(pat),
+            "count": len(ms),
+            "ranks": sorted({m["rank"] for m in ms}),
+            "alphas": sorted({m["alpha"] for m in ms}),
+        }
+        for (kind, pat), ms in sorted(groups.items())
+    ]
     dtypes = Counter(dtype_name(t.dtype) for m in ad.modules.values() for t in (m.A, m.B))
     report = {
-        "file": path, "format": fmt.name, "file_size": _size(path),
+        "file": path,
+        "format": fmt.name,
+        "file_size": _size(path),
         "spec_version": _spec_version(path) if fmt.name == "lorakit" else None,
-        "base_model": ad.base_model, "base_fingerprint": ad.base_fingerprint,
-        "module_count": len(modules), "params": ad.num_params,
+        "base_model": ad.base_model,
+        "base_fingerprint": ad.base_fingerprint,
+        "module_count": len(modules),
+        "params": ad.num_params,
         "ranks": dict(sorted(Counter(m["rank"] for m in modules).items())),
-        "rank_alpha": [{"rank": r, "alpha": a, "module_count": n}
-                       for (r, a), n in sorted(Counter((m["rank"], m["alpha"]) for m in modules).items())],
-        "dtypes": dict(dtypes), "targets": targets,
+        "rank_alpha": [
+            {"rank": r, "alpha": a, "module_count": n}
+            for (r, a), n in sorted(Counter((m["rank"], m["alpha"]) for m in modules).items())
+        ],
+        "dtypes": dict(dtypes),
+        "targets": targets,
         "replacements": {k: list(v.shape) for k, v in ad.replacements.items()},
         "deltas": {k: list(v.shape) for k, v in ad.deltas.items()},
-        "provenance": ad.provenance, "metadata": ad.user_metadata,
+        "provenance": ad.provenance,
+        "metadata": ad.user_metadata,
     }
     if verbose or spectrum:
         report["modules"] = modules
@@ -76,6 +107,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
 def _spec_version(path):
     from ..io import read_header
     from ..spec import META_VERSION
+
     return read_header(path).metadata.get(META_VERSION)
 
 
@@ -84,12 +116,15 @@ def _add_spectrum(ad, modules, base, quiet):
     from ..io.gguf import GGUFCheckpoint
     from ..progress import progress
     from ..core.linalg import singular_values
+
     ckpt, on_base = None, ad.modules
     if base is not None:
         from ..quant.view import WeightView
+
         ckpt = WeightView(base)
         if isinstance(ckpt.ckpt, GGUFCheckpoint):  # the base's tensors by llama.cpp's names
             from ..formats.gguf_lora import gguf_modules
+
             on_base = dict(zip(ad.modules, gguf_modules(ad, ckpt.ckpt.kv, base).modules.values()))
     for row in progress(modules, quiet=quiet, desc="spectrum", unit="module"):
         m = ad.modules[row["module"]]
@@ -97,15 +132,22 @@ def _add_spectrum(ad, modules, base, quiet):
         norm = float(S.square().sum().sqrt())
         p = S / S.sum() if S.sum() > 0 else S
         entropy = -float((p[p > 0] * p[p > 0].log()).sum())
-        row.update(singular_values=[float(s) for s in S], norm=norm, effective_rank=math.exp(entropy) if norm else 0.0,
-                   numerical_rank=int((S > S[0] * 1e-6).sum()) if norm else 0)
+        row.update(
+            singular_values=[float(s) for s in S],
+            norm=norm,
+            effective_rank=math.exp(entropy) if norm else 0.0,
+            numerical_rank=int((S > S[0] * 1e-6).sum()) if norm else 0,
+        )
         if ckpt is not None:
             key = f"{on_base[m.name].name}.weight"
             if key not in ckpt:
                 raise LorakitError("base has no tensor for this module", path=base, tensor=key)
             if ckpt.shape(key) != tuple(m.shape):
-                raise LorakitError(f"base shape {list(ckpt.shape(key))} does not fit the adapter's {list(m.shape)}",
-                                   path=base, tensor=key)
+                raise LorakitError(
+                    f"base shape {list(ckpt.shape(key))} does not fit the adapter's {list(m.shape)}",
+                    path=base,
+                    tensor=key,
+                )
             W = ckpt.get(key)
             row["base_norm"] = float(W.double().norm())
             row["relative_norm"] = norm / row["base_norm"] if row["base_norm"] else math.inf

@@ -1,4 +1,5 @@
 """`lorakit validate`: check files against the spec, listing every problem with its stable code."""
+
 import os
 import shlex
 
@@ -22,22 +23,35 @@ def validate(files, values=True):
             readable = True
         except LorakitError as e:
             hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
-            problems, readable = ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))],
-                                                                                    False)
+            problems, readable = (
+                ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))], False)
+            )
         if readable and is_gguf(path):  # llama.cpp: a LoRA (convert it) or a model (not an adapter at all)
-            problems = [spec.Problem("LK105", _other_format_hint(path)) if _gguf_type(path) == "adapter" else
-                        spec.Problem("LK101", "this is a GGUF model (llama.cpp), not an adapter file")]
+            problems = [
+                spec.Problem("LK105", _other_format_hint(path))
+                if _gguf_type(path) == "adapter"
+                else spec.Problem("LK101", "this is a GGUF model (llama.cpp), not an adapter file")
+            ]
         if readable and any(p.code == "LK105" for p in problems):
             hint = _other_format_hint(path)
-            if hint:  # another tool's adapter: one line saying so, not a list of its keys the spec does not know
+            if (
+                hint
+            ):  # another tool's adapter: one line saying so, not a list of its keys the spec does not know
                 problems = [spec.Problem("LK105", hint)]
-        results.append({"file": path, "readable": readable, "valid": readable and not any(p.is_error for p in problems),
-                        "problems": [p.as_dict() for p in problems]})
+        results.append(
+            {
+                "file": path,
+                "readable": readable,
+                "valid": readable and not any(p.is_error for p in problems),
+                "problems": [p.as_dict() for p in problems],
+            }
+        )
     return {"valid": all(r["valid"] for r in results), "files": results}
 
 
 def _gguf_type(path):
     from ..io.gguf import GGUFHeader
+
     try:
         return GGUFHeader(path).kv.get("general.type")
     except LorakitError:
@@ -46,11 +60,14 @@ def _gguf_type(path):
 
 def _other_format_hint(path):
     from ..formats import detect_format
+
     try:
         fmt = detect_format(path)
     except LorakitError:
         return None
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     out = os.path.join(os.path.dirname(os.path.normpath(path)), f"{stem}.lorakit.safetensors")
-    return (f"this is a {fmt.name} adapter, not a lorakit file; to write it in the spec format: "
-            f"lorakit convert {shlex.quote(path)} -o {shlex.quote(out)} --to lorakit")
+    return (
+        f"this is a {fmt.name} adapter, not a lorakit file; to write it in the spec format: "
+        f"lorakit convert {shlex.quote(path)} -o {shlex.quote(out)} --to lorakit"
+    )

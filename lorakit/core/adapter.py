@@ -5,6 +5,7 @@ One rule for every module (spec section "The delta"): with r = A.shape[0] and sc
 Factors are stored in the base weight's own layout, so embeddings and GPT-2 Conv1D need no transposes here.
 Torch is imported where tensors are computed, not at import: header-only work (inspect, validate) never loads it.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,13 +53,17 @@ class Module:
         except (TypeError, ValueError, RuntimeError, OverflowError):
             raise LorakitError(f"alpha {self.alpha!r} is not a number", tensor=self.name) from None
         if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise LorakitError(f"alpha is {self.alpha}: the spec needs a finite alpha > 0", tensor=self.name,
-                               code="LK206")
+            raise LorakitError(
+                f"alpha is {self.alpha}: the spec needs a finite alpha > 0", tensor=self.name, code="LK206"
+            )
         if self.kind is None:
             self.kind = default_kind(self.A.ndim)
         if self.kind not in KINDS or (self.kind == "conv") != (self.A.ndim > 2):
-            raise LorakitError(f"module kind '{self.kind}' does not fit factors of ndim {self.A.ndim} (kinds: "
-                               f"{', '.join(KINDS)})", tensor=self.name)
+            raise LorakitError(
+                f"module kind '{self.kind}' does not fit factors of ndim {self.A.ndim} (kinds: "
+                f"{', '.join(KINDS)})",
+                tensor=self.name,
+            )
 
     @property
     def rank(self):
@@ -77,6 +82,7 @@ class Module:
     def factors(self, dtype=None):
         """(B2, A2) as matrices with dW.flatten(1) = B2 @ A2; the scale is folded into B2 (fp32 by default)."""
         import torch
+
         dtype = dtype or torch.float32
         return self.B.flatten(1).to(dtype) * self.scale, self.A.flatten(1).to(dtype)
 
@@ -101,6 +107,7 @@ class Module:
         two halves of those rows in the other order (diffusers' AdaLayerNormContinuous [scale, shift] is the original
         [shift, scale])."""
         import torch
+
         B, bias = self.B[start:stop], None if self.bias is None else self.bias[start:stop]
         if swap:
             half = B.shape[0] // 2
@@ -118,7 +125,9 @@ class Module:
 class Adapter:
     modules: dict = field(default_factory=dict)  # name -> Module
     replacements: dict = field(default_factory=dict)  # full base tensor name -> tensor (PEFT modules_to_save)
-    deltas: dict = field(default_factory=dict)  # full base tensor name -> tensor added to it (ComfyUI .diff/.diff_b)
+    deltas: dict = field(
+        default_factory=dict
+    )  # full base tensor name -> tensor added to it (ComfyUI .diff/.diff_b)
     base_model: str = None
     base_fingerprint: str = None  # names and shapes of the base (spec: base fingerprint)
     base_identity: str = None  # a sample of the base's bytes (spec 1.1: base identity)
@@ -134,10 +143,12 @@ class Adapter:
     @property
     def num_params(self):
         return sum(m.num_params for m in self.modules.values()) + sum(
-            t.numel() for t in (*self.replacements.values(), *self.deltas.values()))
+            t.numel() for t in (*self.replacements.values(), *self.deltas.values())
+        )
 
     def save(self, path, format="lorakit", force=False, **options):
         """Write the adapter in `format` (atomic). The one call from the core outwards, made at call time so that
         the core imports nothing of the format layer. Returns the writer's notes (what it had to change)."""
         from ..formats import save
+
         return save(self, path, format=format, force=force, **options)

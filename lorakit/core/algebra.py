@@ -5,11 +5,13 @@ Every function works on the flattened factors (B2: out x r with the scale folded
 modules are handled by flattening and the results are reshaped back. Factor work is in fp64 (cheap: it is O(n r^2));
 dense work (TIES/DARE, extraction) in fp32.
 """
+
 import torch
 
 from ..errors import LorakitError
 from .adapter import Module
 from .linalg import choose_rank, factor_svd, inner, truncated_svd
+
 
 def module_from_factors(name, shape, kind, B2, A2, dtype, alpha=None):
     """A Module for a base weight of `shape` from flat factors with dW = B2 @ A2 (scale folded in).
@@ -58,18 +60,27 @@ def combine_module(name, entries, method, dtype=torch.float32, **params):
     like = present[0][0]
     for m, _ in present:
         if m.shape != like.shape:
-            raise LorakitError(f"module shapes differ between inputs: {list(like.shape)} and {list(m.shape)}",
-                               tensor=name)
+            raise LorakitError(
+                f"module shapes differ between inputs: {list(like.shape)} and {list(m.shape)}", tensor=name
+            )
         if m.magnitude is not None:
-            raise LorakitError("DoRA modules cannot be combined exactly (the magnitude is not linear in dW): "
-                               "merge them into the base one at a time instead", tensor=name)
+            raise LorakitError(
+                "DoRA modules cannot be combined exactly (the magnitude is not linear in dW): "
+                "merge them into the base one at a time instead",
+                tensor=name,
+            )
     B2, A2, kept = method(name, entries, **params)
     out = module_from_factors(name, like.shape, like.kind, B2, A2, dtype)
     biases = [(m.bias, w) for m, w in present if m.bias is not None]
     if biases:
         out.bias = sum(w * b.double() for b, w in biases).to(dtype)
-    return out, {"module": name, "inputs": len(present), "rank_in": sum(m.rank for m, _ in present),
-                 "rank": out.rank, "energy_kept": kept}
+    return out, {
+        "module": name,
+        "inputs": len(present),
+        "rank_in": sum(m.rank for m, _ in present),
+        "rank": out.rank,
+        "energy_kept": kept,
+    }
 
 
 def resize_module(m, dtype=None, **rule):
@@ -79,8 +90,13 @@ def resize_module(m, dtype=None, **rule):
     B2, A2, kept = truncate(svd, k)
     out = module_from_factors(m.name, m.shape, m.kind, B2, A2, dtype or m.A.dtype, alpha=m.scale * k)
     out.bias, out.magnitude, out.dora_axis = m.bias, m.magnitude, m.dora_axis
-    return out, {"module": m.name, "rank_in": m.rank, "rank": k, "energy_kept": kept,
-                 "relative_error": max(0.0, 1.0 - kept) ** 0.5}
+    return out, {
+        "module": m.name,
+        "rank_in": m.rank,
+        "rank": k,
+        "energy_kept": kept,
+        "relative_error": max(0.0, 1.0 - kept) ** 0.5,
+    }
 
 
 def _orthonormal_range(svd):
@@ -109,13 +125,18 @@ def compare_modules(a, b):
     Ua, Va = _orthonormal_range(sa)
     Ub, Vb = _orthonormal_range(sb)
     col, row = principal_cosines(Ua, Ub), principal_cosines(Va.T, Vb.T)
-    overlap = lambda c, k: float((c ** 2).sum()) / k if k else 0.0  # noqa: E731
+    overlap = lambda c, k: float((c**2).sum()) / k if k else 0.0  # noqa: E731
     kmin = min(Ua.shape[1], Ub.shape[1])
     return {
-        "rank_a": a.rank, "rank_b": b.rank, "norm_a": na, "norm_b": nb, "norm_diff": diff,
+        "rank_a": a.rank,
+        "rank_b": b.rank,
+        "norm_a": na,
+        "norm_b": nb,
+        "norm_diff": diff,
         "relative_diff": diff / na if na > 0 else (0.0 if diff == 0 else float("inf")),
         "cosine": dot / (na * nb) if na > 0 and nb > 0 else 0.0,
-        "column_overlap": overlap(col, kmin), "row_overlap": overlap(row, kmin),
+        "column_overlap": overlap(col, kmin),
+        "row_overlap": overlap(row, kmin),
         "column_angles_deg": [float(torch.rad2deg(torch.arccos(c))) for c in col],
         "row_angles_deg": [float(torch.rad2deg(torch.arccos(c))) for c in row],
     }
@@ -135,5 +156,12 @@ def extract_matrix(D, rank=None, energy=None, generator=None):
         svd = truncated_svd(D, k, generator=generator)
     B2, A2 = svd.truncate(k).factors()
     residual = float((D - B2 @ A2).double().square().sum())
-    return B2, A2, {"rank": k, "energy_kept": 1.0 - residual / total if total > 0 else 1.0,
-                    "relative_error": (residual / total) ** 0.5 if total > 0 else 0.0}
+    return (
+        B2,
+        A2,
+        {
+            "rank": k,
+            "energy_kept": 1.0 - residual / total if total > 0 else 1.0,
+            "relative_error": (residual / total) ** 0.5 if total > 0 else 0.0,
+        },
+    )

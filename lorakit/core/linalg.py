@@ -3,6 +3,7 @@
 The SVD of B @ A (B: m x r, A: r x n) is exact from QR(B) = Qb Rb, QR(A^T) = Qa Ra and the SVD of the r x r core
 Rb @ Ra^T: B @ A = (Qb Uc) diag(S) (Qa Vc)^T. Cost O((m + n) r^2) instead of O(m n min(m, n)).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,9 @@ def rank_for_energy(S, energy):
     return _first_reaching(e / e[-1], energy) if len(e) and e[-1] > 0 else 1
 
 
-def choose_rank(S, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None,
-                minimal=False):
+def choose_rank(
+    S, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumulative=None, max_rank=None, minimal=False
+):
     """The kept rank for one module: a fixed rank, an energy share, or sd-scripts' dynamic rules.
 
     sd-scripts' resize_lora rules, as it applies them: the smallest k with S[k-1] > S[0] / x (sv_ratio), with
@@ -60,7 +62,7 @@ def choose_rank(S, rank=None, energy=None, sv_ratio=None, sv_fro=None, sv_cumula
     elif energy is not None:
         k = rank_for_energy(S, energy)
     elif sv_fro is not None:
-        k = rank_for_energy(S, sv_fro ** 2) + extra
+        k = rank_for_energy(S, sv_fro**2) + extra
     elif sv_ratio is not None:
         k = int((S > S[0] / sv_ratio).sum()) + extra
     elif sv_cumulative is not None:

@@ -8,6 +8,7 @@ LoKr:  dW = kron(w1, w2); with w = U @ V for each factor, kron(U1 V1, U2 V2) = k
 Tucker (LoRA lora_mid): dW[o, i, k...] = sum_ab up[o, a] mid[a, b, k...] down[b, i]  = up @ (mid x down): rank r.
 `resize` shrinks any of these optimally afterwards.
 """
+
 import torch
 
 
@@ -33,7 +34,9 @@ def lokr_factors(w1, w2):
         U2, V2 = (t.double() for t in w2)
     else:
         w2 = w2.double()
-        U2, V2 = _split(w2.flatten(1)) if w2.ndim == 2 else (torch.eye(w2.shape[0], dtype=w2.dtype), w2.flatten(1))
+        U2, V2 = (
+            _split(w2.flatten(1)) if w2.ndim == 2 else (torch.eye(w2.shape[0], dtype=w2.dtype), w2.flatten(1))
+        )
     c = lambda t: t.flatten(1).contiguous()  # noqa: E731  (torch.kron views its inputs)
     return torch.kron(c(U1), c(U2)), torch.kron(c(V1), c(V2))
 

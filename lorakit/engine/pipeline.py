@@ -8,6 +8,7 @@ and `total` their bytes; `open_shard(tmp, file_name, specs)` returns an object w
 what goes beside the tensors.
 SafetensorsWriter is the one for safetensors files and Hugging Face folders.
 """
+
 import functools
 import json
 import os
@@ -33,8 +34,18 @@ class MergeJob:
     """What each output tensor is and how it is produced: a byte copy, a full-precision merge, or one tensor of a
     requantized (or dequantized) module."""
 
-    def __init__(self, view, plans, sign, target_dtype, strategy="feedback", full=None, onto="dequantized", seed=0,
-                 dequantize=None):
+    def __init__(
+        self,
+        view,
+        plans,
+        sign,
+        target_dtype,
+        strategy="feedback",
+        full=None,
+        onto="dequantized",
+        seed=0,
+        dequantize=None,
+    ):
         """`target_dtype` (--dtype) converts every full-precision tensor and writes every quantized module in it;
         with `dequantize` (a set of quantized modules: a GGUF base's merged tensors of types without a codec) only
         those are written in it and every other tensor keeps its type."""
@@ -42,7 +53,9 @@ class MergeJob:
         self.target_dtype = target_dtype
         self.convert_floats = target_dtype is not None and dequantize is None
         self.dequantized = set(view.quantized) if self.convert_floats else set(dequantize or ())
-        self.dequantize_out = bool(view.quantized) and self.convert_floats  # the whole output is full precision
+        self.dequantize_out = (
+            bool(view.quantized) and self.convert_floats
+        )  # the whole output is full precision
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = strategy, full, onto, seed
         self.survival = {}
@@ -95,16 +108,25 @@ class MergeJob:
     def copied(self, name):
         """Written byte for byte from the base, never in memory."""
         plan = self.plans.get(name)
-        return ((plan is None or not plan.touched) and name in self.ckpt
-                and self.spec_of(name)[1] == self.ckpt.entry(name).dtype)
+        return (
+            (plan is None or not plan.touched)
+            and name in self.ckpt
+            and self.spec_of(name)[1] == self.ckpt.entry(name).dtype
+        )
 
     def prepare(self, names):
         """Buffers for the full-precision tensors in flight (read: being computed; out: computed, waiting to be
         written), sized for the largest and reused."""
-        computed = [n for n in names if n not in self.view.member_of and n not in self.view.quantized
-                    and not self.copied(n)]
-        largest = max([self.ckpt.entry(self.source(n)).nbytes for n in computed]
-                      + [spec_nbytes(self.spec_of(n)) for n in computed] + [0])
+        computed = [
+            n
+            for n in names
+            if n not in self.view.member_of and n not in self.view.quantized and not self.copied(n)
+        ]
+        largest = max(
+            [self.ckpt.entry(self.source(n)).nbytes for n in computed]
+            + [spec_nbytes(self.spec_of(n)) for n in computed]
+            + [0]
+        )
         self.read_pool, self.out_pool = BufferPool(largest), BufferPool(largest)
 
     def produce(self, name):
@@ -136,8 +158,9 @@ class MergeJob:
         view, plan = self.view, self.plans.get(key)
         members, loras = view.quantized[key], plan.loras if plan else []
         if plan is not None and plan.deltas and key not in self.dequantized:
-            raise LorakitError("a full-tensor delta into a quantized module is not supported: merge with --dtype",
-                               tensor=key)
+            raise LorakitError(
+                "a full-tensor delta into a quantized module is not supported: merge with --dtype", tensor=key
+            )
         if key in self.dequantized:
             W = view.handler.dequantize(self.ckpt, members)
             if loras:
@@ -147,8 +170,16 @@ class MergeJob:
             out = {key: W.to(self.target_dtype)}
         else:
             onto = "original" if self.strategy == "original" else self.onto
-            out, row = requant.requantize(view.handler, self.ckpt, members, loras, self.sign, self.strategy,
-                                          self._full(key, onto), self.seed)
+            out, row = requant.requantize(
+                view.handler,
+                self.ckpt,
+                members,
+                loras,
+                self.sign,
+                self.strategy,
+                self._full(key, onto),
+                self.seed,
+            )
             self.survival[key[: -len(".weight")]] = row
         for name, t in out.items():
             if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
@@ -198,8 +229,14 @@ class SafetensorsWriter:
         return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
 
     def open_shard(self, tmp, file_name, specs):
-        meta = next((self.job.ckpt.shards[f].header.metadata for f in self.job.ckpt.files
-                     if os.path.basename(f) == file_name), None) or {"format": "pt"}
+        meta = next(
+            (
+                self.job.ckpt.shards[f].header.metadata
+                for f in self.job.ckpt.files
+                if os.path.basename(f) == file_name
+            ),
+            None,
+        ) or {"format": "pt"}
         return ShardWriter(os.path.join(tmp, file_name) if self.folder else tmp, specs, meta, direct=True)
 
     def finish(self, tmp, weight_map, total):
@@ -221,8 +258,11 @@ class SafetensorsWriter:
                     shutil.copy2(src, os.path.join(tmp, entry))
         if len(self.shards) > 1 or self.job.ckpt.index is not None:
             with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
-                          indent=2)
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                    f,
+                    indent=2,
+                )
                 f.write("\n")
         config_path = os.path.join(tmp, "config.json")
         if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed):
@@ -251,7 +291,9 @@ def run(job, writer, tmp, threads, bar):
     """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
     job.prepare([n for _, specs in writer.shards for n, *_ in specs])
     intra_op = torch.get_num_threads()
-    torch.set_num_threads(1)  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
+    torch.set_num_threads(
+        1
+    )  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
     try:
         with retained_heap(job.requantizes), ThreadPoolExecutor(threads) as pool:
             weight_map = {}
@@ -284,7 +326,9 @@ def run(job, writer, tmp, threads, bar):
                     else:
                         pending.append((spec, pool.submit(job.produce, name).result, unit))
                     weight_map[spec[0]] = file_name
-                    drain(threads)  # bounded look-ahead: `threads` pieces of work (and their memory) in flight
+                    drain(
+                        threads
+                    )  # bounded look-ahead: `threads` pieces of work (and their memory) in flight
                 drain(0)
                 shard.close()
             writer.finish(tmp, weight_map, writer.total)

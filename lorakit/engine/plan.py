@@ -1,4 +1,5 @@
 """Merge planning: every adapter tensor resolved to a base tensor of the right shape before anything is written."""
+
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ from ..spec import fingerprint
 @dataclass
 class TensorPlan:
     """What to do with one output tensor: its source tensor in the base, and what the adapters add to it."""
+
     name: str
     source: str  # base tensor read (differs from name only for an untied lm_head)
     loras: list = field(default_factory=list)  # [(Module, weight)]
@@ -31,7 +33,9 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     the base does not have are skipped instead (a shape that differs stays an error: that is another base)."""
     ckpt = view.ckpt
     plans, problems, skipped, hints = {}, [], [], set()
-    aliases = splits = None  # other tools' names for the base's tensors and fused slices, built when first needed
+    aliases = splits = (
+        None  # other tools' names for the base's tensors and fused slices, built when first needed
+    )
 
     def unmatched(name, problem):
         if skip_unmatched:
@@ -39,6 +43,7 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
         else:
             problems.append(problem)
             hints.add(f"{opt('skip_unmatched', True)} merges the tensors the base has")
+
     embed = next((n for n in ckpt.where if is_embedding(n)), None) if tied else None
     # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
     base_fp = fingerprint(view.shapes())
@@ -63,8 +68,10 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
 
     for path, ad, w in adapters:
         if ad.base_fingerprint and ad.base_fingerprint != base_fp and not ignore_fingerprint:
-            problems.append(f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
-                            f"{base_fp[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)")
+            problems.append(
+                f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
+                f"{base_fp[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)"
+            )
         for m in ad.modules.values():
             p = target(f"{m.name}.weight")
             if p is None:
@@ -75,12 +82,17 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                     if tuple(m.shape) == (stop - start, *view.shape(tensor)[1:]):
                         m = on_rows(m.rows(0, m.shape[0], swap), tensor, start, stop, view.shape(tensor)[0])
                         p = target(tensor)
-            if p is None and m.magnitude is None and m.bias is None:  # an original DiT name on a diffusers base
+            if (
+                p is None and m.magnitude is None and m.bias is None
+            ):  # an original DiT name on a diffusers base
                 if splits is None:
                     splits = split_aliases(view.shapes())
                 pieces = splits.get(m.name)
-                if pieces and m.shape[0] == pieces[-1][2] and all(view.shape(t)[1:] == tuple(m.shape[1:])
-                                                                  for t, *_ in pieces):
+                if (
+                    pieces
+                    and m.shape[0] == pieces[-1][2]
+                    and all(view.shape(t)[1:] == tuple(m.shape[1:]) for t, *_ in pieces)
+                ):
                     for tensor, start, stop, swap in pieces:
                         target(tensor).loras.append((m.rows(start, stop, swap, tensor[: -len(".weight")]), w))
                     continue
@@ -92,8 +104,14 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
                 continue
             if m.magnitude is not None and (p.loras or unmerge):
-                problems.append(f"{m.name}: DoRA " + ("cannot be unmerged (the norm of W + dW is not in the file)"
-                                                      if unmerge else "shares its tensor with another adapter"))
+                problems.append(
+                    f"{m.name}: DoRA "
+                    + (
+                        "cannot be unmerged (the norm of W + dW is not in the file)"
+                        if unmerge
+                        else "shares its tensor with another adapter"
+                    )
+                )
             if p.loras and any(x.magnitude is not None for x, _ in p.loras):
                 problems.append(f"{m.name}: DoRA shares its tensor with another adapter")
             p.loras.append((m, w))
@@ -102,7 +120,9 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
                 if b is None:
                     problems.append(f"{m.name}.bias: the adapter has a bias delta but the base has no bias")
                 elif tuple(view.shape(b.source)) != tuple(m.bias.shape):
-                    problems.append(f"{m.name}.bias: base {list(view.shape(b.source))}, adapter {list(m.bias.shape)}")
+                    problems.append(
+                        f"{m.name}.bias: base {list(view.shape(b.source))}, adapter {list(m.bias.shape)}"
+                    )
                 else:
                     b.biases.append((m, w))
         for name, t in ad.deltas.items():
@@ -120,7 +140,9 @@ def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         hint = f" ({'; '.join(sorted(hints))})" if hints else ""
-        raise LorakitError(f"{len(problems)} adapter tensor(s) do not fit the base: {shown}{hint}", path=ckpt.path)
+        raise LorakitError(
+            f"{len(problems)} adapter tensor(s) do not fit the base: {shown}{hint}", path=ckpt.path
+        )
     untie = embed is not None and (HEAD in plans or embed in plans)
     if untie:
         target(HEAD)  # write the head explicitly, with or without its own delta

@@ -1,5 +1,6 @@
 """The per-tensor merge: read -> add the deltas in fp32 -> round once to the output dtype. Quantized modules go
 through lorakit.quant.requant (dequantize, add, back onto the grid)."""
+
 import torch
 
 from ..core.linalg import count_non_finite
@@ -19,7 +20,9 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
     if plan.biases or any(m.magnitude is not None for m, _ in plan.loras):
         Wf = W.float() if W.dtype != torch.float32 else W.clone()
         for m, w in plan.loras:
-            Wf = m.apply(Wf, sign=sign, weight=w)  # DoRA needs the whole tensor for its norm; it is alone here (see plan)
+            Wf = m.apply(
+                Wf, sign=sign, weight=w
+            )  # DoRA needs the whole tensor for its norm; it is alone here (see plan)
         for m, w in plan.biases:
             Wf.add_(m.bias.float(), alpha=sign * w)
         for D, w in plan.deltas:
@@ -32,22 +35,24 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
     rows = max(1, BLOCK_ELEMENTS // max(1, W2.shape[1]))
     limit = torch.finfo(out_dtype).max
     for i in range(0, W2.shape[0], rows):
-        block = W2[i:i + rows].to(torch.float32, copy=True)
+        block = W2[i : i + rows].to(torch.float32, copy=True)
         for B2, A2, alpha in factors:
-            block.addmm_(B2[i:i + rows], A2, alpha=alpha)
+            block.addmm_(B2[i : i + rows], A2, alpha=alpha)
         for D, alpha in deltas:
-            block.add_(D[i:i + rows].float(), alpha=alpha)
+            block.add_(D[i : i + rows].float(), alpha=alpha)
         # one reduction over the fp32 block while it is in cache: NaN, Inf and values the cast would overflow
         if not float(block.abs().amax()) <= limit:
             raise non_finite(plan.name, block.to(out_dtype))
-        out[i:i + rows] = block
+        out[i : i + rows] = block
     return out.reshape(W.shape)
 
 
 def non_finite(name, t):
-    return LorakitError(f"the merged tensor has {int((~torch.isfinite(t)).sum())} NaN/Inf value(s) (a NaN in the base "
-                        "or its scales, or a result out of the output dtype's range): nothing was written",
-                        tensor=name)
+    return LorakitError(
+        f"the merged tensor has {int((~torch.isfinite(t)).sum())} NaN/Inf value(s) (a NaN in the base "
+        "or its scales, or a result out of the output dtype's range): nothing was written",
+        tensor=name,
+    )
 
 
 def check_finite(name, t):

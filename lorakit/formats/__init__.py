@@ -7,6 +7,7 @@ its row in FORMATS (whose order is the detection order).
 
 Torch-free at import: the CLI takes its choices from FORMATS.
 """
+
 import importlib
 import inspect
 import os
@@ -20,14 +21,23 @@ from ..errors import MALFORMED, LorakitError, missing, with_path
 FORMATS = {
     "lorakit": ("lorakit_v1", "lorakit adapter spec v1 (one safetensors file)"),
     "diffusers": ("diffusers", "diffusers LoRA (PEFT keys under unet./text_encoder./transformer.)"),
-    "comfyui": ("comfyui", "ComfyUI / original-names LoRA (diffusion_model.<module>.lora_*, alpha, diff; Wan, "
-                           "HunyuanVideo, Qwen-Image, xlabs Flux ...)"),
+    "comfyui": (
+        "comfyui",
+        "ComfyUI / original-names LoRA (diffusion_model.<module>.lora_*, alpha, diff; Wan, "
+        "HunyuanVideo, Qwen-Image, xlabs Flux ...)",
+    ),
     "peft": ("peft", "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) or bare file"),
     "kohya": ("kohya", "kohya-ss/sd-scripts LoRA (and LyCORIS, read)"),
     "loralib": ("loralib", "microsoft/LoRA loralib .pt state dict (read only; needs --alpha)"),
     "gguf": ("gguf_lora", "llama.cpp GGUF LoRA adapter (Llama family; needs the gguf package)"),
 }
-ALIASES = {"original": "comfyui", "lycoris": "kohya", "sd-scripts": "kohya", "llama.cpp": "gguf", "microsoft-lora": "loralib"}
+ALIASES = {
+    "original": "comfyui",
+    "lycoris": "kohya",
+    "sd-scripts": "kohya",
+    "llama.cpp": "gguf",
+    "microsoft-lora": "loralib",
+}
 
 
 @dataclass
@@ -45,7 +55,9 @@ def get_format(name):
         raise LorakitError(f"unknown format '{name}' (known: {', '.join(FORMATS)})")
     module_name, description = FORMATS[name]
     module = importlib.import_module(f"{__name__}.{module_name}")
-    return Format(name, module.detect, getattr(module, "read", None), getattr(module, "write", None), description)
+    return Format(
+        name, module.detect, getattr(module, "read", None), getattr(module, "write", None), description
+    )
 
 
 class Probe:
@@ -62,6 +74,7 @@ class Probe:
         """The parsed safetensors header, or None when the path is not a valid safetensors file."""
         if self._header is False:
             from ..io import read_header
+
             try:
                 self._header = read_header(self.path) if self.is_file else None
             except LorakitError:
@@ -87,14 +100,18 @@ def detect_format(path):
             return fmt
     if probe.is_file and probe.header is None:
         from ..io import read_header
+
         read_header(path)  # a broken safetensors file: raise its precise defect rather than "not recognized"
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
 
 
 def takes(function):
     """The keyword options a reader or writer declares."""
-    return {p.name for p in inspect.signature(function).parameters.values()
-            if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty}
+    return {
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty
+    }
 
 
 def given(options):
@@ -124,6 +141,7 @@ def load(path, format=None, **options):
     except MALFORMED as e:  # a layout no check above foresaw: still one line naming the file
         raise LorakitError(f"malformed {fmt.name} adapter ({type(e).__name__}: {e})", path=path) from None
     from ..spec import check_adapter, raise_first
+
     raise_first(check_adapter(adapter, values=options.get("values", True)), path)
     return adapter
 
@@ -136,9 +154,19 @@ def save(adapter, path, format="lorakit", force=False, **options):
         raise LorakitError(f"format '{fmt.name}' cannot be written (writable: {writable})")
     check_options(fmt, "writer", fmt.write, options, path)
     from ..spec import check_adapter, raise_first
-    raise_first(check_adapter(adapter), path)  # nothing that fails the spec's checks is written, in any format
+
+    raise_first(
+        check_adapter(adapter), path
+    )  # nothing that fails the spec's checks is written, in any format
     try:
-        return fmt.write(adapter, os.fspath(path), force=force,
-                         **{k: v for k, v in options.items() if k in takes(fmt.write)}) or []
+        return (
+            fmt.write(
+                adapter,
+                os.fspath(path),
+                force=force,
+                **{k: v for k, v in options.items() if k in takes(fmt.write)},
+            )
+            or []
+        )
     except OSError as e:
         raise LorakitError(f"cannot write the output: {e.strerror or e}", path=path) from None

@@ -9,6 +9,7 @@ model's own tensor path without `.weight`; prefix `diffusion_model.` (ComfyUI's 
 {qkv,proj}_lora{1,2}.{down,up}.weight` (1 = image stream, 2 = text; scale 1). BFL control LoRAs add full tensors
 ending in `.scale` / `.bias` that replace the model's. Module names are kept as in the file; given a base they are
 resolved against its tensor names (with or without `model.diffusion_model.`)."""
+
 import re
 
 import torch
@@ -21,14 +22,30 @@ from .common import open_safetensors, refuse_unknown
 from .kohya import TENSORS, build_module
 from .names import ORIGINAL, PREFIXES
 
-PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora.down.weight": "lora_down.weight",
-         "lora.up.weight": "lora_up.weight", **{t: t for t in TENSORS}}
+PARTS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    **{t: t for t in TENSORS},
+}
 LONGEST_FIRST = sorted(PARTS, key=len, reverse=True)  # "lora_down.weight" before a shorter part it ends with
 DIFFS = {"diff": ".weight", "diff_b": ".bias"}
-XLABS = re.compile(r"^(?P<block>double_blocks\.\d+)\.processor\.(?P<layer>qkv|proj)_lora(?P<stream>[12])\."
-                   r"(?P<part>down|up)\.weight$")
-OWN_PARTS = (".alpha", ".diff", ".diff_b", ".lora_down.weight", ".lora.down.weight", ".hada_w1_a", ".lokr_w1",
-             ".lokr_w1_a", ".dora_scale")
+XLABS = re.compile(
+    r"^(?P<block>double_blocks\.\d+)\.processor\.(?P<layer>qkv|proj)_lora(?P<stream>[12])\."
+    r"(?P<part>down|up)\.weight$"
+)
+OWN_PARTS = (
+    ".alpha",
+    ".diff",
+    ".diff_b",
+    ".lora_down.weight",
+    ".lora.down.weight",
+    ".hada_w1_a",
+    ".lokr_w1",
+    ".lokr_w1_a",
+    ".dora_scale",
+)
 PREFIXES_STRIPPED = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
@@ -37,7 +54,9 @@ def split_key(key):
     m = XLABS.match(key)
     if m:
         stream = "img_attn" if m["stream"] == "1" else "txt_attn"
-        return f"{m['block']}.{stream}.{m['layer']}", "lora_down.weight" if m["part"] == "down" else "lora_up.weight"
+        return f"{m['block']}.{stream}.{m['layer']}", "lora_down.weight" if m[
+            "part"
+        ] == "down" else "lora_up.weight"
     for part in LONGEST_FIRST:
         if key.endswith("." + part):
             return key[: -len(part) - 1], PARTS[part]
@@ -52,17 +71,21 @@ def detect(probe):
     if not keys or all(k.startswith(PREFIXES) for k in keys):
         return False
     parsed = [split_key(k) for k in keys]
-    if not any(p is not None and p[1] in ("lora_down.weight", "diff", "hada_w1_a", "lokr_w1", "lokr_w1_a")
-               for p in parsed):
+    if not any(
+        p is not None and p[1] in ("lora_down.weight", "diff", "hada_w1_a", "lokr_w1", "lokr_w1_a")
+        for p in parsed
+    ):
         return False
     # PEFT's own files (lora_A / lora_B only) are PEFT's, unless the names or parts say otherwise
-    return any(k.startswith("diffusion_model.") or XLABS.match(k) or ORIGINAL.search(k) or k.endswith(OWN_PARTS)
-               for k in keys)
+    return any(
+        k.startswith("diffusion_model.") or XLABS.match(k) or ORIGINAL.search(k) or k.endswith(OWN_PARTS)
+        for k in keys
+    )
 
 
 def resolve(stem, shapes, suffix=".weight"):
     """The base tensor path (without suffix) a stem names, or None: as written, or with its model prefix changed."""
-    rest = next((stem[len(p):] for p in PREFIXES_STRIPPED if stem.startswith(p)), stem)
+    rest = next((stem[len(p) :] for p in PREFIXES_STRIPPED if stem.startswith(p)), stem)
     for name in (stem, rest, "model.diffusion_model." + rest, "diffusion_model." + rest):
         if name + suffix in shapes:
             return name
@@ -81,7 +104,9 @@ def read(path, base=None, allow_unknown=False):
             full.append(key)
         else:
             unknown.append(key)
-    ad = Adapter(source_format="comfyui", provenance={"source_format": "comfyui", "source_metadata": dict(meta)})
+    ad = Adapter(
+        source_format="comfyui", provenance={"source_format": "comfyui", "source_metadata": dict(meta)}
+    )
     refuse_unknown(path, unknown, allow_unknown, ad.notes)
     unresolved = []
 
@@ -114,14 +139,19 @@ def read(path, base=None, allow_unknown=False):
         stem, _, suffix = key.rpartition(".")
         ad.replacements[name_of(stem, "." + suffix) + "." + suffix] = tf.get(key)
     if unresolved:
-        ad.notes.append(f"{len(unresolved)} name(s) not found in the base, kept as written, e.g. {unresolved[0]}")
+        ad.notes.append(
+            f"{len(unresolved)} name(s) not found in the base, kept as written, e.g. {unresolved[0]}"
+        )
     return ad
 
 
 def comfy_name(name):
     """A module or tensor path as ComfyUI keys it: the model's tensors under `diffusion_model.`."""
-    return "diffusion_model." + name[len("model.diffusion_model."):] if name.startswith("model.diffusion_model.") \
+    return (
+        "diffusion_model." + name[len("model.diffusion_model.") :]
+        if name.startswith("model.diffusion_model.")
         else name
+    )
 
 
 def write(adapter, path, force=False):
@@ -141,10 +171,14 @@ def write(adapter, path, force=False):
         stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
         part = {"weight": "diff", "bias": "diff_b"}.get(suffix)
         if part is None:
-            raise LorakitError("ComfyUI holds full deltas of .weight and .bias tensors only", path=path, tensor=name)
+            raise LorakitError(
+                "ComfyUI holds full deltas of .weight and .bias tensors only", path=path, tensor=name
+            )
         key = f"{comfy_name(stem)}.{part}"
         if key in tensors:
-            raise LorakitError("a bias delta and a full bias delta for the same tensor", path=path, tensor=name)
+            raise LorakitError(
+                "a bias delta and a full bias delta for the same tensor", path=path, tensor=name
+            )
         tensors[key] = t
     for name, t in adapter.replacements.items():
         tensors[comfy_name(name)] = t

@@ -16,7 +16,10 @@ def refuse_unknown(path, unknown, allow_unknown, notes, what="keys"):
         return
     shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
     if not allow_unknown:
-        raise LorakitError(f"{len(unknown)} unknown {what}: {shown} ({opt('allow_unknown', True)} to read the rest)", path=path)
+        raise LorakitError(
+            f"{len(unknown)} unknown {what}: {shown} ({opt('allow_unknown', True)} to read the rest)",
+            path=path,
+        )
     notes.append(f"skipped {len(unknown)} unknown {what}: {shown}")
 
 
@@ -24,18 +27,26 @@ def refuse_deltas(adapter, what, path):
     """Full-tensor additive deltas (ComfyUI .diff / .diff_b) have no place in most formats: refused, never dropped."""
     if adapter.deltas:
         name = next(iter(adapter.deltas))
-        raise LorakitError(f"{what} files hold no full-tensor deltas ({len(adapter.deltas)} here, e.g. {name}): "
-                           "convert to lorakit or comfyui to keep them", path=path)
+        raise LorakitError(
+            f"{what} files hold no full-tensor deltas ({len(adapter.deltas)} here, e.g. {name}): "
+            "convert to lorakit or comfyui to keep them",
+            path=path,
+        )
 
 
 def check_rank(path, module, A, B):
     if A.shape[0] != B.shape[1]:
-        raise LorakitError(f"down/A factor has rank {A.shape[0]} but up/B factor has rank {B.shape[1]} "
-                           f"(shapes {list(A.shape)} and {list(B.shape)})", path=path, tensor=module)
+        raise LorakitError(
+            f"down/A factor has rank {A.shape[0]} but up/B factor has rank {B.shape[1]} "
+            f"(shapes {list(A.shape)} and {list(B.shape)})",
+            path=path,
+            tensor=module,
+        )
 
 
 def most_common(values):
     from collections import Counter
+
     return Counter(values).most_common(1)[0][0]
 
 

@@ -2,6 +2,7 @@
 transformer.), with each component's LoraConfig as JSON in the `lora_adapter_metadata` header entry; also the older
 `.lora.up/.lora.down` (attention processors) and `.lora_linear_layer.up/.down` naming. Module names keep the
 component prefix (`unet.down_blocks.0...`), as the tensors of a diffusers pipeline folder are named by lorakit."""
+
 import json
 import re
 from dataclasses import replace
@@ -14,15 +15,19 @@ from .common import open_safetensors, refuse_unknown
 from .names import COMPONENTS, ORIGINAL, component as _component, diffusers_names, ldm_unet_family
 
 META = "lora_adapter_metadata"
-OLD = re.compile(r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
-                 r"\.weight$")
+OLD = re.compile(
+    r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
+    r"\.weight$"
+)
 OLD_LINEAR = re.compile(r"^(?P<module>.+?)\.lora_linear_layer\.(?P<part>up|down)\.weight$")
 
 
 def detect(probe):
     keys = list(probe.header.entries) if probe.header else []
-    return bool(keys) and (META in probe.header.metadata or (all(_component(k) for k in keys)
-                                                             and not any(ORIGINAL.search(k) for k in keys)))
+    return bool(keys) and (
+        META in probe.header.metadata
+        or (all(_component(k) for k in keys) and not any(ORIGINAL.search(k) for k in keys))
+    )
 
 
 def _to_peft_names(key):
@@ -49,19 +54,28 @@ def read(path, allow_unknown=False):
         if component is None:
             unknown.append(key)
             continue
-        groups.setdefault(component, {})[_to_peft_names(key)[len(component) + 1:]] = tf.get(key)
-    ad = Adapter(source_format="diffusers", provenance={"source_format": "diffusers", "source_metadata": packed})
+        groups.setdefault(component, {})[_to_peft_names(key)[len(component) + 1 :]] = tf.get(key)
+    ad = Adapter(
+        source_format="diffusers", provenance={"source_format": "diffusers", "source_metadata": packed}
+    )
     if unknown:
         refuse_unknown(path, unknown, allow_unknown, ad.notes)
     for component, tensors in sorted(groups.items()):
-        config = {k[len(component) + 1:]: v for k, v in packed.items() if k.startswith(component + ".")} or None
+        config = {
+            k[len(component) + 1 :]: v for k, v in packed.items() if k.startswith(component + ".")
+        } or None
         alphas = {name: t for name, t in tensors.items() if name.endswith(".alpha")}
         for name in alphas:
             del tensors[name]
         if config is None:  # no LoraConfig stored: diffusers then uses lora_alpha = r (scale 1) unless given
             config = {"r": None, "lora_alpha": None}
-        part = peft_format.from_state_dict(tensors, _with_default_alpha(config, tensors, alphas), path,
-                                           allow_unknown=allow_unknown, source_format="diffusers")
+        part = peft_format.from_state_dict(
+            tensors,
+            _with_default_alpha(config, tensors, alphas),
+            path,
+            allow_unknown=allow_unknown,
+            source_format="diffusers",
+        )
         for module in part.modules.values():
             module.name = f"{component}.{module.name}"
             ad.add(module)
@@ -92,8 +106,10 @@ def write(adapter, path, force=False):
     adapter = _from_original_names(adapter, notes)
     by_component, outside = split_components(adapter)
     if outside:
-        raise LorakitError(f"diffusers files need names under a component ({', '.join(COMPONENTS[:5])}): "
-                           f"'{outside[0]}'", path=path)
+        raise LorakitError(
+            f"diffusers files need names under a component ({', '.join(COMPONENTS[:5])}): '{outside[0]}'",
+            path=path,
+        )
     folded = 0
     for sub in by_component.values():
         for name, m in sub.modules.items():
@@ -106,12 +122,16 @@ def write(adapter, path, force=False):
         if component.startswith("text_encoder"):
             config = _flattened_clip_names(config)
         tensors.update({f"{component}.{k}": v for k, v in part.items()})
-        packed.update({f"{component}.{k}": v for k, v in config.items() if k not in ("task_type", "revision")})
+        packed.update(
+            {f"{component}.{k}": v for k, v in config.items() if k not in ("task_type", "revision")}
+        )
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, {"format": "pt", META: json.dumps(packed, sort_keys=True)})
     if folded:
-        notes.append(f"{folded} module scale(s) folded into lora_B (alpha = rank), so diffusers, ComfyUI and every "
-                     "other reader apply the same strength")
+        notes.append(
+            f"{folded} module scale(s) folded into lora_B (alpha = rank), so diffusers, ComfyUI and every "
+            "other reader apply the same strength"
+        )
     return notes
 
 
@@ -128,13 +148,17 @@ def _from_original_names(adapter, notes):
             out.add(m)
             continue
         if len(maps[name]) > 1 and m.magnitude is not None:
-            raise LorakitError("DoRA on a fused tensor has no diffusers equivalent (one norm over the fused rows)",
-                               tensor=name)
+            raise LorakitError(
+                "DoRA on a fused tensor has no diffusers equivalent (one norm over the fused rows)",
+                tensor=name,
+            )
         split += len(maps[name]) > 1
         for target, start, stop, swap in maps[name]:
             out.add(m.rows(start, stop, swap, target))
-    notes.append(f"{len(maps)} module(s) renamed from the single file's names to diffusers'"
-                 + (f"; {split} fused one(s) (qkv, linear1) split into one LoRA per slice, exactly" if split else ""))
+    notes.append(
+        f"{len(maps)} module(s) renamed from the single file's names to diffusers'"
+        + (f"; {split} fused one(s) (qkv, linear1) split into one LoRA per slice, exactly" if split else "")
+    )
     return out
 
 
@@ -142,21 +166,25 @@ def split_components(adapter):
     """({component: Adapter of what lies under it, names without the component prefix}, [names under none]): a
     pipeline's LoRA as one adapter per component (modules listed as `<module>.weight`)."""
     parts, outside = {}, []
-    for tensors, key in ((adapter.modules, "modules"), (adapter.replacements, "replacements"),
-                         (adapter.deltas, "deltas")):
+    for tensors, key in (
+        (adapter.modules, "modules"),
+        (adapter.replacements, "replacements"),
+        (adapter.deltas, "deltas"),
+    ):
         for name, value in tensors.items():
             c = _component(name)
             if c is None:
                 outside.append(f"{name}.weight" if key == "modules" else name)
                 continue
-            rest = name[len(c) + 1:]
-            getattr(parts.setdefault(c, Adapter()), key)[rest] = replace(value, name=rest) if key == "modules" \
-                else value
+            rest = name[len(c) + 1 :]
+            getattr(parts.setdefault(c, Adapter()), key)[rest] = (
+                replace(value, name=rest) if key == "modules" else value
+            )
     return parts, outside
 
 
 def _flattened_clip_names(config):
-    strip = lambda n: n[len("text_model."):] if n.startswith("text_model.") else n  # noqa: E731
+    strip = lambda n: n[len("text_model.") :] if n.startswith("text_model.") else n  # noqa: E731
     out = dict(config)
     out["target_modules"] = sorted(strip(n) for n in config["target_modules"])
     for key in ("rank_pattern", "alpha_pattern"):

@@ -34,6 +34,7 @@ def _base_config(*candidates):
     """config.json of the first candidate folder that has one (--base, then the adapter's own base_model path, as
     llama.cpp's converter does), or None."""
     from ..io import read_config
+
     for folder in candidates:
         config = read_config(folder)
         if config is not None:
@@ -56,6 +57,7 @@ def _heads(config, arch_fields=None, base_fields=None):
 def base_kv(base):
     """The KVs of a GGUF model given as the base (its first split), or None when it is not one."""
     from ..io.gguf import GGUFHeader, is_gguf, split_files
+
     if base is None or not is_gguf(base):
         return None
     return GGUFHeader(split_files(os.fspath(base))[0]).kv
@@ -71,6 +73,7 @@ def gguf_base_fields(kv):
     def count(key):
         v = kv.get(key.format(arch=arch))
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
     n_head = count(HEADS_KEY)
     return arch, n_head, count(KV_HEADS_KEY) or n_head
 
@@ -97,17 +100,27 @@ def gguf_modules(adapter, kv, base, to_gguf=True):
                 return g, None
         if g.endswith(("attn_q", "attn_k")) and arch == "llama":
             if n_head is None:
-                raise LorakitError("llama.cpp permutes Q/K rows and the GGUF base has no head count "
-                                   f"({HEADS_KEY.format(arch=arch)})", path=base, tensor=g)
+                raise LorakitError(
+                    "llama.cpp permutes Q/K rows and the GGUF base has no head count "
+                    f"({HEADS_KEY.format(arch=arch)})",
+                    path=base,
+                    tensor=g,
+                )
             kv, order = n_kv if g.endswith("attn_k") else None, permute if to_gguf else unpermute
-            return (g if to_gguf else name), lambda rows: None if rows is None else order(rows, n_head, kv).contiguous()
+            return (
+                g if to_gguf else name
+            ), lambda rows: None if rows is None else order(rows, n_head, kv).contiguous()
         return (g if to_gguf else name), None
 
     for m in adapter.modules.values():
         name, rows = renamed(m.name)
         if rows is not None:
-            m = replace(m, B=rows(m.B), bias=rows(m.bias),
-                        magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude)
+            m = replace(
+                m,
+                B=rows(m.B),
+                bias=rows(m.bias),
+                magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude,
+            )
         out.add(replace(m, name=name))
     for table in ("replacements", "deltas"):
         for full, t in getattr(adapter, table).items():
@@ -145,9 +158,11 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     alpha = _field(reader, "adapter.lora.alpha")
     if alpha is None or not alpha > 0:
         raise LorakitError(f"adapter.lora.alpha is {alpha}: the scale alpha / rank is undefined", path=path)
-    heads = _heads(_base_config(base), (_field(reader, HEADS_KEY.format(arch=arch)),
-                                         _field(reader, KV_HEADS_KEY.format(arch=arch))),
-                   gguf_base_fields(base_kv(base)) if _field(reader, HEADS_KEY.format(arch=arch)) is None else None)
+    heads = _heads(
+        _base_config(base),
+        (_field(reader, HEADS_KEY.format(arch=arch)), _field(reader, KV_HEADS_KEY.format(arch=arch))),
+        gguf_base_fields(base_kv(base)) if _field(reader, HEADS_KEY.format(arch=arch)) is None else None,
+    )
     pairs, unknown = {}, []
     for t in reader.tensors:
         stem, _, part = t.name.rpartition(".")
@@ -157,7 +172,9 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
             unknown.append(t.name)
     notes = []
     refuse_unknown(path, unknown, allow_unknown, notes, what="tensors")
-    ad = Adapter(source_format="gguf", notes=notes, provenance={"source_format": "gguf", "architecture": arch})
+    ad = Adapter(
+        source_format="gguf", notes=notes, provenance={"source_format": "gguf", "architecture": arch}
+    )
     for gname, p in sorted(pairs.items()):
         if set(p) != {"lora_a", "lora_b"}:
             raise LorakitError(f"has {' and '.join(p)} only (wrong pairing)", path=path, tensor=gname)
@@ -170,12 +187,18 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
         else:
             A, B, kind = a, b, "linear"
         if A.shape[0] != B.shape[1]:
-            raise LorakitError(f"lora_a rank {A.shape[0]} != lora_b rank {B.shape[1]}", path=path, tensor=gname)
+            raise LorakitError(
+                f"lora_a rank {A.shape[0]} != lora_b rank {B.shape[1]}", path=path, tensor=gname
+            )
         if gname.endswith(("attn_q", "attn_k")) and arch != "qwen2" and unpermute_qk:
             n_head, n_kv = heads
             if n_head is None:
-                raise LorakitError(f"undoing llama.cpp's Q/K row permutation needs the head counts: pass {opt('base')} "
-                                   "(a folder with config.json)", path=path, tensor=gname)
+                raise LorakitError(
+                    f"undoing llama.cpp's Q/K row permutation needs the head counts: pass {opt('base')} "
+                    "(a folder with config.json)",
+                    path=path,
+                    tensor=gname,
+                )
             B = unpermute(B, n_head, n_kv if gname.endswith("attn_k") else None).contiguous()
         ad.add(Module(module, A, B, alpha=alpha, kind=kind))
     return ad
@@ -193,34 +216,51 @@ def _array(gguf, t):
         return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)
     if t.tensor_type == kind.Q8_0:  # convert_lora_to_gguf.py --outtype q8_0
         from gguf.quants import dequantize
-        return torch.from_numpy(np.ascontiguousarray(dequantize(np.array(t.data), t.tensor_type),
-                                                     dtype=np.float32)).reshape(shape)
-    raise LorakitError(f"LoRA tensor of GGML type {t.tensor_type.name}: only F32, F16, BF16 and Q8_0 are read",
-                       tensor=t.name)
+
+        return torch.from_numpy(
+            np.ascontiguousarray(dequantize(np.array(t.data), t.tensor_type), dtype=np.float32)
+        ).reshape(shape)
+    raise LorakitError(
+        f"LoRA tensor of GGML type {t.tensor_type.name}: only F32, F16, BF16 and Q8_0 are read", tensor=t.name
+    )
 
 
 def _base_copies_skipped(adapter, base, path):
     """PEFT saves `<module>.base_layer.weight` copies of the base's embedding / lm_head beside their LoRA (read as
     replacements of modules with factors). llama.cpp's converter skips them: so does this writer, comparing them with
     the base when it is given (a resized vocabulary differs, and is refused). Any other replacement is refused."""
-    copies = [n for n in adapter.replacements if n.endswith(".weight") and n[: -len(".weight")] in adapter.modules]
+    copies = [
+        n for n in adapter.replacements if n.endswith(".weight") and n[: -len(".weight")] in adapter.modules
+    ]
     others = [n for n in adapter.replacements if n not in copies]
     if others:
-        raise LorakitError(f"llama.cpp LoRA holds only A and B: no full-tensor replacements ({others[0]})", path=path)
+        raise LorakitError(
+            f"llama.cpp LoRA holds only A and B: no full-tensor replacements ({others[0]})", path=path
+        )
     if not copies:
         return []
     if base is None:
-        return [f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}), as "
-                "llama.cpp's converter does; not compared with the base (no --base)"]
+        return [
+            f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}), as "
+            "llama.cpp's converter does; not compared with the base (no --base)"
+        ]
     from ..quant.view import WeightView
+
     view = WeightView(base)
     for name in copies:
-        if name not in view or not torch.equal(view.get(name).to(adapter.replacements[name].dtype),
-                                               adapter.replacements[name]):
-            raise LorakitError("the adapter's copy of this base weight differs from the base (a resized vocabulary?): "
-                               "llama.cpp LoRA cannot hold it", path=path, tensor=name)
-    return [f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}): equal "
-            "to the base"]
+        if name not in view or not torch.equal(
+            view.get(name).to(adapter.replacements[name].dtype), adapter.replacements[name]
+        ):
+            raise LorakitError(
+                "the adapter's copy of this base weight differs from the base (a resized vocabulary?): "
+                "llama.cpp LoRA cannot hold it",
+                path=path,
+                tensor=name,
+            )
+    return [
+        f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}): equal "
+        "to the base"
+    ]
 
 
 def write(adapter, path, force=False, base=None):
@@ -229,8 +269,9 @@ def write(adapter, path, force=False, base=None):
     refuse_deltas(adapter, "llama.cpp LoRA", path)
     notes = _base_copies_skipped(adapter, base, path)
     if any(m.bias is not None or m.magnitude is not None for m in mods):
-        raise LorakitError("llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements",
-                           path=path)
+        raise LorakitError(
+            "llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements", path=path
+        )
     config = _base_config(base, adapter.base_model)
     fields = gguf_base_fields(base_kv(base))
     arch = adapter.provenance.get("architecture") or (fields[0] if fields else None) or _arch(config)
@@ -246,8 +287,12 @@ def write(adapter, path, force=False, base=None):
             folded.append(m.name)
         if gname.endswith(("attn_q", "attn_k")) and arch == "llama":
             if n_head is None:
-                raise LorakitError(f"llama.cpp permutes Q/K rows: pass {opt('base')} (a folder with config.json) for the "
-                                   "head counts", path=path, tensor=m.name)
+                raise LorakitError(
+                    f"llama.cpp permutes Q/K rows: pass {opt('base')} (a folder with config.json) for the "
+                    "head counts",
+                    path=path,
+                    tensor=m.name,
+                )
             B = permute(B, n_head, n_kv if gname.endswith("attn_k") else None)
         a, b = (B, A.T) if m.kind == "embedding" else (A, B)
         tensors.append((f"{gname}.weight.lora_a", a))
@@ -266,13 +311,17 @@ def write(adapter, path, force=False, base=None):
         for name, t in tensors:
             t = t.contiguous()
             if t.dtype == torch.bfloat16:
-                w.add_tensor(name, t.view(torch.int16).numpy().view(np.uint16),
-                             raw_dtype=gguf.GGMLQuantizationType.BF16)
+                w.add_tensor(
+                    name,
+                    t.view(torch.int16).numpy().view(np.uint16),
+                    raw_dtype=gguf.GGMLQuantizationType.BF16,
+                )
             else:
-                w.add_tensor(name, t.numpy() if t.dtype in (torch.float32, torch.float16) else t.float().numpy())
+                w.add_tensor(
+                    name, t.numpy() if t.dtype in (torch.float32, torch.float16) else t.float().numpy()
+                )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
     return notes
-

@@ -6,6 +6,7 @@ lora_name = (prefix + "." + module path).replace(".", "_"); `.lora_down.weight` 
 resolved against the base's tensor names (`base=`); unresolved names are kept as the kohya names and reported.
 Flux split_qkv files store fused down [n r, in] and block-diagonal up [out, n r] with the alpha of one split.
 """
+
 import hashlib
 import json
 
@@ -19,9 +20,26 @@ from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
 from .names import PREFIXES, fused_aliases, kohya_names, resolution_table
 
-TENSORS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
-           "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-           "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+TENSORS = {
+    "lora_down.weight",
+    "lora_up.weight",
+    "lora_mid.weight",
+    "alpha",
+    "dora_scale",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+}
 SPLIT_QKV = (("double", "qkv", 3), ("single", "linear1", 4))
 
 
@@ -51,13 +69,18 @@ def read(path, base=None, allow_unknown=False):
     shapes = base_shapes(base) if base is not None else None
     table = resolution_table(shapes) if shapes is not None else {}
     split_qkv = str(_metadata_args(meta).get("split_qkv", "")).lower() == "true"
-    ad = Adapter(source_format="kohya", notes=notes,
-                 provenance={"source_format": "kohya", "source_metadata": dict(meta)})
+    ad = Adapter(
+        source_format="kohya",
+        notes=notes,
+        provenance={"source_format": "kohya", "source_metadata": dict(meta)},
+    )
     unresolved, dotted = [], None
     for lora_name, keys in sorted(groups.items()):
         get = lambda k: tf.get(keys[k]) if k in keys else None  # noqa: E731
         module = table.get(lora_name)
-        if module is None and shapes is not None:  # a slice of a fused tensor (SDXL te2 q_proj): its diffusers name
+        if (
+            module is None and shapes is not None
+        ):  # a slice of a fused tensor (SDXL te2 q_proj): its diffusers name
             if dotted is None:
                 aliases = fused_aliases(shapes)
                 spelled = {v: k for k, v in aliases.items() if "." in k}
@@ -102,23 +125,33 @@ def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, no
     if "lora_down.weight" in keys or "lora_up.weight" in keys:
         down, up = get("lora_down.weight"), get("lora_up.weight")
         if down is None or up is None:
-            raise LorakitError(f"has {'lora_down' if up is None else 'lora_up'} but no "
-                               f"{'lora_up' if up is None else 'lora_down'} (wrong pairing)", path=path,
-                               tensor=lora_name)
+            raise LorakitError(
+                f"has {'lora_down' if up is None else 'lora_up'} but no "
+                f"{'lora_up' if up is None else 'lora_down'} (wrong pairing)",
+                path=path,
+                tensor=lora_name,
+            )
         rank = down.shape[0]
         if rank == 0 or down.ndim < 2:
-            raise LorakitError(f"lora_down has shape {list(down.shape)}: " + ("rank 0" if down.ndim >= 2 else
-                                                                                "a factor needs ndim >= 2"),
-                               code="LK205" if down.ndim >= 2 else "LK203")
+            raise LorakitError(
+                f"lora_down has shape {list(down.shape)}: "
+                + ("rank 0" if down.ndim >= 2 else "a factor needs ndim >= 2"),
+                code="LK205" if down.ndim >= 2 else "LK203",
+            )
         if up.flatten(1).shape[1] != rank:
-            raise LorakitError(f"lora_down has rank {rank} but lora_up {list(up.shape)} (shape mismatch)", path=path,
-                               tensor=lora_name)
+            raise LorakitError(
+                f"lora_down has rank {rank} but lora_up {list(up.shape)} (shape mismatch)",
+                path=path,
+                tensor=lora_name,
+            )
         scale = _alpha(get, rank) / rank
         n = _split_qkv_count(lora_name, up, rank, split_qkv)
         if n > 1:  # sd-scripts #2204: fused rank n r, alpha of one split
             scale *= n
-            notes.append(f"{lora_name}: Flux split_qkv (fused rank {rank} = {n} x {rank // n}): scale alpha / "
-                         f"{rank // n}")
+            notes.append(
+                f"{lora_name}: Flux split_qkv (fused rank {rank} = {n} x {rank // n}): scale alpha / "
+                f"{rank // n}"
+            )
         if "lora_mid.weight" in keys:
             B, A = tucker_factors(up, get("lora_mid.weight"), down)
             A, B = A.to(dtype), B.to(dtype)
@@ -157,8 +190,12 @@ def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, no
     else:
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors", path=path, tensor=lora_name)
     k = A.shape[0]
-    out = Module(module, A.to(dtype).contiguous(), B.to(dtype).reshape(B.shape[0], k, *[1] * (A.ndim - 2)),
-                 alpha=scale * k)
+    out = Module(
+        module,
+        A.to(dtype).contiguous(),
+        B.to(dtype).reshape(B.shape[0], k, *[1] * (A.ndim - 2)),
+        alpha=scale * k,
+    )
     if "dora_scale" in keys:
         d = get("dora_scale")
         axis = 0 if d.shape[0] == out.shape[0] and d.flatten().numel() == out.shape[0] else 1
@@ -168,7 +205,11 @@ def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, no
 
 def _shape_factors(A, B, weight_shape):
     """LyCORIS stores conv factors flattened: give A the base's kernel shape when the base says what it is."""
-    if weight_shape is not None and len(weight_shape) > 2 and A.shape[1] == torch.Size(weight_shape[1:]).numel():
+    if (
+        weight_shape is not None
+        and len(weight_shape) > 2
+        and A.shape[1] == torch.Size(weight_shape[1:]).numel()
+    ):
         A = A.reshape(A.shape[0], *weight_shape[1:])
     return A, B
 
@@ -184,8 +225,8 @@ def _split_qkv_count(lora_name, up, rank, split_qkv):
                 return 1
             start, off = 0, torch.zeros_like(U, dtype=torch.bool)
             for j, size in enumerate(sizes):
-                off[start:start + size] = True
-                off[start:start + size, j * r:(j + 1) * r] = False
+                off[start : start + size] = True
+                off[start : start + size, j * r : (j + 1) * r] = False
                 start += size
             if not U[off].any():
                 return n
@@ -195,8 +236,11 @@ def _split_qkv_count(lora_name, up, rank, split_qkv):
 def write(adapter, path, force=False):
     mods = list(adapter.modules.values())
     if adapter.replacements or any(m.bias is not None for m in mods):
-        raise LorakitError("kohya files hold no bias deltas or full-tensor replacements: convert to lorakit or peft "
-                           "to keep them", path=path)
+        raise LorakitError(
+            "kohya files hold no bias deltas or full-tensor replacements: convert to lorakit or peft "
+            "to keep them",
+            path=path,
+        )
     refuse_deltas(adapter, "kohya", path)
     components = {m.name.split(".", 1)[0] for m in mods}
     source_meta = adapter.provenance.get("source_metadata") or {}
@@ -211,21 +255,25 @@ def write(adapter, path, force=False):
         tensors[f"{name}.lora_up.weight"] = m.B
         # a Flux split_qkv module stores the alpha of one split (what the reader multiplied by n), as sd-scripts does
         n = _split_qkv_count(name, m.B, m.rank, split_qkv)
-        tensors[f"{name}.alpha"] = torch.tensor(m.alpha / n, dtype=torch.float32)  # exact, whatever the factor dtype
+        tensors[f"{name}.alpha"] = torch.tensor(
+            m.alpha / n, dtype=torch.float32
+        )  # exact, whatever the factor dtype
         if m.magnitude is not None:
             shape = [1] * len(m.shape)
             shape[m.dora_axis] = -1
             tensors[f"{name}.dora_scale"] = m.magnitude.reshape(shape).contiguous()
     meta = {k: v for k, v in source_meta.items() if k.startswith("ss_")}
     ranks, alphas = {m.rank for m in mods}, {m.alpha for m in mods}
-    meta.update({
-        "ss_v2": meta.get("ss_v2", "False"),
-        "ss_base_model_version": meta.get("ss_base_model_version", _base_version(components, tensors)),
-        "ss_network_module": meta.get("ss_network_module", "networks.lora"),
-        "ss_network_dim": str(most_common([m.rank for m in mods])) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": _num(most_common([m.alpha for m in mods])) if len(alphas) == 1 else "Dynamic",
-        "ss_network_args": meta.get("ss_network_args", "{}"),
-    })
+    meta.update(
+        {
+            "ss_v2": meta.get("ss_v2", "False"),
+            "ss_base_model_version": meta.get("ss_base_model_version", _base_version(components, tensors)),
+            "ss_network_module": meta.get("ss_network_module", "networks.lora"),
+            "ss_network_dim": str(most_common([m.rank for m in mods])) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": _num(most_common([m.alpha for m in mods])) if len(alphas) == 1 else "Dynamic",
+            "ss_network_args": meta.get("ss_network_args", "{}"),
+        }
+    )
     digest = hashlib.sha256()
     for _, t in sorted(tensors.items()):  # the bytes after the header, in file order and final dtype (#1722)
         digest.update(tensor_bytes(t))
@@ -247,4 +295,3 @@ def _base_version(components, tensors):
     if "lora_unet_down_blocks" in names or "lora_te_" in names:
         return "sd_v1"
     return "unknown"
-

@@ -1,4 +1,5 @@
 """lorakit's own format: spec/lorakit-adapter-v1.md. One safetensors file; everything for dW inside it."""
+
 import json
 import time
 
@@ -17,7 +18,9 @@ def detect(probe):
 def read(path, values=True):
     """values=False reads the header and the alphas only (inspect): the tensors are shape-only stand-ins. The
     structure is always checked here; NaN/Inf and alpha values by load() on what was read."""
-    problems, layout = spec.check_file(path, values=False)  # the values are checked once, in memory, by load()
+    problems, layout = spec.check_file(
+        path, values=False
+    )  # the values are checked once, in memory, by load()
     spec.raise_first(problems, path)
     tf = TensorFile(path)
     get = tf.get if values else tf.meta
@@ -33,13 +36,18 @@ def read(path, values=True):
     for name, keys in layout.modules.items():
         info = layout.module_meta.get(name, {})
         A, B = get(keys["lora_A"]), get(keys["lora_B"])
-        adapter.add(Module(
-            name, A, B, alpha=tf.f32_scalar(keys["alpha"]),
-            kind=info.get("kind", default_kind(A.ndim)),
-            bias=get(keys["bias_delta"]) if "bias_delta" in keys else None,
-            magnitude=get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
-            dora_axis=info.get("dora_axis"),
-        ))
+        adapter.add(
+            Module(
+                name,
+                A,
+                B,
+                alpha=tf.f32_scalar(keys["alpha"]),
+                kind=info.get("kind", default_kind(A.ndim)),
+                bias=get(keys["bias_delta"]) if "bias_delta" in keys else None,
+                magnitude=get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
+                dora_axis=info.get("dora_axis"),
+            )
+        )
     for name, key in layout.replacements.items():
         adapter.replacements[name] = get(key)
     for name, key in layout.deltas.items():
@@ -50,6 +58,7 @@ def read(path, values=True):
 def to_tensors(adapter):
     """The spec's (tensors, metadata) for an adapter: the single place that knows the key grammar for writing."""
     import torch
+
     tensors, modules_meta = {}, {}
     for name, m in adapter.modules.items():
         tensors[f"{name}.lora_A"] = m.A
@@ -71,8 +80,13 @@ def to_tensors(adapter):
     provenance.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta = dict(adapter.user_metadata)
     version = spec.SPEC_VERSION if adapter.deltas else "1.1"  # files 1.1 readers can read stay 1.1
-    meta.update({spec.META_VERSION: version, spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
-                 spec.META_MODULES: json.dumps(modules_meta, sort_keys=True)})
+    meta.update(
+        {
+            spec.META_VERSION: version,
+            spec.META_PROVENANCE: json.dumps(provenance, sort_keys=True),
+            spec.META_MODULES: json.dumps(modules_meta, sort_keys=True),
+        }
+    )
     if adapter.base_model:
         meta[spec.META_BASE] = adapter.base_model
     if adapter.base_fingerprint:
@@ -86,8 +100,10 @@ def write(adapter, path, force=False):
     tensors, meta = to_tensors(adapter)
     for key, t in tensors.items():
         if st_dtype(t.dtype) not in FACTOR_DTYPES:
-            raise LorakitError(f"dtype {t.dtype} is not allowed by the spec ({', '.join(FACTOR_DTYPES)})", path=path,
-                               tensor=key)
+            raise LorakitError(
+                f"dtype {t.dtype} is not allowed by the spec ({', '.join(FACTOR_DTYPES)})",
+                path=path,
+                tensor=key,
+            )
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, meta)
-

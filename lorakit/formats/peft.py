@@ -6,6 +6,7 @@ Facts (huggingface/peft tuners/lora, utils/save_and_load.py): keys `base_model.m
 scaling = lora_alpha / r, or / sqrt(r) with use_rslora; rank_pattern / alpha_pattern resolved by the first key with
 re.match(rf"(.*\\.)?({key})$", module). The lora_B bias is scaled like the product.
 """
+
 import json
 import math
 import os
@@ -20,8 +21,10 @@ from .common import check_rank, most_common, open_safetensors, refuse_deltas, re
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
-KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-                 r"(?:\.(?!weight$|bias$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$")
+KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!weight$|bias$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
+)
 
 
 def pattern_value(patterns, module, default):
@@ -45,6 +48,7 @@ def check_config(config, path):
     def number(key, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LorakitError(f"'{key}' must be a number, got {value!r}", path=path)
+
     r = config.get("r")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
         raise LorakitError(f"'r' must be a positive integer, got {r!r}", path=path)
@@ -59,10 +63,14 @@ def check_config(config, path):
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise LorakitError(f"'{key}' key {pattern!r} is not a regular expression ({e})", path=path) from None
+                raise LorakitError(
+                    f"'{key}' key {pattern!r} is not a regular expression ({e})", path=path
+                ) from None
             if NESTED_QUANTIFIER.search(pattern) or len(pattern) > 1000:
-                raise LorakitError(f"'{key}' key {pattern!r} has a nested quantifier (exponential matching time): "
-                                   "refused", path=path)
+                raise LorakitError(
+                    f"'{key}' key {pattern!r} has a nested quantifier (exponential matching time): refused",
+                    path=path,
+                )
     to_save = config.get("modules_to_save")
     if to_save is not None and not (isinstance(to_save, list) and all(isinstance(s, str) for s in to_save)):
         raise LorakitError("'modules_to_save' must be a list of module names", path=path)
@@ -84,6 +92,7 @@ def _files(path):
 def _tensors(weights):
     if weights.endswith(".bin"):
         from .loralib import load_state_dict
+
         return load_state_dict(weights), {}
     tf, meta = open_safetensors(weights)
     return {k: tf.get(k) for k in tf.header.entries}, meta
@@ -93,7 +102,8 @@ def detect(probe):
     path = probe.path
     if probe.is_dir:
         return os.path.isfile(os.path.join(path, CONFIG)) and (
-            os.path.isfile(os.path.join(path, WEIGHTS)) or os.path.isfile(os.path.join(path, WEIGHTS_BIN)))
+            os.path.isfile(os.path.join(path, WEIGHTS)) or os.path.isfile(os.path.join(path, WEIGHTS_BIN))
+        )
     keys = list(probe.header.entries) if probe.header else []
     return bool(keys) and any(KEY.match(k.removeprefix(PREFIX)) for k in keys)
 
@@ -108,8 +118,10 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     """An Adapter from PEFT-named tensors (prefix `base_model.model.` optional) and an adapter_config dict."""
     if config is None:
         if alpha is None:
-            raise LorakitError(f"no adapter_config.json beside the weights, so lora_alpha is unknown: pass {opt('alpha')}",
-                               path=path)
+            raise LorakitError(
+                f"no adapter_config.json beside the weights, so lora_alpha is unknown: pass {opt('alpha')}",
+                path=path,
+            )
         config = {"r": None, "lora_alpha": alpha}
     check_config(config, path)
     if config.get("peft_type", "LORA") != "LORA":
@@ -134,16 +146,23 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     shapes = base_shapes(base) if base is not None else None
-    ad = Adapter(base_model=config.get("base_model_name_or_path"), source_format=source_format, notes=notes,
-                 provenance={"source_format": source_format, "source_config": config})
+    ad = Adapter(
+        base_model=config.get("base_model_name_or_path"),
+        source_format=source_format,
+        notes=notes,
+        provenance={"source_format": source_format, "source_config": config},
+    )
     for module, p in sorted(parts.items()):
         embedding = ("lora_embedding_A", None) in p or ("lora_embedding_B", None) in p
         a_key = ("lora_embedding_A", None) if embedding else ("lora_A", "weight")
         b_key = ("lora_embedding_B", None) if embedding else ("lora_B", "weight")
         if a_key not in p or b_key not in p:
             have = " and ".join(k[0] for k in p)
-            raise LorakitError(f"module has {have} but no {(a_key if a_key not in p else b_key)[0]} (wrong pairing)",
-                               path=path, tensor=module)
+            raise LorakitError(
+                f"module has {have} but no {(a_key if a_key not in p else b_key)[0]} (wrong pairing)",
+                path=path,
+                tensor=module,
+            )
         A, B = p[a_key], p[b_key]
         if embedding:  # PEFT: delta = (B @ A)^T with A [r, num], B [dim, r]
             check_rank(path, module, A, B)  # A [r, num], B [dim, r]
@@ -195,7 +214,9 @@ def to_state_dict(adapter, path):
         raise LorakitError("the adapter is empty", path=path)
     dora = {m.magnitude is not None for m in mods}
     if len(dora) > 1:
-        raise LorakitError("PEFT's use_dora applies to every module, but only some modules here are DoRA", path=path)
+        raise LorakitError(
+            "PEFT's use_dora applies to every module, but only some modules here are DoRA", path=path
+        )
     kinds_t = {m.kind == "linear_t" for m in mods if m.kind in ("linear", "linear_t")}
     tensors = {}
     for m in mods:
@@ -215,15 +236,20 @@ def to_state_dict(adapter, path):
         if m.magnitude is not None:
             want = 1 if m.kind == "linear_t" else 0
             if m.dora_axis != want or m.kind == "embedding":
-                raise LorakitError(f"DoRA magnitude along axis {m.dora_axis} cannot be written as PEFT's "
-                                   f"(axis {want})", path=path, tensor=m.name)
+                raise LorakitError(
+                    f"DoRA magnitude along axis {m.dora_axis} cannot be written as PEFT's (axis {want})",
+                    path=path,
+                    tensor=m.name,
+                )
             mag = m.magnitude.reshape(1, -1, *[1] * (len(m.shape) - 2)) if m.kind == "conv" else m.magnitude
             tensors[f"{m.name}.lora_magnitude_vector"] = mag.contiguous()
     for name, t in adapter.replacements.items():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         tensors[f"{module}.base_layer.weight" if module in adapter.modules else name] = t
     ranks = {m.name: m.rank for m in mods}
-    alphas = {m.name: m.alpha for m in mods}  # PEFT's scale lora_alpha / r is then the spec's alpha / r exactly
+    alphas = {
+        m.name: m.alpha for m in mods
+    }  # PEFT's scale lora_alpha / r is then the spec's alpha / r exactly
     r = most_common(ranks.values()) if mods else 8
     alpha = most_common(alphas.values()) if mods else 8
     source = adapter.provenance.get("source_config") or {}
@@ -242,8 +268,10 @@ def to_state_dict(adapter, path):
         "fan_in_fan_out": kinds_t == {True},
         "bias": "none",
         "lora_dropout": 0.0,
-        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.replacements
-                                   if n.rsplit(".", 1)[0] not in adapter.modules}) or None,
+        "modules_to_save": sorted(
+            {n.rsplit(".", 1)[0] for n in adapter.replacements if n.rsplit(".", 1)[0] not in adapter.modules}
+        )
+        or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -255,8 +283,9 @@ def to_state_dict(adapter, path):
 def write(adapter, path, force=False):
     tensors, config = to_state_dict(adapter, path)
     with atomic_output(path, force=force, directory=True) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS), {PREFIX + k: v for k, v in tensors.items()}, {"format": "pt"})
+        write_safetensors(
+            os.path.join(tmp, WEIGHTS), {PREFIX + k: v for k, v in tensors.items()}, {"format": "pt"}
+        )
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-

@@ -1,10 +1,42 @@
 """Bytes only: safetensors headers and tensor files, the streaming writer, atomic outputs, the dtype table and base
 checkpoints (shards, index, config.json). Torch is imported only where tensors are made."""
+
 from .atomic import atomic_output, atomic_outputs, check_output
 from .checkpoint import INDEX, Checkpoint, base_model_name, read_config, shard_files
-from .safetensors import (BufferPool, DirectFile, Entry, Header, ShardWriter, TensorFile, build_header,
-                          check_readable_file, read_header, spec_nbytes, tensor_bytes, write_safetensors)
+from .safetensors import (
+    BufferPool,
+    DirectFile,
+    Entry,
+    Header,
+    ShardWriter,
+    TensorFile,
+    build_header,
+    check_readable_file,
+    read_header,
+    spec_nbytes,
+    tensor_bytes,
+    write_safetensors,
+)
 
-__all__ = ["atomic_output", "atomic_outputs", "check_output", "INDEX", "Checkpoint", "base_model_name", "read_config", "shard_files", "BufferPool",
-           "DirectFile", "Entry", "Header", "ShardWriter", "TensorFile", "build_header", "check_readable_file",
-           "read_header", "spec_nbytes", "tensor_bytes", "write_safetensors"]
+__all__ = [
+    "atomic_output",
+    "atomic_outputs",
+    "check_output",
+    "INDEX",
+    "Checkpoint",
+    "base_model_name",
+    "read_config",
+    "shard_files",
+    "BufferPool",
+    "DirectFile",
+    "Entry",
+    "Header",
+    "ShardWriter",
+    "TensorFile",
+    "build_header",
+    "check_readable_file",
+    "read_header",
+    "spec_nbytes",
+    "tensor_bytes",
+    "write_safetensors",
+]

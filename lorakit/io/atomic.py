@@ -8,6 +8,7 @@
   meanwhile (another process), so two runs cannot silently overwrite each other.
 - Temporaries left by a killed run (its process gone) are removed by the next run writing the same OUT.
 """
+
 import ctypes
 import errno
 import os
@@ -39,9 +40,13 @@ def check_output(output, inputs=(), force=False, directory=None):
         if out == inp:
             raise LorakitError("the output is also an input: choose another output path", path=output)
         if _inside(out, inp):
-            raise LorakitError(f"the output lies inside the input {given}: choose a path outside it", path=output)
+            raise LorakitError(
+                f"the output lies inside the input {given}: choose a path outside it", path=output
+            )
         if _inside(inp, out):
-            raise LorakitError(f"the output would contain the input {given}: choose another output path", path=output)
+            raise LorakitError(
+                f"the output would contain the input {given}: choose another output path", path=output
+            )
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise LorakitError("output folder does not exist", path=parent)
@@ -53,15 +58,27 @@ def check_output(output, inputs=(), force=False, directory=None):
         return
     is_dir = os.path.isdir(out) and not os.path.islink(out)
     if directory and not is_dir:
-        raise LorakitError(f"output exists as a file; this writes a folder, and {flag} replaces only an output of "
-                           "the same kind", path=output)
+        raise LorakitError(
+            f"output exists as a file; this writes a folder, and {flag} replaces only an output of "
+            "the same kind",
+            path=output,
+        )
     if not directory and is_dir:
-        raise LorakitError(f"output exists as a folder; this writes a single file, and {flag} replaces only an "
-                           "output of the same kind", path=output)
-    if directory and os.listdir(out) and not any(f.endswith((".safetensors", ".json", ".bin"))
-                                                 for f in os.listdir(out)):
-        raise LorakitError(f"output folder holds no model or adapter files: {flag} replaces only an output of this "
-                           "kind, not any folder", path=output)
+        raise LorakitError(
+            f"output exists as a folder; this writes a single file, and {flag} replaces only an "
+            "output of the same kind",
+            path=output,
+        )
+    if (
+        directory
+        and os.listdir(out)
+        and not any(f.endswith((".safetensors", ".json", ".bin")) for f in os.listdir(out))
+    ):
+        raise LorakitError(
+            f"output folder holds no model or adapter files: {flag} replaces only an output of this "
+            "kind, not any folder",
+            path=output,
+        )
 
 
 def remove_stale_temporaries(path):
@@ -76,7 +93,7 @@ def remove_stale_temporaries(path):
         if not name.startswith(prefix):
             continue
         try:
-            pid = int(name[len(prefix):].split(".", 1)[0])
+            pid = int(name[len(prefix) :].split(".", 1)[0])
         except ValueError:
             continue
         if pid == os.getpid() or _alive(pid):
@@ -166,8 +183,11 @@ def _publish(tmp, path, force, directory):
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
     except FileExistsError:
-        raise LorakitError("output appeared while this command ran (another process writing it?): it was left "
-                           "alone and this result discarded", path=path) from None
+        raise LorakitError(
+            "output appeared while this command ran (another process writing it?): it was left "
+            "alone and this result discarded",
+            path=path,
+        ) from None
 
 
 def _unlink(p):

@@ -1,4 +1,5 @@
 """Lazy read access to a base checkpoint: one .safetensors file or a Hugging Face folder (single or sharded)."""
+
 import os
 
 from ..errors import LorakitError, missing
@@ -20,7 +21,9 @@ def read_config(folder, name="config.json"):
 
 def base_model_name(path):
     """The name an adapter records for its base: config.json's _name_or_path, else the folder's name."""
-    return (read_config(path) or {}).get("_name_or_path") or os.path.basename(os.path.normpath(os.fspath(path)))
+    return (read_config(path) or {}).get("_name_or_path") or os.path.basename(
+        os.path.normpath(os.fspath(path))
+    )
 
 
 def shard_files(path):
@@ -35,8 +38,9 @@ def shard_files(path):
     if os.path.isfile(index_path):
         index = read_json(index_path)
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
             raise LorakitError("'weight_map' must map tensor names to shard file names", path=index_path)
         folder = os.path.realpath(path)
         files = []
@@ -62,8 +66,11 @@ def _refuse_lone_shard(path):
     except (LorakitError, AttributeError, TypeError):
         return
     if os.path.basename(path) in files and len(files) > 1:
-        raise LorakitError(f"this is one of the {len(files)} shards of a sharded checkpoint: pass its folder "
-                           f"({os.path.dirname(path) or '.'})", path=path)
+        raise LorakitError(
+            f"this is one of the {len(files)} shards of a sharded checkpoint: pass its folder "
+            f"({os.path.dirname(path) or '.'})",
+            path=path,
+        )
 
 
 class Checkpoint:
@@ -84,8 +91,10 @@ class Checkpoint:
         if self.index is not None:
             missing = [n for n in self.index["weight_map"] if n not in self.where]
             if missing:
-                raise LorakitError(f"index lists {len(missing)} tensor(s) that no shard holds, e.g. '{missing[0]}'",
-                                   path=os.path.join(self.path, INDEX))
+                raise LorakitError(
+                    f"index lists {len(missing)} tensor(s) that no shard holds, e.g. '{missing[0]}'",
+                    path=os.path.join(self.path, INDEX),
+                )
 
     def __contains__(self, name):
         return name in self.where

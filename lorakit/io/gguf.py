@@ -8,6 +8,7 @@ relative to the data section, which starts at the next multiple of `general.alig
 Every tensor's data starts at a multiple of the alignment. Split files (`<prefix>-00001-of-00003.gguf`, llama.cpp's
 gguf-split) each carry a whole header; the first holds every KV, and `split.count` says how many there are.
 """
+
 import os
 import re
 import struct
@@ -18,13 +19,37 @@ from .safetensors import Entry, TensorFile, check_readable_file
 
 # GGML type id -> (name, elements per block, bytes per block); tensors of every type are copied, known or not by a codec
 GGML_TYPES = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
 }
 TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
@@ -32,7 +57,19 @@ TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
 PLAIN = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
 
 # KV value types: id -> struct format (8: string, 9: array)
-SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 STRING, ARRAY = 8, 9
 MAX_COUNT = 1 << 40
 SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
@@ -64,7 +101,9 @@ class _Cursor:
 
     def take(self, n):
         if n < 0 or self.f.tell() + n > self.size:
-            raise LorakitError("GGUF header runs past the end of the file (truncated or not GGUF)", path=self.path)
+            raise LorakitError(
+                "GGUF header runs past the end of the file (truncated or not GGUF)", path=self.path
+            )
         return self.f.read(n)
 
     def unpack(self, fmt):
@@ -106,8 +145,9 @@ class GGUFHeader:
                 raise LorakitError("not a GGUF file (no GGUF magic)", path=path)
             self.version = c.unpack("<I")
             if self.version not in (2, 3):
-                raise LorakitError(f"GGUF version {self.version}: versions 2 and 3 (little-endian) are read",
-                                   path=path)
+                raise LorakitError(
+                    f"GGUF version {self.version}: versions 2 and 3 (little-endian) are read", path=path
+                )
             n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
             if n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
                 raise LorakitError("GGUF header counts are impossible (corrupt file)", path=path)
@@ -136,14 +176,21 @@ class GGUFHeader:
                 raise LorakitError(f"unknown GGML type {type_id}", path=path, tensor=name)
             type_name, block, size = GGML_TYPES[type_id]
             if ne and ne[0] % block:
-                raise LorakitError(f"{type_name} row of {ne[0]} elements is not whole blocks of {block}", path=path,
-                                   tensor=name)
+                raise LorakitError(
+                    f"{type_name} row of {ne[0]} elements is not whole blocks of {block}",
+                    path=path,
+                    tensor=name,
+                )
             shape = tuple(reversed(ne))
             start = self.data_start + offset
             end = start + tensor_nbytes(type_name, shape)
             if offset % alignment or end > self.file_size:
-                raise LorakitError(f"data at offset {offset} ({end - start} bytes) is misaligned or runs past the "
-                                   "end of the file", path=path, tensor=name)
+                raise LorakitError(
+                    f"data at offset {offset} ({end - start} bytes) is misaligned or runs past the "
+                    "end of the file",
+                    path=path,
+                    tensor=name,
+                )
             if name in self.entries:
                 raise LorakitError("tensor named twice", path=path, tensor=name)
             self.entries[name] = Entry(name, type_name, shape, start, end)
@@ -176,6 +223,7 @@ class GGUFFile(TensorFile):
         if e.dtype in PLAIN:
             return super().read(name, buf)
         import torch
+
         if not e.nbytes:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self.read_bytes(name, buf), dtype=torch.uint8, count=e.nbytes)
@@ -188,13 +236,17 @@ def split_files(path):
         return [path]
     prefix, number, count = m[1], int(m[2]), int(m[3])
     if number != 1:
-        raise LorakitError(f"this is split {number} of {count}: pass the first one "
-                           f"({prefix}-00001-of-{count:05d}.gguf)", path=path)
+        raise LorakitError(
+            f"this is split {number} of {count}: pass the first one ({prefix}-00001-of-{count:05d}.gguf)",
+            path=path,
+        )
     folder = os.path.dirname(path)
     files = [os.path.join(folder, f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     absent = [f for f in files if not os.path.isfile(f)]
     if absent:
-        raise LorakitError(f"split GGUF: {len(absent)} of its {count} files are missing, e.g. {absent[0]}", path=path)
+        raise LorakitError(
+            f"split GGUF: {len(absent)} of its {count} files are missing, e.g. {absent[0]}", path=path
+        )
     return files
 
 
@@ -209,8 +261,10 @@ class GGUFCheckpoint(Checkpoint):
             shard = GGUFFile(file)
             number, count = shard.header.split()
             if len(self.files) > 1 and (count != len(self.files) or number != i):
-                raise LorakitError(f"split.no = {number}, split.count = {count}: expected {i} of {len(self.files)}",
-                                   path=file)
+                raise LorakitError(
+                    f"split.no = {number}, split.count = {count}: expected {i} of {len(self.files)}",
+                    path=file,
+                )
             self.shards[file] = shard
             for name in shard.header.entries:
                 if name in self.where:
@@ -230,16 +284,25 @@ class GGUFShardWriter:
 
     def __init__(self, path, header, specs):
         from .safetensors import DirectFile
+
         self.specs, self.alignment, self.next = list(specs), header.alignment, 0
         infos, offset = [], 0
         for name, type_name, shape, *_ in self.specs:
             data = name.encode()
-            infos.append(struct.pack("<Q", len(data)) + data + struct.pack("<I", len(shape))
-                         + b"".join(struct.pack("<Q", d) for d in reversed(shape))
-                         + struct.pack("<IQ", TYPE_IDS[type_name], offset))
+            infos.append(
+                struct.pack("<Q", len(data))
+                + data
+                + struct.pack("<I", len(shape))
+                + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+                + struct.pack("<IQ", TYPE_IDS[type_name], offset)
+            )
             offset = align(offset + tensor_nbytes(type_name, shape), self.alignment)
-        head = b"GGUF" + struct.pack("<IQQ", header.version, len(self.specs), header.n_kv) + header.kv_raw \
+        head = (
+            b"GGUF"
+            + struct.pack("<IQQ", header.version, len(self.specs), header.n_kv)
+            + header.kv_raw
             + b"".join(infos)
+        )
         self.file = DirectFile(path)
         self.file.write(head + bytes(align(len(head), self.alignment) - len(head)))
 
@@ -254,6 +317,7 @@ class GGUFShardWriter:
 
     def write(self, name, tensor):
         from .safetensors import tensor_bytes
+
         n = self._expect(name)
         data = tensor_bytes(tensor)
         assert len(data) == n, f"tensor {name}: {len(data)} bytes, header says {n}"

@@ -13,6 +13,7 @@ faults (1.7 s of system time) with them, 160k (1.0 s) with these settings.
   4096 x 11008 FP8 -> bf16, they gain ~5% and hold ~0.35 GB more.
 - With a libc other than glibc, nothing is done.
 """
+
 import contextlib
 import ctypes
 

@@ -1,5 +1,6 @@
 """JSON from untrusted files: duplicate keys, absurd nesting and huge numbers are errors naming the file, never a
 crash or a silently dropped value."""
+
 import json
 
 from ..errors import LorakitError
@@ -23,14 +24,17 @@ def parse_json(text, path, what="file", code=None, expect=dict):
     except UnicodeDecodeError:
         raise LorakitError(f"{what} is not UTF-8 text", path=path, code=code) from None
     except json.JSONDecodeError as e:
-        raise LorakitError(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", path=path,
-                           code=code) from None
+        raise LorakitError(
+            f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", path=path, code=code
+        ) from None
     except RecursionError:
         raise LorakitError(f"{what} is not usable JSON (nested too deeply)", path=path, code=code) from None
     except ValueError as e:  # duplicate keys, integers of thousands of digits
         raise LorakitError(f"{what} is not usable JSON ({e})", path=path, code=code) from None
     if expect is not None and not isinstance(value, expect):
-        kind = {dict: "a JSON object", list: "a JSON array", str: "a JSON string"}.get(expect, expect.__name__)
+        kind = {dict: "a JSON object", list: "a JSON array", str: "a JSON string"}.get(
+            expect, expect.__name__
+        )
         raise LorakitError(f"{what} must be {kind}, not {type(value).__name__}", path=path, code=code)
     return value
 

@@ -3,6 +3,7 @@
 The writer is our own so that output bytes are deterministic (sorted keys, sorted metadata) and so that a checkpoint
 can be written tensor by tensor with the header computed up front (merge streams this way).
 """
+
 import errno
 import json
 import mmap
@@ -65,42 +66,69 @@ def read_header(path, any_dtype=False):
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise LorakitError(f"file is {size} bytes, too short for a safetensors header", path=path, code="LK101")
+            raise LorakitError(
+                f"file is {size} bytes, too short for a safetensors header", path=path, code="LK101"
+            )
         if raw[:1] in (b"{", b"["):
-            raise LorakitError("this is a JSON file, not safetensors: pass the folder that holds it", path=path,
-                               code="LK101")
+            raise LorakitError(
+                "this is a JSON file, not safetensors: pass the folder that holds it", path=path, code="LK101"
+            )
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
-            raise LorakitError(f"header length {n} runs past the end of the {size}-byte file (truncated or not "
-                               "safetensors)", path=path, code="LK101")
+            raise LorakitError(
+                f"header length {n} runs past the end of the {size}-byte file (truncated or not safetensors)",
+                path=path,
+                code="LK101",
+            )
         text = f.read(n)
     header = parse_json(text, path, "header", code="LK101")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise LorakitError("__metadata__ must map strings to strings", path=path, code="LK101")
     data_start = 8 + n
     entries, spans = {}, []
     for name, info in header.items():
         try:
             dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            assert all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(a, int) and isinstance(b, int)
+            assert (
+                all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(a, int)
+                and isinstance(b, int)
+            )
         except Exception:
-            raise LorakitError("malformed header entry (needs dtype, shape, data_offsets)", path=path, tensor=name,
-                               code="LK101") from None
+            raise LorakitError(
+                "malformed header entry (needs dtype, shape, data_offsets)",
+                path=path,
+                tensor=name,
+                code="LK101",
+            ) from None
         if not isinstance(dtype, str) or (nbytes(dtype, 0) is None and not any_dtype):
             raise LorakitError(f"unknown dtype {dtype}", path=path, tensor=name, code="LK103")
         entry = Entry(name, dtype, shape, data_start + a, data_start + b)
         if a > b or entry.end > size:
-            raise LorakitError(f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
-                               path=path, tensor=name, code="LK102")
+            raise LorakitError(
+                f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
+                path=path,
+                tensor=name,
+                code="LK102",
+            )
         expected = nbytes(dtype, entry.numel)
         if expected is None and not any_dtype:
-            raise LorakitError(f"{entry.numel} elements of {dtype} are not a whole number of bytes", path=path,
-                               tensor=name, code="LK102")
+            raise LorakitError(
+                f"{entry.numel} elements of {dtype} are not a whole number of bytes",
+                path=path,
+                tensor=name,
+                code="LK102",
+            )
         if expected is not None and entry.nbytes != expected:
-            raise LorakitError(f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs "
-                               f"{expected}", path=path, tensor=name, code="LK102")
+            raise LorakitError(
+                f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs {expected}",
+                path=path,
+                tensor=name,
+                code="LK102",
+            )
         entries[name] = entry
         spans.append((a, b, name))
     spans.sort()
@@ -108,8 +136,9 @@ def read_header(path, any_dtype=False):
     for a, b, name in spans:
         if a != pos:
             what = "overlaps the previous tensor" if a < pos else "leaves a gap before it"
-            raise LorakitError(f"data offsets are not contiguous: tensor {what}", path=path, tensor=name,
-                               code="LK102")
+            raise LorakitError(
+                f"data offsets are not contiguous: tensor {what}", path=path, tensor=name, code="LK102"
+            )
         pos = b
     if data_start + pos != size:
         raise LorakitError(f"{size - data_start - pos} bytes after the last tensor", path=path, code="LK102")
@@ -120,6 +149,7 @@ def read_header(path, any_dtype=False):
 @dataclass(frozen=True)
 class HeaderTensor:
     """What a header says of a tensor, with the few tensor attributes header-only work asks for."""
+
     shape: tuple
     st_dtype: str
 
@@ -174,6 +204,7 @@ class TensorFile:
         """A tensor in its own memory, or in `buf` (a bytearray at least that large, e.g. from a BufferPool). No
         mmap: streaming readers keep RSS bounded by what they hold."""
         import torch
+
         e = self.header.entries[name]
         buf = self.read_bytes(name, buf)
         if e.numel == 0:
@@ -183,6 +214,7 @@ class TensorFile:
     def read_bytes(self, name, buf=None):
         """A tensor's stored bytes in `buf`, or in a fresh uint8 array."""
         import torch
+
         e = self.header.entries[name]
         # a fresh tensor's memory is not zero-filled first (a bytearray is): one pass over the bytes, not two
         buf = torch.empty(e.nbytes, dtype=torch.uint8).numpy() if buf is None else buf
@@ -203,8 +235,11 @@ class TensorFile:
         with open(self.path, "rb") as f:
             offset, left = e.start, e.nbytes
             while left:
-                n = os.copy_file_range(f.fileno(), out.fileno(), left, offset) if hasattr(os, "copy_file_range") \
+                n = (
+                    os.copy_file_range(f.fileno(), out.fileno(), left, offset)
+                    if hasattr(os, "copy_file_range")
                     else 0
+                )
                 if n <= 0:  # no kernel copy here (or the file shrank): a buffered copy, checked
                     f.seek(offset)
                     data = f.read(left)
@@ -221,6 +256,7 @@ class BufferPool:
 
     def __init__(self, size):
         import threading
+
         self.size, self.free, self.lock = size, [], threading.Lock()
 
     def get(self):
@@ -235,13 +271,19 @@ class BufferPool:
     def tensor(self, buf, dtype, shape):
         """A tensor of `dtype` and `shape` over the start of `buf`."""
         import torch
+
         n = _numel(shape)
-        return torch.frombuffer(buf, dtype=dtype, count=n).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+        return (
+            torch.frombuffer(buf, dtype=dtype, count=n).reshape(shape)
+            if n
+            else torch.empty(shape, dtype=dtype)
+        )
 
 
 def tensor_bytes(t):
     """The raw little-endian bytes of a tensor as a buffer, without a copy where the tensor is contiguous."""
     import torch
+
     t = t.detach().cpu().contiguous().reshape(-1)
     if t.numel() == 0:
         return b""
@@ -318,7 +360,7 @@ class DirectFile:
         pos = 0
         while pos < len(data):
             k = min(len(data) - pos, self.CHUNK - self.fill)
-            self.view[self.fill:self.fill + k] = data[pos:pos + k]
+            self.view[self.fill : self.fill + k] = data[pos : pos + k]
             self.fill, pos = self.fill + k, pos + k
             if self.fill == self.CHUNK:
                 self._flush(self.CHUNK)
@@ -328,7 +370,7 @@ class DirectFile:
         """Append nbytes read from the open file f straight into the staging buffer."""
         while nbytes:
             k = min(nbytes, self.CHUNK - self.fill)
-            got = f.readinto(self.view[self.fill:self.fill + k])
+            got = f.readinto(self.view[self.fill : self.fill + k])
             if not got:
                 raise LorakitError("file ended inside the tensor data", path=getattr(f, "name", None))
             self.fill, nbytes = self.fill + got, nbytes - got
@@ -341,7 +383,7 @@ class DirectFile:
         if self.fill:
             if self.direct:  # O_DIRECT writes whole blocks: pad, then cut the file to its size
                 padded = -(-self.fill // self.ALIGN) * self.ALIGN
-                self.view[self.fill:padded] = bytes(padded - self.fill)
+                self.view[self.fill : padded] = bytes(padded - self.fill)
                 self._flush(padded)
                 os.ftruncate(self.fd, size)
             else:

@@ -1,4 +1,5 @@
 """Exact combination in delta space, from the factors (fp64): cat, linear, svd. Never forms a dense delta."""
+
 from ..core.algebra import truncate, weighted_stack
 from ..core.linalg import choose_rank, factor_svd
 

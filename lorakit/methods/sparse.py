@@ -1,5 +1,6 @@
 """Sparsifying merges on the dense deltas, per module in fp32, then re-factorized to --rank (default: the sum of the
 input ranks) or --energy: TIES (Yadav et al. 2023), DARE (Yu et al. 2024), magnitude pruning."""
+
 import zlib
 
 import torch
@@ -39,7 +40,7 @@ def _sign_consensus(deltas, weights):
 
 
 def _seeded(seed, name, index):
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % 2 ** 63)
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + index) % 2**63)
 
 
 def _dense_delta(name, entries, method, density, seed):

@@ -4,6 +4,7 @@ detection, the strategies that put W + dW back on a grid, and WeightView (loraki
 
 Torch-free at import: the CLI takes the strategy choices from here.
 """
+
 import importlib
 import os
 
@@ -11,20 +12,28 @@ from ..errors import LorakitError
 
 # name -> (module in this package, class, what it reads). Detection tries them in this order.
 FORMATS = {
-    "gptq": ("gptq_awq", "GPTQ", "GPTQ 2/4/8 bits, groups, sym/asym, v1 (z-1) and v2 zero points, desc_act g_idx"),
+    "gptq": (
+        "gptq_awq",
+        "GPTQ",
+        "GPTQ 2/4/8 bits, groups, sym/asym, v1 (z-1) and v2 zero points, desc_act g_idx",
+    ),
     "awq": ("gptq_awq", "AWQ", "AWQ GEMM int4 with its interleaved packing"),
     "fp8-block": ("fp8", "FP8Block", "FP8 E4M3 in DeepSeek-V3 128 x 128 blocks (weight_scale_inv)"),
     "fp8": ("fp8", "FP8Channel", "FP8 E4M3 per tensor / per channel (compressed-tensors, FBGEMM)"),
     "int8": ("int8", "Int8Channel", "INT8 per channel (compressed-tensors weight_scale; bitsandbytes SCB)"),
     "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization"),
-    "gguf": ("gguf", "GGUFBlocks", "llama.cpp GGUF files (found by their container): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
-                                   "Q2_K..Q6_K kept; other types read (gguf package), merged ones written in --dtype"),
+    "gguf": (
+        "gguf",
+        "GGUFBlocks",
+        "llama.cpp GGUF files (found by their container): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+        "Q2_K..Q6_K kept; other types read (gguf package), merged ones written in --dtype",
+    ),
 }
 
 # how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default
 STRATEGIES = {
     "feedback": "the old grid; columns rounded in order, each column's error carried into the next ones so that the "
-                "error seen through the adapter's input subspace stays near zero (GPTQ-style, low-rank A^T A)",
+    "error seen through the adapter's input subspace stays near zero (GPTQ-style, low-rank A^T A)",
     "same-grid": "the old grid, nearest code (PEFT's bitsandbytes merge): small deltas round straight back",
     "stochastic": "the old grid, unbiased random rounding (--seed)",
     "rescale": "fresh scales / zero points fitted to W_deq + dW, then nearest",
@@ -32,8 +41,19 @@ STRATEGIES = {
 }
 
 # tensor name endings that only quantized checkpoints have: refused when no format claims them
-QUANT_NAMES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_scale_inv", ".SCB", ".absmax",
-               ".quant_map", ".nested_absmax", ".quant_state")
+QUANT_NAMES = (
+    ".qweight",
+    ".qzeros",
+    ".scales",
+    ".g_idx",
+    ".weight_scale",
+    ".weight_scale_inv",
+    ".SCB",
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".quant_state",
+)
 
 
 def format_class(name):
@@ -44,13 +64,16 @@ def format_class(name):
 def quantization_config(base):
     """config.json's quantization_config, else quantize_config.json (older GPTQ files), else {}."""
     from ..io import read_config
+
     folder = base if os.path.isdir(base) else os.path.dirname(base)
     qconfig = (read_config(folder) or {}).get("quantization_config")
     if qconfig is None:
         older = read_config(folder, "quantize_config.json")
         qconfig = {"quant_method": "gptq", **older} if older is not None else {}
     if not isinstance(qconfig, dict):
-        raise LorakitError("quantization_config must be a JSON object", path=os.path.join(folder, "config.json"))
+        raise LorakitError(
+            "quantization_config must be a JSON object", path=os.path.join(folder, "config.json")
+        )
     return qconfig
 
 
@@ -74,6 +97,8 @@ def detect(ckpt, base):
         raise LorakitError(f"quantization method '{q.get('quant_method')}' is not supported", path=base)
     example = next((n for n in ckpt.where if n.endswith(QUANT_NAMES)), None)
     if example is not None:
-        raise LorakitError(f"unknown quantized layout (e.g. tensor '{example}'): refusing to treat packed values as "
-                           "weights", path=base)
+        raise LorakitError(
+            f"unknown quantized layout (e.g. tensor '{example}'): refusing to treat packed values as weights",
+            path=base,
+        )
     return None, {}

@@ -5,6 +5,7 @@ zero point Z, codebook: W = S * (c - Z)) and its stored codes, fits a fresh grid
 of exactly the stored names, shapes and dtypes. Dequantizing follows from the grid and the codes. `ckpt` is a Checkpoint (or anything
 with `where`, `entry`, `get` and `__contains__`); `m` is one module's {role: tensor name}.
 """
+
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from ..errors import LorakitError
 class Grid:
     """Scale S and zero point Z of every element, compactly: element (i, j) uses S[g[j], i] and Z[g[j], i] (a group of
     input columns shares a scale per output row: per-channel formats have one group, GPTQ one per g_idx value)."""
+
     S: torch.Tensor  # [groups, out] fp32
     g: torch.Tensor  # [in] int64: the group of each input column
     codebook: object  # lorakit.quant.rounding.Uniform / FP8 / Table
@@ -33,7 +35,9 @@ class Grid:
         g = self.g[j0:j1]
         if not row_major:
             return self.S[g].T, (self.Z[g].T if self.Z is not None else None)
-        if self._by_row is None:  # [out, groups]: a gather along dim 1 gives row-major blocks without a transpose
+        if (
+            self._by_row is None
+        ):  # [out, groups]: a gather along dim 1 gives row-major blocks without a transpose
             self._by_row = (self.S.T.contiguous(), self.Z.T.contiguous() if self.Z is not None else None)
         S, Z = self._by_row
         return S.index_select(1, g), (Z.index_select(1, g) if Z is not None else None)
@@ -41,6 +45,7 @@ class Grid:
 
 class QuantFormat:
     """Base class of the registered formats (lorakit.quant.FORMATS)."""
+
     name = None
 
     @classmethod
@@ -96,13 +101,19 @@ def row_major(codes):
 def check_scale(ckpt, m, role, out):
     """A per-tensor or per-output-channel scale: one value, or one per row."""
     if ckpt.entry(m[role]).numel not in (1, out):
-        raise LorakitError(f"scale has shape {list(ckpt.entry(m[role]).shape)}: expected one value or {out} (one per "
-                           "output row)", path=ckpt.path, tensor=m[role])
+        raise LorakitError(
+            f"scale has shape {list(ckpt.entry(m[role]).shape)}: expected one value or {out} (one per "
+            "output row)",
+            path=ckpt.path,
+            tensor=m[role],
+        )
 
 
 def per_row(s, out):
     """A per-tensor or per-output-channel scale as one group [1, out] in fp32."""
-    return s.float().reshape(1, -1).expand(1, out).contiguous() if s.numel() == 1 else s.float().reshape(1, out)
+    return (
+        s.float().reshape(1, -1).expand(1, out).contiguous() if s.numel() == 1 else s.float().reshape(1, out)
+    )
 
 
 def one_group(inn):

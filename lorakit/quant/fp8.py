@@ -1,5 +1,6 @@
 """FP8 E4M3 bases: per-tensor / per-channel `weight_scale` (compressed-tensors, FBGEMM) and DeepSeek-V3 128 x 128
 blocks (`weight_scale_inv`)."""
+
 import torch
 
 from .base import Grid, QuantFormat, check_scale, one_group, per_row, round_to
@@ -10,13 +11,15 @@ CODEBOOK = FP8()
 
 class FP8Channel(QuantFormat):
     """FP8 E4M3 with a per-tensor or per-output-channel `weight_scale` (compressed-tensors, FBGEMM): W = w * s."""
+
     name = "fp8"
 
     @classmethod
     def configure(cls, q):
         method = q.get("quant_method")
-        claimed = method in (None, "compressed-tensors", "fbgemm_fp8") or (method == "fp8" and
-                                                                          not q.get("weight_block_size"))
+        claimed = method in (None, "compressed-tensors", "fbgemm_fp8") or (
+            method == "fp8" and not q.get("weight_block_size")
+        )
         return cls() if claimed else None
 
     def shape(self, ckpt, m):
@@ -25,8 +28,11 @@ class FP8Channel(QuantFormat):
         return shape
 
     def find(self, ckpt):
-        return {n[:-7]: {"weight": n, "weight_scale": n[:-7] + ".weight_scale"} for n in ckpt.where
-                if n.endswith(".weight") and ckpt.entry(n).dtype == "F8_E4M3" and n[:-7] + ".weight_scale" in ckpt}
+        return {
+            n[:-7]: {"weight": n, "weight_scale": n[:-7] + ".weight_scale"}
+            for n in ckpt.where
+            if n.endswith(".weight") and ckpt.entry(n).dtype == "F8_E4M3" and n[:-7] + ".weight_scale" in ckpt
+        }
 
     def codes(self, ckpt, m):
         return ckpt.get(m["weight"])
@@ -41,8 +47,12 @@ class FP8Channel(QuantFormat):
         amax = torch.maximum(-lo, hi).amax(0)  # [out]
         amax = amax if s.numel() == amax.numel() and amax.numel() > 1 else amax.amax()
         s_new = round_to((amax / FP8_MAX).clamp(min=1e-12), s)
-        return Grid(per_row(s_new, lo.shape[1]), one_group(ckpt.entry(m["weight"]).shape[1]), CODEBOOK,
-                    params={"weight_scale": s_new})
+        return Grid(
+            per_row(s_new, lo.shape[1]),
+            one_group(ckpt.entry(m["weight"]).shape[1]),
+            CODEBOOK,
+            params={"weight_scale": s_new},
+        )
 
     def encode(self, ckpt, m, codes, grid):
         return {m["weight"]: codes, m["weight_scale"]: grid.params["weight_scale"]}
@@ -50,6 +60,7 @@ class FP8Channel(QuantFormat):
 
 class FP8Block(QuantFormat):
     """DeepSeek-V3 block FP8: weight_scale_inv [ceil(out/b), ceil(in/b)], W[i, j] = w[i, j] * s[i // b, j // b]."""
+
     name = "fp8-block"
 
     def __init__(self, block=(128, 128)):
@@ -63,8 +74,13 @@ class FP8Block(QuantFormat):
         return cls() if method is None else None
 
     def find(self, ckpt):
-        return {n[:-7]: {"weight": n, "weight_scale_inv": n[:-7] + ".weight_scale_inv"} for n in ckpt.where
-                if n.endswith(".weight") and ckpt.entry(n).dtype == "F8_E4M3" and n[:-7] + ".weight_scale_inv" in ckpt}
+        return {
+            n[:-7]: {"weight": n, "weight_scale_inv": n[:-7] + ".weight_scale_inv"}
+            for n in ckpt.where
+            if n.endswith(".weight")
+            and ckpt.entry(n).dtype == "F8_E4M3"
+            and n[:-7] + ".weight_scale_inv" in ckpt
+        }
 
     def codes(self, ckpt, m):
         return ckpt.get(m["weight"])
@@ -72,8 +88,12 @@ class FP8Block(QuantFormat):
     def _grid(self, s, out, inn):
         """Column groups of `bi` columns; each row takes its row block's scale."""
         bo, bi = self.block
-        return Grid(s.float().T.repeat_interleave(bo, 1)[:, :out].contiguous(), torch.arange(inn) // bi, CODEBOOK,
-                    params={"weight_scale_inv": s})
+        return Grid(
+            s.float().T.repeat_interleave(bo, 1)[:, :out].contiguous(),
+            torch.arange(inn) // bi,
+            CODEBOOK,
+            params={"weight_scale_inv": s},
+        )
 
     def grid(self, ckpt, m):
         out, inn = ckpt.entry(m["weight"]).shape

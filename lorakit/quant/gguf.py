@@ -10,6 +10,7 @@ stored grid rewrites only the codes' bits: the scales' bytes stay as they were. 
 constant that no code changes; it gets a vanishing scale so that the rounding sees that constant (its codes are kept).
 Other GGML types (IQ*, TQ*, MXFP4) are read through the gguf package's dequantization when it is installed.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,9 @@ from ..errors import LorakitError, opt
 from .base import Grid, QuantFormat
 from .rounding import Uniform
 
-DEAD = 2.0 ** -100  # the scale standing in for 0: values within 1e-28 of the constant, Z = M / DEAD still finite
+DEAD = (
+    2.0**-100
+)  # the scale standing in for 0: values within 1e-28 of the constant, Z = M / DEAD still finite
 ROWS = 512  # rows packed / unpacked at once: [ROWS, in] byte temporaries
 
 
@@ -62,40 +65,132 @@ def _k4_scales():
     """get_scale_min_k4: 8 sub-blocks' 6-bit scale and min in 12 bytes at offset 4."""
     j = np.arange(8)
     lo = j < 4
-    scale = (_piece(np.where(lo, 4 + j, 8 + j), 0, 4),  # low 4 bits (bits 0-3 of q[j] or of q[j + 4])
-             _piece(np.where(lo, 4 + j, j), np.where(lo, 4, 6), 2))  # j < 4: bits 4-5 of q[j]; else bits 6-7 of q[j-4]
-    minimum = (_piece(np.where(lo, 8 + j, 8 + j), np.where(lo, 0, 4), 4),
-               _piece(np.where(lo, 8 + j, 4 + j), np.where(lo, 4, 6), 2))
+    scale = (
+        _piece(np.where(lo, 4 + j, 8 + j), 0, 4),  # low 4 bits (bits 0-3 of q[j] or of q[j + 4])
+        _piece(np.where(lo, 4 + j, j), np.where(lo, 4, 6), 2),
+    )  # j < 4: bits 4-5 of q[j]; else bits 6-7 of q[j-4]
+    minimum = (
+        _piece(np.where(lo, 8 + j, 8 + j), np.where(lo, 0, 4), 4),
+        _piece(np.where(lo, 8 + j, 4 + j), np.where(lo, 4, 6), 2),
+    )
     return scale, minimum
 
 
 K4_SCALE, K4_MIN = _k4_scales()
 _k = S16
-Q3K_SCALE = (_piece(96 + np.where(_k < 8, _k, _k - 8), np.where(_k < 8, 0, 4), 4),
-             _piece(104 + _k % 4, 2 * (_k // 4), 2))
+Q3K_SCALE = (
+    _piece(96 + np.where(_k < 8, _k, _k - 8), np.where(_k < 8, 0, 4), 4),
+    _piece(104 + _k % 4, 2 * (_k // 4), 2),
+)
 
-TYPES = {t.name: t for t in (
-    BlockType("Q8_0", 32, 34, 32, 8, (_piece(2 + E32, 0, 8),), d=0, signed_codes=True),
-    BlockType("Q4_0", 32, 18, 32, 4, (_piece(2 + E32 % 16, 4 * (E32 // 16), 4),), d=0, zero=8),
-    BlockType("Q4_1", 32, 20, 32, 4, (_piece(4 + E32 % 16, 4 * (E32 // 16), 4),), d=0, affine=True, dmin=2),
-    BlockType("Q5_0", 32, 22, 32, 5, (_piece(6 + E32 % 16, 4 * (E32 // 16), 4), _piece(2 + E32 // 8, E32 % 8, 1)),
-              d=0, zero=16),
-    BlockType("Q5_1", 32, 24, 32, 5, (_piece(8 + E32 % 16, 4 * (E32 // 16), 4), _piece(4 + E32 // 8, E32 % 8, 1)),
-              d=0, affine=True, dmin=2),
-    BlockType("Q2_K", 256, 84, 16, 2, (_piece(16 + _half * 32 + E256 % 32, 2 * (_r // 32), 2),), d=80, affine=True,
-              dmin=82, scale=(_piece(S16, 0, 4),), minimum=(_piece(S16, 4, 4),), scale_bits=4),
-    BlockType("Q3_K", 256, 110, 16, 3, (_piece(32 + _half * 32 + E256 % 32, 2 * (_r // 32), 2),
-                                        _piece(E256 % 32, 4 * _half + _r // 32, 1)),
-              d=108, scale=Q3K_SCALE, scale_bits=6, scale_offset=32, zero=4),
-    BlockType("Q4_K", 256, 144, 32, 4, (_piece(16 + _chunk * 32 + _r64 % 32, 4 * (_r64 // 32), 4),), d=0,
-              affine=True, dmin=2, scale=K4_SCALE, minimum=K4_MIN, scale_bits=6),
-    BlockType("Q5_K", 256, 176, 32, 5, (_piece(48 + _chunk * 32 + _r64 % 32, 4 * (_r64 // 32), 4),
-                                        _piece(16 + _r64 % 32, 2 * _chunk + _r64 // 32, 1)),
-              d=0, affine=True, dmin=2, scale=K4_SCALE, minimum=K4_MIN, scale_bits=6),
-    BlockType("Q6_K", 256, 210, 16, 6, (_piece(_half * 64 + E256 % 32 + 32 * ((_r // 32) % 2), 4 * (_r // 64), 4),
-                                        _piece(128 + _half * 32 + E256 % 32, 2 * (_r // 32), 2)),
-              d=208, scale=(_piece(192 + S16, 0, 8),), scale_bits=8, scale_signed=True, zero=32),
-)}
+TYPES = {
+    t.name: t
+    for t in (
+        BlockType("Q8_0", 32, 34, 32, 8, (_piece(2 + E32, 0, 8),), d=0, signed_codes=True),
+        BlockType("Q4_0", 32, 18, 32, 4, (_piece(2 + E32 % 16, 4 * (E32 // 16), 4),), d=0, zero=8),
+        BlockType(
+            "Q4_1", 32, 20, 32, 4, (_piece(4 + E32 % 16, 4 * (E32 // 16), 4),), d=0, affine=True, dmin=2
+        ),
+        BlockType(
+            "Q5_0",
+            32,
+            22,
+            32,
+            5,
+            (_piece(6 + E32 % 16, 4 * (E32 // 16), 4), _piece(2 + E32 // 8, E32 % 8, 1)),
+            d=0,
+            zero=16,
+        ),
+        BlockType(
+            "Q5_1",
+            32,
+            24,
+            32,
+            5,
+            (_piece(8 + E32 % 16, 4 * (E32 // 16), 4), _piece(4 + E32 // 8, E32 % 8, 1)),
+            d=0,
+            affine=True,
+            dmin=2,
+        ),
+        BlockType(
+            "Q2_K",
+            256,
+            84,
+            16,
+            2,
+            (_piece(16 + _half * 32 + E256 % 32, 2 * (_r // 32), 2),),
+            d=80,
+            affine=True,
+            dmin=82,
+            scale=(_piece(S16, 0, 4),),
+            minimum=(_piece(S16, 4, 4),),
+            scale_bits=4,
+        ),
+        BlockType(
+            "Q3_K",
+            256,
+            110,
+            16,
+            3,
+            (
+                _piece(32 + _half * 32 + E256 % 32, 2 * (_r // 32), 2),
+                _piece(E256 % 32, 4 * _half + _r // 32, 1),
+            ),
+            d=108,
+            scale=Q3K_SCALE,
+            scale_bits=6,
+            scale_offset=32,
+            zero=4,
+        ),
+        BlockType(
+            "Q4_K",
+            256,
+            144,
+            32,
+            4,
+            (_piece(16 + _chunk * 32 + _r64 % 32, 4 * (_r64 // 32), 4),),
+            d=0,
+            affine=True,
+            dmin=2,
+            scale=K4_SCALE,
+            minimum=K4_MIN,
+            scale_bits=6,
+        ),
+        BlockType(
+            "Q5_K",
+            256,
+            176,
+            32,
+            5,
+            (
+                _piece(48 + _chunk * 32 + _r64 % 32, 4 * (_r64 // 32), 4),
+                _piece(16 + _r64 % 32, 2 * _chunk + _r64 // 32, 1),
+            ),
+            d=0,
+            affine=True,
+            dmin=2,
+            scale=K4_SCALE,
+            minimum=K4_MIN,
+            scale_bits=6,
+        ),
+        BlockType(
+            "Q6_K",
+            256,
+            210,
+            16,
+            6,
+            (
+                _piece(_half * 64 + E256 % 32 + 32 * ((_r // 32) % 2), 4 * (_r // 64), 4),
+                _piece(128 + _half * 32 + E256 % 32, 2 * (_r // 32), 2),
+            ),
+            d=208,
+            scale=(_piece(192 + S16, 0, 8),),
+            scale_bits=8,
+            scale_signed=True,
+            zero=32,
+        ),
+    )
+}
 
 
 def _gather(raw, pieces):
@@ -103,7 +198,9 @@ def _gather(raw, pieces):
     [rows, blocks, n] uint8 (every code and scale here fits a byte)."""
     out, at = None, 0
     for byte, shift, width in pieces:
-        v = (raw[:, :, torch.from_numpy(byte)] >> torch.from_numpy(shift).to(torch.uint8)) & ((1 << width) - 1)
+        v = (raw[:, :, torch.from_numpy(byte)] >> torch.from_numpy(shift).to(torch.uint8)) & (
+            (1 << width) - 1
+        )
         out = v if out is None else out.bitwise_or_(v << at)
         at += width
     return out
@@ -125,15 +222,16 @@ def _scatter(raw, pieces, values):
 
 def _f16(raw, offset):
     """An fp16 field of every block as fp32 [rows, blocks]."""
-    return raw[:, :, offset:offset + 2].contiguous().view(torch.float16)[..., 0].float()
+    return raw[:, :, offset : offset + 2].contiguous().view(torch.float16)[..., 0].float()
 
 
 def _put_f16(raw, offset, values):
-    raw[:, :, offset:offset + 2] = values.to(torch.float16).unsqueeze(-1).view(torch.uint8)
+    raw[:, :, offset : offset + 2] = values.to(torch.float16).unsqueeze(-1).view(torch.uint8)
 
 
 class GGUFBlocks(QuantFormat):
     """Every 2-D tensor of a GGUF checkpoint stored in a block type; one module per tensor ({"weight": name})."""
+
     name = "gguf"
 
     @classmethod
@@ -142,8 +240,12 @@ class GGUFBlocks(QuantFormat):
 
     def find(self, ckpt):
         from ..io.gguf import PLAIN
-        return {n[: -len(".weight")]: {"weight": n} for n in ckpt.where
-                if n.endswith(".weight") and ckpt.entry(n).dtype not in PLAIN and len(ckpt.entry(n).shape) == 2}
+
+        return {
+            n[: -len(".weight")]: {"weight": n}
+            for n in ckpt.where
+            if n.endswith(".weight") and ckpt.entry(n).dtype not in PLAIN and len(ckpt.entry(n).shape) == 2
+        }
 
     def _type(self, ckpt, m):
         kind = ckpt.entry(m["weight"]).dtype
@@ -159,8 +261,8 @@ class GGUFBlocks(QuantFormat):
         t, raw = self._blocks(ckpt, m)
         out = torch.empty(raw.shape[0], raw.shape[1] * t.block, dtype=t.codebook().storage)
         for r0 in range(0, raw.shape[0], ROWS):
-            c = _gather(raw[r0:r0 + ROWS], t.code).reshape(-1, out.shape[1])
-            out[r0:r0 + ROWS] = c.view(torch.int8) if t.signed_codes else c
+            c = _gather(raw[r0 : r0 + ROWS], t.code).reshape(-1, out.shape[1])
+            out[r0 : r0 + ROWS] = c.view(torch.int8) if t.signed_codes else c
         return out
 
     def _fields(self, t, raw):
@@ -192,8 +294,13 @@ class GGUFBlocks(QuantFormat):
         else:
             Z = torch.full_like(S, float(t.zero)) if t.zero else None
         g = torch.arange(inn) // t.sub
-        return Grid(S.T.contiguous(), g, t.codebook(), Z=Z.T.contiguous() if Z is not None else None,
-                    params={"raw": raw, "type": t})
+        return Grid(
+            S.T.contiguous(),
+            g,
+            t.codebook(),
+            Z=Z.T.contiguous() if Z is not None else None,
+            params={"raw": raw, "type": t},
+        )
 
     def grid(self, ckpt, m):
         t, raw = self._blocks(ckpt, m)
@@ -225,8 +332,10 @@ class GGUFBlocks(QuantFormat):
         if bool(dead.any()):
             codes = torch.where(dead.repeat_interleave(t.sub, 1), self.codes(ckpt, m), codes)
         c = (codes.view(torch.uint8) if t.signed_codes else codes).reshape(out, nb, t.block)
-        for r0 in range(0, out, ROWS):  # in place (the grid's bytes were read for this merge), ROWS rows at a time
-            raw[r0:r0 + ROWS] = _scatter(raw[r0:r0 + ROWS], t.code, c[r0:r0 + ROWS])
+        for r0 in range(
+            0, out, ROWS
+        ):  # in place (the grid's bytes were read for this merge), ROWS rows at a time
+            raw[r0 : r0 + ROWS] = _scatter(raw[r0 : r0 + ROWS], t.code, c[r0 : r0 + ROWS])
         return {m["weight"]: raw.reshape(-1)}
 
     def fit(self, ckpt, m, lo, hi):
@@ -245,7 +354,9 @@ class GGUFBlocks(QuantFormat):
             low, high = (-128, 127) if t.signed_codes else (-t.zero, qmax - t.zero)
             s = torch.maximum(hi / high, lo / low).clamp(min=0)
         new = raw.clone()
-        if not t.scale:  # one scale per block: d rounded up and the min down in fp16, so the range stays covered
+        if (
+            not t.scale
+        ):  # one scale per block: d rounded up and the min down in fp16, so the range stays covered
             if t.affine:
                 _put_f16(new, t.dmin, _fp16_toward(-M[..., 0], up=False))
                 s = ((hi - _f16(new, t.dmin)[..., None]) / qmax).clamp(min=0)
@@ -260,16 +371,22 @@ class GGUFBlocks(QuantFormat):
             _put_f16(new, t.dmin, dmin)
         d = _fp16_toward(s.amax(-1) / top, up=True).float()
         sc = _ceil_ratio(s, d, top).to(torch.int32) + t.scale_offset
-        new = _scatter(new, t.scale, sc.to(torch.int8).view(torch.uint8) if t.scale_signed else sc.to(torch.uint8))
+        new = _scatter(
+            new, t.scale, sc.to(torch.int8).view(torch.uint8) if t.scale_signed else sc.to(torch.uint8)
+        )
         _put_f16(new, t.d, d)
         return self._grid(t, new, raw.shape[1] * t.block)
 
 
 def no_codec(path, tensor, kind, count=1):
     """The error for a merged tensor whose GGML type has no codec here."""
-    return LorakitError(f"GGML type {kind} cannot be requantized on its grid (lorakit writes {', '.join(TYPES)}): pass "
-                        f"{opt('dtype')} f16 to write the merged tensors of such types in F16, as llama.cpp's "
-                        f"export-lora does ({count} tensor(s))", path=path, tensor=tensor)
+    return LorakitError(
+        f"GGML type {kind} cannot be requantized on its grid (lorakit writes {', '.join(TYPES)}): pass "
+        f"{opt('dtype')} f16 to write the merged tensors of such types in F16, as llama.cpp's "
+        f"export-lora does ({count} tensor(s))",
+        path=path,
+        tensor=tensor,
+    )
 
 
 def _fp16_toward(x, up):
@@ -291,11 +408,16 @@ def _dequantize_other(ckpt, name, entry):
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
     except ImportError:
-        raise LorakitError(f"reading GGML type {entry.dtype} needs the gguf package: pip install gguf",
-                           path=ckpt.path, tensor=name) from None
+        raise LorakitError(
+            f"reading GGML type {entry.dtype} needs the gguf package: pip install gguf",
+            path=ckpt.path,
+            tensor=name,
+        ) from None
     raw = ckpt.get(name).numpy()
     try:
         values = dequantize(raw.reshape(entry.shape[0], -1), GGMLQuantizationType[entry.dtype])
     except NotImplementedError:
-        raise LorakitError(f"GGML type {entry.dtype} cannot be dequantized", path=ckpt.path, tensor=name) from None
+        raise LorakitError(
+            f"GGML type {entry.dtype} cannot be dequantized", path=ckpt.path, tensor=name
+        ) from None
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(entry.shape)

@@ -1,5 +1,6 @@
 """Packed-integer bases: GPTQ (2/4/8 bits, groups, sym/asym, v1/v2 zero points, desc_act g_idx) and AWQ GEMM int4.
 Both store int32 words of `32 // bits` codes; they share the module layout (qweight, qzeros, scales)."""
+
 import torch
 
 from ..errors import LorakitError
@@ -19,15 +20,19 @@ def unpack(packed, bits, dim, order=None):
     rows = max(1, CHUNK // max(1, packed[0].numel() * per))
     step = per if dim == 0 else 1  # result rows per packed row
     for i in range(0, packed.shape[0], rows):
-        chunk = _unpack(packed[i:i + rows], bits, dim, order)
-        result[i * step:i * step + chunk.shape[0]] = chunk
+        chunk = _unpack(packed[i : i + rows], bits, dim, order)
+        result[i * step : i * step + chunk.shape[0]] = chunk
     return result
 
 
 def _unpack(packed, bits, dim, order):
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    p = packed.to(torch.int32).unsqueeze(-1) if dim == packed.ndim - 1 else packed.to(torch.int32).unsqueeze(dim + 1)
+    p = (
+        packed.to(torch.int32).unsqueeze(-1)
+        if dim == packed.ndim - 1
+        else packed.to(torch.int32).unsqueeze(dim + 1)
+    )
     shape = [1] * p.ndim
     shape[-1 if dim == packed.ndim - 1 else dim + 1] = per
     vals = ((p >> shifts.reshape(shape)) & ((1 << bits) - 1)).to(torch.uint8)
@@ -35,7 +40,7 @@ def _unpack(packed, bits, dim, order):
         vals = vals[..., torch.argsort(torch.tensor(order))]
     if dim == packed.ndim - 1:
         return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per)
-    return vals.reshape(*packed.shape[:dim], packed.shape[dim] * per, *packed.shape[dim + 1:])
+    return vals.reshape(*packed.shape[:dim], packed.shape[dim] * per, *packed.shape[dim + 1 :])
 
 
 def pack(codes, bits, dim, order=None):
@@ -46,7 +51,7 @@ def pack(codes, bits, dim, order=None):
     shape = (codes.shape[0] // per, codes.shape[1]) if dim == 0 else (codes.shape[0], codes.shape[1] // per)
     result = torch.empty(shape, dtype=torch.int32)
     for i in range(0, codes.shape[0], rows):
-        result[i // step:(i + rows) // step] = _pack(codes[i:i + rows], bits, dim, order)
+        result[i // step : (i + rows) // step] = _pack(codes[i : i + rows], bits, dim, order)
     return result
 
 
@@ -57,11 +62,11 @@ def _pack(codes, bits, dim, order):
         c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
         slots = c[..., torch.tensor(order)] if order is not None else c
     else:
-        slots = c.reshape(*c.shape[:dim], c.shape[dim] // per, per, *c.shape[dim + 1:]).movedim(dim + 1, -1)
+        slots = c.reshape(*c.shape[:dim], c.shape[dim] // per, per, *c.shape[dim + 1 :]).movedim(dim + 1, -1)
     word = torch.zeros(slots.shape[:-1], dtype=torch.int64)
     for i in range(per):
         word |= slots[..., i] << (bits * i)
-    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 class PackedInt(QuantFormat):
@@ -79,17 +84,22 @@ class PackedInt(QuantFormat):
         return found
 
     def _codebook(self):
-        return Uniform(0, 2 ** self.bits - 1, torch.uint8)
+        return Uniform(0, 2**self.bits - 1, torch.uint8)
 
     def grid(self, ckpt, m):
         zeros = self._zeros(ckpt, m)
         scales = ckpt.get(m["scales"])
-        return Grid(scales.float(), self._groups(ckpt, m, self.shape(ckpt, m)[1]), self._codebook(), Z=zeros,
-                    params={"scales": scales, "zeros": zeros})
+        return Grid(
+            scales.float(),
+            self._groups(ckpt, m, self.shape(ckpt, m)[1]),
+            self._codebook(),
+            Z=zeros,
+            params={"scales": scales, "zeros": zeros},
+        )
 
     def fit(self, ckpt, m, lo, hi):
         """GPTQ's and AWQ's own min/max fit per (group, row), scales rounded to their stored dtype."""
-        maxq = 2 ** self.bits - 1
+        maxq = 2**self.bits - 1
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         if getattr(self, "sym", False):
             amax = torch.maximum(-lo, hi)
@@ -98,14 +108,20 @@ class PackedInt(QuantFormat):
             scale = ((hi - lo) / maxq).clamp(min=1e-8)
             zero = torch.round(-lo / scale).clamp(0, maxq)
         scales = round_to(scale, ckpt.get(m["scales"]))
-        return Grid(scales.float(), self._groups(ckpt, m, self.shape(ckpt, m)[1]), self._codebook(), Z=zero,
-                    params={"scales": scales, "zeros": zero})
+        return Grid(
+            scales.float(),
+            self._groups(ckpt, m, self.shape(ckpt, m)[1]),
+            self._codebook(),
+            Z=zero,
+            params={"scales": scales, "zeros": zero},
+        )
 
 
 class GPTQ(PackedInt):
     """GPTQ: qweight I32 [in * bits / 32, out] packed along in, qzeros [groups, out * bits / 32] packed along out,
     scales [groups, out], optional g_idx [in]. W^T[k, n] = scales[g[k], n] * (q[k, n] - z[g[k], n]); v1 files
     ("gptq") store z - 1."""
+
     name = "gptq"
 
     def __init__(self, bits=4, group_size=128, sym=True, v1=True):
@@ -117,8 +133,12 @@ class GPTQ(PackedInt):
     def configure(cls, q):
         method = q.get("quant_method")
         if method == "gptq" or (method is None and q.get("bits")):
-            return cls(q.get("bits", 4), q.get("group_size", 128), q.get("sym", True),
-                       q.get("checkpoint_format", "gptq") != "gptq_v2")
+            return cls(
+                q.get("bits", 4),
+                q.get("group_size", 128),
+                q.get("sym", True),
+                q.get("checkpoint_format", "gptq") != "gptq_v2",
+            )
         return None
 
     def shape(self, ckpt, m):
@@ -127,11 +147,18 @@ class GPTQ(PackedInt):
         scales, zeros = ckpt.entry(m["scales"]).shape, ckpt.entry(m["qzeros"]).shape
         per = 32 // self.bits
         if len(scales) != 2 or scales[1] != out or tuple(zeros) != (scales[0], out // per):
-            raise LorakitError(f"GPTQ tensors do not fit together: qweight {list(packed)}, qzeros {list(zeros)}, "
-                               f"scales {list(scales)} ({self.bits} bits)", path=ckpt.path, tensor=m["qweight"])
+            raise LorakitError(
+                f"GPTQ tensors do not fit together: qweight {list(packed)}, qzeros {list(zeros)}, "
+                f"scales {list(scales)} ({self.bits} bits)",
+                path=ckpt.path,
+                tensor=m["qweight"],
+            )
         if "g_idx" in m and tuple(ckpt.entry(m["g_idx"]).shape) != (inn,):
-            raise LorakitError(f"g_idx has shape {list(ckpt.entry(m['g_idx']).shape)}, expected [{inn}]",
-                               path=ckpt.path, tensor=m["g_idx"])
+            raise LorakitError(
+                f"g_idx has shape {list(ckpt.entry(m['g_idx']).shape)}, expected [{inn}]",
+                path=ckpt.path,
+                tensor=m["g_idx"],
+            )
         return (out, inn)
 
     def _groups(self, ckpt, m, inn):
@@ -148,8 +175,11 @@ class GPTQ(PackedInt):
 
     def encode(self, ckpt, m, codes, grid):
         zeros = grid.params["zeros"] - (1 if self.v1 else 0)
-        return {m["qweight"]: pack(codes.T, self.bits, 0), m["qzeros"]: pack(zeros, self.bits, 1),
-                m["scales"]: grid.params["scales"]}
+        return {
+            m["qweight"]: pack(codes.T, self.bits, 0),
+            m["qzeros"]: pack(zeros, self.bits, 1),
+            m["scales"]: grid.params["scales"],
+        }
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -158,6 +188,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 class AWQ(PackedInt):
     """AWQ GEMM int4: qweight I32 [in, out / 8] and qzeros [in / g, out / 8] packed along out in the order
     [0, 2, 4, 6, 1, 3, 5, 7]; scales [in / g, out]. W^T = (iw - iz) * scales."""
+
     name = "awq"
 
     def __init__(self, group_size=128, bits=4):
@@ -177,10 +208,16 @@ class AWQ(PackedInt):
         packed = ckpt.entry(m["qweight"]).shape
         out, inn = packed[1] * 8, packed[0]
         scales, zeros = ckpt.entry(m["scales"]).shape, ckpt.entry(m["qzeros"]).shape
-        if tuple(scales) != (inn // self.group_size, out) or tuple(zeros) != (inn // self.group_size, out // 8):
-            raise LorakitError(f"AWQ tensors do not fit together: qweight {list(packed)}, qzeros {list(zeros)}, "
-                               f"scales {list(scales)} (group size {self.group_size})", path=ckpt.path,
-                               tensor=m["qweight"])
+        if tuple(scales) != (inn // self.group_size, out) or tuple(zeros) != (
+            inn // self.group_size,
+            out // 8,
+        ):
+            raise LorakitError(
+                f"AWQ tensors do not fit together: qweight {list(packed)}, qzeros {list(zeros)}, "
+                f"scales {list(scales)} (group size {self.group_size})",
+                path=ckpt.path,
+                tensor=m["qweight"],
+            )
         return (out, inn)
 
     bits = 4
@@ -195,5 +232,8 @@ class AWQ(PackedInt):
         return torch.arange(inn) // self.group_size
 
     def encode(self, ckpt, m, codes, grid):
-        return {m["qweight"]: pack(codes.T, 4, 1, AWQ_ORDER),
-                m["qzeros"]: pack(grid.params["zeros"], 4, 1, AWQ_ORDER), m["scales"]: grid.params["scales"]}
+        return {
+            m["qweight"]: pack(codes.T, 4, 1, AWQ_ORDER),
+            m["qzeros"]: pack(grid.params["zeros"], 4, 1, AWQ_ORDER),
+            m["scales"]: grid.params["scales"],
+        }

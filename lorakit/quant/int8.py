@@ -1,4 +1,5 @@
 """INT8 per-output-channel bases: compressed-tensors (`weight_scale`) and bitsandbytes LLM.int8 (`SCB`)."""
+
 import torch
 
 from .base import Grid, QuantFormat, check_scale, one_group, per_row, round_to
@@ -8,13 +9,15 @@ from .rounding import Uniform
 class Int8Channel(QuantFormat):
     """INT8 per output channel: compressed-tensors (weight I8, weight_scale [out, 1]: W = q * s) and bitsandbytes
     (weight I8, weight.SCB [out]: W = q * SCB / 127)."""
+
     name = "int8"
 
     @classmethod
     def configure(cls, q):
         method = q.get("quant_method")
         claimed = method in (None, "compressed-tensors", "fbgemm_fp8", "bitsandbytes") or (
-            method == "fp8" and not q.get("weight_block_size"))
+            method == "fp8" and not q.get("weight_block_size")
+        )
         return cls() if claimed else None
 
     def find(self, ckpt):

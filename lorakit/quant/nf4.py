@@ -1,4 +1,5 @@
 """bitsandbytes NF4 bases (read and dequantize), with and without double quantization."""
+
 import math
 
 import torch
@@ -15,6 +16,7 @@ class NF4(QuantFormat):
     """bitsandbytes NF4: weight U8 (two 4-bit codes per byte, the first in the high
     nibble), weight.absmax per block (or uint8 with nested_absmax / nested_quant_map / offset: double quantization),
     weight.quant_map (the 16 NF4 levels), weight.quant_state.bitsandbytes__nf4 (JSON: blocksize, shape, ...)."""
+
     name = "nf4"
 
     @classmethod
@@ -22,8 +24,13 @@ class NF4(QuantFormat):
         return cls() if q.get("quant_method") in (None, "bitsandbytes") else None
 
     def find(self, ckpt):
-        return {n[:-7]: {"weight": n, "state": k} for n in ckpt.where if n.endswith(".weight")
-                for k in (n + ".quant_state.bitsandbytes__nf4", n + ".quant_state.bitsandbytes__fp4") if k in ckpt}
+        return {
+            n[:-7]: {"weight": n, "state": k}
+            for n in ckpt.where
+            if n.endswith(".weight")
+            for k in (n + ".quant_state.bitsandbytes__nf4", n + ".quant_state.bitsandbytes__fp4")
+            if k in ckpt
+        }
 
     def _state(self, ckpt, m):
         """The quant_state JSON, checked against the sizes of the stored tensors before anything is allocated from
@@ -34,8 +41,10 @@ class NF4(QuantFormat):
         w = m["weight"]
 
         def bad(why):
-            return LorakitError(f"quant_state does not fit the stored tensors: {why}", path=ckpt.path,
-                                tensor=m["state"])
+            return LorakitError(
+                f"quant_state does not fit the stored tensors: {why}", path=ckpt.path, tensor=m["state"]
+            )
+
         shape, block = state.get("shape"), state.get("blocksize")
         if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
             raise bad(f"shape {shape!r}")
@@ -53,8 +62,11 @@ class NF4(QuantFormat):
             raise bad("quant_map must hold the 16 levels")
         if w + ".nested_absmax" in ckpt:
             nested = state.get("nested_blocksize", 256)
-            if nested not in BLOCKSIZES or w + ".nested_quant_map" not in ckpt or \
-                    ckpt.entry(w + ".nested_absmax").numel * nested < ckpt.entry(w + ".absmax").numel:
+            if (
+                nested not in BLOCKSIZES
+                or w + ".nested_quant_map" not in ckpt
+                or ckpt.entry(w + ".nested_absmax").numel * nested < ckpt.entry(w + ".absmax").numel
+            ):
                 raise bad("the nested (double) quantization does not cover the absmax values")
         return state
 
@@ -84,7 +96,9 @@ class NF4(QuantFormat):
         shape = state["shape"]
         n = int(torch.tensor(shape).prod())
         values = ckpt.get(m["weight"] + ".quant_map").float()[self._indices(ckpt, m, n).long()]
-        return (values * self._absmax(ckpt, m, state).repeat_interleave(int(state["blocksize"]))[:n]).reshape(shape)
+        return (values * self._absmax(ckpt, m, state).repeat_interleave(int(state["blocksize"]))[:n]).reshape(
+            shape
+        )
 
     def _layout(self, ckpt, m):
         """(state, out, in, blocksize) for writing: each row must be whole blocks (every NF4 linear layer of a real
@@ -93,8 +107,11 @@ class NF4(QuantFormat):
         out, inn = self.shape(ckpt, m)
         bs = int(state["blocksize"])
         if len(state["shape"]) != 2 or inn % bs:
-            raise LorakitError(f"NF4 blocks of {bs} do not tile rows of {inn}: merge to full precision with --dtype",
-                               path=ckpt.path, tensor=m["weight"])
+            raise LorakitError(
+                f"NF4 blocks of {bs} do not tile rows of {inn}: merge to full precision with --dtype",
+                path=ckpt.path,
+                tensor=m["weight"],
+            )
         return state, out, inn, bs
 
     def codes(self, ckpt, m):
@@ -104,18 +121,30 @@ class NF4(QuantFormat):
     def grid(self, ckpt, m):
         state, out, inn, bs = self._layout(ckpt, m)
         S = self._absmax(ckpt, m, state).reshape(out, inn // bs).T.contiguous()
-        return Grid(S, torch.arange(inn) // bs, Table(ckpt.get(m["weight"] + ".quant_map")),
-                    params={"absmax": ckpt.get(m["weight"] + ".absmax")})
+        return Grid(
+            S,
+            torch.arange(inn) // bs,
+            Table(ckpt.get(m["weight"] + ".quant_map")),
+            params={"absmax": ckpt.get(m["weight"] + ".absmax")},
+        )
 
     def fit(self, ckpt, m, lo, hi):
         state, out, inn, bs = self._layout(ckpt, m)
         if m["weight"] + ".nested_absmax" in ckpt:
-            raise LorakitError("fresh scales for double-quantized NF4 (--strategy rescale/original) are not supported: "
-                               "use feedback, same-grid or stochastic, or --dtype", path=ckpt.path, tensor=m["weight"])
+            raise LorakitError(
+                "fresh scales for double-quantized NF4 (--strategy rescale/original) are not supported: "
+                "use feedback, same-grid or stochastic, or --dtype",
+                path=ckpt.path,
+                tensor=m["weight"],
+            )
         absmax = torch.maximum(-lo, hi).clamp(min=1e-12)  # [in blocks, out]
         stored = round_to(absmax.T.contiguous(), ckpt.get(m["weight"] + ".absmax"))
-        return Grid(stored.float().reshape(out, inn // bs).T.contiguous(), torch.arange(inn) // bs,
-                    Table(ckpt.get(m["weight"] + ".quant_map")), params={"absmax": stored})
+        return Grid(
+            stored.float().reshape(out, inn // bs).T.contiguous(),
+            torch.arange(inn) // bs,
+            Table(ckpt.get(m["weight"] + ".quant_map")),
+            params={"absmax": stored},
+        )
 
     def encode(self, ckpt, m, codes, grid):
         w = m["weight"]
@@ -128,5 +157,6 @@ class NF4(QuantFormat):
 
     def members(self, ckpt, m):
         w = m["weight"]
-        return [w, m["state"]] + [w + s for s in (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-                                  if w + s in ckpt]
+        return [w, m["state"]] + [
+            w + s for s in (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map") if w + s in ckpt
+        ]

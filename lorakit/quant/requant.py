@@ -4,6 +4,7 @@ report of what came through. The strategies are listed (and described) in loraki
 Everything runs over blocks of input columns in fp32 (the rounding, the error feedback, the survival sums), so a
 module costs its stored codes twice (old and new, one byte per element) plus a few blocks, whatever its size.
 """
+
 import torch
 
 from ..errors import LorakitError
@@ -27,7 +28,9 @@ def stacked_factors(loras, sign):
     Bs, As = [], []
     for m, w in loras:
         if m.magnitude is not None:
-            raise LorakitError("DoRA into a quantized base is not supported: merge with --dtype", tensor=m.name)
+            raise LorakitError(
+                "DoRA into a quantized base is not supported: merge with --dtype", tensor=m.name
+            )
         B2, A2 = m.factors(torch.float32)
         Bs.append(B2 * (sign * w))
         As.append(A2)
@@ -38,7 +41,9 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
     """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
-    rows = row_major(stored)  # every block below takes the stored codes' layout: elementwise work stays at memory speed
+    rows = row_major(
+        stored
+    )  # every block below takes the stored codes' layout: elementwise work stays at memory speed
     columns = COLUMNS
     while out * columns > BLOCK_ELEMENTS and columns > 64:
         columns //= 2
@@ -67,7 +72,9 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
             W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
             if tally:
                 report.add_base(W_old)
-            W_old = in_layout(W_old, by_rows)  # (a transposing mul into the other layout is 4x slower than this)
+            W_old = in_layout(
+                W_old, by_rows
+            )  # (a transposing mul into the other layout is 4x slower than this)
             dW = B @ A[:, j0:j1] if by_rows else (A[:, j0:j1].T @ B.T).T
             if full is None:
                 yield j0, j1, W_old.add_(dW), dW
@@ -98,8 +105,12 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
         codes[:, j0:j1] = new
         report.add(E, D, probes[j0:j1], A[:, j0:j1], full is not None)
     if not report.finite():
-        raise LorakitError("the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
-                           "or a zero scale): nothing was written", path=ckpt.path, tensor=members_name(members))
+        raise LorakitError(
+            "the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
+            "or a zero scale): nothing was written",
+            path=ckpt.path,
+            tensor=members_name(members),
+        )
     return fmt.encode(ckpt, members, codes, grid), report.row(B, A, probes, aligned)
 
 
@@ -120,17 +131,23 @@ def fit(fmt, ckpt, members, old, targets):
     size = run_length(old.g)
     for j0, j1, T in targets:
         b = j1 - j0
-        if size and j0 // size == (j1 - 1) // size:  # the block inside one group (per-channel grids: every block)
+        if (
+            size and j0 // size == (j1 - 1) // size
+        ):  # the block inside one group (per-channel grids: every block)
             g = j0 // size
             torch.minimum(lo[g], T.amin(1), out=lo[g])
             torch.maximum(hi[g], T.amax(1), out=hi[g])
             continue
-        if size and j0 % size == 0 and b % size == 0:  # groups of `size` columns in order: reductions, no scatter
+        if (
+            size and j0 % size == 0 and b % size == 0
+        ):  # groups of `size` columns in order: reductions, no scatter
             n, g0 = b // size, j0 // size
-            by_group = T.reshape(-1, n, size).transpose(0, 1) if T.is_contiguous() else T.T.reshape(n, size, -1)
+            by_group = (
+                T.reshape(-1, n, size).transpose(0, 1) if T.is_contiguous() else T.T.reshape(n, size, -1)
+            )
             dim = 2 if T.is_contiguous() else 1
-            torch.minimum(lo[g0:g0 + n], by_group.amin(dim), out=lo[g0:g0 + n])
-            torch.maximum(hi[g0:g0 + n], by_group.amax(dim), out=hi[g0:g0 + n])
+            torch.minimum(lo[g0 : g0 + n], by_group.amin(dim), out=lo[g0 : g0 + n])
+            torch.maximum(hi[g0 : g0 + n], by_group.amax(dim), out=hi[g0 : g0 + n])
             continue
         index = old.g[j0:j1, None].expand(-1, T.shape[0])
         lo.scatter_reduce_(0, index, T.T, "amin")
@@ -187,17 +204,25 @@ class Survival:
         EP = self.EP + self.PE.T
         EX, EAt = EP[:, :PROBES], EP[:, PROBES:]
         dd = float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum())
-        qd = float((EAt.double() * Bd).sum()) + (dd if self.DAt is None else float((self.DAt.double() * Bd).sum()))
+        qd = float((EAt.double() * Bd).sum()) + (
+            dd if self.DAt is None else float((self.DAt.double() * Bd).sum())
+        )
         rho = qd / dd if dd else 0.0
         nu = (max(0.0, self.qq - qd * qd / dd) / dd) ** 0.5 if dd else 0.0
 
         def err(E, D):
             base = float(D.double().norm())
             return float(E.double().norm()) / base if base else 0.0
+
         AAtY = A @ (A.T @ Y)
-        return {"retention": rho, "noise": nu, "probe_error_random": err(EX, B @ (A @ X)),
-                "probe_error_aligned": err(EAt @ Y, B @ AAtY), "codes_changed": self.changed / max(1, self.count),
-                "relative_delta": (dd / self.old2) ** 0.5 if self.old2 else 0.0}
+        return {
+            "retention": rho,
+            "noise": nu,
+            "probe_error_random": err(EX, B @ (A @ X)),
+            "probe_error_aligned": err(EAt @ Y, B @ AAtY),
+            "codes_changed": self.changed / max(1, self.count),
+            "relative_delta": (dd / self.old2) ** 0.5 if self.old2 else 0.0,
+        }
 
 
 def flat(t):

@@ -13,6 +13,7 @@ Strategies on U = T / S + Z (the target in code units):
   near zero: (Q - T) A^T ~ 0. GPTQ/OPTQ's column order with the adapter's low-rank Hessian A^T A; the carried error
   is R = sum_k e_k a_k^T [out, r], so each column costs O(out r) and a block of columns starts from one matmul.
 """
+
 import itertools
 import threading
 
@@ -36,7 +37,7 @@ def gather(table, codes):
     flat = codes.reshape(-1)
     out = torch.empty(flat.shape, dtype=table.dtype)
     for i in range(0, flat.numel(), CHUNK):
-        torch.index_select(table, 0, flat[i:i + CHUNK].int(), out=out[i:i + CHUNK])
+        torch.index_select(table, 0, flat[i : i + CHUNK].int(), out=out[i : i + CHUNK])
     return out.reshape(codes.shape)
 
 
@@ -80,13 +81,16 @@ class Uniform(Codebook):
 
 class FP8(Codebook):
     """The finite float8_e4m3fn values; a code is stored as itself."""
+
     storage = torch.float8_e4m3fn
 
     def __init__(self):
         bits = torch.arange(256, dtype=torch.uint8)
         values = bits.view(torch.float8_e4m3fn).float()
         finite = torch.isfinite(values)
-        self.table = torch.where(finite, values, torch.zeros(()))  # bit pattern -> value: a gather beats the cast
+        self.table = torch.where(
+            finite, values, torch.zeros(())
+        )  # bit pattern -> value: a gather beats the cast
         # the same, with the NaN patterns as +-448: a cast that does not saturate (older torch) still rounds right
         self.saturated = torch.where(finite, values, torch.where(bits < 0x80, FP8_MAX, -FP8_MAX))
 
@@ -99,6 +103,7 @@ class FP8(Codebook):
         def round_into(u, out):
             q.copy_(u)
             return torch.index_select(self.saturated, 0, index.copy_(bits), out=out)
+
         return round_into
 
     def round(self, U):
@@ -116,10 +121,12 @@ class FP8(Codebook):
         U = U.clamp_(-FP8_MAX, FP8_MAX)
         r = torch.rand(U.shape, generator=generator)
         bits = U.view(torch.int32)
-        positive = (bits >> 31).bitwise_not_().bitwise_and_(0xFFFFF)  # 2^20 - 1 for positive U, 0 for negative
-        k = r.mul(2.0 ** 24).int().bitwise_right_shift_(4)
+        positive = (
+            (bits >> 31).bitwise_not_().bitwise_and_(0xFFFFF)
+        )  # 2^20 - 1 for positive U, 0 for negative
+        k = r.mul(2.0**24).int().bitwise_right_shift_(4)
         c = k.bitwise_xor_(positive).add_(bits).bitwise_and_(~0xFFFFF).view(torch.float32)
-        small = torch.nonzero(U.reshape(-1).abs() < 2.0 ** -6)[:, 0]  # few: gathered, drawn as a uniform grid
+        small = torch.nonzero(U.reshape(-1).abs() < 2.0**-6)[:, 0]  # few: gathered, drawn as a uniform grid
         if len(small):
             x = U.reshape(-1)[small].mul_(512.0).sub_(r.reshape(-1)[small])
             c.reshape(-1)[small] = x.ceil_().div_(512.0).add_(0.0)  # (+ 0.0: -0 is +0)
@@ -154,9 +161,15 @@ class Table(Codebook):
             inside = pos.floor()
             margin = float(torch.minimum(pos - inside, inside + 1 - pos).min())
             return inside.unique().numel() == len(mid) and margin > 1e-3
+
         # clustered levels need finer bins; none at all (an absurd table) falls back to a search
-        bins = 1 if len(mid) == 0 or hi <= lo else next(
-            (n for n in itertools.chain(range(2048, 4096), range(4096, 1 << 20, 4093)) if fits(n)), None)
+        bins = (
+            1
+            if len(mid) == 0 or hi <= lo
+            else next(
+                (n for n in itertools.chain(range(2048, 4096), range(4096, 1 << 20, 4093)) if fits(n)), None
+            )
+        )
         self.bins, self.lo, self.hi = bins or 1, lo, hi
         self.search = bins is None
         self.scale = self.bins / (hi - lo) if hi > lo else 0.0
@@ -229,9 +242,11 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     rounded after repaying R G_j: the errors of earlier sub-blocks of `sub` columns arrive with one matmul, those of
     its own sub-block through K = a_k . g_j. Where a sub-block's columns share one scale (per-channel grids, and
     groups or blocks of 16 or more), it runs in code units: a column costs one correction and one rounding."""
+
     # rows of the transposed blocks are the columns (a copy only for row-major blocks; [out, 1] grids broadcast)
     def by_column(X):
         return X.T.expand(T.shape[1], -1) if X.shape[1] == 1 else X.T.contiguous()
+
     Tt, St, inv = T.T.contiguous(), by_column(S), by_column(1.0 / S)
     Zt = by_column(Z) if Z is not None else None
     a = A.T.contiguous()  # [b, r]
@@ -244,7 +259,7 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     C_before, K_before = [C[:j].T for j in range(sub)], [K[:j, j] for j in range(sub)]
     # each sub-block's scale group when its columns share one (it runs in code units), else None
     g = [0] * b if S.shape[1] == 1 else groups.tolist() if groups is not None else None
-    shared = [g[s0] if g is not None and len(set(g[s0:s0 + sub])) == 1 else None for s0 in range(0, b, sub)]
+    shared = [g[s0] if g is not None and len(set(g[s0 : s0 + sub])) == 1 else None for s0 in range(0, b, sub)]
     # in code units, R is carried as Rc = R / s (s the sub-blocks' shared scale, per row): U = Tc - G Rc^T and
     # Rc += (C - Tc)^T a, with no rescaling a sub-block; R is back in values where the scale changes, and at the end
     Rc, scale, key = torch.empty_like(R), None, None
@@ -295,5 +310,5 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
     else:
         for s0, group in zip(range(0, b, sub), shared):
             if group is not None:
-                E[s0:s0 + sub].mul_(St[s0:s0 + sub])
+                E[s0 : s0 + sub].mul_(St[s0 : s0 + sub])
     return codes, E

@@ -1,4 +1,5 @@
 """WeightView: a base checkpoint as full-precision weights, the one way every `--base` is read."""
+
 import os
 
 from ..errors import MALFORMED, LorakitError
@@ -15,6 +16,7 @@ class WeightView:
         self.path = os.fspath(path)
         if is_gguf(self.path):  # llama.cpp: every block-quantized tensor is a module
             from .gguf import GGUFBlocks
+
             self.ckpt, self.handler = GGUFCheckpoint(self.path), GGUFBlocks()
             mods = self.handler.find(self.ckpt)
         else:
@@ -22,14 +24,16 @@ class WeightView:
             self.handler, mods = detect(self.ckpt, self.path)
         self.quantized = {f"{m}.weight": members for m, members in mods.items()}
         # packed tensor -> the weight it makes up (hidden from the names: the weight stands for them)
-        self.member_of = {t: n for n, members in self.quantized.items()
-                          for t in self.handler.members(self.ckpt, members)}
+        self.member_of = {
+            t: n for n, members in self.quantized.items() for t in self.handler.members(self.ckpt, members)
+        }
         self.names = sorted([n for n in self.ckpt.where if n not in self.member_of] + list(self.quantized))
         try:  # every quantized module's layout checked now, before any work: one line naming the tensor
             self._qshapes = {n: tuple(self.handler.shape(self.ckpt, m)) for n, m in self.quantized.items()}
         except MALFORMED as e:
-            raise LorakitError(f"malformed {self.handler.name} checkpoint ({type(e).__name__}: {e})",
-                               path=self.path) from None
+            raise LorakitError(
+                f"malformed {self.handler.name} checkpoint ({type(e).__name__}: {e})", path=self.path
+            ) from None
 
     def __contains__(self, name):
         return name in self.quantized or (name in self.ckpt and name not in self.member_of)
@@ -41,7 +45,9 @@ class WeightView:
 
     def nbytes(self, name):
         if name in self.quantized:
-            return sum(self.ckpt.entry(t).nbytes for t in self.handler.members(self.ckpt, self.quantized[name]))
+            return sum(
+                self.ckpt.entry(t).nbytes for t in self.handler.members(self.ckpt, self.quantized[name])
+            )
         return self.ckpt.entry(name).nbytes
 
     def raw(self, name):
@@ -53,8 +59,9 @@ class WeightView:
             try:
                 return self.handler.dequantize(self.ckpt, self.quantized[name])
             except MALFORMED as e:
-                raise LorakitError(f"cannot dequantize ({type(e).__name__}: {e})", path=self.path,
-                                   tensor=name) from None
+                raise LorakitError(
+                    f"cannot dequantize ({type(e).__name__}: {e})", path=self.path, tensor=name
+                ) from None
         return self.ckpt.get(name)
 
     def shapes(self):

@@ -1,4 +1,5 @@
 """Training data: token ids from .npy / .bin / .jsonl or text, a held-out split, and random batches."""
+
 import json
 import os
 
@@ -26,24 +27,37 @@ def load_data(path, vocab_size, base=None):
     elif path.endswith(".bin"):
         dtype = np.uint32 if vocab_size > 65536 else np.uint16
         if os.path.getsize(path) % np.dtype(dtype).itemsize:
-            raise LorakitError(f"{os.path.getsize(path)} bytes is not a whole number of {np.dtype(dtype).name} token "
-                               "ids (nanoGPT's .bin: uint16, uint32 for vocabularies over 65536)", path=path)
+            raise LorakitError(
+                f"{os.path.getsize(path)} bytes is not a whole number of {np.dtype(dtype).name} token "
+                "ids (nanoGPT's .bin: uint16, uint32 for vocabularies over 65536)",
+                path=path,
+            )
         kind, data = "stream", torch.from_numpy(np.fromfile(path, dtype=dtype).astype(np.int64))
     elif path.endswith(".jsonl"):
         kind, data = "records", _read_jsonl(path, base)
     elif path.endswith(".txt"):
         with open(path) as f:
-            kind, data = "stream", torch.tensor(_tokenizer(base, path).encode(f.read()).ids, dtype=torch.int64)
+            kind, data = (
+                "stream",
+                torch.tensor(_tokenizer(base, path).encode(f.read()).ids, dtype=torch.int64),
+            )
     else:
         raise LorakitError("data must be .npy, .bin, .jsonl or .txt", path=path)
-    ids = data if kind == "stream" else torch.cat([r[0] for r in data]) if data else torch.zeros(0, dtype=torch.long)
+    ids = (
+        data
+        if kind == "stream"
+        else torch.cat([r[0] for r in data])
+        if data
+        else torch.zeros(0, dtype=torch.long)
+    )
     if ids.numel() == 0:
         raise LorakitError("no tokens in the data", path=path)
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise LorakitError(f"token id {int(ids[i])} at position {i} is outside the vocabulary [0, {vocab_size})",
-                           path=path)
+        raise LorakitError(
+            f"token id {int(ids[i])} at position {i} is outside the vocabulary [0, {vocab_size})", path=path
+        )
     return kind, data
 
 
@@ -66,8 +80,11 @@ def _read_jsonl(path, base):
                 ids = torch.tensor(tokenizer.encode(r["text"]).ids, dtype=torch.int64)
             else:
                 raise LorakitError(f"line {n} has neither input_ids nor text", path=path)
-            labels = torch.tensor(_token_ids(r["labels"], path, n, "labels"), dtype=torch.int64) \
-                if "labels" in r else ids.clone()
+            labels = (
+                torch.tensor(_token_ids(r["labels"], path, n, "labels"), dtype=torch.int64)
+                if "labels" in r
+                else ids.clone()
+            )
             if "loss_mask" in r:
                 mask = _token_ids(r["loss_mask"], path, n, "loss_mask")
                 if len(mask) != len(labels):
@@ -91,7 +108,9 @@ def _tokenizer(base, path):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise LorakitError("text data needs the tokenizers package (pip install tokenizers)", path=path) from None
+        raise LorakitError(
+            "text data needs the tokenizers package (pip install tokenizers)", path=path
+        ) from None
     if not os.path.isfile(tok):
         raise LorakitError("text data needs a tokenizer.json in the base folder", path=path)
     return Tokenizer.from_file(tok)
@@ -102,8 +121,10 @@ def split(kind, data, seq_len, val_fraction=0.1):
     n = len(data)
     cut = n - max(seq_len + 1 if kind == "stream" else 1, int(n * val_fraction))
     if cut < (seq_len + 1 if kind == "stream" else 1):
-        raise LorakitError(f"too little data: {n} {'tokens' if kind == 'stream' else 'records'} for seq-len {seq_len} "
-                           "and a held-out split")
+        raise LorakitError(
+            f"too little data: {n} {'tokens' if kind == 'stream' else 'records'} for seq-len {seq_len} "
+            "and a held-out split"
+        )
     return data[:cut], data[cut:]
 
 
@@ -111,8 +132,8 @@ def get_batch(kind, data, batch, seq_len, generator):
     """(x, y) of [batch, seq_len]; y is x shifted by one (-100 where no loss)."""
     if kind == "stream":
         starts = torch.randint(len(data) - seq_len, (batch,), generator=generator)
-        x = torch.stack([data[s:s + seq_len] for s in starts])
-        y = torch.stack([data[s + 1:s + 1 + seq_len] for s in starts])
+        x = torch.stack([data[s : s + seq_len] for s in starts])
+        y = torch.stack([data[s + 1 : s + 1 + seq_len] for s in starts])
         return x, y
     picks = torch.randint(len(data), (batch,), generator=generator)
     x = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -120,5 +141,5 @@ def get_batch(kind, data, batch, seq_len, generator):
     for row, i in enumerate(picks.tolist()):
         ids, labels = data[i]
         n = min(len(ids) - 1, seq_len)
-        x[row, :n], y[row, :n] = ids[:n], labels[1:n + 1]
+        x[row, :n], y[row, :n] = ids[:n], labels[1 : n + 1]
     return x, y

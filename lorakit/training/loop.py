@@ -4,6 +4,7 @@ Data -> model (frozen base, LoRA factors in fp32) -> AdamW with warmup + cosine 
 spec format, with the settings in its provenance. Under torchrun the same command runs DistributedDataParallel:
 `--batch` is the global batch, split evenly over the processes.
 """
+
 import math
 import os
 import time
@@ -42,9 +43,28 @@ def learning_rate(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", steps=100, lr=2e-4, batch=8,
-          seq_len=256, grad_accum=1, eval_every=50, warmup=None, device="auto", dtype="auto", seed=0,
-          format="lorakit", resume=None, force=False, quiet=False):
+def train(
+    base,
+    data,
+    output,
+    rank=16,
+    alpha=32.0,
+    targets="q_proj,v_proj",
+    steps=100,
+    lr=2e-4,
+    batch=8,
+    seq_len=256,
+    grad_accum=1,
+    eval_every=50,
+    warmup=None,
+    device="auto",
+    dtype="auto",
+    seed=0,
+    format="lorakit",
+    resume=None,
+    force=False,
+    quiet=False,
+):
     """Train a LoRA adapter on `base` (a Hugging Face Llama-family folder); returns a report, writes `output`."""
     # distributed set-up (torchrun sets these); one process otherwise
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -52,6 +72,7 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
     dev = pick_device(device)
     if world > 1:
         import torch.distributed as dist
+
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(dev)
@@ -60,7 +81,9 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         if batch % world:
             raise LorakitError(f"--batch {batch} (the global batch) must divide by the {world} processes")
     master = rank_id == 0
-    base_dtype = user_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    base_dtype = (
+        user_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
 
     # everything is checked before the first step: config, data, targets
     model = LlamaForCausalLM.from_pretrained(base, dtype=base_dtype, device=dev)
@@ -70,11 +93,13 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
     names = lora.inject(model, targets, rank=rank, alpha=alpha)
     if resume:
         from ..formats import load
+
         lora.load_into(model, load(resume))
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
+
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     warmup = max(1, steps // 10) if warmup is None else warmup
@@ -90,7 +115,10 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
     @torch.no_grad()
     def evaluate(batches=4):
         g = torch.Generator().manual_seed(seed + 1)
-        return sum(loss_of(*get_batch(kind, val_data, batch, seq_len, g), model).item() for _ in range(batches)) / batches
+        return (
+            sum(loss_of(*get_batch(kind, val_data, batch, seq_len, g), model).item() for _ in range(batches))
+            / batches
+        )
 
     losses, evals, seen, tokens_step0, t0 = [], [], 0, 0, time.perf_counter()
     bar = progress(range(steps), quiet=quiet or not master, desc="train")
@@ -100,9 +128,12 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
         total = 0.0
         for micro in range(grad_accum):
             x, y = get_batch(kind, train_data, batch, seq_len, generator)
-            x, y = x[rank_id * per_rank:(rank_id + 1) * per_rank], y[rank_id * per_rank:(rank_id + 1) * per_rank]
+            x, y = (
+                x[rank_id * per_rank : (rank_id + 1) * per_rank],
+                y[rank_id * per_rank : (rank_id + 1) * per_rank],
+            )
             sync = world == 1 or micro == grad_accum - 1
-            with (net.no_sync() if not sync else nullcontext()):
+            with net.no_sync() if not sync else nullcontext():
                 loss = loss_of(x, y, net) / grad_accum
                 loss.backward()
             total += loss.item()
@@ -119,20 +150,46 @@ def train(base, data, output, rank=16, alpha=32.0, targets="q_proj,v_proj", step
     eval_loss = evaluate()
     evals.append((steps, eval_loss))
 
-    report = {"output": os.fspath(output), "base": os.fspath(base), "module_count": len(names), "notes": [], "steps": steps, "tokens": seen + tokens_step0,
-              "first_loss": losses[0], "final_loss": losses[-1], "eval_loss": eval_loss, "evals": evals,
-              "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed, "device": str(dev), "processes": world}
+    report = {
+        "output": os.fspath(output),
+        "base": os.fspath(base),
+        "module_count": len(names),
+        "notes": [],
+        "steps": steps,
+        "tokens": seen + tokens_step0,
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "eval_loss": eval_loss,
+        "evals": evals,
+        "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed,
+        "device": str(dev),
+        "processes": world,
+    }
     if master:
         adapter = lora.extract(model)
         adapter.base_model = base_model_name(base)
         view = WeightView(base)
         adapter.base_fingerprint, adapter.base_identity = fingerprint(view.shapes()), identity(view.ckpt)
-        adapter.provenance = {"operation": "train", "parents": [{"file": os.path.basename(os.fspath(data)),
-                                                                 "role": "data"}],
-                              "params": {"rank": rank, "alpha": alpha, "targets": targets, "steps": steps, "lr": lr,
-                                         "batch": batch, "seq_len": seq_len, "grad_accum": grad_accum,
-                                         "warmup": warmup, "seed": seed, "dtype": str(base_dtype), "processes": world},
-                              "final_loss": losses[-1], "eval_loss": eval_loss}
+        adapter.provenance = {
+            "operation": "train",
+            "parents": [{"file": os.path.basename(os.fspath(data)), "role": "data"}],
+            "params": {
+                "rank": rank,
+                "alpha": alpha,
+                "targets": targets,
+                "steps": steps,
+                "lr": lr,
+                "batch": batch,
+                "seq_len": seq_len,
+                "grad_accum": grad_accum,
+                "warmup": warmup,
+                "seed": seed,
+                "dtype": str(base_dtype),
+                "processes": world,
+            },
+            "final_loss": losses[-1],
+            "eval_loss": eval_loss,
+        }
         adapter.save(output, format=format, force=force)
     if world > 1:
         torch.distributed.barrier()

@@ -3,6 +3,7 @@ Conv1D by module-name patterns, train only the factors, extract an `Adapter` nam
 merge / unmerge in place.
 
 Factors follow the spec: dW = (alpha / r) * B @ A in the base weight's own layout, B zero at the start."""
+
 import fnmatch
 import math
 
@@ -23,8 +24,9 @@ class LoRA(nn.Module):
         W = base.weight
         shape = tuple(W.shape)
         self.lora_A = nn.Parameter(torch.empty(rank, *shape[1:], dtype=torch.float32, device=W.device))
-        self.lora_B = nn.Parameter(torch.zeros(shape[0], rank, *[1] * (len(shape) - 2), dtype=torch.float32,
-                                               device=W.device))
+        self.lora_B = nn.Parameter(
+            torch.zeros(shape[0], rank, *[1] * (len(shape) - 2), dtype=torch.float32, device=W.device)
+        )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
 
@@ -70,7 +72,9 @@ def _kind(module):
         if module.groups != 1:
             raise LorakitError("grouped convolutions are not supported")
         return "conv"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D, weight [in, out]
+    if type(module).__name__ == "Conv1D" and hasattr(
+        module, "nf"
+    ):  # transformers' GPT-2 Conv1D, weight [in, out]
         return "linear_t"
     return None
 
@@ -111,8 +115,15 @@ def extract(model, prefix="", dtype=torch.float32):
     '.weight' (give `prefix` when the checkpoint names the model from a parent, e.g. 'model.')."""
     ad = Adapter()
     for name, layer in lora_layers(model):
-        ad.add(Module(prefix + name, layer.lora_A.detach().to(dtype).clone(), layer.lora_B.detach().to(dtype).clone(),
-                      alpha=layer.alpha, kind=layer.kind))
+        ad.add(
+            Module(
+                prefix + name,
+                layer.lora_A.detach().to(dtype).clone(),
+                layer.lora_B.detach().to(dtype).clone(),
+                alpha=layer.alpha,
+                kind=layer.kind,
+            )
+        )
     return ad
 
 

@@ -2,6 +2,7 @@
 SwiGLU. Module names mirror Hugging Face's (model.layers.0.self_attn.q_proj ...), so a checkpoint loads by name and
 an adapter trained here merges into that checkpoint directly. Loads Llama / Mistral / Qwen2-style folders
 (config.json + safetensors, sharded or not) and gives the same logits as transformers."""
+
 import os
 from dataclasses import dataclass
 
@@ -37,30 +38,52 @@ class LlamaConfig:
         """The config of a Llama / Mistral / Qwen2 config.json; anything else is refused (a Granite or Gemma config
         has the same keys but other math)."""
         if c.get("model_type") not in MODEL_TYPES:
-            raise LorakitError(f"model_type '{c.get('model_type')}' is not one lorakit's model implements "
-                               f"({', '.join(MODEL_TYPES)})")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            raise LorakitError(
+                f"model_type '{c.get('model_type')}' is not one lorakit's model implements "
+                f"({', '.join(MODEL_TYPES)})"
+            )
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] < 1:
                 raise LorakitError(f"'{key}' must be a positive integer, got {c.get(key)!r}")
         if c.get("hidden_act", "silu") != "silu":
             raise LorakitError(f"hidden_act {c['hidden_act']} is not SwiGLU/silu")
         scaling = c.get("rope_scaling") or {}
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise LorakitError(f"rope_scaling {scaling.get('rope_type', scaling.get('type'))} is not supported")
+            raise LorakitError(
+                f"rope_scaling {scaling.get('rope_type', scaling.get('type'))} is not supported"
+            )
         rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         qwen2 = c.get("model_type") == "qwen2"
         kv = c.get("num_key_value_heads") or c["num_attention_heads"]
-        if not isinstance(kv, int) or c["num_attention_heads"] % kv or (
-                not c.get("head_dim") and c["hidden_size"] % c["num_attention_heads"]):
-            raise LorakitError("the head counts do not divide: num_attention_heads "
-                               f"{c['num_attention_heads']}, num_key_value_heads {kv}, hidden_size {c['hidden_size']}")
-        return cls(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-                   num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
-                   num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                   rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=rope,
-                   tie_word_embeddings=c.get("tie_word_embeddings", False),
-                   attention_bias=c.get("attention_bias", qwen2), mlp_bias=c.get("mlp_bias", False),
-                   head_dim=c.get("head_dim"))
+        if (
+            not isinstance(kv, int)
+            or c["num_attention_heads"] % kv
+            or (not c.get("head_dim") and c["hidden_size"] % c["num_attention_heads"])
+        ):
+            raise LorakitError(
+                "the head counts do not divide: num_attention_heads "
+                f"{c['num_attention_heads']}, num_key_value_heads {kv}, hidden_size {c['hidden_size']}"
+            )
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=rope,
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            attention_bias=c.get("attention_bias", qwen2),
+            mlp_bias=c.get("mlp_bias", False),
+            head_dim=c.get("head_dim"),
+        )
 
     @property
     def dim_head(self):
@@ -81,7 +104,9 @@ class RMSNorm(nn.Module):
 
 def rope(positions, dim, theta, dtype):
     """cos, sin of shape [T, dim] (the two halves repeated, as transformers' rotate_half expects)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(positions.device) / dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(positions.device) / dim)
+    )
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -157,8 +182,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, ids):
         x = self.model.embed_tokens(ids)
-        cos, sin = rope(torch.arange(ids.shape[1], device=ids.device), self.config.dim_head, self.config.rope_theta,
-                        x.dtype)
+        cos, sin = rope(
+            torch.arange(ids.shape[1], device=ids.device),
+            self.config.dim_head,
+            self.config.rope_theta,
+            x.dtype,
+        )
         for block in self.model.layers:
             x = block(x, cos, sin)
         return self.lm_head(self.model.norm(x))
@@ -181,10 +210,14 @@ class LlamaForCausalLM(nn.Module):
             if name not in ckpt:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue
-                raise LorakitError("the checkpoint has no tensor for this parameter", path=folder, tensor=name)
+                raise LorakitError(
+                    "the checkpoint has no tensor for this parameter", path=folder, tensor=name
+                )
             t = ckpt.get(name)
             if tuple(t.shape) != tuple(p.shape):
-                raise LorakitError(f"shape {list(t.shape)}, the config says {list(p.shape)}", path=folder, tensor=name)
+                raise LorakitError(
+                    f"shape {list(t.shape)}, the config says {list(p.shape)}", path=folder, tensor=name
+                )
             state[name] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
