@@ -286,7 +286,7 @@ def test_unresolved_names_are_reported(tmp_path):
 def test_skip_unmatched_merges_what_fits(tmp_path, cli):
     """A Flux LoRA with CLIP-L parts (lora_te1) into the transformer-only single file: an error by default naming the
     way out; --skip-unmatched merges the transformer part exactly and lists what it skipped."""
-    from lorakit.formats.names import mangle
+    from lorakit.naming.kohya import mangle
 
     W = rnd(48, 16)
     write_safetensors(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": W})
@@ -339,7 +339,7 @@ def test_skip_unmatched_merges_what_fits(tmp_path, cli):
 def test_fused_slices_sdxl_te2_and_flux_diffusers(tmp_path, cli):
     """LoRAs on q/k/v of a model whose single file stores them fused land on the right rows: SDXL's second text
     encoder (OpenCLIP in_proj_weight) from a kohya file, and Flux's qkv / linear1 from a diffusers-format file."""
-    from lorakit.formats.names import mangle
+    from lorakit.naming.kohya import mangle
 
     H, M = 8, 12
     te2 = "conditioner.embedders.1.model.transformer.resblocks.0."

@@ -10,7 +10,7 @@ import lorakit
 from lorakit import examples
 from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
-from lorakit.formats.names import permute, unpermute
+from lorakit.naming.llama_cpp import permute, unpermute
 
 from conftest import bits, shapes_of
 
@@ -149,7 +149,7 @@ def test_llama_cpp_converter_style_lora_gguf_q8_0_and_no_head_counts(tmp_path, c
     m = ad.modules["model.layers.0.self_attn.q_proj"]
     deq = lambda t: torch.from_numpy(dequantize(quantize(t.numpy(), qt), qt).astype(np.float32))  # noqa: E731
     assert torch.equal(m.A, deq(A))
-    from lorakit.formats.names import unpermute
+    from lorakit.naming.llama_cpp import unpermute
 
     n_head = json.loads((folder / "config.json").read_text())["num_attention_heads"]
     assert torch.equal(m.B, unpermute(deq(B), n_head).contiguous())

@@ -9,7 +9,8 @@ import torch
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.formats.names import ldm_unet_to_diffusers as _sd1_unet_to_diffusers, mangle
+from lorakit.naming.kohya import mangle
+from lorakit.naming.ldm import ldm_unet_to_diffusers as _sd1_unet_to_diffusers
 from lorakit.io import TensorFile, write_safetensors
 
 g = torch.Generator().manual_seed(5)

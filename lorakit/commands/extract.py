@@ -6,7 +6,7 @@ import torch
 
 from ..core import Adapter, algebra, default_kind
 from ..errors import LorakitError
-from ..formats.names import is_embedding
+from ..naming.embeddings import is_embedding
 from ..io import base_model_name, check_output
 from ..io.dtypes import user_dtype
 from ..io.gguf import GGUFCheckpoint

@@ -348,7 +348,7 @@ def _short(name):
 def _embedding_notes(view, plans, config):
     """An adapter on the embedding of a base whose tying cannot be checked (no config.json, no lm_head.weight): the
     merged embedding may or may not be the output head too; say so rather than guess."""
-    from ..formats.names import HEAD, is_embedding
+    from ..naming.embeddings import HEAD, is_embedding
 
     touched = [n for n, p in plans.items() if p.touched and is_embedding(n)]
     if touched and config is None and HEAD not in view:

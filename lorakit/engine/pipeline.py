@@ -22,7 +22,7 @@ from ..errors import LorakitError
 from ..io import INDEX, BufferPool, ShardWriter, spec_nbytes
 from ..io.heap import retained_heap
 from ..io.dtypes import dtype_name, st_dtype, torch_dtype
-from ..formats.names import HEAD
+from ..naming.embeddings import HEAD
 from ..quant import requant
 from .tensor import check_finite, merge_tensor
 

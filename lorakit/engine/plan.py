@@ -6,7 +6,8 @@ import torch
 
 from ..errors import LorakitError, opt
 from ..core import Module
-from ..formats.names import HEAD, fused_aliases, is_embedding, split_aliases
+from ..naming.embeddings import HEAD, is_embedding
+from ..naming.fused import fused_aliases, split_aliases
 from ..spec import fingerprint
 
 

@@ -20,7 +20,8 @@ from ..io import atomic_output, write_safetensors
 from ..quant.view import base_shapes
 from .common import open_safetensors, refuse_unknown
 from .kohya import TENSORS, build_module
-from .names import ORIGINAL, PREFIXES
+from ..naming.diffusers import ORIGINAL
+from ..naming.kohya import PREFIXES
 
 PARTS = {
     "lora_A.weight": "lora_down.weight",

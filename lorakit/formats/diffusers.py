@@ -12,7 +12,8 @@ from ..errors import LorakitError
 from ..io import atomic_output, write_safetensors
 from . import peft as peft_format
 from .common import open_safetensors, refuse_unknown
-from .names import COMPONENTS, ORIGINAL, component as _component, diffusers_names, ldm_unet_family
+from ..naming.diffusers import COMPONENTS, ORIGINAL, component as _component, diffusers_names
+from ..naming.ldm import ldm_unet_family
 
 META = "lora_adapter_metadata"
 OLD = re.compile(
@@ -136,7 +137,7 @@ def write(adapter, path, force=False):
 
 
 def _from_original_names(adapter, notes):
-    """Modules under a single file's original names renamed to diffusers' (names.diffusers_names); a LoRA on a fused
+    """Modules under a single file's original names renamed to diffusers' (naming.diffusers.diffusers_names); a LoRA on a fused
     tensor (Flux qkv, linear1) becomes one LoRA per slice: the same A, B's rows of the slice (exact)."""
     shapes = {n: tuple(m.shape[:2]) for n, m in adapter.modules.items() if m.kind in ("linear", "conv")}
     maps = diffusers_names(shapes, ldm_unet_family(adapter.modules, adapter.user_metadata))

@@ -17,7 +17,7 @@ from ..core import Adapter, Module
 from ..errors import LorakitError, opt
 from ..io import atomic_output
 from .common import fold_note, most_common, refuse_deltas, refuse_unknown
-from .names import from_gguf_name, permute, to_gguf_name, unpermute
+from ..naming.llama_cpp import from_gguf_name, permute, to_gguf_name, unpermute
 
 HEADS_KEY, KV_HEADS_KEY = "{arch}.attention.head_count", "{arch}.attention.head_count_kv"
 

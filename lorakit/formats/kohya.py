@@ -18,7 +18,8 @@ from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..quant.view import base_shapes
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
-from .names import PREFIXES, fused_aliases, kohya_names, resolution_table
+from ..naming.fused import fused_aliases
+from ..naming.kohya import PREFIXES, kohya_names, resolution_table
 
 TENSORS = {
     "lora_down.weight",

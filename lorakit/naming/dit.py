@@ -1,0 +1,63 @@
+"""DiT original names (BFL Flux, HunyuanVideo, SD3, Wan) -> diffusers names, slices of fused tensors included."""
+
+import re
+
+from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM
+
+
+def _dit_table():
+    """original path pattern -> [(diffusers path pattern, part)]: block paths with {n} for the block number."""
+    table = {}
+    for blocks, globals_ in DIT.values():
+        for original, diffusers, layers in blocks:
+            for layer, (source, part) in layers.items():
+                entry = table.setdefault(f"{original}.{{n}}.{source}", [])
+                if (f"{diffusers}.{{n}}.{layer}", part) not in entry:
+                    entry.append((f"{diffusers}.{{n}}.{layer}", part))
+        for layer, source in globals_.items():
+            entry = table.setdefault(source, [])
+            if (layer, None) not in entry:
+                entry.append((layer, None))
+    table.setdefault(FINAL_NORM, []).append(("norm_out.linear", None))
+    return {k: sorted(v, key=lambda e: e[1] or 0) for k, v in table.items()}
+
+
+DIT_TABLE = _dit_table()
+
+
+def dit_key(path):
+    """(the table's pattern for a DiT path, its block number or None): blocks.3.attn1.to_q -> blocks.{n}.attn1.to_q."""
+    m = re.fullmatch(r"([a-z_]*blocks)\.(\d+)\.(.+)", path)
+    return (f"{m[1]}.{{n}}.{m[3]}", m[2]) if m else (path, None)
+
+
+def halves_swapped(original, rows, cols):
+    """AdaLayerNormContinuous (diffusers [scale, shift], original [shift, scale]): the final norm, and SD3's last
+    context block, the one of 2 chunks (shift and scale only)."""
+    return original == FINAL_NORM or (
+        original.endswith("context_block.adaLN_modulation.1") and rows == 2 * cols
+    )
+
+
+def dit_diffusers(module, rows, cols):
+    """A DiT module under its original name (any of DIT_PREFIXES) -> [(diffusers path under `transformer.`, row start,
+    row stop, halves swapped)], one per slice of a fused tensor; None when it has no diffusers name."""
+    for prefix in DIT_PREFIXES:
+        if not module.startswith(prefix):
+            continue
+        path = module[len(prefix) :]
+        key, n = dit_key(path)
+        targets = DIT_TABLE.get(key)
+        if not targets:
+            continue
+        if len(targets) == 1:
+            sizes = [rows]
+        else:
+            sizes = [rows // 3] * 3 if len(targets) == 3 else [cols] * 3 + [rows - 3 * cols]
+        swap = halves_swapped(path, rows, cols)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [
+            (target.format(n=n), starts[i], starts[i] + sizes[i], swap)
+            for i, (target, _) in enumerate(targets)
+        ]
+    return None
