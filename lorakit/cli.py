@@ -13,11 +13,8 @@ import click
 from . import render
 from ._version import __version__
 from .formats import FORMATS
-from .io.dtypes import ALIASES, USER_DTYPES
 from .methods import METHODS
-from .quant import STRATEGIES
-
-DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
+from .options import DTYPE_HELP, MergeOptions, cli_options
 
 
 class Terminated(KeyboardInterrupt):
@@ -340,88 +337,13 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
     "Output: a .safetensors file for a file BASE, a folder for a folder BASE, a .gguf file (or the same splits) "
     "for a GGUF BASE."
 )
-@click.option(
-    "--dtype",
-    default="keep",
-    show_default=True,
-    help=f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}. GGUF bases: the type of "
-    "merged tensors whose GGML type has no codec (IQ*); every other tensor keeps its type.",
-)
-@click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
-@click.option("--shard-size", help="Re-shard the output (e.g. 5GB, 2GiB).")
-@click.option("--threads", type=int, help="Worker threads (default: one per CPU, at most 4).")
-@click.option("--ignore-fingerprint", is_flag=True, help="Merge even if the adapter names another base.")
-@click.option(
-    "--skip-unmatched",
-    is_flag=True,
-    help="Merge the adapter tensors the base has, report the others by name "
-    "(parts stored in other files: a Flux LoRA's CLIP-L, SDXL's second text encoder).",
-)
-@click.option(
-    "--strategy",
-    default=next(iter(STRATEGIES)),
-    show_default=True,
-    type=click.Choice(list(STRATEGIES)),
-    help="Quantized bases: how W + dW goes back onto the grid (see README).",
-)
-@click.option(
-    "--full-precision-base",
-    type=click.Path(),
-    help="The unquantized base (for --strategy original / --onto original).",
-)
-@click.option(
-    "--onto",
-    default="dequantized",
-    show_default=True,
-    type=click.Choice(["dequantized", "original"]),
-    help="Quantized bases: merge onto dequant(Q(W)) (what a QLoRA adapter saw) or onto the original W.",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of --strategy stochastic and the probes."
-)
-def merge_cmd(
-    base,
-    adapters,
-    output,
-    force,
-    as_json,
-    quiet,
-    dtype,
-    unmerge,
-    shard_size,
-    threads,
-    ignore_fingerprint,
-    skip_unmatched,
-    strategy,
-    full_precision_base,
-    onto,
-    seed,
-):
+@cli_options(MergeOptions, skip=("force", "quiet"))
+def merge_cmd(base, adapters, output, as_json, **options):
     """Merge ADAPTER[:WEIGHT]... into BASE (file, folder or GGUF), streaming; fp32 math, rounded once. Quantized bases
     (FP8, INT8, GPTQ, AWQ, NF4, GGUF Q8_0..Q6_K) are written back in their format with a survival report."""
     from .commands.merge import merge
 
-    emit(
-        merge(
-            base,
-            list(adapters),
-            output,
-            dtype=dtype,
-            unmerge=unmerge,
-            shard_size=shard_size,
-            threads=threads,
-            force=force,
-            quiet=quiet,
-            ignore_fingerprint=ignore_fingerprint,
-            strategy=strategy,
-            full_precision_base=full_precision_base,
-            onto=onto,
-            seed=seed,
-            skip_unmatched=skip_unmatched,
-        ),
-        as_json,
-        render.merge_text,
-    )
+    emit(merge(base, list(adapters), output, **options), as_json, render.merge_text)
 
 
 # ---------------------------------------------------------------- train

@@ -64,3 +64,10 @@ def missing(path, what=None):
             f"huggingface-cli download {text} --local-dir {text.rsplit('/', 1)[-1]})"
         )
     return LorakitError(f"{what + ': ' if what else ''}no such file or folder{hint}", path=path)
+
+
+def listed(names, limit=20, sep=", "):
+    """The first `limit` names joined, and how many more there are."""
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return sep.join(names[:limit]) + more

@@ -13,7 +13,14 @@ from lorakit.core import Adapter, Module
 from lorakit.io import Checkpoint
 from lorakit.errors import LorakitError
 from lorakit.io import write_safetensors
-from lorakit.quant import detect
+from lorakit.bases import open_base
+
+
+def detect(ckpt, path):
+    """(format, {module: members}) of the quantized checkpoint at `path`, as its opened base finds them."""
+    view = open_base(path).view
+    return view.handler, {k[: -len(".weight")]: v for k, v in view.quantized.items()}
+
 
 OUT, IN, G = 64, 128, 32
 gen = torch.Generator().manual_seed(0)

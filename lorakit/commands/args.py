@@ -2,13 +2,12 @@
 
 import math
 import os
-import re
 
 from ..core import Adapter
-from ..errors import LorakitError, missing, opt
+from ..errors import LorakitError, missing
+from ..options import existing, in_range, parse_size  # noqa: F401 (the commands' one import)
 
 FP32_MAX = 3.4028234663852886e38
-MIN_SHARD = 1 << 20
 
 
 def parse_weighted(spec):
@@ -26,22 +25,6 @@ def parse_weighted(spec):
         except ValueError:
             pass
     return spec, 1.0
-
-
-def parse_size(text):
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
-    if not m:
-        raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
-    power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
-    size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-    if size < 1000 or (not m.group(2) and size < MIN_SHARD):
-        raise LorakitError(
-            f"shard size '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB"
-        )
-    return size
 
 
 def check_weight(path, weight):
@@ -83,36 +66,6 @@ def _weight_hint(spec, before):
             f"weight '{tail}' is not a number (write {head}:{tail.replace(',', '.')})", path=head
         )
     return None
-
-
-def in_range(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """Refuse (never clamp) an option outside its range (`name`: the parameter, named as the caller spells it)."""
-    if value is None:
-        return None
-    name = opt(name, bare=True)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
-        raise LorakitError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        if low is not None and high is not None:
-            where = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        elif low is not None:
-            where = f"{'>' if low_open else '>='} {low}"
-        else:
-            where = f"{'<' if high_open else '<='} {high}"
-        raise LorakitError(f"{name} must be {where}, got {value}")
-    return value
-
-
-def existing(path, option):
-    """A path option that must exist (never resolved against anything else when it does not)."""
-    if path is not None and not os.path.exists(os.fspath(path)):
-        raise missing(path, opt(option, bare=True) if option.islower() else option)
-    return path
 
 
 def same_base(loaded):

@@ -7,12 +7,11 @@ import torch
 from ..core import Adapter, algebra, default_kind
 from ..errors import LorakitError
 from ..naming.embeddings import is_embedding
-from ..io import base_model_name, check_output
+from ..io import check_output
 from ..io.dtypes import user_dtype
-from ..io.gguf import GGUFCheckpoint
-from ..quant.view import WeightView
+from ..bases import open_base
 from ..progress import progress
-from ..spec import fingerprint, identity
+from ..spec import fingerprint
 from ..training.lora import matches, target_list
 from .args import rank_rule
 
@@ -27,12 +26,13 @@ def extract(
     rank_rule(rank=rank, energy=energy)
     check_output(output, [base, tuned], force, directory=False)
     targets = target_list(targets)
-    cb, ct = WeightView(base), WeightView(tuned)  # quantized checkpoints are read dequantized
+    base_ckpt = open_base(base)
+    cb, ct = base_ckpt.view, open_base(tuned).view  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     adapter = Adapter(
-        base_model=base_model_name(base),
-        base_fingerprint=fingerprint(cb.shapes()),
-        base_identity=identity(cb.ckpt),
+        base_model=base_ckpt.name,
+        base_fingerprint=fingerprint(base_ckpt.shapes()),
+        base_identity=base_ckpt.identity,
     )
     rows, report = (
         [],
@@ -99,11 +99,7 @@ def extract(
         ],
         "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed},
     }
-    if isinstance(cb.ckpt, GGUFCheckpoint):  # llama.cpp names back to Hugging Face's (Q/K rows unpermuted)
-        from ..formats.gguf_lora import gguf_modules
-
-        adapter = gguf_modules(adapter, cb.ckpt.kv, base, to_gguf=False)
-        adapter.base_model = base_model_name(base)
+    adapter = base_ckpt.from_base_names(adapter)  # a GGUF's llama.cpp names back to Hugging Face's
     adapter.save(output, force=force)
     kept = [r["energy_kept"] for r in rows]
     return {

@@ -113,19 +113,15 @@ def _spec_version(path):
 
 def _add_spectrum(ad, modules, base, quiet):
     import torch
-    from ..io.gguf import GGUFCheckpoint
     from ..progress import progress
     from ..core.linalg import singular_values
 
     ckpt, on_base = None, ad.modules
     if base is not None:
-        from ..quant.view import WeightView
+        from ..bases import open_base
 
-        ckpt = WeightView(base)
-        if isinstance(ckpt.ckpt, GGUFCheckpoint):  # the base's tensors by llama.cpp's names
-            from ..formats.gguf_lora import gguf_modules
-
-            on_base = dict(zip(ad.modules, gguf_modules(ad, ckpt.ckpt.kv, base).modules.values()))
+        ckpt = open_base(base)
+        on_base = dict(zip(ad.modules, ckpt.to_base_names(ad).modules.values()))  # the base's tensor names
     for row in progress(modules, quiet=quiet, desc="spectrum", unit="module"):
         m = ad.modules[row["module"]]
         S = singular_values(*m.factors(torch.float64))

@@ -6,23 +6,19 @@ A Writer is the output format: `shards` lists [(file name, [(tensor name, dtype,
 and `total` their bytes; `open_shard(tmp, file_name, specs)` returns an object with `write(name, tensor)`,
 `copy(name, source)` (the stored bytes of `name` in the base) and `close()`; `finish(tmp, weight_map, total)` writes
 what goes beside the tensors.
-SafetensorsWriter is the one for safetensors files and Hugging Face folders.
+Each base kind brings its Writer (lorakit.bases).
 """
 
 import functools
-import json
-import os
-import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..errors import LorakitError
-from ..io import INDEX, BufferPool, ShardWriter, spec_nbytes
+from ..io import BufferPool, spec_nbytes
 from ..io.heap import retained_heap
-from ..io.dtypes import dtype_name, st_dtype, torch_dtype
-from ..naming.embeddings import HEAD
+from ..io.dtypes import st_dtype, torch_dtype, user_dtype
 from ..quant import requant
 from .tensor import check_finite, merge_tensor
 
@@ -34,30 +30,22 @@ class MergeJob:
     """What each output tensor is and how it is produced: a byte copy, a full-precision merge, or one tensor of a
     requantized (or dequantized) module."""
 
-    def __init__(
-        self,
-        view,
-        plans,
-        sign,
-        target_dtype,
-        strategy="feedback",
-        full=None,
-        onto="dequantized",
-        seed=0,
-        dequantize=None,
-    ):
-        """`target_dtype` (--dtype) converts every full-precision tensor and writes every quantized module in it;
-        with `dequantize` (a set of quantized modules: a GGUF base's merged tensors of types without a codec) only
-        those are written in it and every other tensor keeps its type."""
-        self.view, self.ckpt, self.plans, self.sign = view, view.ckpt, plans, sign
-        self.target_dtype = target_dtype
-        self.convert_floats = target_dtype is not None and dequantize is None
+    def __init__(self, base, plan, options, full=None):
+        """`options.dtype` converts every full-precision tensor and writes every quantized module in it; where the
+        base has quantized modules no codec writes back (base.uncodec_modules: a GGUF's IQ* tensors), only those are
+        written in it and every other tensor keeps its type. `full`: the --full-precision-base checkpoint."""
+        view = base.view
+        self.view, self.ckpt, self.plans = view, view.ckpt, plan.tensors
+        self.sign = -1.0 if options.unmerge else 1.0
+        self.target_dtype = user_dtype(options.dtype) if options.dtype not in (None, "keep") else None
+        dequantize = base.uncodec_modules(self.plans, self.target_dtype)
+        self.convert_floats = self.target_dtype is not None and dequantize is None
         self.dequantized = set(view.quantized) if self.convert_floats else set(dequantize or ())
         self.dequantize_out = (
             bool(view.quantized) and self.convert_floats
         )  # the whole output is full precision
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
-        self.strategy, self.full, self.onto, self.seed = strategy, full, onto, seed
+        self.strategy, self.full, self.onto, self.seed = options.strategy, full, options.onto, options.seed
         self.survival = {}
         self.read_pool = self.out_pool = None
 
@@ -193,91 +181,6 @@ class MergeJob:
         if key not in self.full:
             raise LorakitError("the full-precision base has no such tensor", path=self.full.path, tensor=key)
         return self.full.get(key).float()
-
-
-class SafetensorsWriter:
-    """Output as the base's layout: one .safetensors file, or a Hugging Face folder (shards, index, the folder's other
-    files, config.json updated for a new dtype, untied embeddings or a dropped quantization)."""
-
-    def __init__(self, job, base, untie_embed, shard_size=None):
-        self.job, self.base, self.untie_embed = job, base, untie_embed
-        self.folder = os.path.isdir(base) or shard_size is not None
-        self.shards = self._layout(shard_size)
-        self.total = sum(spec_nbytes(spec) for _, specs in self.shards for spec in specs)
-
-    def _layout(self, shard_size):
-        ckpt, order = self.job.ckpt, []
-        for file in ckpt.files:
-            names = list(ckpt.shards[file].header.entries)
-            if self.untie_embed is not None and self.untie_embed in names:
-                names.insert(names.index(self.untie_embed) + 1, HEAD)
-            order.append((os.path.basename(file), self.job.output_names(names)))
-        if shard_size is None:
-            return [(f, [self.job.spec_of(n) for n in names]) for f, names in order]
-        shards, current, size = [], [], 0
-        for _, names in order:
-            for spec in map(self.job.spec_of, names):
-                nbytes = spec_nbytes(spec)
-                if current and size + nbytes > shard_size:
-                    shards.append(current)
-                    current, size = [], 0
-                current.append(spec)
-                size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            return [("model.safetensors", shards[0])]
-        return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
-
-    def open_shard(self, tmp, file_name, specs):
-        meta = next(
-            (
-                self.job.ckpt.shards[f].header.metadata
-                for f in self.job.ckpt.files
-                if os.path.basename(f) == file_name
-            ),
-            None,
-        ) or {"format": "pt"}
-        return ShardWriter(os.path.join(tmp, file_name) if self.folder else tmp, specs, meta, direct=True)
-
-    def finish(self, tmp, weight_map, total):
-        """Copy the folder's other files; rewrite the index and, where needed, config.json (a dequantized output
-        loses its quantization_config and quantize_config.json)."""
-        if not self.folder:
-            return
-        drop_quantization, target_dtype = self.job.dequantize_out, self.job.target_dtype
-        if os.path.isdir(self.base):
-            for entry in os.listdir(self.base):
-                src = os.path.join(self.base, entry)
-                if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
-                    continue
-                if drop_quantization and entry == "quantize_config.json":
-                    continue
-                if os.path.isdir(src):
-                    shutil.copytree(src, os.path.join(tmp, entry))
-                else:
-                    shutil.copy2(src, os.path.join(tmp, entry))
-        if len(self.shards) > 1 or self.job.ckpt.index is not None:
-            with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump(
-                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                    f,
-                    indent=2,
-                )
-                f.write("\n")
-        config_path = os.path.join(tmp, "config.json")
-        if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed):
-            with open(config_path) as f:
-                config = json.load(f)
-            if drop_quantization:
-                config.pop("quantization_config", None)
-            if target_dtype is not None:
-                key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
-                config[key] = dtype_name(target_dtype)
-            if self.untie_embed:
-                config["tie_word_embeddings"] = False
-            with open(config_path, "w") as f:
-                json.dump(config, f, indent=2)
-                f.write("\n")
 
 
 def member(future, name):

@@ -4,10 +4,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LorakitError, opt
 from ..core import Module
+from ..errors import LorakitError, opt
 from ..naming.embeddings import HEAD, is_embedding
-from ..naming.fused import fused_aliases, split_aliases
 from ..spec import fingerprint
 
 
@@ -27,127 +26,162 @@ class TensorPlan:
         return bool(self.loras or self.biases or self.deltas) or self.replacement is not None
 
 
-def plan_merge(view, adapters, unmerge, tied, ignore_fingerprint, skip_unmatched=False):
-    """Resolve every adapter tensor (adapters: [(path, Adapter, weight)]) to a tensor of the WeightView `view`
-    (quantized weights by their dequantized shapes). Returns ({output name: TensorPlan}, the embedding to untie or
-    None, [tensors skipped]). Raises one error listing everything that does not fit; with `skip_unmatched`, tensors
-    the base does not have are skipped instead (a shape that differs stays an error: that is another base)."""
-    ckpt = view.ckpt
-    plans, problems, skipped, hints = {}, [], [], set()
-    aliases = splits = (
-        None  # other tools' names for the base's tensors and fused slices, built when first needed
-    )
+@dataclass
+class MergePlan:
+    tensors: dict  # output tensor name -> TensorPlan
+    untie: str = None  # the tied embedding written apart from a new lm_head, or None
+    skipped: list = field(default_factory=list)  # adapter tensors the base lacks (--skip-unmatched)
 
-    def unmatched(name, problem):
-        if skip_unmatched:
-            skipped.append(name)
-        else:
-            problems.append(problem)
-            hints.add(f"{opt('skip_unmatched', True)} merges the tensors the base has")
 
-    embed = next((n for n in ckpt.where if is_embedding(n)), None) if tied else None
-    # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
-    base_fp = fingerprint(view.shapes())
+def plan_merge(base, adapters, options):
+    """Resolve every adapter tensor (adapters: [(label, Adapter, weight)], on the base's names) to a tensor of the
+    Base `base` (quantized weights by their full-precision shapes). Raises one error listing everything that does
+    not fit; with `options.skip_unmatched`, tensors the base lacks are skipped instead (a shape that differs stays
+    an error: that is another base)."""
+    planner = Planner(base, options)
+    for label, ad, w in adapters:
+        planner.check_fingerprint(label, ad)
+        for m in ad.modules.values():
+            planner.add_module(m, w)
+        for name, t in ad.deltas.items():
+            planner.add_delta(name, t, w)
+        for name, t in ad.replacements.items():
+            planner.add_replacement(name, t)
+    return planner.finish()
 
-    def target(name):
-        if name in view:
-            return plans.setdefault(name, TensorPlan(name, name))
-        if name == HEAD and embed is not None:  # tied head, stored only as the embedding
-            return plans.setdefault(name, TensorPlan(name, embed))
+
+class Planner:
+    def __init__(self, base, options):
+        self.base, self.options = base, options
+        self.tensors, self.problems, self.skipped, self.hints = {}, [], [], set()
+        self.embed = (
+            next((n for n in base.ckpt.where if is_embedding(n)), None) if base.tied_embeddings else None
+        )
+        # the fingerprint sees a quantized base as its full-precision weights, so adapters for the original fit
+        self.fingerprint = fingerprint(base.shapes())
+
+    def target(self, name):
+        """The plan of base tensor `name` (a tied head: of its embedding), or None."""
+        if name in self.base:
+            return self.tensors.setdefault(name, TensorPlan(name, name))
+        if name == HEAD and self.embed is not None:  # tied head, stored only as the embedding
+            return self.tensors.setdefault(name, TensorPlan(name, self.embed))
         return None
 
-    def fitting(name, t, what):
-        """The plan of the base tensor a full tensor (delta or replacement) goes to, or None (the problem noted)."""
-        p = target(name)
+    def unmatched(self, name, problem):
+        if self.options.skip_unmatched:
+            self.skipped.append(name)
+        else:
+            self.problems.append(problem)
+            self.hints.add(f"{opt('skip_unmatched', True)} merges the tensors the base has")
+
+    def check_fingerprint(self, label, ad):
+        if (
+            ad.base_fingerprint
+            and ad.base_fingerprint != self.fingerprint
+            and not self.options.ignore_fingerprint
+        ):
+            self.problems.append(
+                f"{label} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
+                f"{self.fingerprint[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)"
+            )
+
+    def fused_target(self, m):
+        """(module as a delta of the whole fused tensor, its plan) for a name that is rows of a fused base tensor."""
+        s = self.base.fused_slices.get(m.name)
+        if s is None or m.magnitude is not None or m.bias is not None:
+            return m, None
+        if tuple(m.shape) != (s.stop - s.start, *self.base.shape(s.tensor)[1:]):
+            return m, None
+        rows = self.base.shape(s.tensor)[0]
+        return on_rows(m.rows(0, m.shape[0], s.swapped), s.tensor, s.start, s.stop, rows), self.target(
+            s.tensor
+        )
+
+    def split_target(self, m, w):
+        """Whether an original fused module went, cut into rows, to the diffusers tensors of the base."""
+        pieces = self.base.split_slices.get(m.name)
+        if not pieces or m.magnitude is not None or m.bias is not None or m.shape[0] != pieces[-1].stop:
+            return False
+        if not all(self.base.shape(s.tensor)[1:] == tuple(m.shape[1:]) for s in pieces):
+            return False
+        for s in pieces:
+            self.target(s.tensor).loras.append(
+                (m.rows(s.start, s.stop, s.swapped, s.tensor[: -len(".weight")]), w)
+            )
+        return True
+
+    def add_module(self, m, w):
+        p = self.target(f"{m.name}.weight")
         if p is None:
-            unmatched(name, f"{name}: {what} of a tensor not in the base")
-        elif tuple(view.shape(p.source)) != tuple(t.shape):
-            problems.append(f"{name}: base {list(view.shape(p.source))}, {what} {list(t.shape)}")
+            m, p = self.fused_target(m)
+        if p is None and self.split_target(m, w):
+            return
+        if p is None:
+            return self.unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
+        shape = self.base.shape(p.source)
+        if tuple(shape) != tuple(m.shape):
+            return self.problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
+        self.check_dora(m, p)
+        p.loras.append((m, w))
+        if m.bias is not None:
+            self.add_bias(m, w)
+
+    def check_dora(self, m, p):
+        unmerge = self.options.unmerge
+        if m.magnitude is not None and (p.loras or unmerge):
+            why = "cannot be unmerged (the norm of W + dW is not in the file)" if unmerge else None
+            self.problems.append(f"{m.name}: DoRA " + (why or "shares its tensor with another adapter"))
+        if p.loras and any(x.magnitude is not None for x, _ in p.loras):
+            self.problems.append(f"{m.name}: DoRA shares its tensor with another adapter")
+
+    def add_bias(self, m, w):
+        b = self.target(f"{m.name}.bias")
+        if b is None:
+            self.problems.append(f"{m.name}.bias: the adapter has a bias delta but the base has no bias")
+        elif tuple(self.base.shape(b.source)) != tuple(m.bias.shape):
+            shape = list(self.base.shape(b.source))
+            self.problems.append(f"{m.name}.bias: base {shape}, adapter {list(m.bias.shape)}")
+        else:
+            b.biases.append((m, w))
+
+    def fitting(self, name, t, what):
+        """The plan of the base tensor a full tensor (delta or replacement) goes to, or None (the problem noted)."""
+        p = self.target(name)
+        if p is None:
+            self.unmatched(name, f"{name}: {what} of a tensor not in the base")
+        elif tuple(self.base.shape(p.source)) != tuple(t.shape):
+            self.problems.append(f"{name}: base {list(self.base.shape(p.source))}, {what} {list(t.shape)}")
         else:
             return p
         return None
 
-    for path, ad, w in adapters:
-        if ad.base_fingerprint and ad.base_fingerprint != base_fp and not ignore_fingerprint:
-            problems.append(
-                f"{path} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
-                f"{base_fp[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)"
+    def add_delta(self, name, t, w):
+        p = self.fitting(name, t, "delta")
+        if p is not None:
+            p.deltas.append((t, w))
+
+    def add_replacement(self, name, t):
+        p = self.fitting(name, t, "replacement")
+        if p is not None and self.options.unmerge:
+            self.problems.append(f"{name}: a full replacement cannot be unmerged")
+        elif p is not None and p.replacement is not None:
+            self.problems.append(f"{name}: replaced by more than one adapter")
+        elif p is not None:
+            p.replacement = t
+
+    def finish(self):
+        if self.problems:
+            n = len(self.problems)
+            shown = "; ".join(self.problems[:6]) + (f"; and {n - 6} more" if n > 6 else "")
+            hint = f" ({'; '.join(sorted(self.hints))})" if self.hints else ""
+            raise LorakitError(
+                f"{n} adapter tensor(s) do not fit the base: {shown}{hint}", path=self.base.path
             )
-        for m in ad.modules.values():
-            p = target(f"{m.name}.weight")
-            if p is None:
-                if aliases is None:
-                    aliases = fused_aliases(view.shapes())
-                if m.name in aliases and m.magnitude is None and m.bias is None:
-                    tensor, start, stop, swap = aliases[m.name]
-                    if tuple(m.shape) == (stop - start, *view.shape(tensor)[1:]):
-                        m = on_rows(m.rows(0, m.shape[0], swap), tensor, start, stop, view.shape(tensor)[0])
-                        p = target(tensor)
-            if (
-                p is None and m.magnitude is None and m.bias is None
-            ):  # an original DiT name on a diffusers base
-                if splits is None:
-                    splits = split_aliases(view.shapes())
-                pieces = splits.get(m.name)
-                if (
-                    pieces
-                    and m.shape[0] == pieces[-1][2]
-                    and all(view.shape(t)[1:] == tuple(m.shape[1:]) for t, *_ in pieces)
-                ):
-                    for tensor, start, stop, swap in pieces:
-                        target(tensor).loras.append((m.rows(start, stop, swap, tensor[: -len(".weight")]), w))
-                    continue
-            if p is None:
-                unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
-                continue
-            shape = view.shape(p.source)
-            if tuple(shape) != tuple(m.shape):
-                problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
-                continue
-            if m.magnitude is not None and (p.loras or unmerge):
-                problems.append(
-                    f"{m.name}: DoRA "
-                    + (
-                        "cannot be unmerged (the norm of W + dW is not in the file)"
-                        if unmerge
-                        else "shares its tensor with another adapter"
-                    )
-                )
-            if p.loras and any(x.magnitude is not None for x, _ in p.loras):
-                problems.append(f"{m.name}: DoRA shares its tensor with another adapter")
-            p.loras.append((m, w))
-            if m.bias is not None:
-                b = target(f"{m.name}.bias")
-                if b is None:
-                    problems.append(f"{m.name}.bias: the adapter has a bias delta but the base has no bias")
-                elif tuple(view.shape(b.source)) != tuple(m.bias.shape):
-                    problems.append(
-                        f"{m.name}.bias: base {list(view.shape(b.source))}, adapter {list(m.bias.shape)}"
-                    )
-                else:
-                    b.biases.append((m, w))
-        for name, t in ad.deltas.items():
-            p = fitting(name, t, "delta")
-            if p is not None:
-                p.deltas.append((t, w))
-        for name, t in ad.replacements.items():
-            p = fitting(name, t, "replacement")
-            if p is not None and unmerge:
-                problems.append(f"{name}: a full replacement cannot be unmerged")
-            elif p is not None and p.replacement is not None:
-                problems.append(f"{name}: replaced by more than one adapter")
-            elif p is not None:
-                p.replacement = t
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        hint = f" ({'; '.join(sorted(hints))})" if hints else ""
-        raise LorakitError(
-            f"{len(problems)} adapter tensor(s) do not fit the base: {shown}{hint}", path=ckpt.path
-        )
-    untie = embed is not None and (HEAD in plans or embed in plans)
-    if untie:
-        target(HEAD)  # write the head explicitly, with or without its own delta
-    return plans, embed if untie else None, skipped
+        untie = self.embed is not None and (HEAD in self.tensors or self.embed in self.tensors)
+        if untie:
+            self.target(HEAD)  # write the head explicitly, with or without its own delta
+        return MergePlan(self.tensors, self.embed if untie else None, self.skipped)
 
 
 def on_rows(m, tensor, start, stop, rows):

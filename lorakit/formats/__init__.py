@@ -105,6 +105,16 @@ def detect_format(path):
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
 
 
+def adapter_format(path):
+    """The adapter format of a path given as a model (BASE), or None: a model, or something its base reader will
+    say is broken. A GGUF is left to the base, which reads general.type with the rest of its header."""
+    try:
+        fmt = detect_format(path)
+    except LorakitError:
+        return None
+    return None if fmt.name == "gguf" else fmt
+
+
 def takes(function):
     """The keyword options a reader or writer declares."""
     return {
@@ -126,6 +136,15 @@ def check_options(fmt, role, function, options, path=None):
         raise LorakitError(f"the {fmt.name} {role} does not use {shown}", path=path)
 
 
+def _opened_base(options):
+    """Readers and writers get `base` as an opened Base (lorakit.bases): a path is opened here, once."""
+    if options.get("base") is not None:
+        from ..bases import open_base
+
+        options = {**options, "base": open_base(options["base"])}
+    return options
+
+
 def load(path, format=None, **options):
     """Read an adapter in any registered format (auto-detected from content unless `format` is given)."""
     path = os.fspath(path)
@@ -133,7 +152,7 @@ def load(path, format=None, **options):
     if fmt.read is None:
         raise LorakitError(f"format '{fmt.name}' cannot be read", path=path)
     check_options(fmt, "reader", fmt.read, options, path)
-    options = {k: v for k, v in options.items() if k in takes(fmt.read)}
+    options = _opened_base({k: v for k, v in options.items() if k in takes(fmt.read)})
     try:
         adapter = fmt.read(path, **options)
     except LorakitError as e:
@@ -153,6 +172,7 @@ def save(adapter, path, format="lorakit", force=False, **options):
         writable = ", ".join(n for n in FORMATS if get_format(n).write)
         raise LorakitError(f"format '{fmt.name}' cannot be written (writable: {writable})")
     check_options(fmt, "writer", fmt.write, options, path)
+    options = _opened_base(options)
     from ..spec import check_adapter, raise_first
 
     raise_first(

@@ -17,7 +17,6 @@ import torch
 from ..core import Adapter
 from ..errors import MALFORMED, LorakitError
 from ..io import atomic_output, write_safetensors
-from ..quant.view import base_shapes
 from .common import open_safetensors, refuse_unknown
 from .kohya import TENSORS, build_module
 from ..naming.diffusers import ORIGINAL
@@ -95,7 +94,7 @@ def resolve(stem, shapes, suffix=".weight"):
 
 def read(path, base=None, allow_unknown=False):
     tf, meta = open_safetensors(path)
-    shapes = base_shapes(base) if base is not None else None
+    shapes = base.shapes() if base is not None else None
     groups, full, unknown = {}, [], []
     for key in tf.header.entries:
         parsed = split_key(key)

@@ -7,9 +7,6 @@ flipped: lora_a [n_vocab, r], lora_b [n_embd, r]. Llama's Q and K rows are permu
 (convert_hf_to_gguf's permute), so lora_b of attn_q / attn_k is permuted the same way.
 """
 
-import os
-from dataclasses import replace
-
 import numpy as np
 import torch
 
@@ -17,9 +14,15 @@ from ..core import Adapter, Module
 from ..errors import LorakitError, opt
 from ..io import atomic_output
 from .common import fold_note, most_common, refuse_deltas, refuse_unknown
-from ..naming.llama_cpp import from_gguf_name, permute, to_gguf_name, unpermute
-
-HEADS_KEY, KV_HEADS_KEY = "{arch}.attention.head_count", "{arch}.attention.head_count_kv"
+from ..naming.llama_cpp import (
+    HEADS_KEY,
+    KV_HEADS_KEY,
+    from_gguf_name,
+    gguf_base_fields,
+    permute,
+    to_gguf_name,
+    unpermute,
+)
 
 
 def _gguf():
@@ -30,16 +33,14 @@ def _gguf():
     return gguf
 
 
-def _base_config(*candidates):
-    """config.json of the first candidate folder that has one (--base, then the adapter's own base_model path, as
-    llama.cpp's converter does), or None."""
+def _base_config(base, recorded=None):
+    """The base's config.json (`base`: an opened base, or None), else that of the folder the adapter records as its
+    base_model (as llama.cpp's converter does), or None."""
     from ..io import read_config
 
-    for folder in candidates:
-        config = read_config(folder)
-        if config is not None:
-            return config
-    return None
+    if base is not None and base.config is not None:
+        return base.config
+    return read_config(recorded) if recorded else None
 
 
 def _heads(config, arch_fields=None, base_fields=None):
@@ -52,82 +53,6 @@ def _heads(config, arch_fields=None, base_fields=None):
     if config is not None:
         return config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     return None, None
-
-
-def base_kv(base):
-    """The KVs of a GGUF model given as the base (its first split), or None when it is not one."""
-    from ..io.gguf import GGUFHeader, is_gguf, split_files
-
-    if base is None or not is_gguf(base):
-        return None
-    return GGUFHeader(split_files(os.fspath(base))[0]).kv
-
-
-def gguf_base_fields(kv):
-    """(architecture, n_head, n_head_kv) from a GGUF model's KVs; None for None. Head counts stored per layer (arrays)
-    count as unknown."""
-    if kv is None:
-        return None
-    arch = kv.get("general.architecture")
-
-    def count(key):
-        v = kv.get(key.format(arch=arch))
-        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
-
-    n_head = count(HEADS_KEY)
-    return arch, n_head, count(KV_HEADS_KEY) or n_head
-
-
-def gguf_modules(adapter, kv, base, to_gguf=True):
-    """The adapter in the terms of a GGUF base (its KVs `kv`, its path `base`) when to_gguf, or back: llama.cpp's
-    tensor names (blk.N.attn_q, token_embd, output) and, for the llama architecture, Q/K rows in llama.cpp's order
-    (the factors' rows: exact). Names with no counterpart are kept (the merge plan reports them). The fingerprint and
-    identity describe another container's names: dropped."""
-    arch, n_head, n_kv = gguf_base_fields(kv)
-    out = replace(adapter, modules={}, replacements={}, deltas={}, base_fingerprint=None, base_identity=None)
-
-    def renamed(name):
-        """(the other side's name, or the name itself; row order function or None)."""
-        if to_gguf:
-            try:
-                g = to_gguf_name(name)
-            except LorakitError:
-                return name, None
-        else:
-            g = name
-            name = from_gguf_name(g)
-            if name is None:
-                return g, None
-        if g.endswith(("attn_q", "attn_k")) and arch == "llama":
-            if n_head is None:
-                raise LorakitError(
-                    "llama.cpp permutes Q/K rows and the GGUF base has no head count "
-                    f"({HEADS_KEY.format(arch=arch)})",
-                    path=base,
-                    tensor=g,
-                )
-            kv, order = n_kv if g.endswith("attn_k") else None, permute if to_gguf else unpermute
-            return (
-                g if to_gguf else name
-            ), lambda rows: None if rows is None else order(rows, n_head, kv).contiguous()
-        return (g if to_gguf else name), None
-
-    for m in adapter.modules.values():
-        name, rows = renamed(m.name)
-        if rows is not None:
-            m = replace(
-                m,
-                B=rows(m.B),
-                bias=rows(m.bias),
-                magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude,
-            )
-        out.add(replace(m, name=name))
-    for table in ("replacements", "deltas"):
-        for full, t in getattr(adapter, table).items():
-            stem, _, suffix = full.rpartition(".")
-            name, rows = renamed(stem)
-            getattr(out, table)[f"{name}.{suffix}"] = rows(t) if rows is not None else t
-    return out
 
 
 def _arch(config):
@@ -161,7 +86,9 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     heads = _heads(
         _base_config(base),
         (_field(reader, HEADS_KEY.format(arch=arch)), _field(reader, KV_HEADS_KEY.format(arch=arch))),
-        gguf_base_fields(base_kv(base)) if _field(reader, HEADS_KEY.format(arch=arch)) is None else None,
+        gguf_base_fields((base.kv if base is not None else None))
+        if _field(reader, HEADS_KEY.format(arch=arch)) is None
+        else None,
     )
     pairs, unknown = {}, []
     for t in reader.tensors:
@@ -244,9 +171,7 @@ def _base_copies_skipped(adapter, base, path):
             f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}), as "
             "llama.cpp's converter does; not compared with the base (no --base)"
         ]
-    from ..quant.view import WeightView
-
-    view = WeightView(base)
+    view = base  # an opened base: its weights as full precision
     for name in copies:
         if name not in view or not torch.equal(
             view.get(name).to(adapter.replacements[name].dtype), adapter.replacements[name]
@@ -273,7 +198,7 @@ def write(adapter, path, force=False, base=None):
             "llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements", path=path
         )
     config = _base_config(base, adapter.base_model)
-    fields = gguf_base_fields(base_kv(base))
+    fields = gguf_base_fields((base.kv if base is not None else None))
     arch = adapter.provenance.get("architecture") or (fields[0] if fields else None) or _arch(config)
     alpha = most_common([m.alpha for m in mods])
     n_head, n_kv = _heads(config, base_fields=fields)

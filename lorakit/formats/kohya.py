@@ -15,7 +15,6 @@ import torch
 from ..core import Adapter, Module
 from ..errors import MALFORMED, LorakitError
 from ..io import atomic_output, tensor_bytes, write_safetensors
-from ..quant.view import base_shapes
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
 from ..naming.fused import fused_aliases
@@ -67,7 +66,7 @@ def read(path, base=None, allow_unknown=False):
             unknown.append(key)
     notes = []
     refuse_unknown(path, unknown, allow_unknown, notes)
-    shapes = base_shapes(base) if base is not None else None
+    shapes = base.shapes() if base is not None else None
     table = resolution_table(shapes) if shapes is not None else {}
     split_qkv = str(_metadata_args(meta).get("split_qkv", "")).lower() == "true"
     ad = Adapter(

@@ -8,7 +8,6 @@ import torch
 
 from ..core import Adapter, Module
 from ..errors import LorakitError, opt
-from ..quant.view import base_shapes
 from .common import check_rank, refuse_unknown, t_contig
 
 
@@ -48,7 +47,7 @@ def read(path, alpha=None, base=None, allow_unknown=False):
         raise LorakitError(
             f"loralib files do not store alpha (scale = alpha / r): pass {opt('alpha')}", path=path
         )
-    shapes = base_shapes(base) if base is not None else None
+    shapes = base.shapes() if base is not None else None
     parts, replacements, unknown, notes = {}, {}, [], []
     for key, t in tensors.items():
         module, _, part = key.rpartition(".")

@@ -16,7 +16,6 @@ from ..core import Adapter, Module, default_kind
 from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
-from ..quant.view import base_shapes
 from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -145,7 +144,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     refuse_unknown(path, unknown, allow_unknown, notes)
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    shapes = base_shapes(base) if base is not None else None
+    shapes = base.shapes() if base is not None else None
     ad = Adapter(
         base_model=config.get("base_model_name_or_path"),
         source_format=source_format,

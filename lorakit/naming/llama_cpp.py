@@ -1,8 +1,11 @@
 """Hugging Face <-> llama.cpp tensor names, and llama.cpp's Q/K row permutation."""
 
 import re
+from dataclasses import replace
 
 from ..errors import LorakitError
+
+HEADS_KEY, KV_HEADS_KEY = "{arch}.attention.head_count", "{arch}.attention.head_count_kv"
 
 LAYER_MAP = {
     "self_attn.q_proj": "attn_q",
@@ -66,3 +69,70 @@ def unpermute(rows, n_head, n_head_kv=None):
         .swapaxes(1, 2)
         .reshape(rows.shape)
     )
+
+
+def gguf_base_fields(kv):
+    """(architecture, n_head, n_head_kv) from a GGUF model's KVs; None for None. Head counts stored per layer (arrays)
+    count as unknown."""
+    if kv is None:
+        return None
+    arch = kv.get("general.architecture")
+
+    def count(key):
+        v = kv.get(key.format(arch=arch))
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    n_head = count(HEADS_KEY)
+    return arch, n_head, count(KV_HEADS_KEY) or n_head
+
+
+def gguf_modules(adapter, kv, base, to_gguf=True):
+    """The adapter in the terms of a GGUF base (its KVs `kv`, its path `base`) when to_gguf, or back: llama.cpp's
+    tensor names (blk.N.attn_q, token_embd, output) and, for the llama architecture, Q/K rows in llama.cpp's order
+    (the factors' rows: exact). Names with no counterpart are kept (the merge plan reports them). The fingerprint and
+    identity describe another container's names: dropped."""
+    arch, n_head, n_kv = gguf_base_fields(kv)
+    out = replace(adapter, modules={}, replacements={}, deltas={}, base_fingerprint=None, base_identity=None)
+
+    def renamed(name):
+        """(the other side's name, or the name itself; row order function or None)."""
+        if to_gguf:
+            try:
+                g = to_gguf_name(name)
+            except LorakitError:
+                return name, None
+        else:
+            g = name
+            name = from_gguf_name(g)
+            if name is None:
+                return g, None
+        if g.endswith(("attn_q", "attn_k")) and arch == "llama":
+            if n_head is None:
+                raise LorakitError(
+                    "llama.cpp permutes Q/K rows and the GGUF base has no head count "
+                    f"({HEADS_KEY.format(arch=arch)})",
+                    path=base,
+                    tensor=g,
+                )
+            kv, order = n_kv if g.endswith("attn_k") else None, permute if to_gguf else unpermute
+            return (
+                g if to_gguf else name
+            ), lambda rows: None if rows is None else order(rows, n_head, kv).contiguous()
+        return (g if to_gguf else name), None
+
+    for m in adapter.modules.values():
+        name, rows = renamed(m.name)
+        if rows is not None:
+            m = replace(
+                m,
+                B=rows(m.B),
+                bias=rows(m.bias),
+                magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude,
+            )
+        out.add(replace(m, name=name))
+    for table in ("replacements", "deltas"):
+        for full, t in getattr(adapter, table).items():
+            stem, _, suffix = full.rpartition(".")
+            name, rows = renamed(stem)
+            getattr(out, table)[f"{name}.{suffix}"] = rows(t) if rows is not None else t
+    return out

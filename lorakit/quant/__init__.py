@@ -1,12 +1,10 @@
 """Quantized BASE checkpoints: a registry of formats (each one file implementing lorakit.quant.base.QuantFormat),
-detection, the strategies that put W + dW back on a grid, and WeightView (lorakit.quant.view), the one way every
-`--base` is read. Adding a format: a file here with its QuantFormat class, and its row in FORMATS.
+detection, and the strategies that put W + dW back on a grid (bases read them through lorakit.bases). Adding a format: a file here with its QuantFormat class, and its row in FORMATS.
 
 Torch-free at import: the CLI takes the strategy choices from here.
 """
 
 import importlib
-import os
 
 from ..errors import LorakitError
 
@@ -61,26 +59,20 @@ def format_class(name):
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def quantization_config(base):
-    """config.json's quantization_config, else quantize_config.json (older GPTQ files), else {}."""
-    from ..io import read_config
-
-    folder = base if os.path.isdir(base) else os.path.dirname(base)
-    qconfig = (read_config(folder) or {}).get("quantization_config")
+def quantization_config(config, older, path):
+    """config.json's quantization_config (`config`: the parsed config.json or None), else quantize_config.json
+    (`older`: older GPTQ files, parsed, or None), else {}. `path` names the file in errors."""
+    qconfig = (config or {}).get("quantization_config")
     if qconfig is None:
-        older = read_config(folder, "quantize_config.json")
         qconfig = {"quant_method": "gptq", **older} if older is not None else {}
     if not isinstance(qconfig, dict):
-        raise LorakitError(
-            "quantization_config must be a JSON object", path=os.path.join(folder, "config.json")
-        )
+        raise LorakitError("quantization_config must be a JSON object", path=path)
     return qconfig
 
 
-def detect(ckpt, base):
-    """(format, {module: {role: tensor}}) of a quantized checkpoint, (None, {}) for a full-precision one. Unknown
-    quantized layouts are refused rather than treated as weights."""
-    q = quantization_config(base)
+def detect(ckpt, q, base):
+    """(format, {module: {role: tensor}}) of a quantized checkpoint (`q`: its quantization_config), (None, {}) for
+    a full-precision one. Unknown quantized layouts are refused rather than treated as weights."""
     claimed = False
     for name in FORMATS:
         try:

@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LorakitError
-from ..io import base_model_name
 from ..io.dtypes import user_dtype
-from ..quant.view import WeightView
+from ..bases import open_base
 from ..progress import progress
-from ..spec import fingerprint, identity
+from ..spec import fingerprint
 from . import lora
 from .data import get_batch, load_data, split
 from .model import LlamaForCausalLM
@@ -86,6 +85,7 @@ def train(
     )
 
     # everything is checked before the first step: config, data, targets
+    base = open_base(base)  # headers and config.json read once, for the model and the adapter's record
     model = LlamaForCausalLM.from_pretrained(base, dtype=base_dtype, device=dev)
     kind, tokens = load_data(data, model.config.vocab_size, base)
     train_data, val_data = split(kind, tokens, seq_len)
@@ -167,9 +167,8 @@ def train(
     }
     if master:
         adapter = lora.extract(model)
-        adapter.base_model = base_model_name(base)
-        view = WeightView(base)
-        adapter.base_fingerprint, adapter.base_identity = fingerprint(view.shapes()), identity(view.ckpt)
+        adapter.base_model = base.name
+        adapter.base_fingerprint, adapter.base_identity = fingerprint(base.shapes()), base.identity
         adapter.provenance = {
             "operation": "train",
             "parents": [{"file": os.path.basename(os.fspath(data)), "role": "data"}],

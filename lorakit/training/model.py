@@ -11,8 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LorakitError, with_path
-from ..io import read_config
-from ..quant.view import WeightView
+from ..bases import open_base
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -194,8 +193,10 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face Llama / Mistral / Qwen2 folder (config.json + safetensors, sharded or not)."""
-        config = read_config(folder)
+        """Load a Hugging Face Llama / Mistral / Qwen2 folder (config.json + safetensors, sharded or not; a path or
+        an opened Base)."""
+        base = open_base(folder)
+        folder, config = base.path, base.config
         if config is None:
             raise LorakitError("no config.json: the base must be a Hugging Face model folder", path=folder)
         try:
@@ -204,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
             raise with_path(e, os.path.join(folder, "config.json")) from None
         with torch.device("meta"):
             model = cls(config)
-        ckpt = WeightView(folder)  # quantized bases are read dequantized
+        ckpt = base.view  # quantized bases are read dequantized
         state = {}
         for name, p in model.state_dict(keep_vars=True).items():
             if name not in ckpt:

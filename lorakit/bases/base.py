@@ -1,0 +1,151 @@
+"""What every base container gives the commands and the merge engine: its tensors as records, its config (read
+once), its full-precision view, its names for an adapter's modules, and a writer of the same container kind."""
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..errors import LorakitError
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One weight of a base as the engine sees it. A quantized module is one record (`<module>.weight`, its
+    full-precision shape, `quant` its format) standing for its packed tensors (`members`)."""
+
+    name: str
+    shape: tuple
+    dtype: str  # the stored dtype (safetensors or GGML type name); a quantized module: its codes' tensor's
+    quant: str  # the quantized format's name, or None
+    file: str  # the file holding it (a quantized module: its first member's)
+    span: tuple  # (start, end) byte offsets in `file` (a quantized module: its first member's)
+    members: tuple = ()  # a quantized module's stored tensors
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of a fused base tensor that another tool names as a module of its own (a diffusers
+    `to_q` inside a fused `qkv`), `swapped` when the two halves of the rows come in the other order."""
+
+    alias: str
+    tensor: str
+    start: int
+    stop: int
+    swapped: bool = False
+
+
+class Base:
+    """A base checkpoint opened once: every command and the merge engine use this one object. Subclasses (one per
+    container kind, registered in lorakit.bases.KINDS) set `path`, `ckpt` (stored tensors), `view` (WeightView) and
+    `config`, and override what differs: names, output files, writer, notes."""
+
+    kind = None
+    components = None  # {name: Base} for a container of several models (a diffusers pipeline)
+    kv = None  # a GGUF's key-value metadata
+
+    def __fspath__(self):
+        return self.path  # an opened base stands where its path would
+
+    @property
+    def quantized(self):
+        return bool(self.view.quantized)
+
+    @cached_property
+    def records(self):
+        """{name: TensorRecord}: the full-precision weights and the stored tensors no quantized module hides."""
+        view, out = self.view, {}
+        for name in view.names:
+            members = (
+                tuple(view.handler.members(view.ckpt, view.quantized[name])) if name in view.quantized else ()
+            )
+            entry = self.ckpt.entry(members[0] if members else name)
+            out[name] = TensorRecord(
+                name,
+                view.shape(name),
+                entry.dtype,
+                view.handler.name if members else None,
+                self.ckpt.where[entry.name],
+                (entry.start, entry.end),
+                members,
+            )
+        return out
+
+    @cached_property
+    def _shapes(self):
+        return self.view.shapes()
+
+    def shapes(self):
+        """{tensor name: full-precision shape}: what adapters are resolved and fingerprinted against."""
+        return self._shapes
+
+    def __contains__(self, name):
+        return name in self.view
+
+    def shape(self, name):
+        return self.view.shape(name)
+
+    def get(self, name):
+        """A full-precision tensor (quantized modules dequantized)."""
+        return self.view.get(name)
+
+    @cached_property
+    def fused_slices(self):
+        """{alias: Slice}: other tools' names for rows of this base's fused tensors (diffusers names on an
+        original single file's qkv)."""
+        from ..naming.fused import fused_aliases
+
+        return {a: Slice(a, *spec) for a, spec in fused_aliases(self.shapes()).items()}
+
+    @cached_property
+    def split_slices(self):
+        """{original name: [Slice]}: an original fused module's rows as the tensors a diffusers-layout base cuts it
+        into."""
+        from ..naming.fused import split_aliases
+
+        return {a: [Slice(a, *s) for s in spec] for a, spec in split_aliases(self.shapes()).items()}
+
+    @cached_property
+    def identity(self):
+        from ..spec import identity
+
+        return identity(self.ckpt)
+
+    @property
+    def name(self):
+        """The name an adapter records for this base: config.json's _name_or_path, else the file or folder's."""
+        return (self.config or {}).get("_name_or_path") or os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def tied_embeddings(self):
+        return bool(self.config and self.config.get("tie_word_embeddings"))
+
+    def to_base_names(self, adapter):
+        """The adapter with its modules under this base's tensor names (and row order)."""
+        return adapter
+
+    def from_base_names(self, adapter):
+        """The inverse of to_base_names: an adapter on this base's names under Hugging Face's."""
+        return adapter
+
+    def full_precision(self, path):
+        """The checkpoint `--full-precision-base` names, which must name its tensors as this base does."""
+        raise LorakitError("this base has no full-precision counterpart", path=path)
+
+    def uncodec_modules(self, plans, target_dtype):
+        """Quantized modules the adapter touches that no codec writes back (written in --dtype instead)."""
+        return None
+
+    def output_files(self, output):
+        """The output path of each output file, after checking OUT names the right kind of output."""
+        return [os.fspath(output)]
+
+    def writer(self, job, outputs, untie_embed, shard_size):
+        raise NotImplementedError
+
+    def notes(self, plans, job, options):
+        """What this container kind had to decide during a merge."""
+        return []
+
+    def report(self, writer):
+        """Container-specific entries of the merge report."""
+        return {}

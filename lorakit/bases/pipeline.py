@@ -1,0 +1,61 @@
+"""diffusers pipeline folders (model_index.json beside unet/, text_encoder/, transformer/ ...): each component folder
+a base of its own, their tensor names seen with the component as prefix (unet.<name>), as diffusers LoRAs name them."""
+
+import os
+from functools import cached_property
+
+from ..errors import LorakitError
+from .base import Base
+
+INDEX = "model_index.json"
+
+
+class PipelineBase(Base):
+    kind = "diffusers-pipeline"
+    config = None
+    kv = None
+
+    @staticmethod
+    def claims(path):
+        return os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX))
+
+    def __init__(self, path):
+        from . import open_base
+
+        self.path = os.fspath(path)
+        folder = os.path.realpath(self.path)
+        self.components = {}
+        for entry in sorted(os.listdir(self.path)):
+            sub = os.path.join(self.path, entry)
+            if os.path.islink(sub) or os.path.dirname(os.path.realpath(sub)) != folder:
+                continue  # a component is a folder of the pipeline, never a link out of it
+            if os.path.isdir(sub) and any(f.endswith(".safetensors") for f in os.listdir(sub)):
+                self.components[entry] = open_base(sub)
+
+    @cached_property
+    def _shapes(self):
+        return {f"{c}.{k}": v for c, base in self.components.items() for k, v in base.shapes().items()}
+
+    def __contains__(self, name):
+        component, _, rest = name.partition(".")
+        return component in self.components and rest in self.components[component]
+
+    def get(self, name):
+        component, _, rest = name.partition(".")
+        if name not in self:
+            raise LorakitError("no such tensor in the pipeline", path=self.path, tensor=name)
+        return self.components[component].get(rest)
+
+    @property
+    def quantized(self):
+        return any(base.quantized for base in self.components.values())
+
+    @property
+    def records(self):
+        return {f"{c}.{k}": r for c, base in self.components.items() for k, r in base.records.items()}
+
+    @property
+    def identity(self):
+        raise LorakitError(
+            "a pipeline has no single base identity: name one of its components", path=self.path
+        )

@@ -1,0 +1,161 @@
+"""Safetensors bases: one .safetensors file or a Hugging Face folder (single or sharded, full precision or
+quantized: FP8, INT8, GPTQ, AWQ, NF4, found from the config and the tensor names)."""
+
+import json
+import os
+import shutil
+from functools import cached_property
+
+from ..errors import LorakitError
+from ..io import INDEX, Checkpoint, ShardWriter, atomic_output, read_config, spec_nbytes
+from ..io.dtypes import dtype_name
+from ..naming.embeddings import HEAD
+from .base import Base
+from .view import WeightView
+
+
+class SafetensorsBase(Base):
+    kind = "safetensors"
+
+    @staticmethod
+    def claims(path):
+        return True  # the last kind asked: a file or folder of safetensors (Checkpoint says what is wrong)
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        self.config = read_config(self.folder)  # config.json read here, once
+
+    @cached_property
+    def ckpt(self):
+        """The stored tensors: every shard header parsed once, when first needed (a folder holding only config.json
+        still gives a GGUF writer its head counts)."""
+        return Checkpoint(self.path)
+
+    @cached_property
+    def view(self):
+        from ..quant import detect, quantization_config
+
+        older = None
+        if not (self.config or {}).get("quantization_config"):
+            older = read_config(self.folder, "quantize_config.json")
+        q = quantization_config(self.config, older, os.path.join(self.folder or ".", "config.json"))
+        handler, modules = detect(self.ckpt, q, self.path)
+        return WeightView(self.path, self.ckpt, handler, modules)
+
+    @cached_property
+    def single_file_header(self):
+        """The parsed header when the base is one file (what the adapter detectors look at), else None."""
+        return self.ckpt.shards[self.ckpt.files[0]].header if os.path.isfile(self.path) else None
+
+    def full_precision(self, path):
+        from .gguf import GGUFBase
+
+        if GGUFBase.claims(path):
+            raise LorakitError(
+                "--full-precision-base must name its tensors as the base does: a safetensors checkpoint for a "
+                "safetensors base",
+                path=path,
+            )
+        return Checkpoint(path)
+
+    def writer(self, job, outputs, untie_embed, shard_size):
+        return SafetensorsWriter(job, self.path, untie_embed, shard_size)
+
+    def report(self, writer):
+        return {"shard_count": len(writer.shards) if writer.folder else 1}
+
+
+class SafetensorsWriter:
+    """Output as the base's layout: one .safetensors file, or a Hugging Face folder (shards, index, the folder's other
+    files, config.json updated for a new dtype, untied embeddings or a dropped quantization)."""
+
+    def __init__(self, job, base, untie_embed, shard_size=None):
+        self.job, self.base, self.untie_embed = job, base, untie_embed
+        self.folder = os.path.isdir(base) or shard_size is not None
+        self.shards = self._layout(shard_size)
+        self.total = sum(spec_nbytes(spec) for _, specs in self.shards for spec in specs)
+
+    def _layout(self, shard_size):
+        ckpt, order = self.job.ckpt, []
+        for file in ckpt.files:
+            names = list(ckpt.shards[file].header.entries)
+            if self.untie_embed is not None and self.untie_embed in names:
+                names.insert(names.index(self.untie_embed) + 1, HEAD)
+            order.append((os.path.basename(file), self.job.output_names(names)))
+        if shard_size is None:
+            return [(f, [self.job.spec_of(n) for n in names]) for f, names in order]
+        shards, current, size = [], [], 0
+        for _, names in order:
+            for spec in map(self.job.spec_of, names):
+                nbytes = spec_nbytes(spec)
+                if current and size + nbytes > shard_size:
+                    shards.append(current)
+                    current, size = [], 0
+                current.append(spec)
+                size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            return [("model.safetensors", shards[0])]
+        return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
+
+    def destination(self, outputs, force):
+        """The temporary path the output is written under, renamed into place when complete."""
+        if self.folder and outputs[0].endswith(".safetensors"):
+            raise LorakitError(
+                "the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): -o "
+                "names a .safetensors file; give a folder name",
+                path=outputs[0],
+            )
+        return atomic_output(outputs[0], force=force, directory=self.folder)
+
+    def open_shard(self, tmp, file_name, specs):
+        meta = next(
+            (
+                self.job.ckpt.shards[f].header.metadata
+                for f in self.job.ckpt.files
+                if os.path.basename(f) == file_name
+            ),
+            None,
+        ) or {"format": "pt"}
+        return ShardWriter(os.path.join(tmp, file_name) if self.folder else tmp, specs, meta, direct=True)
+
+    def finish(self, tmp, weight_map, total):
+        """Copy the folder's other files; rewrite the index and, where needed, config.json (a dequantized output
+        loses its quantization_config and quantize_config.json)."""
+        if not self.folder:
+            return
+        drop_quantization, target_dtype = self.job.dequantize_out, self.job.target_dtype
+        if os.path.isdir(self.base):
+            for entry in os.listdir(self.base):
+                src = os.path.join(self.base, entry)
+                if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
+                    continue
+                if drop_quantization and entry == "quantize_config.json":
+                    continue
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, entry))
+                else:
+                    shutil.copy2(src, os.path.join(tmp, entry))
+        if len(self.shards) > 1 or self.job.ckpt.index is not None:
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                    f,
+                    indent=2,
+                )
+                f.write("\n")
+        config_path = os.path.join(tmp, "config.json")
+        if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed):
+            with open(config_path) as f:
+                config = json.load(f)
+            if drop_quantization:
+                config.pop("quantization_config", None)
+            if target_dtype is not None:
+                key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+                config[key] = dtype_name(target_dtype)
+            if self.untie_embed:
+                config["tie_word_embeddings"] = False
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")

@@ -1,0 +1,161 @@
+"""The merge, plan then execute: adapters (already on the base's names) into an opened Base, streamed tensor by
+tensor into an output of the same container kind, then the report. The command only checks arguments."""
+
+import os
+import shutil
+
+from ..errors import LorakitError, listed, opt
+from ..io import atomic_output, check_output
+from ..progress import progress
+from . import pipeline
+from .plan import plan_merge
+from .report import merge_notes, survival_summary
+
+
+def merge_into(base, loaded, output, options, input_paths=()):
+    """Merge `loaded` ([(label, Adapter, weight)]) into the Base `base`, writing `output`. Returns the report."""
+    if base.components is not None:
+        return merge_components(base, loaded, output, options, input_paths)
+    loaded = [(label, base.to_base_names(ad), w) for label, ad, w in loaded]
+    outputs = base.output_files(output)
+    for path in outputs:
+        check_output(
+            path, [base.path, options.full_precision_base, *input_paths, *base.ckpt.files], options.force
+        )
+    plan = plan_merge(base, loaded, options)
+    if plan.skipped and not any(p.touched for p in plan.tensors.values()):
+        raise LorakitError(
+            f"none of the adapter tensors is in the base ({len(plan.skipped)} skipped, e.g. {plan.skipped[0]}): "
+            "is this the right base?",
+            path=base.path,
+        )
+    full = base.full_precision(options.full_precision_base) if options.full_precision_base else None
+    job = pipeline.MergeJob(base, plan, options, full)
+    if job.requantizes and "original" in (options.strategy, options.onto) and full is None:
+        raise LorakitError(
+            "--strategy original and --onto original need --full-precision-base", path=base.path
+        )
+    writer = base.writer(job, outputs, plan.untie, options.shard_bytes)
+    execute(job, writer, writer.destination(outputs, options.force), output, options)
+    return merge_report(base, loaded, output, options, plan, job, writer)
+
+
+def execute(job, writer, destination, output, options):
+    """Write every output tensor under the temporary name(s), renamed into place when complete."""
+    _large_buffers_back_to_os()
+    bar = progress(total=writer.total, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
+    with destination as tmp, bar:
+        try:
+            pipeline.run(job, writer, tmp, options.threads or default_threads(), bar)
+        except OSError as e:
+            raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
+
+
+def merge_report(base, loaded, output, options, plan, job, writer):
+    notes = merge_notes(base, loaded, plan, job, options)
+    report = {
+        "output": os.fspath(output),
+        "base": base.path,
+        "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+        "unmerge": options.unmerge,
+        "tensor_count": sum(len(s) for _, s in writer.shards),
+        "merged_count": sum(p.touched for p in plan.tensors.values()),
+        "bytes": writer.total,
+        "dtype": options.dtype or "keep",
+        "skipped": plan.skipped,
+        "notes": notes,
+        **base.report(writer),
+    }
+    if base.quantized:
+        report["quantization"] = survival_summary(base.view.handler, options.strategy, job, notes)
+    return report
+
+
+def merge_components(base, loaded, output, options, input_paths):
+    """A base of several models (a diffusers pipeline): each component merged with the modules under its name,
+    everything else copied; one atomic output folder."""
+    parts, skipped = split_by_component(base, loaded)
+    if skipped and not options.skip_unmatched:
+        raise LorakitError(
+            f"{len(skipped)} adapter tensor(s) are in no component of the pipeline: {', '.join(skipped[:6])} "
+            f"({opt('skip_unmatched', True)} merges the rest)",
+            path=base.path,
+        )
+    if not parts:
+        raise LorakitError("none of the adapter tensors is in a component of the pipeline", path=base.path)
+    reports = {}
+    with atomic_output(output, force=options.force, directory=True) as tmp:
+        for entry in sorted(os.listdir(base.path)):
+            src, dst = os.path.join(base.path, entry), os.path.join(tmp, entry)
+            if entry in parts:
+                reports[entry] = merge_into(base.components[entry], parts[entry], dst, options)
+            elif os.path.isdir(src):
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+    return components_report(base, loaded, output, options, reports, skipped)
+
+
+def split_by_component(base, loaded):
+    """({component: [(label, Adapter on the component's names, weight)]}, [adapter tensors in no component])."""
+    from ..core import Adapter
+    from ..formats.diffusers import split_components
+
+    parts, skipped = {}, []
+    for label, ad, w in loaded:
+        split, outside = split_components(ad)
+        if outside and "transformer" in base.components:
+            # original DiT names (BFL, Wan, ...): the transformer's plan cuts them into its diffusers tensors
+            split.setdefault("transformer", Adapter()).modules.update(
+                {n: m for n, m in ad.modules.items() if f"{n}.weight" in outside}
+            )
+            outside = [n for n in outside if n[: -len(".weight")] not in ad.modules]
+        skipped += outside
+        for c, sub in split.items():
+            if c in base.components:
+                parts.setdefault(c, []).append((label, sub, w))
+            else:
+                skipped += [f"{n}.weight" for n in sub.modules] + list(sub.replacements) + list(sub.deltas)
+    return parts, skipped
+
+
+def components_report(base, loaded, output, options, reports, skipped):
+    notes = [f"{c}: {n}" for c, r in reports.items() for n in r["notes"]]
+    if skipped:
+        notes.append(f"skipped {len(skipped)} adapter tensor(s) in no component: {listed(skipped)}")
+    total = lambda key: sum(r[key] for r in reports.values())
+    return {
+        "output": os.fspath(output),
+        "base": base.path,
+        "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
+        "unmerge": options.unmerge,
+        "components": {c: r["merged_count"] for c, r in reports.items()},
+        "tensor_count": total("tensor_count"),
+        "merged_count": total("merged_count"),
+        "shard_count": total("shard_count"),
+        "bytes": total("bytes"),
+        "dtype": options.dtype or "keep",
+        "skipped": skipped + [s for r in reports.values() for s in r["skipped"]],
+        "notes": notes,
+    }
+
+
+def default_threads():
+    """Workers: one per CPU, at most 4. Full-precision tensors are big vectorized passes that memory bandwidth bounds;
+    requantized modules take turns in their column loops (rounding.COLUMN_LOOPS, 30-40% of a worker's time), so more
+    workers only add modules in memory: 2 layers of 4096 x 11008 FP8 on 2 CPUs, feedback 5.5 s / 555 MiB with 2
+    workers, 5.7 s / 706 MiB with 4."""
+    return min(4, os.cpu_count() or 1)
+
+
+def _large_buffers_back_to_os():
+    """glibc keeps freed tensor-sized buffers in its heap once its mmap threshold has adapted upwards, so peak RSS
+    grows with the number of tensors seen. A fixed 8 MiB threshold gives tensor-sized buffers back when freed (the
+    tensors in flight live in BufferPools anyway) while the 2 MB fp32 row blocks stay in the heap, reused without
+    page faults."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune

@@ -1,0 +1,72 @@
+"""What a merge reports beyond its counts: notes on what the fingerprint cannot see, tied embeddings, skipped
+tensors, the container's own notes, and the survival of each requantized module."""
+
+import os
+
+from ..errors import listed
+from ..naming.embeddings import HEAD, is_embedding
+
+
+def merge_notes(base, loaded, plan, job, options):
+    notes = embedding_notes(base, plan) + base_notes(base, loaded) + base.notes(plan.tensors, job, options)
+    if plan.skipped:
+        notes.append(
+            f"skipped {len(plan.skipped)} adapter tensor(s) not in the base (--skip-unmatched): {listed(plan.skipped)}"
+        )
+    if plan.untie:
+        notes.append(
+            f"tied embeddings: the adapter changes {plan.untie} / lm_head.weight; both were written and "
+            "tie_word_embeddings set to false in config.json"
+        )
+    return notes
+
+
+def base_notes(base, loaded):
+    """What the fingerprint cannot see (it checks names and shapes only): an adapter recording another base name, or
+    another base identity (the same shapes with other weights: the instruct model instead of the base)."""
+    notes = []
+    for label, ad, _ in loaded:
+        if ad.base_identity and ad.base_identity != base.identity:
+            notes.append(
+                f"WARNING: {label} was made on a base with other weights (its base identity differs: same tensor "
+                "names and shapes, other values or dtype; e.g. an instruct model instead of its base). Merged anyway"
+            )
+        if ad.base_model and _short(ad.base_model) != _short(base.name):
+            notes.append(f"{label} records the base '{ad.base_model}'; merging into '{base.name}'")
+    return notes
+
+
+def _short(name):
+    return os.path.basename(os.path.normpath(str(name))).lower()
+
+
+def embedding_notes(base, plan):
+    """An adapter on the embedding of a base whose tying cannot be checked (no config.json, no lm_head.weight): the
+    merged embedding may or may not be the output head too; say so rather than guess."""
+    touched = [n for n, p in plan.tensors.items() if p.touched and is_embedding(n)]
+    if touched and base.config is None and base.kv is None and HEAD not in base:
+        return [
+            f"WARNING: the adapter changes {touched[0]} and the base has no config.json and no {HEAD}: if the "
+            "model ties its output head to the embedding, the head changes too (put config.json beside the file "
+            "to have tied embeddings untied and the head written)"
+        ]
+    return []
+
+
+def survival_summary(handler, strategy, job, notes):
+    rows = job.survival
+    summary = {
+        "format": handler.name,
+        "strategy": "dequantized (--dtype)" if job.dequantize_out else strategy,
+        "modules": [{"module": k, **rows[k]} for k in sorted(rows)],
+    }
+    if rows:
+        for key in ("retention", "noise", "codes_changed", "probe_error_random", "probe_error_aligned"):
+            summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)
+        if summary["mean_retention"] < 0.5:
+            notes.append(
+                f"WARNING: only {100 * summary['mean_retention']:.0f}% of the adapter survived requantization "
+                f"to {handler.name} with --strategy {strategy}. Better here: --strategy feedback (default), "
+                "--strategy original with --full-precision-base, or a full-precision output with --dtype bf16"
+            )
+    return summary

@@ -1,0 +1,169 @@
+"""Command options, declared once: a dataclass per option set, shared by the CLI (its click options are made from
+the fields), the commands (the library functions take the same keywords) and the engine (which receives the record).
+
+A field's metadata holds its help text and, where the CLI needs them, its choices and type. Validation lives in the
+dataclass (`check`), so the CLI and the library refuse the same values with the same message. Torch-free: the CLI
+imports this at start-up.
+"""
+
+import functools
+import inspect
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+
+from .errors import LorakitError, missing, opt
+from .io.dtypes import ALIASES, USER_DTYPES
+from .quant import STRATEGIES
+
+DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
+ONTO = ("dequantized", "original")
+MIN_SHARD = 1 << 20
+
+
+def option(default, help, choices=None, type=None, path=False):
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type, "path": path})
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    dtype: str = option(
+        "keep",
+        f"Output dtype of floating tensors: keep (each tensor's own), {DTYPE_HELP}. GGUF bases: the type of merged "
+        "tensors whose GGML type has no codec (IQ*); every other tensor keeps its type.",
+    )
+    unmerge: bool = option(False, "Subtract the adapters instead of adding them.")
+    shard_size: str = option(None, "Re-shard the output (e.g. 5GB, 2GiB).")
+    threads: int = option(None, "Worker threads (default: one per CPU, at most 4).", type=int)
+    force: bool = option(False, "Replace OUT if it exists (an output of the same kind; never an input).")
+    quiet: bool = option(False, "No progress bar.")
+    ignore_fingerprint: bool = option(False, "Merge even if the adapter names another base.")
+    strategy: str = option(
+        next(iter(STRATEGIES)),
+        "Quantized bases: how W + dW goes back onto the grid (see README).",
+        choices=tuple(STRATEGIES),
+    )
+    full_precision_base: str = option(
+        None, "The unquantized base (for --strategy original / --onto original).", path=True
+    )
+    onto: str = option(
+        "dequantized",
+        "Quantized bases: merge onto dequant(Q(W)) (what a QLoRA adapter saw) or onto the original W.",
+        choices=ONTO,
+    )
+    seed: int = option(0, "Seed of --strategy stochastic and the probes.", type=int)
+    skip_unmatched: bool = option(
+        False,
+        "Merge the adapter tensors the base has, report the others by name (parts stored in other files: a Flux "
+        "LoRA's CLIP-L, SDXL's second text encoder).",
+    )
+
+    @property
+    def shard_bytes(self):
+        return parse_size(self.shard_size)
+
+    def check(self):
+        """Refuse (never clamp) what is out of range; returns self."""
+        self.shard_bytes  # noqa: B018 (refused now, before any work)
+        in_range("threads", self.threads, 1, integer=True)
+        existing(self.full_precision_base, "full_precision_base")
+        if self.strategy not in STRATEGIES:
+            raise LorakitError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
+        if self.onto not in ONTO:
+            raise LorakitError(f"{opt('onto', bare=True)} is 'dequantized' or 'original', not '{self.onto}'")
+        return self
+
+
+def takes_options(options_class):
+    """A command `f(*args, options)` called as `f(*args, **keywords)` with the fields of `options_class` as
+    keywords (or `options=` a record); its signature shows them, and unknown keywords are an error."""
+    names = [f.name for f in fields(options_class)]
+
+    def wrap(function):
+        @functools.wraps(function)
+        def run(*args, options=None, **keywords):
+            unknown = sorted(set(keywords) - set(names))
+            if unknown:
+                raise LorakitError(f"{function.__name__}() takes no option {', '.join(unknown)}")
+            record = options if options is not None else options_class(**keywords)
+            return function(*args, record.check())
+
+        own = list(inspect.signature(function).parameters.values())[:-1]
+        extra = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+            for f in fields(options_class)
+        ]
+        run.__signature__ = inspect.Signature(own + extra)
+        return run
+
+    return wrap
+
+
+def cli_options(options_class, skip=()):
+    """click options for the fields of `options_class` (but `skip`): --name-with-dashes, flags for booleans."""
+    import click
+
+    def wrap(function):
+        for f in reversed(fields(options_class)):
+            if f.name in skip:
+                continue
+            meta, flag = f.metadata, f"--{f.name.replace('_', '-')}"
+            if f.type in (bool, "bool"):
+                function = click.option(flag, is_flag=True, help=meta["help"])(function)
+                continue
+            kind = click.Choice(list(meta["choices"])) if meta["choices"] else meta["type"]
+            kind = click.Path() if meta["path"] else kind
+            shown = f.default is not None
+            function = click.option(
+                flag, default=f.default, show_default=shown, type=kind, help=meta["help"]
+            )(function)
+        return function
+
+    return wrap
+
+
+def parse_size(text):
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
+    if not m:
+        raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
+    power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
+    size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if size < 1000 or (not m.group(2) and size < MIN_SHARD):
+        raise LorakitError(
+            f"shard size '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB"
+        )
+    return size
+
+
+def in_range(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """Refuse (never clamp) an option outside its range (`name`: the parameter, named as the caller spells it)."""
+    if value is None:
+        return None
+    name = opt(name, bare=True)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
+        raise LorakitError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            where = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            where = f"{'>' if low_open else '>='} {low}"
+        else:
+            where = f"{'<' if high_open else '<='} {high}"
+        raise LorakitError(f"{name} must be {where}, got {value}")
+    return value
+
+
+def existing(path, option):
+    """A path option that must exist (never resolved against anything else when it does not)."""
+    if path is not None and not os.path.exists(os.fspath(path)):
+        raise missing(path, opt(option, bare=True) if option.islower() else option)
+    return path
