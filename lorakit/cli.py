@@ -14,7 +14,7 @@ from . import render
 from ._version import __version__
 from .formats import FORMATS
 from .methods import METHODS
-from .options import DTYPE_HELP, MergeOptions, cli_options
+from .options import DTYPE_HELP, MergeOptions, TrainOptions, cli_options
 
 
 class Terminated(KeyboardInterrupt):
@@ -353,88 +353,12 @@ def merge_cmd(base, adapters, output, as_json, **options):
     "--data", required=True, type=click.Path(), help="Token ids: .npy, .bin (uint16/uint32), .jsonl; or text."
 )
 @_output("Output adapter file (a folder with --format peft).")
-@click.option("--rank", type=int, default=16, show_default=True)
-@click.option("--alpha", type=float, default=32.0, show_default=True)
-@click.option(
-    "--targets", default="q_proj,v_proj", show_default=True, help="Module names, suffixes or globs."
-)
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option(
-    "--batch", type=int, default=8, show_default=True, help="Global batch (split over torchrun processes)."
-)
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option(
-    "--eval-every", type=int, default=50, show_default=True, help="Held-out eval every N steps (0: end)."
-)
-@click.option("--warmup", type=int, help="Warmup steps (default: 10% of the steps).")
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA, then MPS, then CPU), cpu, cuda..."
-)
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    help=f"Dtype of the frozen base: auto (bf16 on a GPU, else fp32), {DTYPE_HELP}.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--format", "format_", default="lorakit", show_default=True, type=click.Choice(["lorakit", "peft"])
-)
-@click.option("--resume", type=click.Path(), help="Start from this adapter's factors.")
-def train_cmd(
-    base,
-    data,
-    output,
-    force,
-    as_json,
-    quiet,
-    rank,
-    alpha,
-    targets,
-    steps,
-    lr,
-    batch,
-    seq_len,
-    grad_accum,
-    eval_every,
-    warmup,
-    device,
-    dtype,
-    seed,
-    format_,
-    resume,
-):
+@cli_options(TrainOptions, skip=("force", "quiet"))
+def train_cmd(base, data, output, as_json, **options):
     """Train a LoRA adapter on a Llama-family checkpoint (GPU when there is one; torchrun for several)."""
     from .commands.train import train
 
-    emit(
-        train(
-            base,
-            data,
-            output,
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            steps=steps,
-            lr=lr,
-            batch=batch,
-            seq_len=seq_len,
-            grad_accum=grad_accum,
-            eval_every=eval_every,
-            warmup=warmup,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            format=format_,
-            resume=resume,
-            force=force,
-            quiet=quiet,
-        ),
-        as_json,
-        render.train_text,
-    )
+    emit(train(base, data, output, **options), as_json, render.train_text)
 
 
 # ---------------------------------------------------------------- demo

@@ -75,6 +75,40 @@ class MergeOptions:
         return self
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    rank: int = option(16, None, type=int)
+    alpha: float = option(32.0, None, type=float)
+    targets: str = option("q_proj,v_proj", "Module names, suffixes or globs.")
+    steps: int = option(100, None, type=int)
+    lr: float = option(2e-4, None, type=float)
+    batch: int = option(8, "Global batch (split over torchrun processes).", type=int)
+    seq_len: int = option(256, None, type=int)
+    grad_accum: int = option(1, None, type=int)
+    eval_every: int = option(50, "Held-out eval every N steps (0: end).", type=int)
+    warmup: int = option(None, "Warmup steps (default: 10% of the steps).", type=int)
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda...")
+    dtype: str = option("auto", f"Dtype of the frozen base: auto (bf16 on a GPU, else fp32), {DTYPE_HELP}.")
+    seed: int = option(0, None, type=int)
+    format: str = option("lorakit", None, choices=("lorakit", "peft"))
+    resume: str = option(None, "Start from this adapter's factors.", path=True)
+    force: bool = option(False, "Replace OUT if it exists (an output of the same kind; never an input).")
+    quiet: bool = option(False, "No progress bar.")
+
+    def check(self):
+        """Refuse (never clamp) what is out of range; returns self."""
+        existing(self.resume, "resume")
+        for name in ("rank", "steps", "batch", "seq_len", "grad_accum"):
+            in_range(name, getattr(self, name), 1, integer=True)
+        for name in ("eval_every", "warmup", "seed"):
+            in_range(name, getattr(self, name), 0, integer=True)
+        in_range("alpha", self.alpha, 0, low_open=True)
+        in_range("lr", self.lr, 0, low_open=True)
+        if self.format not in ("lorakit", "peft"):
+            raise LorakitError(f"--format is lorakit or peft, not '{self.format}'")
+        return self
+
+
 def takes_options(options_class):
     """A command `f(*args, options)` called as `f(*args, **keywords)` with the fields of `options_class` as
     keywords (or `options=` a record); its signature shows them, and unknown keywords are an error."""

@@ -53,15 +53,7 @@ def combine(
     check_output(output, paths(inputs), force, directory=False)
     loaded = load_inputs(inputs)
     same_base(loaded)
-    out_dtype = (
-        user_dtype(dtype)
-        if dtype != "keep"
-        else max(
-            (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values()),
-            key=lambda d: WIDTH.get(d, 0),
-            default=torch.float32,
-        )
-    )
+    out_dtype = _combined_dtype(loaded, dtype)
     names = sorted({n for _, ad, _ in loaded for n in ad.modules})
     first = loaded[0][1]
     result = Adapter(
@@ -69,31 +61,11 @@ def combine(
         base_fingerprint=first.base_fingerprint,
         base_identity=first.base_identity,
     )
-    rows = []
-    for name in progress(names, quiet=quiet, desc=f"combine ({method})", unit="module"):
-        entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
-        try:
-            module, stats = algebra.combine_module(
-                name, entries, combine_method, out_dtype, rank=rank, energy=energy, density=density, seed=seed
-            )
-        except LorakitError as e:
-            raise LorakitError(str(e), path=", ".join(p for p, _, _ in loaded)) from None
-        result.add(module)
-        rows.append(stats)
-    for path, ad, w in loaded:
-        for key, t in ad.replacements.items():
-            if key in result.replacements:
-                raise LorakitError(
-                    "more than one input replaces this tensor: cannot combine full replacements",
-                    path=path,
-                    tensor=key,
-                )
-            result.replacements[key] = t
-    sums = {}
-    for _, ad, w in loaded:  # full-tensor deltas add exactly, in fp32, rounded once
-        for key, t in ad.deltas.items():
-            sums[key] = sums.get(key, 0) + t.float() * w
-    result.deltas = {key: t.to(out_dtype) for key, t in sums.items()}
+    kw = dict(rank=rank, energy=energy, density=density, seed=seed)
+    rows = _combine_modules(
+        loaded, names, combine_method, out_dtype, result, kw, f"combine ({method})", quiet
+    )
+    _combine_full_tensors(loaded, result, out_dtype)
     result.provenance = {
         "operation": "combine",
         "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
@@ -110,6 +82,46 @@ def combine(
         "rank": sum(r["rank"] for r in rows),
         "min_energy_kept": min((r["energy_kept"] for r in rows), default=1.0),
     }
+
+
+def _combine_modules(loaded, names, combine_method, out_dtype, result, kw, desc, quiet):
+    """Each module's combination added to `result`; returns the report rows."""
+    rows = []
+    for name in progress(names, quiet=quiet, desc=desc, unit="module"):
+        entries = [(ad.modules.get(name), w) for _, ad, w in loaded]
+        try:
+            module, stats = algebra.combine_module(name, entries, combine_method, out_dtype, **kw)
+        except LorakitError as e:
+            raise LorakitError(str(e), path=", ".join(p for p, _, _ in loaded)) from None
+        result.add(module)
+        rows.append(stats)
+    return rows
+
+
+def _combined_dtype(loaded, dtype):
+    """--dtype, or with keep the widest dtype of the inputs' factors."""
+    if dtype != "keep":
+        return user_dtype(dtype)
+    factors = (m.A.dtype for _, ad, _ in loaded for m in ad.modules.values())
+    return max(factors, key=lambda d: WIDTH.get(d, 0), default=torch.float32)
+
+
+def _combine_full_tensors(loaded, result, out_dtype):
+    """Replacements are taken as they are (one input each); full-tensor deltas add exactly, in fp32, rounded once."""
+    for path, ad, w in loaded:
+        for key, t in ad.replacements.items():
+            if key in result.replacements:
+                raise LorakitError(
+                    "more than one input replaces this tensor: cannot combine full replacements",
+                    path=path,
+                    tensor=key,
+                )
+            result.replacements[key] = t
+    sums = {}
+    for _, ad, w in loaded:
+        for key, t in ad.deltas.items():
+            sums[key] = sums.get(key, 0) + t.float() * w
+    result.deltas = {key: t.to(out_dtype) for key, t in sums.items()}
 
 
 def resize(

@@ -15,12 +15,8 @@ def demo(keep=None, quiet=False, echo=print):
 
 
 def _demo(folder, quiet, echo):
-    import torch
 
     from .. import examples
-    from ..training import lora
-    from ..formats import load
-    from ..training.model import LlamaForCausalLM
     from ..render import inspect_text, merge_text, train_text, validate_text
     from .inspect import inspect
     from .merge import merge
@@ -65,13 +61,7 @@ def _demo(folder, quiet, echo):
     merged = merge(base, [adapter_path], merged_dir, force=True, quiet=True)
     echo(merge_text(merged))
 
-    # the merged checkpoint computes what base + adapter computes
-    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
-    model = LlamaForCausalLM.from_pretrained(base)
-    lora.inject(model, targets, rank=8, alpha=16)
-    lora.load_into(model, load(adapter_path))
-    with torch.no_grad():
-        diff = (LlamaForCausalLM.from_pretrained(merged_dir)(ids) - model(ids)).abs().max().item()
+    diff = _max_logit_difference(base, merged_dir, adapter_path, targets)
     echo(f"\n# merged model vs base + adapter: max |logits difference| = {diff:.2e}")
     return {
         "folder": folder,
@@ -83,3 +73,19 @@ def _demo(folder, quiet, echo):
         "merge": merged,
         "max_logit_diff": diff,
     }
+
+
+def _max_logit_difference(base, merged_dir, adapter_path, targets):
+    """The merged checkpoint computes what base + adapter computes: the largest logit difference on random ids."""
+    import torch
+
+    from ..formats import load
+    from ..training import lora
+    from ..training.model import LlamaForCausalLM
+
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = LlamaForCausalLM.from_pretrained(base)
+    lora.inject(model, targets, rank=8, alpha=16)
+    lora.load_into(model, load(adapter_path))
+    with torch.no_grad():
+        return (LlamaForCausalLM.from_pretrained(merged_dir)(ids) - model(ids)).abs().max().item()

@@ -16,6 +16,43 @@ from ..training.lora import matches, target_list
 from .args import rank_rule
 
 
+# what extract says of a tensor it does not turn into a module (besides the count of unchanged ones)
+OUTCOMES = ("not_targeted", "only_in_tuned", "only_in_base", "shape_changed", "replaced", "not_float")
+
+
+def _difference(name, cb, ct, targets):
+    """Why tensor `name` of the tuned checkpoint gives no delta ('unchanged' or a key of OUTCOMES), or both
+    tensors (base, tuned), read once."""
+    if name not in cb:
+        return "only_in_tuned"
+    if cb.shape(name) != ct.shape(name):
+        return "shape_changed"
+    raw = cb.raw(name)
+    if raw is not None and raw == ct.raw(name):
+        return "unchanged"
+    W0, W1 = cb.get(name), ct.get(name)
+    if not (W0.is_floating_point() and W1.is_floating_point()):
+        return "not_float"
+    if torch.equal(W0.float(), W1.float()):
+        return "unchanged"
+    module_name = name[: -len(".weight")] if name.endswith(".weight") else name
+    if targets and not matches(module_name, targets):
+        return "not_targeted"
+    return W0, W1
+
+
+def _extract_module(name, W0, W1, adapter, rank, energy, out_dtype, generator):
+    """The best low-rank factors of tuned - base for one weight, added to `adapter`; returns its report row."""
+    module_name = name[: -len(".weight")]
+    D = W1.float().flatten(1) - W0.float().flatten(1)
+    B2, A2, stats = algebra.extract_matrix(D, rank=rank, energy=energy, generator=generator)
+    kind = "embedding" if W1.ndim == 2 and is_embedding(name) else default_kind(W1.ndim)
+    adapter.add(
+        algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2, out_dtype or W1.dtype)
+    )
+    return {"module": module_name, **stats}
+
+
 def extract(
     base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False, quiet=False
 ):
@@ -34,56 +71,23 @@ def extract(
         base_fingerprint=fingerprint(base_ckpt.shapes()),
         base_identity=base_ckpt.identity,
     )
-    rows, report = (
-        [],
-        {
-            "unchanged": 0,
-            "not_targeted": [],
-            "only_in_tuned": [],
-            "only_in_base": [],
-            "shape_changed": [],
-            "replaced": [],
-            "not_float": [],
-        },
-    )
+    rows, report = [], {"unchanged": 0, **{k: [] for k in OUTCOMES}}
     generator = torch.Generator().manual_seed(seed)
-    with progress(
-        total=sum(ct.nbytes(n) for n in ct.names), quiet=quiet, desc="extract", unit="B", unit_scale=True
-    ) as bar:
+    total = sum(ct.nbytes(n) for n in ct.names)
+    with progress(total=total, quiet=quiet, desc="extract", unit="B", unit_scale=True) as bar:
         for name in ct.names:
             bar.update(ct.nbytes(name))
-            if name not in cb:
-                report["only_in_tuned"].append(name)
-                continue
-            if cb.shape(name) != ct.shape(name):
-                report["shape_changed"].append(name)
-                continue
-            raw = cb.raw(name)
-            if raw is not None and raw == ct.raw(name):
+            outcome = _difference(name, cb, ct, targets)
+            if outcome == "unchanged":
                 report["unchanged"] += 1
-                continue
-            W0, W1 = cb.get(name), ct.get(name)
-            if not (W0.is_floating_point() and W1.is_floating_point()):
-                report["not_float"].append(name)
-                continue
-            if torch.equal(W0.float(), W1.float()):
-                report["unchanged"] += 1
-                continue
-            module_name = name[: -len(".weight")] if name.endswith(".weight") else name
-            if targets and not matches(module_name, targets):
-                report["not_targeted"].append(name)
-                continue
-            if W1.ndim < 2 or not name.endswith(".weight"):
+            elif isinstance(outcome, str):
+                report[outcome].append(name)
+            elif outcome[1].ndim < 2 or not name.endswith(".weight"):
+                W1 = outcome[1]
                 adapter.replacements[name] = W1.clone() if out_dtype is None else W1.to(out_dtype)
                 report["replaced"].append(name)
-                continue
-            D = W1.float().flatten(1) - W0.float().flatten(1)
-            B2, A2, stats = algebra.extract_matrix(D, rank=rank, energy=energy, generator=generator)
-            kind = "embedding" if W1.ndim == 2 and is_embedding(name) else default_kind(W1.ndim)
-            adapter.add(
-                algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2, out_dtype or W1.dtype)
-            )
-            rows.append({"module": module_name, **stats})
+            else:
+                rows.append(_extract_module(name, *outcome, adapter, rank, energy, out_dtype, generator))
     for name in cb.names:
         if name not in ct:
             report["only_in_base"].append(name)
@@ -91,14 +95,7 @@ def extract(
         raise LorakitError(
             "nothing to extract: no targeted tensor differs between the checkpoints", path=tuned
         )
-    adapter.provenance = {
-        "operation": "extract",
-        "parents": [
-            {"file": os.path.basename(os.path.normpath(os.fspath(p))), "role": r}
-            for p, r in ((base, "base"), (tuned, "tuned"))
-        ],
-        "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed},
-    }
+    adapter.provenance = _provenance(base, tuned, rank, energy, targets, seed)
     adapter = base_ckpt.from_base_names(adapter)  # a GGUF's llama.cpp names back to Hugging Face's
     adapter.save(output, force=force)
     kept = [r["energy_kept"] for r in rows]
@@ -111,4 +108,15 @@ def extract(
         "notes": [],
         **report,
         "mean_energy_kept": sum(kept) / len(kept) if kept else 1.0,
+    }
+
+
+def _provenance(base, tuned, rank, energy, targets, seed):
+    return {
+        "operation": "extract",
+        "parents": [
+            {"file": os.path.basename(os.path.normpath(os.fspath(p))), "role": r}
+            for p, r in ((base, "base"), (tuned, "tuned"))
+        ],
+        "params": {"rank": rank, "energy": energy, "targets": targets, "seed": seed},
     }

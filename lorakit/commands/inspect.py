@@ -45,36 +45,8 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
         "unpermute_qk": False,
     }  # llama.cpp's Q/K row order changes no statistic here
     ad = load(path, format=fmt.name, **{k: v for k, v in options.items() if k in takes(fmt.read)})
-    modules = []
-    for m in ad.modules.values():
-        modules.append(
-            {
-                "module": m.name,
-                "kind": m.kind,
-                "rank": m.rank,
-                "alpha": m.alpha,
-                "scale": m.scale,
-                "shape": list(m.shape),
-                "dtype": dtype_name(m.A.dtype),
-                "params": m.num_params,
-                "bias_delta": m.bias is not None,
-                "dora": m.magnitude is not None,
-            }
-        )
-    groups = defaultdict(list)
-    for m in modules:
-        groups[(m["kind"], _pattern(m["module"]))].append(m)
-    targets = [
-        {
-            "kind": kind,
-            "pattern": pat,
-            "target": _target(pat),
-            "count": len(ms),
-            "ranks": sorted({m["rank"] for m in ms}),
-            "alphas": sorted({m["alpha"] for m in ms}),
-        }
-        for (kind, pat), ms in sorted(groups.items())
-    ]
+    modules = [_module_row(m) for m in ad.modules.values()]
+    targets = _groups(modules)
     dtypes = Counter(dtype_name(t.dtype) for m in ad.modules.values() for t in (m.A, m.B))
     report = {
         "file": path,
@@ -102,6 +74,39 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     if spectrum:
         _add_spectrum(ad, modules, base, quiet)
     return report
+
+
+def _module_row(m):
+    return {
+        "module": m.name,
+        "kind": m.kind,
+        "rank": m.rank,
+        "alpha": m.alpha,
+        "scale": m.scale,
+        "shape": list(m.shape),
+        "dtype": dtype_name(m.A.dtype),
+        "params": m.num_params,
+        "bias_delta": m.bias is not None,
+        "dora": m.magnitude is not None,
+    }
+
+
+def _groups(modules):
+    """Modules grouped by kind and name pattern (q_proj x 32 layers), with their ranks and alphas."""
+    groups = defaultdict(list)
+    for m in modules:
+        groups[(m["kind"], _pattern(m["module"]))].append(m)
+    return [
+        {
+            "kind": kind,
+            "pattern": pat,
+            "target": _target(pat),
+            "count": len(ms),
+            "ranks": sorted({m["rank"] for m in ms}),
+            "alphas": sorted({m["alpha"] for m in ms}),
+        }
+        for (kind, pat), ms in sorted(groups.items())
+    ]
 
 
 def _spec_version(path):

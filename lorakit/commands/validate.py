@@ -5,7 +5,7 @@ import shlex
 
 from .. import spec
 from ..errors import LorakitError
-from ..io.gguf import is_gguf
+from ..formats import foreign_container
 
 
 def validate(files, values=True):
@@ -26,12 +26,12 @@ def validate(files, values=True):
             problems, readable = (
                 ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))], False)
             )
-        if readable and is_gguf(path):  # llama.cpp: a LoRA (convert it) or a model (not an adapter at all)
-            problems = [
-                spec.Problem("LK105", _other_format_hint(path))
-                if _gguf_type(path) == "adapter"
-                else spec.Problem("LK101", "this is a GGUF model (llama.cpp), not an adapter file")
-            ]
+        foreign = foreign_container(path) if readable else None
+        if (
+            foreign is not None
+        ):  # another container: an adapter (convert it) or a model (not an adapter at all)
+            code, message = foreign
+            problems = [spec.Problem(code, message or _other_format_hint(path))]
         if readable and any(p.code == "LK105" for p in problems):
             hint = _other_format_hint(path)
             if (
@@ -47,15 +47,6 @@ def validate(files, values=True):
             }
         )
     return {"valid": all(r["valid"] for r in results), "files": results}
-
-
-def _gguf_type(path):
-    from ..io.gguf import GGUFHeader
-
-    try:
-        return GGUFHeader(path).kv.get("general.type")
-    except LorakitError:
-        return None
 
 
 def _other_format_hint(path):

@@ -115,6 +115,22 @@ def adapter_format(path):
     return None if fmt.name == "gguf" else fmt
 
 
+def foreign_container(path):
+    """For a file in a container other than safetensors: (spec code, message) saying what it is (LK105 with no
+    message: another tool's adapter, to convert; LK101: a model, no adapter at all), or None."""
+    from ..io.gguf import GGUFHeader, is_gguf
+
+    if not is_gguf(path):
+        return None
+    try:
+        kind = GGUFHeader(path).kv.get("general.type")
+    except LorakitError:
+        kind = None
+    if kind == "adapter":
+        return "LK105", None
+    return "LK101", "this is a GGUF model (llama.cpp), not an adapter file"
+
+
 def takes(function):
     """The keyword options a reader or writer declares."""
     return {
