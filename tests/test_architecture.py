@@ -1,6 +1,7 @@
 """The layers stay layers: the core is pure, every list of choices exists once (and the README lists every entry),
 formats take only the options they declare, and the quantized-checkpoint fixtures are exact."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -159,3 +160,149 @@ def test_convert_base_sees_through_a_quantized_base(tmp_path):
     assert sorted(back.modules) == sorted(ad.modules), report["notes"]
     for name, m in ad.modules.items():
         assert torch.allclose(back.modules[name].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the layers, checked on the source
+LORAKIT = os.path.join(os.path.dirname(__file__), "..", "lorakit")
+
+
+def _layer(module):
+    """lorakit.engine.plan -> engine; lorakit.cli -> cli; lorakit -> __init__."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _import_graph():
+    """{layer: {layers it imports}}, every import statement counted (those inside functions too)."""
+    import ast
+
+    graph = {}
+    for folder, _, files in os.walk(LORAKIT):
+        for file in (f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, file)
+            rel = os.path.relpath(path, os.path.join(LORAKIT, ".."))[: -len(".py")].split(os.sep)
+            package = rel if file == "__init__.py" else rel[:-1]
+            module = ".".join(rel[:-1] if file == "__init__.py" else rel)
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                    target = ".".join(p for p in (base, node.module) if p)
+                    targets = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                for t in targets:
+                    if t.startswith("lorakit") and _layer(t) != _layer(module):
+                        graph.setdefault(_layer(module), set()).add(_layer(t))
+    return graph
+
+
+def test_no_import_circle_between_layers():
+    graph = _import_graph()
+
+    def reaches(start, goal, seen):
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ())
+        )
+
+    circles = sorted(layer for layer in graph if reaches(layer, layer, {layer}))
+    assert not circles, circles
+    assert not graph["core"] & {"io", "formats", "quant", "engine", "bases", "commands", "naming"}
+    assert not graph["naming"] - {"core", "errors"}  # name maps read no files
+    for reader in os.listdir(os.path.join(LORAKIT, "formats")):  # adapter readers read adapters only
+        text = open(os.path.join(LORAKIT, "formats", reader)).read() if reader.endswith(".py") else ""
+        assert "..quant" not in text and "..bases." not in text, reader
+
+
+def test_functions_stay_short_and_commands_know_no_container():
+    import ast
+
+    for layer in ("engine", "bases", "commands"):
+        for file in sorted(f for f in os.listdir(os.path.join(LORAKIT, layer)) if f.endswith(".py")):
+            text = open(os.path.join(LORAKIT, layer, file)).read()
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.FunctionDef):
+                    assert node.end_lineno - node.lineno < 60, f"{layer}/{file}: {node.name}"
+            if layer == "commands":
+                words = re.findall(r"gguf|diffusers|pipeline|shard", " ".join(_code_words(text)).lower())
+                assert not words, (file, words)
+    merge_source = open(os.path.join(LORAKIT, "commands", "merge.py")).read()
+    assert merge_source.count("\n") <= 120
+
+
+def _code_words(text):
+    """Identifiers and string literals of a module's code: not its comments, not its docstrings."""
+    import ast
+
+    tree = ast.parse(text)
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            yield n.value
+        elif isinstance(n, (ast.Name, ast.Attribute, ast.FunctionDef, ast.alias, ast.keyword, ast.arg)):
+            yield getattr(n, "id", None) or getattr(n, "attr", None) or getattr(n, "name", None) or n.arg or ""
+
+
+def _count_calls(monkeypatch, name):
+    """Wrap lorakit's function `name` everywhere it was imported; returns the list of first arguments seen."""
+    seen, original = [], None
+    for module in [m for n, m in sys.modules.items() if n.startswith("lorakit")]:
+        f = getattr(module, name, None)
+        if callable(f) and getattr(f, "__module__", "").startswith("lorakit"):
+            original = original or f
+            if f is original:
+
+                def counted(path, *args, **kwargs):
+                    seen.append(os.path.realpath(os.fspath(path)))
+                    return original(path, *args, **kwargs)
+
+                monkeypatch.setattr(module, name, counted)
+    assert original is not None, name
+    return seen
+
+
+def test_merge_parses_each_shard_header_and_config_once(tmp_path, monkeypatch):
+    """A sharded folder base and two kohya adapters (their names resolved against the base): one parse of each
+    shard header, one read of config.json, for the whole merge."""
+    import json
+
+    from lorakit.io import write_safetensors
+
+    shapes = examples.llama_shapes()
+    tensors = examples.random_tensors(shapes)
+    names = sorted(tensors)
+    os.makedirs(tmp_path / "base")
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        write_safetensors(tmp_path / "base" / file, {n: tensors[n] for n in part})
+    weight_map = {n: f for f, part in halves.items() for n in part}
+    with open(tmp_path / "base" / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(tmp_path / "base" / "config.json", "w") as f:
+        json.dump(examples.llama_config(), f)
+    for i in range(2):
+        ad = examples.random_adapter(shapes, rank=2, seed=i)
+        ad.save(tmp_path / f"a{i}.safetensors")
+        lorakit.convert(tmp_path / f"a{i}.safetensors", tmp_path / f"k{i}.safetensors", to="kohya")
+    importlib.import_module("lorakit.engine.merge")  # imported first, so that every reference gets wrapped
+
+    headers = _count_calls(monkeypatch, "read_header")
+    jsons = _count_calls(monkeypatch, "read_json")
+    report = lorakit.merge(
+        tmp_path / "base",
+        [tmp_path / "k0.safetensors", tmp_path / "k1.safetensors"],
+        tmp_path / "out",
+        quiet=True,
+    )
+    assert report["merged_count"] > 0
+    for file in halves:
+        assert headers.count(os.path.realpath(tmp_path / "base" / file)) == 1, headers
+    assert jsons.count(os.path.realpath(tmp_path / "base" / "config.json")) == 1, jsons

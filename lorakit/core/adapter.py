@@ -147,8 +147,8 @@ class Adapter:
         )
 
     def save(self, path, format="lorakit", force=False, **options):
-        """Write the adapter in `format` (atomic). The one call from the core outwards, made at call time so that
-        the core imports nothing of the format layer. Returns the writer's notes (what it had to change)."""
-        from ..formats import save
+        """Write the adapter in `format` (atomic), through lorakit.formats.save (a hook: the core imports nothing of
+        the format layer). Returns the writer's notes (what it had to change)."""
+        from .. import _hooks
 
-        return save(self, path, format=format, force=force, **options)
+        return _hooks.save_adapter(self, path, format=format, force=force, **options)
