@@ -248,7 +248,9 @@ def _code_words(text):
         if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
             yield n.value
         elif isinstance(n, (ast.Name, ast.Attribute, ast.FunctionDef, ast.alias, ast.keyword, ast.arg)):
-            yield getattr(n, "id", None) or getattr(n, "attr", None) or getattr(n, "name", None) or n.arg or ""
+            yield (
+                getattr(n, "id", None) or getattr(n, "attr", None) or getattr(n, "name", None) or n.arg or ""
+            )
 
 
 def _count_calls(monkeypatch, name):
