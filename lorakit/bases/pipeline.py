@@ -40,11 +40,20 @@ class PipelineBase(Base):
         component, _, rest = name.partition(".")
         return component in self.components and rest in self.components[component]
 
-    def get(self, name):
-        component, _, rest = name.partition(".")
+    def _component(self, name):
+        """(the component's Base, the tensor's name in it)."""
         if name not in self:
             raise LorakitError("no such tensor in the pipeline", path=self.path, tensor=name)
-        return self.components[component].get(rest)
+        component, _, rest = name.partition(".")
+        return self.components[component], rest
+
+    def shape(self, name):
+        base, rest = self._component(name)
+        return base.shape(rest)
+
+    def get(self, name):
+        base, rest = self._component(name)
+        return base.get(rest)
 
     @property
     def quantized(self):
