@@ -308,3 +308,18 @@ def test_merge_parses_each_shard_header_and_config_once(tmp_path, monkeypatch):
     for file in halves:
         assert headers.count(os.path.realpath(tmp_path / "base" / file)) == 1, headers
     assert jsons.count(os.path.realpath(tmp_path / "base" / "config.json")) == 1, jsons
+
+
+def test_merge_parses_a_single_file_base_once(tmp_path, monkeypatch):
+    """The "is BASE an adapter?" check looks at the header the base parsed: one parse for the whole merge."""
+    from lorakit.io import write_safetensors
+
+    shapes = examples.llama_shapes()
+    write_safetensors(tmp_path / "base.safetensors", examples.random_tensors(shapes))
+    examples.random_adapter(shapes, rank=2).save(tmp_path / "a.safetensors")
+    importlib.import_module("lorakit.engine.merge")
+    headers = _count_calls(monkeypatch, "read_header")
+    lorakit.merge(
+        tmp_path / "base.safetensors", [tmp_path / "a.safetensors"], tmp_path / "o.safetensors", quiet=True
+    )
+    assert headers.count(os.path.realpath(tmp_path / "base.safetensors")) == 1, headers

@@ -23,19 +23,19 @@ def merge(base, adapters, output, options):
     inputs = weighted_inputs(adapters)
     base_path = os.fspath(existing(base, "BASE"))
     check_output(output, [base_path, options.full_precision_base, *paths(inputs)], options.force)
-    _refuse_adapter_as_base(base_path)
     base = open_base(base)  # headers and configs parsed here, once, for every step below
+    _refuse_adapter_as_base(base)
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     return merge_into(base, loaded, output, options, paths(inputs))
 
 
-def _refuse_adapter_as_base(path):
+def _refuse_adapter_as_base(base):
     from ..formats import adapter_format
 
-    fmt = adapter_format(path)
+    fmt = adapter_format(base)
     if fmt is not None:
         raise LorakitError(
             f"BASE is a {fmt.name} adapter, not a model: did you swap BASE and ADAPTER? "
             "(lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT)",
-            path=path,
+            path=base.path,
         )

@@ -63,11 +63,11 @@ def get_format(name):
 class Probe:
     """What detectors look at, read once for all of them: the path, and the safetensors header when it is one."""
 
-    def __init__(self, path):
+    def __init__(self, path, header=None):
         self.path = path
         self.is_dir = os.path.isdir(path)
         self.is_file = os.path.isfile(path)
-        self._header = False
+        self._header = False if header is None else header  # a header parsed already (an opened base's)
 
     @property
     def header(self):
@@ -88,12 +88,13 @@ class Probe:
             return f.read(n)
 
 
-def detect_format(path):
-    """The registered format whose detector accepts the content at `path`."""
+def detect_format(path, header=None):
+    """The registered format whose detector accepts the content at `path` (`header`: its safetensors header, when
+    parsed already)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise missing(path)
-    probe = Probe(path)
+    probe = Probe(path, header)
     for name in FORMATS:
         fmt = get_format(name)
         if fmt.detect(probe):
@@ -105,11 +106,12 @@ def detect_format(path):
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
 
 
-def adapter_format(path):
-    """The adapter format of a path given as a model (BASE), or None: a model, or something its base reader will
-    say is broken. A GGUF is left to the base, which reads general.type with the rest of its header."""
+def adapter_format(base):
+    """The adapter format of an opened base (what was given as BASE), or None: a model, or something the base will
+    say is broken. The base's own parsed header is looked at (never parsed twice). A GGUF is left to the base, which
+    reads general.type with the rest of its header."""
     try:
-        fmt = detect_format(path)
+        fmt = detect_format(base.path, getattr(base, "single_file_header", None))
     except LorakitError:
         return None
     return None if fmt.name == "gguf" else fmt
