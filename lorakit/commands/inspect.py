@@ -40,10 +40,12 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     """
     path = os.fspath(adapter)
     fmt = detect_format(path)
-    options = {
-        "values": spectrum,
-        "unpermute_qk": False,
-    }  # llama.cpp's Q/K row order changes no statistic here
+    if base is not None:
+        from ..bases import open_base
+
+        base = open_base(base)  # once, for the reader (names, shapes) and the spectrum's ||W||
+    # llama.cpp's Q/K row order changes no statistic here
+    options = {"values": spectrum, "unpermute_qk": False, "base": base}
     ad = load(path, format=fmt.name, **{k: v for k, v in options.items() if k in takes(fmt.read)})
     modules = [_module_row(m) for m in ad.modules.values()]
     targets = _groups(modules)
@@ -51,6 +53,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     report = {
         "file": path,
         "format": fmt.name,
+        "peft_type": ad.provenance.get("peft_type", "LORA") if fmt.name == "peft" else None,
         "file_size": _size(path),
         "spec_version": _spec_version(path) if fmt.name == "lorakit" else None,
         "base_model": ad.base_model,

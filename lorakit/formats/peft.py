@@ -110,6 +110,10 @@ def detect(probe):
 def read(path, alpha=None, base=None, allow_unknown=False):
     weights, config = _files(path)
     tensors, _ = _tensors(weights)
+    if isinstance(config, dict) and config.get("peft_type", "LORA") != "LORA":
+        from . import peft_types
+
+        return peft_types.read(tensors, config, path, base=base, allow_unknown=allow_unknown)
     return from_state_dict(tensors, config, path, alpha=alpha, base=base, allow_unknown=allow_unknown)
 
 

@@ -1,0 +1,156 @@
+"""PEFT adapter types other than LoRA, built and saved by the real PEFT on a tiny Llama: lorakit's merge equals
+PEFT's merge_and_unload, inspect shows the type and the true rank, and `convert --to peft` gives a LoRA that PEFT
+loads with the same logits."""
+
+import json
+import os
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+
+import lorakit
+from lorakit.bases import open_base
+from lorakit.errors import LorakitError
+
+from conftest import assert_one_line_error
+
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+TYPES = {
+    # name: (config, the true rank of each module's delta as a LoRA)
+    "adalora": (
+        lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules=TARGETS, total_step=10),
+        6,
+    ),
+    "vera": (lambda: peft.VeraConfig(r=4, target_modules=TARGETS, save_projection=True), 4),
+    "vera_regenerated": (lambda: peft.VeraConfig(r=4, target_modules=TARGETS, save_projection=False), 4),
+    "loha": (lambda: peft.LoHaConfig(r=3, alpha=6, target_modules=TARGETS), 9),
+    "lokr": (lambda: peft.LoKrConfig(r=2, alpha=5, target_modules=TARGETS), None),
+    "lokr_both": (lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=TARGETS, decompose_both=True), None),
+    "fourierft": (lambda: peft.FourierFTConfig(n_frequency=5, scaling=20.0, target_modules=TARGETS), 10),
+}
+
+
+def make_base():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+
+
+def build(tmp_path, kind, seed=1):
+    """(base folder, adapter folder, PEFT's merged state dict, the PEFT model) for adapter type `kind`, every
+    trainable parameter set at random (training leaves them nonzero)."""
+    base = make_base()
+    base.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(base, TYPES[kind][0]())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(tmp_path / kind)
+    merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return tmp_path / "base", tmp_path / kind, merged
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_merge_equals_peft_merge_and_unload(tmp_path, kind):
+    base, adapter, merged = build(tmp_path, kind)
+    report = lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
+    out = open_base(tmp_path / "out")
+    changed = 0
+    for name, want in merged.items():
+        if name == "lm_head.weight" and name not in out:
+            continue
+        got = out.get(name).double()
+        scale = want.double().abs().max()
+        assert torch.allclose(got, want.double(), rtol=0, atol=1e-5 * scale), (name, (got - want).abs().max())
+        changed += not torch.equal(got.float(), open_base(base).get(name))
+    assert changed == report["merged_count"] == 3 * LLAMA["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_inspect_shows_type_and_true_rank(tmp_path, kind, cli):
+    base, adapter, _ = build(tmp_path, kind)
+    code, out, err = cli("inspect", adapter, "--base", base, "--spectrum", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["peft_type"] == peft.PeftConfig.from_pretrained(adapter).peft_type.value
+    for row in report["modules"]:
+        numerical = row["numerical_rank"]
+        assert numerical <= row["rank"]
+        if TYPES[kind][1] is not None:
+            assert row["rank"] == TYPES[kind][1]
+            assert numerical == min(TYPES[kind][1], *row["shape"]) or kind == "fourierft"
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_convert_to_peft_lora_gives_the_same_logits(tmp_path, kind):
+    base, adapter, _ = build(tmp_path, kind)
+    lorakit.convert(adapter, tmp_path / "lora", to="peft", base=str(base))
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = peft.PeftModel.from_pretrained(make_base(), adapter).eval()(ids).logits
+        got_model = peft.PeftModel.from_pretrained(make_base(), tmp_path / "lora").eval()
+    assert got_model.peft_config["default"].peft_type.value == "LORA"
+    got = got_model(ids).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max()), (got - want).abs().max()
+
+
+def test_adalora_pruned_ranks_are_dropped_exactly(tmp_path):
+    base, adapter, merged = build(tmp_path, "adalora")
+    from safetensors.torch import load_file, save_file
+
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    sd = load_file(weights)
+    for key in [k for k in sd if k.endswith("lora_E")]:
+        sd[key][1::2] = 0  # ranks pruned by AdaLoRA's allocator
+    save_file(sd, weights)
+    ad = lorakit.load(adapter)
+    assert {m.rank for m in ad.modules.values()} == {3}
+    model = peft.PeftModel.from_pretrained(make_base(), adapter).merge_and_unload()
+    lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
+    for name, want in model.state_dict().items():
+        if name in open_base(tmp_path / "out"):
+            got = open_base(tmp_path / "out").get(name)
+            assert torch.allclose(got, want, atol=1e-5 * want.abs().max()), name
+
+
+def test_types_needing_the_base_say_so(tmp_path, cli):
+    _, adapter, _ = build(tmp_path, "fourierft")
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "x.safetensors", "--to", "lorakit")
+    assert_one_line_error(
+        code, out, err, "FourierFT does not store the layer's shape: pass --base", "fourierft"
+    )
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"peft_type": "IA3"}, "changes W multiplicatively"),
+        ({"peft_type": "POLY"}, "peft_type POLY is not supported"),
+        ({"init_r": 0}, "'init_r' must be a positive integer, got 0"),
+    ],
+)
+def test_unsupported_or_broken_types_are_one_line_errors(tmp_path, cli, change, message):
+    _, adapter, _ = build(tmp_path, "adalora")
+    config_path = os.path.join(adapter, "adapter_config.json")
+    config = json.load(open(config_path))
+    config.update(change)
+    json.dump(config, open(config_path, "w"))
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "x.safetensors", "--to", "lorakit")
+    assert_one_line_error(code, out, err, message)
+    with pytest.raises(LorakitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        lorakit.load(adapter)
