@@ -309,7 +309,11 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
 @click.option(
     "--allow-unknown", is_flag=True, help="Convert the rest when some input keys are not understood."
 )
-def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, allow_unknown):
+@click.option(
+    "--rank", type=int, help="Multiplicative PEFT types (IA3, OFT) with --base: rank of W' - W as a LoRA."
+)
+@click.option("--energy", type=float, help="Or the smallest rank keeping this share of ||W' - W||_F^2 (0-1).")
+def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, allow_unknown, rank, energy):
     """Convert an adapter between formats (every input key is consumed or reported)."""
     from .commands.convert import convert
 
@@ -323,6 +327,8 @@ def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, al
             alpha=alpha,
             allow_unknown=allow_unknown,
             force=force,
+            rank=rank,
+            energy=energy,
         ),
         as_json,
         render.convert_text,

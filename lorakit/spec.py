@@ -366,6 +366,11 @@ def check_adapter(adapter, values=True):
                 bad = count_non_finite(t) if t is not None else 0
                 if bad:
                     add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.{part}")
+    for name, t in getattr(adapter, "transforms", {}).items():  # multiplicative modules (PEFT IA3, HRA, OFT)
+        for part, tensor in t.tensors.items():
+            bad = count_non_finite(tensor) if values else 0
+            if bad:
+                add("LK208", f"{bad} NaN/Inf value(s)", f"{name}.{part}")
     for suffix, tensors in ((REPLACEMENT, adapter.replacements), (DELTA, adapter.deltas)):
         for name, t in tensors.items():
             bad = count_non_finite(t) if values else 0

@@ -139,7 +139,6 @@ def test_types_needing_the_base_say_so(tmp_path, cli):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"peft_type": "IA3"}, "changes W multiplicatively"),
         ({"peft_type": "POLY"}, "peft_type POLY is not supported"),
         ({"init_r": 0}, "'init_r' must be a positive integer, got 0"),
     ],
@@ -154,3 +153,100 @@ def test_unsupported_or_broken_types_are_one_line_errors(tmp_path, cli, change, 
     assert_one_line_error(code, out, err, message)
     with pytest.raises(LorakitError, match=message.replace("(", r"\(").replace(")", r"\)")):
         lorakit.load(adapter)
+
+
+MULTIPLICATIVE = {
+    "ia3": lambda: peft.IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"]),
+    "hra": lambda: peft.HRAConfig(r=3, target_modules=TARGETS),
+    "hra_gs": lambda: peft.HRAConfig(r=3, target_modules=TARGETS, apply_GS=True),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=TARGETS),
+    "oft_cayley": lambda: peft.OFTConfig(
+        r=0, oft_block_size=4, target_modules=TARGETS, use_cayley_neumann=False
+    ),
+    "oft_shared": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=TARGETS, block_share=True),
+}
+
+
+def build_multiplicative(tmp_path, kind, seed=2):
+    base = make_base()
+    base.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(base, MULTIPLICATIVE[kind]())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # IA3 starts at 1, the others at 0: a trained-looking change around them
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "ia3" in name else 0.0))
+    model.save_pretrained(tmp_path / kind)
+    merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return tmp_path / "base", tmp_path / kind, merged
+
+
+@pytest.mark.parametrize("kind", sorted(MULTIPLICATIVE))
+def test_multiplicative_merge_equals_peft(tmp_path, kind):
+    base, adapter, merged = build_multiplicative(tmp_path, kind)
+    report = lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
+    out, before = open_base(tmp_path / "out"), open_base(base)
+    assert report["merged_count"] == 3 * LLAMA["num_hidden_layers"]
+    for name, want in merged.items():
+        if name in out:
+            got = out.get(name).double()
+            assert torch.allclose(got, want.double(), atol=1e-5 * want.abs().max()), (
+                name,
+                (got - want).abs().max(),
+            )
+    assert not torch.equal(
+        out.get("model.layers.0.mlp.down_proj.weight"), before.get("model.layers.0.mlp.down_proj.weight")
+    )
+
+
+@pytest.mark.parametrize("kind, rank", [("hra", None), ("hra_gs", None), ("ia3", 32), ("oft", 32)])
+def test_multiplicative_convert_with_base(tmp_path, kind, rank, cli):
+    """HRA's change is exactly rank r; IA3's and OFT's are not low-rank: at full rank the LoRA is exact too, and the
+    report says how much energy each module kept."""
+    base, adapter, merged = build_multiplicative(tmp_path, kind)
+    args = ["convert", adapter, "-o", tmp_path / "lora", "--to", "peft", "--base", base, "--json", "-q"]
+    code, out, err = cli(*args, *(["--rank", rank] if rank else []))
+    assert code == 0, err
+    rows = json.loads(out)["modules"]
+    assert len(rows) == 3 * LLAMA["num_hidden_layers"]
+    assert all(r["energy_kept"] > 1 - 1e-9 for r in rows)
+    if rank is None:
+        assert {r["rank"] for r in rows} == {3}
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = peft.PeftModel.from_pretrained(make_base(), adapter).eval()(ids).logits
+        got = peft.PeftModel.from_pretrained(make_base(), tmp_path / "lora").eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max()), (got - want).abs().max()
+
+
+def test_multiplicative_truncation_reports_what_it_kept(tmp_path):
+    base, adapter, _ = build_multiplicative(tmp_path, "ia3")
+    report = lorakit.convert(adapter, tmp_path / "l.safetensors", to="lorakit", base=str(base), rank=2)
+    ad, W = lorakit.load(tmp_path / "l.safetensors"), open_base(base)
+    from lorakit.core.multiplicative import Transform
+
+    for row in report["modules"]:
+        name = row["module"]
+        t = Transform(name, "ia3", {"ia3_l": peft_tensor(adapter, f"{name}.ia3_l")})
+        D = (t.apply(W.get(f"{name}.weight")) - W.get(f"{name}.weight")).double()
+        err = (ad.modules[name].delta().double() - D).norm() / D.norm()
+        assert row["rank"] == 2 and abs(err - row["relative_error"]) < 1e-5, (err, row)
+        assert abs(row["energy_kept"] - (1 - err**2)) < 1e-5
+
+
+def peft_tensor(folder, key):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))[f"base_model.model.{key}"]
+
+
+def test_multiplicative_without_base_is_refused(tmp_path, cli):
+    _, adapter, _ = build_multiplicative(tmp_path, "oft")
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "x.safetensors", "--to", "lorakit")
+    assert_one_line_error(code, out, err, "change W multiplicatively", "--base")
+    code, out, err = cli(
+        "convert", adapter, "-o", tmp_path / "x.safetensors", "--to", "lorakit", "--base", tmp_path / "base"
+    )
+    assert_one_line_error(code, out, err, "oft is not low-rank: give --rank or --energy")
+    assert not os.path.exists(tmp_path / "x.safetensors")

@@ -69,6 +69,10 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
         "targets": targets,
         "replacements": {k: list(v.shape) for k, v in ad.replacements.items()},
         "deltas": {k: list(v.shape) for k, v in ad.deltas.items()},
+        "transforms": [
+            {"module": n, "kind": t.kind, "params": t.num_params, "low_rank": t.kind == "hra"}
+            for n, t in sorted(ad.transforms.items())
+        ],
         "provenance": ad.provenance,
         "metadata": ad.user_metadata,
     }

@@ -135,6 +135,9 @@ class Adapter:
     user_metadata: dict = field(default_factory=dict)  # free-form str -> str, kept verbatim
     source_format: str = "lorakit"
     notes: list = field(default_factory=list)  # what a reader did (folded scales, consumed copies); not saved
+    transforms: dict = field(
+        default_factory=dict
+    )  # name -> core.multiplicative.Transform (PEFT IA3, HRA, OFT)
 
     def add(self, module):
         self.modules[module.name] = module

@@ -145,12 +145,20 @@ class MergeJob:
         tensors are then taken one by one as they are written."""
         view, plan = self.view, self.plans.get(key)
         members, loras = view.quantized[key], plan.loras if plan else []
+        if plan is not None and plan.transforms and key not in self.dequantized:
+            raise LorakitError(
+                "a multiplicative adapter (IA3, HRA, OFT) into a quantized module is not supported: merge with "
+                "--dtype",
+                tensor=key,
+            )
         if plan is not None and plan.deltas and key not in self.dequantized:
             raise LorakitError(
                 "a full-tensor delta into a quantized module is not supported: merge with --dtype", tensor=key
             )
         if key in self.dequantized:
             W = view.handler.dequantize(self.ckpt, members)
+            for t in plan.transforms if plan else []:
+                W = t.apply(W)
             if loras:
                 W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
             for D, w in plan.deltas if plan else []:

@@ -20,10 +20,15 @@ class TensorPlan:
     biases: list = field(default_factory=list)  # [(Module, weight)]
     replacement: torch.Tensor = None
     deltas: list = field(default_factory=list)  # [(full tensor added, weight)]
+    transforms: list = field(
+        default_factory=list
+    )  # [core.multiplicative.Transform]: W' = f(W), applied first
 
     @property
     def touched(self):
-        return bool(self.loras or self.biases or self.deltas) or self.replacement is not None
+        return (
+            bool(self.loras or self.biases or self.deltas or self.transforms) or self.replacement is not None
+        )
 
 
 @dataclass
@@ -47,6 +52,8 @@ def plan_merge(base, adapters, options):
             planner.add_delta(name, t, w)
         for name, t in ad.replacements.items():
             planner.add_replacement(name, t)
+        for t in ad.transforms.values():
+            planner.add_transform(t, w)
     return planner.finish()
 
 
@@ -170,6 +177,20 @@ class Planner:
         elif p is not None:
             p.replacement = t
 
+    def add_transform(self, t, w):
+        """A multiplicative adapter (IA3, HRA, OFT) on a weight whose input width fits it; weight 1, no unmerge."""
+        p = self.target(f"{t.name}.weight")
+        if p is None:
+            return self.unmatched(f"{t.name}.weight", f"{t.name}.weight: not in the base")
+        shape = self.base.shape(p.source)
+        if len(shape) != 2 or not transform_fits(t, shape):
+            sizes = ", ".join(f"{k} {list(v.shape)}" for k, v in t.tensors.items())
+            return self.problems.append(f"{t.name}: {t.kind} ({sizes}) does not fit the base's {list(shape)}")
+        if self.options.unmerge or w != 1.0:
+            why = "cannot be unmerged here" if self.options.unmerge else f"takes no weight (got {w})"
+            return self.problems.append(f"{t.name}: a multiplicative adapter ({t.kind}) {why}")
+        p.transforms.append(t)
+
     def finish(self):
         if self.problems:
             n = len(self.problems)
@@ -182,6 +203,16 @@ class Planner:
         if untie:
             self.target(HEAD)  # write the head explicitly, with or without its own delta
         return MergePlan(self.tensors, self.embed if untie else None, self.skipped)
+
+
+def transform_fits(t, shape):
+    out, inp = shape
+    if t.kind == "ia3":
+        return tuple(t.tensors["ia3_l"].shape) in ((out, 1), (1, inp))
+    if t.kind == "hra":
+        return t.tensors["hra_u"].shape[0] == inp
+    blocks, block = t.tensors["oft_R"].shape[0], t.options["block_size"]
+    return inp % block == 0 and (blocks == 1 or blocks * block == inp)
 
 
 def on_rows(m, tensor, start, stop, rows):

@@ -17,8 +17,10 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
         W = plan.replacement
         if not plan.loras and not plan.biases and not plan.deltas:
             return check_finite(plan.name, W.to(out_dtype))
-    if plan.biases or any(m.magnitude is not None for m, _ in plan.loras):
+    if plan.biases or plan.transforms or any(m.magnitude is not None for m, _ in plan.loras):
         Wf = W.float() if W.dtype != torch.float32 else W.clone()
+        for t in plan.transforms:  # multiplicative (IA3, HRA, OFT): on W, before anything is added
+            Wf = t.apply(Wf)
         for m, w in plan.loras:
             Wf = m.apply(
                 Wf, sign=sign, weight=w

@@ -196,6 +196,13 @@ def save(adapter, path, format="lorakit", force=False, **options):
     raise_first(
         check_adapter(adapter), path
     )  # nothing that fails the spec's checks is written, in any format
+    if adapter.transforms:
+        name = next(iter(adapter.transforms))
+        raise LorakitError(
+            f"{len(adapter.transforms)} module(s) change W multiplicatively (e.g. {name}): no adapter file holds "
+            "them; merge them, or convert with --base to write W' - W as a LoRA",
+            path=path,
+        )
     try:
         return (
             fmt.write(

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..core import Adapter, Module
+from ..core.multiplicative import Transform
 from ..errors import LorakitError, opt
 from .common import refuse_unknown
 
@@ -29,10 +30,14 @@ PARAMS = {
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "FOURIERFT": ("fourierft_spectrum",),
+    "IA3": ("ia3_l",),
+    "HRA": ("hra_u",),
+    "OFT": ("oft_R",),
 }
 SHARED = {"VERA": ("vera_A", "vera_B")}
-# types that change W multiplicatively: not a low-rank delta on their own
-MULTIPLICATIVE = ("IA3", "OFT", "BOFT", "HRA")
+# types that change W multiplicatively (read as core.multiplicative.Transform: merged exactly, converted to a
+# LoRA only against a base)
+MULTIPLICATIVE = ("IA3", "HRA", "OFT")
 
 
 def read(tensors, config, path, base=None, allow_unknown=False):
@@ -52,18 +57,16 @@ def read(tensors, config, path, base=None, allow_unknown=False):
             module = build(name, parts, config, shared, shapes, modules, ad.notes)
         except LorakitError as e:
             raise LorakitError(str(e), path=path, tensor=e.tensor or name) from None
-        if module is not None:
+        if isinstance(module, Transform):
+            ad.transforms[name] = module
+        elif module is not None:
             ad.add(module)
-    ad.notes.append(f"PEFT {kind} read as exact LoRA: {len(ad.modules)} module(s)")
+    what = "multiplicative transform" if kind in MULTIPLICATIVE else "exact LoRA"
+    ad.notes.append(f"PEFT {kind} read as {what}: {len(ad.modules) + len(ad.transforms)} module(s)")
     return ad
 
 
 def _unsupported(kind):
-    if kind in MULTIPLICATIVE:
-        return (
-            f"peft_type {kind} changes W multiplicatively (W' = f(W)), so it is no low-rank delta: lorakit reads "
-            "LoRA, AdaLoRA, VeRA, LoHa, LoKr and FourierFT; merge it with PEFT's merge_and_unload"
-        )
     return (
         f"peft_type {kind} is not supported (lorakit reads LORA, {', '.join(PARAMS)}); the nearest path: "
         "PEFT's save_as_lora / convert_to_lora, then lorakit"
@@ -205,4 +208,45 @@ def fourierft(name, parts, config, shared, shapes, modules, notes):
     return Module(name, A, B, alpha=float(A.shape[0]))
 
 
-BUILDERS = {"ADALORA": adalora, "VERA": vera, "LOHA": lycoris, "LOKR": lycoris, "FOURIERFT": fourierft}
+def ia3(name, parts, config, shared, shapes, modules, notes):
+    scale = parts["ia3_l"]
+    if scale.ndim != 2 or 1 not in scale.shape:
+        raise LorakitError(f"ia3_l has shape {list(scale.shape)}: expected [out, 1] or [1, in]")
+    return Transform(name, "ia3", {"ia3_l": scale})
+
+
+def hra(name, parts, config, shared, shapes, modules, notes):
+    U = parts["hra_u"]
+    if U.ndim != 2 or not (U.norm(dim=0) > 0).all():
+        raise LorakitError(f"hra_u has shape {list(U.shape)} or a zero column: not Householder vectors")
+    return Transform(name, "hra", {"hra_u": U}, {"apply_GS": bool(config.get("apply_GS"))})
+
+
+def oft(name, parts, config, shared, shapes, modules, notes):
+    R = parts["oft_R"]
+    n = R.shape[-1] if R.ndim == 2 else 0
+    block = (1 + math.isqrt(1 + 8 * n)) // 2
+    if R.ndim != 2 or block * (block - 1) // 2 != n or n == 0:
+        raise LorakitError(
+            f"oft_R has shape {list(R.shape)}: not [blocks, b (b - 1) / 2] skew-matrix entries"
+        )
+    if config.get("coft"):
+        raise LorakitError("OFT with coft (constrained OFT) is not supported")
+    options = {
+        "block_size": block,
+        "use_cayley_neumann": config.get("use_cayley_neumann", True),
+        "num_cayley_neumann_terms": config.get("num_cayley_neumann_terms", 5),
+    }
+    return Transform(name, "oft", {"oft_R": R}, options)
+
+
+BUILDERS = {
+    "ADALORA": adalora,
+    "VERA": vera,
+    "LOHA": lycoris,
+    "LOKR": lycoris,
+    "FOURIERFT": fourierft,
+    "IA3": ia3,
+    "HRA": hra,
+    "OFT": oft,
+}
