@@ -39,6 +39,9 @@ TYPES = {
     "lokr": (lambda: peft.LoKrConfig(r=2, alpha=5, target_modules=TARGETS), None),
     "lokr_both": (lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=TARGETS, decompose_both=True), None),
     "fourierft": (lambda: peft.FourierFTConfig(n_frequency=5, scaling=20.0, target_modules=TARGETS), 10),
+    "delora": (lambda: peft.DeloraConfig(r=3, delora_lambda=7, target_modules=TARGETS), 3),
+    "miss": (lambda: peft.MissConfig(r=4, target_modules=TARGETS), 4),
+    "miss_mini": (lambda: peft.MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=TARGETS), 4),
 }
 
 

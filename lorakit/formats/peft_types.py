@@ -9,6 +9,11 @@ Facts (huggingface/peft tuners/<type>/layer.py, model.py; checked against PEFT's
   `vera_lambda_d [r]`: dW = (b * B[:out]) @ (d * A[:, :in]), rank r, scale 1.
 - LoHa / LoKr: LyCORIS's tensors under PEFT's names, scale alpha / r (rank_pattern / alpha_pattern per module, and for
   LoKr alpha / r even when no factor is decomposed): exact LoRA of rank r1 r2 (lorakit.core.lycoris).
+- DeLoRA: `delora_A [r, in]`, `delora_B [out, r]`, `delora_lambda [1]`, `delora_w_norm [in]` (saved): dW =
+  B diag(lambda / r / (max(||A_i||, 1e-4) max(||B^i||, 1e-4))) A diag(w_norm): rank r.
+- MiSS: `miss_block [r, out]` (`[r, mini_r]` tiled along out for init_weights "mini") added to every r-column block
+  of W (the columns past the last whole block get its first rows): dW = block^T @ [I_r I_r ...], rank r. The "bat"
+  form multiplies W and is refused.
 - FourierFT: `fourierft_spectrum [n]` at the n positions randperm(out * in, seed random_loc_seed)[:n]; dW =
   Re(ifft2(dense spectrum)) * scaling: a sum of n rank-2 cosine/sine terms, so an exact LoRA of rank <= 2n.
 """
@@ -30,6 +35,8 @@ PARAMS = {
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "FOURIERFT": ("fourierft_spectrum",),
+    "DELORA": ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
+    "MISS": ("miss_block",),
     "IA3": ("ia3_l",),
     "HRA": ("hra_u",),
     "OFT": ("oft_R",),
@@ -208,6 +215,39 @@ def fourierft(name, parts, config, shared, shapes, modules, notes):
     return Module(name, A, B, alpha=float(A.shape[0]))
 
 
+def delora(name, parts, config, shared, shapes, modules, notes):
+    _need(parts, PARAMS["DELORA"], "DeLoRA")
+    A, B = parts["delora_A"].double(), parts["delora_B"].double()
+    lam, w_norm = parts["delora_lambda"].double().flatten(), parts["delora_w_norm"].double().flatten()
+    r = A.shape[0]
+    if A.ndim != 2 or B.ndim != 2 or B.shape[1] != r or lam.numel() != 1 or w_norm.numel() != A.shape[1]:
+        sizes = ", ".join(f"{k} {list(parts[k].shape)}" for k in PARAMS["DELORA"])
+        raise LorakitError(f"DeLoRA tensors do not fit: {sizes}")
+    diag = lam / r / (A.norm(dim=1).clamp(min=1e-4) * B.norm(dim=0).clamp(min=1e-4))
+    A2 = diag[:, None] * A * w_norm[None, :]
+    dtype = parts["delora_A"].dtype
+    return Module(name, A2.to(dtype).contiguous(), B.to(dtype).contiguous(), alpha=float(r))
+
+
+def miss(name, parts, config, shared, shapes, modules, notes):
+    mode = config.get("init_weights", True)
+    if mode == "bat":
+        raise LorakitError("MiSS in its 'bat' form multiplies W (no additive delta): not supported")
+    block = parts["miss_block"]
+    out, inp = _base_shape(name, shapes, "MiSS")[:2]
+    if block.ndim != 2:
+        raise LorakitError(f"miss_block has shape {list(block.shape)}, expected [r, out]")
+    if mode == "mini":
+        block = block.repeat(1, out // _positive_int(config, "mini_r"))
+    r = block.shape[0]
+    if block.shape[1] != out:
+        raise LorakitError(
+            f"miss_block {list(parts['miss_block'].shape)} does not fit the layer [{out}, {inp}]"
+        )
+    A = (torch.arange(inp)[None, :] % r == torch.arange(r)[:, None]).to(block.dtype)  # [I_r I_r ...]
+    return Module(name, A.contiguous(), block.T.contiguous(), alpha=float(r))
+
+
 def ia3(name, parts, config, shared, shapes, modules, notes):
     scale = parts["ia3_l"]
     if scale.ndim != 2 or 1 not in scale.shape:
@@ -246,6 +286,8 @@ BUILDERS = {
     "LOHA": lycoris,
     "LOKR": lycoris,
     "FOURIERFT": fourierft,
+    "DELORA": delora,
+    "MISS": miss,
     "IA3": ia3,
     "HRA": hra,
     "OFT": oft,
