@@ -51,6 +51,15 @@ CODES = {
         "replacement-shape",
         "a replacement of a module's weight whose shape is not the module's weight shape",
     ),
+    "LK401": (
+        "peft-type-config",
+        "an adapter_config.json value a PEFT adapter type needs is missing or invalid",
+    ),
+    "LK402": (
+        "needs-base",
+        "the adapter does not store what its deltas need (a layer shape, W itself): pass --base",
+    ),
+    "LK403": ("unsupported-type", "a PEFT adapter type (peft_type) lorakit does not read"),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }

@@ -253,3 +253,73 @@ def test_multiplicative_without_base_is_refused(tmp_path, cli):
     )
     assert_one_line_error(code, out, err, "oft is not low-rank: give --rank or --energy")
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3)
+        self.head = torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "head"]),
+        lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "head"], use_effective_conv2d=True),
+        lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "head"]),
+        lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "head"], use_effective_conv2d=True),
+    ],
+    ids=["loha", "loha-effective", "lokr", "lokr-effective"],
+)
+def test_conv_types_merge_equals_peft(tmp_path, config):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = ConvNet()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base.safetensors")
+    model = peft.get_peft_model(net, config())
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload().state_dict()
+    lorakit.merge(
+        tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", quiet=True
+    )
+    out = open_base(tmp_path / "out.safetensors")
+    for name in ("conv.weight", "head.weight"):
+        want = merged[name].double()
+        assert torch.allclose(out.get(name).double(), want, atol=1e-5 * want.abs().max()), name
+
+
+@pytest.mark.parametrize(
+    "kind, change, code",
+    [
+        ("adalora", {"init_r": 0}, "LK401"),
+        ("fourierft", {}, "LK402"),
+        ("vera_regenerated", {}, "LK402"),
+        ("adalora", {"peft_type": "POLY"}, "LK403"),
+    ],
+)
+def test_validate_reports_the_types_rules_by_code(tmp_path, cli, kind, change, code):
+    _, adapter, _ = build(tmp_path, kind)
+    path = os.path.join(adapter, "adapter_config.json")
+    json.dump({**json.load(open(path)), **change}, open(path, "w"))
+    rc, out, err = cli("validate", adapter, "--json")
+    assert rc == 1, err
+    problems = json.loads(out)["files"][0]["problems"]
+    assert [p["code"] for p in problems] == ["LK105", code], problems
+
+
+def test_validate_of_a_good_type_says_convert(tmp_path, cli):
+    _, adapter, _ = build(tmp_path, "loha")
+    rc, out, err = cli("validate", adapter, "--json")
+    problems = json.loads(out)["files"][0]["problems"]
+    assert (
+        rc == 1 and [p["code"] for p in problems] == ["LK105"] and "lorakit convert" in problems[0]["message"]
+    )

@@ -73,6 +73,7 @@ def _transforms_as_lora(adapter, base, rank, energy, path):
             "as they are. Merge them (lorakit merge BASE ADAPTER -o OUT), or pass --base to write W' - W as a "
             "LoRA (exact for HRA; with --rank or --energy for IA3 and OFT)",
             path=path,
+            code="LK402",
         )
     rank_rule(rank=rank, energy=energy)
     base, rows = open_base(base), []  # the reader's: opened once

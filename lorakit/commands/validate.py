@@ -34,10 +34,8 @@ def validate(files, values=True):
             problems = [spec.Problem(code, message or _other_format_hint(path))]
         if readable and any(p.code == "LK105" for p in problems):
             hint = _other_format_hint(path)
-            if (
-                hint
-            ):  # another tool's adapter: one line saying so, not a list of its keys the spec does not know
-                problems = [spec.Problem("LK105", hint)]
+            if hint:  # another tool's adapter: one line saying so, and what its own reader finds wrong
+                problems = [spec.Problem("LK105", hint), *_reader_problems(path)]
         results.append(
             {
                 "file": path,
@@ -47,6 +45,17 @@ def validate(files, values=True):
             }
         )
     return {"valid": all(r["valid"] for r in results), "files": results}
+
+
+def _reader_problems(path):
+    """The coded problem the file's own reader finds (a PEFT type's config, a shape that does not fit), if any."""
+    from ..formats import load
+
+    try:
+        load(path)
+    except LorakitError as e:
+        return [spec.Problem(e.code, e.message, e.tensor)] if e.code else []
+    return []
 
 
 def _other_format_hint(path):

@@ -202,6 +202,7 @@ def save(adapter, path, format="lorakit", force=False, **options):
             f"{len(adapter.transforms)} module(s) change W multiplicatively (e.g. {name}): no adapter file holds "
             "them; merge them, or convert with --base to write W' - W as a LoRA",
             path=path,
+            code="LK402",
         )
     try:
         return (

@@ -51,7 +51,7 @@ def read(tensors, config, path, base=None, allow_unknown=False):
     """An Adapter of exact LoRA modules from a PEFT folder of another type."""
     kind = config.get("peft_type")
     if kind not in PARAMS:
-        raise LorakitError(_unsupported(kind), path=path)
+        raise LorakitError(_unsupported(kind), path=path, code="LK403")
     if config.get("fan_in_fan_out"):
         raise LorakitError(f"{kind} with fan_in_fan_out (GPT-2 Conv1D) is not supported", path=path)
     modules, shared, unknown = _grouped(tensors, kind)
@@ -63,7 +63,7 @@ def read(tensors, config, path, base=None, allow_unknown=False):
         try:
             module = build(name, parts, config, shared, shapes, modules, ad.notes)
         except LorakitError as e:
-            raise LorakitError(str(e), path=path, tensor=e.tensor or name) from None
+            raise LorakitError(e.message, path=path, tensor=e.tensor or name, code=e.code) from None
         if isinstance(module, Transform):
             ad.transforms[name] = module
         elif module is not None:
@@ -100,12 +100,12 @@ def _grouped(tensors, kind):
 def _need(parts, names, what):
     missing = [n for n in names if n not in parts]
     if missing:
-        raise LorakitError(f"{what} without {', '.join(missing)}")
+        raise LorakitError(f"{what} without {', '.join(missing)}", code="LK201")
 
 
 def _base_shape(name, shapes, kind):
     if shapes is None:
-        raise LorakitError(f"{kind} does not store the layer's shape: pass {opt('base')}")
+        raise LorakitError(f"{kind} does not store the layer's shape: pass {opt('base')}", code="LK402")
     shape = shapes.get(f"{name}.weight")
     if shape is None:
         raise LorakitError("not in the base", tensor=f"{name}.weight")
@@ -115,7 +115,9 @@ def _base_shape(name, shapes, kind):
 def _positive_int(config, key, default=None):
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LorakitError(f"adapter_config.json '{key}' must be a positive integer, got {value!r}")
+        raise LorakitError(
+            f"adapter_config.json '{key}' must be a positive integer, got {value!r}", code="LK401"
+        )
     return value
 
 
@@ -125,7 +127,7 @@ def adalora(name, parts, config, shared, shapes, modules, notes):
     r = A.shape[0]
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != r or tuple(E.shape) != (r, 1):
         shapes_ = ", ".join(f"{k} {list(parts[k].shape)}" for k in ("lora_A", "lora_E", "lora_B"))
-        raise LorakitError(f"AdaLoRA factors do not fit: {shapes_}")
+        raise LorakitError(f"AdaLoRA factors do not fit: {shapes_}", code="LK203")
     ranknum = _positive_int(config, "init_r", 12)
     alpha = config.get("lora_alpha") or ranknum
     keep = E.flatten() != 0  # a pruned rank contributes nothing: the LoRA of the kept ones is exact
@@ -162,7 +164,9 @@ def _vera_projections(config, shared, shapes, modules, r):
             raise LorakitError(f"VeRA projections A {list(A.shape)}, B {list(B.shape)} are not of rank {r}")
         return A, B
     if "projection_prng_key" not in config:
-        raise LorakitError("VeRA without saved projections (vera_A, vera_B) and without projection_prng_key")
+        raise LorakitError(
+            "VeRA without saved projections (vera_A, vera_B) and without projection_prng_key", code="LK401"
+        )
     if shapes is None:
         raise LorakitError(
             f"VeRA without saved projections: pass {opt('base')} (their size is the largest layer's)"
@@ -222,7 +226,7 @@ def delora(name, parts, config, shared, shapes, modules, notes):
     r = A.shape[0]
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != r or lam.numel() != 1 or w_norm.numel() != A.shape[1]:
         sizes = ", ".join(f"{k} {list(parts[k].shape)}" for k in PARAMS["DELORA"])
-        raise LorakitError(f"DeLoRA tensors do not fit: {sizes}")
+        raise LorakitError(f"DeLoRA tensors do not fit: {sizes}", code="LK203")
     diag = lam / r / (A.norm(dim=1).clamp(min=1e-4) * B.norm(dim=0).clamp(min=1e-4))
     A2 = diag[:, None] * A * w_norm[None, :]
     dtype = parts["delora_A"].dtype
