@@ -167,6 +167,10 @@ MULTIPLICATIVE = {
         r=0, oft_block_size=4, target_modules=TARGETS, use_cayley_neumann=False
     ),
     "oft_shared": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=TARGETS, block_share=True),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=TARGETS),
+    "boft_2": lambda: peft.BOFTConfig(
+        boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2, target_modules=TARGETS
+    ),
 }
 
 
@@ -202,7 +206,9 @@ def test_multiplicative_merge_equals_peft(tmp_path, kind):
     )
 
 
-@pytest.mark.parametrize("kind, rank", [("hra", None), ("hra_gs", None), ("ia3", 32), ("oft", 32)])
+@pytest.mark.parametrize(
+    "kind, rank", [("hra", None), ("hra_gs", None), ("ia3", 32), ("oft", 32), ("boft", 32)]
+)
 def test_multiplicative_convert_with_base(tmp_path, kind, rank, cli):
     """HRA's change is exactly rank r; IA3's and OFT's are not low-rank: at full rank the LoRA is exact too, and the
     report says how much energy each module kept."""

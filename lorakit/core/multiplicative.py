@@ -6,6 +6,8 @@ HRA:  W' = W H, H = prod_i (I - 2 u_i u_i^T / ||u_i||^2) in column order, or wit
       -2 (X_i u_i) u_i^T to the running product X_i.
 OFT:  W' = W R^T, R block-diagonal; each block the Cayley transform of a skew matrix Q (upper triangle stored):
       exact (I - Q)(I + Q)^-1, or PEFT's Neumann series I + 2Q + 2Q^2 + ... + 2Q^(n-2) + Q^(n-1) with n terms.
+BOFT: W' = (W M^T) * s, M = G_k ... G_1 G_0 with G_i = P_i D_i P_i^T: D_i block-diagonal exact Cayley rotations of
+      0.5 (R - R^T), P_i PEFT's block butterfly permutations of the input width, s [out, 1].
 """
 
 from dataclasses import dataclass, field
@@ -101,4 +103,35 @@ def oft(W, tensors, options):
     return out.reshape(W.shape)
 
 
-APPLY = {"ia3": ia3, "hra": hra, "oft": oft}
+def _butterfly_permutation(n, b, r, factors):
+    """PEFT's block_butterfly_perm: within each of the b blocks of n / b indices, the sub-blocks of r in the order
+    evens then odds (identity without butterfly factors)."""
+    if factors == 0:
+        return torch.arange(n)
+    size, indices = n // b, torch.arange(n)
+    step = size / r
+    sequence = torch.cat((torch.arange(0, step, 2), torch.arange(1, step, 2)))
+    order = torch.empty(size, dtype=torch.long)
+    for i, pos in enumerate(sequence):
+        order[int(i * r) : int(i * r + r)] = torch.arange(size)[int(pos * r) : int(pos * r + r)]
+    for i in range(0, n, size):
+        indices[i : i + size] = indices[i : i + size][order]
+    return indices
+
+
+def boft(W, tensors, options):
+    R, s = tensors["boft_R"].double(), tensors["boft_s"].double()
+    levels, blocks, size = R.shape[:3]
+    n = W.shape[1]
+    skew = 0.5 * (R - R.transpose(-2, -1)).reshape(-1, size, size)
+    eye = torch.eye(size, dtype=R.dtype).expand_as(skew)
+    rot = torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(levels, blocks, size, size)
+    M = torch.eye(n, dtype=R.dtype)
+    for i in range(levels):
+        P = torch.zeros(n, n, dtype=R.dtype)
+        P[torch.arange(n), _butterfly_permutation(n, blocks // 2**i, size // 2, levels - 1)] = 1
+        M = P @ torch.block_diag(*rot[i]) @ P.T @ M
+    return (W.flatten(1) @ M.T * s).reshape(W.shape)
+
+
+APPLY = {"ia3": ia3, "hra": hra, "oft": oft, "boft": boft}

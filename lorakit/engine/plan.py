@@ -211,6 +211,9 @@ def transform_fits(t, shape):
         return tuple(t.tensors["ia3_l"].shape) in ((out, 1), (1, inp))
     if t.kind == "hra":
         return t.tensors["hra_u"].shape[0] == inp
+    if t.kind == "boft":
+        R, s = t.tensors["boft_R"], t.tensors["boft_s"]
+        return R.shape[1] * R.shape[2] == inp and tuple(s.shape) == (out, 1)
     blocks, block = t.tensors["oft_R"].shape[0], t.options["block_size"]
     return inp % block == 0 and (blocks == 1 or blocks * block == inp)
 

@@ -40,11 +40,12 @@ PARAMS = {
     "IA3": ("ia3_l",),
     "HRA": ("hra_u",),
     "OFT": ("oft_R",),
+    "BOFT": ("boft_R", "boft_s"),
 }
 SHARED = {"VERA": ("vera_A", "vera_B")}
 # types that change W multiplicatively (read as core.multiplicative.Transform: merged exactly, converted to a
 # LoRA only against a base)
-MULTIPLICATIVE = ("IA3", "HRA", "OFT")
+MULTIPLICATIVE = ("IA3", "HRA", "OFT", "BOFT")
 
 
 def read(tensors, config, path, base=None, allow_unknown=False):
@@ -284,6 +285,16 @@ def oft(name, parts, config, shared, shapes, modules, notes):
     return Transform(name, "oft", {"oft_R": R}, options)
 
 
+def boft(name, parts, config, shared, shapes, modules, notes):
+    _need(parts, ("boft_R", "boft_s"), "BOFT")
+    R, s = parts["boft_R"], parts["boft_s"]
+    if R.ndim != 4 or R.shape[2] != R.shape[3] or s.ndim != 2 or s.shape[1] != 1:
+        raise LorakitError(
+            f"BOFT tensors boft_R {list(R.shape)}, boft_s {list(s.shape)} do not fit", code="LK203"
+        )
+    return Transform(name, "boft", {"boft_R": R, "boft_s": s})
+
+
 BUILDERS = {
     "ADALORA": adalora,
     "VERA": vera,
@@ -295,4 +306,5 @@ BUILDERS = {
     "IA3": ia3,
     "HRA": hra,
     "OFT": oft,
+    "BOFT": boft,
 }
