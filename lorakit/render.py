@@ -17,6 +17,8 @@ def inspect_text(r):
     echo = lines.append
     echo(f"file        {r['file']} ({_human_size(r['file_size'])})")
     echo(f"format      {r['format']}" + (f" (spec {r['spec_version']})" if r["spec_version"] else ""))
+    if r.get("peft_type") not in (None, "LORA"):
+        echo(f"peft type   {r['peft_type']}")
     if r["base_model"] or r["base_fingerprint"]:
         fp = f" (fingerprint {r['base_fingerprint'][:19]}...)" if r["base_fingerprint"] else ""
         echo(f"base model  {r['base_model'] or '?'}{fp}")
@@ -40,6 +42,9 @@ def inspect_text(r):
         echo(f"  replaced  {name} {shape}")
     for name, shape in r.get("deltas", {}).items():
         echo(f"  delta     {name} {shape}")
+    for t in r.get("transforms", []):
+        what = "rank-r change, exact as a LoRA with --base" if t["low_rank"] else "full-rank change of W"
+        echo(f"  {t['kind']:<9} {t['module']}   W' = f(W): {what}")
     p = r["provenance"] or {}
     said = [f"{k} {p[k]}" for k in ("operation", "source_format", "tool", "created") if p.get(k)]
     if said:

@@ -52,9 +52,13 @@ def _reader_problems(path):
     from ..formats import load
 
     try:
-        load(path)
+        adapter = load(path)
     except LorakitError as e:
         return [spec.Problem(e.code, e.message, e.tensor)] if e.code else []
+    if adapter.transforms:  # IA3, HRA, OFT, BOFT: a LoRA file holds them only as W' - W against a base
+        kinds = ", ".join(sorted({t.kind for t in adapter.transforms.values()}))
+        message = f"{len(adapter.transforms)} module(s) change W multiplicatively ({kinds}): convert with --base BASE"
+        return [spec.Problem("LK402", message)]
     return []
 
 
