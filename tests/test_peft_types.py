@@ -51,16 +51,18 @@ def make_base():
 
 
 def build(tmp_path, kind, seed=1):
-    """(base folder, adapter folder, PEFT's merged state dict, the PEFT model) for adapter type `kind`, every
-    trainable parameter set at random (training leaves them nonzero)."""
+    """(base folder, adapter folder, PEFT's merged state dict) for adapter type `kind` (of TYPES or MULTIPLICATIVE),
+    every trainable parameter set at random around its neutral value (training leaves them there: IA3's 1, the
+    others' 0)."""
     base = make_base()
     base.save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(base, TYPES[kind][0]())
+    config = TYPES[kind][0]() if kind in TYPES else MULTIPLICATIVE[kind]()
+    model = peft.get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "ia3" in name else 0.0))
     model.save_pretrained(tmp_path / kind)
     merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
     return tmp_path / "base", tmp_path / kind, merged
@@ -175,17 +177,7 @@ MULTIPLICATIVE = {
 
 
 def build_multiplicative(tmp_path, kind, seed=2):
-    base = make_base()
-    base.save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(base, MULTIPLICATIVE[kind]())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:  # IA3 starts at 1, the others at 0: a trained-looking change around them
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "ia3" in name else 0.0))
-    model.save_pretrained(tmp_path / kind)
-    merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
-    return tmp_path / "base", tmp_path / kind, merged
+    return build(tmp_path, kind, seed)
 
 
 @pytest.mark.parametrize("kind", sorted(MULTIPLICATIVE))
