@@ -4,7 +4,6 @@
 loading can never disagree.
 """
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from .core.adapter import KINDS, default_kind
 from .errors import LorakitError
 from .io import read_header
+from .io.jsonio import parse_json
 from .io.dtypes import FACTOR_DTYPES
 
 SPEC_VERSION = "1.2"
@@ -29,6 +29,10 @@ CODES = {
     "LK104": (
         "bad-metadata",
         "a lorakit.* metadata value that is not what the spec says (e.g. invalid JSON)",
+    ),
+    "LK107": (
+        "duplicate-key",
+        "a tensor name that appears twice in the header (only the first entry is read)",
     ),
     "LK105": ("missing-version", "no lorakit.spec_version metadata: not a lorakit adapter"),
     "LK106": ("unsupported-version", "a spec major version this reader does not implement"),
@@ -133,13 +137,14 @@ def parse_version(text):
 
 def check_file(path, values=True):
     """All problems of a file against the spec. Raises LorakitError only when the path cannot be read at all."""
+    found = []  # every defect of an entry, each with its code; a header that is not one at all raises
     try:
-        header = read_header(path)
+        header = read_header(path, problems=found)
     except LorakitError as e:
         if e.code is None:  # missing path or directory: not a validation result
             raise
-        return [Problem(e.code, str(e).split(f"[{e.code}] ", 1)[-1], e.tensor)], None
-    problems = []
+        return [Problem(e.code, e.message, e.tensor)], None
+    problems = [Problem(*p) for p in found]
     layout = check_header(header, problems)
     if values and layout is not None and not any(p.is_error for p in problems):
         check_values(path, header, problems)
@@ -169,13 +174,17 @@ def check_header(header, problems):
     for k in (META_PROVENANCE, META_MODULES):
         if k in meta:
             try:
-                value = json.loads(meta[k])
-                assert isinstance(value, dict)
-            except (json.JSONDecodeError, AssertionError):
-                add("LK104", f"'{k}' must be a JSON object")
+                value = parse_json(meta[k], None, f"'{k}'")
+            except LorakitError as e:
+                add("LK104", f"'{k}' must be a JSON object ({e.message})")
                 continue
             if k == META_MODULES:
-                module_meta = value
+                module_meta = {n: v for n, v in value.items() if isinstance(v, dict)}
+                for name in (n for n, v in value.items() if not isinstance(v, dict)):
+                    add(
+                        "LK104",
+                        f"'{k}' entry '{name}' must be a JSON object, not {type(value[name]).__name__}",
+                    )
     for key in (META_FINGERPRINT, META_IDENTITY):
         if key in meta and not re.fullmatch(r"sha256:[0-9a-f]{64}", meta[key]):
             add("LK104", f"'{key}' must be 'sha256:<64 hex>'")

@@ -6,21 +6,31 @@ import json
 from ..errors import LorakitError
 
 
-def _no_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key '{key}'")
-        seen[key] = value
-    return seen
+def _no_duplicates(duplicates):
+    """An object_pairs_hook: a duplicate key is an error, or (a `duplicates` list given) noted there, the first value
+    kept."""
+
+    def hook(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                if duplicates is None:
+                    raise ValueError(f"duplicate key '{key}'")
+                duplicates.append(key)
+                continue
+            seen[key] = value
+        return seen
+
+    return hook
 
 
-def parse_json(text, path, what="file", code=None, expect=dict):
-    """The JSON value of `text` (str or bytes), which must be an `expect` (dict by default; None: anything)."""
+def parse_json(text, path, what="file", code=None, expect=dict, duplicates=None):
+    """The JSON value of `text` (str or bytes), which must be an `expect` (dict by default; None: anything).
+    `duplicates`: a list that collects duplicate keys instead of refusing them."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates(duplicates))
     except UnicodeDecodeError:
         raise LorakitError(f"{what} is not UTF-8 text", path=path, code=code) from None
     except json.JSONDecodeError as e:

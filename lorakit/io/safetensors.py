@@ -57,12 +57,47 @@ def check_readable_file(path):
         raise LorakitError("is not a regular file (a pipe or a device?)", path=path)
 
 
-def read_header(path, any_dtype=False):
+def read_header(path, any_dtype=False, problems=None):
     """Parse and check a safetensors header. Raises LorakitError with a validation code on any defect. any_dtype: a
     dtype name this reader does not know is accepted (its size unchecked): a checkpoint's tensors the adapter does
-    not touch are copied as bytes, whatever they hold."""
+    not touch are copied as bytes, whatever they hold. With `problems` (a list), a defect of one entry (or a
+    duplicate key, LK107) is appended as (code, message, tensor) and the entry left out, so that `validate` reports
+    every problem; a file that is no safetensors header at all still raises."""
     check_readable_file(path)
     size = os.path.getsize(path)
+    text = _header_bytes(path, size)
+    duplicates = [] if problems is not None else None
+    header = parse_json(text, path, "header", code="LK101", duplicates=duplicates)
+    for key in duplicates or ():
+        problems.append(("LK107", "duplicate key in the header: only its first entry is read", key))
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise LorakitError("__metadata__ must map strings to strings", path=path, code="LK101")
+    data_start = 8 + len(text)
+    entries = {}
+    for name, info in header.items():
+        try:
+            entry, defect = _entry(name, info, data_start, size, any_dtype)
+        except LorakitError as e:  # no entry at all: malformed, or a dtype of unknown size
+            defect, entry = (e.code, e.message), None
+        if defect is not None and problems is None:
+            raise LorakitError(defect[1], path=path, tensor=name, code=defect[0])
+        if defect is not None:
+            problems.append((*defect, name))
+        if entry is not None:
+            entries[name] = entry  # an entry whose data is out of place still says what the tensor is
+    placed = {n: e for n, e in entries.items() if e.end <= size and e.start <= e.end}
+    for code, message, name in _layout_defects(placed, data_start, size):
+        if problems is None:
+            raise LorakitError(message, path=path, tensor=name, code=code)
+        problems.append((code, message, name))
+    entries = dict(sorted(entries.items(), key=lambda kv: kv[1].start))
+    return Header(str(path), entries, metadata, data_start, size)
+
+
+def _header_bytes(path, size):
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -80,70 +115,50 @@ def read_header(path, any_dtype=False):
                 path=path,
                 code="LK101",
             )
-        text = f.read(n)
-    header = parse_json(text, path, "header", code="LK101")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise LorakitError("__metadata__ must map strings to strings", path=path, code="LK101")
-    data_start = 8 + n
-    entries, spans = {}, []
-    for name, info in header.items():
-        try:
-            dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            assert (
-                all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(a, int)
-                and isinstance(b, int)
-            )
-        except Exception:
-            raise LorakitError(
-                "malformed header entry (needs dtype, shape, data_offsets)",
-                path=path,
-                tensor=name,
-                code="LK101",
-            ) from None
-        if not isinstance(dtype, str) or (nbytes(dtype, 0) is None and not any_dtype):
-            raise LorakitError(f"unknown dtype {dtype}", path=path, tensor=name, code="LK103")
-        entry = Entry(name, dtype, shape, data_start + a, data_start + b)
-        if a > b or entry.end > size:
-            raise LorakitError(
-                f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
-                path=path,
-                tensor=name,
-                code="LK102",
-            )
-        expected = nbytes(dtype, entry.numel)
-        if expected is None and not any_dtype:
-            raise LorakitError(
-                f"{entry.numel} elements of {dtype} are not a whole number of bytes",
-                path=path,
-                tensor=name,
-                code="LK102",
-            )
-        if expected is not None and entry.nbytes != expected:
-            raise LorakitError(
-                f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs {expected}",
-                path=path,
-                tensor=name,
-                code="LK102",
-            )
-        entries[name] = entry
-        spans.append((a, b, name))
-    spans.sort()
-    pos = 0
-    for a, b, name in spans:
+        return f.read(n)
+
+
+def _entry(name, info, data_start, size, any_dtype):
+    """(Entry, defect or None) for one header entry, its data checked against the file: a defect is (code, message).
+    Raises LorakitError (without a path) when there is no entry to speak of."""
+    try:
+        dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        assert all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(a, int) and isinstance(b, int)
+    except Exception:
+        raise LorakitError(
+            "malformed header entry (needs dtype, shape, data_offsets)", code="LK101"
+        ) from None
+    if not isinstance(dtype, str) or (nbytes(dtype, 0) is None and not any_dtype):
+        raise LorakitError(f"unknown dtype {dtype}", code="LK103")
+    entry = Entry(name, dtype, shape, data_start + a, data_start + b)
+    if a < 0 or a > b or entry.end > size:
+        return entry, (
+            "LK102",
+            f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
+        )
+    expected = nbytes(dtype, entry.numel)
+    if expected is None and not any_dtype:
+        return entry, ("LK102", f"{entry.numel} elements of {dtype} are not a whole number of bytes")
+    if expected is not None and entry.nbytes != expected:
+        message = (
+            f"data offsets span {entry.nbytes} bytes but shape {list(shape)} of {dtype} needs {expected}"
+        )
+        return entry, ("LK102", message)
+    return entry, None
+
+
+def _layout_defects(entries, data_start, size):
+    """(code, message, tensor) of every overlap or gap between the tensors' data, and of trailing bytes."""
+    pos, out = 0, []
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        a, b = e.start - data_start, e.end - data_start
         if a != pos:
             what = "overlaps the previous tensor" if a < pos else "leaves a gap before it"
-            raise LorakitError(
-                f"data offsets are not contiguous: tensor {what}", path=path, tensor=name, code="LK102"
-            )
-        pos = b
-    if data_start + pos != size:
-        raise LorakitError(f"{size - data_start - pos} bytes after the last tensor", path=path, code="LK102")
-    entries = dict(sorted(entries.items(), key=lambda kv: kv[1].start))
-    return Header(str(path), entries, metadata, data_start, size)
+            out.append(("LK102", f"data offsets are not contiguous: tensor {what}", e.name))
+        pos = max(pos, b)
+    if data_start + pos < size and not out:
+        out.append(("LK102", f"{size - data_start - pos} bytes after the last tensor", None))
+    return out
 
 
 @dataclass(frozen=True)

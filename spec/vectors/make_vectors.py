@@ -188,6 +188,17 @@ def vectors():
             b"\0" * 12,
         ),
     )
+    duplicated = (
+        b'{"__metadata__":{"lorakit.spec_version":"1.0"},'
+        b'"m.lora_A":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]},'
+        b'"m.lora_A":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}}'
+    )
+    add(
+        "invalid_duplicate_key.safetensors",
+        "LK107",
+        "the same tensor name twice in the header",
+        raw=struct.pack("<Q", len(duplicated)) + duplicated + b"\0" * 8,
+    )
     add(
         "invalid_dtype_int.safetensors",
         "LK103",
