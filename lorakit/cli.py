@@ -128,11 +128,14 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
 @command(main, "validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def validate_cmd(files, as_json):
+@click.option("--quick", is_flag=True, help="Header checks only: read no tensor data.")
+@click.option("--fail-fast", is_flag=True, help="Stop a file's value scan at its first tensor with a NaN/Inf.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def validate_cmd(files, as_json, quick, fail_fast, quiet):
     """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid, 2 unreadable."""
     from .commands.validate import validate
 
-    report = validate(list(files))
+    report = validate(list(files), quick=quick, fail_fast=fail_fast, quiet=quiet)
     emit(report, as_json, render.validate_text)
     if not all(f["readable"] for f in report["files"]):
         sys.exit(2)

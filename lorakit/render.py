@@ -81,7 +81,8 @@ def validate_text(r):
     lines = []
     for f in r["files"]:
         status = "valid" if f["valid"] else ("unreadable" if not f["readable"] else "INVALID")
-        lines.append(f"{status:<10} {f['file']}")
+        scope = " (header only: no tensor data read)" if f.get("checked") == "header" and f["valid"] else ""
+        lines.append(f"{status:<10} {f['file']}{scope}")
         for p in f["problems"]:
             where = f" {p['tensor']}:" if p["tensor"] else ""
             lines.append(f"  {p['code']} {p['rule']}{where} {p['message']}")

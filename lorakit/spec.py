@@ -135,8 +135,10 @@ def parse_version(text):
         return None
 
 
-def check_file(path, values=True):
-    """All problems of a file against the spec. Raises LorakitError only when the path cannot be read at all."""
+def check_file(path, values=True, bar=None, fail_fast=False):
+    """All problems of a file against the spec. Raises LorakitError only when the path cannot be read at all. The
+    header checks read no data; the value scan (`values`) streams the data, updating `bar` (a progress bar) with
+    the bytes read, and with `fail_fast` stops at the first tensor holding a NaN/Inf."""
     found = []  # every defect of an entry, each with its code; a header that is not one at all raises
     try:
         header = read_header(path, problems=found)
@@ -147,7 +149,9 @@ def check_file(path, values=True):
     problems = [Problem(*p) for p in found]
     layout = check_header(header, problems)
     if values and layout is not None and not any(p.is_error for p in problems):
-        check_values(path, header, problems)
+        if bar is not None:
+            bar.reset(total=value_bytes(header))
+        check_values(path, header, problems, bar, fail_fast)
     return problems, layout
 
 
@@ -296,14 +300,21 @@ def check_factors(A, B, kind, bias, magnitude, dora_axis, add, tensor):
             )
 
 
-def check_values(path, header, problems):
+def value_bytes(header):
+    """The bytes check_values reads: the floating tensors' data."""
+    return sum(e.nbytes for e in header.entries.values() if e.dtype in ("F64", "F32", "F16", "BF16"))
+
+
+def check_values(path, header, problems, bar=None, fail_fast=False):
     """NaN/Inf in any tensor, alpha finite and positive: needs the data, so it runs after the header checks. With
     numpy, chunk by chunk (no torch, bounded memory); bf16 by its bits (exponent all ones: Inf or NaN)."""
     import numpy as np
 
     chunk = 1 << 24
+    # the alphas first: four bytes each, and with fail_fast a bad one ends the scan before the factors are read
+    order = sorted(header.entries.items(), key=lambda kv: not (kv[0].endswith(".alpha") and kv[1].shape == ()))
     with open(path, "rb") as f:
-        for name, e in header.entries.items():
+        for name, e in order:
             if e.dtype not in ("F64", "F32", "F16", "BF16"):
                 continue
             np_dtype = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}[e.dtype]
@@ -313,6 +324,8 @@ def check_values(path, header, problems):
                 count = min(chunk, e.numel - start)
                 f.seek(e.start + start * size)
                 values = np.frombuffer(f.read(count * size), dtype=np_dtype)
+                if bar is not None:
+                    bar.update(count * size)
                 if e.dtype == "BF16":
                     bad += int(((values & 0x7F80) == 0x7F80).sum())
                     values = (values.astype("<u4") << 16).view("<f4")
@@ -324,6 +337,8 @@ def check_values(path, header, problems):
                     problems.append(Problem("LK206", f"alpha is {first}, must be finite and > 0", name))
             elif bad:
                 problems.append(Problem("LK208", f"{bad} NaN/Inf value(s)", name))
+            if fail_fast and problems and problems[-1].is_error:
+                return
 
 
 IDENTITY_SAMPLE = 64

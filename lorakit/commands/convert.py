@@ -46,7 +46,13 @@ def convert(
         "parents": [{"file": os.path.basename(os.path.normpath(input)), "format": src.name}],
     }
     write_options = {"base": base} if base is not None and "base" in takes(dst.write) else {}
-    notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
+    try:
+        notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
+    except LorakitError as e:  # the input holds what the output format cannot: name the input, say which output
+        if e.path is not None and os.fspath(e.path) != output:
+            raise
+        message = f"cannot write {output} as {dst.name}: {e.message}"
+        raise LorakitError(message, path=input, tensor=e.tensor, code=e.code) from None
     return {
         "input": input,
         "output": output,

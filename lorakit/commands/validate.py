@@ -8,18 +8,23 @@ from ..errors import LorakitError
 from ..formats import foreign_container
 
 
-def validate(files, values=True):
+def validate(files, values=True, quick=False, fail_fast=False, quiet=False):
     """Validate each file. Returns {"valid": bool, "files": [{"file", "valid", "readable", "problems": [...]}]}.
 
     Unreadable paths (missing, directory) are reported with readable=False and code LK001; the CLI exits 2 for them.
+    The header checks read no data. The value scan (NaN/Inf, alphas) streams each file's data with a progress bar;
+    `quick` skips it (header only), `fail_fast` stops a file's scan at its first non-finite tensor.
     """
+    from ..progress import progress
+
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     results = []
     for path in files:
         path = os.fspath(path)
         try:
-            problems, _ = spec.check_file(path, values=values)
+            with progress(quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True) as bar:
+                problems, _ = spec.check_file(path, values and not quick, bar, fail_fast)
             readable = True
         except LorakitError as e:
             hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
@@ -41,6 +46,7 @@ def validate(files, values=True):
                 "file": path,
                 "readable": readable,
                 "valid": readable and not any(p.is_error for p in problems),
+                "checked": "header" if quick or not values else "header and values",
                 "problems": [p.as_dict() for p in problems],
             }
         )

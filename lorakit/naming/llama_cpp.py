@@ -26,7 +26,8 @@ def to_gguf_name(module):
     if m and m[2] in LAYER_MAP:
         return f"blk.{m[1]}.{LAYER_MAP[m[2]]}"
     raise LorakitError(
-        f"no llama.cpp tensor name for module '{module}' (Llama family: attention, MLP, embeddings, lm_head)"
+        "no llama.cpp tensor name for this module (Llama family: attention, MLP, embeddings, lm_head)",
+        tensor=module,
     )
 
 
