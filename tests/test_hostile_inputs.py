@@ -147,11 +147,12 @@ def test_stale_temporaries_of_dead_runs_are_removed(tmp_path):
     ad = examples.random_adapter(SHAPES, rank=2)
     dead = tmp_path / ".a.safetensors.lorakit-999999999.dead.tmp"
     alive = tmp_path / f".a.safetensors.lorakit-{os.getppid()}.live.tmp"
-    other = tmp_path / ".b.safetensors.lorakit-999999999.x.tmp"
-    for p in (dead, alive, other):
+    other = tmp_path / ".b.safetensors.lorakit-999999999.x.tmp"  # another OUT's, its run dead too
+    mine = tmp_path / ".b.safetensors.lorakit-999999999.x.tmp.keep"  # not lorakit's pattern: never touched
+    for p in (dead, alive, other, mine):
         p.write_bytes(b"x" * 100)
     ad.save(tmp_path / "a.safetensors")
-    assert not dead.exists() and alive.exists() and other.exists()
+    assert not dead.exists() and alive.exists() and not other.exists() and mine.exists()
 
 
 def test_sigterm_leaves_no_output_and_no_temporary(w):

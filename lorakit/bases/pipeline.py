@@ -10,6 +10,16 @@ from .base import Base
 INDEX = "model_index.json"
 
 
+def _holds_weights(folder):
+    """A component folder: its .safetensors files (none of them a link out of it)."""
+    real = os.path.realpath(folder)
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    for f in files:
+        if os.path.dirname(os.path.realpath(os.path.join(folder, f))) != real:
+            raise LorakitError(f"'{f}' is a link out of its component folder: refused", path=folder)
+    return bool(files)
+
+
 class PipelineBase(Base):
     kind = "diffusers-pipeline"
     config = None
@@ -27,9 +37,12 @@ class PipelineBase(Base):
         self.components = {}
         for entry in sorted(os.listdir(self.path)):
             sub = os.path.join(self.path, entry)
-            if os.path.islink(sub) or os.path.dirname(os.path.realpath(sub)) != folder:
-                continue  # a component is a folder of the pipeline, never a link out of it
-            if os.path.isdir(sub) and any(f.endswith(".safetensors") for f in os.listdir(sub)):
+            if os.path.islink(sub) and os.path.dirname(os.path.realpath(sub)) != folder:
+                raise LorakitError(
+                    f"'{entry}' is a link out of the pipeline folder (to {os.path.realpath(sub)}): refused",
+                    path=self.path,
+                )
+            if os.path.isdir(sub) and not os.path.islink(sub) and _holds_weights(sub):
                 self.components[entry] = open_base(sub)
 
     @cached_property

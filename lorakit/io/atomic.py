@@ -6,12 +6,14 @@
 - Everything is written under a temporary name next to OUT (`.OUT.lorakit-<pid>.<random>.tmp`, created with the
   user's umask) and renamed only when complete; without --force the rename refuses to replace an OUT that appeared
   meanwhile (another process), so two runs cannot silently overwrite each other.
-- Temporaries left by a killed run (its process gone) are removed by the next run writing the same OUT.
+- Temporaries left by a killed run (its process gone, or its pid reused since) are removed by the next run writing
+  in the same folder, whatever OUT it writes.
 """
 
 import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
 from contextlib import ExitStack, contextmanager
@@ -81,35 +83,54 @@ def check_output(output, inputs=(), force=False, directory=None):
         )
 
 
+# `.<OUT name>.lorakit-<pid>.<8 hex>.<tmp|old>`: what _temporary_name makes, whatever the OUT
+STALE = re.compile(r"\..*" + re.escape(TAG) + r"(\d+)\.[^.]+\.(tmp|old)")
+
+
 def remove_stale_temporaries(path):
-    """Temporaries of `path` left by runs whose process is gone (SIGKILL, power loss)."""
-    parent, base = os.path.split(path)
-    prefix = f".{base}{TAG}"
+    """Every lorakit temporary in OUT's folder (of any OUT) left by a run whose process is gone (SIGKILL, power
+    loss): its pid is not running, or is running a process started after the temporary was made (a reused pid)."""
+    parent = os.path.dirname(path)
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        if not name.startswith(prefix):
-            continue
-        try:
-            pid = int(name[len(prefix) :].split(".", 1)[0])
-        except ValueError:
-            continue
-        if pid == os.getpid() or _alive(pid):
+        m = STALE.fullmatch(name)
+        if m is None or int(m[1]) == os.getpid():
             continue
         stale = os.path.join(parent, name)
+        try:
+            made = os.lstat(stale).st_mtime
+        except OSError:
+            continue
+        if _alive(int(m[1]), made):
+            continue
         shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else _unlink(stale)
 
 
-def _alive(pid):
+def _alive(pid, since):
+    """Whether process `pid` runs and was started before time `since` (so it may own what was made then)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    started = _start_time(pid)
+    return started is None or started <= since + 1
+
+
+def _start_time(pid):
+    """A process's start time (seconds since the epoch) from /proc, or None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _temporary_name(path, suffix):

@@ -155,13 +155,15 @@ class GGUFHeader:
             self.kv = {}
             for _ in range(n_kv):
                 key = c.string()
+                if key in self.kv:
+                    raise LorakitError(f"GGUF KV '{key}' appears twice", path=path)
                 self.kv[key] = c.value(c.unpack("<I"))
             self.kv_raw, self.n_kv = _slice(f, kv_start), n_kv
             infos = []
             for _ in range(n_tensors):
                 name, n_dims = c.string(), c.unpack("<I")
-                if n_dims > 8:
-                    raise LorakitError(f"{n_dims} dimensions", path=path, tensor=name)
+                if n_dims > 4:  # GGML_MAX_DIMS
+                    raise LorakitError(f"{n_dims} dimensions (GGML tensors have at most 4)", path=path, tensor=name)
                 ne = [c.unpack("<Q") for _ in range(n_dims)]
                 infos.append((name, ne, c.unpack("<I"), c.unpack("<Q")))
             self.header_end = f.tell()
