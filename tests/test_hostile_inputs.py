@@ -685,3 +685,196 @@ def test_header_only_inspect_of_a_huge_file_maps_and_reads_no_data(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) < 1024 * 1024  # KiB: under 1 GiB for a 16 GiB file
+
+
+# ---------------------------------------------------------------- this wave's readers and validate's bounds
+def _gguf(path, kvs=(), infos=(), data=b"", counts=None, version=3):
+    """A GGUF file from raw parts: kvs [(key, type id, payload bytes)], infos [(name, ne, type id, offset)]."""
+    s = lambda text: struct.pack("<Q", len(text)) + text.encode()  # noqa: E731
+    n_tensors, n_kv = counts or (len(infos), len(kvs))
+    out = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+    out += b"".join(s(k) + struct.pack("<I", t) + payload for k, t, payload in kvs)
+    for name, ne, type_id, offset in infos:
+        out += s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
+        out += struct.pack("<IQ", type_id, offset)
+    out += b"\0" * (-len(out) % 32)
+    path.write_bytes(out + data)
+    return path
+
+
+ARCH = ("general.architecture", 8, struct.pack("<Q", 5) + b"llama")
+LORA = (
+    "general.type",
+    8,
+    struct.pack("<Q", 7) + b"adapter",
+)  # read as an adapter and as a base: both refuse it
+
+
+@pytest.mark.parametrize(
+    "parts, fragment",
+    [
+        (
+            dict(kvs=[ARCH], infos=[("blk.0.attn_q.weight", [4, 4, 1, 1, 1], 0, 0)], data=b"\0" * 64),
+            "5 dimensions",
+        ),
+        (
+            dict(kvs=[ARCH], infos=[("blk.0.attn_q.weight", [4, 4], 99, 0)], data=b"\0" * 64),
+            "unknown GGML type 99",
+        ),
+        (
+            dict(kvs=[ARCH], infos=[("blk.0.attn_q.weight", [4, 4], 0, 4096)], data=b"\0" * 64),
+            "runs past the end",
+        ),
+        (dict(kvs=[ARCH], infos=[("blk.0.attn_q.weight", [2**40, 2**40], 0, 0)]), "runs past the end"),
+        (dict(kvs=[ARCH], counts=(0, 3_000_000_000)), "GGUF KV"),
+        (dict(kvs=[("k", 8, struct.pack("<Q", 10**12) + b"x")]), "runs past the end of the file"),
+        (dict(kvs=[ARCH, ARCH]), "'general.architecture' appears twice"),
+    ],
+    ids=["ndims", "type", "offset", "size-overflow", "kv-count", "long-string", "kv-twice"],
+)
+def test_hostile_gguf_files_are_one_line_errors(tmp_path, cli, parts, fragment):
+    path = _gguf(tmp_path / "x.gguf", **parts)
+    before = path.read_bytes()
+    for argv in (
+        ["merge", path, tmp_path / "a.safetensors", "-o", tmp_path / "out.gguf"],
+        ["inspect", path],
+        ["validate", path],
+    ):
+        examples.random_adapter(SHAPES, rank=2).save(tmp_path / "a.safetensors", force=True)
+        start = time.perf_counter()
+        code, out, err = cli(*argv)
+        if argv[0] == "validate":  # a broken GGUF: validate says what it is not, in one coded line
+            assert code in (1, 2) and "internal error" not in out + err and "LK" in out, (out, err)
+        else:
+            assert_one_line_error(code, out, err, fragment, "x.gguf")
+        assert time.perf_counter() - start < 2
+    assert path.read_bytes() == before and not os.path.exists(tmp_path / "out.gguf")
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "x.gguf"]
+
+
+def test_validate_metadata_nested_or_malformed_is_coded(tmp_path, cli):
+    entries = {
+        "m.lora_A": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
+        "m.lora_B": {"dtype": "F32", "shape": [2, 1], "data_offsets": [8, 16]},
+        "m.alpha": {"dtype": "F32", "shape": [], "data_offsets": [16, 20]},
+    }
+    cases = {
+        "deep": {"lorakit.modules": "[" * 100_000 + "]" * 100_000},
+        "prov": {"lorakit.provenance": '{"a":' * 50_000 + "1" + "}" * 50_000},
+        "entry": {"lorakit.modules": json.dumps({"m": 5})},
+    }
+    for name, meta in cases.items():
+        header = {"__metadata__": {"lorakit.spec_version": "1.0", **meta}, **entries}
+        raw_safetensors(
+            tmp_path / f"{name}.safetensors", json.dumps(header), b"\0" * 16 + struct.pack("<f", 1.0)
+        )
+        code, out, err = cli("validate", tmp_path / f"{name}.safetensors", "--json")
+        assert code == 1, (name, out, err)
+        problems = json.loads(out)["files"][0]["problems"]
+        assert [p["code"] for p in problems] == ["LK104"], (name, problems)
+
+
+def test_validate_reports_every_problem_each_with_its_code(tmp_path, cli):
+    raw_safetensors(
+        tmp_path / "d.safetensors",
+        '{"__metadata__":{"lorakit.spec_version":"1.0"},'
+        '"m.lora_A":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]},'
+        '"m.lora_A":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]},'
+        '"m.lora_B":{"dtype":"F32","shape":[2,1],"data_offsets":[8,4000]},'
+        '"m.alpha":{"dtype":"F32","shape":[],"data_offsets":[8,12]}}',
+        b"\0" * 12,
+    )
+    code, out, err = cli("validate", tmp_path / "d.safetensors", "--json")
+    found = [(p["code"], p["tensor"]) for p in json.loads(out)["files"][0]["problems"]]
+    assert code == 1 and ("LK107", "m.lora_A") in found and ("LK102", "m.lora_B") in found, found
+
+
+def test_validate_of_a_huge_sparse_file_reads_no_data_when_quick(tmp_path, cli):
+    n = 2**31  # 8 GiB of F32 per factor, all holes
+    header = {
+        "__metadata__": {"lorakit.spec_version": "1.0"},
+        "m.alpha": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+        "m.lora_A": {"dtype": "F32", "shape": [1, n], "data_offsets": [4, 4 + 4 * n]},
+        "m.lora_B": {"dtype": "F32", "shape": [n, 1], "data_offsets": [4 + 4 * n, 4 + 8 * n]},
+    }
+    text = json.dumps(header).encode()
+    with open(tmp_path / "big.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + 4 + 8 * n)
+    start = time.perf_counter()
+    code, out, err = cli("validate", tmp_path / "big.safetensors", "--quick")
+    assert code == 0 and "header only" in out and time.perf_counter() - start < 2
+    start = time.perf_counter()  # the alpha (0, a hole) is read first: --fail-fast stops there
+    code, out, err = cli("validate", tmp_path / "big.safetensors", "--fail-fast")
+    assert code == 1 and "LK206" in out and time.perf_counter() - start < 2
+
+
+def test_convert_of_an_odd_module_name_names_the_file(tmp_path, cli):
+    ad = Adapter()
+    ad.add(Module("model.layers.0/../q_proj", torch.ones(1, 4), torch.ones(4, 1), alpha=1.0))
+    ad.save(tmp_path / "odd.safetensors")
+    code, out, err = cli("convert", tmp_path / "odd.safetensors", "-o", tmp_path / "o.gguf", "--to", "gguf")
+    assert_one_line_error(code, out, err, "odd.safetensors", "model.layers.0/../q_proj", "o.gguf")
+    assert sorted(os.listdir(tmp_path)) == ["odd.safetensors"]
+
+
+def test_sigkill_leaves_nothing_that_outlives_the_next_run(w):
+    """A merge killed mid-write leaves its temporary; the next run writing in that folder (any OUT) removes it."""
+    big = w / "bigbase"
+    examples.write_llama_checkpoint(str(big), layers=6, hidden=256, intermediate=512)
+    from lorakit.bases import open_base
+
+    ad = examples.random_adapter(open_base(big).shapes(), rank=4)
+    ad.save(w / "big.safetensors")
+    code = "import lorakit, os, signal\n"
+    code += "import lorakit.engine.pipeline as p\nrun = p.run\n"
+    code += "def killed(job, writer, tmp, threads, bar):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    code += (
+        f"p.run = killed\nlorakit.merge({str(big)!r}, [{str(w / 'big.safetensors')!r}], {str(w / 'out')!r})\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    left = [n for n in os.listdir(w) if ".lorakit-" in n]
+    assert left and not os.path.exists(w / "out")  # the killed run's temporary is there
+    lorakit.merge(w / "base", [w / "a.safetensors"], w / "other", quiet=True)  # another OUT, same folder
+    assert not [n for n in os.listdir(w) if ".lorakit-" in n], os.listdir(w)
+
+
+def test_pipeline_links_out_of_the_folder_are_refused(tmp_path, cli):
+    pipe = tmp_path / "pipe"
+    os.makedirs(pipe / "text_encoder")
+    write_safetensors(pipe / "text_encoder" / "model.safetensors", {"a.weight": torch.ones(2, 2)})
+    (pipe / "model_index.json").write_text('{"unet": ["diffusers", "../../elsewhere"]}')
+    outside = tmp_path / "elsewhere"
+    os.makedirs(outside)
+    write_safetensors(outside / "model.safetensors", {"b.weight": torch.ones(2, 2)})
+    os.symlink(outside, pipe / "unet")
+    ad = Adapter()
+    ad.add(Module("text_encoder.a", torch.ones(1, 2), torch.ones(2, 1), alpha=1.0))
+    ad.save(tmp_path / "a.safetensors")
+    before = snapshot(tmp_path)
+    code, out, err = cli("merge", pipe, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert_one_line_error(code, out, err, "'unet' is a link out of the pipeline folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_nf4_absmax_nan_never_reaches_the_output(tmp_path, cli):
+    from lorakit.examples import quantize
+
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    stored = {f"l.q.{k}": v for k, v in quantize(W, "nf4", group_size=64).items()}
+    absmax = next(k for k in stored if k.endswith("absmax"))
+    stored[absmax] = stored[absmax].clone()
+    stored[absmax].view(-1)[0] = float("nan")
+    os.makedirs(tmp_path / "q")
+    write_safetensors(tmp_path / "q" / "model.safetensors", stored)
+    with open(tmp_path / "q" / "config.json", "w") as f:
+        json.dump({"quantization_config": examples.quantization_config("nf4")}, f)
+    ad = Adapter()
+    ad.add(Module("l.q", torch.ones(1, 64) * 0.01, torch.ones(8, 1), alpha=1.0))
+    ad.save(tmp_path / "a.safetensors")
+    for extra in ([], ["--dtype", "bf16"]):
+        code, out, err = cli(
+            "merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "out", *extra
+        )
+        assert_one_line_error(code, out, err, "NaN")
+        assert not os.path.exists(tmp_path / "out")

@@ -72,6 +72,9 @@ def _field(reader, key):
 def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     """`unpermute_qk=False` keeps Q/K rows in llama.cpp's order (no head counts needed): for statistics a row order
     does not change (inspect: ranks, shapes, singular values, norms)."""
+    from ..io.gguf import GGUFHeader
+
+    GGUFHeader(path)  # lorakit's strict reader first: counts, sizes and offsets checked against the file size
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)

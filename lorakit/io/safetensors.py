@@ -104,11 +104,12 @@ def _header_bytes(path, size):
             raise LorakitError(
                 f"file is {size} bytes, too short for a safetensors header", path=path, code="LK101"
             )
-        if raw[:1] in (b"{", b"["):
+        (n,) = struct.unpack("<Q", raw)
+        if raw[:1] in (b"{", b"[") and (n > MAX_HEADER or 8 + n > size):
+            # a header length whose low byte is '{' is fine; one that also runs past the end is JSON text
             raise LorakitError(
                 "this is a JSON file, not safetensors: pass the folder that holds it", path=path, code="LK101"
             )
-        (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise LorakitError(
                 f"header length {n} runs past the end of the {size}-byte file (truncated or not safetensors)",
