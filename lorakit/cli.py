@@ -129,7 +129,9 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quick", is_flag=True, help="Header checks only: read no tensor data.")
-@click.option("--fail-fast", is_flag=True, help="Stop a file's value scan at its first tensor with a NaN/Inf.")
+@click.option(
+    "--fail-fast", is_flag=True, help="Stop a file's value scan at its first tensor with a NaN/Inf."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def validate_cmd(files, as_json, quick, fail_fast, quiet):
     """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid, 2 unreadable."""

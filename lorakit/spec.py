@@ -312,7 +312,9 @@ def check_values(path, header, problems, bar=None, fail_fast=False):
 
     chunk = 1 << 24
     # the alphas first: four bytes each, and with fail_fast a bad one ends the scan before the factors are read
-    order = sorted(header.entries.items(), key=lambda kv: not (kv[0].endswith(".alpha") and kv[1].shape == ()))
+    order = sorted(
+        header.entries.items(), key=lambda kv: not (kv[0].endswith(".alpha") and kv[1].shape == ())
+    )
     with open(path, "rb") as f:
         for name, e in order:
             if e.dtype not in ("F64", "F32", "F16", "BF16"):

@@ -321,3 +321,46 @@ def test_validate_of_a_good_type_says_convert(tmp_path, cli):
     assert (
         rc == 1 and [p["code"] for p in problems] == ["LK105"] and "lorakit convert" in problems[0]["message"]
     )
+
+
+def _edit_weights(adapter, edit):
+    from safetensors.torch import load_file, save_file
+
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    sd = load_file(weights)
+    edit(sd)
+    save_file(sd, weights)
+
+
+@pytest.mark.parametrize(
+    "kind, edit, config, fragment",
+    [
+        ("vera_regenerated", None, {"projection_prng_key": None}, "LK401"),
+        ("vera", lambda sd: sd.pop("base_model.vera_A"), {"projection_prng_key": None}, "LK401"),
+        (
+            "oft",
+            lambda sd: [sd.update({k: v[:, :-1].contiguous()}) for k, v in list(sd.items())],
+            {},
+            "LK203",
+        ),
+        ("hra", lambda sd: [sd.update({k: v * 0}) for k, v in list(sd.items())], {}, "zero column"),
+        (
+            "adalora",
+            lambda sd: [sd.update({k: v[:-1]}) for k, v in list(sd.items()) if "lora_E" in k],
+            {},
+            "LK203",
+        ),
+    ],
+    ids=["vera-no-key", "vera-no-projection", "oft-not-skew-entries", "hra-zero", "adalora-shapes"],
+)
+def test_hostile_peft_types_are_one_line_errors(tmp_path, cli, kind, edit, config, fragment):
+    base, adapter, _ = build(tmp_path, kind)
+    if edit is not None:
+        _edit_weights(adapter, edit)
+    path = os.path.join(adapter, "adapter_config.json")
+    conf = {**json.load(open(path)), **config}
+    json.dump({k: v for k, v in conf.items() if v is not None}, open(path, "w"))
+    for argv in (["merge", base, adapter, "-o", tmp_path / "out"], ["inspect", adapter, "--base", base]):
+        code, out, err = cli(*argv)
+        assert_one_line_error(code, out, err, fragment, kind)
+    assert not os.path.exists(tmp_path / "out")

@@ -48,7 +48,9 @@ def convert(
     write_options = {"base": base} if base is not None and "base" in takes(dst.write) else {}
     try:
         notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
-    except LorakitError as e:  # the input holds what the output format cannot: name the input, say which output
+    except (
+        LorakitError
+    ) as e:  # the input holds what the output format cannot: name the input, say which output
         if e.path is not None and os.fspath(e.path) != output:
             raise
         message = f"cannot write {output} as {dst.name}: {e.message}"

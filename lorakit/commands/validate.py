@@ -23,7 +23,9 @@ def validate(files, values=True, quick=False, fail_fast=False, quiet=False):
     for path in files:
         path = os.fspath(path)
         try:
-            with progress(quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True) as bar:
+            with progress(
+                quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True
+            ) as bar:
                 problems, _ = spec.check_file(path, values and not quick, bar, fail_fast)
             readable = True
         except LorakitError as e:

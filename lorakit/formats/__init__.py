@@ -216,5 +216,7 @@ def save(adapter, path, format="lorakit", force=False, **options):
         )
     except OSError as e:
         raise LorakitError(f"cannot write the output: {e.strerror or e}", path=path) from None
-    except LorakitError as e:  # what the adapter holds that the format cannot: named by the file it was going to
+    except (
+        LorakitError
+    ) as e:  # what the adapter holds that the format cannot: named by the file it was going to
         raise with_path(e, path) from None

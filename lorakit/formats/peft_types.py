@@ -256,14 +256,16 @@ def miss(name, parts, config, shared, shapes, modules, notes):
 def ia3(name, parts, config, shared, shapes, modules, notes):
     scale = parts["ia3_l"]
     if scale.ndim != 2 or 1 not in scale.shape:
-        raise LorakitError(f"ia3_l has shape {list(scale.shape)}: expected [out, 1] or [1, in]")
+        raise LorakitError(f"ia3_l has shape {list(scale.shape)}: expected [out, 1] or [1, in]", code="LK203")
     return Transform(name, "ia3", {"ia3_l": scale})
 
 
 def hra(name, parts, config, shared, shapes, modules, notes):
     U = parts["hra_u"]
     if U.ndim != 2 or not (U.norm(dim=0) > 0).all():
-        raise LorakitError(f"hra_u has shape {list(U.shape)} or a zero column: not Householder vectors")
+        raise LorakitError(
+            f"hra_u has shape {list(U.shape)} or a zero column: not Householder vectors", code="LK203"
+        )
     return Transform(name, "hra", {"hra_u": U}, {"apply_GS": bool(config.get("apply_GS"))})
 
 
@@ -273,7 +275,7 @@ def oft(name, parts, config, shared, shapes, modules, notes):
     block = (1 + math.isqrt(1 + 8 * n)) // 2
     if R.ndim != 2 or block * (block - 1) // 2 != n or n == 0:
         raise LorakitError(
-            f"oft_R has shape {list(R.shape)}: not [blocks, b (b - 1) / 2] skew-matrix entries"
+            f"oft_R has shape {list(R.shape)}: not [blocks, b (b - 1) / 2] skew-matrix entries", code="LK203"
         )
     if config.get("coft"):
         raise LorakitError("OFT with coft (constrained OFT) is not supported")

@@ -163,7 +163,9 @@ class GGUFHeader:
             for _ in range(n_tensors):
                 name, n_dims = c.string(), c.unpack("<I")
                 if n_dims > 4:  # GGML_MAX_DIMS
-                    raise LorakitError(f"{n_dims} dimensions (GGML tensors have at most 4)", path=path, tensor=name)
+                    raise LorakitError(
+                        f"{n_dims} dimensions (GGML tensors have at most 4)", path=path, tensor=name
+                    )
                 ne = [c.unpack("<Q") for _ in range(n_dims)]
                 infos.append((name, ne, c.unpack("<I"), c.unpack("<Q")))
             self.header_end = f.tell()
