@@ -15,6 +15,7 @@ from ._version import __version__
 from .formats import FORMATS
 from .methods import METHODS
 from .options import DTYPE_HELP, MergeOptions, TrainOptions, cli_options
+from .serving import ENGINES
 
 
 class Terminated(KeyboardInterrupt):
@@ -133,11 +134,28 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     "--fail-fast", is_flag=True, help="Stop a file's value scan at its first tensor with a NaN/Inf."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def validate_cmd(files, as_json, quick, fail_fast, quiet):
-    """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid, 2 unreadable."""
+@click.option(
+    "--for",
+    "for_engine",
+    type=click.Choice(list(ENGINES)),
+    help="Instead: would this inference server serve the adapter exactly? (exit 1 when not)",
+)
+@click.option(
+    "--engine-version", help="The engine's version (recorded in the report; the rules are the current ones)."
+)
+def validate_cmd(files, as_json, quick, fail_fast, quiet, for_engine, engine_version):
+    """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid, 2 unreadable. With --for ENGINE:
+    whether that engine serves each adapter exactly."""
     from .commands.validate import validate
 
-    report = validate(list(files), quick=quick, fail_fast=fail_fast, quiet=quiet)
+    report = validate(
+        list(files),
+        quick=quick,
+        fail_fast=fail_fast,
+        quiet=quiet,
+        for_engine=for_engine,
+        engine_version=engine_version,
+    )
     emit(report, as_json, render.validate_text)
     if not all(f["readable"] for f in report["files"]):
         sys.exit(2)
@@ -305,7 +323,16 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
 @command(main, "convert")
 @click.argument("input", type=click.Path())
 @_output("Output file (a folder for --to peft).")
-@click.option("--to", "to", required=True, help=f"Output format ({', '.join(FORMATS)}).")
+@click.option("--to", "to", help=f"Output format ({', '.join(FORMATS)}); with --for, the engine's.")
+@click.option(
+    "--for",
+    "for_engine",
+    type=click.Choice(list(ENGINES)),
+    help="Write what this inference server loads, serving the same dW (README: Serving an adapter).",
+)
+@click.option(
+    "--max-rank", type=int, help="With --for: truncate modules above this rank (energy kept reported)."
+)
 @click.option("--from", "from_", help="Input format (default: detected from the content).")
 @click.option("--base", type=click.Path(), help="Base checkpoint: resolves kohya names and GPT-2 layouts.")
 @click.option(
@@ -315,29 +342,17 @@ def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, target
     "--allow-unknown", is_flag=True, help="Convert the rest when some input keys are not understood."
 )
 @click.option(
-    "--rank", type=int, help="Multiplicative PEFT types (IA3, OFT) with --base: rank of W' - W as a LoRA."
+    "--rank",
+    type=int,
+    help="With --base: the rank of W' - W as a LoRA (IA3, OFT; with --for, DoRA and full tensors too).",
 )
 @click.option("--energy", type=float, help="Or the smallest rank keeping this share of ||W' - W||_F^2 (0-1).")
-def convert_cmd(input, output, force, as_json, quiet, to, from_, base, alpha, allow_unknown, rank, energy):
+def convert_cmd(input, output, as_json, **options):
     """Convert an adapter between formats (every input key is consumed or reported)."""
     from .commands.convert import convert
 
-    emit(
-        convert(
-            input,
-            output,
-            to=to,
-            from_=from_,
-            base=base,
-            alpha=alpha,
-            allow_unknown=allow_unknown,
-            force=force,
-            rank=rank,
-            energy=energy,
-        ),
-        as_json,
-        render.convert_text,
-    )
+    options.pop("quiet")
+    emit(convert(input, output, **options), as_json, render.convert_text)
 
 
 # ---------------------------------------------------------------- merge

@@ -81,6 +81,8 @@ def validate_text(r):
     lines = []
     for f in r["files"]:
         status = "valid" if f["valid"] else ("unreadable" if not f["readable"] else "INVALID")
+        if r.get("for") and f["readable"]:
+            status = f"served exactly by {r['for']}:" if f["valid"] else f"NOT served exactly by {r['for']}:"
         scope = " (header only: no tensor data read)" if f.get("checked") == "header" and f["valid"] else ""
         lines.append(f"{status:<10} {f['file']}{scope}")
         for p in f["problems"]:

@@ -64,6 +64,19 @@ CODES = {
         "the adapter does not store what its deltas need (a layer shape, W itself): pass --base",
     ),
     "LK403": ("unsupported-type", "a PEFT adapter type (peft_type) lorakit does not read"),
+    # serving (lorakit.serving): what an engine would drop, misread or refuse; `validate --for ENGINE`
+    "LK501": ("rank-not-served", "a rank the engine does not serve"),
+    "LK502": (
+        "scales-differ",
+        "per-module scales (rank_pattern / alpha_pattern) the engine's single alpha / r drops",
+    ),
+    "LK503": ("rslora-ignored", "use_rslora, which the engine reads as plain alpha / r"),
+    "LK504": ("dora-refused", "DoRA magnitudes, which the engine refuses or ignores"),
+    "LK505": ("full-weights-dropped", "modules_to_save / replaced or added full tensors the engine drops"),
+    "LK506": ("bias-dropped", "lora_bias, which the engine drops"),
+    "LK507": ("module-not-served", "a module the engine does not serve (lm_head)"),
+    "LK508": ("not-lora", "a multiplicative adapter (IA3, HRA, OFT, BOFT): no engine serves it as a LoRA"),
+    "LK509": ("wrong-format", "a file of a format the engine does not load"),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }

@@ -5,13 +5,13 @@ import os
 from ..errors import LorakitError
 from ..formats import detect_format, get_format, given, load, save, takes
 from ..io import check_output
-from .args import existing, rank_rule
+from .args import existing, in_range, rank_rule
 
 
 def convert(
     input,
     output,
-    to,
+    to=None,
     from_=None,
     base=None,
     alpha=None,
@@ -19,35 +19,82 @@ def convert(
     force=False,
     rank=None,
     energy=None,
+    for_engine=None,
+    max_rank=None,
 ):
     """Convert an adapter between formats. Returns a report with what the reader and writer did. `base` goes to the
-    reader and/or the writer that use it (an error when neither does); `alpha` and `allow_unknown` to the reader."""
+    reader and/or the writer that use it (an error when neither does); `alpha` and `allow_unknown` to the reader.
+    `for_engine` (lorakit.serving.ENGINES) writes what that inference server loads, with the same dW: scales folded
+    into B, one rank (`max_rank`: truncate to it), DoRA / full tensors as low-rank deltas against `base` at `rank` /
+    `energy` where asked, everything else it would drop refused by name."""
     input, output = os.fspath(input), os.fspath(output)
+    engine, to = _engine_and_format(for_engine, to, max_rank)
     existing(base, "base")
     check_output(output, [input, base], force)
     if base is not None:
         from ..bases import open_base
 
-        base = open_base(base)  # once, for the reader, the writer and multiplicative modules
-    src = get_format(from_) if from_ else detect_format(input)
+        base = open_base(base)  # once, for the reader, the writer and the deltas computed against it
     dst = get_format(to)
     if dst.write is None:
         raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
-    if base is not None and not ({"base"} & (takes(src.read or (lambda: None)) | takes(dst.write))):
-        raise LorakitError(f"--base is used neither by the {src.name} reader nor by the {dst.name} writer")
-    read_options = given({"alpha": alpha, "allow_unknown": allow_unknown})
-    if src.read is not None and "base" in takes(src.read) and base is not None:
-        read_options["base"] = base
-    adapter = load(input, format=src.name, **read_options)
+    src, adapter = _read(input, from_, base, dst, alpha, allow_unknown, engine or rank or energy)
     rows = _transforms_as_lora(adapter, base, rank, energy, input) if adapter.transforms else []
+    if engine is not None:
+        adapter, rows = _serve_ready(adapter, engine, base, rank, energy, max_rank, input, rows)
     adapter.provenance = {
         **adapter.provenance,
         "operation": "convert",
         "parents": [{"file": os.path.basename(os.path.normpath(input)), "format": src.name}],
     }
+    notes = _write(adapter, output, dst, base, force, input)
+    return {
+        "input": input,
+        "output": output,
+        "from": src.name,
+        "to": dst.name,
+        **({"for": engine.name} if engine else {}),
+        "module_count": len(adapter.modules),
+        "replacement_count": len(adapter.replacements),
+        **({"modules": rows} if rows else {}),  # what each module kept where it was approximated or re-ranked
+        "notes": notes,
+    }
+
+
+def _read(input, from_, base, dst, alpha, allow_unknown, computes_on_base):
+    """(source format, Adapter); `base` goes to the reader when it takes one."""
+    src = get_format(from_) if from_ else detect_format(input)
+    uses = takes(src.read or (lambda: None)) | takes(dst.write) | ({"base"} if computes_on_base else set())
+    if base is not None and "base" not in uses:
+        raise LorakitError(f"--base is used neither by the {src.name} reader nor by the {dst.name} writer")
+    read_options = given({"alpha": alpha, "allow_unknown": allow_unknown})
+    if src.read is not None and "base" in takes(src.read) and base is not None:
+        read_options["base"] = base
+    return src, load(input, format=src.name, **read_options)
+
+
+def _engine_and_format(for_engine, to, max_rank):
+    from .. import serving
+
+    in_range("max_rank", max_rank, 1, integer=True)
+    if for_engine is None:
+        if to is None:
+            raise LorakitError("give the output format (--to FORMAT) or the engine (--for ENGINE)")
+        if max_rank is not None:
+            raise LorakitError("--max-rank goes with --for ENGINE (use resize to re-rank an adapter)")
+        return None, to
+    engine = serving.get_engine(for_engine)
+    if to is not None and get_format(to).name != engine.writes:
+        raise LorakitError(
+            f"{engine.name} loads {engine.writes} adapters, not {to}: drop --to, --for chooses it"
+        )
+    return engine, engine.writes
+
+
+def _write(adapter, output, dst, base, force, input):
     write_options = {"base": base} if base is not None and "base" in takes(dst.write) else {}
     try:
-        notes = list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
+        return list(adapter.notes) + save(adapter, output, format=dst.name, force=force, **write_options)
     except (
         LorakitError
     ) as e:  # the input holds what the output format cannot: name the input, say which output
@@ -55,16 +102,66 @@ def convert(
             raise
         message = f"cannot write {output} as {dst.name}: {e.message}"
         raise LorakitError(message, path=input, tensor=e.tensor, code=e.code) from None
-    return {
-        "input": input,
-        "output": output,
-        "from": src.name,
-        "to": dst.name,
-        "module_count": len(adapter.modules),
-        "replacement_count": len(adapter.replacements),
-        **({"modules": rows} if rows else {}),  # multiplicative modules written as LoRA: what each kept
-        "notes": notes,
-    }
+
+
+def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
+    """The adapter as `engine` serves it exactly (lorakit.serving.serve_ready), DoRA modules and full tensors first
+    written as low-rank deltas against the base when asked (--base with --rank / --energy)."""
+    from .. import serving
+
+    if base is not None and (rank is not None or energy is not None):
+        rows = rows + _low_rank_deltas(adapter, engine, base, rank, energy)
+    try:
+        adapter, ranks = serving.serve_ready(adapter, engine, max_rank)
+    except LorakitError as e:
+        raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None
+    adapter.notes.append(
+        f"written for {engine.name}: every module at rank {next(iter(adapter.modules.values())).rank} and one "
+        "scale (patterns, rsLoRA and per-module alphas folded into B)"
+        if adapter.modules
+        else f"written for {engine.name}"
+    )
+    return adapter, rows + [r for r in ranks if r["rank"] != r["rank_in"] or r["energy_kept"] < 1]
+
+
+def _low_rank_deltas(adapter, engine, base, rank, energy):
+    """DoRA modules and full tensors the engine drops, as the best low-rank LoRA of their delta against the base
+    (the DoRA delta m (W + dW) / ||W + dW|| - W is not low-rank): one row each, with the energy kept."""
+    from ..core import algebra
+
+    rank_rule(rank=rank, energy=energy)
+    targets = {}
+    if not engine.dora:
+        targets.update({n: ("dora", m) for n, m in adapter.modules.items() if m.magnitude is not None})
+    if not engine.full_weights:
+        for name in [*adapter.replacements, *adapter.deltas]:
+            if name.endswith(".weight") and name[: -len(".weight")] not in adapter.modules:
+                targets[name[: -len(".weight")]] = (
+                    "replacement" if name in adapter.replacements else "delta",
+                    name,
+                )
+    rows = []
+    for name, (kind, what) in sorted(targets.items()):
+        if f"{name}.weight" not in base:
+            raise LorakitError("not in the base", path=base.path, tensor=f"{name}.weight")
+        W = base.get(f"{name}.weight").float()
+        if kind == "dora":
+            D = what.apply(W) - W
+        else:
+            D = (
+                adapter.replacements.pop(what).float() - W
+                if kind == "replacement"
+                else adapter.deltas.pop(what).float()
+            )
+        if D.ndim < 2:
+            raise LorakitError(f"a 1-D {kind} has no low-rank form: merge it instead", tensor=what)
+        B2, A2, stats = algebra.extract_matrix(D.flatten(1), rank=rank, energy=energy)
+        kind_name = (
+            adapter.modules[name].kind if name in adapter.modules else ("conv" if D.ndim > 2 else "linear")
+        )
+        adapter.add(algebra.module_from_factors(name, tuple(W.shape), kind_name, B2, A2, W.dtype))
+        rows.append({"module": name, "kind": kind, **stats})
+    return rows
 
 
 def _transforms_as_lora(adapter, base, rank, energy, path):

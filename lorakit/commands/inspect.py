@@ -76,11 +76,23 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
         "provenance": ad.provenance,
         "metadata": ad.user_metadata,
     }
+    report["engines"] = _engine_verdicts(ad, fmt.name)
     if verbose or spectrum:
         report["modules"] = modules
     if spectrum:
         _add_spectrum(ad, modules, base, quiet)
     return report
+
+
+def _engine_verdicts(ad, fmt):
+    """{engine: {"served_exactly", "problems": [codes]}}: what `validate --for ENGINE` says, for a CI to gate on."""
+    from .. import serving
+
+    verdicts = {}
+    for name, engine in serving.ENGINES.items():
+        codes = sorted({p[0] for p in serving.problems(ad, engine, fmt)})
+        verdicts[name] = {"served_exactly": not codes, "problems": codes}
+    return verdicts
 
 
 def _module_row(m):

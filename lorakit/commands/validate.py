@@ -8,51 +8,80 @@ from ..errors import LorakitError
 from ..formats import foreign_container
 
 
-def validate(files, values=True, quick=False, fail_fast=False, quiet=False):
+def validate(
+    files, values=True, quick=False, fail_fast=False, quiet=False, for_engine=None, engine_version=None
+):
     """Validate each file. Returns {"valid": bool, "files": [{"file", "valid", "readable", "problems": [...]}]}.
 
     Unreadable paths (missing, directory) are reported with readable=False and code LK001; the CLI exits 2 for them.
     The header checks read no data. The value scan (NaN/Inf, alphas) streams each file's data with a progress bar;
-    `quick` skips it (header only), `fail_fast` stops a file's scan at its first non-finite tensor.
+    `quick` skips it (header only), `fail_fast` stops a file's scan at its first non-finite tensor. With
+    `for_engine` (lorakit.serving.ENGINES) the question is another: would that inference server serve the adapter
+    exactly? Every construct it would drop, misread or refuse is a problem (LK5xx), with its fix.
     """
-    from ..progress import progress
-
     if isinstance(files, (str, os.PathLike)):
         files = [files]
-    results = []
-    for path in files:
-        path = os.fspath(path)
-        try:
-            with progress(
-                quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True
-            ) as bar:
-                problems, _ = spec.check_file(path, values and not quick, bar, fail_fast)
-            readable = True
-        except LorakitError as e:
-            hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
-            problems, readable = (
-                ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))], False)
-            )
-        foreign = foreign_container(path) if readable else None
-        if (
-            foreign is not None
-        ):  # another container: an adapter (convert it) or a model (not an adapter at all)
-            code, message = foreign
-            problems = [spec.Problem(code, message or _other_format_hint(path))]
-        if readable and any(p.code == "LK105" for p in problems):
-            hint = _other_format_hint(path)
-            if hint:  # another tool's adapter: one line saying so, and what its own reader finds wrong
-                problems = [spec.Problem("LK105", hint), *_reader_problems(path)]
-        results.append(
-            {
-                "file": path,
-                "readable": readable,
-                "valid": readable and not any(p.is_error for p in problems),
-                "checked": "header" if quick or not values else "header and values",
-                "problems": [p.as_dict() for p in problems],
-            }
-        )
+    if for_engine is not None:
+        return _validate_for(files, for_engine, engine_version)
+    results = [_validate_file(os.fspath(path), values and not quick, fail_fast, quiet) for path in files]
+    for r in results:
+        r["checked"] = "header" if quick or not values else "header and values"
     return {"valid": all(r["valid"] for r in results), "files": results}
+
+
+def _validate_file(path, values, fail_fast, quiet):
+    from ..progress import progress
+
+    try:
+        with progress(
+            quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True
+        ) as bar:
+            problems, _ = spec.check_file(path, values, bar, fail_fast)
+        readable = True
+    except LorakitError as e:
+        hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
+        problems, readable = (
+            ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))], False)
+        )
+    foreign = foreign_container(path) if readable else None
+    if foreign is not None:  # another container: an adapter (convert it) or a model (not an adapter at all)
+        code, message = foreign
+        problems = [spec.Problem(code, message or _other_format_hint(path))]
+    if readable and any(p.code == "LK105" for p in problems):
+        hint = _other_format_hint(path)
+        if hint:  # another tool's adapter: one line saying so, and what its own reader finds wrong
+            problems = [spec.Problem("LK105", hint), *_reader_problems(path)]
+    return _result(path, readable, problems)
+
+
+def _result(path, readable, problems):
+    return {
+        "file": path,
+        "readable": readable,
+        "valid": readable and not any(p.is_error for p in problems),
+        "problems": [p.as_dict() for p in problems],
+    }
+
+
+def _validate_for(files, for_engine, engine_version):
+    """Each file read in its own format, then checked against the engine's rules."""
+    from .. import serving
+    from ..formats import detect_format, load
+
+    engine = serving.get_engine(for_engine)
+    results = []
+    for path in map(os.fspath, files):
+        try:
+            fmt = detect_format(path)
+            adapter = load(path, format=fmt.name, **({"values": False} if fmt.name == "lorakit" else {}))
+        except LorakitError as e:
+            results.append(_result(path, False, [spec.Problem(e.code or "LK001", e.message, e.tensor)]))
+            continue
+        found = [spec.Problem(*p[:2], p[2]) for p in serving.problems(adapter, engine, fmt.name)]
+        results.append(
+            {**_result(path, True, found), "engine": engine.name, "engine_version": engine_version}
+        )
+    return {"valid": all(r["valid"] for r in results), "for": engine.name, "files": results}
 
 
 def _reader_problems(path):

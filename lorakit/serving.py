@@ -1,0 +1,177 @@
+"""Inference servers as registry entries: what each one loads, drops, misreads or refuses (facts: the engines' LoRA
+loaders, collected with their issue numbers in README "Serving an adapter"), the coded problems an adapter would
+meet there, and the rewrite that serves the same dW everywhere: every scale folded into B (the engine's single
+alpha / r is then exactly 1), one rank for the file (zero rows: exact), no patterns, no rsLoRA, no DoRA.
+
+Adding an engine: its row in ENGINES. Torch-free at import (the CLI takes the choices from here).
+"""
+
+from dataclasses import dataclass
+
+from .errors import LorakitError, opt
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    writes: str  # the adapter format it loads: "peft" (a folder) or "gguf"
+    ranks: tuple = None  # the ranks it serves (vLLM's max_lora_rank values), None: any up to max_rank
+    max_rank: int = None
+    patterns: bool = False  # honors rank_pattern / alpha_pattern
+    rslora: bool = False  # honors use_rslora
+    dora: bool = False
+    full_weights: bool = False  # modules_to_save / replaced tensors
+    bias: bool = False
+    lm_head: bool = True
+    source: str = ""
+
+
+ENGINES = {
+    "vllm": Engine(
+        "vllm",
+        "peft",
+        ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512),
+        rslora=True,
+        source="max_lora_rank choices; DoRA, modules_to_save, bias refused; patterns ignored (#9280, #6983)",
+    ),
+    "sglang": Engine("sglang", "peft", source="patterns and DoRA refused; rsLoRA ignored (#40835)"),
+    "lorax": Engine(
+        "lorax", "peft", max_rank=128, source="patterns and DoRA ignored with a warning; max rank 128"
+    ),
+    "tgi": Engine("tgi", "peft", max_rank=128, lm_head=False, source="as LoRAX, and no lm_head"),
+    "llama.cpp": Engine(
+        "llama.cpp", "gguf", source="convert_lora_to_gguf ignores alpha_pattern and rsLoRA; no full weights"
+    ),
+}
+
+
+def get_engine(name):
+    if name not in ENGINES:
+        raise LorakitError(f"unknown engine '{name}' (known: {', '.join(ENGINES)})")
+    return ENGINES[name]
+
+
+def served_rank(engine, rank):
+    """The rank the file is written at for the engine (the next it serves), or None when it serves none that big."""
+    if engine.ranks is not None:
+        return next((r for r in engine.ranks if r >= rank), None)
+    return rank if engine.max_rank is None or rank <= engine.max_rank else None
+
+
+def problems(adapter, engine, fmt):
+    """[(code, message, module)] for every construct `engine` would drop, misread or refuse in `adapter` (read from
+    a file of format `fmt`; a PEFT folder's adapter_config.json is in its provenance)."""
+    config = adapter.provenance.get("source_config") if fmt == "peft" else None
+    fix = f"lorakit convert ADAPTER -o OUT --for {engine.name}"
+    out = []
+    if fmt != engine.writes:
+        out.append(("LK509", f"{engine.name} loads {engine.writes} adapters, this is {fmt}: {fix}", None))
+    for name, t in adapter.transforms.items():
+        out.append(("LK508", f"{t.kind} is no LoRA: merge it, or {fix} --base BASE --rank R", name))
+    ranks = {m.rank for m in adapter.modules.values()}
+    top = max(ranks, default=1)
+    if served_rank(engine, top) is None:
+        out.append(("LK501", f"rank {top} is above what {engine.name} serves: {fix} --max-rank R", None))
+    elif engine.ranks is not None and not ranks <= set(engine.ranks):
+        shown = ", ".join(map(str, sorted(ranks - set(engine.ranks))))
+        out.append(
+            ("LK501", f"rank(s) {shown} not in {engine.name}'s max_lora_rank values: {fix} pads them", None)
+        )
+    out += _scale_problems(adapter, engine, config, fix)
+    for name, m in adapter.modules.items():
+        if m.magnitude is not None and not engine.dora:
+            out.append(
+                ("LK504", f"DoRA: merge it, or {fix} --base BASE --rank R (a low-rank approximation)", name)
+            )
+        if m.bias is not None and not engine.bias:
+            out.append(("LK506", "a bias delta (lora_bias): merge the adapter instead", name))
+        if name.endswith("lm_head") and not engine.lm_head:
+            out.append(("LK507", f"{engine.name} serves no LoRA on lm_head: merge that module instead", name))
+    if not engine.full_weights:
+        for name in [*adapter.replacements, *adapter.deltas]:
+            out.append(
+                ("LK505", f"a full tensor {engine.name} drops: merge, or {fix} --base BASE --rank R", name)
+            )
+    return out
+
+
+def _scale_problems(adapter, engine, config, fix):
+    config = config or {}
+    out = []
+    if (config.get("rank_pattern") or config.get("alpha_pattern")) and not engine.patterns:
+        out.append(
+            (
+                "LK502",
+                f"rank_pattern / alpha_pattern: {engine.name} uses one alpha / r; {fix} folds them",
+                None,
+            )
+        )
+    elif len({round(m.scale, 12) for m in adapter.modules.values()}) > 1 and engine.writes == "peft":
+        out.append(
+            (
+                "LK502",
+                f"modules of different scales need patterns {engine.name} drops; {fix} folds them",
+                None,
+            )
+        )
+    if config.get("use_rslora") and not engine.rslora:
+        out.append(
+            ("LK503", f"rsLoRA read as alpha / r by {engine.name} (wrong strength): {fix} folds it", None)
+        )
+    return out
+
+
+def serve_ready(adapter, engine, max_rank=None):
+    """The adapter rewritten for `engine`, the same dW: each module's scale folded into B, every module at the one
+    rank the file is written at (zero rows added: exact; above `max_rank`, the optimal truncation). Returns
+    (adapter, [{module, rank_in, rank, energy_kept}]). What cannot be served exactly is an error naming it."""
+    from dataclasses import replace
+
+    from .core import algebra
+
+    refused = [
+        p for p in problems(adapter, engine, engine.writes) if p[0] in ("LK504", "LK505", "LK506", "LK507")
+    ]
+    # (read as the engine's own format: the patterns and rsLoRA of the input are folded below, not refused)
+    if refused or adapter.transforms:
+        code, message, name = refused[0] if refused else ("LK508", "a multiplicative adapter", None)
+        raise LorakitError(f"{engine.name} cannot serve this exactly: {message}", tensor=name, code=code)
+    rows, modules = [], {}
+    for name, m in adapter.modules.items():
+        row = {"module": name, "rank_in": m.rank, "rank": m.rank, "energy_kept": 1.0}
+        if max_rank is not None and m.rank > max_rank:
+            m, stats = algebra.resize_module(m, rank=max_rank)
+            row.update(rank=m.rank, energy_kept=stats["energy_kept"])
+        modules[name] = m
+        rows.append(row)
+    rank = served_rank(engine, max((m.rank for m in modules.values()), default=1))
+    if rank is None:
+        raise LorakitError(
+            f"{engine.name} serves no rank this large: pass {opt('max_rank')} to truncate", code="LK501"
+        )
+    scale = _most_common([m.scale for m in modules.values()])
+    out = replace(adapter, modules={n: folded(m, rank, scale) for n, m in modules.items()})
+    return out, rows
+
+
+def _most_common(values):
+    from collections import Counter
+
+    return Counter(values).most_common(1)[0][0] if values else 1.0
+
+
+def folded(m, rank, scale):
+    """Module `m` at the file's `scale` (B times scale_m / scale where they differ, in fp32, rounded once; B as it
+    is where they agree) and rank `rank` (A and B padded with zeros: exact): alpha = scale * rank for every module,
+    so one lora_alpha / r serves them all."""
+    import torch
+
+    from .core import Module
+
+    A, B = m.A, m.B
+    if m.scale != scale:
+        B = (B.float() * (m.scale / scale)).to(B.dtype)
+    if rank > m.rank:
+        A = torch.cat([A, A.new_zeros((rank - m.rank, *A.shape[1:]))])
+        B = torch.cat([B, B.new_zeros((B.shape[0], rank - m.rank, *B.shape[2:]))], dim=1)
+    return Module(m.name, A.contiguous(), B.contiguous(), alpha=scale * rank, kind=m.kind)

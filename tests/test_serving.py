@@ -1,0 +1,176 @@
+"""Serve-ready adapters: `validate --for ENGINE` flags what each engine would drop or misread, by code; `convert --for
+ENGINE` writes a PEFT folder that the real PEFT, loaded with only what the engine honors (one r and lora_alpha, no
+patterns, no rsLoRA, no DoRA), turns into the same logits as the original adapter."""
+
+import json
+import os
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+
+import lorakit
+from lorakit.serving import ENGINES
+
+from conftest import assert_one_line_error
+
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+)
+PATTERNS = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj", "down_proj"],
+    rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
+    alpha_pattern={"v_proj": 3},
+    use_rslora=True,
+)
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+def make_base():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+
+
+def build(tmp_path, name, **config):
+    """A PEFT LoRA folder, every adapter parameter at random; returns (base folder, adapter folder, its logits)."""
+    base = make_base()
+    if not (tmp_path / "base").exists():
+        base.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(base, peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "magnitude" in n else 0.0))
+    model.save_pretrained(tmp_path / name)
+    with torch.no_grad():
+        return tmp_path / "base", tmp_path / name, model.eval()(IDS).logits
+
+
+def as_engine_loads(folder):
+    """The logits PEFT gives with only what the engines honor: the file's single r and lora_alpha."""
+    path = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(path))
+    for key in ("rank_pattern", "alpha_pattern"):
+        config[key] = {}
+    config["use_rslora"] = config["use_dora"] = False
+    json.dump(config, open(path, "w"))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(make_base(), folder).eval()(IDS).logits
+
+
+def close(got, want, tol=1e-5):
+    return torch.allclose(got, want, rtol=0, atol=tol * want.abs().max())
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "lorax", "tgi"])
+def test_convert_for_engine_folds_patterns_and_rslora(tmp_path, engine):
+    base, adapter, want = build(tmp_path, "a", **PATTERNS)
+    report = lorakit.convert(adapter, tmp_path / "out", for_engine=engine)
+    config = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert report["to"] == "peft" and report["for"] == engine
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and not config["use_rslora"]
+    assert config["r"] == (
+        8 if engine == "vllm" else 6
+    )  # vLLM: the next max_lora_rank value; others: the largest
+    assert close(as_engine_loads(tmp_path / "out"), want)
+    problems = lorakit.validate([tmp_path / "out"], for_engine=engine)
+    assert problems["valid"], problems
+
+
+def test_validate_for_flags_each_construct_by_code(tmp_path, cli):
+    _, adapter, _ = build(tmp_path, "a", **PATTERNS, lora_bias=True, modules_to_save=["lm_head"])
+    expected = {
+        "vllm": {
+            "LK501",
+            "LK502",
+            "LK505",
+            "LK506",
+        },  # rsLoRA honored; ranks 2, 4, 6 not max_lora_rank values
+        "sglang": {"LK502", "LK503", "LK505", "LK506"},
+        "tgi": {"LK502", "LK503", "LK505", "LK506"},
+        "llama.cpp": {"LK502", "LK503", "LK505", "LK506", "LK509"},
+    }
+    for engine, codes in expected.items():
+        code, out, err = cli("validate", adapter, "--for", engine, "--json")
+        found = {p["code"] for p in json.loads(out)["files"][0]["problems"]}
+        assert code == 1 and found == codes, (engine, found)
+    verdicts = lorakit.inspect(adapter)["engines"]
+    assert {e: set(v["problems"]) for e, v in verdicts.items() if e in expected} == expected
+    assert not any(v["served_exactly"] for v in verdicts.values())
+
+
+def test_what_an_engine_drops_is_refused_with_the_way_out(tmp_path, cli):
+    _, adapter, _ = build(tmp_path, "a", r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "out", "--for", "vllm")
+    assert_one_line_error(code, out, err, "LK506", "q_proj", "merge the adapter instead")
+    _, dora, _ = build(tmp_path, "d", r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    code, out, err = cli("convert", dora, "-o", tmp_path / "out", "--for", "sglang")
+    assert_one_line_error(code, out, err, "LK504", "DoRA", "--base BASE --rank R")
+    _, head, _ = build(tmp_path, "h", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    code, out, err = cli("convert", head, "-o", tmp_path / "out", "--for", "tgi")
+    assert_one_line_error(code, out, err, "LK507", "lm_head")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_dora_and_full_weights_as_low_rank_deltas_against_the_base(tmp_path):
+    """DoRA's delta is not low-rank and modules_to_save is a full tensor: at full rank both are exact LoRAs, and the
+    report says so (energy 1); at a lower rank the energy kept is what the truncation measures."""
+    base, dora, want = build(
+        tmp_path, "d", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True
+    )
+    report = lorakit.convert(dora, tmp_path / "full", for_engine="vllm", base=str(base), rank=32)
+    assert {r["kind"] for r in report["modules"]} == {"dora"}
+    assert all(r["energy_kept"] > 1 - 1e-9 for r in report["modules"])
+    assert close(as_engine_loads(tmp_path / "full"), want, 1e-4)
+    low = lorakit.convert(dora, tmp_path / "low", for_engine="vllm", base=str(base), rank=4)
+    assert all(r["rank"] == 4 and r["energy_kept"] < 1 for r in low["modules"] if r.get("kind") == "dora")
+    _, saved, want = build(
+        tmp_path, "s", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    report = lorakit.convert(saved, tmp_path / "s_out", for_engine="lorax", base=str(base), rank=32)
+    assert [r["kind"] for r in report["modules"]] == ["replacement"]
+    assert close(as_engine_loads(tmp_path / "s_out"), want, 1e-4)
+
+
+def test_max_rank_truncates_and_reports_the_energy_kept(tmp_path):
+    _, adapter, _ = build(tmp_path, "a", r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    report = lorakit.convert(adapter, tmp_path / "out", for_engine="lorax", max_rank=8)
+    assert {r["rank"] for r in report["modules"]} == {8} and {r["rank_in"] for r in report["modules"]} == {16}
+    ad, src = lorakit.load(tmp_path / "out"), lorakit.load(adapter)
+    for row in report["modules"]:
+        D = src.modules[row["module"]].delta().double()
+        err = (ad.modules[row["module"]].delta().double() - D).norm() ** 2 / D.norm() ** 2
+        assert abs((1 - err) - row["energy_kept"]) < 1e-5
+
+
+def test_convert_for_llama_cpp_writes_an_exact_gguf(tmp_path):
+    base, adapter, _ = build(tmp_path, "a", **PATTERNS)
+    lorakit.convert(adapter, tmp_path / "a.gguf", for_engine="llama.cpp", base=str(base))
+    src = lorakit.load(adapter)
+    back = lorakit.load(tmp_path / "a.gguf", base=str(base))
+    for name, m in src.modules.items():
+        assert torch.allclose(back.modules[name].delta(), m.delta(), rtol=1e-5, atol=1e-6), name
+
+
+def test_options_of_for_are_checked(tmp_path, cli):
+    _, adapter, _ = build(tmp_path, "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "x", "--for", "vllm", "--to", "gguf")
+    assert_one_line_error(code, out, err, "vllm loads peft adapters, not gguf")
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "x", "--for", "vllm", "--max-rank", "0")
+    assert_one_line_error(code, out, err, "--max-rank must be >= 1")
+    code, out, err = cli("convert", adapter, "-o", tmp_path / "x")
+    assert_one_line_error(code, out, err, "give the output format (--to FORMAT) or the engine (--for ENGINE)")
+    assert set(ENGINES) == {"vllm", "sglang", "lorax", "tgi", "llama.cpp"}
