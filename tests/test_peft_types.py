@@ -364,3 +364,22 @@ def test_hostile_peft_types_are_one_line_errors(tmp_path, cli, kind, edit, confi
         code, out, err = cli(*argv)
         assert_one_line_error(code, out, err, fragment, kind)
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["resize", "{a}", "-o", "{o}", "--rank", "2"],
+        ["combine", "{a}", "{a}", "-o", "{o}"],
+        ["diff", "{a}", "{a}"],
+    ],
+)
+def test_factor_commands_refuse_multiplicative_adapters(tmp_path, cli, argv):
+    """Never an output without the modules: combine / resize / diff work on factors, and say how to get them."""
+    _, adapter, _ = build(tmp_path, "ia3")
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = cli(*[a.format(a=adapter, o=out) for a in argv])
+    assert_one_line_error(
+        code, stdout, err, "LK508", "change W multiplicatively (ia3)", "--base BASE --rank R"
+    )
+    assert not out.exists()

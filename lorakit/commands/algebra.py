@@ -10,7 +10,16 @@ from ..io.dtypes import user_dtype
 from ..methods import get_method
 from ..progress import progress
 from ..io import check_output
-from .args import as_adapter, in_range, load_inputs, paths, rank_rule, same_base, weighted_inputs
+from .args import (
+    as_adapter,
+    factors_only,
+    in_range,
+    load_inputs,
+    paths,
+    rank_rule,
+    same_base,
+    weighted_inputs,
+)
 
 WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
 
@@ -51,7 +60,7 @@ def combine(
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")
     check_output(output, paths(inputs), force, directory=False)
-    loaded = load_inputs(inputs)
+    loaded = factors_only(load_inputs(inputs), "combine")
     same_base(loaded)
     out_dtype = _combined_dtype(loaded, dtype)
     names = sorted({n for _, ad, _ in loaded for n in ad.modules})
@@ -154,6 +163,7 @@ def resize(
     in_range("sv_cumulative", sv_cumulative, 0, 1, low_open=True)
     check_output(output, paths([(adapter, 1)]), force, directory=False)
     adapter, ad = as_adapter(adapter)
+    factors_only([(adapter, ad)], "resize")
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     result = Adapter(
         replacements=dict(ad.replacements),
@@ -187,7 +197,7 @@ def resize(
 
 def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
-    (a, ad_a), (b, ad_b) = as_adapter(a), as_adapter(b)
+    (a, ad_a), (b, ad_b) = factors_only([as_adapter(a), as_adapter(b)], "diff")
     rows = []
     for name in progress(
         sorted(set(ad_a.modules) | set(ad_b.modules)), quiet=quiet, desc="diff", unit="module"

@@ -109,6 +109,21 @@ def load_inputs(inputs, base=None):
     return out
 
 
+def factors_only(loaded, command):
+    """combine / resize / diff work on low-rank factors: an adapter with multiplicative modules (PEFT IA3, HRA, OFT,
+    BOFT) is refused, never silently written without them."""
+    for label, ad, *_ in loaded:
+        if ad.transforms:
+            kinds = ", ".join(sorted({t.kind for t in ad.transforms.values()}))
+            raise LorakitError(
+                f"{len(ad.transforms)} module(s) change W multiplicatively ({kinds}): {command} works on LoRA "
+                "factors; write them as one first (lorakit convert ADAPTER -o OUT --to lorakit --base BASE --rank R)",
+                path=label,
+                code="LK508",
+            )
+    return loaded
+
+
 def as_adapter(source):
     """An Adapter given as itself or as a path."""
     return load_inputs([(source, 1.0)])[0][:2]

@@ -94,7 +94,12 @@ def train(
     if resume:
         from ..formats import load
 
-        lora.load_into(model, load(resume))
+        start = load(resume)
+        if start.transforms:  # IA3, HRA, OFT: no LoRA factors to start from
+            raise LorakitError(
+                "--resume takes a LoRA adapter, not a multiplicative one", path=resume, code="LK508"
+            )
+        lora.load_into(model, start)
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if world > 1:
