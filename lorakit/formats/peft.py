@@ -16,6 +16,7 @@ from ..core import Adapter, Module, default_kind
 from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
+from . import peft_experts
 from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
 CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -146,6 +147,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         else:
             unknown.append(key)
     refuse_unknown(path, unknown, allow_unknown, notes)
+    wrapped = peft_experts.split_wrappers(parts, config)  # target_parameters on MoE experts
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     shapes = base.shapes() if base is not None else None
@@ -192,6 +194,12 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
             mod.magnitude = mag.reshape(-1)
             mod.dora_axis = 1 if kind == "linear_t" else 0
         ad.add(mod)
+    for (parent, param), p in sorted(wrapped.items()):
+        try:
+            for mod in peft_experts.expert_modules(parent, param, p, config, shapes, notes):
+                ad.add(mod)
+        except LorakitError as e:
+            raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None
     ad.replacements = replacements
     if len(notes) > 12:
         ad.notes[:] = notes[:12] + [f"... and {len(notes) - 12} more notes"]

@@ -1,0 +1,139 @@
+"""PEFT `target_parameters` (ParamWrapper) on Mixture-of-Experts weights, read as exact per-expert LoRA modules under
+the names the checkpoint stores on disk.
+
+Facts (peft tuners/lora/layer.py ParamWrapper; transformers 5 conversion_mapping; checked against PEFT's
+merge_and_unload + save_pretrained in the tests):
+- the wrapped parameter is the in-memory fused tensor [E, out, in]: `mlp.experts.gate_up_proj [E, 2I, H]` (gate rows
+  first, then up), `mlp.experts.down_proj [E, H, I]`; on disk transformers writes it back per expert:
+  `experts.N.{gate,up,down}_proj` (qwen2_moe family) or `block_sparse_moe.experts.N.{w1,w3,w2}` (Mixtral);
+- `lora_A [r E, in]`, `lora_B [out, r E]`; expert e: A.reshape(E, r, in)[e], and B's column r_i E + e
+  (B.reshape(out, r, E)[:, :, e]) from PEFT 0.19.1 on, B.reshape(out, E, r)[:, e, :] before;
+- two targeted parameters of one module nest: the inner wrapper (`experts.base_layer.lora_*`) is the first registered,
+  the outer (`experts.lora_*`) the second; the saved `target_parameters` list need not keep that order (seen here:
+  it varies between runs), so gate_up_proj and down_proj are told apart by their shapes, which admit one assignment.
+"""
+
+import math
+import re
+
+from ..core import Module
+from ..errors import LorakitError
+
+# fused parameter -> the per-expert tensors it is cut into, row order: (qwen2_moe family name, Mixtral name)
+FUSED = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_proj": (("down_proj", "w2"),)}
+
+
+def split_wrappers(parts, config):
+    """Pop the ParamWrapper entries out of `parts` ({module: {(part, param): tensor}}): {(parent, parameter): its
+    parts}, each assigned to its target parameter by the nesting depth."""
+    targets = [t for t in config.get("target_parameters") or [] if isinstance(t, str) and "." in t]
+    if not targets:
+        return {}
+    out = {}
+    for module in sorted(parts):
+        parent, depth = module, 0
+        while parent.endswith(".base_layer"):
+            parent, depth = parent[: -len(".base_layer")], depth + 1
+        names = [t.rsplit(".", 1)[1] for t in targets if parent.endswith("." + t.rsplit(".", 1)[0])]
+        if not names:
+            continue
+        if depth >= len(names):
+            raise LorakitError(
+                f"{depth + 1} nested ParamWrappers but {len(names)} target_parameters", tensor=module
+            )
+        out[(parent, names[len(names) - 1 - depth])] = parts.pop(module)
+    return _by_shapes(out)
+
+
+def _fits(gate_up, down):
+    """Whether two wrappers' (lora_A, lora_B) are gate_up_proj [2I, H] and down_proj [H, I] of one MLP."""
+    (gu_A, gu_B), (d_A, d_B) = gate_up, down
+    return gu_A.shape[1] == d_B.shape[0] and gu_B.shape[0] == 2 * d_A.shape[1]
+
+
+def _by_shapes(wrapped):
+    """gate_up_proj and down_proj of one parent, told apart by their shapes: PEFT saves target_parameters in an
+    order that need not be the nesting's (it can come from a set), and the shapes admit one assignment only."""
+    out = dict(wrapped)
+    for parent in {p for p, _ in wrapped}:
+        pair = [wrapped.get((parent, "gate_up_proj")), wrapped.get((parent, "down_proj"))]
+        if None in pair or any(("lora_A", "weight") not in p or ("lora_B", "weight") not in p for p in pair):
+            continue
+        first, second = ((p[("lora_A", "weight")], p[("lora_B", "weight")]) for p in pair)
+        if not _fits(first, second) and _fits(second, first):
+            out[(parent, "gate_up_proj")], out[(parent, "down_proj")] = pair[1], pair[0]
+        elif not _fits(first, second):
+            raise LorakitError(
+                "the two ParamWrappers fit neither gate_up_proj [2I, H] + down_proj [H, I] assignment",
+                tensor=parent,
+            )
+    return out
+
+
+def _new_order(config):
+    """PEFT >= 0.19.1 orders B's columns rank-major (r_i E + e); older releases expert-major."""
+    version = re.match(r"(\d+)\.(\d+)\.?(\d*)", str(config.get("peft_version") or "0.19.1"))
+    return tuple(int(v or 0) for v in version.groups()) >= (0, 19, 1) if version else True
+
+
+def expert_modules(parent, param, p, config, shapes, notes):
+    """The per-expert Modules of one wrapped parameter, named as the checkpoint stores its experts."""
+    if param not in FUSED:
+        raise LorakitError(
+            f"target_parameters '{param}': a layout lorakit does not know (it reads {', '.join(FUSED)} as "
+            "transformers 5 holds them, [E, out, in])",
+            tensor=parent,
+        )
+    A, B = p.get(("lora_A", "weight")), p.get(("lora_B", "weight"))
+    if A is None or B is None or A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise LorakitError("ParamWrapper without a lora_A [r E, in] / lora_B [out, r E] pair", tensor=parent)
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1 or A.shape[0] % r:
+        raise LorakitError(f"lora_A has {A.shape[0]} rows: not r x E experts for r = {r!r}", tensor=parent)
+    E, out, pieces = A.shape[0] // r, B.shape[0], FUSED[param]
+    if out % len(pieces):
+        raise LorakitError(f"lora_B has {out} rows: not {len(pieces)} equal parts ({param})", tensor=parent)
+    names = _expert_names(parent, param, E, out // len(pieces), A.shape[1], shapes, notes)
+    alpha = config.get("lora_alpha") or r
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    A3 = A.reshape(E, r, A.shape[1])
+    B3 = (
+        B.reshape(out, r, E).permute(2, 0, 1) if _new_order(config) else B.reshape(out, E, r).permute(1, 0, 2)
+    )
+    modules, rows = [], out // len(pieces)
+    for e in range(E):
+        for i, name in enumerate(names[e]):
+            B_e = B3[e, i * rows : (i + 1) * rows].contiguous()
+            modules.append(Module(name, A3[e].contiguous(), B_e, alpha=scale * r))
+    return modules
+
+
+def _expert_names(parent, param, E, rows, cols, shapes, notes):
+    """[[module name of each row piece] per expert], checked against the base's per-expert tensors when given."""
+    layouts = {
+        "qwen2_moe": lambda e: [f"{parent}.{e}.{q}" for q, _ in FUSED[param]],
+        "mixtral": lambda e: [
+            f"{parent.replace('.mlp.experts', '.block_sparse_moe.experts')}.{e}.{m}" for _, m in FUSED[param]
+        ],
+    }
+    if shapes is None:
+        notes.append(
+            f"{parent}.{param}: {E} experts named as the qwen2_moe family stores them (pass --base to check)"
+        )
+        return [layouts["qwen2_moe"](e) for e in range(E)]
+    for layout in layouts.values():
+        names = [layout(e) for e in range(E)]
+        if all(f"{n}.weight" in shapes for per in names for n in per):
+            bad = [n for per in names for n in per if tuple(shapes[f"{n}.weight"]) != (rows, cols)]
+            if bad:
+                shape = list(shapes[f"{bad[0]}.weight"])
+                raise LorakitError(
+                    f"base {shape}, adapter expert slice [{rows}, {cols}] ({param})", tensor=bad[0]
+                )
+            if f"{layout(E)[0]}.weight" in shapes:
+                raise LorakitError(
+                    f"the adapter has {E} experts, the base more ({layout(E)[0]})", tensor=parent
+                )
+            return names
+    tried = " or ".join(f"{layout(0)[0]}.weight" for layout in layouts.values())
+    raise LorakitError(f"{E} experts of {param}: the base has neither layout ({tried})", tensor=parent)

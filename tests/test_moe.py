@@ -1,0 +1,121 @@
+"""PEFT target_parameters on Mixture-of-Experts weights (transformers 5 + PEFT, tiny Qwen3-MoE and Mixtral): read as
+exact per-expert LoRA modules, merged into the per-expert checkpoint transformers writes, equal to PEFT's
+merge_and_unload + save_pretrained, and the merged model's logits equal the adapter's."""
+
+import json
+import os
+
+import peft
+import pytest
+import torch
+import transformers
+
+import lorakit
+from lorakit.bases import open_base
+
+from conftest import assert_one_line_error
+
+SIZE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MODELS = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(
+            **SIZE, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2
+        )
+    ),
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**SIZE, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    ),
+}
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+def make(kind):
+    torch.manual_seed(0)
+    return MODELS[kind]().eval()
+
+
+def build(tmp_path, kind, **config):
+    """(base folder, adapter folder, PEFT's merged folder, the adapter's logits)."""
+    base = make(kind)
+    base.save_pretrained(tmp_path / "base")
+    lora = dict(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"])
+    lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    model = peft.get_peft_model(base, peft.LoraConfig(**{**lora, **config}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        logits = model(IDS).logits
+    model.save_pretrained(tmp_path / "adapter")
+    model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
+    return tmp_path / "base", tmp_path / "adapter", tmp_path / "peft_merged", logits
+
+
+def assert_same_checkpoint(a, b):
+    A, B = open_base(a), open_base(b)
+    assert set(A.shapes()) == set(B.shapes())
+    for name in B.shapes():
+        want = B.get(name).double()
+        assert torch.allclose(A.get(name).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max()), name
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("rslora", [False, True])
+def test_expert_lora_merges_as_peft_does(tmp_path, kind, rslora):
+    base, adapter, peft_merged, logits = build(tmp_path, kind, use_rslora=rslora)
+    report = lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
+    assert report["merged_count"] == 2 * (4 * 3 + 2)  # per layer: 4 experts x gate, up, down, and q, v
+    assert_same_checkpoint(tmp_path / "out", peft_merged)
+    merged = type(make(kind)).from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(IDS).logits, logits, atol=1e-5 * logits.abs().max())
+
+
+def test_expert_modules_are_named_as_the_base_stores_them(tmp_path):
+    base, adapter, _, _ = build(tmp_path, "mixtral")
+    ad = lorakit.load(adapter, base=str(base))
+    assert "model.layers.0.block_sparse_moe.experts.3.w3" in ad.modules or any(
+        ".experts.3.up_proj" in n for n in ad.modules
+    )
+    stored = open_base(base).shapes()
+    assert all(f"{n}.weight" in stored for n in ad.modules)
+    report = lorakit.inspect(adapter, verbose=True)
+    assert report["module_count"] == len(ad.modules) == 28
+
+
+def test_peft_before_0_19_1_orders_b_expert_major(tmp_path):
+    """The same experts saved in PEFT 0.18's column order read back to the same modules."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, peft_merged, _ = build(tmp_path, "qwen3_moe")
+    weights, config_path = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    sd = load_file(weights)
+    for key in [k for k in sd if ".experts." in k and "lora_B" in k]:
+        out, rE = sd[key].shape
+        sd[key] = (
+            sd[key].reshape(out, 2, rE // 2).permute(0, 2, 1).reshape(out, rE).contiguous()
+        )  # e r_i order
+    save_file(sd, weights)
+    config = json.load(open(config_path))
+    config["peft_version"] = "0.18.0"
+    json.dump(config, open(config_path, "w"))
+    lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
+    assert_same_checkpoint(tmp_path / "out", peft_merged)
+
+
+def test_an_expert_layout_the_base_lacks_names_both_candidates(tmp_path, cli):
+    _, adapter, _, _ = build(tmp_path, "qwen3_moe")
+    other = make("mixtral")
+    other.save_pretrained(tmp_path / "other")  # no experts.N.gate_proj: the other family's names
+    os.rename(tmp_path / "other" / "model.safetensors", tmp_path / "other" / "x.safetensors")
+    from lorakit.io import write_safetensors
+
+    dense = {k: v for k, v in open_base(tmp_path / "other").ckpt.where.items()}
+    tensors = {k: open_base(tmp_path / "other").get(k) for k in dense if ".experts." not in k}
+    os.remove(tmp_path / "other" / "x.safetensors")
+    write_safetensors(tmp_path / "other" / "model.safetensors", tensors)
+    code, out, err = cli("merge", tmp_path / "other", adapter, "-o", tmp_path / "out")
+    assert_one_line_error(
+        code, out, err, "neither layout", "experts.0.down_proj.weight", "experts.0.w2.weight"
+    )
+    assert not os.path.exists(tmp_path / "out")
