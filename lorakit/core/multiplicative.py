@@ -122,7 +122,7 @@ def _butterfly_permutation(n, b, r, factors):
 def boft(W, tensors, options):
     R, s = tensors["boft_R"].double(), tensors["boft_s"].double()
     levels, blocks, size = R.shape[:3]
-    n = W.shape[1]
+    n = W[0].numel()  # the input width, a conv's kernel included
     skew = 0.5 * (R - R.transpose(-2, -1)).reshape(-1, size, size)
     eye = torch.eye(size, dtype=R.dtype).expand_as(skew)
     rot = torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(levels, blocks, size, size)

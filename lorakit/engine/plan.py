@@ -1,5 +1,6 @@
 """Merge planning: every adapter tensor resolved to a base tensor of the right shape before anything is written."""
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -183,7 +184,7 @@ class Planner:
         if p is None:
             return self.unmatched(f"{t.name}.weight", f"{t.name}.weight: not in the base")
         shape = self.base.shape(p.source)
-        if len(shape) != 2 or not transform_fits(t, shape):
+        if len(shape) < 2 or not transform_fits(t, shape):
             sizes = ", ".join(f"{k} {list(v.shape)}" for k, v in t.tensors.items())
             return self.problems.append(f"{t.name}: {t.kind} ({sizes}) does not fit the base's {list(shape)}")
         if self.options.unmerge or w != 1.0:
@@ -206,9 +207,11 @@ class Planner:
 
 
 def transform_fits(t, shape):
-    out, inp = shape
+    """Whether a multiplicative module fits a base weight [out, in, *kernel] (conv: its input width in x kernel)."""
+    out, inp = shape[0], math.prod(shape[1:])
     if t.kind == "ia3":
-        return tuple(t.tensors["ia3_l"].shape) in ((out, 1), (1, inp))
+        kernel = (1,) * (len(shape) - 2)
+        return tuple(t.tensors["ia3_l"].shape) in ((out, 1, *kernel), (1, shape[1], *kernel))
     if t.kind == "hra":
         return t.tensors["hra_u"].shape[0] == inp
     if t.kind == "boft":

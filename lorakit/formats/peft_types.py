@@ -255,9 +255,23 @@ def miss(name, parts, config, shared, shapes, modules, notes):
 
 def ia3(name, parts, config, shared, shapes, modules, notes):
     scale = parts["ia3_l"]
-    if scale.ndim != 2 or 1 not in scale.shape:
-        raise LorakitError(f"ia3_l has shape {list(scale.shape)}: expected [out, 1] or [1, in]", code="LK203")
-    return Transform(name, "ia3", {"ia3_l": scale})
+    if scale.ndim < 2 or sum(d != 1 for d in scale.shape) > 1:
+        raise LorakitError(
+            f"ia3_l has shape {list(scale.shape)}: expected [out, 1] or [1, in] (conv: [out, 1, 1, 1] or [1, in, 1, 1])",
+            code="LK203",
+        )
+    if scale.ndim > 2 and not _feedforward(name, config.get("feedforward_modules")):
+        scale = scale.transpose(0, 1)  # PEFT's conv ia3_l is [1, out, 1, 1] and scales the output channels
+    return Transform(name, "ia3", {"ia3_l": scale.contiguous()})
+
+
+def _feedforward(name, modules):
+    """PEFT's rule: a regex string matched in full, or names the module's path ends with."""
+    import re
+
+    if isinstance(modules, str):
+        return re.fullmatch(modules, name) is not None
+    return any(name == m or name.endswith(f".{m}") for m in modules or ())
 
 
 def hra(name, parts, config, shared, shapes, modules, notes):
@@ -290,11 +304,11 @@ def oft(name, parts, config, shared, shapes, modules, notes):
 def boft(name, parts, config, shared, shapes, modules, notes):
     _need(parts, ("boft_R", "boft_s"), "BOFT")
     R, s = parts["boft_R"], parts["boft_s"]
-    if R.ndim != 4 or R.shape[2] != R.shape[3] or s.ndim != 2 or s.shape[1] != 1:
+    if R.ndim != 4 or R.shape[2] != R.shape[3] or s.ndim != 2 or 1 not in s.shape:
         raise LorakitError(
             f"BOFT tensors boft_R {list(R.shape)}, boft_s {list(s.shape)} do not fit", code="LK203"
         )
-    return Transform(name, "boft", {"boft_R": R, "boft_s": s})
+    return Transform(name, "boft", {"boft_R": R, "boft_s": s.reshape(-1, 1)})  # conv layers store it [1, out]
 
 
 BUILDERS = {
