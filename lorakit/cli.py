@@ -13,8 +13,14 @@ import click
 from . import render
 from ._version import __version__
 from .formats import FORMATS
-from .methods import METHODS
-from .options import DTYPE_HELP, MergeOptions, TrainOptions, cli_options
+from .options import (
+    CombineOptions,
+    ExtractOptions,
+    MergeOptions,
+    ResizeOptions,
+    TrainOptions,
+    cli_options,
+)
 from .serving import ENGINES
 
 
@@ -163,12 +169,6 @@ def validate_cmd(files, as_json, quick, fail_fast, quiet, for_engine, engine_ver
 
 
 # ---------------------------------------------------------------- algebra
-def _dtype_option(f):
-    return click.option(
-        "--dtype", default="keep", show_default=True, help=f"dtype of the output factors: keep, {DTYPE_HELP}."
-    )(f)
-
-
 def _common_output(f, what="Output adapter file."):
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")(f)
@@ -185,95 +185,23 @@ def _output(what):
 @command(main, "combine")
 @click.argument("adapters", nargs=-1, required=True)
 @_common_output
-@click.option(
-    "--method",
-    default="linear",
-    show_default=True,
-    type=click.Choice(list(METHODS)),
-    help="; ".join(f"{k}: {v[2]}" for k, v in METHODS.items()),
-)
-@click.option("--rank", type=int, help="Truncate each module optimally to this rank.")
-@click.option("--energy", type=float, help="Keep the smallest rank with this share of ||dW||_F^2 (0-1).")
-@click.option("--density", type=float, default=0.5, show_default=True, help="Kept share for ties/dare/prune.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
-@_dtype_option
-def combine_cmd(adapters, output, force, as_json, quiet, method, rank, energy, density, seed, dtype):
+@cli_options(CombineOptions, skip=("force", "quiet"))
+def combine_cmd(adapters, output, as_json, **options):
     """Combine adapters A[:W] B[:W] ... in delta space (exact for cat and linear)."""
     from .commands.algebra import combine
 
-    emit(
-        combine(
-            list(adapters),
-            output,
-            method=method,
-            rank=rank,
-            energy=energy,
-            density=density,
-            seed=seed,
-            dtype=dtype,
-            force=force,
-            quiet=quiet,
-        ),
-        as_json,
-        render.combine_text,
-    )
+    emit(combine(list(adapters), output, **options), as_json, render.combine_text)
 
 
 @command(main, "resize")
 @click.argument("adapter", type=click.Path())
 @_common_output
-@click.option("--rank", type=int, help="New rank of every module.")
-@click.option("--energy", type=float, help="Keep this share of ||dW||_F^2 per module (0-1).")
-@click.option(
-    "--sv-ratio", type=float, help="Keep singular values above S[0] / X, plus one (sd-scripts' rank)."
-)
-@click.option(
-    "--sv-fro", type=float, help="Keep until the Frobenius norm share reaches X, plus one (sd-scripts)."
-)
-@click.option(
-    "--sv-cumulative", type=float, help="Keep until cumsum(S) / sum(S) reaches X, plus one (sd-scripts)."
-)
-@click.option(
-    "--minimal", is_flag=True, help="With --sv-*: the smallest rank meeting the rule (no sd-scripts +1)."
-)
-@click.option("--max-rank", type=int, help="Upper bound on the new rank.")
-@_dtype_option
-def resize_cmd(
-    adapter,
-    output,
-    force,
-    as_json,
-    quiet,
-    rank,
-    energy,
-    sv_ratio,
-    sv_fro,
-    sv_cumulative,
-    minimal,
-    max_rank,
-    dtype,
-):
+@cli_options(ResizeOptions, skip=("force", "quiet"))
+def resize_cmd(adapter, output, as_json, **options):
     """Re-rank every module by optimal (Eckart-Young) truncation; the scale is kept."""
     from .commands.algebra import resize
 
-    emit(
-        resize(
-            adapter,
-            output,
-            rank=rank,
-            energy=energy,
-            sv_ratio=sv_ratio,
-            sv_fro=sv_fro,
-            sv_cumulative=sv_cumulative,
-            max_rank=max_rank,
-            dtype=dtype,
-            force=force,
-            quiet=quiet,
-            minimal=minimal,
-        ),
-        as_json,
-        render.resize_text,
-    )
+    emit(resize(adapter, output, **options), as_json, render.resize_text)
 
 
 @command(main, "diff")
@@ -292,31 +220,12 @@ def diff_cmd(a, b, as_json, quiet):
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
 @_common_output
-@click.option("--rank", type=int, help="Rank of every extracted module.")
-@click.option("--energy", type=float, help="Smallest rank keeping this share of ||tuned - base||_F^2 (0-1).")
-@click.option("--targets", help="Comma-separated module names, suffixes (q_proj) or globs; default: all.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
-@_dtype_option
-def extract_cmd(base, tuned, output, force, as_json, quiet, rank, energy, targets, seed, dtype):
+@cli_options(ExtractOptions, skip=("force", "quiet"))
+def extract_cmd(base, tuned, output, as_json, **options):
     """Extract an adapter from a base and a fine-tuned checkpoint (files or sharded folders)."""
     from .commands.extract import extract
 
-    emit(
-        extract(
-            base,
-            tuned,
-            output,
-            rank=rank,
-            energy=energy,
-            targets=targets,
-            seed=seed,
-            dtype=dtype,
-            force=force,
-            quiet=quiet,
-        ),
-        as_json,
-        render.extract_text,
-    )
+    emit(extract(base, tuned, output, **options), as_json, render.extract_text)
 
 
 # ---------------------------------------------------------------- convert

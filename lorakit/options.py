@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from .errors import LorakitError, missing, opt
 from .io.dtypes import ALIASES, USER_DTYPES
+from .methods import METHODS
 from .quant import STRATEGIES
 
 DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
@@ -109,9 +110,67 @@ class TrainOptions:
         return self
 
 
-def takes_options(options_class):
+DTYPE_OUT = f"dtype of the output factors: keep, {DTYPE_HELP}."
+FORCE = "Replace OUT if it exists (an output of the same kind; never an input)."
+
+
+class NoChecks:
+    def check(self):
+        """The command checks these options' ranges itself (they depend on each other)."""
+        return self
+
+
+@dataclass(frozen=True)
+class CombineOptions(NoChecks):
+    method: str = option(
+        "linear", "; ".join(f"{k}: {v[2]}" for k, v in METHODS.items()), choices=tuple(METHODS)
+    )
+    rank: int = option(None, "Truncate each module optimally to this rank.", type=int)
+    energy: float = option(None, "Keep the smallest rank with this share of ||dW||_F^2 (0-1).", type=float)
+    density: float = option(0.5, "Kept share for ties/dare/prune.", type=float)
+    seed: int = option(0, "Seed of DARE's random drop.", type=int)
+    dtype: str = option("keep", DTYPE_OUT)
+    force: bool = option(False, FORCE)
+    quiet: bool = option(False, "No progress bar.")
+
+
+@dataclass(frozen=True)
+class ResizeOptions(NoChecks):
+    rank: int = option(None, "New rank of every module.", type=int)
+    energy: float = option(None, "Keep this share of ||dW||_F^2 per module (0-1).", type=float)
+    sv_ratio: float = option(
+        None, "Keep singular values above S[0] / X, plus one (sd-scripts' rank).", type=float
+    )
+    sv_fro: float = option(
+        None, "Keep until the Frobenius norm share reaches X, plus one (sd-scripts).", type=float
+    )
+    sv_cumulative: float = option(
+        None, "Keep until cumsum(S) / sum(S) reaches X, plus one (sd-scripts).", type=float
+    )
+    minimal: bool = option(False, "With --sv-*: the smallest rank meeting the rule (no sd-scripts +1).")
+    max_rank: int = option(None, "Upper bound on the new rank.", type=int)
+    dtype: str = option("keep", DTYPE_OUT)
+    force: bool = option(False, FORCE)
+    quiet: bool = option(False, "No progress bar.")
+
+
+@dataclass(frozen=True)
+class ExtractOptions(NoChecks):
+    rank: int = option(None, "Rank of every extracted module.", type=int)
+    energy: float = option(
+        None, "Smallest rank keeping this share of ||tuned - base||_F^2 (0-1).", type=float
+    )
+    targets: str = option(None, "Comma-separated module names, suffixes (q_proj) or globs; default: all.")
+    seed: int = option(0, "Seed of the randomized SVD.", type=int)
+    dtype: str = option("keep", DTYPE_OUT)
+    force: bool = option(False, FORCE)
+    quiet: bool = option(False, "No progress bar.")
+
+
+def takes_options(options_class, unpack=False):
     """A command `f(*args, options)` called as `f(*args, **keywords)` with the fields of `options_class` as
-    keywords (or `options=` a record); its signature shows them, and unknown keywords are an error."""
+    keywords (or `options=` a record); its signature shows them, and unknown keywords are an error. With `unpack`
+    the command takes the fields as keyword-only parameters without defaults (the defaults live here)."""
     names = [f.name for f in fields(options_class)]
 
     def wrap(function):
@@ -120,10 +179,13 @@ def takes_options(options_class):
             unknown = sorted(set(keywords) - set(names))
             if unknown:
                 raise LorakitError(f"{function.__name__}() takes no option {', '.join(unknown)}")
-            record = options if options is not None else options_class(**keywords)
-            return function(*args, record.check())
+            record = (options if options is not None else options_class(**keywords)).check()
+            if unpack:
+                return function(*args, **{n: getattr(record, n) for n in names})
+            return function(*args, record)
 
-        own = list(inspect.signature(function).parameters.values())[:-1]
+        params = list(inspect.signature(function).parameters.values())
+        own = [p for p in params if p.kind != p.KEYWORD_ONLY][: None if unpack else -1]
         extra = [
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
             for f in fields(options_class)

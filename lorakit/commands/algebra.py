@@ -10,6 +10,7 @@ from ..io.dtypes import user_dtype
 from ..methods import get_method
 from ..progress import progress
 from ..io import check_output
+from ..options import CombineOptions, ResizeOptions, takes_options
 from .args import (
     as_adapter,
     factors_only,
@@ -35,18 +36,8 @@ def _check_rule(**rule):
     return given
 
 
-def combine(
-    adapters,
-    output,
-    method="linear",
-    rank=None,
-    energy=None,
-    density=0.5,
-    seed=0,
-    dtype="keep",
-    force=False,
-    quiet=False,
-):
+@takes_options(CombineOptions, unpack=True)
+def combine(adapters, output, *, method, rank, energy, density, seed, dtype, force, quiet):
     """Combine adapters (`path` or `path:weight`) in delta space. Returns the report; writes `output`.
 
     cat/linear are exact (rank = sum of ranks), or optimally truncated with rank/energy; svd truncates to `rank`
@@ -133,19 +124,9 @@ def _combine_full_tensors(loaded, result, out_dtype):
     result.deltas = {key: t.to(out_dtype) for key, t in sums.items()}
 
 
+@takes_options(ResizeOptions, unpack=True)
 def resize(
-    adapter,
-    output,
-    rank=None,
-    energy=None,
-    sv_ratio=None,
-    sv_fro=None,
-    sv_cumulative=None,
-    max_rank=None,
-    dtype="keep",
-    force=False,
-    quiet=False,
-    minimal=False,
+    adapter, output, *, rank, energy, sv_ratio, sv_fro, sv_cumulative, minimal, max_rank, dtype, force, quiet
 ):
     """Optimal per-module truncation (Eckart-Young), alpha rescaled to keep each module's scale. The sv_* rules keep
     the ranks sd-scripts' resize_lora keeps (one above the smallest rank meeting the rule); `minimal` keeps that

@@ -10,6 +10,7 @@ from ..naming.embeddings import is_embedding
 from ..io import check_output
 from ..io.dtypes import user_dtype
 from ..bases import open_base
+from ..options import ExtractOptions, takes_options
 from ..progress import progress
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
@@ -53,9 +54,8 @@ def _extract_module(name, W0, W1, adapter, rank, energy, out_dtype, generator):
     return {"module": module_name, **stats}
 
 
-def extract(
-    base, tuned, output, rank=None, energy=None, targets=None, dtype="keep", seed=0, force=False, quiet=False
-):
+@takes_options(ExtractOptions, unpack=True)
+def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, quiet):
     """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
     tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
     if rank is None and energy is None:
