@@ -23,16 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table  # noqa: E402
 
+from lorakit.naming.llama_cpp import to_gguf_name  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HF_TO_GGUF = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 
 
 def gguf_weights(path):
@@ -101,8 +94,8 @@ def merged_errors(base_gguf, lora_gguf, work, deltas, config, llama_cpp):
     before, after = gguf_weights(base_gguf), gguf_weights(out)
     errors = []
     for module, dW in deltas.items():
-        layer, rest = module.split(".", 3)[2], module.split(".", 3)[3]
-        name = f"blk.{layer}.{HF_TO_GGUF[rest]}.weight"
+        rest = module.split(".", 3)[3]
+        name = f"{to_gguf_name(module)}.weight"
         want = dW.detach().numpy()
         if rest in ("self_attn.q_proj", "self_attn.k_proj"):
             heads = config.num_attention_heads if rest.endswith("q_proj") else config.num_key_value_heads

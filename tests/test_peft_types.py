@@ -264,38 +264,6 @@ class ConvNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "config",
-    [
-        lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "head"]),
-        lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "head"], use_effective_conv2d=True),
-        lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "head"]),
-        lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "head"], use_effective_conv2d=True),
-    ],
-    ids=["loha", "loha-effective", "lokr", "lokr-effective"],
-)
-def test_conv_types_merge_equals_peft(tmp_path, config):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    net = ConvNet()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base.safetensors")
-    model = peft.get_peft_model(net, config())
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in (p for p in model.parameters() if p.requires_grad):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(tmp_path / "adapter")
-    merged = model.merge_and_unload().state_dict()
-    lorakit.merge(
-        tmp_path / "base.safetensors", [tmp_path / "adapter"], tmp_path / "out.safetensors", quiet=True
-    )
-    out = open_base(tmp_path / "out.safetensors")
-    for name in ("conv.weight", "head.weight"):
-        want = merged[name].double()
-        assert torch.allclose(out.get(name).double(), want, atol=1e-5 * want.abs().max()), name
-
-
-@pytest.mark.parametrize(
     "kind, change, code",
     [
         ("adalora", {"init_r": 0}, "LK401"),
@@ -385,26 +353,37 @@ def test_factor_commands_refuse_multiplicative_adapters(tmp_path, cli, argv):
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        lambda: peft.IA3Config(target_modules=["conv", "head"], feedforward_modules=["head"]),
-        lambda: peft.IA3Config(target_modules=["conv", "head"], feedforward_modules=["conv"]),
-        lambda: peft.HRAConfig(r=3, target_modules=["conv", "head"]),
-        lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["conv", "head"]),
-        lambda: peft.BOFTConfig(
-            boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["conv", "head"]
-        ),
-    ],
-    ids=["ia3", "ia3-feedforward-conv", "hra", "oft", "boft"],
-)
-def test_multiplicative_conv_merge_equals_peft(tmp_path, config):
+CONV = {
+    "loha": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "head"]),
+    "loha-effective": lambda: peft.LoHaConfig(
+        r=2, alpha=3, target_modules=["conv", "head"], use_effective_conv2d=True
+    ),
+    "lokr": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "head"]),
+    "lokr-effective": lambda: peft.LoKrConfig(
+        r=2, alpha=3, target_modules=["conv", "head"], use_effective_conv2d=True
+    ),
+    "ia3": lambda: peft.IA3Config(target_modules=["conv", "head"], feedforward_modules=["head"]),
+    "ia3-feedforward-conv": lambda: peft.IA3Config(
+        target_modules=["conv", "head"], feedforward_modules=["conv"]
+    ),
+    "hra": lambda: peft.HRAConfig(r=3, target_modules=["conv", "head"]),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["conv", "head"]),
+    "boft": lambda: peft.BOFTConfig(
+        boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["conv", "head"]
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONV))
+def test_conv_types_merge_equals_peft(tmp_path, kind):
+    """A Conv2d net: the additive types (LoHa, LoKr, plain and effective) and the multiplicative ones (IA3, HRA,
+    OFT, BOFT over in x kernel) merge as PEFT's merge_and_unload does."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     net = ConvNet()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base.safetensors")
-    model = peft.get_peft_model(net, config())
+    model = peft.get_peft_model(net, CONV[kind]())
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
