@@ -36,6 +36,8 @@ def inspect_text(r):
     echo("targets")
     for t in r["targets"]:
         layers = f" x {t['count']} layers" if "*" in t["pattern"] else ""
+        if t.get("experts"):  # Mixture-of-Experts: E experts in each of the layers
+            layers = f" x {t['experts']} experts x {t['count'] // t['experts']} layers"
         ranks = ",".join(map(str, t["ranks"]))
         echo(f"  {t['kind']:<9} {t['target']}{layers}   r={ranks}   ({t['pattern']})")
     for name, shape in r["replacements"].items():

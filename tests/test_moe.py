@@ -81,6 +81,8 @@ def test_expert_modules_are_named_as_the_base_stores_them(tmp_path):
     assert all(f"{n}.weight" in stored for n in ad.modules)
     report = lorakit.inspect(adapter, verbose=True)
     assert report["module_count"] == len(ad.modules) == 28
+    experts = {t["target"]: (t["experts"], t["count"]) for t in report["targets"] if t["experts"]}
+    assert len(experts) == 3 and set(experts.values()) == {(4, 8)}, report["targets"]  # 4 experts x 2 layers
 
 
 def test_peft_before_0_19_1_orders_b_expert_major(tmp_path):

@@ -121,6 +121,7 @@ def _groups(modules):
             "pattern": pat,
             "target": _target(pat),
             "count": len(ms),
+            "experts": len({e for m in ms for e in re.findall(r"\.experts\.(\d+)\.", m["module"])}) or None,
             "ranks": sorted({m["rank"] for m in ms}),
             "alphas": sorted({m["alpha"] for m in ms}),
         }
