@@ -121,3 +121,21 @@ def test_an_expert_layout_the_base_lacks_names_both_candidates(tmp_path, cli):
         code, out, err, "neither layout", "experts.0.down_proj.weight", "experts.0.w2.weight"
     )
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_convert_to_peft_per_expert_loads_with_the_same_logits(tmp_path, kind):
+    """The per-expert modules written as a PEFT folder (v4-style names): PEFT on transformers 5 loads them onto the
+    fused experts and computes what the ParamWrapper adapter computes."""
+    base, adapter, _, logits = build(tmp_path, kind)
+    lorakit.convert(adapter, tmp_path / "per_expert", to="peft", base=str(base))
+    config = json.load(open(tmp_path / "per_expert" / "adapter_config.json"))
+    assert not config.get("target_parameters") and any(".experts.3." in m for m in config["target_modules"])
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(
+            type(make(kind)).from_pretrained(base), tmp_path / "per_expert"
+        )
+        got = model.eval()(IDS).logits
+    assert torch.allclose(got, logits, atol=1e-5 * logits.abs().max()), (got - logits).abs().max()
+    lorakit.merge(base, [tmp_path / "per_expert"], tmp_path / "out", quiet=True)  # a per-expert v4 adapter
+    assert_same_checkpoint(tmp_path / "out", tmp_path / "peft_merged")
