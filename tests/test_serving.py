@@ -174,3 +174,40 @@ def test_options_of_for_are_checked(tmp_path, cli):
     code, out, err = cli("convert", adapter, "-o", tmp_path / "x")
     assert_one_line_error(code, out, err, "give the output format (--to FORMAT) or the engine (--for ENGINE)")
     assert set(ENGINES) == {"vllm", "sglang", "lorax", "tgi", "llama.cpp"}
+
+
+def test_embeddings_and_peft_base_copies(tmp_path):
+    """A LoRA on embed_tokens (PEFT saves a copy of the base embedding beside it): the copy is checked against the
+    base and skipped, the embedding LoRA folded and padded like the others."""
+    base, adapter, want = build(
+        tmp_path,
+        "a",
+        r=3,
+        lora_alpha=5,
+        target_modules=["embed_tokens", "q_proj"],
+        rank_pattern={"q_proj": 2},
+    )
+    report = lorakit.convert(adapter, tmp_path / "out", for_engine="vllm", base=str(base))
+    assert any("equal to the base" in n for n in report["notes"]) and report["replacement_count"] == 0
+    assert close(as_engine_loads(tmp_path / "out"), want)
+
+
+def test_gpt2_conv1d_for_an_engine(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    fresh = lambda: transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()  # noqa: E731
+    model = peft.get_peft_model(
+        fresh(), peft.LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        want = model.eval()(IDS).logits
+    model.save_pretrained(tmp_path / "a")
+    lorakit.convert(tmp_path / "a", tmp_path / "out", for_engine="vllm", base=str(tmp_path / "gpt2"))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        got = peft.PeftModel.from_pretrained(fresh(), tmp_path / "out").eval()(IDS).logits
+    assert json.load(open(tmp_path / "out" / "adapter_config.json"))["r"] == 8 and close(got, want)

@@ -109,6 +109,14 @@ def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
     written as low-rank deltas against the base when asked (--base with --rank / --energy)."""
     from .. import serving
 
+    from ..formats.common import base_copies, checked_base_copies
+
+    copies = base_copies(
+        adapter
+    )  # PEFT's copies of the base's embedding / lm_head: the base has them already
+    adapter.notes.extend(checked_base_copies(adapter, copies, base, path, engine.name))
+    for name in copies:
+        del adapter.replacements[name]
     if base is not None and (rank is not None or energy is not None):
         rows = rows + _low_rank_deltas(adapter, engine, base, rank, energy)
     try:

@@ -57,3 +57,35 @@ def t_contig(t):
 
 def fold_note(notes, what):
     notes.append(f"{what}: the scale was folded into the factors (within 1 ulp of the output dtype)")
+
+
+def base_copies(adapter):
+    """The replacements that are PEFT's copies of base weights saved beside their LoRA (`<module>.base_layer.weight`
+    of an embedding or lm_head with save_embedding_layers): read as replacements of modules that have factors."""
+    return [
+        n for n in adapter.replacements if n.endswith(".weight") and n[: -len(".weight")] in adapter.modules
+    ]
+
+
+def checked_base_copies(adapter, copies, base, path, what):
+    """Notes on skipping `copies`: compared with the base when it is given (a resized vocabulary differs, and is
+    refused, naming the tensor), else skipped with a note saying they were not compared."""
+    if not copies:
+        return []
+    if base is None:
+        return [
+            f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}); not "
+            "compared with the base (no --base)"
+        ]
+    for name in copies:
+        copy = adapter.replacements[name]
+        if name not in base or not (base.get(name).to(copy.dtype) == copy).all():
+            raise LorakitError(
+                f"the adapter's copy of this base weight differs from the base (a resized vocabulary?): {what} "
+                "cannot hold it",
+                path=path,
+                tensor=name,
+            )
+    return [
+        f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}): equal to the base"
+    ]

@@ -13,7 +13,7 @@ import torch
 from ..core import Adapter, Module
 from ..errors import LorakitError, opt
 from ..io import atomic_output
-from .common import fold_note, most_common, refuse_deltas, refuse_unknown
+from .common import base_copies, checked_base_copies, fold_note, most_common, refuse_deltas, refuse_unknown
 from ..naming.llama_cpp import (
     HEADS_KEY,
     KV_HEADS_KEY,
@@ -156,39 +156,15 @@ def _array(gguf, t):
 
 
 def _base_copies_skipped(adapter, base, path):
-    """PEFT saves `<module>.base_layer.weight` copies of the base's embedding / lm_head beside their LoRA (read as
-    replacements of modules with factors). llama.cpp's converter skips them: so does this writer, comparing them with
-    the base when it is given (a resized vocabulary differs, and is refused). Any other replacement is refused."""
-    copies = [
-        n for n in adapter.replacements if n.endswith(".weight") and n[: -len(".weight")] in adapter.modules
-    ]
+    """PEFT's copies of base weights beside their LoRA are skipped, as llama.cpp's converter skips them (checked
+    against the base when given); any other replacement is refused."""
+    copies = base_copies(adapter)
     others = [n for n in adapter.replacements if n not in copies]
     if others:
         raise LorakitError(
             f"llama.cpp LoRA holds only A and B: no full-tensor replacements ({others[0]})", path=path
         )
-    if not copies:
-        return []
-    if base is None:
-        return [
-            f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}), as "
-            "llama.cpp's converter does; not compared with the base (no --base)"
-        ]
-    view = base  # an opened base: its weights as full precision
-    for name in copies:
-        if name not in view or not torch.equal(
-            view.get(name).to(adapter.replacements[name].dtype), adapter.replacements[name]
-        ):
-            raise LorakitError(
-                "the adapter's copy of this base weight differs from the base (a resized vocabulary?): "
-                "llama.cpp LoRA cannot hold it",
-                path=path,
-                tensor=name,
-            )
-    return [
-        f"skipped {len(copies)} copy(ies) of base weights PEFT saved beside their LoRA ({copies[0]}): equal "
-        "to the base"
-    ]
+    return checked_base_copies(adapter, copies, base, path, "llama.cpp LoRA")
 
 
 def write(adapter, path, force=False, base=None):
