@@ -139,3 +139,72 @@ def test_convert_to_peft_per_expert_loads_with_the_same_logits(tmp_path, kind):
     assert torch.allclose(got, logits, atol=1e-5 * logits.abs().max()), (got - logits).abs().max()
     lorakit.merge(base, [tmp_path / "per_expert"], tmp_path / "out", quiet=True)  # a per-expert v4 adapter
     assert_same_checkpoint(tmp_path / "out", tmp_path / "peft_merged")
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_expert_lora_merges_into_gguf_exps_tensors(tmp_path, kind):
+    """llama.cpp keeps a layer's experts in one 3-D tensor blk.N.ffn_{gate,up,down}_exps [E, n_ff, n_embd]: each
+    per-expert module is a row slice of it, merged in its type (F32 exactly; Q8_0 requantized with fresh block scales,
+    the experts without a LoRA within a step of what they were)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    from lorakit.core import Adapter, Module
+
+    E, hidden, ff, rng = 4, 32, 64, np.random.default_rng(0)
+    w = gguf.GGUFWriter(os.fspath(tmp_path / "moe.gguf"), "qwen3moe")
+    w.add_block_count(1)
+    stored = {}
+    for name, shape in (("gate", (E, ff, hidden)), ("up", (E, ff, hidden)), ("down", (E, hidden, ff))):
+        values = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        if kind == "F32":
+            w.add_tensor(f"blk.0.ffn_{name}_exps.weight", values)
+        else:
+            w.add_tensor(
+                f"blk.0.ffn_{name}_exps.weight",
+                quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g, ad = torch.Generator().manual_seed(3), Adapter()
+    for e in (1, 3):  # experts 0 and 2 have no LoRA
+        for proj, (o, i) in (
+            ("gate_proj", (ff, hidden)),
+            ("up_proj", (ff, hidden)),
+            ("down_proj", (hidden, ff)),
+        ):
+            A, B = torch.randn(2, i, generator=g) * 0.1, torch.randn(o, 2, generator=g) * 0.1
+            ad.add(Module(f"model.layers.0.mlp.experts.{e}.{proj}", A, B, alpha=2.0))
+    ad.save(tmp_path / "a.safetensors")
+    # rescale: fresh block scales (this delta leaves the stored blocks' range: the kept grid would clip it)
+    options = {} if kind == "F32" else {"strategy": "rescale"}
+    report = lorakit.merge(
+        tmp_path / "moe.gguf", [tmp_path / "a.safetensors"], tmp_path / "out.gguf", quiet=True, **options
+    )
+    assert report["merged_count"] == 3
+
+    def read(path):
+        out = {}
+        for t in gguf.GGUFReader(path).tensors:
+            out[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float64).reshape(
+                tuple(reversed([int(d) for d in t.shape]))
+            )
+        return out
+
+    before, after = read(tmp_path / "moe.gguf"), read(tmp_path / "out.gguf")
+    for e in range(E):
+        for gguf_name, proj in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            name = f"blk.0.ffn_{gguf_name}_exps.weight"
+            got = after[name][e] - before[name][e]
+            m = ad.modules.get(f"model.layers.0.mlp.experts.{e}.{proj}")
+            if m is None:  # no LoRA: as it was (rescale refits every block: within one Q8_0 step)
+                step = np.abs(before[name][e]).max() / 127 if kind == "Q8_0" else 0.0
+                assert np.abs(after[name][e] - before[name][e]).max() <= step, (name, e)
+                continue
+            want = m.delta().double().numpy()
+            err = np.linalg.norm(got - want) / np.linalg.norm(want)
+            assert err < (1e-6 if kind == "F32" else 0.05), (name, e, err)

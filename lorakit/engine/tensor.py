@@ -31,8 +31,11 @@ def merge_tensor(W, plan, sign, out_dtype, out=None):
             Wf.add_(D.float(), alpha=sign * w)
         return check_finite(plan.name, Wf.to(out_dtype))
     factors = [(*m.factors(torch.float32), sign * w) for m, w in plan.loras]
-    deltas = [(D.reshape(W.shape[0], -1), sign * w) for D, w in plan.deltas]
-    W2 = W.reshape(W.shape[0], -1)
+    # rows as the adapter sees the tensor: a 3-D MoE tensor [E, out, in] is E x out rows (its experts' LoRAs are
+    # padded to all of them); every other tensor its first dimension
+    n_rows = factors[0][0].shape[0] if factors else W.shape[0]
+    deltas = [(D.reshape(n_rows, -1), sign * w) for D, w in plan.deltas]
+    W2 = W.reshape(n_rows, -1)
     out = torch.empty(W2.shape, dtype=out_dtype) if out is None else out.reshape(W2.shape)
     rows = max(1, BLOCK_ELEMENTS // max(1, W2.shape[1]))
     limit = torch.finfo(out_dtype).max

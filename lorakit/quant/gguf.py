@@ -11,9 +11,11 @@ constant that no code changes; it gets a vanishing scale so that the rounding se
 Other GGML types (IQ*, TQ*, MXFP4) are read through the gguf package's dequantization when it is installed.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
 import torch
 
 from ..errors import LorakitError, opt
@@ -244,7 +246,9 @@ class GGUFBlocks(QuantFormat):
         return {
             n[: -len(".weight")]: {"weight": n}
             for n in ckpt.where
-            if n.endswith(".weight") and ckpt.entry(n).dtype not in PLAIN and len(ckpt.entry(n).shape) == 2
+            if n.endswith(".weight")
+            and ckpt.entry(n).dtype not in PLAIN
+            and len(ckpt.entry(n).shape) in (2, 3)
         }
 
     def _type(self, ckpt, m):
@@ -254,7 +258,7 @@ class GGUFBlocks(QuantFormat):
         return TYPES[kind]
 
     def _blocks(self, ckpt, m):
-        t, (out, inn) = self._type(ckpt, m), ckpt.entry(m["weight"]).shape
+        t, (out, inn) = self._type(ckpt, m), self.shape(ckpt, m)
         return t, ckpt.get(m["weight"]).reshape(out, inn // t.block, t.size)
 
     def codes(self, ckpt, m):
@@ -307,7 +311,9 @@ class GGUFBlocks(QuantFormat):
         return self._grid(t, raw, raw.shape[1] * t.block)
 
     def shape(self, ckpt, m):
-        return tuple(ckpt.entry(m["weight"]).shape)
+        """[rows, in]: a 3-D tensor (MoE experts, [E, n_ff, n_embd]) as its E x n_ff rows of blocks."""
+        shape = tuple(ckpt.entry(m["weight"]).shape)
+        return (math.prod(shape[:-1]), shape[-1])
 
     def dequantize(self, ckpt, m):
         """W [out, in] fp32 with ggml's own arithmetic (d * sc as fp32, times q, less dmin * m); other types through
@@ -321,7 +327,7 @@ class GGUFBlocks(QuantFormat):
         W = S[..., None] * (q - t.zero if t.zero else q)
         if M is not None:
             W -= M[..., None]
-        return W.reshape(entry.shape)
+        return W.reshape(self.shape(ckpt, m))
 
     def encode(self, ckpt, m, codes, grid):
         """The stored grid's bytes (or a fitted grid's) with the codes' bits replaced, in place: the grid is spent;
