@@ -155,7 +155,6 @@ def test_expert_lora_merges_into_gguf_exps_tensors(tmp_path, kind):
     E, hidden, ff, rng = 4, 32, 64, np.random.default_rng(0)
     w = gguf.GGUFWriter(os.fspath(tmp_path / "moe.gguf"), "qwen3moe")
     w.add_block_count(1)
-    stored = {}
     for name, shape in (("gate", (E, ff, hidden)), ("up", (E, ff, hidden)), ("down", (E, hidden, ff))):
         values = (rng.standard_normal(shape) * 0.02).astype(np.float32)
         if kind == "F32":
