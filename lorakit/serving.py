@@ -58,11 +58,13 @@ def served_rank(engine, rank):
     return rank if engine.max_rank is None or rank <= engine.max_rank else None
 
 
-def problems(adapter, engine, fmt):
+def problems(adapter, engine, fmt, path=None):
     """[(code, message, module)] for every construct `engine` would drop, misread or refuse in `adapter` (read from
-    a file of format `fmt`; a PEFT folder's adapter_config.json is in its provenance)."""
+    `path`, a file of format `fmt`; a PEFT folder's adapter_config.json is in its provenance)."""
+    import shlex
+
     config = adapter.provenance.get("source_config") if fmt == "peft" else None
-    fix = f"lorakit convert ADAPTER -o OUT --for {engine.name}"
+    fix = f"lorakit convert {shlex.quote(str(path)) if path else 'ADAPTER'} -o OUT --for {engine.name}"
     out = []
     if fmt != engine.writes:
         out.append(("LK509", f"{engine.name} loads {engine.writes} adapters, this is {fmt}: {fix}", None))

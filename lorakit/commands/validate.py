@@ -77,7 +77,7 @@ def _validate_for(files, for_engine, engine_version):
         except LorakitError as e:
             results.append(_result(path, False, [spec.Problem(e.code or "LK001", e.message, e.tensor)]))
             continue
-        found = [spec.Problem(*p[:2], p[2]) for p in serving.problems(adapter, engine, fmt.name)]
+        found = [spec.Problem(*p[:2], p[2]) for p in serving.problems(adapter, engine, fmt.name, path)]
         results.append(
             {**_result(path, True, found), "engine": engine.name, "engine_version": engine_version}
         )
