@@ -144,7 +144,8 @@ class MergeJob:
         """All output tensors of one computed quantized module {name: tensor}, checked: one computation, whose
         tensors are then taken one by one as they are written."""
         view, plan = self.view, self.plans.get(key)
-        members, loras = view.quantized[key], plan.loras if plan else []
+        members = view.quantized[key]
+        loras = plan.all_loras(view.shape(key)[0]) if plan else []  # slices padded: the grid needs whole rows
         if plan is not None and plan.transforms and key not in self.dequantized:
             raise LorakitError(
                 "a multiplicative adapter (IA3, HRA, OFT) into a quantized module is not supported: merge with "

@@ -21,15 +21,23 @@ class TensorPlan:
     biases: list = field(default_factory=list)  # [(Module, weight)]
     replacement: torch.Tensor = None
     deltas: list = field(default_factory=list)  # [(full tensor added, weight)]
-    transforms: list = field(
-        default_factory=list
-    )  # [core.multiplicative.Transform]: W' = f(W), applied first
+    # [core.multiplicative.Transform]: W' = f(W), applied first
+    transforms: list = field(default_factory=list)
+    # [(Module, weight, first row)]: LoRAs on rows of the tensor (a fused qkv's q, one expert of a 3-D MoE tensor),
+    # kept at their own size: padded to the whole tensor only where a computation needs it
+    slices: list = field(default_factory=list)
 
     @property
     def touched(self):
-        return (
-            bool(self.loras or self.biases or self.deltas or self.transforms) or self.replacement is not None
-        )
+        changes = self.loras or self.slices or self.biases or self.deltas or self.transforms
+        return bool(changes) or self.replacement is not None
+
+    def all_loras(self, rows):
+        """Every LoRA as a delta of the whole tensor of `rows` rows: the slices padded with zero rows (exact)."""
+        padded = [
+            (on_rows(m, self.source, start, start + m.shape[0], rows), w) for m, w, start in self.slices
+        ]
+        return self.loras + padded
 
 
 @dataclass
@@ -94,17 +102,19 @@ class Planner:
                 f"{self.fingerprint[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)"
             )
 
-    def fused_target(self, m):
-        """(module as a delta of the whole fused tensor, its plan) for a name that is rows of a fused base tensor."""
+    def fused_slice(self, m, w):
+        """Whether a module named as rows of a fused base tensor went to those rows (halves swapped where the two
+        layouts order them differently)."""
         s = self.base.fused_slices.get(m.name)
         if s is None or m.magnitude is not None or m.bias is not None:
-            return m, None
+            return False
         if tuple(m.shape) != (s.stop - s.start, *self.base.shape(s.tensor)[1:]):
-            return m, None
-        rows = self.base.shape(s.tensor)[0]
-        return on_rows(m.rows(0, m.shape[0], s.swapped), s.tensor, s.start, s.stop, rows), self.target(
-            s.tensor
-        )
+            return False
+        p = self.target(s.tensor)
+        if any(x.magnitude is not None for x, _ in p.loras):
+            self.problems.append(f"{m.name}: shares its tensor with a DoRA module")
+        p.slices.append((m.rows(0, m.shape[0], s.swapped), w, s.start))
+        return True
 
     def split_target(self, m, w):
         """Whether an original fused module went, cut into rows, to the diffusers tensors of the base."""
@@ -121,9 +131,7 @@ class Planner:
 
     def add_module(self, m, w):
         p = self.target(f"{m.name}.weight")
-        if p is None:
-            m, p = self.fused_target(m)
-        if p is None and self.split_target(m, w):
+        if p is None and (self.fused_slice(m, w) or self.split_target(m, w)):
             return
         if p is None:
             return self.unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
@@ -137,7 +145,7 @@ class Planner:
 
     def check_dora(self, m, p):
         unmerge = self.options.unmerge
-        if m.magnitude is not None and (p.loras or unmerge):
+        if m.magnitude is not None and (p.loras or p.slices or unmerge):
             why = "cannot be unmerged (the norm of W + dW is not in the file)" if unmerge else None
             self.problems.append(f"{m.name}: DoRA " + (why or "shares its tensor with another adapter"))
         if p.loras and any(x.magnitude is not None for x, _ in p.loras):
