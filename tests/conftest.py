@@ -59,3 +59,16 @@ def write_unchecked(adapter, path):
     from lorakit.io import write_safetensors
 
     write_safetensors(path, *to_tensors(adapter))
+
+
+# a tiny Llama for the tests that build real transformers + PEFT models
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+)

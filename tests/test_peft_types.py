@@ -15,17 +15,8 @@ import lorakit
 from lorakit.bases import open_base
 from lorakit.errors import LorakitError
 
-from conftest import assert_one_line_error
+from conftest import TINY_LLAMA as LLAMA, assert_one_line_error
 
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 TYPES = {
     # name: (config, the true rank of each module's delta as a LoRA)

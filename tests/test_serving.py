@@ -14,18 +14,8 @@ import transformers
 import lorakit
 from lorakit.serving import ENGINES
 
-from conftest import assert_one_line_error
+from conftest import TINY_LLAMA as LLAMA, assert_one_line_error
 
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    tie_word_embeddings=False,
-)
 PATTERNS = dict(
     r=4,
     lora_alpha=8,

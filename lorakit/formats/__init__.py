@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import MALFORMED, LorakitError, missing, with_path
+from .common import refuse_transforms
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).
@@ -196,14 +197,7 @@ def save(adapter, path, format="lorakit", force=False, **options):
     raise_first(
         check_adapter(adapter), path
     )  # nothing that fails the spec's checks is written, in any format
-    if adapter.transforms:
-        name = next(iter(adapter.transforms))
-        raise LorakitError(
-            f"{len(adapter.transforms)} module(s) change W multiplicatively (e.g. {name}): no adapter file holds "
-            "them; merge them, or convert with --base to write W' - W as a LoRA",
-            path=path,
-            code="LK402",
-        )
+    refuse_transforms(adapter, path)
     try:
         return (
             fmt.write(

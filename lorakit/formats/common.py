@@ -34,6 +34,18 @@ def refuse_deltas(adapter, what, path):
         )
 
 
+def refuse_transforms(adapter, path):
+    """Multiplicative modules (PEFT IA3, HRA, OFT, BOFT) have no place in any adapter file: refused, never dropped."""
+    if adapter.transforms:
+        name = next(iter(adapter.transforms))
+        raise LorakitError(
+            f"{len(adapter.transforms)} module(s) change W multiplicatively (e.g. {name}): no adapter file holds "
+            "them; merge them, or convert with --base to write W' - W as a LoRA",
+            path=path,
+            code="LK402",
+        )
+
+
 def check_rank(path, module, A, B):
     if A.shape[0] != B.shape[1]:
         raise LorakitError(
