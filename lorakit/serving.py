@@ -6,6 +6,7 @@ alpha / r is then exactly 1), one rank for the file (zero rows: exact), no patte
 Adding an engine: its row in ENGINES. Torch-free at import (the CLI takes the choices from here).
 """
 
+import re
 from dataclasses import dataclass
 
 from .errors import LorakitError, opt
@@ -19,6 +20,7 @@ class Engine:
     max_rank: int = None
     patterns: bool = False  # honors rank_pattern / alpha_pattern
     rslora: bool = False  # honors use_rslora
+    every_expert: bool = False  # per-expert MoE LoRAs must cover every expert of a layer
     dora: bool = False
     full_weights: bool = False  # modules_to_save / replaced tensors
     bias: bool = False
@@ -32,9 +34,12 @@ ENGINES = {
         "peft",
         ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512),
         rslora=True,
+        every_expert=True,
         source="max_lora_rank choices; DoRA, modules_to_save, bias refused; patterns ignored (#9280, #6983)",
     ),
-    "sglang": Engine("sglang", "peft", source="patterns and DoRA refused; rsLoRA ignored (#40835)"),
+    "sglang": Engine(
+        "sglang", "peft", every_expert=True, source="patterns and DoRA refused; rsLoRA ignored (#40835)"
+    ),
     "lorax": Engine(
         "lorax", "peft", max_rank=128, source="patterns and DoRA ignored with a warning; max rank 128"
     ),
@@ -80,6 +85,13 @@ def problems(adapter, engine, fmt, path=None):
             ("LK501", f"rank(s) {shown} not in {engine.name}'s max_lora_rank values: {fix} pads them", None)
         )
     out += _scale_problems(adapter, engine, config, fix)
+    if engine.every_expert:
+        for (parent, proj), have in expert_groups(adapter.modules).items():
+            if len(have) != max(have) + 1:
+                shown = f"{len(have)} of at least {max(have) + 1} experts"
+                out.append(
+                    ("LK510", f"{proj} on {shown}: {fix} --base BASE adds zero LoRAs", f"{parent}.*.{proj}")
+                )
     for name, m in adapter.modules.items():
         if m.magnitude is not None and not engine.dora:
             out.append(
@@ -121,6 +133,39 @@ def _scale_problems(adapter, engine, config, fix):
             ("LK503", f"rsLoRA read as alpha / r by {engine.name} (wrong strength): {fix} folds it", None)
         )
     return out
+
+
+EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.([^.]+)")
+
+
+def expert_groups(names):
+    """{(parent, projection): {expert indices}} of the per-expert modules among `names`."""
+    groups = {}
+    for name in names:
+        m = EXPERT.fullmatch(name)
+        if m:
+            groups.setdefault((m[1], m[3]), set()).add(int(m[2]))
+    return groups
+
+
+def with_every_expert(adapter, shapes):
+    """The per-expert modules completed with zero LoRAs (rank 1, exact) for the experts of each layer the base has
+    and the adapter lacks; returns their names."""
+    import torch
+
+    from .core import Module
+
+    added = []
+    for (parent, proj), have in expert_groups(adapter.modules).items():
+        e = 0
+        while f"{parent}.{e}.{proj}.weight" in shapes:
+            name = f"{parent}.{e}.{proj}"
+            if e not in have:
+                out, inp = shapes[f"{name}.weight"][:2]
+                adapter.add(Module(name, torch.zeros(1, inp), torch.zeros(out, 1), alpha=1.0))
+                added.append(name)
+            e += 1
+    return added
 
 
 def serve_ready(adapter, engine, max_rank=None):

@@ -77,6 +77,10 @@ CODES = {
     "LK507": ("module-not-served", "a module the engine does not serve (lm_head)"),
     "LK508": ("not-lora", "a multiplicative adapter (IA3, HRA, OFT, BOFT): no engine serves it as a LoRA"),
     "LK509": ("wrong-format", "a file of a format the engine does not load"),
+    "LK510": (
+        "experts-missing",
+        "a LoRA on some experts of a MoE layer: the engine loads one for every expert",
+    ),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }

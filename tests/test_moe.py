@@ -207,3 +207,27 @@ def test_expert_lora_merges_into_gguf_exps_tensors(tmp_path, kind):
             want = m.delta().double().numpy()
             err = np.linalg.norm(got - want) / np.linalg.norm(want)
             assert err < (1e-6 if kind == "F32" else 0.05), (name, e, err)
+
+
+def test_engines_that_load_every_expert(tmp_path, cli):
+    """vLLM and SGLang load per-expert LoRAs for every expert of a layer: a LoRA on some of them is flagged (LK510),
+    and `convert --for` with the base adds zero LoRAs for the others (the same dW)."""
+    base, adapter, _, _ = build(tmp_path, "qwen3_moe")
+    some = lorakit.load(adapter, base=str(base))
+    for name in [n for n in some.modules if ".experts.2." in n]:
+        del some.modules[name]
+    some.save(tmp_path / "some.safetensors")
+    code, out, err = cli("validate", tmp_path / "some.safetensors", "--for", "vllm", "--json")
+    found = {p["code"] for p in json.loads(out)["files"][0]["problems"]}
+    assert code == 1 and "LK510" in found, found
+    report = lorakit.convert(
+        tmp_path / "some.safetensors", tmp_path / "served", for_engine="vllm", base=str(base)
+    )
+    served = lorakit.load(tmp_path / "served")
+    assert any("zero LoRAs" in n for n in report["notes"])
+    for name, m in served.modules.items():
+        want = some.modules[name].delta() if name in some.modules else torch.zeros(m.shape)
+        assert torch.allclose(m.delta(), want, atol=1e-7), name
+    assert {n for n in served.modules if ".experts.2." in n} and lorakit.validate(
+        [tmp_path / "served"], for_engine="vllm"
+    )["valid"]

@@ -119,6 +119,12 @@ def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
         del adapter.replacements[name]
     if base is not None and (rank is not None or energy is not None):
         rows = rows + _low_rank_deltas(adapter, engine, base, rank, energy)
+    if base is not None and engine.every_expert:
+        added = serving.with_every_expert(adapter, base.shapes())
+        if added:
+            adapter.notes.append(
+                f"{len(added)} expert(s) the adapter lacks given zero LoRAs ({engine.name} loads every expert)"
+            )
     try:
         adapter, ranks = serving.serve_ready(adapter, engine, max_rank)
     except LorakitError as e:
