@@ -130,7 +130,34 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     check_config(config, path)
     if config.get("peft_type", "LORA") != "LORA":
         raise LorakitError(f"peft_type {config.get('peft_type')} is not LoRA", path=path)
-    notes, parts, replacements, unknown = [], {}, {}, []
+    notes = []
+    parts, replacements, unknown = _sorted_keys(tensors, config)
+    refuse_unknown(path, unknown, allow_unknown, notes)
+    wrapped = peft_experts.split_wrappers(parts, config)  # target_parameters on MoE experts
+    shapes = base.shapes() if base is not None else None
+    ad = Adapter(
+        base_model=config.get("base_model_name_or_path"),
+        source_format=source_format,
+        notes=notes,
+        provenance={"source_format": source_format, "source_config": config},
+    )
+    for module, p in sorted(parts.items()):
+        ad.add(_module(module, p, config, shapes, notes, path))
+    for (parent, param), p in sorted(wrapped.items()):
+        try:
+            for mod in peft_experts.expert_modules(parent, param, p, config, shapes, notes):
+                ad.add(mod)
+        except LorakitError as e:
+            raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None
+    ad.replacements = replacements
+    if len(notes) > 12:
+        ad.notes[:] = notes[:12] + [f"... and {len(notes) - 12} more notes"]
+    return ad
+
+
+def _sorted_keys(tensors, config):
+    """({module: {(part, param): tensor}}, {replaced tensor: tensor}, [unknown keys])."""
+    parts, replacements, unknown = {}, {}, []
     to_save = config.get("modules_to_save") or []
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
@@ -146,64 +173,46 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
             replacements[name] = t
         else:
             unknown.append(key)
-    refuse_unknown(path, unknown, allow_unknown, notes)
-    wrapped = peft_experts.split_wrappers(parts, config)  # target_parameters on MoE experts
-    rslora = bool(config.get("use_rslora"))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    shapes = base.shapes() if base is not None else None
-    ad = Adapter(
-        base_model=config.get("base_model_name_or_path"),
-        source_format=source_format,
-        notes=notes,
-        provenance={"source_format": source_format, "source_config": config},
-    )
-    for module, p in sorted(parts.items()):
-        embedding = ("lora_embedding_A", None) in p or ("lora_embedding_B", None) in p
-        a_key = ("lora_embedding_A", None) if embedding else ("lora_A", "weight")
-        b_key = ("lora_embedding_B", None) if embedding else ("lora_B", "weight")
-        if a_key not in p or b_key not in p:
-            have = " and ".join(k[0] for k in p)
-            raise LorakitError(
-                f"module has {have} but no {(a_key if a_key not in p else b_key)[0]} (wrong pairing)",
-                path=path,
-                tensor=module,
-            )
-        A, B = p[a_key], p[b_key]
-        if embedding:  # PEFT: delta = (B @ A)^T with A [r, num], B [dim, r]
-            check_rank(path, module, A, B)  # A [r, num], B [dim, r]
-            spec_A, spec_B, kind = t_contig(B), t_contig(A), "embedding"
-        else:
-            check_rank(path, module, A, B)
-            transposed = A.ndim == 2 and _is_transposed(module, A, B, fan_in_fan_out, shapes)
-            kind = "linear_t" if transposed else default_kind(A.ndim)
-            spec_A, spec_B = (t_contig(B), t_contig(A)) if kind == "linear_t" else (A, B)
-        r = A.shape[0]
-        lora_alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
-        if lora_alpha is None:
-            raise LorakitError("adapter_config.json has no lora_alpha", path=path)
-        scale = lora_alpha / math.sqrt(r) if rslora else lora_alpha / r
-        mod = Module(module, spec_A, spec_B, alpha=scale * r, kind=kind)
-        if abs(mod.scale - scale) > 0:
-            notes.append(f"{module}: scale {scale!r} stored as alpha {mod.alpha!r} / {r} (fp32 rounding)")
-        if ("lora_B", "bias") in p:
-            mod.bias = (p[("lora_B", "bias")].float() * scale).to(p[("lora_B", "bias")].dtype)
-        if ("lora_magnitude_vector", None) in p or ("lora_magnitude_vector", "weight") in p:
-            mag = p.get(("lora_magnitude_vector", None), p.get(("lora_magnitude_vector", "weight")))
-            if kind == "embedding":
-                raise LorakitError("DoRA on an embedding is not supported", path=path, tensor=module)
-            mod.magnitude = mag.reshape(-1)
-            mod.dora_axis = 1 if kind == "linear_t" else 0
-        ad.add(mod)
-    for (parent, param), p in sorted(wrapped.items()):
-        try:
-            for mod in peft_experts.expert_modules(parent, param, p, config, shapes, notes):
-                ad.add(mod)
-        except LorakitError as e:
-            raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None
-    ad.replacements = replacements
-    if len(notes) > 12:
-        ad.notes[:] = notes[:12] + [f"... and {len(notes) - 12} more notes"]
-    return ad
+    return parts, replacements, unknown
+
+
+def _module(module, p, config, shapes, notes, path):
+    """One LoRA module from its PEFT tensors `p`, at PEFT's scale (rank / alpha patterns, rsLoRA)."""
+    embedding = ("lora_embedding_A", None) in p or ("lora_embedding_B", None) in p
+    a_key = ("lora_embedding_A", None) if embedding else ("lora_A", "weight")
+    b_key = ("lora_embedding_B", None) if embedding else ("lora_B", "weight")
+    if a_key not in p or b_key not in p:
+        have = " and ".join(k[0] for k in p)
+        raise LorakitError(
+            f"module has {have} but no {(a_key if a_key not in p else b_key)[0]} (wrong pairing)",
+            path=path,
+            tensor=module,
+        )
+    A, B = p[a_key], p[b_key]
+    check_rank(path, module, A, B)
+    if embedding:  # PEFT: delta = (B @ A)^T with A [r, num], B [dim, r]
+        spec_A, spec_B, kind = t_contig(B), t_contig(A), "embedding"
+    else:
+        transposed = A.ndim == 2 and _is_transposed(module, A, B, bool(config.get("fan_in_fan_out")), shapes)
+        kind = "linear_t" if transposed else default_kind(A.ndim)
+        spec_A, spec_B = (t_contig(B), t_contig(A)) if kind == "linear_t" else (A, B)
+    r = A.shape[0]
+    lora_alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+    if lora_alpha is None:
+        raise LorakitError("adapter_config.json has no lora_alpha", path=path)
+    scale = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r
+    mod = Module(module, spec_A, spec_B, alpha=scale * r, kind=kind)
+    if abs(mod.scale - scale) > 0:
+        notes.append(f"{module}: scale {scale!r} stored as alpha {mod.alpha!r} / {r} (fp32 rounding)")
+    if ("lora_B", "bias") in p:
+        mod.bias = (p[("lora_B", "bias")].float() * scale).to(p[("lora_B", "bias")].dtype)
+    mag = p.get(("lora_magnitude_vector", None), p.get(("lora_magnitude_vector", "weight")))
+    if mag is not None:
+        if kind == "embedding":
+            raise LorakitError("DoRA on an embedding is not supported", path=path, tensor=module)
+        mod.magnitude = mag.reshape(-1)
+        mod.dora_axis = 1 if kind == "linear_t" else 0
+    return mod
 
 
 def _is_transposed(module, A, B, fan_in_fan_out, base_shapes):
