@@ -119,74 +119,16 @@ def _require(keys, needed, what):
 
 
 def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, notes):
+    """One module from its kohya / LyCORIS tensors (`get(key)`): LoRA (Tucker too), LoHa or LoKr, exact."""
     if not any(k.startswith(("lora_down", "lora_up", "hada_", "lokr_")) for k in keys):
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors")
     dtype = next(get(k).dtype for k in keys if k not in ("alpha", "dora_scale"))
     if "lora_down.weight" in keys or "lora_up.weight" in keys:
-        down, up = get("lora_down.weight"), get("lora_up.weight")
-        if down is None or up is None:
-            raise LorakitError(
-                f"has {'lora_down' if up is None else 'lora_up'} but no "
-                f"{'lora_up' if up is None else 'lora_down'} (wrong pairing)",
-                path=path,
-                tensor=lora_name,
-            )
-        rank = down.shape[0]
-        if rank == 0 or down.ndim < 2:
-            raise LorakitError(
-                f"lora_down has shape {list(down.shape)}: "
-                + ("rank 0" if down.ndim >= 2 else "a factor needs ndim >= 2"),
-                code="LK205" if down.ndim >= 2 else "LK203",
-            )
-        if up.flatten(1).shape[1] != rank:
-            raise LorakitError(
-                f"lora_down has rank {rank} but lora_up {list(up.shape)} (shape mismatch)",
-                path=path,
-                tensor=lora_name,
-            )
-        scale = _alpha(get, rank) / rank
-        n = _split_qkv_count(lora_name, up, rank, split_qkv)
-        if n > 1:  # sd-scripts #2204: fused rank n r, alpha of one split
-            scale *= n
-            notes.append(
-                f"{lora_name}: Flux split_qkv (fused rank {rank} = {n} x {rank // n}): scale alpha / "
-                f"{rank // n}"
-            )
-        if "lora_mid.weight" in keys:
-            B, A = tucker_factors(up, get("lora_mid.weight"), down)
-            A, B = A.to(dtype), B.to(dtype)
-        else:
-            A, B = down, up.reshape(up.shape[0], rank, *[1] * (down.ndim - 2))
+        A, B, scale = _lora_factors(path, lora_name, keys, get, split_qkv, notes, dtype)
     elif "hada_w1_a" in keys:
-        _require(keys, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa")
-        if "hada_t1" in keys or "hada_t2" in keys:  # Tucker: w = einsum(t, w_a, w_b), w_a stored [rank, out]
-            _require(keys, ("hada_t1", "hada_t2"), "LoHa Tucker")
-            B1, A1 = tucker_factors(get("hada_w1_a").T, get("hada_t1"), get("hada_w1_b"))
-            B2, A2 = tucker_factors(get("hada_w2_a").T, get("hada_t2"), get("hada_w2_b"))
-            B, A = loha_factors(B1, A1, B2, A2)
-            A = A.reshape(A.shape[0], *A1.shape[1:])
-        else:
-            B, A = loha_factors(get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"))
-        scale = _alpha(get, get("hada_w1_b").shape[0]) / get("hada_w1_b").shape[0]
-        A, B = _shape_factors(A, B, weight_shape)
+        A, B, scale = _loha_factors(keys, get, weight_shape)
     elif "lokr_w1" in keys or "lokr_w1_a" in keys:
-        _require(keys, ("lokr_w1",) if "lokr_w1" in keys else ("lokr_w1_a", "lokr_w1_b"), "LoKr")
-        if "lokr_w2" not in keys:
-            _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr (no lokr_w2)")
-        w1 = get("lokr_w1") if "lokr_w1" in keys else (get("lokr_w1_a"), get("lokr_w1_b"))
-        w2 = get("lokr_w2") if "lokr_w2" in keys else (get("lokr_w2_a"), get("lokr_w2_b"))
-        if "lokr_t2" in keys:  # Tucker: w2 = einsum(t2, w2_a, w2_b), w2_a stored [rank, out2]
-            _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr Tucker")
-            w2 = tucker_factors(get("lokr_w2_a").T, get("lokr_t2"), get("lokr_w2_b"))
-            w2 = (w2[0], w2[1].flatten(1))
-        decomposed = [w[1].shape[0] for w in (w2, w1) if isinstance(w, tuple)]
-        scale = _alpha(get, decomposed[0]) / decomposed[0] if decomposed else 1.0
-        B, A = lokr_factors(w1, w2)
-        if not isinstance(w2, tuple) and w2.ndim > 2:
-            A = A.reshape(A.shape[0], -1, *w2.shape[2:])
-        elif "lokr_t2" in keys:
-            A = A.reshape(A.shape[0], -1, *get("lokr_t2").shape[2:])
-        A, B = _shape_factors(A, B, weight_shape)
+        A, B, scale = _lokr_factors(keys, get, weight_shape)
     else:
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors", path=path, tensor=lora_name)
     k = A.shape[0]
@@ -201,6 +143,77 @@ def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, no
         axis = 0 if d.shape[0] == out.shape[0] and d.flatten().numel() == out.shape[0] else 1
         out.magnitude, out.dora_axis = d.flatten().contiguous(), axis
     return out
+
+
+def _lora_factors(path, lora_name, keys, get, split_qkv, notes, dtype):
+    down, up = get("lora_down.weight"), get("lora_up.weight")
+    if down is None or up is None:
+        raise LorakitError(
+            f"has {'lora_down' if up is None else 'lora_up'} but no "
+            f"{'lora_up' if up is None else 'lora_down'} (wrong pairing)",
+            path=path,
+            tensor=lora_name,
+        )
+    rank = down.shape[0]
+    if rank == 0 or down.ndim < 2:
+        raise LorakitError(
+            f"lora_down has shape {list(down.shape)}: "
+            + ("rank 0" if down.ndim >= 2 else "a factor needs ndim >= 2"),
+            code="LK205" if down.ndim >= 2 else "LK203",
+        )
+    if up.flatten(1).shape[1] != rank:
+        raise LorakitError(
+            f"lora_down has rank {rank} but lora_up {list(up.shape)} (shape mismatch)",
+            path=path,
+            tensor=lora_name,
+        )
+    scale = _alpha(get, rank) / rank
+    n = _split_qkv_count(lora_name, up, rank, split_qkv)
+    if n > 1:  # sd-scripts #2204: fused rank n r, alpha of one split
+        scale *= n
+        notes.append(
+            f"{lora_name}: Flux split_qkv (fused rank {rank} = {n} x {rank // n}): scale alpha / {rank // n}"
+        )
+    if "lora_mid.weight" in keys:
+        B, A = tucker_factors(up, get("lora_mid.weight"), down)
+        return A.to(dtype), B.to(dtype), scale
+    return down, up.reshape(up.shape[0], rank, *[1] * (down.ndim - 2)), scale
+
+
+def _loha_factors(keys, get, weight_shape):
+    _require(keys, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "LoHa")
+    if "hada_t1" in keys or "hada_t2" in keys:  # Tucker: w = einsum(t, w_a, w_b), w_a stored [rank, out]
+        _require(keys, ("hada_t1", "hada_t2"), "LoHa Tucker")
+        B1, A1 = tucker_factors(get("hada_w1_a").T, get("hada_t1"), get("hada_w1_b"))
+        B2, A2 = tucker_factors(get("hada_w2_a").T, get("hada_t2"), get("hada_w2_b"))
+        B, A = loha_factors(B1, A1, B2, A2)
+        A = A.reshape(A.shape[0], *A1.shape[1:])
+    else:
+        B, A = loha_factors(get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"))
+    scale = _alpha(get, get("hada_w1_b").shape[0]) / get("hada_w1_b").shape[0]
+    A, B = _shape_factors(A, B, weight_shape)
+    return A, B, scale
+
+
+def _lokr_factors(keys, get, weight_shape):
+    _require(keys, ("lokr_w1",) if "lokr_w1" in keys else ("lokr_w1_a", "lokr_w1_b"), "LoKr")
+    if "lokr_w2" not in keys:
+        _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr (no lokr_w2)")
+    w1 = get("lokr_w1") if "lokr_w1" in keys else (get("lokr_w1_a"), get("lokr_w1_b"))
+    w2 = get("lokr_w2") if "lokr_w2" in keys else (get("lokr_w2_a"), get("lokr_w2_b"))
+    if "lokr_t2" in keys:  # Tucker: w2 = einsum(t2, w2_a, w2_b), w2_a stored [rank, out2]
+        _require(keys, ("lokr_w2_a", "lokr_w2_b"), "LoKr Tucker")
+        w2 = tucker_factors(get("lokr_w2_a").T, get("lokr_t2"), get("lokr_w2_b"))
+        w2 = (w2[0], w2[1].flatten(1))
+    decomposed = [w[1].shape[0] for w in (w2, w1) if isinstance(w, tuple)]
+    scale = _alpha(get, decomposed[0]) / decomposed[0] if decomposed else 1.0
+    B, A = lokr_factors(w1, w2)
+    if not isinstance(w2, tuple) and w2.ndim > 2:
+        A = A.reshape(A.shape[0], -1, *w2.shape[2:])
+    elif "lokr_t2" in keys:
+        A = A.reshape(A.shape[0], -1, *get("lokr_t2").shape[2:])
+    A, B = _shape_factors(A, B, weight_shape)
+    return A, B, scale
 
 
 def _shape_factors(A, B, weight_shape):
