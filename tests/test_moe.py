@@ -26,11 +26,27 @@ MODELS = {
         transformers.MixtralConfig(**SIZE, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
     ),
 }
+# gpt-oss keeps its experts fused on disk, [E, in, out]: intermediate 24 keeps every expert matrix non-square, 16
+# makes gate_up_proj [E, 32, 32] square (its orientation then comes from the model type)
+GPT_OSS = lambda intermediate: transformers.GptOssForCausalLM(  # noqa: E731
+    transformers.GptOssConfig(
+        **SIZE,
+        intermediate_size=intermediate,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        layer_types=["full_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+)
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
 
 
 def make(kind):
     torch.manual_seed(0)
+    if kind.startswith("gpt_oss"):
+        return GPT_OSS(16 if kind == "gpt_oss_square" else 24).eval()
     return MODELS[kind]().eval()
 
 
@@ -59,12 +75,13 @@ def assert_same_checkpoint(a, b):
         assert torch.allclose(A.get(name).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max()), name
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("kind", [*sorted(MODELS), "gpt_oss", "gpt_oss_square"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_expert_lora_merges_as_peft_does(tmp_path, kind, rslora):
     base, adapter, peft_merged, logits = build(tmp_path, kind, use_rslora=rslora)
     report = lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
-    assert report["merged_count"] == 2 * (4 * 3 + 2)  # per layer: 4 experts x gate, up, down, and q, v
+    # per layer: q, v and the experts' tensors: per expert gate, up, down, or gpt-oss's two fused ones
+    assert report["merged_count"] == 2 * (2 + (2 if kind.startswith("gpt_oss") else 4 * 3))
     assert_same_checkpoint(tmp_path / "out", peft_merged)
     merged = type(make(kind)).from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():

@@ -10,6 +10,10 @@ from ..formats import detect_format, load, takes
 from ..io.dtypes import dtype_name
 
 
+# the expert index of a per-expert module: experts.3.gate_proj, or experts.gate_up_proj.3 (a fused tensor's rows)
+EXPERT_INDEX = r"\.experts\.(\d+)\.|\.experts\.[^.]+\.(\d+)$"
+
+
 def _pattern(name):
     """Layer indices become '*': model.layers.3.mlp.up_proj -> model.layers.*.mlp.up_proj; in kohya's mangled names
     too: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q -> lora_unet_input_blocks_*_*_transformer_blocks_*_
@@ -121,7 +125,7 @@ def _groups(modules):
             "pattern": pat,
             "target": _target(pat),
             "count": len(ms),
-            "experts": len({e for m in ms for e in re.findall(r"\.experts\.(\d+)\.", m["module"])}) or None,
+            "experts": len({e for m in ms for e in re.findall(EXPERT_INDEX, m["module"])}) or None,
             "ranks": sorted({m["rank"] for m in ms}),
             "alphas": sorted({m["alpha"] for m in ms}),
         }

@@ -145,7 +145,8 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         ad.add(_module(module, p, config, shapes, notes, path))
     for (parent, param), p in sorted(wrapped.items()):
         try:
-            for mod in peft_experts.expert_modules(parent, param, p, config, shapes, notes):
+            model_type = (base.config or {}).get("model_type") if base is not None else None
+            for mod in peft_experts.expert_modules(parent, param, p, config, shapes, notes, model_type):
                 ad.add(mod)
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None

@@ -76,8 +76,9 @@ def _new_order(config):
     return tuple(int(v or 0) for v in version.groups()) >= (0, 19, 1) if version else True
 
 
-def expert_modules(parent, param, p, config, shapes, notes):
-    """The per-expert Modules of one wrapped parameter, named as the checkpoint stores its experts."""
+def expert_modules(parent, param, p, config, shapes, notes, model_type=None):
+    """The per-expert Modules of one wrapped parameter, named as the checkpoint stores its experts: per expert, or
+    `<fused tensor>.<e>` where the base keeps them fused on disk (gpt-oss, Llama 4)."""
     if param not in FUSED:
         raise LorakitError(
             f"target_parameters '{param}': a layout lorakit does not know (it reads {', '.join(FUSED)} as "
@@ -91,20 +92,48 @@ def expert_modules(parent, param, p, config, shapes, notes):
     if not isinstance(r, int) or r < 1 or A.shape[0] % r:
         raise LorakitError(f"lora_A has {A.shape[0]} rows: not r x E experts for r = {r!r}", tensor=parent)
     E, out, pieces = A.shape[0] // r, B.shape[0], FUSED[param]
-    if out % len(pieces):
-        raise LorakitError(f"lora_B has {out} rows: not {len(pieces)} equal parts ({param})", tensor=parent)
-    names = _expert_names(parent, param, E, out // len(pieces), A.shape[1], shapes, notes)
     alpha = config.get("lora_alpha") or r
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     A3 = A.reshape(E, r, A.shape[1])
     B3 = (
         B.reshape(out, r, E).permute(2, 0, 1) if _new_order(config) else B.reshape(out, E, r).permute(1, 0, 2)
     )
+    fused = f"{parent}.{param}"
+    if shapes is not None and fused in shapes and len(shapes[fused]) == 3:
+        return _fused_on_disk(fused, A3, B3, scale * r, shapes[fused], model_type)
+    if out % len(pieces):
+        raise LorakitError(f"lora_B has {out} rows: not {len(pieces)} equal parts ({param})", tensor=parent)
+    names = _expert_names(parent, param, E, out // len(pieces), A.shape[1], shapes, notes)
     modules, rows = [], out // len(pieces)
     for e in range(E):
         for i, name in enumerate(names[e]):
             B_e = B3[e, i * rows : (i + 1) * rows].contiguous()
             modules.append(Module(name, A3[e].contiguous(), B_e, alpha=scale * r))
+    return modules
+
+
+# model types whose fused expert tensors are stored [E, in, out] (transposed against the LoRA's [out, in])
+IN_OUT = ("gpt_oss", "llama4", "llama4_text", "qwen3_vl_moe")
+
+
+def _fused_on_disk(tensor, A3, B3, alpha, stored, model_type):
+    """One Module per expert on the rows of a fused tensor the base stores 3-D: [E, out, in] as the LoRA is, or
+    [E, in, out] (gpt-oss, Llama 4), where expert e's rows take dW_e^T = A_e^T B_e^T (exact: the factors swap)."""
+    E, inn, out = A3.shape[0], A3.shape[2], B3.shape[1]
+    if stored[0] != E:
+        raise LorakitError(f"the adapter has {E} experts, the base {stored[0]}", tensor=tensor)
+    as_is, transposed = tuple(stored[1:]) == (out, inn), tuple(stored[1:]) == (inn, out)
+    if as_is and transposed:  # square: the orientation is the model's
+        as_is = model_type not in IN_OUT
+    if not (as_is or transposed):
+        raise LorakitError(
+            f"base {list(stored)} is neither [E, out, in] = [{E}, {out}, {inn}] nor [E, in, out] = [{E}, {inn}, {out}]",
+            tensor=tensor,
+        )
+    modules = []
+    for e in range(E):
+        A_e, B_e = (A3[e], B3[e]) if as_is else (B3[e].T, A3[e].T)
+        modules.append(Module(f"{tensor}.{e}", A_e.contiguous(), B_e.contiguous(), alpha=alpha))
     return modules
 
 
