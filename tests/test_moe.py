@@ -248,3 +248,33 @@ def test_engines_that_load_every_expert(tmp_path, cli):
     assert {n for n in served.modules if ".experts.2." in n} and lorakit.validate(
         [tmp_path / "served"], for_engine="vllm"
     )["valid"]
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda sd, c: c.update(r=3), "not r x E experts for r = 3"),
+        (
+            lambda sd, c: [sd.pop(k) for k in list(sd) if "experts.base_layer.lora_B" in k],
+            "ParamWrapper without",
+        ),
+        (
+            lambda sd, c: c.update(target_parameters=["mlp.experts.gate_up_proj"]),
+            "nested ParamWrappers but 1",
+        ),
+        (lambda sd, c: c.update(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.w13"]), "'w13'"),
+    ],
+    ids=["rank", "missing-B", "nesting", "unknown-parameter"],
+)
+def test_hostile_expert_adapters_are_one_line_errors(tmp_path, cli, edit, fragment):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _, _ = build(tmp_path, "qwen3_moe")
+    weights, config_path = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    sd, config = load_file(weights), json.load(open(config_path))
+    edit(sd, config)
+    save_file(sd, weights)
+    json.dump(config, open(config_path, "w"))
+    code, out, err = cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert_one_line_error(code, out, err, fragment, "adapter")
+    assert not os.path.exists(tmp_path / "out")
