@@ -95,6 +95,11 @@ def command(group, name, **kw):
     return wrap
 
 
+def _engine_option(help):
+    """--for ENGINE, the choices from lorakit.serving.ENGINES."""
+    return click.option("--for", "for_engine", type=click.Choice(list(ENGINES)), help=help)
+
+
 def emit(report, as_json, human):
     click.echo(jsonlib.dumps(report, indent=2, default=str) if as_json else human(report))
 
@@ -140,12 +145,7 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     "--fail-fast", is_flag=True, help="Stop a file's value scan at its first tensor with a NaN/Inf."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option(
-    "--for",
-    "for_engine",
-    type=click.Choice(list(ENGINES)),
-    help="Instead: would this inference server serve the adapter exactly? (exit 1 when not)",
-)
+@_engine_option("Instead: would this inference server serve the adapter exactly? (exit 1 when not)")
 @click.option(
     "--engine-version", help="The engine's version (recorded in the report; the rules are the current ones)."
 )
@@ -233,12 +233,7 @@ def extract_cmd(base, tuned, output, as_json, **options):
 @click.argument("input", type=click.Path())
 @_output("Output file (a folder for --to peft).")
 @click.option("--to", "to", help=f"Output format ({', '.join(FORMATS)}); with --for, the engine's.")
-@click.option(
-    "--for",
-    "for_engine",
-    type=click.Choice(list(ENGINES)),
-    help="Write what this inference server loads, serving the same dW (README: Serving an adapter).",
-)
+@_engine_option("Write what this inference server loads, serving the same dW (README: Serving an adapter).")
 @click.option(
     "--max-rank", type=int, help="With --for: truncate modules above this rank (energy kept reported)."
 )
