@@ -388,3 +388,30 @@ def test_conv_types_merge_equals_peft(tmp_path, kind):
     for name in ("conv.weight", "head.weight"):
         want = merged[name].double()
         assert torch.allclose(out.get(name).double(), want, atol=1e-5 * want.abs().max()), name
+
+
+def test_conv_multiplicative_converts_against_the_base(tmp_path):
+    """HRA on a Conv2d: its change W' - W, over in x kernel, is an exact conv LoRA of rank r."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = ConvNet()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base.safetensors")
+    model = peft.get_peft_model(net, CONV["hra"]())
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload().state_dict()
+    report = lorakit.convert(
+        tmp_path / "adapter",
+        tmp_path / "l.safetensors",
+        to="lorakit",
+        base=str(tmp_path / "base.safetensors"),
+    )
+    ad, base = lorakit.load(tmp_path / "l.safetensors"), open_base(tmp_path / "base.safetensors")
+    assert ad.modules["conv"].kind == "conv" and {r["rank"] for r in report["modules"]} == {3}
+    for name in ("conv", "head"):
+        want = merged[f"{name}.weight"].double() - base.get(f"{name}.weight").double()
+        assert torch.allclose(ad.modules[name].delta().double(), want, atol=1e-5 * want.abs().max()), name

@@ -141,8 +141,6 @@ def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
 def _low_rank_deltas(adapter, engine, base, rank, energy):
     """DoRA modules and full tensors the engine drops, as the best low-rank LoRA of their delta against the base
     (the DoRA delta m (W + dW) / ||W + dW|| - W is not low-rank): one row each, with the energy kept."""
-    from ..core import algebra
-
     rank_rule(rank=rank, energy=energy)
     targets = {}
     if not engine.dora:
@@ -150,42 +148,49 @@ def _low_rank_deltas(adapter, engine, base, rank, energy):
     if not engine.full_weights:
         for name in [*adapter.replacements, *adapter.deltas]:
             if name.endswith(".weight") and name[: -len(".weight")] not in adapter.modules:
-                targets[name[: -len(".weight")]] = (
-                    "replacement" if name in adapter.replacements else "delta",
-                    name,
-                )
+                kind = "replacement" if name in adapter.replacements else "delta"
+                targets[name[: -len(".weight")]] = (kind, name)
     rows = []
     for name, (kind, what) in sorted(targets.items()):
-        if f"{name}.weight" not in base:
-            raise LorakitError("not in the base", path=base.path, tensor=f"{name}.weight")
-        W = base.get(f"{name}.weight").float()
+        W = _base_weight(base, name)
         if kind == "dora":
             D = what.apply(W) - W
+        elif kind == "replacement":
+            D = adapter.replacements.pop(what).float() - W
         else:
-            D = (
-                adapter.replacements.pop(what).float() - W
-                if kind == "replacement"
-                else adapter.deltas.pop(what).float()
-            )
+            D = adapter.deltas.pop(what).float()
         if D.ndim < 2:
             raise LorakitError(f"a 1-D {kind} has no low-rank form: merge it instead", tensor=what)
-        B2, A2, stats = algebra.extract_matrix(D.flatten(1), rank=rank, energy=energy)
-        kind_name = (
-            adapter.modules[name].kind if name in adapter.modules else ("conv" if D.ndim > 2 else "linear")
-        )
-        adapter.add(algebra.module_from_factors(name, tuple(W.shape), kind_name, B2, A2, W.dtype))
-        rows.append({"module": name, "kind": kind, **stats})
+        rows.append(_add_lora_of(adapter, name, W, D, kind, rank, energy))
     return rows
 
 
+def _base_weight(base, name):
+    """The base's full-precision weight of module `name`, in fp32."""
+    if f"{name}.weight" not in base:
+        raise LorakitError("not in the base", path=base.path, tensor=f"{name}.weight")
+    return base.get(f"{name}.weight").float()
+
+
+def _add_lora_of(adapter, name, W, D, label, rank, energy, factors=None):
+    """Module `name` written as the LoRA of the change D of its base weight W: exact `factors` (B, A) where they are
+    known, else the best rank-`rank` (or `energy`) one. Returns the report row."""
+    from ..core import algebra, default_kind
+
+    kind = adapter.modules[name].kind if name in adapter.modules else default_kind(W.ndim)
+    if factors is None:
+        module, stats = algebra.module_of_delta(name, D, kind, W.dtype, rank, energy)
+    else:
+        module = algebra.module_from_factors(name, tuple(W.shape), kind, *factors, W.dtype)
+        stats = {"rank": module.rank, "energy_kept": 1.0, "relative_error": 0.0}
+    adapter.add(module)
+    return {"module": name, "kind": label, **stats}
+
+
 def _transforms_as_lora(adapter, base, rank, energy, path):
-    """A multiplicative adapter (IA3, HRA, OFT) written as LoRA modules: its change W' - W against `base`, exact where
-    it is low-rank (HRA: rank <= r), else the best rank-`rank` (or `energy`) approximation, the energy kept reported
-    per module."""
-
-    from ..bases import open_base
-    from ..core import algebra
-
+    """A multiplicative adapter (IA3, HRA, OFT, BOFT) written as LoRA modules: its change W' - W against `base`,
+    exact where it is low-rank (HRA: rank <= r), else the best rank-`rank` (or `energy`) approximation, the energy
+    kept reported per module."""
     if base is None:
         raise LorakitError(
             f"{len(adapter.transforms)} module(s) change W multiplicatively (W' = f(W)): no LoRA file holds them "
@@ -195,11 +200,9 @@ def _transforms_as_lora(adapter, base, rank, energy, path):
             code="LK402",
         )
     rank_rule(rank=rank, energy=energy)
-    base, rows = open_base(base), []  # the reader's: opened once
+    rows = []
     for name, t in sorted(adapter.transforms.items()):
-        if f"{name}.weight" not in base:
-            raise LorakitError("not in the base", path=base.path, tensor=f"{name}.weight")
-        W = base.get(f"{name}.weight").float()
+        W = _base_weight(base, name)
         factors = t.low_rank(W)
         if factors is None and rank is None and energy is None:
             raise LorakitError(
@@ -207,13 +210,8 @@ def _transforms_as_lora(adapter, base, rank, energy, path):
                 path=path,
                 tensor=name,
             )
-        if factors is None:
-            B2, A2, stats = algebra.extract_matrix(t.apply(W) - W, rank=rank, energy=energy)
-        else:
-            B2, A2 = factors
-            stats = {"rank": A2.shape[0], "energy_kept": 1.0, "relative_error": 0.0}
-        adapter.add(algebra.module_from_factors(name, tuple(W.shape), "linear", B2, A2, W.dtype))
-        rows.append({"module": name, "kind": t.kind, **stats})
+        D = t.apply(W) - W if factors is None else None
+        rows.append(_add_lora_of(adapter, name, W, D, t.kind, rank, energy, factors))
     adapter.transforms = {}
     adapter.notes.append(
         f"{len(rows)} multiplicative module(s) written as W' - W against the base; least energy kept: "

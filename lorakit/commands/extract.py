@@ -45,12 +45,10 @@ def _difference(name, cb, ct, targets):
 def _extract_module(name, W0, W1, adapter, rank, energy, out_dtype, generator):
     """The best low-rank factors of tuned - base for one weight, added to `adapter`; returns its report row."""
     module_name = name[: -len(".weight")]
-    D = W1.float().flatten(1) - W0.float().flatten(1)
-    B2, A2, stats = algebra.extract_matrix(D, rank=rank, energy=energy, generator=generator)
     kind = "embedding" if W1.ndim == 2 and is_embedding(name) else default_kind(W1.ndim)
-    adapter.add(
-        algebra.module_from_factors(module_name, tuple(W1.shape), kind, B2, A2, out_dtype or W1.dtype)
-    )
+    D = W1.float() - W0.float()
+    m, stats = algebra.module_of_delta(module_name, D, kind, out_dtype or W1.dtype, rank, energy, generator)
+    adapter.add(m)
     return {"module": module_name, **stats}
 
 

@@ -33,6 +33,13 @@ def module_from_factors(name, shape, kind, B2, A2, dtype, alpha=None):
     return m
 
 
+def module_of_delta(name, D, kind, dtype, rank=None, energy=None, generator=None):
+    """The best rank-`rank` (or `energy`) Module of a dense delta D shaped like its weight, and the truncation's
+    stats (rank, energy kept, relative error): extract and the conversions of deltas that are not low-rank."""
+    B2, A2, stats = extract_matrix(D.float().flatten(1), rank=rank, energy=energy, generator=generator)
+    return module_from_factors(name, tuple(D.shape), kind, B2, A2, dtype), stats
+
+
 def truncate(svd, k):
     """Optimal (Eckart-Young) rank-k factors from an SVD, and the share of ||dW||_F^2 kept."""
     total = float((svd.S.double() ** 2).sum())
