@@ -42,6 +42,7 @@ class Base:
     kind = None
     components = None  # {name: Base} for a container of several models (a diffusers pipeline)
     kv = None  # a GGUF's key-value metadata
+    experts = None  # the names of 3-D Mixture-of-Experts tensors [E, rows, cols] (a compiled regex), or None
 
     def __fspath__(self):
         return self.path  # an opened base stands where its path would
@@ -82,7 +83,27 @@ class Base:
         return name in self.view
 
     def shape(self, name):
-        return self.view.shape(name)
+        """A tensor's full-precision shape; a 3-D expert tensor's as its E x rows rows (its quantized blocks, if any,
+        run along the last axis, so each expert's rows follow each other): an expert's LoRA is a slice of them."""
+        stored = self._expert_shape(name)
+        return (stored[0] * stored[1], stored[2]) if stored else self.view.shape(name)
+
+    def _expert_shape(self, name):
+        """The stored [E, rows, cols] of a 3-D expert tensor, else None."""
+        if self.experts is None or not self.experts.fullmatch(name) or name not in self.ckpt:
+            return None
+        stored = tuple(self.ckpt.entry(name).shape)
+        return stored if len(stored) == 3 else None
+
+    def expert_slices(self, aliases):
+        """{alias: Slice} for every expert e of every expert tensor: `aliases(tensor, e)` gives expert e's names."""
+        out = {}
+        for name in self.view.names:
+            stored = self._expert_shape(name)
+            for e in range(stored[0] if stored else 0):
+                for alias in aliases(name, e):
+                    out[alias] = Slice(alias, name, e * stored[1], (e + 1) * stored[1])
+        return out
 
     def get(self, name):
         """A full-precision tensor (quantized modules dequantized)."""

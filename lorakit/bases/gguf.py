@@ -2,7 +2,6 @@
 and Q/K row order. The output mirrors the base file by file (a split base gives the same splits), each file with the
 base's version, alignment and KV section byte for byte."""
 
-import math
 import os
 import re
 from functools import cached_property
@@ -10,7 +9,7 @@ from functools import cached_property
 from ..errors import LorakitError, listed, opt
 from ..io import atomic_outputs, spec_nbytes
 from ..io.gguf import SPLIT, GGUFCheckpoint, GGUFHeader, GGUFShardWriter, is_gguf, tensor_nbytes
-from .base import Base, Slice
+from .base import Base
 from .view import WeightView
 
 EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
@@ -19,6 +18,7 @@ EXPERT_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("
 
 class GGUFBase(Base):
     kind = "gguf"
+    experts = EXPERTS
 
     @staticmethod
     def claims(path):
@@ -43,34 +43,20 @@ class GGUFBase(Base):
     def tied_embeddings(self):
         return False  # llama.cpp uses token_embd as the head when output.weight is absent (see notes)
 
-    def shape(self, name):
-        """A MoE tensor `blk.N.ffn_*_exps` [E, n_ff, n_embd] as its E x n_ff rows (its quantized blocks run along
-        n_embd, so the rows of every expert follow each other): an expert's LoRA is a slice of those rows."""
-        shape = self.view.shape(name)
-        return (math.prod(shape[:-1]), shape[-1]) if len(shape) == 3 else shape
-
-    @cached_property
-    def _shapes(self):
-        return {n: self.shape(n) for n in self.view.names}
-
     @cached_property
     def fused_slices(self):
         """Hugging Face's per-expert modules (qwen2_moe family `mlp.experts.E.{gate,up,down}_proj`, Mixtral
         `block_sparse_moe.experts.E.{w1,w3,w2}`) as row slices of llama.cpp's `blk.N.ffn_{gate,up,down}_exps`."""
-        out = {}
-        for name in self.view.names:
-            m = EXPERTS.fullmatch(name)
-            if m is None or len(self.ckpt.entry(name).shape) != 3:
-                continue
-            experts, rows = self.ckpt.entry(name).shape[:2]
-            layer, (qwen, mixtral) = m[1], EXPERT_NAMES[m[2]]
-            for e in range(experts):
-                for alias in (
-                    f"model.layers.{layer}.mlp.experts.{e}.{qwen}",
-                    f"model.layers.{layer}.block_sparse_moe.experts.{e}.{mixtral}",
-                ):
-                    out[alias] = Slice(alias, name, e * rows, (e + 1) * rows)
-        return out
+
+        def aliases(tensor, e):
+            m = EXPERTS.fullmatch(tensor)
+            (qwen, mixtral), layer = EXPERT_NAMES[m[2]], m[1]
+            return (
+                f"model.layers.{layer}.mlp.experts.{e}.{qwen}",
+                f"model.layers.{layer}.block_sparse_moe.experts.{e}.{mixtral}",
+            )
+
+        return self.expert_slices(aliases)
 
     def to_base_names(self, adapter):
         from ..naming.llama_cpp import gguf_modules

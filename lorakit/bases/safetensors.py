@@ -11,7 +11,7 @@ from ..errors import LorakitError
 from ..io import INDEX, Checkpoint, ShardWriter, atomic_output, read_config, spec_nbytes
 from ..io.dtypes import dtype_name
 from ..naming.embeddings import HEAD
-from .base import Base, Slice
+from .base import Base
 from .view import WeightView
 
 # fused Mixture-of-Experts tensors stored 3-D on disk (gpt-oss, Llama 4)
@@ -20,6 +20,7 @@ FUSED_EXPERTS = re.compile(r".+\.experts\.(gate_up_proj|down_proj)")
 
 class SafetensorsBase(Base):
     kind = "safetensors"
+    experts = FUSED_EXPERTS
 
     @staticmethod
     def claims(path):
@@ -47,23 +48,11 @@ class SafetensorsBase(Base):
         handler, modules = detect(self.ckpt, q, self.path)
         return WeightView(self.path, self.ckpt, handler, modules)
 
-    def shape(self, name):
-        """A fused MoE tensor (`mlp.experts.gate_up_proj` / `down_proj` [E, a, b], gpt-oss and Llama 4 on disk) as its
-        E x a rows: an expert's LoRA is a slice of them."""
-        shape = self.view.shape(name)
-        return (shape[0] * shape[1], shape[2]) if len(shape) == 3 and FUSED_EXPERTS.fullmatch(name) else shape
-
     @cached_property
     def fused_slices(self):
         """Other tools' names for rows of fused tensors, and `<experts tensor>.<e>` for expert e of a fused MoE
-        tensor (the reader of PEFT's target_parameters names them so)."""
-        out = dict(super().fused_slices)
-        for name in (n for n in self.view.names if FUSED_EXPERTS.fullmatch(n)):
-            shape = self.view.shape(name)
-            if len(shape) == 3:
-                for e in range(shape[0]):
-                    out[f"{name}.{e}"] = Slice(f"{name}.{e}", name, e * shape[1], (e + 1) * shape[1])
-        return out
+        tensor (gpt-oss and Llama 4 keep their experts so on disk; the target_parameters reader names them so)."""
+        return {**super().fused_slices, **self.expert_slices(lambda tensor, e: [f"{tensor}.{e}"])}
 
     @cached_property
     def single_file_header(self):
