@@ -10,12 +10,16 @@ from .base import Base
 INDEX = "model_index.json"
 
 
+def _outside(path, folder):
+    """Whether `path` resolves to something that is not an entry of `folder` (a link out of it)."""
+    return os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder)
+
+
 def _holds_weights(folder):
     """A component folder: its .safetensors files (none of them a link out of it)."""
-    real = os.path.realpath(folder)
     files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
     for f in files:
-        if os.path.dirname(os.path.realpath(os.path.join(folder, f))) != real:
+        if _outside(os.path.join(folder, f), folder):
             raise LorakitError(f"'{f}' is a link out of its component folder: refused", path=folder)
     return bool(files)
 
@@ -33,11 +37,10 @@ class PipelineBase(Base):
         from . import open_base
 
         self.path = os.fspath(path)
-        folder = os.path.realpath(self.path)
         self.components = {}
         for entry in sorted(os.listdir(self.path)):
             sub = os.path.join(self.path, entry)
-            if os.path.islink(sub) and os.path.dirname(os.path.realpath(sub)) != folder:
+            if os.path.islink(sub) and _outside(sub, self.path):
                 raise LorakitError(
                     f"'{entry}' is a link out of the pipeline folder (to {os.path.realpath(sub)}): refused",
                     path=self.path,
