@@ -11,11 +11,13 @@ llama-export-lora`), given as LLAMA_CPP=<that vendor/llama.cpp folder>.
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import numpy as np
 import torch
@@ -62,6 +64,7 @@ def peft_adapter(work, model):
         alpha_pattern={"v_proj": 32},
         use_rslora=True,
     )
+    torch.manual_seed(0)  # lora_A's initialization: the same adapter every run
     lora = peft.get_peft_model(model, config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -69,15 +72,16 @@ def peft_adapter(work, model):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     lora.save_pretrained(os.path.join(work, "peft"))
+    lora.eval()
     deltas = {}
     for name, module in lora.named_modules():
         if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
             deltas[name.removeprefix("base_model.model.")] = module.get_delta_weight("default").double()
-    return deltas
+    return deltas, lora
 
 
-def merged_errors(base_gguf, lora_gguf, work, deltas, config, llama_cpp):
-    out = os.path.join(work, "merged.gguf")
+def merged_errors(base_gguf, lora_gguf, out, deltas, config, llama_cpp):
+    """Per module (||added - dW|| / ||dW||, the same for W + dW rounded to F16): llama-export-lora's merge into `out`."""
     subprocess.run(
         [
             os.path.join(llama_cpp, "build", "bin", "llama-export-lora"),
@@ -110,8 +114,39 @@ def merged_errors(base_gguf, lora_gguf, work, deltas, config, llama_cpp):
                 np.linalg.norm(rounded - want) / np.linalg.norm(want),
             )
         )
-    os.unlink(out)
     return errors
+
+
+def kl_and_logits(reference, logits):
+    """(mean KL(reference || model) over the tokens, max |logit difference| / max |reference logit|)."""
+    kl = torch.nn.functional.kl_div(
+        logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none"
+    )
+    return float(kl.sum(-1).mean()), float((logits - reference).abs().max() / reference.abs().max())
+
+
+def gguf_logits(gguf_path, ids):
+    """The logits of a GGUF model read by transformers (dequantized to fp32)."""
+    import transformers
+
+    folder, name = os.path.split(gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+def f16_floor_logits(lora, ids):
+    """The logits of W + dW with the merged weights rounded to F16, as llama-export-lora writes them."""
+    import copy
+
+    merged = copy.deepcopy(lora).merge_and_unload()
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if name.endswith(tuple(f"{t}.weight" for t in TARGETS)):
+                p.copy_(p.half().float())
+        return merged(ids).logits.double()
 
 
 def main():
@@ -135,7 +170,11 @@ def main():
             "quantization_config", None
         )  # transformers' GGUF loading records one; the converter refuses it
         json.dump(saved, open(path, "w"))  # config.json for llama.cpp's converter
-        deltas = peft_adapter(work, model)
+        deltas, lora = peft_adapter(work, model)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(base_gguf))
+        ids = tokenizer(inspect.getsource(textwrap), return_tensors="pt").input_ids[:, :256]  # held-out text
+        with torch.no_grad():
+            reference = lora(ids).logits.double()  # fp32: the dequantized base + PEFT's own LoRA
         lorakit_gguf, converter_gguf = os.path.join(work, "lk.gguf"), os.path.join(work, "cv.gguf")
         subprocess.run(
             [sys.executable, "-m", "lorakit.cli", "convert", os.path.join(work, "peft"), "-o", lorakit_gguf]
@@ -158,17 +197,44 @@ def main():
             ("lorakit convert --for llama.cpp", lorakit_gguf),
             ("convert_lora_to_gguf.py", converter_gguf),
         ):
-            errors = np.array(merged_errors(base_gguf, path, work, deltas, config, llama_cpp))
-            rows.append([label, f"{errors[:, 0].max():.2e}", f"{errors[:, 0].mean():.2e}", len(errors)])
+            merged = os.path.join(work, f"merged-{os.path.basename(path)}")
+            errors = np.array(merged_errors(base_gguf, path, merged, deltas, config, llama_cpp))
+            kl, logit = kl_and_logits(reference, gguf_logits(merged, ids))
+            rows.append(
+                [
+                    label,
+                    f"{errors[:, 0].max():.2e}",
+                    f"{errors[:, 0].mean():.2e}",
+                    f"{kl:.2e}",
+                    f"{logit:.2e}",
+                ]
+            )
+        floor = errors[:, 1]  # the same for both files: it depends on W + dW only
+        kl, logit = kl_and_logits(reference, f16_floor_logits(lora, ids))
         rows.append(
-            ["(floor: W + dW rounded to F16, as export-lora writes)", f"{errors[:, 1].max():.2e}", ""]
+            [
+                "(floor: W + dW rounded to F16, as export-lora writes)",
+                f"{floor.max():.2e}",
+                f"{floor.mean():.2e}",
+                f"{kl:.2e}",
+                f"{logit:.2e}",
+            ]
         )
-        rows[-1].append(f"{errors[:, 1].mean():.2e}")
-        rows[-1] = [rows[-1][0], rows[-1][1], rows[-1][3], len(errors)]
+        kl, logit = kl_and_logits(reference, gguf_logits(base_gguf, ids))
+        rows.append(
+            ["(no adapter: the base itself, for scale)", "1.00e+00", "1.00e+00", f"{kl:.2e}", f"{logit:.2e}"]
+        )
         table(
-            "llama-export-lora merging each LoRA GGUF into SmolLM2-135M (Q4_1): ||added - dW|| / ||dW|| per "
-            "module (PEFT rank_pattern + alpha_pattern + rsLoRA; merged tensors written F16 by llama.cpp)",
-            ["LoRA GGUF written by", "max relative error", "mean", "modules"],
+            "llama-export-lora merging each LoRA GGUF into SmolLM2-135M (Q4_1): per module ||added - dW|| / ||dW||; "
+            f"model: KL(reference || merged) per token and max logit error on {ids.shape[1]} tokens of held-out text "
+            "(reference: the dequantized base + PEFT's LoRA in fp32; PEFT rank_pattern + alpha_pattern + rsLoRA)",
+            [
+                "LoRA GGUF written by",
+                "module error max",
+                "module error mean",
+                "KL per token",
+                "max logit error",
+            ],
             rows,
         )
 
