@@ -284,8 +284,10 @@ def test_unresolved_names_are_reported(tmp_path):
 
 
 def test_skip_unmatched_merges_what_fits(tmp_path, cli):
-    """A Flux LoRA with CLIP-L parts (lora_te1) into the transformer-only single file: an error by default naming the
-    way out; --skip-unmatched merges the transformer part exactly and lists what it skipped."""
+    """A Flux LoRA with CLIP-L parts (lora_te1) into the transformer-only single file: the model's parts live in
+    files of their own (as sd-scripts' flux_merge_lora takes them), so the transformer part is merged exactly and the
+    text encoder's is reported as for another file; a name the base should have but lacks stays an error naming
+    the way out (--skip-unmatched)."""
     from lorakit.naming.kohya import mangle
 
     W = rnd(48, 16)
@@ -303,26 +305,50 @@ def test_skip_unmatched_merges_what_fits(tmp_path, cli):
     t.update({f"{te}.lora_down.weight": rnd(4, 8), f"{te}.lora_up.weight": rnd(8, 4)})
     write_safetensors(tmp_path / "k.safetensors", t)
     code, out, err = cli(
-        "merge", tmp_path / "flux.safetensors", tmp_path / "k.safetensors", "-o", tmp_path / "m.safetensors"
-    )
-    assert (
-        code == 2 and "not in the base" in err and "--skip-unmatched merges the tensors the base has" in err
-    )
-    assert "Traceback" not in err and not (tmp_path / "m.safetensors").exists()
-    code, out, err = cli(
         "merge",
         tmp_path / "flux.safetensors",
         tmp_path / "k.safetensors",
         "-o",
         tmp_path / "m.safetensors",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["elsewhere"] == [f"{te}.weight"] and report["merged_count"] == 1 and report["skipped"] == []
+    assert any("for another file of the model" in n for n in report["notes"])
+    merged = TensorFile(tmp_path / "m.safetensors").get("double_blocks.0.img_attn.qkv.weight").double()
+    assert torch.allclose(merged, W.double() + delta, rtol=0, atol=3e-7 * float(merged.abs().max()))
+    # a transformer module the base lacks (another model): an error, and --skip-unmatched merges the rest
+    t2, _ = lora(
+        mangle("lora_unet", "double_blocks.1.img_attn.qkv"),
+        "",
+        "",
+        (48, 16),
+        4,
+        names=("lora_down.weight", "lora_up.weight"),
+    )
+    write_safetensors(tmp_path / "k2.safetensors", {**t, **t2})
+    code, out, err = cli(
+        "merge", tmp_path / "flux.safetensors", tmp_path / "k2.safetensors", "-o", tmp_path / "m1.safetensors"
+    )
+    assert (
+        code == 2 and "not in the base" in err and "--skip-unmatched merges the tensors the base has" in err
+    )
+    assert "Traceback" not in err and not (tmp_path / "m1.safetensors").exists()
+    code, out, err = cli(
+        "merge",
+        tmp_path / "flux.safetensors",
+        tmp_path / "k2.safetensors",
+        "-o",
+        tmp_path / "m1.safetensors",
         "--skip-unmatched",
         "--json",
     )
     assert code == 0, err
     report = json.loads(out)
-    assert report["skipped"] == [f"{te}.weight"] and report["merged_count"] == 1
-    merged = TensorFile(tmp_path / "m.safetensors").get("double_blocks.0.img_attn.qkv.weight").double()
-    assert torch.allclose(merged, W.double() + delta, rtol=0, atol=3e-7 * float(merged.abs().max()))
+    assert (
+        report["skipped"] == ["lora_unet_double_blocks_1_img_attn_qkv.weight"] and report["merged_count"] == 1
+    )
     # nothing at all in the base: still an error
     write_safetensors(tmp_path / "te.safetensors", {k: v for k, v in t.items() if k.startswith("lora_te1")})
     code, out, err = cli(

@@ -47,14 +47,27 @@ def test_diffusers_round_trip_with_metadata(tmp_path):
         assert torch.equal(
             back.modules[name].delta(torch.float64), m.delta(torch.float64)
         )  # scales 2, 4: exact
-        raw = d2.get(f"{name}.lora_B.weight").double() @ d2.get(f"{name}.lora_A.weight").double()
+        up, down = factor_keys(name)
+        raw = d2.get(up).double() @ d2.get(down).double()
         assert torch.equal(raw, m.delta(torch.float64))
     packed = json.loads(d2.header.metadata["lora_adapter_metadata"])
     assert (
         packed["unet.r"] == 4 and packed["unet.lora_alpha"] == 4 and packed["text_encoder.lora_alpha"] == 4.0
     )
     assert packed["text_encoder.target_modules"] == ["encoder.layers.0.self_attn.q_proj"]
-    assert set(d2.header.entries) == set(tensors)
+    # the UNet in the older naming that ComfyUI maps (test_sd1_unet_names_both_diffusers_and_comfyui_read)
+    assert set(d2.header.entries) == {k for n in ad.modules for k in factor_keys(n)}
+
+
+def factor_keys(module):
+    """(up, down) keys of a module in lorakit's diffusers output: a UNet's in the older diffusers naming."""
+    if not module.startswith("unet."):
+        return f"{module}.lora_B.weight", f"{module}.lora_A.weight"
+    if ".attn" in module and module.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0"):
+        stem = module[: -len(".0")] if module.endswith(".to_out.0") else module
+        parent, proj = stem.rsplit(".", 1)
+        return f"{parent}.processor.{proj}_lora.up.weight", f"{parent}.processor.{proj}_lora.down.weight"
+    return f"{module}.lora.up.weight", f"{module}.lora.down.weight"
 
 
 def tiny_sd_pipeline():
@@ -163,3 +176,63 @@ def test_older_diffusers_names(tmp_path):
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
     }
     assert all(m.scale == 1.0 for m in ad.modules.values())
+
+
+def comfyui_finds(keys, module):
+    """Whether ComfyUI finds a diffusers SD1 UNet module's LoRA among `keys`. Facts (ComfyUI comfy/lora.py
+    model_lora_keys_unet; comfy/weight_adapter/lora.py LoRAAdapter.load): a UNet module `k` (diffusers path) is
+    keyed `unet.` + k with `.to_` replaced by `.processor.to_` and a final `.to_out.0` cut to `.to_out`; its up
+    factor is looked up as `.lora_up.weight`, `_lora.up.weight`, `.lora_B.weight`, `.lora.up.weight` or
+    `.lora_linear_layer.up.weight` after that key."""
+    x = "unet." + module.replace(".to_", ".processor.to_")
+    x = x[:-2] if x.endswith(".to_out.0") else x
+    parts = (
+        ".lora_up.weight",
+        "_lora.up.weight",
+        ".lora_B.weight",
+        ".lora.up.weight",
+        ".lora_linear_layer.up.weight",
+    )
+    return any(x + p in keys for p in parts)
+
+
+def test_sd1_unet_names_both_diffusers_and_comfyui_read(tmp_path):
+    """--to diffusers of an SD1 LoRA on every attention projection, proj_in, ff and a resnet conv: diffusers'
+    load_lora_weights + fuse_lora gives W + dW for each module, and ComfyUI's key map finds each of them (under
+    PEFT naming, which diffusers' own save uses, ComfyUI misses the attention projections)."""
+    from lorakit.core import Adapter, Module
+
+    pipe = tiny_sd_pipeline()
+    g = torch.Generator().manual_seed(3)
+    block = "down_blocks.0.attentions.0"
+    modules = [
+        f"{block}.transformer_blocks.0.{attn}.{p}"
+        for attn in ("attn1", "attn2")
+        for p in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    modules += [f"{block}.proj_in", f"{block}.transformer_blocks.0.ff.net.2", "down_blocks.1.resnets.0.conv1"]
+    ad = Adapter()
+    for i, name in enumerate(modules):
+        W = pipe.unet.get_submodule(name).weight
+        A = torch.randn(2, *W.shape[1:], generator=g)
+        B = torch.randn(W.shape[0], 2, *([1] * (W.ndim - 2)), generator=g)
+        ad.add(Module(f"unet.{name}", A, B, alpha=1.0 + i))
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "d.safetensors", to="diffusers")
+    keys = set(TensorFile(tmp_path / "d.safetensors").header.entries)
+    assert all(comfyui_finds(keys, name) for name in modules)
+    peft_keys = {f"unet.{n}.lora_B.weight" for n in modules}
+    assert [n for n in modules if not comfyui_finds(peft_keys, n)] == modules[:8]
+    before = {n: pipe.unet.get_submodule(n).weight.detach().double().clone() for n in modules}
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"))
+    pipe.fuse_lora()
+    for name in modules:
+        want = before[name] + ad.modules[f"unet.{name}"].delta(torch.float64)
+        got = pipe.unet.get_submodule(name).weight.detach().double()
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max())), name
+    back = lorakit.load(tmp_path / "d.safetensors")
+    for name in modules:
+        ref = ad.modules[f"unet.{name}"].delta(torch.float64)
+        assert torch.allclose(
+            back.modules[f"unet.{name}"].delta(torch.float64), ref, rtol=0, atol=1e-6 * float(ref.abs().max())
+        )

@@ -138,6 +138,9 @@ class Adapter:
     transforms: dict = field(
         default_factory=dict
     )  # name -> core.multiplicative.Transform (PEFT IA3, HRA, OFT)
+    # modules for another file of the same model (a Flux LoRA's text encoder when the base is the transformer), as a
+    # reader resolving names against a base found them: merge reports them instead of failing; nothing else drops them
+    elsewhere: list = field(default_factory=list)
 
     def add(self, module):
         self.modules[module.name] = module

@@ -23,9 +23,10 @@ def merge_into(base, loaded, output, options, input_paths=()):
             path, [base.path, options.full_precision_base, *input_paths, *base.ckpt.files], options.force
         )
     plan = plan_merge(base, loaded, options)
-    if plan.skipped and not any(p.touched for p in plan.tensors.values()):
+    missed = plan.skipped + plan.elsewhere
+    if missed and not any(p.touched for p in plan.tensors.values()):
         raise LorakitError(
-            f"none of the adapter tensors is in the base ({len(plan.skipped)} skipped, e.g. {plan.skipped[0]}): "
+            f"none of the adapter tensors is in the base ({len(missed)} skipped, e.g. {missed[0]}): "
             "is this the right base?",
             path=base.path,
         )
@@ -63,6 +64,7 @@ def merge_report(base, loaded, output, options, plan, job, writer):
         "bytes": writer.total,
         "dtype": options.dtype or "keep",
         "skipped": plan.skipped,
+        "elsewhere": plan.elsewhere,
         "notes": notes,
         **base.report(writer),
     }

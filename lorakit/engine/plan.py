@@ -45,6 +45,7 @@ class MergePlan:
     tensors: dict  # output tensor name -> TensorPlan
     untie: str = None  # the tied embedding written apart from a new lm_head, or None
     skipped: list = field(default_factory=list)  # adapter tensors the base lacks (--skip-unmatched)
+    elsewhere: list = field(default_factory=list)  # modules for another file of the model (Adapter.elsewhere)
 
 
 def plan_merge(base, adapters, options):
@@ -55,6 +56,7 @@ def plan_merge(base, adapters, options):
     planner = Planner(base, options)
     for label, ad, w in adapters:
         planner.check_fingerprint(label, ad)
+        planner.adapter_elsewhere = set(ad.elsewhere)
         for m in ad.modules.values():
             planner.add_module(m, w)
         for name, t in ad.deltas.items():
@@ -70,6 +72,7 @@ class Planner:
     def __init__(self, base, options):
         self.base, self.options = base, options
         self.tensors, self.problems, self.skipped, self.hints = {}, [], [], set()
+        self.elsewhere, self.adapter_elsewhere = [], set()
         self.embed = (
             next((n for n in base.ckpt.where if is_embedding(n)), None) if base.tied_embeddings else None
         )
@@ -85,7 +88,9 @@ class Planner:
         return None
 
     def unmatched(self, name, problem):
-        if self.options.skip_unmatched:
+        if name[: -len(".weight")] in self.adapter_elsewhere:
+            self.elsewhere.append(name)
+        elif self.options.skip_unmatched:
             self.skipped.append(name)
         else:
             self.problems.append(problem)
@@ -211,7 +216,7 @@ class Planner:
         untie = self.embed is not None and (HEAD in self.tensors or self.embed in self.tensors)
         if untie:
             self.target(HEAD)  # write the head explicitly, with or without its own delta
-        return MergePlan(self.tensors, self.embed if untie else None, self.skipped)
+        return MergePlan(self.tensors, self.embed if untie else None, self.skipped, self.elsewhere)
 
 
 def transform_fits(t, shape):

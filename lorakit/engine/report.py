@@ -13,6 +13,11 @@ def merge_notes(base, loaded, plan, job, options):
         notes.append(
             f"skipped {len(plan.skipped)} adapter tensor(s) not in the base (--skip-unmatched): {listed(plan.skipped)}"
         )
+    if plan.elsewhere:
+        notes.append(
+            f"{len(plan.elsewhere)} module(s) for another file of the model (the base has none of their part: a "
+            f"text encoder's or the diffusion model's) not merged; merge them into that file: {listed(plan.elsewhere)}"
+        )
     if plan.untie:
         notes.append(
             f"tied embeddings: the adapter changes {plan.untie} / lm_head.weight; both were written and "

@@ -11,6 +11,7 @@ ending in `.scale` / `.bias` that replace the model's. Module names are kept as 
 resolved against its tensor names (with or without `model.diffusion_model.`)."""
 
 import re
+from dataclasses import replace
 
 import torch
 
@@ -27,14 +28,19 @@ PARTS = {
     "lora_B.weight": "lora_up.weight",
     "lora.down.weight": "lora_down.weight",
     "lora.up.weight": "lora_up.weight",
+    "lora_B.bias": "bias",  # BFL control LoRAs: a bias delta, as ComfyUI applies it (no alpha scaling)
     **{t: t for t in TENSORS},
 }
 LONGEST_FIRST = sorted(PARTS, key=len, reverse=True)  # "lora_down.weight" before a shorter part it ends with
 DIFFS = {"diff": ".weight", "diff_b": ".bias"}
 XLABS = re.compile(
-    r"^(?P<block>double_blocks\.\d+)\.processor\.(?P<layer>qkv|proj)_lora(?P<stream>[12])\."
-    r"(?P<part>down|up)\.weight$"
+    r"^(?:diffusion_model\.)?(?P<block>(?P<kind>double|single)_blocks\.\d+)\.processor\."
+    r"(?P<layer>qkv|proj)_lora(?P<stream>[12]?)\.(?P<part>down|up)\.weight$"
 )
+# xlabs single blocks: qkv_lora adds to the first 3 * hidden rows of linear1 (the rest is the MLP's, 4 * hidden in
+# Flux), proj_lora is a LoRA on linear2 (its 15360 inputs are linear2's)
+XLABS_SINGLE = {"qkv": "linear1", "proj": "linear2"}
+FLUX_LINEAR1_ROWS = 7  # in units of hidden / 3 of qkv: 3 (q, k, v) + 4 (MLP)
 OWN_PARTS = (
     ".alpha",
     ".diff",
@@ -52,11 +58,12 @@ PREFIXES_STRIPPED = ("model.diffusion_model.", "diffusion_model.", "transformer.
 def split_key(key):
     """(stem, canonical part) of a key in this dialect, or None."""
     m = XLABS.match(key)
-    if m:
+    if m and (m["kind"] == "single") != bool(m["stream"]):
+        part = "lora_down.weight" if m["part"] == "down" else "lora_up.weight"
+        if m["kind"] == "single":
+            return f"{m['block']}.{XLABS_SINGLE[m['layer']]}", part
         stream = "img_attn" if m["stream"] == "1" else "txt_attn"
-        return f"{m['block']}.{stream}.{m['layer']}", "lora_down.weight" if m[
-            "part"
-        ] == "down" else "lora_up.weight"
+        return f"{m['block']}.{stream}.{m['layer']}", part
     for part in LONGEST_FIRST:
         if key.endswith("." + part):
             return key[: -len(part) - 1], PARTS[part]
@@ -124,13 +131,16 @@ def read(path, base=None, allow_unknown=False):
         for part, suffix in DIFFS.items():
             if part in keys:
                 ad.deltas[name_of(stem, suffix) + suffix] = get(part)
-        factors = {k: v for k, v in keys.items() if k not in DIFFS}
+        factors = {k: v for k, v in keys.items() if k not in DIFFS and k != "bias"}
         if not factors:
+            if "bias" in keys:
+                raise LorakitError("lora_B.bias without lora_A / lora_B", path=path, tensor=keys["bias"])
             continue
         module = name_of(stem)
         weight_shape = tuple(shapes[module + ".weight"]) if shapes and module + ".weight" in shapes else None
         try:
-            ad.add(build_module(path, stem, module, factors, get, weight_shape, False, ad.notes))
+            built = build_module(path, stem, module, factors, get, weight_shape, False, ad.notes)
+            ad.add(_xlabs_rows(built, keys, weight_shape, get("bias")))
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=stem, code=e.code) from None
         except MALFORMED as e:
@@ -143,6 +153,24 @@ def read(path, base=None, allow_unknown=False):
             f"{len(unresolved)} name(s) not found in the base, kept as written, e.g. {unresolved[0]}"
         )
     return ad
+
+
+def _xlabs_rows(module, keys, weight_shape, bias):
+    """An xlabs single block's qkv_lora on the first rows of linear1, B padded with zero rows (exact); the bias
+    delta of lora_B.bias checked against the module's rows."""
+    if XLABS.match(keys.get("lora_up.weight", "")) and module.name.endswith(".linear1"):
+        rows = weight_shape[0] if weight_shape else module.shape[0] // 3 * FLUX_LINEAR1_ROWS
+        if rows < module.shape[0]:
+            raise LorakitError(f"qkv_lora has {module.shape[0]} rows, more than linear1's {rows}")
+        B = torch.cat([module.B, module.B.new_zeros((rows - module.shape[0], *module.B.shape[1:]))])
+        module = replace(module, B=B)
+    if bias is not None:
+        if tuple(bias.shape) != (module.shape[0],):
+            raise LorakitError(
+                f"lora_B.bias has shape {list(bias.shape)}, the layer has {module.shape[0]} rows"
+            )
+        module = replace(module, bias=bias.contiguous())
+    return module
 
 
 def comfy_name(name):

@@ -13,14 +13,16 @@ from ..io import atomic_output, write_safetensors
 from . import peft as peft_format
 from .common import open_safetensors, refuse_unknown
 from ..naming.diffusers import COMPONENTS, ORIGINAL, component as _component, diffusers_names
+from ..naming.kohya import PREFIXES as KOHYA_PREFIXES
 from ..naming.ldm import ldm_unet_family
+from ..naming.unmangle import unmangle
 
 META = "lora_adapter_metadata"
 OLD = re.compile(
     r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)(?:\.0)?_lora\.(?P<part>up|down)"
     r"\.weight$"
 )
-OLD_LINEAR = re.compile(r"^(?P<module>.+?)\.lora_linear_layer\.(?P<part>up|down)\.weight$")
+OLD_LINEAR = re.compile(r"^(?P<module>.+?)\.(?:lora_linear_layer|lora)\.(?P<part>up|down)\.weight$")
 
 
 def detect(probe):
@@ -104,6 +106,8 @@ def write(adapter, path, force=False):
     Text encoder names in the metadata lose `text_model.`: transformers 5 flattened CLIPTextModel and diffusers strips
     it from the keys, while PEFT's suffix match still finds `text_model.<name>` in older transformers."""
     notes = []
+    adapter = _from_kohya_names(adapter, notes, path)
+    adapter = _bias_deltas_into_modules(adapter, notes, path)
     adapter = _from_original_names(adapter, notes)
     by_component, outside = split_components(adapter)
     if outside:
@@ -122,6 +126,8 @@ def write(adapter, path, force=False):
         part, config = peft_format.to_state_dict(sub, path)
         if component.startswith("text_encoder"):
             config = _flattened_clip_names(config)
+        if component == "unet":
+            part = _unet_legacy_names(part, notes)
         tensors.update({f"{component}.{k}": v for k, v in part.items()})
         packed.update(
             {f"{component}.{k}": v for k, v in config.items() if k not in ("task_type", "revision")}
@@ -134,6 +140,63 @@ def write(adapter, path, force=False):
             "other reader apply the same strength"
         )
     return notes
+
+
+def _from_kohya_names(adapter, notes, path):
+    """kohya names read with no base (lora_unet_double_blocks_0_img_attn_qkv) -> the family's dotted names, from
+    the families' name tables (naming.unmangle), as diffusers' converters resolve them without a model."""
+    mangled = [n for n in adapter.modules if n.startswith(KOHYA_PREFIXES) and "." not in n]
+    if not mangled:
+        return adapter
+    found = unmangle(mangled)
+    if found.unknown:
+        why = (
+            f"it fits the {' and '.join(found.ambiguous)} names alike"
+            if found.ambiguous
+            else "no model family's name table has it"
+        )
+        raise LorakitError(
+            f"kohya name '{found.unknown[0]}' has no diffusers name without the model ({why}): pass --base",
+            path=path,
+        )
+    out = replace(adapter, modules={})
+    for name, m in adapter.modules.items():
+        out.add(replace(m, name=found.names.get(name, name)))
+    family = found.family.replace("_", "-") if found.family else "text encoder"
+    notes.append(f"{len(mangled)} kohya name(s) resolved from the {family} name tables (no --base given)")
+    return out
+
+
+def _bias_deltas_into_modules(adapter, notes, path):
+    """Bias deltas (ComfyUI .diff_b) become the lora_B.bias of the LoRA on the same layer, as diffusers reads them;
+    all-zero deltas (trainers save untouched norms) are dropped; any other full delta has no diffusers form."""
+    if not adapter.deltas:
+        return adapter
+    out, zeros, folded = replace(adapter, deltas={}, modules=dict(adapter.modules)), 0, 0
+    for name, delta in adapter.deltas.items():
+        stem = name[: -len(".bias")] if name.endswith(".bias") else None
+        module = out.modules.get(stem)
+        if module is not None and delta.shape == (module.shape[0],) and module.magnitude is None:
+            bias = delta if module.bias is None else (module.bias.double() + delta.double()).to(delta.dtype)
+            out.modules[stem] = replace(module, bias=bias)
+            folded += 1
+        elif not bool(delta.any()):
+            zeros += 1
+        else:
+            out.deltas[name] = delta
+    if out.deltas:
+        name = next(iter(out.deltas))
+        raise LorakitError(
+            "diffusers holds a bias delta only as the lora_B.bias of a LoRA on the same layer, and no other full "
+            "delta: convert to lorakit or comfyui to keep it",
+            path=path,
+            tensor=name,
+        )
+    if folded:
+        notes.append(f"{folded} bias delta(s) (.diff_b) written as lora_B.bias of their layer's LoRA")
+    if zeros:
+        notes.append(f"{zeros} all-zero full delta(s) dropped (they change nothing)")
+    return out
 
 
 def _from_original_names(adapter, notes):
@@ -155,7 +218,11 @@ def _from_original_names(adapter, notes):
             )
         split += len(maps[name]) > 1
         for target, start, stop, swap in maps[name]:
-            out.add(m.rows(start, stop, swap, target))
+            piece = m.rows(start, stop, swap, target)
+            if len(maps[name]) == 1 or piece.B.any() or (piece.bias is not None and piece.bias.any()):
+                out.add(
+                    piece
+                )  # a slice the LoRA leaves at zero (xlabs' qkv_lora: not the MLP's) is not written
     notes.append(
         f"{len(maps)} module(s) renamed from the single file's names to diffusers'"
         + (f"; {split} fused one(s) (qkv, linear1) split into one LoRA per slice, exactly" if split else "")
@@ -182,6 +249,24 @@ def split_components(adapter):
                 replace(value, name=rest) if key == "modules" else value
             )
     return parts, outside
+
+
+def _unet_legacy_names(part, notes):
+    """A UNet's keys in the older diffusers naming (`attn1.processor.to_q_lora.down.weight`, `proj_in.lora.down.
+    weight`): ComfyUI maps a UNet's attention projections only under these names (its key map has `.processor.to_*`,
+    not `.to_*`), and diffusers converts them on load (all of a component's keys must be old-style: it looks at the
+    first). Kept as PEFT names when a module has more than lora_A / lora_B (bias, DoRA)."""
+    if not all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in part):
+        notes.append(
+            "unet keys kept in PEFT naming (lora bias or DoRA): ComfyUI misses its attention projections"
+        )
+        return part
+    out = {}
+    for key, t in part.items():
+        module, factor = key[: -len(".lora_A.weight")], "down" if key.endswith(".lora_A.weight") else "up"
+        m = re.fullmatch(r"(.+\.attn\d)\.(to_q|to_k|to_v|to_out)(?:\.0)?", module)
+        out[f"{m[1]}.processor.{m[2]}_lora.{factor}.weight" if m else f"{module}.lora.{factor}.weight"] = t
+    return out
 
 
 def _flattened_clip_names(config):

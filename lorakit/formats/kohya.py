@@ -96,11 +96,25 @@ def read(path, base=None, allow_unknown=False):
             raise LorakitError(e.message, path=path, tensor=lora_name, code=e.code) from None
         except MALFORMED as e:  # factor shapes that do not fit together
             raise LorakitError(f"factors do not fit together ({e})", path=path, tensor=lora_name) from None
+    if unresolved and base is not None:
+        ad.elsewhere = _for_other_files(groups, unresolved)
     if unresolved:
         why = "no --base given" if base is None else "not found in the base"
         notes.append(f"{len(unresolved)} kohya name(s) kept unresolved ({why}), e.g. {unresolved[0]}")
     ad.base_model = meta.get("ss_sd_model_name")
     return ad
+
+
+def _for_other_files(lora_names, unresolved):
+    """The unresolved names of the kohya prefixes (lora_unet, lora_te1, ...) of which the base has nothing while it
+    has another prefix's modules: those are for another file of the model (Flux's transformer, CLIP-L and T5 files
+    are apart)."""
+    prefix = lambda n: next(p for p in sorted(PREFIXES, key=len, reverse=True) if n.startswith(p))  # noqa: E731
+    missing = {prefix(n) for n in unresolved}
+    found = {prefix(n) for n in lora_names if n not in set(unresolved)}
+    if not found:
+        return []
+    return [n for n in unresolved if prefix(n) in missing - found]
 
 
 def _alpha(get, rank):

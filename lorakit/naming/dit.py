@@ -2,7 +2,7 @@
 
 import re
 
-from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM
+from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM, QWEN_IMAGE_BLOCK, QWEN_IMAGE_GLOBAL
 
 
 def _dit_table():
@@ -39,10 +39,23 @@ def halves_swapped(original, rows, cols):
     )
 
 
+def qwen_image_path(module):
+    """A Qwen-Image module (any of DIT_PREFIXES, or diffusion-pipe's `transformer.`) -> its path under
+    `transformer.`, or None: Qwen-Image's original names are diffusers'."""
+    for prefix in ("transformer.", *DIT_PREFIXES):
+        if module.startswith(prefix):
+            path = module[len(prefix) :]
+            m = re.fullmatch(r"transformer_blocks\.\d+\.(.+)", path)
+            if (m and m[1] in QWEN_IMAGE_BLOCK) or path in QWEN_IMAGE_GLOBAL:
+                return path
+    return None
+
+
 def dit_diffusers(module, rows, cols):
     """A DiT module under its original name (any of DIT_PREFIXES) -> [(diffusers path under `transformer.`, row start,
-    row stop, halves swapped)], one per slice of a fused tensor; None when it has no diffusers name."""
-    for prefix in DIT_PREFIXES:
+    row stop, halves swapped)], one per slice of a fused tensor; None when it has no diffusers name. diffusion-pipe's
+    `transformer.` prefix in front of an original name is taken too (HunyuanVideo)."""
+    for prefix in ("transformer.", *DIT_PREFIXES):
         if not module.startswith(prefix):
             continue
         path = module[len(prefix) :]

@@ -133,3 +133,24 @@ DIT = {
 }
 FINAL_NORM = "final_layer.adaLN_modulation.1"
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+# Qwen-Image was released in diffusers' layout: its original names are diffusers' (under `transformer.`), and
+# ComfyUI / lightx2v / musubi files spell them bare, under `diffusion_model.` or mangled
+QWEN_IMAGE_BLOCK = (
+    *(f"attn.{p}" for p in QKV + ADD_QKV),
+    "attn.to_out.0",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+    "img_mod.1",
+    "txt_mod.1",
+)
+QWEN_IMAGE_GLOBAL = (
+    "img_in",
+    "txt_in",
+    "proj_out",
+    "norm_out.linear",
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+)

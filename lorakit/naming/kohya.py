@@ -24,6 +24,11 @@ BASE_PREFIXES = (
     ("lora_te", "cond_stage_model.transformer."),
     ("lora_te1", "conditioner.embedders.0.transformer."),
     ("lora_unet", ""),
+    # a text encoder in a file of its own (Flux's clip_l / t5xxl files, SDXL's CLIP-G): its names bare
+    ("lora_te", ""),
+    ("lora_te1", ""),
+    ("lora_te2", ""),
+    ("lora_te3", ""),
     ("lycoris", "transformer."),
     ("lycoris", "model.diffusion_model."),
     ("lycoris", "unet."),

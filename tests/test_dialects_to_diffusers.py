@@ -1,0 +1,244 @@
+"""Diffusion dialects -> diffusers, against diffusers' own converters (diffusers.loaders.lora_conversion_utils, the
+code diffusers runs when it loads these files): kohya-style Flux / Wan (musubi) / Qwen-Image files with no base,
+Qwen-Image's names, Wan's diff_b, xlabs Flux single blocks, HunyuanVideo diffusion-pipe names. Each module's delta
+of lorakit's --to diffusers output equals the delta of diffusers' conversion (fp64), and nothing is missing."""
+
+import re
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.io import TensorFile, write_safetensors
+
+from conftest import assert_one_line_error
+
+conversion = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+g = torch.Generator().manual_seed(11)
+FLUX_HIDDEN = 3072  # diffusers' Flux / HunyuanVideo converters split linear1 at 3 x 3072 rows
+
+
+def lora(stem, out, inp, alpha=None, parts=("lora_down.weight", "lora_up.weight"), r=2):
+    t = {
+        f"{stem}.{parts[0]}": torch.randn(r, inp, generator=g),
+        f"{stem}.{parts[1]}": torch.randn(out, r, generator=g),
+    }
+    if alpha is not None:
+        t[f"{stem}.alpha"] = torch.tensor(alpha)
+    return t
+
+
+def reference_deltas(converted):
+    """{diffusers module: fp64 delta (and `<module>.bias`: the lora_B bias)} of a converter's output; its older
+    spellings (text encoders' `to_q_lora.down`, a Flux `norm_out` without its component) normalized."""
+    out = {}
+    for key, t in converted.items():
+        key = re.sub(r"self_attn\.to_(q|k|v)_lora\.(down|up)", r"self_attn.\1_proj.lora_\2", key)
+        key = key.replace("self_attn.to_out_lora.", "self_attn.out_proj.lora_")
+        key = key.replace("lora_down.", "lora_A.").replace("lora_up.", "lora_B.")
+        if not key.startswith(("transformer.", "text_encoder")):
+            key = "transformer." + key
+        out[key] = t
+    deltas = {}
+    for key, t in out.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            deltas[module] = out[f"{module}.lora_B.weight"].double() @ t.double()
+        elif key.endswith(".lora_B.bias"):
+            deltas[key[: -len(".lora_B.bias")] + ".bias"] = t.double()
+    return deltas
+
+
+def lorakit_deltas(path):
+    """The same of lorakit's --to diffusers output, read back by lorakit."""
+    ad = lorakit.load(path)
+    out = {n: m.delta(torch.float64) for n, m in ad.modules.items()}
+    out.update({f"{n}.bias": m.bias.double() * m.scale for n, m in ad.modules.items() if m.bias is not None})
+    return out
+
+
+def check_against_diffusers(tmp_path, tensors, converter, **convert_args):
+    write_safetensors(tmp_path / "in.safetensors", tensors)
+    report = lorakit.convert(
+        tmp_path / "in.safetensors", tmp_path / "out.safetensors", to="diffusers", **convert_args
+    )
+    want = reference_deltas(converter({k: v.clone() for k, v in tensors.items()}))
+    got = lorakit_deltas(tmp_path / "out.safetensors")
+    assert set(got) == set(want)
+    for name, ref in want.items():
+        assert torch.allclose(got[name], ref, rtol=0, atol=1e-6 * float(ref.abs().max())), name
+    return report
+
+
+def test_kohya_flux_without_base(tmp_path):
+    """sd-scripts' Flux names (fused qkv, linear1, the final norm's swapped halves, CLIP-L) with no --base."""
+    t = lora("lora_unet_double_blocks_0_img_attn_qkv", 24, 8, alpha=1.0)
+    t |= lora("lora_unet_double_blocks_0_txt_mlp_0", 12, 8, alpha=4.0)
+    t |= lora("lora_unet_single_blocks_0_linear1", 7 * FLUX_HIDDEN, FLUX_HIDDEN, alpha=2.0, r=1)
+    t |= lora("lora_unet_final_layer_adaLN_modulation_1", 16, 8, alpha=2.0)
+    t |= lora("lora_unet_img_in", 8, 4, alpha=8.0)
+    t |= lora("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 8, 8, alpha=2.0)
+    report = check_against_diffusers(tmp_path, t, conversion._convert_kohya_flux_lora_to_diffusers)
+    assert any("resolved from the flux name tables" in n for n in report["notes"])
+
+
+def test_musubi_wan_without_base(tmp_path):
+    t = {}
+    for i in range(2):
+        for o in "qkvo":
+            t |= lora(f"lora_unet_blocks_{i}_self_attn_{o}", 8, 8, alpha=1.0)
+            t |= lora(f"lora_unet_blocks_{i}_cross_attn_{o}", 8, 8, alpha=4.0)
+        t |= lora(f"lora_unet_blocks_{i}_ffn_0", 16, 8, alpha=2.0)
+        t |= lora(f"lora_unet_blocks_{i}_ffn_2", 8, 16, alpha=2.0)
+    report = check_against_diffusers(tmp_path, t, conversion._convert_musubi_wan_lora_to_diffusers)
+    assert any("resolved from the wan name tables" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("prefix", ["lora_unet_", "diffusion_model.", ""])
+def test_qwen_image_names(tmp_path, prefix):
+    """Qwen-Image as musubi (mangled), ComfyUI (diffusion_model.) and lightx2v (bare) name it: its names are
+    diffusers' under `transformer.`; img_in is Qwen-Image's, not Flux's x_embedder."""
+    t = {}
+    for path, shape in {
+        "transformer_blocks.0.attn.add_k_proj": (8, 8),
+        "transformer_blocks.0.attn.to_out.0": (8, 8),
+        "transformer_blocks.0.img_mlp.net.2": (8, 16),
+        "transformer_blocks.0.txt_mod.1": (48, 8),
+        "img_in": (8, 4),
+    }.items():
+        stem = prefix + (path.replace(".", "_") if prefix == "lora_unet_" else path)
+        t |= lora(stem, *shape, alpha=4.0)
+    check_against_diffusers(tmp_path, t, conversion._convert_non_diffusers_qwen_lora_to_diffusers)
+
+
+def test_wan_diff_b_becomes_lora_bias(tmp_path, cli):
+    """ComfyUI Wan files with diff_b (bias deltas): lora_B.bias of the layer's LoRA, as diffusers converts them; an
+    all-zero norm diff (what trainers save) is dropped; a real one has no diffusers form and is refused by name."""
+    t = {}
+    for o in "qkvo":
+        t |= lora(f"diffusion_model.blocks.0.self_attn.{o}", 8, 8, 1.0, ("lora_A.weight", "lora_B.weight"))
+        t |= lora(f"diffusion_model.blocks.0.cross_attn.{o}", 8, 8, 4.0, ("lora_A.weight", "lora_B.weight"))
+        t[f"diffusion_model.blocks.0.cross_attn.{o}.diff_b"] = torch.randn(8, generator=g)
+    t |= lora("diffusion_model.blocks.0.ffn.0", 16, 8, 2.0, ("lora_A.weight", "lora_B.weight"))
+    t |= lora("diffusion_model.blocks.0.ffn.2", 8, 16, 2.0, ("lora_A.weight", "lora_B.weight"))
+    t["diffusion_model.blocks.0.norm3.diff"] = torch.zeros(8)
+    report = check_against_diffusers(tmp_path, t, conversion._convert_non_diffusers_wan_lora_to_diffusers)
+    assert any("4 bias delta(s)" in n for n in report["notes"]) and any(
+        "all-zero" in n for n in report["notes"]
+    )
+    keys = TensorFile(tmp_path / "out.safetensors").header.entries
+    assert "transformer.blocks.0.attn2.to_k.lora_B.bias" in keys
+    t["diffusion_model.blocks.0.norm3.diff"] = torch.ones(8)
+    write_safetensors(tmp_path / "n.safetensors", t)
+    code, out, err = cli("convert", tmp_path / "n.safetensors", "--to", "diffusers", "-o", tmp_path / "n.d")
+    assert_one_line_error(code, out, err, "n.safetensors", "blocks.0.norm3", "convert to lorakit or comfyui")
+
+
+def test_xlabs_flux_single_blocks(tmp_path, cli):
+    """xlabs' single_blocks.N.processor.{qkv,proj}_lora: qkv_lora adds to linear1's first 3 x hidden rows, proj_lora
+    is a LoRA on linear2. Merged exactly (the MLP rows untouched) and converted as diffusers converts them."""
+    H = 8
+    t = {}
+    for stem, shape in {
+        "double_blocks.0.processor.qkv_lora1": (3 * H, H),
+        "double_blocks.0.processor.proj_lora2": (H, H),
+        "single_blocks.0.processor.qkv_lora": (3 * H, H),
+        "single_blocks.0.processor.proj_lora": (H, 5 * H),
+    }.items():
+        t |= lora(stem, *shape, parts=("down.weight", "up.weight"))
+    check_against_diffusers(tmp_path, t, conversion._convert_xlabs_flux_lora_to_diffusers)
+    base = {
+        "double_blocks.0.img_attn.qkv.weight": torch.randn(3 * H, H, generator=g),
+        "double_blocks.0.txt_attn.proj.weight": torch.randn(H, H, generator=g),
+        "single_blocks.0.linear1.weight": torch.randn(7 * H, H, generator=g),
+        "single_blocks.0.linear2.weight": torch.randn(H, 5 * H, generator=g),
+    }
+    write_safetensors(tmp_path / "base.safetensors", base)
+    code, out, err = cli(
+        "merge", tmp_path / "base.safetensors", tmp_path / "in.safetensors", "-o", tmp_path / "m"
+    )
+    assert code == 0, err
+    merged = TensorFile(tmp_path / "m")
+    d = lambda s: t[f"{s}.up.weight"].double() @ t[f"{s}.down.weight"].double()  # noqa: E731
+    want = {
+        "double_blocks.0.img_attn.qkv.weight": d("double_blocks.0.processor.qkv_lora1"),
+        "double_blocks.0.txt_attn.proj.weight": d("double_blocks.0.processor.proj_lora2"),
+        "single_blocks.0.linear1.weight": torch.cat(
+            [d("single_blocks.0.processor.qkv_lora"), torch.zeros(4 * H, H, dtype=torch.float64)]
+        ),
+        "single_blocks.0.linear2.weight": d("single_blocks.0.processor.proj_lora"),
+    }
+    for name, W in base.items():
+        ref = W.double() + want[name]
+        assert torch.allclose(merged.get(name).double(), ref, rtol=0, atol=3e-7 * float(ref.abs().max())), (
+            name
+        )
+    assert torch.equal(
+        merged.get("single_blocks.0.linear1.weight")[3 * H :], base["single_blocks.0.linear1.weight"][3 * H :]
+    )
+
+
+def test_hunyuan_video_diffusion_pipe_names(tmp_path):
+    """diffusion-pipe keeps HunyuanVideo's original names under `transformer.`: renamed, fused ones split."""
+    t = lora("transformer.double_blocks.0.img_attn_qkv", 24, 8, parts=("lora_A.weight", "lora_B.weight"))
+    t |= lora("transformer.double_blocks.0.img_mlp.fc1", 32, 8, parts=("lora_A.weight", "lora_B.weight"))
+    t |= lora(
+        "transformer.single_blocks.0.linear1",
+        7 * FLUX_HIDDEN,
+        FLUX_HIDDEN,
+        parts=("lora_A.weight", "lora_B.weight"),
+        r=1,
+    )
+    check_against_diffusers(tmp_path, t, conversion._convert_hunyuan_video_lora_to_diffusers)
+    keys = TensorFile(tmp_path / "out.safetensors").header.entries
+    assert not any("double_blocks" in k or "single_blocks." in k for k in keys)
+
+
+def test_kohya_names_no_table_has_need_the_base(tmp_path, cli):
+    """A kohya name no family's table has (an SD1 UNet's, mangled past recovery) is an error saying to pass --base,
+    never a file under kohya names that diffusers would drop."""
+    t = lora("lora_unet_double_blocks_0_img_attn_qkv", 24, 8)
+    t |= lora("lora_unet_some_custom_layer", 8, 8)
+    write_safetensors(tmp_path / "k.safetensors", t)
+    code, out, err = cli("convert", tmp_path / "k.safetensors", "--to", "diffusers", "-o", tmp_path / "d")
+    assert_one_line_error(code, out, err, "k.safetensors", "lora_unet_some_custom_layer", "pass --base")
+    assert not (tmp_path / "d").exists()
+
+
+def test_flux_lora_text_encoder_into_a_clip_l_file(tmp_path, cli):
+    """A Flux LoRA's lora_te1 into a standalone CLIP-L file (Flux's clip_l.safetensors: bare text_model names), as
+    sd-scripts' flux_merge_lora does: merged exactly; the transformer's modules are reported as for another file."""
+    H = 8
+    base = {
+        "text_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(H, H, generator=g),
+        "text_model.encoder.layers.0.mlp.fc1.weight": torch.randn(2 * H, H, generator=g),
+        "text_model.embeddings.token_embedding.weight": torch.randn(10, H, generator=g),
+    }
+    write_safetensors(tmp_path / "clip_l.safetensors", base)
+    t = lora("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", H, H, alpha=1.0)
+    t |= lora("lora_te1_text_model_encoder_layers_0_mlp_fc1", 2 * H, H, alpha=4.0)
+    t |= lora("lora_unet_double_blocks_0_img_attn_qkv", 3 * H, H, alpha=1.0)
+    write_safetensors(tmp_path / "flux.safetensors", t)
+    code, out, err = cli(
+        "merge",
+        tmp_path / "clip_l.safetensors",
+        tmp_path / "flux.safetensors",
+        "-o",
+        tmp_path / "m",
+        "--json",
+    )
+    assert code == 0, err
+    import json
+
+    report = json.loads(out)
+    assert report["merged_count"] == 2 and report["elsewhere"] == [
+        "lora_unet_double_blocks_0_img_attn_qkv.weight"
+    ]
+    merged = TensorFile(tmp_path / "m")
+    for stem, layer, alpha in (("self_attn_q_proj", "self_attn.q_proj", 1.0), ("mlp_fc1", "mlp.fc1", 4.0)):
+        k = f"lora_te1_text_model_encoder_layers_0_{stem}"
+        ref = base[f"text_model.encoder.layers.0.{layer}.weight"].double() + alpha / 2 * (
+            t[f"{k}.lora_up.weight"].double() @ t[f"{k}.lora_down.weight"].double()
+        )
+        got = merged.get(f"text_model.encoder.layers.0.{layer}.weight").double()
+        assert torch.allclose(got, ref, rtol=0, atol=3e-7 * float(ref.abs().max())), layer
