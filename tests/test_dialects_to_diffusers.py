@@ -3,6 +3,7 @@ code diffusers runs when it loads these files): kohya-style Flux / Wan (musubi) 
 Qwen-Image's names, Wan's diff_b, xlabs Flux single blocks, HunyuanVideo diffusion-pipe names. Each module's delta
 of lorakit's --to diffusers output equals the delta of diffusers' conversion (fp64), and nothing is missing."""
 
+import json
 import re
 
 import pytest
@@ -28,8 +29,16 @@ def lora(stem, out, inp, alpha=None, parts=("lora_down.weight", "lora_up.weight"
     return t
 
 
+def probe(A):
+    """Fixed fp64 probe inputs for a factor A [r, in]: deltas are compared as dW @ X = B (A X), exact in fp64 and
+    small at Flux's real widths (diffusers' converters hard-code 3072)."""
+    return torch.randn(
+        A.shape[1], 3, generator=torch.Generator().manual_seed(A.shape[1]), dtype=torch.float64
+    )
+
+
 def reference_deltas(converted):
-    """{diffusers module: fp64 delta (and `<module>.bias`: the lora_B bias)} of a converter's output; its older
+    """{diffusers module: fp64 dW @ probe (and `<module>.bias`: the lora_B bias)} of a converter's output; its older
     spellings (text encoders' `to_q_lora.down`, a Flux `norm_out` without its component) normalized."""
     out = {}
     for key, t in converted.items():
@@ -43,7 +52,7 @@ def reference_deltas(converted):
     for key, t in out.items():
         if key.endswith(".lora_A.weight"):
             module = key[: -len(".lora_A.weight")]
-            deltas[module] = out[f"{module}.lora_B.weight"].double() @ t.double()
+            deltas[module] = out[f"{module}.lora_B.weight"].double() @ (t.double() @ probe(t))
         elif key.endswith(".lora_B.bias"):
             deltas[key[: -len(".lora_B.bias")] + ".bias"] = t.double()
     return deltas
@@ -52,7 +61,7 @@ def reference_deltas(converted):
 def lorakit_deltas(path):
     """The same of lorakit's --to diffusers output, read back by lorakit."""
     ad = lorakit.load(path)
-    out = {n: m.delta(torch.float64) for n, m in ad.modules.items()}
+    out = {n: m.B.double() @ (m.A.double() @ probe(m.A)) * m.scale for n, m in ad.modules.items()}
     out.update({f"{n}.bias": m.bias.double() * m.scale for n, m in ad.modules.items() if m.bias is not None})
     return out
 
@@ -228,8 +237,6 @@ def test_flux_lora_text_encoder_into_a_clip_l_file(tmp_path, cli):
         "--json",
     )
     assert code == 0, err
-    import json
-
     report = json.loads(out)
     assert report["merged_count"] == 2 and report["elsewhere"] == [
         "lora_unet_double_blocks_0_img_attn_qkv.weight"
@@ -242,3 +249,115 @@ def test_flux_lora_text_encoder_into_a_clip_l_file(tmp_path, cli):
         )
         got = merged.get(f"text_model.encoder.layers.0.{layer}.weight").double()
         assert torch.allclose(got, ref, rtol=0, atol=3e-7 * float(ref.abs().max())), layer
+
+
+def test_bfl_control_lora_widens_img_in_and_adds_biases(tmp_path, cli):
+    """A BFL control LoRA (Flux Canny / Depth): LoRAs with lora_B.bias (bias deltas, unscaled, as ComfyUI applies
+    them), norm scales that replace the model's, and img_in widened from 4 to 8 input channels (ComfyUI pads the
+    base weight with zero columns to the LoRA's shape). Merged as ComfyUI patches every tensor; the ComfyUI file
+    lorakit writes (reshape_weight) and the lorakit file merge the same; formats that cannot say it refuse."""
+    H, r = 8, 2
+    base = {
+        "img_in.weight": torch.randn(H, 4, generator=g),
+        "img_in.bias": torch.randn(H, generator=g),
+        "double_blocks.0.img_attn.qkv.weight": torch.randn(3 * H, H, generator=g),
+        "double_blocks.0.img_attn.qkv.bias": torch.randn(3 * H, generator=g),
+        "double_blocks.0.img_attn.norm.key_norm.scale": torch.randn(4, generator=g),
+        "single_blocks.0.norm.key_norm.scale": torch.randn(4, generator=g),
+    }
+    write_safetensors(tmp_path / "base.safetensors", base)
+    t = lora("img_in", H, 8, parts=("lora_A.weight", "lora_B.weight"), r=r)
+    t |= lora("double_blocks.0.img_attn.qkv", 3 * H, H, parts=("lora_A.weight", "lora_B.weight"), r=r)
+    t["img_in.lora_B.bias"] = torch.randn(H, generator=g)
+    t["double_blocks.0.img_attn.qkv.lora_B.bias"] = torch.randn(3 * H, generator=g)
+    for k in ("double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.norm.key_norm.scale"):
+        t[k] = torch.randn(4, generator=g)
+    write_safetensors(tmp_path / "bfl.safetensors", t)
+    d = lambda s: t[f"{s}.lora_B.weight"].double() @ t[f"{s}.lora_A.weight"].double()  # noqa: E731
+    want = {
+        "img_in.weight": torch.cat(
+            [base["img_in.weight"].double(), torch.zeros(H, 4, dtype=torch.float64)], 1
+        )
+        + d("img_in"),
+        "img_in.bias": base["img_in.bias"].double() + t["img_in.lora_B.bias"].double(),
+        "double_blocks.0.img_attn.qkv.weight": base["double_blocks.0.img_attn.qkv.weight"].double()
+        + d("double_blocks.0.img_attn.qkv"),
+        "double_blocks.0.img_attn.qkv.bias": base["double_blocks.0.img_attn.qkv.bias"].double()
+        + t["double_blocks.0.img_attn.qkv.lora_B.bias"].double(),
+        "double_blocks.0.img_attn.norm.key_norm.scale": t[
+            "double_blocks.0.img_attn.norm.key_norm.scale"
+        ].double(),
+        "single_blocks.0.norm.key_norm.scale": t["single_blocks.0.norm.key_norm.scale"].double(),
+    }
+    lorakit.convert(tmp_path / "bfl.safetensors", tmp_path / "c.safetensors", to="comfyui")
+    assert torch.equal(
+        TensorFile(tmp_path / "c.safetensors").get("img_in.reshape_weight"), torch.tensor([H, 8])
+    )
+    lorakit.convert(tmp_path / "bfl.safetensors", tmp_path / "l.safetensors", to="lorakit")
+    for i, adapter in enumerate(("bfl.safetensors", "c.safetensors", "l.safetensors")):
+        code, out, err = cli(
+            "merge", tmp_path / "base.safetensors", tmp_path / adapter, "-o", tmp_path / f"m{i}", "--json"
+        )
+        assert code == 0, err
+        merged = TensorFile(tmp_path / f"m{i}")
+        assert set(merged.header.entries) == set(base)
+        for name, ref in want.items():
+            got = merged.get(name).double()
+            assert got.shape == ref.shape, (adapter, name)
+            assert torch.allclose(got, ref, rtol=0, atol=3e-7 * float(ref.abs().max())), (adapter, name)
+    code, out, err = cli("convert", tmp_path / "bfl.safetensors", "--to", "kohya", "-o", tmp_path / "k")
+    assert_one_line_error(code, out, err, "img_in", "widens its base weight")
+
+
+def test_bfl_control_lora_to_diffusers_loads_in_a_flux_pipeline(tmp_path):
+    """The BFL control LoRA --to diffusers, loaded by diffusers' FluxPipeline.load_lora_weights + fuse_lora into a
+    tiny Flux transformer: x_embedder widened (in_channels 4 -> 8) to W padded + dW, its bias + lora_B.bias, the
+    norm scale replaced, the fused qkv's LoRA on to_q / to_k / to_v."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2),
+    )
+    pipe = FluxPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    H = 8
+    t = lora("img_in", H, 8, parts=("lora_A.weight", "lora_B.weight"))
+    t |= lora("double_blocks.0.img_attn.qkv", 3 * H, H, parts=("lora_A.weight", "lora_B.weight"))
+    t["img_in.lora_B.bias"] = torch.randn(H, generator=g)
+    t["single_blocks.0.norm.key_norm.scale"] = torch.randn(4, generator=g)
+    write_safetensors(tmp_path / "bfl.safetensors", t)
+    lorakit.convert(tmp_path / "bfl.safetensors", tmp_path / "d.safetensors", to="diffusers")
+    before = {n: p.detach().double().clone() for n, p in transformer.named_parameters()}
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"))
+    pipe.fuse_lora()
+    assert transformer.config.in_channels == 8
+    d = lambda s: t[f"{s}.lora_B.weight"].double() @ t[f"{s}.lora_A.weight"].double()  # noqa: E731
+    W0 = before["x_embedder.weight"]
+    want = {
+        "x_embedder.weight": torch.cat([W0, torch.zeros_like(W0)], 1) + d("img_in"),
+        "x_embedder.bias": before["x_embedder.bias"] + t["img_in.lora_B.bias"].double(),
+        "single_transformer_blocks.0.attn.norm_k.weight": t["single_blocks.0.norm.key_norm.scale"].double(),
+    }
+    qkv = d("double_blocks.0.img_attn.qkv")
+    for i, p in enumerate(("to_q", "to_k", "to_v")):
+        name = f"transformer_blocks.0.attn.{p}.weight"
+        want[name] = before[name] + qkv[i * H : (i + 1) * H]
+    for name, ref in want.items():
+        got = transformer.get_parameter(name).detach().double()
+        assert torch.allclose(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max())), name

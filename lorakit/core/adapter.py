@@ -46,6 +46,9 @@ class Module:
     bias: torch.Tensor = None  # delta added to the base bias [out]
     magnitude: torch.Tensor = None  # DoRA magnitude, 1-D, indexed along `dora_axis` of the weight
     dora_axis: int = None
+    # the base weight is zero-padded to this module's shape before dW is added: control LoRAs that widen a layer's
+    # input (BFL's Flux Canny / Depth LoRAs: img_in from 64 to 128 channels; ComfyUI's `reshape_weight`)
+    pads_base: bool = False
 
     def __post_init__(self):
         try:

@@ -57,6 +57,9 @@ class MergeJob:
         if name in self.dequantized:  # a dequantized module: one full-precision weight
             return (name, st_dtype(self.target_dtype), self.view.shape(name))
         e = self.ckpt.entry(self.source(name))
+        padded = self.plans[name].padded_shape if name in self.plans else None
+        if padded is not None:  # a widened weight (Module.pads_base)
+            return (name, st_dtype(self.target_dtype) if self.convert_floats else e.dtype, list(padded))
         # --dtype converts the full-precision floats; 8-bit floats are stored codes or scales, kept as they are
         keep = not self.convert_floats or e.dtype not in FULL_PRECISION or name in self.view.member_of
         return (name, e.dtype, e.shape, e.nbytes) if keep else (name, st_dtype(self.target_dtype), e.shape)
@@ -125,6 +128,10 @@ class MergeJob:
         plan, source, spec = self.plans.get(name), self.source(name), self.spec_of(name)
         rbuf = self.read_pool.get()
         W = self.ckpt.shards[self.ckpt.where[source]].read(source, rbuf)
+        if plan is not None and plan.padded_shape is not None:  # zero rows / columns first, as ComfyUI pads
+            W = torch.nn.functional.pad(
+                W, [p for d in reversed(range(W.ndim)) for p in (0, plan.padded_shape[d] - W.shape[d])]
+            )
         if plan is not None and plan.touched and spec[1] == self.ckpt.entry(source).dtype:
             out = merge_tensor(W, plan, self.sign, W.dtype, out=W)  # in place
             if out.data_ptr() == W.data_ptr():

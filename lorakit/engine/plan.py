@@ -26,6 +26,7 @@ class TensorPlan:
     # [(Module, weight, first row)]: LoRAs on rows of the tensor (a fused qkv's q, one expert of a 3-D MoE tensor),
     # kept at their own size: padded to the whole tensor only where a computation needs it
     slices: list = field(default_factory=list)
+    padded_shape: tuple = None  # the output's shape where a LoRA widens the base weight (Module.pads_base)
 
     @property
     def touched(self):
@@ -141,12 +142,27 @@ class Planner:
         if p is None:
             return self.unmatched(f"{m.name}.weight", f"{m.name}.weight: not in the base")
         shape = self.base.shape(p.source)
-        if tuple(shape) != tuple(m.shape):
+        if tuple(shape) != tuple(m.shape) and not self.widens(m, p, shape):
             return self.problems.append(f"{m.name}.weight: base {list(shape)}, adapter {list(m.shape)}")
         self.check_dora(m, p)
         p.loras.append((m, w))
         if m.bias is not None:
             self.add_bias(m, w)
+
+    def widens(self, m, p, shape):
+        """Whether module `m` widens the base weight (zero-padded to its shape, as ComfyUI's reshape_weight does):
+        only where it says so, only growing, never a quantized weight."""
+        if not m.pads_base or len(shape) != len(m.shape) or any(a > b for a, b in zip(shape, m.shape)):
+            return False
+        if p.source in self.base.view.quantized:
+            self.problems.append(f"{m.name}.weight: a quantized weight cannot be widened to {list(m.shape)}")
+            return True
+        if p.padded_shape not in (None, tuple(m.shape)):
+            self.problems.append(
+                f"{m.name}.weight: widened to both {list(p.padded_shape)} and {list(m.shape)}"
+            )
+        p.padded_shape = tuple(m.shape)
+        return True
 
     def check_dora(self, m, p):
         unmerge = self.options.unmerge

@@ -18,6 +18,12 @@ def merge_notes(base, loaded, plan, job, options):
             f"{len(plan.elsewhere)} module(s) for another file of the model (the base has none of their part: a "
             f"text encoder's or the diffusion model's) not merged; merge them into that file: {listed(plan.elsewhere)}"
         )
+    widened = [(n, p) for n, p in plan.tensors.items() if p.padded_shape is not None]
+    for name, p in widened:
+        notes.append(
+            f"{name} widened from {list(base.shape(p.source))} to {list(p.padded_shape)} (zero-padded, as ComfyUI "
+            "pads it for control LoRAs); a config that lists the model's input channels must say so too"
+        )
     if plan.untie:
         notes.append(
             f"tied embeddings: the adapter changes {plan.untie} / lm_head.weight; both were written and "

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import MALFORMED, LorakitError, missing, with_path
-from .common import refuse_transforms
+from .common import refuse_padding, refuse_transforms
+
+PADDING_FORMATS = (
+    "lorakit",
+    "comfyui",
+    "diffusers",
+)  # the formats that can say a LoRA widens its base weight
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).
@@ -198,6 +204,8 @@ def save(adapter, path, format="lorakit", force=False, **options):
         check_adapter(adapter), path
     )  # nothing that fails the spec's checks is written, in any format
     refuse_transforms(adapter, path)
+    if fmt.name not in PADDING_FORMATS:
+        refuse_padding(adapter, fmt.name, path)
     try:
         return (
             fmt.write(

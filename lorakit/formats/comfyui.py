@@ -33,6 +33,7 @@ PARTS = {
 }
 LONGEST_FIRST = sorted(PARTS, key=len, reverse=True)  # "lora_down.weight" before a shorter part it ends with
 DIFFS = {"diff": ".weight", "diff_b": ".bias"}
+RESHAPE = ".reshape_weight"  # ComfyUI: the shape the base weight is zero-padded to before the LoRA is added
 XLABS = re.compile(
     r"^(?:diffusion_model\.)?(?P<block>(?P<kind>double|single)_blocks\.\d+)\.processor\."
     r"(?P<layer>qkv|proj)_lora(?P<stream>[12]?)\.(?P<part>down|up)\.weight$"
@@ -102,10 +103,12 @@ def resolve(stem, shapes, suffix=".weight"):
 def read(path, base=None, allow_unknown=False):
     tf, meta = open_safetensors(path)
     shapes = base.shapes() if base is not None else None
-    groups, full, unknown = {}, [], []
+    groups, full, unknown, reshapes = {}, [], [], widened_inputs(tf.header.entries)
     for key in tf.header.entries:
         parsed = split_key(key)
-        if parsed is not None:
+        if key.endswith(RESHAPE):
+            reshapes[key[: -len(RESHAPE)]] = key
+        elif parsed is not None:
             groups.setdefault(parsed[0], {})[parsed[1]] = key
         elif key.endswith((".scale", ".bias", ".weight")):  # BFL control LoRAs: tensors replacing the model's
             full.append(key)
@@ -140,7 +143,10 @@ def read(path, base=None, allow_unknown=False):
         weight_shape = tuple(shapes[module + ".weight"]) if shapes and module + ".weight" in shapes else None
         try:
             built = build_module(path, stem, module, factors, get, weight_shape, False, ad.notes)
-            ad.add(_xlabs_rows(built, keys, weight_shape, get("bias")))
+            built = _xlabs_rows(built, keys, weight_shape, get("bias"))
+            if stem in reshapes and tuple(built.shape) != weight_shape:
+                built = _widening(built, tf.get(reshapes[stem]) if reshapes[stem] else None, weight_shape)
+            ad.add(built)
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=stem, code=e.code) from None
         except MALFORMED as e:
@@ -153,6 +159,27 @@ def read(path, base=None, allow_unknown=False):
             f"{len(unresolved)} name(s) not found in the base, kept as written, e.g. {unresolved[0]}"
         )
     return ad
+
+
+def widened_inputs(keys):
+    """{stem: None} of the layers a BFL control LoRA widens (Flux Canny / Depth: img_in takes the control image's
+    channels too; ComfyUI tells them by these two keys and pads img_in to the LoRA's shape)."""
+    keys = set(keys)
+    return {"img_in": None} if {"img_in.lora_A.weight", "single_blocks.0.norm.key_norm.scale"} <= keys else {}
+
+
+def _widening(module, reshape, weight_shape):
+    """The module marked as widening its base weight (zero-padded to the module's shape), checked against ComfyUI's
+    `reshape_weight` (the padded shape) and the base."""
+    if reshape is not None and [int(x) for x in reshape.flatten().tolist()] != list(module.shape):
+        raise LorakitError(f"reshape_weight {reshape.tolist()} is not the LoRA's shape {list(module.shape)}")
+    if weight_shape and (
+        len(weight_shape) != len(module.shape) or any(a > b for a, b in zip(weight_shape, module.shape))
+    ):
+        raise LorakitError(
+            f"the LoRA's shape {list(module.shape)} cannot widen the base's {list(weight_shape)}"
+        )
+    return replace(module, pads_base=True)
 
 
 def _xlabs_rows(module, keys, weight_shape, bias):
@@ -191,6 +218,8 @@ def write(adapter, path, force=False):
         tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
         if m.bias is not None:
             tensors[f"{name}.diff_b"] = m.bias
+        if m.pads_base:
+            tensors[f"{name}{RESHAPE}"] = torch.tensor(list(m.shape))
         if m.magnitude is not None:
             shape = [1] * len(m.shape)
             shape[m.dora_axis] = -1

@@ -34,6 +34,19 @@ def refuse_deltas(adapter, what, path):
         )
 
 
+def refuse_padding(adapter, what, path):
+    """A module that widens its base weight (Module.pads_base) has no place in most formats: refused, never
+    written as an ordinary LoRA that a consumer would reject or misapply."""
+    name = next((n for n, m in adapter.modules.items() if m.pads_base), None)
+    if name is not None:
+        raise LorakitError(
+            f"{what} files cannot say that a LoRA widens its base weight (to {list(adapter.modules[name].shape)}): "
+            "convert to lorakit, comfyui or diffusers to keep it",
+            path=path,
+            tensor=name,
+        )
+
+
 def refuse_transforms(adapter, path):
     """Multiplicative modules (PEFT IA3, HRA, OFT, BOFT) have no place in any adapter file: refused, never dropped."""
     if adapter.transforms:

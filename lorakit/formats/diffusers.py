@@ -14,6 +14,7 @@ from . import peft as peft_format
 from .common import open_safetensors, refuse_unknown
 from ..naming.diffusers import COMPONENTS, ORIGINAL, component as _component, diffusers_names
 from ..naming.kohya import PREFIXES as KOHYA_PREFIXES
+from ..naming.dit import dit_norm_diffusers
 from ..naming.ldm import ldm_unet_family
 from ..naming.unmangle import unmangle
 
@@ -128,6 +129,10 @@ def write(adapter, path, force=False):
             config = _flattened_clip_names(config)
         if component == "unet":
             part = _unet_legacy_names(part, notes)
+        if component == "transformer" and config.get("modules_to_save"):
+            # diffusers loads a control LoRA's norm scales by name, not as PEFT modules_to_save
+            kept = [n for n in config["modules_to_save"] if not re.search(r"\.norm_(added_)?[qk]$", n)]
+            config = {**config, "modules_to_save": kept or None}
         tensors.update({f"{component}.{k}": v for k, v in part.items()})
         packed.update(
             {f"{component}.{k}": v for k, v in config.items() if k not in ("task_type", "revision")}
@@ -204,9 +209,11 @@ def _from_original_names(adapter, notes):
     tensor (Flux qkv, linear1) becomes one LoRA per slice: the same A, B's rows of the slice (exact)."""
     shapes = {n: tuple(m.shape[:2]) for n, m in adapter.modules.items() if m.kind in ("linear", "conv")}
     maps = diffusers_names(shapes, ldm_unet_family(adapter.modules, adapter.user_metadata))
-    if not maps:
+    norms = {n: dit_norm_diffusers(n) for n in adapter.replacements if dit_norm_diffusers(n)}
+    if not maps and not norms:
         return adapter
-    out, split = replace(adapter, modules={}), 0
+    replacements = {norms.get(n, n): t for n, t in adapter.replacements.items()}
+    out, split = replace(adapter, modules={}, replacements=replacements), 0
     for name, m in adapter.modules.items():
         if name not in maps:
             out.add(m)

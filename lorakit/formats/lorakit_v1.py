@@ -46,6 +46,7 @@ def read(path, values=True):
                 bias=get(keys["bias_delta"]) if "bias_delta" in keys else None,
                 magnitude=get(keys["dora_magnitude"]) if "dora_magnitude" in keys else None,
                 dora_axis=info.get("dora_axis"),
+                pads_base=bool(info.get("pads_base", False)),
             )
         )
     for name, key in layout.replacements.items():
@@ -66,7 +67,7 @@ def to_tensors(adapter):
         tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
         if m.bias is not None:
             tensors[f"{name}.bias_delta"] = m.bias
-        info = {"kind": m.kind}
+        info = {"kind": m.kind, **({"pads_base": True} if m.pads_base else {})}
         if m.magnitude is not None:
             tensors[f"{name}.dora_magnitude"] = m.magnitude
             info["dora_axis"] = m.dora_axis

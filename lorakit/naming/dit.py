@@ -2,7 +2,7 @@
 
 import re
 
-from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM, QWEN_IMAGE_BLOCK, QWEN_IMAGE_GLOBAL
+from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM, FLUX_NORMS, QWEN_IMAGE_BLOCK, QWEN_IMAGE_GLOBAL
 
 
 def _dit_table():
@@ -48,6 +48,17 @@ def qwen_image_path(module):
             m = re.fullmatch(r"transformer_blocks\.\d+\.(.+)", path)
             if (m and m[1] in QWEN_IMAGE_BLOCK) or path in QWEN_IMAGE_GLOBAL:
                 return path
+    return None
+
+
+def dit_norm_diffusers(tensor):
+    """A Flux RMSNorm scale under its original name (any of DIT_PREFIXES) -> its diffusers tensor under
+    `transformer.`, or None."""
+    for prefix in DIT_PREFIXES:
+        if tensor.startswith(prefix):
+            key, n = dit_key(tensor[len(prefix) :])
+            if key in FLUX_NORMS:
+                return "transformer." + FLUX_NORMS[key].format(n=n)
     return None
 
 

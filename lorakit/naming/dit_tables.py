@@ -154,3 +154,12 @@ QWEN_IMAGE_GLOBAL = (
     "time_text_embed.timestep_embedder.linear_1",
     "time_text_embed.timestep_embedder.linear_2",
 )
+# Flux's RMSNorm scales (BFL control LoRAs replace them): original -> diffusers tensor
+FLUX_NORMS = {
+    "double_blocks.{n}.img_attn.norm.query_norm.scale": "transformer_blocks.{n}.attn.norm_q.weight",
+    "double_blocks.{n}.img_attn.norm.key_norm.scale": "transformer_blocks.{n}.attn.norm_k.weight",
+    "double_blocks.{n}.txt_attn.norm.query_norm.scale": "transformer_blocks.{n}.attn.norm_added_q.weight",
+    "double_blocks.{n}.txt_attn.norm.key_norm.scale": "transformer_blocks.{n}.attn.norm_added_k.weight",
+    "single_blocks.{n}.norm.query_norm.scale": "single_transformer_blocks.{n}.attn.norm_q.weight",
+    "single_blocks.{n}.norm.key_norm.scale": "single_transformer_blocks.{n}.attn.norm_k.weight",
+}
