@@ -361,3 +361,40 @@ def test_bfl_control_lora_to_diffusers_loads_in_a_flux_pipeline(tmp_path):
     for name, ref in want.items():
         got = transformer.get_parameter(name).detach().double()
         assert torch.allclose(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max())), name
+
+
+def test_widening_refused_where_it_does_not_fit(tmp_path, cli):
+    """A reshape_weight that is not the LoRA's shape, one with no LoRA, and a widened weight that another adapter
+    changes at the unwidened shape: each a one-line error naming the tensor."""
+    H = 8
+    write_safetensors(tmp_path / "base.safetensors", {"img_in.weight": torch.randn(H, 4, generator=g)})
+    wide = lora("diffusion_model.img_in", H, 8)
+    for name, extra, fragment in (
+        (
+            "bad.safetensors",
+            {"diffusion_model.img_in.reshape_weight": torch.tensor([H, 9])},
+            "reshape_weight [8, 9]",
+        ),
+        (
+            "orphan.safetensors",
+            {"diffusion_model.x.reshape_weight": torch.tensor([1, 2])},
+            "x.reshape_weight",
+        ),
+    ):
+        write_safetensors(tmp_path / name, {**wide, **extra})
+        code, out, err = cli("merge", tmp_path / "base.safetensors", tmp_path / name, "-o", tmp_path / "m")
+        assert_one_line_error(code, out, err, name, fragment)
+    write_safetensors(
+        tmp_path / "w.safetensors", {**wide, "diffusion_model.img_in.reshape_weight": torch.tensor([H, 8])}
+    )
+    write_safetensors(tmp_path / "n.safetensors", lora("diffusion_model.img_in", H, 4))
+    code, out, err = cli(
+        "merge",
+        tmp_path / "base.safetensors",
+        tmp_path / "w.safetensors",
+        tmp_path / "n.safetensors",
+        "-o",
+        tmp_path / "m",
+    )
+    assert_one_line_error(code, out, err, "img_in.weight", "widened to [8, 8]")
+    assert not (tmp_path / "m").exists()

@@ -222,6 +222,12 @@ class Planner:
         p.transforms.append(t)
 
     def finish(self):
+        for p in self.tensors.values():
+            others = [m for m, _ in p.loras if tuple(m.shape) != p.padded_shape]
+            if p.padded_shape is not None and (others or p.slices or p.deltas or p.transforms):
+                self.problems.append(
+                    f"{p.name}: widened to {list(p.padded_shape)} by one adapter, changed at another shape by another"
+                )
         if self.problems:
             n = len(self.problems)
             shown = "; ".join(self.problems[:6]) + (f"; and {n - 6} more" if n > 6 else "")

@@ -117,6 +117,7 @@ def read(path, base=None, allow_unknown=False):
     ad = Adapter(
         source_format="comfyui", provenance={"source_format": "comfyui", "source_metadata": dict(meta)}
     )
+    unknown += [key for stem, key in reshapes.items() if key and stem not in groups]  # widening no LoRA
     refuse_unknown(path, unknown, allow_unknown, ad.notes)
     unresolved = []
 
