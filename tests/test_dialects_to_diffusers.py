@@ -294,6 +294,10 @@ def test_bfl_control_lora_widens_img_in_and_adds_biases(tmp_path, cli):
         TensorFile(tmp_path / "c.safetensors").get("img_in.reshape_weight"), torch.tensor([H, 8])
     )
     lorakit.convert(tmp_path / "bfl.safetensors", tmp_path / "l.safetensors", to="lorakit")
+    meta = TensorFile(tmp_path / "l.safetensors").header.metadata
+    assert (
+        meta["lorakit.spec_version"] == "1.2" and json.loads(meta["lorakit.modules"])["img_in"]["pads_base"]
+    )
     for i, adapter in enumerate(("bfl.safetensors", "c.safetensors", "l.safetensors")):
         code, out, err = cli(
             "merge", tmp_path / "base.safetensors", tmp_path / adapter, "-o", tmp_path / f"m{i}", "--json"

@@ -80,7 +80,8 @@ def to_tensors(adapter):
     provenance.setdefault("tool", f"lorakit {__version__}")
     provenance.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta = dict(adapter.user_metadata)
-    version = spec.SPEC_VERSION if adapter.deltas else "1.1"  # files 1.1 readers can read stay 1.1
+    widens = any(m.pads_base for m in adapter.modules.values())
+    version = spec.SPEC_VERSION if adapter.deltas or widens else "1.1"  # files 1.1 readers can read stay 1.1
     meta.update(
         {
             spec.META_VERSION: version,
