@@ -187,6 +187,8 @@ def _xlabs_rows(module, keys, weight_shape, bias):
     """An xlabs single block's qkv_lora on the first rows of linear1, B padded with zero rows (exact); the bias
     delta of lora_B.bias checked against the module's rows."""
     if XLABS.match(keys.get("lora_up.weight", "")) and module.name.endswith(".linear1"):
+        if module.shape[0] % 3:
+            raise LorakitError(f"qkv_lora has {module.shape[0]} rows: not q, k and v of one width")
         rows = weight_shape[0] if weight_shape else module.shape[0] // 3 * FLUX_LINEAR1_ROWS
         if rows < module.shape[0]:
             raise LorakitError(f"qkv_lora has {module.shape[0]} rows, more than linear1's {rows}")
