@@ -72,3 +72,24 @@ TINY_LLAMA = dict(
     max_position_embeddings=32,
     tie_word_embeddings=False,
 )
+
+
+def tiny_flux_transformer(**config):
+    """A tiny Flux transformer of diffusers' own class (one double and one single block, hidden 8), seeded."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        **{
+            "patch_size": 1,
+            "in_channels": 4,
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "attention_head_dim": 4,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 8,
+            "pooled_projection_dim": 8,
+            "axes_dims_rope": (2, 2),
+            **config,
+        }
+    )

@@ -11,6 +11,8 @@ import lorakit
 from lorakit.errors import LorakitError
 from lorakit.io import TensorFile, write_safetensors
 
+from conftest import tiny_flux_transformer
+
 g = torch.Generator().manual_seed(7)
 
 
@@ -697,19 +699,7 @@ def test_original_names_merge_into_diffusers_models(tmp_path, cli):
     into tiny diffusers models built from diffusers' own classes (a transformer folder, and a pipeline folder): each
     fused LoRA lands on the diffusers tensors its slices became; the output loads in diffusers."""
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    flux = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        joint_attention_dim=8,
-        pooled_projection_dim=8,
-        guidance_embeds=False,
-        axes_dims_rope=(2, 2, 0),
-    )
+    flux = tiny_flux_transformer(guidance_embeds=False, axes_dims_rope=(2, 2, 0))
     wan = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,

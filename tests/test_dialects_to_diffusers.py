@@ -12,7 +12,7 @@ import torch
 import lorakit
 from lorakit.io import TensorFile, write_safetensors
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, tiny_flux_transformer
 
 conversion = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
 g = torch.Generator().manual_seed(11)
@@ -317,20 +317,9 @@ def test_bfl_control_lora_to_diffusers_loads_in_a_flux_pipeline(tmp_path):
     """The BFL control LoRA --to diffusers, loaded by diffusers' FluxPipeline.load_lora_weights + fuse_lora into a
     tiny Flux transformer: x_embedder widened (in_channels 4 -> 8) to W padded + dW, its bias + lora_B.bias, the
     norm scale replaced, the fused qkv's LoRA on to_q / to_k / to_v."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        joint_attention_dim=8,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2),
-    )
+    transformer = tiny_flux_transformer()
     pipe = FluxPipeline(
         scheduler=None,
         vae=None,

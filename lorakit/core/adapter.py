@@ -118,6 +118,11 @@ class Module:
             bias = None if bias is None else torch.cat([bias[half:], bias[:half]])
         return replace(self, name=name or self.name, B=B.contiguous(), bias=bias)
 
+    def widens(self, shape):
+        """Whether zero-padding a base weight of `shape` at the end of its axes gives this module's shape (spec 4.4):
+        as many axes, none smaller. Says nothing of whether the module is marked `pads_base`."""
+        return len(shape) == len(self.shape) and all(a <= b for a, b in zip(shape, self.shape))
+
     @property
     def num_params(self):
         n = self.A.numel() + self.B.numel()

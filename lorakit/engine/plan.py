@@ -152,7 +152,7 @@ class Planner:
     def widens(self, m, p, shape):
         """Whether module `m` widens the base weight (zero-padded to its shape, as ComfyUI's reshape_weight does):
         only where it says so, only growing, never a quantized weight."""
-        if not m.pads_base or len(shape) != len(m.shape) or any(a > b for a, b in zip(shape, m.shape)):
+        if not m.pads_base or not m.widens(shape):
             return False
         if p.source in self.base.view.quantized:
             self.problems.append(f"{m.name}.weight: a quantized weight cannot be widened to {list(m.shape)}")

@@ -17,11 +17,8 @@ from typing import Callable
 from ..errors import MALFORMED, LorakitError, missing, with_path
 from .common import refuse_padding, refuse_transforms
 
-PADDING_FORMATS = (
-    "lorakit",
-    "comfyui",
-    "diffusers",
-)  # the formats that can say a LoRA widens its base weight
+# the formats that can say a LoRA widens its base weight (Module.pads_base)
+PADDING_FORMATS = ("lorakit", "comfyui", "diffusers")
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).

@@ -144,7 +144,7 @@ def read(path, base=None, allow_unknown=False):
         weight_shape = tuple(shapes[module + ".weight"]) if shapes and module + ".weight" in shapes else None
         try:
             built = build_module(path, stem, module, factors, get, weight_shape, False, ad.notes)
-            built = _xlabs_rows(built, keys, weight_shape, get("bias"))
+            built = _with_bias(_xlabs_rows(built, keys, weight_shape), get("bias"))
             if stem in reshapes and tuple(built.shape) != weight_shape:
                 built = _widening(built, tf.get(reshapes[stem]) if reshapes[stem] else None, weight_shape)
             ad.add(built)
@@ -174,18 +174,15 @@ def _widening(module, reshape, weight_shape):
     `reshape_weight` (the padded shape) and the base."""
     if reshape is not None and [int(x) for x in reshape.flatten().tolist()] != list(module.shape):
         raise LorakitError(f"reshape_weight {reshape.tolist()} is not the LoRA's shape {list(module.shape)}")
-    if weight_shape and (
-        len(weight_shape) != len(module.shape) or any(a > b for a, b in zip(weight_shape, module.shape))
-    ):
+    if weight_shape and not module.widens(weight_shape):
         raise LorakitError(
             f"the LoRA's shape {list(module.shape)} cannot widen the base's {list(weight_shape)}"
         )
     return replace(module, pads_base=True)
 
 
-def _xlabs_rows(module, keys, weight_shape, bias):
-    """An xlabs single block's qkv_lora on the first rows of linear1, B padded with zero rows (exact); the bias
-    delta of lora_B.bias checked against the module's rows."""
+def _xlabs_rows(module, keys, weight_shape):
+    """An xlabs single block's qkv_lora on the first rows of linear1, B padded with zero rows (exact)."""
     if XLABS.match(keys.get("lora_up.weight", "")) and module.name.endswith(".linear1"):
         if module.shape[0] % 3:
             raise LorakitError(f"qkv_lora has {module.shape[0]} rows: not q, k and v of one width")
@@ -194,13 +191,16 @@ def _xlabs_rows(module, keys, weight_shape, bias):
             raise LorakitError(f"qkv_lora has {module.shape[0]} rows, more than linear1's {rows}")
         B = torch.cat([module.B, module.B.new_zeros((rows - module.shape[0], *module.B.shape[1:]))])
         module = replace(module, B=B)
-    if bias is not None:
-        if tuple(bias.shape) != (module.shape[0],):
-            raise LorakitError(
-                f"lora_B.bias has shape {list(bias.shape)}, the layer has {module.shape[0]} rows"
-            )
-        module = replace(module, bias=bias.contiguous())
     return module
+
+
+def _with_bias(module, bias):
+    """The module with lora_B.bias as its bias delta (BFL control LoRAs), checked against its rows."""
+    if bias is None:
+        return module
+    if tuple(bias.shape) != (module.shape[0],):
+        raise LorakitError(f"lora_B.bias has shape {list(bias.shape)}, the layer has {module.shape[0]} rows")
+    return replace(module, bias=bias.contiguous())
 
 
 def comfy_name(name):

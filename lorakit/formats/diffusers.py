@@ -13,7 +13,7 @@ from ..io import atomic_output, write_safetensors
 from . import peft as peft_format
 from .common import open_safetensors, refuse_unknown
 from ..naming.diffusers import COMPONENTS, ORIGINAL, component as _component, diffusers_names
-from ..naming.kohya import PREFIXES as KOHYA_PREFIXES
+from ..naming.kohya import mangled_prefix
 from ..naming.dit import dit_norm_diffusers
 from ..naming.ldm import ldm_unet_family
 from ..naming.unmangle import unmangle
@@ -150,7 +150,7 @@ def write(adapter, path, force=False):
 def _from_kohya_names(adapter, notes, path):
     """kohya names read with no base (lora_unet_double_blocks_0_img_attn_qkv) -> the family's dotted names, from
     the families' name tables (naming.unmangle), as diffusers' converters resolve them without a model."""
-    mangled = [n for n in adapter.modules if n.startswith(KOHYA_PREFIXES) and "." not in n]
+    mangled = [n for n in adapter.modules if mangled_prefix(n)]
     if not mangled:
         return adapter
     found = unmangle(mangled)
@@ -209,10 +209,9 @@ def _from_original_names(adapter, notes):
     tensor (Flux qkv, linear1) becomes one LoRA per slice: the same A, B's rows of the slice (exact)."""
     shapes = {n: tuple(m.shape[:2]) for n, m in adapter.modules.items() if m.kind in ("linear", "conv")}
     maps = diffusers_names(shapes, ldm_unet_family(adapter.modules, adapter.user_metadata))
-    norms = {n: dit_norm_diffusers(n) for n in adapter.replacements if dit_norm_diffusers(n)}
-    if not maps and not norms:
+    replacements = {dit_norm_diffusers(n) or n: t for n, t in adapter.replacements.items()}
+    if not maps and replacements.keys() == adapter.replacements.keys():
         return adapter
-    replacements = {norms.get(n, n): t for n, t in adapter.replacements.items()}
     out, split = replace(adapter, modules={}, replacements=replacements), 0
     for name, m in adapter.modules.items():
         if name not in maps:
@@ -226,10 +225,9 @@ def _from_original_names(adapter, notes):
         split += len(maps[name]) > 1
         for target, start, stop, swap in maps[name]:
             piece = m.rows(start, stop, swap, target)
+            # a slice the LoRA leaves at zero (xlabs' qkv_lora: not the MLP's rows) is not written
             if len(maps[name]) == 1 or piece.B.any() or (piece.bias is not None and piece.bias.any()):
-                out.add(
-                    piece
-                )  # a slice the LoRA leaves at zero (xlabs' qkv_lora: not the MLP's) is not written
+                out.add(piece)
     notes.append(
         f"{len(maps)} module(s) renamed from the single file's names to diffusers'"
         + (f"; {split} fused one(s) (qkv, linear1) split into one LoRA per slice, exactly" if split else "")

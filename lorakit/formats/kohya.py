@@ -18,7 +18,7 @@ from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
 from ..naming.fused import fused_aliases
-from ..naming.kohya import PREFIXES, kohya_names, resolution_table
+from ..naming.kohya import PREFIXES, kohya_names, mangled_prefix, resolution_table
 
 TENSORS = {
     "lora_down.weight",
@@ -109,12 +109,11 @@ def _for_other_files(lora_names, unresolved):
     """The unresolved names of the kohya prefixes (lora_unet, lora_te1, ...) of which the base has nothing while it
     has another prefix's modules: those are for another file of the model (Flux's transformer, CLIP-L and T5 files
     are apart)."""
-    prefix = lambda n: next(p for p in sorted(PREFIXES, key=len, reverse=True) if n.startswith(p))  # noqa: E731
-    missing = {prefix(n) for n in unresolved}
-    found = {prefix(n) for n in lora_names if n not in set(unresolved)}
+    unresolved_set = set(unresolved)
+    found = {mangled_prefix(n) for n in lora_names if n not in unresolved_set}
     if not found:
         return []
-    return [n for n in unresolved if prefix(n) in missing - found]
+    return [n for n in unresolved if mangled_prefix(n) not in found]
 
 
 def _alpha(get, rank):

@@ -5,20 +5,27 @@ import re
 from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM, FLUX_NORMS, QWEN_IMAGE_BLOCK, QWEN_IMAGE_GLOBAL
 
 
+def family_layers(family):
+    """(original path pattern, diffusers path pattern, part of a fused tensor or None) of one DiT family: block
+    paths with {n} for the block number; the final norm where the family has a final layer."""
+    blocks, globals_ = DIT[family]
+    for original, diffusers, layers in blocks:
+        for layer, (source, part) in layers.items():
+            yield f"{original}.{{n}}.{source}", f"{diffusers}.{{n}}.{layer}", part
+    for layer, source in globals_.items():
+        yield source, layer, None
+    if "final_layer.linear" in globals_.values():
+        yield FINAL_NORM, "norm_out.linear", None
+
+
 def _dit_table():
-    """original path pattern -> [(diffusers path pattern, part)]: block paths with {n} for the block number."""
+    """original path pattern -> [(diffusers path pattern, part)], over every family."""
     table = {}
-    for blocks, globals_ in DIT.values():
-        for original, diffusers, layers in blocks:
-            for layer, (source, part) in layers.items():
-                entry = table.setdefault(f"{original}.{{n}}.{source}", [])
-                if (f"{diffusers}.{{n}}.{layer}", part) not in entry:
-                    entry.append((f"{diffusers}.{{n}}.{layer}", part))
-        for layer, source in globals_.items():
-            entry = table.setdefault(source, [])
-            if (layer, None) not in entry:
-                entry.append((layer, None))
-    table.setdefault(FINAL_NORM, []).append(("norm_out.linear", None))
+    for family in DIT:
+        for original, diffusers, part in family_layers(family):
+            entry = table.setdefault(original, [])
+            if (diffusers, part) not in entry:
+                entry.append((diffusers, part))
     return {k: sorted(v, key=lambda e: e[1] or 0) for k, v in table.items()}
 
 

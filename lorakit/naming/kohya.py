@@ -36,6 +36,14 @@ BASE_PREFIXES = (
 )
 
 
+def mangled_prefix(name):
+    """The kohya prefix (longest first: lora_te1 before lora_te) of a name still in kohya's mangled form (no dots:
+    not resolved to a module path), or None."""
+    if "." in name:
+        return None
+    return next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
+
+
 def mangle(prefix, path):
     return (prefix + "." + path).replace(".", "_")
 
@@ -81,7 +89,7 @@ def kohya_names(modules, meta=None):
 
 def kohya_name(module, components):
     """spec module name -> kohya lora_name (by prefix only; kohya_names knows the model families)."""
-    if module.startswith(PREFIXES) and "." not in module:
+    if mangled_prefix(module):
         return module
     two_text_encoders = "text_encoder_2" in components
     for kohya_prefix, base_prefix in BASE_PREFIXES:

@@ -6,7 +6,7 @@ file; a file that still fits more than one family, or a name no table has, is th
 import re
 from dataclasses import dataclass
 
-from .dit import DIT_TABLE, dit_key
+from .dit import DIT_TABLE, dit_key, family_layers
 from .dit_tables import DIT, QWEN_IMAGE_BLOCK, QWEN_IMAGE_GLOBAL
 from .kohya import mangle
 
@@ -47,13 +47,8 @@ class Resolved:
 
 def _family_patterns():
     """family -> [(compiled regex of the mangled name, dotted pattern with {n})]."""
-    out = {}
-    for family, (blocks, globals_) in DIT.items():
-        paths = {f"{original}.{{n}}.{src}" for original, _, layers in blocks for src, _ in layers.values()}
-        paths |= set(globals_.values())
-        out[family] = paths
+    out = {family: {original for original, _, _ in family_layers(family)} for family in DIT}
     out["qwen_image"] = {f"transformer_blocks.{{n}}.{p}" for p in QWEN_IMAGE_BLOCK} | set(QWEN_IMAGE_GLOBAL)
-    out["flux"].add("final_layer.adaLN_modulation.1")
     return {
         family: [
             (re.compile(re.escape(mangle("lora_unet", p)).replace(r"\{n\}", r"(\d+)")), p) for p in paths
