@@ -5,6 +5,10 @@ import re
 from .dit_tables import DIT, DIT_PREFIXES, FINAL_NORM, FLUX_NORMS, QWEN_IMAGE_BLOCK, QWEN_IMAGE_GLOBAL
 
 
+# diffusion-pipe keeps the original names under `transformer.` (HunyuanVideo, Qwen-Image)
+WITH_DIFFUSION_PIPE = ("transformer.", *DIT_PREFIXES)
+
+
 def family_layers(family):
     """(original path pattern, diffusers path pattern, part of a fused tensor or None) of one DiT family: block
     paths with {n} for the block number; the final norm where the family has a final layer."""
@@ -49,7 +53,7 @@ def halves_swapped(original, rows, cols):
 def qwen_image_path(module):
     """A Qwen-Image module (any of DIT_PREFIXES, or diffusion-pipe's `transformer.`) -> its path under
     `transformer.`, or None: Qwen-Image's original names are diffusers'."""
-    for prefix in ("transformer.", *DIT_PREFIXES):
+    for prefix in WITH_DIFFUSION_PIPE:
         if module.startswith(prefix):
             path = module[len(prefix) :]
             m = re.fullmatch(r"transformer_blocks\.\d+\.(.+)", path)
@@ -73,7 +77,7 @@ def dit_diffusers(module, rows, cols):
     """A DiT module under its original name (any of DIT_PREFIXES) -> [(diffusers path under `transformer.`, row start,
     row stop, halves swapped)], one per slice of a fused tensor; None when it has no diffusers name. diffusion-pipe's
     `transformer.` prefix in front of an original name is taken too (HunyuanVideo)."""
-    for prefix in ("transformer.", *DIT_PREFIXES):
+    for prefix in WITH_DIFFUSION_PIPE:
         if not module.startswith(prefix):
             continue
         path = module[len(prefix) :]

@@ -3,6 +3,7 @@ model families' own name tables (Flux, HunyuanVideo, SD3, Wan, Qwen-Image; CLIP 
 diffusers' converters do. A name two families spell alike but map differently is decided by the other names of the
 file; a file that still fits more than one family, or a name no table has, is the caller's to refuse."""
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -45,8 +46,10 @@ class Resolved:
     ambiguous: tuple  # (the families the names fit equally, e.g. ("flux", "hunyuan_video")) or ()
 
 
-def _family_patterns():
-    """family -> [(compiled regex of the mangled name, dotted pattern with {n})]."""
+@functools.cache
+def family_patterns():
+    """family -> [(compiled regex of the mangled name, dotted pattern with {n})]; built on first use, not at import
+    (every command imports the format readers, few resolve kohya names without a base)."""
     out = {family: {original for original, _, _ in family_layers(family)} for family in DIT}
     out["qwen_image"] = {f"transformer_blocks.{{n}}.{p}" for p in QWEN_IMAGE_BLOCK} | set(QWEN_IMAGE_GLOBAL)
     return {
@@ -55,9 +58,6 @@ def _family_patterns():
         ]
         for family, paths in out.items()
     }
-
-
-FAMILY_PATTERNS = _family_patterns()
 
 
 def _text_encoder(lora_name):
@@ -84,7 +84,7 @@ def _targets(family, path):
 def _dit_candidates(lora_name):
     """{family: dotted path} of the DiT families whose tables spell this kohya name."""
     out = {}
-    for family, patterns in FAMILY_PATTERNS.items():
+    for family, patterns in family_patterns().items():
         for regex, pattern in patterns:
             m = regex.fullmatch(lora_name)
             if m:
