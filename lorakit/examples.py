@@ -14,28 +14,9 @@ from .quant import requant
 from .quant.fp8 import FP8Block, FP8Channel
 from .quant.gptq_awq import AWQ, GPTQ
 from .quant.int8 import Int8Channel
-from .quant.nf4 import NF4
+from .quant.nf4 import NF4, NF4_LEVELS
 from .spec import fingerprint
 
-# bitsandbytes' NF4 levels (QLoRA, Dettmers et al. 2023)
-NF4_LEVELS = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
 LINEAR_TARGETS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -108,6 +89,25 @@ def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, shards=1, **size
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({**llama_config(**size), "torch_dtype": dtype_name(dtype)}, f, indent=2)
     write_sharded(folder, tensors, shards)
+    return tensors
+
+
+def write_quantized_llama(folder, fmt, seed=0, group_size=32, **size):
+    """A random Llama folder whose blocks' linear weights are stored in a quantized format (`quantize`'s fmt),
+    with its quantization_config. Returns the full-precision tensors it was quantized from."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = random_tensors(llama_shapes(**size), torch.float32, seed)
+    stored = {}
+    for name, t in tensors.items():
+        module = name[: -len(".weight")]
+        if name.startswith("model.layers.") and module.endswith(LINEAR_TARGETS):
+            stored.update({f"{module}.{k}": v for k, v in quantize(t, fmt, group_size).items()})
+        else:
+            stored[name] = t
+    config = {**llama_config(**size), "quantization_config": quantization_config(fmt, group_size)}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    write_sharded(folder, stored)
     return tensors
 
 

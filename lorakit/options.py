@@ -20,6 +20,7 @@ from .quant import STRATEGIES
 
 DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
 ONTO = ("dequantized", "original")
+QUANTIZE = ("nf4", "int8", "fp8")  # train --quantize (lorakit.training.frozen)
 MIN_SHARD = 1 << 20
 
 
@@ -93,12 +94,31 @@ class TrainOptions:
     seed: int = option(0, None, type=int)
     format: str = option("lorakit", None, choices=("lorakit", "peft"))
     resume: str = option(None, "Start from this adapter's factors.", path=True)
+    quantize: str = option(
+        None,
+        "Keep the frozen base's linear layers as codes, quantized on load: nf4 (QLoRA: blocks of 64, "
+        "double-quantized absmax, as bitsandbytes), int8 or fp8 per row. A quantized base stays quantized anyway.",
+        choices=QUANTIZE,
+    )
+    checkpointing: bool = option(
+        False, "Gradient checkpointing: recompute each block's activations in backward."
+    )
+    max_memory: str = option(
+        None, "Refuse to start when the estimated peak memory of a process exceeds this (e.g. 6GB, 12GiB)."
+    )
     force: bool = option(False, "Replace OUT if it exists (an output of the same kind; never an input).")
     quiet: bool = option(False, "No progress bar.")
+
+    @property
+    def max_memory_bytes(self):
+        return parse_size(self.max_memory, "--max-memory")
 
     def check(self):
         """Refuse (never clamp) what is out of range; returns self."""
         existing(self.resume, "resume")
+        self.max_memory_bytes  # noqa: B018 (refused now, before any work)
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise LorakitError(f"--quantize is one of {', '.join(QUANTIZE)}, not '{self.quantize}'")
         for name in ("rank", "steps", "batch", "seq_len", "grad_accum"):
             in_range(name, getattr(self, name), 1, integer=True)
         for name in ("eval_every", "warmup", "seed"):
@@ -219,19 +239,17 @@ def cli_options(options_class, skip=()):
     return wrap
 
 
-def parse_size(text):
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+def parse_size(text, what="shard size"):
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes (`what` names the option in errors)."""
     if text is None:
         return None
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
     if not m:
-        raise LorakitError(f"cannot read shard size '{text}' (e.g. 5GB, 500MB, 2GiB)")
+        raise LorakitError(f"cannot read {what} '{text}' (e.g. 5GB, 500MB, 2GiB)")
     power = "KMGT".find(m.group(2)) + 1 if m.group(2) else 0
     size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
     if size < 1000 or (not m.group(2) and size < MIN_SHARD):
-        raise LorakitError(
-            f"shard size '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB"
-        )
+        raise LorakitError(f"{what} '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB")
     return size
 
 

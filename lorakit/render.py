@@ -1,7 +1,7 @@
 """Human-readable text for command reports (compact tables). Pure string building: no torch, no IO."""
 
 
-def _human_size(n):
+def human_size(n):
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -15,7 +15,7 @@ def _fmt_num(x):
 def inspect_text(r):
     lines = []
     echo = lines.append
-    echo(f"file        {r['file']} ({_human_size(r['file_size'])})")
+    echo(f"file        {r['file']} ({human_size(r['file_size'])})")
     echo(f"format      {r['format']}" + (f" (spec {r['spec_version']})" if r["spec_version"] else ""))
     if r.get("peft_type") not in (None, "LORA"):
         echo(f"peft type   {r['peft_type']}")
@@ -221,5 +221,7 @@ def train_text(r):
     return (
         f"trained {r['module_count']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
         f"process(es)): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out {r['eval_loss']:.4f}, "
-        f"{r['tokens_per_s']:.0f} tokens/s -> {r['output']}"
+        f"{r['tokens_per_s']:.0f} tokens/s, peak {human_size(r['peak_memory'])}"
+        + (f", base kept as {r['base_codes']['format']} codes" if r.get("base_codes") else "")
+        + f" -> {r['output']}"
     )

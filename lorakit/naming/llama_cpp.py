@@ -17,6 +17,21 @@ LAYER_MAP = {
     "mlp.down_proj": "ffn_down",
 }
 GLOBAL_MAP = {"model.embed_tokens": "token_embd", "lm_head": "output"}
+NORM_MAP = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "model.norm": "output_norm",
+}
+# a model's config.json fields from a GGUF's KVs ({arch} filled in), for the architectures lorakit's model runs
+CONFIG_KEYS = {
+    "hidden_size": "{arch}.embedding_length",
+    "intermediate_size": "{arch}.feed_forward_length",
+    "num_hidden_layers": "{arch}.block_count",
+    "num_attention_heads": HEADS_KEY,
+    "num_key_value_heads": KV_HEADS_KEY,
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon",
+    "rope_theta": "{arch}.rope.freq_base",
+}
 
 
 def to_gguf_name(module):
@@ -40,6 +55,48 @@ def from_gguf_name(name):
     if m and m[2] in layer:
         return f"model.layers.{m[1]}.{layer[m[2]]}"
     return None
+
+
+def tensor_name(weight):
+    """The GGUF tensor of a Hugging Face Llama-family weight name (model.layers.0.input_layernorm.weight ->
+    blk.0.attn_norm.weight), None for one llama.cpp does not name."""
+    stem, _, suffix = weight.rpartition(".")
+    if stem in NORM_MAP:
+        return f"{NORM_MAP[stem]}.{suffix}"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if m and m[2] in NORM_MAP:
+        return f"blk.{m[1]}.{NORM_MAP[m[2]]}.{suffix}"
+    try:
+        return f"{to_gguf_name(stem)}.{suffix}"
+    except LorakitError:
+        return None
+
+
+def hf_config(kv, vocab_size, tied):
+    """A config.json for a GGUF model (llama and qwen2 architectures: what lorakit's model runs), from its KVs."""
+    arch = kv.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise LorakitError(f"GGUF architecture '{arch}' is not one lorakit's model implements (llama, qwen2)")
+    config = {"model_type": arch, "vocab_size": vocab_size, "tie_word_embeddings": tied}
+    for field, key in CONFIG_KEYS.items():
+        if key.format(arch=arch) in kv:
+            config[field] = kv[key.format(arch=arch)]
+    return config
+
+
+def row_order(weight, kv, rows):
+    """The Hugging Face order of a GGUF tensor's `rows` rows as indices into the stored ones (llama.cpp permutes
+    llama's Q/K rows), or None where they are the same."""
+    import torch
+
+    arch, n_head, n_kv = gguf_base_fields(kv)
+    if arch != "llama" or not weight.endswith(
+        ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+    ):
+        return None
+    if n_head is None:
+        raise LorakitError(f"llama.cpp permutes Q/K rows and the GGUF has no {HEADS_KEY.format(arch=arch)}")
+    return unpermute(torch.arange(rows), n_head, n_kv if ".attn_k." in weight else None)
 
 
 def _heads_fit(rows, n_head):

@@ -85,12 +85,44 @@ class QuantFormat:
         dtypes exactly."""
         raise NotImplementedError
 
+    def stored(self, ckpt, m):
+        """The module as its codes and the arithmetic that dequantizes them (Stored): what training on a quantized
+        base keeps in memory instead of W."""
+        return Stored(self.grid(ckpt, m), self.codes(ckpt, m))
+
     def dequantize(self, ckpt, m):
-        """W [out, in] in fp32: S * (c - Z)."""
-        grid, codes = self.grid(ckpt, m), self.codes(ckpt, m)
-        S, Z = grid.columns(0, len(grid.g), row_major(codes))
-        c = grid.codebook.values(codes)
-        return (c.sub_(Z) if Z is not None else c).mul_(S).contiguous()
+        """W [out, in] in fp32: S * (c - Z) - M."""
+        return self.stored(ckpt, m).dequantize()
+
+
+@dataclass
+class Stored:
+    """A module as stored: W = (values(codes) - Z) * S - M, with the grid's S and Z and an offset M [groups, out] in
+    value units (None for 0: GGUF's affine types subtract dmin * m after the scale), in the order of operations the
+    format's own dequantization uses, so that every reader of the codes gets the same bits."""
+
+    grid: Grid
+    codes: torch.Tensor
+    M: torch.Tensor = None
+
+    def rows(self, index):
+        """The same module with its rows taken in `index`'s order (a row's codes, scales and zeros move with it)."""
+
+        def take(T):
+            return None if T is None else T.index_select(1, index)
+
+        grid = Grid(take(self.grid.S), self.grid.g, self.grid.codebook, Z=take(self.grid.Z))
+        return Stored(grid, self.codes.index_select(0, index), take(self.M))
+
+    def dequantize(self):
+        by_row = row_major(self.codes)
+        S, Z = self.grid.columns(0, len(self.grid.g), by_row)
+        W = self.grid.codebook.values(self.codes)
+        W = (W.sub_(Z) if Z is not None else W).mul_(S)
+        if self.M is not None:
+            g = self.grid.g
+            W.sub_(self.M.T.index_select(1, g) if by_row else self.M[g].T)
+        return W.contiguous()
 
 
 def row_major(codes):

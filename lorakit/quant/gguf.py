@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import LorakitError, opt
-from .base import Grid, QuantFormat
+from .base import Grid, QuantFormat, Stored
 from .rounding import Uniform
 
 DEAD = (
@@ -315,19 +315,20 @@ class GGUFBlocks(QuantFormat):
         shape = tuple(ckpt.entry(m["weight"]).shape)
         return (math.prod(shape[:-1]), shape[-1])
 
+    def stored(self, ckpt, m):
+        """ggml's own arithmetic: d * sc as fp32, times (q - zero), less dmin * m (scale 0 kept as stored)."""
+        t, raw = self._blocks(ckpt, m)
+        S, M = self._fields(t, raw)
+        Z = torch.full((S.shape[1], S.shape[0]), float(t.zero)) if t.zero else None
+        grid = Grid(S.T.contiguous(), torch.arange(raw.shape[1] * t.block) // t.sub, t.codebook(), Z=Z)
+        return Stored(grid, self.codes(ckpt, m), M.T.contiguous() if M is not None else None)
+
     def dequantize(self, ckpt, m):
-        """W [out, in] fp32 with ggml's own arithmetic (d * sc as fp32, times q, less dmin * m); other types through
-        the gguf package."""
+        """W [out, in] fp32 (stored); types without a codec here through the gguf package."""
         entry = ckpt.entry(m["weight"])
         if entry.dtype not in TYPES:
             return _dequantize_other(ckpt, m["weight"], entry)
-        t, raw = self._blocks(ckpt, m)
-        q = self.codes(ckpt, m).float().reshape(raw.shape[0], -1, t.sub)
-        S, M = self._fields(t, raw)
-        W = S[..., None] * (q - t.zero if t.zero else q)
-        if M is not None:
-            W -= M[..., None]
-        return W.reshape(self.shape(ckpt, m))
+        return self.stored(ckpt, m).dequantize()
 
     def encode(self, ckpt, m, codes, grid):
         """The stored grid's bytes (or a fitted grid's) with the codes' bits replaced, in place: the grid is spent;

@@ -18,8 +18,13 @@ from ..io.dtypes import user_dtype
 from ..bases import open_base
 from ..progress import progress
 from ..spec import fingerprint
+from ..options import parse_size
+from ..render import human_size
 from . import lora
 from .data import get_batch, load_data, split
+from .frozen import FrozenLinear
+from .memory import peak
+from .memory import plan as memory_plan
 from .model import LlamaForCausalLM
 
 
@@ -32,6 +37,50 @@ def pick_device(device):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def load_model(base, dev, dtype, quantize, checkpointing):
+    """The frozen model: a quantized base's linear layers kept as their codes, or quantized on load (--quantize)."""
+    if quantize and base.quantized:
+        raise LorakitError(
+            f"--quantize {quantize}: the base is already quantized ({base.view.handler.name}); training keeps "
+            "its own codes, so leave --quantize out",
+            path=base.path,
+        )
+    model = LlamaForCausalLM.from_pretrained(base, dtype=dtype, device=dev, quantize=quantize)
+    model.checkpointing = checkpointing
+    return model
+
+
+def codes_record(base, quantize):
+    """Which codes the frozen linear layers were: the base's own format, made on load (--quantize), or none."""
+    if base.quantized:
+        return {"format": base.view.handler.name, "source": "base"}
+    return {"format": quantize, "source": "quantized on load"} if quantize else None
+
+
+def frozen_record(model):
+    """How many linear layers are kept as codes, their weights and the bytes they hold."""
+    layers = [m for m in model.modules() if isinstance(m, FrozenLinear)]
+    return {
+        "frozen_layers": len(layers),
+        "frozen_weights": sum(m.out_features * m.in_features for m in layers),
+        "frozen_bytes": sum(m.stored_bytes() for m in layers),
+    }
+
+
+def fits(model, batch, seq_len, checkpointing, dtype, max_memory):
+    """The memory estimate of one process (MemoryPlan); refused before the first step when over --max-memory."""
+    estimate = memory_plan(model, batch, seq_len, checkpointing, dtype)
+    limit = parse_size(max_memory, "--max-memory")
+    if limit is not None and estimate.total > limit:
+        gb = {k: human_size(v) for k, v in estimate.record().items()}
+        raise LorakitError(
+            f"training needs about {gb['total']} a process (base {gb['base']}, LoRA and AdamW "
+            f"{gb['trainable']}, activations {gb['activations']}, a dequantized layer {gb['transient']}), over "
+            f"--max-memory {max_memory}: use --quantize nf4, --checkpointing, or a smaller --batch / --seq-len"
+        )
+    return estimate
 
 
 def learning_rate(step, steps, lr, warmup):
@@ -61,6 +110,9 @@ def train(
     seed=0,
     format="lorakit",
     resume=None,
+    quantize=None,
+    checkpointing=False,
+    max_memory=None,
     force=False,
     quiet=False,
 ):
@@ -86,7 +138,7 @@ def train(
 
     # everything is checked before the first step: config, data, targets
     base = open_base(base)  # headers and config.json read once, for the model and the adapter's record
-    model = LlamaForCausalLM.from_pretrained(base, dtype=base_dtype, device=dev)
+    model = load_model(base, dev, base_dtype, quantize, checkpointing)
     kind, tokens = load_data(data, model.config.vocab_size, base)
     train_data, val_data = split(kind, tokens, seq_len)
     torch.manual_seed(seed)  # the factors' initialization: the same in every process and every run
@@ -100,6 +152,8 @@ def train(
                 "--resume takes a LoRA adapter, not a multiplicative one", path=resume, code="LK508"
             )
         lora.load_into(model, start)
+    per_rank = batch // world
+    memory = fits(model, per_rank, seq_len, checkpointing, base_dtype, max_memory)
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if world > 1:
@@ -110,7 +164,6 @@ def train(
     warmup = max(1, steps // 10) if warmup is None else warmup
     autocast = torch.autocast(dev.type, dtype=base_dtype, enabled=base_dtype != torch.float32)
     generator = torch.Generator().manual_seed(seed)  # the same batches on every process: each takes its slice
-    per_rank = batch // world
 
     def loss_of(x, y, module):
         with autocast:
@@ -164,11 +217,16 @@ def train(
         "tokens": seen + tokens_step0,
         "first_loss": losses[0],
         "final_loss": losses[-1],
+        "losses": losses,
         "eval_loss": eval_loss,
         "evals": evals,
         "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed,
         "device": str(dev),
         "processes": world,
+        "base_codes": codes_record(base, quantize),
+        **frozen_record(model),
+        "memory_estimate": memory.record(),
+        "peak_memory": peak(dev),
     }
     if master:
         adapter = lora.extract(model)
@@ -190,7 +248,10 @@ def train(
                 "seed": seed,
                 "dtype": str(base_dtype),
                 "processes": world,
+                "quantize": quantize,
+                "checkpointing": checkpointing,
             },
+            "base_codes": codes_record(base, quantize),
             "final_loss": losses[-1],
             "eval_loss": eval_loss,
         }

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..core import Adapter, Module, fp32
 from ..errors import LorakitError
+from .frozen import FrozenLinear
 
 
 class LoRA(nn.Module):
@@ -21,11 +22,13 @@ class LoRA(nn.Module):
     def __init__(self, base, rank, alpha, kind):
         super().__init__()
         self.base, self.kind, self.rank, self.alpha = base, kind, rank, float(alpha)
-        W = base.weight
-        shape = tuple(W.shape)
-        self.lora_A = nn.Parameter(torch.empty(rank, *shape[1:], dtype=torch.float32, device=W.device))
+        frozen = isinstance(base, FrozenLinear)  # a quantized weight, kept as its codes
+        shape = base.weight_shape if frozen else tuple(base.weight.shape)
+        device = base.codes.device if frozen else base.weight.device
+        self.shape = shape
+        self.lora_A = nn.Parameter(torch.empty(rank, *shape[1:], dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(
-            torch.zeros(shape[0], rank, *[1] * (len(shape) - 2), dtype=torch.float32, device=W.device)
+            torch.zeros(shape[0], rank, *[1] * (len(shape) - 2), dtype=torch.float32, device=device)
         )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
@@ -35,7 +38,7 @@ class LoRA(nn.Module):
         return fp32(self.alpha) / self.rank
 
     def delta(self):
-        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).reshape(self.base.weight.shape) * self.scale
+        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).reshape(self.shape) * self.scale
 
     def forward(self, x):
         y = self.base(x)
@@ -58,13 +61,18 @@ class LoRA(nn.Module):
         """W += sign * dW in fp32, rounded once to W's dtype."""
         if self.merged == (sign > 0):
             return
+        if isinstance(self.base, FrozenLinear):
+            raise LorakitError(
+                "a quantized base layer is not merged in place: merge the adapter into the checkpoint "
+                "(lorakit merge), which puts W + dW back on its grid"
+            )
         W = self.base.weight
         W.copy_((W.float() + sign * self.delta().float()).to(W.dtype))
         self.merged = sign > 0
 
 
 def _kind(module):
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, FrozenLinear)):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"

@@ -3,15 +3,18 @@ SwiGLU. Module names mirror Hugging Face's (model.layers.0.self_attn.q_proj ...)
 an adapter trained here merges into that checkpoint directly. Loads Llama / Mistral / Qwen2-style folders
 (config.json + safetensors, sharded or not) and gives the same logits as transformers."""
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import LorakitError, with_path
 from ..bases import open_base
+from .frozen import FrozenLinear
+from .frozen import quantize as frozen_codes
+from .weights import Weights
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -174,6 +177,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.checkpointing = False  # gradient checkpointing per block (--checkpointing)
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -188,39 +192,75 @@ class LlamaForCausalLM(nn.Module):
             x.dtype,
         )
         for block in self.model.layers:
-            x = block(x, cos, sin)
+            if (
+                self.checkpointing and torch.is_grad_enabled()
+            ):  # recomputed in backward: one block's activations
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return self.lm_head(self.model.norm(x))
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
-        """Load a Hugging Face Llama / Mistral / Qwen2 folder (config.json + safetensors, sharded or not; a path or
-        an opened Base)."""
-        base = open_base(folder)
-        folder, config = base.path, base.config
-        if config is None:
-            raise LorakitError("no config.json: the base must be a Hugging Face model folder", path=folder)
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu", quantize=None):
+        """Load a Llama / Mistral / Qwen2 model: a Hugging Face folder (sharded or not, any quantized format lorakit
+        reads) or a llama.cpp GGUF, as a path or an opened Base. The blocks' linear layers of a quantized base stay
+        as their codes (FrozenLinear), and `quantize` (nf4, int8, fp8) makes codes of a full-precision base's; every
+        other weight is loaded in `dtype`."""
+        weights = Weights(open_base(folder))
         try:
-            config = LlamaConfig.from_dict(config)
+            config = LlamaConfig.from_dict(weights.config)
         except LorakitError as e:
-            raise with_path(e, os.path.join(folder, "config.json")) from None
+            raise with_path(e, weights.config_path()) from None
         with torch.device("meta"):
             model = cls(config)
-        ckpt = base.view  # quantized bases are read dequantized
+        frozen = freeze_linears(model, weights, quantize, dtype, device)
         state = {}
         for name, p in model.state_dict(keep_vars=True).items():
-            if name not in ckpt:
+            if name.rpartition(".")[0] in frozen:
+                continue
+            if name not in weights:
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue
                 raise LorakitError(
-                    "the checkpoint has no tensor for this parameter", path=folder, tensor=name
+                    "the checkpoint has no tensor for this parameter", path=weights.base.path, tensor=name
                 )
-            t = ckpt.get(name)
+            t = weights.get(name)
             if tuple(t.shape) != tuple(p.shape):
                 raise LorakitError(
-                    f"shape {list(t.shape)}, the config says {list(p.shape)}", path=folder, tensor=name
+                    f"shape {list(t.shape)}, the config says {list(p.shape)}",
+                    path=weights.base.path,
+                    tensor=name,
                 )
             state[name] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
+
+
+def freeze_linears(model, weights, quantize, dtype, device):
+    """Swap every linear layer of the blocks whose weight is quantized (or is to be: `quantize`) for a FrozenLinear
+    of its codes; returns their names. The embeddings and the head stay in `dtype`, as in QLoRA."""
+    frozen = []
+    for name, layer in list(model.named_modules()):
+        if not (isinstance(layer, nn.Linear) and name.startswith("model.layers.")):
+            continue
+        weight = name + ".weight"
+        if weight not in weights:
+            continue  # reported by the caller, with the other missing tensors
+        stored = weights.stored(weight)
+        if stored is None and quantize:
+            stored = frozen_codes(weights.get(weight), quantize)
+        if stored is None:
+            continue
+        if tuple(stored.codes.shape) != (layer.out_features, layer.in_features):
+            raise LorakitError(
+                f"shape {list(stored.codes.shape)}, the config says {[layer.out_features, layer.in_features]}",
+                path=weights.base.path,
+                tensor=weight,
+            )
+        bias = weights.get(name + ".bias") if layer.bias is not None else None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FrozenLinear(stored, bias, dtype).to(device))
+        frozen.append(name)
+    return frozen

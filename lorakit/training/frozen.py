@@ -1,0 +1,224 @@
+"""Frozen base layers kept as their quantized codes while an adapter trains on them (QLoRA and beyond).
+
+A FrozenLinear holds a weight as codes (two 4-bit codes a byte where the codebook has at most 16 codes), a table
+of the codes' values and per-group scales, and dequantizes it only while the forward or the backward pass uses it:
+the base costs its stored size, not that of its full-precision weights. The arithmetic is the stored format's own
+(lorakit.quant.base.Stored), so that training, `lorakit merge` and every other reader of the codes see the same
+weight, bit for bit.
+
+`quantize` turns a full-precision weight into codes on load (--quantize): NF4 as bitsandbytes and QLoRA make it
+(blocks of 64, double-quantized absmax), INT8 and FP8 E4M3 per output row.
+"""
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LorakitError
+from ..options import QUANTIZE
+from ..quant.base import Grid, Stored
+from ..quant.nf4 import NF4_LEVELS
+from ..quant.rounding import FP8, FP8_MAX, Table, Uniform
+
+NF4_BLOCK, ABSMAX_BLOCK = (
+    64,
+    256,
+)  # QLoRA's blocks: 64 weights share an absmax; 256 absmax values share a scale
+
+
+def dynamic_map():
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)): the codes of double-quantized
+    absmax values. Per exponent i of 7, the midpoints of an even split of [0.1, 1] into 2^i steps, times 10^(i-6),
+    with both signs; then 0 and 1; sorted. Products in fp32, as bitsandbytes takes them."""
+    data = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        data += ((10 ** (i - 6)) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    return torch.tensor(sorted(data + [0.0, 1.0]), dtype=torch.float32)
+
+
+def _nearest_blockwise(x, block, code):
+    """x (1-D fp32) in blocks: (indices of the nearest code of x / absmax, absmax), bitsandbytes' arithmetic
+    (x times the reciprocal of the block's absmax, clamped to [-1, 1], ties to the lower code)."""
+    blocks = x.reshape(-1, block) if x.numel() % block == 0 else None
+    if blocks is None:
+        pad = block - x.numel() % block
+        blocks = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block)
+    absmax = blocks.abs().amax(1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
+    bounds = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, bounds, out_int32=True)[: x.numel()], absmax
+
+
+def nf4_stored(W):
+    """W [out, in] as QLoRA's NF4: codes per blocks of 64 of the row-major weight, their absmax double-quantized
+    (the mean taken out, 8-bit dynamic codes per 256 with an fp32 scale each), dequantized as bitsandbytes does."""
+    out, inn = W.shape
+    if inn % NF4_BLOCK:
+        raise LorakitError(f"NF4 blocks of {NF4_BLOCK} do not tile rows of {inn}")
+    levels = torch.tensor(NF4_LEVELS)
+    codes, absmax = _nearest_blockwise(W.float().reshape(-1), NF4_BLOCK, levels)
+    offset = absmax.mean()
+    code = dynamic_map()
+    q, absmax2 = _nearest_blockwise(absmax - offset, ABSMAX_BLOCK, code)
+    scale = code[q.long()] * absmax2.repeat_interleave(ABSMAX_BLOCK)[: q.numel()] + offset
+    grid = Grid(
+        scale.reshape(out, inn // NF4_BLOCK).T.contiguous(), torch.arange(inn) // NF4_BLOCK, Table(levels)
+    )
+    return Stored(grid, codes.to(torch.uint8).reshape(out, inn))
+
+
+def per_row_stored(W, kind):
+    """INT8 (symmetric, -127..127, absmax / 127 a row: LLM.int8's weights) or FP8 E4M3 (absmax / 448 a row)."""
+    W = W.float()
+    absmax = W.abs().amax(1).clamp(min=1e-12)
+    if kind == "int8":
+        S = absmax / 127
+        codes = torch.round(W / S[:, None]).clamp_(-127, 127).to(torch.int8)
+        book = Uniform(-127, 127, torch.int8)
+    else:
+        S = absmax / FP8_MAX
+        codes, book = FP8().round(W / S[:, None])[0], FP8()
+    return Stored(Grid(S[None, :].contiguous(), torch.zeros(W.shape[1], dtype=torch.int64), book), codes)
+
+
+def quantize(W, kind):
+    """A full-precision weight [out, in] as the Stored codes of `kind` (nf4, int8, fp8)."""
+    if kind == "nf4":
+        return nf4_stored(W)
+    if kind in ("int8", "fp8"):
+        return per_row_stored(W, kind)
+    raise LorakitError(f"--quantize is one of {', '.join(QUANTIZE)}, not '{kind}'")
+
+
+def code_table(book, storage):
+    """[256] fp32: the value of each code byte (a codebook's codes are one byte each)."""
+    if isinstance(book, Table):
+        return torch.cat([book.levels, torch.zeros(256 - len(book.levels))])
+    return book.values(torch.arange(256, dtype=torch.uint8).view(storage))
+
+
+def _code_bytes(codes):
+    """Codes [out, in] of one byte each, row-major, as uint8."""
+    if codes.element_size() != 1:
+        raise LorakitError(f"codes of {codes.dtype} are not one byte each")
+    return codes.contiguous().view(torch.uint8)
+
+
+def _fits_nibbles(book):
+    if isinstance(book, Table):
+        return len(book.levels) <= 16
+    return isinstance(book, Uniform) and 0 <= book.lo and book.hi < 16
+
+
+def _by_row(T, out):
+    """A grid tensor [groups, out] as [out, groups] in fp32, or in fp16 where that holds every value exactly (GGUF's
+    d, m and Q8_0-style scales are stored in fp16): the same numbers in half the memory; [1, 1] when all are one
+    value. None stays None."""
+    if T is None:
+        return None
+    T = T.T.contiguous().reshape(out, -1).float()
+    if bool((T == T.reshape(-1)[0]).all()):  # one value (GGUF's fixed zero points): kept once, broadcast
+        T = T[:1, :1].clone()
+    half = T.half()
+    return half if torch.equal(half.float(), T) else T
+
+
+class FrozenLinear(nn.Module):
+    """y = x W^T + b with W dequantized from its codes for each use, never kept (nor saved for backward)."""
+
+    def __init__(self, stored, bias=None, dtype=torch.float32):
+        super().__init__()
+        grid = stored.grid
+        codes = _code_bytes(stored.codes)
+        out, inn = codes.shape
+        self.out_features, self.in_features, self.dtype = out, inn, dtype
+        self.nibbles = _fits_nibbles(grid.codebook) and inn % 2 == 0
+        if self.nibbles:  # two codes a byte, the first in the high nibble
+            pairs = codes.reshape(out, inn // 2, 2)
+            codes = pairs[..., 0] << 4 | pairs[..., 1]
+        groups = grid.S.shape[0]
+        contiguous = inn % groups == 0 and torch.equal(grid.g, torch.arange(inn) // (inn // groups))
+        self.group_size = inn // groups if contiguous else None
+        self.register_buffer("codes", codes.contiguous())
+        table = code_table(grid.codebook, stored.codes.dtype).float()
+        self.register_buffer("table", table[:16].clone() if self.nibbles else table)
+        self.register_buffer("S", _by_row(grid.S, out))
+        self.register_buffer("Z", _by_row(grid.Z, out))
+        self.register_buffer("M", _by_row(stored.M, out))
+        self.register_buffer("g", None if contiguous else grid.g.clone())
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    @property
+    def weight_shape(self):
+        return (self.out_features, self.in_features)
+
+    def stored_bytes(self):
+        """What this layer keeps in memory (codes, table, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def dequantize(self, dtype=None):
+        """W [out, in] in `dtype` (the layer's compute dtype)."""
+        dequantize = compiled_dequantize() if self.codes.is_cuda else dequantize_codes
+        return dequantize(
+            self.codes, self.table, self.S, self.Z, self.M, self.g, self.group_size, self.nibbles
+        ).to(dtype or self.dtype)
+
+    def forward(self, x):
+        y = FrozenMatmul.apply(x.to(self.dtype), self)
+        return y + self.bias if self.bias is not None else y
+
+
+def dequantize_codes(codes, table, S, Z, M, g, group_size, nibbles):
+    """W [out, in] fp32 = (table[codes] - Z) * S - M, a group of columns at a time (broadcast, never expanded,
+    where groups are runs of `group_size` columns; else column j's group is g[j]). Tensors only, so that one
+    compiled graph serves every layer of a shape."""
+    out = codes.shape[0]
+    if nibbles:  # two codes a byte, the first in the high nibble
+        codes = torch.stack([codes >> 4, codes & 15], -1)
+    W = torch.index_select(table, 0, codes.reshape(-1).int())
+    inn = W.numel() // out
+    if group_size is not None:
+        W = W.view(out, -1, group_size)
+
+        def per_group(T):
+            return T.float()[:, :, None]
+    else:
+        W = W.view(out, inn)
+
+        def per_group(T):
+            return T.float() if T.numel() == 1 else T.float().index_select(1, g)
+
+    if Z is not None:
+        W.sub_(per_group(Z))
+    W.mul_(per_group(S))
+    if M is not None:
+        W.sub_(per_group(M))
+    return W.reshape(out, inn)
+
+
+@functools.cache
+def compiled_dequantize():
+    """dequantize_codes as one fused kernel (torch.compile) for CUDA: codes to W without fp32 temporaries in
+    memory. A fused multiply-add may round S * (v - Z) - M differently in the last fp32 bit than the eager
+    arithmetic the merge uses, far below the bf16 compute precision."""
+    return torch.compile(dequantize_codes, dynamic=False)
+
+
+class FrozenMatmul(torch.autograd.Function):
+    """x W^T for a frozen W that is dequantized again in backward (dL/dx = dL/dy W) rather than saved: memory for
+    the base stays that of its codes."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantize(grad.dtype), None

@@ -1,0 +1,68 @@
+"""What a training process will hold at its peak, estimated before the first step (--max-memory), and measured.
+
+The base and the trainable state are counted exactly from the model's tensors; activations by what autograd saves
+per token in each block (the inputs of every matmul, norm and activation), with or without checkpointing, plus the
+logits and the largest weight a FrozenLinear dequantizes for a step."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .frozen import FrozenLinear
+
+ADAM_BYTES = 16  # per trainable fp32 parameter: the value, its gradient and AdamW's two moments
+
+
+@dataclass
+class MemoryPlan:
+    base: int  # the frozen model: codes, scales and full-precision weights (bytes)
+    trainable: int  # LoRA factors, gradients, AdamW state
+    activations: int
+    transient: int  # a dequantized weight in the compute dtype, and its fp32 temporaries
+
+    @property
+    def total(self):
+        return self.base + self.trainable + self.activations + self.transient
+
+    def record(self):
+        return {**asdict(self), "total": self.total}
+
+
+def _bytes(tensors):
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def plan(model, batch, seq_len, checkpointing, dtype):
+    """The estimate for one process training `model` on batches of `batch` x `seq_len` tokens."""
+    frozen = [t for n, t in model.named_parameters() if not t.requires_grad] + list(model.buffers())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c, size = model.config, torch.finfo(dtype).bits // 8
+    tokens = batch * seq_len
+    kv = c.num_key_value_heads * c.dim_head
+    per_block = (  # saved for backward per token: norm inputs, q/k/v, attention output, the MLP's three
+        4 * c.hidden_size + c.num_attention_heads * c.dim_head * 3 + 2 * kv + 4 * c.intermediate_size
+    )
+    blocks = c.num_hidden_layers
+    kept = tokens * size * (c.hidden_size * blocks + per_block if checkpointing else per_block * blocks)
+    logits = tokens * c.vocab_size * (size + 8)  # the logits, their fp32 copy and its gradient
+    layers = [m for m in model.modules() if isinstance(m, FrozenLinear)]
+    largest = max((m.out_features * m.in_features for m in layers), default=0)
+    return MemoryPlan(_bytes(frozen), trainable * ADAM_BYTES, kept + logits, largest * (size + 8))
+
+
+def peak(device):
+    """The process's measured peak (bytes): the CUDA allocator's, else the resident set's high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,357 @@
+"""Training on a quantized base kept as its codes (#28): each frozen layer dequantizes exactly as its format does,
+QLoRA's NF4 is bitsandbytes', a GPTQ / GGUF base trains as its dequantized fp32 weights do, the loss curve of
+--quantize nf4 is PEFT + bitsandbytes', and an adapter trained on codes merges back into them."""
+
+import json
+import os
+
+import numpy as np
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+gguf = pytest.importorskip("gguf")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+import lorakit  # noqa: E402
+from lorakit import examples  # noqa: E402
+from lorakit.bases import open_base  # noqa: E402
+from lorakit.examples import TensorDict, quantize_gguf  # noqa: E402
+from lorakit.naming.llama_cpp import hf_config, permute  # noqa: E402
+from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
+from lorakit.training import frozen, lora  # noqa: E402
+from lorakit.training.data import get_batch, load_data, split  # noqa: E402
+from lorakit.training.loop import learning_rate  # noqa: E402
+from lorakit.training.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from lorakit.training.weights import Weights  # noqa: E402
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+GGUF_SIZE = dict(layers=2, hidden=256, intermediate=512, vocab=64, heads=4, kv_heads=2)
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qtask")
+    examples.write_permutation_task(str(d))
+    return d
+
+
+def train(base, data, out, **kw):
+    args = dict(rank=8, alpha=16, targets=ALL_LINEAR, steps=10, lr=3e-3, batch=16, seq_len=32, eval_every=0)
+    return lorakit.train(base, data, out, quiet=True, force=True, **{**args, **kw})
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "nf4", "int8", "fp8", "fp8-block"])
+def test_frozen_layers_dequantize_as_their_format(fmt, tmp_path):
+    examples.write_quantized_llama(tmp_path, fmt, hidden=128, intermediate=256)
+    model, base = LlamaForCausalLM.from_pretrained(str(tmp_path)), open_base(tmp_path)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, frozen.FrozenLinear)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert torch.equal(layer.dequantize(), base.view.get(name + ".weight")), name
+        # the layer holds what the checkpoint stores, not fp32 weights: at most 1.25 byte a weight (int8 / fp8
+        # codes, a scale a row, the 256 codes' values), 0.75 for 4-bit codes with group scales and zeros
+        per_weight = layer.stored_bytes() / (layer.out_features * layer.in_features)
+        assert per_weight <= (0.75 if fmt in ("gptq", "awq", "nf4") else 1.25), (name, per_weight)
+
+
+# bytes a weight a FrozenLinear keeps for each GGML type (the 256 codes' values aside): 4-bit codes or fewer two a
+# byte, wider ones a byte; fp16 scales (and mins) kept in fp16, the K types' d * sc products in fp32
+GGML_BYTES = {
+    "Q8_0": 1.0625,
+    "Q4_0": 0.5625,
+    "Q4_1": 0.625,
+    "Q5_0": 1.0625,
+    "Q5_1": 1.125,
+    "Q2_K": 1.0,
+    "Q3_K": 0.75,
+    "Q4_K": 0.75,
+    "Q5_K": 1.25,
+    "Q6_K": 1.25,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_frozen_gguf_blocks_dequantize_as_ggml(kind):
+    W = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * 0.02
+    ckpt = TensorDict({"w": quantize_gguf(W, kind)}, {"w": (kind, (64, 1024))})
+    fmt = GGUFBlocks()
+    layer = frozen.FrozenLinear(fmt.stored(ckpt, {"weight": "w"}))
+    assert torch.equal(layer.dequantize(), fmt.dequantize(ckpt, {"weight": "w"}))
+    assert layer.stored_bytes() - layer.table.numel() * 4 <= GGML_BYTES[kind] * W.numel() + 16
+
+
+def test_nf4_on_load_is_bitsandbytes_qlora():
+    """QLoRA's recipe (nf4, blocks of 64, double quantization) against bitsandbytes itself: the 4-bit codes are
+    the same; the absmax values too, except in the few blocks where bitsandbytes' CPU binary search picks the
+    other of two 8-bit codes a value lies halfway between (its reference implementation, the nearest code, is
+    lorakit's)."""
+    W = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = bnb_functional.dequantize_4bit(packed, state)
+    ours = frozen.nf4_stored(W)
+    flat = packed.reshape(-1)
+    assert torch.equal(
+        torch.stack([flat >> 4, flat & 15], 1).reshape(-1), ours.codes.reshape(-1).to(torch.uint8)
+    )
+    assert torch.equal(frozen.dynamic_map(), state.state2.code)
+    absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    mine = ours.grid.S.T.reshape(-1)
+    assert (absmax != mine).float().mean() < 0.005
+    assert ((absmax - mine).abs() / absmax).max() < 0.02  # one step of the 8-bit dynamic code
+    layer = frozen.FrozenLinear(ours)
+    assert torch.equal(layer.dequantize(), ours.dequantize())
+    assert ((layer.dequantize() - theirs).abs().max() / W.abs().max()) < 0.01
+    assert layer.stored_bytes() / W.numel() <= 0.6  # the issue's goal for NF4: <= 0.6 byte a weight
+
+
+def test_backward_saves_no_weight_and_matches_fp64():
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    layer = frozen.FrozenLinear(frozen.quantize(W, "int8"), bias=torch.randn(96))
+    x = torch.randn(4, 7, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert sum(saved) < W.numel()  # neither W nor its dequantized copy is kept for backward
+    g = torch.randn_like(y)
+    y.backward(g)
+    Wd = layer.dequantize().double()
+    assert torch.allclose(y.double(), x.double() @ Wd.T + layer.bias.double(), atol=1e-5)
+    assert torch.allclose(x.grad.double(), g.double() @ Wd, atol=1e-5)
+
+
+def test_gptq_base_trains_as_its_dequantized_weights(tmp_path, task):
+    """Kept as codes or dequantized to fp32 first: the same training, loss for loss."""
+    data = task / "data.npy"
+    examples.write_quantized_llama(tmp_path / "q", "gptq", vocab=64)
+    dense = write_dequantized(tmp_path / "q", tmp_path / "dense")
+    a = train(tmp_path / "q", data, tmp_path / "a.safetensors")
+    b = train(dense, data, tmp_path / "b.safetensors")
+    assert a["frozen_layers"] == 14 and b["frozen_layers"] == 0
+    assert a["base_codes"] == {"format": "gptq", "source": "base"}
+    rel = np.abs(np.array(a["losses"]) - b["losses"]) / np.array(b["losses"])
+    assert rel.max() <= 1e-4 and a["losses"][-1] < a["losses"][0]
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q4_1"])
+def test_gguf_base_trains_as_its_dequantized_weights(kind, tmp_path):
+    """A llama.cpp GGUF (its names, Q/K row order and config from its KVs) trains in place, as its codes."""
+    examples.write_permutation_task(str(tmp_path))
+    tensors = examples.random_tensors(examples.llama_shapes(**GGUF_SIZE), seed=3)
+    model = write_gguf(tmp_path / "m.gguf", tensors, kind)
+    dense = write_dequantized(model, tmp_path / "dense")
+    ref = LlamaForCausalLM.from_pretrained(str(tmp_path / "dense"))
+    kept = LlamaForCausalLM.from_pretrained(str(model))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(kept(ids), ref(ids), atol=1e-5)
+    data = tmp_path / "data.npy"
+    a = train(model, data, tmp_path / "a.safetensors")
+    b = train(dense, data, tmp_path / "b.safetensors")
+    assert a["frozen_layers"] == 14 and a["base_codes"]["format"] == "gguf"
+    rel = np.abs(np.array(a["losses"]) - b["losses"]) / np.array(b["losses"])
+    assert rel.max() <= 1e-4
+    # the adapter is in Hugging Face names; lorakit merge puts it back into the GGUF's own rows and types
+    merged = tmp_path / "merged.gguf"
+    report = lorakit.merge(model, [str(tmp_path / "a.safetensors")], merged, quiet=True)
+    assert report["quantization"]["format"] == "gguf"
+    with torch.no_grad():
+        runtime = adapted(str(model), tmp_path / "a.safetensors")(ids)
+        error = (LlamaForCausalLM.from_pretrained(str(merged))(ids) - runtime).abs().max()
+        assert error < 0.5 * (kept(ids) - runtime).abs().max()  # (Q4_K keeps the least: 0.37 here)
+
+
+def test_qlora_loss_curve_matches_peft_and_bitsandbytes(task, tmp_path):
+    """lorakit train --quantize nf4 against PEFT on transformers' model quantized by bitsandbytes (nf4, double
+    quantization, fp32 compute), from the same initial factors, on the same batches with the same schedule."""
+    steps, lr, batch, seq = 30, 3e-3, 16, 32
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        task / "base", quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    lora_config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR.split(","), lora_dropout=0.0)
+    pm = peft.get_peft_model(hf, lora_config)
+    pm.save_pretrained(tmp_path / "init")  # PEFT's initial factors: lorakit starts from them too
+    ours = train(
+        task / "base",
+        task / "data.npy",
+        tmp_path / "a.safetensors",
+        steps=steps,
+        quantize="nf4",
+        resume=str(tmp_path / "init"),
+    )
+    assert ours["frozen_layers"] == 14 and ours["base_codes"]["format"] == "nf4"
+    kind, tokens = load_data(task / "data.npy", 64)
+    train_data, _ = split(kind, tokens, seq)
+    g = torch.Generator().manual_seed(0)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    pm.train()  # (bitsandbytes repacks 4-bit weights for its CPU kernel in eval mode only)
+    theirs = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, max(1, steps // 10))
+        x, y = get_batch(kind, train_data, batch, seq, g)
+        logits = pm(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        theirs.append(loss.item())
+    rel = np.abs(np.array(ours["losses"]) - theirs) / np.array(theirs)
+    assert rel.max() < 0.01, (ours["losses"], theirs)
+    assert theirs[-1] < theirs[0] / 2  # it learns: the comparison is of a real curve
+
+
+def test_trained_on_codes_merges_back_into_them(task, tmp_path, cli):
+    """The adapter records the quantized base; merged into it, the codes are the ones training saw: a
+    full-precision merge gives the runtime logits, a merge kept in the format says what requantization cost."""
+    examples.write_quantized_llama(tmp_path / "q", "nf4", vocab=64)
+    r = train(tmp_path / "q", task / "data.npy", tmp_path / "a.safetensors", steps=20)
+    ad = lorakit.load(tmp_path / "a.safetensors")
+    assert ad.base_identity == open_base(tmp_path / "q").identity
+    assert ad.provenance["base_codes"] == {"format": "nf4", "source": "base"} == r["base_codes"]
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        runtime = adapted(str(tmp_path / "q"), tmp_path / "a.safetensors")(ids)
+        lorakit.merge(
+            tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "fp", dtype="float32", quiet=True
+        )
+        dense = LlamaForCausalLM.from_pretrained(str(tmp_path / "fp"))(ids)
+        assert (dense - runtime).abs().max() <= 1e-4
+        code, out, err = cli(
+            "merge",
+            tmp_path / "q",
+            tmp_path / "a.safetensors",
+            "-o",
+            tmp_path / "kept",
+            "--strategy",
+            "rescale",
+            "--json",
+        )
+        assert code == 0, err
+        report = json.loads(out)
+        assert not any("base identity differs" in n for n in report["notes"])
+        survival = report["quantization"]
+        assert survival["format"] == "nf4" and 0 < survival["mean_retention"] <= 1.0
+        kept = LlamaForCausalLM.from_pretrained(str(tmp_path / "kept"))
+        assert sum(isinstance(m, frozen.FrozenLinear) for m in kept.modules()) == 14
+        base = LlamaForCausalLM.from_pretrained(str(tmp_path / "q"))(ids)
+        # requantized: nearer the adapted model than the base is
+        assert (kept(ids) - runtime).abs().max() < (base - runtime).abs().max()
+
+
+def test_checkpointing_changes_nothing_but_memory(task, tmp_path):
+    a = train(task / "base", task / "data.npy", tmp_path / "a.safetensors", quantize="nf4")
+    b = train(
+        task / "base", task / "data.npy", tmp_path / "b.safetensors", quantize="nf4", checkpointing=True
+    )
+    assert np.allclose(a["losses"], b["losses"], rtol=1e-6)
+    assert b["memory_estimate"]["activations"] < a["memory_estimate"]["activations"]
+    c = train(task / "base", task / "data.npy", tmp_path / "c.safetensors")
+    assert a["memory_estimate"]["base"] < c["memory_estimate"]["base"]
+
+
+def test_bad_quantized_training_is_refused_before_the_first_step(task, tmp_path, cli):
+    examples.write_quantized_llama(tmp_path / "q", "int8", vocab=64)
+    base = ["train", "--data", task / "data.npy", "-o", tmp_path / "x.safetensors"]
+    code, _, err = cli(*base, "--base", tmp_path / "q", "--quantize", "nf4")
+    assert code == 2 and "already quantized (int8)" in err and "leave --quantize out" in err
+    code, _, err = cli(*base, "--base", task / "base", "--quantize", "nf3")
+    assert code == 2 and "nf3" in err
+    code, _, err = cli(*base, "--base", task / "base", "--max-memory", "lots")
+    assert code == 2 and "cannot read --max-memory 'lots'" in err
+    code, _, err = cli(*base, "--base", task / "base", "--max-memory", "2MB")
+    assert code == 2 and "over --max-memory 2MB" in err and "--checkpointing" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- helpers
+def adapted(base, adapter):
+    """lorakit's model on `base` with the adapter applied at runtime."""
+    model = LlamaForCausalLM.from_pretrained(base)
+    ad = lorakit.load(adapter)
+    lora.inject(model, ALL_LINEAR, rank=8, alpha=16)
+    lora.load_into(model, ad)
+    return model
+
+
+def write_dequantized(base, folder):
+    """The fp32 Hugging Face folder of a base's dequantized weights (Hugging Face names and row order)."""
+    weights = Weights(open_base(base))
+    os.makedirs(folder, exist_ok=True)
+    config = {k: v for k, v in weights.config.items() if k != "quantization_config"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    with torch.device("meta"):
+        names = list(LlamaForCausalLM(LlamaConfig.from_dict(config)).state_dict())
+    examples.write_sharded(folder, {n: weights.get(n).float().contiguous() for n in names if n in weights})
+    return folder
+
+
+def write_gguf(path, tensors, kind):
+    """A llama-architecture GGUF of HF-named tensors: llama.cpp's names, Q/K rows permuted, linear weights in
+    `kind` (GGML blocks by lorakit's quantizer), norms F32, embeddings F16, the head F32."""
+    c = GGUF_SIZE
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    w.add_block_count(c["layers"])
+    w.add_uint32("llama.embedding_length", c["hidden"])
+    w.add_uint32("llama.feed_forward_length", c["intermediate"])
+    w.add_uint32("llama.attention.head_count", c["heads"])
+    w.add_uint32("llama.attention.head_count_kv", c["kv_heads"])
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    for name, t in tensors.items():
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", t.half().numpy())
+        elif name == "lm_head.weight":
+            w.add_tensor("output.weight", t.numpy())
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", t.numpy())
+        else:
+            layer, rest = name[len("model.layers.") :].split(".", 1)
+            module = rest[: -len(".weight")]
+            g = f"blk.{layer}.{GGUF_NAMES[module]}.weight"
+            if t.dim() == 1:
+                w.add_tensor(g, t.numpy())
+                continue
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):
+                t = permute(t, c["heads"], c["kv_heads"] if module.endswith("k_proj") else None)
+            raw = quantize_gguf(t.float().contiguous(), kind).numpy().reshape(t.shape[0], -1)
+            w.add_tensor(g, raw, raw_dtype=gguf.GGMLQuantizationType[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_config_is_read_from_its_keys(tmp_path):
+    tensors = examples.random_tensors(examples.llama_shapes(**GGUF_SIZE), seed=3)
+    base = open_base(write_gguf(tmp_path / "m.gguf", tensors, "Q8_0"))
+    config = hf_config(base.kv, 64, tied=False)
+    assert (
+        config["hidden_size"] == 256
+        and config["num_key_value_heads"] == 2
+        and config["rms_norm_eps"] == pytest.approx(1e-6)
+    )
