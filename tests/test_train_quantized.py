@@ -63,8 +63,9 @@ def test_frozen_layers_dequantize_as_their_format(fmt, tmp_path):
     for name, layer in layers.items():
         assert torch.equal(layer.dequantize(), base.view.get(name + ".weight")), name
         # the layer holds what the checkpoint stores, not fp32 weights: at most 1.25 byte a weight (int8 / fp8
-        # codes, a scale a row, the 256 codes' values), 0.75 for 4-bit codes with group scales and zeros
-        per_weight = layer.stored_bytes() / (layer.out_features * layer.in_features)
+        # codes, a scale a row), 0.75 for 4-bit codes with group scales and zeros
+        table = layer.table.numel() * layer.table.element_size()  # 1-2 KB a layer, whatever its size
+        per_weight = (layer.stored_bytes() - table) / (layer.out_features * layer.in_features)
         assert per_weight <= (0.75 if fmt in ("gptq", "awq", "nf4") else 1.25), (name, per_weight)
 
 
@@ -91,7 +92,8 @@ def test_frozen_gguf_blocks_dequantize_as_ggml(kind):
     fmt = GGUFBlocks()
     layer = frozen.FrozenLinear(fmt.stored(ckpt, {"weight": "w"}))
     assert torch.equal(layer.dequantize(), fmt.dequantize(ckpt, {"weight": "w"}))
-    assert layer.stored_bytes() - layer.table.numel() * 4 <= GGML_BYTES[kind] * W.numel() + 16
+    table = layer.table.numel() * layer.table.element_size()
+    assert layer.stored_bytes() - table <= GGML_BYTES[kind] * W.numel() + 16
 
 
 def test_nf4_on_load_is_bitsandbytes_qlora():
@@ -355,3 +357,13 @@ def test_gguf_config_is_read_from_its_keys(tmp_path):
         and config["num_key_value_heads"] == 2
         and config["rms_norm_eps"] == pytest.approx(1e-6)
     )
+
+
+def test_merge_says_which_codes_the_adapter_saw(task, tmp_path):
+    train(task / "base", task / "data.npy", tmp_path / "a.safetensors", quantize="int8", steps=2)
+    r = lorakit.merge(task / "base", [str(tmp_path / "a.safetensors")], tmp_path / "m", quiet=True)
+    assert any("trained on int8 codes of this base made on load" in n for n in r["notes"])
+    examples.write_quantized_llama(tmp_path / "q", "fp8", vocab=64)
+    train(tmp_path / "q", task / "data.npy", tmp_path / "b.safetensors", steps=2)
+    r = lorakit.merge(task / "base", [str(tmp_path / "b.safetensors")], tmp_path / "m2", quiet=True)
+    assert any("was trained on a fp8 base; merging into a full-precision one" in n for n in r["notes"])

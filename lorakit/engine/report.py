@@ -44,7 +44,27 @@ def base_notes(base, loaded):
             )
         if ad.base_model and _short(ad.base_model) != _short(base.name):
             notes.append(f"{label} records the base '{ad.base_model}'; merging into '{base.name}'")
+        notes += codes_notes(label, ad, base)
     return notes
+
+
+def codes_notes(label, ad, base):
+    """An adapter trained on a quantized base (lorakit train records the codes it saw) merged into other weights."""
+    codes = (ad.provenance or {}).get("base_codes")
+    if not isinstance(codes, dict) or not codes.get("format"):
+        return []
+    fmt = base.view.handler.name if base.quantized else None
+    if codes.get("source") == "quantized on load" and fmt is None:
+        return [
+            f"{label} was trained on {codes['format']} codes of this base made on load (train --quantize); "
+            "merged into its full-precision weights, as QLoRA adapters are"
+        ]
+    if codes.get("source") == "base" and codes["format"] != fmt:
+        return [
+            f"{label} was trained on a {codes['format']} base; merging into "
+            f"{'a ' + fmt if fmt else 'a full-precision'} one, whose weights it did not see"
+        ]
+    return []
 
 
 def _short(name):

