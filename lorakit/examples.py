@@ -95,8 +95,15 @@ def write_llama_checkpoint(folder, dtype=torch.float32, seed=0, shards=1, **size
 def write_quantized_llama(folder, fmt, seed=0, group_size=32, **size):
     """A random Llama folder whose blocks' linear weights are stored in a quantized format (`quantize`'s fmt),
     with its quantization_config. Returns the full-precision tensors it was quantized from."""
-    os.makedirs(folder, exist_ok=True)
     tensors = random_tensors(llama_shapes(**size), torch.float32, seed)
+    write_quantized(folder, tensors, llama_config(**size), fmt, group_size)
+    return tensors
+
+
+def write_quantized(folder, tensors, config, fmt, group_size=128):
+    """A Hugging Face folder of a Llama-family model's tensors with the blocks' linear weights quantized to `fmt`
+    (nearest rounding, `quantize`) and the quantization_config added to `config`."""
+    os.makedirs(folder, exist_ok=True)
     stored = {}
     for name, t in tensors.items():
         module = name[: -len(".weight")]
@@ -104,11 +111,10 @@ def write_quantized_llama(folder, fmt, seed=0, group_size=32, **size):
             stored.update({f"{module}.{k}": v for k, v in quantize(t, fmt, group_size).items()})
         else:
             stored[name] = t
-    config = {**llama_config(**size), "quantization_config": quantization_config(fmt, group_size)}
+    config = {**config, "quantization_config": quantization_config(fmt, group_size)}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_sharded(folder, stored)
-    return tensors
 
 
 def write_sharded(folder, tensors, shards=1):

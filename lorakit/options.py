@@ -55,6 +55,13 @@ class MergeOptions:
         choices=ONTO,
     )
     seed: int = option(0, "Seed of --strategy stochastic and the probes.", type=int)
+    calibration: str = option(
+        None,
+        "Quantized Llama-family bases: token ids (.npy/.bin/.jsonl) or text (with the base's tokenizer.json) on "
+        "which the adapted model's layer inputs are measured; requantizing then feeds each column's rounding error "
+        "forward through them (GPTQ-style), and the report gives the merged model's KL on held-out tokens of it.",
+        path=True,
+    )
     skip_unmatched: bool = option(
         False,
         "Merge the adapter tensors the base has, report the others by name (parts stored in other files: a Flux "
@@ -70,6 +77,12 @@ class MergeOptions:
         self.shard_bytes  # noqa: B018 (refused now, before any work)
         in_range("threads", self.threads, 1, integer=True)
         existing(self.full_precision_base, "full_precision_base")
+        existing(self.calibration, "calibration")
+        if self.calibration and self.strategy not in ("auto", "feedback"):
+            raise LorakitError(
+                f"--calibration weights the error feedback by the data: it goes with --strategy feedback, not "
+                f"'{self.strategy}'"
+            )
         if self.strategy not in STRATEGIES:
             raise LorakitError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
         if self.onto not in ONTO:

@@ -187,6 +187,10 @@ def merge_text(r):
         f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {r['output']}"
     ]
     q = r.get("quantization")
+    if q and q.get("kl") is not None:  # what users feel first: the merged model against the adapted one
+        lines.append(
+            f"model: KL(adapted || merged) {q['kl']:.3e} per token on {q['kl_tokens']} held-out calibration tokens"
+        )
     if q and q["modules"]:
         lines.append(
             f"survival ({q['format']}, strategy {q['strategy']}): mean retention "

@@ -240,12 +240,14 @@ def test_merge_keeps_type_size_kvs_and_untouched_bytes(tmp_path, kind, cli):
     assert touched == 8
 
 
-def test_default_feedback_keeps_the_adapter_in_its_input_subspace(tmp_path):
-    """||dW||/||W|| = 1e-2 on Q8_0: the default keeps >= 90% and the aligned probe error stays small."""
+def test_feedback_keeps_the_adapter_in_its_input_subspace(tmp_path):
+    """||dW||/||W|| = 1e-2 on Q8_0: feedback keeps >= 90% and the aligned probe error stays small."""
     base = build(tmp_path / "base.gguf", "Q8_0")
     ad = adapter(scale=0.0072)
     ad.save(tmp_path / "ad.safetensors")
-    report = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", quiet=True)
+    report = lorakit.merge(
+        base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="feedback", quiet=True
+    )
     q = report["quantization"]
     assert q["format"] == "gguf" and q["strategy"] == "feedback" and len(q["modules"]) == 8
     assert {m["type"] for m in q["modules"]} == {"Q8_0"}

@@ -338,10 +338,27 @@ def test_feedback_keeps_the_delta_where_same_grid_loses_it(tmp_path, cli):
         "-q",
     )
     same = json.loads(out)["quantization"]
-    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb", "-q")
+    code, out, err = cli(
+        "merge",
+        tmp_path / "q",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "fb",
+        "--strategy",
+        "feedback",
+        "-q",
+    )
     assert code == 0 and "survival (fp8, strategy feedback)" in out
     code, out, err = cli(
-        "merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "fb2", "--json", "-q"
+        "merge",
+        tmp_path / "q",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "fb2",
+        "--strategy",
+        "feedback",
+        "--json",
+        "-q",
     )
     fb = json.loads(out)["quantization"]
     assert fb["mean_retention"] > 0.9 and same["mean_retention"] < 0.5
@@ -357,7 +374,7 @@ def test_feedback_keeps_the_delta_where_same_grid_loses_it(tmp_path, cli):
         "same-grid",
         "-q",
     )
-    assert "WARNING: only" in out and "--strategy feedback" in out
+    assert "WARNING: only" in out and "--calibration DATA" in out and "--strategy auto" in out
 
 
 def test_original_strategy_and_onto(tmp_path):
@@ -764,3 +781,55 @@ def test_table_lookup_is_exact_for_any_levels():
     assert torch.equal(
         levels[stored.long()].double(), ref
     )  # stored codes index the table as given (unsorted)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "int8"])
+def test_refit_covers_a_delta_that_leaves_the_range(kind):
+    """--strategy refit: where W + dW leaves the stored range (here the delta doubles one weight of a block), the
+    block's scale is refitted instead of clipping it: the module's error (against W + dW, in fp64) is below the
+    kept grid's (same-grid: the clipped weight) and the codes keep their size; a delta inside the range keeps the
+    stored grid (refit = same-grid, byte for byte)."""
+    from lorakit.examples import TensorDict, quantize, quantize_gguf
+    from lorakit.quant import requant
+    from lorakit.quant.gguf import GGUFBlocks
+    from lorakit.quant.int8 import Int8Channel
+
+    g = torch.Generator().manual_seed(5)
+    out, inn = 8, 256
+    W = torch.randn(out, inn, generator=g) * 0.02
+    if kind == "int8":
+        fmt, tensors, kinds = Int8Channel(), {f"w.{k}": v for k, v in quantize(W, "int8").items()}, None
+        members = {"weight": "w.weight", "weight_scale": "w.weight_scale"}
+    else:
+        fmt, members = GGUFBlocks(), {"weight": "w"}
+        tensors, kinds = {"w": quantize_gguf(W, kind)}, {"w": (kind, (out, inn))}
+    ckpt = TensorDict(tensors, kinds)
+    W_deq = fmt.dequantize(ckpt, members).double()
+    row, col = 3, int(W_deq[3].abs().argmax())
+    B = torch.zeros(out, 1)
+    B[row] = float(W_deq[row, col])  # dW doubles the row's largest weight: out of its block's range
+    A = torch.zeros(1, inn)
+    A[0, col] = 1.0
+    big = Module("w", A, B, alpha=1.0)
+    target = W_deq + (B @ A).double()
+
+    def error(strategy, module):
+        stored = {k: v.clone() for k, v in tensors.items()}
+        new, _ = requant.requantize(fmt, TensorDict(stored, kinds), members, [(module, 1.0)], 1.0, strategy)
+        merged = TensorDict({**stored, **new}, kinds)
+        return merged, (fmt.dequantize(merged, members).double() - target)
+
+    kept, clipped = error("same-grid", big)
+    refit, refitted = error("refit", big)
+    assert refitted.norm() < 0.5 * clipped.norm()
+    assert refitted[row, col].abs() < 0.25 * clipped[row, col].abs()
+    assert all(refit.entry(k).nbytes == ckpt.entry(k).nbytes for k in members.values())
+    # a delta well inside the range (on the row's smallest weight): the stored grid, the same bytes as same-grid
+    A_small = torch.zeros(1, inn)
+    A_small[0, int(W_deq[row].abs().argmin())] = 1.0
+    small = Module("w", A_small, B * 1e-2, alpha=1.0)
+    target = W_deq + (B * 1e-2 @ A_small).double()
+    a, _ = error("same-grid", small)
+    b, _ = error("refit", small)
+    for k in members.values():
+        assert torch.equal(a.get(k), b.get(k)), k

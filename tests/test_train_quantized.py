@@ -24,8 +24,8 @@ from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
 from lorakit.training import frozen, lora  # noqa: E402
 from lorakit.training.data import get_batch, load_data, split  # noqa: E402
 from lorakit.training.loop import learning_rate  # noqa: E402
-from lorakit.training.model import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from lorakit.training.weights import Weights  # noqa: E402
+from lorakit.training.model import LlamaForCausalLM  # noqa: E402
+from lorakit.training.weights import dequantized  # noqa: E402
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 GGUF_SIZE = dict(layers=2, hidden=256, intermediate=512, vocab=64, heads=4, kv_heads=2)
@@ -300,14 +300,11 @@ def adapted(base, adapter):
 
 def write_dequantized(base, folder):
     """The fp32 Hugging Face folder of a base's dequantized weights (Hugging Face names and row order)."""
-    weights = Weights(open_base(base))
+    config, tensors = dequantized(open_base(base))
     os.makedirs(folder, exist_ok=True)
-    config = {k: v for k, v in weights.config.items() if k != "quantization_config"}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
-    with torch.device("meta"):
-        names = list(LlamaForCausalLM(LlamaConfig.from_dict(config)).state_dict())
-    examples.write_sharded(folder, {n: weights.get(n).float().contiguous() for n in names if n in weights})
+    examples.write_sharded(folder, tensors)
     return folder
 
 
@@ -367,3 +364,94 @@ def test_merge_says_which_codes_the_adapter_saw(task, tmp_path):
     train(tmp_path / "q", task / "data.npy", tmp_path / "b.safetensors", steps=2)
     r = lorakit.merge(task / "base", [str(tmp_path / "b.safetensors")], tmp_path / "m2", quiet=True)
     assert any("was trained on a fp8 base; merging into a full-precision one" in n for n in r["notes"])
+
+
+def test_calibrated_feedback_beats_nearest_on_a_fixed_hessian():
+    """GPTQ's objective: with the inputs' second moment H fixed, the weighted error tr(E H E^T) of feedback through
+    H's factor is below round-to-nearest's on the same grid (and below feedback through the adapter's A alone)."""
+    from lorakit.core import Module
+    from lorakit.quant import requant
+    from lorakit.quant.int8 import Int8Channel
+    from lorakit.training.calibration import top_factor
+
+    g = torch.Generator().manual_seed(7)
+    out, inn, r = 32, 128, 4
+    W = torch.randn(out, inn, generator=g) * 0.02
+    tensors = {f"w.{k}": v for k, v in examples.quantize(W, "int8").items()}
+    members = {"weight": "w.weight", "weight_scale": "w.weight_scale"}
+    mixing = torch.randn(inn, inn, generator=g) * torch.logspace(0, -2, inn)[None, :]  # a decaying spectrum
+    X = torch.randn(2048, inn, generator=g) @ mixing.T
+    H = (X.T @ X).double()
+    module = Module(
+        "w", torch.randn(r, inn, generator=g) * 0.1, torch.randn(out, r, generator=g) * 0.01, alpha=4
+    )
+    fmt = Int8Channel()
+    target = fmt.dequantize(examples.TensorDict(tensors), members).double() + module.delta().double()
+
+    def weighted_error(strategy, inputs=None):
+        stored = {k: v.clone() for k, v in tensors.items()}
+        new, _ = requant.requantize(
+            fmt, examples.TensorDict(stored), members, [(module, 1.0)], 1.0, strategy, inputs=inputs
+        )
+        E = fmt.dequantize(examples.TensorDict({**stored, **new}), members).double() - target
+        return float(torch.trace(E @ H @ E.T))
+
+    nearest = weighted_error("same-grid")
+    calibrated = weighted_error("feedback", top_factor(H, rank=inn))
+    assert calibrated < 0.7 * nearest
+    assert calibrated < weighted_error("feedback")
+
+
+def test_merge_with_calibration_reports_the_model_s_kl(task, tmp_path, cli):
+    examples.write_quantized_llama(tmp_path / "q", "int8", vocab=64, hidden=128, intermediate=256)
+    train(tmp_path / "q", task / "data.npy", tmp_path / "a.safetensors", steps=30)
+    code, out, err = cli(
+        "merge",
+        tmp_path / "q",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "c",
+        "--calibration",
+        task / "data.npy",
+        "--json",
+        "-q",
+    )
+    assert code == 0, err
+    q = json.loads(out)["quantization"]
+    assert list(q)[:2] == ["kl", "kl_tokens"] and q["strategy"] == "auto: feedback x 14"
+    from lorakit.training.calibration import calibrate, estimate
+
+    ad = lorakit.load(tmp_path / "a.safetensors")
+    calibration = calibrate(open_base(tmp_path / "q"), [("a", ad, 1.0)], task / "data.npy")
+    assert estimate(calibration, tmp_path / "c")["kl"] == pytest.approx(q["kl"], rel=1e-6)
+    for strategy in ("feedback", "same-grid"):  # without the data: worse on the model's output
+        lorakit.merge(
+            tmp_path / "q",
+            [str(tmp_path / "a.safetensors")],
+            tmp_path / strategy,
+            strategy=strategy,
+            quiet=True,
+        )
+        assert q["kl"] < estimate(calibration, tmp_path / strategy)["kl"]
+    code, _, err = cli(
+        "merge",
+        tmp_path / "q",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "x",
+        "--calibration",
+        task / "data.npy",
+        "--strategy",
+        "rescale",
+    )
+    assert code == 2 and "goes with --strategy feedback, not 'rescale'" in err
+    code, _, err = cli(
+        "merge",
+        task / "base",
+        tmp_path / "a.safetensors",
+        "-o",
+        tmp_path / "x",
+        "--calibration",
+        task / "data.npy",
+    )
+    assert code == 2 and "--calibration is for quantized bases" in err and not (tmp_path / "x").exists()

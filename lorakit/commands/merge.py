@@ -26,7 +26,27 @@ def merge(base, adapters, output, options):
     base = open_base(base)  # headers and configs parsed here, once, for every step below
     _refuse_adapter_as_base(base)
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
-    return merge_into(base, loaded, output, options, paths(inputs))
+    calibration = _calibrate(base, loaded, options)
+    report = merge_into(base, loaded, output, options, paths(inputs), calibration)
+    if calibration is not None:
+        from ..training.calibration import estimate
+
+        report["quantization"] = {**estimate(calibration, output), **report["quantization"]}
+    return report
+
+
+def _calibrate(base, loaded, options):
+    """The layer inputs of the adapted model on --calibration data (None without it, or for a full-precision base,
+    where nothing is rounded)."""
+    if options.calibration is None:
+        return None
+    if not base.quantized:
+        raise LorakitError(
+            "--calibration is for quantized bases: nothing is requantized here", path=base.path
+        )
+    from ..training.calibration import calibrate
+
+    return calibrate(base, loaded, options.calibration, -1.0 if options.unmerge else 1.0)
 
 
 def _refuse_adapter_as_base(base):

@@ -12,8 +12,9 @@ from .plan import plan_merge
 from .report import merge_notes, survival_summary
 
 
-def merge_into(base, loaded, output, options, input_paths=()):
-    """Merge `loaded` ([(label, Adapter, weight)]) into the Base `base`, writing `output`. Returns the report."""
+def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
+    """Merge `loaded` ([(label, Adapter, weight)]) into the Base `base`, writing `output`. Returns the report.
+    `calibration` (lorakit.training.calibration.Calibration): the layer inputs requantizing feeds errors through."""
     if base.components is not None:
         return merge_components(base, loaded, output, options, input_paths)
     loaded = [(label, base.to_base_names(ad), w) for label, ad, w in loaded]
@@ -31,7 +32,7 @@ def merge_into(base, loaded, output, options, input_paths=()):
             path=base.path,
         )
     full = base.full_precision(options.full_precision_base) if options.full_precision_base else None
-    job = pipeline.MergeJob(base, plan, options, full)
+    job = pipeline.MergeJob(base, plan, options, full, calibration.factors if calibration else None)
     if job.requantizes and "original" in (options.strategy, options.onto) and full is None:
         raise LorakitError(
             "--strategy original and --onto original need --full-precision-base", path=base.path

@@ -30,11 +30,13 @@ class MergeJob:
     """What each output tensor is and how it is produced: a byte copy, a full-precision merge, or one tensor of a
     requantized (or dequantized) module."""
 
-    def __init__(self, base, plan, options, full=None):
+    def __init__(self, base, plan, options, full=None, inputs=None):
         """`options.dtype` converts every full-precision tensor and writes every quantized module in it; where the
         base has quantized modules no codec writes back (base.uncodec_modules: a GGUF's IQ* tensors), only those are
-        written in it and every other tensor keeps its type. `full`: the --full-precision-base checkpoint."""
+        written in it and every other tensor keeps its type. `full`: the --full-precision-base checkpoint. `inputs`:
+        {weight name: A [k, in]}, what the calibration data's inputs span (error feedback goes through them)."""
         view = base.view
+        self.inputs = inputs or {}
         self.view, self.ckpt, self.plans = view, view.ckpt, plan.tensors
         self.sign = -1.0 if options.unmerge else 1.0
         self.target_dtype = user_dtype(options.dtype) if options.dtype not in (None, "keep") else None
@@ -173,22 +175,30 @@ class MergeJob:
                 W = W + D.float() * (self.sign * w)
             out = {key: W.to(self.target_dtype)}
         else:
-            onto = "original" if self.strategy == "original" else self.onto
+            strategy = self.strategy_of(key, members)
+            onto = "original" if strategy == "original" else self.onto
             out, row = requant.requantize(
                 view.handler,
                 self.ckpt,
                 members,
                 loras,
                 self.sign,
-                self.strategy,
+                strategy,
                 self._full(key, onto),
                 self.seed,
+                self.inputs.get(key),
             )
-            self.survival[key[: -len(".weight")]] = row
+            self.survival[key[: -len(".weight")]] = {**row, "strategy": strategy}
         for name, t in out.items():
             if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
                 check_finite(name, t)
         return out
+
+    def strategy_of(self, key, members):
+        """--strategy, or for auto the format's choice for this module (feedback through calibration data)."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "feedback" if key in self.inputs else self.view.handler.default_strategy(self.ckpt, members)
 
     def _full(self, key, onto):
         """The full-precision weight when merging onto the original, else None (onto the dequantized weight)."""

@@ -84,11 +84,21 @@ def embedding_notes(base, plan):
     return []
 
 
+def strategy_label(strategy, rows):
+    """The strategy asked for; for auto, what it chose: 'auto: rescale x 180, same-grid x 30'."""
+    if strategy != "auto" or not rows:
+        return strategy
+    chosen = {}
+    for r in rows.values():
+        chosen[r["strategy"]] = chosen.get(r["strategy"], 0) + 1
+    return "auto: " + ", ".join(f"{s} x {n}" for s, n in sorted(chosen.items(), key=lambda kv: -kv[1]))
+
+
 def survival_summary(handler, strategy, job, notes):
     rows = job.survival
     summary = {
         "format": handler.name,
-        "strategy": "dequantized (--dtype)" if job.dequantize_out else strategy,
+        "strategy": "dequantized (--dtype)" if job.dequantize_out else strategy_label(strategy, rows),
         "modules": [{"module": k, **rows[k]} for k in sorted(rows)],
     }
     if rows:
@@ -97,7 +107,8 @@ def survival_summary(handler, strategy, job, notes):
         if summary["mean_retention"] < 0.5:
             notes.append(
                 f"WARNING: only {100 * summary['mean_retention']:.0f}% of the adapter survived requantization "
-                f"to {handler.name} with --strategy {strategy}. Better here: --strategy feedback (default), "
-                "--strategy original with --full-precision-base, or a full-precision output with --dtype bf16"
+                f"to {handler.name} with --strategy {strategy}. Better here: --strategy auto (the default), "
+                "--calibration DATA, --strategy original with --full-precision-base, or a full-precision output "
+                "with --dtype bf16"
             )
     return summary

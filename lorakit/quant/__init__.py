@@ -30,13 +30,20 @@ FORMATS = {
 
 # how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default
 STRATEGIES = {
+    "auto": "per format (and GGML type) the strategy whose merges came closest to the model with its adapter, by "
+    "KL on a real model (README: quantized merges judged by KL); with --calibration, feedback through the data",
     "feedback": "the old grid; columns rounded in order, each column's error carried into the next ones so that the "
     "error seen through the adapter's input subspace stays near zero (GPTQ-style, low-rank A^T A)",
     "same-grid": "the old grid, nearest code (PEFT's bitsandbytes merge): small deltas round straight back",
     "stochastic": "the old grid, unbiased random rounding (--seed)",
     "rescale": "fresh scales / zero points fitted to W_deq + dW, then nearest",
+    "refit": "the old grid, nearest code; where W_deq + dW leaves a block's range, scales refitted to cover both "
+    "(never clipped)",
     "original": "quantize W + dW afresh from --full-precision-base",
 }
+
+# --strategy auto: the choice per format name, or per GGML type for GGUF (benchmarks/bench_quant_quality.py)
+DEFAULT_STRATEGY = {"default": "rescale"}
 
 # tensor name endings that only quantized checkpoints have: refused when no format claims them
 QUANT_NAMES = (

@@ -85,6 +85,12 @@ class QuantFormat:
         dtypes exactly."""
         raise NotImplementedError
 
+    def default_strategy(self, ckpt, m):
+        """What --strategy auto does for module `m` (lorakit.quant.DEFAULT_STRATEGY)."""
+        from . import DEFAULT_STRATEGY
+
+        return DEFAULT_STRATEGY.get(self.name, DEFAULT_STRATEGY["default"])
+
     def stored(self, ckpt, m):
         """The module as its codes and the arithmetic that dequantizes them (Stored): what training on a quantized
         base keeps in memory instead of W."""

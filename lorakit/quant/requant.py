@@ -37,8 +37,10 @@ def stacked_factors(loras, sign):
     return torch.cat(Bs, 1), torch.cat(As, 0)
 
 
-def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
-    """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row."""
+def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inputs=None):
+    """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row.
+    `inputs` [k, in]: the directions the layer's real inputs span (calibration data); error feedback goes through
+    them instead of the adapters' input factors."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
     rows = row_major(
@@ -82,18 +84,24 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0):
                 T = in_layout(full[:, j0:j1].to(torch.float32, copy=True), by_rows).add_(dW)
                 yield j0, j1, T, T - W_old
 
-    if strategy in ("rescale", "original"):
-        grid = fit(fmt, ckpt, members, old, ((j0, j1, T) for j0, j1, T, _ in blocks(False)))
+    if strategy in ("rescale", "original", "refit"):
+        lo, hi = target_range(old, ((j0, j1, T) for j0, j1, T, _ in blocks(False)))
+        grid = (
+            fmt.fit(ckpt, members, lo, hi) if strategy != "refit" else refit(fmt, ckpt, members, old, lo, hi)
+        )
     else:
         grid = old
     # the new codes overwrite the stored ones block by block (each block is read before it is written)
     book, codes = grid.codebook, stored
+    through = inputs if inputs is not None else A  # what feedback keeps the error out of
     if strategy == "feedback":
-        G, R = rounding.feedback_gains(A), torch.zeros(out, A.shape[0])
+        G, R = rounding.feedback_gains(through), torch.zeros(out, through.shape[0])
     for j0, j1, T, D in blocks(True):
         S, Z = grid.columns(j0, j1, by_rows)
         if strategy == "feedback":
-            c, E = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
+            c, E = rounding.feedback_block(
+                T, S, Z, book, through[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1]
+            )
             new, E = book.to_storage(in_layout(c.T, rows)), E.T  # [b, out] -> [out, b]
         else:
             U = T / S
@@ -126,6 +134,24 @@ def bits(codes):
 def fit(fmt, ckpt, members, old, targets):
     """A fresh grid for the targets ((j0, j1, T) blocks of columns): from their minimum and maximum per (column group,
     row), the groups of the stored grid `old`."""
+    return fmt.fit(ckpt, members, *target_range(old, targets))
+
+
+def refit(fmt, ckpt, members, old, lo, hi):
+    """The stored grid while the targets stay inside its range; where W + dW leaves it anywhere (a group whose
+    largest weight grows), a grid fitted to the union of the stored range and the targets', so that nothing is
+    clipped and groups the delta keeps inside keep their range (the same file size: only scales change)."""
+    c_lo, c_hi = old.codebook.span()
+    Z = old.Z if old.Z is not None else 0.0
+    old_lo, old_hi = (c_lo - Z) * old.S, (c_hi - Z) * old.S
+    tolerance = 1e-6 * old.S
+    if not bool(((lo < old_lo - tolerance) | (hi > old_hi + tolerance)).any()):
+        return old
+    return fmt.fit(ckpt, members, torch.minimum(lo, old_lo), torch.maximum(hi, old_hi))
+
+
+def target_range(old, targets):
+    """(lo, hi) [groups, out]: the targets' minimum and maximum per (column group, row) of the grid `old`."""
     lo = torch.full(old.S.shape, float("inf"))
     hi = torch.full(old.S.shape, -float("inf"))
     size = run_length(old.g)
@@ -152,7 +178,7 @@ def fit(fmt, ckpt, members, old, targets):
         index = old.g[j0:j1, None].expand(-1, T.shape[0])
         lo.scatter_reduce_(0, index, T.T, "amin")
         hi.scatter_reduce_(0, index, T.T, "amax")
-    return fmt.fit(ckpt, members, lo, hi)
+    return lo, hi
 
 
 def run_length(g):

@@ -78,6 +78,10 @@ class Uniform(Codebook):
     def values(self, stored):
         return stored.float()
 
+    def span(self):
+        """(smallest, largest) code value."""
+        return float(self.lo), float(self.hi)
+
 
 class FP8(Codebook):
     """The finite float8_e4m3fn values; a code is stored as itself."""
@@ -138,6 +142,9 @@ class FP8(Codebook):
 
     def values(self, stored):
         return gather(self.table, stored.view(torch.uint8))
+
+    def span(self):
+        return -FP8_MAX, FP8_MAX
 
 
 class Table(Codebook):
@@ -214,6 +221,9 @@ class Table(Codebook):
 
     def values(self, stored):
         return gather(self.levels, stored)
+
+    def span(self):
+        return self.lo, self.hi
 
 
 def feedback_gains(A, damp=1e-6, block=256):

@@ -147,7 +147,9 @@ class FrozenLinear(nn.Module):
         table = code_table(grid.codebook, stored.codes.dtype).float()
         if self.nibbles:  # a byte's two values at once: one 8-byte lookup a byte (3x faster than unpacking)
             byte = torch.arange(256)
-            table = torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().view(torch.float64)[:, 0]
+            table = (
+                torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().view(torch.float64)[:, 0]
+            )
         self.register_buffer("table", table)
         self.register_buffer("S", _by_row(grid.S, out))
         self.register_buffer("Z", _by_row(grid.Z, out))

@@ -5,6 +5,8 @@ can keep a quantized base quantized."""
 
 import os
 
+import torch
+
 from ..errors import LorakitError
 from ..naming import llama_cpp
 from ..quant.gguf import TYPES as GGML_CODECS
@@ -31,27 +33,39 @@ class Weights:
     def config_path(self):
         return self.base.path if self.gguf else os.path.join(self.base.path, "config.json")
 
-    def _stored_name(self, name):
+    def stored_name(self, name):
         return (llama_cpp.tensor_name(name) or "") if self.gguf else name
 
     def __contains__(self, name):
-        return self._stored_name(name) in self.view
+        return self.stored_name(name) in self.view
 
     def _order(self, name, rows):
-        return llama_cpp.row_order(self._stored_name(name), self.base.kv, rows) if self.gguf else None
+        return llama_cpp.row_order(self.stored_name(name), self.base.kv, rows) if self.gguf else None
 
     def get(self, name):
-        t = self.view.get(self._stored_name(name))
+        t = self.view.get(self.stored_name(name))
         order = self._order(name, t.shape[0])
         return t if order is None else t.index_select(0, order)
 
     def stored(self, name):
         """The codes of a quantized weight in Hugging Face row order (its format's Stored), None for a full-precision
         one or a type no codec here reads (dequantized instead)."""
-        key = self._stored_name(name)
+        key = self.stored_name(name)
         members = self.view.quantized.get(key)
         if members is None or (self.gguf and self.view.ckpt.entry(key).dtype not in GGML_CODECS):
             return None
         stored = self.view.handler.stored(self.view.ckpt, members)
         order = self._order(name, stored.codes.shape[0])
         return stored if order is None else stored.rows(order)
+
+
+def dequantized(base):
+    """(config.json, {Hugging Face name: fp32 tensor}) of every weight lorakit's model loads from `base`, quantized
+    ones dequantized: a base as the full-precision folder it stands for (the head left out when tied)."""
+    from .model import LlamaConfig, LlamaForCausalLM
+
+    weights = Weights(base)
+    config = {k: v for k, v in weights.config.items() if k != "quantization_config"}
+    with torch.device("meta"):
+        names = list(LlamaForCausalLM(LlamaConfig.from_dict(config)).state_dict())
+    return config, {n: weights.get(n).float().contiguous() for n in names if n in weights}
