@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import tempfile
 
+import numpy
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +46,7 @@ RANK, STEPS, LR, BATCH, SEQ = 16, 20, 2e-3, 2, 256
 EVAL_SEQS = 4
 TRAIN_FILES = ("argparse.py", "collections/__init__.py", "subprocess.py", "typing.py", "inspect.py")
 HELD_OUT = ("textwrap.py", "json/decoder.py", "fractions.py", "shlex.py")
+CALIBRATION_FILES = ("dataclasses.py", "functools.py", "pathlib.py")
 
 
 def stdlib_text(names):
@@ -111,7 +113,7 @@ def llama_cpp(tool, *args):
     subprocess.run([binary, *map(str, args)], check=True, capture_output=True)
 
 
-def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf):
+def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration):
     """(label, base, output path or None) for one format: its quantized base, then what to evaluate."""
     gguf = fmt.startswith("Q")
     base = os.path.join(work, f"base-{fmt}" + (".gguf" if gguf else ""))
@@ -122,12 +124,15 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf):
     yield "floor", base, None
     yield "runtime", base, None
     full = full_gguf if gguf else fp32
-    for strategy in STRATEGIES:
+    for strategy in (s for s in STRATEGIES if s != "auto"):  # auto is one of them
         out = os.path.join(work, f"{fmt}-{strategy}" + (".gguf" if gguf else ""))
         lorakit.merge(
             base, [adapter], out, strategy=strategy, full_precision_base=full, quiet=True, force=True
         )
         yield f"lorakit --strategy {strategy}", base, out
+    out = os.path.join(work, f"{fmt}-calibrated" + (".gguf" if gguf else ""))
+    lorakit.merge(base, [adapter], out, calibration=calibration, quiet=True, force=True)
+    yield "lorakit --calibration (other stdlib files)", base, out
     if gguf:
         lora_gguf = os.path.join(work, "lora.gguf")
         if not os.path.exists(lora_gguf):
@@ -156,6 +161,10 @@ def main():
         folder, name = os.path.split(gguf)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         train_ids = torch.tensor(tokenizer(stdlib_text(TRAIN_FILES)).input_ids)
+        calibration = os.path.join(work, "calibration.npy")  # text neither trained on nor evaluated on
+        numpy.save(
+            calibration, numpy.array(tokenizer(stdlib_text(CALIBRATION_FILES)).input_ids, dtype=numpy.uint16)
+        )
         held = torch.tensor(tokenizer(stdlib_text(HELD_OUT)).input_ids)
         ids = held[: EVAL_SEQS * SEQ].reshape(EVAL_SEQS, SEQ)
         adapter = os.path.join(work, "peft")
@@ -170,7 +179,9 @@ def main():
         ]
         for fmt in chosen:
             floor = None
-            for label, base, out in candidates(fmt, work, fp32, tensors, config, adapter, full_gguf):
+            for label, base, out in candidates(
+                fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
+            ):
                 if label == "floor":
                     floor = kl(base_reference, logprobs(base, ids))
                     rows.append([fmt, "floor: quantized base vs fp32 base", f"{floor:.4f}", "1.00", ""])

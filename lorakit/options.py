@@ -78,11 +78,10 @@ class MergeOptions:
         in_range("threads", self.threads, 1, integer=True)
         existing(self.full_precision_base, "full_precision_base")
         existing(self.calibration, "calibration")
-        if self.calibration and self.strategy not in ("auto", "feedback"):
-            raise LorakitError(
-                f"--calibration weights the error feedback by the data: it goes with --strategy feedback, not "
-                f"'{self.strategy}'"
-            )
+        if self.calibration and self.strategy not in ("auto", "gptq"):
+            raise LorakitError(f"--calibration is for --strategy gptq (auto picks it), not '{self.strategy}'")
+        if self.strategy == "gptq" and not self.calibration:
+            raise LorakitError("--strategy gptq needs --calibration DATA (token ids or text)")
         if self.strategy not in STRATEGIES:
             raise LorakitError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
         if self.onto not in ONTO:

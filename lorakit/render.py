@@ -193,10 +193,10 @@ def merge_text(r):
         )
     if q and q["modules"]:
         lines.append(
-            f"survival ({q['format']}, strategy {q['strategy']}): mean retention "
-            f"{100 * q['mean_retention']:.1f}%, noise {q['mean_noise']:.3f}, codes changed "
-            f"{100 * q['mean_codes_changed']:.2f}%, probe error random {q['mean_probe_error_random']:.3f} / "
-            f"aligned {q['mean_probe_error_aligned']:.3f}"
+            f"survival ({q['format']}, strategy {q['strategy']}): output error on probes "
+            f"{q['mean_probe_error_random']:.3f} (random inputs) / {q['mean_probe_error_aligned']:.3f} (the "
+            f"adapter's inputs) of ||dW x||; mean retention {100 * q['mean_retention']:.1f}%, noise "
+            f"{q['mean_noise']:.3f}, codes changed {100 * q['mean_codes_changed']:.2f}%"
         )
         lines.append(
             f"  {'module':<48} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "

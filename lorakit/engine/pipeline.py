@@ -34,7 +34,7 @@ class MergeJob:
         """`options.dtype` converts every full-precision tensor and writes every quantized module in it; where the
         base has quantized modules no codec writes back (base.uncodec_modules: a GGUF's IQ* tensors), only those are
         written in it and every other tensor keeps its type. `full`: the --full-precision-base checkpoint. `inputs`:
-        {weight name: A [k, in]}, what the calibration data's inputs span (error feedback goes through them)."""
+        {weight name: InputMoments} of the layers' inputs on calibration data (for gptq)."""
         view = base.view
         self.inputs = inputs or {}
         self.view, self.ckpt, self.plans = view, view.ckpt, plan.tensors
@@ -195,10 +195,10 @@ class MergeJob:
         return out
 
     def strategy_of(self, key, members):
-        """--strategy, or for auto the format's choice for this module (feedback through calibration data)."""
+        """--strategy, or for auto the format's choice for this module (gptq with calibration data)."""
         if self.strategy != "auto":
             return self.strategy
-        return "feedback" if key in self.inputs else self.view.handler.default_strategy(self.ckpt, members)
+        return "gptq" if key in self.inputs else self.view.handler.default_strategy(self.ckpt, members)
 
     def _full(self, key, onto):
         """The full-precision weight when merging onto the original, else None (onto the dequantized weight)."""

@@ -102,7 +102,7 @@ def survival_summary(handler, strategy, job, notes):
         "modules": [{"module": k, **rows[k]} for k in sorted(rows)],
     }
     if rows:
-        for key in ("retention", "noise", "codes_changed", "probe_error_random", "probe_error_aligned"):
+        for key in ("probe_error_random", "probe_error_aligned", "retention", "noise", "codes_changed"):
             summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)
         if summary["mean_retention"] < 0.5:
             notes.append(

@@ -31,7 +31,7 @@ FORMATS = {
 # how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default
 STRATEGIES = {
     "auto": "per format (and GGML type) the strategy whose merges came closest to the model with its adapter, by "
-    "KL on a real model (README: quantized merges judged by KL); with --calibration, feedback through the data",
+    "KL on a real model (README: quantized merges judged by KL); with --calibration, gptq",
     "feedback": "the old grid; columns rounded in order, each column's error carried into the next ones so that the "
     "error seen through the adapter's input subspace stays near zero (GPTQ-style, low-rank A^T A)",
     "same-grid": "the old grid, nearest code (PEFT's bitsandbytes merge): small deltas round straight back",
@@ -40,6 +40,8 @@ STRATEGIES = {
     "refit": "the old grid, nearest code; where W_deq + dW leaves a block's range, scales refitted to cover both "
     "(never clipped)",
     "original": "quantize W + dW afresh from --full-precision-base",
+    "gptq": "the old grid (refitted where W_deq + dW leaves it), columns rounded in order with GPTQ's update from the "
+    "Hessian of the layer's inputs on --calibration data",
 }
 
 # --strategy auto: the choice per format name, or per GGML type for GGUF (benchmarks/bench_quant_quality.py)

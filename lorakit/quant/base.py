@@ -102,6 +102,19 @@ class QuantFormat:
 
 
 @dataclass
+class Factored:
+    """A per-group tensor as the format builds it: float(outer) * float(inner) in fp32, outer [out, blocks] (a
+    block's fp16 scale), inner [out, blocks * per] small integers (its sub-blocks' scales): GGUF's K types."""
+
+    outer: torch.Tensor
+    inner: torch.Tensor
+    per: int
+
+    def value(self):
+        return self.outer.float().repeat_interleave(self.per, 1) * self.inner.float()
+
+
+@dataclass
 class Stored:
     """A module as stored: W = (values(codes) - Z) * S - M, with the grid's S and Z and an offset M [groups, out] in
     value units (None for 0: GGUF's affine types subtract dmin * m after the scale), in the order of operations the
@@ -110,6 +123,7 @@ class Stored:
     grid: Grid
     codes: torch.Tensor
     M: torch.Tensor = None
+    factors: dict = None  # {"S" / "M": Factored}: how the format builds them, for holding them compactly
 
     def rows(self, index):
         """The same module with its rows taken in `index`'s order (a row's codes, scales and zeros move with it)."""
@@ -118,7 +132,11 @@ class Stored:
             return None if T is None else T.index_select(1, index)
 
         grid = Grid(take(self.grid.S), self.grid.g, self.grid.codebook, Z=take(self.grid.Z))
-        return Stored(grid, self.codes.index_select(0, index), take(self.M))
+        factors = {
+            k: Factored(f.outer.index_select(0, index), f.inner.index_select(0, index), f.per)
+            for k, f in (self.factors or {}).items()
+        }
+        return Stored(grid, self.codes.index_select(0, index), take(self.M), factors or None)
 
     def dequantize(self):
         by_row = row_major(self.codes)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import LorakitError, opt
-from .base import Grid, QuantFormat, Stored
+from .base import Factored, Grid, QuantFormat, Stored
 from .rounding import Uniform
 
 DEAD = (
@@ -269,25 +269,31 @@ class GGUFBlocks(QuantFormat):
             out[r0 : r0 + ROWS] = c.view(torch.int8) if t.signed_codes else c
         return out
 
-    def _fields(self, t, raw):
-        """(d * sc, dmin * m or None) per sub-block [rows, sub-blocks] in fp32: the value is S * q - M (symmetric
-        types: S * (q - Z0))."""
-        d = _f16(raw, t.d)
-        per = t.block // t.sub
+    def _parts(self, t, raw):
+        """The value is S * q - M with S = d * sc and M = dmin * m per sub-block: {"S": (d, sc), "M": (dmin, m)}
+        with d, dmin fp32 per block [rows, blocks] (from fp16) and sc, m integers per sub-block [rows, blocks, per]
+        (None where the type has none); "M" None for symmetric types. Q4_1 / Q5_1 store the min itself: M = -dmin."""
+        parts, sc, m = {}, None, None
         if t.scale:
             sc = _gather(raw, t.scale)
-            sc = (sc.view(torch.int8) if t.scale_signed else sc).to(torch.int32)
-            S = (d[..., None] * (sc - t.scale_offset).float()).reshape(raw.shape[0], -1)
-        else:
-            S = d.reshape(raw.shape[0], -1) if per == 1 else d.repeat_interleave(per, 1)
-        if not t.affine:
-            return S, None
-        dmin = _f16(raw, t.dmin)
-        if t.minimum:
-            M = (dmin[..., None] * _gather(raw, t.minimum).float()).reshape(raw.shape[0], -1)
-        else:
-            M = -dmin  # Q4_1 / Q5_1 store the min itself: W = d q + m
-        return S, M
+            sc = (sc.view(torch.int8) if t.scale_signed else sc).to(torch.int32) - t.scale_offset
+        parts["S"] = (_f16(raw, t.d), sc)
+        if t.affine:
+            m = _gather(raw, t.minimum).to(torch.int32) if t.minimum else None
+            parts["M"] = (_f16(raw, t.dmin) if m is not None else -_f16(raw, t.dmin), m)
+        return parts
+
+    def _fields(self, t, raw):
+        """(d * sc, dmin * m or None) per sub-block [rows, sub-blocks] in fp32 (symmetric types: S * (q - Z0))."""
+        per, rows = t.block // t.sub, raw.shape[0]
+
+        def product(outer, inner):
+            if inner is not None:
+                return (outer[..., None] * inner.float()).reshape(rows, -1)
+            return outer.reshape(rows, -1) if per == 1 else outer.repeat_interleave(per, 1)
+
+        parts = self._parts(t, raw)
+        return product(*parts["S"]), (product(*parts["M"]) if "M" in parts else None)
 
     def _grid(self, t, raw, inn):
         S, M = self._fields(t, raw)
@@ -328,7 +334,13 @@ class GGUFBlocks(QuantFormat):
         S, M = self._fields(t, raw)
         Z = torch.full((S.shape[1], S.shape[0]), float(t.zero)) if t.zero else None
         grid = Grid(S.T.contiguous(), torch.arange(raw.shape[1] * t.block) // t.sub, t.codebook(), Z=Z)
-        return Stored(grid, self.codes(ckpt, m), M.T.contiguous() if M is not None else None)
+        rows, per = raw.shape[0], t.block // t.sub
+        factors = {
+            role: Factored(outer, inner.reshape(rows, -1), per)
+            for role, (outer, inner) in self._parts(t, raw).items()
+            if inner is not None
+        }
+        return Stored(grid, self.codes(ckpt, m), M.T.contiguous() if M is not None else None, factors or None)
 
     def dequantize(self, ckpt, m):
         """W [out, in] fp32 (stored); types without a codec here through the gguf package."""

@@ -5,6 +5,8 @@ Everything runs over blocks of input columns in fp32 (the rounding, the error fe
 module costs its stored codes twice (old and new, one byte per element) plus a few blocks, whatever its size.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import LorakitError
@@ -37,10 +39,22 @@ def stacked_factors(loras, sign):
     return torch.cat(Bs, 1), torch.cat(As, 0)
 
 
+@dataclass
+class InputMoments:
+    """The second moment of a layer's inputs on calibration data, compressed: H ~ A^T A + rest * I, A [k, in] from
+    its top eigenpairs, `rest` the mean of the eigenvalues left out."""
+
+    factor: torch.Tensor
+    rest: float
+
+    def hessian(self):
+        A = self.factor.double()
+        return A.T @ A + self.rest * torch.eye(A.shape[1], dtype=torch.float64)
+
+
 def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inputs=None):
     """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row.
-    `inputs` [k, in]: the directions the layer's real inputs span (calibration data); error feedback goes through
-    them instead of the adapters' input factors."""
+    `inputs` (InputMoments): what the layer's inputs are on calibration data, for --strategy gptq."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
     rows = row_major(
@@ -56,6 +70,11 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
     probes = torch.randn(inn, PROBES, generator=generator, dtype=torch.float64).float()
     aligned = torch.randn(A.shape[0], PROBES, generator=generator, dtype=torch.float64).float()
     report = Survival(out, A.shape[0])
+    if strategy == "gptq":
+        if inputs is None:
+            raise LorakitError("--strategy gptq needs --calibration DATA", tensor=members_name(members))
+        new_codes, grid = gptq(fmt, ckpt, members, old, stored, (B, A), inputs, report, probes, full)
+        return fmt.encode(ckpt, members, new_codes, grid), report.row(B, A, probes, aligned)
 
     # feedback makes its codes column by column: its targets come column-major ([b, out] contiguous, seen as [out, b])
     by_rows = rows and strategy != "feedback"
@@ -93,15 +112,12 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
         grid = old
     # the new codes overwrite the stored ones block by block (each block is read before it is written)
     book, codes = grid.codebook, stored
-    through = inputs if inputs is not None else A  # what feedback keeps the error out of
     if strategy == "feedback":
-        G, R = rounding.feedback_gains(through), torch.zeros(out, through.shape[0])
+        G, R = rounding.feedback_gains(A), torch.zeros(out, A.shape[0])
     for j0, j1, T, D in blocks(True):
         S, Z = grid.columns(j0, j1, by_rows)
         if strategy == "feedback":
-            c, E = rounding.feedback_block(
-                T, S, Z, book, through[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1]
-            )
+            c, E = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
             new, E = book.to_storage(in_layout(c.T, rows)), E.T  # [b, out] -> [out, b]
         else:
             U = T / S
@@ -120,6 +136,25 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
             tensor=members_name(members),
         )
     return fmt.encode(ckpt, members, codes, grid), report.row(B, A, probes, aligned)
+
+
+def gptq(fmt, ckpt, members, old, stored, factors, inputs, report, probes, full):
+    """GPTQ onto the stored grid (refitted where W + dW leaves it): the new codes in the stored layout, the grid.
+    One module at a time in fp32, as the dequantized path holds it."""
+    (B, A), inn = factors, stored.shape[1]
+    S, Z = old.columns(0, inn, True)
+    W_old = old.codebook.values(stored.contiguous())
+    W_old = (W_old.sub_(Z) if Z is not None else W_old).mul_(S)
+    T = (full.float() if full is not None else W_old) + B @ A
+    grid = refit(fmt, ckpt, members, old, *target_range(old, [(0, inn, T)]))
+    S, Z = grid.columns(0, inn, True)
+    values, codes = rounding.gptq_round(T, S, Z, grid.codebook, inputs.hessian())
+    E = (values.sub_(Z) if Z is not None else values).mul_(S).sub_(T)
+    report.add_base(W_old)
+    report.changed += int(torch.count_nonzero(bits(codes) != bits(stored.contiguous())))
+    report.add(E, T - W_old, probes, A, full is not None)
+    stored.copy_(codes)  # in the stored layout (GPTQ / AWQ keep W^T)
+    return stored, grid
 
 
 def members_name(members):

@@ -322,3 +322,35 @@ def feedback_block(T, S, Z, book, A, G, R, sub=16, groups=None):
             if group is not None:
                 E[s0 : s0 + sub].mul_(St[s0 : s0 + sub])
     return codes, E
+
+
+def gptq_round(T, S, Z, book, H, damp=0.01, block=128):
+    """(code values, stored codes) [out, in] of targets T on the grid (S, Z [out, in] or [out, 1]) by GPTQ: columns
+    rounded in order, each column's error spread over the columns after it by the inverse Hessian of the layer's
+    inputs H [in, in] (its upper Cholesky factor U of H^-1, as GPTQ takes it), so that ||(W_new - T) X|| stays small
+    for the inputs X that H measured. `damp`: the share of H's mean diagonal added to it (GPTQ's 1%)."""
+    out, inn = T.shape
+    H = H.double().clone()
+    dead = H.diagonal() <= 0  # inputs that never fire: any code will do
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    Wt = T.T.contiguous()  # [in, out]: a column is a row
+    St, Zt = S.T.expand(inn, -1), (Z.T.expand(inn, -1) if Z is not None else None)
+    C = torch.empty(inn, out)
+    round_into = book.column_rounder(out)
+    for i1 in range(0, inn, block):
+        i2 = min(inn, i1 + block)
+        errors = torch.empty(i2 - i1, out)
+        for j in range(i1, i2):
+            u = Wt[j] / St[j]
+            if Zt is not None:
+                u.add_(Zt[j])
+            c = round_into(u, C[j])
+            q = (c - Zt[j] if Zt is not None else c.clone()).mul_(St[j])
+            e = errors[j - i1]
+            torch.sub(Wt[j], q, out=e).div_(U[j, j])
+            Wt[j + 1 : i2].addr_(U[j, j + 1 : i2], e, alpha=-1.0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, errors, alpha=-1.0)
+    values = C.T.contiguous()
+    return values, book.to_storage(values.clone())

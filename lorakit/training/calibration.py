@@ -1,10 +1,10 @@
 """Calibration data for requantizing merges (`merge --calibration DATA`), on the model lorakit's trainer runs.
 
 `input_factors` runs the adapted model (the base as its codes, the adapters applied at run time: the model the merge
-should reproduce) on the data block by block, and keeps what each linear layer's inputs span: the top eigenvectors
-of their second moment H = X^T X, as a factor A [k, in] with A^T A ~ H. Requantizing with error feedback through A
-makes the rounding error E small where the data's inputs lie (||E X||, GPTQ's objective), not only in the adapter's
-input subspace. Only one block's moments are held at a time. `kl` then measures the merged model against the adapted
+should reproduce) on the data block by block, and keeps each linear layer's input moments H = X^T X compressed (the
+top eigenpairs exactly, the rest as their mean: lorakit.quant.requant.InputMoments). Requantizing by GPTQ with H
+makes the rounding error E small where the data's inputs lie (||E X||), not only in the adapter's input subspace.
+Only one block's full moments are held at a time. `kl` then measures the merged model against the adapted
 one on held-out tokens of the same data: the figure the survival report leads with.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LorakitError
-from ..quant.requant import stacked_factors
+from ..quant.requant import InputMoments, stacked_factors
 from . import lora
 from .data import load_data
 from .model import LlamaForCausalLM, rope
@@ -22,7 +22,9 @@ from .weights import Weights
 SEQ_LEN = 256
 CALIBRATION_SEQUENCES = 16  # 4096 tokens: the moments of every layer's inputs
 HELD_OUT_SEQUENCES = 4  # the tokens after them: the KL estimate
-FACTOR_RANK = 128  # eigen-directions kept per layer (activation spectra fall fast: most of H's trace)
+FACTOR_RANK = (
+    256  # eigen-directions kept per layer exactly (activation spectra fall fast), the rest as their mean
+)
 
 
 def sequences(base, data, vocab_size):
@@ -67,7 +69,7 @@ def adapted_model(base, loaded, sign=1.0):
 
 @torch.no_grad()
 def input_factors(model, weights, ids):
-    """{the base's weight name: A [k, in]}: what each linear layer's inputs span on `ids`, block by block."""
+    """{the base's weight name: InputMoments}: each linear layer's inputs on `ids`, block by block."""
     x = model.model.embed_tokens(ids)
     cos, sin = rope(torch.arange(ids.shape[1]), model.config.dim_head, model.config.rope_theta, x.dtype)
     factors = {}
@@ -93,11 +95,13 @@ def _moment_into(moments, name):
 
 
 def top_factor(H, rank=FACTOR_RANK):
-    """A [k, in] with A^T A the best rank-k approximation of the symmetric H (its top eigenpairs)."""
+    """H compressed (InputMoments): A [k, in] with A^T A its best rank-k approximation (the top eigenpairs), and the
+    mean of the other eigenvalues."""
     values, vectors = torch.linalg.eigh(H)
     k = min(rank, H.shape[0])
     top, V = values[-k:].clamp(min=0), vectors[:, -k:]
-    return (V * top.sqrt()).T.float().contiguous()
+    rest = float(values[:-k].clamp(min=0).mean()) if k < H.shape[0] else 0.0
+    return InputMoments((V * top.sqrt()).T.float().contiguous(), rest)
 
 
 @torch.no_grad()
@@ -113,9 +117,9 @@ def kl(reference, candidate, ids):
 
 @dataclass
 class Calibration:
-    """What `merge --calibration` gives the engine (`factors`: {weight name: A [k, in]}) and keeps for the report."""
+    """What `merge --calibration` gives the engine and keeps for the report."""
 
-    factors: dict
+    factors: dict  # {weight name: InputMoments}
     held_out: torch.Tensor
     adapted: object  # the adapted model (base codes + adapters at run time): the merge's reference
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import LorakitError
 from ..options import QUANTIZE
-from ..quant.base import Grid, Stored
+from ..quant.base import Factored, Grid, Stored
 from ..quant.nf4 import NF4_LEVELS
 from ..quant.rounding import FP8, FP8_MAX, Table, Uniform
 
@@ -151,9 +151,17 @@ class FrozenLinear(nn.Module):
                 torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().view(torch.float64)[:, 0]
             )
         self.register_buffer("table", table)
-        self.register_buffer("S", _by_row(grid.S, out))
+        factors = stored.factors or {}
+        for role, T in (
+            ("S", grid.S),
+            ("M", stored.M),
+        ):  # a block's fp16 scale and its sub-blocks' small integers
+            f = factors.get(role)
+            self.register_buffer(role, None if f else _by_row(T, out))
+            self.register_buffer(f"{role}_outer", _by_row(f.outer.T, out) if f else None)
+            self.register_buffer(f"{role}_inner", f.inner.to(torch.int8).contiguous() if f else None)
+        self.per = {role: f.per for role, f in factors.items()}
         self.register_buffer("Z", _by_row(grid.Z, out))
-        self.register_buffer("M", _by_row(stored.M, out))
         self.register_buffer("g", None if contiguous else grid.g.clone())
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
@@ -168,9 +176,17 @@ class FrozenLinear(nn.Module):
     def dequantize(self, dtype=None):
         """W [out, in] in `dtype` (the layer's compute dtype)."""
         dequantize = compiled_dequantize() if self.codes.is_cuda else dequantize_codes
-        return dequantize(
-            self.codes, self.table, self.S, self.Z, self.M, self.g, self.group_size, self.nibbles
-        ).to(dtype or self.dtype)
+        S, M = self._grid_tensor("S"), self._grid_tensor("M")
+        return dequantize(self.codes, self.table, S, self.Z, M, self.g, self.group_size, self.nibbles).to(
+            dtype or self.dtype
+        )
+
+    def _grid_tensor(self, role):
+        """S or M [out, groups]: as held, or rebuilt from its factors (the format's own fp32 product)."""
+        if role not in self.per:
+            return getattr(self, role)
+        outer, inner = getattr(self, f"{role}_outer"), getattr(self, f"{role}_inner")
+        return Factored(outer, inner, self.per[role]).value()
 
     def forward(self, x):
         y = FrozenMatmul.apply(x.to(self.dtype), self)
