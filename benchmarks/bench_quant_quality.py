@@ -124,7 +124,7 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
     yield "floor", base, None
     yield "runtime", base, None
     full = full_gguf if gguf else fp32
-    for strategy in (s for s in STRATEGIES if s != "auto"):  # auto is one of them
+    for strategy in (s for s in STRATEGIES if s not in ("auto", "gptq")):  # auto: one of them; gptq: below
         out = os.path.join(work, f"{fmt}-{strategy}" + (".gguf" if gguf else ""))
         lorakit.merge(
             base, [adapter], out, strategy=strategy, full_precision_base=full, quiet=True, force=True
@@ -132,7 +132,7 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
         yield f"lorakit --strategy {strategy}", base, out
     out = os.path.join(work, f"{fmt}-calibrated" + (".gguf" if gguf else ""))
     lorakit.merge(base, [adapter], out, calibration=calibration, quiet=True, force=True)
-    yield "lorakit --calibration (other stdlib files)", base, out
+    yield "lorakit --calibration (gptq; other stdlib files)", base, out
     if gguf:
         lora_gguf = os.path.join(work, "lora.gguf")
         if not os.path.exists(lora_gguf):

@@ -58,8 +58,8 @@ class MergeOptions:
     calibration: str = option(
         None,
         "Quantized Llama-family bases: token ids (.npy/.bin/.jsonl) or text (with the base's tokenizer.json) on "
-        "which the adapted model's layer inputs are measured; requantizing then feeds each column's rounding error "
-        "forward through them (GPTQ-style), and the report gives the merged model's KL on held-out tokens of it.",
+        "which the adapted model's layer inputs are measured; requantizing is then GPTQ with their Hessians "
+        "(--strategy gptq), and the report leads with the merged model's KL on held-out tokens of it.",
         path=True,
     )
     skip_unmatched: bool = option(

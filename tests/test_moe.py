@@ -278,3 +278,58 @@ def test_hostile_expert_adapters_are_one_line_errors(tmp_path, cli, edit, fragme
     code, out, err = cli("merge", base, adapter, "-o", tmp_path / "out")
     assert_one_line_error(code, out, err, fragment, "adapter")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_expert_lora_as_llama_cpp_3d_tensors(tmp_path):
+    """Per-expert modules -> llama.cpp's 3-D expert LoRA (lora_a [E, r, in], lora_b [E, out, r]; ggml ne {in, r, E},
+    {r, out, E}): read by the gguf package, every expert's delta is (alpha / r) b[e] @ a[e] (ranks padded, scales
+    folded), the experts without a LoRA are zero; read back by lorakit, the same modules; merged into a GGUF MoE
+    base, the same tensors as the safetensors adapter gives."""
+    import gguf
+    import numpy as np
+
+    from lorakit.core import Adapter, Module
+
+    E, hidden, ff, rng = 4, 32, 64, np.random.default_rng(0)
+    w = gguf.GGUFWriter(os.fspath(tmp_path / "moe.gguf"), "qwen3moe")
+    w.add_block_count(1)
+    w.add_uint32("qwen3moe.expert_count", E)
+    for name, shape in (("gate", (E, ff, hidden)), ("up", (E, ff, hidden)), ("down", (E, hidden, ff))):
+        w.add_tensor(f"blk.0.ffn_{name}_exps.weight", (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g, ad = torch.Generator().manual_seed(3), Adapter()
+    for e, rank, alpha in ((1, 2, 4.0), (2, 3, 3.0)):  # experts 0 and 3 have none; two ranks and alphas
+        for proj, (o, i) in (
+            ("gate_proj", (ff, hidden)),
+            ("up_proj", (ff, hidden)),
+            ("down_proj", (hidden, ff)),
+        ):
+            A, B = torch.randn(rank, i, generator=g) * 0.1, torch.randn(o, rank, generator=g) * 0.1
+            ad.add(Module(f"model.layers.0.mlp.experts.{e}.{proj}", A, B, alpha=alpha))
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "lora.gguf", to="gguf", base=tmp_path / "moe.gguf")
+    reader = gguf.GGUFReader(tmp_path / "lora.gguf")
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    tensors = {
+        t.name: np.array(t.data, np.float64).reshape(tuple(reversed([int(d) for d in t.shape])))
+        for t in reader.tensors
+    }
+    a, b = tensors["blk.0.ffn_down_exps.weight.lora_a"], tensors["blk.0.ffn_down_exps.weight.lora_b"]
+    assert a.shape == (E, 3, ff) and b.shape == (E, hidden, 3)
+    for e in range(E):
+        got = alpha / 3 * b[e] @ a[e]
+        m = ad.modules.get(f"model.layers.0.mlp.experts.{e}.down_proj")
+        want = m.delta().double().numpy() if m is not None else np.zeros((hidden, ff))
+        assert np.abs(got - want).max() <= 1e-6 * max(1e-30, np.abs(want).max()) + (0 if m else 0.0), e
+    back = lorakit.load(tmp_path / "lora.gguf")
+    assert set(back.modules) == set(ad.modules)
+    for name, m in ad.modules.items():
+        assert torch.allclose(back.modules[name].delta().double(), m.delta().double(), atol=1e-7), name
+    lorakit.merge(tmp_path / "moe.gguf", [tmp_path / "a.safetensors"], tmp_path / "x.gguf", quiet=True)
+    lorakit.merge(tmp_path / "moe.gguf", [tmp_path / "lora.gguf"], tmp_path / "y.gguf", quiet=True)
+    x = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    y = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "y.gguf").tensors}
+    assert set(x) == set(y) and all(np.allclose(x[k], y[k], atol=1e-7) for k in x)

@@ -17,6 +17,8 @@ from .common import base_copies, checked_base_copies, fold_note, most_common, re
 from ..naming.llama_cpp import (
     HEADS_KEY,
     KV_HEADS_KEY,
+    expert_module,
+    expert_of,
     from_gguf_name,
     gguf_base_fields,
     permute,
@@ -105,9 +107,14 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     ad = Adapter(
         source_format="gguf", notes=notes, provenance={"source_format": "gguf", "architecture": arch}
     )
+    mixtral = (_base_config(base) or {}).get("model_type") == "mixtral"
     for gname, p in sorted(pairs.items()):
         if set(p) != {"lora_a", "lora_b"}:
             raise LorakitError(f"has {' and '.join(p)} only (wrong pairing)", path=path, tensor=gname)
+        if p["lora_a"].dim() == 3 or p["lora_b"].dim() == 3:
+            for m in expert_modules(gname, p["lora_a"], p["lora_b"], alpha, mixtral, path):
+                ad.add(m)
+            continue
         module = from_gguf_name(gname)
         if module is None:
             raise LorakitError("not a Llama-family tensor name", path=path, tensor=gname)
@@ -132,6 +139,28 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
             B = unpermute(B, n_head, n_kv if gname.endswith("attn_k") else None).contiguous()
         ad.add(Module(module, A, B, alpha=alpha, kind=kind))
     return ad
+
+
+def expert_modules(stem, a, b, alpha, mixtral, path):
+    """The per-expert modules of a 3-D expert LoRA (lora_a [E, r, in], lora_b [E, out, r]); experts whose factors
+    are all zero (no LoRA: how llama.cpp files hold the others) are left out."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+        raise LorakitError(
+            f"3-D expert LoRA: lora_a {list(a.shape)} and lora_b {list(b.shape)} are not [E, r, in] and "
+            "[E, out, r] of one E and r",
+            path=path,
+            tensor=stem,
+        )
+    out = []
+    for e in range(a.shape[0]):
+        name = expert_module(stem, e, mixtral)
+        if name is None:
+            raise LorakitError(
+                "a 3-D LoRA tensor that is no expert tensor (blk.N.ffn_*_exps)", path=path, tensor=stem
+            )
+        if bool((b[e] != 0).any()) and bool((a[e] != 0).any()):
+            out.append(Module(name, a[e].contiguous(), b[e].contiguous(), alpha=alpha))
+    return out
 
 
 def _array(gguf, t):
@@ -167,11 +196,56 @@ def _base_copies_skipped(adapter, base, path):
     return checked_base_copies(adapter, copies, base, path, "llama.cpp LoRA")
 
 
+def expert_tensors(mods, alpha, base, path, notes):
+    """[(name, tensor)] of llama.cpp's 3-D expert LoRA tensors: per layer and projection, `blk.N.ffn_gate_exps`
+    `.lora_a` [E, r, in] and `.lora_b` [E, out, r] (ggml ne {in, r, E}, {r, out, E}), as build_lora_mm_id applies
+    them. Every expert gets the file's scale alpha / r: ranks padded with zeros to the largest and each expert's own
+    scale folded into its B (exact: zero factors add nothing); experts without a LoRA are zero."""
+    groups = {}
+    for m in mods:
+        where = expert_of(m.name)
+        if where is not None:
+            groups.setdefault(where[0], {})[where[1]] = m
+    count = _expert_count(base)
+    tensors = []
+    for stem, experts in sorted(groups.items()):
+        E = max(count or 0, max(experts) + 1)
+        r = max(m.rank for m in experts.values())
+        first = next(iter(experts.values()))
+        (out, inn), dtype = first.shape, first.A.dtype
+        a, b = torch.zeros(E, r, inn, dtype=dtype), torch.zeros(E, out, r, dtype=dtype)
+        for e, m in experts.items():
+            if m.shape != (out, inn):
+                raise LorakitError(
+                    f"expert {e} is {list(m.shape)}, expert {next(iter(experts))} {[out, inn]}",
+                    path=path,
+                    tensor=m.name,
+                )
+            a[e, : m.rank] = m.A
+            b[e, :, : m.rank] = (m.B.float() * (m.scale * r / alpha)).to(dtype)
+        tensors += [(f"{stem}.weight.lora_a", a), (f"{stem}.weight.lora_b", b)]
+        notes.append(
+            f"{stem}: {len(experts)} of {E} experts' LoRAs as llama.cpp's 3-D expert tensors (rank {r})"
+        )
+    return tensors
+
+
+def _expert_count(base):
+    """The base's experts per layer (a GGUF's {arch}.expert_count, config.json's num_experts / num_local_experts),
+    None when unknown (then the highest expert index with a LoRA decides)."""
+    if base is None:
+        return None
+    kv, config = base.kv or {}, base.config or {}
+    count = kv.get(f"{kv.get('general.architecture')}.expert_count")
+    count = count or config.get("num_experts") or config.get("num_local_experts")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+
+
 def write(adapter, path, force=False, base=None):
     gguf = _gguf()
     mods = list(adapter.modules.values())
     refuse_deltas(adapter, "llama.cpp LoRA", path)
-    notes = _base_copies_skipped(adapter, base, path)
+    notes = list(_base_copies_skipped(adapter, base, path))
     if any(m.bias is not None or m.magnitude is not None for m in mods):
         raise LorakitError(
             "llama.cpp LoRA holds only A and B: no bias deltas, DoRA magnitudes or replacements", path=path
@@ -182,7 +256,10 @@ def write(adapter, path, force=False, base=None):
     alpha = most_common([m.alpha for m in mods])
     n_head, n_kv = _heads(config, base_fields=fields)
     folded = []
-    tensors = []
+    tensors, mods = (
+        expert_tensors(mods, alpha, base, path, notes),
+        [m for m in mods if expert_of(m.name) is None],
+    )
     for m in mods:
         gname = to_gguf_name(m.name)
         B, A = m.B, m.A
@@ -201,7 +278,6 @@ def write(adapter, path, force=False, base=None):
         a, b = (B, A.T) if m.kind == "embedding" else (A, B)
         tensors.append((f"{gname}.weight.lora_a", a))
         tensors.append((f"{gname}.weight.lora_b", b))
-    notes = list(notes)
     if folded:
         fold_note(notes, f"{len(folded)} module(s) with alpha != {alpha}")
     with atomic_output(path, force=force) as tmp:

@@ -34,6 +34,38 @@ CONFIG_KEYS = {
 }
 
 
+# per-expert Hugging Face modules (Qwen-MoE / DeepSeek / OLMoE style, Mixtral's) and llama.cpp's 3-D expert tensors
+EXPERT_MODULE = re.compile(
+    r"model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)"
+)
+EXPERT_PROJ = {
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+}
+MIXTRAL_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def expert_of(module):
+    """(llama.cpp's 3-D tensor stem 'blk.N.ffn_gate_exps', the expert's index) of a per-expert module, else None."""
+    m = EXPERT_MODULE.fullmatch(module)
+    return (f"blk.{m[1]}.ffn_{EXPERT_PROJ[m[4]]}_exps", int(m[3])) if m else None
+
+
+def expert_module(stem, e, mixtral=False):
+    """Expert e of a 3-D tensor 'blk.N.ffn_gate_exps' as a Hugging Face per-expert module (Mixtral's w1/w3/w2 names
+    when `mixtral`), else None for another name."""
+    m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps", stem)
+    if m is None:
+        return None
+    if mixtral:
+        return f"model.layers.{m[1]}.block_sparse_moe.experts.{e}.{MIXTRAL_PROJ[m[2]]}"
+    return f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}_proj"
+
+
 def to_gguf_name(module):
     if module in GLOBAL_MAP:
         return GLOBAL_MAP[module]
