@@ -44,6 +44,8 @@ GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 RANK, STEPS, LR, BATCH, SEQ = 16, 20, 2e-3, 2, 256
 EVAL_SEQS = 4
+ONLY = os.environ.get("ONLY")  # evaluate only the candidates whose label holds this (and the floor)
+GROUP = 64  # GPTQ / AWQ group size: SmolLM2's widths (576, 1536) are multiples of 64, not of 128
 TRAIN_FILES = ("argparse.py", "collections/__init__.py", "subprocess.py", "typing.py", "inspect.py")
 HELD_OUT = ("textwrap.py", "json/decoder.py", "fractions.py", "shlex.py")
 CALIBRATION_FILES = ("dataclasses.py", "functools.py", "pathlib.py")
@@ -113,6 +115,10 @@ def llama_cpp(tool, *args):
     subprocess.run([binary, *map(str, args)], check=True, capture_output=True)
 
 
+def wanted(label):
+    return not ONLY or ONLY in label
+
+
 def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration):
     """(label, base, output path or None) for one format: its quantized base, then what to evaluate."""
     gguf = fmt.startswith("Q")
@@ -120,19 +126,25 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
     if gguf:
         llama_cpp("llama-quantize", full_gguf, base, fmt)
     else:
-        examples.write_quantized(base, tensors, config, fmt, group_size=128)
+        examples.write_quantized(base, tensors, config, fmt, group_size=GROUP)
     yield "floor", base, None
-    yield "runtime", base, None
+    if wanted("runtime"):
+        yield "runtime", base, None
     full = full_gguf if gguf else fp32
     for strategy in (s for s in STRATEGIES if s not in ("auto", "gptq")):  # auto: one of them; gptq: below
+        if not wanted(f"lorakit --strategy {strategy}"):
+            continue
         out = os.path.join(work, f"{fmt}-{strategy}" + (".gguf" if gguf else ""))
         lorakit.merge(
             base, [adapter], out, strategy=strategy, full_precision_base=full, quiet=True, force=True
         )
         yield f"lorakit --strategy {strategy}", base, out
-    out = os.path.join(work, f"{fmt}-calibrated" + (".gguf" if gguf else ""))
-    lorakit.merge(base, [adapter], out, calibration=calibration, quiet=True, force=True)
-    yield "lorakit --calibration (gptq; other stdlib files)", base, out
+    if wanted("lorakit --calibration (gptq; other stdlib files)"):
+        out = os.path.join(work, f"{fmt}-calibrated" + (".gguf" if gguf else ""))
+        lorakit.merge(base, [adapter], out, calibration=calibration, quiet=True, force=True)
+        yield "lorakit --calibration (gptq; other stdlib files)", base, out
+    if ONLY:
+        return
     if gguf:
         lora_gguf = os.path.join(work, "lora.gguf")
         if not os.path.exists(lora_gguf):
@@ -148,7 +160,7 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
         lorakit.merge(base, [adapter], dense, dtype="float32", quiet=True, force=True)
         merged = dequantized(open_base(dense))[1]
         out = os.path.join(work, f"{fmt}-requant")
-        examples.write_quantized(out, merged, config, fmt, group_size=128)
+        examples.write_quantized(out, merged, config, fmt, group_size=GROUP)
         yield "dequantize + merge + quantize", base, out
 
 
@@ -175,7 +187,7 @@ def main():
         reference, base_reference = logprobs(fp32, ids, adapter), logprobs(fp32, ids)
         effect = kl(reference, base_reference)
         rows = [
-            ["fp32", "no adapter (the adapter's own effect)", f"{effect:.4f}", "", f"{size_mb(fp32):.0f}"]
+            ["fp32", "no adapter (the adapter's own effect)", f"{effect:.3g}", "", f"{size_mb(fp32):.0f}"]
         ]
         for fmt in chosen:
             floor = None
@@ -184,11 +196,11 @@ def main():
             ):
                 if label == "floor":
                     floor = kl(base_reference, logprobs(base, ids))
-                    rows.append([fmt, "floor: quantized base vs fp32 base", f"{floor:.4f}", "1.00", ""])
+                    rows.append([fmt, "floor: quantized base vs fp32 base", f"{floor:.3g}", "1.00", ""])
                     continue
                 value = kl(reference, logprobs(out or base, ids, adapter if label == "runtime" else None))
                 rows.append(
-                    [fmt, label, f"{value:.4f}", f"{value / floor:.2f}", f"{size_mb(out or base):.0f}"]
+                    [fmt, label, f"{value:.3g}", f"{value / floor:.2f}", f"{size_mb(out or base):.0f}"]
                 )
                 print(" | ".join(rows[-1]), flush=True)
     table(

@@ -833,3 +833,28 @@ def test_refit_covers_a_delta_that_leaves_the_range(kind):
     b, _ = error("refit", small)
     for k in members.values():
         assert torch.equal(a.get(k), b.get(k)), k
+
+
+@pytest.mark.parametrize(
+    "fmt, chosen", [("int8", "refit"), ("gptq", "same-grid"), ("nf4", "stochastic"), ("awq", "rescale")]
+)
+def test_auto_takes_each_format_s_measured_strategy(tmp_path, fmt, chosen):
+    """The default --strategy auto resolves per format (lorakit.quant.DEFAULT_STRATEGY, from the KL table), says
+    so in the report, and writes what that strategy writes, byte for byte."""
+    from lorakit import examples
+    from lorakit.quant import DEFAULT_STRATEGY
+
+    assert DEFAULT_STRATEGY[fmt] == chosen
+    examples.write_quantized_llama(tmp_path / "q", fmt, hidden=128, intermediate=256)
+    shapes = examples.llama_shapes(hidden=128, intermediate=256)
+    ad = examples.random_adapter(shapes, targets=examples.LINEAR_TARGETS, magnitude=0.01)
+    ad.save(tmp_path / "a.safetensors")
+    auto = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "auto", quiet=True)
+    assert auto["quantization"]["strategy"] == f"auto: {chosen} x 14"
+    lorakit.merge(
+        tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "named", strategy=chosen, quiet=True
+    )
+    assert (
+        open(tmp_path / "auto" / "model.safetensors", "rb").read()
+        == open(tmp_path / "named" / "model.safetensors", "rb").read()
+    )

@@ -44,8 +44,25 @@ STRATEGIES = {
     "Hessian of the layer's inputs on --calibration data",
 }
 
-# --strategy auto: the choice per format name, or per GGML type for GGUF (benchmarks/bench_quant_quality.py)
-DEFAULT_STRATEGY = {"default": "rescale"}
+# --strategy auto: per format name, or per GGML type for GGUF, the strategy with the lowest KL to the adapted model
+# on SmolLM2-135M (benchmarks/bench_quant_quality.py, README). Fine grids refit or rescale (a fresh scale costs
+# little, a clipped weight much); coarse ones round stochastically (nearest rounding snaps a small delta back onto
+# the old code, random rounding keeps it in expectation); GPTQ's symmetric 4-bit groups keep their grid. Types not
+# measured (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K: coarse grids) take the default.
+DEFAULT_STRATEGY = {
+    "default": "stochastic",
+    "int8": "refit",
+    "fp8": "stochastic",
+    "fp8-block": "stochastic",
+    "nf4": "stochastic",
+    "gptq": "same-grid",
+    "awq": "rescale",
+    "Q8_0": "rescale",
+    "Q6_K": "rescale",
+    "Q5_K": "stochastic",
+    "Q4_K": "stochastic",
+    "Q4_0": "stochastic",
+}
 
 # tensor name endings that only quantized checkpoints have: refused when no format claims them
 QUANT_NAMES = (
