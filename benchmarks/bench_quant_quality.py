@@ -44,7 +44,9 @@ GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 RANK, STEPS, LR, BATCH, SEQ = 16, 20, 2e-3, 2, 256
 EVAL_SEQS = 4
-ONLY = os.environ.get("ONLY")  # evaluate only the candidates whose label holds this (and the floor)
+ONLY = os.environ.get(
+    "ONLY"
+)  # only the candidates whose label holds one of these (comma-separated), and the floor
 GROUP = 64  # GPTQ / AWQ group size: SmolLM2's widths (576, 1536) are multiples of 64, not of 128
 TRAIN_FILES = ("argparse.py", "collections/__init__.py", "subprocess.py", "typing.py", "inspect.py")
 HELD_OUT = ("textwrap.py", "json/decoder.py", "fractions.py", "shlex.py")
@@ -116,7 +118,7 @@ def llama_cpp(tool, *args):
 
 
 def wanted(label):
-    return not ONLY or ONLY in label
+    return not ONLY or any(part in label for part in ONLY.split(","))
 
 
 def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration):
@@ -143,9 +145,7 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
         out = os.path.join(work, f"{fmt}-calibrated" + (".gguf" if gguf else ""))
         lorakit.merge(base, [adapter], out, calibration=calibration, quiet=True, force=True)
         yield "lorakit --calibration (gptq; other stdlib files)", base, out
-    if ONLY:
-        return
-    if gguf:
+    if gguf and wanted("llama-export-lora (F16 tensors), export-lora + llama-quantize"):
         lora_gguf = os.path.join(work, "lora.gguf")
         if not os.path.exists(lora_gguf):
             lorakit.convert(adapter, lora_gguf, for_engine="llama.cpp", base=full_gguf)
@@ -155,7 +155,9 @@ def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
         requant = os.path.join(work, f"{fmt}-export-requant.gguf")
         llama_cpp("llama-quantize", "--allow-requantize", merged, requant, fmt)
         yield "export-lora + llama-quantize", base, requant
-    else:  # dequantize, merge, quantize afresh (nearest rounding: the quantizer lorakit's fixtures use)
+    elif not gguf and wanted(
+        "dequantize + merge + quantize"
+    ):  # afresh, by nearest (lorakit's fixtures' quantizer)
         dense = os.path.join(work, f"{fmt}-dense")
         lorakit.merge(base, [adapter], dense, dtype="float32", quiet=True, force=True)
         merged = dequantized(open_base(dense))[1]
