@@ -40,8 +40,8 @@ STRATEGIES = {
     "refit": "the old grid, nearest code; where W_deq + dW leaves a block's range, scales refitted to cover both "
     "(never clipped)",
     "original": "quantize W + dW afresh from --full-precision-base",
-    "gptq": "the old grid (refitted where W_deq + dW leaves it), columns rounded in order with GPTQ's update from the "
-    "Hessian of the layer's inputs on --calibration data",
+    "gptq": "the old grid, columns rounded in order with GPTQ's update from the Hessian of the layer's inputs on "
+    "--calibration data (a clipped weight's error spread over later columns like any other)",
 }
 
 # --strategy auto: per format name, or per GGML type for GGUF, the strategy with the lowest KL to the adapted model

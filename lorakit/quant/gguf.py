@@ -283,16 +283,17 @@ class GGUFBlocks(QuantFormat):
             parts["M"] = (_f16(raw, t.dmin) if m is not None else -_f16(raw, t.dmin), m)
         return parts
 
-    def _fields(self, t, raw):
-        """(d * sc, dmin * m or None) per sub-block [rows, sub-blocks] in fp32 (symmetric types: S * (q - Z0))."""
+    def _fields(self, t, raw, parts=None):
+        """(d * sc, dmin * m or None) per sub-block [rows, sub-blocks] in fp32 (symmetric types: S * (q - Z0)), from
+        `parts` (_parts) when the caller has them."""
         per, rows = t.block // t.sub, raw.shape[0]
 
         def product(outer, inner):
             if inner is not None:
-                return (outer[..., None] * inner.float()).reshape(rows, -1)
+                return Factored(outer, inner.reshape(rows, -1), per).value()
             return outer.reshape(rows, -1) if per == 1 else outer.repeat_interleave(per, 1)
 
-        parts = self._parts(t, raw)
+        parts = parts or self._parts(t, raw)
         return product(*parts["S"]), (product(*parts["M"]) if "M" in parts else None)
 
     def _grid(self, t, raw, inn):
@@ -331,13 +332,14 @@ class GGUFBlocks(QuantFormat):
     def stored(self, ckpt, m):
         """ggml's own arithmetic: d * sc as fp32, times (q - zero), less dmin * m (scale 0 kept as stored)."""
         t, raw = self._blocks(ckpt, m)
-        S, M = self._fields(t, raw)
+        parts = self._parts(t, raw)
+        S, M = self._fields(t, raw, parts)
         Z = torch.full((S.shape[1], S.shape[0]), float(t.zero)) if t.zero else None
         grid = Grid(S.T.contiguous(), torch.arange(raw.shape[1] * t.block) // t.sub, t.codebook(), Z=Z)
         rows, per = raw.shape[0], t.block // t.sub
         factors = {
             role: Factored(outer, inner.reshape(rows, -1), per)
-            for role, (outer, inner) in self._parts(t, raw).items()
+            for role, (outer, inner) in parts.items()
             if inner is not None
         }
         return Stored(grid, self.codes(ckpt, m), M.T.contiguous() if M is not None else None, factors or None)

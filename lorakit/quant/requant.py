@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LorakitError
 from . import rounding
-from .base import row_major
+from .base import Stored, row_major
 
 COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths...
 BLOCK_ELEMENTS = 1 << 21  # ...and tall modules take fewer (down to 64: a multiple of the usual group sizes)
@@ -139,22 +139,21 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
 
 
 def gptq(fmt, ckpt, members, old, stored, factors, inputs, report, probes, full):
-    """GPTQ onto the stored grid (refitted where W + dW leaves it): the new codes in the stored layout, the grid.
-    One module at a time in fp32, as the dequantized path holds it."""
+    """GPTQ onto the stored grid (a weight W + dW pushes past its block's range is clipped, and its error spread
+    over the later columns like any rounding error: refitting scales cost more on coarse grids): the new codes in
+    the stored layout, and the grid. One module at a time in fp32, as the dequantized path holds it."""
     (B, A), inn = factors, stored.shape[1]
-    S, Z = old.columns(0, inn, True)
-    W_old = old.codebook.values(stored.contiguous())
-    W_old = (W_old.sub_(Z) if Z is not None else W_old).mul_(S)
+    before = stored.contiguous()
+    W_old = Stored(old, before).dequantize()
     T = (full.float() if full is not None else W_old) + B @ A
-    grid = old  # a clipped weight's error is spread over the later columns like any rounding error
-    S, Z = grid.columns(0, inn, True)
-    values, codes = rounding.gptq_round(T, S, Z, grid.codebook, inputs.hessian())
+    S, Z = old.columns(0, inn, True)
+    values, codes = rounding.gptq_round(T, S, Z, old.codebook, inputs.hessian())
     E = (values.sub_(Z) if Z is not None else values).mul_(S).sub_(T)
     report.add_base(W_old)
-    report.changed += int(torch.count_nonzero(bits(codes) != bits(stored.contiguous())))
+    report.changed += int(torch.count_nonzero(bits(codes) != bits(before)))
     report.add(E, T - W_old, probes, A, full is not None)
     stored.copy_(codes)  # in the stored layout (GPTQ / AWQ keep W^T)
-    return stored, grid
+    return stored, old
 
 
 def members_name(members):

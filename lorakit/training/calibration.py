@@ -22,9 +22,8 @@ from .weights import Weights
 SEQ_LEN = 256
 CALIBRATION_SEQUENCES = 16  # 4096 tokens: the moments of every layer's inputs
 HELD_OUT_SEQUENCES = 4  # the tokens after them: the KL estimate
-FACTOR_RANK = (
-    256  # eigen-directions kept per layer exactly (activation spectra fall fast), the rest as their mean
-)
+# eigen-directions kept per layer exactly (activation spectra fall fast), the rest as their mean
+FACTOR_RANK = 256
 
 
 def sequences(base, data, vocab_size):
@@ -74,22 +73,29 @@ def input_factors(model, weights, ids):
     cos, sin = rope(torch.arange(ids.shape[1]), model.config.dim_head, model.config.rope_theta, x.dtype)
     factors = {}
     for i, block in enumerate(model.model.layers):
-        moments, hooks = {}, []
+        inputs, moments, hooks = {}, {}, []  # layer -> its input; input -> its compressed moments
         for name, layer in block.named_modules():
             if isinstance(layer, lora.LoRA) or (lora._kind(layer) and not name.endswith(".base")):
-                hooks.append(layer.register_forward_hook(_moment_into(moments, name)))
+                hooks.append(layer.register_forward_hook(_moment_into(inputs, moments, name)))
         x = block(x, cos, sin)
         for h in hooks:
             h.remove()
-        for name, H in moments.items():
-            factors[weights.stored_name(f"model.layers.{i}.{name}.weight")] = top_factor(H)
+        for name, key in inputs.items():
+            factors[weights.stored_name(f"model.layers.{i}.{name}.weight")] = moments[key][1]
     return factors
 
 
-def _moment_into(moments, name):
-    def hook(layer, inputs, output):
-        X = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        moments[name] = moments.get(name, 0) + X.T @ X
+def _moment_into(inputs, moments, name):
+    """A hook measuring a layer's input; q/k/v (and gate/up) see one tensor: its moments are computed once."""
+
+    def hook(layer, args, output):
+        x, key = args[0], args[0].data_ptr()
+        if (
+            key not in moments
+        ):  # the tensor is held with its moments, so its address is not reused in the block
+            X = x.reshape(-1, x.shape[-1]).double()
+            moments[key] = (x, top_factor(X.T @ X))
+        inputs[name] = key
 
     return hook
 

@@ -22,10 +22,8 @@ from ..quant.base import Factored, Grid, Stored
 from ..quant.nf4 import NF4_LEVELS
 from ..quant.rounding import FP8, FP8_MAX, Table, Uniform
 
-NF4_BLOCK, ABSMAX_BLOCK = (
-    64,
-    256,
-)  # QLoRA's blocks: 64 weights share an absmax; 256 absmax values share a scale
+# QLoRA's blocks: 64 weights share an absmax; 256 absmax values share a scale
+NF4_BLOCK, ABSMAX_BLOCK = 64, 256
 
 
 def dynamic_map():
@@ -43,10 +41,8 @@ def dynamic_map():
 def _nearest_blockwise(x, block, code):
     """x (1-D fp32) in blocks: (indices of the nearest code of x / absmax, absmax), bitsandbytes' arithmetic
     (x times the reciprocal of the block's absmax, clamped to [-1, 1], ties to the lower code)."""
-    blocks = x.reshape(-1, block) if x.numel() % block == 0 else None
-    if blocks is None:
-        pad = block - x.numel() % block
-        blocks = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block)
+    pad = -x.numel() % block  # a last, short block padded with zeros (they do not change its absmax)
+    blocks = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block) if pad else x.reshape(-1, block)
     absmax = blocks.abs().amax(1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
     bounds = (code[:-1] + code[1:]) / 2
@@ -115,12 +111,14 @@ def _fits_nibbles(book):
 
 
 def _by_row(T, out):
-    """A grid tensor [groups, out] as [out, groups] in fp32, or in fp16 where that holds every value exactly (GGUF's
-    d, m and Q8_0-style scales are stored in fp16): the same numbers in half the memory; [1, 1] when all are one
-    value. None stays None."""
-    if T is None:
-        return None
-    T = T.T.contiguous().reshape(out, -1).float()
+    """A grid tensor [groups, out] as [out, groups], compact; None stays None."""
+    return None if T is None else _compact(T.T.contiguous().reshape(out, -1))
+
+
+def _compact(T):
+    """T in fp32, or in fp16 where that holds every value exactly (GGUF's d, m and Q8_0-style scales are stored in
+    fp16): the same numbers in half the memory; [1, 1] when all are one value."""
+    T = T.float()
     if bool((T == T.reshape(-1)[0]).all()):  # one value (GGUF's fixed zero points): kept once, broadcast
         T = T[:1, :1].clone()
     half = T.half()
@@ -155,10 +153,10 @@ class FrozenLinear(nn.Module):
         for role, T in (
             ("S", grid.S),
             ("M", stored.M),
-        ):  # a block's fp16 scale and its sub-blocks' small integers
+        ):  # factored: a block's fp16 scale, its sub-blocks' ints
             f = factors.get(role)
             self.register_buffer(role, None if f else _by_row(T, out))
-            self.register_buffer(f"{role}_outer", _by_row(f.outer.T, out) if f else None)
+            self.register_buffer(f"{role}_outer", _compact(f.outer) if f else None)
             self.register_buffer(f"{role}_inner", f.inner.to(torch.int8).contiguous() if f else None)
         self.per = {role: f.per for role, f in factors.items()}
         self.register_buffer("Z", _by_row(grid.Z, out))

@@ -251,7 +251,7 @@ def train(
                 "quantize": quantize,
                 "checkpointing": checkpointing,
             },
-            "base_codes": codes_record(base, quantize),
+            "base_codes": report["base_codes"],
             "final_loss": losses[-1],
             "eval_loss": eval_loss,
         }

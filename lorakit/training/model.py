@@ -192,9 +192,8 @@ class LlamaForCausalLM(nn.Module):
             x.dtype,
         )
         for block in self.model.layers:
-            if (
-                self.checkpointing and torch.is_grad_enabled()
-            ):  # recomputed in backward: one block's activations
+            # checkpointing: the block is recomputed in backward, so only its input is kept
+            if self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
@@ -213,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
             raise with_path(e, weights.config_path()) from None
         with torch.device("meta"):
             model = cls(config)
-        frozen = freeze_linears(model, weights, quantize, dtype, device)
+        frozen = set(freeze_linears(model, weights, quantize, dtype, device))
         state = {}
         for name, p in model.state_dict(keep_vars=True).items():
             if name.rpartition(".")[0] in frozen:
