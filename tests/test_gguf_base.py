@@ -528,10 +528,10 @@ def test_validate_names_gguf_files(tmp_path, cli):
 
 def test_auto_chooses_per_ggml_type(tmp_path):
     """--strategy auto (the default) on a GGUF of mixed types, as Q4_K_M files are: each tensor gets its type's
-    measured strategy (Q8_0 rescale, Q4_K stochastic), and the report counts them."""
+    measured strategy (Q8_0 rescale, Q4_K stochastic: the delta is strong enough), and the report counts them."""
     types = {f"blk.{n}.ffn_down.weight": "Q4_K" for n in range(2)}
     base = build(tmp_path / "base.gguf", "Q8_0", types=types)
-    adapter(scale=0.0072).save(tmp_path / "ad.safetensors")
+    adapter(scale=0.05).save(tmp_path / "ad.safetensors")
     report = lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", quiet=True)
     q = report["quantization"]
     assert q["strategy"] == "auto: rescale x 6, stochastic x 2"

@@ -847,7 +847,7 @@ def test_auto_takes_each_format_s_measured_strategy(tmp_path, fmt, chosen):
     assert DEFAULT_STRATEGY[fmt] == chosen
     examples.write_quantized_llama(tmp_path / "q", fmt, hidden=128, intermediate=256)
     shapes = examples.llama_shapes(hidden=128, intermediate=256)
-    ad = examples.random_adapter(shapes, targets=examples.LINEAR_TARGETS, magnitude=0.01)
+    ad = examples.random_adapter(shapes, targets=examples.LINEAR_TARGETS, magnitude=0.3)  # a strong adapter
     ad.save(tmp_path / "a.safetensors")
     auto = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "auto", quiet=True)
     assert auto["quantization"]["strategy"] == f"auto: {chosen} x 14"
@@ -858,3 +858,33 @@ def test_auto_takes_each_format_s_measured_strategy(tmp_path, fmt, chosen):
         open(tmp_path / "auto" / "model.safetensors", "rb").read()
         == open(tmp_path / "named" / "model.safetensors", "rb").read()
     )
+
+
+def test_auto_keeps_a_weak_delta_instead_of_drawing_it(tmp_path):
+    """Where --strategy auto would round stochastically but the delta is under SMALL_DELTA grid steps (times in),
+    random rounding's noise outweighs what it keeps: auto takes same-grid there, byte for byte, and says so."""
+    from lorakit import examples
+    from lorakit.quant.requant import SMALL_DELTA, small_delta
+
+    examples.write_quantized_llama(tmp_path / "q", "nf4", hidden=128, intermediate=256)
+    shapes = examples.llama_shapes(hidden=128, intermediate=256)
+    weak = examples.random_adapter(shapes, targets=examples.LINEAR_TARGETS, magnitude=1e-4)
+    weak.save(tmp_path / "a.safetensors")
+    auto = lorakit.merge(tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "auto", quiet=True)
+    assert auto["quantization"]["strategy"] == "auto: same-grid x 14"
+    lorakit.merge(
+        tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "sg", strategy="same-grid", quiet=True
+    )
+    assert (
+        open(tmp_path / "auto" / "model.safetensors", "rb").read()
+        == open(tmp_path / "sg" / "model.safetensors", "rb").read()
+    )
+    # the bound itself: a delta of RMS d on a grid of step s (uniform codes, scale s) with `in` inputs
+    from types import SimpleNamespace
+    from lorakit.quant.rounding import Uniform
+
+    grid = SimpleNamespace(S=torch.full((1, 4), 0.5), codebook=Uniform(0, 15, torch.uint8))
+    inn = 100
+    for d, small in ((0.5 * SMALL_DELTA / inn * 0.99, True), (0.5 * SMALL_DELTA / inn * 1.01, False)):
+        B, A = torch.full((4, 1), d), torch.ones(1, inn)
+        assert small_delta(grid, B, A) is small

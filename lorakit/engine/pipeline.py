@@ -187,8 +187,9 @@ class MergeJob:
                 self._full(key, onto),
                 self.seed,
                 self.inputs.get(key),
+                "same-grid" if self.strategy == "auto" else None,
             )
-            self.survival[key[: -len(".weight")]] = {**row, "strategy": strategy}
+            self.survival[key[: -len(".weight")]] = row
         for name, t in out.items():
             if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
                 check_finite(name, t)

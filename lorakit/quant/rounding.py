@@ -82,6 +82,10 @@ class Uniform(Codebook):
         """(smallest, largest) code value."""
         return float(self.lo), float(self.hi)
 
+    def count(self):
+        """How many codes."""
+        return self.hi - self.lo + 1
+
 
 class FP8(Codebook):
     """The finite float8_e4m3fn values; a code is stored as itself."""
@@ -145,6 +149,9 @@ class FP8(Codebook):
 
     def span(self):
         return -FP8_MAX, FP8_MAX
+
+    def count(self):
+        return int(torch.isfinite(self.table).sum())
 
 
 class Table(Codebook):
@@ -224,6 +231,9 @@ class Table(Codebook):
 
     def span(self):
         return self.lo, self.hi
+
+    def count(self):
+        return len(self.levels)
 
 
 def feedback_gains(A, damp=1e-6, block=256):
