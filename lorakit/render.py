@@ -40,6 +40,11 @@ def inspect_text(r):
             layers = f" x {t['experts']} experts x {t['count'] // t['experts']} layers"
         ranks = ",".join(map(str, t["ranks"]))
         echo(f"  {t['kind']:<9} {t['target']}{layers}   r={ranks}   ({t['pattern']})")
+    if r.get("experts"):
+        echo("experts")
+    for x in r.get("experts", []):
+        ranks = ",".join(map(str, x["ranks"]))
+        echo(f"  {x['layer']}: {x['experts']} experts, r={ranks}, {' '.join(x['projections'])}")
     for name, shape in r["replacements"].items():
         echo(f"  replaced  {name} {shape}")
     for name, shape in r.get("deltas", {}).items():

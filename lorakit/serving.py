@@ -6,9 +6,9 @@ alpha / r is then exactly 1), one rank for the file (zero rows: exact), no patte
 Adding an engine: its row in ENGINES. Torch-free at import (the CLI takes the choices from here).
 """
 
-import re
 from dataclasses import dataclass
 
+from .core import experts
 from .errors import LorakitError, opt
 
 
@@ -135,17 +135,14 @@ def _scale_problems(adapter, engine, config, fix):
     return out
 
 
-EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.([^.]+)")
-
-
 def expert_groups(names):
-    """{(parent, projection): {expert indices}} of the per-expert modules among `names`."""
-    groups = {}
-    for name in names:
-        m = EXPERT.fullmatch(name)
-        if m:
-            groups.setdefault((m[1], m[3]), set()).add(int(m[2]))
-    return groups
+    """{(parent, projection): {expert indices}} of the per-expert modules among `names` (one tensor per expert: the
+    names vLLM and SGLang load; a fused tensor's rows are not)."""
+    return {
+        experts.layer_of(group): set(have)
+        for group, have in experts.expert_groups(names).items()
+        if f".experts.{experts.WILDCARD}." in group
+    }
 
 
 def with_every_expert(adapter, shapes):

@@ -14,7 +14,8 @@ from .io import read_header
 from .io.jsonio import parse_json
 from .io.dtypes import FACTOR_DTYPES
 
-SPEC_VERSION = "1.2"
+SPEC_VERSION = "1.3"
+EXPERTS = "experts"  # the module kind of E experts of one projection (since 1.3)
 SPEC_MAJOR = 1
 
 # Stable codes. Errors make a file invalid; warnings do not. The spec's table lists exactly these.
@@ -54,6 +55,10 @@ CODES = {
     "LK213": (
         "replacement-shape",
         "a replacement of a module's weight whose shape is not the module's weight shape",
+    ),
+    "LK214": (
+        "bad-experts",
+        "an experts module whose factors, alphas or name do not describe E experts of one projection",
     ),
     "LK401": (
         "peft-type-config",
@@ -220,6 +225,7 @@ def check_header(header, problems):
         )
     for name, keys in modules.items():
         check_module(name, keys, entries, module_meta.get(name, {}), add)
+    check_expert_names(modules, entries, module_meta, add)
     for name in module_meta:
         if name not in modules:
             add("LK201", f"'{META_MODULES}' describes module '{name}' that has no tensors")
@@ -255,6 +261,9 @@ def check_module(name, keys, entries, info, add):
     for e in (A, B):
         if e.dtype not in FACTOR_DTYPES:
             add("LK103", f"dtype {e.dtype}, expected one of {', '.join(FACTOR_DTYPES)}", e.name)
+    if info.get("kind") == EXPERTS:
+        check_experts(name, keys, entries, add)
+        return
     if "alpha" not in keys:
         add("LK202", f"module '{name}' has no '{name}.alpha'", a)
     else:
@@ -295,7 +304,7 @@ def check_factors(A, B, kind, bias, magnitude, dora_axis, add, tensor):
         add("LK205", "rank 0", tensor("lora_A"))
     kind = kind or default_kind(len(A))
     if kind not in KINDS:
-        add("LK212", f"kind '{kind}' is not one of {', '.join(KINDS)}", tensor("lora_A"))
+        add("LK212", f"kind '{kind}' is not one of {', '.join((*KINDS, EXPERTS))}", tensor("lora_A"))
     elif (kind == "conv") != (len(A) > 2):
         add("LK212", f"kind '{kind}' does not fit factors of ndim {len(A)}", tensor("lora_A"))
     weight = (B[0], *A[1:])
@@ -317,6 +326,57 @@ def check_factors(A, B, kind, bias, magnitude, dora_axis, add, tensor):
             )
 
 
+def check_experts(name, keys, entries, add):
+    """An `experts` module (1.3): lora_A [E, r, in], lora_B [E, out, r], alpha [] or [E], a name with one '*' (where
+    expert e's index goes), nothing else."""
+    A, B = tuple(entries[keys["lora_A"]].shape), tuple(entries[keys["lora_B"]].shape)
+    if name.count("*") != 1:
+        add(
+            "LK214",
+            f"an experts module's name needs one '*' (where the expert index goes): '{name}'",
+            keys["lora_A"],
+        )
+    if len(A) != 3 or len(B) != 3 or A[0] != B[0] or A[0] < 1:
+        add(
+            "LK214",
+            f"lora_A {list(A)} and lora_B {list(B)} are not [E, r, in] and [E, out, r]",
+            keys["lora_A"],
+        )
+        return
+    if A[1] != B[2]:
+        add("LK204", f"lora_A has rank {A[1]} but lora_B has rank {B[2]}", keys["lora_B"])
+    if A[1] == 0:
+        add("LK205", "rank 0", keys["lora_A"])
+    if "alpha" not in keys:
+        add("LK202", f"module '{name}' has no '{name}.alpha'", keys["lora_A"])
+    elif entries[keys["alpha"]].dtype != "F32" or tuple(entries[keys["alpha"]].shape) not in ((), (A[0],)):
+        al = entries[keys["alpha"]]
+        add(
+            "LK207",
+            f"alpha is {al.dtype} of shape {list(al.shape)}, expected F32 of shape [] or [{A[0]}]",
+            al.name,
+        )
+    for part in ("bias_delta", "dora_magnitude"):
+        if part in keys:
+            add("LK214", f"an experts module has no {part} (write its experts as linear modules)", keys[part])
+
+
+def check_expert_names(modules, entries, meta, add):
+    """The experts' module names of every `experts` module: none may be another module's name."""
+    owner = {n: n for n, m in meta.items() if m.get("kind") != EXPERTS}
+    owner.update({n: n for n in modules if meta.get(n, {}).get("kind") != EXPERTS})
+    for name, info in meta.items():
+        keys = modules.get(name, {})
+        if info.get("kind") != EXPERTS or "lora_A" not in keys or name.count("*") != 1:
+            continue
+        for e in range(entries[keys["lora_A"]].shape[0] if entries[keys["lora_A"]].shape else 0):
+            expert = name.replace("*", str(e))
+            if expert in owner:
+                add("LK214", f"expert {e} of '{name}' is also the module '{owner[expert]}'", keys["lora_A"])
+                return
+            owner[expert] = name
+
+
 def value_bytes(header):
     """The bytes check_values reads: the floating tensors' data."""
     return sum(e.nbytes for e in header.entries.values() if e.dtype in ("F64", "F32", "F16", "BF16"))
@@ -330,7 +390,7 @@ def check_values(path, header, problems, bar=None, fail_fast=False):
     chunk = 1 << 24
     # the alphas first: four bytes each, and with fail_fast a bad one ends the scan before the factors are read
     order = sorted(
-        header.entries.items(), key=lambda kv: not (kv[0].endswith(".alpha") and kv[1].shape == ())
+        header.entries.items(), key=lambda kv: not (kv[0].endswith(".alpha") and len(kv[1].shape) <= 1)
     )
     with open(path, "rb") as f:
         for name, e in order:
@@ -338,7 +398,7 @@ def check_values(path, header, problems, bar=None, fail_fast=False):
                 continue
             np_dtype = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}[e.dtype]
             size = np.dtype(np_dtype).itemsize
-            bad, first = 0, None
+            bad, first, low = 0, None, math.inf
             for start in range(0, e.numel, chunk):
                 count = min(chunk, e.numel - start)
                 f.seek(e.start + start * size)
@@ -351,9 +411,11 @@ def check_values(path, header, problems, bar=None, fail_fast=False):
                 else:
                     bad += int((~np.isfinite(values)).sum())
                 first = float(values[0]) if first is None and len(values) else first
-            if name.endswith(".alpha") and e.shape == ():
-                if bad or first is None or not first > 0:
-                    problems.append(Problem("LK206", f"alpha is {first}, must be finite and > 0", name))
+                low = min(low, float(values.min())) if len(values) else low
+            if name.endswith(".alpha") and len(e.shape) <= 1:  # an experts module's alphas are [E]
+                shown = first if e.shape == () else f"{low} at its lowest"
+                if bad or first is None or not low > 0:
+                    problems.append(Problem("LK206", f"alpha is {shown}, must be finite and > 0", name))
             elif bad:
                 problems.append(Problem("LK208", f"{bad} NaN/Inf value(s)", name))
             if fail_fast and problems and problems[-1].is_error:

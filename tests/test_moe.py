@@ -333,3 +333,82 @@ def test_expert_lora_as_llama_cpp_3d_tensors(tmp_path):
     x = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
     y = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "y.gguf").tensors}
     assert set(x) == set(y) and all(np.allclose(x[k], y[k], atol=1e-7) for k in x)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_convert_to_lorakit_packs_experts_and_merges_as_peft_does(tmp_path, kind):
+    """Spec 1.3: each projection's experts as one `experts` module (lora_A [E, r, in], lora_B [E, out, r]); read
+    back as the very per-expert modules, and merged equal to PEFT's merge_and_unload."""
+    from lorakit.io import read_header
+
+    base, adapter, peft_merged, _ = build(tmp_path, kind)
+    out = tmp_path / "a.safetensors"
+    lorakit.convert(adapter, out, to="lorakit", base=str(base))
+    header = read_header(out)
+    kinds = json.loads(header.metadata["lorakit.modules"])
+    packed = {n: k for n, k in kinds.items() if k["kind"] == "experts"}
+    assert header.metadata["lorakit.spec_version"] == "1.3"
+    assert len(packed) == 2 * (2 if kind == "gpt_oss" else 3), kinds
+    for name in packed:
+        A, B = header.entries[f"{name}.lora_A"].shape, header.entries[f"{name}.lora_B"].shape
+        assert name.count("*") == 1 and A[:2] == (4, 2) and B[0] == 4 and B[2] == 2
+    want, got = lorakit.load(adapter, base=str(base)), lorakit.load(out)
+    assert sorted(got.modules) == sorted(want.modules)
+    for n, m in want.modules.items():
+        assert torch.equal(got.modules[n].A, m.A) and torch.equal(got.modules[n].B, m.B), n
+        assert got.modules[n].alpha == m.alpha
+    lorakit.merge(base, [out], tmp_path / "out", quiet=True)
+    assert_same_checkpoint(tmp_path / "out", peft_merged)
+    again = tmp_path / "b.safetensors"
+    got.provenance = lorakit.load(out).provenance
+    got.save(again)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_experts_that_differ_stay_linear_modules(tmp_path):
+    """Experts of one projection that differ in rank, or only some experts, are not packed: per-expert linear
+    modules, and the file stays at the version older readers read."""
+    from lorakit.core import Adapter, Module
+    from lorakit.io import read_header
+
+    g = torch.Generator().manual_seed(0)
+    ad = Adapter()
+    for e, rank in enumerate((2, 2, 3)):
+        ad.add(Module(f"m.experts.{e}.up_proj", torch.randn(rank, 8, generator=g), torch.randn(6, rank), 1.0))
+    for e in (0, 2):
+        ad.add(Module(f"m.experts.{e}.down_proj", torch.randn(2, 6, generator=g), torch.randn(8, 2), 1.0))
+    ad.save(tmp_path / "a.safetensors")
+    header = read_header(tmp_path / "a.safetensors")
+    assert header.metadata["lorakit.spec_version"] == "1.1"
+    assert {k["kind"] for k in json.loads(header.metadata["lorakit.modules"]).values()} == {"linear"}
+    report = lorakit.inspect(tmp_path / "a.safetensors")
+    assert report["experts"] == [
+        {"layer": "m.experts", "experts": 3, "ranks": [2, 3], "projections": ["down_proj", "up_proj"]}
+    ]
+
+
+def test_per_expert_alphas_and_a_bad_one(tmp_path, cli):
+    """Experts with their own alphas pack into alpha [E]; one alpha 0 among them is LK206 naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.core import Adapter, Module
+
+    g = torch.Generator().manual_seed(0)
+    ad = Adapter()
+    for e in range(3):
+        ad.add(
+            Module(f"m.experts.gate_up_proj.{e}", torch.randn(2, 8, generator=g), torch.randn(6, 2), 1.0 + e)
+        )
+    ad.save(tmp_path / "a.safetensors")
+    sd = load_file(tmp_path / "a.safetensors")
+    assert sd["m.experts.gate_up_proj.*.alpha"].tolist() == [1.0, 2.0, 3.0]
+    assert [m.alpha for m in lorakit.load(tmp_path / "a.safetensors").modules.values()] == [1.0, 2.0, 3.0]
+    from lorakit.io import read_header
+
+    meta = read_header(tmp_path / "a.safetensors").metadata
+    sd["m.experts.gate_up_proj.*.alpha"] = torch.tensor([1.0, -2.0, 3.0])
+    save_file(sd, tmp_path / "bad.safetensors", metadata=meta)
+    code, out, err = cli("convert", tmp_path / "bad.safetensors", "--to", "peft", "-o", tmp_path / "out")
+    assert_one_line_error(code, out, err, "bad.safetensors", "m.experts.gate_up_proj.1", "-2.0")
+    code, out, _ = cli("validate", tmp_path / "bad.safetensors")
+    assert code == 1 and "LK206" in out

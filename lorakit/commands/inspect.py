@@ -5,13 +5,10 @@ import os
 import re
 from collections import Counter, defaultdict
 
+from ..core import experts
 from ..errors import LorakitError
 from ..formats import detect_format, load, takes
 from ..io.dtypes import dtype_name
-
-
-# the expert index of a per-expert module: experts.3.gate_proj, or experts.gate_up_proj.3 (a fused tensor's rows)
-EXPERT_INDEX = r"\.experts\.(\d+)\.|\.experts\.[^.]+\.(\d+)$"
 
 
 def _pattern(name):
@@ -71,6 +68,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
         ],
         "dtypes": dict(dtypes),
         "targets": targets,
+        "experts": _experts(ad.modules),
         "replacements": {k: list(v.shape) for k, v in ad.replacements.items()},
         "deltas": {k: list(v.shape) for k, v in ad.deltas.items()},
         "transforms": [
@@ -125,11 +123,32 @@ def _groups(modules):
             "pattern": pat,
             "target": _target(pat),
             "count": len(ms),
-            "experts": len({e for m in ms for e in re.findall(EXPERT_INDEX, m["module"])}) or None,
+            "experts": len({found[1] for m in ms if (found := experts.expert_of(m["module"]))}) or None,
             "ranks": sorted({m["rank"] for m in ms}),
             "alphas": sorted({m["alpha"] for m in ms}),
         }
         for (kind, pat), ms in sorted(groups.items())
+    ]
+
+
+def _experts(modules):
+    """One row per Mixture-of-Experts layer: its expert count, ranks and projections (shared experts and routers are
+    ordinary modules)."""
+    layers = {}
+    for group, names in experts.expert_groups(modules).items():
+        layer, projection = experts.layer_of(group)
+        row = layers.setdefault(layer, {"layer": layer, "experts": set(), "ranks": set(), "projections": []})
+        row["experts"] |= set(names)
+        row["ranks"] |= {modules[n].rank for n in names.values()}
+        row["projections"].append(projection)
+    return [
+        {
+            **row,
+            "experts": len(row["experts"]),
+            "ranks": sorted(row["ranks"]),
+            "projections": sorted(row["projections"]),
+        }
+        for _, row in sorted(layers.items())
     ]
 
 

@@ -5,9 +5,10 @@ import time
 
 from .. import spec
 from .._version import __version__
-from ..core import Adapter, Module, default_kind
+from ..core import Adapter, Module, default_kind, experts
 from ..errors import LorakitError
 from ..io import TensorFile, atomic_output, write_safetensors
+from ..io.safetensors import HeaderTensor
 from ..io.dtypes import FACTOR_DTYPES, st_dtype
 
 
@@ -35,6 +36,10 @@ def read(path, values=True):
     )
     for name, keys in layout.modules.items():
         info = layout.module_meta.get(name, {})
+        if info.get("kind") == spec.EXPERTS:
+            for m in _experts(tf, name, keys, values):
+                adapter.add(m)
+            continue
         A, B = get(keys["lora_A"]), get(keys["lora_B"])
         adapter.add(
             Module(
@@ -56,12 +61,34 @@ def read(path, values=True):
     return adapter
 
 
+def _experts(tf, name, keys, values):
+    """The per-expert Modules of an `experts` module (spec 1.3)."""
+    alpha = tf.header.entries[keys["alpha"]]
+    E = tf.header.entries[keys["lora_A"]].shape[0]
+    alphas = [tf.f32_scalar(keys["alpha"])] * E if alpha.shape == () else tf.get(keys["alpha"]).tolist()
+    if values:
+        As, Bs = tf.get(keys["lora_A"]).unbind(0), tf.get(keys["lora_B"]).unbind(0)
+    else:  # shape-only stand-ins of each expert's factors
+        A, B = tf.meta(keys["lora_A"]), tf.meta(keys["lora_B"])
+        As, Bs = [HeaderTensor(A.shape[1:], A.st_dtype)] * E, [HeaderTensor(B.shape[1:], B.st_dtype)] * E
+    return experts.unpacked(name, As, Bs, alphas)
+
+
 def to_tensors(adapter):
     """The spec's (tensors, metadata) for an adapter: the single place that knows the key grammar for writing."""
     import torch
 
     tensors, modules_meta = {}, {}
+    groups = experts.packed(adapter.modules)
+    for group, p in groups.items():
+        tensors[f"{group}.lora_A"], tensors[f"{group}.lora_B"] = p.A, p.B
+        one = all(a == p.alphas[0] for a in p.alphas)
+        tensors[f"{group}.alpha"] = torch.tensor(p.alphas[0] if one else p.alphas, dtype=torch.float32)
+        modules_meta[group] = {"kind": spec.EXPERTS}
+    in_groups = {name for p in groups.values() for name in p.names}
     for name, m in adapter.modules.items():
+        if name in in_groups:
+            continue
         tensors[f"{name}.lora_A"] = m.A
         tensors[f"{name}.lora_B"] = m.B
         tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
@@ -81,7 +108,8 @@ def to_tensors(adapter):
     provenance.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta = dict(adapter.user_metadata)
     widens = any(m.pads_base for m in adapter.modules.values())
-    version = spec.SPEC_VERSION if adapter.deltas or widens else "1.1"  # files 1.1 readers can read stay 1.1
+    # a file stays at the oldest version that can read it: 1.1, 1.2 with deltas or a widened base, 1.3 with experts
+    version = "1.3" if groups else "1.2" if adapter.deltas or widens else "1.1"
     meta.update(
         {
             spec.META_VERSION: version,

@@ -324,7 +324,95 @@ def vectors():
         "a module's weight replacement of the wrong shape",
         *variant(lambda t: t.update({"layers.0.q_proj.weight.replacement": torch.zeros(8, 15)})),
     )
+    _expert_vectors(add)
     return out
+
+
+def _expert_vectors(add):
+    """Spec 1.3: E experts of one projection as one `experts` module."""
+    g = torch.Generator().manual_seed(2)
+    ad = Adapter(base_model="lorakit/vectors", provenance=dict(PROVENANCE))
+    for e in range(3):
+        A, B = torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g)
+        ad.add(Module(f"layers.0.mlp.experts.{e}.up_proj", A, B, alpha=2.0 + e))
+        ad.add(Module(f"layers.0.mlp.experts.down_proj.{e}", B.T.contiguous(), A.T.contiguous(), alpha=4.0))
+    tensors, meta = to_tensors(ad)
+    group = "layers.0.mlp.experts.*.up_proj"
+
+    def edit(t_edit=None, m_edit=None):
+        t, m = dict(tensors), dict(meta)
+        if t_edit:
+            t_edit(t)
+        if m_edit:
+            m_edit(m)
+        return t, m
+
+    def kinds(extra):
+        return lambda m: m.update(
+            {"lorakit.modules": json.dumps({**json.loads(m["lorakit.modules"]), **extra})}
+        )
+
+    add(
+        "valid_experts.safetensors",
+        "valid",
+        "spec 1.3: two experts modules (per-expert names, rows of a fused tensor), alphas per expert and shared",
+        tensors,
+        meta,
+    )
+    add(
+        "invalid_experts_shape.safetensors",
+        "LK214",
+        "an experts module whose lora_B has another expert count than lora_A",
+        *edit(lambda t: t.update({f"{group}.lora_B": t[f"{group}.lora_B"][:2]})),
+    )
+    add(
+        "invalid_experts_name.safetensors",
+        "LK214",
+        "an experts module whose name has no '*'",
+        *edit(
+            lambda t: t.update({k.replace("*.", ""): t.pop(k) for k in list(t) if k.startswith(group)}),
+            lambda m: m.update(
+                {
+                    "lorakit.modules": m["lorakit.modules"].replace(
+                        '"layers.0.mlp.experts.*.up_proj"', '"layers.0.mlp.experts.up_proj"'
+                    )
+                }
+            ),
+        ),
+    )
+    add(
+        "invalid_experts_alpha_shape.safetensors",
+        "LK207",
+        "an experts module with 2 alphas for 3 experts",
+        *edit(lambda t: t.update({f"{group}.alpha": torch.tensor([1.0, 2.0])})),
+    )
+    add(
+        "invalid_experts_alpha_zero.safetensors",
+        "LK206",
+        "an experts module with one expert's alpha 0",
+        *edit(lambda t: t.update({f"{group}.alpha": torch.tensor([1.0, 0.0, 2.0])})),
+    )
+    add(
+        "invalid_experts_collision.safetensors",
+        "LK214",
+        "expert 1 of an experts module is also a linear module",
+        *edit(
+            lambda t: t.update(
+                {
+                    "layers.0.mlp.experts.1.up_proj." + p: t[f"layers.0.mlp.experts.down_proj.*.{p}"][0]
+                    for p in ("lora_A", "lora_B")
+                }
+                | {"layers.0.mlp.experts.1.up_proj.alpha": torch.tensor(1.0)}
+            ),
+            kinds({"layers.0.mlp.experts.1.up_proj": {"kind": "linear"}}),
+        ),
+    )
+    add(
+        "invalid_experts_bias.safetensors",
+        "LK214",
+        "an experts module with a bias_delta",
+        *edit(lambda t: t.update({f"{group}.bias_delta": torch.zeros(8)})),
+    )
 
 
 def main(folder):
