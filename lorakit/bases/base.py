@@ -32,6 +32,9 @@ class Slice:
     start: int
     stop: int
     swapped: bool = False
+    transposed: bool = (
+        False  # the alias's weight is these rows transposed (an MXFP4 expert: [in, out] in full)
+    )
 
 
 class Base:
@@ -89,10 +92,14 @@ class Base:
         return (stored[0] * stored[1], stored[2]) if stored else self.view.shape(name)
 
     def _expert_shape(self, name):
-        """The stored [E, rows, cols] of a 3-D expert tensor, else None."""
-        if self.experts is None or not self.experts.fullmatch(name) or name not in self.ckpt:
+        """The stored [E, rows, cols] of a 3-D expert tensor (a quantized one: as its codes lie), else None."""
+        if self.experts is None or not self.experts.fullmatch(name):
             return None
-        stored = tuple(self.ckpt.entry(name).shape)
+        if name in self.view.quantized:
+            stored = self.view.handler.experts_shape(self.ckpt, self.view.quantized[name])
+            if stored is not None:
+                return tuple(stored)
+        stored = tuple(self.ckpt.entry(name).shape) if name in self.ckpt else ()
         return stored if len(stored) == 3 else None
 
     def expert_slices(self, aliases):
@@ -100,9 +107,10 @@ class Base:
         out = {}
         for name in self.view.names:
             stored = self._expert_shape(name)
+            transposed = name in self.view.quantized and self.view.handler.transposed_experts
             for e in range(stored[0] if stored else 0):
                 for alias in aliases(name, e):
-                    out[alias] = Slice(alias, name, e * stored[1], (e + 1) * stored[1])
+                    out[alias] = Slice(alias, name, e * stored[1], (e + 1) * stored[1], transposed=transposed)
         return out
 
     def get(self, name):

@@ -10,14 +10,15 @@ class WeightView:
 
     def __init__(self, path, ckpt, handler, modules):
         self.path, self.ckpt, self.handler = path, ckpt, handler
-        self.quantized = {f"{m}.weight": members for m, members in modules.items()}
+        self.quantized = {handler.weight_name(m): members for m, members in modules.items()}
         # packed tensor -> the weight it makes up (hidden from the names: the weight stands for them)
         self.member_of = {
             t: n for n, members in self.quantized.items() for t in handler.members(ckpt, members)
         }
         self.names = sorted([n for n in ckpt.where if n not in self.member_of] + list(self.quantized))
         try:  # every quantized module's layout checked now, before any work: one line naming the tensor
-            self._qshapes = {n: tuple(handler.shape(ckpt, m)) for n, m in self.quantized.items()}
+            self._rows = {n: tuple(handler.shape(ckpt, m)) for n, m in self.quantized.items()}
+            self._qshapes = {n: tuple(handler.full_shape(ckpt, m)) for n, m in self.quantized.items()}
         except MALFORMED as e:
             raise LorakitError(
                 f"malformed {handler.name} checkpoint ({type(e).__name__}: {e})", path=path
@@ -30,6 +31,10 @@ class WeightView:
         if name in self.quantized:
             return self._qshapes[name]
         return tuple(self.ckpt.entry(name).shape)
+
+    def module_shape(self, name):
+        """A quantized module's [out, in] as its codes lie (the shape its grid and a merge's rows use)."""
+        return self._rows[name]
 
     def nbytes(self, name):
         if name in self.quantized:
@@ -44,7 +49,8 @@ class WeightView:
     def get(self, name):
         if name in self.quantized:
             try:
-                return self.handler.dequantize(self.ckpt, self.quantized[name])
+                m = self.quantized[name]
+                return self.handler.to_full(self.ckpt, m, self.handler.dequantize(self.ckpt, m))
             except MALFORMED as e:
                 raise LorakitError(
                     f"cannot dequantize ({type(e).__name__}: {e})", path=self.path, tensor=name

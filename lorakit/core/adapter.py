@@ -105,6 +105,12 @@ class Module:
             Wf = Wf * (self.magnitude.float().reshape(shape) / norm)
         return Wf
 
+    def transposed(self):
+        """This linear module on the transposed weight: dW^T = A^T B^T (exact: the factors swap)."""
+        if self.kind not in ("linear", "linear_t") or self.bias is not None or self.magnitude is not None:
+            raise LorakitError(f"a {self.kind} module cannot be transposed", tensor=self.name)
+        return replace(self, A=self.B.T.contiguous(), B=self.A.T.contiguous())
+
     def rows(self, start, stop, swap=False, name=None):
         """This module on output rows start:stop (B's and the bias's rows: exact), as module `name`; with `swap` the
         two halves of those rows in the other order (diffusers' AdaLayerNormContinuous [scale, shift] is the original

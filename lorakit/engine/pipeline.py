@@ -154,7 +154,9 @@ class MergeJob:
         tensors are then taken one by one as they are written."""
         view, plan = self.view, self.plans.get(key)
         members = view.quantized[key]
-        loras = plan.all_loras(view.shape(key)[0]) if plan else []  # slices padded: the grid needs whole rows
+        loras = (
+            plan.all_loras(view.module_shape(key)[0]) if plan else []
+        )  # slices padded: the grid needs whole rows
         if plan is not None and plan.transforms and key not in self.dequantized:
             raise LorakitError(
                 "a multiplicative adapter (IA3, HRA, OFT) into a quantized module is not supported: merge with "
@@ -173,7 +175,7 @@ class MergeJob:
                 W = requant.merged_target(W, loras, self.sign, self._full(key, self.onto))
             for D, w in plan.deltas if plan else []:
                 W = W + D.float() * (self.sign * w)
-            out = {key: W.to(self.target_dtype)}
+            out = {key: view.handler.to_full(self.ckpt, members, W).to(self.target_dtype)}
         else:
             strategy = self.strategy_of(key, members)
             onto = "original" if strategy == "original" else self.onto
@@ -189,7 +191,7 @@ class MergeJob:
                 self.inputs.get(key),
                 "same-grid" if self.strategy == "auto" else None,
             )
-            self.survival[key[: -len(".weight")]] = row
+            self.survival[key.removesuffix(".weight")] = row
         for name, t in out.items():
             if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
                 check_finite(name, t)

@@ -114,6 +114,7 @@ class Planner:
         s = self.base.fused_slices.get(m.name)
         if s is None or m.magnitude is not None or m.bias is not None:
             return False
+        m = m.transposed() if s.transposed else m
         if tuple(m.shape) != (s.stop - s.start, *self.base.shape(s.tensor)[1:]):
             return False
         p = self.target(s.tensor)

@@ -26,7 +26,7 @@ FUSED = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_proj": 
 def split_wrappers(parts, config):
     """Pop the ParamWrapper entries out of `parts` ({module: {(part, param): tensor}}): {(parent, parameter): its
     parts}, each assigned to its target parameter by the nesting depth."""
-    targets = [t for t in config.get("target_parameters") or [] if isinstance(t, str) and "." in t]
+    targets = [t for t in config.get("target_parameters") or [] if isinstance(t, str)]
     if not targets:
         return {}
     out = {}
@@ -34,7 +34,7 @@ def split_wrappers(parts, config):
         parent, depth = module, 0
         while parent.endswith(".base_layer"):
             parent, depth = parent[: -len(".base_layer")], depth + 1
-        names = [t.rsplit(".", 1)[1] for t in targets if parent.endswith("." + t.rsplit(".", 1)[0])]
+        names = [t.rsplit(".", 1)[-1] for t in targets if _targets(parent, t)]
         if not names:
             continue
         if depth >= len(names):
@@ -43,6 +43,13 @@ def split_wrappers(parts, config):
             )
         out[(parent, names[len(names) - 1 - depth])] = parts.pop(module)
     return _by_shapes(out)
+
+
+def _targets(parent, target):
+    """Whether a target_parameters entry names a parameter of module `parent`: PEFT matches `<module>.<param>` by its
+    suffix, so a bare parameter name matches every module that has one (here: the experts' fused tensors)."""
+    module, _, param = target.rpartition(".")
+    return parent.endswith("." + module) if module else param in FUSED and parent.endswith(".experts")
 
 
 def _fits(gate_up, down):
@@ -130,11 +137,8 @@ def _fused_on_disk(tensor, A3, B3, alpha, stored, model_type):
             f"base {list(stored)} is neither [E, out, in] = [{E}, {out}, {inn}] nor [E, in, out] = [{E}, {inn}, {out}]",
             tensor=tensor,
         )
-    modules = []
-    for e in range(E):
-        A_e, B_e = (A3[e], B3[e]) if as_is else (B3[e].T, A3[e].T)
-        modules.append(Module(f"{tensor}.{e}", A_e.contiguous(), B_e.contiguous(), alpha=alpha))
-    return modules
+    modules = [Module(f"{tensor}.{e}", A3[e].contiguous(), B3[e].contiguous(), alpha=alpha) for e in range(E)]
+    return modules if as_is else [m.transposed() for m in modules]
 
 
 def _expert_names(parent, param, E, rows, cols, shapes, notes):

@@ -20,6 +20,7 @@ FORMATS = {
     "fp8": ("fp8", "FP8Channel", "FP8 E4M3 per tensor / per channel (compressed-tensors, FBGEMM)"),
     "int8": ("int8", "Int8Channel", "INT8 per channel (compressed-tensors weight_scale; bitsandbytes SCB)"),
     "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization"),
+    "mxfp4": ("mxfp4", "MXFP4", "MXFP4 (OCP microscaling FP4 E2M1, E8M0 scales per 32): gpt-oss' experts"),
     "gguf": (
         "gguf",
         "GGUFBlocks",
@@ -62,6 +63,10 @@ DEFAULT_STRATEGY = {
     "Q5_K": "stochastic",
     "Q4_K": "stochastic",
     "Q4_0": "stochastic",
+    # not in the SmolLM2 table (no dense MXFP4 model): on tiny gpt-oss (tests/test_mxfp4.py's base, adapters of
+    # three strengths) rescale came closest every time, as the OCP recipe leaves no headroom (a block's largest code
+    # is 4 or 6: a delta that grows it clips on the old grid)
+    "mxfp4": "rescale",
 }
 
 # tensor name endings that only quantized checkpoints have: refused when no format claims them

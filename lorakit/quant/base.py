@@ -62,8 +62,27 @@ class QuantFormat:
         """Every stored tensor that makes up module `m` (hidden behind its `.weight` in a WeightView)."""
         return list(m.values())
 
+    transposed_experts = False  # whether a 3-D expert tensor's full-precision slices are its rows transposed
+
+    def weight_name(self, module):
+        """The full-precision tensor a module stands for."""
+        return f"{module}.weight"
+
     def shape(self, ckpt, m):
+        """The module's shape as its codes lie: [out, in] (rows, columns of the grid)."""
         return tuple(ckpt.entry(m["weight"]).shape)
+
+    def full_shape(self, ckpt, m):
+        """The full-precision tensor's shape (what names and fingerprints see; the dequantized output's)."""
+        return self.shape(ckpt, m)
+
+    def experts_shape(self, ckpt, m):
+        """[E, rows, cols] of a module holding Mixture-of-Experts weights (its shape is E x rows rows), else None."""
+        return None
+
+    def to_full(self, ckpt, m, W):
+        """The dequantized module [out, in] as the full-precision tensor."""
+        return W
 
     def grid(self, ckpt, m):
         """The stored grid (Grid)."""
