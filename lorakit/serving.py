@@ -21,6 +21,8 @@ class Engine:
     patterns: bool = False  # honors rank_pattern / alpha_pattern
     rslora: bool = False  # honors use_rslora
     every_expert: bool = False  # per-expert MoE LoRAs must cover every expert of a layer
+    # model types whose expert LoRAs it loads as PEFT's 3-D target_parameters layout (vLLM's is_3d_moe_weight)
+    experts_3d: tuple = ()
     dora: bool = False
     full_weights: bool = False  # modules_to_save / replaced tensors
     bias: bool = False
@@ -35,7 +37,9 @@ ENGINES = {
         ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512),
         rslora=True,
         every_expert=True,
-        source="max_lora_rank choices; DoRA, modules_to_save, bias refused; patterns ignored (#9280, #6983)",
+        experts_3d=("gpt_oss", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl_moe", "glm4_moe_lite"),
+        source="max_lora_rank choices; DoRA, modules_to_save, bias refused; patterns ignored (#9280, #6983); "
+        "3-D expert LoRAs for the models it marks is_3d_moe_weight",
     ),
     "sglang": Engine(
         "sglang", "peft", every_expert=True, source="patterns and DoRA refused; rsLoRA ignored (#40835)"

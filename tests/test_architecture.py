@@ -86,8 +86,10 @@ def test_reader_options_it_does_not_take_are_an_error(tmp_path):
     os.makedirs(tmp_path / "base")
     with pytest.raises(LorakitError, match="lorakit reader does not use --alpha"):
         load(tmp_path / "a.safetensors", alpha=3.0)
-    with pytest.raises(LorakitError, match="neither by the lorakit reader nor by the peft writer"):
-        lorakit.convert(tmp_path / "a.safetensors", tmp_path / "p", to="peft", base=str(tmp_path / "base"))
+    with pytest.raises(LorakitError, match="neither by the lorakit reader nor by the diffusers writer"):
+        lorakit.convert(
+            tmp_path / "a.safetensors", tmp_path / "p", to="diffusers", base=str(tmp_path / "base")
+        )
 
 
 def test_module_kind_is_checked():

@@ -22,6 +22,16 @@ MODELS = {
             **SIZE, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2
         )
     ),
+    "qwen3_5_moe": lambda: transformers.Qwen3_5MoeForCausalLM(
+        transformers.Qwen3_5MoeTextConfig(
+            **SIZE,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention", "full_attention"],
+        )
+    ),
     "mixtral": lambda: transformers.MixtralForCausalLM(
         transformers.MixtralConfig(**SIZE, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
     ),
@@ -142,12 +152,19 @@ def test_an_expert_layout_the_base_lacks_names_both_candidates(tmp_path, cli):
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_convert_to_peft_per_expert_loads_with_the_same_logits(tmp_path, kind):
-    """The per-expert modules written as a PEFT folder (v4-style names): PEFT on transformers 5 loads them onto the
-    fused experts and computes what the ParamWrapper adapter computes."""
+    """The per-expert modules written as a PEFT folder: v4-style names where PEFT on transformers 5 converts them onto
+    the fused experts (the qwen2_moe family, Mixtral), target_parameters where it would load them as nothing
+    (Qwen3.5-MoE); either way PEFT computes what the ParamWrapper adapter computes."""
     base, adapter, _, logits = build(tmp_path, kind)
     lorakit.convert(adapter, tmp_path / "per_expert", to="peft", base=str(base))
     config = json.load(open(tmp_path / "per_expert" / "adapter_config.json"))
-    assert not config.get("target_parameters") and any(".experts.3." in m for m in config["target_modules"])
+    if kind == "qwen3_5_moe":
+        assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        assert not any(".experts." in m for m in config["target_modules"])
+    else:
+        assert not config.get("target_parameters") and any(
+            ".experts.3." in m for m in config["target_modules"]
+        )
     with torch.no_grad():
         model = peft.PeftModel.from_pretrained(
             type(make(kind)).from_pretrained(base), tmp_path / "per_expert"
@@ -412,3 +429,45 @@ def test_per_expert_alphas_and_a_bad_one(tmp_path, cli):
     assert_one_line_error(code, out, err, "bad.safetensors", "m.experts.gate_up_proj.1", "-2.0")
     code, out, _ = cli("validate", tmp_path / "bad.safetensors")
     assert code == 1 and "LK206" in out
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "gpt_oss_square"])
+def test_fused_experts_convert_to_peft_target_parameters(tmp_path, kind, cli):
+    """LoRAs on rows of gpt-oss' fused expert tensors go out as PEFT's ParamWrapper layout (the base's model type
+    says the orientation): PEFT loads the folder and computes the same logits; without --base, one line."""
+    base, adapter, _, logits = build(tmp_path, kind)
+    lorakit.convert(adapter, tmp_path / "a.safetensors", to="lorakit", base=str(base))
+    code, out, err = cli("convert", tmp_path / "a.safetensors", "--to", "peft", "-o", tmp_path / "nobase")
+    assert_one_line_error(code, out, err, "a.safetensors", "--base", "model.layers.0.mlp.experts.down_proj.*")
+    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "p", to="peft", base=str(base))
+    config = json.load(open(tmp_path / "p" / "adapter_config.json"))
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / "p")
+        got = model.eval()(IDS).logits
+    assert torch.allclose(got, logits, atol=1e-6 * logits.abs().max()), (got - logits).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "qwen3_5_moe"])
+def test_vllm_3d_moe_models_get_the_3d_layout(tmp_path, kind):
+    """vLLM loads the expert LoRAs of the models it marks is_3d_moe_weight (gpt-oss, Qwen3.5-MoE, ...) only as PEFT's
+    >= 0.19.1 target_parameters layout: gate_up_proj the inner wrapper (`experts.base_layer.lora_*`), down_proj the
+    outer, B's columns rank-major, every module at a rank vLLM serves. PEFT loads it with the same logits."""
+    from safetensors.torch import load_file
+
+    base, adapter, _, logits = build(tmp_path, kind)
+    report = lorakit.convert(adapter, tmp_path / "v", for_engine="vllm", base=str(base))
+    config = json.load(open(tmp_path / "v" / "adapter_config.json"))
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert config["r"] == 8 and not config["rank_pattern"] and not config["alpha_pattern"], report["notes"]
+    keys = load_file(tmp_path / "v" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    E, hidden, ff = 4, 32, (24 if kind == "gpt_oss" else 16)
+    assert keys[f"{prefix}.base_layer.lora_A.weight"].shape == (8 * E, hidden)
+    assert keys[f"{prefix}.base_layer.lora_B.weight"].shape == (2 * ff, 8 * E)
+    assert keys[f"{prefix}.lora_A.weight"].shape == (8 * E, ff)
+    assert not any(".experts.0." in k for k in keys)
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / "v")
+        got = model.eval()(IDS).logits
+    assert torch.allclose(got, logits, atol=1e-5 * logits.abs().max()), (got - logits).abs().max()

@@ -47,6 +47,8 @@ def convert(
         "operation": "convert",
         "parents": [{"file": os.path.basename(os.path.normpath(input)), "format": src.name}],
     }
+    if engine is None and dst.name == "peft":
+        adapter = _experts_for_peft(adapter, base, None)
     notes = _write(adapter, output, dst, base, force, input)
     return {
         "input": input,
@@ -125,6 +127,7 @@ def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
             adapter.notes.append(
                 f"{len(added)} expert(s) the adapter lacks given zero LoRAs ({engine.name} loads every expert)"
             )
+    adapter = _experts_for_peft(adapter, base, engine)
     try:
         adapter, ranks = serving.serve_ready(adapter, engine, max_rank)
     except LorakitError as e:
@@ -136,6 +139,17 @@ def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
         else f"written for {engine.name}"
     )
     return adapter, rows + [r for r in ranks if r["rank"] != r["rank_in"] or r["energy_kept"] < 1]
+
+
+def _experts_for_peft(adapter, base, engine):
+    """Per-expert modules as rows of transformers 5's fused expert tensors (written as PEFT's target_parameters)
+    where the engine, or PEFT itself, loads them only so."""
+    from ..formats import peft_experts
+
+    model_type = (base.config or {}).get("model_type") if base is not None else None
+    if not peft_experts.wants_target_parameters(model_type, engine):
+        return adapter
+    return peft_experts.fused_in_memory(adapter)
 
 
 def _low_rank_deltas(adapter, engine, base, rank, energy):

@@ -12,7 +12,7 @@ import math
 import os
 import re
 
-from ..core import Adapter, Module, default_kind
+from ..core import Adapter, Module, default_kind, experts
 from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
@@ -227,11 +227,15 @@ def _is_transposed(module, A, B, fan_in_fan_out, base_shapes):
     return fan_in_fan_out
 
 
-def to_state_dict(adapter, path):
-    """(tensors with PEFT names, without the base_model.model. prefix, and the LoraConfig fields)."""
-    mods = list(adapter.modules.values())
+def to_state_dict(adapter, path, base=None):
+    """(tensors with PEFT names, without the base_model.model. prefix, and the LoraConfig fields). Expert LoRAs on
+    rows of fused expert tensors become ParamWrappers (target_parameters), oriented by the base's model type."""
+    modules = dict(adapter.modules)
+    model_type = _fused_experts_model_type(modules, base, path)
+    wrapped, target_parameters, wrapper_ranks = peft_experts.wrapped_tensors(modules, model_type, path)
+    mods = list(modules.values())
     refuse_deltas(adapter, "PEFT / diffusers", path)
-    if not mods and not adapter.replacements:
+    if not mods and not adapter.replacements and not wrapped:
         raise LorakitError("the adapter is empty", path=path)
     dora = {m.magnitude is not None for m in mods}
     if len(dora) > 1:
@@ -239,7 +243,7 @@ def to_state_dict(adapter, path):
             "PEFT's use_dora applies to every module, but only some modules here are DoRA", path=path
         )
     kinds_t = {m.kind == "linear_t" for m in mods if m.kind in ("linear", "linear_t")}
-    tensors = {}
+    tensors = dict(wrapped)
     for m in mods:
         if m.kind == "embedding":
             tensors[f"{m.name}.lora_embedding_A"] = t_contig(m.B)
@@ -271,8 +275,10 @@ def to_state_dict(adapter, path):
     alphas = {
         m.name: m.alpha for m in mods
     }  # PEFT's scale lora_alpha / r is then the spec's alpha / r exactly
-    r = most_common(ranks.values()) if mods else 8
-    alpha = most_common(alphas.values()) if mods else 8
+    ranks.update({parent: r for parent, (r, _) in wrapper_ranks.items()})
+    alphas.update({parent: a for parent, (_, a) in wrapper_ranks.items()})
+    r = most_common(ranks.values()) if ranks else 8
+    alpha = most_common(alphas.values()) if alphas else 8
     source = adapter.provenance.get("source_config") or {}
     config = {
         "peft_type": "LORA",
@@ -281,7 +287,7 @@ def to_state_dict(adapter, path):
         "revision": source.get("revision"),
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(m.name for m in mods),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "use_rslora": False,
@@ -298,11 +304,31 @@ def to_state_dict(adapter, path):
     }
     if any(m.bias is not None for m in mods):
         config["lora_bias"] = True
+    if target_parameters:
+        config["target_parameters"] = target_parameters
     return tensors, config
 
 
-def write(adapter, path, force=False):
-    tensors, config = to_state_dict(adapter, path)
+def _fused_experts_model_type(modules, base, path):
+    """The base's model type where the adapter has LoRAs on rows of fused expert tensors (it says whether a tensor
+    is stored [E, out, in] or [E, in, out]), else None."""
+    fused = [g for g in experts.expert_groups(modules) if g.endswith(f".{experts.WILDCARD}")]
+    if not fused:
+        return None
+    model_type = ((base.config or {}) if base is not None else {}).get("model_type")
+    if model_type is None:
+        raise LorakitError(
+            "LoRAs on rows of a fused expert tensor: PEFT's target_parameters layout depends on the model type, "
+            "pass --base (its config.json)",
+            path=path,
+            tensor=fused[0],
+        )
+    return model_type
+
+
+def write(adapter, path, force=False, base=None):
+    tensors, config = to_state_dict(adapter, path, base)
+
     with atomic_output(path, force=force, directory=True) as tmp:
         write_safetensors(
             os.path.join(tmp, WEIGHTS), {PREFIX + k: v for k, v in tensors.items()}, {"format": "pt"}

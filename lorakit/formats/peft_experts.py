@@ -16,7 +16,7 @@ merge_and_unload + save_pretrained in the tests):
 import math
 import re
 
-from ..core import Module
+from ..core import Module, experts
 from ..errors import LorakitError
 
 # fused parameter -> the per-expert tensors it is cut into, row order: (qwen2_moe family name, Mixtral name)
@@ -119,6 +119,26 @@ def expert_modules(parent, param, p, config, shapes, notes, model_type=None):
     return modules
 
 
+# model types for which PEFT (transformers_weight_conversion) converts per-expert adapters onto transformers 5's fused
+# experts at load: those whose conversion pattern (transformers conversion_mapping) is mixtral or qwen2_moe. Any
+# other MoE type loads a per-expert adapter's expert keys as nothing, silently: it needs target_parameters.
+PER_EXPERT_LOADED = (
+    *("mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe"),
+    *("qwen3_omni_moe_thinker", "qwen3_omni_moe_text", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1"),
+    *("afmoe", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm4v_moe", "longcat_flash"),
+    *("solar_open", "mellum", "beam", "hunyuan_v1_moe", "flex_olmo", "olmoe", "sarvam_mla", "exaone_moe"),
+    "cohere2_moe",
+)
+
+
+def wants_target_parameters(model_type, engine=None):
+    """Whether per-expert LoRAs go out as PEFT's target_parameters for a base of `model_type`: for an engine, where
+    it loads them so (vLLM's 3-D models); for PEFT itself, where it cannot load them per expert."""
+    if model_type is None:
+        return False
+    return model_type in engine.experts_3d if engine is not None else model_type not in PER_EXPERT_LOADED
+
+
 # model types whose fused expert tensors are stored [E, in, out] (transposed against the LoRA's [out, in])
 IN_OUT = ("gpt_oss", "llama4", "llama4_text", "qwen3_vl_moe")
 
@@ -170,3 +190,85 @@ def _expert_names(parent, param, E, rows, cols, shapes, notes):
             return names
     tried = " or ".join(f"{layout(0)[0]}.weight" for layout in layouts.values())
     raise LorakitError(f"{E} experts of {param}: the base has neither layout ({tried})", tensor=parent)
+
+
+def fused_in_memory(adapter):
+    """The adapter with its per-expert modules (`<parent>.<e>.{gate,up,down}_proj`, the qwen2_moe family's names) as
+    rows of transformers 5's fused in-memory tensors: `<parent>.gate_up_proj.<e>` [2I, H], gate's rows then up's (A
+    stacked, B block-diagonal: exact at the sum of their ranks; a missing half is zero rows), and
+    `<parent>.down_proj.<e>`. What PEFT's ParamWrapper layout is written from (vLLM's 3-D MoE models)."""
+    import dataclasses
+
+    import torch
+
+    modules, fused = dict(adapter.modules), {}
+    for group, names in experts.expert_groups(adapter.modules).items():
+        parent, proj = experts.layer_of(group)
+        if f".experts.{experts.WILDCARD}." not in group or proj not in ("gate_proj", "up_proj", "down_proj"):
+            continue
+        param = "down_proj" if proj == "down_proj" else "gate_up_proj"
+        for e, name in names.items():
+            fused.setdefault((parent, param, e), {})[proj] = modules.pop(name)
+    for (parent, param, e), parts in sorted(fused.items()):
+        name = f"{parent}.{param}.{e}"
+        if param == "down_proj":
+            modules[name] = dataclasses.replace(parts["down_proj"], name=name)
+            continue
+        half, pieces = next(iter(parts.values())), [parts.get(p) for p in ("gate_proj", "up_proj")]
+        if (
+            None not in pieces
+            and pieces[0].scale == pieces[1].scale
+            and torch.equal(pieces[0].A, pieces[1].A)
+        ):
+            # one A for both halves, as a ParamWrapper on gate_up_proj trains it: rank r, not 2r
+            B = torch.cat([pieces[0].B, pieces[1].B])
+            modules[name] = dataclasses.replace(pieces[0], name=name, B=B)
+            continue
+        B2s = [m.factors()[0] if m else torch.zeros(half.shape[0], 0) for m in pieces]
+        A2s = [m.factors()[1] if m else torch.zeros(0, half.shape[1]) for m in pieces]
+        A, B = torch.cat(A2s), torch.block_diag(*B2s)  # scales folded: alpha = rank
+        modules[name] = Module(name, A, B, alpha=float(A.shape[0]))
+    return dataclasses.replace(adapter, modules=modules)
+
+
+def wrapped_tensors(modules, model_type, path):
+    """(PEFT ParamWrapper tensors {key: tensor}, target_parameters, {parent module: (r, alpha)}) for the fused-row
+    expert modules among `modules` ({name: Module}, popped): per layer gate_up_proj is the inner wrapper
+    (`<parent>.base_layer.lora_*`) and down_proj the outer (`<parent>.lora_*`), as PEFT registers them; every expert
+    of a tensor at one rank (zero-padded: exact) and one scale (folded into B where they differ)."""
+    import torch
+
+    from ..serving import folded
+
+    by_parent = {}
+    for group, names in experts.expert_groups(modules).items():
+        parent, param = experts.layer_of(group)
+        if not group.endswith(f".{experts.WILDCARD}") or param not in FUSED:
+            continue
+        if sorted(names) != list(range(len(names))):
+            raise LorakitError(
+                f"PEFT's target_parameters holds every expert of {param}; the adapter has {len(names)} of them "
+                "(convert with --base to give the others zero LoRAs)",
+                path=path,
+                tensor=group,
+            )
+        members = [modules.pop(names[e]) for e in range(len(names))]
+        by_parent.setdefault(parent, {})[param] = [
+            m.transposed() if model_type in IN_OUT else m for m in members
+        ]
+    tensors, targets, patterns = {}, set(), {}
+    for parent, params in sorted(by_parent.items()):
+        every = [m for ms in params.values() for m in ms]
+        rank = max(m.rank for m in every)
+        alpha = every[0].alpha if len({(m.rank, m.alpha) for m in every}) == 1 else float(rank)
+        patterns[parent] = (rank, alpha)
+        for param, ms in params.items():
+            inner = "base_layer." if param == "gate_up_proj" and len(params) == 2 else ""
+            ms = [folded(m, rank, alpha / rank) for m in ms]
+            tensors[f"{parent}.{inner}lora_A.weight"] = torch.cat([m.A for m in ms]).contiguous()
+            tensors[f"{parent}.{inner}lora_B.weight"] = (
+                torch.stack([m.B for m in ms], -1).flatten(1).contiguous()
+            )
+            targets.add(".".join(parent.split(".")[-2:] + [param]))
+    order = sorted(targets, key=lambda t: (t.rsplit(".", 1)[1] != "gate_up_proj", t))  # the inner one first
+    return tensors, order, patterns
