@@ -50,6 +50,18 @@ GPT_OSS = lambda intermediate: transformers.GptOssForCausalLM(  # noqa: E731
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
 )
+# Llama 4 keeps its experts fused on disk too ([E, H, 2I], gate and up concatenated), under feed_forward.experts
+LLAMA4 = lambda: transformers.Llama4ForCausalLM(  # noqa: E731
+    transformers.Llama4TextConfig(
+        **SIZE,
+        intermediate_size=16,
+        intermediate_size_mlp=32,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        head_dim=8,
+    )
+)
+FUSED_ON_DISK = ("gpt_oss", "llama4")
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
 
 
@@ -57,7 +69,7 @@ def make(kind):
     torch.manual_seed(0)
     if kind.startswith("gpt_oss"):
         return GPT_OSS(16 if kind == "gpt_oss_square" else 24).eval()
-    return MODELS[kind]().eval()
+    return (LLAMA4 if kind == "llama4" else MODELS[kind])().eval()
 
 
 def build(tmp_path, kind, **config):
@@ -65,7 +77,8 @@ def build(tmp_path, kind, **config):
     base = make(kind)
     base.save_pretrained(tmp_path / "base")
     lora = dict(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"])
-    lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    block = "feed_forward" if kind == "llama4" else "mlp"
+    lora["target_parameters"] = [f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"]
     model = peft.get_peft_model(base, peft.LoraConfig(**{**lora, **config}))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -85,13 +98,13 @@ def assert_same_checkpoint(a, b):
         assert torch.allclose(A.get(name).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max()), name
 
 
-@pytest.mark.parametrize("kind", [*sorted(MODELS), "gpt_oss", "gpt_oss_square"])
+@pytest.mark.parametrize("kind", [*sorted(MODELS), "gpt_oss", "gpt_oss_square", "llama4"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_expert_lora_merges_as_peft_does(tmp_path, kind, rslora):
     base, adapter, peft_merged, logits = build(tmp_path, kind, use_rslora=rslora)
     report = lorakit.merge(base, [adapter], tmp_path / "out", quiet=True)
     # per layer: q, v and the experts' tensors: per expert gate, up, down, or gpt-oss's two fused ones
-    assert report["merged_count"] == 2 * (2 + (2 if kind.startswith("gpt_oss") else 4 * 3))
+    assert report["merged_count"] == 2 * (2 + (2 if kind.startswith(FUSED_ON_DISK) else 4 * 3))
     assert_same_checkpoint(tmp_path / "out", peft_merged)
     merged = type(make(kind)).from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
@@ -241,6 +254,15 @@ def test_expert_lora_merges_into_gguf_exps_tensors(tmp_path, kind):
             want = m.delta().double().numpy()
             err = np.linalg.norm(got - want) / np.linalg.norm(want)
             assert err < (1e-6 if kind == "F32" else 0.05), (name, e, err)
+    if kind == "F32":  # and back: extract gives the per-expert LoRAs under Hugging Face's names
+        lorakit.extract(
+            tmp_path / "moe.gguf", tmp_path / "out.gguf", tmp_path / "x.safetensors", rank=2, quiet=True
+        )
+        got = lorakit.load(tmp_path / "x.safetensors").modules
+        assert sorted(got) == sorted(ad.modules)
+        for name, m in ad.modules.items():
+            err = float((got[name].delta().double() - m.delta().double()).norm() / m.delta().double().norm())
+            assert err < 1e-5, (name, err)
 
 
 def test_engines_that_load_every_expert(tmp_path, cli):
@@ -431,17 +453,20 @@ def test_per_expert_alphas_and_a_bad_one(tmp_path, cli):
     assert code == 1 and "LK206" in out
 
 
-@pytest.mark.parametrize("kind", ["gpt_oss", "gpt_oss_square"])
+@pytest.mark.parametrize("kind", ["gpt_oss", "gpt_oss_square", "llama4"])
 def test_fused_experts_convert_to_peft_target_parameters(tmp_path, kind, cli):
     """LoRAs on rows of gpt-oss' fused expert tensors go out as PEFT's ParamWrapper layout (the base's model type
     says the orientation): PEFT loads the folder and computes the same logits; without --base, one line."""
     base, adapter, _, logits = build(tmp_path, kind)
     lorakit.convert(adapter, tmp_path / "a.safetensors", to="lorakit", base=str(base))
     code, out, err = cli("convert", tmp_path / "a.safetensors", "--to", "peft", "-o", tmp_path / "nobase")
-    assert_one_line_error(code, out, err, "a.safetensors", "--base", "model.layers.0.mlp.experts.down_proj.*")
+    block = "feed_forward" if kind == "llama4" else "mlp"
+    assert_one_line_error(
+        code, out, err, "a.safetensors", "--base", f"model.layers.0.{block}.experts.down_proj.*"
+    )
     lorakit.convert(tmp_path / "a.safetensors", tmp_path / "p", to="peft", base=str(base))
     config = json.load(open(tmp_path / "p" / "adapter_config.json"))
-    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert config["target_parameters"] == [f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"]
     with torch.no_grad():
         model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / "p")
         got = model.eval()(IDS).logits
@@ -471,3 +496,28 @@ def test_vllm_3d_moe_models_get_the_3d_layout(tmp_path, kind):
         model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / "v")
         got = model.eval()(IDS).logits
     assert torch.allclose(got, logits, atol=1e-5 * logits.abs().max()), (got - logits).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama4", "qwen3_moe"])
+def test_extract_an_expert_lora_per_expert(tmp_path, kind):
+    """extract from a base and its PEFT-merged MoE: one LoRA per expert (rows of a fused 3-D tensor, or the
+    per-expert tensors), named as the merge names them, nothing replaced; merged back it gives PEFT's checkpoint."""
+    base, _, peft_merged, _ = build(tmp_path, kind)
+    report = lorakit.extract(base, peft_merged, tmp_path / "x.safetensors", rank=2, quiet=True)
+    assert report["replaced"] == [] and report["module_count"] == 2 * (
+        2 + 4 * (2 if kind != "qwen3_moe" else 3)
+    )
+    assert report["mean_energy_kept"] > 1 - 1e-9  # every expert's delta is rank 2: exact
+    names = set(lorakit.load(tmp_path / "x.safetensors").modules)
+    block = "feed_forward" if kind == "llama4" else "mlp"
+    assert (
+        f"model.layers.1.{block}.experts.gate_up_proj.3" in names
+        if kind != "qwen3_moe"
+        else "model.layers.1.mlp.experts.3.up_proj" in names
+    )
+    lorakit.merge(base, [tmp_path / "x.safetensors"], tmp_path / "out", quiet=True)
+    got, want, before = open_base(tmp_path / "out"), open_base(peft_merged), open_base(base)
+    for name in want.shapes():  # within fp32 rounding of the delta (tuned - base is taken in fp32)
+        delta = want.get(name).double() - before.get(name).double()
+        error = float((got.get(name).double() - want.get(name).double()).norm())
+        assert error <= 1e-5 * max(float(delta.norm()), 1e-30), (name, error)

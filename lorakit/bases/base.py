@@ -102,6 +102,11 @@ class Base:
         stored = tuple(self.ckpt.entry(name).shape) if name in self.ckpt else ()
         return stored if len(stored) == 3 else None
 
+    def expert_module(self, name, e):
+        """The module an adapter names expert e of the 3-D expert tensor `name` by (its slice `name[e]` as the
+        full-precision tensor lies), or None when `name` is no expert tensor."""
+        return f"{name}.{e}" if self._expert_shape(name) is not None else None
+
     def expert_slices(self, aliases):
         """{alias: Slice} for every expert e of every expert tensor: `aliases(tensor, e)` gives expert e's names."""
         out = {}

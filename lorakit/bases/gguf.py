@@ -63,6 +63,14 @@ class GGUFBase(Base):
 
         return gguf_modules(adapter, self.kv, self.path)
 
+    def expert_module(self, name, e):
+        """Hugging Face's per-expert module (what the merge and the adapter readers name it), not llama.cpp's."""
+        from ..naming.llama_cpp import expert_module
+
+        return (
+            expert_module(name.removesuffix(".weight"), e) if self._expert_shape(name) is not None else None
+        )
+
     def from_base_names(self, adapter):
         from ..naming.llama_cpp import gguf_modules
 

@@ -52,6 +52,24 @@ def _extract_module(name, W0, W1, adapter, rank, energy, out_dtype, generator):
     return {"module": module_name, **stats}
 
 
+def _extract_experts(name, W0, W1, base, adapter, rank, energy, out_dtype, generator):
+    """One LoRA per expert of a 3-D Mixture-of-Experts tensor [E, rows, cols] (gpt-oss, Llama 4, llama.cpp's
+    *_exps): each expert's slice is a linear weight of its own (experts it leaves as they were get none); report
+    rows per expert."""
+    rows = []
+    for e in range(W1.shape[0]):
+        if torch.equal(W0[e], W1[e]):
+            continue
+        D = W1[e].float() - W0[e].float()
+        module = base.expert_module(name, e)
+        m, stats = algebra.module_of_delta(
+            module, D, "linear", out_dtype or W1.dtype, rank, energy, generator
+        )
+        adapter.add(m)
+        rows.append({"module": module, **stats})
+    return rows
+
+
 @takes_options(ExtractOptions, unpack=True)
 def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, quiet):
     """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
@@ -80,6 +98,10 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
                 report["unchanged"] += 1
             elif isinstance(outcome, str):
                 report[outcome].append(name)
+            elif outcome[1].ndim == 3 and base_ckpt.expert_module(name, 0) is not None:
+                rows += _extract_experts(
+                    name, *outcome, base_ckpt, adapter, rank, energy, out_dtype, generator
+                )
             elif outcome[1].ndim < 2 or not name.endswith(".weight"):
                 W1 = outcome[1]
                 adapter.replacements[name] = W1.clone() if out_dtype is None else W1.to(out_dtype)

@@ -53,9 +53,12 @@ def _targets(parent, target):
 
 
 def _fits(gate_up, down):
-    """Whether two wrappers' (lora_A, lora_B) are gate_up_proj [2I, H] and down_proj [H, I] of one MLP."""
+    """Whether two wrappers' (lora_A, lora_B) are gate_up_proj and down_proj of one MLP: dW [2I, H] and [H, I], or
+    in a stored [E, in, out] layout PEFT keeps (Llama 4) [H, 2I] and [I, H]."""
     (gu_A, gu_B), (d_A, d_B) = gate_up, down
-    return gu_A.shape[1] == d_B.shape[0] and gu_B.shape[0] == 2 * d_A.shape[1]
+    out_in = gu_A.shape[1] == d_B.shape[0] and gu_B.shape[0] == 2 * d_A.shape[1]
+    in_out = gu_B.shape[0] == d_A.shape[1] and gu_A.shape[1] == 2 * d_B.shape[0]
+    return out_in or in_out
 
 
 def _by_shapes(wrapped):
@@ -139,19 +142,21 @@ def wants_target_parameters(model_type, engine=None):
     return model_type in engine.experts_3d if engine is not None else model_type not in PER_EXPERT_LOADED
 
 
-# model types whose fused expert tensors are stored [E, in, out] (transposed against the LoRA's [out, in])
-IN_OUT = ("gpt_oss", "llama4", "llama4_text", "qwen3_vl_moe")
+# model types whose experts transformers marks is_transposed (stored [E, in, out]: gpt-oss and a few others): PEFT's
+# ParamWrapper then keeps in / out as the tensor's, so its dW = B A is the transpose of each expert's slice; for every
+# other fused tensor (Llama 4's [E, H, 2I] too) B A has the slice's own layout (peft ParamWrapper.update_layer)
+PEFT_TRANSPOSED = ("gpt_oss", "aria", "ergo", "openai_privacy_filter")
 
 
 def _fused_on_disk(tensor, A3, B3, alpha, stored, model_type):
     """One Module per expert on the rows of a fused tensor the base stores 3-D: [E, out, in] as the LoRA is, or
-    [E, in, out] (gpt-oss, Llama 4), where expert e's rows take dW_e^T = A_e^T B_e^T (exact: the factors swap)."""
+    [E, in, out] against it (gpt-oss: PEFT_TRANSPOSED), where expert e's rows take dW_e^T = A_e^T B_e^T (exact: the factors swap)."""
     E, inn, out = A3.shape[0], A3.shape[2], B3.shape[1]
     if stored[0] != E:
         raise LorakitError(f"the adapter has {E} experts, the base {stored[0]}", tensor=tensor)
     as_is, transposed = tuple(stored[1:]) == (out, inn), tuple(stored[1:]) == (inn, out)
     if as_is and transposed:  # square: the orientation is the model's
-        as_is = model_type not in IN_OUT
+        as_is = model_type not in PEFT_TRANSPOSED
     if not (as_is or transposed):
         raise LorakitError(
             f"base {list(stored)} is neither [E, out, in] = [{E}, {out}, {inn}] nor [E, in, out] = [{E}, {inn}, {out}]",
@@ -254,7 +259,7 @@ def wrapped_tensors(modules, model_type, path):
             )
         members = [modules.pop(names[e]) for e in range(len(names))]
         by_parent.setdefault(parent, {})[param] = [
-            m.transposed() if model_type in IN_OUT else m for m in members
+            m.transposed() if model_type in PEFT_TRANSPOSED else m for m in members
         ]
     tensors, targets, patterns = {}, set(), {}
     for parent, params in sorted(by_parent.items()):
