@@ -44,6 +44,16 @@ def _st(dtype):
     return st_dtype(dtype)
 
 
+def edited(tensors, meta, edit_t=None, edit_m=None):
+    """Copies of a file's (tensors, metadata), each edited in place by its function when given."""
+    t, m = dict(tensors), dict(meta)
+    if edit_t:
+        edit_t(t)
+    if edit_m:
+        edit_m(m)
+    return t, m
+
+
 def raw_file(header, data=b""):
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + data
@@ -58,12 +68,7 @@ def vectors():
         out[name] = (expect, description, raw if raw is not None else file_bytes(tensors, meta))
 
     def variant(edit_t=None, edit_m=None):
-        t, m = dict(base_t), dict(base_m)
-        if edit_t:
-            edit_t(t)
-        if edit_m:
-            edit_m(m)
-        return t, m
+        return edited(base_t, base_m, edit_t, edit_m)
 
     add("valid_linear.safetensors", "valid", "one linear module, fp32", *variant())
     for dt in (torch.float16, torch.bfloat16):
@@ -340,12 +345,7 @@ def _expert_vectors(add):
     group = "layers.0.mlp.experts.*.up_proj"
 
     def edit(t_edit=None, m_edit=None):
-        t, m = dict(tensors), dict(meta)
-        if t_edit:
-            t_edit(t)
-        if m_edit:
-            m_edit(m)
-        return t, m
+        return edited(tensors, meta, t_edit, m_edit)
 
     def kinds(extra):
         return lambda m: m.update(
