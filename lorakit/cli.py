@@ -150,7 +150,8 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     "--engine-version", help="The engine's version (recorded in the report; the rules are the current ones)."
 )
 def validate_cmd(files, as_json, quick, fail_fast, quiet, for_engine, engine_version):
-    """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid, 2 unreadable. With --for ENGINE:
+    """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid (a truncated file too), 2 a path that
+    cannot be opened. An adapter of another format is valid when its own reader finds nothing wrong. With --for ENGINE:
     whether that engine serves each adapter exactly."""
     from .commands.validate import validate
 
@@ -251,12 +252,13 @@ def extract_cmd(base, tuned, output, as_json, **options):
     help="With --base: the rank of W' - W as a LoRA (IA3, OFT; with --for, DoRA and full tensors too).",
 )
 @click.option("--energy", type=float, help="Or the smallest rank keeping this share of ||W' - W||_F^2 (0-1).")
-def convert_cmd(input, output, as_json, **options):
+@click.option("-v", "--verbose", is_flag=True, help="Every note (default: like notes summed up in one line).")
+def convert_cmd(input, output, as_json, verbose, **options):
     """Convert an adapter between formats (every input key is consumed or reported)."""
     from .commands.convert import convert
 
     options.pop("quiet")
-    emit(convert(input, output, **options), as_json, render.convert_text)
+    emit(convert(input, output, **options), as_json, functools.partial(render.convert_text, verbose=verbose))
 
 
 # ---------------------------------------------------------------- merge

@@ -1,7 +1,5 @@
 """One exception type for every bad input: the CLI prints its message on one line and exits 2."""
 
-import re
-
 
 class LorakitError(Exception):
     """A user-facing error. `str(err)` is a single line naming the file, the tensor and what is wrong."""
@@ -55,15 +53,8 @@ def opt(name, flag=False, bare=False):
 
 
 def missing(path, what=None):
-    """'no such file or folder', with a hint where the path looks like a Hugging Face hub id (org/name)."""
-    text = str(path)
-    hint = ""
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.startswith("."):
-        hint = (
-            f" (lorakit works on local files and folders; to fetch it from the Hugging Face hub: "
-            f"huggingface-cli download {text} --local-dir {text.rsplit('/', 1)[-1]})"
-        )
-    return LorakitError(f"{what + ': ' if what else ''}no such file or folder{hint}", path=path)
+    """'no such file or folder' (a Hugging Face hub id never gets here: lorakit.io.hub resolves or explains it)."""
+    return LorakitError(f"{what + ': ' if what else ''}no such file or folder", path=path)
 
 
 def listed(names, limit=20, sep=", "):

@@ -1,5 +1,7 @@
 """Human-readable text for command reports (compact tables). Pure string building: no torch, no IO."""
 
+import re
+
 
 def human_size(n):
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -91,6 +93,8 @@ def validate_text(r):
         if r.get("for") and f["readable"]:
             status = f"served exactly by {r['for']}:" if f["valid"] else f"NOT served exactly by {r['for']}:"
         scope = " (header only: no tensor data read)" if f.get("checked") == "header" and f["valid"] else ""
+        if f.get("format") and f["valid"] and not r.get("for"):
+            scope = f" ({f['note']})"
         lines.append(f"{status:<10} {f['file']}{scope}")
         for p in f["problems"]:
             where = f" {p['tensor']}:" if p["tensor"] else ""
@@ -217,13 +221,34 @@ def merge_text(r):
     return "\n".join(lines)
 
 
-def convert_text(r):
+def convert_text(r, verbose=False):
     lines = [
         f"converted {r['input']} ({r['from']}) -> {r['output']} ({r['to']}): {r['module_count']} modules"
         + (f", {r['replacement_count']} full tensors" if r["replacement_count"] else "")
     ]
-    lines += [f"note: {n}" for n in r["notes"]]
+    lines += [f"note: {n}" for n in (r["notes"] if verbose else summarized_notes(r["notes"]))]
     return "\n".join(lines)
+
+
+_PER_MODULE_NOTE = re.compile(r"([\w.*\[\]-]+): (.+)")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def summarized_notes(notes):
+    """Per-module notes that say the same thing but for their numbers ('M: scale 0.1 stored as ...') become one line
+    with their count and an example; -v / --json keep every one."""
+    groups = {}
+    for n in notes:
+        m = _PER_MODULE_NOTE.fullmatch(n)
+        key = _NUMBER.sub("#", m[2]) if m and "." in m[1] else n
+        groups.setdefault(key, []).append(n)
+    out = []
+    for same in groups.values():
+        if len(same) == 1:
+            out.append(same[0])
+        else:
+            out.append(f"{len(same)} modules, e.g. {same[0]} (-v lists every one)")
+    return out
 
 
 def train_text(r):

@@ -8,6 +8,13 @@ from lorakit import examples
 from lorakit.cli import main
 
 
+@pytest.fixture(autouse=True)
+def no_hub_downloads(tmp_path_factory, monkeypatch):
+    """Hub ids resolve against an empty cache of the test's own, offline: the suite never reaches a network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub-cache")))
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process: returns (exit_code, stdout, stderr)."""

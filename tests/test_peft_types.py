@@ -273,13 +273,15 @@ def test_validate_reports_the_types_rules_by_code(tmp_path, cli, kind, change, c
     assert [p["code"] for p in problems] == ["LK105", code], problems
 
 
-def test_validate_of_a_good_type_says_convert(tmp_path, cli):
+def test_validate_of_a_good_type_says_valid_and_convert(tmp_path, cli):
+    """A valid adapter of another format is valid in that format (exit 0), with the way to the spec format."""
     _, adapter, _ = build(tmp_path, "loha")
     rc, out, err = cli("validate", adapter, "--json")
-    problems = json.loads(out)["files"][0]["problems"]
-    assert (
-        rc == 1 and [p["code"] for p in problems] == ["LK105"] and "lorakit convert" in problems[0]["message"]
-    )
+    result = json.loads(out)["files"][0]
+    assert rc == 0 and result["valid"] and result["problems"] == [] and result["format"] == "peft"
+    assert "lorakit convert" in result["note"]
+    rc, out, err = cli("validate", adapter)
+    assert rc == 0 and out.startswith("valid") and "a peft adapter, not a lorakit file" in out
 
 
 def _edit_weights(adapter, edit):

@@ -11,6 +11,7 @@ from ..errors import LorakitError
 from ..io import INDEX, Checkpoint, ShardWriter, atomic_output, read_config, spec_nbytes
 from ..io.dtypes import dtype_name
 from ..naming.embeddings import HEAD
+from ..io.jsonio import read_json
 from .base import Base
 from .view import WeightView
 
@@ -158,8 +159,7 @@ class SafetensorsWriter:
                 f.write("\n")
         config_path = os.path.join(tmp, "config.json")
         if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed):
-            with open(config_path) as f:
-                config = json.load(f)
+            config = read_json(config_path, "config.json")
             if drop_quantization:
                 config.pop("quantization_config", None)
             if target_dtype is not None:

@@ -16,6 +16,7 @@ from .args import (
     factors_only,
     in_range,
     load_inputs,
+    local,
     paths,
     rank_rule,
     same_base,
@@ -142,6 +143,7 @@ def resize(
     in_range("sv_ratio", sv_ratio, 1)
     in_range("sv_fro", sv_fro, 0, 1, low_open=True)
     in_range("sv_cumulative", sv_cumulative, 0, 1, low_open=True)
+    adapter = local(adapter, "adapter", quiet)
     check_output(output, paths([(adapter, 1)]), force, directory=False)
     adapter, ad = as_adapter(adapter)
     factors_only([(adapter, ad)], "resize")
@@ -178,6 +180,7 @@ def resize(
 
 def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
+    a, b = local(a, "adapter", quiet), local(b, "adapter", quiet)
     (a, ad_a), (b, ad_b) = factors_only([as_adapter(a), as_adapter(b)], "diff")
     rows = []
     for name in progress(

@@ -5,6 +5,7 @@ import os
 
 from ..core import Adapter
 from ..errors import LorakitError, missing
+from ..io.hub import local  # noqa: F401 (hub ids where a path goes)
 from ..options import existing, in_range, parse_size  # noqa: F401 (the commands' one import)
 
 FP32_MAX = 3.4028234663852886e38
@@ -41,6 +42,7 @@ def weighted_inputs(specs):
     out = []
     for spec in specs:
         path, w = parse_weighted(spec)
+        path = local(path, "adapter")
         if isinstance(path, Adapter):
             out.append((path, check_weight("<Adapter>", w)))
             continue
@@ -62,21 +64,36 @@ def _weight_hint(spec, before):
         pass
     head, sep, tail = spec.rpartition(":")
     if sep and os.path.exists(head):
+        example = tail.replace(",", ".")
+        try:
+            float(example)
+        except ValueError:
+            example = "0.5"
         return LorakitError(
-            f"weight '{tail}' is not a number (write {head}:{tail.replace(',', '.')})", path=head
+            f"weight '{tail}' is not a number: a weight is a number after the colon, e.g. {head}:{example} "
+            f"or {head}:-{example.lstrip('-')}",
+            path=head,
         )
     return None
 
 
 def same_base(loaded):
     """Refuse adapters made for different bases ([(path, Adapter, weight)]), naming both files: by fingerprint, by
-    recorded base name, or (neither recorded) by module names with no common root (a Llama and a GPT-2 adapter)."""
+    a module both have at different shapes, or (neither recorded) by module names with no common root (a Llama and
+    a GPT-2 adapter). A recorded base name (PEFT's base_model_name_or_path) is a path or an id, not the weights:
+    two names for the same weights are common, so names are not compared."""
     for (pa, a, _), (pb, b, _) in zip(loaded, loaded[1:]):
         why = None
+        clash = next(
+            (n for n in a.modules if n in b.modules and a.modules[n].shape != b.modules[n].shape), None
+        )
         if a.base_fingerprint and b.base_fingerprint and a.base_fingerprint != b.base_fingerprint:
             why = "their base fingerprints differ"
-        elif a.base_model and b.base_model and a.base_model != b.base_model:
-            why = f"one is for '{a.base_model}', the other for '{b.base_model}'"
+        elif clash is not None:
+            why = (
+                f"module {clash} is {list(a.modules[clash].shape)} in one, "
+                f"{list(b.modules[clash].shape)} in the other"
+            )
         else:
             roots_a = {n.split(".", 1)[0] for n in a.modules}
             roots_b = {n.split(".", 1)[0] for n in b.modules}

@@ -5,7 +5,7 @@ import os
 from ..errors import LorakitError
 from ..formats import detect_format, get_format, given, load, save, takes
 from ..io import check_output
-from .args import existing, in_range, rank_rule
+from .args import existing, in_range, local, rank_rule
 
 
 def convert(
@@ -27,9 +27,9 @@ def convert(
     `for_engine` (lorakit.serving.ENGINES) writes what that inference server loads, with the same dW: scales folded
     into B, one rank (`max_rank`: truncate to it), DoRA / full tensors as low-rank deltas against `base` at `rank` /
     `energy` where asked, everything else it would drop refused by name."""
-    input, output = os.fspath(input), os.fspath(output)
+    input, output = os.fspath(local(input, "adapter")), os.fspath(output)
     engine, to = _engine_and_format(for_engine, to, max_rank)
-    existing(base, "base")
+    base = existing(local(base, "base"), "base")
     check_output(output, [input, base], force)
     if base is not None:
         from ..bases import open_base

@@ -14,7 +14,7 @@ from ..options import ExtractOptions, takes_options
 from ..progress import progress
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
-from .args import rank_rule
+from .args import local, rank_rule
 
 
 # what extract says of a tensor it does not turn into a module (besides the count of unchanged ones)
@@ -77,6 +77,7 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
     if rank is None and energy is None:
         raise LorakitError("give --rank or --energy")
     rank_rule(rank=rank, energy=energy)
+    base, tuned = local(base, "base", quiet), local(tuned, "base", quiet)
     check_output(output, [base, tuned], force, directory=False)
     targets = target_list(targets)
     base_ckpt = open_base(base)

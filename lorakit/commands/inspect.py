@@ -9,6 +9,7 @@ from ..core import experts
 from ..errors import LorakitError
 from ..formats import detect_format, load, takes
 from ..io.dtypes import dtype_name
+from ..io.hub import local
 
 
 def _pattern(name):
@@ -39,7 +40,8 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     Without `spectrum` only headers and the alpha scalars are read. With `spectrum`, per module: the singular values
     of dW from the factors (QR + small SVD), effective rank and ||dW||_F; with `base`, also ||dW||_F / ||W||_F.
     """
-    path = os.fspath(adapter)
+    path = os.fspath(local(adapter, "adapter", quiet))
+    base = local(base, "base", quiet)
     fmt = detect_format(path)
     if base is not None:
         from ..bases import open_base

@@ -6,7 +6,7 @@ import os
 from ..errors import LorakitError
 from ..io import check_output
 from ..options import MergeOptions, takes_options
-from .args import existing, load_inputs, paths, weighted_inputs
+from .args import existing, load_inputs, local, paths, weighted_inputs
 
 
 @takes_options(MergeOptions)
@@ -21,7 +21,8 @@ def merge(base, adapters, output, options):
     from ..engine.merge import merge_into
 
     inputs = weighted_inputs(adapters)
-    base_path = os.fspath(existing(base, "BASE"))
+    base = existing(local(base, "base", options.quiet), "BASE")
+    base_path = os.fspath(base)
     check_output(output, [base_path, options.full_precision_base, *paths(inputs)], options.force)
     base = open_base(base)  # headers and configs parsed here, once, for every step below
     _refuse_adapter_as_base(base)

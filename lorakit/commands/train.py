@@ -6,14 +6,14 @@ import dataclasses
 from ..io import check_output
 from ..options import TrainOptions, takes_options
 from ..training import loop
-from .args import existing
+from .args import existing, local
 
 
 @takes_options(TrainOptions)
 def train(base, data, output, options):
     """Train a LoRA adapter on `base` (a Hugging Face Llama-family folder); returns a report, writes `output`.
     Options: TrainOptions."""
-    existing(base, "base")
-    existing(data, "data")
+    base = existing(local(base, "base", options.quiet), "base")
+    data = existing(local(data, "data", options.quiet), "data")
     check_output(output, [base, data, options.resume], options.force, directory=options.format == "peft")
     return loop.train(base, data, output, **dataclasses.asdict(options))

@@ -6,6 +6,7 @@ import shlex
 from .. import spec
 from ..errors import LorakitError
 from ..formats import foreign_container
+from ..io.hub import local
 
 
 def validate(
@@ -23,6 +24,7 @@ def validate(
         files = [files]
     if for_engine is not None:
         return _validate_for(files, for_engine, engine_version)
+    files = [local(path, "adapter", quiet) for path in files]
     results = [_validate_file(os.fspath(path), values and not quick, fail_fast, quiet) for path in files]
     for r in results:
         r["checked"] = "header" if quick or not values else "header and values"
@@ -32,6 +34,13 @@ def validate(
 def _validate_file(path, values, fail_fast, quiet):
     from ..progress import progress
 
+    other = _other_format(path)
+    if isinstance(other, spec.Problem):  # a model checkpoint: not an adapter at all
+        return _result(path, True, [other])
+    if (
+        other is not None
+    ):  # another tool's adapter: valid in its own format when its reader finds nothing wrong
+        return _validate_other_format(path, other)
     try:
         with progress(
             quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True
@@ -39,19 +48,36 @@ def _validate_file(path, values, fail_fast, quiet):
             problems, _ = spec.check_file(path, values, bar, fail_fast)
         readable = True
     except LorakitError as e:
-        hint = _other_format_hint(path) if os.path.isdir(path) else None  # a PEFT or diffusers folder
-        problems, readable = (
-            ([spec.Problem("LK105", hint)], True) if hint else ([spec.Problem("LK001", str(e))], False)
-        )
-    foreign = foreign_container(path) if readable else None
-    if foreign is not None:  # another container: an adapter (convert it) or a model (not an adapter at all)
-        code, message = foreign
-        problems = [spec.Problem(code, message or _other_format_hint(path))]
-    if readable and any(p.code == "LK105" for p in problems):
-        hint = _other_format_hint(path)
-        if hint:  # another tool's adapter: one line saying so, and what its own reader finds wrong
-            problems = [spec.Problem("LK105", hint), *_reader_problems(path)]
+        problems, readable = [spec.Problem("LK001", str(e))], False
     return _result(path, readable, problems)
+
+
+def _other_format(path):
+    """The format of an adapter in another tool's format (None for a lorakit file or anything unrecognized), or the
+    problem of a model checkpoint given as an adapter."""
+    from ..formats import detect_format
+
+    if not (os.path.isfile(path) or os.path.isdir(path)):  # missing, a FIFO, a device: the spec check says so
+        return None
+    foreign = foreign_container(path)
+    if foreign is not None and foreign[0] == "LK101":  # a GGUF model
+        return spec.Problem(*foreign)
+    try:
+        fmt = detect_format(path)
+    except LorakitError as e:
+        return (
+            spec.Problem("LK101", e.message) if e.message.startswith("this is a model checkpoint") else None
+        )
+    return None if fmt.name == "lorakit" else fmt
+
+
+def _validate_other_format(path, fmt):
+    """Valid as a `fmt` adapter when its reader reads it without a problem (the way to the spec format a note);
+    otherwise invalid, with what the reader finds after the way to the spec format."""
+    problems, hint = _reader_problems(path), _convert_hint(path, fmt)
+    if problems:
+        problems = [spec.Problem("LK105", hint), *problems]
+    return {**_result(path, True, problems), "format": fmt.name, "note": hint}
 
 
 def _result(path, readable, problems):
@@ -85,13 +111,13 @@ def _validate_for(files, for_engine, engine_version):
 
 
 def _reader_problems(path):
-    """The coded problem the file's own reader finds (a PEFT type's config, a shape that does not fit), if any."""
+    """The problems the file's own reader finds (a PEFT type's config, a shape that does not fit), if any."""
     from ..formats import load
 
     try:
         adapter = load(path)
     except LorakitError as e:
-        return [spec.Problem(e.code, e.message, e.tensor)] if e.code else []
+        return [spec.Problem(e.code or "LK101", e.message, e.tensor)]
     if adapter.transforms:  # IA3, HRA, OFT, BOFT: a LoRA file holds them only as W' - W against a base
         kinds = ", ".join(sorted({t.kind for t in adapter.transforms.values()}))
         message = f"{len(adapter.transforms)} module(s) change W multiplicatively ({kinds}): convert with --base BASE"
@@ -99,16 +125,10 @@ def _reader_problems(path):
     return []
 
 
-def _other_format_hint(path):
-    from ..formats import detect_format
-
-    try:
-        fmt = detect_format(path)
-    except LorakitError:
-        return None
+def _convert_hint(path, fmt):
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     out = os.path.join(os.path.dirname(os.path.normpath(path)), f"{stem}.lorakit.safetensors")
     return (
-        f"this is a {fmt.name} adapter, not a lorakit file; to write it in the spec format: "
+        f"a {fmt.name} adapter, not a lorakit file; to write it in the spec format: "
         f"lorakit convert {shlex.quote(path)} -o {shlex.quote(out)} --to lorakit"
     )

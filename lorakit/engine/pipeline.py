@@ -107,20 +107,10 @@ class MergeJob:
             and self.spec_of(name)[1] == self.ckpt.entry(name).dtype
         )
 
-    def prepare(self, names):
+    def prepare(self):
         """Buffers for the full-precision tensors in flight (read: being computed; out: computed, waiting to be
-        written), sized for the largest and reused."""
-        computed = [
-            n
-            for n in names
-            if n not in self.view.member_of and n not in self.view.quantized and not self.copied(n)
-        ]
-        largest = max(
-            [self.ckpt.entry(self.source(n)).nbytes for n in computed]
-            + [spec_nbytes(self.spec_of(n)) for n in computed]
-            + [0]
-        )
-        self.read_pool, self.out_pool = BufferPool(largest), BufferPool(largest)
+        written), each sized for its tensor and reused."""
+        self.read_pool, self.out_pool = BufferPool(), BufferPool()
 
     def produce(self, name):
         """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy: a
@@ -128,7 +118,7 @@ class MergeJob:
         if self.copied(name):
             return None
         plan, source, spec = self.plans.get(name), self.source(name), self.spec_of(name)
-        rbuf = self.read_pool.get()
+        rbuf = self.read_pool.get(self.ckpt.entry(source).nbytes)
         W = self.ckpt.shards[self.ckpt.where[source]].read(source, rbuf)
         if plan is not None and plan.padded_shape is not None:  # zero rows / columns first, as ComfyUI pads
             W = torch.nn.functional.pad(
@@ -140,7 +130,7 @@ class MergeJob:
                 return out, lambda: self.read_pool.put(rbuf)
             self.read_pool.put(rbuf)  # a path that made its own tensor (DoRA, bias, replacement)
             return out, None
-        obuf = self.out_pool.get()
+        obuf = self.out_pool.get(spec_nbytes(spec))
         out = self.out_pool.tensor(obuf, torch_dtype(spec[1]), spec[2])
         if plan is None or not plan.touched:
             check_finite(name, out.copy_(W))  # a cast to another dtype can overflow
@@ -221,7 +211,7 @@ def member(future, name):
 
 def run(job, writer, tmp, threads, bar):
     """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
-    job.prepare([n for _, specs in writer.shards for n, *_ in specs])
+    job.prepare()
     intra_op = torch.get_num_threads()
     torch.set_num_threads(
         1

@@ -107,7 +107,28 @@ def detect_format(path, header=None):
         from ..io import read_header
 
         read_header(path)  # a broken safetensors file: raise its precise defect rather than "not recognized"
+    if _is_model(probe):
+        raise LorakitError(
+            "this is a model checkpoint, not an adapter: a model goes where a command takes BASE "
+            "(lorakit merge BASE ADAPTER -o OUT; --base BASE for inspect, validate, convert, train)",
+            path=path,
+        )
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
+
+
+def _is_model(probe):
+    """A Hugging Face model folder (config.json beside weights or an index) or a safetensors file of weights."""
+    if probe.is_dir:
+        names = os.listdir(probe.path)
+        weights = any(
+            n.endswith((".safetensors", ".bin", ".gguf")) or n.endswith(".index.json") for n in names
+        )
+        return "config.json" in names and weights or "model_index.json" in names
+    header = probe.header
+    names = [n for n in header.entries if n != "__metadata__"] if header is not None else []
+    return bool(names) and all(
+        n.endswith((".weight", ".bias", "_scale", ".scales", ".qweight")) for n in names
+    )
 
 
 def adapter_format(base):

@@ -17,6 +17,7 @@ from ..naming.kohya import mangled_prefix
 from ..naming.dit import dit_norm_diffusers
 from ..naming.ldm import ldm_unet_family
 from ..naming.unmangle import unmangle
+from ..io.jsonio import parse_json
 
 META = "lora_adapter_metadata"
 OLD = re.compile(
@@ -48,10 +49,7 @@ def _to_peft_names(key):
 
 def read(path, allow_unknown=False):
     tf, meta = open_safetensors(path)
-    try:
-        packed = json.loads(meta[META]) if META in meta else {}
-    except json.JSONDecodeError:
-        raise LorakitError(f"'{META}' is not JSON", path=path) from None
+    packed = parse_json(meta[META], path, f"metadata '{META}'") if META in meta else {}
     groups, unknown = {}, []
     for key in tf.header.entries:
         component = _component(key)

@@ -8,7 +8,6 @@ Flux split_qkv files store fused down [n r, in] and block-diagonal up [out, n r]
 """
 
 import hashlib
-import json
 
 import torch
 
@@ -19,6 +18,7 @@ from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
 from .common import most_common, open_safetensors, refuse_deltas, refuse_unknown
 from ..naming.fused import fused_aliases
 from ..naming.kohya import PREFIXES, kohya_names, mangled_prefix, resolution_table
+from ..io.jsonio import parse_json
 
 TENSORS = {
     "lora_down.weight",
@@ -49,9 +49,9 @@ def detect(probe):
 
 
 def _metadata_args(meta):
-    try:
-        return json.loads(meta.get("ss_network_args") or "{}") or {}
-    except json.JSONDecodeError:
+    try:  # training arguments, not the weights: unreadable ones are ignored, as sd-scripts does
+        return parse_json(meta.get("ss_network_args") or "{}", None, "ss_network_args", expect=None) or {}
+    except LorakitError:
         return {}
 
 

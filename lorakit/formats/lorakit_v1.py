@@ -10,6 +10,7 @@ from ..errors import LorakitError
 from ..io import TensorFile, atomic_output, write_safetensors
 from ..io.safetensors import HeaderTensor
 from ..io.dtypes import FACTOR_DTYPES, st_dtype
+from ..io.jsonio import parse_json
 
 
 def detect(probe):
@@ -30,7 +31,9 @@ def read(path, values=True):
         base_model=meta.get(spec.META_BASE),
         base_fingerprint=meta.get(spec.META_FINGERPRINT),
         base_identity=meta.get(spec.META_IDENTITY),
-        provenance=json.loads(meta.get(spec.META_PROVENANCE, "{}")),
+        provenance=parse_json(
+            meta.get(spec.META_PROVENANCE, "{}"), path, f"metadata '{spec.META_PROVENANCE}'"
+        ),
         user_metadata={k: v for k, v in meta.items() if not k.startswith("lorakit.")},
         source_format="lorakit",
     )

@@ -151,8 +151,6 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None
     ad.replacements = replacements
-    if len(notes) > 12:
-        ad.notes[:] = notes[:12] + [f"... and {len(notes) - 12} more notes"]
     return ad
 
 

@@ -49,9 +49,9 @@ def check_output(output, inputs=(), force=False, directory=None):
             raise LorakitError(
                 f"the output would contain the input {given}: choose another output path", path=output
             )
-    parent = os.path.dirname(out)
+    parent = _existing_ancestor(os.path.dirname(out))
     if not os.path.isdir(parent):
-        raise LorakitError("output folder does not exist", path=parent)
+        raise LorakitError("is a file, not a folder: cannot write the output under it", path=parent)
     if not os.path.lexists(out):
         return
     if not force:
@@ -81,6 +81,37 @@ def check_output(output, inputs=(), force=False, directory=None):
             "kind, not any folder",
             path=output,
         )
+
+
+def _existing_ancestor(folder):
+    """`folder` or its nearest ancestor that exists (missing parents of OUT are created, as save_pretrained does)."""
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _make_parents(path):
+    """Create OUT's missing parent folders; returns them, deepest first, for removal if the command fails."""
+    made, folder = [], os.path.dirname(path)
+    while not os.path.lexists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    for f in reversed(made):
+        try:
+            os.mkdir(f, 0o777)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise LorakitError(f"cannot create the output folder: {e.strerror or e}", path=f) from None
+    return made
+
+
+def _remove_empty(folders):
+    for f in folders:
+        try:
+            os.rmdir(f)
+        except OSError:
+            break
 
 
 # `.<OUT name>.lorakit-<pid>.<8 hex>.<tmp|old>`: what _temporary_name makes, whatever the OUT
@@ -168,6 +199,7 @@ def atomic_output(path, force=False, directory=False):
     """Yield a temporary path next to `path`; rename it to `path` only when the block completes."""
     path = os.path.abspath(os.fspath(path))
     check_output(path, force=force, directory=directory)
+    made = _make_parents(path)
     remove_stale_temporaries(path)
     tmp = _temporary_name(path, "tmp")
     try:
@@ -176,12 +208,14 @@ def atomic_output(path, force=False, directory=False):
         else:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as e:
+        _remove_empty(made)
         raise LorakitError(f"cannot write next to the output: {e.strerror or e}", path=path) from None
     try:
         yield tmp
         _publish(tmp, path, force, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
+        _remove_empty(made)
         raise
 
 

@@ -135,7 +135,8 @@ def _entry(name, info, data_start, size, any_dtype):
     if a < 0 or a > b or entry.end > size:
         return entry, (
             "LK102",
-            f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)",
+            f"data offsets [{a}, {b}] run past the end of the data ({size - data_start} bytes)"
+            + (": the file is truncated" if 0 <= a <= b else ""),
         )
     expected = nbytes(dtype, entry.numel)
     if expected is None and not any_dtype:
@@ -267,22 +268,34 @@ class TensorFile:
 
 
 class BufferPool:
-    """Reusable byte buffers of one size. Streaming code takes one per tensor in flight and gives it back, so
-    memory is touched once instead of page-faulted afresh for every tensor (a large share of merge's time)."""
+    """Reusable byte buffers in size classes. Streaming code takes one per tensor in flight and gives it back, so
+    memory is touched once instead of page-faulted afresh for every tensor (a large share of merge's time). A
+    buffer is sized for its tensor (rounded up to a class, at most 25% more), never for the largest one: a look-ahead
+    of small tensors behind a 100 MB embedding holds small buffers."""
 
-    def __init__(self, size):
+    def __init__(self):
         import threading
 
-        self.size, self.free, self.lock = size, [], threading.Lock()
+        self.free, self.lock = {}, threading.Lock()
 
-    def get(self):
+    @staticmethod
+    def size_class(nbytes):
+        """`nbytes` rounded up to a multiple of a quarter of its power of two (64 KiB at least)."""
+        if nbytes <= 1 << 16:
+            return 1 << 16
+        step = 1 << max(nbytes.bit_length() - 3, 0)
+        return -(-nbytes // step) * step
+
+    def get(self, nbytes):
+        size = self.size_class(nbytes)
         with self.lock:
-            return self.free.pop() if self.free else bytearray(self.size)
+            free = self.free.get(size)
+            return free.pop() if free else bytearray(size)
 
     def put(self, buf):
         if buf is not None:
             with self.lock:
-                self.free.append(buf)
+                self.free.setdefault(len(buf), []).append(buf)
 
     def tensor(self, buf, dtype, shape):
         """A tensor of `dtype` and `shape` over the start of `buf`."""

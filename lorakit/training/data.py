@@ -1,12 +1,12 @@
 """Training data: token ids from .npy / .bin / .jsonl or text, a held-out split, and random batches."""
 
-import json
 import os
 
 import numpy as np
 import torch
 
 from ..errors import LorakitError
+from ..io.jsonio import parse_json
 
 
 def load_data(path, vocab_size, base=None):
@@ -67,12 +67,7 @@ def _read_jsonl(path, base):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                raise LorakitError(f"line {n} is not JSON", path=path) from None
-            if not isinstance(r, dict):
-                raise LorakitError(f"line {n} is not a JSON object", path=path)
+            r = parse_json(line, path, f"line {n}")
             if "input_ids" in r:
                 ids = torch.tensor(_token_ids(r["input_ids"], path, n, "input_ids"), dtype=torch.int64)
             elif "text" in r:
