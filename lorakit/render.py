@@ -184,7 +184,7 @@ def extract_text(r):
     return "\n".join(lines)
 
 
-def merge_text(r):
+def merge_text(r, verbose=False):
     adapters = ", ".join(
         f"{a['file']}" + (f" x{a['weight']:g}" if a["weight"] != 1 else "") for a in r["adapters"]
     )
@@ -198,27 +198,48 @@ def merge_text(r):
     q = r.get("quantization")
     if q and q.get("kl") is not None:  # what users feel first: the merged model against the adapted one
         lines.append(
-            f"model: KL(adapted || merged) {q['kl']:.3e} per token on {q['kl_tokens']} held-out calibration tokens"
+            f"model: KL(adapted || merged) {q['kl']:.3e} per token on {q['kl_tokens']} held-out calibration tokens "
+            f"(no adapter {q['kl_no_adapter']:.3e}, the adapter at run time 0)"
         )
     if q and q["modules"]:
-        lines.append(
-            f"survival ({q['format']}, strategy {q['strategy']}): output error on probes "
-            f"{q['mean_probe_error_random']:.3f} (random inputs) / {q['mean_probe_error_aligned']:.3f} (the "
-            f"adapter's inputs) of ||dW x||; mean retention {100 * q['mean_retention']:.1f}%, noise "
-            f"{q['mean_noise']:.3f}, codes changed {100 * q['mean_codes_changed']:.2f}%"
-        )
-        lines.append(
-            f"  {'module':<48} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
-            f"{'err rand':>9} {'err algn':>9}"
-        )
-        for m in q["modules"]:
-            lines.append(
-                f"  {m['module']:<48} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
-                f"{m['noise']:>8.3f} {100 * m['codes_changed']:>7.2f}% {m['probe_error_random']:>9.3f} "
-                f"{m['probe_error_aligned']:>9.3f}"
-            )
+        lines += survival_lines(q, verbose)
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+WORST = 8  # modules the merge report lists by default (-v: all)
+
+
+def survival_lines(q, verbose):
+    """The verdict first, the means, then the worst modules (all of them with -v, in natural order)."""
+    v = q["verdict"]
+    lines = [
+        f"quantized merge ({q['format']}, strategy {q['strategy']}): the merged modules keep "
+        f"{100 * v['effect_kept']:.0f}% of the adapter's effect (output error on probes {v['output_error']:.3f} "
+        f"of ||dW x||; no adapter 1.000, the adapter at run time 0.000)",
+        f"  means: output error {q['mean_probe_error_random']:.3f} (random inputs) / "
+        f"{q['mean_probe_error_aligned']:.3f} (the adapter's inputs); retention {100 * q['mean_retention']:.1f}%, "
+        f"noise {q['mean_noise']:.3f}, codes changed {100 * q['mean_codes_changed']:.2f}%",
+    ]
+    modules = q["modules"]
+    if not verbose and len(modules) > WORST:
+        modules = sorted(modules, key=_module_error, reverse=True)[:WORST]
+        lines.append(f"  the {WORST} furthest from W + dW of {len(q['modules'])} modules (-v: every one):")
+    lines.append(
+        f"  {'module':<40} {'strategy':<10} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
+        f"{'err rand':>9} {'err algn':>9}"
+    )
+    for m in modules:
+        lines.append(
+            f"  {m['module']:<40} {m['strategy']:<10} {m['relative_delta']:>12.2e} {100 * m['retention']:>8.1f}% "
+            f"{m['noise']:>8.3f} {100 * m['codes_changed']:>7.2f}% {m['probe_error_random']:>9.3f} "
+            f"{m['probe_error_aligned']:>9.3f}"
+        )
+    return lines
+
+
+def _module_error(m):
+    return m["probe_error_random"] ** 2 + m["probe_error_aligned"] ** 2
 
 
 def convert_text(r, verbose=False):

@@ -167,13 +167,19 @@ def test_gguf_base_trains_as_its_dequantized_weights(kind, tmp_path):
     rel = np.abs(np.array(a["losses"]) - b["losses"]) / np.array(b["losses"])
     assert rel.max() <= 1e-4
     # the adapter is in Hugging Face names; lorakit merge puts it back into the GGUF's own rows and types
-    merged = tmp_path / "merged.gguf"
-    report = lorakit.merge(model, [str(tmp_path / "a.safetensors")], merged, quiet=True)
+    # (stochastic rounding: unbiased, so a wrong row or type would show; the default auto is checked after)
+    merged, default = tmp_path / "merged.gguf", tmp_path / "default.gguf"
+    report = lorakit.merge(
+        model, [str(tmp_path / "a.safetensors")], merged, strategy="stochastic", quiet=True
+    )
     assert report["quantization"]["format"] == "gguf"
+    lorakit.merge(model, [str(tmp_path / "a.safetensors")], default, quiet=True)
     with torch.no_grad():
         runtime = adapted(str(model), tmp_path / "a.safetensors")(ids)
+        unmerged = (kept(ids) - runtime).abs().max()
         error = (LlamaForCausalLM.from_pretrained(str(merged))(ids) - runtime).abs().max()
-        assert error < 0.5 * (kept(ids) - runtime).abs().max()  # (Q4_K keeps the least: 0.37 here)
+        assert error < 0.5 * unmerged  # (Q4_K keeps the least: 0.37 here)
+        assert (LlamaForCausalLM.from_pretrained(str(default))(ids) - runtime).abs().max() < unmerged
 
 
 def test_qlora_loss_curve_matches_peft_and_bitsandbytes(task, tmp_path):
@@ -419,12 +425,15 @@ def test_merge_with_calibration_reports_the_model_s_kl(task, tmp_path, cli):
     )
     assert code == 0, err
     q = json.loads(out)["quantization"]
-    assert list(q)[:2] == ["kl", "kl_tokens"] and q["strategy"] == "auto: gptq x 14"
+    assert list(q)[:3] == ["kl", "kl_no_adapter", "kl_tokens"] and q["kl"] < q["kl_no_adapter"]
+    assert q["strategy"].startswith("auto: gptq x ") and all(
+        "probe_error_calibration" in m for m in q["modules"]
+    )
     from lorakit.training.calibration import calibrate, estimate
 
     ad = lorakit.load(tmp_path / "a.safetensors")
     calibration = calibrate(open_base(tmp_path / "q"), [("a", ad, 1.0)], task / "data.npy")
-    assert estimate(calibration, tmp_path / "c")["kl"] == pytest.approx(q["kl"], rel=1e-6)
+    assert estimate(calibration, tmp_path / "c", tmp_path / "q")["kl"] == pytest.approx(q["kl"], rel=1e-6)
     for strategy in ("feedback", "same-grid", "rescale"):  # without the data: worse on the model's output
         lorakit.merge(
             tmp_path / "q",
@@ -433,7 +442,7 @@ def test_merge_with_calibration_reports_the_model_s_kl(task, tmp_path, cli):
             strategy=strategy,
             quiet=True,
         )
-        assert q["kl"] < estimate(calibration, tmp_path / strategy)["kl"]
+        assert q["kl"] < estimate(calibration, tmp_path / strategy, tmp_path / "q")["kl"]
     code, _, err = cli(
         "merge",
         tmp_path / "q",

@@ -32,7 +32,7 @@ def merge(base, adapters, output, options):
     if calibration is not None:
         from ..training.calibration import estimate
 
-        report["quantization"] = {**estimate(calibration, output), **report["quantization"]}
+        report["quantization"] = {**estimate(calibration, output, base_path), **report["quantization"]}
     return report
 
 

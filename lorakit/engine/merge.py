@@ -70,7 +70,9 @@ def merge_report(base, loaded, output, options, plan, job, writer):
         **base.report(writer),
     }
     if base.quantized:
-        report["quantization"] = survival_summary(base.view.handler, options.strategy, job, notes)
+        report["quantization"] = survival_summary(
+            base.view.handler, options.strategy, job, notes, calibrated=options.calibration is not None
+        )
     return report
 
 

@@ -167,7 +167,7 @@ class MergeJob:
                 W = W + D.float() * (self.sign * w)
             out = {key: view.handler.to_full(self.ckpt, members, W).to(self.target_dtype)}
         else:
-            strategy = self.strategy_of(key, members)
+            strategy = self.strategy
             onto = "original" if strategy == "original" else self.onto
             out, row = requant.requantize(
                 view.handler,
@@ -179,19 +179,12 @@ class MergeJob:
                 self._full(key, onto),
                 self.seed,
                 self.inputs.get(key),
-                "same-grid" if self.strategy == "auto" else None,
             )
             self.survival[key.removesuffix(".weight")] = row
         for name, t in out.items():
             if key in self.dequantized or t.element_size() > 1:  # requantize checked the codes' values itself
                 check_finite(name, t)
         return out
-
-    def strategy_of(self, key, members):
-        """--strategy, or for auto the format's choice for this module (gptq with calibration data)."""
-        if self.strategy != "auto":
-            return self.strategy
-        return "gptq" if key in self.inputs else self.view.handler.default_strategy(self.ckpt, members)
 
     def _full(self, key, onto):
         """The full-precision weight when merging onto the original, else None (onto the dequantized weight)."""

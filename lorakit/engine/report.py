@@ -2,9 +2,11 @@
 tensors, the container's own notes, and the survival of each requantized module."""
 
 import os
+import re
 
 from ..errors import listed
 from ..naming.embeddings import HEAD, is_embedding
+from ..quant.requant import score
 
 
 def merge_notes(base, loaded, plan, job, options):
@@ -85,30 +87,67 @@ def embedding_notes(base, plan):
 
 
 def strategy_label(strategy, rows):
-    """The strategy asked for; for auto, what it chose: 'auto: rescale x 180, same-grid x 30'."""
+    """The strategy asked for; for auto, what it chose: 'auto: rescale x 180, keep x 30'."""
     if strategy != "auto" or not rows:
         return strategy
     chosen = {}
     for r in rows.values():
         chosen[r["strategy"]] = chosen.get(r["strategy"], 0) + 1
-    return "auto: " + ", ".join(f"{s} x {n}" for s, n in sorted(chosen.items(), key=lambda kv: -kv[1]))
+    return "auto: " + ", ".join(
+        f"{s} x {n}" for s, n in sorted(chosen.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
 
 
-def survival_summary(handler, strategy, job, notes):
+def natural_key(name):
+    """'blk.2' before 'blk.10': digit runs compared as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def survival_summary(handler, strategy, job, notes, calibrated=False):
+    """The quantized merge's verdict first (how much of the adapter's effect the merged modules keep, next to no
+    adapter and the adapter at run time), then the means and every module's row in natural order."""
     rows = job.survival
     summary = {
         "format": handler.name,
         "strategy": "dequantized (--dtype)" if job.dequantize_out else strategy_label(strategy, rows),
-        "modules": [{"module": k, **rows[k]} for k in sorted(rows)],
+        "modules": [{"module": k, **rows[k]} for k in sorted(rows, key=natural_key)],
     }
-    if rows:
-        for key in ("probe_error_random", "probe_error_aligned", "retention", "noise", "codes_changed"):
-            summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)
-        if summary["mean_retention"] < 0.5:
-            notes.append(
-                f"WARNING: only {100 * summary['mean_retention']:.0f}% of the adapter survived requantization "
-                f"to {handler.name} with --strategy {strategy}. Better here: --strategy auto (the default), "
-                "--calibration DATA, --strategy original with --full-precision-base, or a full-precision output "
-                "with --dtype bf16"
-            )
+    if not rows:
+        return summary
+    for key in ("probe_error_random", "probe_error_aligned", "retention", "noise", "codes_changed"):
+        summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)
+    error = (sum(score(r) for r in rows.values()) / len(rows)) ** 0.5
+    summary["verdict"] = {
+        "output_error": error,  # RMS over modules and probe kinds of ||E x|| / ||dW x||
+        "no_adapter": 1.0,
+        "runtime": 0.0,
+        "effect_kept": max(0.0, 1.0 - error),
+        "kept_old_codes": sum(r["strategy"] == "keep" for r in rows.values()),
+    }
+    if summary["verdict"]["effect_kept"] < 0.5:
+        notes.append(grid_cannot_hold(handler.name, summary, job, calibrated))
     return summary
+
+
+def grid_cannot_hold(fmt, summary, job, calibrated):
+    """The warning in words, with the ways out that fit this base; no strategy is recommended (this merge measured
+    only the ones it tried)."""
+    v = summary["verdict"]
+    kinds = sorted({m.get("type") for m in summary["modules"] if m.get("type")})
+    ways = [
+        f"serve the adapter at run time (lorakit convert ADAPTER -o OUT --for {'llama.cpp' if fmt == 'gguf' else 'vllm'})",
+        "a full-precision output (--dtype bf16)",
+    ]
+    if fmt == "gguf" and any(k not in ("Q8_0", "F16", "BF16", "F32") for k in kinds):
+        ways.append("a finer type (a Q8_0 base)")
+    elif fmt in ("gptq", "awq", "nf4", "mxfp4"):
+        ways.append("a finer format (an 8-bit base: int8, fp8)")
+    if not calibrated:
+        ways.append("--calibration DATA (the layers' own inputs)")
+    kept = f"{v['kept_old_codes']} of {len(summary['modules'])} modules kept their old codes, "
+    return (
+        f"WARNING: the {fmt} grid cannot hold this adapter: the merged modules keep {100 * v['effect_kept']:.0f}% "
+        f"of its effect (output error on probes {v['output_error']:.2f} of the adapter's own; no adapter 1.00, "
+        f"the adapter at run time 0.00; {kept if v['kept_old_codes'] else ''}strategy {summary['strategy']}). "
+        "Ways out: " + "; ".join(ways)
+    )

@@ -31,8 +31,10 @@ FORMATS = {
 
 # how W + dW goes back onto a grid (lorakit.quant.requant); the first is the default
 STRATEGIES = {
-    "auto": "per format (and GGML type) the strategy whose merges came closest to the model with its adapter, by "
-    "KL on a real model (README: quantized merges judged by KL); with --calibration, gptq",
+    "auto": "per module, the candidate whose output error against W + dW is smallest on probes (random inputs, the "
+    "adapter's inputs; the layer's own with --calibration), measured on a sample of its rows: keep the old codes "
+    "(the adapter dropped there), same-grid, refit, rescale, stochastic (gptq with --calibration); never further "
+    "from W + dW than the old codes",
     "feedback": "the old grid; columns rounded in order, each column's error carried into the next ones so that the "
     "error seen through the adapter's input subspace stays near zero (GPTQ-style, low-rank A^T A)",
     "same-grid": "the old grid, nearest code (PEFT's bitsandbytes merge): small deltas round straight back",
@@ -43,30 +45,6 @@ STRATEGIES = {
     "original": "quantize W + dW afresh from --full-precision-base",
     "gptq": "the old grid, columns rounded in order with GPTQ's update from the Hessian of the layer's inputs on "
     "--calibration data (a clipped weight's error spread over later columns like any other)",
-}
-
-# --strategy auto: per format name, or per GGML type for GGUF, the strategy with the lowest KL to the adapted model
-# on SmolLM2-135M (benchmarks/bench_quant_quality.py, README). Fine grids refit or rescale (a fresh scale costs
-# little, a clipped weight much); coarse ones round stochastically (nearest rounding snaps a small delta back onto
-# the old code, random rounding keeps it in expectation); GPTQ's symmetric 4-bit groups keep their grid. Types not
-# measured (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K: coarse grids) take the default.
-DEFAULT_STRATEGY = {
-    "default": "stochastic",
-    "int8": "refit",
-    "fp8": "stochastic",
-    "fp8-block": "stochastic",
-    "nf4": "stochastic",
-    "gptq": "same-grid",
-    "awq": "rescale",
-    "Q8_0": "rescale",
-    "Q6_K": "rescale",
-    "Q5_K": "stochastic",
-    "Q4_K": "stochastic",
-    "Q4_0": "stochastic",
-    # not in the SmolLM2 table (no dense MXFP4 model): on tiny gpt-oss (tests/test_mxfp4.py's base, adapters of
-    # three strengths) rescale came closest every time, as the OCP recipe leaves no headroom (a block's largest code
-    # is 4 or 6: a delta that grows it clips on the old grid)
-    "mxfp4": "rescale",
 }
 
 # tensor name endings that only quantized checkpoints have: refused when no format claims them

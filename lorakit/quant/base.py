@@ -42,6 +42,11 @@ class Grid:
         S, Z = self._by_row
         return S.index_select(1, g), (Z.index_select(1, g) if Z is not None else None)
 
+    def rows(self, idx):
+        """The grid of the rows `idx` only (what requantizing a sample of a module's rows rounds onto)."""
+        Z = self.Z[:, idx].contiguous() if self.Z is not None else None
+        return Grid(self.S[:, idx].contiguous(), self.g, self.codebook, Z)
+
 
 class QuantFormat:
     """Base class of the registered formats (lorakit.quant.FORMATS)."""
@@ -103,12 +108,6 @@ class QuantFormat:
         """{stored tensor name: tensor} for codes [out, in] (storage dtype) on `grid`: the stored names, shapes and
         dtypes exactly."""
         raise NotImplementedError
-
-    def default_strategy(self, ckpt, m):
-        """What --strategy auto does for module `m` (lorakit.quant.DEFAULT_STRATEGY)."""
-        from . import DEFAULT_STRATEGY
-
-        return DEFAULT_STRATEGY.get(self.name, DEFAULT_STRATEGY["default"])
 
     def stored(self, ckpt, m):
         """The module as its codes and the arithmetic that dequantizes them (Stored): what training on a quantized

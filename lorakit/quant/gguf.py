@@ -322,13 +322,6 @@ class GGUFBlocks(QuantFormat):
         shape = tuple(ckpt.entry(m["weight"]).shape)
         return (math.prod(shape[:-1]), shape[-1])
 
-    def default_strategy(self, ckpt, m):
-        """Per GGML type: fine grids and coarse ones lose a delta differently."""
-        from . import DEFAULT_STRATEGY
-
-        kind = ckpt.entry(m["weight"]).dtype
-        return DEFAULT_STRATEGY.get(kind, DEFAULT_STRATEGY.get(self.name, DEFAULT_STRATEGY["default"]))
-
     def stored(self, ckpt, m):
         """ggml's own arithmetic: d * sc as fp32, times (q - zero), less dmin * m (scale 0 kept as stored)."""
         t, raw = self._blocks(ckpt, m)

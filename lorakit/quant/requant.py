@@ -5,18 +5,18 @@ Everything runs over blocks of input columns in fp32 (the rounding, the error fe
 module costs its stored codes twice (old and new, one byte per element) plus a few blocks, whatever its size.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import LorakitError
 from . import rounding
-from .base import Stored, row_major
+from .base import Grid, Stored, row_major
 
 COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths...
 BLOCK_ELEMENTS = 1 << 21  # ...and tall modules take fewer (down to 64: a multiple of the usual group sizes)
 PROBES = 64
-SMALL_DELTA = 8  # small_delta's bound: between the weak (<= 2.6) and strong (>= 16) adapters measured
 
 
 def merged_target(W_old, loras, sign, full):
@@ -53,76 +53,224 @@ class InputMoments:
         return A.T @ A + self.rest * torch.eye(A.shape[1], dtype=torch.float64)
 
 
-def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inputs=None, small=None):
+@dataclass
+class Module:
+    """One quantized module as requantizing sees it: the stored grid and codes (`rows`: the codes row-major), the
+    adapters' stacked factors (B [out, R], A [R, in]), the full-precision weight when merging onto it, and the
+    probes every candidate is measured on (random inputs X, the adapter's inputs Y as x = A^T y, and with
+    calibration data the square root of the layer's input second moment, H ~ F^T F + rest I)."""
+
+    old: Grid
+    stored: torch.Tensor
+    B: torch.Tensor
+    A: torch.Tensor
+    full: torch.Tensor = None
+    X: torch.Tensor = None
+    Y: torch.Tensor = None
+    inputs: InputMoments = None
+
+    @property
+    def rows(self):
+        return row_major(self.stored)
+
+    def sample(self, idx):
+        """The same module on the rows `idx` (a copy): rounding is row by row, so every candidate's error on them
+        estimates its error on the whole module."""
+        full = self.full[idx] if self.full is not None else None
+        stored = self.stored[idx].contiguous()
+        return Module(self.old.rows(idx), stored, self.B[idx], self.A, full, self.X, self.Y, self.inputs)
+
+
+def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inputs=None):
     """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row (with the
-    strategy it took). `inputs` (InputMoments): what the layer's inputs are on calibration data, for --strategy
-    gptq. `small`: the strategy stochastic gives way to where the delta is too small for random rounding to pay
-    (small_delta; --strategy auto)."""
+    strategy it took). `inputs` (InputMoments): the layer's inputs on calibration data. `auto` measures every
+    candidate on a sample of rows, keep-the-old-codes among them, takes the smallest output error, and keeps the
+    old codes where the whole module's result is further from W + dW than they are ({}: every member copied)."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
-    rows = row_major(
-        stored
-    )  # every block below takes the stored codes' layout: elementwise work stays at memory speed
-    columns = COLUMNS
-    while out * columns > BLOCK_ELEMENTS and columns > 64:
-        columns //= 2
     B, A = stacked_factors(loras, sign) if loras else (torch.zeros(out, 1), torch.zeros(1, inn))
     generator = torch.Generator().manual_seed(seed)
     # random inputs, then inputs in the adapter's subspace (x = A^T y); drawn in fp64 as lorakit always has, so that a
     # report does not change with the implementation
-    probes = torch.randn(inn, PROBES, generator=generator, dtype=torch.float64).float()
-    aligned = torch.randn(A.shape[0], PROBES, generator=generator, dtype=torch.float64).float()
-    report = Survival(out, A.shape[0])
-    if strategy == "stochastic" and small is not None and small_delta(old, B, A):
-        strategy = small
-    if strategy == "gptq":
-        if inputs is None:
-            raise LorakitError("--strategy gptq needs --calibration DATA", tensor=members_name(members))
-        new_codes, grid = gptq(fmt, ckpt, members, old, stored, (B, A), inputs, report, probes, full)
-        return fmt.encode(ckpt, members, new_codes, grid), {
-            **report.row(B, A, probes, aligned),
-            "strategy": strategy,
-        }
+    X = torch.randn(inn, PROBES, generator=generator, dtype=torch.float64).float()
+    Y = torch.randn(A.shape[0], PROBES, generator=generator, dtype=torch.float64).float()
+    module = Module(old, stored, B, A, full, X, Y, inputs)
+    chosen, trials = strategy, None
+    if strategy == "auto":
+        chosen, trials = choose(fmt, ckpt, members, module, seed)
+        if chosen == "keep":  # the sample's rows were finite: so must the rest be, or the base is refused
+            trials["keep"]["finite"] = bool(torch.isfinite(Stored(old, stored).dequantize()).all())
+        if chosen == "keep" and trials["keep"]["finite"]:
+            return {}, {**_public(trials["keep"]), "strategy": "keep", "candidates": _scores(trials)}
+    if chosen == "gptq" and inputs is None:
+        raise LorakitError("--strategy gptq needs --calibration DATA", tensor=members_name(members))
+    codes, grid, row = (
+        (None, None, trials["keep"])
+        if chosen == "keep"
+        else run_strategy(fmt, ckpt, members, module, chosen, generator)
+    )
+    if not row["finite"]:
+        raise LorakitError(
+            "the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
+            "or a zero scale): nothing was written",
+            path=ckpt.path,
+            tensor=members_name(members),
+        )
+    row = {**_public(row), "strategy": chosen}
+    if trials is not None:
+        row["candidates"] = _scores(trials)
+        unchanged = grid is old and row["codes_changed"] == 0
+        if unchanged or score(row) > 1.0 - TIE:  # the sample misjudged: never further than the old codes
+            return {}, {**_public(trials["keep"]), "strategy": "keep", "candidates": row["candidates"]}
+    return fmt.encode(ckpt, members, codes, grid), row
 
+
+AUTO_ROWS = 128  # rows each candidate of auto is measured on (the whole module when it has fewer)
+# A candidate must beat the old codes' score of 1 by this much to replace them: a few flipped codes that move the
+# probes' error by less are within what 64 probes tell apart, and rewriting bytes for it buys nothing measurable.
+TIE = 0.02
+CANDIDATES = ("same-grid", "refit", "rescale", "stochastic")
+
+
+def choose(fmt, ckpt, members, module, seed):
+    """(the strategy with the smallest output error on a sample of rows, {candidate: its row on the sample}).
+    "keep" (the old codes, the adapter dropped here) costs nothing to measure: its error is dW itself. refit is
+    skipped where its grid is the stored one (it is same-grid there); gptq joins with calibration data."""
+    out = module.stored.shape[0]
+    generator = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(out, generator=generator)[: min(out, AUTO_ROWS)].sort().values
+    part = module.sample(idx)
+    trials = {"keep": keep_row(part)}  # with 'finite': whether the base itself is (a NaN scale is refused)
+    candidates = CANDIDATES + (("gptq",) if module.inputs is not None else ())
+    for strategy in candidates:
+        if strategy == "refit" and part_grid(fmt, ckpt, members, module, part, idx, "refit") is module.old:
+            continue
+        trial = Module(part.old, part.stored.clone(), part.B, part.A, part.full, part.X, part.Y, part.inputs)
+        _, grid, row = run_strategy(fmt, ckpt, members, trial, strategy, generator, whole=module, idx=idx)
+        if row["finite"] and not (grid is part.old and row["codes_changed"] == 0):  # else it is keep
+            trials[strategy] = _public(row)
+    best = min(trials, key=lambda s: score(trials[s]))
+    # a candidate that changes nothing measurable (no code moved) ties with keeping the codes: keep them
+    return ("keep" if score(trials[best]) >= 1.0 - TIE else best), trials
+
+
+def score(row):
+    """What auto minimizes: the squared output error relative to the adapter's own, ||E x||^2 / ||dW x||^2, on the
+    layer's own inputs where calibration data measured them, else the mean over random inputs and the adapter's
+    inputs; keeping the codes scores 1."""
+    if row.get("probe_error_calibration") is not None:
+        return row["probe_error_calibration"] ** 2
+    return (row["probe_error_random"] ** 2 + row["probe_error_aligned"] ** 2) / 2
+
+
+def _scores(trials):
+    return {s: round(score(r), 6) for s, r in trials.items() if r.get("finite", True)}
+
+
+def _public(row):
+    return {k: v for k, v in row.items() if k != "finite"}
+
+
+def keep_row(module):
+    """The report row of the old codes kept: dQ = 0, E = -dW (every output error exactly the adapter's own), and
+    'finite': whether the stored module itself is."""
+    report = Survival(*module.B.shape, module.inputs)
+    W_old = Stored(module.old, module.stored).dequantize()
+    report.add_base(W_old)
+    dW = module.B @ module.A
+    report.add(-dW, dW, module.X, module.A, False)
+    row = _public(report.row(module.B, module.A, module.X, module.Y))
+    exact = {
+        k: 1.0 for k in ("probe_error_random", "probe_error_aligned", "probe_error_calibration") if k in row
+    }
+    # E = -dW and dQ = 0 exactly (the sums above carry rounding)
+    return {**row, **exact, "retention": 0.0, "noise": 0.0, "finite": math.isfinite(report.old2)}
+
+
+def part_grid(fmt, ckpt, members, whole, part, idx, strategy):
+    """The fresh grid rescale / refit fit for the sampled rows: the format's own fit on the whole module's ranges,
+    the stored range standing in for the rows not sampled; the stored grid itself where refit keeps it."""
+    lo, hi = stored_range(whole.old)
+    p_lo, p_hi = target_range(part.old, ((j0, j1, T) for j0, j1, T, _ in blocks(part, False)))
+    lo[:, idx], hi[:, idx] = p_lo, p_hi
+    if strategy == "refit":
+        grid = refit(fmt, ckpt, members, whole.old, lo, hi)
+        return grid if grid is whole.old else grid.rows(idx)
+    return fmt.fit(ckpt, members, lo, hi).rows(idx)
+
+
+def stored_range(old):
+    """(lo, hi) [groups, out]: the range each (group, row) of the stored grid covers."""
+    c_lo, c_hi = old.codebook.span()
+    Z = old.Z if old.Z is not None else 0.0
+    return ((c_lo - Z) * old.S).clone(), ((c_hi - Z) * old.S).clone()
+
+
+def run_strategy(fmt, ckpt, members, module, strategy, generator, whole=None, idx=None):
+    """(new codes, their grid, report row with 'finite') of one strategy on `module`; `whole` and `idx`: the module
+    `module` samples the rows idx of (a fresh grid is then fitted on the whole module's ranges)."""
+    report = Survival(*module.B.shape, module.inputs)
+    if strategy == "gptq":
+        codes, grid = gptq(module, report)
+    else:
+        if strategy in ("rescale", "original", "refit"):
+            if whole is not None:
+                grid = part_grid(fmt, ckpt, members, whole, module, idx, strategy)
+            else:
+                lo, hi = target_range(module.old, ((j0, j1, T) for j0, j1, T, _ in blocks(module, False)))
+                grid = (
+                    fmt.fit(ckpt, members, lo, hi)
+                    if strategy != "refit"
+                    else refit(fmt, ckpt, members, module.old, lo, hi)
+                )
+        else:
+            grid = module.old
+        codes = round_onto(module, grid, strategy, generator, report)
+    return codes, grid, {**report.row(module.B, module.A, module.X, module.Y), "finite": report.finite()}
+
+
+def blocks(module, tally, report=None, by_rows=None):
+    """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns of `module`, in the layout `by_rows`
+    (default: the codes'); with `tally`, W_old goes into `report`."""
+    old, stored, B, A, full = module.old, module.stored, module.B, module.A, module.full
+    out, inn = stored.shape
+    rows = module.rows
+    by_rows = rows if by_rows is None else by_rows
+    columns = COLUMNS
+    while out * columns > BLOCK_ELEMENTS and columns > 64:
+        columns //= 2
+    for j0 in range(0, inn, columns):
+        j1 = min(inn, j0 + columns)
+        S, Z = old.columns(j0, j1, rows)
+        c = old.codebook.values(stored[:, j0:j1])
+        W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
+        if tally:
+            report.add_base(W_old)
+        W_old = in_layout(W_old, by_rows)  # (a transposing mul into the other layout is 4x slower than this)
+        dW = B @ A[:, j0:j1] if by_rows else (A[:, j0:j1].T @ B.T).T
+        if full is None:
+            yield j0, j1, W_old.add_(dW), dW
+        else:
+            T = in_layout(full[:, j0:j1].to(torch.float32, copy=True), by_rows).add_(dW)
+            yield j0, j1, T, T - W_old
+
+
+def in_layout(X, row_wise):
+    """X [out, b] laid out row-major or column-major (no copy when it already is)."""
+    return X.contiguous() if row_wise else X.T.contiguous().T
+
+
+def round_onto(module, grid, strategy, generator, report):
+    """The module's codes rounded onto `grid` block by block (same-grid / rescale / refit: nearest; stochastic;
+    feedback: each column's error carried on), written over the stored ones (each block is read before it is
+    written); the errors go into `report`."""
+    rows, A, codes = module.rows, module.A, module.stored
     # feedback makes its codes column by column: its targets come column-major ([b, out] contiguous, seen as [out, b])
     by_rows = rows and strategy != "feedback"
-
-    def in_layout(X, row_wise):
-        """X [out, b] laid out row-major or column-major (no copy when it already is)."""
-        return X.contiguous() if row_wise else X.T.contiguous().T
-
-    def blocks(tally):
-        """(j0, j1, target T = W + dW, D = T - W_old) for each block of columns, in the layout `by_rows`; `tally`
-        adds W_old to the report."""
-        for j0 in range(0, inn, columns):
-            j1 = min(inn, j0 + columns)
-            S, Z = old.columns(j0, j1, rows)
-            c = old.codebook.values(stored[:, j0:j1])
-            W_old = (c.sub_(Z) if Z is not None else c).mul_(S)
-            if tally:
-                report.add_base(W_old)
-            W_old = in_layout(
-                W_old, by_rows
-            )  # (a transposing mul into the other layout is 4x slower than this)
-            dW = B @ A[:, j0:j1] if by_rows else (A[:, j0:j1].T @ B.T).T
-            if full is None:
-                yield j0, j1, W_old.add_(dW), dW
-            else:
-                T = in_layout(full[:, j0:j1].to(torch.float32, copy=True), by_rows).add_(dW)
-                yield j0, j1, T, T - W_old
-
-    if strategy in ("rescale", "original", "refit"):
-        lo, hi = target_range(old, ((j0, j1, T) for j0, j1, T, _ in blocks(False)))
-        grid = (
-            fmt.fit(ckpt, members, lo, hi) if strategy != "refit" else refit(fmt, ckpt, members, old, lo, hi)
-        )
-    else:
-        grid = old
-    # the new codes overwrite the stored ones block by block (each block is read before it is written)
-    book, codes = grid.codebook, stored
+    book = grid.codebook
     if strategy == "feedback":
-        G, R = rounding.feedback_gains(A), torch.zeros(out, A.shape[0])
-    for j0, j1, T, D in blocks(True):
+        G, R = rounding.feedback_gains(A), torch.zeros(codes.shape[0], A.shape[0])
+    for j0, j1, T, D in blocks(module, True, report, by_rows):
         S, Z = grid.columns(j0, j1, by_rows)
         if strategy == "feedback":
             c, E = rounding.feedback_block(T, S, Z, book, A[:, j0:j1], G[j0:j1], R, groups=grid.g[j0:j1])
@@ -135,44 +283,25 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
             E = (c.sub_(Z) if Z is not None else c).mul_(S).sub_(T)  # W_new - target, in place of the codes
         report.changed += int(torch.count_nonzero(bits(new) != bits(codes[:, j0:j1])))
         codes[:, j0:j1] = new
-        report.add(E, D, probes[j0:j1], A[:, j0:j1], full is not None)
-    if not report.finite():
-        raise LorakitError(
-            "the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
-            "or a zero scale): nothing was written",
-            path=ckpt.path,
-            tensor=members_name(members),
-        )
-    return fmt.encode(ckpt, members, codes, grid), {**report.row(B, A, probes, aligned), "strategy": strategy}
+        report.add(E, D, module.X[j0:j1], A[:, j0:j1], module.full is not None, slice(j0, j1))
+    return codes
 
 
-def small_delta(grid, B, A):
-    """Whether dW = B A is too small for random rounding to pay: in times its RMS under SMALL_DELTA grid steps. On
-    an output, random rounding adds noise ~ sqrt(in |dW| step) where nearest rounding loses at most the delta's
-    own in |dW|, so a weak delta is better kept than drawn. Measured on SmolLM2: a weak adapter (2 steps; ratios
-    0.4 to 2.6) merged into the Q4_1 GGUF had KL 0.0039 stochastic against 0.00019 kept, its whole effect; the
-    benchmark's adapter (ratios 16 to 117) is where stochastic won."""
-    out, inn = B.shape[0], A.shape[1]
-    delta = (float(((B.T.double() @ B.double()) * (A.double() @ A.T.double())).sum()) / (out * inn)) ** 0.5
-    lo, hi = grid.codebook.span()
-    step = float(grid.S.double().pow(2).mean()) ** 0.5 * (hi - lo) / (grid.codebook.count() - 1)
-    return delta * inn < SMALL_DELTA * step
-
-
-def gptq(fmt, ckpt, members, old, stored, factors, inputs, report, probes, full):
+def gptq(module, report):
     """GPTQ onto the stored grid (a weight W + dW pushes past its block's range is clipped, and its error spread
     over the later columns like any rounding error: refitting scales cost more on coarse grids): the new codes in
     the stored layout, and the grid. One module at a time in fp32, as the dequantized path holds it."""
-    (B, A), inn = factors, stored.shape[1]
+    old, stored, B, A, full = module.old, module.stored, module.B, module.A, module.full
+    inn = stored.shape[1]
     before = stored.contiguous()
     W_old = Stored(old, before).dequantize()
     T = (full.float() if full is not None else W_old) + B @ A
     S, Z = old.columns(0, inn, True)
-    values, codes = rounding.gptq_round(T, S, Z, old.codebook, inputs.hessian())
+    values, codes = rounding.gptq_round(T, S, Z, old.codebook, module.inputs.hessian())
     E = (values.sub_(Z) if Z is not None else values).mul_(S).sub_(T)
     report.add_base(W_old)
     report.changed += int(torch.count_nonzero(bits(codes) != bits(before)))
-    report.add(E, T - W_old, probes, A, full is not None)
+    report.add(E, T - W_old, module.X, A, full is not None)
     stored.copy_(codes)  # in the stored layout (GPTQ / AWQ keep W^T)
     return stored, old
 
@@ -196,9 +325,7 @@ def refit(fmt, ckpt, members, old, lo, hi):
     """The stored grid while the targets stay inside its range; where W + dW leaves it anywhere (a group whose
     largest weight grows), a grid fitted to the union of the stored range and the targets', so that nothing is
     clipped and groups the delta keeps inside keep their range (the same file size: only scales change)."""
-    c_lo, c_hi = old.codebook.span()
-    Z = old.Z if old.Z is not None else 0.0
-    old_lo, old_hi = (c_lo - Z) * old.S, (c_hi - Z) * old.S
+    old_lo, old_hi = stored_range(old)
     tolerance = 1e-6 * old.S
     if not bool(((lo < old_lo - tolerance) | (hi > old_hi + tolerance)).any()):
         return old
@@ -253,22 +380,28 @@ class Survival:
     (E A^T being the aligned probes' sum anyway; D A^T = dW A^T onto the dequantized base), ||dW||^2 = <B^T B, A A^T>,
     E x = E A^T y and dW x = B (A x)."""
 
-    def __init__(self, out, rank):
-        self.qq = self.old2 = 0.0
+    def __init__(self, out, rank, inputs=None):
+        self.qq = self.old2 = self.ee = 0.0
         self.changed = self.count = 0
-        # [E X | E A^T]: one product reads E once. Blocks of column-major E add to its transpose instead: BLAS's
-        # faster form of the product for each layout (1.8 ms against 2.3 for a [4096, 256] block)
-        self.EP, self.PE, self.DAt = torch.zeros(out, PROBES + rank), torch.zeros(PROBES + rank, out), None
+        # the calibration inputs' factor F (H ~ F^T F + rest I) joins the probes: ||E F^T||^2 + rest ||E||^2
+        self.F = inputs.factor.float() if inputs is not None else torch.zeros(0, 0)
+        self.rest = inputs.rest if inputs is not None else 0.0
+        width = PROBES + rank + self.F.shape[0]
+        # [E X | E A^T | E F^T]: one product reads E once. Blocks of column-major E add to its transpose instead:
+        # BLAS's faster form of the product for each layout (1.8 ms against 2.3 for a [4096, 256] block)
+        self.EP, self.PE, self.DAt = torch.zeros(out, width), torch.zeros(width, out), None
 
     def add_base(self, W_old):
         self.old2 += float(torch.dot(flat(W_old), flat(W_old)))
 
-    def add(self, E, D, X, A, shifted):
+    def add(self, E, D, X, A, shifted, cols=slice(None)):
         """One block: E = W_new - target and D = target - W_old in one layout, X its rows of the probes, A its
-        columns of the factors; `shifted`: the target is not W_old + dW (merging onto the original weight)."""
+        columns of the factors, `cols` its columns; `shifted`: the target is not W_old + dW (merging onto the
+        original weight)."""
         q = flat(E.add(D))
         self.qq += float(torch.dot(q, q))
-        P = torch.cat([X, A.T], 1)
+        self.ee += float(torch.dot(flat(E), flat(E)))
+        P = torch.cat([X, A.T, self.F[:, cols].T], 1) if self.F.numel() else torch.cat([X, A.T], 1)
         if E.is_contiguous():
             self.EP.addmm_(E, P)
         else:
@@ -283,7 +416,8 @@ class Survival:
     def row(self, B, A, X, Y):
         Bd, Ad = B.double(), A.double()
         EP = self.EP + self.PE.T
-        EX, EAt = EP[:, :PROBES], EP[:, PROBES:]
+        rank = A.shape[0]
+        EX, EAt, EF = EP[:, :PROBES], EP[:, PROBES : PROBES + rank], EP[:, PROBES + rank :]
         dd = float(((Bd.T @ Bd) * (Ad @ Ad.T)).sum())
         qd = float((EAt.double() * Bd).sum()) + (
             dd if self.DAt is None else float((self.DAt.double() * Bd).sum())
@@ -296,7 +430,7 @@ class Survival:
             return float(E.double().norm()) / base if base else 0.0
 
         AAtY = A @ (A.T @ Y)
-        return {
+        row = {
             "retention": rho,
             "noise": nu,
             "probe_error_random": err(EX, B @ (A @ X)),
@@ -304,6 +438,12 @@ class Survival:
             "codes_changed": self.changed / max(1, self.count),
             "relative_delta": (dd / self.old2) ** 0.5 if self.old2 else 0.0,
         }
+        if self.F.numel():  # ||E F^T||^2 + rest ||E||^2 against the same for dW: the layer's own inputs
+            dWF = Bd @ (Ad @ self.F.double().T)
+            num = float(EF.double().pow(2).sum()) + self.rest * self.ee
+            den = float(dWF.pow(2).sum()) + self.rest * dd
+            row["probe_error_calibration"] = (num / den) ** 0.5 if den else 0.0
+        return row
 
 
 def flat(t):

@@ -137,10 +137,14 @@ def calibrate(base, loaded, data, sign=1.0):
     return Calibration(input_factors(model, weights, ids), held_out, model)
 
 
-def estimate(calibration, output):
-    """The merged model's KL per token against the adapted one, on the held-out calibration tokens."""
+def estimate(calibration, output, base):
+    """The merged model's KL per token against the adapted one, on the held-out calibration tokens, next to the
+    base's (no adapter at all); the adapter at run time is the reference itself (0)."""
     merged = LlamaForCausalLM.from_pretrained(output)
     return {
         "kl": kl(calibration.adapted, merged, calibration.held_out),
+        "kl_no_adapter": kl(
+            calibration.adapted, LlamaForCausalLM.from_pretrained(base), calibration.held_out
+        ),
         "kl_tokens": calibration.held_out.numel(),
     }
