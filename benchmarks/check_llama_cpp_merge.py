@@ -8,7 +8,9 @@ convert --for llama.cpp`). Every candidate is run by `llama-perplexity --kl-dive
 next-token distributions per token against the reference's saved logits) on other held-out text: the base without
 the adapter, lorakit merge with the default (auto) and the fixed strategies, and llama-export-lora +
 llama-quantize --allow-requantize. Opt-in: LLAMA_CPP=<vendor/llama.cpp of the llama-cpp-python sdist, with
-llama-quantize, llama-export-lora and llama-perplexity built in build/bin>.
+llama-quantize, llama-export-lora and llama-perplexity built in build/bin> (LLAMA_CPP_BUILD: another build folder).
+On a VM whose CPU reports AMX that the kernel does not enable, ggml's AMX kernels die with SIGILL in the quantized
+matmuls: build with CMAKE_C_FLAGS / CMAKE_CXX_FLAGS "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16".
 
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/check_llama_cpp_merge.py
 """
@@ -41,7 +43,7 @@ STRATEGIES = ("same-grid", "stochastic", "rescale")
 
 
 def tool(name, *args):
-    binary = os.path.join(os.environ["LLAMA_CPP"], "build", "bin", name)
+    binary = os.path.join(os.environ["LLAMA_CPP"], os.environ.get("LLAMA_CPP_BUILD", "build"), "bin", name)
     return subprocess.run([binary, *map(str, args)], check=True, capture_output=True, text=True)
 
 

@@ -391,6 +391,13 @@ def test_deeply_nested_json_is_one_line_naming_the_file(w, cli):
         "line 2",
         "nested too deeply",
     )
+    open("base/tokenizer.json", "w").write('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    open("text.jsonl", "w").write('{"text": "some text"}\n')
+    assert_one_line_error(
+        *cli("train", "--base", "base", "--data", "text.jsonl", "-o", "t.safetensors", "--steps", "1"),
+        "tokenizer.json",
+        "nested too deeply",
+    )
     from lorakit.io import read_header, write_safetensors
 
     ad = lorakit.load("a.safetensors")

@@ -99,7 +99,7 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
     if strategy == "auto":
         chosen, trials = choose(fmt, ckpt, members, module, seed)
         if chosen == "keep":  # the sample's rows were finite: so must the rest be, or the base is refused
-            trials["keep"]["finite"] = bool(torch.isfinite(Stored(old, stored).dequantize()).all())
+            trials["keep"]["finite"] = finite_grid(old)
         if chosen == "keep" and trials["keep"]["finite"]:
             return {}, {**_public(trials["keep"]), "strategy": "keep", "candidates": _scores(trials)}
     if chosen == "gptq" and inputs is None:
@@ -185,6 +185,12 @@ def keep_row(module):
     }
     # E = -dW and dQ = 0 exactly (the sums above carry rounding)
     return {**row, **exact, "retention": 0.0, "noise": 0.0, "finite": math.isfinite(report.old2)}
+
+
+def finite_grid(grid):
+    """Whether every weight of a grid is finite: W = S (c - Z) with finite code values is, exactly where S and Z are
+    (checked on the [groups, out] scales, not on a dense copy of the module)."""
+    return bool(torch.isfinite(grid.S).all()) and (grid.Z is None or bool(torch.isfinite(grid.Z).all()))
 
 
 def part_grid(fmt, ckpt, members, whole, part, idx, strategy):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import LorakitError
-from ..io.jsonio import parse_json
+from ..io.jsonio import parse_json, read_json
 
 
 def load_data(path, vocab_size, base=None):
@@ -108,7 +108,11 @@ def _tokenizer(base, path):
         ) from None
     if not os.path.isfile(tok):
         raise LorakitError("text data needs a tokenizer.json in the base folder", path=path)
-    return Tokenizer.from_file(tok)
+    read_json(tok, "tokenizer.json")  # the guarded parser first: depth, duplicates, size, one line naming it
+    try:
+        return Tokenizer.from_file(tok)
+    except Exception as e:  # the tokenizers package's own refusal (a JSON it does not understand)
+        raise LorakitError(f"tokenizer.json is not a tokenizer: {str(e).splitlines()[0]}", path=tok) from None
 
 
 def split(kind, data, seq_len, val_fraction=0.1):
