@@ -410,3 +410,72 @@ def test_deeply_nested_json_is_one_line_naming_the_file(w, cli):
     assert (
         code == 2 and "Traceback" not in err and "deep.safetensors" in err and "RecursionError" not in err
     ), err
+
+
+def test_header_only_inspect_of_a_hub_id_fetches_no_weights(w, monkeypatch):
+    """Online, `inspect ID` (no --spectrum) reads each safetensors file's header and alpha scalars over ranges and
+    nothing else: the report equals the local file's, and far fewer bytes than the weights cross the network."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    lorakit.load("a.safetensors").save(
+        "remote-lk/adapter.safetensors"
+    )  # a one-file lorakit repo (alphas are data)
+    repos = {"someone/peft-lora": w / "peft", "someone/lk-lora": w / "remote-lk"}
+    read = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+        def seek(self, pos):
+            self.f.seek(pos)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    class FakeFileSystem:  # huggingface_hub.HfFileSystem's calls, over local folders
+        def ls(self, root, detail=True):
+            folder = repos[root]
+            return [
+                {"name": f"{root}/{n}", "type": "file", "size": os.path.getsize(folder / n)}
+                for n in os.listdir(folder)
+            ]
+
+        def _local(self, name):
+            repo, _, rest = name.rpartition("/")
+            return repos[repo] / rest
+
+        def cat_file(self, name):
+            return self._local(name).read_bytes()
+
+        def open(self, name, mode="rb"):
+            return Counted(open(self._local(name), mode))
+
+    def snapshot_download(**options):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", FakeFileSystem)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for repo, local in (("someone/peft-lora", "peft"), ("someone/lk-lora", "remote-lk/adapter.safetensors")):
+        read.clear()
+        remote, here = lorakit.inspect(repo), lorakit.inspect(local)
+        assert {k: v for k, v in remote.items() if k != "file"} == {
+            k: v for k, v in here.items() if k != "file"
+        }
+        stored = os.path.join(local, "adapter_model.safetensors") if os.path.isdir(local) else local
+        alphas = [n for n in lorakit.io.read_header(stored).entries if n.endswith(".alpha")]
+        assert read[0] == 8 and sum(read[2:]) == 4 * len(alphas), (
+            repo,
+            read,
+        )  # the header, then the alphas only
+    with pytest.raises(LorakitError, match="Hugging Face hub id"):
+        lorakit.inspect("someone/peft-lora", spectrum=True)  # values: the download, which fails here

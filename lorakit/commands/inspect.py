@@ -40,7 +40,7 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
     Without `spectrum` only headers and the alpha scalars are read. With `spectrum`, per module: the singular values
     of dW from the factors (QR + small SVD), effective rank and ||dW||_F; with `base`, also ||dW||_F / ||W||_F.
     """
-    path = os.fspath(local(adapter, "adapter", quiet))
+    path = os.fspath(local(adapter, "adapter", quiet, header_only=not spectrum))
     base = local(base, "base", quiet)
     fmt = detect_format(path)
     if base is not None:

@@ -29,9 +29,11 @@ def offline():
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def local(path, role="adapter", quiet=False):
+def local(path, role="adapter", quiet=False, header_only=False):
     """`path` itself when it exists on disk or is no hub id; otherwise the local snapshot folder of the hub repo it
-    names, fetched where the cache lacks it."""
+    names (for an adapter, its one safetensors file where it holds no adapter_config.json), fetched where the cache
+    lacks it.
+    `header_only` (inspect without --spectrum): online, no weights are fetched, only headers and alphas."""
     if path is None or not isinstance(path, (str, os.PathLike)):
         return path
     text = os.fspath(path)
@@ -46,12 +48,69 @@ def local(path, role="adapter", quiet=False):
         allow_patterns=ROLE_FILES[role],
         ignore_patterns=ROLE_SKIPPED,
     )
-    try:
-        return hub.snapshot_download(**options, local_files_only=True)  # the cache first: no network at all
+    pick = _single_file if role == "adapter" else (lambda folder: folder)
+    try:  # the cache first: no network at all
+        return pick(hub.snapshot_download(**options, local_files_only=True))
     except Exception:  # any miss of the cache: fetch (below) or say why not
         if offline():
             raise _error(text, "not in the local cache and HF_HUB_OFFLINE is set") from None
-    return _download(hub, text, options, quiet)
+    if header_only:
+        try:
+            return pick(_headers(hub, m["repo"], m["revision"]))
+        except Exception as e:  # every failure becomes one line naming the id
+            raise _error(text, _reason(e)) from None
+    return pick(_download(hub, text, options, quiet))
+
+
+def _single_file(folder):
+    """A repo of one safetensors adapter (kohya, diffusers, lorakit files) as that file; a PEFT folder as itself."""
+    names = os.listdir(folder)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if "adapter_config.json" not in names and len(weights) == 1:
+        return os.path.join(folder, weights[0])
+    return folder
+
+
+def _headers(hub, repo, revision):
+    """A temporary stand-in of the repo's top folder: its JSON files, and each safetensors file as its header and
+    its alpha scalars fetched over HTTP ranges, the rest of its size a hole (sparse, never written): what a
+    header-only read needs, with no weights over the network."""
+    import atexit
+    import shutil
+    import tempfile
+
+    fs = hub.HfFileSystem()
+    root = f"{repo}@{revision}" if revision else repo
+    folder = tempfile.mkdtemp(prefix="lorakit-hub-")
+    atexit.register(shutil.rmtree, folder, True)
+    for entry in fs.ls(root, detail=True):
+        name = os.path.basename(entry["name"])
+        if entry.get("type") == "file" and name.endswith(".json"):
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(fs.cat_file(entry["name"]))
+        elif entry.get("type") == "file" and name.endswith(".safetensors"):
+            _stand_in(fs, entry["name"], entry["size"], os.path.join(folder, name))
+    return folder
+
+
+def _stand_in(fs, remote, size, path):
+    from .jsonio import parse_json
+
+    with fs.open(remote, "rb") as src, open(path, "wb") as dst:
+        head = src.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or n > min(size, 100_000_000):
+            raise LorakitError("not a safetensors file (its header length is out of range)", path=remote)
+        header = src.read(n)
+        dst.write(head + header)
+        entries = parse_json(header, remote, "safetensors header")
+        for name, info in entries.items():
+            if name.endswith(".alpha") and isinstance(info, dict):  # alphas are data: a few bytes each
+                start, end = info["data_offsets"]
+                src.seek(8 + n + start)
+                dst.seek(8 + n + start)
+                dst.write(src.read(end - start))
+        dst.truncate(size)
 
 
 def _download(hub, text, options, quiet):
