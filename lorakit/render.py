@@ -2,6 +2,8 @@
 
 import re
 
+from .quant import score
+
 
 def human_size(n):
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -223,7 +225,7 @@ def survival_lines(q, verbose):
     ]
     modules = q["modules"]
     if not verbose and len(modules) > WORST:
-        modules = sorted(modules, key=_module_error, reverse=True)[:WORST]
+        modules = sorted(modules, key=score, reverse=True)[:WORST]
         lines.append(f"  the {WORST} furthest from W + dW of {len(q['modules'])} modules (-v: every one):")
     lines.append(
         f"  {'module':<40} {'strategy':<10} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
@@ -236,10 +238,6 @@ def survival_lines(q, verbose):
             f"{m['probe_error_aligned']:>9.3f}"
         )
     return lines
-
-
-def _module_error(m):
-    return m["probe_error_random"] ** 2 + m["probe_error_aligned"] ** 2
 
 
 def convert_text(r, verbose=False):

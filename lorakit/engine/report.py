@@ -6,7 +6,7 @@ import re
 
 from ..errors import listed
 from ..naming.embeddings import HEAD, is_embedding
-from ..quant.requant import score
+from ..quant import score
 
 
 def merge_notes(base, loaded, plan, job, options):
@@ -125,11 +125,11 @@ def survival_summary(handler, strategy, job, notes, calibrated=False):
         "kept_old_codes": sum(r["strategy"] == "keep" for r in rows.values()),
     }
     if summary["verdict"]["effect_kept"] < 0.5:
-        notes.append(grid_cannot_hold(handler.name, summary, job, calibrated))
+        notes.append(grid_cannot_hold(handler.name, summary, calibrated))
     return summary
 
 
-def grid_cannot_hold(fmt, summary, job, calibrated):
+def grid_cannot_hold(fmt, summary, calibrated):
     """The warning in words, with the ways out that fit this base; no strategy is recommended (this merge measured
     only the ones it tried)."""
     v = summary["verdict"]

@@ -47,6 +47,16 @@ STRATEGIES = {
     "--calibration data (a clipped weight's error spread over later columns like any other)",
 }
 
+
+def score(row):
+    """What auto minimizes: the squared output error relative to the adapter's own, ||E x||^2 / ||dW x||^2, on the
+    layer's own inputs where calibration data measured them, else the mean over random inputs and the adapter's
+    inputs; keeping the codes scores 1."""
+    if row.get("probe_error_calibration") is not None:
+        return row["probe_error_calibration"] ** 2
+    return (row["probe_error_random"] ** 2 + row["probe_error_aligned"] ** 2) / 2
+
+
 # tensor name endings that only quantized checkpoints have: refused when no format claims them
 QUANT_NAMES = (
     ".qweight",

@@ -5,13 +5,12 @@ Everything runs over blocks of input columns in fp32 (the rounding, the error fe
 module costs its stored codes twice (old and new, one byte per element) plus a few blocks, whatever its size.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import LorakitError
-from . import rounding
+from . import rounding, score
 from .base import Grid, Stored, row_major
 
 COLUMNS = 256  # columns per block: [out, 256] fp32 blocks stay in cache for usual widths...
@@ -98,31 +97,36 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
     chosen, trials = strategy, None
     if strategy == "auto":
         chosen, trials = choose(fmt, ckpt, members, module, seed)
-        if chosen == "keep":  # the sample's rows were finite: so must the rest be, or the base is refused
-            trials["keep"]["finite"] = finite_grid(old)
-        if chosen == "keep" and trials["keep"]["finite"]:
-            return {}, {**_public(trials["keep"]), "strategy": "keep", "candidates": _scores(trials)}
+        if chosen == "keep":  # every member copied byte for byte: a NaN in the base is refused all the same
+            if not finite_stored(module):
+                raise not_finite(ckpt, members)
+            return kept(trials)
     if chosen == "gptq" and inputs is None:
         raise LorakitError("--strategy gptq needs --calibration DATA", tensor=members_name(members))
-    codes, grid, row = (
-        (None, None, trials["keep"])
-        if chosen == "keep"
-        else run_strategy(fmt, ckpt, members, module, chosen, generator)
-    )
-    if not row["finite"]:
-        raise LorakitError(
-            "the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
-            "or a zero scale): nothing was written",
-            path=ckpt.path,
-            tensor=members_name(members),
-        )
-    row = {**_public(row), "strategy": chosen}
+    codes, grid, row = run_strategy(fmt, ckpt, members, module, chosen, generator)
+    if not row.pop("finite"):
+        raise not_finite(ckpt, members)
+    row["strategy"] = chosen
     if trials is not None:
-        row["candidates"] = _scores(trials)
-        unchanged = grid is old and row["codes_changed"] == 0
-        if unchanged or score(row) > 1.0 - TIE:  # the sample misjudged: never further than the old codes
-            return {}, {**_public(trials["keep"]), "strategy": "keep", "candidates": row["candidates"]}
+        row["candidates"] = {s: round(score(r), 6) for s, r in trials.items()}
+        if (grid is old and row["codes_changed"] == 0) or score(row) > 1.0 - TIE:
+            return kept(trials)  # the sample misjudged: never further than the old codes
     return fmt.encode(ckpt, members, codes, grid), row
+
+
+def kept(trials):
+    """({}: every member copied byte for byte, its report row): the old codes kept."""
+    candidates = {s: round(score(r), 6) for s, r in trials.items()}
+    return {}, {**trials["keep"], "strategy": "keep", "candidates": candidates}
+
+
+def not_finite(ckpt, members):
+    return LorakitError(
+        "the requantized module would hold NaN/Inf values (a NaN in the base or its scales, "
+        "or a zero scale): nothing was written",
+        path=ckpt.path,
+        tensor=members_name(members),
+    )
 
 
 AUTO_ROWS = 128  # rows each candidate of auto is measured on (the whole module when it has fewer)
@@ -140,68 +144,60 @@ def choose(fmt, ckpt, members, module, seed):
     generator = torch.Generator().manual_seed(seed + 1)
     idx = torch.randperm(out, generator=generator)[: min(out, AUTO_ROWS)].sort().values
     part = module.sample(idx)
-    trials = {"keep": keep_row(part)}  # with 'finite': whether the base itself is (a NaN scale is refused)
+    trials = {"keep": keep_row(part)}
     candidates = CANDIDATES + (("gptq",) if module.inputs is not None else ())
     for strategy in candidates:
-        if strategy == "refit" and part_grid(fmt, ckpt, members, module, part, idx, "refit") is module.old:
+        grid = part_grid(fmt, ckpt, members, module, part, idx, strategy)
+        if strategy == "refit" and grid is part.old:  # refit kept the stored grid: it is same-grid here
             continue
         trial = Module(part.old, part.stored.clone(), part.B, part.A, part.full, part.X, part.Y, part.inputs)
-        _, grid, row = run_strategy(fmt, ckpt, members, trial, strategy, generator, whole=module, idx=idx)
-        if row["finite"] and not (grid is part.old and row["codes_changed"] == 0):  # else it is keep
-            trials[strategy] = _public(row)
+        _, grid, row = run_strategy(fmt, ckpt, members, trial, strategy, generator, grid)
+        if row.pop("finite") and not (grid is part.old and row["codes_changed"] == 0):  # else it is keep
+            trials[strategy] = row
     best = min(trials, key=lambda s: score(trials[s]))
     # a candidate that changes nothing measurable (no code moved) ties with keeping the codes: keep them
     return ("keep" if score(trials[best]) >= 1.0 - TIE else best), trials
 
 
-def score(row):
-    """What auto minimizes: the squared output error relative to the adapter's own, ||E x||^2 / ||dW x||^2, on the
-    layer's own inputs where calibration data measured them, else the mean over random inputs and the adapter's
-    inputs; keeping the codes scores 1."""
-    if row.get("probe_error_calibration") is not None:
-        return row["probe_error_calibration"] ** 2
-    return (row["probe_error_random"] ** 2 + row["probe_error_aligned"] ** 2) / 2
-
-
-def _scores(trials):
-    return {s: round(score(r), 6) for s, r in trials.items() if r.get("finite", True)}
-
-
-def _public(row):
-    return {k: v for k, v in row.items() if k != "finite"}
-
-
 def keep_row(module):
-    """The report row of the old codes kept: dQ = 0, E = -dW (every output error exactly the adapter's own), and
-    'finite': whether the stored module itself is."""
+    """The report row of the old codes kept: dQ = 0, E = -dW (every output error exactly the adapter's own)."""
     report = Survival(*module.B.shape, module.inputs)
     W_old = Stored(module.old, module.stored).dequantize()
     report.add_base(W_old)
     dW = module.B @ module.A
     report.add(-dW, dW, module.X, module.A, False)
-    row = _public(report.row(module.B, module.A, module.X, module.Y))
+    row = report.row(module.B, module.A, module.X, module.Y)
     exact = {
         k: 1.0 for k in ("probe_error_random", "probe_error_aligned", "probe_error_calibration") if k in row
     }
     # E = -dW and dQ = 0 exactly (the sums above carry rounding)
-    return {**row, **exact, "retention": 0.0, "noise": 0.0, "finite": math.isfinite(report.old2)}
+    return {**row, **exact, "retention": 0.0, "noise": 0.0}
 
 
-def finite_grid(grid):
-    """Whether every weight of a grid is finite: W = S (c - Z) with finite code values is, exactly where S and Z are
-    (checked on the [groups, out] scales, not on a dense copy of the module)."""
-    return bool(torch.isfinite(grid.S).all()) and (grid.Z is None or bool(torch.isfinite(grid.Z).all()))
+def finite_stored(module):
+    """Whether every stored weight of the module is finite, block by block (never a dense copy of it): its scales
+    and zero points, and the values of its codes (an FP8 code can be NaN)."""
+    old, stored = module.old, module.stored
+    if not bool(torch.isfinite(old.S).all()) or (old.Z is not None and not bool(torch.isfinite(old.Z).all())):
+        return False
+    return all(
+        bool(torch.isfinite(old.codebook.values(stored[:, j0 : j0 + COLUMNS])).all())
+        for j0 in range(0, stored.shape[1], COLUMNS)
+    )
 
 
 def part_grid(fmt, ckpt, members, whole, part, idx, strategy):
-    """The fresh grid rescale / refit fit for the sampled rows: the format's own fit on the whole module's ranges,
-    the stored range standing in for the rows not sampled; the stored grid itself where refit keeps it."""
+    """The grid a candidate rounds the sampled rows onto: for rescale / refit a fresh one, the format's own fit on
+    the whole module's ranges with the stored range standing in for the rows not sampled (the stored grid where
+    refit keeps it); for the others the stored one."""
+    if strategy not in ("rescale", "refit"):
+        return part.old
     lo, hi = stored_range(whole.old)
     p_lo, p_hi = target_range(part.old, ((j0, j1, T) for j0, j1, T, _ in blocks(part, False)))
     lo[:, idx], hi[:, idx] = p_lo, p_hi
     if strategy == "refit":
         grid = refit(fmt, ckpt, members, whole.old, lo, hi)
-        return grid if grid is whole.old else grid.rows(idx)
+        return part.old if grid is whole.old else grid.rows(idx)
     return fmt.fit(ckpt, members, lo, hi).rows(idx)
 
 
@@ -212,25 +208,21 @@ def stored_range(old):
     return ((c_lo - Z) * old.S).clone(), ((c_hi - Z) * old.S).clone()
 
 
-def run_strategy(fmt, ckpt, members, module, strategy, generator, whole=None, idx=None):
-    """(new codes, their grid, report row with 'finite') of one strategy on `module`; `whole` and `idx`: the module
-    `module` samples the rows idx of (a fresh grid is then fitted on the whole module's ranges)."""
+def run_strategy(fmt, ckpt, members, module, strategy, generator, grid=None):
+    """(new codes, their grid, report row with 'finite') of one strategy on `module`, onto `grid` where given (a
+    sample's, from part_grid), else the one the strategy fits: fresh for rescale / original / refit, the stored
+    one otherwise."""
     report = Survival(*module.B.shape, module.inputs)
     if strategy == "gptq":
         codes, grid = gptq(module, report)
     else:
-        if strategy in ("rescale", "original", "refit"):
-            if whole is not None:
-                grid = part_grid(fmt, ckpt, members, whole, module, idx, strategy)
-            else:
-                lo, hi = target_range(module.old, ((j0, j1, T) for j0, j1, T, _ in blocks(module, False)))
-                grid = (
-                    fmt.fit(ckpt, members, lo, hi)
-                    if strategy != "refit"
-                    else refit(fmt, ckpt, members, module.old, lo, hi)
-                )
-        else:
-            grid = module.old
+        if grid is None and strategy in ("rescale", "original", "refit"):
+            lo, hi = target_range(module.old, ((j0, j1, T) for j0, j1, T, _ in blocks(module, False)))
+            refitted = strategy == "refit"
+            grid = (
+                refit(fmt, ckpt, members, module.old, lo, hi) if refitted else fmt.fit(ckpt, members, lo, hi)
+            )
+        grid = module.old if grid is None else grid
         codes = round_onto(module, grid, strategy, generator, report)
     return codes, grid, {**report.row(module.B, module.A, module.X, module.Y), "finite": report.finite()}
 
