@@ -5,7 +5,7 @@ import os
 
 from ..core import Adapter
 from ..errors import LorakitError, missing
-from ..io.hub import local  # noqa: F401 (hub ids where a path goes)
+from ..io.hub import local  # hub ids where a path goes (the commands import it from here)
 from ..options import existing, in_range, parse_size  # noqa: F401 (the commands' one import)
 
 FP32_MAX = 3.4028234663852886e38

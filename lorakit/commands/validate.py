@@ -5,7 +5,7 @@ import shlex
 
 from .. import spec
 from ..errors import LorakitError
-from ..formats import foreign_container
+from ..formats import foreign_container, is_model
 from ..io.hub import local
 
 
@@ -65,9 +65,7 @@ def _other_format(path):
     try:
         fmt = detect_format(path)
     except LorakitError as e:
-        return (
-            spec.Problem("LK101", e.message) if e.message.startswith("this is a model checkpoint") else None
-        )
+        return spec.Problem("LK101", e.message) if is_model(path) else None
     return None if fmt.name == "lorakit" else fmt
 
 

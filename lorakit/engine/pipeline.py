@@ -49,7 +49,9 @@ class MergeJob:
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = options.strategy, full, options.onto, options.seed
         self.survival = {}
-        self.read_pool = self.out_pool = None
+        # buffers of the full-precision tensors in flight (read: being computed; out: computed, waiting to be
+        # written), each sized for its tensor and reused
+        self.read_pool, self.out_pool = BufferPool(), BufferPool()
 
     def source(self, name):
         return self.plans[name].source if name in self.plans else name
@@ -106,11 +108,6 @@ class MergeJob:
             and name in self.ckpt
             and self.spec_of(name)[1] == self.ckpt.entry(name).dtype
         )
-
-    def prepare(self):
-        """Buffers for the full-precision tensors in flight (read: being computed; out: computed, waiting to be
-        written), each sized for its tensor and reused."""
-        self.read_pool, self.out_pool = BufferPool(), BufferPool()
 
     def produce(self, name):
         """(tensor, function giving its buffer back once written, or None), or None for a byte-identical copy: a
@@ -204,7 +201,6 @@ def member(future, name):
 
 def run(job, writer, tmp, threads, bar):
     """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
-    job.prepare()
     intra_op = torch.get_num_threads()
     torch.set_num_threads(
         1

@@ -116,6 +116,11 @@ def detect_format(path, header=None):
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
 
 
+def is_model(path):
+    """Whether `path` is a model checkpoint (a base), not an adapter."""
+    return _is_model(Probe(os.fspath(path)))
+
+
 def _is_model(probe):
     """A Hugging Face model folder (config.json beside weights or an index) or a safetensors file of weights."""
     if probe.is_dir:

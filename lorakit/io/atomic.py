@@ -49,7 +49,8 @@ def check_output(output, inputs=(), force=False, directory=None):
             raise LorakitError(
                 f"the output would contain the input {given}: choose another output path", path=output
             )
-    parent = _existing_ancestor(os.path.dirname(out))
+    missing_parents = _missing_parents(out)
+    parent = os.path.dirname(missing_parents[-1] if missing_parents else out)
     if not os.path.isdir(parent):
         raise LorakitError("is a file, not a folder: cannot write the output under it", path=parent)
     if not os.path.lexists(out):
@@ -83,19 +84,18 @@ def check_output(output, inputs=(), force=False, directory=None):
         )
 
 
-def _existing_ancestor(folder):
-    """`folder` or its nearest ancestor that exists (missing parents of OUT are created, as save_pretrained does)."""
+def _missing_parents(path):
+    """OUT's parent folders that do not exist, deepest first (they are created, as save_pretrained does)."""
+    missing, folder = [], os.path.dirname(path)
     while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
         folder = os.path.dirname(folder)
-    return folder
+    return missing
 
 
 def _make_parents(path):
     """Create OUT's missing parent folders; returns them, deepest first, for removal if the command fails."""
-    made, folder = [], os.path.dirname(path)
-    while not os.path.lexists(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
+    made = _missing_parents(path)
     for f in reversed(made):
         try:
             os.mkdir(f, 0o777)
