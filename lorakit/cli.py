@@ -252,6 +252,12 @@ def extract_cmd(base, tuned, output, as_json, **options):
     help="With --base: the rank of W' - W as a LoRA (IA3, OFT; with --for, DoRA and full tensors too).",
 )
 @click.option("--energy", type=float, help="Or the smallest rank keeping this share of ||W' - W||_F^2 (0-1).")
+@click.option(
+    "--initial",
+    type=click.Path(),
+    help="PiSSA / OLoRA / CorDA / LoRA-GA adapters: the adapter as saved before training; writes the LoRA of "
+    "dW = B A - B0 A0 for the original base (rank doubled, as PEFT converts it).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Every note (default: like notes summed up in one line).")
 def convert_cmd(input, output, as_json, verbose, **options):
     """Convert an adapter between formats (every input key is consumed or reported)."""

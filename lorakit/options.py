@@ -62,6 +62,12 @@ class MergeOptions:
         "(--strategy gptq), and the report leads with the merged model's KL on held-out tokens of it.",
         path=True,
     )
+    initial: str = option(
+        None,
+        "A PEFT adapter whose initialisation changed its base (PiSSA, OLoRA, CorDA, LoRA-GA): the adapter as saved "
+        "before training; dW = B A - B0 A0 is merged into the original base.",
+        path=True,
+    )
     skip_unmatched: bool = option(
         False,
         "Merge the adapter tensors the base has, report the others by name (parts stored in other files: a Flux "
@@ -78,6 +84,7 @@ class MergeOptions:
         in_range("threads", self.threads, 1, integer=True)
         existing(self.full_precision_base, "full_precision_base")
         existing(self.calibration, "calibration")
+        existing(self.initial, "initial")
         if self.calibration and self.strategy not in ("auto", "gptq"):
             raise LorakitError(f"--calibration is for --strategy gptq (auto picks it), not '{self.strategy}'")
         if self.strategy == "gptq" and not self.calibration:

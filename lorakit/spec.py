@@ -86,6 +86,13 @@ CODES = {
         "experts-missing",
         "a LoRA on some experts of a MoE layer: the engine loads one for every expert",
     ),
+    # landing on a base (`validate --base`, merge, convert --base): where each module goes in that base's tensors
+    "LK601": ("lands-nowhere", "a module that matches no tensor of the base (the nearest base name given)"),
+    "LK602": ("base-shape-mismatch", "a module whose base tensor has another shape"),
+    "LK603": (
+        "moved-base",
+        "an initialisation that changed the base (PEFT's PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ): needs --initial",
+    ),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
 }

@@ -4,7 +4,7 @@ import math
 import os
 
 from ..core import Adapter
-from ..errors import LorakitError, missing
+from ..errors import LorakitError, missing, opt
 from ..io.hub import local  # hub ids where a path goes (the commands import it from here)
 from ..options import existing, in_range, parse_size  # noqa: F401 (the commands' one import)
 
@@ -149,3 +149,61 @@ def as_adapter(source):
 def paths(inputs):
     """The file inputs among [(path or Adapter, weight)] (what an output must never be)."""
     return [p for p, _ in inputs if not isinstance(p, Adapter)]
+
+
+def undo_initial(loaded, initial, command):
+    """[(label, Adapter, weight)] against the original base: an adapter whose initialisation moved the base (PEFT's
+    PiSSA, OLoRA, CorDA, LoRA-GA) becomes dW = B A - B0 A0 with its initial adapter (`initial`, a path: the adapter
+    as saved before training); refused without one (LK603), and LoftQ always (its base is in no file)."""
+    from ..formats.peft_config import LOFTQ
+
+    moved = [(label, ad) for label, ad, _ in loaded if ad.moved_base]
+    for label, ad in moved:
+        if ad.moved_base == LOFTQ or initial is None:
+            way = (
+                ""
+                if ad.moved_base == LOFTQ
+                else f"; {command} it with {opt('initial', bare=True)} {INITIAL_HOW}"
+            )
+            raise LorakitError(
+                f"{ad.moved_base}, which the adapter does not hold{way}", path=label, code="LK603"
+            )
+    if initial is None:
+        return loaded
+    if len(moved) != 1:
+        raise LorakitError(
+            f"{opt('initial')} undoes the initialisation of one adapter; {len(moved)} given here changed "
+            "their base (PiSSA, OLoRA, CorDA, LoRA-GA)",
+            path=initial,
+        )
+    label0, ad0 = as_adapter(initial)
+    return [(label, _minus_initial(ad, ad0, initial) if ad.moved_base else ad, w) for label, ad, w in loaded]
+
+
+# how to make the initial adapter (PEFT's own conversion needs the same folder)
+INITIAL_HOW = (
+    "DIR, the adapter saved right after get_peft_model, before training (init_lora_weights set to True)"
+)
+
+
+def _minus_initial(ad, initial, path):
+    from ..core.algebra import minus_initial
+
+    missing_here = sorted(set(ad.modules) ^ set(initial.modules))
+    if missing_here:
+        raise LorakitError(
+            f"the initial adapter and the adapter differ in {len(missing_here)} module(s) (first: "
+            f"{missing_here[0]}): not the same run's initial factors",
+            path=path,
+        )
+    out = Adapter(**{**vars(ad), "modules": {}, "moved_base": None, "notes": list(ad.notes)})
+    for name, m in ad.modules.items():
+        try:
+            out.add(minus_initial(m, initial.modules[name]))
+        except LorakitError as e:
+            raise LorakitError(e.message, path=path, tensor=name) from None
+    out.notes.append(
+        f"dW = B A - B0 A0 with the initial adapter {os.path.basename(os.path.normpath(path))} (rank doubled, "
+        "as PEFT's path_initial_model_for_weight_conversion writes it)"
+    )
+    return out

@@ -5,7 +5,7 @@ import os
 from ..errors import LorakitError
 from ..formats import detect_format, get_format, given, load, save, takes
 from ..io import check_output
-from .args import existing, in_range, local, rank_rule
+from .args import existing, in_range, local, rank_rule, undo_initial
 
 
 def convert(
@@ -21,16 +21,19 @@ def convert(
     energy=None,
     for_engine=None,
     max_rank=None,
+    initial=None,
 ):
     """Convert an adapter between formats. Returns a report with what the reader and writer did. `base` goes to the
     reader and/or the writer that use it (an error when neither does); `alpha` and `allow_unknown` to the reader.
     `for_engine` (lorakit.serving.ENGINES) writes what that inference server loads, with the same dW: scales folded
     into B, one rank (`max_rank`: truncate to it), DoRA / full tensors as low-rank deltas against `base` at `rank` /
-    `energy` where asked, everything else it would drop refused by name."""
+    `energy` where asked, everything else it would drop refused by name. `initial`: the PEFT adapter as saved before training, for one whose
+    initialisation changed its base (PiSSA, OLoRA, CorDA, LoRA-GA): written as dW = B A - B0 A0 (PEFT's conversion)."""
     input, output = os.fspath(local(input, "adapter")), os.fspath(output)
     engine, to = _engine_and_format(for_engine, to, max_rank)
     base = existing(local(base, "base"), "base")
-    check_output(output, [input, base], force)
+    initial = existing(local(initial, "adapter"), "initial")
+    check_output(output, [input, base, initial], force)
     if base is not None:
         from ..bases import open_base
 
@@ -39,6 +42,7 @@ def convert(
     if dst.write is None:
         raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
     src, adapter = _read(input, from_, base, dst, alpha, allow_unknown, engine or rank or energy)
+    adapter = undo_initial([(input, adapter, 1.0)], initial, "convert")[0][1]
     rows = _transforms_as_lora(adapter, base, rank, energy, input) if adapter.transforms else []
     if engine is not None:
         adapter, rows = _serve_ready(adapter, engine, base, rank, energy, max_rank, input, rows)

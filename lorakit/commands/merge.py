@@ -6,7 +6,7 @@ import os
 from ..errors import LorakitError
 from ..io import check_output
 from ..options import MergeOptions, takes_options
-from .args import existing, load_inputs, local, paths, weighted_inputs
+from .args import existing, load_inputs, local, paths, undo_initial, weighted_inputs
 
 
 @takes_options(MergeOptions)
@@ -23,10 +23,13 @@ def merge(base, adapters, output, options):
     inputs = weighted_inputs(adapters)
     base = existing(local(base, "base", options.quiet), "BASE")
     base_path = os.fspath(base)
-    check_output(output, [base_path, options.full_precision_base, *paths(inputs)], options.force)
+    check_output(
+        output, [base_path, options.full_precision_base, options.initial, *paths(inputs)], options.force
+    )
     base = open_base(base)  # headers and configs parsed here, once, for every step below
     _refuse_adapter_as_base(base)
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
+    loaded = undo_initial(loaded, options.initial, "merge")
     calibration = _calibrate(base, loaded, options)
     report = merge_into(base, loaded, output, options, paths(inputs), calibration)
     if calibration is not None:

@@ -155,6 +155,9 @@ class Adapter:
     # modules for another file of the same model (a Flux LoRA's text encoder when the base is the transformer), as a
     # reader resolving names against a base found them: merge reports them instead of failing; nothing else drops them
     elsewhere: list = field(default_factory=list)
+    # why the adapter does not apply to the original base as it is (PEFT's PiSSA / OLoRA / CorDA / LoftQ trained it
+    # against a base they changed), or None: merge and convert refuse it until the initial adapter undoes that
+    moved_base: str = None
 
     def add(self, module):
         self.modules[module.name] = module

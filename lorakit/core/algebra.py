@@ -172,3 +172,22 @@ def extract_matrix(D, rank=None, energy=None, generator=None):
             "relative_error": (residual / total) ** 0.5 if total > 0 else 0.0,
         },
     )
+
+
+def minus_initial(m, m0):
+    """dW = s B A - s0 B0 A0 as one module of rank r + r0 at the scale s: A' = [A; A0], B' = [B, -(s0 / s) B0]
+    (PEFT's conversion of PiSSA / OLoRA / CorDA / LoRA-GA adapters: its bytes where s0 == s). Exact, no SVD."""
+    if m.kind != m0.kind or tuple(m.shape) != tuple(m0.shape):
+        raise LorakitError(
+            f"the initial adapter's module is {m0.kind} {list(m0.shape)}, the adapter's {m.kind} {list(m.shape)}",
+            tensor=m.name,
+        )
+    if m.magnitude is not None or m0.magnitude is not None:
+        raise LorakitError("a DoRA module cannot be taken back to its initial factors", tensor=m.name)
+    B0 = -m0.B if m0.scale == m.scale else (m0.B.double() * (-m0.scale / m.scale)).to(m.B.dtype)
+    A = torch.cat([m.A, m0.A.to(m.A.dtype)], dim=0)
+    out = Module(
+        m.name, A, torch.cat([m.B, B0.to(m.B.dtype)], dim=1), alpha=m.scale * A.shape[0], kind=m.kind
+    )
+    out.bias = m.bias
+    return out

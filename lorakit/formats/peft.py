@@ -17,63 +17,15 @@ from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
 from . import peft_experts
+from .peft_config import CONFIG, base_change, check_config, initialisation_note, pattern_value
 from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
-CONFIG, WEIGHTS, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+WEIGHTS, WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
 KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?!weight$|bias$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
-
-
-def pattern_value(patterns, module, default):
-    """PEFT's rank_pattern / alpha_pattern rule: the first key (dict order) matching the end of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-# a quantified group that itself holds a quantifier or an alternative: (a+)+, (a|aa)*, (x*){9}: exponential
-# backtracking on a module name; PEFT's patterns are module names, and such a key would hang the reader
-NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*{|](?:[^()\\]|\\.)*\)[+*{]")
-
-
-def check_config(config, path):
-    """The adapter_config.json keys lorakit reads, with their types: a wrong one is an error naming the key."""
-    if not isinstance(config, dict):
-        raise LorakitError("adapter_config.json must be a JSON object", path=path)
-
-    def number(key, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LorakitError(f"'{key}' must be a number, got {value!r}", path=path)
-
-    r = config.get("r")
-    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-        raise LorakitError(f"'r' must be a positive integer, got {r!r}", path=path)
-    if config.get("lora_alpha") is not None:
-        number("lora_alpha", config["lora_alpha"])
-    for key in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(key) or {}
-        if not isinstance(patterns, dict):
-            raise LorakitError(f"'{key}' must be an object of pattern -> number", path=path)
-        for pattern, value in patterns.items():
-            number(f"{key}[{pattern!r}]", value)
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LorakitError(
-                    f"'{key}' key {pattern!r} is not a regular expression ({e})", path=path
-                ) from None
-            if NESTED_QUANTIFIER.search(pattern) or len(pattern) > 1000:
-                raise LorakitError(
-                    f"'{key}' key {pattern!r} has a nested quantifier (exponential matching time): refused",
-                    path=path,
-                )
-    to_save = config.get("modules_to_save")
-    if to_save is not None and not (isinstance(to_save, list) and all(isinstance(s, str) for s in to_save)):
-        raise LorakitError("'modules_to_save' must be a list of module names", path=path)
 
 
 def _files(path):
@@ -140,7 +92,10 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         source_format=source_format,
         notes=notes,
         provenance={"source_format": source_format, "source_config": config},
+        moved_base=base_change(config),
     )
+    if initialisation_note(config):
+        notes.append(initialisation_note(config))
     for module, p in sorted(parts.items()):
         ad.add(_module(module, p, config, shapes, notes, path))
     for (parent, param), p in sorted(wrapped.items()):

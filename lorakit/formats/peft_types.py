@@ -26,6 +26,7 @@ from ..core import Adapter, Module
 from ..core.multiplicative import Transform
 from ..errors import LorakitError, opt
 from .common import refuse_unknown
+from .peft_config import pattern_value
 
 PREFIX = "base_model.model."
 # peft_type -> the per-module tensors it saves (the ending of each key)
@@ -186,7 +187,6 @@ def _kaiming_uniform(shape, generator):
 def lycoris(name, parts, config, shared, shapes, modules, notes):
     """LoHa / LoKr: LyCORIS's exact factors (the kohya reader's), at PEFT's scale alpha / r."""
     from .kohya import build_module  # the LyCORIS math lives with its reader
-    from .peft import pattern_value
 
     weight_shape = tuple(shapes[f"{name}.weight"]) if shapes and f"{name}.weight" in shapes else None
     m = build_module(None, name, name, set(parts), parts.get, weight_shape, False, notes)
