@@ -149,10 +149,15 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
 @click.option(
     "--engine-version", help="The engine's version (recorded in the report; the rules are the current ones)."
 )
-def validate_cmd(files, as_json, quick, fail_fast, quiet, for_engine, engine_version):
+@click.option(
+    "--base",
+    type=click.Path(),
+    help="Also: where every module lands in this base (modules that land nowhere, with the nearest base name).",
+)
+def validate_cmd(files, as_json, quick, fail_fast, quiet, for_engine, engine_version, base):
     """Check files against the lorakit adapter spec. Exit 0 valid, 1 invalid (a truncated file too), 2 a path that
     cannot be opened. An adapter of another format is valid when its own reader finds nothing wrong. With --for ENGINE:
-    whether that engine serves each adapter exactly."""
+    whether that engine serves each adapter exactly. With --base: whether every module lands on that base."""
     from .commands.validate import validate
 
     report = validate(
@@ -162,6 +167,7 @@ def validate_cmd(files, as_json, quick, fail_fast, quiet, for_engine, engine_ver
         quiet=quiet,
         for_engine=for_engine,
         engine_version=engine_version,
+        base=base,
     )
     emit(report, as_json, render.validate_text)
     if not all(f["readable"] for f in report["files"]):

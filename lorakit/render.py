@@ -98,10 +98,32 @@ def validate_text(r):
         if f.get("format") and f["valid"] and not r.get("for"):
             scope = f" ({f['note']})"
         lines.append(f"{status:<10} {f['file']}{scope}")
+        if f.get("landing"):
+            lines.append("  " + landing_line(f["landing"]))
+        shown = {}
         for p in f["problems"]:
-            where = f" {p['tensor']}:" if p["tensor"] else ""
-            lines.append(f"  {p['code']} {p['rule']}{where} {p['message']}")
+            shown[p["code"]] = shown.get(p["code"], 0) + 1
+            if shown[p["code"]] <= PROBLEMS_SHOWN:
+                where = f" {p['tensor']}:" if p["tensor"] else ""
+                lines.append(f"  {p['code']} {p['rule']}{where} {p['message']}")
+        hidden = {code: n - PROBLEMS_SHOWN for code, n in shown.items() if n > PROBLEMS_SHOWN}
+        if hidden:
+            more = ", ".join(f"{n} more {code}" for code, n in hidden.items())
+            lines.append(f"  ... and {more} (--json lists every one)")
     return "\n".join(lines)
+
+
+PROBLEMS_SHOWN = 8  # of each code, in the text report
+
+
+def landing_line(landing):
+    """'lands: 208 of 210 modules; 2 (3.1% of ||dW||) land nowhere; 12 renamed onto the base's names'"""
+    line = f"lands: {landing['lands']} of {landing['modules']} modules"
+    if landing["nowhere"]:
+        line += f"; {landing['nowhere']} ({_pct(landing['nowhere_share'])} of ||dW||) land nowhere"
+    if landing["renamed"]:
+        line += f"; {len(landing['renamed'])} renamed onto the base's names"
+    return line
 
 
 def _pct(x):

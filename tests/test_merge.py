@@ -233,7 +233,8 @@ def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
         err,
         "2 adapter tensor(s) do not fit",
         "q_proj.weight: base [64, 64], adapter [64, 32]",
-        "model.layers.9.mlp.up_proj.weight: not in the base",
+        "[LK601] 1 of 2 modules",
+        "match nothing in the base: model.layers.9.mlp.up_proj (nearest: model.layers.1.mlp.up_proj)",
     )
     other = examples.random_adapter({"x.q_proj.weight": (64, 64)})
     other.modules = {"model.layers.0.self_attn.q_proj": other.modules["x.q_proj"]}

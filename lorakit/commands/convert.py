@@ -43,6 +43,8 @@ def convert(
         raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
     src, adapter = _read(input, from_, base, dst, alpha, allow_unknown, engine or rank or energy)
     adapter = undo_initial([(input, adapter, 1.0)], initial, "convert")[0][1]
+    if base is not None:
+        adapter = _onto(base, adapter, input)
     rows = _transforms_as_lora(adapter, base, rank, energy, input) if adapter.transforms else []
     if engine is not None:
         adapter, rows = _serve_ready(adapter, engine, base, rank, energy, max_rank, input, rows)
@@ -77,6 +79,16 @@ def _read(input, from_, base, dst, alpha, allow_unknown, computes_on_base):
     if src.read is not None and "base" in takes(src.read) and base is not None:
         read_options["base"] = base
     return src, load(input, format=src.name, **read_options)
+
+
+def _onto(base, adapter, input):
+    """The adapter under the base's names (another language-model prefix); refused where modules land nowhere."""
+    from ..engine.landing import on_base_names
+
+    adapter, _, found = on_base_names(base, adapter)
+    if found.nowhere:
+        raise LorakitError(found.summary(), path=input, code="LK601")
+    return adapter
 
 
 def _engine_and_format(for_engine, to, max_rank):

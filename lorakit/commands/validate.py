@@ -10,7 +10,14 @@ from ..io.hub import local
 
 
 def validate(
-    files, values=True, quick=False, fail_fast=False, quiet=False, for_engine=None, engine_version=None
+    files,
+    values=True,
+    quick=False,
+    fail_fast=False,
+    quiet=False,
+    for_engine=None,
+    engine_version=None,
+    base=None,
 ):
     """Validate each file. Returns {"valid": bool, "files": [{"file", "valid", "readable", "problems": [...]}]}.
 
@@ -18,17 +25,89 @@ def validate(
     The header checks read no data. The value scan (NaN/Inf, alphas) streams each file's data with a progress bar;
     `quick` skips it (header only), `fail_fast` stops a file's scan at its first non-finite tensor. With
     `for_engine` (lorakit.serving.ENGINES) the question is another: would that inference server serve the adapter
-    exactly? Every construct it would drop, misread or refuse is a problem (LK5xx), with its fix.
+    exactly? Every construct it would drop, misread or refuse is a problem (LK5xx), with its fix. With `base`: where
+    every module lands in that base (LK6xx: modules that land nowhere with the nearest base name, shapes that
+    differ, an initialisation that moved the base); the file's `landing` says how much of ||dW|| lands.
     """
     if isinstance(files, (str, os.PathLike)):
         files = [files]
+    opened = _open_base(base, quiet)
     if for_engine is not None:
-        return _validate_for(files, for_engine, engine_version)
+        return _validate_for(files, for_engine, engine_version, opened)
     files = [local(path, "adapter", quiet) for path in files]
     results = [_validate_file(os.fspath(path), values and not quick, fail_fast, quiet) for path in files]
-    for r in results:
+    for path, r in zip(files, results):
         r["checked"] = "header" if quick or not values else "header and values"
+        if opened is not None and r["readable"]:
+            _add_landing(r, os.fspath(path), opened, None)
     return {"valid": all(r["valid"] for r in results), "files": results}
+
+
+def _open_base(base, quiet):
+    if base is None:
+        return None
+    from ..bases import open_base
+    from .args import existing
+
+    return open_base(existing(local(base, "base", quiet), "base"))
+
+
+def _add_landing(result, path, base, engine):
+    """The file's landing on `base` added to its result (problems LK601-LK603, `landing`), validity updated."""
+    from ..formats import load
+
+    try:
+        adapter = load(path, base=base)
+    except LorakitError as e:
+        result["problems"].append(spec.Problem(e.code or "LK001", e.message, e.tensor).as_dict())
+        result["valid"] = False
+        return
+    found, problems = landing_problems(adapter, base, engine)
+    result["problems"] += [p.as_dict() for p in problems]
+    result["landing"] = {
+        "modules": found.modules,
+        "lands": found.modules - len(found.nowhere),
+        "nowhere": len(found.nowhere),
+        "nowhere_share": found.nowhere_share,
+        "renamed": found.renamed,
+    }
+    result["valid"] = result["valid"] and not any(p.is_error for p in problems)
+
+
+def landing_problems(adapter, base, engine):
+    """(Landing, [Problem]) of an adapter on an opened base: every module that lands nowhere (LK601), on a tensor
+    of another shape (LK602), an initialisation that moved the base (LK603); with an engine, names it would not
+    match as they are (LK601)."""
+    from ..engine.landing import on_base_names
+
+    _, moved, found = on_base_names(base, adapter)
+    problems = [
+        spec.Problem("LK601", f"lands nowhere in the base (nearest: {n.nearest})", n.module)
+        for n in found.nowhere
+    ]
+    for m in moved.modules.values():
+        weight = f"{m.name}.weight"
+        if (
+            weight in base
+            and tuple(base.shape(weight)) != tuple(m.shape)
+            and not (m.pads_base and m.widens(base.shape(weight)))
+        ):
+            shapes = f"base {list(base.shape(weight))}, adapter {list(m.shape)}"
+            problems.append(spec.Problem("LK602", shapes, m.name))
+    if adapter.moved_base:
+        problems.append(spec.Problem("LK603", f"{adapter.moved_base}: merge / convert it with --initial DIR"))
+    if engine is not None and found.renamed:
+        problems.append(spec.Problem("LK601", renamed_for_engine(found, engine)))
+    return found, problems
+
+
+def renamed_for_engine(found, engine):
+    from ..engine.landing import renaming_note
+
+    return (
+        f"{renaming_note(found.renamed)}; {engine.name} matches module names as the base's checkpoint has them, "
+        f"so these would load and change nothing: convert --base BASE --for {engine.name} writes the base's names"
+    )
 
 
 def _validate_file(path, values, fail_fast, quiet):
@@ -87,8 +166,8 @@ def _result(path, readable, problems):
     }
 
 
-def _validate_for(files, for_engine, engine_version):
-    """Each file read in its own format, then checked against the engine's rules."""
+def _validate_for(files, for_engine, engine_version, base=None):
+    """Each file read in its own format, then checked against the engine's rules (and its landing on `base`)."""
     from .. import serving
     from ..formats import detect_format, load
 
@@ -105,6 +184,8 @@ def _validate_for(files, for_engine, engine_version):
         results.append(
             {**_result(path, True, found), "engine": engine.name, "engine_version": engine_version}
         )
+        if base is not None:
+            _add_landing(results[-1], path, base, engine)
     return {"valid": all(r["valid"] for r in results), "for": engine.name, "files": results}
 
 

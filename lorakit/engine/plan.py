@@ -9,6 +9,7 @@ from ..core import Module
 from ..errors import LorakitError, opt
 from ..naming.embeddings import HEAD, is_embedding
 from ..spec import fingerprint
+from .landing import onto_base
 
 
 @dataclass
@@ -56,7 +57,8 @@ def plan_merge(base, adapters, options):
     an error: that is another base)."""
     planner = Planner(base, options)
     for label, ad, w in adapters:
-        planner.check_fingerprint(label, ad)
+        if planner.check_fingerprint(label, ad):  # another base: that is the one thing to say
+            ad = planner.land(ad)
         planner.adapter_elsewhere = set(ad.elsewhere)
         for m in ad.modules.values():
             planner.add_module(m, w)
@@ -73,7 +75,7 @@ class Planner:
     def __init__(self, base, options):
         self.base, self.options = base, options
         self.tensors, self.problems, self.skipped, self.hints = {}, [], [], set()
-        self.elsewhere, self.adapter_elsewhere = [], set()
+        self.elsewhere, self.adapter_elsewhere, self.reported = [], set(), set()
         self.embed = (
             next((n for n in base.ckpt.where if is_embedding(n)), None) if base.tied_embeddings else None
         )
@@ -88,7 +90,20 @@ class Planner:
             return self.tensors.setdefault(name, TensorPlan(name, self.embed))
         return None
 
+    def land(self, ad):
+        """The adapter under the base's names; what lands nowhere noted once, as LK601 (with --skip-unmatched
+        only where nothing lands)."""
+        ad, found = onto_base(self.base, ad)
+        if found.nowhere and (not self.options.skip_unmatched or found.nothing_lands):
+            self.problems.append(f"[LK601] {found.summary()}")
+            self.reported.update(f"{n.module}.weight" for n in found.nowhere)
+            if not found.nothing_lands:
+                self.hints.add(f"{opt('skip_unmatched', True)} merges the tensors the base has")
+        return ad
+
     def unmatched(self, name, problem):
+        if name in self.reported:
+            return
         if name[: -len(".weight")] in self.adapter_elsewhere:
             self.elsewhere.append(name)
         elif self.options.skip_unmatched:
@@ -98,6 +113,7 @@ class Planner:
             self.hints.add(f"{opt('skip_unmatched', True)} merges the tensors the base has")
 
     def check_fingerprint(self, label, ad):
+        """Whether the adapter may be for this base (a problem noted where its fingerprint names another)."""
         if (
             ad.base_fingerprint
             and ad.base_fingerprint != self.fingerprint
@@ -107,6 +123,8 @@ class Planner:
                 f"{label} was made for another base (fingerprint {ad.base_fingerprint[:15]}... != "
                 f"{self.fingerprint[:15]}...; {opt('ignore_fingerprint', True)} to merge anyway)"
             )
+            return False
+        return True
 
     def fused_slice(self, m, w):
         """Whether a module named as rows of a fused base tensor went to those rows (halves swapped where the two

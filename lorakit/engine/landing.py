@@ -1,0 +1,145 @@
+"""Where every module of an adapter lands in a base: on a tensor as named, under another language-model prefix
+(lorakit.naming.prefixes), or nowhere (with the nearest base name and its share of the adapter's ||dW||). `validate
+--base` reports it, `merge` and `convert --base` rename onto the base and refuse what lands nowhere."""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..naming.embeddings import HEAD
+from ..naming.prefixes import nearest, rename_onto
+
+
+@dataclass
+class Nowhere:
+    module: str
+    nearest: str  # the base module name closest to it (None for an empty base)
+    norm: float  # ||dW||_F of the module (0 for a full tensor)
+
+
+@dataclass
+class Landing:
+    modules: int  # LoRA modules and full tensors of the adapter
+    renamed: dict = field(default_factory=dict)  # adapter name -> base name (another prefix)
+    nowhere: list = field(default_factory=list)  # [Nowhere]
+    shapes: list = field(default_factory=list)  # [(module, base shape, adapter shape)]
+    norm: float = 0.0  # ||dW||_F over every LoRA module, as sqrt(sum of squares)
+
+    @property
+    def nowhere_share(self):
+        """The share of the adapter's ||dW||_F^2 in modules that land nowhere."""
+        lost = sum(n.norm**2 for n in self.nowhere)
+        return lost / self.norm**2 if self.norm > 0 else float(bool(self.nowhere))
+
+    @property
+    def nothing_lands(self):
+        return self.modules > 0 and len(self.nowhere) == self.modules
+
+    def summary(self):
+        """'2 modules (3% of ||dW||) match nothing in the base: NAME (nearest: BASE NAME), ...'"""
+        shown = ", ".join(
+            f"{n.module}" + (f" (nearest: {n.nearest})" if n.nearest else "") for n in self.nowhere[:3]
+        )
+        more = f" and {len(self.nowhere) - 3} more" if len(self.nowhere) > 3 else ""
+        share = f"{100 * self.nowhere_share:.3g}% of ||dW||"
+        return f"{len(self.nowhere)} of {self.modules} modules ({share}) match nothing in the base: {shown}{more}"
+
+
+def module_lands(base, tied_head):
+    """Whether a module name lands on the base: a weight, a tied head, or rows of a fused / split / expert tensor."""
+
+    def lands(name):
+        weight = f"{name}.weight"
+        return (
+            weight in base
+            or (weight == HEAD and tied_head)
+            or name in base.fused_slices
+            or name in base.split_slices
+        )
+
+    return lands
+
+
+def landing(base, adapter):
+    """The Landing of `adapter` (modules and full tensors, not those it stores for another file) on `base`."""
+    from ..core.linalg import frobenius_norm
+
+    lands = module_lands(base, base.tied_embeddings)
+    names = [n for n in adapter.modules if n not in adapter.elsewhere]
+    full = [
+        n.removesuffix(".weight") for n in (*adapter.replacements, *adapter.deltas) if n.endswith(".weight")
+    ]
+    out = Landing(modules=len(names) + len(full) + len(adapter.transforms))
+    out.renamed = rename_onto([*names, *full, *adapter.transforms], lands)
+    norms = {n: frobenius_norm(*adapter.modules[n].factors()) for n in names}
+    out.norm = sum(v * v for v in norms.values()) ** 0.5
+    candidates = None
+    for name in [*names, *full, *adapter.transforms]:
+        if lands(name) or name in out.renamed:
+            continue
+        if candidates is None:
+            candidates = [n.removesuffix(".weight") for n in base.shapes() if n.endswith(".weight")]
+        out.nowhere.append(Nowhere(name, nearest(name, candidates), norms.get(name, 0.0)))
+    return out
+
+
+def renamed(adapter, names):
+    """The adapter with its modules and full tensors under the base's names ({old module name: new})."""
+    if not names:
+        return adapter
+
+    def tensor(n):
+        module = n.removesuffix(".weight")
+        return names[module] + ".weight" if n.endswith(".weight") and module in names else n
+
+    modules = {
+        names.get(k, k): dataclasses.replace(m, name=names.get(k, k)) for k, m in adapter.modules.items()
+    }
+    transforms = {
+        names.get(k, k): dataclasses.replace(t, name=names.get(k, k)) for k, t in adapter.transforms.items()
+    }
+    out = dataclasses.replace(
+        adapter,
+        modules=modules,
+        transforms=transforms,
+        replacements={tensor(k): v for k, v in adapter.replacements.items()},
+        deltas={tensor(k): v for k, v in adapter.deltas.items()},
+        notes=[*adapter.notes, renaming_note(names)],
+    )
+    return out
+
+
+def renaming_note(names):
+    """'12 module(s) renamed onto the base: model.layers. -> model.language_model.layers. (12)'"""
+    pairs = {}
+    for old, new in names.items():
+        tail = _common_tail(old, new)
+        key = (old[: len(old) - len(tail)], new[: len(new) - len(tail)])
+        pairs[key] = pairs.get(key, 0) + 1
+    shown = ", ".join(f"'{a}' -> '{b}' ({n})" for (a, b), n in sorted(pairs.items()))
+    return f"{len(names)} module(s) renamed onto the base's names: {shown}"
+
+
+def _common_tail(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n :]
+
+
+def onto_base(base, adapter):
+    """(the adapter renamed onto the base's names, its Landing): the adapter on the base's naming already (the
+    merge engine's, after Base.to_base_names)."""
+    found = landing(base, adapter)
+    return renamed(adapter, found.renamed), found
+
+
+def on_base_names(base, adapter):
+    """(the adapter under the base's names, the same on the base's own naming, its Landing) for an adapter on
+    Hugging Face's names: a base with a naming of its own (a GGUF's) translates it, and nothing is renamed."""
+    named = base.to_base_names(adapter)
+    if named is not adapter:
+        found = landing(base, named)
+        found.renamed = {}
+        return adapter, named, found
+    adapter, found = onto_base(base, adapter)
+    return adapter, adapter, found
