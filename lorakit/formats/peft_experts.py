@@ -8,6 +8,8 @@ merge_and_unload + save_pretrained in the tests):
   `experts.N.{gate,up,down}_proj` (qwen2_moe family) or `block_sparse_moe.experts.N.{w1,w3,w2}` (Mixtral);
 - `lora_A [r E, in]`, `lora_B [out, r E]`; expert e: A.reshape(E, r, in)[e], and B's column r_i E + e
   (B.reshape(out, r, E)[:, :, e]) from PEFT 0.19.1 on, B.reshape(out, E, r)[:, e, :] before;
+- a targeted 2-D `weight` (PEFT 0.21's all-linear targets a MoE router's `gate.weight` so) is a plain LoRA on it:
+  Linear.get_delta_weight, B @ A;
 - two targeted parameters of one module nest: the inner wrapper (`experts.base_layer.lora_*`) is the first registered,
   the outer (`experts.lora_*`) the second; the saved `target_parameters` list need not keep that order (seen here:
   it varies between runs), so gate_up_proj and down_proj are told apart by their shapes, which admit one assignment.
@@ -18,6 +20,7 @@ import re
 
 from ..core import Module, experts
 from ..errors import LorakitError
+from .peft_config import pattern_value
 
 # fused parameter -> the per-expert tensors it is cut into, row order: (qwen2_moe family name, Mixtral name)
 FUSED = {"gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")), "down_proj": (("down_proj", "w2"),)}
@@ -35,7 +38,9 @@ def split_wrappers(parts, config):
         while parent.endswith(".base_layer"):
             parent, depth = parent[: -len(".base_layer")], depth + 1
         names = [t.rsplit(".", 1)[-1] for t in targets if _targets(parent, t)]
-        if not names:
+        if not names or (
+            names == ["weight"] and depth == 0
+        ):  # a 2-D weight (a MoE router): a plain LoRA on it
             continue
         if depth >= len(names):
             raise LorakitError(
@@ -98,11 +103,12 @@ def expert_modules(parent, param, p, config, shapes, notes, model_type=None):
     A, B = p.get(("lora_A", "weight")), p.get(("lora_B", "weight"))
     if A is None or B is None or A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
         raise LorakitError("ParamWrapper without a lora_A [r E, in] / lora_B [out, r E] pair", tensor=parent)
-    r = config.get("r")
+    # PEFT 0.21's all-linear gives gate_up_proj (two projections) twice the rank and alpha by a pattern
+    r = pattern_value(config.get("rank_pattern"), f"{parent}.{param}", config.get("r"))
     if not isinstance(r, int) or r < 1 or A.shape[0] % r:
         raise LorakitError(f"lora_A has {A.shape[0]} rows: not r x E experts for r = {r!r}", tensor=parent)
     E, out, pieces = A.shape[0] // r, B.shape[0], FUSED[param]
-    alpha = config.get("lora_alpha") or r
+    alpha = pattern_value(config.get("alpha_pattern"), f"{parent}.{param}", config.get("lora_alpha")) or r
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     A3 = A.reshape(E, r, A.shape[1])
     B3 = (

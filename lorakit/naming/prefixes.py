@@ -2,7 +2,7 @@
 weights `model.language_model.*` (Gemma 3 / 3n / 4, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3, LLaVA) and its
 vision tower `model.visual.*` / `model.vision_tower.*`; the original checkpoints of the same models say
 `language_model.model.*` (Gemma 3, Llama 4, Mistral 3, LLaVA) or `model.*` and `visual.*` (Qwen2-VL / 2.5-VL); a
-text-only model says `model.*`. PEFT names an adapter's modules as the model in memory did when it was made, so an
+text-only model says `model.*`, a Mamba or Nemotron-H checkpoint `backbone.*` (the same model in memory: `model.*`). PEFT names an adapter's modules as the model in memory did when it was made, so an
 adapter and a base can disagree by one of these prefixes (vLLM #48019, #34186: such an adapter loads and does
 nothing). A module is renamed onto the base only where exactly one other prefix lands it."""
 
@@ -13,6 +13,7 @@ PREFIXES = (
     "language_model.model.",
     "model.text_model.",
     "language_model.",
+    "backbone.",  # Mamba / Nemotron-H checkpoints; transformers 5 holds them under model.
     "model.",
     "",
 )
