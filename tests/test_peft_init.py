@@ -148,6 +148,13 @@ def test_loftq_refused_even_with_initial(cli, base_dir, tmp_path):
         assert "--initial" not in err
 
 
+def test_lora_ga_moves_the_base_in_peft(cli, base_dir, tmp_path):
+    """PEFT's lora_ga_init subtracts scale * B0 A0 from W, as PiSSA does: refused without the initial adapter."""
+    folder = hand_made(tmp_path, "lora_ga", base_dir)
+    code, out, err = cli("merge", base_dir, folder, "-o", tmp_path / "m")
+    assert_one_line_error(code, out, err, "[LK603]", "LoRA-GA", "--initial DIR")
+
+
 def test_eva_merges_as_it_is_and_says_so(cli, base_dir, tmp_path):
     folder = hand_made(tmp_path, "eva", base_dir)
     code, out, err = cli("convert", folder, "-o", tmp_path / "c.safetensors", "--to", "lorakit", "-v")

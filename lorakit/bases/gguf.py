@@ -113,6 +113,12 @@ class GGUFBase(Base):
                 f"{opt('shard_size')} re-shards safetensors folders; a GGUF output keeps the base's splits",
                 path=self.path,
             )
+        if job.vocab_size is not None:  # the vocabulary lives in the GGUF's tokenizer KVs too
+            raise LorakitError(
+                "the adapter adds tokens (a larger embedding): a GGUF base's vocabulary is not grown here; merge "
+                "into the Hugging Face checkpoint, then convert it with llama.cpp's convert_hf_to_gguf.py",
+                path=self.path,
+            )
         return GGUFWriter(job, outputs)
 
     def notes(self, plans, job, options):

@@ -8,7 +8,7 @@ import shutil
 from functools import cached_property
 
 from ..errors import LorakitError
-from ..io import INDEX, Checkpoint, ShardWriter, atomic_output, read_config, spec_nbytes
+from ..io import INDEX, Checkpoint, ShardWriter, atomic_output, read_config, spec_nbytes, tokenizer_files
 from ..io.dtypes import dtype_name
 from ..naming.embeddings import HEAD
 from ..io.jsonio import read_json
@@ -157,9 +157,14 @@ class SafetensorsWriter:
                     indent=2,
                 )
                 f.write("\n")
+        for path in tokenizer_files(self.job.tokenizer_from) if self.job.tokenizer_from else []:
+            shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))  # the added tokens' tokenizer
         config_path = os.path.join(tmp, "config.json")
-        if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed):
+        vocab = self.job.vocab_size
+        if os.path.isfile(config_path) and (target_dtype is not None or self.untie_embed or vocab):
             config = read_json(config_path, "config.json")
+            if vocab:
+                with_vocab_size(config, vocab)
             if drop_quantization:
                 config.pop("quantization_config", None)
             if target_dtype is not None:
@@ -170,3 +175,10 @@ class SafetensorsWriter:
             with open(config_path, "w") as f:
                 json.dump(config, f, indent=2)
                 f.write("\n")
+
+
+def with_vocab_size(config, rows):
+    """config.json's vocab_size (and a text_config's, a multimodal model's) set to the embedding's rows."""
+    config["vocab_size"] = rows
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["vocab_size"] = rows

@@ -5,7 +5,7 @@ import os
 import shutil
 
 from ..errors import LorakitError, listed, opt
-from ..io import atomic_output, check_output
+from ..io import atomic_output, check_output, tokenizer_files
 from ..progress import progress
 from . import pipeline
 from .plan import plan_merge
@@ -24,6 +24,8 @@ def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
             path, [base.path, options.full_precision_base, *input_paths, *base.ckpt.files], options.force
         )
     plan = plan_merge(base, loaded, options)
+    if plan.tokenizer_from is not None:
+        tokenizer_files(plan.tokenizer_from)  # refused now, before anything is written
     missed = plan.skipped + plan.elsewhere
     if missed and not any(p.touched for p in plan.tensors.values()):
         raise LorakitError(

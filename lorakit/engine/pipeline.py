@@ -38,6 +38,7 @@ class MergeJob:
         view = base.view
         self.inputs = inputs or {}
         self.view, self.ckpt, self.plans = view, view.ckpt, plan.tensors
+        self.vocab_size, self.tokenizer_from = plan.vocab_size, plan.tokenizer_from  # added tokens (PEFT)
         self.sign = -1.0 if options.unmerge else 1.0
         self.target_dtype = user_dtype(options.dtype) if options.dtype not in (None, "keep") else None
         dequantize = base.uncodec_modules(self.plans, self.target_dtype)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import Module
+from ..core.algebra import weighted_stack
+from ..core.linalg import frobenius_norm
 from ..errors import LorakitError, opt
 from ..naming.embeddings import HEAD, is_embedding
 from ..spec import fingerprint
@@ -48,6 +50,12 @@ class MergePlan:
     untie: str = None  # the tied embedding written apart from a new lm_head, or None
     skipped: list = field(default_factory=list)  # adapter tensors the base lacks (--skip-unmatched)
     elsewhere: list = field(default_factory=list)  # modules for another file of the model (Adapter.elsewhere)
+    vocab_size: int = (
+        None  # the embedding's rows where added tokens grew it (PEFT modules_to_save), else None
+    )
+    tokenizer_from: str = (
+        None  # the adapter (a path) whose added tokens the output's tokenizer files must have
+    )
 
 
 def plan_merge(base, adapters, options):
@@ -57,6 +65,7 @@ def plan_merge(base, adapters, options):
     an error: that is another base)."""
     planner = Planner(base, options)
     for label, ad, w in adapters:
+        planner.label = label
         if planner.check_fingerprint(label, ad):  # another base: that is the one thing to say
             ad = planner.land(ad)
         planner.adapter_elsewhere = set(ad.elsewhere)
@@ -76,6 +85,7 @@ class Planner:
         self.base, self.options = base, options
         self.tensors, self.problems, self.skipped, self.hints = {}, [], [], set()
         self.elsewhere, self.adapter_elsewhere, self.reported = [], set(), set()
+        self.label, self.grew_from = None, set()  # the adapter being added; those adding tokens
         self.embed = (
             next((n for n in base.ckpt.where if is_embedding(n)), None) if base.tied_embeddings else None
         )
@@ -206,11 +216,27 @@ class Planner:
         p = self.target(name)
         if p is None:
             self.unmatched(name, f"{name}: {what} of a tensor not in the base")
+        elif what == "replacement" and self.grows_vocabulary(p, t):
+            return p
         elif tuple(self.base.shape(p.source)) != tuple(t.shape):
             self.problems.append(f"{name}: base {list(self.base.shape(p.source))}, {what} {list(t.shape)}")
         else:
             return p
         return None
+
+    def grows_vocabulary(self, p, t):
+        """Whether a replacement is an embedding or head with tokens added (PEFT modules_to_save after
+        resize_token_embeddings): more rows, the same width; the output takes its shape."""
+        shape = tuple(self.base.shape(p.source))
+        if not (is_embedding(p.name) or p.name == HEAD) or len(shape) != 2 or len(t.shape) != 2:
+            return False
+        if t.shape[1] != shape[1] or t.shape[0] <= shape[0]:
+            return False
+        if p.source in self.base.view.quantized:
+            self.problems.append(f"{p.name}: a quantized embedding cannot take added tokens")
+        p.padded_shape = tuple(t.shape)
+        self.grew_from.add(self.label)
+        return True
 
     def add_delta(self, name, t, w):
         p = self.fitting(name, t, "delta")
@@ -255,9 +281,73 @@ class Planner:
                 f"{n} adapter tensor(s) do not fit the base: {shown}{hint}", path=self.base.path
             )
         untie = self.embed is not None and (HEAD in self.tensors or self.embed in self.tensors)
+        if untie and self.same_change(self.tensors.get(HEAD), self.tensors.get(self.embed)):
+            del self.tensors[HEAD]  # PEFT's ensure_weight_tying: one change of the one tensor, still tied
+            untie = False
         if untie:
             self.target(HEAD)  # write the head explicitly, with or without its own delta
-        return MergePlan(self.tensors, self.embed if untie else None, self.skipped, self.elsewhere)
+        vocabulary = self.vocabulary()
+        plan = MergePlan(self.tensors, self.embed if untie else None, self.skipped, self.elsewhere)
+        plan.vocab_size = vocabulary
+        if len(self.grew_from) > 1:
+            raise LorakitError(
+                f"{len(self.grew_from)} adapters add tokens ({', '.join(map(str, sorted(self.grew_from)))}): "
+                "their tokenizers cannot both be the output's; merge one at a time",
+                path=self.base.path,
+            )
+        plan.tokenizer_from = next(iter(self.grew_from), None)
+        return plan
+
+    def same_change(self, head, embed):
+        """Whether a tied head and its embedding change alike (PEFT's ensure_weight_tying ties their LoRAs or
+        their modules_to_save copies): then the output stays tied. Exact up to fp64 rounding of the factors."""
+        if head is None or embed is None or head.biases or embed.biases or head.slices or embed.slices:
+            return False
+        if head.deltas or embed.deltas or head.transforms or embed.transforms:
+            return False
+        if (head.replacement is None) != (embed.replacement is None):
+            return False
+        if head.replacement is not None and not torch.equal(head.replacement, embed.replacement):
+            return False
+        if not head.loras and not embed.loras:
+            return head.replacement is not None
+        if (
+            not head.loras
+            or not embed.loras
+            or any(m.magnitude is not None for m, _ in head.loras + embed.loras)
+        ):
+            return False
+        B, A = weighted_stack([*head.loras, *[(m, -w) for m, w in embed.loras]])
+        scale = frobenius_norm(*weighted_stack(head.loras))
+        return frobenius_norm(B, A) <= 1e-9 * scale
+
+    def vocabulary(self):
+        """The output's vocabulary where added tokens grow the embedding and the head (both, to the same rows), or
+        None; a problem where they would disagree (raised by the caller)."""
+        grown = {
+            n: p.padded_shape[0]
+            for n, p in self.tensors.items()
+            if p.padded_shape and p.replacement is not None
+        }
+        if not grown:
+            return None
+        rows = {
+            n: grown.get(n, self.base.shape(n if n in self.base else self.embed)[0])
+            for n in self.vocab_tensors()
+        }
+        if len(set(rows.values())) > 1:
+            shown = ", ".join(f"{n} {r}" for n, r in sorted(rows.items()))
+            raise LorakitError(
+                f"added tokens grow some vocabulary tensors and not others ({shown} rows): the adapter must "
+                "save every one that grew (modules_to_save embed_tokens and lm_head)",
+                path=self.base.path,
+            )
+        return next(iter(rows.values()))
+
+    def vocab_tensors(self):
+        """The base's embedding and head tensors (a tied head counts as written once untied)."""
+        names = [n for n in self.base.shapes() if is_embedding(n) or n == HEAD]
+        return names + ([HEAD] if HEAD in self.tensors and HEAD not in names else [])
 
 
 def transform_fits(t, shape):

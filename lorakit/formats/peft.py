@@ -12,6 +12,8 @@ import math
 import os
 import re
 
+import torch
+
 from ..core import Adapter, Module, default_kind, experts
 from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
@@ -22,6 +24,8 @@ from .common import check_rank, most_common, open_safetensors, refuse_deltas, re
 
 WEIGHTS, WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
+# PEFT's EMBEDDING_LAYER_NAMES: save_embedding_layers ("auto": when the vocabulary was resized) saves their weights
+SAVED_EMBEDDINGS = ("embed_tokens.weight", "lm_head.weight")
 KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?!weight$|bias$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
@@ -83,8 +87,12 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     if config.get("peft_type", "LORA") != "LORA":
         raise LorakitError(f"peft_type {config.get('peft_type')} is not LoRA", path=path)
     notes = []
-    parts, replacements, unknown = _sorted_keys(tensors, config)
+    parts, replacements, unknown, originals = _sorted_keys(tensors, config)
     refuse_unknown(path, unknown, allow_unknown, notes)
+    if originals:
+        notes.append(
+            f"{len(originals)} starting copies of modules_to_save (original_module) not needed: skipped"
+        )
     wrapped = peft_experts.split_wrappers(parts, config)  # target_parameters on MoE experts
     shapes = base.shapes() if base is not None else None
     ad = Adapter(
@@ -110,8 +118,8 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
 
 
 def _sorted_keys(tensors, config):
-    """({module: {(part, param): tensor}}, {replaced tensor: tensor}, [unknown keys])."""
-    parts, replacements, unknown = {}, {}, []
+    """({module: {(part, param): tensor}}, {replaced tensor: tensor}, [unknown keys], [starting copies])."""
+    parts, replacements, unknown, originals = {}, {}, [], []
     to_save = config.get("modules_to_save") or []
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
@@ -120,14 +128,27 @@ def _sorted_keys(tensors, config):
             parts.setdefault(m["module"], {})[(m["part"], m["param"])] = t
         elif name.endswith(".base_layer.weight"):  # save_embedding_layers: the (possibly resized) base weight
             replacements[name[: -len(".base_layer.weight")] + ".weight"] = t
-        elif ".modules_to_save." in name:
+        elif ".modules_to_save." in name:  # <module>.modules_to_save[.<adapter>].<param>
             module, _, rest = name.partition(".modules_to_save.")
-            replacements[f"{module}.{rest.split('.', 1)[1]}"] = t
+            param = rest if rest in ("weight", "bias") else rest.split(".", 1)[-1]
+            _replace(replacements, f"{module}.{param}", t, key)
+        elif ".original_module." in name:  # PEFT 0.21 saves the starting copy too: the base (resized) has it
+            originals.append(key)
         elif name.rsplit(".", 1)[0].rsplit(".", 1)[-1] in to_save or name.rsplit(".", 1)[0] in to_save:
-            replacements[name] = t
+            _replace(replacements, name, t, key)
+        elif name.endswith(SAVED_EMBEDDINGS):  # save_embedding_layers: a resized vocabulary's own tensors
+            _replace(replacements, name, t, key)
         else:
             unknown.append(key)
-    return parts, replacements, unknown
+    return parts, replacements, unknown, originals
+
+
+def _replace(replacements, name, t, key):
+    """A modules_to_save tensor; PEFT 0.21 writes it twice (`<module>.weight` and `<module>.modules_to_save.weight`):
+    the copies must agree."""
+    if name in replacements and not torch.equal(replacements[name], t):
+        raise LorakitError(f"two different trained copies of {name}", tensor=key)
+    replacements[name] = t
 
 
 def _module(module, p, config, shapes, notes, path):

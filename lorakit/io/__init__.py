@@ -2,7 +2,7 @@
 checkpoints (shards, index, config.json). Torch is imported only where tensors are made."""
 
 from .atomic import atomic_output, atomic_outputs, check_output
-from .checkpoint import INDEX, Checkpoint, base_model_name, read_config, shard_files
+from .checkpoint import INDEX, Checkpoint, base_model_name, read_config, shard_files, tokenizer_files
 from .safetensors import (
     BufferPool,
     DirectFile,
@@ -26,6 +26,7 @@ __all__ = [
     "Checkpoint",
     "base_model_name",
     "read_config",
+    "tokenizer_files",
     "shard_files",
     "BufferPool",
     "DirectFile",

@@ -107,3 +107,29 @@ class Checkpoint:
 
     def shapes(self):
         return {n: self.entry(n).shape for n in self.where}
+
+
+# the files of a Hugging Face tokenizer: PEFT users save theirs beside an adapter that adds tokens
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def tokenizer_files(adapter):
+    """The tokenizer files in an adapter's folder (beside a file adapter); refused when there are none."""
+    folder = adapter if os.path.isdir(adapter) else os.path.dirname(os.fspath(adapter))
+    found = [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not found:
+        raise LorakitError(
+            "the adapter adds tokens but its folder has no tokenizer files (tokenizer.json, tokenizer_config.json): "
+            "save the tokenizer beside it (tokenizer.save_pretrained(ADAPTER_DIR))",
+            path=adapter,
+        )
+    return found
