@@ -218,8 +218,9 @@ def test_wrong_prefix_lands_nowhere_with_the_nearest_name(make, tmp_path, cli):
 
 
 def test_validate_for_engine_flags_names_it_would_not_match(tmp_path, cli):
-    """The language model under model.language_model. in the adapter, under model. in the Qwen2.5-VL checkpoint:
-    lorakit merges it (renamed), an engine matching names as stored would load it and change nothing."""
+    """The language model under model.language_model. in the adapter, under model. in the Qwen2.5-VL checkpoint (the
+    vision tower: model.visual. and visual.): lorakit merges it renamed and says so; an engine matching names as
+    stored would load it and change nothing."""
     adapted(qwen2_5_vl, tmp_path)
     code, out, err = cli(
         "validate", tmp_path / "adapter", "--base", tmp_path / "base", "--for", "vllm", "--json"

@@ -112,18 +112,19 @@ def renaming_note(names):
     """'12 module(s) renamed onto the base: model.layers. -> model.language_model.layers. (12)'"""
     pairs = {}
     for old, new in names.items():
-        tail = _common_tail(old, new)
-        key = (old[: len(old) - len(tail)], new[: len(new) - len(tail)])
+        key = _prefixes(old, new)
         pairs[key] = pairs.get(key, 0) + 1
     shown = ", ".join(f"'{a}' -> '{b}' ({n})" for (a, b), n in sorted(pairs.items()))
     return f"{len(names)} module(s) renamed onto the base's names: {shown}"
 
 
-def _common_tail(a, b):
+def _prefixes(a, b):
+    """The dotted prefixes two names differ by, their common tail removed: ('model.language_model.', 'model.')."""
+    pa, pb = a.split("."), b.split(".")
     n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
         n += 1
-    return a[len(a) - n :]
+    return tuple("".join(f"{p}." for p in parts[: len(parts) - n]) for parts in (pa, pb))
 
 
 def onto_base(base, adapter):

@@ -11,7 +11,7 @@ from ..core.linalg import frobenius_norm
 from ..errors import LorakitError, opt
 from ..naming.embeddings import HEAD, is_embedding
 from ..spec import fingerprint
-from .landing import onto_base
+from .landing import onto_base, renaming_note
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Planner:
         self.tensors, self.problems, self.skipped, self.hints = {}, [], [], set()
         self.elsewhere, self.adapter_elsewhere, self.reported = [], set(), set()
         self.label, self.grew_from = None, set()  # the adapter being added; those adding tokens
+        self.notes = []
         self.embed = (
             next((n for n in base.ckpt.where if is_embedding(n)), None) if base.tied_embeddings else None
         )
@@ -104,6 +105,8 @@ class Planner:
         """The adapter under the base's names; what lands nowhere noted once, as LK601 (with --skip-unmatched
         only where nothing lands)."""
         ad, found = onto_base(self.base, ad)
+        if found.renamed:
+            self.notes.append(f"{self.label}: {renaming_note(found.renamed)}")
         if found.nowhere and (not self.options.skip_unmatched or found.nothing_lands):
             self.problems.append(f"[LK601] {found.summary()}")
             self.reported.update(f"{n.module}.weight" for n in found.nowhere)
@@ -296,6 +299,7 @@ class Planner:
                 path=self.base.path,
             )
         plan.tokenizer_from = next(iter(self.grew_from), None)
+        plan.notes = self.notes
         return plan
 
     def same_change(self, head, embed):

@@ -20,7 +20,15 @@ def merge_notes(base, loaded, plan, job, options):
             f"{len(plan.elsewhere)} module(s) for another file of the model (the base has none of their part: a "
             f"text encoder's or the diffusion model's) not merged; merge them into that file: {listed(plan.elsewhere)}"
         )
-    widened = [(n, p) for n, p in plan.tensors.items() if p.padded_shape is not None]
+    notes += plan.notes
+    if plan.vocab_size is not None:
+        notes.append(
+            f"added tokens: the embedding and head grown to {plan.vocab_size} rows, vocab_size set in config.json, "
+            f"the tokenizer files of {plan.tokenizer_from} copied"
+        )
+    widened = [
+        (n, p) for n, p in plan.tensors.items() if p.padded_shape is not None and p.replacement is None
+    ]
     for name, p in widened:
         notes.append(
             f"{name} widened from {list(base.shape(p.source))} to {list(p.padded_shape)} (zero-padded, as ComfyUI "
