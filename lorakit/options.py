@@ -37,7 +37,22 @@ class MergeOptions:
     )
     unmerge: bool = option(False, "Subtract the adapters instead of adding them.")
     shard_size: str = option(None, "Re-shard the output (e.g. 5GB, 2GiB).")
-    threads: int = option(None, "Worker threads (default: one per CPU, at most 4).", type=int)
+    threads: int = option(
+        None, "Worker threads (default: one per core, as many as --max-memory holds).", type=int
+    )
+    max_memory: str = option(
+        None, "The most memory the merge may hold (e.g. 1GB): fewer workers, never a larger peak."
+    )
+    resume: bool = option(
+        False,
+        "Go on with a merge that was killed: the files its journal records as done (and whose bytes check) are "
+        "kept, the rest written; refused if the inputs or options changed.",
+    )
+    part: str = option(
+        None,
+        "i/N: write part i of N of the output files (any scheduler runs the N commands, into one output folder on "
+        "shared storage); the last part to finish publishes the output.",
+    )
     force: bool = option(False, "Replace OUT if it exists (an output of the same kind; never an input).")
     quiet: bool = option(False, "No progress bar.")
     ignore_fingerprint: bool = option(False, "Merge even if the adapter names another base.")
@@ -78,9 +93,18 @@ class MergeOptions:
     def shard_bytes(self):
         return parse_size(self.shard_size)
 
+    @property
+    def max_memory_bytes(self):
+        return parse_size(self.max_memory, "max memory")
+
     def check(self):
         """Refuse (never clamp) what is out of range; returns self."""
         self.shard_bytes  # noqa: B018 (refused now, before any work)
+        self.max_memory_bytes  # noqa: B018
+        if self.part is not None:
+            from .io.staging import parse_part
+
+            parse_part(self.part)
         in_range("threads", self.threads, 1, integer=True)
         existing(self.full_precision_base, "full_precision_base")
         existing(self.calibration, "calibration")

@@ -219,6 +219,14 @@ def merge_text(r, verbose=False):
         f"{head}: {r['merged_count']} of {r['tensor_count']} tensors changed, "
         f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {r['output']}"
     ]
+    if r.get("files_resumed"):
+        lines.append(
+            f"resumed: {r['files_resumed']} file(s) done before kept, {r['files_written']} written now"
+        )
+    if not r.get("published", True):
+        lines.append(
+            f"part {r['part']}: {r['files_written']} file(s) written; the output appears when every part is done"
+        )
     q = r.get("quantization")
     if q and q.get("kl") is not None:  # what users feel first: the merged model against the adapted one
         lines.append(

@@ -820,7 +820,8 @@ def test_convert_of_an_odd_module_name_names_the_file(tmp_path, cli):
 
 
 def test_sigkill_leaves_nothing_that_outlives_the_next_run(w):
-    """A merge killed mid-write leaves its temporary; the next run writing in that folder (any OUT) removes it."""
+    """A merge killed mid-write leaves its work folder (for --resume); another OUT written in that folder leaves it
+    alone, the next plain run of the same OUT sweeps it and starts again."""
     big = w / "bigbase"
     examples.write_llama_checkpoint(str(big), layers=6, hidden=256, intermediate=512)
     from lorakit.bases import open_base
@@ -837,6 +838,8 @@ def test_sigkill_leaves_nothing_that_outlives_the_next_run(w):
     left = [n for n in os.listdir(w) if ".lorakit-" in n]
     assert left and not os.path.exists(w / "out")  # the killed run's temporary is there
     lorakit.merge(w / "base", [w / "a.safetensors"], w / "other", quiet=True)  # another OUT, same folder
+    assert [n for n in os.listdir(w) if ".lorakit-" in n] == [".out.lorakit-work"]
+    lorakit.merge(big, [w / "big.safetensors"], w / "out", quiet=True)
     assert not [n for n in os.listdir(w) if ".lorakit-" in n], os.listdir(w)
 
 

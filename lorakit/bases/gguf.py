@@ -7,7 +7,7 @@ import re
 from functools import cached_property
 
 from ..errors import LorakitError, listed, opt
-from ..io import atomic_outputs, spec_nbytes
+from ..io import spec_nbytes
 from ..io.gguf import SPLIT, GGUFCheckpoint, GGUFHeader, GGUFShardWriter, is_gguf, tensor_nbytes
 from .base import Base
 from .view import WeightView
@@ -145,7 +145,7 @@ class GGUFBase(Base):
         return notes
 
     def report(self, writer):
-        return {"shard_count": len(writer.shards), "files": [out for out, _ in writer.shards]}
+        return {"shard_count": len(writer.shards), "files": writer.outputs}
 
 
 def output_files(output, count):
@@ -166,32 +166,32 @@ def output_files(output, count):
 
 
 class GGUFWriter:
-    """`shards` are the output files (paths) with the tensors of the base file each mirrors; `open_shard` takes `tmp`
-    as {output path: its temporary path}."""
+    """`shards` are the output files (their names: splits lie side by side) with the tensors of the base file each
+    mirrors."""
 
     folder = False
 
     def __init__(self, job, outputs):
-        self.job, ckpt = job, job.ckpt
-        self.headers = dict(zip(outputs, (ckpt.shards[f].header for f in ckpt.files)))
+        self.job, ckpt, self.outputs = job, job.ckpt, [os.fspath(o) for o in outputs]
+        self.headers = [ckpt.shards[f].header for f in ckpt.files]
         self.shards = [
-            (out, [job.spec_of(n) for n in header.entries]) for out, header in self.headers.items()
+            (os.path.basename(out), [job.spec_of(n) for n in header.entries])
+            for out, header in zip(outputs, self.headers)
         ]
         self.total = sum(spec_nbytes(spec) for _, specs in self.shards for spec in specs)
 
-    def destination(self, outputs, force):
-        """{output file: its temporary path}, each renamed into place once all of them are complete."""
-        return atomic_outputs(outputs, force=force)
+    def source_file(self, index):
+        return None  # a GGUF's splits are written whole: their KV sections say which split each is
 
-    def open_shard(self, tmp, file_name, specs):
-        return GGUFShardWriter(tmp[file_name], self.headers[file_name], specs)
+    def open_shard(self, path, index, specs):
+        return GGUFShardWriter(path, self.headers[index], specs)
 
-    def finish(self, tmp, weight_map, total):
+    def finish(self, tmp, paths, weight_map, total):
         """Each file read back before its rename: a header that parses, every tensor where its info says."""
         for out, specs in self.shards:
-            written = GGUFHeader(tmp[out])
+            written = GGUFHeader(paths[out])
             sizes = [tensor_nbytes(e.dtype, e.shape) for e in written.entries.values()]
             if list(written.entries) != [s[0] for s in specs] or sizes != [spec_nbytes(s) for s in specs]:
                 raise LorakitError(
-                    "the written GGUF does not read back as planned (nothing was published)", path=out
+                    "the written GGUF does not read back as planned (nothing was published)", path=paths[out]
                 )

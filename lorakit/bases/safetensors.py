@@ -8,7 +8,7 @@ import shutil
 from functools import cached_property
 
 from ..errors import LorakitError
-from ..io import INDEX, Checkpoint, ShardWriter, atomic_output, read_config, spec_nbytes, tokenizer_files
+from ..io import INDEX, Checkpoint, ShardWriter, read_config, spec_nbytes, tokenizer_files
 from ..io.dtypes import dtype_name
 from ..naming.embeddings import HEAD
 from ..io.jsonio import read_json
@@ -72,7 +72,7 @@ class SafetensorsBase(Base):
         return Checkpoint(path)
 
     def writer(self, job, outputs, untie_embed, shard_size):
-        return SafetensorsWriter(job, self.path, untie_embed, shard_size)
+        return SafetensorsWriter(job, self.path, untie_embed, shard_size, outputs[0])
 
     def report(self, writer):
         return {"shard_count": len(writer.shards) if writer.folder else 1}
@@ -82,11 +82,20 @@ class SafetensorsWriter:
     """Output as the base's layout: one .safetensors file, or a Hugging Face folder (shards, index, the folder's other
     files, config.json updated for a new dtype, untied embeddings or a dropped quantization)."""
 
-    def __init__(self, job, base, untie_embed, shard_size=None):
+    def __init__(self, job, base, untie_embed, shard_size=None, output=None):
         self.job, self.base, self.untie_embed = job, base, untie_embed
         self.folder = os.path.isdir(base) or shard_size is not None
+        self.resharded = shard_size is not None
         self.shards = self._layout(shard_size)
+        if not self.folder:  # one file: named as the output
+            self.shards = [(os.path.basename(os.fspath(output)), self.shards[0][1])]
         self.total = sum(spec_nbytes(spec) for _, specs in self.shards for spec in specs)
+        if self.folder and os.fspath(output).endswith(".safetensors"):
+            raise LorakitError(
+                "the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): -o "
+                "names a .safetensors file; give a folder name",
+                path=output,
+            )
 
     def _layout(self, shard_size):
         ckpt, order = self.job.ckpt, []
@@ -111,30 +120,24 @@ class SafetensorsWriter:
             return [("model.safetensors", shards[0])]
         return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
 
-    def destination(self, outputs, force):
-        """The temporary path the output is written under, renamed into place when complete."""
-        if self.folder and outputs[0].endswith(".safetensors"):
-            raise LorakitError(
-                "the base is a folder, so the output is a folder (shards, index, config.json, tokenizer): -o "
-                "names a .safetensors file; give a folder name",
-                path=outputs[0],
-            )
-        return atomic_output(outputs[0], force=force, directory=self.folder)
+    def source_file(self, index):
+        """The base file output file `index` is a byte-identical copy of when nothing in it changes (the same
+        tensors in the same order), else None."""
+        if self.resharded:
+            return None
+        file = self.job.ckpt.files[index]
+        names = [spec[0] for spec in self.shards[index][1]]
+        return file if names == list(self.job.ckpt.shards[file].header.entries) else None
 
-    def open_shard(self, tmp, file_name, specs):
-        meta = next(
-            (
-                self.job.ckpt.shards[f].header.metadata
-                for f in self.job.ckpt.files
-                if os.path.basename(f) == file_name
-            ),
-            None,
-        ) or {"format": "pt"}
-        return ShardWriter(os.path.join(tmp, file_name) if self.folder else tmp, specs, meta, direct=True)
+    def open_shard(self, path, index, specs):
+        file = self.job.ckpt.files[index] if not self.resharded else None
+        meta = (self.job.ckpt.shards[file].header.metadata if file else None) or {"format": "pt"}
+        return ShardWriter(path, specs, meta, direct=True)
 
-    def finish(self, tmp, weight_map, total):
-        """Copy the folder's other files; rewrite the index and, where needed, config.json (a dequantized output
-        loses its quantization_config and quantize_config.json)."""
+    def finish(self, tmp, paths, weight_map, total):
+        """Into the output folder `tmp` (its shards at `paths`, {file name: path}): the base folder's other files,
+        the index and, where needed, config.json (a dequantized output loses its quantization_config and
+        quantize_config.json)."""
         if not self.folder:
             return
         drop_quantization, target_dtype = self.job.dequantize_out, self.job.target_dtype

@@ -5,7 +5,7 @@ import os
 import shutil
 
 from ..errors import LorakitError, listed, opt
-from ..io import atomic_output, check_output, tokenizer_files
+from ..io import Staging, atomic_output, check_output, input_identity, spec_nbytes, tokenizer_files
 from ..progress import progress
 from . import pipeline
 from .plan import plan_merge
@@ -40,25 +40,65 @@ def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
             "--strategy original and --onto original need --full-precision-base", path=base.path
         )
     writer = base.writer(job, outputs, plan.untie, options.shard_bytes)
-    execute(job, writer, writer.destination(outputs, options.force), output, options)
-    return merge_report(base, loaded, output, options, plan, job, writer)
+    staging = stage(base, writer, outputs, options, input_paths)
+    execute(job, writer, staging, outputs[0], options)
+    return merge_report(base, loaded, output, options, plan, job, writer, staging)
 
 
-def execute(job, writer, destination, output, options):
-    """Write every output tensor under the temporary name(s), renamed into place when complete."""
+def stage(base, writer, outputs, options, input_paths):
+    """The output's work folder: its journal names this merge's inputs and options, so that --resume and --part
+    join only the same merge."""
+    from dataclasses import asdict
+
+    for path in outputs:  # now that the writer knows: a folder replaces only a folder, a file a file
+        check_output(path, force=options.force, directory=writer.folder)
+    names = [name for name, _ in writer.shards]
+    sizes = {name: sum(map(spec_nbytes, specs)) for name, specs in writer.shards}
+    inputs = [base.path, *input_paths, options.full_precision_base, options.calibration, options.initial]
+    identity = {
+        "inputs": input_identity(inputs),
+        "options": {k: v for k, v in asdict(options).items() if k not in RUN_ONLY},
+    }
+    return Staging(
+        outputs[0], names, identity, writer.folder, options.part, options.resume, options.force, sizes
+    )
+
+
+# options that change how a merge runs, not what it writes: a resumed or parted run may differ in them
+RUN_ONLY = ("threads", "quiet", "force", "resume", "part", "max_memory")
+
+
+def execute(job, writer, staging, output, options):
+    """Write this part's files into the work folder; when every part's are done, what goes beside them, then
+    publish (rename into place)."""
     _large_buffers_back_to_os()
-    bar = progress(total=writer.total, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
-    with destination as tmp, bar:
-        try:
-            pipeline.run(job, writer, tmp, options.threads or default_threads(), bar)
-        except OSError as e:
-            raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
+    todo = sum(sum(map(spec_nbytes, specs)) for name, specs in writer.shards if name in staging.todo)
+    bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
+    try:
+        with bar:
+            pipeline.run(job, writer, staging, workers(job, options), bar)
+        if staging.complete:
+            paths = {name: os.path.join(staging.work, name) for name, _ in writer.shards}
+            weight_map = {spec[0]: name for name, specs in writer.shards for spec in specs}
+            writer.finish(staging.work, paths, weight_map, writer.total)
+            staging.publish()
+    except OSError as e:
+        staging.abort()
+        raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
+    except BaseException:
+        staging.abort()
+        raise
+    staging.close()
 
 
-def merge_report(base, loaded, output, options, plan, job, writer):
+def merge_report(base, loaded, output, options, plan, job, writer, staging):
     notes = merge_notes(base, loaded, plan, job, options)
     report = {
         "output": os.fspath(output),
+        "published": staging.published,
+        "part": f"{staging.part}/{staging.parts}",
+        "files_written": staging.written,
+        "files_resumed": staging.resumed,
         "base": base.path,
         "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
         "unmerge": options.unmerge,
@@ -147,12 +187,33 @@ def components_report(base, loaded, output, options, reports, skipped):
     }
 
 
-def default_threads():
-    """Workers: one per CPU, at most 4. Full-precision tensors are big vectorized passes that memory bandwidth bounds;
-    requantized modules take turns in their column loops (rounding.COLUMN_LOOPS, 30-40% of a worker's time), so more
-    workers only add modules in memory: 2 layers of 4096 x 11008 FP8 on 2 CPUs, feedback 5.5 s / 555 MiB with 2
-    workers, 5.7 s / 706 MiB with 4."""
-    return min(4, os.cpu_count() or 1)
+def workers(job, options):
+    """Worker threads: --threads, else one per core this process may run on; with --max-memory, as many as fit in
+    what the process does not hold yet (each holds the largest tensor or quantized module it computes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    wanted = options.threads or cores
+    limit = options.max_memory_bytes
+    if limit is None:
+        return wanted
+    each, held = job.worker_bytes(), resident_bytes()
+    fit = (limit - held - job.shared_bytes()) // max(1, each)
+    if fit < 1:
+        raise LorakitError(
+            f"{opt('max_memory', bare=True)} {options.max_memory} holds no worker: this process holds "
+            f"{held / 2**20:.0f} MiB already and one worker needs about {(each + job.shared_bytes()) / 2**20:.0f} MiB "
+            "(the largest tensor it merges, twice)"
+        )
+    return int(min(wanted, fit))
+
+
+def resident_bytes():
+    """This process's resident memory now (VmRSS), 0 where /proc does not tell."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def _large_buffers_back_to_os():

@@ -3,9 +3,11 @@ copied), and the main thread hands them to a Writer, with a bounded look-ahead s
 whatever the model size.
 
 A Writer is the output format: `shards` lists [(file name, [(tensor name, dtype, shape)])] in write order
-and `total` their bytes; `open_shard(tmp, file_name, specs)` returns an object with `write(name, tensor)`,
-`copy(name, source)` (the stored bytes of `name` in the base) and `close()`; `finish(tmp, weight_map, total)` writes
-what goes beside the tensors.
+and `total` their bytes; `folder` whether the output is a folder; `open_shard(path, index, specs)` returns an object
+with `write(name, tensor)`, `copy(name, source)` (the stored bytes of `name` in the base) and `close()`;
+`source_file(index)` is the base file output file `index` copies whole when nothing in it changes (or None);
+`finish(folder, paths, weight_map, total)` writes what goes beside the tensors. The files go through an
+io.Staging (journal, parts, publication).
 Each base kind brings its Writer (lorakit.bases).
 """
 
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import LorakitError
-from ..io import BufferPool, spec_nbytes
+from ..io import BufferPool, copy_file, spec_nbytes
 from ..io.heap import retained_heap
 from ..io.dtypes import st_dtype, torch_dtype, user_dtype
 from ..quant import requant
@@ -24,6 +26,8 @@ from .tensor import check_finite, merge_tensor
 
 FULL_PRECISION = ("F64", "F32", "F16", "BF16")
 LOOKAHEAD = 8  # tensors queued per thread at most, byte copies included
+BLOCK_BYTES = 2 << 20  # a worker's fp32 row block (engine.tensor.BLOCK_ELEMENTS x 4)
+DIRECT_STAGING = 16 << 20  # the O_DIRECT writer's staging buffer (io.safetensors.DirectFile.CHUNK)
 
 
 class MergeJob:
@@ -68,6 +72,30 @@ class MergeJob:
         # --dtype converts the full-precision floats; 8-bit floats are stored codes or scales, kept as they are
         keep = not self.convert_floats or e.dtype not in FULL_PRECISION or name in self.view.member_of
         return (name, e.dtype, e.shape, e.nbytes) if keep else (name, st_dtype(self.target_dtype), e.shape)
+
+    def worker_bytes(self):
+        """What one worker holds at most: the largest full-precision tensor it merges (read, and written where the
+        dtype changes) or quantized module it requantizes (fp32 weight, target and codes)."""
+        largest = 0
+        for name, plan in self.plans.items():
+            if not plan.touched and name not in self.dequantized:
+                continue
+            key = self.module_of(plan.source)
+            if key is not None:
+                rows, cols = self.view.module_shape(key)
+                largest = max(largest, 3 * 4 * rows * cols)
+            elif plan.source in self.ckpt:
+                largest = max(largest, 2 * self.ckpt.entry(plan.source).nbytes)
+        return largest + 2 * BLOCK_BYTES
+
+    def shared_bytes(self):
+        """What the workers share, whatever their number: the adapters' factors in memory, the writer's staging."""
+        factors = sum(
+            m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size()
+            for plan in self.plans.values()
+            for m, _ in plan.loras
+        )
+        return factors + DIRECT_STAGING
 
     def output_names(self, names):
         """A shard's tensor names as written: in a dequantized output a module's packed tensors become
@@ -200,49 +228,57 @@ def member(future, name):
     return None if t is None else (t, None)
 
 
-def run(job, writer, tmp, threads, bar):
-    """Produce every output tensor of `writer.shards` with `threads` workers and write them in order."""
+def run(job, writer, staging, threads, bar):
+    """Produce the output files `staging.todo` of `writer.shards` with `threads` workers, each file written in order
+    and handed to `staging.done` once complete; a file nothing changes is copied whole by the kernel."""
     intra_op = torch.get_num_threads()
     torch.set_num_threads(
         1
     )  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
     try:
         with retained_heap(job.requantizes), ThreadPoolExecutor(threads) as pool:
-            weight_map = {}
             # quantized module -> the future of its outputs: one worker computes it (its members may lie in
-            # several shards), and no worker waits for another
+            # several files), and no worker waits for another
             modules = {}
-            for file_name, specs in writer.shards:
-                shard, pending = writer.open_shard(tmp, file_name, specs), deque()
-
-                def drain(limit):
-                    while len(pending) > limit * LOOKAHEAD or len({u for _, _, u in pending if u}) > limit:
-                        spec, take, _ = pending.popleft()
-                        result = take()
-                        if result is None:
-                            source = job.ckpt.shards[job.ckpt.where[spec[0]]]
-                            shard.copy(spec[0], source)
-                        else:
-                            shard.write(spec[0], result[0])
-                            if result[1] is not None:
-                                result[1]()  # its buffer back to the pool
-                        bar.update(spec_nbytes(spec))
-
-                for spec in specs:
-                    name, unit = spec[0], job.work_unit(spec[0])
-                    key = job.module_of(name)
-                    if unit is not None and unit == key:
-                        if key not in modules:
-                            modules[key] = pool.submit(job.module_outputs, key)
-                        pending.append((spec, functools.partial(member, modules[key], name), unit))
-                    else:
-                        pending.append((spec, pool.submit(job.produce, name).result, unit))
-                    weight_map[spec[0]] = file_name
-                    drain(
-                        threads
-                    )  # bounded look-ahead: `threads` pieces of work (and their memory) in flight
-                drain(0)
-                shard.close()
-            writer.finish(tmp, weight_map, writer.total)
+            for index, (file_name, specs) in enumerate(writer.shards):
+                if file_name not in staging.todo:
+                    continue
+                path, source = staging.path(file_name), writer.source_file(index)
+                if source is not None and all(job.work_unit(spec[0]) is None for spec in specs):
+                    copy_file(source, path)
+                    bar.update(sum(map(spec_nbytes, specs)))
+                else:
+                    write_file(job, writer.open_shard(path, index, specs), specs, pool, modules, threads, bar)
+                staging.done(file_name)
     finally:
         torch.set_num_threads(intra_op)
+
+
+def write_file(job, shard, specs, pool, modules, threads, bar):
+    """One output file's tensors, produced by the pool with a bounded look-ahead, written in order."""
+    pending = deque()
+
+    def drain(limit):
+        while len(pending) > limit * LOOKAHEAD or len({u for _, _, u in pending if u}) > limit:
+            spec, take, _ = pending.popleft()
+            result = take()
+            if result is None:
+                shard.copy(spec[0], job.ckpt.shards[job.ckpt.where[spec[0]]])
+            else:
+                shard.write(spec[0], result[0])
+                if result[1] is not None:
+                    result[1]()  # its buffer back to the pool
+            bar.update(spec_nbytes(spec))
+
+    for spec in specs:
+        name, unit = spec[0], job.work_unit(spec[0])
+        key = job.module_of(name)
+        if unit is not None and unit == key:
+            if key not in modules:
+                modules[key] = pool.submit(job.module_outputs, key)
+            pending.append((spec, functools.partial(member, modules[key], name), unit))
+        else:
+            pending.append((spec, pool.submit(job.produce, name).result, unit))
+        drain(threads)  # bounded look-ahead: `threads` pieces of work (and their memory) in flight
+    drain(0)
+    shard.close()

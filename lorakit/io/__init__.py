@@ -2,6 +2,7 @@
 checkpoints (shards, index, config.json). Torch is imported only where tensors are made."""
 
 from .atomic import atomic_output, atomic_outputs, check_output
+from .staging import Staging, copy_file, input_identity, parse_part, work_folder
 from .checkpoint import INDEX, Checkpoint, base_model_name, read_config, shard_files, tokenizer_files
 from .safetensors import (
     BufferPool,
@@ -19,6 +20,11 @@ from .safetensors import (
 )
 
 __all__ = [
+    "Staging",
+    "copy_file",
+    "input_identity",
+    "parse_part",
+    "work_folder",
     "atomic_output",
     "atomic_outputs",
     "check_output",

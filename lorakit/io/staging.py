@@ -1,0 +1,271 @@
+"""Outputs written file by file into a work folder next to OUT, each file recorded in a journal once it is complete,
+published (renamed into place) when every file is done: a merge killed at 90% resumes with the 10% left, and
+several machines can each write their part of the files into one folder on shared storage.
+
+The work folder is `.<OUT name>.lorakit-work` beside OUT (for several output files, beside the first). It holds the
+finished files under their own names, each one's temporary while it is written (`.<name>.tmp`), and a journal per
+part: `journal-<i>-of-<N>.jsonl`, whose first line is the identity of the job (its inputs' sizes and modification
+times, its options, the planned files) and every further line one finished file (name, size, sha256 of its bytes),
+appended after the file is synced and renamed. A line cut short by a power loss is not a finished file; a journal
+that does not parse otherwise, or whose identity differs from this job's, is refused. Each part holds a lock on its
+journal while it writes.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+
+from ..errors import LorakitError, opt
+from .atomic import _make_parents, _publish, _remove_empty
+
+WORK = ".lorakit-work"
+HASH_CHUNK = 8 << 20
+
+
+def work_folder(output):
+    parent, name = os.path.split(os.path.abspath(os.fspath(output)))
+    return os.path.join(parent, f".{name}{WORK}")
+
+
+def file_digest(path):
+    """(size, sha256 hex) of a file's bytes."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(view):
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def copy_file(source, path):
+    """A whole file copied by the kernel (copy_file_range: a reflink where the file system shares extents, else
+    no copy through user memory); a plain copy where the kernel cannot."""
+    size = os.path.getsize(source)
+    with open(source, "rb") as src, open(path, "wb") as dst:
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), size - done, done, done)
+                if n <= 0:
+                    break
+                done += n
+        except (OSError, AttributeError):  # another file system (EXDEV), no such call: copy what is left
+            pass
+        if done < size:
+            src.seek(done)
+            dst.seek(done)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        dst.truncate(size)
+
+
+def input_identity(paths):
+    """What says an input is the same file as before: its real path, size and modification time (ns), each file
+    of a folder included."""
+    out = []
+    for p in sorted({os.path.realpath(os.fspath(p)) for p in paths if p is not None}):
+        files = [p] if not os.path.isdir(p) else sorted(os.path.join(p, f) for f in os.listdir(p))
+        for f in files:
+            if os.path.isfile(f):
+                st = os.stat(f)
+                out.append([f, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def parse_part(part):
+    """'i/N' -> (i, N), 1 <= i <= N; None -> (1, 1)."""
+    if part is None:
+        return 1, 1
+    try:
+        i, n = (int(x) for x in str(part).split("/"))
+    except ValueError:
+        raise LorakitError(f"{opt('part', bare=True)} is i/N (e.g. 2/8), not '{part}'") from None
+    if not 1 <= i <= n:
+        raise LorakitError(f"{opt('part', bare=True)} {part}: i must be between 1 and N")
+    return i, n
+
+
+class Staging:
+    """The work folder of one output: `todo` (this part's files not yet done), `path(name)` to write a file to,
+    `done(name)` once it is complete, `complete` when every part's files are done, `publish()` to rename."""
+
+    def __init__(self, output, files, identity, folder, part=None, resume=False, force=False, sizes=None):
+        self.output, self.files, self.folder = os.path.abspath(os.fspath(output)), list(files), folder
+        # as the journal holds it: JSON (paths as strings, tuples as lists), so that the two compare
+        self.identity = json.loads(
+            json.dumps({"version": 1, **identity, "files": self.files}, default=os.fspath)
+        )
+        self.part, self.parts = parse_part(part)
+        self.force, self.work = force, work_folder(self.output)
+        self.made = _make_parents(self.output)
+        self.join = resume or self.parts > 1
+        self._open(self.join)
+        try:
+            self.finished = self._verified(self._journals())
+        except BaseException:
+            self.lock.close()
+            raise
+        if os.path.getsize(self.journal_path) == 0:  # only once every journal there is this job's
+            self._append(self.identity)
+        mine = assign(self.files, sizes or {}, self.parts)[self.part - 1]
+        self.todo = [f for f in mine if f not in self.finished]
+        self.resumed, self.written, self.published = len(mine) - len(self.todo), 0, False
+
+    def _open(self, join):
+        """The work folder, created, joined (resume, parts) or swept (a plain run after a killed one)."""
+        if os.path.isdir(self.work) and not join:
+            if self._locked_by_another():
+                raise LorakitError("another merge is writing this output now", path=self.output)
+            shutil.rmtree(self.work)
+        os.makedirs(self.work, exist_ok=True)
+        self.journal_path = os.path.join(self.work, f"journal-{self.part}-of-{self.parts}.jsonl")
+        self.lock = open(self.journal_path, "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LorakitError(
+                f"part {self.part}/{self.parts} of this output is being written by another process",
+                path=self.output,
+            ) from None
+        self._cut_torn_line()
+
+    def _cut_torn_line(self):
+        """A journal line cut short by a power loss is dropped before anything is appended after it."""
+        with open(self.journal_path, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            os.truncate(self.journal_path, data.rfind(b"\n") + 1)
+
+    def _locked_by_another(self):
+        for name in os.listdir(self.work):
+            if name.startswith("journal-"):
+                with open(os.path.join(self.work, name)) as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        return True
+        return False
+
+    def _journals(self):
+        """{file: (size, sha256)} of every part's journal, each checked against this job's identity."""
+        done = {}
+        for name in sorted(os.listdir(self.work)):
+            if name.startswith("journal-") and name.endswith(".jsonl"):
+                done.update(self._read_journal(os.path.join(self.work, name)))
+        return done
+
+    def _read_journal(self, path):
+        with open(path) as f:
+            lines = f.read().split("\n")
+        complete = lines[:-1]  # the text after the last newline is a line cut short: not a finished file
+        if not complete:  # opened by a run refused before it wrote anything
+            return {}
+        try:
+            records = [json.loads(line) for line in complete]
+        except ValueError:
+            raise LorakitError(
+                "the journal of an earlier run does not parse (corrupt): remove the work folder or run without "
+                f"{opt('resume', bare=True)}",
+                path=path,
+            ) from None
+        if not records or records[0] != self.identity:
+            raise LorakitError(
+                f"the journal of an earlier run is for other inputs or options ({_what_differs(records, self.identity)}): "
+                f"run the same command, or without {opt('resume', bare=True)} to start again",
+                path=path,
+            )
+        return {r["file"]: (r["size"], r["sha256"]) for r in records[1:]}
+
+    def _verified(self, done):
+        """The journal's files whose bytes on disk are still what it recorded (others are written again)."""
+        ok = {}
+        for name, (size, digest) in done.items():
+            path = os.path.join(self.work, name)
+            if os.path.isfile(path) and os.path.getsize(path) == size and file_digest(path) == (size, digest):
+                ok[name] = (size, digest)
+        return ok
+
+    def path(self, name):
+        """Where file `name` is written; renamed to its own name by done()."""
+        return os.path.join(self.work, f".{name}.tmp")
+
+    def done(self, name):
+        """File `name` is complete: synced, renamed into the work folder, recorded in the journal."""
+        tmp = self.path(name)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(self.work, name))
+        size, digest = file_digest(os.path.join(self.work, name))
+        self._append({"file": name, "size": size, "sha256": digest})
+        self.finished[name] = (size, digest)
+        self.written += 1
+
+    def _append(self, record):
+        self.lock.write(json.dumps(record, sort_keys=True) + "\n")
+        self.lock.flush()
+        os.fsync(self.lock.fileno())
+
+    @property
+    def complete(self):
+        """Whether every file of every part is done (the journals read again: other parts write them too)."""
+        self.finished.update(self._journals())
+        return all(f in self.finished for f in self.files)
+
+    def publish(self):
+        """Rename the result into place and remove the work folder: the folder itself, or each file to OUT's
+        folder. One part publishes: the one that takes the publication lock first."""
+        marker = open(os.path.join(self.work, ".publishing"), "a")
+        try:
+            fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            marker.close()
+            return
+        for name in os.listdir(self.work):
+            if name.startswith("journal-") or name.startswith("."):
+                os.unlink(os.path.join(self.work, name))
+        self.lock.close()
+        marker.close()
+        if self.folder:
+            _publish(self.work, self.output, self.force, True)
+        else:
+            parent = os.path.dirname(self.output)
+            for name in self.files:
+                _publish(os.path.join(self.work, name), os.path.join(parent, name), self.force, False)
+            os.rmdir(self.work)
+        self.published = True
+
+    def close(self):
+        self.lock.close()
+
+    def abort(self):
+        """After an error (not a kill): a plain run leaves nothing; a resumed or parted one keeps its work for the
+        next --resume."""
+        self.lock.close()
+        if not self.join:
+            shutil.rmtree(self.work, ignore_errors=True)
+            _remove_empty(self.made)
+
+
+def assign(files, sizes, parts):
+    """The files of each part: contiguous runs of the file order with about equal bytes (a file's size from
+    `sizes`, 1 where unknown); the same assignment on every machine."""
+    total = sum(sizes.get(f, 1) for f in files)
+    out, acc = [[] for _ in range(parts)], 0
+    for f in files:
+        share = min(parts - 1, int(acc * parts / total)) if total else 0
+        out[share].append(f)
+        acc += sizes.get(f, 1)
+    return out
+
+
+def _what_differs(records, identity):
+    if not records:
+        return "it is empty"
+    keys = sorted(k for k in identity if records[0].get(k) != identity.get(k))
+    return ", ".join(keys) + " changed" if keys else "another version"
