@@ -1,13 +1,15 @@
-"""Merging into GGUF bases (llama.cpp) at the size users work at.
+"""Merging into GGUF bases (llama.cpp) at the size users work at, against llama.cpp's own way.
 
 A Llama-style GGUF (BENCH_LAYERS layers, default 4, x hidden 4096 x intermediate 11008, vocab 32000: 1.07B
 parameters) with every 2-D weight in Q8_0 (1.14 GB) and in Q4_K (0.60 GB), norms F32; a rank-16 all-linear adapter
-with Hugging Face names at ||dW|| / ||W|| = 1e-2 on every module. For each type, interleaved rounds of:
+with Hugging Face names at ||dW|| / ||W|| = 1e-2 on every module. For each type, interleaved rounds of (each in a
+fresh process, timed until its output is synced to disk):
 - `cp` + `sync` of the base (the floor: a merge writes a file of the same size);
-- `lorakit merge` with the default `feedback` and with `same-grid` (nearest code on the stored grid: the baseline
-  of what survives), each in a fresh process until its output is synced to disk, peak RSS of the process.
-Then the survival report of each: retention (goal: >= 90% for Q8_0 with the default) and the output error on probes
-in the adapter's input subspace relative to ||dW x|| (the error the adapter's own inputs see), next to same-grid's.
+- `lorakit merge` (the default strategy), types kept;
+- llama.cpp's way (LLAMA_CPP: its build's bin folder): `llama-export-lora` (the LoRA, converted once by
+  `lorakit convert --to gguf`, merged into the base: merged tensors come out F16) then `llama-quantize
+  --allow-requantize` back to the type (Q8_0, Q4_K_M), both timed; skipped with a note where LLAMA_CPP is not set.
+Then the survival report of lorakit's merge (retention, codes changed).
 """
 
 import json
@@ -52,6 +54,8 @@ def build(path, kind, seed=0):
     w.add_feed_forward_length(INTER)
     w.add_uint32("llama.attention.head_count", HEADS)
     w.add_uint32("llama.attention.head_count_kv", KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)  # llama-quantize loads the hyperparameters
+    w.add_rope_dimension_count(HIDDEN // HEADS)
 
     def add(name, shape):
         W = torch.randn(shape, generator=g) * SIGMA
@@ -84,15 +88,46 @@ def adapter(path, seed=1):
     ad.save(path)
 
 
-def merge_code(base, ad, out, strategy):
+def merge_code(base, ad, out):
     return (
-        f"import json, lorakit\nr = lorakit.merge({base!r}, [{ad!r}], {out!r}, strategy={strategy!r}, quiet=True, "
-        f"force=True)\njson.dump(r['quantization'], open({out + '.json'!r}, 'w'))"
+        f"import json, lorakit\nr = lorakit.merge({base!r}, [{ad!r}], {out!r}, quiet=True, force=True)\n"
+        f"json.dump(r['quantization'], open({out + '.json'!r}, 'w'))"
     )
+
+
+def llama_cpp_code(bin_dir, base, lora, out, kind):
+    """export-lora then quantize, one shell command (timed together, synced at the end)."""
+    target = {"Q8_0": "Q8_0", "Q4_K": "Q4_K_M"}[kind]
+    return (
+        f"{bin_dir}/llama-export-lora -m {base} --lora {lora} -o {out}.f16.gguf -t {os.cpu_count()} > /dev/null 2>&1 && "
+        f"{bin_dir}/llama-quantize --allow-requantize {out}.f16.gguf {out} {target} {os.cpu_count()} > /dev/null 2>&1 && "
+        f"rm {out}.f16.gguf"
+    )
+
+
+def contenders(work, base, kind, ad, bin_dir):
+    runs = {
+        "cp + sync (I/O floor)": lambda: measure_command(f"cp {base} {work}/copy.gguf"),
+        "lorakit merge (types kept)": lambda: measure_python(
+            merge_code(base, ad, f"{work}/out-lorakit.gguf")
+        ),
+    }
+    if bin_dir:
+        lora = f"{work}/lora-{kind}.gguf"
+        if not os.path.exists(lora):
+            import lorakit
+
+            lorakit.convert(ad, lora, to="gguf", base=base)
+        target = {"Q8_0": "Q8_0", "Q4_K": "Q4_K_M"}[kind]
+        runs[f"llama-export-lora + llama-quantize --allow-requantize {target}"] = lambda: measure_command(
+            llama_cpp_code(bin_dir, base, lora, f"{work}/out-llama.gguf", kind)
+        )
+    return runs
 
 
 def main():
     work = tempfile.mkdtemp(prefix="lorakit-bench-gguf-", dir=os.environ.get("BENCH_DIR"))
+    bin_dir = os.environ.get("LLAMA_CPP")
     try:
         ad = f"{work}/adapter.safetensors"
         adapter(ad)
@@ -101,68 +136,48 @@ def main():
             base = f"{work}/model-{kind}.gguf"
             build(base, kind)
             size = os.path.getsize(base)
-            times = {"cp + sync": [], "feedback": [], "same-grid": []}
-            rss = {}
+            runs = contenders(work, base, kind, ad, bin_dir)
+            times = {k: [] for k in runs}
             for _ in range(ROUNDS):  # interleaved: each round runs every contender once
-                shutil.rmtree(f"{work}/copy.gguf", ignore_errors=True)
-                t, r = measure_command(f"cp {base} {work}/copy.gguf")
-                times["cp + sync"].append(t)
-                rss["cp + sync"] = r
-                os.remove(f"{work}/copy.gguf")
-                for strategy in ("feedback", "same-grid"):
-                    out = f"{work}/out-{strategy}.gguf"
-                    t, r = measure_python(merge_code(base, ad, out, strategy))
-                    times[strategy].append(t)
-                    rss[strategy] = max(rss.get(strategy, 0), r)
-                    assert os.path.getsize(out) == size
-            floor = min(times["cp + sync"])
-            for name, ts in times.items():
+                for label, run in runs.items():
+                    times[label].append(run())
+                    for f in ("copy.gguf", "out-llama.gguf"):
+                        if os.path.exists(f"{work}/{f}"):
+                            os.remove(f"{work}/{f}")
+            floor = min(times["cp + sync (I/O floor)"])
+            for name, rs in times.items():
+                best = min(rs)
                 speed.append(
                     (
                         kind,
                         f"{size / 1e9:.2f} GB",
                         name,
-                        f"{min(ts):.2f} s",
-                        f"{min(ts) / floor:.2f}x",
-                        f"{rss[name]:.0f} MiB",
+                        f"{best.wall:.2f}",
+                        f"{best.wall / floor.wall:.2f}x",
+                        f"{best.cpu:.2f}",
+                        f"{max(r.rss for r in rs):.0f}",
                     )
                 )
-            reports = {s: json.load(open(f"{work}/out-{s}.gguf.json")) for s in ("feedback", "same-grid")}
-            for s, q in reports.items():
-                rows = q["modules"]
-                survival.append(
-                    (
-                        kind,
-                        s,
-                        f"{100 * q['mean_retention']:.1f}%",
-                        f"{100 * min(r['retention'] for r in rows):.1f}%",
-                        f"{q['mean_noise']:.3f}",
-                        f"{q['mean_probe_error_aligned']:.4f}",
-                        f"{q['mean_probe_error_aligned'] / reports['same-grid']['mean_probe_error_aligned']:.2f}x",
-                        f"{q['mean_probe_error_random']:.3f}",
-                        f"{100 * q['mean_codes_changed']:.1f}%",
-                    )
+            q = json.load(open(f"{work}/out-lorakit.gguf.json"))
+            survival.append(
+                (
+                    kind,
+                    q["strategy"],
+                    f"{100 * q['mean_retention']:.1f}%",
+                    f"{100 * q['mean_codes_changed']:.1f}%",
                 )
+            )
             os.remove(base)
         table(
-            f"merge into a GGUF base ({LAYERS} layers x {HIDDEN} x {INTER}, rank {RANK} all-linear), best of "
-            f"{ROUNDS} interleaved rounds, each until synced to disk",
-            ["type", "base", "what", "wall", "vs cp + sync", "peak RSS"],
+            f"merge into a GGUF base ({LAYERS} layers x {HIDDEN} x {INTER}, rank {RANK} all-linear, {os.cpu_count()} "
+            f"CPUs), best of {ROUNDS} interleaved rounds, each until synced to disk"
+            + ("" if bin_dir else " (LLAMA_CPP not set: llama.cpp's row skipped)"),
+            ["type", "base", "what", "wall s", "vs cp + sync", "CPU s", "peak RSS MiB"],
             speed,
         )
         table(
-            f"survival at ||dW||/||W|| = {REL:g} (means over {LAYERS * len(DIMS)} tensors)",
-            [
-                "type",
-                "strategy",
-                "retention",
-                "min retention",
-                "noise",
-                "aligned err",
-                "vs same-grid",
-                "random err",
-                "codes changed",
-            ],
+            f"lorakit's merge at ||dW||/||W|| = {REL:g} (means over {LAYERS * len(DIMS)} tensors)",
+            ["type", "strategy", "retention", "codes changed"],
             survival,
         )
     finally:

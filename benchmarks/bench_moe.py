@@ -117,7 +117,7 @@ def main():
                 ("lorakit merge, MoE (per-expert checkpoint, expert LoRA)", lambda: _merge(work, "moe")),
                 ("lorakit merge, dense checkpoint of the same size", lambda: _merge(work, "dense")),
             ):
-                t, rss = run()
+                t, rss, _ = run()
                 best[label] = min(best.get(label, (t, rss)), (t, rss))
                 for out in ("copy", "out"):
                     shutil.rmtree(os.path.join(work, out), ignore_errors=True)

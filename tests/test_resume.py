@@ -69,7 +69,7 @@ def killed_at(k, work, out):
     )
     st.ShardWriter.write = lambda self, *a: (event(), write(self, *a))[1]
     st.ShardWriter.copy = lambda self, *a: (event(), copy(self, *a))[1]
-    staging.Staging.done = lambda self, name: (event(), done(self, name))[1]
+    staging.Staging.done = lambda self, name, **kw: (event(), done(self, name, **kw))[1]
 
     def torn(self, record):
         if count[0] + 1 >= k and k % 2:  # half a line reaches the disk, then the power goes

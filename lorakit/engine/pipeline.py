@@ -247,9 +247,11 @@ def run(job, writer, staging, threads, bar):
                 if source is not None and all(job.work_unit(spec[0]) is None for spec in specs):
                     copy_file(source, path)
                     bar.update(sum(map(spec_nbytes, specs)))
+                    staging.done(file_name, copy_of=source)
                 else:
-                    write_file(job, writer.open_shard(path, index, specs), specs, pool, modules, threads, bar)
-                staging.done(file_name)
+                    shard = writer.open_shard(path, index, specs)
+                    write_file(job, shard, specs, pool, modules, threads, bar)
+                    staging.done(file_name, crc32=shard.crc32)
     finally:
         torch.set_num_threads(intra_op)
 

@@ -338,3 +338,8 @@ class GGUFShardWriter:
     def close(self):
         assert self.next == len(self.specs), "file closed before all tensors were written"
         self.file.close()
+
+    @property
+    def crc32(self):
+        """The CRC-32 of the file's bytes, counted as they were written."""
+        return self.file.crc32

@@ -10,6 +10,7 @@ import mmap
 import os
 import stat
 import struct
+import zlib
 from dataclasses import dataclass
 
 from ..errors import LorakitError, missing
@@ -356,7 +357,10 @@ class DirectFile:
     ALIGN = 4096
 
     def __init__(self, path):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.path, self.written, self.fill = path, 0, 0
+        self.crc32 = 0  # of every byte written, as they pass (the journal's checksum, no second read)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT")
         try:
@@ -364,18 +368,27 @@ class DirectFile:
         except OSError:
             self.direct = False
             self.fd = os.open(path, flags, 0o666)
-        self.staging = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT requires
-        self.view = memoryview(self.staging)
+        # two page-aligned staging buffers (O_DIRECT needs the alignment): one fills while the other is written by
+        # the I/O thread (os.write and zlib.crc32 release the GIL), so the disk and the producer overlap
+        self.buffers = [mmap.mmap(-1, self.CHUNK) for _ in range(2)]
+        self.views = [memoryview(b) for b in self.buffers]
+        self.current, self.pending = 0, None
+        self.io = ThreadPoolExecutor(1)
+
+    @property
+    def view(self):
+        return self.views[self.current]
 
     def fileno(self):
         return self.fd
 
-    def _flush(self, n):
-        """Write the first n staged bytes (n aligned unless this is the end)."""
+    def _flush(self, view, n):
+        """Write the first n bytes of `view` (n aligned unless this is the end) after its CRC-32."""
+        self.crc32 = zlib.crc32(view[:n], self.crc32)
         done = 0
         while done < n:
             try:
-                done += os.write(self.fd, self.view[done:n])
+                done += os.write(self.fd, view[done:n])
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
@@ -383,6 +396,11 @@ class DirectFile:
                 self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
                 os.lseek(self.fd, self.written + done, os.SEEK_SET)
         self.written += n
+
+    def _wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # the I/O thread's error, if any, surfaces here
 
     def write(self, data):
         data = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
@@ -392,8 +410,7 @@ class DirectFile:
             self.view[self.fill : self.fill + k] = data[pos : pos + k]
             self.fill, pos = self.fill + k, pos + k
             if self.fill == self.CHUNK:
-                self._flush(self.CHUNK)
-                self.fill = 0
+                self._flush_staged()
 
     def readinto_from(self, f, nbytes):
         """Append nbytes read from the open file f straight into the staging buffer."""
@@ -404,22 +421,34 @@ class DirectFile:
                 raise LorakitError("file ended inside the tensor data", path=getattr(f, "name", None))
             self.fill, nbytes = self.fill + got, nbytes - got
             if self.fill == self.CHUNK:
-                self._flush(self.CHUNK)
-                self.fill = 0
+                self._flush_staged()
+
+    def _flush_staged(self):
+        """The full buffer to the I/O thread (once the previous one is written); fill the other meanwhile."""
+        self._wait()
+        self.pending = self.io.submit(self._flush, self.view, self.CHUNK)
+        self.current, self.fill = 1 - self.current, 0
 
     def close(self):
-        size = self.written + self.fill
-        if self.fill:
-            if self.direct:  # O_DIRECT writes whole blocks: pad, then cut the file to its size
+        try:
+            self._wait()
+            size = self.written + self.fill
+            if self.fill and self.direct:  # O_DIRECT writes whole blocks: pad, then cut the file to its size
                 padded = -(-self.fill // self.ALIGN) * self.ALIGN
                 self.view[self.fill : padded] = bytes(padded - self.fill)
-                self._flush(padded)
+                self.crc32 = zlib.crc32(self.view[: self.fill], self.crc32)
+                crc = self.crc32
+                self._flush(self.view, padded)
+                self.crc32 = crc  # the padding is not in the file
                 os.ftruncate(self.fd, size)
-            else:
-                self._flush(self.fill)
-        self.view.release()
-        self.staging.close()
-        os.close(self.fd)
+            elif self.fill:
+                self._flush(self.view, self.fill)
+        finally:
+            self.io.shutdown()
+            for v, b in zip(self.views, self.buffers):
+                v.release()
+                b.close()
+            os.close(self.fd)
 
 
 class ShardWriter:
@@ -466,6 +495,11 @@ class ShardWriter:
     def close(self):
         assert self.next == len(self.specs), "file closed before all tensors were written"
         self.file.close()
+
+    @property
+    def crc32(self):
+        """The CRC-32 of the file's bytes where they were counted as written (O_DIRECT), else None."""
+        return getattr(self.file, "crc32", None)
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -5,17 +5,18 @@ several machines can each write their part of the files into one folder on share
 The work folder is `.<OUT name>.lorakit-work` beside OUT (for several output files, beside the first). It holds the
 finished files under their own names, each one's temporary while it is written (`.<name>.tmp`), and a journal per
 part: `journal-<i>-of-<N>.jsonl`, whose first line is the identity of the job (its inputs' sizes and modification
-times, its options, the planned files) and every further line one finished file (name, size, sha256 of its bytes),
-appended after the file is synced and renamed. A line cut short by a power loss is not a finished file; a journal
+times, its options, the planned files) and every further line one finished file (name, size, CRC-32 of its bytes
+counted as they were written, or for a file copied whole the input it copies), appended after the file is synced
+and renamed. A line cut short by a power loss is not a finished file; a journal
 that does not parse otherwise, or whose identity differs from this job's, is refused. Each part holds a lock on its
 journal while it writes.
 """
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
+import zlib
 
 from ..errors import LorakitError, opt
 from .atomic import _make_parents, _publish, _remove_empty
@@ -29,16 +30,14 @@ def work_folder(output):
     return os.path.join(parent, f".{name}{WORK}")
 
 
-def file_digest(path):
-    """(size, sha256 hex) of a file's bytes."""
-    h, size = hashlib.sha256(), 0
+def file_crc32(path):
+    """The CRC-32 of a file's bytes (what the journal checks a finished file by)."""
+    crc = 0
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
+        view = memoryview(bytearray(HASH_CHUNK))
         while n := f.readinto(view):
-            h.update(view[:n])
-            size += n
-    return size, h.hexdigest()
+            crc = zlib.crc32(view[:n], crc)
+    return crc
 
 
 def copy_file(source, path):
@@ -177,33 +176,46 @@ class Staging:
                 f"run the same command, or without {opt('resume', bare=True)} to start again",
                 path=path,
             )
-        return {r["file"]: (r["size"], r["sha256"]) for r in records[1:]}
+        return {r["file"]: r for r in records[1:]}
 
     def _verified(self, done):
-        """The journal's files whose bytes on disk are still what it recorded (others are written again)."""
+        """The journal's files whose bytes on disk are still what it recorded (others are written again): the
+        same size and CRC-32, or for a whole copy, the same bytes as its source."""
         ok = {}
-        for name, (size, digest) in done.items():
+        for name, record in done.items():
             path = os.path.join(self.work, name)
-            if os.path.isfile(path) and os.path.getsize(path) == size and file_digest(path) == (size, digest):
-                ok[name] = (size, digest)
+            if not os.path.isfile(path) or os.path.getsize(path) != record["size"]:
+                continue
+            if record.get("copy_of") is not None:
+                good = os.path.isfile(record["copy_of"]) and file_crc32(path) == file_crc32(record["copy_of"])
+            else:
+                good = file_crc32(path) == record["crc32"]
+            if good:
+                ok[name] = record
         return ok
 
     def path(self, name):
         """Where file `name` is written; renamed to its own name by done()."""
         return os.path.join(self.work, f".{name}.tmp")
 
-    def done(self, name):
-        """File `name` is complete: synced, renamed into the work folder, recorded in the journal."""
-        tmp = self.path(name)
+    def done(self, name, crc32=None, copy_of=None):
+        """File `name` is complete: synced, renamed into the work folder, recorded in the journal with its size
+        and CRC-32 (`crc32` as counted while writing; read back where not given), or as a whole copy of the
+        input `copy_of`."""
+        tmp, final = self.path(name), os.path.join(self.work, name)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, os.path.join(self.work, name))
-        size, digest = file_digest(os.path.join(self.work, name))
-        self._append({"file": name, "size": size, "sha256": digest})
-        self.finished[name] = (size, digest)
+        os.replace(tmp, final)
+        record = {"file": name, "size": os.path.getsize(final)}
+        if copy_of is not None:
+            record["copy_of"] = os.fspath(copy_of)
+        else:
+            record["crc32"] = crc32 if crc32 is not None else file_crc32(final)
+        self._append(record)
+        self.finished[name] = record
         self.written += 1
 
     def _append(self, record):
