@@ -252,3 +252,20 @@ def test_validate_for_engine_flags_names_it_would_not_match(tmp_path, cli):
         "validate", tmp_path / "served", "--base", tmp_path / "base", "--for", "vllm", "--json"
     )
     assert json.loads(out)["files"][0]["landing"]["renamed"] == {}
+
+
+def test_a_module_of_another_shape_is_coded(tmp_path, cli):
+    """A lorakit adapter whose q_proj is 8 columns too wide for the base: LK602 with both shapes."""
+    from lorakit import examples
+    from lorakit.core import Adapter, Module
+
+    examples.write_llama_checkpoint(str(tmp_path / "base"), layers=1, hidden=32, intermediate=64)
+    ad = Adapter()
+    ad.add(Module("model.layers.0.self_attn.q_proj", torch.ones(2, 40), torch.ones(32, 2), alpha=2.0))
+    ad.save(tmp_path / "a.safetensors")
+    code, out, err = cli("validate", tmp_path / "a.safetensors", "--base", tmp_path / "base")
+    assert (
+        code == 1
+        and "LK602 base-shape-mismatch model.layers.0.self_attn.q_proj: base [32, 32], adapter [32, 40]"
+        in out
+    )

@@ -55,6 +55,7 @@ def corda_ready(model, config):
 def trained(base_dir, tmp_path, init):
     """An adapter of `init` after 'training' (factors moved), its initial adapter, PEFT's converted LoRA, and the
     trained PEFT model's logits (the truth a merge must give)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
     extra = {"corda_config": CordaConfig(corda_method="ipm")} if init == "corda" else {}
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init, **extra)
@@ -175,3 +176,36 @@ def test_initial_of_another_run_refused(cli, base_dir, tmp_path):
         "merge", base_dir, tmp_path / "trained", "--initial", tmp_path / "q_only", "-o", tmp_path / "m"
     )
     assert_one_line_error(code, out, err, "differ in", "not the same run's initial factors")
+
+
+def test_initial_that_is_the_adapter_itself_refused(cli, base_dir, tmp_path):
+    trained(base_dir, tmp_path, "pissa")
+    code, out, err = cli(
+        "merge", base_dir, tmp_path / "trained", "--initial", tmp_path / "trained", "-o", tmp_path / "m"
+    )
+    assert_one_line_error(code, out, err, "the initial adapter is the adapter itself", "dW would be 0")
+
+
+def test_initial_reports_how_far_training_moved_the_factors(cli, base_dir, tmp_path):
+    trained(base_dir, tmp_path / "a", "pissa")
+    trained(base_dir, tmp_path / "b", "olora")  # another run's initial factors: far from these
+    code, out, err = cli(
+        "merge",
+        base_dir,
+        tmp_path / "a" / "trained",
+        "--initial",
+        tmp_path / "b" / "initial",
+        "-o",
+        tmp_path / "m",
+    )
+    assert code == 0 and "suggests the initial adapter of another run: check --initial" in out
+    code, out, err = cli(
+        "merge",
+        base_dir,
+        tmp_path / "a" / "trained",
+        "--initial",
+        tmp_path / "a" / "initial",
+        "-o",
+        tmp_path / "m2",
+    )
+    assert code == 0 and "training moved the factors by" in out and "another run" not in out

@@ -142,6 +142,10 @@ def test_a_changed_input_or_option_or_a_corrupt_journal_is_refused(work, cli, tm
         f.write("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     code, o, err = cli("merge", work / "base", work / "all.safetensors", "-o", out, "--resume")
     assert_one_line_error(code, o, err, "the journal of an earlier run does not parse (corrupt)")
+    with open(journal, "w") as f:  # valid JSON, not a file's record
+        f.write("\n".join([lines[0], '{"file": 3}', *lines[1:]]) + "\n")
+    code, o, err = cli("merge", work / "base", work / "all.safetensors", "-o", out, "--resume")
+    assert_one_line_error(code, o, err, "the journal of an earlier run does not parse (corrupt)")
     # without --resume: the stale work folder is swept and the merge starts again
     code, o, err = cli("merge", work / "base", work / "all.safetensors", "-o", out, "-q")
     assert code == 0, err

@@ -180,6 +180,11 @@ def undo_initial(loaded, initial, command):
     return [(label, _minus_initial(ad, ad0, initial) if ad.moved_base else ad, w) for label, ad, w in loaded]
 
 
+def initial_notes(loaded):
+    """What undo_initial did, for a report."""
+    return [f"{label}: {n}" for label, ad, _ in loaded for n in ad.notes if n.startswith("dW = B A - B0 A0")]
+
+
 # how to make the initial adapter (PEFT's own conversion needs the same folder)
 INITIAL_HOW = (
     "DIR, the adapter saved right after get_peft_model, before training (init_lora_weights set to True)"
@@ -196,14 +201,31 @@ def _minus_initial(ad, initial, path):
             f"{missing_here[0]}): not the same run's initial factors",
             path=path,
         )
+    moved = sorted(_moved(ad.modules[n], initial.modules[n]) for n in ad.modules)
+    if moved[-1] == 0:
+        raise LorakitError(
+            "the initial adapter is the adapter itself (every factor equal): dW would be 0", path=path
+        )
     out = Adapter(**{**vars(ad), "modules": {}, "moved_base": None, "notes": list(ad.notes)})
     for name, m in ad.modules.items():
         try:
             out.add(minus_initial(m, initial.modules[name]))
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=name) from None
+    median = moved[len(moved) // 2]
     out.notes.append(
         f"dW = B A - B0 A0 with the initial adapter {os.path.basename(os.path.normpath(path))} (rank doubled, "
-        "as PEFT's path_initial_model_for_weight_conversion writes it)"
+        f"as PEFT's path_initial_model_for_weight_conversion writes it); training moved the factors by "
+        f"{100 * median:.3g}% (median over modules)"
+        + ("; that much suggests the initial adapter of another run: check --initial" if median > 1 else "")
     )
     return out
+
+
+def _moved(m, m0):
+    """How far training moved a module's factors from the initial ones: ||[A; B^T] - [A0; B0^T]|| relative."""
+    if m.A.shape != m0.A.shape or m.B.shape != m0.B.shape:
+        return float("inf")  # minus_initial says what differs
+    num = (m.A.double() - m0.A.double()).norm() ** 2 + (m.B.double() - m0.B.double()).norm() ** 2
+    den = m0.A.double().norm() ** 2 + m0.B.double().norm() ** 2
+    return float((num / den).sqrt()) if den > 0 else float(num > 0)

@@ -6,7 +6,7 @@ import os
 from ..errors import LorakitError
 from ..io import check_output
 from ..options import MergeOptions, takes_options
-from .args import existing, load_inputs, local, paths, undo_initial, weighted_inputs
+from .args import existing, initial_notes, load_inputs, local, paths, undo_initial, weighted_inputs
 
 
 @takes_options(MergeOptions)
@@ -32,6 +32,7 @@ def merge(base, adapters, output, options):
     loaded = undo_initial(loaded, options.initial, "merge")
     calibration = _calibrate(base, loaded, options)
     report = merge_into(base, loaded, output, options, paths(inputs), calibration)
+    report["notes"] = initial_notes(loaded) + report["notes"]
     if calibration is not None:
         from ..training.calibration import estimate
 

@@ -54,10 +54,10 @@ def _open_base(base, quiet):
 
 def _add_landing(result, path, base, engine):
     """The file's landing on `base` added to its result (problems LK601-LK603, `landing`), validity updated."""
-    from ..formats import load
+    from .args import load_inputs
 
     try:
-        adapter = load(path, base=base)
+        adapter = load_inputs([(path, 1.0)], base)[0][1]  # the base to the readers that resolve names with it
     except LorakitError as e:
         result["problems"].append(spec.Problem(e.code or "LK001", e.message, e.tensor).as_dict())
         result["valid"] = False

@@ -164,6 +164,8 @@ class Staging:
             return {}
         try:
             records = [json.loads(line) for line in complete]
+            if not all(_is_file_record(r) for r in records[1:]):
+                raise ValueError("a line is not a finished file's record")
         except ValueError:
             raise LorakitError(
                 "the journal of an earlier run does not parse (corrupt): remove the work folder or run without "
@@ -274,6 +276,12 @@ def assign(files, sizes, parts):
         out[share].append(f)
         acc += sizes.get(f, 1)
     return out
+
+
+def _is_file_record(r):
+    if not isinstance(r, dict) or not isinstance(r.get("file"), str) or not isinstance(r.get("size"), int):
+        return False
+    return isinstance(r.get("crc32"), int) or isinstance(r.get("copy_of"), str)
 
 
 def _what_differs(records, identity):
