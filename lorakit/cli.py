@@ -147,7 +147,8 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_engine_option("Instead: would this inference server serve the adapter exactly? (exit 1 when not)")
 @click.option(
-    "--engine-version", help="The engine's version (recorded in the report; the rules are the current ones)."
+    "--engine-version",
+    help="The engine's version: the rules of that version where its behaviour changed (default: the newest measured).",
 )
 @click.option(
     "--base",

