@@ -456,21 +456,26 @@ def test_per_expert_alphas_and_a_bad_one(tmp_path, cli):
 @pytest.mark.parametrize("kind", ["gpt_oss", "gpt_oss_square", "llama4"])
 def test_fused_experts_convert_to_peft_target_parameters(tmp_path, kind, cli):
     """LoRAs on rows of gpt-oss' fused expert tensors go out as PEFT's ParamWrapper layout (the base's model type
-    says the orientation): PEFT loads the folder and computes the same logits; without --base, one line."""
+    says the orientation): PEFT loads the folder and computes the same logits. The lorakit file keeps the model type
+    it was read with, so the round trip needs no --base; a file without it, one line."""
     base, adapter, _, logits = build(tmp_path, kind)
     lorakit.convert(adapter, tmp_path / "a.safetensors", to="lorakit", base=str(base))
-    code, out, err = cli("convert", tmp_path / "a.safetensors", "--to", "peft", "-o", tmp_path / "nobase")
     block = "feed_forward" if kind == "llama4" else "mlp"
+    for out, extra in (("p", {"base": str(base)}), ("nobase", {})):
+        lorakit.convert(tmp_path / "a.safetensors", tmp_path / out, to="peft", **extra)
+        config = json.load(open(tmp_path / out / "adapter_config.json"))
+        assert config["target_parameters"] == [f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"]
+        with torch.no_grad():
+            model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / out)
+            got = model.eval()(IDS).logits
+        assert torch.allclose(got, logits, atol=1e-6 * logits.abs().max()), (got - logits).abs().max()
+    bare = lorakit.load(tmp_path / "a.safetensors")
+    bare.provenance.pop("base_model_type")
+    bare.save(tmp_path / "bare.safetensors")
+    code, out, err = cli("convert", tmp_path / "bare.safetensors", "--to", "peft", "-o", tmp_path / "refused")
     assert_one_line_error(
-        code, out, err, "a.safetensors", "--base", f"model.layers.0.{block}.experts.down_proj.*"
+        code, out, err, "bare.safetensors", "--base", f"model.layers.0.{block}.experts.down_proj.*"
     )
-    lorakit.convert(tmp_path / "a.safetensors", tmp_path / "p", to="peft", base=str(base))
-    config = json.load(open(tmp_path / "p" / "adapter_config.json"))
-    assert config["target_parameters"] == [f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"]
-    with torch.no_grad():
-        model = peft.PeftModel.from_pretrained(type(make(kind)).from_pretrained(base), tmp_path / "p")
-        got = model.eval()(IDS).logits
-    assert torch.allclose(got, logits, atol=1e-6 * logits.abs().max()), (got - logits).abs().max()
 
 
 @pytest.mark.parametrize("kind", ["gpt_oss", "qwen3_5_moe"])

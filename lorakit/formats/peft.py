@@ -104,6 +104,9 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     )
     if initialisation_note(config):
         notes.append(initialisation_note(config))
+    if base is not None and (base.config or {}).get("model_type"):
+        # what writing fused-expert LoRAs back as PEFT needs (their orientation), kept in the adapter's provenance
+        ad.provenance["base_model_type"] = base.config["model_type"]
     for module, p in sorted(parts.items()):
         ad.add(_module(module, p, config, shapes, notes, path))
     for (parent, param), p in sorted(wrapped.items()):
@@ -205,7 +208,7 @@ def to_state_dict(adapter, path, base=None):
     """(tensors with PEFT names, without the base_model.model. prefix, and the LoraConfig fields). Expert LoRAs on
     rows of fused expert tensors become ParamWrappers (target_parameters), oriented by the base's model type."""
     modules = dict(adapter.modules)
-    model_type = _fused_experts_model_type(modules, base, path)
+    model_type = _fused_experts_model_type(modules, base, adapter.provenance, path)
     wrapped, target_parameters, wrapper_ranks = peft_experts.wrapped_tensors(modules, model_type, path)
     mods = list(modules.values())
     refuse_deltas(adapter, "PEFT / diffusers", path)
@@ -283,13 +286,15 @@ def to_state_dict(adapter, path, base=None):
     return tensors, config
 
 
-def _fused_experts_model_type(modules, base, path):
+def _fused_experts_model_type(modules, base, provenance, path):
     """The base's model type where the adapter has LoRAs on rows of fused expert tensors (it says whether a tensor
-    is stored [E, out, in] or [E, in, out]), else None."""
+    is stored [E, out, in] or [E, in, out]), else None: from --base, else as the adapter recorded it when it was read
+    with its base (provenance base_model_type)."""
     fused = [g for g in experts.expert_groups(modules) if g.endswith(f".{experts.WILDCARD}")]
     if not fused:
         return None
     model_type = ((base.config or {}) if base is not None else {}).get("model_type")
+    model_type = model_type or provenance.get("base_model_type")
     if model_type is None:
         raise LorakitError(
             "LoRAs on rows of a fused expert tensor: PEFT's target_parameters layout depends on the model type, "
