@@ -144,10 +144,21 @@ def problems(adapter, engine, fmt, path=None):
         if name.endswith("lm_head") and not engine.lm_head:
             out.append(("LK507", f"{engine.name} serves no LoRA on lm_head: merge that module instead", name))
     if not engine.full_weights:
+        copies = set(adapter.base_copies)
         for name in [*adapter.replacements, *adapter.deltas]:
-            out.append(
-                ("LK505", f"a full tensor {engine.name} drops: merge, or {fix} --base BASE --rank R", name)
-            )
+            if name in copies:  # measured in vLLM 0.32 (check_vllm.py): dropped, exact when equal to the base
+                why = (
+                    f"PEFT's copy of the base weight beside its LoRA: {engine.name} drops it (exact where it "
+                )
+                out.append(("LK303", why + "equals the base: validate --base BASE compares)", name))
+            else:
+                out.append(
+                    (
+                        "LK505",
+                        f"a full tensor {engine.name} drops: merge, or {fix} --base BASE --rank R",
+                        name,
+                    )
+                )
     return out
 
 

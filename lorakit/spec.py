@@ -95,6 +95,10 @@ CODES = {
     ),
     "LK301": ("unknown-metadata", "warning: a lorakit.* metadata key this reader does not know (ignored)"),
     "LK302": ("newer-minor-version", "warning: a newer minor version; read as 1.0, unknown metadata ignored"),
+    "LK303": (
+        "base-copy-dropped",
+        "warning (validate --for): PEFT's copy of a base weight beside its LoRA, which the engine drops",
+    ),
 }
 
 SUFFIXES = ("lora_A", "lora_B", "alpha", "bias_delta", "dora_magnitude")

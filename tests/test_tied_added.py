@@ -125,3 +125,31 @@ def test_added_tokens_in_the_embedding_only(tmp_path, cli):
     code, out, err = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "m2")
     assert_one_line_error(code, out, err, "grow some vocabulary tensors and not others", "lm_head.weight 64")
     assert not (tmp_path / "m2").exists()
+
+
+def test_validate_for_vllm_warns_of_peft_s_base_copies(tmp_path, cli):
+    """A LoRA on embed_tokens: PEFT saves the embedding's base weight beside it, which vLLM drops; served exactly
+    (measured in vLLM 0.32: check_vllm.py) when the copy equals the base: a warning, an error where it differs."""
+    model = base(tmp_path, tied=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = trained(
+            peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+        )
+        pm.save_pretrained(tmp_path / "adapter")
+    code, out, err = cli("validate", tmp_path / "adapter", "--for", "vllm", "--json")
+    problems = json.loads(out)["files"][0]["problems"]
+    assert code == 0 and [p["code"] for p in problems] == ["LK303"], out
+    code, out, err = cli(
+        "validate", tmp_path / "adapter", "--for", "vllm", "--base", tmp_path / "base", "--json"
+    )
+    assert code == 0, out
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("base_layer.weight"))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, path)
+    code, out, err = cli(
+        "validate", tmp_path / "adapter", "--for", "vllm", "--base", tmp_path / "base", "--json"
+    )
+    assert code == 1 and "LK505" in {p["code"] for p in json.loads(out)["files"][0]["problems"]}

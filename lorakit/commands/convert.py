@@ -127,11 +127,9 @@ def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
     written as low-rank deltas against the base when asked (--base with --rank / --energy)."""
     from .. import serving
 
-    from ..formats.common import base_copies, checked_base_copies
+    from ..formats.common import checked_base_copies
 
-    copies = base_copies(
-        adapter
-    )  # PEFT's copies of the base's embedding / lm_head: the base has them already
+    copies = adapter.base_copies  # PEFT's copies of the base's embedding / lm_head: the base has them already
     adapter.notes.extend(checked_base_copies(adapter, copies, base, path, engine.name))
     for name in copies:
         del adapter.replacements[name]

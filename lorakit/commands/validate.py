@@ -186,7 +186,19 @@ def _validate_for(files, for_engine, engine_version, base=None):
         )
         if base is not None:
             _add_landing(results[-1], path, base, engine)
+            _compare_base_copies(results[-1], adapter, base)
     return {"valid": all(r["valid"] for r in results), "for": engine.name, "files": results}
+
+
+def _compare_base_copies(result, adapter, base):
+    """With the base: PEFT's copies of base weights that differ from it (a resized vocabulary) are errors, LK505."""
+    from ..formats.common import checked_base_copies
+
+    try:
+        checked_base_copies(adapter, adapter.base_copies, base, result["file"], result["engine"])
+    except LorakitError as e:
+        result["problems"].append(spec.Problem("LK505", e.message, e.tensor).as_dict())
+        result["valid"] = False
 
 
 def _reader_problems(path):

@@ -164,6 +164,14 @@ class Adapter:
         return module
 
     @property
+    def base_copies(self):
+        """The replacements that are PEFT's copies of base weights saved beside their LoRA (`<module>.base_layer.weight`
+        of an embedding or lm_head with save_embedding_layers): read as replacements of modules that have factors."""
+        return [
+            n for n in self.replacements if n.endswith(".weight") and n[: -len(".weight")] in self.modules
+        ]
+
+    @property
     def num_params(self):
         return sum(m.num_params for m in self.modules.values()) + sum(
             t.numel() for t in (*self.replacements.values(), *self.deltas.values())

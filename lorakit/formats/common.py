@@ -84,14 +84,6 @@ def fold_note(notes, what):
     notes.append(f"{what}: the scale was folded into the factors (within 1 ulp of the output dtype)")
 
 
-def base_copies(adapter):
-    """The replacements that are PEFT's copies of base weights saved beside their LoRA (`<module>.base_layer.weight`
-    of an embedding or lm_head with save_embedding_layers): read as replacements of modules that have factors."""
-    return [
-        n for n in adapter.replacements if n.endswith(".weight") and n[: -len(".weight")] in adapter.modules
-    ]
-
-
 def checked_base_copies(adapter, copies, base, path, what):
     """Notes on skipping `copies`: compared with the base when it is given (a resized vocabulary differs, and is
     refused, naming the tensor), else skipped with a note saying they were not compared."""

@@ -13,7 +13,7 @@ import torch
 from ..core import Adapter, Module
 from ..errors import LorakitError, opt
 from ..io import atomic_output
-from .common import base_copies, checked_base_copies, fold_note, most_common, refuse_deltas, refuse_unknown
+from .common import checked_base_copies, fold_note, most_common, refuse_deltas, refuse_unknown
 from ..naming.llama_cpp import (
     HEADS_KEY,
     KV_HEADS_KEY,
@@ -187,7 +187,7 @@ def _array(gguf, t):
 def _base_copies_skipped(adapter, base, path):
     """PEFT's copies of base weights beside their LoRA are skipped, as llama.cpp's converter skips them (checked
     against the base when given); any other replacement is refused."""
-    copies = base_copies(adapter)
+    copies = adapter.base_copies
     others = [n for n in adapter.replacements if n not in copies]
     if others:
         raise LorakitError(
