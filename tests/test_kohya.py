@@ -459,3 +459,7 @@ def test_sdxl_single_file_kohya_to_diffusers(tmp_path):
         want = original[key].double() + d.modules[name].delta(torch.float64)
         assert torch.allclose(merged[key].double(), want, rtol=0, atol=1e-6), key
     assert sum(not torch.equal(merged[k], original[k]) for k in original) == len(unet_names)
+    with pytest.raises(
+        LorakitError, match="a pipeline folder is written whole"
+    ):  # --resume / --part: one model's
+        lorakit.merge(tmp_path / "pipe", [tmp_path / "ku.safetensors"], tmp_path / "o2", part="1/2")

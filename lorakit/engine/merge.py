@@ -121,6 +121,12 @@ def merge_report(base, loaded, output, options, plan, job, writer, staging):
 def merge_components(base, loaded, output, options, input_paths):
     """A base of several models (a diffusers pipeline): each component merged with the modules under its name,
     everything else copied; one atomic output folder."""
+    if options.resume or options.part:
+        raise LorakitError(
+            f"{opt('resume', bare=True)} and {opt('part', bare=True)} work on one model's files; a pipeline folder "
+            "is written whole",
+            path=base.path,
+        )
     parts, skipped = split_by_component(base, loaded)
     if skipped and not options.skip_unmatched:
         raise LorakitError(
