@@ -95,6 +95,30 @@ os._exit(0)  # vLLM 0.32's engine can hang at interpreter shutdown: everything i
 """
 
 
+BATCH_WORKER = r"""
+import json, os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+job = json.load(open(sys.argv[1]))
+llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, enable_lora=True, max_lora_rank=64,
+          max_loras=2, max_model_len=256, max_num_seqs=4)
+params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+prompts = [TokensPrompt(prompt_token_ids=job["ids"]) for _ in job["adapters"]]
+requests = [LoRARequest(n, i + 1, p) if p else None for i, (n, p) in enumerate(job["adapters"])]
+try:
+    results = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
+    out = {n: [None] + [d[t].logprob for d, t in zip(r.prompt_logprobs[1:], job["ids"][1:])]
+           for (n, _), r in zip(job["adapters"], results)}
+except Exception as e:
+    out = {"error": f"{type(e).__name__}: {e}"[:300]}
+json.dump(out, open(sys.argv[2], "w"))
+os._exit(0)
+"""
+
+
 def hf_folder(work):
     """SmolLM2-135M-Instruct as an fp32 Hugging Face folder (transformers 5 will not save a model read from a GGUF:
     its weights go into a model built from the same config)."""
@@ -186,6 +210,31 @@ def main():
                 references[name + " [converted]"] = references[name]
         results = serve(vllm_python, work, model_dir, ids, served)
         report(results, base_reference, references, verdicts)
+        batch = [a for a in served if a[0] in ("plain r8", "use_rslora")] + [("no LoRA", None)]
+        if len(batch) == 3:
+            batched(vllm_python, work, model_dir, ids, batch, {**references, "no LoRA": base_reference})
+
+
+def batched(vllm_python, work, model_dir, ids, adapters, references, timeout=240):
+    """Two adapters and the base in one batch (max_loras 2): each request's difference from its reference."""
+    job, out = os.path.join(work, "batch.json"), os.path.join(work, "batch-out.json")
+    json.dump({"model": model_dir, "ids": ids, "adapters": adapters}, open(job, "w"))
+    try:
+        subprocess.run(
+            [vllm_python, "-c", BATCH_WORKER, job, out], timeout=timeout, capture_output=True, text=True
+        )
+        result = (
+            json.load(open(out)) if os.path.exists(out) else {"error": "the engine died without an answer"}
+        )
+    except subprocess.TimeoutExpired:
+        result = {"error": f"the engine hung (no answer in {timeout} s)"}
+    if "error" in result:
+        print(f"\none batch of {', '.join(n for n, _ in adapters)}: {result['error']}")
+        return
+    shown = ", ".join(
+        f"{n} {max(abs(a - b) for a, b in zip(result[n][1:], references[n][1:])):.1e}" for n, _ in adapters
+    )
+    print(f"\none batch (max_loras 2): {shown}")
 
 
 def serve(vllm_python, work, model_dir, ids, adapters, timeout=240):

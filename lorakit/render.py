@@ -215,9 +215,10 @@ def merge_text(r, verbose=False):
     head = (
         f"subtracted {adapters} from {r['base']}" if r["unmerge"] else f"merged {adapters} into {r['base']}"
     )
+    where = r["output"] if r.get("published", True) else f"{r['output']} (not yet: see the part below)"
     lines = [
         f"{head}: {r['merged_count']} of {r['tensor_count']} tensors changed, "
-        f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {r['output']}"
+        f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {where}"
     ]
     if r.get("files_resumed"):
         lines.append(

@@ -269,3 +269,11 @@ def test_a_module_of_another_shape_is_coded(tmp_path, cli):
         and "LK602 base-shape-mismatch model.layers.0.self_attn.q_proj: base [32, 32], adapter [32, 40]"
         in out
     )
+
+
+def test_validate_base_that_is_an_adapter_is_refused(tmp_path, cli):
+    adapted(nemotron_h, tmp_path)
+    code, out, err = cli("validate", tmp_path / "adapter", "--base", tmp_path / "adapter")
+    assert_one_line_error(
+        code, out, err, "BASE is a peft adapter, not a model", "lorakit validate ADAPTER --base BASE"
+    )

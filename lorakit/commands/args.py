@@ -229,3 +229,15 @@ def _moved(m, m0):
     num = (m.A.double() - m0.A.double()).norm() ** 2 + (m.B.double() - m0.B.double()).norm() ** 2
     den = m0.A.double().norm() ** 2 + m0.B.double().norm() ** 2
     return float((num / den).sqrt()) if den > 0 else float(num > 0)
+
+
+def refuse_adapter_as_base(base, usage="lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT"):
+    """An opened base that is an adapter (BASE and ADAPTER swapped) refused in one line, with the command's usage."""
+    from ..formats import adapter_format
+
+    fmt = adapter_format(base)
+    if fmt is not None:
+        raise LorakitError(
+            f"BASE is a {fmt.name} adapter, not a model: did you swap BASE and ADAPTER? ({usage})",
+            path=base.path,
+        )

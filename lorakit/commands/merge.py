@@ -6,7 +6,16 @@ import os
 from ..errors import LorakitError
 from ..io import check_output
 from ..options import MergeOptions, takes_options
-from .args import existing, initial_notes, load_inputs, local, paths, undo_initial, weighted_inputs
+from .args import (
+    existing,
+    initial_notes,
+    load_inputs,
+    local,
+    paths,
+    refuse_adapter_as_base,
+    undo_initial,
+    weighted_inputs,
+)
 
 
 @takes_options(MergeOptions)
@@ -27,7 +36,7 @@ def merge(base, adapters, output, options):
         output, [base_path, options.full_precision_base, options.initial, *paths(inputs)], options.force
     )
     base = open_base(base)  # headers and configs parsed here, once, for every step below
-    _refuse_adapter_as_base(base)
+    refuse_adapter_as_base(base)
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     loaded = undo_initial(loaded, options.initial, "merge")
     calibration = _calibrate(base, loaded, options)
@@ -52,15 +61,3 @@ def _calibrate(base, loaded, options):
     from ..training.calibration import calibrate
 
     return calibrate(base, loaded, options.calibration, -1.0 if options.unmerge else 1.0)
-
-
-def _refuse_adapter_as_base(base):
-    from ..formats import adapter_format
-
-    fmt = adapter_format(base)
-    if fmt is not None:
-        raise LorakitError(
-            f"BASE is a {fmt.name} adapter, not a model: did you swap BASE and ADAPTER? "
-            "(lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT)",
-            path=base.path,
-        )

@@ -47,9 +47,11 @@ def _open_base(base, quiet):
     if base is None:
         return None
     from ..bases import open_base
-    from .args import existing
+    from .args import existing, refuse_adapter_as_base
 
-    return open_base(existing(local(base, "base", quiet), "base"))
+    opened = open_base(existing(local(base, "base", quiet), "base"))
+    refuse_adapter_as_base(opened, "lorakit validate ADAPTER --base BASE")
+    return opened
 
 
 def _add_landing(result, path, base, engine):
