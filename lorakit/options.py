@@ -41,7 +41,9 @@ class MergeOptions:
         None, "Worker threads (default: one per core, as many as --max-memory holds).", type=int
     )
     max_memory: str = option(
-        None, "The most memory the merge may hold (e.g. 1GB): fewer workers, never a larger peak."
+        None,
+        "The memory the merge may use (e.g. 1GB): as many workers as fit (each holds about twice the largest "
+        "tensor it merges); refused when not even one fits.",
     )
     resume: bool = option(
         False,
