@@ -41,7 +41,7 @@ from lorakit import examples  # noqa: E402
 from lorakit.bases import open_base  # noqa: E402
 from lorakit.training import lora  # noqa: E402
 from lorakit.training.model import LlamaForCausalLM  # noqa: E402
-from lorakit.training.weights import dequantized  # noqa: E402
+from lorakit.training.model import dequantized  # noqa: E402
 
 HF_FORMATS = ("int8", "fp8", "fp8-block", "nf4", "gptq", "awq")
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_1", "Q4_0")

@@ -25,7 +25,7 @@ from lorakit.training import frozen, lora  # noqa: E402
 from lorakit.training.data import get_batch, load_data, split  # noqa: E402
 from lorakit.training.loop import learning_rate  # noqa: E402
 from lorakit.training.model import LlamaForCausalLM  # noqa: E402
-from lorakit.training.weights import dequantized  # noqa: E402
+from lorakit.training.model import dequantized  # noqa: E402
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 GGUF_SIZE = dict(layers=2, hidden=256, intermediate=512, vocab=64, heads=4, kv_heads=2)

@@ -157,6 +157,29 @@ class Base:
         """The adapter with its modules under this base's tensor names (and row order)."""
         return adapter
 
+    # A model run on this base (training, calibration) asks for its weights by Hugging Face names:
+    def hf_config(self):
+        """The model's config.json (refused where the base has none)."""
+        if self.config is None:
+            raise LorakitError("no config.json: the base must be a Hugging Face model folder", path=self.path)
+        return self.config
+
+    def config_path(self):
+        """Where the config comes from (for messages)."""
+        return os.path.join(self.path, "config.json")
+
+    def stored_name(self, hf_name):
+        """The tensor a Hugging Face weight name is stored as ("" where this base has none)."""
+        return hf_name
+
+    def hf_row_order(self, hf_name, rows):
+        """The permutation taking the stored rows to Hugging Face's order, or None where they agree."""
+        return None
+
+    def codes_readable(self, key):
+        """Whether a quantized module's stored codes are read as they are (else it is dequantized)."""
+        return True
+
     def from_base_names(self, adapter):
         """The inverse of to_base_names: an adapter on this base's names under Hugging Face's."""
         return adapter

@@ -58,6 +58,33 @@ class GGUFBase(Base):
 
         return self.expert_slices(aliases)
 
+    def hf_config(self):
+        """config.json as llama.cpp's KVs say it (the head tied where the GGUF stores none)."""
+        from ..naming import llama_cpp
+
+        if "token_embd.weight" not in self.view:
+            raise LorakitError("the GGUF has no token_embd.weight", path=self.path)
+        embed = self.view.shape("token_embd.weight")
+        return llama_cpp.hf_config(self.kv, embed[0], tied="output.weight" not in self.view)
+
+    def config_path(self):
+        return self.path
+
+    def stored_name(self, hf_name):
+        from ..naming import llama_cpp
+
+        return llama_cpp.tensor_name(hf_name) or ""
+
+    def hf_row_order(self, hf_name, rows):
+        from ..naming import llama_cpp
+
+        return llama_cpp.row_order(self.stored_name(hf_name), self.kv, rows)
+
+    def codes_readable(self, key):
+        from ..quant.gguf import TYPES
+
+        return self.view.ckpt.entry(key).dtype in TYPES
+
     def to_base_names(self, adapter):
         from ..naming.llama_cpp import gguf_modules
 

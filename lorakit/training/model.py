@@ -263,3 +263,13 @@ def freeze_linears(model, weights, quantize, dtype, device):
         setattr(model.get_submodule(parent), child, FrozenLinear(stored, bias, dtype).to(device))
         frozen.append(name)
     return frozen
+
+
+def dequantized(base):
+    """(config.json, {Hugging Face name: fp32 tensor}) of every weight lorakit's model loads from `base`, quantized
+    ones dequantized: a base as the full-precision folder it stands for (the head left out when tied)."""
+    weights = Weights(base)
+    config = {k: v for k, v in weights.config.items() if k != "quantization_config"}
+    with torch.device("meta"):
+        names = list(LlamaForCausalLM(LlamaConfig.from_dict(config)).state_dict())
+    return config, {n: weights.get(n).float().contiguous() for n in names if n in weights}
