@@ -283,3 +283,29 @@ def test_lora_layers_for_any_model():
     assert ad.modules["emb"].kind == "embedding" and ad.modules["c2"].shape == (4, 3, 3, 3)
     with pytest.raises(LorakitError, match="match no"):
         lora.inject(torch.nn.Sequential(torch.nn.ReLU()), "x")
+
+
+def test_summary_says_held_out_before_and_after_and_when_training_hurt(task, tmp_path, cli):
+    """The held-out loss of the base itself (every B zero) is measured first; the summary gives both, and a run that
+    makes it worse (a learning rate far too high) says so in words."""
+    args = (
+        "train",
+        "--base",
+        task / "base",
+        "--data",
+        task / "data.npy",
+        "--rank",
+        2,
+        "--batch",
+        4,
+        "--seq-len",
+        16,
+    )
+    code, out, err = cli(*args, "--steps", 30, "--lr", 3e-3, "-o", tmp_path / "good.safetensors", "--quiet")
+    assert code == 0, err
+    held = out.split("held-out ")[1].split(",")[0]
+    before, after = (float(x) for x in held.split(" -> "))
+    assert after < before and "WORSE" not in out
+    code, out, err = cli(*args, "--steps", 4, "--lr", 3.0, "-o", tmp_path / "bad.safetensors", "--quiet")
+    assert code == 0, err
+    assert "note: training made the held-out loss WORSE" in out and "a lower --lr than 3" in out

@@ -178,6 +178,7 @@ def train(
             / batches
         )
 
+    eval_before = evaluate()  # the base's own held-out loss (every B starts at zero): what training must beat
     losses, evals, seen, tokens_step0, t0 = [], [], 0, 0, time.perf_counter()
     bar = progress(range(steps), quiet=quiet or not master, desc="train")
     for step in bar:
@@ -212,13 +213,14 @@ def train(
         "output": os.fspath(output),
         "base": os.fspath(base),
         "module_count": len(names),
-        "notes": [],
+        "notes": worse_note(eval_before, eval_loss, lr),
         "steps": steps,
         "tokens": seen + tokens_step0,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "losses": losses,
         "eval_loss": eval_loss,
+        "eval_loss_before": eval_before,
         "evals": evals,
         "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed,
         "device": str(dev),
@@ -259,3 +261,13 @@ def train(
     if world > 1:
         torch.distributed.barrier()
     return report
+
+
+def worse_note(before, after, lr):
+    """Said plainly when training made the held-out loss worse than the base's own."""
+    if after <= before:  # (a NaN is not: said too)
+        return []
+    return [
+        f"training made the held-out loss WORSE: {before:.4f} before, {after:.4f} after; the adapter does not help "
+        f"on this data as trained (a lower --lr than {lr:g}, more data, or fewer steps)"
+    ]
