@@ -16,8 +16,7 @@ from .errors import LorakitError, opt
 class Engine:
     name: str
     writes: str  # the adapter format it loads: "peft" (a folder) or "gguf"
-    ranks: tuple = None  # the ranks it serves (vLLM's max_lora_rank values), None: any up to max_rank
-    max_rank: int = None
+    max_rank: int = None  # the largest rank it serves, None: any
     patterns: bool = False  # honors rank_pattern / alpha_pattern
     rslora: bool = False  # honors use_rslora
     every_expert: bool = False  # per-expert MoE LoRAs must cover every expert of a layer
@@ -99,9 +98,7 @@ def _version(text):
 
 
 def served_rank(engine, rank):
-    """The rank the file is written at for the engine (the next it serves), or None when it serves none that big."""
-    if engine.ranks is not None:
-        return next((r for r in engine.ranks if r >= rank), None)
+    """The rank the file is written at for the engine, or None when it serves none that big."""
     return rank if engine.max_rank is None or rank <= engine.max_rank else None
 
 
@@ -121,11 +118,6 @@ def problems(adapter, engine, fmt, path=None):
     top = max(ranks, default=1)
     if served_rank(engine, top) is None:
         out.append(("LK501", f"rank {top} is above what {engine.name} serves: {fix} --max-rank R", None))
-    elif engine.ranks is not None and not ranks <= set(engine.ranks):
-        shown = ", ".join(map(str, sorted(ranks - set(engine.ranks))))
-        out.append(
-            ("LK501", f"rank(s) {shown} not in {engine.name}'s max_lora_rank values: {fix} pads them", None)
-        )
     out += _scale_problems(adapter, engine, config, fix)
     if engine.every_expert:
         for (parent, proj), have in expert_groups(adapter.modules).items():

@@ -154,7 +154,8 @@ def paths(inputs):
 def undo_initial(loaded, initial, command):
     """[(label, Adapter, weight)] against the original base: an adapter whose initialisation moved the base (PEFT's
     PiSSA, OLoRA, CorDA, LoRA-GA) becomes dW = B A - B0 A0 with its initial adapter (`initial`, a path: the adapter
-    as saved before training); refused without one (LK603), and LoftQ always (its base is in no file)."""
+    as saved before training); refused without one (LK603), and LoftQ always (its base is in no file). Returns
+    (the adapters, [(label, note on what was undone)])."""
     from ..formats.peft_config import LOFTQ
 
     moved = [(label, ad) for label, ad, _ in loaded if ad.moved_base]
@@ -169,7 +170,7 @@ def undo_initial(loaded, initial, command):
                 f"{ad.moved_base}, which the adapter does not hold{way}", path=label, code="LK603"
             )
     if initial is None:
-        return loaded
+        return loaded, []
     if len(moved) != 1:
         raise LorakitError(
             f"{opt('initial')} undoes the initialisation of one adapter; {len(moved)} given here changed "
@@ -177,12 +178,9 @@ def undo_initial(loaded, initial, command):
             path=initial,
         )
     label0, ad0 = as_adapter(initial)
-    return [(label, _minus_initial(ad, ad0, initial) if ad.moved_base else ad, w) for label, ad, w in loaded]
-
-
-def initial_notes(loaded):
-    """What undo_initial did, for a report."""
-    return [f"{label}: {n}" for label, ad, _ in loaded for n in ad.notes if n.startswith("dW = B A - B0 A0")]
+    ((label, ad),) = moved
+    undone, note = _minus_initial(ad, ad0, initial)
+    return [(lb, undone if a is ad else a, w) for lb, a, w in loaded], [(label, note)]
 
 
 # how to make the initial adapter (PEFT's own conversion needs the same folder)
@@ -206,20 +204,20 @@ def _minus_initial(ad, initial, path):
         raise LorakitError(
             "the initial adapter is the adapter itself (every factor equal): dW would be 0", path=path
         )
-    out = Adapter(**{**vars(ad), "modules": {}, "moved_base": None, "notes": list(ad.notes)})
+    out = Adapter(**{**vars(ad), "modules": {}, "moved_base": None})
     for name, m in ad.modules.items():
         try:
             out.add(minus_initial(m, initial.modules[name]))
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=name) from None
     median = moved[len(moved) // 2]
-    out.notes.append(
+    note = (
         f"dW = B A - B0 A0 with the initial adapter {os.path.basename(os.path.normpath(path))} (rank doubled, "
         f"as PEFT's path_initial_model_for_weight_conversion writes it); training moved the factors by "
         f"{100 * median:.3g}% (median over modules)"
         + ("; that much suggests the initial adapter of another run: check --initial" if median > 1 else "")
     )
-    return out
+    return out, note
 
 
 def _moved(m, m0):

@@ -42,7 +42,8 @@ def convert(
     if dst.write is None:
         raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
     src, adapter = _read(input, from_, base, dst, alpha, allow_unknown, engine or rank or energy)
-    adapter = undo_initial([(input, adapter, 1.0)], initial, "convert")[0][1]
+    [(_, adapter, _)], undone = undo_initial([(input, adapter, 1.0)], initial, "convert")
+    adapter.notes = [*adapter.notes, *(note for _, note in undone)]
     if base is not None:
         adapter = _onto(base, adapter, input)
     rows = _transforms_as_lora(adapter, base, rank, energy, input) if adapter.transforms else []

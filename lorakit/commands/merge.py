@@ -8,7 +8,6 @@ from ..io import check_output
 from ..options import MergeOptions, takes_options
 from .args import (
     existing,
-    initial_notes,
     load_inputs,
     local,
     paths,
@@ -38,10 +37,10 @@ def merge(base, adapters, output, options):
     base = open_base(base)  # headers and configs parsed here, once, for every step below
     refuse_adapter_as_base(base)
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
-    loaded = undo_initial(loaded, options.initial, "merge")
+    loaded, undone = undo_initial(loaded, options.initial, "merge")
     calibration = _calibrate(base, loaded, options)
     report = merge_into(base, loaded, output, options, paths(inputs), calibration)
-    report["notes"] = initial_notes(loaded) + report["notes"]
+    report["notes"] = [f"{label}: {note}" for label, note in undone] + report["notes"]
     if calibration is not None:
         from ..training.calibration import estimate
 

@@ -54,12 +54,13 @@ def _open_base(base, quiet):
     return opened
 
 
-def _add_landing(result, path, base, engine):
-    """The file's landing on `base` added to its result (problems LK601-LK603, `landing`), validity updated."""
+def _add_landing(result, path, base, engine, adapter=None):
+    """The file's landing on `base` added to its result (problems LK601-LK603, `landing`), validity updated;
+    `adapter`: the file read already (with the base)."""
     from .args import load_inputs
 
     try:
-        adapter = load_inputs([(path, 1.0)], base)[0][1]  # the base to the readers that resolve names with it
+        adapter = adapter or load_inputs([(path, 1.0)], base)[0][1]  # the base to the readers that use it
     except LorakitError as e:
         result["problems"].append(spec.Problem(e.code or "LK001", e.message, e.tensor).as_dict())
         result["valid"] = False
@@ -172,13 +173,17 @@ def _validate_for(files, for_engine, engine_version, base=None):
     """Each file read in its own format, then checked against the engine's rules (and its landing on `base`)."""
     from .. import serving
     from ..formats import detect_format, load
+    from .args import load_inputs
 
     engine = serving.get_engine(for_engine, engine_version)
     results = []
     for path in map(os.fspath, files):
         try:
             fmt = detect_format(path)
-            adapter = load(path, format=fmt.name, **({"values": False} if fmt.name == "lorakit" else {}))
+            if base is not None:  # read once, with the base (kohya's names are resolved against it)
+                adapter = load_inputs([(path, 1.0)], base)[0][1]
+            else:
+                adapter = load(path, format=fmt.name, **({"values": False} if fmt.name == "lorakit" else {}))
         except LorakitError as e:
             results.append(_result(path, False, [spec.Problem(e.code or "LK001", e.message, e.tensor)]))
             continue
@@ -187,7 +192,7 @@ def _validate_for(files, for_engine, engine_version, base=None):
             {**_result(path, True, found), "engine": engine.name, "engine_version": engine_version}
         )
         if base is not None:
-            _add_landing(results[-1], path, base, engine)
+            _add_landing(results[-1], path, base, engine, adapter)
             _compare_base_copies(results[-1], adapter, base)
     return {"valid": all(r["valid"] for r in results), "for": engine.name, "files": results}
 

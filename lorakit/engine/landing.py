@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..naming.embeddings import HEAD
-from ..naming.prefixes import nearest, rename_onto
+from ..naming.prefixes import differing_prefixes, nearest, rename_onto
 
 
 @dataclass
@@ -21,8 +21,7 @@ class Landing:
     modules: int  # LoRA modules and full tensors of the adapter
     renamed: dict = field(default_factory=dict)  # adapter name -> base name (another prefix)
     nowhere: list = field(default_factory=list)  # [Nowhere]
-    shapes: list = field(default_factory=list)  # [(module, base shape, adapter shape)]
-    norm: float = 0.0  # ||dW||_F over every LoRA module, as sqrt(sum of squares)
+    norm: float = 0.0  # ||dW||_F over every LoRA module (computed only where some module lands nowhere)
 
     @property
     def nowhere_share(self):
@@ -68,17 +67,15 @@ def landing(base, adapter):
     full = [
         n.removesuffix(".weight") for n in (*adapter.replacements, *adapter.deltas) if n.endswith(".weight")
     ]
-    out = Landing(modules=len(names) + len(full) + len(adapter.transforms))
-    out.renamed = rename_onto([*names, *full, *adapter.transforms], lands)
+    everything = [*names, *full, *adapter.transforms]
+    out = Landing(modules=len(everything), renamed=rename_onto(everything, lands))
+    lost = [n for n in everything if not lands(n) and n not in out.renamed]
+    if not lost:  # the usual case: no nearest names, no norms (a QR per module) needed
+        return out
     norms = {n: frobenius_norm(*adapter.modules[n].factors()) for n in names}
     out.norm = sum(v * v for v in norms.values()) ** 0.5
-    candidates = None
-    for name in [*names, *full, *adapter.transforms]:
-        if lands(name) or name in out.renamed:
-            continue
-        if candidates is None:
-            candidates = [n.removesuffix(".weight") for n in base.shapes() if n.endswith(".weight")]
-        out.nowhere.append(Nowhere(name, nearest(name, candidates), norms.get(name, 0.0)))
+    candidates = [n.removesuffix(".weight") for n in base.shapes() if n.endswith(".weight")]
+    out.nowhere = [Nowhere(n, nearest(n, candidates), norms.get(n, 0.0)) for n in lost]
     return out
 
 
@@ -112,19 +109,10 @@ def renaming_note(names):
     """'12 module(s) renamed onto the base: model.layers. -> model.language_model.layers. (12)'"""
     pairs = {}
     for old, new in names.items():
-        key = _prefixes(old, new)
+        key = differing_prefixes(old, new)
         pairs[key] = pairs.get(key, 0) + 1
     shown = ", ".join(f"'{a}' -> '{b}' ({n})" for (a, b), n in sorted(pairs.items()))
     return f"{len(names)} module(s) renamed onto the base's names: {shown}"
-
-
-def _prefixes(a, b):
-    """The dotted prefixes two names differ by, their common tail removed: ('model.language_model.', 'model.')."""
-    pa, pb = a.split("."), b.split(".")
-    n = 0
-    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
-        n += 1
-    return tuple("".join(f"{p}." for p in parts[: len(parts) - n]) for parts in (pa, pb))
 
 
 def onto_base(base, adapter):

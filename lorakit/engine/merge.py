@@ -72,7 +72,7 @@ def execute(job, writer, staging, output, options):
     """Write this part's files into the work folder; when every part's are done, what goes beside them, then
     publish (rename into place)."""
     _large_buffers_back_to_os()
-    todo = sum(sum(map(spec_nbytes, specs)) for name, specs in writer.shards if name in staging.todo)
+    todo = sum(staging.sizes[name] for name in staging.todo)
     bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
     try:
         with bar:
@@ -82,11 +82,10 @@ def execute(job, writer, staging, output, options):
             weight_map = {spec[0]: name for name, specs in writer.shards for spec in specs}
             writer.finish(staging.work, paths, weight_map, writer.total)
             staging.publish()
-    except OSError as e:
+    except BaseException as e:
         staging.abort()
-        raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
-    except BaseException:
-        staging.abort()
+        if isinstance(e, OSError):
+            raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
         raise
     staging.close()
 

@@ -50,12 +50,11 @@ class MergePlan:
     untie: str = None  # the tied embedding written apart from a new lm_head, or None
     skipped: list = field(default_factory=list)  # adapter tensors the base lacks (--skip-unmatched)
     elsewhere: list = field(default_factory=list)  # modules for another file of the model (Adapter.elsewhere)
-    vocab_size: int = (
-        None  # the embedding's rows where added tokens grew it (PEFT modules_to_save), else None
-    )
-    tokenizer_from: str = (
-        None  # the adapter (a path) whose added tokens the output's tokenizer files must have
-    )
+    # the embedding's rows where added tokens grew it (PEFT modules_to_save), else None
+    vocab_size: int = None
+    # the adapter (a path) whose added tokens the output's tokenizer files must have
+    tokenizer_from: str = None
+    notes: list = field(default_factory=list)  # what planning decided (modules renamed onto the base's names)
 
 
 def plan_merge(base, adapters, options):
@@ -289,18 +288,21 @@ class Planner:
             untie = False
         if untie:
             self.target(HEAD)  # write the head explicitly, with or without its own delta
-        vocabulary = self.vocabulary()
-        plan = MergePlan(self.tensors, self.embed if untie else None, self.skipped, self.elsewhere)
-        plan.vocab_size = vocabulary
         if len(self.grew_from) > 1:
             raise LorakitError(
                 f"{len(self.grew_from)} adapters add tokens ({', '.join(map(str, sorted(self.grew_from)))}): "
                 "their tokenizers cannot both be the output's; merge one at a time",
                 path=self.base.path,
             )
-        plan.tokenizer_from = next(iter(self.grew_from), None)
-        plan.notes = self.notes
-        return plan
+        return MergePlan(
+            self.tensors,
+            self.embed if untie else None,
+            self.skipped,
+            self.elsewhere,
+            vocab_size=self.vocabulary(),
+            tokenizer_from=next(iter(self.grew_from), None),
+            notes=self.notes,
+        )
 
     def same_change(self, head, embed):
         """Whether a tied head and its embedding change alike (PEFT's ensure_weight_tying ties their LoRAs or
@@ -327,7 +329,7 @@ class Planner:
 
     def vocabulary(self):
         """The output's vocabulary where added tokens grow the embedding and the head (both, to the same rows), or
-        None; a problem where they would disagree (raised by the caller)."""
+        None; refused where they would disagree."""
         grown = {
             n: p.padded_shape[0]
             for n, p in self.tensors.items()

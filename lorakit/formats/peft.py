@@ -102,8 +102,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         provenance={"source_format": source_format, "source_config": config},
         moved_base=base_change(config),
     )
-    if initialisation_note(config):
-        notes.append(initialisation_note(config))
+    notes += [n for n in [initialisation_note(config)] if n]
     if base is not None and (base.config or {}).get("model_type"):
         # what writing fused-expert LoRAs back as PEFT needs (their orientation), kept in the adapter's provenance
         ad.provenance["base_model_type"] = base.config["model_type"]

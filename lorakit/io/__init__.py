@@ -1,7 +1,7 @@
 """Bytes only: safetensors headers and tensor files, the streaming writer, atomic outputs, the dtype table and base
 checkpoints (shards, index, config.json). Torch is imported only where tensors are made."""
 
-from .atomic import atomic_output, atomic_outputs, check_output
+from .atomic import atomic_output, check_output
 from .staging import Staging, copy_file, input_identity, parse_part, work_folder
 from .checkpoint import INDEX, Checkpoint, base_model_name, read_config, shard_files, tokenizer_files
 from .safetensors import (
@@ -26,7 +26,6 @@ __all__ = [
     "parse_part",
     "work_folder",
     "atomic_output",
-    "atomic_outputs",
     "check_output",
     "INDEX",
     "Checkpoint",

@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import shutil
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from ..errors import LorakitError, opt
 
@@ -217,13 +217,6 @@ def atomic_output(path, force=False, directory=False):
         shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else _unlink(tmp)
         _remove_empty(made)
         raise
-
-
-@contextmanager
-def atomic_outputs(paths, force=False):
-    """atomic_output for files written together (a GGUF's splits): each is renamed once all of them are complete."""
-    with ExitStack() as stack:
-        yield {p: stack.enter_context(atomic_output(p, force=force)) for p in paths}
 
 
 def _publish(tmp, path, force, directory):

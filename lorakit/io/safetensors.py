@@ -251,21 +251,36 @@ class TensorFile:
         e = self.header.entries[name]
         out.flush()
         with open(self.path, "rb") as f:
-            offset, left = e.start, e.nbytes
-            while left:
-                n = (
-                    os.copy_file_range(f.fileno(), out.fileno(), left, offset)
-                    if hasattr(os, "copy_file_range")
-                    else 0
-                )
-                if n <= 0:  # no kernel copy here (or the file shrank): a buffered copy, checked
-                    f.seek(offset)
-                    data = f.read(left)
-                    if len(data) != left:
-                        raise LorakitError("file ended inside the tensor data", path=self.path, tensor=name)
-                    out.write(data)
-                    break
-                offset, left = offset + n, left - n
+            done = kernel_copy(f.fileno(), out.fileno(), e.nbytes, e.start)
+            if done < e.nbytes:  # no kernel copy here (or the file shrank): a buffered copy, checked
+                f.seek(e.start + done)
+                data = f.read(e.nbytes - done)
+                if len(data) != e.nbytes - done:
+                    raise LorakitError("file ended inside the tensor data", path=self.path, tensor=name)
+                out.write(data)
+
+
+# copy_file_range cannot copy here: another file system, no such call, a file system that refuses it
+NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def kernel_copy(src_fd, dst_fd, count, src_offset, dst_offset=None):
+    """Bytes copied by the kernel (copy_file_range: no copy through user memory, a reflink where the file system
+    shares extents) from `src_offset`, to `dst_offset` or the file position; fewer than `count` where it cannot
+    copy (the caller copies the rest)."""
+    done = 0
+    while done < count and hasattr(os, "copy_file_range"):
+        try:
+            at = None if dst_offset is None else dst_offset + done
+            n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, at)
+        except OSError as e:
+            if e.errno not in NO_KERNEL_COPY:
+                raise
+            break
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 class BufferPool:
@@ -382,9 +397,10 @@ class DirectFile:
     def fileno(self):
         return self.fd
 
-    def _flush(self, view, n):
-        """Write the first n bytes of `view` (n aligned unless this is the end) after its CRC-32."""
-        self.crc32 = zlib.crc32(view[:n], self.crc32)
+    def _flush(self, view, n, data=None):
+        """Write the first n bytes of `view` (n aligned unless this is the end) after the CRC-32 of its first
+        `data` bytes (all n but the zero padding of the last block)."""
+        self.crc32 = zlib.crc32(view[: n if data is None else data], self.crc32)
         done = 0
         while done < n:
             try:
@@ -436,10 +452,7 @@ class DirectFile:
             if self.fill and self.direct:  # O_DIRECT writes whole blocks: pad, then cut the file to its size
                 padded = -(-self.fill // self.ALIGN) * self.ALIGN
                 self.view[self.fill : padded] = bytes(padded - self.fill)
-                self.crc32 = zlib.crc32(self.view[: self.fill], self.crc32)
-                crc = self.crc32
-                self._flush(self.view, padded)
-                self.crc32 = crc  # the padding is not in the file
+                self._flush(self.view, padded, data=self.fill)
                 os.ftruncate(self.fd, size)
             elif self.fill:
                 self._flush(self.view, self.fill)

@@ -20,6 +20,7 @@ import zlib
 
 from ..errors import LorakitError, opt
 from .atomic import _make_parents, _publish, _remove_empty
+from .safetensors import kernel_copy
 
 WORK = ".lorakit-work"
 HASH_CHUNK = 8 << 20
@@ -41,19 +42,10 @@ def file_crc32(path):
 
 
 def copy_file(source, path):
-    """A whole file copied by the kernel (copy_file_range: a reflink where the file system shares extents, else
-    no copy through user memory); a plain copy where the kernel cannot."""
+    """A whole file copied by the kernel (io.safetensors.kernel_copy); a plain copy of what the kernel cannot."""
     size = os.path.getsize(source)
     with open(source, "rb") as src, open(path, "wb") as dst:
-        done = 0
-        try:
-            while done < size:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), size - done, done, done)
-                if n <= 0:
-                    break
-                done += n
-        except (OSError, AttributeError):  # another file system (EXDEV), no such call: copy what is left
-            pass
+        done = kernel_copy(src.fileno(), dst.fileno(), size, 0, 0)
         if done < size:
             src.seek(done)
             dst.seek(done)
@@ -109,7 +101,8 @@ class Staging:
             raise
         if os.path.getsize(self.journal_path) == 0:  # only once every journal there is this job's
             self._append(self.identity)
-        mine = assign(self.files, sizes or {}, self.parts)[self.part - 1]
+        self.sizes = sizes or {}  # bytes of each file, where known
+        mine = assign(self.files, self.sizes, self.parts)[self.part - 1]
         self.todo = [f for f in mine if f not in self.finished]
         self.resumed, self.written, self.published = len(mine) - len(self.todo), 0, False
 

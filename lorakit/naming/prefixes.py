@@ -2,8 +2,9 @@
 weights `model.language_model.*` (Gemma 3 / 3n / 4, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3, LLaVA) and its
 vision tower `model.visual.*` / `model.vision_tower.*`; the original checkpoints of the same models say
 `language_model.model.*` (Gemma 3, Llama 4, Mistral 3, LLaVA) or `model.*` and `visual.*` (Qwen2-VL / 2.5-VL); a
-text-only model says `model.*`, a Mamba or Nemotron-H checkpoint `backbone.*` (the same model in memory: `model.*`). PEFT names an adapter's modules as the model in memory did when it was made, so an
-adapter and a base can disagree by one of these prefixes (vLLM #48019, #34186: such an adapter loads and does
+text-only model says `model.*`, a Mamba or Nemotron-H checkpoint `backbone.*` (the same model in memory: `model.*`).
+PEFT names an adapter's modules as the model in memory did when it was made, so an adapter and a base can disagree
+by one of these prefixes (vLLM #48019, #34186: such an adapter loads and does
 nothing). A module is renamed onto the base only where exactly one other prefix lands it."""
 
 # longest first: a name is read with the longest prefix it starts with, then every other one is tried
@@ -42,22 +43,29 @@ def rename_onto(names, lands):
     return renamed
 
 
+def common_tail(a, b):
+    """How many trailing dotted parts two names share ('model.layers.0.q' and 'x.layers.0.q': 3)."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) and pa[-1 - n] == pb[-1 - n]:
+        n += 1
+    return n
+
+
+def differing_prefixes(a, b):
+    """The dotted prefixes two names differ by, their common tail removed: ('model.language_model.', 'model.')."""
+    n = common_tail(a, b)
+    return tuple("".join(f"{p}." for p in parts[: len(parts) - n]) for parts in (a.split("."), b.split(".")))
+
+
 def nearest(name, candidates):
     """The candidate closest to `name`: the most trailing dotted parts in common, then difflib's ratio among those
     (a wrong prefix keeps the tail; a typo keeps most of it)."""
     import difflib
 
-    parts = name.split(".")
-
-    def common_tail(other):
-        n, theirs = 0, other.split(".")
-        while n < min(len(parts), len(theirs)) and parts[-1 - n] == theirs[-1 - n]:
-            n += 1
-        return n
-
     if not candidates:
         return None
-    scored = [(common_tail(c), c) for c in candidates]
+    scored = [(common_tail(name, c), c) for c in candidates]
     best = max(s for s, _ in scored)
     tied = [c for s, c in scored if s == best][:200]
     return max(tied, key=lambda c: (difflib.SequenceMatcher(None, name, c).ratio(), c))
