@@ -16,6 +16,7 @@ from .base import Base
 from .view import WeightView
 
 # fused Mixture-of-Experts tensors stored 3-D on disk (gpt-oss, Llama 4)
+MODELOPT_CONFIG = "hf_quant_config.json"  # NVIDIA ModelOpt's quantization config, beside config.json
 FUSED_EXPERTS = re.compile(r".+\.experts\.(gate_up_proj|down_proj)")
 
 
@@ -42,10 +43,11 @@ class SafetensorsBase(Base):
     def view(self):
         from ..quant import detect, quantization_config
 
-        older = None
+        older = modelopt = None
         if not (self.config or {}).get("quantization_config"):
             older = read_config(self.folder, "quantize_config.json")
-        q = quantization_config(self.config, older, os.path.join(self.folder or ".", "config.json"))
+            modelopt = read_config(self.folder, MODELOPT_CONFIG)
+        q = quantization_config(self.config, older, os.path.join(self.folder or ".", "config.json"), modelopt)
         handler, modules = detect(self.ckpt, q, self.path)
         return WeightView(self.path, self.ckpt, handler, modules)
 
@@ -136,8 +138,8 @@ class SafetensorsWriter:
 
     def finish(self, tmp, paths, weight_map, total):
         """Into the output folder `tmp` (its shards at `paths`, {file name: path}): the base folder's other files,
-        the index and, where needed, config.json (a dequantized output loses its quantization_config and
-        quantize_config.json)."""
+        the index and, where needed, config.json (a dequantized output loses its quantization_config,
+        quantize_config.json and hf_quant_config.json)."""
         if not self.folder:
             return
         drop_quantization, target_dtype = self.job.dequantize_out, self.job.target_dtype
@@ -146,7 +148,7 @@ class SafetensorsWriter:
                 src = os.path.join(self.base, entry)
                 if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
                     continue
-                if drop_quantization and entry == "quantize_config.json":
+                if drop_quantization and entry in ("quantize_config.json", MODELOPT_CONFIG):
                     continue
                 if os.path.isdir(src):
                     shutil.copytree(src, os.path.join(tmp, entry))

@@ -7,6 +7,7 @@ Torch-free at import: the CLI takes the strategy choices from here.
 import importlib
 
 from ..errors import LorakitError
+from . import ct_config
 
 # name -> (module in this package, class, what it reads). Detection tries them in this order.
 FORMATS = {
@@ -16,9 +17,25 @@ FORMATS = {
         "GPTQ 2/4/8 bits, groups, sym/asym, v1 (z-1) and v2 zero points, desc_act g_idx",
     ),
     "awq": ("gptq_awq", "AWQ", "AWQ GEMM int4 with its interleaved packing"),
-    "fp8-block": ("fp8", "FP8Block", "FP8 E4M3 in DeepSeek-V3 128 x 128 blocks (weight_scale_inv)"),
+    "fp8-block": (
+        "fp8",
+        "FP8Block",
+        "FP8 E4M3 in blocks: DeepSeek-V3 (weight_scale_inv), compressed-tensors FP8_BLOCK (weight_scale)",
+    ),
+    "mxfp8": ("mxfp8", "MXFP8", "MXFP8 (compressed-tensors mxfp8-quantized: E4M3, E8M0 scales per 32)"),
     "fp8": ("fp8", "FP8Channel", "FP8 E4M3 per tensor / per channel (compressed-tensors, FBGEMM)"),
     "int8": ("int8", "Int8Channel", "INT8 per channel (compressed-tensors weight_scale; bitsandbytes SCB)"),
+    "ct-int": (
+        "ct_packed",
+        "CTPacked",
+        "compressed-tensors pack-quantized INT2/4/8 (llm-compressor W4A16, W4A16_ASYM, W8A16): groups or "
+        "channels, sym / asym, g_idx",
+    ),
+    "nvfp4": (
+        "nvfp4",
+        "NVFP4",
+        "NVFP4 (E2M1, E4M3 scales per 16, FP32 per tensor): compressed-tensors nvfp4-pack-quantized, ModelOpt",
+    ),
     "nf4": ("nf4", "NF4", "bitsandbytes NF4 with and without double quantization"),
     "mxfp4": ("mxfp4", "MXFP4", "MXFP4 (OCP microscaling FP4 E2M1, E8M0 scales per 32): gpt-oss' experts"),
     "gguf": (
@@ -70,6 +87,11 @@ QUANT_NAMES = (
     ".quant_map",
     ".nested_absmax",
     ".quant_state",
+    ".weight_packed",
+    ".weight_zero_point",
+    ".weight_global_scale",
+    ".weight_scale_2",
+    ".weight_shape",
 )
 
 
@@ -78,12 +100,18 @@ def format_class(name):
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def quantization_config(config, older, path):
+def quantization_config(config, older, path, modelopt=None):
     """config.json's quantization_config (`config`: the parsed config.json or None), else quantize_config.json
-    (`older`: older GPTQ files, parsed, or None), else {}. `path` names the file in errors."""
+    (`older`: older GPTQ files, parsed, or None), else ModelOpt's hf_quant_config.json (`modelopt`, parsed, or None),
+    else {}. `path` names the file in errors."""
     qconfig = (config or {}).get("quantization_config")
+    if qconfig is None and older is not None:
+        qconfig = {"quant_method": "gptq", **older}
+    if qconfig is None and isinstance(modelopt, dict):
+        quantization = modelopt.get("quantization")
+        qconfig = {"quant_method": "modelopt", **(quantization if isinstance(quantization, dict) else {})}
     if qconfig is None:
-        qconfig = {"quant_method": "gptq", **older} if older is not None else {}
+        qconfig = {}
     if not isinstance(qconfig, dict):
         raise LorakitError("quantization_config must be a JSON object", path=path)
     return qconfig
@@ -103,6 +131,8 @@ def detect(ckpt, q, base):
         claimed = True
         found = fmt.find(ckpt)
         if found:
+            if ct_config.is_compressed_tensors(q):
+                ct_config.check_ignored(q, ckpt, found)
             return fmt, found
     if not claimed:
         raise LorakitError(f"quantization method '{q.get('quant_method')}' is not supported", path=base)

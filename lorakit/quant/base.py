@@ -197,3 +197,36 @@ def one_group(inn):
 def round_to(t, like):
     """t in the dtype and shape of the stored tensor `like`."""
     return t.to(like.dtype).reshape(like.shape)
+
+
+def round_up_to(t, like):
+    """t (positive scales) in the dtype and shape of the stored tensor `like`, rounded up where the nearest value
+    is below t: a fitted scale never shrinks the range it was fitted to (nothing clipped)."""
+    r = t.to(like.dtype)
+    low = r.float() < t
+    if bool(low.any()):
+        if like.dtype == torch.float8_e4m3fn:  # positive e4m3: the next value is the next bit pattern
+            up = (r.view(torch.uint8) + 1).clamp(max=0x7E).view(torch.float8_e4m3fn)
+        else:
+            up = torch.nextafter(r, torch.full_like(r, float("inf")))
+        r = torch.where(low, up, r)
+    return r.reshape(like.shape)
+
+
+def check_shape(ckpt, m, role, expected, what):
+    """A stored tensor of exactly `expected` shape, else one line naming it and what it should be."""
+    shape = tuple(ckpt.entry(m[role]).shape)
+    if shape != tuple(expected):
+        raise LorakitError(
+            f"{role} has shape {list(shape)}: expected {list(expected)} ({what})",
+            path=ckpt.path,
+            tensor=m[role],
+        )
+
+
+def check_dtype(ckpt, m, role, dtypes):
+    dtype = ckpt.entry(m[role]).dtype
+    if dtype not in dtypes:
+        raise LorakitError(
+            f"{role} is {dtype}: expected {' or '.join(dtypes)}", path=ckpt.path, tensor=m[role]
+        )

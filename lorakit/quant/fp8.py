@@ -3,6 +3,8 @@ blocks (`weight_scale_inv`)."""
 
 import torch
 
+from ..errors import LorakitError
+from . import ct_config
 from .base import Grid, QuantFormat, check_scale, one_group, per_row, round_to
 from .rounding import FP8, FP8_MAX
 
@@ -59,28 +61,48 @@ class FP8Channel(QuantFormat):
 
 
 class FP8Block(QuantFormat):
-    """DeepSeek-V3 block FP8: weight_scale_inv [ceil(out/b), ceil(in/b)], W[i, j] = w[i, j] * s[i // b, j // b]."""
+    """Block FP8: a scale per block of rows x columns, [ceil(out/b0), ceil(in/b1)]: W[i, j] = w[i, j] * s[i // b0,
+    j // b1]. DeepSeek-V3 names it `weight_scale_inv` (config quant_method fp8, weight_block_size), compressed-tensors
+    `weight_scale` (llm-compressor's FP8_BLOCK: strategy block, block_structure)."""
 
     name = "fp8-block"
 
-    def __init__(self, block=(128, 128)):
-        self.block = tuple(block)
+    def __init__(self, block=(128, 128), role="weight_scale_inv"):
+        self.block, self.role = tuple(block), role
 
     @classmethod
     def configure(cls, q):
         method = q.get("quant_method")
         if method == "fp8" and q.get("weight_block_size"):
             return cls(q["weight_block_size"])
+        blocks = {tuple(w.get("block_structure") or ()) for w in ct_config.weights_for(q, "fp8")}
+        blocks.discard(())
+        if len(blocks) > 1:
+            raise LorakitError(
+                f"FP8 blocks of several shapes ({sorted(blocks)}) in one checkpoint are not supported"
+            )
+        if blocks:
+            return cls(next(iter(blocks)), "weight_scale")
         return cls() if method is None else None
 
     def find(self, ckpt):
         return {
-            n[:-7]: {"weight": n, "weight_scale_inv": n[:-7] + ".weight_scale_inv"}
+            n[:-7]: {"weight": n, self.role: f"{n[:-7]}.{self.role}"}
             for n in ckpt.where
-            if n.endswith(".weight")
-            and ckpt.entry(n).dtype == "F8_E4M3"
-            and n[:-7] + ".weight_scale_inv" in ckpt
+            if n.endswith(".weight") and ckpt.entry(n).dtype == "F8_E4M3" and f"{n[:-7]}.{self.role}" in ckpt
         }
+
+    def shape(self, ckpt, m):
+        shape = tuple(ckpt.entry(m["weight"]).shape)
+        blocks = tuple(-(-n // b) for n, b in zip(shape, self.block))
+        if len(shape) != 2 or tuple(ckpt.entry(m[self.role]).shape) != blocks:
+            raise LorakitError(
+                f"{self.role} has shape {list(ckpt.entry(m[self.role]).shape)}: expected {list(blocks)} (one scale "
+                f"per {self.block[0]} x {self.block[1]} block of weight {list(shape)})",
+                path=ckpt.path,
+                tensor=m[self.role],
+            )
+        return shape
 
     def codes(self, ckpt, m):
         return ckpt.get(m["weight"])
@@ -92,22 +114,22 @@ class FP8Block(QuantFormat):
             s.float().T.repeat_interleave(bo, 1)[:, :out].contiguous(),
             torch.arange(inn) // bi,
             CODEBOOK,
-            params={"weight_scale_inv": s},
+            params={self.role: s},
         )
 
     def grid(self, ckpt, m):
-        out, inn = ckpt.entry(m["weight"]).shape
-        return self._grid(ckpt.get(m["weight_scale_inv"]), out, inn)
+        out, inn = self.shape(ckpt, m)
+        return self._grid(ckpt.get(m[self.role]), out, inn)
 
     def fit(self, ckpt, m, lo, hi):
         bo, _ = self.block
-        out, inn = ckpt.entry(m["weight"]).shape
+        out, inn = self.shape(ckpt, m)
         amax = torch.maximum(-lo, hi)  # [in blocks, out]
         padded = torch.zeros(amax.shape[0], -(-out // bo) * bo)
         padded[:, :out] = amax
         block_amax = padded.reshape(amax.shape[0], -1, bo).amax(-1).T  # [out blocks, in blocks]
-        s = round_to((block_amax / FP8_MAX).clamp(min=1e-12), ckpt.get(m["weight_scale_inv"]))
+        s = round_to((block_amax / FP8_MAX).clamp(min=1e-12), ckpt.get(m[self.role]))
         return self._grid(s, out, inn)
 
     def encode(self, ckpt, m, codes, grid):
-        return {m["weight"]: codes, m["weight_scale_inv"]: grid.params["weight_scale_inv"]}
+        return {m["weight"]: codes, m[self.role]: grid.params[self.role]}

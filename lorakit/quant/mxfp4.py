@@ -72,9 +72,7 @@ class MXFP4(QuantFormat):
         return W.reshape(E, rows, cols).transpose(1, 2).contiguous()
 
     def codes(self, ckpt, m):
-        packed = ckpt.get(m["blocks"]).reshape(-1, BLOCK // 2)
-        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1)  # the low nibble is the even element
-        return codes.reshape(self.shape(ckpt, m))
+        return nibbles(ckpt.get(m["blocks"])).reshape(self.shape(ckpt, m))
 
     def grid(self, ckpt, m):
         s = ckpt.get(m["scales"])
@@ -95,13 +93,21 @@ class MXFP4(QuantFormat):
         return self._grid(s)
 
     def encode(self, ckpt, m, codes, grid):
-        """Nibbles packed two a byte. A zero keeps the sign it was stored with: a merge adds +0 where there is no
-        delta, which would turn a stored -0 into +0 and change the bytes of blocks the adapter never touched."""
-        old = ckpt.get(m["blocks"])
-        before = torch.stack([old & 0x0F, old >> 4], dim=-1).reshape(codes.shape)
-        codes = codes.to(torch.uint8)
-        zero = (codes & 7) == 0
-        codes = torch.where(zero, torch.where((before & 7) == 0, before, 0), codes).to(torch.uint8)
-        pairs = codes.reshape(-1, 2)
-        packed = (pairs[:, 0] | (pairs[:, 1] << 4)).reshape(old.shape)
-        return {m["blocks"]: packed, m["scales"]: grid.params["scales"]}
+        return {m["blocks"]: packed_nibbles(codes, ckpt.get(m["blocks"])), m["scales"]: grid.params["scales"]}
+
+
+def nibbles(packed):
+    """FP4 codes of bytes holding two each, the low nibble the first element: [..., n] -> [..., 2n]."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def packed_nibbles(codes, old):
+    """Codes (any shape, elements in order) packed two a byte into the shape of the stored bytes `old`. A zero
+    keeps the sign it was stored with: a merge adds +0 where there is no delta, which would turn a stored -0 into +0
+    and change the bytes of blocks the adapter never touched."""
+    before = nibbles(old).reshape(codes.shape)
+    codes = codes.to(torch.uint8)
+    zero = (codes & 7) == 0
+    codes = torch.where(zero, torch.where((before & 7) == 0, before, 0), codes).to(torch.uint8)
+    pairs = codes.reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).reshape(old.shape)

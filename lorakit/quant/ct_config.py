@@ -1,0 +1,74 @@
+"""compressed-tensors' quantization_config (llm-compressor's checkpoints), read in one place for its formats.
+
+{"quant_method": "compressed-tensors", "format": <one format, or "mixed-precision">, "config_groups": {name:
+{"targets": [...], "weights": {num_bits, type, symmetric, strategy, group_size, block_structure, actorder, ...},
+"format": <the group's own>}}, "ignore": [module names, "re:<regex>"]}. Facts: compressed-tensors 0.19/0.20
+(config/base.py CompressionFormat, quantization/quant_config.py).
+"""
+
+from ..errors import LorakitError
+
+# compressed-tensors format -> the lorakit format that reads it
+READER = {
+    "pack-quantized": "ct-int",
+    "nvfp4-pack-quantized": "nvfp4",
+    "mxfp8-quantized": "mxfp8",
+    "float-quantized": "fp8",
+    "int-quantized": "int8",
+    "naive-quantized": "int8",
+}
+
+
+def is_compressed_tensors(q):
+    return q.get("quant_method") == "compressed-tensors"
+
+
+def groups(q):
+    """[(its compressed-tensors format, its weights arguments)] of every config group that quantizes weights."""
+    found = []
+    for name, group in (q.get("config_groups") or {}).items():
+        if not isinstance(group, dict):
+            raise LorakitError(f"quantization_config.config_groups.{name} is not a JSON object")
+        weights = group.get("weights")
+        if weights:
+            found.append((group.get("format") or q.get("format"), weights))
+    return found
+
+
+def weights_for(q, reader):
+    """The weights arguments of the groups `reader` (a lorakit format name) reads, [] for none; a checkpoint mixing
+    formats of several readers is refused (one format a checkpoint)."""
+    if not is_compressed_tensors(q):
+        return []
+    found = groups(q)
+    readers = {READER.get(fmt, fmt) for fmt, _ in found}
+    unknown = {fmt for fmt, _ in found if fmt not in READER}
+    if unknown:
+        raise LorakitError(f"compressed-tensors format {sorted(unknown)[0]!r} is not supported")
+    if reader in readers and len(readers) > 1:
+        raise LorakitError(
+            f"compressed-tensors checkpoint mixing formats ({', '.join(sorted(readers))}): one format a checkpoint "
+            "is supported"
+        )
+    return [w for fmt, w in found if READER[fmt] == reader]
+
+
+def check_ignored(q, ckpt, modules):
+    """The ignore list must name modules the checkpoint has, left unquantized: a literal name with no tensor (but a
+    tied lm_head, stored nowhere) or one stored quantized is refused."""
+    for name in q.get("ignore") or []:
+        if not isinstance(name, str) or name.startswith("re:"):
+            continue
+        if name in modules:
+            raise LorakitError(
+                f"quantization_config ignores '{name}' (left unquantized), but it is stored quantized",
+                path=ckpt.path,
+                tensor=next(iter(modules[name].values())),
+            )
+        prefix = name + "."
+        if name.split(".")[-1] != "lm_head" and not any(t.startswith(prefix) for t in ckpt.where):
+            raise LorakitError(
+                f"quantization_config ignores '{name}', which the checkpoint does not have",
+                path=ckpt.path,
+                tensor=f"{name}.weight",
+            )
