@@ -213,20 +213,19 @@ def round_up_to(t, like):
     return r.reshape(like.shape)
 
 
+def malformed(ckpt, tensor, message):
+    """The error for a stored tensor that is not what its format says: it names the file that holds it."""
+    return LorakitError(message, path=ckpt.where.get(tensor, ckpt.path), tensor=tensor)
+
+
 def check_shape(ckpt, m, role, expected, what):
     """A stored tensor of exactly `expected` shape, else one line naming it and what it should be."""
     shape = tuple(ckpt.entry(m[role]).shape)
     if shape != tuple(expected):
-        raise LorakitError(
-            f"{role} has shape {list(shape)}: expected {list(expected)} ({what})",
-            path=ckpt.path,
-            tensor=m[role],
-        )
+        raise malformed(ckpt, m[role], f"{role} has shape {list(shape)}: expected {list(expected)} ({what})")
 
 
 def check_dtype(ckpt, m, role, dtypes):
     dtype = ckpt.entry(m[role]).dtype
     if dtype not in dtypes:
-        raise LorakitError(
-            f"{role} is {dtype}: expected {' or '.join(dtypes)}", path=ckpt.path, tensor=m[role]
-        )
+        raise malformed(ckpt, m[role], f"{role} is {dtype}: expected {' or '.join(dtypes)}")

@@ -6,6 +6,8 @@
 (config/base.py CompressionFormat, quantization/quant_config.py).
 """
 
+import os
+
 from ..errors import LorakitError
 
 # compressed-tensors format -> the lorakit format that reads it
@@ -60,15 +62,17 @@ def check_ignored(q, ckpt, modules):
         if not isinstance(name, str) or name.startswith("re:"):
             continue
         if name in modules:
+            tensor = next(iter(modules[name].values()))
             raise LorakitError(
                 f"quantization_config ignores '{name}' (left unquantized), but it is stored quantized",
-                path=ckpt.path,
-                tensor=next(iter(modules[name].values())),
+                path=ckpt.where[tensor],
+                tensor=tensor,
             )
         prefix = name + "."
         if name.split(".")[-1] != "lm_head" and not any(t.startswith(prefix) for t in ckpt.where):
+            config = os.path.join(ckpt.path, "config.json") if os.path.isdir(ckpt.path) else ckpt.path
             raise LorakitError(
-                f"quantization_config ignores '{name}', which the checkpoint does not have",
-                path=ckpt.path,
-                tensor=f"{name}.weight",
+                f"quantization_config ignores '{name}', which the checkpoint does not have (no tensor "
+                f"'{name}.weight')",
+                path=config,
             )

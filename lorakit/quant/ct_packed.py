@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import Grid, QuantFormat, check_dtype, check_shape, round_up_to
+from .base import malformed, Grid, QuantFormat, check_dtype, check_shape, round_up_to
 from .gptq_awq import pack, unpack
 from .rounding import Uniform
 
@@ -52,7 +52,7 @@ class CTPacked(QuantFormat):
         """(out, in, bits, groups), every member checked against the others."""
         for role in ("weight_scale", "weight_shape"):
             if role not in m:
-                raise LorakitError(f"{role} is missing", path=ckpt.path, tensor=m["weight_packed"])
+                raise malformed(ckpt, m["weight_packed"], f"{role} is missing")
         check_shape(ckpt, m, "weight_shape", (2,), "the unpadded [out, in]")
         out, inn = (int(v) for v in ckpt.get(m["weight_shape"]))
         check_dtype(ckpt, m, "weight_packed", ("I32",))
@@ -60,19 +60,19 @@ class CTPacked(QuantFormat):
         bits = next((b for b in sorted(self.bits) if packed == (out, -(-inn * b // 32))), None)
         if out < 1 or inn < 1 or bits is None:
             widths = " or ".join(str(-(-inn * b // 32)) for b in sorted(self.bits))
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m["weight_packed"],
                 f"weight_packed has shape {list(packed)}: weight_shape [{out}, {inn}] at "
                 f"{'/'.join(map(str, sorted(self.bits)))} bits packs to [{out}, {widths}]",
-                path=ckpt.path,
-                tensor=m["weight_packed"],
             )
         scale = tuple(ckpt.entry(m["weight_scale"]).shape)
         groups = scale[1] if len(scale) == 2 else 0
         if len(scale) != 2 or scale[0] != out or groups < 1 or ("weight_g_idx" not in m and inn % groups):
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m["weight_scale"],
                 f"weight_scale has shape {list(scale)}: expected [{out}, groups] with groups dividing {inn}",
-                path=ckpt.path,
-                tensor=m["weight_scale"],
             )
         if "weight_zero_point" in m:
             plain = ckpt.entry(m["weight_zero_point"]).dtype == "I8"
@@ -99,10 +99,10 @@ class CTPacked(QuantFormat):
             return torch.arange(inn) // (inn // groups)
         g = ckpt.get(m["weight_g_idx"]).long()
         if bool(((g < 0) | (g >= groups)).any()):
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m["weight_g_idx"],
                 f"weight_g_idx holds groups outside 0..{groups - 1} (weight_scale has {groups})",
-                path=ckpt.path,
-                tensor=m["weight_g_idx"],
             )
         return g
 

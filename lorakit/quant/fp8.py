@@ -5,7 +5,7 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import Grid, QuantFormat, check_scale, one_group, per_row, round_to
+from .base import malformed, Grid, QuantFormat, check_scale, one_group, per_row, round_to
 from .rounding import FP8, FP8_MAX
 
 CODEBOOK = FP8()
@@ -96,11 +96,11 @@ class FP8Block(QuantFormat):
         shape = tuple(ckpt.entry(m["weight"]).shape)
         blocks = tuple(-(-n // b) for n, b in zip(shape, self.block))
         if len(shape) != 2 or tuple(ckpt.entry(m[self.role]).shape) != blocks:
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m[self.role],
                 f"{self.role} has shape {list(ckpt.entry(m[self.role]).shape)}: expected {list(blocks)} (one scale "
                 f"per {self.block[0]} x {self.block[1]} block of weight {list(shape)})",
-                path=ckpt.path,
-                tensor=m[self.role],
             )
         return shape
 

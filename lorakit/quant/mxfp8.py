@@ -6,7 +6,7 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import Grid, QuantFormat, check_dtype
+from .base import malformed, Grid, QuantFormat, check_dtype
 from .fp8 import CODEBOOK
 from .rounding import FP8_MAX
 
@@ -38,11 +38,11 @@ class MXFP8(QuantFormat):
         shape = tuple(ckpt.entry(m["weight"]).shape)
         scale = tuple(ckpt.entry(m["weight_scale"]).shape)
         if len(shape) != 2 or shape[1] % GROUP or scale != (shape[0], shape[1] // GROUP):
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m["weight_scale"],
                 f"weight_scale has shape {list(scale)}: expected [out, in / 32] for weight {list(shape)} (in a "
                 "multiple of 32)",
-                path=ckpt.path,
-                tensor=m["weight_scale"],
             )
         return shape
 

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import Grid, QuantFormat, check_dtype, round_up_to
+from .base import malformed, Grid, QuantFormat, check_dtype, round_up_to
 from .mxfp4 import CODEBOOK, nibbles, packed_nibbles
 
 GROUP = 16
@@ -72,27 +72,27 @@ class NVFP4(QuantFormat):
         packed = tuple(ckpt.entry(m[self.codes_role]).shape)
         scale = tuple(ckpt.entry(m["weight_scale"]).shape)
         if len(packed) != 2 or packed[1] * 2 % GROUP:
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m[self.codes_role],
                 f"{self.codes_role} has shape {list(packed)}: expected [out, in / 2] with in a multiple of 16",
-                path=ckpt.path,
-                tensor=m[self.codes_role],
             )
         out, inn = packed[0], packed[1] * 2
         padded = (
             self.layout == "modelopt" and len(scale) == 2 and scale[0] >= out and scale[1] >= inn // GROUP
         )
         if scale != (out, inn // GROUP) and not padded:
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m["weight_scale"],
                 f"weight_scale has shape {list(scale)}: expected [{out}, {inn // GROUP}] (one E4M3 scale per "
                 "16 inputs of a row)",
-                path=ckpt.path,
-                tensor=m["weight_scale"],
             )
         if ckpt.entry(m[self.tensor_role]).numel != 1:
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m[self.tensor_role],
                 f"{self.tensor_role} has {ckpt.entry(m[self.tensor_role]).numel} values: expected one",
-                path=ckpt.path,
-                tensor=m[self.tensor_role],
             )
         return out, inn
 
@@ -100,10 +100,10 @@ class NVFP4(QuantFormat):
         """The per-tensor scale, refused unless finite and positive (W would be NaN / Inf or zero everywhere)."""
         s = float(ckpt.get(m[self.tensor_role]).reshape(()))
         if not (0 < s < float("inf")):
-            raise LorakitError(
+            raise malformed(
+                ckpt,
+                m[self.tensor_role],
                 f"{self.tensor_role} is {s}: expected a finite positive number",
-                path=ckpt.path,
-                tensor=m[self.tensor_role],
             )
         return torch.tensor(s, dtype=torch.float32)
 

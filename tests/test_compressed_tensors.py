@@ -1,0 +1,305 @@
+"""compressed-tensors checkpoints made by the real llm-compressor (tests/data/compressed, tests/fixtures/
+make_compressed.py) and NVFP4 in ModelOpt's layout: lorakit's dequantization equals compressed-tensors' own bit for
+bit; a merge keeps the format, leaves modules without a delta byte for byte, and loads in transformers with the
+weights lorakit reads; hostile variants are refused with one line naming the file and the tensor."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.bases import open_base
+from lorakit.core import Adapter, Module
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "compressed")
+SCHEMES = {  # fixture -> the lorakit format that reads it
+    "w4a16": "ct-int",
+    "w4a16-asym-actorder": "ct-int",
+    "w8a16": "ct-int",
+    "w8a16-channel": "ct-int",
+    "fp8-block": "fp8-block",
+    "nvfp4a16": "nvfp4",
+    "mxfp8a16": "mxfp8",
+}
+LAYERS = [f"model.layers.{i}" for i in range(2)]
+TARGETS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj"]
+
+
+def decompressed(folder):
+    """{module: W} as compressed-tensors decompresses each module (its registered compressor, the config's scheme)."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    q = json.load(open(os.path.join(folder, "config.json")))["quantization_config"]
+    group = q["config_groups"]["group_0"]
+    scheme = QuantizationScheme.model_validate({k: v for k, v in group.items() if k != "format"})
+    compressor = BaseCompressor.get_value_from_registry(group.get("format") or q["format"])
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    stems = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_scale")}
+    return {
+        s: compressor.decompress(
+            {n[len(s) + 1 :]: t for n, t in tensors.items() if n.startswith(s + ".")}, scheme
+        )["weight"]
+        for s in stems
+    }
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_matches_compressed_tensors_bit_for_bit(scheme):
+    folder = os.path.join(DATA, scheme)
+    view = open_base(folder).view
+    assert view.handler.name == SCHEMES[scheme]
+    reference = decompressed(folder)
+    assert len(reference) == 14 and set(view.quantized) == {f"{s}.weight" for s in reference}
+    for stem, W in reference.items():
+        ours = view.get(f"{stem}.weight").to(W.dtype)
+        assert torch.equal(ours.view(torch.int16), W.view(torch.int16)), stem
+
+
+def adapter(std, seed=0, targets=TARGETS, rank=8):
+    """A LoRA on the fixtures' modules with factors drawn from N(0, std)."""
+    g = torch.Generator().manual_seed(seed)
+    ad = Adapter()
+    shapes = {"self_attn.q_proj": (256, 256), "self_attn.v_proj": (128, 256), "mlp.gate_proj": (384, 256)}
+    shapes["mlp.down_proj"] = (256, 384)
+    for layer in LAYERS:
+        for t in targets:
+            out, inn = shapes[t]
+            A, B = torch.randn(rank, inn, generator=g) * std, torch.randn(out, rank, generator=g) * std
+            ad.add(Module(f"{layer}.{t}", A, B, alpha=2 * rank))
+    return ad
+
+
+def load_in_transformers(folder):
+    import transformers
+    from transformers import CompressedTensorsConfig
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=CompressedTensorsConfig(run_compressed=False), dtype=torch.bfloat16
+    ).eval()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_merge_keeps_the_format_and_loads_in_transformers(tmp_path, scheme):
+    base = os.path.join(DATA, scheme)
+    ad = adapter(0.05)  # ||dW|| near the int4 step: a delta every format can hold in part
+    ad.save(tmp_path / "a.safetensors")
+    result = lorakit.merge(base, [str(tmp_path / "a.safetensors")], tmp_path / "merged", quiet=True)
+    before, after = (
+        load_file(f"{base}/model.safetensors"),
+        load_file(tmp_path / "merged" / "model.safetensors"),
+    )
+    assert {n: (t.dtype, t.shape) for n, t in before.items()} == {
+        n: (t.dtype, t.shape) for n, t in after.items()
+    }
+    config = json.load(open(tmp_path / "merged" / "config.json"))
+    assert config["quantization_config"] == json.load(open(f"{base}/config.json"))["quantization_config"]
+    for n, t in before.items():  # modules without a delta (k_proj, o_proj, up_proj): their bytes
+        if ".k_proj." in n or ".o_proj." in n or ".up_proj." in n or "lm_head" in n:
+            assert torch.equal(raw(t), raw(after[n])), n
+    assert result["quantization"]["format"] == SCHEMES[scheme]
+    # the merged model moved toward W + dW, in fp64: every targeted module closer than the base's codes
+    old, new = open_base(base).view, open_base(tmp_path / "merged").view
+    for name, m in ad.modules.items():
+        target = old.get(f"{name}.weight").double() + m.delta(torch.float64)
+        kept = (old.get(f"{name}.weight").double() - target).norm()
+        assert (new.get(f"{name}.weight").double() - target).norm() < 0.5 * kept, name
+    # transformers reads the merged checkpoint with the weights lorakit reads
+    model = load_in_transformers(tmp_path / "merged")
+    state = model.state_dict()
+    for name in new.quantized:
+        assert torch.equal(state[name], new.get(name).to(torch.bfloat16)), name
+
+
+def test_merge_to_a_dtype_drops_the_quantization(tmp_path):
+    import transformers
+
+    ad = adapter(0.02)
+    ad.save(tmp_path / "a.safetensors")
+    base = os.path.join(DATA, "nvfp4a16")
+    lorakit.merge(base, [str(tmp_path / "a.safetensors")], tmp_path / "out", dtype="bf16", quiet=True)
+    assert "quantization_config" not in json.load(open(tmp_path / "out" / "config.json"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    old = open_base(base).view
+    for (
+        name,
+        m,
+    ) in ad.modules.items():  # W_deq + dW in fp32, rounded once to bf16: within one bf16 step of fp64's
+        expected = (old.get(f"{name}.weight").double() + m.delta(torch.float64)).to(torch.bfloat16)
+        ours = model.state_dict()[f"{name}.weight"].to(torch.bfloat16)
+        steps = (ours.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) < 0.01, name
+
+
+def test_g_idx_of_older_files_groups_the_columns(tmp_path):
+    """Activation-ordered files (weight_g_idx, before llm-compressor 0.14 dropped it): column j uses group g[j]."""
+    folder = copy(tmp_path, "w4a16")
+    tensors = load_file(folder / "model.safetensors")
+    stem = "model.layers.0.self_attn.k_proj"
+    g = torch.randperm(256, generator=torch.Generator().manual_seed(0)) % 2
+    tensors[f"{stem}.weight_g_idx"] = g.to(torch.int32)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    W = open_base(folder).view.get(f"{stem}.weight").double()
+    packed = tensors[f"{stem}.weight_packed"].view(torch.uint8).reshape(128, -1)  # little-endian words
+    q = torch.stack([packed & 15, packed >> 4], -1).reshape(128, 256).double() - 8
+    expected = q * tensors[f"{stem}.weight_scale"].double()[:, g.long()]
+    assert torch.equal(W, expected)
+
+
+def modelopt_nvfp4(tmp_path, padded=False):
+    """The compressed-tensors NVFP4 fixture rewritten in ModelOpt's layout (weight, weight_scale, weight_scale_2 =
+    1 / global scale: the same weights where the division is exact), hf_quant_config.json beside config.json."""
+    folder = copy(tmp_path, "nvfp4a16")
+    tensors, out = load_file(folder / "model.safetensors"), {}
+    for n, t in tensors.items():
+        if n.endswith(".weight_packed"):
+            out[n.replace(".weight_packed", ".weight")] = t
+        elif n.endswith(".weight_global_scale"):
+            out[n.replace("weight_global_scale", "weight_scale_2")] = torch.tensor(0.5)
+            out[n.replace("weight_global_scale", "input_scale")] = torch.tensor(1.0)
+        elif n.endswith(".weight_scale") and padded:
+            out[n] = torch.nn.functional.pad(t.float(), (0, 4, 0, 128)).to(torch.float8_e4m3fn)
+        else:
+            out[n] = t
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.load(open(folder / "config.json"))
+    config.pop("quantization_config")
+    json.dump(config, open(folder / "config.json", "w"))
+    quant = {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
+    json.dump(
+        {"producer": {"name": "modelopt"}, "quantization": quant}, open(folder / "hf_quant_config.json", "w")
+    )
+    return folder, out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_modelopt_nvfp4_reads_and_merges(tmp_path, padded):
+    folder, tensors = modelopt_nvfp4(tmp_path, padded)
+    view = open_base(folder).view
+    assert view.handler.name == "nvfp4" and len(view.quantized) == 14
+    stem = "model.layers.1.mlp.up_proj"
+    codes = torch.stack([tensors[f"{stem}.weight"] & 15, tensors[f"{stem}.weight"] >> 4], -1).reshape(
+        384, 256
+    )
+    values = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])[codes.long()]
+    scale = tensors[f"{stem}.weight_scale"][:384, :16].float().repeat_interleave(16, 1) * 0.5
+    assert torch.equal(view.get(f"{stem}.weight"), values * scale)
+    ad = adapter(0.02)
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "merged", quiet=True)
+    after = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {n: (t.dtype, t.shape) for n, t in tensors.items()} == {
+        n: (t.dtype, t.shape) for n, t in after.items()
+    }
+    assert os.path.isfile(tmp_path / "merged" / "hf_quant_config.json")
+    for n in tensors:  # the per-tensor scales and the activation scales as they were
+        if n.endswith(("weight_scale_2", "input_scale")):
+            assert torch.equal(tensors[n], after[n])
+    lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "dense", dtype="bf16", quiet=True)
+    assert not os.path.exists(tmp_path / "dense" / "hf_quant_config.json")
+
+
+def raw(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def copy(tmp_path, scheme):
+    folder = tmp_path / scheme
+    shutil.copytree(os.path.join(DATA, scheme), folder)
+    return folder
+
+
+def rewrite(folder, change):
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+STEM = "model.layers.0.self_attn.q_proj"
+HOSTILE = {
+    "scale of the wrong shape": (
+        "w4a16",
+        lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"][:, :1].repeat(1, 3)}),
+        "weight_scale has shape [256, 3]",
+    ),
+    "packed width against weight_shape": (
+        "w4a16",
+        lambda t: t.update({f"{STEM}.weight_shape": torch.tensor([256, 512])}),
+        "weight_packed has shape [256, 32]",
+    ),
+    "g_idx out of range": (
+        "w4a16",
+        lambda t: t.update({f"{STEM}.weight_g_idx": torch.full((256,), 7, dtype=torch.int32)}),
+        "weight_g_idx holds groups outside 0..1",
+    ),
+    "zero points of the wrong shape": (
+        "w4a16-asym-actorder",
+        lambda t: t.update({f"{STEM}.weight_zero_point": t[f"{STEM}.weight_zero_point"][:8]}),
+        "weight_zero_point has shape [8, 2]",
+    ),
+    "global scale 0": (
+        "nvfp4a16",
+        lambda t: t.update({f"{STEM}.weight_global_scale": torch.zeros(1)}),
+        "weight_global_scale is 0.0",
+    ),
+    "global scale NaN": (
+        "nvfp4a16",
+        lambda t: t.update({f"{STEM}.weight_global_scale": torch.full((1,), float("nan"))}),
+        "weight_global_scale is nan",
+    ),
+    "global scale inf": (
+        "nvfp4a16",
+        lambda t: t.update({f"{STEM}.weight_global_scale": torch.full((1,), float("inf"))}),
+        "weight_global_scale is inf",
+    ),
+    "NVFP4 scale of the wrong shape": (
+        "nvfp4a16",
+        lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"][:, :8].contiguous()}),
+        "weight_scale has shape [256, 8]",
+    ),
+    "MXFP8 scale of the wrong shape": (
+        "mxfp8a16",
+        lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"][:, :4].contiguous()}),
+        "weight_scale has shape [256, 4]",
+    ),
+    "FP8 block scale of the wrong shape": (
+        "fp8-block",
+        lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"].repeat(2, 1)}),
+        "weight_scale has shape [4, 2]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_variants_are_refused_with_one_line(tmp_path, cli, case):
+    scheme, change, message = HOSTILE[case]
+    folder = copy(tmp_path, scheme)
+    rewrite(folder, change)
+    adapter(0.02).save(tmp_path / "a.safetensors")
+    code, out, err = cli("merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert_refused(code, err, message, "model.safetensors")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_ignore_list_naming_missing_modules_is_refused(tmp_path, cli):
+    folder = copy(tmp_path, "w4a16")
+    config = json.load(open(folder / "config.json"))
+    config["quantization_config"]["ignore"] = ["lm_head", "model.layers.0.mlp.shared_expert"]
+    json.dump(config, open(folder / "config.json", "w"))
+    adapter(0.02).save(tmp_path / "a.safetensors")
+    code, out, err = cli("merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert_refused(
+        code, err, "ignores 'model.layers.0.mlp.shared_expert', which the checkpoint does not have"
+    )
+    assert not os.path.exists(tmp_path / "out")
+
+
+def assert_refused(code, err, *fragments):
+    lines = [line for line in err.splitlines() if line.startswith("lorakit:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
