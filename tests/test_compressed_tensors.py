@@ -303,3 +303,30 @@ def assert_refused(code, err, *fragments):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     for f in fragments:
         assert f in lines[0], (f, lines[0])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_keeps_the_codes_and_learns_as_the_dequantized_weights(tmp_path, scheme):
+    from lorakit.training import frozen
+    from lorakit.training.model import LlamaForCausalLM
+
+    folder = os.path.join(DATA, scheme)
+    model, view = LlamaForCausalLM.from_pretrained(folder), open_base(folder).view
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, frozen.FrozenLinear)}
+    assert len(layers) == 14
+    bits = 8 if scheme in ("w8a16", "w8a16-channel", "fp8-block", "mxfp8a16") else 4
+    for name, layer in layers.items():  # the codes, not fp32 weights: a byte a weight at most, half for 4 bits
+        assert torch.equal(layer.dequantize(), view.get(name + ".weight")), name
+        table = layer.table.numel() * layer.table.element_size()
+        per_weight = (layer.stored_bytes() - table) / (layer.out_features * layer.in_features)
+        assert per_weight <= (0.75 if bits == 4 else 1.25), (name, per_weight)
+    dense = tmp_path / "dense"  # the same weights dequantized, in fp32
+    lorakit.merge(folder, [], dense, dtype="fp32", quiet=True)
+    words = " ".join(f"t{i}" for i in torch.randint(0, 320, (3000,), generator=torch.Generator().manual_seed(0)))
+    (tmp_path / "data.txt").write_text(words)
+    args = dict(rank=4, alpha=8, steps=4, lr=3e-3, batch=4, seq_len=32, eval_every=0, quiet=True)
+    a = lorakit.train(folder, tmp_path / "data.txt", tmp_path / "a.safetensors", **args)
+    b = lorakit.train(dense, tmp_path / "data.txt", tmp_path / "b.safetensors", **args)
+    assert a["base_codes"]["format"] == SCHEMES[scheme]
+    rel = torch.tensor(a["losses"]).sub(torch.tensor(b["losses"])).abs().div(torch.tensor(b["losses"]))
+    assert float(rel.max()) <= 1e-5
