@@ -330,3 +330,44 @@ def test_training_keeps_the_codes_and_learns_as_the_dequantized_weights(tmp_path
     assert a["base_codes"]["format"] == SCHEMES[scheme]
     rel = torch.tensor(a["losses"]).sub(torch.tensor(b["losses"])).abs().div(torch.tensor(b["losses"]))
     assert float(rel.max()) <= 1e-5
+
+
+def test_moe_experts_merge_per_expert(tmp_path):
+    """Qwen3-MoE quantized to NVFP4 by llm-compressor stores each expert's gate / up / down on its own; a PEFT LoRA on
+    transformers' fused expert tensors (target_parameters) merges into each expert's codes. The reference is PEFT on
+    the dequantized weights (transformers 5.25 misreads these experts when it decompresses them itself)."""
+    import peft
+    import transformers
+
+    base = os.path.join(DATA, "nvfp4a16-moe")
+    reference = decompressed(base)
+    view = open_base(base).view
+    assert len(reference) == 2 * (4 * 3 + 4) and view.handler.name == "nvfp4"
+    for stem, W in reference.items():
+        assert torch.equal(view.get(f"{stem}.weight").to(W.dtype).view(torch.int16), W.view(torch.int16)), stem
+    lorakit.merge(base, [], tmp_path / "dense", dtype="fp32", quiet=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=experts)
+    pm = peft.get_peft_model(model, config).eval()
+    g = torch.Generator().manual_seed(0)
+    for name, p in pm.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.1  # ||dW|| / ||W|| near 0.7 on the experts
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 320, (2, 16), generator=g)
+    lorakit.merge(base, [str(tmp_path / "adapter")], tmp_path / "merged", quiet=True)
+    lorakit.merge(tmp_path / "merged", [], tmp_path / "merged32", dtype="fp32", quiet=True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged32", dtype=torch.float32).eval()
+    with torch.no_grad():
+        runtime = pm(ids).logits
+        with pm.disable_adapter():
+            unmerged = (pm(ids).logits - runtime).abs().max()
+        error = (merged(ids).logits - runtime).abs().max()
+    assert error < 0.5 * unmerged, (float(error), float(unmerged))
+    before, after = load_file(f"{base}/model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    changed = {n.rsplit(".", 1)[0] for n in before if n.endswith("weight_packed") and not torch.equal(before[n], after[n])}
+    assert len(changed) == 2 * (4 * 3 + 2)  # every expert's three projections, q and v
+    for n in before:
+        if n.endswith("weight_global_scale"):  # kept: an expert's gate and up stay on one per-tensor scale
+            assert torch.equal(before[n], after[n]), n
