@@ -315,14 +315,19 @@ def test_training_keeps_the_codes_and_learns_as_the_dequantized_weights(tmp_path
     layers = {n: m for n, m in model.named_modules() if isinstance(m, frozen.FrozenLinear)}
     assert len(layers) == 14
     bits = 8 if scheme in ("w8a16", "w8a16-channel", "fp8-block", "mxfp8a16") else 4
-    for name, layer in layers.items():  # the codes, not fp32 weights: a byte a weight at most, half for 4 bits
+    for (
+        name,
+        layer,
+    ) in layers.items():  # the codes, not fp32 weights: a byte a weight at most, half for 4 bits
         assert torch.equal(layer.dequantize(), view.get(name + ".weight")), name
         table = layer.table.numel() * layer.table.element_size()
         per_weight = (layer.stored_bytes() - table) / (layer.out_features * layer.in_features)
         assert per_weight <= (0.75 if bits == 4 else 1.25), (name, per_weight)
     dense = tmp_path / "dense"  # the same weights dequantized, in fp32
     lorakit.merge(folder, [], dense, dtype="fp32", quiet=True)
-    words = " ".join(f"t{i}" for i in torch.randint(0, 320, (3000,), generator=torch.Generator().manual_seed(0)))
+    words = " ".join(
+        f"t{i}" for i in torch.randint(0, 320, (3000,), generator=torch.Generator().manual_seed(0))
+    )
     (tmp_path / "data.txt").write_text(words)
     args = dict(rank=4, alpha=8, steps=4, lr=3e-3, batch=4, seq_len=32, eval_every=0, quiet=True)
     a = lorakit.train(folder, tmp_path / "data.txt", tmp_path / "a.safetensors", **args)
@@ -344,11 +349,15 @@ def test_moe_experts_merge_per_expert(tmp_path):
     view = open_base(base).view
     assert len(reference) == 2 * (4 * 3 + 4) and view.handler.name == "nvfp4"
     for stem, W in reference.items():
-        assert torch.equal(view.get(f"{stem}.weight").to(W.dtype).view(torch.int16), W.view(torch.int16)), stem
+        assert torch.equal(view.get(f"{stem}.weight").to(W.dtype).view(torch.int16), W.view(torch.int16)), (
+            stem
+        )
     lorakit.merge(base, [], tmp_path / "dense", dtype="fp32", quiet=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=experts)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=experts
+    )
     pm = peft.get_peft_model(model, config).eval()
     g = torch.Generator().manual_seed(0)
     for name, p in pm.named_parameters():
@@ -358,15 +367,24 @@ def test_moe_experts_merge_per_expert(tmp_path):
     ids = torch.randint(0, 320, (2, 16), generator=g)
     lorakit.merge(base, [str(tmp_path / "adapter")], tmp_path / "merged", quiet=True)
     lorakit.merge(tmp_path / "merged", [], tmp_path / "merged32", dtype="fp32", quiet=True)
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged32", dtype=torch.float32).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged32", dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         runtime = pm(ids).logits
         with pm.disable_adapter():
             unmerged = (pm(ids).logits - runtime).abs().max()
         error = (merged(ids).logits - runtime).abs().max()
     assert error < 0.5 * unmerged, (float(error), float(unmerged))
-    before, after = load_file(f"{base}/model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
-    changed = {n.rsplit(".", 1)[0] for n in before if n.endswith("weight_packed") and not torch.equal(before[n], after[n])}
+    before, after = (
+        load_file(f"{base}/model.safetensors"),
+        load_file(tmp_path / "merged" / "model.safetensors"),
+    )
+    changed = {
+        n.rsplit(".", 1)[0]
+        for n in before
+        if n.endswith("weight_packed") and not torch.equal(before[n], after[n])
+    }
     assert len(changed) == 2 * (4 * 3 + 2)  # every expert's three projections, q and v
     for n in before:
         if n.endswith("weight_global_scale"):  # kept: an expert's gate and up stay on one per-tensor scale

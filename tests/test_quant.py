@@ -511,23 +511,30 @@ def test_int8_dequantize_matches_bitsandbytes(tmp_path):
     )
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("strategy", ["feedback", "same-grid"])
-def test_nf4_write_is_read_back_by_bitsandbytes(tmp_path, double_quant, strategy):
+@pytest.mark.parametrize("shape", [(OUT, IN), (48, 160)])  # rows of 160: blocks of 64 span rows
+@pytest.mark.parametrize(
+    "double_quant, strategy",
+    [(False, "feedback"), (True, "feedback"), (False, "same-grid"), (True, "same-grid"), (False, "rescale")],
+)
+def test_nf4_write_is_read_back_by_bitsandbytes(tmp_path, double_quant, strategy, shape):
     """A QLoRA adapter merged back into its NF4 base stays NF4: same absmax blocks (and nested statistics), codes
-    re-rounded; the real bitsandbytes dequantizes the written tensors to what lorakit reports."""
+    re-rounded (rescale: fresh absmax values); the real bitsandbytes dequantizes the written tensors to what lorakit
+    reports."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
 
-    q, state = bnbf.quantize_4bit(W, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
+    Wm = (
+        W if shape == (OUT, IN) else torch.randn(shape, generator=torch.Generator().manual_seed(5)) / 160**0.5
+    )
+    q, state = bnbf.quantize_4bit(Wm, quant_type="nf4", blocksize=64, compress_statistics=double_quant)
     os.makedirs(tmp_path / "q")
     stored = {"l.q.weight": q, **{f"l.q.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     write_safetensors(tmp_path / "q" / "model.safetensors", stored)
     (tmp_path / "q" / "config.json").write_text(
         json.dumps({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
     )
-    W_old = bnbf.dequantize_4bit(q, state).double()
-    ad = adapter_for((OUT, IN), 1e-2, tmp_path)
+    W_old = bnb_flat_dequantize(q, state).double()
+    ad = adapter_for(shape, 1e-2, tmp_path)
     r = lorakit.merge(
         tmp_path / "q", [str(tmp_path / "a.safetensors")], tmp_path / "o", strategy=strategy, quiet=True
     )
@@ -537,12 +544,12 @@ def test_nf4_write_is_read_back_by_bitsandbytes(tmp_path, double_quant, strategy
         n: (t.dtype, tuple(t.shape)) for n, t in stored.items()
     }
     for n in stored:
-        if n != "l.q.weight":  # the statistics are kept byte for byte: only the codes change
-            assert torch.equal(tensors[n], stored[n]), n
+        if n != "l.q.weight" and not (strategy == "rescale" and n.endswith(".absmax")):
+            assert torch.equal(tensors[n], stored[n]), n  # the statistics kept byte for byte
     state2 = QuantState.from_dict(
         {k[len("l.q.weight.") :]: v for k, v in tensors.items() if k != "l.q.weight"}, device="cpu"
     )
-    theirs = bnbf.dequantize_4bit(tensors["l.q.weight"], state2).double()
+    theirs = bnb_flat_dequantize(tensors["l.q.weight"], state2).double()
     handler, mods = detect(out, str(tmp_path / "o"))
     assert torch.equal(theirs.float(), handler.dequantize(out, mods["l.q"]))
     dW = ad.modules["l.q"].delta(torch.float64)
@@ -551,6 +558,25 @@ def test_nf4_write_is_read_back_by_bitsandbytes(tmp_path, double_quant, strategy
     assert abs(row["retention"] - rho) < 1e-4
     if strategy == "feedback":
         assert rho > 0.8
+
+
+def bnb_flat_dequantize(packed, state):
+    """bitsandbytes' NF4 dequantization as its reference backend (backends/default) computes it: blocks over the
+    flattened weight. Its CPU C++ kernel (0.50.2) disagrees with its own quantizer for rows that are not whole blocks,
+    so rows of 160 are checked against the reference formula (equal to dequantize_4bit where rows are whole blocks,
+    checked here too)."""
+    import bitsandbytes.functional as bnbf
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = packed.view(torch.uint8).reshape(-1)
+    n = int(np.prod(state.shape))
+    codes = torch.stack([flat >> 4, flat & 15], 1).reshape(-1)[:n].long()
+    values = state.code.float()[codes] * absmax.float().repeat_interleave(state.blocksize)[:n]
+    if state.shape[-1] % state.blocksize == 0:
+        assert torch.equal(values.reshape(state.shape), bnbf.dequantize_4bit(packed, state))
+    return values.reshape(state.shape)
 
 
 def _fp8_values():

@@ -3,6 +3,7 @@ QLoRA's NF4 is bitsandbytes', a GPTQ / GGUF base trains as its dequantized fp32 
 --quantize nf4 is PEFT + bitsandbytes', and an adapter trained on codes merges back into them."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -96,14 +97,15 @@ def test_frozen_gguf_blocks_dequantize_as_ggml(kind):
     assert layer.stored_bytes() - table <= GGML_BYTES[kind] * W.numel() + 16
 
 
-def test_nf4_on_load_is_bitsandbytes_qlora():
+@pytest.mark.parametrize("shape", [(512, 1024), (384, 160)])  # rows of 160: blocks of 64 span rows
+def test_nf4_on_load_is_bitsandbytes_qlora(shape):
     """QLoRA's recipe (nf4, blocks of 64, double quantization) against bitsandbytes itself: the 4-bit codes are
     the same; the absmax values too, except in the few blocks where bitsandbytes' CPU binary search picks the
     other of two 8-bit codes a value lies halfway between (its reference implementation, the nearest code, is
     lorakit's)."""
-    W = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
     packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-    theirs = bnb_functional.dequantize_4bit(packed, state)
+    theirs = bnb_flat_dequantize(packed, state)
     ours = frozen.nf4_stored(W)
     flat = packed.reshape(-1)
     assert torch.equal(
@@ -111,13 +113,31 @@ def test_nf4_on_load_is_bitsandbytes_qlora():
     )
     assert torch.equal(frozen.dynamic_map(), state.state2.code)
     absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    mine = ours.grid.S.T.reshape(-1)
+    mine = ours.grid.S.T.reshape(-1, 64 // math.gcd(shape[1], 64))[
+        :, 0
+    ]  # a block's value from its first segment
     assert (absmax != mine).float().mean() < 0.005
     assert ((absmax - mine).abs() / absmax).max() < 0.02  # one step of the 8-bit dynamic code
     layer = frozen.FrozenLinear(ours)
     assert torch.equal(layer.dequantize(), ours.dequantize())
     assert ((layer.dequantize() - theirs).abs().max() / W.abs().max()) < 0.01
-    assert layer.stored_bytes() / W.numel() <= 0.6  # the issue's goal for NF4: <= 0.6 byte a weight
+    # the goal for NF4: <= 0.6 byte a weight; rows that are not whole blocks keep a scale per segment of gcd(in,
+    # 64) columns (5 a row of 160: 0.66 byte a weight)
+    assert layer.stored_bytes() / W.numel() <= (0.6 if shape[1] % 64 == 0 else 0.7)
+
+
+def bnb_flat_dequantize(packed, state):
+    """bitsandbytes' NF4 dequantization as its reference backend (backends/default) computes it: blocks over the
+    flattened weight. Its CPU C++ kernel (0.50.2) disagrees with its own quantizer for rows that are not whole blocks
+    (rows of 160: 5% of the largest weight off), so the tests take the reference formula."""
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = packed.view(torch.uint8).reshape(-1)
+    n = math.prod(state.shape)
+    codes = torch.stack([flat >> 4, flat & 15], 1).reshape(-1)[:n].long()
+    values = state.code.float()[codes] * absmax.float().repeat_interleave(state.blocksize)[:n]
+    return values.reshape(state.shape)
 
 
 def test_backward_saves_no_weight_and_matches_fp64():
@@ -465,3 +485,17 @@ def test_merge_with_calibration_reports_the_model_s_kl(task, tmp_path, cli):
         task / "data.npy",
     )
     assert code == 2 and "--calibration is for quantized bases" in err and not (tmp_path / "x").exists()
+
+
+def test_quantize_nf4_on_rows_that_are_not_whole_blocks(tmp_path):
+    """A model whose MLP rows are 160 wide: --quantize nf4 keeps bitsandbytes' blocks of 64 across rows, each
+    frozen layer is nf4_stored of its weight, and the loss falls as it does at 128-wide rows."""
+    base, data = examples.write_permutation_task(str(tmp_path))
+    examples.write_llama_checkpoint(tmp_path / "wide", vocab=64, hidden=64, intermediate=160)
+    r = train(tmp_path / "wide", data, tmp_path / "a.safetensors", quantize="nf4", steps=30)
+    assert r["base_codes"]["format"] == "nf4" and r["frozen_layers"] == 14
+    assert r["losses"][-1] < r["losses"][0]
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "wide"), quantize="nf4")
+    down = model.model.layers[0].mlp.down_proj
+    W = open_base(tmp_path / "wide").view.get("model.layers.0.mlp.down_proj.weight")
+    assert down.in_features == 160 and torch.equal(down.dequantize(), frozen.nf4_stored(W).dequantize())

@@ -121,35 +121,45 @@ class NF4(QuantFormat):
         )
 
     def _layout(self, ckpt, m):
-        """(state, out, in, blocksize) for writing: each row must be whole blocks (every NF4 linear layer of a real
-        model is: in is a multiple of 64)."""
+        """(state, out, in, blocksize, segment) for writing a 2-D weight. bitsandbytes' blocks run over the flattened
+        weight and may span rows; a row cut into segments of gcd(in, blocksize) columns has each segment inside one
+        block, so the segments are the grid's column groups and a block's absmax is every one of its segments'."""
         state = self._state(ckpt, m)
-        out, inn = self.shape(ckpt, m)
-        bs = int(state["blocksize"])
-        if len(state["shape"]) != 2 or inn % bs:
+        if len(state["shape"]) != 2:
             raise LorakitError(
-                f"NF4 blocks of {bs} do not tile rows of {inn}: merge to full precision with --dtype",
+                f"NF4 weight of shape {state['shape']} is not 2-D: merge to full precision with --dtype",
                 path=ckpt.path,
                 tensor=m["weight"],
             )
-        return state, out, inn, bs
+        out, inn = state["shape"]
+        bs = int(state["blocksize"])
+        return state, out, inn, bs, math.gcd(inn, bs)
+
+    def _block_of_segment(self, out, inn, bs, seg):
+        """[out * in / seg]: the block of each segment, in row-major order."""
+        return torch.arange(out * inn // seg) * seg // bs
+
+    def _grid(self, ckpt, m, absmax, stored):
+        """The grid of block absmax values `absmax` (fp32, one a block; `stored`: as the file keeps them)."""
+        _, out, inn, bs, seg = self._layout(ckpt, m)
+        S = absmax[self._block_of_segment(out, inn, bs, seg)].reshape(out, inn // seg).T.contiguous()
+        return Grid(
+            S,
+            torch.arange(inn) // seg,
+            Table(ckpt.get(m["weight"] + ".quant_map")),
+            params={"absmax": stored},
+        )
 
     def codes(self, ckpt, m):
-        _, out, inn, _ = self._layout(ckpt, m)
+        _, out, inn, _, _ = self._layout(ckpt, m)
         return self._indices(ckpt, m, out * inn).reshape(out, inn)
 
     def grid(self, ckpt, m):
-        state, out, inn, bs = self._layout(ckpt, m)
-        S = self._absmax(ckpt, m, state).reshape(out, inn // bs).T.contiguous()
-        return Grid(
-            S,
-            torch.arange(inn) // bs,
-            Table(ckpt.get(m["weight"] + ".quant_map")),
-            params={"absmax": ckpt.get(m["weight"] + ".absmax")},
-        )
+        state = self._layout(ckpt, m)[0]
+        return self._grid(ckpt, m, self._absmax(ckpt, m, state), ckpt.get(m["weight"] + ".absmax"))
 
     def fit(self, ckpt, m, lo, hi):
-        state, out, inn, bs = self._layout(ckpt, m)
+        state, out, inn, bs, seg = self._layout(ckpt, m)
         if m["weight"] + ".nested_absmax" in ckpt:
             raise LorakitError(
                 "fresh scales for double-quantized NF4 (--strategy rescale/original) are not supported: "
@@ -157,14 +167,13 @@ class NF4(QuantFormat):
                 path=ckpt.path,
                 tensor=m["weight"],
             )
-        absmax = torch.maximum(-lo, hi).clamp(min=1e-12)  # [in blocks, out]
-        stored = round_to(absmax.T.contiguous(), ckpt.get(m["weight"] + ".absmax"))
-        return Grid(
-            stored.float().reshape(out, inn // bs).T.contiguous(),
-            torch.arange(inn) // bs,
-            Table(ckpt.get(m["weight"] + ".quant_map")),
-            params={"absmax": stored},
+        segments = torch.maximum(-lo, hi).T.reshape(-1)  # [out * in / seg], row-major
+        blocks = ckpt.entry(m["weight"] + ".absmax").numel
+        absmax = torch.zeros(blocks).scatter_reduce_(
+            0, self._block_of_segment(out, inn, bs, seg), segments, "amax"
         )
+        stored = round_to(absmax.clamp(min=1e-12), ckpt.get(m["weight"] + ".absmax"))
+        return self._grid(ckpt, m, stored.float().reshape(-1), stored)
 
     def encode(self, ckpt, m, codes, grid):
         w = m["weight"]

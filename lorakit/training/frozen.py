@@ -11,6 +11,7 @@ weight, bit for bit.
 """
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -50,19 +51,20 @@ def _nearest_blockwise(x, block, code):
 
 
 def nf4_stored(W):
-    """W [out, in] as QLoRA's NF4: codes per blocks of 64 of the row-major weight, their absmax double-quantized
-    (the mean taken out, 8-bit dynamic codes per 256 with an fp32 scale each), dequantized as bitsandbytes does."""
+    """W [out, in] as QLoRA's NF4: codes per blocks of 64 of the row-major weight (blocks may span rows), their
+    absmax double-quantized (the mean taken out, 8-bit dynamic codes per 256 with an fp32 scale each), dequantized as
+    bitsandbytes does. The grid's column groups are segments of gcd(in, 64) columns, each inside one block."""
     out, inn = W.shape
-    if inn % NF4_BLOCK:
-        raise LorakitError(f"NF4 blocks of {NF4_BLOCK} do not tile rows of {inn}")
     levels = torch.tensor(NF4_LEVELS)
     codes, absmax = _nearest_blockwise(W.float().reshape(-1), NF4_BLOCK, levels)
     offset = absmax.mean()
     code = dynamic_map()
     q, absmax2 = _nearest_blockwise(absmax - offset, ABSMAX_BLOCK, code)
     scale = code[q.long()] * absmax2.repeat_interleave(ABSMAX_BLOCK)[: q.numel()] + offset
+    segment = math.gcd(inn, NF4_BLOCK)
+    block = torch.arange(out * inn // segment) * segment // NF4_BLOCK
     grid = Grid(
-        scale.reshape(out, inn // NF4_BLOCK).T.contiguous(), torch.arange(inn) // NF4_BLOCK, Table(levels)
+        scale[block].reshape(out, inn // segment).T.contiguous(), torch.arange(inn) // segment, Table(levels)
     )
     return Stored(grid, codes.to(torch.uint8).reshape(out, inn))
 
