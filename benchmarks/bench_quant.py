@@ -1,14 +1,14 @@
 """Quantize-aware merge, in two parts.
 
 1. Survival: a Llama-style checkpoint (hidden 1024) quantized by this script into FP8, INT8, GPTQ int4, AWQ int4 (and
-   FP8 128x128 blocks, NF4); a rank-16 all-linear adapter at ||dW|| / ||W|| = 1e-3, 1e-2, 1e-1; retention, noise and
+   FP8 128x128 blocks, NF4, compressed-tensors int4, NVFP4, MXFP8); a rank-16 all-linear adapter at ||dW|| / ||W|| = 1e-3, 1e-2, 1e-1; retention, noise and
    probe output error of every strategy next to the same-grid baseline (PEFT's method). Goal: the default keeps
    >= 90% of a 1e-2 delta with aligned probe error <= half the same-grid baseline's.
 2. Speed and memory at the size users work at: 2 layers x hidden 4096 x intermediate 11008 (405M quantized
    parameters, the rest bf16), every writable format and every strategy but `original`, each timed until its output
    is on disk, next to lorakit's own `--dtype bf16` merge of the same checkpoint in the same run. Goals: <= 1.5x that
-   for FP8 / INT8, <= 2.5x for int4 / NF4; peak RSS <= 1 GiB.
-Set BENCH_PART=1 or 2 to run one part, BENCH_ROUNDS for the rounds of part 2 (2)."""
+   for FP8 / INT8 / MXFP8, <= 2.5x for int4 / NF4 / NVFP4; peak RSS <= 1 GiB.
+Set BENCH_PART=1 or 2 to run one part, BENCH_ROUNDS for the rounds of part 2 (2), BENCH_FORMATS for a subset."""
 
 import json
 import os
@@ -35,11 +35,14 @@ SIZE = dict(
     heads=8,
     kv_heads=4,
 )
-FORMATS = ("fp8", "int8", "gptq", "awq", "fp8-block", "nf4")
+FORMATS = tuple(
+    os.environ.get("BENCH_FORMATS", "fp8,int8,gptq,awq,fp8-block,nf4,ct-int,nvfp4,mxfp8").split(",")
+)
 BIG = dict(layers=2, hidden=4096, intermediate=11008, vocab=32000, heads=32, kv_heads=8)
 TIMED = tuple(os.environ.get("BENCH_STRATEGIES", "auto,feedback,same-grid,stochastic,rescale").split(","))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 2))  # part 2: interleaved rounds, best time of each
-GOALS = {"fp8": 1.5, "fp8-block": 1.5, "int8": 1.5, "gptq": 2.5, "awq": 2.5, "nf4": 2.5}
+GOALS = {"fp8": 1.5, "fp8-block": 1.5, "int8": 1.5, "mxfp8": 1.5, "gptq": 2.5, "awq": 2.5, "nf4": 2.5}
+GOALS.update({"ct-int": 2.5, "nvfp4": 2.5})
 RELS = (1e-3, 1e-2, 1e-1)
 STRATEGIES = ("same-grid", "feedback", "stochastic", "rescale", "original")
 
@@ -153,11 +156,12 @@ def speed(work):
     full = build(work, BIG, full_file=False)
     adapter(full, 1e-2, f"{work}/a.safetensors")
     del full
-    size = sum(os.path.getsize(f"{work}/fp8/{f}") for f in os.listdir(f"{work}/fp8"))
+    first = FORMATS[0]
+    size = sum(os.path.getsize(f"{work}/{first}/{f}") for f in os.listdir(f"{work}/{first}"))
     rows, verdicts = [], []
-    t_cp, rss_cp, _ = measure_command(f"cp -r {work}/fp8 {work}/copy")
+    t_cp, rss_cp, _ = measure_command(f"cp -r {work}/{first} {work}/copy")
     shutil.rmtree(f"{work}/copy")
-    rows.append(["fp8", "cp -r (I/O floor)", f"{t_cp:.2f}", "", f"{rss_cp:.0f}"])
+    rows.append([first, "cp -r (I/O floor)", f"{t_cp:.2f}", "", f"{rss_cp:.0f}"])
 
     def timed(fmt, extra):
         t, rss, _ = measure_python(
@@ -185,12 +189,14 @@ def speed(work):
             verdicts.append((fmt, strategy, t / t_bf16, rss))
     table(
         f"merge a rank-16 all-linear adapter into {BIG['layers']} layers x {BIG['hidden']} x "
-        f"{BIG['intermediate']} quantized checkpoints (FP8 one: {size / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
+        f"{BIG['intermediate']} quantized checkpoints ({first} one: {size / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
         f"best of {ROUNDS} interleaved rounds",
         ["format", "what", "wall s", "vs --dtype bf16", "peak RSS MiB"],
         rows,
     )
-    print("\ngoals (wall <= 1.5x --dtype bf16 for FP8/INT8, <= 2.5x for int4/NF4; peak RSS <= 1024 MiB):")
+    print(
+        "\ngoals (wall <= 1.5x --dtype bf16 for FP8/INT8/MXFP8, <= 2.5x for int4/NF4/NVFP4; peak RSS <= 1024 MiB):"
+    )
     for fmt, strategy, ratio, rss in verdicts:
         ok = ratio <= GOALS[fmt] and rss <= 1024
         print(f"  {fmt:9s} {strategy:10s} {ratio:.2f}x, {rss:.0f} MiB -> {'met' if ok else 'NOT met'}")

@@ -17,15 +17,18 @@ Each KL is also given as a multiple of the floor (the quantized base without the
 without it: what quantizing already costs). The checks of issue #36 are printed per row: the default <= 1.1x the best
 fixed strategy, <= no adapter, and below the anchor wherever the anchor is below no adapter. The logits are lorakit's
 model's on the dequantized weights (the same as transformers'), so the figures are the weights' alone. GGUF rows
-need llama.cpp built (LLAMA_CPP=<vendor/llama.cpp with build/bin>).
+need llama.cpp built (LLAMA_CPP=<vendor/llama.cpp with build/bin>); `llmc-*` rows (compressed-tensors bases made by
+llm-compressor, its own quantizer as the anchor) need llm-compressor in a venv of its own (LLMC_PYTHON=<its python>).
 
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/bench_quant_quality.py [int8 nf4 Q4_K_M ...]
+    LLMC_PYTHON=/path/to/venv/bin/python python benchmarks/bench_quant_quality.py llmc-nvfp4 llmc-w4a16 ...
     ADAPTERS=weak,random ...   (a subset of the adapters)
 """
 
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -44,6 +47,19 @@ from lorakit.training.model import LlamaForCausalLM  # noqa: E402
 from lorakit.training.model import dequantized  # noqa: E402
 
 HF_FORMATS = ("int8", "fp8", "fp8-block", "nf4", "gptq", "awq")
+# compressed-tensors bases made by the real llm-compressor (LLMC_PYTHON: its venv's python): QuantizationModifier's
+# arguments; SmolLM2's widths (576, 1536) are not multiples of 128, so the int schemes take groups of 64 / channels
+LLMC = {
+    "llmc-w4a16": {
+        "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "group_size": 64}}}
+    },
+    "llmc-w8a16": {
+        "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "strategy": "channel"}}}
+    },
+    "llmc-fp8-block": {"scheme": "FP8_BLOCK"},
+    "llmc-nvfp4": {"scheme": "NVFP4A16"},
+    "llmc-mxfp8": {"scheme": "MXFP8A16"},
+}
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_1", "Q4_0")
 FIXED = ("feedback", "same-grid", "stochastic", "rescale", "refit")  # what needs nothing but the base
 ADAPTERS = {"trained": 20, "weak": 2, "random": 0.02, "strong": 0.2}  # steps, or the std of lora_B
@@ -142,9 +158,21 @@ def wanted(label):
     return not ONLY or any(part in label for part in ONLY.split(","))
 
 
+def llm_compressor(fmt, source, out):
+    """`source` (a Hugging Face folder) quantized by llm-compressor into `out` with LLMC[fmt]'s arguments."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llmc_quantize.py")
+    subprocess.run(
+        [os.environ["LLMC_PYTHON"], script, source, out, json.dumps(LLMC[fmt])],
+        check=True,
+        capture_output=True,
+    )
+
+
 def quantized_base(fmt, work, tensors, config, full_gguf):
     base = os.path.join(work, f"base-{fmt}" + (".gguf" if fmt.startswith("Q") else ""))
-    if fmt.startswith("Q"):
+    if fmt in LLMC:
+        llm_compressor(fmt, os.path.join(work, "fp32"), base)
+    elif fmt.startswith("Q"):
         llama_cpp("llama-quantize", full_gguf, base, fmt)
     else:
         examples.write_quantized(base, tensors, config, fmt, group_size=GROUP)
@@ -170,6 +198,13 @@ def candidates(fmt, base, work, config, adapter, full_gguf):
         requant = os.path.join(work, f"{fmt}-export-requant.gguf")
         llama_cpp("llama-quantize", "--allow-requantize", merged, requant, fmt)
         yield "anchor", requant
+    elif fmt in LLMC:  # dequantize + merge, then llm-compressor's own quantizer afresh
+        dense = os.path.join(work, f"{fmt}-dense")
+        lorakit.merge(base, [adapter], dense, dtype="bf16", quiet=True, force=True)
+        out = os.path.join(work, f"{fmt}-requant")
+        shutil.rmtree(out, ignore_errors=True)
+        llm_compressor(fmt, dense, out)
+        yield "anchor", out
     else:  # afresh, by nearest (lorakit's fixtures' quantizer)
         dense = os.path.join(work, f"{fmt}-dense")
         lorakit.merge(base, [adapter], dense, dtype="float32", quiet=True, force=True)
@@ -207,7 +242,11 @@ def verdict(row):
 
 
 def main():
-    chosen = sys.argv[1:] or list(HF_FORMATS) + (list(GGUF_TYPES) if os.environ.get("LLAMA_CPP") else [])
+    chosen = sys.argv[1:] or [
+        *HF_FORMATS,
+        *(GGUF_TYPES if os.environ.get("LLAMA_CPP") else ()),
+        *(LLMC if os.environ.get("LLMC_PYTHON") else ()),
+    ]
     import transformers
 
     with tempfile.TemporaryDirectory(prefix="lorakit-quality-") as work:

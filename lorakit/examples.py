@@ -255,7 +255,7 @@ def quantize(W, fmt, group_size=128, bits=4):
         }
         members = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales"}
     else:
-        raise LorakitError(f"cannot quantize to '{fmt}' (fp8, fp8-block, int8, gptq, awq, nf4)")
+        handler, t, members = compressed_stub(W, fmt, group_size)
     ckpt = TensorDict(t)
     grid = requant.fit(handler, ckpt, members, handler.grid(ckpt, members), [(0, inn, W.float())])
     S, Z = grid.columns(0, inn)
@@ -265,6 +265,41 @@ def quantize(W, fmt, group_size=128, bits=4):
         **{k: v for k, v in t.items() if k not in stored},
         **stored,
     }  # NF4's quant_map and state are fixed
+
+
+def compressed_stub(W, fmt, group_size):
+    """(format, zeroed tensors, members) of the compressed-tensors / NVFP4 / MXFP8 layouts llm-compressor writes
+    (ct-int: 4-bit symmetric groups; nvfp4: its global scale 448 x 6 / max |W|)."""
+    from .quant.ct_packed import CTPacked
+    from .quant.mxfp8 import MXFP8
+    from .quant.nvfp4 import NVFP4
+
+    out, inn = W.shape
+    if fmt == "ct-int":
+        handler = CTPacked({4})
+        t = {
+            "weight_packed": torch.zeros(out, -(-inn // 8), dtype=torch.int32),
+            "weight_scale": torch.zeros(out, inn // group_size, dtype=torch.bfloat16),
+            "weight_shape": torch.tensor([out, inn]),
+        }
+    elif fmt == "nvfp4":
+        handler = NVFP4("compressed-tensors")
+        t = {
+            "weight_packed": torch.zeros(out, inn // 2, dtype=torch.uint8),
+            "weight_scale": torch.zeros(out, inn // 16).to(torch.float8_e4m3fn),
+            "weight_global_scale": (448.0 * 6.0 / W.abs().amax().float().clamp(min=1e-12)).reshape(1),
+        }
+    elif fmt == "mxfp8":
+        handler = MXFP8()
+        t = {
+            "weight": torch.zeros(out, inn).to(torch.float8_e4m3fn),
+            "weight_scale": torch.zeros(out, inn // 32, dtype=torch.uint8),
+        }
+    else:
+        raise LorakitError(
+            f"cannot quantize to '{fmt}' (fp8, fp8-block, int8, gptq, awq, nf4, ct-int, nvfp4, mxfp8)"
+        )
+    return handler, t, {k: k for k in t}
 
 
 def quantize_gguf(W, kind):
@@ -307,4 +342,24 @@ def quantization_config(fmt, group_size=128, bits=4):
             "version": "gemm",
             "zero_point": True,
         },
+        "ct-int": compressed_tensors_config("pack-quantized", num_bits=4, type="int", group_size=group_size),
+        "nvfp4": compressed_tensors_config(
+            "nvfp4-pack-quantized", num_bits=4, type="float", group_size=16, strategy="tensor_group"
+        ),
+        "mxfp8": compressed_tensors_config(
+            "mxfp8-quantized", num_bits=8, type="float", group_size=32, scale_dtype="torch.uint8"
+        ),
     }[fmt]
+
+
+def compressed_tensors_config(fmt, **weights):
+    """A compressed-tensors quantization_config of one group over every Linear but lm_head, as llm-compressor
+    writes it."""
+    weights = {"symmetric": True, "strategy": "group", "dynamic": False, **weights}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": fmt}},
+        "ignore": ["lm_head"],
+    }

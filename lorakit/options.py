@@ -20,7 +20,7 @@ from .quant import STRATEGIES
 
 DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
 ONTO = ("dequantized", "original")
-QUANTIZE = ("nf4", "int8", "fp8")  # train --quantize (lorakit.training.frozen)
+QUANTIZE = ("nf4", "int8", "fp8", "nvfp4", "fp8-block")  # train --quantize (lorakit.training.frozen)
 MIN_SHARD = 1 << 20
 
 
@@ -142,7 +142,9 @@ class TrainOptions:
     quantize: str = option(
         None,
         "Keep the frozen base's linear layers as codes, quantized on load: nf4 (QLoRA: blocks of 64, "
-        "double-quantized absmax, as bitsandbytes), int8 or fp8 per row. A quantized base stays quantized anyway.",
+        "double-quantized absmax, as bitsandbytes), int8 or fp8 per row, nvfp4 (llm-compressor's recipe: E4M3 "
+        "scales per 16, one FP32 scale per tensor), fp8-block (128 x 128 blocks). A quantized base stays quantized "
+        "anyway.",
         choices=QUANTIZE,
     )
     checkpointing: bool = option(

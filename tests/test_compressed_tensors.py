@@ -389,3 +389,49 @@ def test_moe_experts_merge_per_expert(tmp_path):
     for n in before:
         if n.endswith("weight_global_scale"):  # kept: an expert's gate and up stay on one per-tensor scale
             assert torch.equal(before[n], after[n]), n
+
+
+def test_quantize_nvfp4_on_load_is_compressed_tensors_recipe():
+    """train --quantize nvfp4: the codes and scales compressed-tensors' own NVFP4 recipe (generate_gparam,
+    calculate_qparams, NVFP4PackedCompressor) makes of the same weight, byte for byte, and its dequantization."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    from lorakit.training import frozen
+
+    W = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    args = QuantizationArgs(
+        num_bits=4, type="float", strategy="tensor_group", group_size=16, scale_dtype=torch.float8_e4m3fn
+    )
+    global_scale = generate_gparam(W.min(), W.max())
+    groups = W.reshape(96, -1, 16)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=global_scale)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {"weight": W, "weight_scale": scale, "weight_global_scale": global_scale}
+    packed = NVFP4PackedCompressor.compress(state, scheme)
+    ours = frozen.quantize(W, "nvfp4")
+    codes = torch.stack([packed["weight_packed"] & 15, packed["weight_packed"] >> 4], -1).reshape(96, 256)
+    assert torch.equal(ours.codes, codes)
+    assert torch.equal(ours.grid.S.T, packed["weight_scale"].float() / global_scale)
+    theirs = NVFP4PackedCompressor.decompress(packed, scheme)["weight"]
+    assert torch.equal(ours.dequantize().to(torch.bfloat16).view(torch.int16), theirs.view(torch.int16))
+
+
+def test_quantize_fp8_block_on_load_is_compressed_tensors_recipe():
+    """train --quantize fp8-block: compressed-tensors' FP8_BLOCK (128 x 128, scale max / 448) on a weight whose
+    sides are not whole blocks."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    from lorakit.training import frozen
+
+    W = torch.randn(200, 320, generator=torch.Generator().manual_seed(1)) * 0.02
+    args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[128, 128])
+    padded = torch.nn.functional.pad(W, (0, 64, 0, 56)).reshape(2, 128, 3, 128)
+    scale, zero = calculate_qparams(padded.amin((1, 3)), padded.amax((1, 3)), args)
+    codes = quantize(W, scale, zero, args, dtype=torch.float8_e4m3fn)
+    ours = frozen.quantize(W, "fp8-block")
+    assert torch.equal(ours.codes.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(ours.dequantize(), dequantize(codes, scale, zero, args, dtype=torch.float32))

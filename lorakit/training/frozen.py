@@ -7,7 +7,8 @@ the base costs its stored size, not that of its full-precision weights. The arit
 weight, bit for bit.
 
 `quantize` turns a full-precision weight into codes on load (--quantize): NF4 as bitsandbytes and QLoRA make it
-(blocks of 64, double-quantized absmax), INT8 and FP8 E4M3 per output row.
+(blocks of 64, double-quantized absmax), INT8 and FP8 E4M3 per output row, NVFP4 as compressed-tensors'
+(llm-compressor's) recipe, FP8 in 128 x 128 blocks.
 """
 
 import functools
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 from ..errors import LorakitError
 from ..options import QUANTIZE
 from ..quant.base import Factored, Grid, Stored
+from ..quant.mxfp4 import CODEBOOK as E2M1
 from ..quant.nf4 import NF4_LEVELS
 from ..quant.rounding import FP8, FP8_MAX, Table, Uniform
 
 # QLoRA's blocks: 64 weights share an absmax; 256 absmax values share a scale
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256
+NVFP4_GROUP, FP8_BLOCK = 16, 128
 
 
 def dynamic_map():
@@ -83,12 +86,55 @@ def per_row_stored(W, kind):
     return Stored(Grid(S[None, :].contiguous(), torch.zeros(W.shape[1], dtype=torch.int64), book), codes)
 
 
+def nvfp4_stored(W):
+    """W [out, in] as compressed-tensors' NVFP4 recipe (llm-compressor's NVFP4 / NVFP4A16): a global scale
+    448 x 6 / max |W|, per 16 inputs of a row an E4M3 scale global x max / 6 (nearest, 0 -> 0.125), the nearest E2M1
+    code of W / (scale / global)."""
+    out, inn = W.shape
+    if inn % NVFP4_GROUP:
+        raise LorakitError(f"NVFP4 groups of {NVFP4_GROUP} do not tile rows of {inn}")
+    W = W.float()
+    amax = W.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    global_scale = torch.nan_to_num(FP8_MAX * 6.0 / amax, nan=1.0, posinf=1.0)
+    block = W.reshape(out, -1, NVFP4_GROUP).abs().amax(-1)  # [out, groups]
+    scale = (global_scale * (block / 6.0)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    scale = torch.where(scale == 0, torch.tensor(0.125), scale)
+    S = (scale / global_scale).T.contiguous()  # as compressed-tensors dequantizes: scale / global, in fp32
+    grid = Grid(S, torch.arange(inn) // NVFP4_GROUP, E2M1)
+    U = W / S.T.repeat_interleave(NVFP4_GROUP, 1)
+    negative = torch.signbit(U)
+    codes = E2M1.round(U)[0]
+    codes = torch.where(
+        (codes & 7) == 0, negative.to(torch.uint8) << 3, codes
+    )  # a zero keeps W's sign, as theirs
+    return Stored(grid, codes)
+
+
+def fp8_block_stored(W, block=FP8_BLOCK):
+    """W [out, in] in FP8 E4M3 with an fp32 scale max / 448 per 128 x 128 block (DeepSeek-V3's and FP8_BLOCK's)."""
+    out, inn = W.shape
+    W = W.float()
+    padded = torch.nn.functional.pad(W, (0, -inn % block, 0, -out % block))
+    blocks = (
+        padded.reshape(padded.shape[0] // block, block, -1, block).abs().amax((1, 3))
+    )  # [out / b, in / b]
+    scale = (blocks / FP8_MAX).clamp(min=1e-12)
+    S = scale.T.repeat_interleave(block, 1)[:, :out].contiguous()  # [in blocks, out]
+    g = torch.arange(inn) // block
+    codes = FP8().round(W / S[g].T)[0]
+    return Stored(Grid(S, g, FP8()), codes)
+
+
 def quantize(W, kind):
-    """A full-precision weight [out, in] as the Stored codes of `kind` (nf4, int8, fp8)."""
+    """A full-precision weight [out, in] as the Stored codes of `kind` (nf4, int8, fp8, nvfp4, fp8-block)."""
     if kind == "nf4":
         return nf4_stored(W)
     if kind in ("int8", "fp8"):
         return per_row_stored(W, kind)
+    if kind == "nvfp4":
+        return nvfp4_stored(W)
+    if kind == "fp8-block":
+        return fp8_block_stored(W)
     raise LorakitError(f"--quantize is one of {', '.join(QUANTIZE)}, not '{kind}'")
 
 
