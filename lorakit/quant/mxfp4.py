@@ -101,13 +101,15 @@ def nibbles(packed):
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
 
 
-def packed_nibbles(codes, old):
+def packed_nibbles(codes, old, chunk=1 << 22):
     """Codes (any shape, elements in order) packed two a byte into the shape of the stored bytes `old`. A zero
     keeps the sign it was stored with: a merge adds +0 where there is no delta, which would turn a stored -0 into +0
-    and change the bytes of blocks the adapter never touched."""
-    before = nibbles(old).reshape(codes.shape)
-    codes = codes.to(torch.uint8)
-    zero = (codes & 7) == 0
-    codes = torch.where(zero, torch.where((before & 7) == 0, before, 0), codes).to(torch.uint8)
-    pairs = codes.reshape(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).reshape(old.shape)
+    and change the bytes of blocks the adapter never touched. Chunked, so that the temporaries stay small."""
+    flat, before = codes.reshape(-1), old.reshape(-1)
+    packed = torch.empty(before.shape, dtype=torch.uint8)
+    for i in range(0, before.numel(), chunk):
+        c = flat[2 * i : 2 * (i + chunk)].to(torch.uint8)
+        b = nibbles(before[i : i + chunk])
+        c = torch.where((c & 7) == 0, torch.where((b & 7) == 0, b, 0), c).to(torch.uint8)
+        packed[i : i + chunk] = c[0::2] | (c[1::2] << 4)
+    return packed.reshape(old.shape)
