@@ -108,11 +108,37 @@ def test_merge_keeps_the_format_and_loads_in_transformers(tmp_path, scheme):
         target = old.get(f"{name}.weight").double() + m.delta(torch.float64)
         kept = (old.get(f"{name}.weight").double() - target).norm()
         assert (new.get(f"{name}.weight").double() - target).norm() < 0.5 * kept, name
-    # transformers reads the merged checkpoint with the weights lorakit reads
+    # transformers reads the merged checkpoint with the weights lorakit reads, and computes their logits
     model = load_in_transformers(tmp_path / "merged")
     state = model.state_dict()
     for name in new.quantized:
         assert torch.equal(state[name], new.get(name).to(torch.bfloat16)), name
+    plain = plain_llama(tmp_path / "merged", {n: new.get(n) for n in new.names})
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits.float() - plain(ids).logits.float()).abs().max() <= 2e-3  # bf16 kernels'
+
+
+def plain_llama(folder, tensors):
+    """transformers' Llama of `folder`'s config without its quantization, holding `tensors` in bf16."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.load_state_dict({n: t.to(torch.bfloat16) for n, t in tensors.items()}, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-asym-actorder", "nvfp4a16", "mxfp8a16", "fp8-block"])
+@pytest.mark.parametrize("strategy", ["same-grid", "feedback", "stochastic", "rescale", "refit"])
+def test_every_strategy_writes_what_compressed_tensors_decompresses(tmp_path, scheme, strategy):
+    base = os.path.join(DATA, scheme)
+    adapter(0.05).save(tmp_path / "a.safetensors")
+    lorakit.merge(base, [str(tmp_path / "a.safetensors")], tmp_path / "m", strategy=strategy, quiet=True)
+    view = open_base(tmp_path / "m").view
+    for stem, W in decompressed(tmp_path / "m").items():
+        assert torch.equal(view.get(f"{stem}.weight").to(W.dtype).view(torch.int16), W.view(torch.int16)), stem
 
 
 def test_merge_to_a_dtype_drops_the_quantization(tmp_path):
