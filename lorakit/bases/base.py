@@ -130,6 +130,15 @@ class Base:
 
         return {a: Slice(a, *spec) for a, spec in fused_aliases(self.shapes()).items()}
 
+    def alias_shapes(self):
+        """{'<alias>.weight': shape}: the modules other tools name inside this base's fused tensors (fused_slices:
+        a GGUF's per-expert Hugging Face modules), as their rows lie."""
+        out = {}
+        for alias, piece in self.fused_slices.items():
+            rows, cols = piece.stop - piece.start, self.shape(piece.tensor)[1]
+            out[f"{alias}.weight"] = (cols, rows) if piece.transposed else (rows, cols)
+        return out
+
     @cached_property
     def split_slices(self):
         """{original name: [Slice]}: an original fused module's rows as the tensors a diffusers-layout base cuts it

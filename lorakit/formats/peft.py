@@ -111,7 +111,8 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
     for (parent, param), p in sorted(wrapped.items()):
         try:
             model_type = (base.config or {}).get("model_type") if base is not None else None
-            for mod in peft_experts.expert_modules(parent, param, p, config, shapes, notes, model_type):
+            named = {**base.alias_shapes(), **shapes} if base is not None else None  # a GGUF's experts too
+            for mod in peft_experts.expert_modules(parent, param, p, config, named, notes, model_type):
                 ad.add(mod)
         except LorakitError as e:
             raise LorakitError(e.message, path=path, tensor=e.tensor, code=e.code) from None

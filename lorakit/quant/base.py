@@ -201,9 +201,10 @@ def round_to(t, like):
 
 def round_up_to(t, like):
     """t (positive scales) in the dtype and shape of the stored tensor `like`, rounded up where the nearest value
-    is below t: a fitted scale never shrinks the range it was fitted to (nothing clipped)."""
+    is below t: a fitted scale never shrinks the range it was fitted to (nothing clipped). Below by more than fp32's
+    own rounding only: a scale refitted to the range its stored value gives (S x 6 / 6) comes back as it was."""
     r = t.to(like.dtype)
-    low = r.float() < t
+    low = r.float() < t * (1 - 2.0**-20)
     if bool(low.any()):
         if like.dtype == torch.float8_e4m3fn:  # positive e4m3: the next value is the next bit pattern
             up = (r.view(torch.uint8) + 1).clamp(max=0x7E).view(torch.float8_e4m3fn)

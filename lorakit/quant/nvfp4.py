@@ -10,16 +10,16 @@ in:
   vLLM's modelopt_fp4 reads it; no ModelOpt file was made here (it needs a GPU), so the layout is built from them.
 
 A merge keeps the per-tensor scale: fused partners (q / k / v, gate / up, an expert's gate and up) must share it for
-the engines that fuse them, as llm-compressor and ModelOpt make them. Where W + dW leaves a block's range, its E4M3
-scale grows (rounded up: never clipped) up to E4M3's 448; beyond that the block saturates, as measured in the
-report's error.
+the engines that fuse them, as llm-compressor and ModelOpt make them. A refitted block's E4M3 scale is the nearest to
+its largest magnitude over 6, as compressed-tensors rounds it (so a value up to 6% past the grid's end is clipped, as
+in the producer's own quantization), up to E4M3's 448; beyond that the block saturates, as the report's error says.
 """
 
 import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import malformed, Grid, QuantFormat, check_dtype, round_up_to
+from .base import malformed, Grid, QuantFormat, check_dtype
 from .mxfp4 import CODEBOOK, nibbles, packed_nibbles
 
 GROUP = 16
@@ -122,16 +122,16 @@ class NVFP4(QuantFormat):
         return self._grid(ckpt, m, ckpt.get(m["weight_scale"]))
 
     def fit(self, ckpt, m, lo, hi):
-        """Each block's E4M3 scale the smallest that holds its largest magnitude within 6, the tensor's scale kept."""
+        """Each block's E4M3 scale its largest magnitude over 6, to the nearest E4M3 value as compressed-tensors
+        rounds it (rounding up would cost a block whose range grew by a hair an E4M3 step, 12.5%: its codes all
+        re-rounded onto a coarser grid); the tensor's scale kept."""
         out, inn = self.shape(ckpt, m)
         tensor = self._tensor_scale(ckpt, m)
         wanted = torch.maximum(-lo, hi).T / 6.0  # [out, blocks]: the scale's value
         wanted = wanted * tensor if self.layout == "compressed-tensors" else wanted / tensor
         old = ckpt.get(m["weight_scale"])
         stored = old.clone()
-        stored[:out, : inn // GROUP] = round_up_to(
-            wanted.clamp(E4M3_MIN, E4M3_MAX), old[:out, : inn // GROUP]
-        )
+        stored[:out, : inn // GROUP] = wanted.clamp(E4M3_MIN, E4M3_MAX).to(torch.float8_e4m3fn)
         return self._grid(ckpt, m, stored)
 
     def encode(self, ckpt, m, codes, grid):
