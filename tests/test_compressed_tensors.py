@@ -138,7 +138,9 @@ def test_every_strategy_writes_what_compressed_tensors_decompresses(tmp_path, sc
     lorakit.merge(base, [str(tmp_path / "a.safetensors")], tmp_path / "m", strategy=strategy, quiet=True)
     view = open_base(tmp_path / "m").view
     for stem, W in decompressed(tmp_path / "m").items():
-        assert torch.equal(view.get(f"{stem}.weight").to(W.dtype).view(torch.int16), W.view(torch.int16)), stem
+        assert torch.equal(view.get(f"{stem}.weight").to(W.dtype).view(torch.int16), W.view(torch.int16)), (
+            stem
+        )
 
 
 def test_merge_to_a_dtype_drops_the_quantization(tmp_path):

@@ -527,3 +527,45 @@ def test_extract_an_expert_lora_per_expert(tmp_path, kind):
         delta = want.get(name).double() - before.get(name).double()
         error = float((got.get(name).double() - want.get(name).double()).norm())
         assert error <= 1e-5 * max(float(delta.norm()), 1e-30), (name, error)
+
+
+def test_gpt_oss_expert_lora_into_llama_cpp_layout(tmp_path):
+    """gpt-oss's fused gate_up_proj interleaves gate's and up's columns (transformers: gate_up[..., ::2] and
+    [..., 1::2]); llama.cpp's convert_hf_to_gguf splits it so into blk.N.ffn_gate_exps / ffn_up_exps [E, I, H] (checked
+    against the real converter in benchmarks/check_llama_cpp_moe.py). A PEFT target_parameters LoRA merged into such
+    a GGUF moves each expert exactly as PEFT's merge_and_unload moves the fused tensor."""
+    import gguf
+    import numpy as np
+
+    base, adapter, peft_merged, _ = build(tmp_path, "gpt_oss")
+    src, out = open_base(base), open_base(peft_merged)
+
+    def llama_cpp_layout(tensors):  # {gguf name: [E, rows, cols]} as convert_hf_to_gguf writes gpt-oss
+        layers = {}
+        for i in range(2):
+            gate_up, down = (
+                tensors(f"model.layers.{i}.mlp.experts.gate_up_proj"),
+                tensors(f"model.layers.{i}.mlp.experts.down_proj"),
+            )
+            layers[f"blk.{i}.ffn_gate_exps.weight"] = gate_up[:, :, 0::2].transpose(1, 2)
+            layers[f"blk.{i}.ffn_up_exps.weight"] = gate_up[:, :, 1::2].transpose(1, 2)
+            layers[f"blk.{i}.ffn_down_exps.weight"] = down.transpose(1, 2)
+        return layers
+
+    before = llama_cpp_layout(lambda n: src.get(n).float())
+    w = gguf.GGUFWriter(os.fspath(tmp_path / "moe.gguf"), "gpt-oss")
+    w.add_block_count(2)
+    w.add_expert_count(4)
+    for name, t in before.items():
+        w.add_tensor(name, t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert open_base(tmp_path / "moe.gguf").model_type == "gpt_oss"
+    lorakit.merge(tmp_path / "moe.gguf", [adapter], tmp_path / "out.gguf", quiet=True, skip_unmatched=True)
+    after = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors}
+    want = llama_cpp_layout(lambda n: out.get(n).float())
+    for name in before:
+        delta, expected = after[name] - before[name].numpy(), (want[name] - before[name]).numpy()
+        assert np.abs(delta - expected).max() <= 1e-5 * np.abs(expected).max(), name

@@ -130,6 +130,11 @@ class Base:
 
         return {a: Slice(a, *spec) for a, spec in fused_aliases(self.shapes()).items()}
 
+    @property
+    def model_type(self):
+        """The Hugging Face model type (config.json's `model_type`), or None where the base does not say."""
+        return (self.config or {}).get("model_type")
+
     def alias_shapes(self):
         """{'<alias>.weight': shape}: the modules other tools name inside this base's fused tensors (fused_slices:
         a GGUF's per-expert Hugging Face modules), as their rows lie."""

@@ -16,6 +16,10 @@ EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 EXPERT_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
 
 
+# llama.cpp architecture -> Hugging Face model_type, where they are not the same name up to '-' / '_'
+GGUF_MODEL_TYPES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "deepseek2": "deepseek_v3"}
+
+
 class GGUFBase(Base):
     kind = "gguf"
     experts = EXPERTS
@@ -38,6 +42,14 @@ class GGUFBase(Base):
             )
         handler = GGUFBlocks()
         self.view = WeightView(self.path, self.ckpt, handler, handler.find(self.ckpt))
+
+    @property
+    def model_type(self):
+        """The Hugging Face model type of llama.cpp's architecture (Mixtral is llama.cpp's llama with experts)."""
+        arch = self.kv.get("general.architecture")
+        if arch == "llama" and self.kv.get("llama.expert_count"):
+            return "mixtral"
+        return GGUF_MODEL_TYPES.get(arch, arch.replace("-", "_") if isinstance(arch, str) else None)
 
     @property
     def tied_embeddings(self):

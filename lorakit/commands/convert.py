@@ -161,7 +161,7 @@ def _experts_for_peft(adapter, base, engine):
     where the engine, or PEFT itself, loads them only so."""
     from ..formats import peft_experts
 
-    model_type = (base.config or {}).get("model_type") if base is not None else None
+    model_type = base.model_type if base is not None else None
     if not peft_experts.wants_target_parameters(model_type, engine):
         return adapter
     return peft_experts.fused_in_memory(adapter)

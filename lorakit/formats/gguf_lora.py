@@ -107,7 +107,7 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
     ad = Adapter(
         source_format="gguf", notes=notes, provenance={"source_format": "gguf", "architecture": arch}
     )
-    mixtral = (_base_config(base) or {}).get("model_type") == "mixtral"
+    mixtral = base is not None and base.model_type == "mixtral"
     for gname, p in sorted(pairs.items()):
         if set(p) != {"lora_a", "lora_b"}:
             raise LorakitError(f"has {' and '.join(p)} only (wrong pairing)", path=path, tensor=gname)

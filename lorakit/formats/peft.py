@@ -103,14 +103,14 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         moved_base=base_change(config),
     )
     notes += [n for n in [initialisation_note(config)] if n]
-    if base is not None and (base.config or {}).get("model_type"):
+    if base is not None and base.model_type:
         # what writing fused-expert LoRAs back as PEFT needs (their orientation), kept in the adapter's provenance
-        ad.provenance["base_model_type"] = base.config["model_type"]
+        ad.provenance["base_model_type"] = base.model_type
     for module, p in sorted(parts.items()):
         ad.add(_module(module, p, config, shapes, notes, path))
     for (parent, param), p in sorted(wrapped.items()):
         try:
-            model_type = (base.config or {}).get("model_type") if base is not None else None
+            model_type = base.model_type if base is not None else None
             named = {**base.alias_shapes(), **shapes} if base is not None else None  # a GGUF's experts too
             for mod in peft_experts.expert_modules(parent, param, p, config, named, notes, model_type):
                 ad.add(mod)
@@ -293,8 +293,7 @@ def _fused_experts_model_type(modules, base, provenance, path):
     fused = [g for g in experts.expert_groups(modules) if g.endswith(f".{experts.WILDCARD}")]
     if not fused:
         return None
-    model_type = ((base.config or {}) if base is not None else {}).get("model_type")
-    model_type = model_type or provenance.get("base_model_type")
+    model_type = (base.model_type if base is not None else None) or provenance.get("base_model_type")
     if model_type is None:
         raise LorakitError(
             "LoRAs on rows of a fused expert tensor: PEFT's target_parameters layout depends on the model type, "

@@ -123,9 +123,19 @@ def expert_modules(parent, param, p, config, shapes, notes, model_type=None):
     modules, rows = [], out // len(pieces)
     for e in range(E):
         for i, name in enumerate(names[e]):
-            B_e = B3[e, i * rows : (i + 1) * rows].contiguous()
+            if (
+                model_type in INTERLEAVED
+            ):  # gate, up, gate, up, ... (transformers' gpt-oss: gate_up[..., ::2])
+                B_e = B3[e, i :: len(pieces)].contiguous()
+            else:
+                B_e = B3[e, i * rows : (i + 1) * rows].contiguous()
             modules.append(Module(name, A3[e].contiguous(), B_e, alpha=scale * r))
     return modules
+
+
+# model types whose fused gate_up_proj interleaves gate's and up's rows (transformers GptOssExperts; llama.cpp's
+# converter splits it so), where every other model stacks gate's rows, then up's
+INTERLEAVED = ("gpt_oss",)
 
 
 # model types for which PEFT (transformers_weight_conversion) converts per-expert adapters onto transformers 5's fused
