@@ -463,3 +463,36 @@ def test_quantize_fp8_block_on_load_is_compressed_tensors_recipe():
     ours = frozen.quantize(W, "fp8-block")
     assert torch.equal(ours.codes.view(torch.uint8), codes.view(torch.uint8))
     assert torch.equal(ours.dequantize(), dequantize(codes, scale, zero, args, dtype=torch.float32))
+
+
+def test_modelopt_export_reads_as_modelopt_dequantizes_and_merges(tmp_path):
+    """NVIDIA ModelOpt 0.47's own NVFP4 export (NVFP4_DEFAULT_CFG, export_hf_checkpoint, on the CPU: tests/fixtures/
+    make_modelopt.py): lorakit reads every weight as ModelOpt's NVFP4QTensor dequantizes it (its table has one zero,
+    so -0 codes read as +0 there: equal values), and a merge keeps ModelOpt's layout and configs."""
+    folder = os.path.join(DATA, "modelopt-nvfp4")
+    reference = load_file(os.path.join(DATA, "modelopt-nvfp4-dequantized.safetensors"))
+    view = open_base(folder).view
+    assert view.handler.name == "nvfp4" and view.handler.layout == "modelopt"
+    assert sorted(view.quantized) == sorted(reference)
+    for name, W in reference.items():
+        assert torch.equal(view.get(name).to(W.dtype), W), name
+    ad = adapter(0.05)
+    ad.save(tmp_path / "a.safetensors")
+    lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "m", quiet=True)
+    before, after = load_file(f"{folder}/model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert {n: (t.dtype, t.shape) for n, t in before.items()} == {
+        n: (t.dtype, t.shape) for n, t in after.items()
+    }
+    for n in before:  # per-tensor and activation scales as they were; modules without a delta byte for byte
+        if n.endswith(("weight_scale_2", "input_scale")) or ".k_proj." in n or ".up_proj." in n:
+            assert torch.equal(raw(before[n]), raw(after[n])), n
+    for f in ("config.json", "hf_quant_config.json"):
+        assert json.load(open(tmp_path / "m" / f)) == json.load(open(os.path.join(folder, f)))
+    old, new = open_base(folder).view, open_base(tmp_path / "m").view
+    for name, m in ad.modules.items():
+        target = old.get(f"{name}.weight").double() + m.delta(torch.float64)
+        kept = (old.get(f"{name}.weight").double() - target).norm()
+        assert (new.get(f"{name}.weight").double() - target).norm() < 0.5 * kept, name
+    lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "d", dtype="bf16", quiet=True)
+    assert not os.path.exists(tmp_path / "d" / "hf_quant_config.json")
+    assert "quantization_config" not in json.load(open(tmp_path / "d" / "config.json"))

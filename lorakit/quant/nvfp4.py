@@ -6,8 +6,8 @@ in:
   Facts: compressed-tensors compressors/nvfp4 (unpack_fp4_from_uint8, dequantize), checked bit for bit in the tests.
 - NVIDIA ModelOpt (`hf_quant_config.json` or config.json `quant_method: modelopt`, `quant_algo: NVFP4`): `weight` U8
   [out, in / 2], `weight_scale` F8_E4M3 [out, in / 16] (rows / columns may be padded past those), `weight_scale_2`
-  F32 scalar: W = code x (weight_scale x weight_scale_2). Facts: ModelOpt's unified HF export as documented and as
-  vLLM's modelopt_fp4 reads it; no ModelOpt file was made here (it needs a GPU), so the layout is built from them.
+  F32 scalar: W = code x (weight_scale x weight_scale_2). Facts: ModelOpt's unified HF export and its NVFP4QTensor
+  dequantization, checked on a file ModelOpt 0.47 exported on the CPU.
 
 A merge keeps the per-tensor scale: fused partners (q / k / v, gate / up, an expert's gate and up) must share it for
 the engines that fuse them, as llm-compressor and ModelOpt make them. A refitted block's E4M3 scale is the nearest to
