@@ -55,7 +55,10 @@ ENGINES = {
     ),
     "tgi": Engine("tgi", "peft", max_rank=128, lm_head=False, source="as LoRAX, and no lm_head"),
     "llama.cpp": Engine(
-        "llama.cpp", "gguf", source="convert_lora_to_gguf ignores alpha_pattern and rsLoRA; no full weights"
+        "llama.cpp",
+        "gguf",
+        source="convert_lora_to_gguf ignores alpha_pattern and rsLoRA; no full weights; 3-D expert LoRAs (Qwen3-MoE, "
+        "Mixtral, gpt-oss) measured at run time in llama.cpp 0.5.0-dev 0c1e570 (check_llama_cpp_moe.py)",
     ),
 }
 
