@@ -151,6 +151,7 @@ def test_merge_to_a_dtype_drops_the_quantization(tmp_path):
     base = os.path.join(DATA, "nvfp4a16")
     lorakit.merge(base, [str(tmp_path / "a.safetensors")], tmp_path / "out", dtype="bf16", quiet=True)
     assert "quantization_config" not in json.load(open(tmp_path / "out" / "config.json"))
+    assert not os.path.exists(tmp_path / "out" / "recipe.yaml")  # llm-compressor's, stale on a bf16 output
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     old = open_base(base).view
     for (

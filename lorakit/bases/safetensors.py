@@ -17,6 +17,9 @@ from .view import WeightView
 
 # fused Mixture-of-Experts tensors stored 3-D on disk (gpt-oss, Llama 4)
 MODELOPT_CONFIG = "hf_quant_config.json"  # NVIDIA ModelOpt's quantization config, beside config.json
+# what a quantized folder says about its quantization besides config.json (GPTQ's config, ModelOpt's, llm-compressor's
+# recipe): left out of a dequantized output, where it would be stale (llm-compressor reads a folder's recipe.yaml)
+QUANTIZATION_FILES = ("quantize_config.json", MODELOPT_CONFIG, "recipe.yaml")
 FUSED_EXPERTS = re.compile(r".+\.experts\.(gate_up_proj|down_proj)")
 
 
@@ -138,8 +141,8 @@ class SafetensorsWriter:
 
     def finish(self, tmp, paths, weight_map, total):
         """Into the output folder `tmp` (its shards at `paths`, {file name: path}): the base folder's other files,
-        the index and, where needed, config.json (a dequantized output loses its quantization_config,
-        quantize_config.json and hf_quant_config.json)."""
+        the index and, where needed, config.json (a dequantized output loses its quantization_config and
+        QUANTIZATION_FILES)."""
         if not self.folder:
             return
         drop_quantization, target_dtype = self.job.dequantize_out, self.job.target_dtype
@@ -148,7 +151,7 @@ class SafetensorsWriter:
                 src = os.path.join(self.base, entry)
                 if entry.endswith(".safetensors") or entry == INDEX or entry.startswith("."):
                     continue
-                if drop_quantization and entry in ("quantize_config.json", MODELOPT_CONFIG):
+                if drop_quantization and entry in QUANTIZATION_FILES:
                     continue
                 if os.path.isdir(src):
                     shutil.copytree(src, os.path.join(tmp, entry))
