@@ -15,11 +15,11 @@ from ..io.jsonio import read_json
 from .base import Base
 from .view import WeightView
 
-# fused Mixture-of-Experts tensors stored 3-D on disk (gpt-oss, Llama 4)
 MODELOPT_CONFIG = "hf_quant_config.json"  # NVIDIA ModelOpt's quantization config, beside config.json
 # what a quantized folder says about its quantization besides config.json (GPTQ's config, ModelOpt's, llm-compressor's
 # recipe): left out of a dequantized output, where it would be stale (llm-compressor reads a folder's recipe.yaml)
 QUANTIZATION_FILES = ("quantize_config.json", MODELOPT_CONFIG, "recipe.yaml")
+# fused Mixture-of-Experts tensors stored 3-D on disk (gpt-oss, Llama 4)
 FUSED_EXPERTS = re.compile(r".+\.experts\.(gate_up_proj|down_proj)")
 
 

@@ -123,9 +123,8 @@ def expert_modules(parent, param, p, config, shapes, notes, model_type=None):
     modules, rows = [], out // len(pieces)
     for e in range(E):
         for i, name in enumerate(names[e]):
-            if (
-                model_type in INTERLEAVED
-            ):  # gate, up, gate, up, ... (transformers' gpt-oss: gate_up[..., ::2])
+            # gate, up, gate, up, ... where the model interleaves them (transformers' gpt-oss: gate_up[..., ::2])
+            if model_type in INTERLEAVED:
                 B_e = B3[e, i :: len(pieces)].contiguous()
             else:
                 B_e = B3[e, i * rows : (i + 1) * rows].contiguous()
