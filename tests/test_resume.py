@@ -17,6 +17,7 @@ from lorakit.io import staging
 
 from conftest import assert_one_line_error
 
+
 SIZE = dict(layers=4, hidden=64, intermediate=128)
 
 
@@ -118,6 +119,30 @@ def test_parts_write_the_same_bytes(work, n):
     assert [r["published"] for r in reports] == [False] * (n - 1) + [True]
     assert sum(r["files_written"] for r in reports) == 4
     assert contents(out) == contents(work / "reference")
+
+
+def test_a_part_with_no_files_after_publication_succeeds(work, cli, tmp_path):
+    """More parts than files (4 shards, 6 parts): two parts have nothing to write. Run after the others published
+    the output (a late array task), they succeed without touching it; a part with files run again after
+    publication is still refused (nothing says the output is this merge's)."""
+    out = tmp_path / "o"
+    busy = [i for i in range(1, 7) if lorakit.merge(work / "base", [work / "all.safetensors"], tmp_path / "probe",
+                                                    quiet=True, part=f"{i}/6")["files_written"]]  # fmt: skip
+    assert len(busy) == 4
+    reports = [
+        lorakit.merge(work / "base", [work / "all.safetensors"], out, quiet=True, part=f"{i}/6") for i in busy
+    ]
+    assert reports[-1]["published"] and contents(out) == contents(work / "reference")
+    for i in sorted(set(range(1, 7)) - set(busy)):
+        code, text, err = cli("merge", work / "base", work / "all.safetensors", "-o", out, "--part", f"{i}/6")
+        assert code == 0, err
+        assert f"part {i}/6: none of the output's files falls to this part" in text
+    assert contents(out) == contents(work / "reference")
+    assert "o" in os.listdir(tmp_path) and not any(".lorakit-work" in n for n in os.listdir(tmp_path))
+    code, text, err = cli(
+        "merge", work / "base", work / "all.safetensors", "-o", out, "--part", f"{busy[0]}/6"
+    )
+    assert_one_line_error(code, text, err, "output exists")
 
 
 def test_a_changed_input_or_option_or_a_corrupt_journal_is_refused(work, cli, tmp_path):

@@ -26,13 +26,15 @@ def merge(base, adapters, output, options):
     the base does not have are skipped and listed in the report (an error otherwise). Options: MergeOptions.
     Returns a report."""
     from ..bases import open_base
-    from ..engine.merge import merge_into
+    from ..engine.merge import merge_into, parted
 
     inputs = weighted_inputs(adapters)
     base = existing(local(base, "base", options.quiet), "BASE")
     base_path = os.fspath(base)
-    check_output(
-        output, [base_path, options.full_precision_base, options.initial, *paths(inputs)], options.force
+    check_output(  # an existing output of a part of several is judged once its files are known (engine.merge)
+        output,
+        [base_path, options.full_precision_base, options.initial, *paths(inputs)],
+        options.force or parted(options),
     )
     base = open_base(base)  # headers and configs parsed here, once, for every step below
     refuse_adapter_as_base(base)

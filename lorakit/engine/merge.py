@@ -6,6 +6,7 @@ import shutil
 
 from ..errors import LorakitError, listed, opt
 from ..io import Staging, atomic_output, check_output, input_identity, spec_nbytes, tokenizer_files
+from ..io.staging import idle_part, parse_part
 from ..progress import progress
 from . import pipeline
 from .plan import plan_merge
@@ -19,9 +20,11 @@ def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
         return merge_components(base, loaded, output, options, input_paths)
     loaded = [(label, base.to_base_names(ad), w) for label, ad, w in loaded]
     outputs = base.output_files(output)
-    for path in outputs:
+    for path in outputs:  # an existing output: refused now, or (a part of several) once its files are known
         check_output(
-            path, [base.path, options.full_precision_base, *input_paths, *base.ckpt.files], options.force
+            path,
+            [base.path, options.full_precision_base, *input_paths, *base.ckpt.files],
+            options.force or parted(options),
         )
     plan = plan_merge(base, loaded, options)
     if plan.tokenizer_from is not None:
@@ -50,10 +53,11 @@ def stage(base, writer, outputs, options, input_paths):
     join only the same merge."""
     from dataclasses import asdict
 
-    for path in outputs:  # now that the writer knows: a folder replaces only a folder, a file a file
-        check_output(path, force=options.force, directory=writer.folder)
     names = [name for name, _ in writer.shards]
     sizes = {name: sum(map(spec_nbytes, specs)) for name, specs in writer.shards}
+    idle = idle_part(outputs[0], names, sizes, options.part)
+    for path in outputs:  # now that the writer knows: a folder replaces only a folder, a file a file
+        check_output(path, force=options.force or idle, directory=writer.folder)
     inputs = [base.path, *input_paths, options.full_precision_base, options.calibration, options.initial]
     identity = {
         "inputs": input_identity(inputs),
@@ -62,6 +66,11 @@ def stage(base, writer, outputs, options, input_paths):
     return Staging(
         outputs[0], names, identity, writer.folder, options.part, options.resume, options.force, sizes
     )
+
+
+def parted(options):
+    """Whether this run is one part of several (--part i/N, N > 1)."""
+    return parse_part(options.part)[1] > 1
 
 
 # options that change how a merge runs, not what it writes: a resumed or parted run may differ in them
@@ -92,6 +101,11 @@ def execute(job, writer, staging, output, options):
 
 def merge_report(base, loaded, output, options, plan, job, writer, staging):
     notes = merge_notes(base, loaded, plan, job, options)
+    if staging.idle:
+        notes.insert(
+            0,
+            f"part {staging.part}/{staging.parts}: none of the output's files falls to this part, and the other parts have published it",
+        )
     report = {
         "output": os.fspath(output),
         "published": staging.published,

@@ -79,6 +79,17 @@ def parse_part(part):
     return i, n
 
 
+def idle_part(output, files, sizes, part):
+    """Whether `part` of a merge split into several has none of its files and finds the output published (no work
+    folder): a part with nothing to write run after the others (N above the file count, a late array task) has
+    nothing to check or do, and succeeds."""
+    index, parts = parse_part(part)
+    if parts == 1 or assign(list(files), sizes or {}, parts)[index - 1]:
+        return False
+    output = os.path.abspath(os.fspath(output))
+    return os.path.lexists(output) and not os.path.isdir(work_folder(output))
+
+
 class Staging:
     """The work folder of one output: `todo` (this part's files not yet done), `path(name)` to write a file to,
     `done(name)` once it is complete, `complete` when every part's files are done, `publish()` to rename."""
@@ -91,6 +102,11 @@ class Staging:
         )
         self.part, self.parts = parse_part(part)
         self.force, self.work = force, work_folder(self.output)
+        self.sizes = sizes or {}  # bytes of each file, where known
+        self.idle = idle_part(self.output, self.files, self.sizes, part)
+        if self.idle:  # nothing of this merge falls to this part, and the other parts have published it
+            self.finished, self.todo, self.resumed, self.written, self.published = {}, [], 0, 0, True
+            return
         self.made = _make_parents(self.output)
         self.join = resume or self.parts > 1
         self._open(self.join)
@@ -101,7 +117,6 @@ class Staging:
             raise
         if os.path.getsize(self.journal_path) == 0:  # only once every journal there is this job's
             self._append(self.identity)
-        self.sizes = sizes or {}  # bytes of each file, where known
         mine = assign(self.files, self.sizes, self.parts)[self.part - 1]
         self.todo = [f for f in mine if f not in self.finished]
         self.resumed, self.written, self.published = len(mine) - len(self.todo), 0, False
@@ -221,6 +236,8 @@ class Staging:
     @property
     def complete(self):
         """Whether every file of every part is done (the journals read again: other parts write them too)."""
+        if self.idle:
+            return False  # published already: nothing to publish again
         self.finished.update(self._journals())
         return all(f in self.finished for f in self.files)
 
@@ -248,11 +265,14 @@ class Staging:
         self.published = True
 
     def close(self):
-        self.lock.close()
+        if not self.idle:
+            self.lock.close()
 
     def abort(self):
         """After an error (not a kill): a plain run leaves nothing; a resumed or parted one keeps its work for the
         next --resume."""
+        if self.idle:
+            return
         self.lock.close()
         if not self.join:
             shutil.rmtree(self.work, ignore_errors=True)
