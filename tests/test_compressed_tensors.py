@@ -497,3 +497,61 @@ def test_modelopt_export_reads_as_modelopt_dequantizes_and_merges(tmp_path):
     lorakit.merge(folder, [str(tmp_path / "a.safetensors")], tmp_path / "d", dtype="bf16", quiet=True)
     assert not os.path.exists(tmp_path / "d" / "hf_quant_config.json")
     assert "quantization_config" not in json.load(open(tmp_path / "d" / "config.json"))
+
+
+def group_0(config):
+    return config["quantization_config"]["config_groups"]["group_0"]
+
+
+HOSTILE_CONFIGS = {
+    "config_groups a list": (
+        "w4a16",
+        lambda c: c["quantization_config"].update(config_groups=[1]),
+        "config_groups is not a JSON object",
+    ),
+    "weights a number": ("w4a16", lambda c: group_0(c).update(weights=5), "weights is not a JSON object"),
+    "num_bits a word": (
+        "w4a16",
+        lambda c: group_0(c)["weights"].update(num_bits="four"),
+        "num_bits is 'four': expected a positive integer",
+    ),
+    "3 bits": ("w4a16", lambda c: group_0(c)["weights"].update(num_bits=3), "with 3 bits is not supported"),
+    "an unknown format": (
+        "w4a16",
+        lambda c: group_0(c).update(format="marlin-24"),
+        "compressed-tensors format 'marlin-24' is not supported",
+    ),
+    "ignore a string": (
+        "w4a16",
+        lambda c: c["quantization_config"].update(ignore="lm_head"),
+        "ignore is 'lm_head': expected a list of module names",
+    ),
+    "NVFP4 groups of 32": (
+        "nvfp4a16",
+        lambda c: group_0(c)["weights"].update(group_size=32),
+        "NVFP4 with groups of 32 is not supported",
+    ),
+    "block_structure of zero rows": (
+        "fp8-block",
+        lambda c: group_0(c)["weights"].update(block_structure=[0, 128]),
+        "block_structure is [0, 128]: expected [rows, columns], positive integers",
+    ),
+    "ModelOpt group_size a word": (
+        "modelopt-nvfp4",
+        lambda c: c["quantization_config"].update(group_size="x"),
+        "ModelOpt NVFP4 with groups of 'x' is not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS)
+def test_hostile_quantization_configs_are_refused_with_one_line(tmp_path, cli, case):
+    scheme, change, message = HOSTILE_CONFIGS[case]
+    folder = copy(tmp_path, scheme)
+    config = json.load(open(folder / "config.json"))
+    change(config)
+    json.dump(config, open(folder / "config.json", "w"))
+    adapter(0.02).save(tmp_path / "a.safetensors")
+    code, out, err = cli("merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert_refused(code, err, message)
+    assert not os.path.exists(tmp_path / "out")

@@ -26,15 +26,44 @@ def is_compressed_tensors(q):
 
 
 def groups(q):
-    """[(its compressed-tensors format, its weights arguments)] of every config group that quantizes weights."""
+    """[(its compressed-tensors format, its weights arguments)] of every config group that quantizes weights, each
+    checked (the numbers lorakit reads from them are positive integers)."""
+    config_groups = q.get("config_groups") or {}
+    if not isinstance(config_groups, dict):
+        raise LorakitError("quantization_config.config_groups is not a JSON object")
     found = []
-    for name, group in (q.get("config_groups") or {}).items():
+    for name, group in config_groups.items():
         if not isinstance(group, dict):
             raise LorakitError(f"quantization_config.config_groups.{name} is not a JSON object")
         weights = group.get("weights")
-        if weights:
-            found.append((group.get("format") or q.get("format"), weights))
+        if weights is None:
+            continue
+        if not isinstance(weights, dict):
+            raise LorakitError(f"quantization_config.config_groups.{name}.weights is not a JSON object")
+        check_weights(f"quantization_config.config_groups.{name}.weights", weights)
+        found.append((group.get("format") or q.get("format"), weights))
+    ignore = q.get("ignore")
+    if ignore is not None and not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
+        raise LorakitError(f"quantization_config.ignore is {ignore!r}: expected a list of module names")
     return found
+
+
+def positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_weights(where, weights):
+    for key in ("num_bits", "group_size"):
+        value = weights.get(key)
+        if value is not None and not positive_int(value):
+            raise LorakitError(f"{where}.{key} is {value!r}: expected a positive integer")
+    block = weights.get("block_structure")
+    if block is not None and not (
+        isinstance(block, list) and len(block) == 2 and all(map(positive_int, block))
+    ):
+        raise LorakitError(
+            f"{where}.block_structure is {block!r}: expected [rows, columns], positive integers"
+        )
 
 
 def weights_for(q, reader):

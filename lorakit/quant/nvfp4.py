@@ -42,9 +42,9 @@ class NVFP4(QuantFormat):
         if q.get("quant_method") == "modelopt":
             if str(q.get("quant_algo", "")).upper() != "NVFP4":
                 return None
-            if int(q.get("group_size", GROUP)) != GROUP:
+            if q.get("group_size", GROUP) != GROUP:
                 raise LorakitError(
-                    f"ModelOpt NVFP4 with groups of {q.get('group_size')} is not supported (16)"
+                    f"ModelOpt NVFP4 with groups of {q.get('group_size')!r} is not supported (16)"
                 )
             return cls("modelopt")
         args = ct_config.weights_for(q, cls.name)
