@@ -300,6 +300,16 @@ HOSTILE = {
         lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"].repeat(2, 1)}),
         "weight_scale has shape [4, 2]",
     ),
+    "NVFP4 module without its global scale": (
+        "nvfp4a16",
+        lambda t: t.pop(f"{STEM}.weight_global_scale"),
+        "belongs to no complete nvfp4 module",
+    ),
+    "MXFP8 weight stored bf16 beside its E8M0 scale": (
+        "mxfp8a16",
+        lambda t: t.update({f"{STEM}.weight": t[f"{STEM}.weight"].to(torch.bfloat16)}),
+        "belongs to no complete mxfp8 module",
+    ),
 }
 
 

@@ -117,6 +117,19 @@ def quantization_config(config, older, path, modelopt=None):
     return qconfig
 
 
+def check_claimed(fmt, ckpt, found, base):
+    """Every stored tensor named as quantized checkpoints name theirs belongs to a module the format found: a module
+    missing one of its tensors (or stored otherwise than the others) is refused, not read as plain weights."""
+    members = {t for m in found.values() for t in fmt.members(ckpt, m)}
+    stray = next((n for n in ckpt.where if n.endswith(QUANT_NAMES) and n not in members), None)
+    if stray is not None:
+        raise LorakitError(
+            f"a {fmt.name} checkpoint whose tensor '{stray}' belongs to no complete {fmt.name} module (a tensor of "
+            "the module missing, or of another dtype): refusing to treat it as a weight",
+            path=ckpt.where.get(stray, base),
+        )
+
+
 def detect(ckpt, q, base):
     """(format, {module: {role: tensor}}) of a quantized checkpoint (`q`: its quantization_config), (None, {}) for
     a full-precision one. Unknown quantized layouts are refused rather than treated as weights."""
@@ -133,6 +146,7 @@ def detect(ckpt, q, base):
         if found:
             if ct_config.is_compressed_tensors(q):
                 ct_config.check_ignored(q, ckpt, found)
+            check_claimed(fmt, ckpt, found, base)
             return fmt, found
     if not claimed:
         raise LorakitError(f"quantization method '{q.get('quant_method')}' is not supported", path=base)
