@@ -135,7 +135,11 @@ class TrainOptions:
     eval_every: int = option(50, "Held-out eval every N steps (0: end).", type=int)
     warmup: int = option(None, "Warmup steps (default: 10% of the steps).", type=int)
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda...")
-    dtype: str = option("auto", f"Dtype of the frozen base: auto (bf16 on a GPU, else fp32), {DTYPE_HELP}.")
+    dtype: str = option(
+        "auto",
+        "Compute dtype of the frozen base: auto (bf16 on a GPU, and on a CPU with bf16 instructions when the base's "
+        f"linear layers are codes, else fp32), {DTYPE_HELP}.",
+    )
     seed: int = option(0, None, type=int)
     format: str = option("lorakit", None, choices=("lorakit", "peft"))
     resume: str = option(None, "Start from this adapter's factors.", path=True)

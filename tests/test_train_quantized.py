@@ -24,7 +24,7 @@ from lorakit.naming.llama_cpp import hf_config, permute  # noqa: E402
 from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
 from lorakit.training import frozen, lora  # noqa: E402
 from lorakit.training.data import get_batch, load_data, split  # noqa: E402
-from lorakit.training.loop import learning_rate  # noqa: E402
+from lorakit.training.loop import compute_dtype, learning_rate  # noqa: E402
 from lorakit.training.model import LlamaForCausalLM  # noqa: E402
 from lorakit.training.model import dequantized  # noqa: E402
 
@@ -51,7 +51,9 @@ def task(tmp_path_factory):
 
 
 def train(base, data, out, **kw):
+    """fp32 compute unless a test says otherwise: these compare training on codes with the dequantized weights."""
     args = dict(rank=8, alpha=16, targets=ALL_LINEAR, steps=10, lr=3e-3, batch=16, seq_len=32, eval_every=0)
+    args["dtype"] = "float32"
     return lorakit.train(base, data, out, quiet=True, force=True, **{**args, **kw})
 
 
@@ -68,6 +70,30 @@ def test_frozen_layers_dequantize_as_their_format(fmt, tmp_path):
         table = layer.table.numel() * layer.table.element_size()  # 1-2 KB a layer, whatever its size
         per_weight = (layer.stored_bytes() - table) / (layer.out_features * layer.in_features)
         assert per_weight <= (0.75 if fmt in ("gptq", "awq", "nf4") else 1.25), (name, per_weight)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "nf4", "int8", "fp8-block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_workspace_dequantizes_bit_for_bit(fmt, dtype, tmp_path):
+    """Training dequantizes into buffers reused by every layer (no heap churn): the same bits as a fresh
+    dequantization rounded once to the compute dtype, whatever layer used the buffers before."""
+    examples.write_quantized_llama(tmp_path, fmt, hidden=128, intermediate=256)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path))
+    layers = [m for m in model.modules() if isinstance(m, frozen.FrozenLinear)]
+    workspace = frozen.Workspace()
+    for layer in layers + layers[::-1]:  # large after small and small after large
+        W = layer.dequantize(dtype, workspace)
+        assert W.dtype == dtype and W.shape == layer.weight_shape
+        assert torch.equal(W, layer.dequantize().to(dtype))
+    assert len(workspace.buffers) == (2 if dtype == torch.float32 else 3)  # index, values (, the bf16 weight)
+
+
+def test_auto_compute_dtype_is_bf16_for_codes_on_a_cpu_with_bf16_instructions():
+    cpu, bf16_cpu = torch.device("cpu"), torch.cpu._is_avx512_bf16_supported()
+    assert compute_dtype("auto", cpu, codes=True) == (torch.bfloat16 if bf16_cpu else torch.float32)
+    assert compute_dtype("auto", cpu, codes=False) == torch.float32  # a dense base: the exact reference
+    assert compute_dtype("auto", torch.device("cuda"), codes=False) == torch.bfloat16
+    assert compute_dtype("float32", cpu, codes=True) == torch.float32
 
 
 # bytes a weight a FrozenLinear keeps for each GGML type (the 256 codes' values aside): 4-bit codes or fewer two a
@@ -297,6 +323,13 @@ def test_checkpointing_changes_nothing_but_memory(task, tmp_path):
     assert b["memory_estimate"]["activations"] < a["memory_estimate"]["activations"]
     c = train(task / "base", task / "data.npy", tmp_path / "c.safetensors")
     assert a["memory_estimate"]["base"] < c["memory_estimate"]["base"]
+    # the parts: the codes are the frozen layers' bytes; the rest of the base is its full-precision tensors
+    parts = a["memory_estimate"]
+    assert parts["codes"] == a["frozen_bytes"] and c["memory_estimate"]["codes"] == 0
+    assert parts["base"] == parts["codes"] + parts["weights"]
+    assert parts["total"] == sum(
+        parts[k] for k in ("codes", "weights", "trainable", "activations", "transient")
+    )
 
 
 def test_bad_quantized_training_is_refused_before_the_first_step(task, tmp_path, cli):

@@ -14,6 +14,7 @@ from ..errors import LorakitError, with_path
 from ..bases import open_base
 from .frozen import FrozenLinear
 from .frozen import quantize as frozen_codes
+from .frozen import share_workspace
 from .weights import Weights
 
 
@@ -234,6 +235,7 @@ class LlamaForCausalLM(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        share_workspace(model)
         return model.eval()
 
 
