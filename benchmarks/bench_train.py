@@ -108,17 +108,23 @@ def dense():
         )
 
 
-# ----------------------------------------------------------------------------- QLoRA: a quantized base (#28)
-# A >= 500M-parameter Llama (bf16 on disk), NF4 with double quantization on load, LoRA on every linear layer:
-# lorakit train --quantize nf4 against PEFT + transformers + bitsandbytes (load_in_4bit) and lorakit's dense run.
-Q_SIZE = dict(layers=16, hidden=1536, intermediate=4096, vocab=32000, heads=12, kv_heads=4)
-Q_STEPS, Q_BATCH, Q_SEQ = 4, 2, 128
+# ----------------------------------------------------------------------------- QLoRA: a quantized base (#28, #41)
+# Generated Llamas (bf16 on disk: 103M with a small vocabulary, so the linear layers dominate, and 501M) and
+# SmolLM2-135M-Instruct (its GGUF's weights as a bf16 folder); NF4 with double quantization on load, LoRA rank 16 on
+# every linear layer: lorakit train --quantize nf4 against PEFT + transformers + bitsandbytes (load_in_4bit) at the
+# same compute dtype, and against lorakit's own --dtype bf16 run of the dense base.
+Q_MODELS = {
+    "103M": dict(layers=12, hidden=768, intermediate=2816, vocab=4000, heads=12, kv_heads=4),
+    "501M": dict(layers=16, hidden=1536, intermediate=4096, vocab=32000, heads=12, kv_heads=4),
+    "SmolLM2-135M": None,
+}
+Q_STEPS, Q_BATCH, Q_SEQ = 5, 2, 128
 Q_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 QLORA_PEFT = """
 import json, time, numpy as np, torch, transformers, peft
 dev = {device!r}
-compute = torch.bfloat16 if dev == "cuda" else torch.float32
+compute = getattr(torch, {compute!r})
 config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 model = transformers.LlamaForCausalLM.from_pretrained({base!r}, quantization_config=config, device_map=dev,
@@ -146,7 +152,7 @@ def step():
     s = torch.randint(len(data) - {seq} - 1, ({batch},), generator=g)
     x = torch.stack([data[i:i + {seq}] for i in s]).to(dev)
     y = torch.stack([data[i + 1:i + 1 + {seq}] for i in s]).to(dev)
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
         logits = model(input_ids=x).logits
     torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
     opt.step(); opt.zero_grad(set_to_none=True)
@@ -160,71 +166,106 @@ t = time.perf_counter() - t0
 hwm = int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024
 gpu = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else 0
 print("RESULT", json.dumps({{"tokens_per_s": ({steps} - 1) * {batch} * {seq} / t, "rss": hwm, "gpu": gpu,
-                            "linear": linear, "base": base_bytes / params}}))
+                            "linear": linear, "base": base_bytes / params, "compute": {compute!r}}}))
 """
 
 QLORA_LORAKIT = """
 import json, torch, lorakit
 r = lorakit.train({base!r}, {data!r}, {out!r}, rank={rank}, alpha={rank}*2, targets={targets!r}, steps={steps},
                   batch={batch}, seq_len={seq}, eval_every=0, device={device!r}, force=True, quiet=True,
-                  quantize={quantize!r})
+                  quantize={quantize!r}, dtype={dtype!r})
 hwm = int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024
 gpu = torch.cuda.max_memory_allocated() / 2**20 if {device!r} == "cuda" else 0
 params = {params}
 linear = r["frozen_bytes"] / r["frozen_weights"] if r["frozen_weights"] else float("nan")
 print("RESULT", json.dumps({{"tokens_per_s": r["tokens_per_s"], "rss": hwm, "gpu": gpu, "linear": linear,
-                            "base": r["memory_estimate"]["base"] / params}}))
+                            "base": r["memory_estimate"]["base"] / params, "compute": r["compute_dtype"],
+                            "weights": r["frozen_weights"]}}))
 """
 
 
-def qlora():
-    with tempfile.TemporaryDirectory() as d:
-        base = os.path.join(d, "base")
-        tensors = examples.write_llama_checkpoint(base, dtype=torch.bfloat16, **Q_SIZE)
-        params = sum(t.numel() for t in tensors.values())
-        del tensors
-        data = os.path.join(d, "data.npy")
-        np.save(data, np.random.default_rng(0).integers(0, Q_SIZE["vocab"], 100_000, dtype=np.uint16))
-        kw = dict(base=base, data=data, rank=16, targets=Q_TARGETS, steps=Q_STEPS, batch=Q_BATCH, seq=Q_SEQ)
-        kw.update(device=DEVICE, out=os.path.join(d, "a.safetensors"), params=params)
-        sides = {
-            "PEFT + bitsandbytes NF4": QLORA_PEFT.format(**kw),
-            "lorakit train --quantize nf4": QLORA_LORAKIT.format(quantize="nf4", **kw),
-            "lorakit train (dense base)": QLORA_LORAKIT.format(quantize=None, **kw),
-        }
-        results = {name: [] for name in sides}
-        for _ in range(2):  # interleaved, best of two each
-            for name, code in sides.items():
-                results[name].append(run(code))
-    best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
-    anchor = best["PEFT + bitsandbytes NF4"]
+def qlora_base(name, d):
+    """(folder, parameters, vocabulary) of a model of Q_MODELS in bf16 under `d`."""
+    folder = os.path.join(d, name)
+    size = Q_MODELS[name]
+    if size is not None:
+        tensors = examples.write_llama_checkpoint(folder, dtype=torch.bfloat16, **size)
+        return folder, sum(t.numel() for t in tensors.values()), size["vocab"]
+    from bench_quant_quality import reference_folder
+
+    fp32, _, tensors, config = reference_folder(os.path.join(d, "smollm2"))
+    os.makedirs(folder)
+    json.dump({**config, "torch_dtype": "bfloat16"}, open(os.path.join(folder, "config.json"), "w"))
+    examples.write_sharded(folder, {k: v.to(torch.bfloat16) for k, v in tensors.items()})
+    return folder, sum(t.numel() for t in tensors.values()), config["vocab_size"]
+
+
+def qlora_model(name, d):
+    """Each side's best of two interleaved runs on one model."""
+    base, params, vocab = qlora_base(name, d)
+    data = os.path.join(d, "data.npy")
+    np.save(data, np.random.default_rng(0).integers(0, vocab, 100_000, dtype=np.uint16))
+    kw = dict(base=base, data=data, rank=16, targets=Q_TARGETS, steps=Q_STEPS, batch=Q_BATCH, seq=Q_SEQ)
+    kw.update(device=DEVICE, out=os.path.join(d, "a.safetensors"), params=params)
+    ours = lambda quantize, dtype: QLORA_LORAKIT.format(quantize=quantize, dtype=dtype, **kw)  # noqa: E731
+    auto = run(ours("nf4", "auto"))["compute"]  # the compute dtype lorakit picks here for codes
+    sides = {
+        f"PEFT + bitsandbytes NF4 ({auto})": QLORA_PEFT.format(compute=auto, **kw),
+        "lorakit train --quantize nf4": ours("nf4", "auto"),
+        "lorakit train --dtype bf16 (dense base)": ours(None, "bfloat16"),
+    }
+    if auto != "float32":
+        sides["PEFT + bitsandbytes NF4 (float32)"] = QLORA_PEFT.format(compute="float32", **kw)
+        sides["lorakit train --quantize nf4 --dtype float32"] = ours("nf4", "float32")
+    results = {side: [] for side in sides}
+    for _ in range(2):  # interleaved, best of two each
+        for side, code in sides.items():
+            results[side].append(run(code))
+    return params, {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
+
+
+def qlora_rows(best):
     mem = "gpu" if DEVICE == "cuda" else "rss"
-    rows = [
-        [
-            name,
-            f"{r['linear']:.3f}",
-            f"{r['base']:.3f}",
-            f"{r[mem]:.0f}",
-            f"{r[mem] / anchor[mem]:.2f}",
-            f"{r['tokens_per_s']:.0f}",
-            f"{r['tokens_per_s'] / anchor['tokens_per_s']:.2f}x",
-        ]
-        for name, r in best.items()
-    ]
-    table(
-        f"QLoRA: {params / 1e6:.0f}M-parameter Llama ({Q_SIZE['layers']} x {Q_SIZE['hidden']}), rank 16 on every "
-        f"linear layer, batch {Q_BATCH} x {Q_SEQ}, {Q_STEPS - 1} timed steps, {DEVICE}",
-        [
-            "what",
-            "linear layers B/weight",
-            "whole base B/param",
-            "peak MiB (" + ("GPU" if DEVICE == "cuda" else "RSS") + ")",
-            "vs PEFT",
-            "tokens/s",
-            "vs PEFT",
-        ],
+    anchors = {r["compute"]: r for k, r in best.items() if k.startswith("PEFT")}
+    rows = []
+    for side, r in best.items():
+        anchor = anchors.get(r["compute"], anchors.get("bfloat16"))
+        rows.append(
+            [side, r["compute"], f"{r['linear']:.3f}", f"{r['base']:.3f}", f"{r[mem]:.0f}"]
+            + [f"{r[mem] / anchor[mem]:.2f}", f"{r['tokens_per_s']:.0f}"]
+            + [f"{r['tokens_per_s'] / anchor['tokens_per_s']:.2f}x"]
+        )
+    nf4, dense = best["lorakit train --quantize nf4"], best["lorakit train --dtype bf16 (dense base)"]
+    own = nf4["weights"] * (2 - nf4["linear"]) / 2**20  # the linear weights' own saving, bf16 -> codes (MiB)
+    saved = dense[mem] - nf4[mem]
+    return (
         rows,
+        f"--quantize nf4 peaks {saved:.0f} MiB under --dtype bf16: {saved / own:.0%} of the {own:.0f} MiB the codes save (goal >= 60%)",
     )
+
+
+def qlora():
+    mem = "GPU" if DEVICE == "cuda" else "RSS"
+    header = [
+        "what",
+        "compute",
+        "linear layers B/weight",
+        "whole base B/param",
+        f"peak MiB ({mem})",
+        "vs PEFT",
+    ]
+    header += ["tokens/s", "vs PEFT"]
+    for name in Q_MODELS:
+        with tempfile.TemporaryDirectory() as d:
+            params, best = qlora_model(name, d)
+        rows, summary = qlora_rows(best)
+        table(
+            f"QLoRA: {name} ({params / 1e6:.0f}M parameters), rank 16 on every linear layer, batch {Q_BATCH} x "
+            f"{Q_SEQ}, {Q_STEPS - 1} timed steps, {DEVICE}; vs PEFT: the PEFT row of the same compute dtype",
+            header,
+            rows,
+        )
+        print(summary)
 
 
 if __name__ == "__main__":  # python benchmarks/bench_train.py [dense] [qlora]

@@ -304,7 +304,7 @@ def summarized_notes(notes):
 def train_text(r):
     return (
         f"trained {r['module_count']} LoRA modules for {r['steps']} steps on {r['device']} ({r['processes']} "
-        f"process(es)): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out "
+        f"process(es), {r['compute_dtype']}): loss {r['first_loss']:.4f} -> {r['final_loss']:.4f}, held-out "
         f"{r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f}, "
         f"{r['tokens_per_s']:.0f} tokens/s, peak {human_size(r['peak_memory'])}"
         + (f", base kept as {r['base_codes']['format']} codes" if r.get("base_codes") else "")

@@ -5,6 +5,7 @@ QLoRA's NF4 is bitsandbytes', a GPTQ / GGUF base trains as its dequantized fp32 
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import peft
@@ -22,7 +23,7 @@ from lorakit.bases import open_base  # noqa: E402
 from lorakit.examples import TensorDict, quantize_gguf  # noqa: E402
 from lorakit.naming.llama_cpp import hf_config, permute  # noqa: E402
 from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
-from lorakit.training import frozen, lora  # noqa: E402
+from lorakit.training import frozen, lora, native  # noqa: E402
 from lorakit.training.data import get_batch, load_data, split  # noqa: E402
 from lorakit.training.loop import compute_dtype, learning_rate  # noqa: E402
 from lorakit.training.model import LlamaForCausalLM  # noqa: E402
@@ -67,7 +68,9 @@ def test_frozen_layers_dequantize_as_their_format(fmt, tmp_path):
         assert torch.equal(layer.dequantize(), base.view.get(name + ".weight")), name
         # the layer holds what the checkpoint stores, not fp32 weights: at most 1.25 byte a weight (int8 / fp8
         # codes, a scale a row), 0.75 for 4-bit codes with group scales and zeros
-        table = layer.table.numel() * layer.table.element_size()  # 1-2 KB a layer, whatever its size
+        table = sum(
+            t.numel() * t.element_size() for t in (layer.table, layer.lut) if t is not None
+        )  # 1-2 KB a layer, whatever its size
         per_weight = (layer.stored_bytes() - table) / (layer.out_features * layer.in_features)
         assert per_weight <= (0.75 if fmt in ("gptq", "awq", "nf4") else 1.25), (name, per_weight)
 
@@ -85,7 +88,27 @@ def test_the_cpu_workspace_dequantizes_bit_for_bit(fmt, dtype, tmp_path):
         W = layer.dequantize(dtype, workspace)
         assert W.dtype == dtype and W.shape == layer.weight_shape
         assert torch.equal(W, layer.dequantize().to(dtype))
-    assert len(workspace.buffers) == (2 if dtype == torch.float32 else 3)  # index, values (, the bf16 weight)
+    kernel = [m for m in layers if m.lut is not None]  # 4-bit codes in groups of 16k: the C kernel's
+    assert bool(kernel) == (fmt in ("gptq", "awq", "nf4"))
+    if kernel and native.kernel() is None:  # only where the machine cannot build it
+        assert native_unavailable_here()
+    elif kernel:
+        assert set(workspace.buffers) == {("weight", dtype)}  # written once, without torch's temporaries
+
+
+def test_without_the_c_kernel_training_says_so_and_learns_the_same(task, tmp_path, monkeypatch):
+    a = train(task / "base", task / "data.npy", tmp_path / "a.safetensors", quantize="nf4")
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    b = train(task / "base", task / "data.npy", tmp_path / "b.safetensors", quantize="nf4")
+    assert native.kernel() is None and a["losses"] == b["losses"]
+    assert any("dequantized by pure torch" in n for n in b["notes"])
+    assert not any("pure torch" in n for n in a["notes"]) or native_unavailable_here()
+
+
+def native_unavailable_here():
+    return not torch.cpu._is_avx512_supported() or shutil.which(os.environ.get("CC", "cc")) is None
 
 
 def test_auto_compute_dtype_is_bf16_for_codes_on_a_cpu_with_bf16_instructions():
@@ -118,8 +141,12 @@ def test_frozen_gguf_blocks_dequantize_as_ggml(kind):
     ckpt = TensorDict({"w": quantize_gguf(W, kind)}, {"w": (kind, (64, 1024))})
     fmt = GGUFBlocks()
     layer = frozen.FrozenLinear(fmt.stored(ckpt, {"weight": "w"}))
-    assert torch.equal(layer.dequantize(), fmt.dequantize(ckpt, {"weight": "w"}))
-    table = layer.table.numel() * layer.table.element_size()
+    expected = fmt.dequantize(ckpt, {"weight": "w"})
+    assert torch.equal(layer.dequantize(), expected)
+    for dtype in (torch.float32, torch.bfloat16):  # the training path (the C kernel for the 2-4 bit types)
+        assert torch.equal(layer.dequantize(dtype, frozen.Workspace()), expected.to(dtype))
+    assert (layer.lut is not None) == (kind in ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K"))  # codes of <= 4 bits
+    table = sum(t.numel() * t.element_size() for t in (layer.table, layer.lut) if t is not None)
     assert layer.stored_bytes() - table <= GGML_BYTES[kind] * W.numel() + 16
 
 

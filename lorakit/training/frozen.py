@@ -24,10 +24,12 @@ from ..quant.base import Factored, Grid, Stored
 from ..quant.mxfp4 import CODEBOOK as E2M1
 from ..quant.nf4 import NF4_LEVELS
 from ..quant.rounding import FP8, FP8_MAX, Table, Uniform
+from . import native
 
 # QLoRA's blocks: 64 weights share an absmax; 256 absmax values share a scale
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256
 NVFP4_GROUP, FP8_BLOCK = 16, 128
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the C kernel writes
 
 
 def dynamic_map():
@@ -191,6 +193,10 @@ class FrozenLinear(nn.Module):
         self.group_size = inn // groups if contiguous else None
         self.register_buffer("codes", codes.contiguous())
         table = code_table(grid.codebook, stored.codes.dtype).float()
+        kernel = native.eligible(
+            self.nibbles, self.group_size, inn
+        )  # the C kernel's 16 values, where it applies
+        self.register_buffer("lut", table[:16].clone() if kernel else None, persistent=False)
         if self.nibbles:  # a byte's two values at once: one 8-byte lookup a byte (3x faster than unpacking)
             byte = torch.arange(256)
             table = (
@@ -230,6 +236,9 @@ class FrozenLinear(nn.Module):
                 self.codes, self.table, S, self.Z, M, self.g, self.group_size, self.nibbles
             )
             return W.to(dtype)
+        if workspace is not None and self.lut is not None and dtype in NATIVE_DTYPES and native.kernel():
+            W = workspace.take("weight", self.weight_shape, dtype)
+            return native.dequantize4(self.codes, self.lut, S, self.Z, M, self.group_size, W)
         return dequantize_codes(
             self.codes, self.table, S, self.Z, M, self.g, self.group_size, self.nibbles, workspace, dtype
         )

@@ -20,7 +20,7 @@ from ..progress import progress
 from ..spec import fingerprint
 from ..options import parse_size
 from ..render import human_size
-from . import lora
+from . import lora, native
 from .data import get_batch, load_data, split
 from .frozen import FrozenLinear
 from .memory import peak, steady_heap
@@ -62,6 +62,16 @@ def load_model(base, dev, dtype, quantize, checkpointing):
     model = LlamaForCausalLM.from_pretrained(base, dtype=dtype, device=dev, quantize=quantize)
     model.checkpointing = checkpointing
     return model
+
+
+def kernel_notes(model):
+    """Said where 4-bit layers dequantize in pure torch for want of the C kernel (slower, the same weights)."""
+    if any(getattr(m, "lut", None) is not None for m in model.modules()) and native.kernel() is None:
+        return [
+            "4-bit codes dequantized by pure torch (about 4x slower than the C kernel, which needs a CPU with "
+            "AVX-512 and a working C compiler: CC, else cc)"
+        ]
+    return []
 
 
 def codes_record(base, quantize):
@@ -226,7 +236,7 @@ def train(
         "output": os.fspath(output),
         "base": os.fspath(base),
         "module_count": len(names),
-        "notes": worse_note(eval_before, eval_loss, lr),
+        "notes": (kernel_notes(model) if dev.type == "cpu" else []) + worse_note(eval_before, eval_loss, lr),
         "steps": steps,
         "tokens": seen + tokens_step0,
         "first_loss": losses[0],
@@ -237,6 +247,7 @@ def train(
         "evals": evals,
         "tokens_per_s": seen / elapsed if seen else tokens_step0 / elapsed,
         "device": str(dev),
+        "compute_dtype": str(base_dtype).replace("torch.", ""),
         "processes": world,
         "base_codes": codes_record(base, quantize),
         **frozen_record(model),
