@@ -268,9 +268,114 @@ def qlora():
         print(summary)
 
 
-if __name__ == "__main__":  # python benchmarks/bench_train.py [dense] [qlora]
-    chosen = sys.argv[1:] or ["dense", "qlora"]
+# ----------------------------------------------------------------------------- one frozen layer (#41)
+LAYER_SHAPES = [(1536, 1536), (4096, 1536), (1536, 4096)]  # [out, in]: the 501M model's attention and MLP
+
+
+def layer():
+    """Forward + backward (the input's gradient) of one frozen NF4 layer on 256 tokens, lorakit's FrozenLinear
+    against bitsandbytes' Linear4bit (nf4, double quantization), same compute dtype; interleaved, best of 5 x 20."""
+    import time
+
+    import bitsandbytes as bnb
+
+    from lorakit.training import frozen, loop
+
+    compute = loop.compute_dtype("auto", torch.device(DEVICE), codes=True)
+    rows = []
+    for out, inn in LAYER_SHAPES:
+        W = torch.randn(out, inn, generator=torch.Generator().manual_seed(0)) * 0.02
+        ours = frozen.FrozenLinear(frozen.quantize(W, "nf4"), dtype=compute)
+        ours.workspace = frozen.Workspace()
+        theirs = bnb.nn.Linear4bit(inn, out, bias=False, compute_dtype=compute, quant_type="nf4")
+        theirs.weight = bnb.nn.Params4bit(
+            W.to(compute), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        theirs = theirs.to(DEVICE)  # (quantizes)
+        x = torch.randn(256, inn, dtype=compute, requires_grad=True)
+
+        def step(module):
+            module(x).sum().backward()
+
+        best = {"lorakit": float("inf"), "bitsandbytes": float("inf")}
+        for _ in range(5):
+            for name, module in (("lorakit", ours), ("bitsandbytes", theirs)):
+                step(module)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    step(module)
+                best[name] = min(best[name], (time.perf_counter() - t0) / 20)
+        ratio = best["bitsandbytes"] / best["lorakit"]
+        rows.append(
+            [
+                f"{out} x {inn}",
+                f"{best['bitsandbytes'] * 1e3:.2f}",
+                f"{best['lorakit'] * 1e3:.2f}",
+                f"{ratio:.2f}x",
+            ]
+        )
+    kernel = "C kernel" if frozen.native.kernel() else "pure torch (no C kernel here)"
+    table(
+        f"one frozen NF4 layer, forward + backward on 256 tokens, {str(compute).replace('torch.', '')}, {DEVICE}; "
+        f"lorakit: {kernel}",
+        ["weight [out x in]", "bitsandbytes ms", "lorakit ms", "lorakit speed vs bitsandbytes"],
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------------- defaults that learn (#41)
+DEFAULTS_FILES = ("textwrap.py", "shlex.py", "fractions.py")  # CPython's own, as a new user's first text
+
+
+def defaults():
+    """`lorakit train --base <SmolLM2-135M folder> --data text.txt --steps 50`, every other option its default, on a
+    full-precision base and with --quantize nf4: the held-out loss before and after."""
+    import sysconfig
+
+    import transformers
+    from bench_quant_quality import reference_folder
+
+    with tempfile.TemporaryDirectory() as d:
+        folder, gguf, _, _ = reference_folder(d)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            os.path.dirname(gguf), gguf_file=os.path.basename(gguf)
+        )
+        tokenizer.save_pretrained(folder)  # tokenizer.json, for text data
+        stdlib = sysconfig.get_paths()["stdlib"]
+        text = os.path.join(d, "text.txt")
+        with open(text, "w") as f:
+            f.write("\n\n".join(open(os.path.join(stdlib, n)).read() for n in DEFAULTS_FILES))
+        rows = []
+        for quantize in (None, "nf4"):
+            r = run(
+                "import json, lorakit\n"
+                f"r = lorakit.train({folder!r}, {text!r}, {os.path.join(d, 'a.safetensors')!r}, steps=50, "
+                f"quantize={quantize!r}, force=True, quiet=True)\n"
+                "print('RESULT', json.dumps(r))"
+            )
+            rows.append(
+                [f"--quantize {quantize}" if quantize else "full-precision base", r["compute_dtype"]]
+                + [
+                    f"{r['eval_loss_before']:.4f}",
+                    f"{r['eval_loss']:.4f}",
+                    f"{r['eval_loss'] - r['eval_loss_before']:+.4f}",
+                ]
+                + [f"{r['tokens_per_s']:.0f}", "; ".join(r["notes"]) or "-"]
+            )
+    table(
+        f"lorakit train, defaults, 50 steps, SmolLM2-135M-Instruct on {', '.join(DEFAULTS_FILES)} ({DEVICE})",
+        ["base", "compute", "held-out before", "after", "change", "tokens/s", "notes"],
+        rows,
+    )
+
+
+if __name__ == "__main__":  # python benchmarks/bench_train.py [dense] [layer] [qlora] [defaults]
+    chosen = sys.argv[1:] or ["dense", "layer", "qlora", "defaults"]
     if "dense" in chosen:
         dense()
+    if "layer" in chosen:
+        layer()
     if "qlora" in chosen:
         qlora()
+    if "defaults" in chosen:
+        defaults()

@@ -3,7 +3,9 @@
    W[o, j] = ((lut[c] - Z) * S - M) for the code c of weight j of row o (two codes a byte, the first in the high
    nibble), Z, S and M per group of `group` columns, each operation rounded to fp32 as torch's eager arithmetic
    rounds it (built with -ffp-contract=off: no fused multiply-add), then stored as fp32 or rounded once to bf16
-   (round to nearest even, NaN as 0x7FC0: torch's conversion). Rows [row0, row1): callers split rows over threads.
+   (round to nearest even, NaN as 0x7FC0: torch's conversion). Rows [row0, row1), split over OpenMP threads: built
+   with -fopenmp, this library needs libgomp.so.1, which inside a torch process is torch's own (already loaded), so
+   the kernel runs on torch's threads instead of competing with them while they spin after a matmul.
    Grid tensors are read at S[o * s_row + g * s_group] (strides 0 broadcast one value). AVX-512 only, with `in` and
    `group` multiples of 16 (lorakit_dequant4_vector says whether this CPU has it; the caller checks the rest). */
 #include <stdint.h>
@@ -29,6 +31,7 @@ __attribute__((target("avx512f"))) static void rows_avx512(const job_t *j, int64
     const __m512i low4 = _mm512_set1_epi32(15);
     const __m512i exponent = _mm512_set1_epi32(0x7f800000), magnitude = _mm512_set1_epi32(0x7fffffff);
     const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7fc0);
+#pragma omp parallel for schedule(static)
     for (int64_t o = row0; o < row1; o++) {
         const uint8_t *c = j->codes + o * (j->in / 2);
         for (int64_t k = 0; k < j->in; k += 16) {

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dequant4.c")
 FLAGS = ["-O2", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
+OPENMP = "-fopenmp"  # left out where the compiler lacks it: one thread then
 _lock = threading.Lock()
 _state = {}
 
@@ -28,11 +28,13 @@ def cache_folder():
 
 
 def build():
-    """The loaded library, built if needed (None where no compiler works)."""
+    """The loaded library, built if needed (raises where no compiler works)."""
     with open(SOURCE, "rb") as f:
         source = f.read()
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, OPENMP, sys.platform]).encode()).hexdigest()[
+        :16
+    ]
     folder = cache_folder()
     path = os.path.join(folder, f"dequant4-{key}.so")
     if not os.path.exists(path):
@@ -40,9 +42,11 @@ def build():
         fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)  # built under a temporary name, then renamed
         os.close(fd)
         try:
-            subprocess.run(
-                [compiler, *FLAGS, SOURCE, "-o", partial], check=True, capture_output=True, timeout=120
-            )
+            command = [compiler, *FLAGS, SOURCE, "-o", partial]
+            try:
+                subprocess.run([*command, OPENMP], check=True, capture_output=True, timeout=120)
+            except subprocess.CalledProcessError:  # no OpenMP: one thread
+                subprocess.run(command, check=True, capture_output=True, timeout=120)
             os.replace(partial, path)
         finally:
             if os.path.exists(partial):
@@ -50,17 +54,8 @@ def build():
     library = ctypes.CDLL(path)
     library.lorakit_dequant4.restype = None
     grid = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # pointer, row stride, group stride
-    library.lorakit_dequant4.argtypes = (
-        [ctypes.c_void_p] * 2
-        + grid * 3
-        + [ctypes.c_int64] * 2
-        + [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int64,
-            ctypes.c_int64,
-        ]
-    )
+    rest = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    library.lorakit_dequant4.argtypes = [ctypes.c_void_p] * 2 + grid * 3 + rest
     library.lorakit_dequant4_vector.restype = ctypes.c_int
     return library
 
@@ -91,33 +86,14 @@ def _grid(T):
 
 
 def dequantize4(codes, lut, S, Z, M, group_size, out):
-    """W [out, in] into `out` (fp32 or bf16) from nibble codes [out, in / 2] and a 16-value fp32 `lut`; the rows
-    split over torch's threads."""
-    library = kernel()
+    """W [out, in] into `out` (fp32 or bf16) from nibble codes [out, in / 2] and a 16-value fp32 `lut`, on torch's
+    OpenMP threads."""
     rows, inn = out.shape
     lut = lut.float().contiguous()
     grids = [_grid(T) for T in (S, Z, M)]
-    threads = max(1, min(torch.get_num_threads(), rows))
-    bounds = [rows * i // threads for i in range(threads + 1)]
-
     args = [codes.data_ptr(), lut.data_ptr()]
     for T, row, group in grids:  # S, Z, M: pointer, row stride, group stride
         args += [T.data_ptr() if T is not None else None, row, group]
-    args += [inn, group_size, out.data_ptr(), int(out.dtype == torch.bfloat16)]
-
-    def run(i):
-        library.lorakit_dequant4(*args, bounds[i], bounds[i + 1])
-
-    if threads == 1:
-        run(0)
-    else:
-        list(_pool(threads).map(run, range(threads)))  # ctypes releases the GIL during each call
+    bf16 = int(out.dtype == torch.bfloat16)
+    kernel().lorakit_dequant4(*args, inn, group_size, out.data_ptr(), bf16, 0, rows)
     return out
-
-
-def _pool(threads):
-    with _lock:
-        pool = _state.get("pool")
-        if pool is None or pool._max_workers != threads:
-            pool = _state["pool"] = ThreadPoolExecutor(threads)
-        return pool
