@@ -105,18 +105,33 @@ from vllm.lora.request import LoRARequest
 job = json.load(open(sys.argv[1]))
 llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, enable_lora=True, max_lora_rank=64,
           max_loras=2, max_model_len=256, max_num_seqs=4)
-params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-prompts = [TokensPrompt(prompt_token_ids=job["ids"]) for _ in job["adapters"]]
-requests = [LoRARequest(n, i + 1, p) if p else None for i, (n, p) in enumerate(job["adapters"])]
+known = {n: LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(job["adapters"].items())}
+greedy = SamplingParams(max_tokens=job["new"], logprobs=0, temperature=0)
+out = {}
+for batch, names in job["batches"].items():  # generation: its logprob of each token it chose
+    prompts = [TokensPrompt(prompt_token_ids=job["ids"]) for _ in names]
+    try:
+        results = llm.generate(prompts, greedy, lora_request=[known.get(n) for n in names], use_tqdm=False)
+        out[batch] = [[n, list(r.outputs[0].token_ids), [d[t].logprob for d, t in
+                       zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]] for n, r in zip(names, results)]
+    except Exception as e:
+        out[batch] = {"error": f"{type(e).__name__}: {e}"[:300]}
+names = list(job["adapters"])  # last: prompt logprobs of two adapters in one batch
 try:
-    results = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
-    out = {n: [None] + [d[t].logprob for d, t in zip(r.prompt_logprobs[1:], job["ids"][1:])]
-           for (n, _), r in zip(job["adapters"], results)}
+    llm.generate([TokensPrompt(prompt_token_ids=job["ids"])] * 2, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                 lora_request=[known[n] for n in names], use_tqdm=False)
+    out["prompt_logprobs"] = "served"
 except Exception as e:
-    out = {"error": f"{type(e).__name__}: {e}"[:300]}
+    out["prompt_logprobs"] = f"{type(e).__name__}: {e}"[:300]
 json.dump(out, open(sys.argv[2], "w"))
 os._exit(0)
 """
+BATCHES = {  # several adapters in one batch (max_loras 2), and a request without one among them
+    "two adapters": ["plain r8", "use_rslora"],
+    "two adapters and a request without LoRA": ["plain r8", "use_rslora", "no LoRA"],
+    "one adapter twice": ["plain r8", "plain r8"],
+}
+NEW_TOKENS = 8
 
 
 def hf_folder(work):
@@ -194,13 +209,15 @@ def main():
 
         ids = transformers.AutoTokenizer.from_pretrained(model_dir)(open(__file__).read()).input_ids[:PROMPT]
         base_reference = logprobs_of(model, ids)
-        served, references, verdicts = [("no LoRA", None)], {}, {}
-        only = os.environ.get("CHECK_ONLY")  # a substring of the case names to run (all by default)
+        served, references, verdicts, models = [("no LoRA", None)], {}, {}, {}
+        only = [o for o in os.environ.get("CHECK_ONLY", "").split(",") if o]  # substrings of the names to run
         for seed, (name, (kwargs, edit)) in enumerate(CASES.items()):
-            if only and only not in name:
+            if only and not any(o in name for o in only):
                 continue
             path, pm = make_adapter(model, work, name, kwargs, edit, seed)
             references[name] = logprobs_of(pm, ids)
+            if name in ("plain r8", "use_rslora"):  # for the batch
+                models[name] = pm
             verdicts[name] = lorakit("validate", path, "--for", "vllm", "--json")
             converted = path + "-for-vllm"
             made = lorakit("convert", path, "-o", converted, "--for", "vllm", "-q")
@@ -210,15 +227,19 @@ def main():
                 references[name + " [converted]"] = references[name]
         results = serve(vllm_python, work, model_dir, ids, served)
         report(results, base_reference, references, verdicts)
-        batch = [a for a in served if a[0] in ("plain r8", "use_rslora")] + [("no LoRA", None)]
-        if len(batch) == 3:
-            batched(vllm_python, work, model_dir, ids, batch, {**references, "no LoRA": base_reference})
+        if {"plain r8", "use_rslora"} <= set(models):
+            adapters = {n: p for n, p in served if n in ("plain r8", "use_rslora")}
+            batched(vllm_python, work, model_dir, ids, adapters, {**models, "no LoRA": model})
 
 
-def batched(vllm_python, work, model_dir, ids, adapters, references, timeout=240):
-    """Two adapters and the base in one batch (max_loras 2): each request's difference from its reference."""
+def batched(vllm_python, work, model_dir, ids, adapters, models, timeout=300):
+    """Several adapters in one batch: each request's greedy tokens and their logprobs against transformers + PEFT
+    (`models`: name -> model) on the same tokens; which adapter a request was served with when it is not its own."""
     job, out = os.path.join(work, "batch.json"), os.path.join(work, "batch-out.json")
-    json.dump({"model": model_dir, "ids": ids, "adapters": adapters}, open(job, "w"))
+    json.dump(
+        {"model": model_dir, "ids": ids, "adapters": adapters, "batches": BATCHES, "new": NEW_TOKENS},
+        open(job, "w"),
+    )
     try:
         subprocess.run(
             [vllm_python, "-c", BATCH_WORKER, job, out], timeout=timeout, capture_output=True, text=True
@@ -228,13 +249,33 @@ def batched(vllm_python, work, model_dir, ids, adapters, references, timeout=240
         )
     except subprocess.TimeoutExpired:
         result = {"error": f"the engine hung (no answer in {timeout} s)"}
-    if "error" in result:
-        print(f"\none batch of {', '.join(n for n, _ in adapters)}: {result['error']}")
-        return
-    shown = ", ".join(
-        f"{n} {max(abs(a - b) for a, b in zip(result[n][1:], references[n][1:])):.1e}" for n, _ in adapters
+    rows = []
+    for batch in BATCHES:
+        got = result.get(batch, result)
+        if "error" in got:
+            rows.append([batch, "-", got["error"], "-"])
+            continue
+        for name, tokens, logprobs in got:
+            differences = {m: generated_difference(models[m], ids, tokens, logprobs) for m in models}
+            closest = min(differences, key=differences.get)
+            served_as = "its own" if closest == name else f"{closest} ({differences[closest]:.1e})"
+            rows.append([batch, name, f"{differences[name]:.1e}", served_as])
+    table(
+        f"vLLM, several requests in one batch (max_loras 2, greedy, {NEW_TOKENS} tokens): max |logprob difference| "
+        "of each request's tokens from transformers + PEFT",
+        ["batch", "request", "difference", "served as"],
+        rows,
     )
-    print(f"\none batch (max_loras 2): {shown}")
+    print(
+        f"prompt logprobs of two adapters in one batch: {result.get('prompt_logprobs', result.get('error'))}"
+    )
+
+
+def generated_difference(model, ids, tokens, logprobs):
+    """max |logprob| difference of `tokens` (generated after `ids`) under `model` from the engine's `logprobs`."""
+    with torch.no_grad():
+        lp = model(torch.tensor([ids + tokens])).logits[0].double().log_softmax(-1)
+    return max(abs(float(lp[len(ids) - 1 + i, t]) - g) for i, (t, g) in enumerate(zip(tokens, logprobs)))
 
 
 def serve(vllm_python, work, model_dir, ids, adapters, timeout=240):

