@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import peft
@@ -105,6 +107,22 @@ def test_without_the_c_kernel_training_says_so_and_learns_the_same(task, tmp_pat
     assert native.kernel() is None and a["losses"] == b["losses"]
     assert any("dequantized by pure torch" in n for n in b["notes"])
     assert not any("pure torch" in n for n in a["notes"]) or native_unavailable_here()
+
+
+def test_a_cached_kernel_that_does_not_load_is_built_again(tmp_path):
+    """A file in the kernel cache cut short (a crash while another process copied it, a full disk) is not trusted:
+    the next process builds the kernel again (each step in its own process: a loaded library is never rewritten)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    probe = "from lorakit.training import native; print(native.kernel() is not None)"
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    built = list((tmp_path / "lorakit" / "kernels").glob("*.so"))
+    if native_unavailable_here():
+        assert first.stdout.strip() == "False"
+        return
+    assert first.stdout.strip() == "True" and len(built) == 1
+    built[0].write_bytes(b"not a shared library")
+    again = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert again.stdout.strip() == "True" and built[0].stat().st_size > 1000
 
 
 def native_unavailable_here():

@@ -28,36 +28,46 @@ def cache_folder():
 
 
 def build():
-    """The loaded library, built if needed (raises where no compiler works)."""
+    """The loaded library, built if needed (raises where no compiler works). A cached file that does not load (cut
+    short, another platform's) is built again once."""
     with open(SOURCE, "rb") as f:
         source = f.read()
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, OPENMP, sys.platform]).encode()).hexdigest()[
-        :16
-    ]
-    folder = cache_folder()
-    path = os.path.join(folder, f"dequant4-{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)  # built under a temporary name, then renamed
-        os.close(fd)
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, OPENMP, sys.platform]).encode()).hexdigest()
+    path = os.path.join(cache_folder(), f"dequant4-{key[:16]}.so")
+    for attempt in range(2):
+        if not os.path.exists(path):
+            compile_into(compiler, path)
         try:
-            command = [compiler, *FLAGS, SOURCE, "-o", partial]
-            try:
-                subprocess.run([*command, OPENMP], check=True, capture_output=True, timeout=120)
-            except subprocess.CalledProcessError:  # no OpenMP: one thread
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-    library = ctypes.CDLL(path)
+            library = ctypes.CDLL(path)
+            break
+        except OSError:
+            if attempt:
+                raise
+            os.unlink(path)
     library.lorakit_dequant4.restype = None
     grid = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # pointer, row stride, group stride
     rest = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.lorakit_dequant4.argtypes = [ctypes.c_void_p] * 2 + grid * 3 + rest
     library.lorakit_dequant4_vector.restype = ctypes.c_int
     return library
+
+
+def compile_into(compiler, path):
+    """The shared library at `path`, built under a temporary name in its folder, then renamed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, SOURCE, "-o", partial]
+        try:
+            subprocess.run([*command, OPENMP], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:  # no OpenMP: one thread
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def kernel():
