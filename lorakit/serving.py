@@ -75,6 +75,14 @@ OLDER = (
         "fields: they are filtered out and one alpha / r applies; the release that added them is not pinned here, so "
         "every version before the measured one is taken to ignore them",
     ),
+    (
+        "vllm",
+        "0.7.0",
+        {"rslora": False},
+        "vLLM's PEFTHelper applies use_rslora (alpha / sqrt(r)) since its pull request #6909 (reviewed in late December "
+        "2024); earlier versions read alpha / r. Its first release is taken to be 0.7.0 (January 2025): 0.6.6 may "
+        "already have it, where --for's folding is harmless anyway",
+    ),
 )
 
 
@@ -88,7 +96,8 @@ def get_engine(name, version=None):
     given = _version(version)
     for which, below, changes, source in OLDER:
         if which == name and given < _version(below):
-            engine = replace(engine, **changes, source=f"before {below}: {source}")
+            said = f"{engine.source}; " if engine.source != ENGINES[name].source else ""
+            engine = replace(engine, **changes, source=f"{said}before {below}: {source}")
     return engine
 
 

@@ -209,6 +209,11 @@ def test_vllm_rules_by_version(tmp_path, cli):
     assert code == 0 and json.loads(out)["files"][0]["engine_version"] == "0.32.0"
     code, out, err = cli("validate", adapter, "--for", "vllm", "--engine-version", "0.8.5", "--json")
     assert code == 1 and {p["code"] for p in json.loads(out)["files"][0]["problems"]} == {"LK502"}
+    # before vLLM's rsLoRA support (its pull request #6909, taken as released in 0.7.0): read as alpha / r
+    code, out, err = cli("validate", adapter, "--for", "vllm", "--engine-version", "0.6.5", "--json")
+    assert code == 1 and {p["code"] for p in json.loads(out)["files"][0]["problems"]} == {"LK502", "LK503"}
+    old = lorakit.serving.get_engine("vllm", "0.6.5").source
+    assert "before 0.32.0" in old and "before 0.7.0" in old  # both changes cited
     code, out, err = cli("validate", adapter, "--for", "vllm", "--engine-version", "latest")
     assert_one_line_error(code, out, err, "engine version 'latest' does not read as a version")
     assert lorakit.serving.served_rank(lorakit.serving.get_engine("vllm"), 512) == 512
