@@ -19,6 +19,7 @@ class Engine:
     max_rank: int = None  # the largest rank it serves, None: any
     patterns: bool = False  # honors rank_pattern / alpha_pattern
     rslora: bool = False  # honors use_rslora
+    experts: bool = True  # loads LoRAs on MoE experts
     every_expert: bool = False  # per-expert MoE LoRAs must cover every expert of a layer
     # model types whose expert LoRAs it loads as PEFT's 3-D target_parameters layout (vLLM's is_3d_moe_weight)
     experts_3d: tuple = ()
@@ -74,6 +75,13 @@ OLDER = (
         "vLLM's PEFTHelper of early 2025 (vllm/lora/peft_helper.py at 02143692) has no rank_pattern / alpha_pattern "
         "fields: they are filtered out and one alpha / r applies; the release that added them is not pinned here, so "
         "every version before the measured one is taken to ignore them",
+    ),
+    (
+        "vllm",
+        "0.11.2",
+        {"experts": False},
+        "vLLM's LoRA on FusedMoE experts (its pull request #21229) was first released in 0.11.2 (TRL issue #4584); "
+        "before it, LoRAs on experts are not loaded (a warning, vLLM #20932)",
     ),
     (
         "vllm",
@@ -133,7 +141,12 @@ def problems(adapter, engine, fmt, path=None):
     if served_rank(engine, top) is None:
         out.append(("LK501", f"rank {top} is above what {engine.name} serves: {fix} --max-rank R", None))
     out += _scale_problems(adapter, engine, config, fix)
-    if engine.every_expert:
+    if not engine.experts:
+        for group in experts.expert_groups(adapter.modules):
+            out.append(
+                ("LK511", f"{engine.name} loads no LoRA on MoE experts: merge the adapter instead", group)
+            )
+    elif engine.every_expert:
         for (parent, proj), have in expert_groups(adapter.modules).items():
             if len(have) != max(have) + 1:
                 shown = f"{len(have)} of at least {max(have) + 1} experts"
@@ -237,7 +250,9 @@ def serve_ready(adapter, engine, max_rank=None):
     from .core import algebra
 
     refused = [
-        p for p in problems(adapter, engine, engine.writes) if p[0] in ("LK504", "LK505", "LK506", "LK507")
+        p
+        for p in problems(adapter, engine, engine.writes)
+        if p[0] in ("LK504", "LK505", "LK506", "LK507", "LK511")
     ]
     # (read as the engine's own format: the patterns and rsLoRA of the input are folded below, not refused)
     if refused or adapter.transforms:

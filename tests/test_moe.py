@@ -289,6 +289,20 @@ def test_engines_that_load_every_expert(tmp_path, cli):
     )["valid"]
 
 
+def test_vllm_before_its_moe_lora_loads_no_expert_lora(tmp_path, cli):
+    """vLLM's LoRA on FusedMoE experts came with 0.11.2 (its #21229; TRL #4584): an older --engine-version flags
+    each expert group (LK511), the attention modules stay served; 0.11.2 and later load them."""
+    base, adapter, _, _ = build(tmp_path, "qwen3_moe")
+    lorakit.load(adapter, base=str(base)).save(tmp_path / "a.safetensors")
+    args = ("validate", tmp_path / "a.safetensors", "--for", "vllm", "--json", "--engine-version")
+    code, out, err = cli(*args, "0.11.1")
+    problems = json.loads(out)["files"][0]["problems"]
+    experts = [p for p in problems if p["code"] == "LK511"]
+    assert code == 1 and experts and all(".experts." in p["tensor"] for p in experts), problems
+    code, out, err = cli(*args, "0.11.2")
+    assert "LK511" not in {p["code"] for p in json.loads(out)["files"][0]["problems"]}
+
+
 @pytest.mark.parametrize(
     "edit, fragment",
     [
