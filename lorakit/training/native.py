@@ -1,9 +1,9 @@
-"""A C kernel for the commonest frozen layer on the CPU: 4-bit codes (NF4, GPTQ / AWQ int4, GGUF Q2_K-Q4_K, NVFP4) with a
-scale per group of columns. Pure torch takes four passes over memory (the codes widened to int32, a table lookup,
-the scale, the conversion to bf16); this one reads the codes once and writes the weight once: 4.4x faster on this
-machine, as fast as bitsandbytes' own CPU kernel. Built on first use with the system's C compiler (`CC`, else `cc`)
-into a cache folder and loaded with ctypes. It needs AVX-512; where the CPU lacks it or no compiler works, training
-uses the pure torch path (the same bits, slower) and its report says so."""
+"""A C kernel for the commonest frozen layer on the CPU: 4-bit codes (NF4, GPTQ / AWQ int4, GGUF Q2_K-Q4_K,
+NVFP4) with a scale per group of columns. Pure torch takes four passes over memory (the codes widened to int32, a
+table lookup, the scale, the conversion to bf16); this one reads the codes once and writes the weight once: 4.4x
+faster on this machine, as fast as bitsandbytes' own CPU kernel. Built on first use with the system's C compiler
+(`CC`, else `cc`) into a cache folder and loaded with ctypes. It needs AVX-512; where the CPU lacks it or no compiler
+works, training uses the pure torch path (the same bits, slower) and its report says so."""
 
 import ctypes
 import hashlib
