@@ -373,7 +373,7 @@ def test_checkpointing_changes_nothing_but_memory(task, tmp_path):
     assert parts["codes"] == a["frozen_bytes"] and c["memory_estimate"]["codes"] == 0
     assert parts["base"] == parts["codes"] + parts["weights"]
     assert parts["total"] == sum(
-        parts[k] for k in ("codes", "weights", "trainable", "activations", "transient")
+        parts[k] for k in ("codes", "weights", "trainable", "activations", "workspace")
     )
 
 

@@ -99,7 +99,7 @@ def fits(model, batch, seq_len, checkpointing, dtype, max_memory):
         gb = {k: human_size(v) for k, v in estimate.record().items()}
         raise LorakitError(
             f"training needs about {gb['total']} a process (base {gb['base']}, LoRA and AdamW "
-            f"{gb['trainable']}, activations {gb['activations']}, a dequantized layer {gb['transient']}), over "
+            f"{gb['trainable']}, activations {gb['activations']}, the dequantization workspace {gb['workspace']}), over "
             f"--max-memory {max_memory}: use --quantize nf4, --checkpointing, or a smaller --batch / --seq-len"
         )
     return estimate

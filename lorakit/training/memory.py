@@ -19,7 +19,7 @@ class MemoryPlan:
     weights: int  # the frozen model's full-precision tensors: embeddings, head, norms, unquantized layers
     trainable: int  # LoRA factors, gradients, AdamW state
     activations: int
-    transient: int  # the workspace: a dequantized weight in the compute dtype, and its fp32 temporaries
+    workspace: int  # a dequantized weight in the compute dtype and its temporaries (frozen.Workspace)
 
     @property
     def base(self):
@@ -27,7 +27,7 @@ class MemoryPlan:
 
     @property
     def total(self):
-        return self.base + self.trainable + self.activations + self.transient
+        return self.base + self.trainable + self.activations + self.workspace
 
     def record(self):
         return {**asdict(self), "base": self.base, "total": self.total}
