@@ -83,8 +83,9 @@ MAPPED_FROM = 4 << 20
 def steady_heap():
     """Blocks of 4 MiB and more are mapped and unmapped (glibc; elsewhere nothing changes). glibc's default raises
     that threshold up to 32 MiB each time a large block is freed, after which steps leave holes in the heap: the peak
-    of identical `train --quantize nf4` runs of a 501M model ranged over 1.40 to 1.88 GiB, 1.39 GiB with this (no
-    change in speed: 1 MiB cost 8%, 128 KiB 35%, in page faults)."""
+    of identical `train --quantize nf4` runs of a 501M model ranged over 1.40 to 1.88 GiB, 1.39 GiB with this at the
+    same speed (1 MiB cost 8%, 128 KiB 35%, in page faults); a dense fp32 run of bench_train: 0.89 of the peak at
+    0.96-0.99 of the speed, activations of 4 MiB and more being mapped afresh each step."""
     import ctypes
 
     try:
