@@ -21,6 +21,18 @@ READER = {
 }
 
 
+# what a group's weights arguments must say for the reader of its format (compressed-tensors' QuantizationArgs: type,
+# num_bits, strategy); a key left out takes compressed-tensors' default and is not checked. ct-int's bits are its own
+# check (2, 4 or 8 supported, its message says so)
+EXPECTED = {
+    "ct-int": ("int", None, ("group", "channel", "tensor")),
+    "nvfp4": ("float", (4,), ("tensor_group",)),
+    "mxfp8": ("float", (8,), ("group",)),
+    "fp8": ("float", (8,), ("block", "channel", "tensor")),
+    "int8": ("int", (8,), ("channel", "tensor", "group")),
+}
+
+
 def is_compressed_tensors(q):
     return q.get("quant_method") == "compressed-tensors"
 
@@ -40,8 +52,9 @@ def groups(q):
             continue
         if not isinstance(weights, dict):
             raise LorakitError(f"quantization_config.config_groups.{name}.weights is not a JSON object")
-        check_weights(f"quantization_config.config_groups.{name}.weights", weights)
-        found.append((group.get("format") or q.get("format"), weights))
+        fmt = group.get("format") or q.get("format")
+        check_weights(f"quantization_config.config_groups.{name}.weights", weights, READER.get(fmt))
+        found.append((fmt, weights))
     ignore = q.get("ignore")
     if ignore is not None and not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
         raise LorakitError(f"quantization_config.ignore is {ignore!r}: expected a list of module names")
@@ -52,7 +65,8 @@ def positive_int(value):
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def check_weights(where, weights):
+def check_weights(where, weights, reader=None):
+    """The numbers are positive integers, and type, num_bits and strategy are what `reader`'s format stores."""
     for key in ("num_bits", "group_size"):
         value = weights.get(key)
         if value is not None and not positive_int(value):
@@ -64,6 +78,16 @@ def check_weights(where, weights):
         raise LorakitError(
             f"{where}.block_structure is {block!r}: expected [rows, columns], positive integers"
         )
+    kind, bits, strategies = EXPECTED.get(reader, (None, None, None))
+    for key, allowed in (("type", kind and (kind,)), ("num_bits", bits), ("strategy", strategies)):
+        value = weights.get(key)
+        if value is not None and allowed and value not in allowed:
+            raise LorakitError(
+                f"{where}.{key} is {value!r}: {reader} weights take {' or '.join(map(str, allowed))}"
+            )
+    strategy = weights.get("strategy")
+    if block is not None and strategy not in (None, "block"):
+        raise LorakitError(f"{where}.strategy is {strategy!r} beside a block_structure: expected 'block'")
 
 
 def weights_for(q, reader):

@@ -24,8 +24,12 @@ ROLES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "
 class CTPacked(QuantFormat):
     name = "ct-int"
 
-    def __init__(self, bits):
+    def __init__(self, bits, args=()):
         self.bits = set(bits)
+        # what the config says of the groups this reader reads (None: left to compressed-tensors' default)
+        self.strategies = {w.get("strategy") for w in args} - {None}
+        self.sizes = {w.get("group_size") for w in args} - {None}
+        self.symmetric = {w.get("symmetric") for w in args} - {None}
 
     @classmethod
     def configure(cls, q):
@@ -38,7 +42,7 @@ class CTPacked(QuantFormat):
                 f"compressed-tensors pack-quantized with {sorted(bits - set(BITS))[0]} bits is not supported "
                 "(2, 4 or 8)"
             )
-        return cls(bits)
+        return cls(bits, args)
 
     def find(self, ckpt):
         found = {}
@@ -82,7 +86,32 @@ class CTPacked(QuantFormat):
             )
         if "weight_g_idx" in m:
             check_shape(ckpt, m, "weight_g_idx", (inn,), "the group of each input column")
+        self._agrees(ckpt, m, inn, groups)
         return out, inn, bits, groups
+
+    def _agrees(self, ckpt, m, inn, groups):
+        """The tensors as the config describes them: one scale a row for the channel and tensor strategies, in /
+        group_size groups for group, zero points exactly where it says asymmetric (an engine reads the config)."""
+        said = ", ".join(sorted(self.strategies))
+        if self.strategies and self.strategies <= {"channel", "tensor"} and groups != 1:
+            raise malformed(
+                ckpt, m["weight_scale"], f"weight_scale has {groups} groups a row: strategy {said} has 1"
+            )
+        if self.strategies == {"group"} and self.sizes and all(-(-inn // g) != groups for g in self.sizes):
+            sizes = " or ".join(map(str, sorted(self.sizes)))
+            raise malformed(
+                ckpt,
+                m["weight_scale"],
+                f"weight_scale has {groups} groups a row: group_size {sizes} makes {-(-inn // min(self.sizes))}",
+            )
+        if self.symmetric == {True} and "weight_zero_point" in m:
+            raise malformed(
+                ckpt, m["weight_zero_point"], "weight_zero_point is stored, but the config says symmetric"
+            )
+        if self.symmetric == {False} and "weight_zero_point" not in m:
+            raise malformed(
+                ckpt, m["weight_packed"], "weight_zero_point is missing: the config says asymmetric"
+            )
 
     def shape(self, ckpt, m):
         return self._layout(ckpt, m)[:2]
