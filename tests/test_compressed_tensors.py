@@ -515,6 +515,11 @@ def group_0(config):
     return config["quantization_config"]["config_groups"]["group_0"]
 
 
+def said(**weights):
+    """A change of the first config group's weights arguments."""
+    return lambda c: group_0(c)["weights"].update(**weights)
+
+
 HOSTILE_CONFIGS = {
     "config_groups a list": (
         "w4a16",
@@ -555,57 +560,22 @@ HOSTILE_CONFIGS = {
     ),
     # a config that contradicts the tensors: an engine reads the config, so the file is refused, not read from its
     # tensors alone (found by fuzzing the fixtures: each merged with exit 0 before)
-    "NVFP4 of 2 bits": (
-        "nvfp4a16",
-        lambda c: group_0(c)["weights"].update(num_bits=2),
-        "num_bits is 2: nvfp4",
-    ),
-    "NVFP4 of integers": ("nvfp4a16", lambda c: group_0(c)["weights"].update(type="int"), "type is 'int'"),
-    "NVFP4 per tensor": (
-        "nvfp4a16",
-        lambda c: group_0(c)["weights"].update(strategy="tensor"),
-        "strategy is 'tensor': nvfp4 weights take tensor_group",
-    ),
-    "packed ints of floats": (
-        "w8a16",
-        lambda c: group_0(c)["weights"].update(type="float"),
-        "type is 'float'",
-    ),
-    "packed ints per tensor group": (
-        "w8a16",
-        lambda c: group_0(c)["weights"].update(strategy="tensor_group"),
-        "strategy is 'tensor_group'",
-    ),
-    "group scales said per channel": (
-        "w4a16",
-        lambda c: group_0(c)["weights"].update(strategy="channel"),
-        "groups a row: strategy channel has 1",
-    ),
-    "group_size against the scales": (
-        "w4a16",
-        lambda c: group_0(c)["weights"].update(group_size=16),
-        "groups a row: group_size 16 makes",
-    ),
-    "asymmetric without zero points": (
-        "w4a16",
-        lambda c: group_0(c)["weights"].update(symmetric=False),
-        "weight_zero_point is missing: the config says asymmetric",
-    ),
-    "symmetric with zero points": (
-        "w4a16-asym-actorder",
-        lambda c: group_0(c)["weights"].update(symmetric=True),
-        "weight_zero_point is stored, but the config says symmetric",
-    ),
-    "FP8 blocks said per channel": (
-        "fp8-block",
-        lambda c: group_0(c)["weights"].update(strategy="channel"),
-        "strategy is 'channel' beside a block_structure",
-    ),
-    "MXFP8 of 4 bits": (
-        "mxfp8a16",
-        lambda c: group_0(c)["weights"].update(num_bits=4),
-        "num_bits is 4: mxfp8",
-    ),
+    **{
+        case: (scheme, said(**weights), message)
+        for case, (scheme, weights, message) in {
+            "NVFP4 of 2 bits": ("nvfp4a16", dict(num_bits=2), "num_bits is 2: nvfp4"),
+            "NVFP4 of integers": ("nvfp4a16", dict(type="int"), "type is 'int'"),
+            "NVFP4 per tensor": ("nvfp4a16", dict(strategy="tensor"), "take tensor_group"),
+            "ints of floats": ("w8a16", dict(type="float"), "type is 'float'"),
+            "ints per tensor group": ("w8a16", dict(strategy="tensor_group"), "'tensor_group'"),
+            "groups said channel": ("w4a16", dict(strategy="channel"), "strategy channel has 1"),
+            "group_size vs scales": ("w4a16", dict(group_size=16), "group_size 16 makes"),
+            "asym, no zero points": ("w4a16", dict(symmetric=False), "weight_zero_point is missing"),
+            "sym, zero points": ("w4a16-asym-actorder", dict(symmetric=True), "zero_point is stored"),
+            "blocks said channel": ("fp8-block", dict(strategy="channel"), "beside a block_structure"),
+            "MXFP8 of 4 bits": ("mxfp8a16", dict(num_bits=4), "num_bits is 4: mxfp8"),
+        }.items()
+    },
 }
 
 
