@@ -305,6 +305,16 @@ HOSTILE = {
         lambda t: t.pop(f"{STEM}.weight_global_scale"),
         "belongs to no complete nvfp4 module",
     ),
+    "packed ints with integer scales": (
+        "w8a16",
+        lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"].to(torch.uint8)}),
+        "weight_scale is U8: expected F32 or BF16 or F16",
+    ),
+    "FP8 blocks with integer scales": (
+        "fp8-block",
+        lambda t: t.update({f"{STEM}.weight_scale": t[f"{STEM}.weight_scale"].to(torch.int32)}),
+        "weight_scale is I32: expected F32 or BF16 or F16",
+    ),
     "MXFP8 weight stored bf16 beside its E8M0 scale": (
         "mxfp8a16",
         lambda t: t.update({f"{STEM}.weight": t[f"{STEM}.weight"].to(torch.bfloat16)}),

@@ -172,8 +172,12 @@ def row_major(codes):
     return codes.stride(1) == 1 or codes.shape[1] == 1
 
 
+FLOAT_SCALES = ("F32", "BF16", "F16")  # how checkpoints store floating scales
+
+
 def check_scale(ckpt, m, role, out):
-    """A per-tensor or per-output-channel scale: one value, or one per row."""
+    """A per-tensor or per-output-channel scale: one floating value, or one per row."""
+    check_dtype(ckpt, m, role, FLOAT_SCALES)
     if ckpt.entry(m[role]).numel not in (1, out):
         raise LorakitError(
             f"scale has shape {list(ckpt.entry(m[role]).shape)}: expected one value or {out} (one per "

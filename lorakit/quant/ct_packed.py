@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import malformed, Grid, QuantFormat, check_dtype, check_shape, round_up_to
+from .base import FLOAT_SCALES, malformed, Grid, QuantFormat, check_dtype, check_shape, round_up_to
 from .gptq_awq import pack, unpack
 from .rounding import Uniform
 
@@ -57,6 +57,11 @@ class CTPacked(QuantFormat):
         for role in ("weight_scale", "weight_shape"):
             if role not in m:
                 raise malformed(ckpt, m["weight_packed"], f"{role} is missing")
+        check_dtype(ckpt, m, "weight_shape", ("I64", "I32"))
+        check_dtype(ckpt, m, "weight_scale", FLOAT_SCALES)
+        for role, dtypes in (("weight_zero_point", ("I32", "I8")), ("weight_g_idx", ("I32", "I64"))):
+            if role in m:
+                check_dtype(ckpt, m, role, dtypes)
         check_shape(ckpt, m, "weight_shape", (2,), "the unpadded [out, in]")
         out, inn = (int(v) for v in ckpt.get(m["weight_shape"]))
         check_dtype(ckpt, m, "weight_packed", ("I32",))

@@ -5,7 +5,17 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import malformed, Grid, QuantFormat, check_scale, one_group, per_row, round_to
+from .base import (
+    FLOAT_SCALES,
+    malformed,
+    Grid,
+    QuantFormat,
+    check_dtype,
+    check_scale,
+    one_group,
+    per_row,
+    round_to,
+)
 from .rounding import FP8, FP8_MAX
 
 CODEBOOK = FP8()
@@ -93,6 +103,7 @@ class FP8Block(QuantFormat):
         }
 
     def shape(self, ckpt, m):
+        check_dtype(ckpt, m, self.role, FLOAT_SCALES)
         shape = tuple(ckpt.entry(m["weight"]).shape)
         blocks = tuple(-(-n // b) for n, b in zip(shape, self.block))
         if len(shape) != 2 or tuple(ckpt.entry(m[self.role]).shape) != blocks:
