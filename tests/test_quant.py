@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import lorakit
+from lorakit import examples
 from lorakit.core import Adapter, Module
 from lorakit.io import Checkpoint
 from lorakit.errors import LorakitError
 from lorakit.io import write_safetensors
 from lorakit.bases import open_base
+
+from conftest import assert_one_line_error
 
 
 def detect(ckpt, path):
@@ -876,8 +879,6 @@ def test_auto_keeps_the_codes_of_a_delta_far_under_the_step(tmp_path, cli):
     """A delta far under a grid step: every candidate is further from W + dW than the old codes (nearest rounds
     back or flips a code by a whole step, random rounding adds noise), so auto keeps them: the module's bytes are
     the base's, the report says 'keep', and a merge where nothing survives warns in words with the ways out."""
-    from lorakit import examples
-
     examples.write_quantized_llama(tmp_path / "q", "nf4", hidden=128, intermediate=256)
     shapes = examples.llama_shapes(hidden=128, intermediate=256)
     examples.random_adapter(shapes, targets=examples.LINEAR_TARGETS, magnitude=1e-4).save(
@@ -973,3 +974,44 @@ def test_merge_report_is_short_by_default_whole_with_v_in_natural_order(tmp_path
     )
     modules = [m["module"] for m in json.loads(out)["quantization"]["modules"]]
     assert modules == [r.removesuffix(".weight") for r in rows] and len(modules) == 77
+
+
+@pytest.mark.parametrize(
+    "fmt, tensor, dtype, message",
+    [
+        (
+            "gptq",
+            "model.layers.0.mlp.up_proj.scales",
+            torch.int32,
+            "scales is I32: expected F32 or BF16 or F16",
+        ),
+        ("gptq", "model.layers.0.mlp.up_proj.qzeros", torch.uint8, "qzeros is U8: expected I32"),
+        (
+            "awq",
+            "model.layers.0.mlp.up_proj.scales",
+            torch.uint8,
+            "scales is U8: expected F32 or BF16 or F16",
+        ),
+        ("nf4", "model.layers.0.mlp.up_proj.weight.absmax", torch.int32, "absmax is I32, expected"),
+    ],
+)
+def test_quantized_tensors_of_another_dtype_are_refused(tmp_path, cli, fmt, tensor, dtype, message):
+    """A scale or zero point stored in another dtype than its format's reads as other numbers: refused in one line
+    (each merged with exit 0 before; found by fuzzing)."""
+    from safetensors.torch import load_file, save_file
+
+    examples.write_quantized_llama(tmp_path / "q", fmt, hidden=128, intermediate=256)
+    shard = next((tmp_path / "q").glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors[tensor] = tensors[tensor].to(dtype)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    a = Adapter()
+    a.add(
+        Module(
+            "model.layers.0.mlp.up_proj", torch.randn(4, 128) * 0.02, torch.randn(256, 4) * 0.02, alpha=4.0
+        )
+    )
+    a.save(tmp_path / "a.safetensors")
+    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert_one_line_error(code, out, err, message)
+    assert not (tmp_path / "out").exists()
