@@ -75,7 +75,10 @@ class NF4(QuantFormat):
             if w + part not in ckpt:
                 raise bad(f"no {w + part}")
         nested_absmax = w + ".nested_absmax" in ckpt
-        dtypes = {".absmax": "U8" if nested_absmax else "F32", ".quant_map": "F32"}  # (the codes' storage varies)
+        dtypes = {
+            ".absmax": "U8" if nested_absmax else "F32",
+            ".quant_map": "F32",
+        }  # (the codes' storage varies)
         dtypes.update({".nested_absmax": "F32", ".nested_quant_map": "F32"} if nested_absmax else {})
         for (
             part,
