@@ -998,20 +998,54 @@ def test_merge_report_is_short_by_default_whole_with_v_in_natural_order(tmp_path
 def test_quantized_tensors_of_another_dtype_are_refused(tmp_path, cli, fmt, tensor, dtype, message):
     """A scale or zero point stored in another dtype than its format's reads as other numbers: refused in one line
     (each merged with exit 0 before; found by fuzzing)."""
+
+    def change(config, tensors):
+        tensors[tensor] = tensors[tensor].to(dtype)
+
+    code, out, err = merge_changed(tmp_path, cli, fmt, change, "model.layers.0.mlp.up_proj")
+    assert_one_line_error(code, out, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def merge_changed(tmp_path, cli, fmt, change, module):
+    """`lorakit merge` of a LoRA on `module` into a small `fmt` base whose config and tensors `change` edited."""
     from safetensors.torch import load_file, save_file
 
     examples.write_quantized_llama(tmp_path / "q", fmt, hidden=128, intermediate=256)
-    shard = next((tmp_path / "q").glob("*.safetensors"))
-    tensors = load_file(shard)
-    tensors[tensor] = tensors[tensor].to(dtype)
+    shard, config_path = next((tmp_path / "q").glob("*.safetensors")), tmp_path / "q" / "config.json"
+    tensors, config = load_file(shard), json.load(open(config_path))
+    change(config, tensors)
     save_file(tensors, shard, metadata={"format": "pt"})
+    json.dump(config, open(config_path, "w"))
+    out, inn = (128, 256) if "down_proj" in module else (256, 128)
     a = Adapter()
-    a.add(
-        Module(
-            "model.layers.0.mlp.up_proj", torch.randn(4, 128) * 0.02, torch.randn(256, 4) * 0.02, alpha=4.0
-        )
-    )
+    a.add(Module(module, torch.randn(4, inn) * 0.02, torch.randn(out, 4) * 0.02, alpha=4.0))
     a.save(tmp_path / "a.safetensors")
-    code, out, err = cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    return cli("merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c, t: c["quantization_config"].update(group_size={}),
+            "GPTQ group_size {}: expected a positive",
+        ),
+        (
+            lambda c, t: c["quantization_config"].update(group_size=64),
+            "scales has 8 groups: group_size 64 of 256 inputs makes 4",
+        ),
+        (
+            lambda c, t: t.update(
+                {"model.layers.1.mlp.down_proj.g_idx": torch.full((256,), 9, dtype=torch.int32)}
+            ),
+            "g_idx holds groups outside 0..7",
+        ),
+    ],
+)
+def test_gptq_groups_against_the_config_and_g_idx(tmp_path, cli, change, message):
+    """GPTQ's groups as the config and g_idx say them, checked against the scales (a group_size that is no number
+    read every column with the first group's scale, exit 0; found by fuzzing)."""
+    code, out, err = merge_changed(tmp_path, cli, "gptq", change, "model.layers.1.mlp.down_proj")
     assert_one_line_error(code, out, err, message)
     assert not (tmp_path / "out").exists()

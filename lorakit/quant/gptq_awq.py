@@ -140,6 +140,14 @@ class GPTQ(PackedInt):
     def __init__(self, bits=4, group_size=128, sym=True, v1=True):
         if bits not in (2, 4, 8):
             raise LorakitError(f"GPTQ with {bits} bits is not supported (2, 4 or 8)")
+        if (
+            isinstance(group_size, bool)
+            or not isinstance(group_size, int)
+            or not (group_size > 0 or group_size == -1)
+        ):
+            raise LorakitError(
+                f"GPTQ group_size {group_size!r}: expected a positive integer, or -1 (one group a row)"
+            )
         self.bits, self.group_size, self.sym, self.v1 = bits, group_size, sym, v1
 
     @classmethod
@@ -173,11 +181,25 @@ class GPTQ(PackedInt):
                 path=ckpt.path,
                 tensor=m["g_idx"],
             )
+        groups = -(-inn // self.group_size) if self.group_size > 0 else 1
+        if "g_idx" not in m and scales[0] != groups:
+            raise LorakitError(
+                f"scales has {scales[0]} groups: group_size {self.group_size} of {inn} inputs makes {groups}",
+                path=ckpt.path,
+                tensor=m["scales"],
+            )
         return (out, inn)
 
     def _groups(self, ckpt, m, inn):
         if "g_idx" in m:
-            return ckpt.get(m["g_idx"]).long()
+            g, groups = ckpt.get(m["g_idx"]).long(), ckpt.entry(m["scales"]).shape[0]
+            if bool(((g < 0) | (g >= groups)).any()):
+                raise LorakitError(
+                    f"g_idx holds groups outside 0..{groups - 1} (scales has {groups})",
+                    path=ckpt.path,
+                    tensor=m["g_idx"],
+                )
+            return g
         g = self.group_size if self.group_size and self.group_size > 0 else inn
         return torch.arange(inn) // g
 
