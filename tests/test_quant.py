@@ -1049,3 +1049,9 @@ def test_gptq_groups_against_the_config_and_g_idx(tmp_path, cli, change, message
     code, out, err = merge_changed(tmp_path, cli, "gptq", change, "model.layers.1.mlp.down_proj")
     assert_one_line_error(code, out, err, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_awq_group_size_that_is_no_number_is_refused(tmp_path, cli):
+    change = lambda c, t: c["quantization_config"].update(group_size="x")  # noqa: E731 (it was a division by "x")
+    code, out, err = merge_changed(tmp_path, cli, "awq", change, "model.layers.1.mlp.down_proj")
+    assert_one_line_error(code, out, err, "AWQ group_size 'x': expected a positive integer")

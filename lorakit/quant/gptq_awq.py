@@ -230,6 +230,8 @@ class AWQ(PackedInt):
     def __init__(self, group_size=128, bits=4):
         if bits != 4:
             raise LorakitError(f"AWQ with {bits} bits is not supported (GEMM int4)")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise LorakitError(f"AWQ group_size {group_size!r}: expected a positive integer")
         self.group_size = group_size
 
     @classmethod
