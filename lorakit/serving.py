@@ -102,10 +102,13 @@ def get_engine(name, version=None):
     if version is None:
         return engine
     given = _version(version)
-    for which, below, changes, source in OLDER:
-        if which == name and given < _version(below):
-            said = f"{engine.source}; " if engine.source != ENGINES[name].source else ""
-            engine = replace(engine, **changes, source=f"{said}before {below}: {source}")
+    applying = [(b, changes, s) for which, b, changes, s in OLDER if which == name and given < _version(b)]
+    for _, changes, _ in applying:
+        engine = replace(engine, **changes)
+    if applying:
+        engine = replace(
+            engine, source="; ".join(f"before {below}: {source}" for below, _, source in applying)
+        )
     return engine
 
 

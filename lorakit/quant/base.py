@@ -234,3 +234,10 @@ def check_dtype(ckpt, m, role, dtypes):
     dtype = ckpt.entry(m[role]).dtype
     if dtype not in dtypes:
         raise malformed(ckpt, m[role], f"{role} is {dtype}: expected {' or '.join(dtypes)}")
+
+
+def check_dtypes(ckpt, m, expected):
+    """check_dtype for each {role: dtypes} the module has (optional members left out are not checked)."""
+    for role, dtypes in expected.items():
+        if role in m:
+            check_dtype(ckpt, m, role, dtypes)

@@ -13,12 +13,28 @@ import torch
 
 from ..errors import LorakitError
 from . import ct_config
-from .base import FLOAT_SCALES, malformed, Grid, QuantFormat, check_dtype, check_shape, round_up_to
+from .base import (
+    FLOAT_SCALES,
+    malformed,
+    Grid,
+    QuantFormat,
+    check_dtype,
+    check_dtypes,
+    check_shape,
+    round_up_to,
+)
 from .gptq_awq import pack, unpack
 from .rounding import Uniform
 
 BITS = (2, 4, 8)  # whole codes a word: 3, 5, 6 and 7 bits cross words
 ROLES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+# as compressed-tensors writes them (weight_packed's I32 is checked with its shape)
+DTYPES = {
+    "weight_shape": ("I64", "I32"),
+    "weight_scale": FLOAT_SCALES,
+    "weight_zero_point": ("I32", "I8"),
+    "weight_g_idx": ("I32", "I64"),
+}
 
 
 class CTPacked(QuantFormat):
@@ -57,11 +73,7 @@ class CTPacked(QuantFormat):
         for role in ("weight_scale", "weight_shape"):
             if role not in m:
                 raise malformed(ckpt, m["weight_packed"], f"{role} is missing")
-        check_dtype(ckpt, m, "weight_shape", ("I64", "I32"))
-        check_dtype(ckpt, m, "weight_scale", FLOAT_SCALES)
-        for role, dtypes in (("weight_zero_point", ("I32", "I8")), ("weight_g_idx", ("I32", "I64"))):
-            if role in m:
-                check_dtype(ckpt, m, role, dtypes)
+        check_dtypes(ckpt, m, DTYPES)
         check_shape(ckpt, m, "weight_shape", (2,), "the unpadded [out, in]")
         out, inn = (int(v) for v in ckpt.get(m["weight_shape"]))
         check_dtype(ckpt, m, "weight_packed", ("I32",))

@@ -4,7 +4,7 @@ Both store int32 words of `32 // bits` codes; they share the module layout (qwei
 import torch
 
 from ..errors import LorakitError
-from .base import FLOAT_SCALES, Grid, QuantFormat, check_dtype, round_to
+from .base import FLOAT_SCALES, Grid, QuantFormat, check_dtypes, round_to
 from .rounding import Uniform
 
 
@@ -69,17 +69,9 @@ def _pack(codes, bits, dim, order):
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
-def check_packed_dtypes(ckpt, m):
-    """GPTQ's and AWQ's tensors as AutoGPTQ / AutoAWQ write them: int32 words of codes and zeros, floating scales
-    (another dtype would be read as other numbers)."""
-    for role, dtypes in (
-        ("qweight", ("I32",)),
-        ("qzeros", ("I32",)),
-        ("scales", FLOAT_SCALES),
-        ("g_idx", ("I32", "I64")),
-    ):
-        if role in m:
-            check_dtype(ckpt, m, role, dtypes)
+# GPTQ's and AWQ's tensors as AutoGPTQ / AutoAWQ write them: int32 words of codes and zeros, floating scales (another
+# dtype would be read as other numbers)
+PACKED_DTYPES = {"qweight": ("I32",), "qzeros": ("I32",), "scales": FLOAT_SCALES, "g_idx": ("I32", "I64")}
 
 
 class PackedInt(QuantFormat):
@@ -163,7 +155,7 @@ class GPTQ(PackedInt):
         return None
 
     def shape(self, ckpt, m):
-        check_packed_dtypes(ckpt, m)
+        check_dtypes(ckpt, m, PACKED_DTYPES)
         packed = ckpt.entry(m["qweight"]).shape
         out, inn = packed[1], packed[0] * 32 // self.bits
         scales, zeros = ckpt.entry(m["scales"]).shape, ckpt.entry(m["qzeros"]).shape
@@ -200,7 +192,7 @@ class GPTQ(PackedInt):
                     tensor=m["g_idx"],
                 )
             return g
-        g = self.group_size if self.group_size and self.group_size > 0 else inn
+        g = self.group_size if self.group_size > 0 else inn
         return torch.arange(inn) // g
 
     def codes(self, ckpt, m):
@@ -243,7 +235,7 @@ class AWQ(PackedInt):
         return cls(q.get("group_size", 128), q.get("bits", 4))
 
     def shape(self, ckpt, m):
-        check_packed_dtypes(ckpt, m)
+        check_dtypes(ckpt, m, PACKED_DTYPES)
         packed = ckpt.entry(m["qweight"]).shape
         out, inn = packed[1] * 8, packed[0]
         scales, zeros = ckpt.entry(m["scales"]).shape, ckpt.entry(m["qzeros"]).shape

@@ -74,16 +74,11 @@ class NF4(QuantFormat):
         for part in (".absmax", ".quant_map"):
             if w + part not in ckpt:
                 raise bad(f"no {w + part}")
-        nested_absmax = w + ".nested_absmax" in ckpt
-        dtypes = {
-            ".absmax": "U8" if nested_absmax else "F32",
-            ".quant_map": "F32",
-        }  # (the codes' storage varies)
-        dtypes.update({".nested_absmax": "F32", ".nested_quant_map": "F32"} if nested_absmax else {})
-        for (
-            part,
-            dtype,
-        ) in dtypes.items():  # as bitsandbytes stores them: another dtype reads as other numbers
+        # as bitsandbytes stores them (another dtype reads as other numbers; the codes' own storage varies)
+        nested = w + ".nested_absmax" in ckpt
+        dtypes = {".absmax": "U8" if nested else "F32", ".quant_map": "F32"}
+        dtypes.update({".nested_absmax": "F32", ".nested_quant_map": "F32"} if nested else {})
+        for part, dtype in dtypes.items():
             if w + part in ckpt and ckpt.entry(w + part).dtype != dtype:
                 raise bad(f"{w + part} is {ckpt.entry(w + part).dtype}, expected {dtype}")
         if 2 * ckpt.entry(w).numel < n:

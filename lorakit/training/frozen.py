@@ -193,9 +193,8 @@ class FrozenLinear(nn.Module):
         self.group_size = inn // groups if contiguous else None
         self.register_buffer("codes", codes.contiguous())
         table = code_table(grid.codebook, stored.codes.dtype).float()
-        kernel = native.eligible(
-            self.nibbles, self.group_size, inn
-        )  # the C kernel's 16 values, where it applies
+        # the C kernel's 16 values, where it applies
+        kernel = native.eligible(self.nibbles, self.group_size, inn)
         self.register_buffer("lut", table[:16].clone() if kernel else None, persistent=False)
         if self.nibbles:  # a byte's two values at once: one 8-byte lookup a byte (3x faster than unpacking)
             byte = torch.arange(256)

@@ -72,6 +72,8 @@ def compile_into(compiler, path):
 
 def kernel():
     """The kernel where this CPU has AVX-512 and a C compiler builds it, else None (pure torch is used)."""
+    if "library" in _state:  # settled: no lock on every dequantization
+        return _state["library"]
     with _lock:
         if "library" not in _state:
             try:
