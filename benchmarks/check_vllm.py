@@ -273,9 +273,8 @@ def batched(vllm_python, work, model_dir, ids, adapters, models, timeout=300):
 
 def generated_difference(model, ids, tokens, logprobs):
     """max |logprob| difference of `tokens` (generated after `ids`) under `model` from the engine's `logprobs`."""
-    with torch.no_grad():
-        lp = model(torch.tensor([ids + tokens])).logits[0].double().log_softmax(-1)
-    return max(abs(float(lp[len(ids) - 1 + i, t]) - g) for i, (t, g) in enumerate(zip(tokens, logprobs)))
+    reference = logprobs_of(model, ids + tokens)[len(ids) :]  # each generated token's, given what precedes it
+    return max(abs(r - g) for r, g in zip(reference, logprobs))
 
 
 def serve(vllm_python, work, model_dir, ids, adapters, timeout=240):
