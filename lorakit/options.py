@@ -45,6 +45,11 @@ class MergeOptions:
         "The memory the merge may use (e.g. 1GB): as many workers as fit (each holds about twice the largest "
         "tensor it merges); refused when not even one fits.",
     )
+    device: str = option(
+        "auto",
+        "Where full-precision tensors are summed: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+        "cuda:N. Reading, writing and requantizing stay on the CPU.",
+    )
     resume: bool = option(
         False,
         "Go on with a merge that was killed: the files its journal records as done (and whose bytes check) are "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -327,14 +328,14 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
 
     monkeypatch.setattr(lio.DirectFile, "CHUNK", 3 * 4096)
     if fail_direct_write:
-        real_write = os.write
+        real_write = os.pwrite
 
-        def picky(fd, data):
+        def picky(fd, data, offset):
             if f.direct:
                 raise OSError(errno.EINVAL, "Invalid argument")
-            return real_write(fd, data)
+            return real_write(fd, data, offset)
 
-        monkeypatch.setattr(lio.os, "write", picky)
+        monkeypatch.setattr(lio.os, "pwrite", picky)
     g = torch.Generator().manual_seed(0)
     pieces = [
         torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes()
@@ -350,6 +351,58 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
         f.readinto_from(s, 9000)
     f.close()
     assert (tmp_path / "x.bin").read_bytes() == b"".join(pieces) + (b"abc" * 5000)[7:9007]
+    # every byte counted once, in file order, although two chunks are written at a time
+    assert f.crc32 == zlib.crc32((tmp_path / "x.bin").read_bytes())
+
+
+def test_direct_file_write_errors_surface(tmp_path, monkeypatch):
+    """A write that fails on an I/O thread (a full disk) is raised to the writer, not lost with the thread."""
+    import lorakit.io.safetensors as lio
+
+    monkeypatch.setattr(lio.DirectFile, "CHUNK", 4096)
+    calls = []
+
+    def full(fd, data, offset):
+        calls.append(offset)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lio.os, "pwrite", full)
+    f = lio.DirectFile(str(tmp_path / "x.bin"))
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(8):
+            f.write(bytes(4096))
+        f.close()
+    assert calls
+
+
+def test_device_option(tiny_base, tmp_path, cli):
+    """--device cpu is the default's result byte for byte on a machine without a GPU, the report says where the sums
+    ran; a device that is malformed or not here is refused in one line, nothing written."""
+    import torch
+
+    folder, tensors = tiny_base
+    ad = examples.random_adapter(shapes_of(tensors))
+    ad.save(tmp_path / "a.safetensors")
+    report = lorakit.merge(folder, [tmp_path / "a.safetensors"], tmp_path / "auto", quiet=True)
+    assert report["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    c, out, err = cli(
+        "merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "cpu", "--device", "cpu", "-q"
+    )
+    assert c == 0, err
+    if not torch.cuda.is_available():
+        names = listdir_all(tmp_path / "auto")
+        assert names == listdir_all(tmp_path / "cpu")
+        assert all((tmp_path / "auto" / n).read_bytes() == (tmp_path / "cpu" / n).read_bytes() for n in names)
+        c, out, err = cli(
+            "merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "x", "--device", "cuda"
+        )
+        assert_one_line_error(c, out, err, "--device cuda", "sees no CUDA device here")
+    for wrong in ("gpu", "mps", "cuda:x", ""):
+        c, out, err = cli(
+            "merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "x", "--device", wrong
+        )
+        assert_one_line_error(c, out, err, "--device is auto or one of cuda, cpu", f"not '{wrong}'")
+    assert not (tmp_path / "x").exists()
 
 
 def test_any_dtype_the_adapter_does_not_touch_is_copied_byte_for_byte(tmp_path):

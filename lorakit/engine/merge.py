@@ -43,14 +43,14 @@ def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
             "--strategy original and --onto original need --full-precision-base", path=base.path
         )
     writer = base.writer(job, outputs, plan.untie, options.shard_bytes)
-    staging = stage(base, writer, outputs, options, input_paths)
+    staging = stage(base, writer, outputs, options, input_paths, job.device)
     execute(job, writer, staging, outputs[0], options)
     return merge_report(base, loaded, output, options, plan, job, writer, staging)
 
 
-def stage(base, writer, outputs, options, input_paths):
-    """The output's work folder: its journal names this merge's inputs and options, so that --resume and --part
-    join only the same merge."""
+def stage(base, writer, outputs, options, input_paths, device):
+    """The output's work folder: its journal names this merge's inputs and options (the device's kind among them:
+    a GPU's sums may round a last bit differently), so that --resume and --part join only the same merge."""
     from dataclasses import asdict
 
     names = [name for name, _ in writer.shards]
@@ -62,6 +62,7 @@ def stage(base, writer, outputs, options, input_paths):
     identity = {
         "inputs": input_identity(inputs),
         "options": {k: v for k, v in asdict(options).items() if k not in RUN_ONLY},
+        "device": device.type,
     }
     return Staging(
         outputs[0], names, identity, writer.folder, options.part, options.resume, options.force, sizes
@@ -74,7 +75,7 @@ def parted(options):
 
 
 # options that change how a merge runs, not what it writes: a resumed or parted run may differ in them
-RUN_ONLY = ("threads", "quiet", "force", "resume", "part", "max_memory")
+RUN_ONLY = ("threads", "quiet", "force", "resume", "part", "max_memory", "device")
 
 
 def execute(job, writer, staging, output, options):
@@ -119,6 +120,7 @@ def merge_report(base, loaded, output, options, plan, job, writer, staging):
         "merged_count": sum(p.touched for p in plan.tensors.values()),
         "bytes": writer.total,
         "dtype": options.dtype or "keep",
+        "device": str(job.device),
         "skipped": plan.skipped,
         "elsewhere": plan.elsewhere,
         "notes": notes,

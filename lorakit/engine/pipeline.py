@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..devices import pick_device
 from ..errors import LorakitError
 from ..io import BufferPool, copy_file, spec_nbytes
 from ..io.heap import retained_heap
@@ -27,7 +28,9 @@ from .tensor import check_finite, merge_tensor
 FULL_PRECISION = ("F64", "F32", "F16", "BF16")
 LOOKAHEAD = 8  # tensors queued per thread at most, byte copies included
 BLOCK_BYTES = 2 << 20  # a worker's fp32 row block (engine.tensor.BLOCK_ELEMENTS x 4)
-DIRECT_STAGING = 16 << 20  # the O_DIRECT writer's staging buffer (io.safetensors.DirectFile.CHUNK)
+DIRECT_STAGING = (
+    3 * 16 << 20
+)  # the O_DIRECT writer's staging buffers (io.safetensors.DirectFile: DEPTH x CHUNK)
 
 
 class MergeJob:
@@ -53,6 +56,7 @@ class MergeJob:
         )  # the whole output is full precision
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = options.strategy, full, options.onto, options.seed
+        self.device = pick_device(options.device, kinds=("cuda", "cpu"))
         self.survival = {}
         # buffers of the full-precision tensors in flight (read: being computed; out: computed, waiting to be
         # written), each sized for its tensor and reused
@@ -151,7 +155,7 @@ class MergeJob:
                 W, [p for d in reversed(range(W.ndim)) for p in (0, plan.padded_shape[d] - W.shape[d])]
             )
         if plan is not None and plan.touched and spec[1] == self.ckpt.entry(source).dtype:
-            out = merge_tensor(W, plan, self.sign, W.dtype, out=W)  # in place
+            out = merge_tensor(W, plan, self.sign, W.dtype, out=W, device=self.device)  # in place
             if out.data_ptr() == W.data_ptr():
                 return out, lambda: self.read_pool.put(rbuf)
             self.read_pool.put(rbuf)  # a path that made its own tensor (DoRA, bias, replacement)
@@ -161,7 +165,7 @@ class MergeJob:
         if plan is None or not plan.touched:
             check_finite(name, out.copy_(W))  # a cast to another dtype can overflow
         else:
-            out = merge_tensor(W, plan, self.sign, out.dtype, out)
+            out = merge_tensor(W, plan, self.sign, out.dtype, out, self.device)
         self.read_pool.put(rbuf)
         return out, lambda: self.out_pool.put(obuf)
 

@@ -10,6 +10,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -363,18 +364,26 @@ def spec_nbytes(spec):
 
 
 class DirectFile:
-    """Sequential writes through O_DIRECT: data is gathered in a page-aligned staging buffer and written in aligned
+    """Sequential writes through O_DIRECT: data is gathered in page-aligned staging buffers and written in aligned
     chunks, bypassing the page cache. On this kind of machine a streamed 2 GB checkpoint then reaches the disk 2-4x
     sooner than through buffered writes and a final sync (the kernel's dirty-page throttling is the bottleneck).
     Falls back to ordinary writes where the filesystem refuses O_DIRECT (tmpfs, some network filesystems)."""
 
     CHUNK = 16 << 20
     ALIGN = 4096
+    # staging buffers: one fills while the others are checksummed and written. Two writes in flight: a disk takes
+    # the next request while it serves one (2 GB: 1.1 s against 1.3 s one at a time, about cp -r + sync's 1.3 s)
+    DEPTH = 3
+    WRITES = 2
 
     def __init__(self, path):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.path, self.written, self.fill = path, 0, 0
+        self.path, self.offset, self.fill = (
+            path,
+            0,
+            0,
+        )  # offset: where the buffer being filled goes in the file
         self.crc32 = 0  # of every byte written, as they pass (the journal's checksum, no second read)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT")
@@ -383,12 +392,16 @@ class DirectFile:
         except OSError:
             self.direct = False
             self.fd = os.open(path, flags, 0o666)
-        # two page-aligned staging buffers (O_DIRECT needs the alignment): one fills while the other is written by
-        # the I/O thread (os.write and zlib.crc32 release the GIL), so the disk and the producer overlap
-        self.buffers = [mmap.mmap(-1, self.CHUNK) for _ in range(2)]
+        self.fds = [self.fd]
+        self.buffers = [
+            mmap.mmap(-1, self.CHUNK) for _ in range(self.DEPTH)
+        ]  # page-aligned, as O_DIRECT needs
         self.views = [memoryview(b) for b in self.buffers]
-        self.current, self.pending = 0, None
-        self.io = ThreadPoolExecutor(1)
+        self.current, self.pending = 0, [()] * self.DEPTH
+        # os.pwrite and zlib.crc32 release the GIL: the writes overlap the producer and each other; the CRC-32 runs
+        # in file order on a thread of its own
+        self.io, self.summing = ThreadPoolExecutor(self.WRITES), ThreadPoolExecutor(1)
+        self.lock = threading.Lock()
 
     @property
     def view(self):
@@ -397,26 +410,42 @@ class DirectFile:
     def fileno(self):
         return self.fd
 
-    def _flush(self, view, n, data=None):
-        """Write the first n bytes of `view` (n aligned unless this is the end) after the CRC-32 of its first
-        `data` bytes (all n but the zero padding of the last block)."""
-        self.crc32 = zlib.crc32(view[: n if data is None else data], self.crc32)
+    def _sum(self, view, n):
+        self.crc32 = zlib.crc32(view[:n], self.crc32)
+
+    def _write(self, view, n, offset):
+        """Write the first n bytes of `view` (n aligned unless this is the end) at `offset`."""
         done = 0
         while done < n:
+            fd = self.fd
             try:
-                done += os.write(self.fd, view[done:n])
+                done += os.pwrite(fd, view[done:n], offset + done)
             except OSError as e:
-                if not (self.direct and e.errno == errno.EINVAL):
+                if not (e.errno == errno.EINVAL and fd in self.fds[:1] and self.direct):
                     raise
-                os.close(self.fd)  # this filesystem takes O_DIRECT at open but not at write: plain writes
-                self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
-                os.lseek(self.fd, self.written + done, os.SEEK_SET)
-        self.written += n
+                self._buffered()
 
-    def _wait(self):
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()  # the I/O thread's error, if any, surfaces here
+    def _buffered(self):
+        """This filesystem takes O_DIRECT at open but not at write: plain writes from now on (a second descriptor:
+        another write may be in flight on the first)."""
+        with self.lock:
+            if self.direct:
+                self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
+                self.fds.append(self.fd)
+
+    def _submit(self, n, data):
+        """The current buffer's first n bytes to the writers, its first `data` bytes to the checksum."""
+        view = self.view
+        self.pending[self.current] = (
+            self.summing.submit(self._sum, view, data),
+            self.io.submit(self._write, view, n, self.offset),
+        )
+        self.offset += n
+
+    def _wait(self, index):
+        pending, self.pending[index] = self.pending[index], ()
+        for future in pending:
+            future.result()  # an I/O thread's error, if any, surfaces here
 
     def write(self, data):
         data = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
@@ -440,28 +469,30 @@ class DirectFile:
                 self._flush_staged()
 
     def _flush_staged(self):
-        """The full buffer to the I/O thread (once the previous one is written); fill the other meanwhile."""
-        self._wait()
-        self.pending = self.io.submit(self._flush, self.view, self.CHUNK)
-        self.current, self.fill = 1 - self.current, 0
+        """The full buffer to the I/O threads; fill the next one once its own bytes are written."""
+        self._submit(self.CHUNK, self.CHUNK)
+        self.current, self.fill = (self.current + 1) % self.DEPTH, 0
+        self._wait(self.current)
 
     def close(self):
         try:
-            self._wait()
-            size = self.written + self.fill
-            if self.fill and self.direct:  # O_DIRECT writes whole blocks: pad, then cut the file to its size
-                padded = -(-self.fill // self.ALIGN) * self.ALIGN
+            size = self.offset + self.fill
+            if self.fill:  # O_DIRECT writes whole blocks: pad, then cut the file to its size
+                padded = -(-self.fill // self.ALIGN) * self.ALIGN if self.direct else self.fill
                 self.view[self.fill : padded] = bytes(padded - self.fill)
-                self._flush(self.view, padded, data=self.fill)
+                self._submit(padded, self.fill)
+            for index in range(self.DEPTH):
+                self._wait(index)
+            if self.offset != size:
                 os.ftruncate(self.fd, size)
-            elif self.fill:
-                self._flush(self.view, self.fill)
         finally:
             self.io.shutdown()
+            self.summing.shutdown()
             for v, b in zip(self.views, self.buffers):
                 v.release()
                 b.close()
-            os.close(self.fd)
+            for fd in self.fds:
+                os.close(fd)
 
 
 class ShardWriter:

@@ -17,6 +17,7 @@ from ..errors import LorakitError
 from ..io.dtypes import user_dtype
 from ..bases import open_base
 from ..progress import progress
+from ..devices import pick_device
 from ..spec import fingerprint
 from ..options import parse_size
 from ..render import human_size
@@ -29,14 +30,6 @@ from .model import LlamaForCausalLM
 
 
 # ----------------------------------------------------------------------------- training
-def pick_device(device):
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def compute_dtype(dtype, dev, codes):
