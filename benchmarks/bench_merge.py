@@ -100,7 +100,7 @@ def main():
             "lorakit merge, all-linear adapter": lambda: merge(work, "all.safetensors"),
             "lorakit merge, q,v-only adapter": lambda: merge(work, "qv.safetensors"),
             "lorakit merge, all-linear, 1 worker": lambda: merge(work, "all.safetensors", threads=1),
-            # what every fresh process pays before the first byte: Python, torch (about 2 s of it here), lorakit
+            # what every fresh process pays before the first byte: Python, torch (0.8-2 s of it here, by the load), lorakit
             "start-up only (python -c 'import lorakit.engine.merge')": lambda: measure_python(
                 f"import lorakit.engine.merge; os.makedirs({work + '/out'!r})"
             ),

@@ -177,6 +177,23 @@ def test_a_changed_input_or_option_or_a_corrupt_journal_is_refused(work, cli, tm
     assert contents(out) == contents(work / "reference")
 
 
+def test_a_journal_of_another_device_kind_is_refused(work, cli, tmp_path):
+    """A GPU's fp32 sums may round a last bit differently: a part or a resumed run joins only a journal written on
+    the same kind of device (here one said to be written on a GPU), named in the refusal."""
+    out = tmp_path / "out"
+    lorakit.merge(work / "base", [work / "all.safetensors"], out, quiet=True, part="1/2")
+    journal = staging.work_folder(out) + "/journal-1-of-2.jsonl"
+    lines = open(journal).read().splitlines()
+    first = json.loads(lines[0])
+    assert first["device"] == "cpu"
+    with open(journal, "w") as f:
+        f.write("\n".join([json.dumps({**first, "device": "cuda"}), *lines[1:]]) + "\n")
+    code, o, err = cli(
+        "merge", work / "base", work / "all.safetensors", "-o", out, "--resume", "--device", "cpu"
+    )
+    assert_one_line_error(code, o, err, "for other inputs or options (device changed)")
+
+
 def test_a_file_with_wrong_bytes_is_written_again(work, tmp_path):
     out = tmp_path / "out"
     lorakit.merge(work / "base", [work / "all.safetensors"], out, quiet=True, part="1/2")

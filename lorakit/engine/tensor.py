@@ -1,8 +1,6 @@
 """The per-tensor merge: read -> add the deltas in fp32 -> round once to the output dtype. Quantized modules go
 through lorakit.quant.requant (dequantize, add, back onto the grid)."""
 
-import math
-
 import torch
 
 from ..core.linalg import count_non_finite
@@ -36,17 +34,16 @@ def merge_tensor(W, plan, sign, out_dtype, out=None, device=None):
     W2 = W.reshape(n_rows, -1)
     out = torch.empty(W2.shape, dtype=out_dtype) if out is None else out.reshape(W2.shape)
     rows = max(1, (BLOCK_ELEMENTS if gpu is None else GPU_BLOCK_ELEMENTS) // max(1, W2.shape[1]))
+    limit = torch.finfo(out_dtype).max
     for i in range(0, W2.shape[0], rows):
         block = W2[i : i + rows].to(gpu or "cpu").to(torch.float32, copy=True)
         add_block(block, i, factors, pieces, deltas)
-        rounded = out[i : i + rows] if gpu is None else torch.empty_like(block, dtype=out_dtype)
-        rounded.copy_(block)
-        # one sum over the rounded block while it is in cache (3x cheaper than a min and max): NaN, Inf, and values
-        # the cast overflowed make it non-finite; so can a sum of huge finite values, hence the exact count then
-        if not math.isfinite(float(rounded.sum())) and count_non_finite(rounded):
-            raise non_finite(plan.name, rounded.cpu())
-        if gpu is not None:
-            out[i : i + rows].copy_(rounded)
+        # one pass over the fp32 block while it is in cache (aminmax: half the time of abs().amax(), no temporary):
+        # NaN, Inf and values the cast would overflow
+        low, high = torch.aminmax(block)
+        if not (float(high) <= limit and float(low) >= -limit):
+            raise non_finite(plan.name, block.to(out_dtype).cpu())
+        out[i : i + rows] = block if gpu is None else block.to(out_dtype).cpu()  # rounded once
     return out.reshape(W.shape)
 
 
