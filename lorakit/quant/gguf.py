@@ -195,9 +195,21 @@ TYPES = {
 }
 
 
+def _byte_run(pieces):
+    """(first, count) when `pieces` are whole consecutive bytes (Q8_0's codes): a slice of each block, else None."""
+    if len(pieces) != 1 or pieces[0][2] != 8 or pieces[0][1].any():
+        return None
+    byte = pieces[0][0]
+    first = int(byte[0])
+    return (first, len(byte)) if (byte == np.arange(first, first + len(byte))).all() else None
+
+
 def _gather(raw, pieces):
     """Unsigned integers assembled from bit pieces of each block's bytes: raw [rows, blocks, size] uint8 ->
     [rows, blocks, n] uint8 (every code and scale here fits a byte)."""
+    run = _byte_run(pieces)
+    if run is not None:  # a slice: 10x faster than the general gather
+        return raw[:, :, run[0] : run[0] + run[1]]
     out, at = None, 0
     for byte, shift, width in pieces:
         v = (raw[:, :, torch.from_numpy(byte)] >> torch.from_numpy(shift).to(torch.uint8)) & (
@@ -212,6 +224,10 @@ def _scatter(raw, pieces, values):
     """raw with the bits of `pieces` replaced by `values` [rows, blocks, n] uint8 (the other bits kept). The pieces
     of one byte never overlap, so adding them is OR-ing them."""
     acc = raw.clone()
+    run = _byte_run(pieces)
+    if run is not None:
+        acc[:, :, run[0] : run[0] + run[1]] = values
+        return acc
     at = 0
     for byte, shift, width in pieces:
         index, sh = torch.from_numpy(byte), torch.from_numpy(shift).to(torch.uint8)
