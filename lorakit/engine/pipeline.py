@@ -51,9 +51,8 @@ class MergeJob:
         dequantize = base.uncodec_modules(self.plans, self.target_dtype)
         self.convert_floats = self.target_dtype is not None and dequantize is None
         self.dequantized = set(view.quantized) if self.convert_floats else set(dequantize or ())
-        self.dequantize_out = (
-            bool(view.quantized) and self.convert_floats
-        )  # the whole output is full precision
+        # the whole output is full precision
+        self.dequantize_out = bool(view.quantized) and self.convert_floats
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = options.strategy, full, options.onto, options.seed
         self.device = pick_device(options.device, kinds=("cuda", "cpu"))
@@ -174,9 +173,8 @@ class MergeJob:
         tensors are then taken one by one as they are written."""
         view, plan = self.view, self.plans.get(key)
         members = view.quantized[key]
-        loras = (
-            plan.all_loras(view.module_shape(key)[0]) if plan else []
-        )  # slices padded: the grid needs whole rows
+        # slices padded: the grid needs whole rows
+        loras = plan.all_loras(view.module_shape(key)[0]) if plan else []
         if plan is not None and plan.transforms and key not in self.dequantized:
             raise LorakitError(
                 "a multiplicative adapter (IA3, HRA, OFT) into a quantized module is not supported: merge with "
@@ -236,9 +234,8 @@ def run(job, writer, staging, threads, bar):
     """Produce the output files `staging.todo` of `writer.shards` with `threads` workers, each file written in order
     and handed to `staging.done` once complete; a file nothing changes is copied whole by the kernel."""
     intra_op = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # the parallelism is the worker threads: intra-op threads on top only oversubscribe
+    # the parallelism is the worker threads: intra-op threads on top only oversubscribe
+    torch.set_num_threads(1)
     try:
         with retained_heap(job.requantizes), ThreadPoolExecutor(threads) as pool:
             # quantized module -> the future of its outputs: one worker computes it (its members may lie in

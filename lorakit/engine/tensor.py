@@ -67,10 +67,8 @@ def merge_whole(W, plan, sign, out_dtype):
     Wf = W.float() if W.dtype != torch.float32 else W.clone()
     for t in plan.transforms:  # multiplicative (IA3, HRA, OFT): on W, before anything is added
         Wf = t.apply(Wf)
-    for m, w in plan.loras:
-        Wf = m.apply(
-            Wf, sign=sign, weight=w
-        )  # DoRA needs the whole tensor for its norm; it is alone here (see plan)
+    for m, w in plan.loras:  # DoRA needs the whole tensor for its norm; it is alone here (see plan)
+        Wf = m.apply(Wf, sign=sign, weight=w)
     for m, w, start in plan.slices:
         rows = Wf.reshape(-1, m.A.flatten(1).shape[1])[start : start + m.shape[0]]
         rows.add_(m.delta().reshape(rows.shape), alpha=sign * w)

@@ -379,11 +379,8 @@ class DirectFile:
     def __init__(self, path):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.path, self.offset, self.fill = (
-            path,
-            0,
-            0,
-        )  # offset: where the buffer being filled goes in the file
+        # offset: where the buffer being filled goes in the file; fill: how much of it is filled
+        self.path, self.offset, self.fill = path, 0, 0
         self.crc32 = 0  # of every byte written, as they pass (the journal's checksum, no second read)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT")
@@ -393,9 +390,8 @@ class DirectFile:
             self.direct = False
             self.fd = os.open(path, flags, 0o666)
         self.fds = [self.fd]
-        self.buffers = [
-            mmap.mmap(-1, self.CHUNK) for _ in range(self.DEPTH)
-        ]  # page-aligned, as O_DIRECT needs
+        # page-aligned, as O_DIRECT needs
+        self.buffers = [mmap.mmap(-1, self.CHUNK) for _ in range(self.DEPTH)]
         self.views = [memoryview(b) for b in self.buffers]
         self.current, self.pending = 0, [()] * self.DEPTH
         # os.pwrite and zlib.crc32 release the GIL: the writes overlap the producer and each other; the CRC-32 runs

@@ -6,6 +6,7 @@ of exactly the stored names, shapes and dtypes. Dequantizing follows from the gr
 with `where`, `entry`, `get` and `__contains__`); `m` is one module's {role: tensor name}.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,12 @@ class QuantFormat:
         """Every stored tensor that makes up module `m` (hidden behind its `.weight` in a WeightView)."""
         return list(m.values())
 
+    @contextmanager
+    def held(self, ckpt, m):
+        """While module `m` is requantized (its codes, grid and fits read one after another): a format that reads
+        the same stored bytes for each may keep them until the module is done (GGUF)."""
+        yield
+
     transposed_experts = False  # whether a 3-D expert tensor's full-precision slices are its rows transposed
 
     def weight_name(self, module):
@@ -103,6 +110,11 @@ class QuantFormat:
         """A fresh Grid for targets whose minimum and maximum per (column group, row) are lo, hi [groups, out]
         (the groups of the stored grid)."""
         raise NotImplementedError
+
+    def fit_rows(self, ckpt, m, lo, hi, idx):
+        """fit's grid on the rows `idx` only (auto's sample of a module), from lo, hi of every row. A format whose
+        rows are fitted apart (GGUF's blocks) fits those rows alone."""
+        return self.fit(ckpt, m, lo, hi).rows(idx)
 
     def encode(self, ckpt, m, codes, grid):
         """{stored tensor name: tensor} for codes [out, in] (storage dtype) on `grid`: the stored names, shapes and

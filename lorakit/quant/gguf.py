@@ -12,6 +12,8 @@ Other GGML types (IQ*, TQ*, MXFP4) are read through the gguf package's dequantiz
 """
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,6 +253,7 @@ class GGUFBlocks(QuantFormat):
     """Every 2-D tensor of a GGUF checkpoint stored in a block type; one module per tensor ({"weight": name})."""
 
     name = "gguf"
+    _read = threading.local()  # per worker thread: the bytes of the module it works on (_blocks)
 
     @classmethod
     def configure(cls, qconfig):
@@ -273,9 +276,26 @@ class GGUFBlocks(QuantFormat):
             raise no_codec(ckpt.path, m["weight"], kind)
         return TYPES[kind]
 
-    def _blocks(self, ckpt, m):
+    @contextmanager
+    def held(self, ckpt, m):
+        """A requantized module's bytes are read four to six times (codes, grid, each fit; a read costs more than a
+        fit's arithmetic): while it is requantized, its worker thread keeps them, read once."""
+        self._read.held = (ckpt, m["weight"], [])
+        try:
+            yield
+        finally:
+            self._read.held = None
+
+    def _blocks(self, ckpt, m, copy=False):
+        """(type, the tensor's bytes [rows, blocks, block size]); `copy` for a caller that writes into them (a grid:
+        encode spends it)."""
         t, (out, inn) = self._type(ckpt, m), self.shape(ckpt, m)
-        return t, ckpt.get(m["weight"]).reshape(out, inn // t.block, t.size)
+        held = getattr(self._read, "held", None)
+        if held is None or held[0] is not ckpt or held[1] != m["weight"]:
+            return t, ckpt.get(m["weight"]).reshape(out, inn // t.block, t.size)
+        if not held[2]:
+            held[2].append(ckpt.get(m["weight"]).reshape(out, inn // t.block, t.size))
+        return t, held[2][0].clone() if copy else held[2][0]
 
     def codes(self, ckpt, m):
         t, raw = self._blocks(ckpt, m)
@@ -330,7 +350,7 @@ class GGUFBlocks(QuantFormat):
         )
 
     def grid(self, ckpt, m):
-        t, raw = self._blocks(ckpt, m)
+        t, raw = self._blocks(ckpt, m, copy=True)
         return self._grid(t, raw, raw.shape[1] * t.block)
 
     def shape(self, ckpt, m):
@@ -380,6 +400,14 @@ class GGUFBlocks(QuantFormat):
         that cover it, then the super-block d (and dmin) that cover every sub-block, integer scales rounded up so
         that the range stays inside the grid."""
         t, raw = self._blocks(ckpt, m)
+        return self._fit(t, raw, lo, hi)
+
+    def fit_rows(self, ckpt, m, lo, hi, idx):
+        """Each row's blocks are fitted apart: the rows `idx` alone (auto's sample: 128 rows, not all)."""
+        t, raw = self._blocks(ckpt, m)
+        return self._fit(t, raw[idx], lo[:, idx], hi[:, idx])
+
+    def _fit(self, t, raw, lo, hi):
         lo, hi = lo.T.reshape(raw.shape[0], raw.shape[1], -1), hi.T.reshape(raw.shape[0], raw.shape[1], -1)
         qmax = (1 << t.bits) - 1
         if t.affine:

@@ -85,6 +85,12 @@ def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inp
     strategy it took). `inputs` (InputMoments): the layer's inputs on calibration data. `auto` measures every
     candidate on a sample of rows, keep-the-old-codes among them, takes the smallest output error, and keeps the
     old codes where the whole module's result is further from W + dW than they are ({}: every member copied)."""
+    with fmt.held(ckpt, members):
+        return requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, inputs)
+
+
+def requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, inputs):
+    """requantize, while the format may keep the module's stored bytes."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
     B, A = stacked_factors(loras, sign) if loras else (torch.zeros(out, 1), torch.zeros(1, inn))
@@ -196,9 +202,11 @@ def part_grid(fmt, ckpt, members, whole, part, idx, strategy):
     p_lo, p_hi = target_range(part.old, ((j0, j1, T) for j0, j1, T, _ in blocks(part, False)))
     lo[:, idx], hi[:, idx] = p_lo, p_hi
     if strategy == "refit":
-        grid = refit(fmt, ckpt, members, whole.old, lo, hi)
-        return part.old if grid is whole.old else grid.rows(idx)
-    return fmt.fit(ckpt, members, lo, hi).rows(idx)
+        union = refit_range(whole.old, lo, hi)
+        if union is None:  # refit keeps the stored grid
+            return part.old
+        lo, hi = union
+    return fmt.fit_rows(ckpt, members, lo, hi, idx)
 
 
 def stored_range(old):
@@ -323,11 +331,17 @@ def refit(fmt, ckpt, members, old, lo, hi):
     """The stored grid while the targets stay inside its range; where W + dW leaves it anywhere (a group whose
     largest weight grows), a grid fitted to the union of the stored range and the targets', so that nothing is
     clipped and groups the delta keeps inside keep their range (the same file size: only scales change)."""
+    union = refit_range(old, lo, hi)
+    return old if union is None else fmt.fit(ckpt, members, *union)
+
+
+def refit_range(old, lo, hi):
+    """None while the targets' ranges lo, hi stay inside the stored grid's; else the union of the two ranges."""
     old_lo, old_hi = stored_range(old)
     tolerance = 1e-6 * old.S
     if not bool(((lo < old_lo - tolerance) | (hi > old_hi + tolerance)).any()):
-        return old
-    return fmt.fit(ckpt, members, torch.minimum(lo, old_lo), torch.maximum(hi, old_hi))
+        return None
+    return torch.minimum(lo, old_lo), torch.maximum(hi, old_hi)
 
 
 def target_range(old, targets):
