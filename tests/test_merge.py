@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import zlib
 
 import pytest
@@ -373,6 +374,22 @@ def test_direct_file_write_errors_surface(tmp_path, monkeypatch):
             f.write(bytes(4096))
         f.close()
     assert calls
+
+
+def test_report_gives_time_cpu_and_workers_side_by_side(tiny_base, tmp_path, cli):
+    """Whether a merge waits on the CPU or the disk: wall and CPU seconds of the writing, and the workers, in the
+    report and in its text."""
+    folder, tensors = tiny_base
+    examples.random_adapter(shapes_of(tensors)).save(tmp_path / "a.safetensors")
+    for threads in (1, 2):
+        r = lorakit.merge(
+            folder, [tmp_path / "a.safetensors"], tmp_path / f"o{threads}", quiet=True, threads=threads
+        )
+        assert r["workers"] == threads and r["seconds"] > 0 and r["cpu_seconds"] >= 0
+    c, out, err = cli(
+        "merge", folder, tmp_path / "a.safetensors", "-o", tmp_path / "o3", "-q", "--threads", "2"
+    )
+    assert c == 0 and re.search(r"written in \d+\.\d\d s, \d+\.\d\d CPU s, 2 worker\(s\)", out), out
 
 
 def test_device_option(tiny_base, tmp_path, cli):

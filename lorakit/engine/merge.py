@@ -3,6 +3,8 @@ tensor into an output of the same container kind, then the report. The command o
 
 import os
 import shutil
+import time
+from dataclasses import dataclass
 
 from ..errors import LorakitError, listed, opt
 from ..io import Staging, atomic_output, check_output, input_identity, spec_nbytes, tokenizer_files
@@ -44,8 +46,8 @@ def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
         )
     writer = base.writer(job, outputs, plan.untie, options.shard_bytes)
     staging = stage(base, writer, outputs, options, input_paths, job.device)
-    execute(job, writer, staging, outputs[0], options)
-    return merge_report(base, loaded, output, options, plan, job, writer, staging)
+    effort = execute(job, writer, staging, outputs[0], options)
+    return merge_report(base, loaded, output, options, plan, job, writer, staging, effort)
 
 
 def stage(base, writer, outputs, options, input_paths, device):
@@ -78,15 +80,32 @@ def parted(options):
 RUN_ONLY = ("threads", "quiet", "force", "resume", "part", "max_memory", "device")
 
 
+@dataclass
+class Effort:
+    """What writing the output took: worker threads, wall-clock seconds and the process's CPU seconds (user +
+    system, every thread: the workers and the writer's I/O threads) side by side. CPU seconds near workers x wall
+    say the CPU sets the pace; far below it, the disk."""
+
+    workers: int
+    seconds: float
+    cpu_seconds: float
+
+
+def cpu_seconds():
+    t = os.times()
+    return t.user + t.system
+
+
 def execute(job, writer, staging, output, options):
     """Write this part's files into the work folder; when every part's are done, what goes beside them, then
-    publish (rename into place)."""
+    publish (rename into place). Returns the Effort."""
     _large_buffers_back_to_os()
     todo = sum(staging.sizes[name] for name in staging.todo)
     bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
+    threads, start, cpu = workers(job, options), time.perf_counter(), cpu_seconds()
     try:
         with bar:
-            pipeline.run(job, writer, staging, workers(job, options), bar)
+            pipeline.run(job, writer, staging, threads, bar)
         if staging.complete:
             paths = {name: os.path.join(staging.work, name) for name, _ in writer.shards}
             weight_map = {spec[0]: name for name, specs in writer.shards for spec in specs}
@@ -98,9 +117,10 @@ def execute(job, writer, staging, output, options):
             raise LorakitError(f"cannot write the output: {e.strerror or e}", path=output) from None
         raise
     staging.close()
+    return Effort(threads, time.perf_counter() - start, cpu_seconds() - cpu)
 
 
-def merge_report(base, loaded, output, options, plan, job, writer, staging):
+def merge_report(base, loaded, output, options, plan, job, writer, staging, effort):
     notes = merge_notes(base, loaded, plan, job, options)
     if staging.idle:
         notes.insert(
@@ -121,6 +141,9 @@ def merge_report(base, loaded, output, options, plan, job, writer, staging):
         "bytes": writer.total,
         "dtype": options.dtype or "keep",
         "device": str(job.device),
+        "workers": effort.workers,
+        "seconds": round(effort.seconds, 3),
+        "cpu_seconds": round(effort.cpu_seconds, 3),
         "skipped": plan.skipped,
         "elsewhere": plan.elsewhere,
         "notes": notes,
