@@ -221,7 +221,9 @@ def merge_text(r, verbose=False):
         f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {where}"
     ]
     if "seconds" in r:
-        lines.append(f"written in {r['seconds']:.2f} s, {r['cpu_seconds']:.2f} CPU s, {r['workers']} worker(s)")
+        lines.append(
+            f"written in {r['seconds']:.2f} s, {r['cpu_seconds']:.2f} CPU s, {r['workers']} worker(s)"
+        )
     if r.get("files_resumed"):
         lines.append(
             f"resumed: {r['files_resumed']} file(s) done before kept, {r['files_written']} written now"

@@ -356,6 +356,20 @@ def test_direct_file_writes_exact_bytes(tmp_path, monkeypatch, fail_direct_write
     assert f.crc32 == zlib.crc32((tmp_path / "x.bin").read_bytes())
 
 
+def test_direct_file_without_pwrite(tmp_path, monkeypatch):
+    """Where os.pwrite does not exist (Windows), a seek and a write under a lock: the same bytes and checksum."""
+    import lorakit.io.safetensors as lio
+
+    monkeypatch.setattr(lio.DirectFile, "CHUNK", 3 * 4096)
+    monkeypatch.delattr(lio.os, "pwrite")
+    data = torch.randint(0, 256, (100_003,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    f = lio.DirectFile(str(tmp_path / "x.bin"))
+    f.write(data.numpy().tobytes())
+    f.close()
+    assert (tmp_path / "x.bin").read_bytes() == data.numpy().tobytes()
+    assert f.crc32 == zlib.crc32(data.numpy().tobytes())
+
+
 def test_direct_file_write_errors_surface(tmp_path, monkeypatch):
     """A write that fails on an I/O thread (a full disk) is raised to the writer, not lost with the thread."""
     import lorakit.io.safetensors as lio

@@ -415,11 +415,18 @@ class DirectFile:
         while done < n:
             fd = self.fd
             try:
-                done += os.pwrite(fd, view[done:n], offset + done)
+                done += self._put(fd, view[done:n], offset + done)
             except OSError as e:
                 if not (e.errno == errno.EINVAL and fd in self.fds[:1] and self.direct):
                     raise
                 self._buffered()
+
+    def _put(self, fd, data, offset):
+        if hasattr(os, "pwrite"):
+            return os.pwrite(fd, data, offset)
+        with self.lock:  # no pwrite (Windows): a seek and a write, one writer at a time
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.write(fd, data)
 
     def _buffered(self):
         """This filesystem takes O_DIRECT at open but not at write: plain writes from now on (a second descriptor:
