@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from .devices import pick_device
 from .errors import LorakitError, missing, opt
 from .io.dtypes import ALIASES, USER_DTYPES
 from .methods import METHODS
@@ -20,6 +21,7 @@ from .quant import STRATEGIES
 
 DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
 ONTO = ("dequantized", "original")
+MERGE_DEVICES = ("cuda", "cpu")  # where merge sums full-precision tensors (lorakit.devices)
 QUANTIZE = ("nf4", "int8", "fp8", "nvfp4", "fp8-block")  # train --quantize (lorakit.training.frozen)
 MIN_SHARD = 1 << 20
 
@@ -113,6 +115,7 @@ class MergeOptions:
 
             parse_part(self.part)
         in_range("threads", self.threads, 1, integer=True)
+        pick_device(self.device, MERGE_DEVICES)  # refused now, before the base is opened
         existing(self.full_precision_base, "full_precision_base")
         existing(self.calibration, "calibration")
         existing(self.initial, "initial")

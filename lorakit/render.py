@@ -220,10 +220,6 @@ def merge_text(r, verbose=False):
         f"{head}: {r['merged_count']} of {r['tensor_count']} tensors changed, "
         f"{r['bytes'] / 1e9:.2f} GB in {r['shard_count']} file(s) -> {where}"
     ]
-    if "seconds" in r:
-        lines.append(
-            f"written in {r['seconds']:.2f} s, {r['cpu_seconds']:.2f} CPU s, {r['workers']} worker(s)"
-        )
     if r.get("files_resumed"):
         lines.append(
             f"resumed: {r['files_resumed']} file(s) done before kept, {r['files_written']} written now"
@@ -241,6 +237,10 @@ def merge_text(r, verbose=False):
     if q and q["modules"]:
         lines += survival_lines(q, verbose)
     lines += [f"note: {n}" for n in r["notes"]]
+    if "seconds" in r:  # last: the figures above are what the merge is about
+        lines.append(
+            f"written in {r['seconds']:.2f} s, {r['cpu_seconds']:.2f} CPU s, {r['workers']} worker(s)"
+        )
     return "\n".join(lines)
 
 

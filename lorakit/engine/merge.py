@@ -102,8 +102,11 @@ def execute(job, writer, staging, output, options):
     _large_buffers_back_to_os()
     todo = sum(staging.sizes[name] for name in staging.todo)
     bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
-    threads, start, cpu = workers(job, options), time.perf_counter(), cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     try:
+        threads = workers(
+            job, options
+        )  # a --max-memory that holds none is refused here: the work folder goes
         with bar:
             pipeline.run(job, writer, staging, threads, bar)
         if staging.complete:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..devices import pick_device
+from ..options import MERGE_DEVICES
 from ..errors import LorakitError
 from ..io import BufferPool, copy_file, spec_nbytes
 from ..io.heap import retained_heap
@@ -55,7 +56,7 @@ class MergeJob:
         self.dequantize_out = bool(view.quantized) and self.convert_floats
         self.requantizes = any(k not in self.dequantized for k in view.quantized)
         self.strategy, self.full, self.onto, self.seed = options.strategy, full, options.onto, options.seed
-        self.device = pick_device(options.device, kinds=("cuda", "cpu"))
+        self.device = pick_device(options.device, MERGE_DEVICES)
         self.survival = {}
         # buffers of the full-precision tensors in flight (read: being computed; out: computed, waiting to be
         # written), each sized for its tensor and reused
