@@ -104,9 +104,8 @@ def execute(job, writer, staging, output, options):
     bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
     start, cpu = time.perf_counter(), cpu_seconds()
     try:
-        threads = workers(
-            job, options
-        )  # a --max-memory that holds none is refused here: the work folder goes
+        # a --max-memory that holds no worker is refused here, so that the work folder is swept
+        threads = workers(job, options)
         with bar:
             pipeline.run(job, writer, staging, threads, bar)
         if staging.complete:
