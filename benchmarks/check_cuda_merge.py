@@ -2,7 +2,7 @@
 into a generated bf16 Llama-style sharded checkpoint on the CPU and on the GPU, each in a fresh process timed until
 its output is synced, beside `cp -r` + `sync`; then every merged tensor of the GPU's output against the CPU's (bf16
 ulps: fp32 sums in another order may round a last bit differently) and one against the fp64 merge. Exit 1 when a
-tensor differs by more than one ulp, or the GPU's output is not within the CPU's distance of the fp64 merge.
+tensor differs by more than one ulp, or the GPU's output is further than twice the CPU's from the fp64 merge.
 BENCH_LAYERS (8: about 0.9 GB), BENCH_ROUNDS (2, interleaved)."""
 
 import os
@@ -55,7 +55,8 @@ def compare(work, ad):
         f"GPU against CPU: {differing} of {total} elements differ ({differing / total:.2e}), at most {worst} ulp; "
         f"{name} against the fp64 merge: CPU {err['cpu']:.2e}, GPU {err['cuda']:.2e}"
     )
-    return worst <= 1 and err["cuda"] <= err["cpu"] * 1.01
+    # a sum in another order may round an element the other way: one ulp, at most twice the CPU's half-ulp error
+    return worst <= 1 and err["cuda"] <= 2 * err["cpu"]
 
 
 def main():
