@@ -20,7 +20,7 @@ import torch
 from ..devices import pick_device
 from ..options import MERGE_DEVICES
 from ..errors import LorakitError
-from ..io import BufferPool, copy_file, spec_nbytes
+from ..io import BufferPool, DirectFile, copy_file, spec_nbytes
 from ..io.heap import retained_heap
 from ..io.dtypes import st_dtype, torch_dtype, user_dtype
 from ..quant import requant
@@ -29,9 +29,7 @@ from .tensor import check_finite, merge_tensor
 FULL_PRECISION = ("F64", "F32", "F16", "BF16")
 LOOKAHEAD = 8  # tensors queued per thread at most, byte copies included
 BLOCK_BYTES = 2 << 20  # a worker's fp32 row block (engine.tensor.BLOCK_ELEMENTS x 4)
-DIRECT_STAGING = (
-    3 * 16 << 20
-)  # the O_DIRECT writer's staging buffers (io.safetensors.DirectFile: DEPTH x CHUNK)
+DIRECT_STAGING = DirectFile.DEPTH * DirectFile.CHUNK  # the O_DIRECT writer's staging buffers
 
 
 class MergeJob:
