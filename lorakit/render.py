@@ -258,6 +258,13 @@ def survival_lines(q, verbose):
         f"{q['mean_probe_error_aligned']:.3f} (the adapter's inputs); retention {100 * q['mean_retention']:.1f}%, "
         f"noise {q['mean_noise']:.3f}, codes changed {100 * q['mean_codes_changed']:.2f}%",
     ]
+    coherence = q.get("coherence")
+    if coherence and coherence["bias_weight"] != 1:
+        lines.append(
+            f"  the adapter's modules share output directions across layers ({coherence['z']:.0f} standard errors "
+            f"over chance: trained), so dropping it errs in step: auto weighed that {coherence['bias_weight']:g}x "
+            "against unbiased rounding noise"
+        )
     modules = q["modules"]
     if not verbose and len(modules) > WORST:
         modules = sorted(modules, key=score, reverse=True)[:WORST]

@@ -56,6 +56,12 @@ class MergeJob:
         self.strategy, self.full, self.onto, self.seed = options.strategy, full, options.onto, options.seed
         self.device = pick_device(options.device, MERGE_DEVICES)
         self.survival = {}
+        # whether the adapters' modules err together when dropped (a trained adapter): auto weighs it
+        self.coherence = (
+            requant.coherence([(m.name, m.B) for p in self.plans.values() for m, *_ in (*p.loras, *p.slices)])
+            if self.requantizes and self.strategy == "auto"
+            else None
+        )
         # buffers of the full-precision tensors in flight (read: being computed; out: computed, waiting to be
         # written), each sized for its tensor and reused
         self.read_pool, self.out_pool = BufferPool(), BufferPool()
@@ -206,6 +212,7 @@ class MergeJob:
                 self._full(key, onto),
                 self.seed,
                 self.inputs.get(key),
+                self.coherence.bias_weight if self.coherence else 1.0,
             )
             self.survival[key.removesuffix(".weight")] = row
         for name, t in out.items():

@@ -120,6 +120,8 @@ def survival_summary(handler, strategy, job, notes, calibrated=False):
         "strategy": "dequantized (--dtype)" if job.dequantize_out else strategy_label(strategy, rows),
         "modules": [{"module": k, **rows[k]} for k in sorted(rows, key=natural_key)],
     }
+    if job.coherence is not None:
+        summary["coherence"] = {"z": round(job.coherence.z, 2), "bias_weight": job.coherence.bias_weight}
     if not rows:
         return summary
     for key in ("probe_error_random", "probe_error_aligned", "retention", "noise", "codes_changed"):

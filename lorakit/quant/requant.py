@@ -80,16 +80,17 @@ class Module:
         return Module(self.old.rows(idx), stored, self.B[idx], self.A, full, self.X, self.Y, self.inputs)
 
 
-def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inputs=None):
+def requantize(fmt, ckpt, members, loras, sign, strategy, full=None, seed=0, inputs=None, bias_weight=1.0):
     """The new tensors of one quantized module (same names, shapes, dtypes) and its survival report row (with the
     strategy it took). `inputs` (InputMoments): the layer's inputs on calibration data. `auto` measures every
-    candidate on a sample of rows, keep-the-old-codes among them, takes the smallest output error, and keeps the
-    old codes where the whole module's result is further from W + dW than they are ({}: every member copied)."""
+    candidate on a sample of rows, keep-the-old-codes among them, takes the smallest output error (its biased part
+    weighted by `bias_weight`: see coherence), and keeps the old codes where the whole module's result scores worse
+    than they do ({}: every member copied)."""
     with fmt.held(ckpt, members):
-        return requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, inputs)
+        return requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, inputs, bias_weight)
 
 
-def requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, inputs):
+def requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, inputs, bias_weight):
     """requantize, while the format may keep the module's stored bytes."""
     old, stored = fmt.grid(ckpt, members), fmt.codes(ckpt, members)
     out, inn = stored.shape
@@ -102,7 +103,7 @@ def requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, input
     module = Module(old, stored, B, A, full, X, Y, inputs)
     chosen, trials = strategy, None
     if strategy == "auto":
-        chosen, trials = choose(fmt, ckpt, members, module, seed)
+        chosen, trials = choose(fmt, ckpt, members, module, seed, bias_weight)
         if chosen == "keep":  # every member copied byte for byte: a NaN in the base is refused all the same
             if not finite_stored(module):
                 raise not_finite(ckpt, members)
@@ -115,8 +116,12 @@ def requantize_held(fmt, ckpt, members, loras, sign, strategy, full, seed, input
     row["strategy"] = chosen
     if trials is not None:
         row["candidates"] = {s: round(score(r), 6) for s, r in trials.items()}
-        if (grid is old and row["codes_changed"] == 0) or score(row) > 1.0 - TIE:
-            return kept(trials)  # the sample misjudged: never further than the old codes
+        if bias_weight != 1.0:
+            row["bias_weight"] = bias_weight
+        if (grid is old and row["codes_changed"] == 0) or weighted(row, bias_weight) > bias_weight * (
+            1.0 - TIE
+        ):
+            return kept(trials)  # the sample misjudged: never worse than the old codes
     return fmt.encode(ckpt, members, codes, grid), row
 
 
@@ -135,6 +140,56 @@ def not_finite(ckpt, members):
     )
 
 
+# Dropping a trained adapter errs coherently: every module's delta was a step down the same loss, so the errors of
+# modules that keep their codes add up in the model's output, while unbiased rounding noise (stochastic) adds up
+# only in its squares. Per module the first looks cheaper than it is (issue #36: on trained adapters stochastic
+# rounding is best at the model's output while each module's probes favour keeping the codes). A trained adapter
+# shows it in its factors, with no data: the residual stream's gradient is nearly the same at every layer, so its
+# modules of one kind share output directions across layers (cross-layer overlap of the top column spaces of B
+# 3-10x chance on SmolLM2), where random factors sit at chance. auto then weighs the biased part of each module's
+# error, (1 - retention)^2 of ||dW x||^2, COHERENT_BIAS_WEIGHT times: the weight that matched the model's KL on int8
+# and Q4_K_M (bench_quant_quality), checked on the other formats.
+COHERENT_BIAS_WEIGHT = 30.0
+COHERENCE_Z = (
+    10.0  # the shared directions' excess over chance, in standard errors, that marks an adapter coherent
+)
+COHERENCE_RANK = 8  # top column directions of each module's B compared
+
+
+@dataclass
+class Coherence:
+    """How far an adapter's modules of one kind share output directions beyond chance (z, in standard errors), and
+    the weight auto gives the biased part of each module's error for it."""
+
+    z: float
+    bias_weight: float
+
+
+def coherence(factors):
+    """Coherence of [(module name, B [out, r])]: modules grouped by kind (the name's last part) and width; in each
+    group of 3 or more, the mean overlap ||U_i^T U_j||^2 / k of every pair's top-k column spaces against chance k / d
+    (a random pair's overlap has that mean and a standard deviation of about sqrt(2) (d - k) / d^2, taken as that of
+    the group's mean over sqrt(its modules): conservative, pairs share modules); the groups' z joined (Stouffer)."""
+    groups = {}
+    for name, B in factors:
+        B = B.flatten(1).double()
+        if B.shape[0] > 4 * COHERENCE_RANK and B.shape[1] >= 1:
+            groups.setdefault((name.rsplit(".", 1)[-1], B.shape[0]), []).append(B)
+    scores = []
+    for (_, d), Bs in groups.items():
+        if len(Bs) < 3:
+            continue
+        k = min(COHERENCE_RANK, *(B.shape[1] for B in Bs))
+        U = torch.stack([torch.linalg.svd(B, full_matrices=False)[0][:, :k] for B in Bs])  # [n, d, k]
+        overlaps = torch.einsum("adk,bdl->abkl", U, U).pow(2).sum((2, 3)) / k  # [n, n]
+        n = len(Bs)
+        mean = float((overlaps.sum() - overlaps.diagonal().sum()) / (n * (n - 1)))
+        spread = 2**0.5 * (d - k) / d**2 / n**0.5
+        scores.append((mean - k / d) / spread)
+    z = sum(scores) / len(scores) ** 0.5 if scores else 0.0
+    return Coherence(z, COHERENT_BIAS_WEIGHT if z > COHERENCE_Z else 1.0)
+
+
 AUTO_ROWS = 128  # rows each candidate of auto is measured on (the whole module when it has fewer)
 # A candidate must beat the old codes' score of 1 by this much to replace them: a few flipped codes that move the
 # probes' error by less are within what 64 probes tell apart, and rewriting bytes for it buys nothing measurable.
@@ -142,10 +197,16 @@ TIE = 0.02
 CANDIDATES = ("same-grid", "refit", "rescale", "stochastic")
 
 
-def choose(fmt, ckpt, members, module, seed):
-    """(the strategy with the smallest output error on a sample of rows, {candidate: its row on the sample}).
-    "keep" (the old codes, the adapter dropped here) costs nothing to measure: its error is dW itself. refit is
-    skipped where its grid is the stored one (it is same-grid there); gptq joins with calibration data."""
+def weighted(row, bias_weight):
+    """What auto minimizes: the output error score(row), its biased part (1 - retention)^2 weighted by
+    `bias_weight` (1: every error alike; keeping the codes scores bias_weight)."""
+    return score(row) + (bias_weight - 1.0) * (1.0 - row["retention"]) ** 2
+
+
+def choose(fmt, ckpt, members, module, seed, bias_weight=1.0):
+    """(the strategy with the smallest weighted output error on a sample of rows, {candidate: its row on the
+    sample}). "keep" (the old codes, the adapter dropped here) costs nothing to measure: its error is dW itself.
+    refit is skipped where its grid is the stored one (it is same-grid there); gptq joins with calibration data."""
     out = module.stored.shape[0]
     generator = torch.Generator().manual_seed(seed + 1)
     idx = torch.randperm(out, generator=generator)[: min(out, AUTO_ROWS)].sort().values
@@ -160,9 +221,9 @@ def choose(fmt, ckpt, members, module, seed):
         _, grid, row = run_strategy(fmt, ckpt, members, trial, strategy, generator, grid)
         if row.pop("finite") and not (grid is part.old and row["codes_changed"] == 0):  # else it is keep
             trials[strategy] = row
-    best = min(trials, key=lambda s: score(trials[s]))
+    best = min(trials, key=lambda s: weighted(trials[s], bias_weight))
     # a candidate that changes nothing measurable (no code moved) ties with keeping the codes: keep them
-    return ("keep" if score(trials[best]) >= 1.0 - TIE else best), trials
+    return ("keep" if weighted(trials[best], bias_weight) >= bias_weight * (1.0 - TIE) else best), trials
 
 
 def keep_row(module):
