@@ -951,6 +951,101 @@ def test_auto_is_never_further_than_the_old_codes(tmp_path):
         assert q["verdict"]["output_error"] == pytest.approx((sum(errors) / len(errors)) ** 0.5)
 
 
+def _factors(layers, kinds, rank, shared, seed=0):
+    """[(module name, B)]: for each kind a width d; B of every layer either writes into 4 directions its kind
+    shares across layers (as the residual stream's gradient makes a trained adapter's) plus a little noise, or is
+    independent Gaussian noise (random factors)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = []
+    for kind, d in kinds.items():
+        G = torch.randn(d, 4, generator=g)
+        for layer in range(layers):
+            noise = torch.randn(d, rank, generator=g)
+            B = G @ torch.randn(4, rank, generator=g) + 0.5 * noise if shared else noise
+            factors.append((f"model.layers.{layer}.{kind}", B))
+    return factors
+
+
+def test_coherence_tells_shared_directions_from_chance():
+    """An adapter whose modules of a kind share output directions across layers is coherent (bias weighted
+    COHERENT_BIAS_WEIGHT times); independent random factors sit at chance (z about 0, weight 1), in many draws;
+    kinds with fewer than 3 modules say nothing."""
+    from lorakit.quant.requant import COHERENCE_Z, COHERENT_BIAS_WEIGHT, coherence
+
+    kinds = {"q_proj": 256, "down_proj": 256, "up_proj": 512}
+    c = coherence(_factors(8, kinds, 16, shared=True))
+    assert c.z > 5 * COHERENCE_Z and c.bias_weight == COHERENT_BIAS_WEIGHT
+    zs = [coherence(_factors(8, kinds, 16, shared=False, seed=s)).z for s in range(20)]
+    assert max(abs(z) for z in zs) < 4 and all(
+        coherence(_factors(8, kinds, 16, False, s)).bias_weight == 1.0 for s in range(3)
+    )
+    assert coherence(_factors(2, kinds, 16, shared=True)).bias_weight == 1.0  # 2 layers: no group of 3
+    assert coherence([]).z == 0.0
+
+
+def test_auto_weighs_the_bias_of_a_coherent_adapter():
+    """A delta far under an int8 step: alone (weight 1) auto keeps the codes, its error the adapter's own; with the
+    bias weighted (a coherent adapter) it takes unbiased rounding: retention near 1, and its weighted score under
+    keep's (the weight itself)."""
+    from lorakit.examples import TensorDict, quantize
+    from lorakit.quant import requant
+    from lorakit.quant.int8 import Int8Channel
+
+    g = torch.Generator().manual_seed(3)
+    out, inn = 256, 256
+    W = torch.randn(out, inn, generator=g) * 0.02
+    fmt, members = Int8Channel(), {"weight": "w.weight", "weight_scale": "w.weight_scale"}
+    tensors = {f"w.{k}": v for k, v in quantize(W, "int8").items()}
+    step = float(tensors["w.weight_scale"].mean())
+    A, B = torch.randn(4, inn, generator=g), torch.randn(out, 4, generator=g)
+    B *= 0.05 * step / float((B @ A).std())
+    module = Module("w", A, B, alpha=4.0)
+    rows = {}
+    for weight in (1.0, requant.COHERENT_BIAS_WEIGHT):
+        stored = {k: v.clone() for k, v in tensors.items()}
+        new, rows[weight] = requant.requantize(
+            fmt, TensorDict(stored), members, [(module, 1.0)], 1.0, "auto", bias_weight=weight
+        )
+    assert rows[1.0]["strategy"] == "keep" and rows[1.0]["retention"] == 0.0
+    chosen = rows[requant.COHERENT_BIAS_WEIGHT]
+    assert chosen["strategy"] == "stochastic" and chosen["bias_weight"] == requant.COHERENT_BIAS_WEIGHT
+    assert abs(chosen["retention"] - 1) < 0.1
+    assert requant.weighted(chosen, requant.COHERENT_BIAS_WEIGHT) < requant.COHERENT_BIAS_WEIGHT
+
+
+def test_a_merge_reports_the_coherence_auto_weighed(tmp_path, cli):
+    """Through the CLI: an adapter whose modules share output directions across layers is reported coherent (z and
+    the weight, in JSON and in words); a random one is not, and auto then scores as before."""
+    examples.write_quantized_llama(tmp_path / "q", "int8", layers=4, hidden=128, intermediate=256)
+    shapes = examples.llama_shapes(layers=4, hidden=128, intermediate=256)
+    ad = examples.random_adapter(shapes, targets=examples.LINEAR_TARGETS, magnitude=1e-3)
+    ad.save(tmp_path / "random.safetensors")
+    g = torch.Generator().manual_seed(1)
+    shared = {}
+    for name, m in ad.modules.items():
+        kind, (d, r) = name.rsplit(".", 1)[-1], m.B.shape
+        G = shared.setdefault(kind, torch.randn(d, 4, generator=g))
+        B = G @ torch.randn(4, r, generator=g) + 0.5 * torch.randn(d, r, generator=g)
+        m.B = B * (float(m.B.norm()) / float(B.norm()))
+    ad.save(tmp_path / "coherent.safetensors")
+    for name, weight in (("coherent", 30.0), ("random", 1.0)):
+        code, out, err = cli(
+            "merge",
+            tmp_path / "q",
+            tmp_path / f"{name}.safetensors",
+            "-o",
+            tmp_path / f"j{name}",
+            "-q",
+            "--json",
+        )
+        coherence = json.loads(out)["quantization"]["coherence"]
+        assert code == 0 and coherence["bias_weight"] == weight and (coherence["z"] > 10) == (weight > 1), out
+        code, out, err = cli(
+            "merge", tmp_path / "q", tmp_path / f"{name}.safetensors", "-o", tmp_path / f"t{name}", "-q"
+        )
+        assert ("share output directions across layers" in out) == (weight > 1), out
+
+
 def test_merge_report_is_short_by_default_whole_with_v_in_natural_order(tmp_path, cli):
     from lorakit import examples
 
