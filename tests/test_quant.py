@@ -1038,8 +1038,14 @@ def test_a_merge_reports_the_coherence_auto_weighed(tmp_path, cli):
             "-q",
             "--json",
         )
-        coherence = json.loads(out)["quantization"]["coherence"]
+        q = json.loads(out)["quantization"]
+        coherence = q["coherence"]
         assert code == 0 and coherence["bias_weight"] == weight and (coherence["z"] > 10) == (weight > 1), out
+        # the verdict weighs each module's error as auto did: its weighted score over the weight (keep: 1)
+        from lorakit.quant.requant import weighted
+
+        rms = (sum(weighted(m, weight) / weight for m in q["modules"]) / len(q["modules"])) ** 0.5
+        assert q["verdict"]["output_error"] == pytest.approx(rms)
         code, out, err = cli(
             "merge", tmp_path / "q", tmp_path / f"{name}.safetensors", "-o", tmp_path / f"t{name}", "-q"
         )

@@ -6,7 +6,7 @@ import re
 
 from ..errors import listed
 from ..naming.embeddings import HEAD, is_embedding
-from ..quant import score
+from ..quant.requant import weighted
 
 
 def merge_notes(base, loaded, plan, job, options):
@@ -126,9 +126,13 @@ def survival_summary(handler, strategy, job, notes, calibrated=False):
         return summary
     for key in ("probe_error_random", "probe_error_aligned", "retention", "noise", "codes_changed"):
         summary[f"mean_{key}"] = sum(r[key] for r in rows.values()) / len(rows)
-    error = (sum(score(r) for r in rows.values()) / len(rows)) ** 0.5
+    # a coherent adapter's noise does not add up across modules as its dropped part does: each module's error is
+    # its weighted score over the weight (keep: 1), as auto chose by it
+    weight = job.coherence.bias_weight if job.coherence is not None else 1.0
+    error = (sum(weighted(r, weight) / weight for r in rows.values()) / len(rows)) ** 0.5
     summary["verdict"] = {
-        "output_error": error,  # RMS over modules and probe kinds of ||E x|| / ||dW x||
+        # RMS over modules and probe kinds of ||E x|| / ||dW x|| (a coherent adapter's noise weighed as auto did)
+        "output_error": error,
         "no_adapter": 1.0,
         "runtime": 0.0,
         "effect_kept": max(0.0, 1.0 - error),
