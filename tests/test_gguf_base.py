@@ -294,6 +294,40 @@ def test_rescale_fits_fresh_block_scales(tmp_path, kind):
     assert 0.99 < float(ratio.median()) < 1.6, float(ratio.median())
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q6_K", "Q3_K"])
+def test_rescale_puts_the_longer_code_side_on_the_larger_extreme(tmp_path, kind):
+    """Symmetric types store codes -Z0..Z0-1: ggml's quantizers give a block whose largest magnitude is positive a
+    negative scale, so that it takes the code -Z0 (Q4_0: steps of max / 8, not / 7); rescale fits the same way.
+    Q4_0 / Q5_0: d as gguf-py's (ggml's reference) quantizer sets it, up to d's fp16 rounding outward, where the
+    other side fits in Z0 - 1 steps; where it does not, ggml clips it and rescale widens the step (at most Z0 / (Z0 -
+    1) times) so that nothing is clipped."""
+    base = build(tmp_path / "base.gguf", kind, layers=1)
+    ad = adapter(layers=1)
+    ad.save(tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="rescale", quiet=True)
+    _, t0 = tensors(base)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    name = "blk.0.ffn_down.weight"
+    target = values(t0[name]) + delta64(ad, name)
+    shape = tuple(int(d) for d in reversed(list(t1[name].shape)))
+    S = GGUFBlocks().grid(as_checkpoint(kind, shape, t1[name].data), {"weight": "w"}).S.T.double()
+    sub = target.reshape(target.shape[0], -1, TYPES[kind].sub)
+    extreme = sub.gather(-1, sub.abs().argmax(-1, keepdim=True))[..., 0]
+    assert bool(((S < 0) == (extreme > 0)).all())  # the sign of every (sub-)block's scale
+    bound, low, high = grid_bounds(kind, t1[name])
+    assert bool(((values(t1[name]) - target).abs() <= bound / 2 * (1 + 1e-3) + 1e-9).all())
+    if kind in ("Q4_0", "Q5_0"):
+        ref = quantize(target.float().numpy(), T[kind]).reshape(-1, TYPES[kind].size)
+        d_ref = torch.from_numpy(ref[:, :2].copy().view(np.float16).astype(np.float64)).reshape(S.shape)
+        ratio = S / d_ref
+        z0 = TYPES[kind].zero
+        other = torch.where(extreme > 0, -sub.amin(-1), sub.amax(-1))  # the opposite side's largest magnitude
+        fits = other <= extreme.abs() * (z0 - 1) / z0
+        assert 0.3 < float(fits.double().mean()) < 1
+        assert float(ratio[fits].min()) >= 1 - 2**-11 and float(ratio[fits].max()) <= 1 + 2**-10
+        assert float(ratio.min()) >= 1 - 2**-11 and float(ratio.max()) <= z0 / (z0 - 1) * (1 + 2**-10)
+
+
 def test_unsupported_types_refused_or_written_f16(tmp_path, cli):
     base = build(tmp_path / "base.gguf", "Q8_0", layers=1, types={"blk.0.attn_q.weight": "IQ4_NL"})
     ad = adapter(layers=1)

@@ -415,9 +415,11 @@ class GGUFBlocks(QuantFormat):
             if not t.minimum:
                 M = -lo  # Q4_1 / Q5_1: any min
             s = ((hi + M) / qmax).clamp(min=0)
-        else:
+        else:  # a negative scale puts the code range's longer side (-Z0) on the positive values, as ggml does
             low, high = (-128, 127) if t.signed_codes else (-t.zero, qmax - t.zero)
-            s = torch.maximum(hi / high, lo / low).clamp(min=0)
+            positive = torch.maximum(hi / high, lo / low).clamp(min=0)
+            negative = torch.maximum(hi / -low, lo / -high).clamp(min=0)
+            s = torch.where(negative < positive, -negative, positive)
         new = raw.clone()
         if (
             not t.scale
@@ -425,7 +427,7 @@ class GGUFBlocks(QuantFormat):
             if t.affine:
                 _put_f16(new, t.dmin, _fp16_toward(-M[..., 0], up=False))
                 s = ((hi - _f16(new, t.dmin)[..., None]) / qmax).clamp(min=0)
-            _put_f16(new, t.d, _fp16_toward(s[..., 0], up=True))
+            _put_f16(new, t.d, _fp16_outward(s[..., 0]))
             return self._grid(t, new, raw.shape[1] * t.block)
         top = (1 << (t.scale_bits - 1)) - 1 if t.scale_signed or t.scale_offset else (1 << t.scale_bits) - 1
         if t.affine:  # the mins first: their rounding up widens what the scales must cover
@@ -434,8 +436,8 @@ class GGUFBlocks(QuantFormat):
             s = ((hi + dmin[..., None] * m_int) / qmax).clamp(min=0)
             new = _scatter(new, t.minimum, m_int.to(torch.uint8))
             _put_f16(new, t.dmin, dmin)
-        d = _fp16_toward(s.amax(-1) / top, up=True).float()
-        sc = _ceil_ratio(s, d, top).to(torch.int32) + t.scale_offset
+        d = _fp16_toward(s.abs().amax(-1) / top, up=True).float()
+        sc = (_ceil_ratio(s.abs(), d, top) * s.sign()).to(torch.int32) + t.scale_offset
         new = _scatter(
             new, t.scale, sc.to(torch.int8).view(torch.uint8) if t.scale_signed else sc.to(torch.uint8)
         )
@@ -459,6 +461,11 @@ def _fp16_toward(x, up):
     h = x.to(torch.float16)
     step = torch.nextafter(h, torch.full_like(h, float("inf") if up else -float("inf")))
     return torch.where(h.float() < x if up else h.float() > x, step, h)
+
+
+def _fp16_outward(x):
+    """x in fp16, rounded away from zero (a scale's magnitude up, so that the range stays covered)."""
+    return _fp16_toward(x.abs(), up=True) * torch.where(x < 0, -1.0, 1.0)
 
 
 def _ceil_ratio(x, unit, top):

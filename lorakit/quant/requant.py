@@ -282,7 +282,8 @@ def stored_range(old):
     """(lo, hi) [groups, out]: the range each (group, row) of the stored grid covers."""
     c_lo, c_hi = old.codebook.span()
     Z = old.Z if old.Z is not None else 0.0
-    return ((c_lo - Z) * old.S).clone(), ((c_hi - Z) * old.S).clone()
+    ends = (c_lo - Z) * old.S, (c_hi - Z) * old.S  # a negative scale (ggml's Q4_0, Q6_K...) swaps them
+    return torch.minimum(*ends), torch.maximum(*ends)
 
 
 def run_strategy(fmt, ckpt, members, module, strategy, generator, grid=None):
@@ -407,7 +408,7 @@ def refit(fmt, ckpt, members, old, lo, hi):
 def refit_range(old, lo, hi):
     """None while the targets' ranges lo, hi stay inside the stored grid's; else the union of the two ranges."""
     old_lo, old_hi = stored_range(old)
-    tolerance = 1e-6 * old.S
+    tolerance = 1e-6 * old.S.abs()
     if not bool(((lo < old_lo - tolerance) | (hi > old_hi + tolerance)).any()):
         return None
     return torch.minimum(lo, old_lo), torch.maximum(hi, old_hi)
