@@ -22,7 +22,7 @@ llm-compressor, its own quantizer as the anchor) need llm-compressor in a venv o
 
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/bench_quant_quality.py [int8 nf4 Q4_K_M ...]
     LLMC_PYTHON=/path/to/venv/bin/python python benchmarks/bench_quant_quality.py llmc-nvfp4 llmc-w4a16 ...
-    ADAPTERS=weak,random ...   (a subset of the adapters)
+    ADAPTERS=weak,random ...   (a subset of the adapters; random@1, strong@2: drawn with another seed)
 """
 
 import glob
@@ -92,13 +92,13 @@ def reference_folder(work):
     return out, gguf, tensors, config
 
 
-def random_adapter(fp32, std, out):
+def random_adapter(fp32, std, out, seed=0):
     """A PEFT LoRA whose lora_B is drawn from N(0, std) (lora_A as PEFT initialises it), seeded."""
     import peft
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(fp32, dtype=torch.float32)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS.split(","), lora_dropout=0.0)
     pm = peft.get_peft_model(model, config)
     with torch.no_grad():
@@ -219,11 +219,12 @@ def make_adapters(work, fp32, train_ids):
     chosen = os.environ.get("ADAPTERS", ",".join(ADAPTERS)).split(",")
     for name in chosen:
         folder = os.path.join(work, f"lora-{name}")
-        kind = ADAPTERS[name]
+        kind, _, seed = name.partition("@")  # random@1: the random adapter drawn with another seed
+        kind = ADAPTERS[kind]
         if isinstance(kind, int):
             train_adapter(fp32, train_ids, folder, steps=kind)
         else:
-            random_adapter(fp32, kind, folder)
+            random_adapter(fp32, kind, folder, seed=int(seed or 0))
         out[name] = folder
     return out
 
