@@ -294,13 +294,13 @@ def test_rescale_fits_fresh_block_scales(tmp_path, kind):
     assert 0.99 < float(ratio.median()) < 1.6, float(ratio.median())
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q6_K", "Q3_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q6_K", "Q3_K", "Q8_0"])
 def test_rescale_puts_the_longer_code_side_on_the_larger_extreme(tmp_path, kind):
     """Symmetric types store codes -Z0..Z0-1: ggml's quantizers give a block whose largest magnitude is positive a
     negative scale, so that it takes the code -Z0 (Q4_0: steps of max / 8, not / 7); rescale fits the same way.
     Q4_0 / Q5_0: d as gguf-py's (ggml's reference) quantizer sets it, up to d's fp16 rounding outward, where the
     other side fits in Z0 - 1 steps; where it does not, ggml clips it and rescale widens the step (at most Z0 / (Z0 -
-    1) times) so that nothing is clipped."""
+    1) times) so that nothing is clipped. Q8_0 as ggml fits it: d = max |x| / 127, positive (codes -127..127)."""
     base = build(tmp_path / "base.gguf", kind, layers=1)
     ad = adapter(layers=1)
     ad.save(tmp_path / "ad.safetensors")
@@ -313,9 +313,17 @@ def test_rescale_puts_the_longer_code_side_on_the_larger_extreme(tmp_path, kind)
     S = GGUFBlocks().grid(as_checkpoint(kind, shape, t1[name].data), {"weight": "w"}).S.T.double()
     sub = target.reshape(target.shape[0], -1, TYPES[kind].sub)
     extreme = sub.gather(-1, sub.abs().argmax(-1, keepdim=True))[..., 0]
-    assert bool(((S < 0) == (extreme > 0)).all())  # the sign of every (sub-)block's scale
+    if kind == "Q8_0":
+        assert bool((S > 0).all())
+    else:
+        assert bool(((S < 0) == (extreme > 0)).all())  # the sign of every (sub-)block's scale
     bound, low, high = grid_bounds(kind, t1[name])
     assert bool(((values(t1[name]) - target).abs() <= bound / 2 * (1 + 1e-3) + 1e-9).all())
+    if kind == "Q8_0":
+        ref = quantize(target.float().numpy(), T[kind]).reshape(-1, TYPES[kind].size)
+        d_ref = torch.from_numpy(ref[:, :2].copy().view(np.float16).astype(np.float64)).reshape(S.shape)
+        ratio = S / d_ref
+        assert float(ratio.min()) >= 1 - 2**-11 and float(ratio.max()) <= 1 + 2**-10
     if kind in ("Q4_0", "Q5_0"):
         ref = quantize(target.float().numpy(), T[kind]).reshape(-1, TYPES[kind].size)
         d_ref = torch.from_numpy(ref[:, :2].copy().view(np.float16).astype(np.float64)).reshape(S.shape)
