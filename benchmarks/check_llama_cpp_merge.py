@@ -13,6 +13,7 @@ On a VM whose CPU reports AMX that the kernel does not enable, ggml's AMX kernel
 matmuls: build with CMAKE_C_FLAGS / CMAKE_CXX_FLAGS "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16".
 
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/check_llama_cpp_merge.py
+    TYPES=Q4_0,Q8_0 ...   (other base types, each quantized by llama-quantize; Q4_1 is the shipped file)
 """
 
 import os
@@ -36,7 +37,9 @@ TEXT = (
     "calendar.py",
     "string.py",
 )  # held out from both this adapter and the benchmark
-TYPES = ("Q4_1", "Q4_K_M", "Q8_0")
+TYPES = tuple(
+    os.environ.get("TYPES", "Q4_1,Q4_K_M,Q8_0").split(",")
+)  # Q4_1: the shipped file; others quantized
 CHUNKS = 16  # of 256 tokens: 4096 tokens of text per run
 RUN = ("-c", 256, "-b", 256, "-t", 2, "--chunks", CHUNKS)
 STRATEGIES = ("same-grid", "stochastic", "rescale")
@@ -73,10 +76,11 @@ def adapters(work, fp32, tokenizer):
 
 
 def bases(work, shipped, f32):
-    out = {"Q4_1": shipped}
-    for kind in TYPES[1:]:
-        out[kind] = os.path.join(work, f"base-{kind}.gguf")
-        tool("llama-quantize", f32, out[kind], kind)
+    out = {}
+    for kind in TYPES:
+        out[kind] = shipped if kind == "Q4_1" else os.path.join(work, f"base-{kind}.gguf")
+        if kind != "Q4_1":
+            tool("llama-quantize", f32, out[kind], kind)
     return out
 
 
