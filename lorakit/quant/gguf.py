@@ -415,12 +415,12 @@ class GGUFBlocks(QuantFormat):
             if not t.minimum:
                 M = -lo  # Q4_1 / Q5_1: any min
             s = ((hi + M) / qmax).clamp(min=0)
-        else:  # a negative scale puts the code range's longer side (-Z0) on the positive values, as ggml does;
-            # Q8_0 as ggml fits it: +-127 (-128 only where same-grid rounds there)
-            low, high = (-127, 127) if t.signed_codes else (-t.zero, qmax - t.zero)
+        else:  # a negative scale puts the code range's longer side (-Z0) on the positive values, as ggml does
+            # (Q8_0's d stays positive, as ggml writes it)
+            low, high = (-128, 127) if t.signed_codes else (-t.zero, qmax - t.zero)
             positive = torch.maximum(hi / high, lo / low).clamp(min=0)
             negative = torch.maximum(hi / -low, lo / -high).clamp(min=0)
-            s = torch.where(negative < positive, -negative, positive)
+            s = positive if t.signed_codes else torch.where(negative < positive, -negative, positive)
         new = raw.clone()
         if (
             not t.scale
