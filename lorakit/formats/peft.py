@@ -264,7 +264,7 @@ def to_state_dict(adapter, path, base=None):
         "revision": source.get("revision"),
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(m.name for m in mods),
+        "target_modules": target_modules(mods),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "use_rslora": False,
@@ -284,6 +284,18 @@ def to_state_dict(adapter, path, base=None):
     if target_parameters:
         config["target_parameters"] = target_parameters
     return tensors, config
+
+
+def target_modules(mods):
+    """LoraConfig.target_modules: each module by its full name, per-expert ones (`...experts.3.gate_proj`) by their
+    projection's (`gate_proj`). PEFT on transformers 5 converts per-expert targets onto the fused experts' parameters
+    at load: 0.21 by the projection's name, 0.22 by the whole target with the projection renamed, which keeps the
+    expert index (and Mixtral's v4 `block_sparse_moe`) and so matches nothing: the experts then load as nothing,
+    with a warning. The projection's name loads exactly in both (same logits, tested); on a model with per-expert
+    Linear layers it targets every module of that name, those without weights here at zero."""
+    names = {m.name for m in mods}
+    per_expert = {n for n in names if experts.PER_EXPERT.fullmatch(n)}
+    return sorted(names - per_expert) + sorted({n.rsplit(".", 1)[1] for n in per_expert})
 
 
 def _fused_experts_model_type(modules, base, provenance, path):
