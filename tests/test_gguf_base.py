@@ -338,6 +338,27 @@ def test_rescale_puts_the_longer_code_side_on_the_larger_extreme(tmp_path, kind)
         assert float(ratio.min()) >= 1 - 2**-11 and float(ratio.max()) <= z0 / (z0 - 1) * (1 + 2**-10)
 
 
+def test_refit_keeps_a_negative_scale_grid_that_holds_the_targets(tmp_path):
+    """ggml's Q4_0 gives about half its blocks a negative d; refit's grid covers the stored range and the targets'
+    in those as in positive ones: the same sign, |d| never below the stored one, and within fp16's rounding of it
+    where the targets stay inside (the ends of a negative grid were once read swapped: such blocks were fitted to
+    the targets alone)."""
+    base = build(tmp_path / "base.gguf", "Q4_0", layers=1)
+    ad = adapter(scale=0.002, layers=1)  # far inside every block's range
+    ad.save(tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="refit", quiet=True)
+    _, t0 = tensors(base)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    name = "blk.0.ffn_down.weight"
+    d0 = np.array(t0[name].data).reshape(-1, TYPES["Q4_0"].size)[:, :2].copy().view(np.float16)
+    d1 = np.array(t1[name].data).reshape(-1, TYPES["Q4_0"].size)[:, :2].copy().view(np.float16)
+    d0, d1 = d0.astype(np.float64), d1.astype(np.float64)
+    assert 0.3 < float((d0 < 0).mean()) < 0.7
+    assert np.array_equal(np.sign(d0), np.sign(d1))
+    assert bool((np.abs(d1) >= np.abs(d0)).all())
+    assert float(np.mean(np.abs(d1) <= np.abs(d0) * (1 + 2**-9))) > 0.9
+
+
 def test_unsupported_types_refused_or_written_f16(tmp_path, cli):
     base = build(tmp_path / "base.gguf", "Q8_0", layers=1, types={"blk.0.attn_q.weight": "IQ4_NL"})
     ad = adapter(layers=1)

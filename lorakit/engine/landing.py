@@ -26,9 +26,8 @@ class Landing:
     @property
     def nowhere_share(self):
         """The share of the adapter's ||dW||_F^2 in modules that land nowhere."""
-        if (
-            self.nothing_lands
-        ):  # exactly all of it (norm is a square root: its square can miss the sum by an ulp)
+        # exactly all of it where nothing lands (norm is a square root: its square can miss the sum by an ulp)
+        if self.nothing_lands:
             return 1.0
         lost = sum(n.norm**2 for n in self.nowhere)
         return lost / self.norm**2 if self.norm > 0 else float(bool(self.nowhere))
