@@ -159,6 +159,24 @@ def grid_bounds(kind, base_tensor):
     return S.abs(), torch.minimum(a, b), torch.maximum(a, b)
 
 
+def merged_ffn_down(tmp_path, kind, strategy, **adapter_args):
+    """(the base's blk.0.ffn_down tensor, the merged one, W + dW in fp64) of a one-layer `kind` base merged with
+    `strategy`."""
+    base = build(tmp_path / "base.gguf", kind, layers=1)
+    ad = adapter(layers=1, **adapter_args)
+    ad.save(tmp_path / "ad.safetensors")
+    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy=strategy, quiet=True)
+    _, t0 = tensors(base)
+    _, t1 = tensors(tmp_path / "out.gguf")
+    name = "blk.0.ffn_down.weight"
+    return t0[name], t1[name], values(t0[name]) + delta64(ad, name)
+
+
+def block_d(raw, kind):
+    """Each block's fp16 d in fp64 (the legacy types keep it in a block's first two bytes)."""
+    return np.array(raw).reshape(-1, TYPES[kind].size)[:, :2].copy().view(np.float16)[:, 0].astype(np.float64)
+
+
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_codecs_agree_with_gguf_dequantize_and_repack_byte_for_byte(kind):
     rng = np.random.default_rng(3)
@@ -271,18 +289,11 @@ def test_feedback_keeps_the_adapter_in_its_input_subspace(tmp_path):
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "Q5_0", "Q3_K", "Q4_K", "Q6_K", "Q2_K"])
 def test_rescale_fits_fresh_block_scales(tmp_path, kind):
     """--strategy rescale: new d (and dmin, sub-block scales) that cover W + dW; checked by gguf's dequantization."""
-    base = build(tmp_path / "base.gguf", kind, layers=1)
-    ad = adapter(layers=1)
-    ad.save(tmp_path / "ad.safetensors")
-    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="rescale", quiet=True)
-    _, t0 = tensors(base)
-    _, t1 = tensors(tmp_path / "out.gguf")
-    name = "blk.0.ffn_down.weight"
-    target = values(t0[name]) + delta64(ad, name)
-    got = values(t1[name])
-    assert bytes(t1[name].data) != bytes(t0[name].data)
+    old, new, target = merged_ffn_down(tmp_path, kind, "rescale")
+    got = values(new)
+    assert bytes(new.data) != bytes(old.data)
     # the fresh grid (read back from the written bytes) holds every target: nearest code, half its step
-    S, low, high = grid_bounds(kind, t1[name])
+    S, low, high = grid_bounds(kind, new)
     outside = (low - target).clamp(min=0) + (target - high).clamp(min=0)
     assert float((outside / S).max()) < 0.02  # covered, up to the fp16 rounding of d
     assert bool(((got - target).abs() <= S / 2 * (1 + 1e-3) + outside + 1e-9).all())
@@ -302,34 +313,24 @@ def test_rescale_puts_the_longer_code_side_on_the_larger_extreme(tmp_path, kind)
     other side fits in Z0 - 1 steps; where it does not, ggml clips it and rescale widens the step (at most Z0 / (Z0 -
     1) times) so that nothing is clipped. Q8_0: d positive, as ggml writes it, covering the range with the codes
     -128..127 (ggml's max |x| / 127, or up to 128 / 127 finer where the largest magnitude is negative)."""
-    base = build(tmp_path / "base.gguf", kind, layers=1)
-    ad = adapter(layers=1)
-    ad.save(tmp_path / "ad.safetensors")
-    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="rescale", quiet=True)
-    _, t0 = tensors(base)
-    _, t1 = tensors(tmp_path / "out.gguf")
-    name = "blk.0.ffn_down.weight"
-    target = values(t0[name]) + delta64(ad, name)
-    shape = tuple(int(d) for d in reversed(list(t1[name].shape)))
-    S = GGUFBlocks().grid(as_checkpoint(kind, shape, t1[name].data), {"weight": "w"}).S.T.double()
+    _, new, target = merged_ffn_down(tmp_path, kind, "rescale")
+    shape = tuple(int(d) for d in reversed(list(new.shape)))
+    S = GGUFBlocks().grid(as_checkpoint(kind, shape, new.data), {"weight": "w"}).S.T.double()
     sub = target.reshape(target.shape[0], -1, TYPES[kind].sub)
     extreme = sub.gather(-1, sub.abs().argmax(-1, keepdim=True))[..., 0]
     if kind == "Q8_0":
         assert bool((S > 0).all())
     else:
         assert bool(((S < 0) == (extreme > 0)).all())  # the sign of every (sub-)block's scale
-    bound, low, high = grid_bounds(kind, t1[name])
-    assert bool(((values(t1[name]) - target).abs() <= bound / 2 * (1 + 1e-3) + 1e-9).all())
+    bound, low, high = grid_bounds(kind, new)
+    assert bool(((values(new) - target).abs() <= bound / 2 * (1 + 1e-3) + 1e-9).all())
+    if kind not in LEGACY:  # gguf-py's quantizer: the legacy types
+        return
+    ratio = S / torch.from_numpy(block_d(quantize(target.float().numpy(), T[kind]), kind)).reshape(S.shape)
     if kind == "Q8_0":
-        ref = quantize(target.float().numpy(), T[kind]).reshape(-1, TYPES[kind].size)
-        d_ref = torch.from_numpy(ref[:, :2].copy().view(np.float16).astype(np.float64)).reshape(S.shape)
-        ratio = S / d_ref
         assert float(ratio.min()) >= 127 / 128 * (1 - 2**-11) and float(ratio.max()) <= 1 + 2**-10
         assert float(ratio[extreme > 0].min()) >= 1 - 2**-11  # the positive side holds 127 codes, as ggml's
-    if kind in ("Q4_0", "Q5_0"):
-        ref = quantize(target.float().numpy(), T[kind]).reshape(-1, TYPES[kind].size)
-        d_ref = torch.from_numpy(ref[:, :2].copy().view(np.float16).astype(np.float64)).reshape(S.shape)
-        ratio = S / d_ref
+    else:
         z0 = TYPES[kind].zero
         other = torch.where(extreme > 0, -sub.amin(-1), sub.amax(-1))  # the opposite side's largest magnitude
         fits = other <= extreme.abs() * (z0 - 1) / z0
@@ -343,16 +344,8 @@ def test_refit_keeps_a_negative_scale_grid_that_holds_the_targets(tmp_path):
     in those as in positive ones: the same sign, |d| never below the stored one, and within fp16's rounding of it
     where the targets stay inside (the ends of a negative grid were once read swapped: such blocks were fitted to
     the targets alone)."""
-    base = build(tmp_path / "base.gguf", "Q4_0", layers=1)
-    ad = adapter(scale=0.002, layers=1)  # far inside every block's range
-    ad.save(tmp_path / "ad.safetensors")
-    lorakit.merge(base, [tmp_path / "ad.safetensors"], tmp_path / "out.gguf", strategy="refit", quiet=True)
-    _, t0 = tensors(base)
-    _, t1 = tensors(tmp_path / "out.gguf")
-    name = "blk.0.ffn_down.weight"
-    d0 = np.array(t0[name].data).reshape(-1, TYPES["Q4_0"].size)[:, :2].copy().view(np.float16)
-    d1 = np.array(t1[name].data).reshape(-1, TYPES["Q4_0"].size)[:, :2].copy().view(np.float16)
-    d0, d1 = d0.astype(np.float64), d1.astype(np.float64)
+    old, new, _ = merged_ffn_down(tmp_path, "Q4_0", "refit", scale=0.002)  # far inside every block's range
+    d0, d1 = block_d(old.data, "Q4_0"), block_d(new.data, "Q4_0")
     assert 0.3 < float((d0 < 0).mean()) < 0.7
     assert np.array_equal(np.sign(d0), np.sign(d1))
     assert bool((np.abs(d1) >= np.abs(d0)).all())
