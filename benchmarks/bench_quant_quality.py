@@ -220,14 +220,13 @@ def make_adapters(work, fp32, train_ids):
     for name in chosen:
         folder = os.path.join(work, f"lora-{name}")
         kind, _, seed = name.partition("@")  # random@1: the random adapter drawn with another seed
-        kind = ADAPTERS[kind]
-        if os.path.exists(os.path.join(folder, "adapter_model.safetensors")):  # made in BENCH_WORK before
-            pass
-        elif isinstance(kind, int):
+        kind, out[name] = ADAPTERS[kind], folder
+        if os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
+            continue  # made in BENCH_WORK before
+        if isinstance(kind, int):
             train_adapter(fp32, train_ids, folder, steps=kind)
         else:
             random_adapter(fp32, kind, folder, seed=int(seed or 0))
-        out[name] = folder
     return out
 
 
