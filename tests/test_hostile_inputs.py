@@ -549,6 +549,9 @@ def test_malformed_headers_are_one_line_errors(tmp_path, cli, header, fragment):
         ('{"r": 2, "lora_alpha": 8, "rank_pattern": [1]}', "'rank_pattern' must be an object"),
         ('{"r": 2, "lora_alpha": 8, "modules_to_save": "lm_head"}', "'modules_to_save' must be a list"),
         ('{"r": 2, "lora_alpha": ' + "9" * 5000 + "}", "not usable JSON"),
+        ('{"r": 4, "lora_alpha": 8}', "lora_A has rank 2 but adapter_config.json gives this module r = 4"),
+        ('{"r": 2, "lora_alpha": 8, "rank_pattern": {"q_proj": 8}}', "gives this module r = 8"),
+        ('{"r": 2, "lora_alpha": 8, "use_dora": true}', "use_dora but the file has no lora_magnitude_vector"),
     ],
 )
 def test_malformed_peft_configs_are_one_line_errors(tmp_path, cli, config, fragment):
@@ -556,6 +559,30 @@ def test_malformed_peft_configs_are_one_line_errors(tmp_path, cli, config, fragm
     start = time.time()
     assert_one_line_error(*cli("inspect", tmp_path / "p"), "p", fragment)
     assert time.time() - start < 10  # no catastrophic regex
+
+
+def test_a_rank_pattern_that_states_the_factors_rank_reads(tmp_path, cli):
+    """The check above reads r through rank_pattern as PEFT does: a pattern giving the module its rank is fine."""
+    peft_folder(tmp_path / "p", peft_tensors(), {"r": 8, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}})
+    module = lorakit.load(tmp_path / "p").modules["model.layers.0.self_attn.q_proj"]
+    assert module.rank == 2 and module.scale == 4.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.uint8])
+@pytest.mark.parametrize("part", ["lora_A", "lora_B"])
+def test_integer_factors_are_refused_not_cast(tmp_path, cli, dtype, part):
+    """An int8 lora_A of values under 1 would be cast to zeros: refused in every command, naming the module."""
+    tensors = peft_tensors()
+    key = next(k for k in tensors if f".{part}." in k)
+    tensors[key] = (tensors[key] * 3).to(dtype)
+    peft_folder(tmp_path / "p", tensors, {"r": 2, "lora_alpha": 8})
+    name = str(dtype).removeprefix("torch.")
+    for argv in (
+        ("inspect", tmp_path / "p"),
+        ("convert", tmp_path / "p", "--to", "lorakit", "-o", tmp_path / "o.safetensors"),
+    ):
+        assert_one_line_error(*cli(*argv), "p", "q_proj", f"{part} is {name}", "LK103")
+    assert not os.path.exists(tmp_path / "o.safetensors")
 
 
 def test_sharded_index_paths_stay_inside_the_folder(w, cli):

@@ -308,7 +308,8 @@ def test_vllm_before_its_moe_lora_loads_no_expert_lora(tmp_path, cli):
 @pytest.mark.parametrize(
     "edit, fragment",
     [
-        (lambda sd, c: c.update(r=3), "not r x E experts for r = 3"),
+        (lambda sd, c: c.update(rank_pattern={"gate_up_proj": 3}), "not r x E experts for r = 3"),
+        (lambda sd, c: c.update(r=3), "lora_A has rank 2 but adapter_config.json gives this module r = 3"),
         (
             lambda sd, c: [sd.pop(k) for k in list(sd) if "experts.base_layer.lora_B" in k],
             "ParamWrapper without",
@@ -319,7 +320,7 @@ def test_vllm_before_its_moe_lora_loads_no_expert_lora(tmp_path, cli):
         ),
         (lambda sd, c: c.update(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.w13"]), "'w13'"),
     ],
-    ids=["rank", "missing-B", "nesting", "unknown-parameter"],
+    ids=["rank", "attention-rank", "missing-B", "nesting", "unknown-parameter"],
 )
 def test_hostile_expert_adapters_are_one_line_errors(tmp_path, cli, edit, fragment):
     from safetensors.torch import load_file, save_file

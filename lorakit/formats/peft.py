@@ -175,6 +175,17 @@ def _module(module, p, config, shapes, notes, path):
         kind = "linear_t" if transposed else default_kind(A.ndim)
         spec_A, spec_B = (t_contig(B), t_contig(A)) if kind == "linear_t" else (A, B)
     r = A.shape[0]
+    stated = pattern_value(config.get("rank_pattern"), module, config.get("r"))
+    if (
+        stated is not None and stated != r
+    ):  # PEFT builds the layer at the stated rank and cannot load these factors
+        raise LorakitError(
+            f"lora_A has rank {r} but adapter_config.json gives this module r = {stated!r} (r / rank_pattern): "
+            "PEFT cannot load the file, and alpha / r is ambiguous",
+            path=path,
+            tensor=module,
+            code="LK401",
+        )
     lora_alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
     if lora_alpha is None:
         raise LorakitError("adapter_config.json has no lora_alpha", path=path)
@@ -185,6 +196,14 @@ def _module(module, p, config, shapes, notes, path):
     if ("lora_B", "bias") in p:
         mod.bias = (p[("lora_B", "bias")].float() * scale).to(p[("lora_B", "bias")].dtype)
     mag = p.get(("lora_magnitude_vector", None), p.get(("lora_magnitude_vector", "weight")))
+    if mag is None and config.get(
+        "use_dora"
+    ):  # PEFT would start it from the base's norms: not this file's delta
+        raise LorakitError(
+            "adapter_config.json has use_dora but the file has no lora_magnitude_vector for this module",
+            path=path,
+            tensor=module,
+        )
     if mag is not None:
         if kind == "embedding":
             raise LorakitError("DoRA on an embedding is not supported", path=path, tensor=module)
