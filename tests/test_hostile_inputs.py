@@ -306,6 +306,14 @@ def test_peft_alpha_out_of_spec_is_refused(tmp_path, cli, alpha, fragment):
         ({"lokr_w1": torch.ones(8, 8)}, "LoKr (no lokr_w2) without lokr_w2_a, lokr_w2_b"),
         ({"alpha": torch.tensor(4.0)}, "no factors"),
         ({"lora_down.weight": torch.ones(0, 10**9), "lora_up.weight": torch.ones(64, 0)}, "[LK205]"),
+        (
+            {"lora_down.weight": torch.ones(2, 64, dtype=torch.int32), "lora_up.weight": torch.ones(64, 2)},
+            "[LK103] lora_down.weight is int32",
+        ),
+        (
+            {"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(0, 2)},
+            "[LK203] lora_A [2, 64] / lora_B [0, 2]: the weight they change would be empty",
+        ),
     ],
 )
 def test_kohya_modules_out_of_spec_are_refused(tmp_path, cli, parts, fragment):

@@ -72,6 +72,12 @@ class Module:
                     tensor=self.name,
                     code="LK103",
                 )
+        if self.A.ndim >= 2 and self.B.ndim >= 2 and 0 in (self.B.shape[0], *self.A.shape[1:]):
+            raise LorakitError(
+                f"lora_A {list(self.A.shape)} / lora_B {list(self.B.shape)}: the weight they change would be empty",
+                tensor=self.name,
+                code="LK203",
+            )
         if self.kind is None:
             self.kind = default_kind(self.A.ndim)
         if self.kind not in KINDS or (self.kind == "conv") != (self.A.ndim > 2):
