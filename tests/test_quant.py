@@ -1162,18 +1162,16 @@ def _row(error, retention):
     return {"probe_error_random": error, "probe_error_aligned": error, "retention": retention}
 
 
-def test_auto_takes_the_fresh_fit_among_candidates_the_probes_cannot_tell_apart():
-    """pick: the smallest error wins; rescale (the grid fitted to W + dW) where it is within TIE of it; keep
-    unless the best beats it by TIE; with the bias weighted, the ties are judged on the weighted errors."""
+def test_auto_picks_the_smallest_weighted_error_and_keeps_the_codes_within_the_tie():
+    """pick: the smallest error wins; keep unless the best beats it by TIE; with the bias weighted (a coherent
+    adapter) the choice is made on the weighted errors."""
     from lorakit.quant.requant import TIE, pick
 
     keep = _row(1.0, 0.0)
-    trials = {"keep": keep, "same-grid": _row(0.5, 0.9), "rescale": _row(0.5 * (1 + TIE / 2) ** 0.5, 0.9)}
-    assert pick(trials) == "rescale"  # squared error 1% above same-grid's
-    trials["rescale"] = _row(0.5 * (1 + 2 * TIE) ** 0.5, 0.9)
-    assert pick(trials) == "same-grid"  # 4% above: told apart
-    assert pick({"keep": keep, "same-grid": _row(0.995, 0.1), "rescale": _row(0.995, 0.1)}) == "keep"
-    assert pick({"keep": keep, "stochastic": _row(0.6, 1.0)}) == "stochastic"  # no rescale candidate
+    assert pick({"keep": keep, "same-grid": _row(0.5, 0.9), "rescale": _row(0.51, 0.9)}) == "same-grid"
+    assert pick({"keep": keep, "rescale": _row(0.5, 0.9), "same-grid": _row(0.51, 0.9)}) == "rescale"
+    assert pick({"keep": keep, "same-grid": _row((1 - TIE / 2) ** 0.5, 0.1)}) == "keep"
+    assert pick({"keep": keep, "same-grid": _row((1 - 2 * TIE) ** 0.5, 0.1)}) == "same-grid"
     # weighted 30x: rescale's bias (1 - 0.9)^2 x 29 = 0.29 on top of 0.25 against stochastic's 0.3 alone
     trials = {"keep": keep, "stochastic": _row(0.3**0.5, 1.0), "rescale": _row(0.5, 0.9)}
     assert pick(trials) == "rescale" and pick(trials, bias_weight=30.0) == "stochastic"
