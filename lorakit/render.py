@@ -140,7 +140,7 @@ def combine_text(r):
             f"  {m['module']:<48} inputs {m['inputs']}  rank {m['rank_in']:>4} -> {m['rank']:<4} "
             f"kept {_pct(m['energy_kept'])}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note: {n}" for n in r["notes"]])
 
 
 def resize_text(r):
@@ -153,7 +153,7 @@ def resize_text(r):
             f"  {m['module']:<48} {m['rank_in']:>4} -> {m['rank']:<4}  {_pct(m['energy_kept']):>13}  "
             f"{m['relative_error']:>10.3e}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note: {n}" for n in r["notes"]])
 
 
 def diff_text(r):

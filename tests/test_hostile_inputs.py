@@ -593,6 +593,30 @@ def test_integer_factors_are_refused_not_cast(tmp_path, cli, dtype, part):
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
+def test_float64_and_fp8_factors_are_written_as_f32_and_said(tmp_path, cli):
+    """The spec's dtypes are F32 / F16 / BF16: an F64 adapter converts (and resizes) to F32, rounded once, and
+    F8 factors exactly; the note says which; nothing else in the file changes."""
+    from safetensors.torch import load_file
+
+    tensors = {k: v.double() for k, v in peft_tensors().items()}
+    a_key = next(k for k in tensors if ".lora_A." in k)
+    tensors[a_key] = tensors[a_key].to(torch.float8_e4m3fn)
+    peft_folder(tmp_path / "p", tensors, {"r": 2, "lora_alpha": 8})
+    code, out, err = cli("convert", tmp_path / "p", "--to", "lorakit", "-o", tmp_path / "o.safetensors")
+    assert code == 0, err
+    assert "1 F64 tensor(s) written as F32" in out and "rounded once" in out
+    assert "1 F8_E4M3 tensor(s) written as F32" in out and "exact" in out
+    written = load_file(tmp_path / "o.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    b_key = a_key.replace("lora_A", "lora_B")
+    assert written[f"{name}.lora_A"].dtype == torch.float32
+    assert torch.equal(written[f"{name}.lora_A"], tensors[a_key].float())
+    assert torch.equal(written[f"{name}.lora_B"], tensors[b_key].float())
+    code, out, err = cli("resize", tmp_path / "p", "--rank", "1", "-o", tmp_path / "r.safetensors", "--json")
+    assert code == 0, err
+    assert any("written as F32" in n for n in json.loads(out)["notes"])
+
+
 def test_sharded_index_paths_stay_inside_the_folder(w, cli):
     folder = w / "sharded"
     examples.write_llama_checkpoint(str(folder), shards=2)

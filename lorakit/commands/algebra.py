@@ -72,14 +72,14 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
         "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
         "params": {"method": method, "rank": rank, "energy": energy, "density": density, "seed": seed},
     }
-    result.save(output, force=force)
+    notes = result.save(output, force=force)
     return {
         "output": os.fspath(output),
         "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
         "method": method,
         "module_count": len(rows),
         "modules": rows,
-        "notes": [],
+        "notes": notes,
         "rank": sum(r["rank"] for r in rows),
         "min_energy_kept": min((r["energy_kept"] for r in rows), default=1.0),
     }
@@ -166,7 +166,7 @@ def resize(
         "parents": [_parent(adapter, ad)],
         "params": {**rule, "max_rank": max_rank, **({"minimal": True} if minimal else {})},
     }
-    result.save(output, force=force)
+    notes = result.save(output, force=force)
     return {
         "output": os.fspath(output),
         "modules": rows,
@@ -174,7 +174,7 @@ def resize(
         "params": result.num_params,
         "input": os.fspath(adapter),
         "module_count": len(rows),
-        "notes": [],
+        "notes": notes,
     }
 
 

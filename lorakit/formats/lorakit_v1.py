@@ -130,13 +130,24 @@ def to_tensors(adapter):
 
 
 def write(adapter, path, force=False):
+    """Write the spec's file; floating-point tensors of other dtypes (F64, F8) as F32, said in a note."""
     tensors, meta = to_tensors(adapter)
+    widened = {}
     for key, t in tensors.items():
-        if st_dtype(t.dtype) not in FACTOR_DTYPES:
+        if st_dtype(t.dtype) in FACTOR_DTYPES:
+            continue
+        if not t.is_floating_point():
             raise LorakitError(
                 f"dtype {t.dtype} is not allowed by the spec ({', '.join(FACTOR_DTYPES)})",
                 path=path,
                 tensor=key,
             )
+        tensors[key] = t.float()
+        widened.setdefault(st_dtype(t.dtype), []).append(key)
     with atomic_output(path, force=force) as tmp:
         write_safetensors(tmp, tensors, meta)
+    return [
+        f"{len(keys)} {dtype} tensor(s) written as F32, e.g. {keys[0]} (the spec's dtypes: "
+        f"{', '.join(FACTOR_DTYPES)}; {'rounded once' if dtype == 'F64' else 'exact'})"
+        for dtype, keys in widened.items()
+    ]
