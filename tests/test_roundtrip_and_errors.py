@@ -140,12 +140,20 @@ def test_output_is_atomic_and_never_overwritten(tmp_path, monkeypatch):
     assert out.read_bytes() == before and listdir_all(tmp_path) == ["out.safetensors"]
 
 
-def test_disallowed_dtype_refused_before_writing(tmp_path):
+def test_dtypes_outside_the_spec_are_written_as_f32_and_said(tmp_path):
+    """F64 factors: written as F32 (rounded once), and save's notes say so; an integer tensor is refused."""
     ad = Adapter()
-    ad.add(Module("m", torch.ones(2, 4, dtype=torch.float64), torch.ones(3, 2), alpha=1.0))
-    with pytest.raises(LorakitError, match="m.lora_A.*float64 is not allowed"):
-        ad.save(tmp_path / "x.safetensors")
-    assert listdir_all(tmp_path) == []
+    A = torch.full((2, 4), 1 / 3, dtype=torch.float64)
+    ad.add(Module("m", A, torch.ones(3, 2), alpha=1.0))
+    notes = ad.save(tmp_path / "x.safetensors")
+    assert notes == [
+        "1 F64 tensor(s) written as F32, e.g. m.lora_A (the spec's dtypes: F32, F16, BF16; rounded once)"
+    ]
+    assert torch.equal(lorakit.load(tmp_path / "x.safetensors").modules["m"].A, A.float())
+    ad.replacements["w.weight"] = torch.ones(3, dtype=torch.int32)
+    with pytest.raises(LorakitError, match="int32 is not allowed"):
+        ad.save(tmp_path / "y.safetensors")
+    assert listdir_all(tmp_path) == ["x.safetensors"]
 
 
 def test_load_detects_format_from_content_not_name(tmp_path):
