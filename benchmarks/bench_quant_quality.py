@@ -67,6 +67,9 @@ ADAPTERS = {"trained": 20, "weak": 2, "random": 0.02, "strong": 0.2}  # steps, o
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 RANK, STEPS, LR, BATCH, SEQ = 16, 20, 2e-3, 2, 256
 EVAL_SEQS = 4
+# AUTO_SEEDS=5: the default merged again with --seed 1..4 (its sample of rows and its probes): the range of its KL
+# is printed beside it, the resolution of the checks (which stay on seed 0, what users get)
+AUTO_SEEDS = int(os.environ.get("AUTO_SEEDS", 1))
 ONLY = os.environ.get(
     "ONLY"
 )  # only the candidates whose label holds one of these (comma-separated), and the floor
@@ -218,9 +221,12 @@ def candidates(fmt, base, work, config, adapter, full_gguf):
         out = os.path.join(work, f"{fmt}-{strategy}{ext}")
         lorakit.merge(base, [adapter], out, strategy=strategy, quiet=True, force=True)
         yield strategy, out
-    out = os.path.join(work, f"{fmt}-auto{ext}")
-    lorakit.merge(base, [adapter], out, quiet=True, force=True)
-    yield "auto", out
+    for seed in range(
+        AUTO_SEEDS
+    ):  # the default as users get it (seed 0), then its other seeds: its own noise
+        out = os.path.join(work, f"{fmt}-auto{ext}")
+        lorakit.merge(base, [adapter], out, quiet=True, force=True, seed=seed)
+        yield ("auto" if seed == 0 else f"auto@{seed}"), out
     if gguf:
         lora_gguf = os.path.join(work, "lora.gguf")
         lorakit.convert(adapter, lora_gguf, for_engine="llama.cpp", base=full_gguf, force=True)
@@ -315,14 +321,23 @@ def main():
                 print(fmt, a, json.dumps(row), flush=True)
                 scale = floor or 1.0  # a base on its own exact grid (Q4_1 from the Q4_1 original): raw KL
                 cells = (f"{row[k] / scale:.3g}" if k in row else "-" for k in COLUMNS)  # ONLY: some not run
-                rows.append([fmt, a, f"{floor:.3g}", *cells, ok])
+                seeds = [v / scale for k, v in row.items() if k.startswith("auto")]
+                spread = [f"{min(seeds):.3g}-{max(seeds):.3g}"] if AUTO_SEEDS > 1 else []
+                rows.append([fmt, a, f"{floor:.3g}", *cells, *spread, ok])
                 print(" | ".join(rows[-1]), flush=True)
     effect = ", ".join(f"{a} {v:.3g}" for a, v in effects.items())
     table(
         f"KL(fp32 base + LoRA || candidate) per token on {EVAL_SEQS} x {SEQ} held-out tokens, SmolLM2-135M, PEFT "
         f"LoRAs r{RANK} on every linear layer; each KL as a multiple of the format's floor (the quantized base "
         f"against the fp32 base, both without the adapter). The adapters' own effect (KL to the base): {effect}",
-        ["format", "adapter", "floor KL", *COLUMNS, "#36"],
+        [
+            "format",
+            "adapter",
+            "floor KL",
+            *COLUMNS,
+            *([f"auto, seeds 0-{AUTO_SEEDS - 1}"] * (AUTO_SEEDS > 1)),
+            "#36",
+        ],
         rows,
     )
     print(
