@@ -602,3 +602,22 @@ def test_auto_chooses_per_module_on_a_gguf_of_mixed_types(tmp_path):
         assert m["strategy"] == min(m["candidates"], key=m["candidates"].get) or score(m) <= 1.0
         assert score(m) <= 1.0 + 1e-9
     assert {m["type"] for m in q["modules"]} == {"Q8_0", "Q4_K"}
+
+
+def test_a_delta_beyond_what_the_type_can_hold_is_dropped_with_a_warning(tmp_path, cli):
+    """One module's delta 1e30 times too large: its merged weights leave fp16 scales' range, every candidate is
+    further from W + dW than the old codes, so auto keeps them there; the report's mean counts each module once,
+    so a warning names the module whose adapter was dropped; the others merge."""
+    build(tmp_path / "b.gguf", "Q4_0")
+    ad = adapter()
+    m = ad.modules["model.layers.0.mlp.down_proj"]
+    ad.add(Module(m.name, m.A, m.B * 1e30, alpha=m.alpha))
+    ad.save(tmp_path / "a.safetensors")
+    code, out, err = cli(
+        "merge", tmp_path / "b.gguf", tmp_path / "a.safetensors", "-o", tmp_path / "o.gguf", "-q"
+    )
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  blk.")}
+    assert rows["blk.0.ffn_down"] == "keep" and rows["blk.1.ffn_down"] != "keep"
+    warning = [line for line in out.splitlines() if "larger than the weight itself" in line]
+    assert len(warning) == 1 and "1 module(s)" in warning[0] and "blk.0.ffn_down" in warning[0], out
