@@ -24,6 +24,7 @@ llm-compressor, its own quantizer as the anchor) need llm-compressor in a venv o
     LLMC_PYTHON=/path/to/venv/bin/python python benchmarks/bench_quant_quality.py llmc-nvfp4 llmc-w4a16 ...
     ADAPTERS=weak,random ...   (a subset of the adapters; random@1, strong@2: drawn with another seed)
     REFERENCE=continuous ...   (the truth: the Q4_1 values plus noise within their step; see continuous_gguf)
+    AUTO_SEEDS=5 ...           (the default again with --seed 1..4: its KL's range beside it)
 """
 
 import glob
