@@ -71,6 +71,7 @@ EVAL_SEQS = 4
 # AUTO_SEEDS=5: the default merged again with --seed 1..4 (its sample of rows and its probes): the range of its KL
 # is printed beside it, the resolution of the checks (which stay on seed 0, what users get)
 AUTO_SEEDS = int(os.environ.get("AUTO_SEEDS", 1))
+SEED_COLUMN = [f"auto, seeds 0-{AUTO_SEEDS - 1}"] if AUTO_SEEDS > 1 else []
 ONLY = os.environ.get(
     "ONLY"
 )  # only the candidates whose label holds one of these (comma-separated), and the floor
@@ -113,11 +114,8 @@ def continuous_gguf(gguf, work):
         reader = gguf_py.GGUFReader(out + ".tmp", "r+")
         rng = np.random.default_rng(0)
         for t in reader.tensors:
-            if (
-                t.tensor_type == gguf_py.GGMLQuantizationType.F32
-                and len(t.shape) == 2
-                and t.shape[0] % 32 == 0
-            ):
+            linear = t.tensor_type == gguf_py.GGMLQuantizationType.F32 and len(t.shape) == 2
+            if linear and t.shape[0] % 32 == 0:
                 blocks = t.data.reshape(-1, t.shape[0] // 32, 32)  # GGUF's shape is [in, out]: blocks of in
                 step = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)) / 15
                 blocks += (rng.random(blocks.shape, dtype=np.float32) - 0.5) * step
@@ -222,9 +220,8 @@ def candidates(fmt, base, work, config, adapter, full_gguf):
         out = os.path.join(work, f"{fmt}-{strategy}{ext}")
         lorakit.merge(base, [adapter], out, strategy=strategy, quiet=True, force=True)
         yield strategy, out
-    for seed in range(
-        AUTO_SEEDS
-    ):  # the default as users get it (seed 0), then its other seeds: its own noise
+    # the default as users get it (seed 0), then its other seeds: its own noise
+    for seed in range(AUTO_SEEDS):
         out = os.path.join(work, f"{fmt}-auto{ext}")
         lorakit.merge(base, [adapter], out, quiet=True, force=True, seed=seed)
         yield ("auto" if seed == 0 else f"auto@{seed}"), out
@@ -331,14 +328,7 @@ def main():
         f"KL(fp32 base + LoRA || candidate) per token on {EVAL_SEQS} x {SEQ} held-out tokens, SmolLM2-135M, PEFT "
         f"LoRAs r{RANK} on every linear layer; each KL as a multiple of the format's floor (the quantized base "
         f"against the fp32 base, both without the adapter). The adapters' own effect (KL to the base): {effect}",
-        [
-            "format",
-            "adapter",
-            "floor KL",
-            *COLUMNS,
-            *([f"auto, seeds 0-{AUTO_SEEDS - 1}"] * (AUTO_SEEDS > 1)),
-            "#36",
-        ],
+        ["format", "adapter", "floor KL", *COLUMNS, *SEED_COLUMN, "#36"],
         rows,
     )
     print(

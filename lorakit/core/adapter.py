@@ -59,13 +59,9 @@ class Module:
             raise LorakitError(
                 f"alpha is {self.alpha}: the spec needs a finite alpha > 0", tensor=self.name, code="LK206"
             )
-        for part, t in (
-            ("lora_A", self.A),
-            ("lora_B", self.B),
-            ("bias", self.bias),
-            ("magnitude", self.magnitude),
-        ):
-            # an integer factor would be cast, not dequantized: int8 A of values under 1 reads as zeros
+        # an integer factor would be cast, not dequantized: int8 A of values under 1 reads as zeros
+        parts = {"lora_A": self.A, "lora_B": self.B, "bias": self.bias, "magnitude": self.magnitude}
+        for part, t in parts.items():
             if t is not None and not t.is_floating_point():
                 raise LorakitError(
                     f"{part} is {str(t.dtype).removeprefix('torch.')}: LoRA factors are floating-point values",

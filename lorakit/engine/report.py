@@ -141,9 +141,8 @@ def survival_summary(handler, strategy, job, notes, calibrated=False):
     if summary["verdict"]["effect_kept"] < 0.5:
         notes.append(grid_cannot_hold(handler.name, summary, calibrated))
     dropped = [m for m in summary["modules"] if m["strategy"] == "keep" and m.get("relative_delta", 0) > 1]
-    if (
-        dropped
-    ):  # the mean above counts each module once: a delta beyond the weight itself, dropped, is said apart
+    # the mean above counts each module once: a delta beyond the weight itself, dropped, is said apart
+    if dropped:
         worst = max(dropped, key=lambda m: m["relative_delta"])
         notes.append(
             f"WARNING: {len(dropped)} module(s) whose delta is larger than the weight itself kept their old codes "

@@ -135,9 +135,8 @@ def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, no
     """One module from its kohya / LyCORIS tensors (`get(key)`): LoRA (Tucker too), LoHa or LoKr, exact."""
     if not any(k.startswith(("lora_down", "lora_up", "hada_", "lokr_")) for k in keys):
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors")
-    for k in (
-        keys
-    ):  # an integer factor would be cast to the others' dtype, not dequantized (alpha may be an integer)
+    # an integer factor would be cast to the others' dtype, not dequantized (alpha may be an integer)
+    for k in keys:
         if k != "alpha" and not get(k).is_floating_point():
             raise LorakitError(
                 f"{k} is {str(get(k).dtype).removeprefix('torch.')}: LoRA factors are floating-point values",

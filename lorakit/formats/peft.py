@@ -176,9 +176,8 @@ def _module(module, p, config, shapes, notes, path):
         spec_A, spec_B = (t_contig(B), t_contig(A)) if kind == "linear_t" else (A, B)
     r = A.shape[0]
     stated = pattern_value(config.get("rank_pattern"), module, config.get("r"))
-    if (
-        stated is not None and stated != r
-    ):  # PEFT builds the layer at the stated rank and cannot load these factors
+    # PEFT builds the layer at the stated rank and cannot load these factors
+    if stated is not None and stated != r:
         raise LorakitError(
             f"lora_A has rank {r} but adapter_config.json gives this module r = {stated!r} (r / rank_pattern): "
             "PEFT cannot load the file, and alpha / r is ambiguous",
@@ -196,9 +195,8 @@ def _module(module, p, config, shapes, notes, path):
     if ("lora_B", "bias") in p:
         mod.bias = (p[("lora_B", "bias")].float() * scale).to(p[("lora_B", "bias")].dtype)
     mag = p.get(("lora_magnitude_vector", None), p.get(("lora_magnitude_vector", "weight")))
-    if mag is None and config.get(
-        "use_dora"
-    ):  # PEFT would start it from the base's norms: not this file's delta
+    # PEFT would start the magnitude from the base's norms: not this file's delta
+    if mag is None and config.get("use_dora"):
         raise LorakitError(
             "adapter_config.json has use_dora but the file has no lora_magnitude_vector for this module",
             path=path,
