@@ -222,3 +222,34 @@ def test_peft_bad_input(tmp_path, cli):
     with pytest.raises(LorakitError, match=r"lora_alpha is unknown: pass alpha=\.\.\."):
         lorakit.load(bare)
     assert lorakit.load(bare, alpha=4.0).modules["x"].scale == 2.0
+
+
+@pytest.mark.parametrize("edit", ["r", "use_dora"])
+def test_configs_peft_cannot_load_as_written_are_refused(tmp_path, cli, edit):
+    """What the real PEFT does with an edited config, and lorakit's refusal of it: `r` above the factors' rank, PEFT
+    cannot load at all (size mismatch); `use_dora` without magnitudes, PEFT loads and starts them from the base's
+    norms, so its logits are not the plain LoRA's the file holds."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**LLAMA)
+    base = transformers.LlamaForCausalLM(config).eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model, 1)
+    model.save_pretrained(tmp_path / "a")
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+    path = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, **({"r": 8} if edit == "r" else {"use_dora": True})}))
+    if edit == "r":
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            load_peft(lambda: transformers.LlamaForCausalLM(config), state, tmp_path / "a")
+        fragment = "lora_A has rank 4 but adapter_config.json gives this module r = 8"
+    else:
+        loaded, _ = load_peft(lambda: transformers.LlamaForCausalLM(config), state, tmp_path / "a")
+        with torch.no_grad():
+            assert (loaded(ids).logits - plain).abs().max().item() > 1e-3
+        fragment = "use_dora but the file has no lora_magnitude_vector"
+    code, out, err = cli("convert", tmp_path / "a", "--to", "lorakit", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and fragment in err and "Traceback" not in err, err
