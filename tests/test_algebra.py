@@ -1,6 +1,7 @@
 """combine / resize / diff / extract against fp64 references and closed forms."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -414,4 +415,41 @@ def test_extract_errors(tiny_base, tmp_path, cli):
         "extract", folder, tmp_path / "missing", "-o", tmp_path / "x.safetensors", "--rank", "2"
     )
     assert_one_line_error(c, out, err, "missing", "no such file")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (
+            lambda t, k: t.update({k: t[k] * float("nan")}),
+            "'{k}': NaN or Inf values: tuned - base is not finite",
+        ),
+        (
+            lambda t, k: t.update({k: t[k][:8].contiguous()}),
+            "nothing to extract: no targeted tensor differs between the checkpoints (shape changed: {k})",
+        ),
+        (lambda t, k: t.update({k: t[k].to(torch.int32)}), "(not floating-point: {k})"),
+        (lambda t, k: t.pop(k), "(only in the base: {k})"),
+    ],
+    ids=["nan", "shape", "int", "missing"],
+)
+def test_extract_says_what_became_of_the_tensors_that_differ(tiny_base, tmp_path, cli, edit, fragment):
+    """A tuned checkpoint whose one changed tensor cannot give a module: the error says which and why (it said
+    only 'nothing differs'); NaN in a tensor is named instead of failing in the SVD."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_base
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    name = next(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    tensors = load_file(folder / name)
+    for f in os.listdir(folder):
+        if not f.endswith(".safetensors"):
+            (tuned / f).write_bytes((folder / f).read_bytes())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    edit(tensors, key)
+    save_file(tensors, tuned / name)
+    c, out, err = cli("extract", folder, tuned, "-o", tmp_path / "x.safetensors", "--rank", "2")
+    assert_one_line_error(c, out, err, "tuned", fragment.format(k=key))
     assert not (tmp_path / "x.safetensors").exists()

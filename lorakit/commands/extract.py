@@ -34,6 +34,11 @@ def _difference(name, cb, ct, targets):
     W0, W1 = cb.get(name), ct.get(name)
     if not (W0.is_floating_point() and W1.is_floating_point()):
         return "not_float"
+    for W, ckpt in ((W0, cb), (W1, ct)):
+        if not bool(
+            torch.isfinite(W).all()
+        ):  # the SVD of a non-finite difference fails, or factors it as NaN
+            raise LorakitError("NaN or Inf values: tuned - base is not finite", path=ckpt.path, tensor=name)
     if torch.equal(W0.float(), W1.float()):
         return "unchanged"
     module_name = name[: -len(".weight")] if name.endswith(".weight") else name
@@ -68,6 +73,24 @@ def _extract_experts(name, W0, W1, base, adapter, rank, energy, out_dtype, gener
         adapter.add(m)
         rows.append({"module": module, **stats})
     return rows
+
+
+def _outcomes(report):
+    """What became of the tensors that differ in some way but gave no module, for the error that nothing did:
+    ' (shape changed: a.weight; only in the tuned checkpoint: b.weight, c.weight)'."""
+    words = {
+        "shape_changed": "shape changed",
+        "not_float": "not floating-point",
+        "only_in_tuned": "only in the tuned checkpoint",
+        "only_in_base": "only in the base",
+        "not_targeted": "changed but not targeted",
+    }
+    parts = [
+        f"{words[k]}: {', '.join(report[k][:3])}{f' and {len(report[k]) - 3} more' if len(report[k]) > 3 else ''}"
+        for k in words
+        if report[k]
+    ]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 @takes_options(ExtractOptions, unpack=True)
@@ -114,7 +137,8 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
             report["only_in_base"].append(name)
     if not adapter.modules and not adapter.replacements:
         raise LorakitError(
-            "nothing to extract: no targeted tensor differs between the checkpoints", path=tuned
+            "nothing to extract: no targeted tensor differs between the checkpoints" + _outcomes(report),
+            path=tuned,
         )
     adapter.provenance = _provenance(base, tuned, rank, energy, targets, seed)
     adapter = base_ckpt.from_base_names(adapter)  # a GGUF's llama.cpp names back to Hugging Face's
