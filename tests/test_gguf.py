@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lorakit
+from conftest import assert_one_line_error
 from lorakit import examples
 from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
@@ -92,6 +93,36 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "c.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(LorakitError, match="c.gguf: GGUF header runs past the end of the file"):
         lorakit.load(tmp_path / "c.gguf")
+
+
+def _adapter_gguf(path, alpha, tensors):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    (w.add_string if isinstance(alpha, str) else w.add_float32)("adapter.lora.alpha", alpha)
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_alpha_not_a_number_and_an_empty_adapter(tmp_path, tiny_base, cli):
+    """adapter.lora.alpha written as a string: one line naming the key and value (it was a TypeError's text); an
+    adapter with no tensors merges, and the report says it changed nothing."""
+    pair = {
+        "blk.0.attn_q.weight.lora_a": np.ones((2, 64), np.float32),
+        "blk.0.attn_q.weight.lora_b": np.ones((64, 2), np.float32),
+    }
+    bad = _adapter_gguf(tmp_path / "s.gguf", "8", pair)
+    assert_one_line_error(*cli("inspect", bad), "s.gguf", "adapter.lora.alpha is '8': not a number")
+    empty = _adapter_gguf(tmp_path / "e.gguf", 8.0, {})
+    folder, _ = tiny_base
+    code, out, err = cli("merge", folder, empty, "-o", tmp_path / "m", "-q")
+    assert code == 0 and "0 of 21 tensors changed" in out, err
+    assert "1 adapter(s) hold no module or tensor, so they change nothing" in out
 
 
 def test_gguf_head_counts_from_the_adapters_base_path_and_qwen2(tmp_path):

@@ -7,6 +7,7 @@ flipped: lora_a [n_vocab, r], lora_b [n_embd, r]. Llama's Q and K rows are permu
 (convert_hf_to_gguf's permute), so lora_b of attn_q / attn_k is permuted the same way.
 """
 
+import numbers
 import numpy as np
 import torch
 
@@ -86,6 +87,8 @@ def read(path, base=None, allow_unknown=False, unpermute_qk=True):
         raise LorakitError("GGUF file is not a LoRA adapter (general.type / adapter.type)", path=path)
     arch = _field(reader, "general.architecture")
     alpha = _field(reader, "adapter.lora.alpha")
+    if isinstance(alpha, bool) or not (alpha is None or isinstance(alpha, numbers.Real)):
+        raise LorakitError(f"adapter.lora.alpha is {alpha!r}: not a number", path=path)
     if alpha is None or not alpha > 0:
         raise LorakitError(f"adapter.lora.alpha is {alpha}: the scale alpha / rank is undefined", path=path)
     heads = _heads(
