@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import lorakit
-from conftest import assert_one_line_error
 from lorakit import examples
 from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
 from lorakit.naming.llama_cpp import permute, unpermute
 
-from conftest import bits, shapes_of
+from conftest import assert_one_line_error, bits, shapes_of
 
 
 def test_permute_matches_llama_cpp_layout_and_inverts():

@@ -11,9 +11,13 @@ from ..quant.requant import weighted
 
 def merge_notes(base, loaded, plan, job, options):
     notes = embedding_notes(base, plan) + base_notes(base, loaded) + base.notes(plan.tensors, job, options)
-    empty = [path for path, ad, _ in loaded if not (ad.modules or ad.replacements or ad.deltas or ad.transforms)]
+    empty = [
+        path for path, ad, _ in loaded if not (ad.modules or ad.replacements or ad.deltas or ad.transforms)
+    ]
     if empty:
-        notes.append(f"{len(empty)} adapter(s) hold no module or tensor, so they change nothing: {listed(empty)}")
+        notes.append(
+            f"{len(empty)} adapter(s) hold no module or tensor, so they change nothing: {listed(empty)}"
+        )
     if plan.skipped:
         notes.append(
             f"skipped {len(plan.skipped)} adapter tensor(s) not in the base (--skip-unmatched): {listed(plan.skipped)}"
