@@ -24,6 +24,7 @@ ONTO = ("dequantized", "original")
 MERGE_DEVICES = ("cuda", "cpu")  # where merge sums full-precision tensors (lorakit.devices)
 QUANTIZE = ("nf4", "int8", "fp8", "nvfp4", "fp8-block")  # train --quantize (lorakit.training.frozen)
 MIN_SHARD = 1 << 20
+SEED_MAX = (1 << 63) - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 def option(default, help, choices=None, type=None, path=False):
@@ -115,6 +116,7 @@ class MergeOptions:
 
             parse_part(self.part)
         in_range("threads", self.threads, 1, integer=True)
+        in_range("seed", self.seed, 0, SEED_MAX, integer=True)
         pick_device(self.device, MERGE_DEVICES)  # refused now, before the base is opened
         existing(self.full_precision_base, "full_precision_base")
         existing(self.calibration, "calibration")
@@ -180,8 +182,9 @@ class TrainOptions:
             raise LorakitError(f"--quantize is one of {', '.join(QUANTIZE)}, not '{self.quantize}'")
         for name in ("rank", "steps", "batch", "seq_len", "grad_accum"):
             in_range(name, getattr(self, name), 1, integer=True)
-        for name in ("eval_every", "warmup", "seed"):
+        for name in ("eval_every", "warmup"):
             in_range(name, getattr(self, name), 0, integer=True)
+        in_range("seed", self.seed, 0, SEED_MAX, integer=True)
         in_range("alpha", self.alpha, 0, low_open=True)
         in_range("lr", self.lr, 0, low_open=True)
         if self.format not in ("lorakit", "peft"):

@@ -408,6 +408,17 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
             "--base: no such",
         ),
         (["inspect", "a.safetensors", "--base", "/nonexistent"], "no such"),
+        # torch's generators take 64 bits: a larger seed was an internal error
+        (["merge", "base", "a.safetensors", "-o", "o", "--seed", str(2**64)], "--seed must be in [0, "),
+        (["merge", "base", "a.safetensors", "-o", "o", "--seed", "-1"], "--seed must be in [0, "),
+        (
+            ["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--seed", str(2**70)],
+            "--seed must be in [0, ",
+        ),
+        (
+            ["extract", "base", "single", "-o", "o.safetensors", "--rank", "2", "--seed", "-2"],
+            "--seed must be",
+        ),
     ],
 )
 def test_options_out_of_range_are_refused_not_clamped(w, cli, monkeypatch, argv, fragment):

@@ -10,11 +10,11 @@ from ..naming.embeddings import is_embedding
 from ..io import check_output
 from ..io.dtypes import user_dtype
 from ..bases import open_base
-from ..options import ExtractOptions, takes_options
+from ..options import SEED_MAX, ExtractOptions, takes_options
 from ..progress import progress
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
-from .args import local, rank_rule
+from .args import in_range, local, rank_rule
 
 
 # what extract says of a tensor it does not turn into a module (besides the count of unchanged ones)
@@ -100,6 +100,7 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
     if rank is None and energy is None:
         raise LorakitError("give --rank or --energy")
     rank_rule(rank=rank, energy=energy)
+    in_range("seed", seed, 0, SEED_MAX, integer=True)
     base, tuned = local(base, "base", quiet), local(tuned, "base", quiet)
     check_output(output, [base, tuned], force, directory=False)
     targets = target_list(targets)
