@@ -93,14 +93,19 @@ def _outcomes(report):
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-@takes_options(ExtractOptions, unpack=True)
-def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, quiet):
-    """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
-    tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
+def _check_options(rank, energy, seed):
+    """Refuse (never clamp) what extract's options cannot be (ExtractOptions leaves it to the command)."""
     if rank is None and energy is None:
         raise LorakitError("give --rank or --energy")
     rank_rule(rank=rank, energy=energy)
     in_range("seed", seed, 0, SEED_MAX, integer=True)
+
+
+@takes_options(ExtractOptions, unpack=True)
+def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, quiet):
+    """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
+    tensors are stored exactly as replacements), not targeted, or only in one checkpoint."""
+    _check_options(rank, energy, seed)
     base, tuned = local(base, "base", quiet), local(tuned, "base", quiet)
     check_output(output, [base, tuned], force, directory=False)
     targets = target_list(targets)
