@@ -34,10 +34,9 @@ def _difference(name, cb, ct, targets):
     W0, W1 = cb.get(name), ct.get(name)
     if not (W0.is_floating_point() and W1.is_floating_point()):
         return "not_float"
+    # the SVD of a non-finite difference fails, or factors it as NaN
     for W, ckpt in ((W0, cb), (W1, ct)):
-        if not bool(
-            torch.isfinite(W).all()
-        ):  # the SVD of a non-finite difference fails, or factors it as NaN
+        if not bool(torch.isfinite(W).all()):
             raise LorakitError("NaN or Inf values: tuned - base is not finite", path=ckpt.path, tensor=name)
     if torch.equal(W0.float(), W1.float()):
         return "unchanged"
