@@ -27,6 +27,18 @@ def default_kind(ndim):
     return "conv" if ndim > 2 else "linear"
 
 
+def require_floating(part, t, tensor, path=None):
+    """Refuse an integer or bool LoRA tensor (`part`: what it is, e.g. lora_A): a cast would read it, not
+    dequantize it (an int8 factor of values under 1 reads as zeros)."""
+    if t is not None and not t.is_floating_point():
+        raise LorakitError(
+            f"{part} is {str(t.dtype).removeprefix('torch.')}: LoRA factors are floating-point values",
+            path=path,
+            tensor=tensor,
+            code="LK103",
+        )
+
+
 def fp32(x):
     """x rounded to an fp32 value, as a Python float: how the spec stores alpha."""
     x = float(x)
@@ -59,15 +71,9 @@ class Module:
             raise LorakitError(
                 f"alpha is {self.alpha}: the spec needs a finite alpha > 0", tensor=self.name, code="LK206"
             )
-        # an integer factor would be cast, not dequantized: int8 A of values under 1 reads as zeros
         parts = {"lora_A": self.A, "lora_B": self.B, "bias": self.bias, "magnitude": self.magnitude}
         for part, t in parts.items():
-            if t is not None and not t.is_floating_point():
-                raise LorakitError(
-                    f"{part} is {str(t.dtype).removeprefix('torch.')}: LoRA factors are floating-point values",
-                    tensor=self.name,
-                    code="LK103",
-                )
+            require_floating(part, t, self.name)
         if self.A.ndim >= 2 and self.B.ndim >= 2 and 0 in (self.B.shape[0], *self.A.shape[1:]):
             raise LorakitError(
                 f"lora_A {list(self.A.shape)} / lora_B {list(self.B.shape)}: the weight they change would be empty",

@@ -11,7 +11,7 @@ import hashlib
 
 import torch
 
-from ..core import Adapter, Module
+from ..core import Adapter, Module, require_floating
 from ..errors import MALFORMED, LorakitError
 from ..io import atomic_output, tensor_bytes, write_safetensors
 from ..core.lycoris import lokr_factors, loha_factors, tucker_factors
@@ -135,15 +135,10 @@ def build_module(path, lora_name, module, keys, get, weight_shape, split_qkv, no
     """One module from its kohya / LyCORIS tensors (`get(key)`): LoRA (Tucker too), LoHa or LoKr, exact."""
     if not any(k.startswith(("lora_down", "lora_up", "hada_", "lokr_")) for k in keys):
         raise LorakitError(f"has only {', '.join(sorted(keys))}: no factors")
-    # an integer factor would be cast to the others' dtype, not dequantized (alpha may be an integer)
+    # checked before the factors are cast to one dtype (alpha may be an integer)
     for k in keys:
-        if k != "alpha" and not get(k).is_floating_point():
-            raise LorakitError(
-                f"{k} is {str(get(k).dtype).removeprefix('torch.')}: LoRA factors are floating-point values",
-                path=path,
-                tensor=lora_name,
-                code="LK103",
-            )
+        if k != "alpha":
+            require_floating(k, get(k), lora_name, path)
     dtype = next(get(k).dtype for k in keys if k not in ("alpha", "dora_scale"))
     if "lora_down.weight" in keys or "lora_up.weight" in keys:
         A, B, scale = _lora_factors(path, lora_name, keys, get, split_qkv, notes, dtype)
