@@ -116,7 +116,7 @@ class MergeOptions:
 
             parse_part(self.part)
         in_range("threads", self.threads, 1, integer=True)
-        in_range("seed", self.seed, 0, SEED_MAX, integer=True)
+        seed_in_range(self.seed)
         pick_device(self.device, MERGE_DEVICES)  # refused now, before the base is opened
         existing(self.full_precision_base, "full_precision_base")
         existing(self.calibration, "calibration")
@@ -184,7 +184,7 @@ class TrainOptions:
             in_range(name, getattr(self, name), 1, integer=True)
         for name in ("eval_every", "warmup"):
             in_range(name, getattr(self, name), 0, integer=True)
-        in_range("seed", self.seed, 0, SEED_MAX, integer=True)
+        seed_in_range(self.seed)
         in_range("alpha", self.alpha, 0, low_open=True)
         in_range("lr", self.lr, 0, low_open=True)
         if self.format not in ("lorakit", "peft"):
@@ -313,6 +313,11 @@ def parse_size(text, what="shard size"):
     if size < 1000 or (not m.group(2) and size < MIN_SHARD):
         raise LorakitError(f"{what} '{text}' is {size} bytes: give a unit (5GB, 500MB, 2GiB); at least 1KB")
     return size
+
+
+def seed_in_range(seed):
+    """Refuse a --seed torch's generators cannot take (every command with a seed)."""
+    return in_range("seed", seed, 0, SEED_MAX, integer=True)
 
 
 def in_range(name, value, low=None, high=None, low_open=False, high_open=False, integer=False):

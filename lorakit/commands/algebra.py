@@ -10,7 +10,7 @@ from ..io.dtypes import user_dtype
 from ..methods import get_method
 from ..progress import progress
 from ..io import check_output
-from ..options import SEED_MAX, CombineOptions, ResizeOptions, takes_options
+from ..options import CombineOptions, ResizeOptions, seed_in_range, takes_options
 from .args import (
     as_adapter,
     factors_only,
@@ -48,7 +48,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     _check_rule(rank=rank, energy=energy)
     rank_rule(rank=rank, energy=energy)
     in_range("density", density, 0, 1, low_open=True)
-    in_range("seed", seed, 0, SEED_MAX, integer=True)
+    seed_in_range(seed)
     inputs = weighted_inputs(adapters)
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")

@@ -10,11 +10,11 @@ from ..naming.embeddings import is_embedding
 from ..io import check_output
 from ..io.dtypes import user_dtype
 from ..bases import open_base
-from ..options import SEED_MAX, ExtractOptions, takes_options
+from ..options import ExtractOptions, seed_in_range, takes_options
 from ..progress import progress
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
-from .args import in_range, local, rank_rule
+from .args import local, rank_rule
 
 
 # what extract says of a tensor it does not turn into a module (besides the count of unchanged ones)
@@ -97,7 +97,7 @@ def _check_options(rank, energy, seed):
     if rank is None and energy is None:
         raise LorakitError("give --rank or --energy")
     rank_rule(rank=rank, energy=energy)
-    in_range("seed", seed, 0, SEED_MAX, integer=True)
+    seed_in_range(seed)
 
 
 @takes_options(ExtractOptions, unpack=True)
