@@ -269,6 +269,19 @@ def test_a_module_of_another_shape_is_coded(tmp_path, cli):
         and "LK602 base-shape-mismatch model.layers.0.self_attn.q_proj: base [32, 32], adapter [32, 40]"
         in out
     )
+    # convert --base refuses it as merge does, in one line naming the module and both shapes
+    output = tmp_path / "served"
+    code, out, err = cli(
+        "convert", tmp_path / "a.safetensors", "--base", tmp_path / "base", "--for", "vllm", "-o", output
+    )
+    assert_one_line_error(
+        code,
+        out,
+        err,
+        "[LK602] does not fit the base's weight: base [32, 32], adapter [32, 40]",
+        "model.layers.0.self_attn.q_proj",
+    )
+    assert not output.exists()
 
 
 def test_validate_base_that_is_an_adapter_is_refused(tmp_path, cli):

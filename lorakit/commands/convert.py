@@ -83,12 +83,20 @@ def _read(input, from_, base, dst, alpha, allow_unknown, computes_on_base):
 
 
 def _onto(base, adapter, input):
-    """The adapter under the base's names (another language-model prefix); refused where modules land nowhere."""
-    from ..engine.landing import on_base_names
+    """The adapter under the base's names (another language-model prefix); refused where modules land nowhere or
+    on a weight of another shape (merge refuses both as well)."""
+    from ..engine.landing import on_base_names, shape_mismatches
 
-    adapter, _, found = on_base_names(base, adapter)
+    adapter, moved, found = on_base_names(base, adapter)
     if found.nowhere:
         raise LorakitError(found.summary(), path=input, code="LK601")
+    mismatched = shape_mismatches(base, moved)
+    if mismatched:
+        name, shapes = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more modules)" if len(mismatched) > 1 else ""
+        raise LorakitError(
+            f"does not fit the base's weight: {shapes}{more}", path=input, tensor=name, code="LK602"
+        )
     return adapter
 
 

@@ -81,22 +81,14 @@ def landing_problems(adapter, base, engine):
     """(Landing, [Problem]) of an adapter on an opened base: every module that lands nowhere (LK601), on a tensor
     of another shape (LK602), an initialisation that moved the base (LK603); with an engine, names it would not
     match as they are (LK601)."""
-    from ..engine.landing import on_base_names
+    from ..engine.landing import on_base_names, shape_mismatches
 
     _, moved, found = on_base_names(base, adapter)
     problems = [
         spec.Problem("LK601", f"lands nowhere in the base (nearest: {n.nearest})", n.module)
         for n in found.nowhere
     ]
-    for m in moved.modules.values():
-        weight = f"{m.name}.weight"
-        if (
-            weight in base
-            and tuple(base.shape(weight)) != tuple(m.shape)
-            and not (m.pads_base and m.widens(base.shape(weight)))
-        ):
-            shapes = f"base {list(base.shape(weight))}, adapter {list(m.shape)}"
-            problems.append(spec.Problem("LK602", shapes, m.name))
+    problems += [spec.Problem("LK602", shapes, name) for name, shapes in shape_mismatches(base, moved)]
     if adapter.moved_base:
         problems.append(spec.Problem("LK603", f"{adapter.moved_base}: merge / convert it with --initial DIR"))
     if engine is not None and found.renamed:

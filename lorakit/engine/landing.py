@@ -135,3 +135,17 @@ def on_base_names(base, adapter):
         return adapter, named, found
     adapter, found = onto_base(base, adapter)
     return adapter, adapter, found
+
+
+def shape_mismatches(base, adapter):
+    """[(module name, 'base [..], adapter [..]')] for every module of `adapter` (under the base's names) whose base
+    weight has another shape, unless the module widens it as it says it does (ComfyUI's zero padding)."""
+    found = []
+    for m in adapter.modules.values():
+        weight = f"{m.name}.weight"
+        if weight not in base:
+            continue
+        shape = tuple(base.shape(weight))
+        if shape != tuple(m.shape) and not (m.pads_base and m.widens(shape)):
+            found.append((m.name, f"base {list(shape)}, adapter {list(m.shape)}"))
+    return found
