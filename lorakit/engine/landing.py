@@ -1,6 +1,7 @@
 """Where every module of an adapter lands in a base: on a tensor as named, under another language-model prefix
 (lorakit.naming.prefixes), or nowhere (with the nearest base name and its share of the adapter's ||dW||). `validate
---base` reports it, `merge` and `convert --base` rename onto the base and refuse what lands nowhere."""
+--base` reports it, `merge` and `convert --base` rename onto the base and refuse what lands nowhere or on a weight of
+another shape."""
 
 import dataclasses
 from dataclasses import dataclass, field
