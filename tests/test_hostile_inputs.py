@@ -390,6 +390,11 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
         (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "nan"], "--energy must be in (0, 1]"),
         (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-fro", "2"], "--sv-fro must be in (0, 1]"),
         (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
+        # infinity is above every lower bound: the message says why it is refused all the same
+        (
+            ["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "inf"],
+            "--sv-ratio must be a finite number >= 1, got inf",
+        ),
         (
             ["extract", "base", "single", "-o", "o.safetensors", "--energy", "95"],
             "--energy must be in (0, 1]",
