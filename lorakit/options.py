@@ -339,8 +339,9 @@ def in_range(name, value, low=None, high=None, low_open=False, high_open=False, 
             where = f"{'>' if low_open else '>='} {low}"
         else:
             where = f"{'<' if high_open else '<='} {high}"
-        finite = "" if math.isfinite(value) or low is None or high is not None else "a finite number "
-        raise LorakitError(f"{name} must be {finite}{where}, got {value}")
+        # infinity lies past a one-sided bound: say why it is refused all the same
+        finite = "" if math.isfinite(value) or low is None or high is not None else " (not a finite number)"
+        raise LorakitError(f"{name} must be {where}, got {value}{finite}")
     return value
 
 

@@ -390,10 +390,23 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
         (["resize", "a.safetensors", "-o", "o.safetensors", "--energy", "nan"], "--energy must be in (0, 1]"),
         (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-fro", "2"], "--sv-fro must be in (0, 1]"),
         (["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "0.5"], "--sv-ratio must be >= 1"),
+        # convert's --rank / --energy were ignored (out of range too) where nothing is written as a low-rank delta
+        (
+            ["convert", "a.safetensors", "-o", "o.safetensors", "--to", "kohya", "--energy", "2"],
+            "--energy must be in",
+        ),
+        (
+            ["convert", "a.safetensors", "-o", "o.safetensors", "--to", "kohya", "--rank", "2"],
+            "--rank sets the rank of what convert writes as a low-rank delta",
+        ),
+        (
+            ["extract", "base", "single", "-o", "o.safetensors", "--rank", "2", "--energy", "0.5"],
+            "give --rank or --energy, not both",
+        ),
         # infinity is above every lower bound: the message says why it is refused all the same
         (
             ["resize", "a.safetensors", "-o", "o.safetensors", "--sv-ratio", "inf"],
-            "--sv-ratio must be a finite number >= 1, got inf",
+            "--sv-ratio must be >= 1, got inf (not a finite number)",
         ),
         (
             ["extract", "base", "single", "-o", "o.safetensors", "--energy", "95"],

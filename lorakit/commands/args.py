@@ -104,7 +104,10 @@ def same_base(loaded):
 
 
 def rank_rule(rank=None, energy=None, max_rank=None):
-    """The rank options the commands share, refused (never clamped) out of range."""
+    """The rank options the commands share, refused (never clamped) out of range; a rank and an energy share
+    together are refused (the rank would win and the energy be ignored)."""
+    if rank is not None and energy is not None:
+        raise LorakitError("give --rank or --energy, not both")
     in_range("rank", rank, 1, integer=True)
     in_range("max_rank", max_rank, 1, integer=True)
     in_range("energy", energy, 0, 1, low_open=True)

@@ -5,7 +5,7 @@ import os
 from ..errors import LorakitError
 from ..formats import detect_format, get_format, given, load, save, takes
 from ..io import check_output
-from .args import existing, in_range, local, rank_rule, undo_initial
+from .args import existing, local, rank_rule, undo_initial
 
 
 def convert(
@@ -30,6 +30,7 @@ def convert(
     `energy` where asked, everything else it would drop refused by name. `initial`: the PEFT adapter as saved before training, for one whose
     initialisation changed its base (PiSSA, OLoRA, CorDA, LoRA-GA): written as dW = B A - B0 A0 (PEFT's conversion)."""
     input, output = os.fspath(local(input, "adapter")), os.fspath(output)
+    rank_rule(rank=rank, energy=energy, max_rank=max_rank)
     engine, to = _engine_and_format(for_engine, to, max_rank)
     base = existing(local(base, "base"), "base")
     initial = existing(local(initial, "adapter"), "initial")
@@ -56,6 +57,7 @@ def convert(
     }
     if engine is None and dst.name == "peft":
         adapter = _experts_for_peft(adapter, base, None)
+    _rank_was_used(rank, energy, rows)
     notes = _write(adapter, output, dst, base, force, input)
     return {
         "input": input,
@@ -103,7 +105,6 @@ def _onto(base, adapter, input):
 def _engine_and_format(for_engine, to, max_rank):
     from .. import serving
 
-    in_range("max_rank", max_rank, 1, integer=True)
     if for_engine is None:
         if to is None:
             raise LorakitError("give the output format (--to FORMAT) or the engine (--for ENGINE)")
@@ -129,6 +130,18 @@ def _write(adapter, output, dst, base, force, input):
             raise
         message = f"cannot write {output} as {dst.name}: {e.message}"
         raise LorakitError(message, path=input, tensor=e.tensor, code=e.code) from None
+
+
+def _rank_was_used(rank, energy, rows):
+    """--rank / --energy set the rank of what is written as a low-rank delta: refused where nothing was (an option
+    that changes nothing is not silently dropped)."""
+    if (rank is not None or energy is not None) and not any("kind" in r for r in rows):
+        option = "--rank" if rank is not None else "--energy"
+        raise LorakitError(
+            f"{option} sets the rank of what convert writes as a low-rank delta against --base (IA3, OFT and other "
+            "multiplicative modules; DoRA modules and full tensors with --for ENGINE), and this adapter has none: "
+            "resize re-ranks an adapter"
+        )
 
 
 def _serve_ready(adapter, engine, base, rank, energy, max_rank, path, rows):
