@@ -35,10 +35,7 @@ def convert(
     base = existing(local(base, "base"), "base")
     initial = existing(local(initial, "adapter"), "initial")
     check_output(output, [input, base, initial], force)
-    if base is not None:
-        from ..bases import open_base
-
-        base = open_base(base)  # once, for the reader, the writer and the deltas computed against it
+    base = _opened(base)
     dst = get_format(to)
     if dst.write is None:
         raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
@@ -130,6 +127,15 @@ def _write(adapter, output, dst, base, force, input):
             raise
         message = f"cannot write {output} as {dst.name}: {e.message}"
         raise LorakitError(message, path=input, tensor=e.tensor, code=e.code) from None
+
+
+def _opened(base):
+    """The base opened once, for the reader, the writer and the deltas computed against it (None: no base)."""
+    if base is None:
+        return None
+    from ..bases import open_base
+
+    return open_base(base)
 
 
 def _rank_was_used(rank, energy, rows):
