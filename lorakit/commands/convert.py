@@ -140,7 +140,8 @@ def _opened(base):
 
 def _rank_was_used(rank, energy, rows):
     """--rank / --energy set the rank of what is written as a low-rank delta: refused where nothing was (an option
-    that changes nothing is not silently dropped)."""
+    that changes nothing is not silently dropped). Rows with a "kind" are those modules; serve_ready's re-rank
+    rows (--max-rank) have none."""
     if (rank is not None or energy is not None) and not any("kind" in r for r in rows):
         option = "--rank" if rank is not None else "--energy"
         raise LorakitError(
