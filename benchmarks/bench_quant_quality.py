@@ -74,8 +74,8 @@ EVAL_SEQS = 4
 # is printed beside it, the resolution of the checks (which stay on seed 0, what users get)
 AUTO_SEEDS = int(os.environ.get("AUTO_SEEDS", 1))
 SEED_COLUMN = [f"auto, seeds 0-{AUTO_SEEDS - 1}"] if AUTO_SEEDS > 1 else []
-# CALIBRATION=1: auto with --calibration as well (the training files' 8k tokens: other text than the held-out), its
-# column and the same checks on it
+# CALIBRATION=1: auto with --calibration as well (the training files' tokens, other text than the held-out: merge
+# takes the moments from the first 4096 and its KL estimate from the last 1024), its column and the same checks on it
 CALIBRATED = os.environ.get("CALIBRATION") == "1"
 ONLY = os.environ.get(
     "ONLY"

@@ -17,6 +17,7 @@ from .args import (
     in_range,
     load_inputs,
     local,
+    one_rule,
     paths,
     rank_rule,
     same_base,
@@ -30,13 +31,6 @@ def _parent(path, adapter, **extra):
     return {"file": os.path.basename(path), "format": adapter.source_format, **extra}
 
 
-def _check_rule(**rule):
-    given = {k: v for k, v in rule.items() if v is not None}
-    if len(given) > 1:
-        raise LorakitError(f"give one of {', '.join('--' + k.replace('_', '-') for k in rule)}, not several")
-    return given
-
-
 @takes_options(CombineOptions, unpack=True)
 def combine(adapters, output, *, method, rank, energy, density, seed, dtype, force, quiet):
     """Combine adapters (`path` or `path:weight`) in delta space. Returns the report; writes `output`.
@@ -45,7 +39,6 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     (default: the largest input rank); ties, dare_linear, dare_ties, magnitude_prune act on the dense deltas.
     """
     combine_method = get_method(method, rank, energy)
-    _check_rule(rank=rank, energy=energy)
     rank_rule(rank=rank, energy=energy)
     in_range("density", density, 0, 1, low_open=True)
     seed_in_range(seed)
@@ -133,9 +126,7 @@ def resize(
     """Optimal per-module truncation (Eckart-Young), alpha rescaled to keep each module's scale. The sv_* rules keep
     the ranks sd-scripts' resize_lora keeps (one above the smallest rank meeting the rule); `minimal` keeps that
     smallest rank."""
-    rule = _check_rule(
-        rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative
-    )
+    rule = one_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative)
     if not rule:
         raise LorakitError("give one of --rank, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
     if minimal and not {"sv_ratio", "sv_fro", "sv_cumulative"} & set(rule):

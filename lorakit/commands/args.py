@@ -103,11 +103,24 @@ def same_base(loaded):
             raise LorakitError(f"{pa} and {pb} were made for different base models: {why}")
 
 
+def one_rule(**rule):
+    """{option: value} of the rules given, refused where several are (the first would win and the others be
+    ignored): 'give --rank or --energy, not both'."""
+    given = {k: v for k, v in rule.items() if v is not None}
+    if len(given) > 1:
+        names = ["--" + k.replace("_", "-") for k in rule]
+        which = (
+            " or ".join(names) + ", not both"
+            if len(names) == 2
+            else f"one of {', '.join(names)}, not several"
+        )
+        raise LorakitError(f"give {which}")
+    return given
+
+
 def rank_rule(rank=None, energy=None, max_rank=None):
-    """The rank options the commands share, refused (never clamped) out of range; a rank and an energy share
-    together are refused (the rank would win and the energy be ignored)."""
-    if rank is not None and energy is not None:
-        raise LorakitError("give --rank or --energy, not both")
+    """The rank options the commands share: one of rank and energy, refused (never clamped) out of range."""
+    one_rule(rank=rank, energy=energy)
     in_range("rank", rank, 1, integer=True)
     in_range("max_rank", max_rank, 1, integer=True)
     in_range("energy", energy, 0, 1, low_open=True)

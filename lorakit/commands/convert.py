@@ -198,7 +198,6 @@ def _experts_for_peft(adapter, base, engine):
 def _low_rank_deltas(adapter, engine, base, rank, energy):
     """DoRA modules and full tensors the engine drops, as the best low-rank LoRA of their delta against the base
     (the DoRA delta m (W + dW) / ||W + dW|| - W is not low-rank): one row each, with the energy kept."""
-    rank_rule(rank=rank, energy=energy)
     targets = {}
     if not engine.dora:
         targets.update({n: ("dora", m) for n, m in adapter.modules.items() if m.magnitude is not None})
@@ -256,7 +255,6 @@ def _transforms_as_lora(adapter, base, rank, energy, path):
             path=path,
             code="LK402",
         )
-    rank_rule(rank=rank, energy=energy)
     rows = []
     for name, t in sorted(adapter.transforms.items()):
         W = _base_weight(base, name)
