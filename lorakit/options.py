@@ -184,6 +184,8 @@ class TrainOptions:
             in_range(name, getattr(self, name), 1, integer=True)
         for name in ("eval_every", "warmup"):
             in_range(name, getattr(self, name), 0, integer=True)
+        if self.warmup is not None and self.warmup > self.steps:  # the schedule would never reach --lr
+            raise LorakitError(f"--warmup must be <= --steps ({self.steps}), got {self.warmup}")
         seed_in_range(self.seed)
         in_range("alpha", self.alpha, 0, low_open=True)
         in_range("lr", self.lr, 0, low_open=True)
@@ -209,8 +211,8 @@ class CombineOptions(NoChecks):
     )
     rank: int = option(None, "Truncate each module optimally to this rank.", type=int)
     energy: float = option(None, "Keep the smallest rank with this share of ||dW||_F^2 (0-1).", type=float)
-    density: float = option(0.5, "Kept share for ties/dare/prune.", type=float)
-    seed: int = option(0, "Seed of DARE's random drop.", type=int)
+    density: float = option(None, "Kept share for ties/dare/prune (default 0.5).", type=float)
+    seed: int = option(None, "Seed of DARE's random drop (default 0).", type=int)
     dtype: str = option("keep", DTYPE_OUT)
     force: bool = option(False, FORCE)
     quiet: bool = option(False, "No progress bar.")

@@ -518,6 +518,7 @@ def test_embedding_merge_into_a_lone_file_says_it_cannot_check_tying(tmp_path):
         (None, ("bin", b"\1\0\2"), [], "not a whole number"),
         (None, None, ["--seq-len", "0"], "--seq-len must be >= 1"),
         (None, None, ["--steps", "0"], "--steps must be >= 1"),
+        (None, None, ["--steps", "5", "--warmup", "6"], "--warmup must be <= --steps (5), got 6"),
         (None, None, ["--rank", "0"], "--rank must be >= 1"),
         (None, None, ["--batch", "0"], "--batch must be >= 1"),
         (None, None, ["--lr", "nan"], "--lr must be > 0"),

@@ -565,6 +565,37 @@ def test_merge_with_calibration_reports_the_model_s_kl(task, tmp_path, cli):
     assert code == 2 and "--calibration is for quantized bases" in err and not (tmp_path / "x").exists()
 
 
+def test_calibrated_merge_warns_when_the_model_ends_further_than_without_it(task, tmp_path, cli, monkeypatch):
+    """--calibration's model-level figures decide a warning of their own: a merged model further from the adapted
+    one than the base is said in words with the ways out that fit; nearer, or equal (every code kept: the grid's
+    warning says it), is not."""
+    from lorakit.engine.report import model_worse
+    from lorakit.training import calibration
+
+    examples.write_quantized_llama(tmp_path / "q", "nf4", vocab=64, hidden=128, intermediate=256)
+    train(tmp_path / "q", task / "data.npy", tmp_path / "a.safetensors", steps=5)
+    args = ["merge", tmp_path / "q", tmp_path / "a.safetensors", "-o", tmp_path / "c", "--force"]
+    args += ["--calibration", task / "data.npy", "--json", "-q"]
+    code, out, err = cli(*args)
+    report = json.loads(out)
+    q = report["quantization"]
+    assert code == 0 and q["kl"] < q["kl_no_adapter"] and model_worse(q) is None
+    assert not any("further from the adapted model" in n for n in report["notes"])
+    assert model_worse({**q, "kl": q["kl_no_adapter"]}) is None
+    measured = calibration.estimate
+    monkeypatch.setattr(  # the figures of a merge that moved the model away (the engine's output stands as it is)
+        calibration, "estimate", lambda *a: {**measured(*a), "kl": 2 * measured(*a)["kl_no_adapter"]}
+    )
+    code, out, err = cli(*args)
+    report = json.loads(out)
+    warning = [n for n in report["notes"] if "further from the adapted model" in n]
+    q = report["quantization"]
+    assert code == 0 and len(warning) == 1, report["notes"]
+    assert f"KL {q['kl']:.3e} per token against {q['kl_no_adapter']:.3e} on 1024 held-out" in warning[0]
+    assert "--for vllm" in warning[0] and "--dtype bf16" in warning[0] and "an 8-bit base" in warning[0]
+    assert "--calibration DATA" not in warning[0]  # it was given
+
+
 def test_quantize_nf4_on_rows_that_are_not_whole_blocks(tmp_path):
     """A model whose MLP rows are 160 wide: --quantize nf4 keeps bitsandbytes' blocks of 64 across rows, each
     frozen layer is nf4_stored of its weight, and the loss falls as it does at 128-wide rows."""

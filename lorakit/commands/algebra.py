@@ -7,7 +7,7 @@ import torch
 from ..core import Adapter, algebra
 from ..errors import LorakitError
 from ..io.dtypes import user_dtype
-from ..methods import get_method
+from ..methods import USES_DENSITY, USES_SEED, get_method
 from ..progress import progress
 from ..io import check_output
 from ..options import CombineOptions, ResizeOptions, seed_in_range, takes_options
@@ -27,6 +27,15 @@ from .args import (
 WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
 
 
+def _used_by(name, value, default, method, methods):
+    """An option's value (`default` when not given), refused when given to a method that would ignore it."""
+    if value is not None and method not in methods:
+        raise LorakitError(
+            f"--{name} applies to {', '.join(methods)}, not to '{method}' (it would be ignored)"
+        )
+    return default if value is None else value
+
+
 def _parent(path, adapter, **extra):
     return {"file": os.path.basename(path), "format": adapter.source_format, **extra}
 
@@ -42,6 +51,8 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     rank_rule(rank=rank, energy=energy)
     in_range("density", density, 0, 1, low_open=True)
     seed_in_range(seed)
+    density = _used_by("density", density, 0.5, method, USES_DENSITY)
+    seed = _used_by("seed", seed, 0, method, USES_SEED)
     inputs = weighted_inputs(adapters)
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")
@@ -64,7 +75,13 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     result.provenance = {
         "operation": "combine",
         "parents": [_parent(p, ad, weight=w) for p, ad, w in loaded],
-        "params": {"method": method, "rank": rank, "energy": energy, "density": density, "seed": seed},
+        "params": {
+            "method": method,
+            "rank": rank,
+            "energy": energy,
+            "density": density if method in USES_DENSITY else None,
+            "seed": seed if method in USES_SEED else None,
+        },
     }
     notes = result.save(output, force=force)
     return {

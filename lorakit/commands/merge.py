@@ -44,9 +44,12 @@ def merge(base, adapters, output, options):
     report = merge_into(base, loaded, output, options, paths(inputs), calibration)
     report["notes"] = [f"{label}: {note}" for label, note in undone] + report["notes"]
     if calibration is not None:
+        from ..engine.report import model_worse
         from ..training.calibration import estimate
 
         report["quantization"] = {**estimate(calibration, output, base_path), **report["quantization"]}
+        warning = model_worse(report["quantization"])
+        report["notes"] += [warning] if warning else []
     return report
 
 

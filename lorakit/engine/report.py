@@ -163,21 +163,42 @@ def grid_cannot_hold(fmt, summary, calibrated):
     """The warning in words, with the ways out that fit this base; no strategy is recommended (this merge measured
     only the ones it tried)."""
     v = summary["verdict"]
+    kept = f"{v['kept_old_codes']} of {len(summary['modules'])} modules kept their old codes, "
+    return (
+        f"WARNING: the {fmt} grid cannot hold this adapter: the merged modules keep {100 * v['effect_kept']:.0f}% "
+        f"of its effect (output error on probes {v['output_error']:.2f} of the adapter's own; no adapter 1.00, "
+        f"the adapter at run time 0.00; {kept if v['kept_old_codes'] else ''}strategy {summary['strategy']}). "
+        "Ways out: " + ways_out(fmt, summary, calibrated)
+    )
+
+
+def ways_out(fmt, summary, calibrated):
+    """What a user can do instead of this quantized merge, the ways that fit this base joined in one phrase."""
     kinds = sorted({m.get("type") for m in summary["modules"] if m.get("type")})
     ways = [
-        f"serve the adapter at run time (lorakit convert ADAPTER -o OUT --for {'llama.cpp' if fmt == 'gguf' else 'vllm'})",
-        "a full-precision output (--dtype bf16)",
+        f"serve the adapter at run time (lorakit convert ADAPTER -o OUT --for {'llama.cpp' if fmt == 'gguf' else 'vllm'})"
     ]
+    if not summary["strategy"].startswith("dequantized"):
+        ways.append("a full-precision output (--dtype bf16)")
     if fmt == "gguf" and any(k not in ("Q8_0", "F16", "BF16", "F32") for k in kinds):
         ways.append("a finer type (a Q8_0 base)")
     elif fmt in ("gptq", "awq", "nf4", "mxfp4"):
         ways.append("a finer format (an 8-bit base: int8, fp8)")
     if not calibrated:
         ways.append("--calibration DATA (the layers' own inputs)")
-    kept = f"{v['kept_old_codes']} of {len(summary['modules'])} modules kept their old codes, "
+    return "; ".join(ways)
+
+
+def model_worse(summary):
+    """The warning when --calibration's model-level figures show the merged model further from the adapted one than
+    the base without the adapter (None otherwise): per-module choices cannot promise that, modules act together
+    (benchmarks/check_partial_merge.py: one module merged exactly, alone, can move the model away). Equal figures
+    are every code kept, which the grid's own warning says."""
+    if summary.get("kl") is None or summary["kl"] <= summary["kl_no_adapter"]:
+        return None
     return (
-        f"WARNING: the {fmt} grid cannot hold this adapter: the merged modules keep {100 * v['effect_kept']:.0f}% "
-        f"of its effect (output error on probes {v['output_error']:.2f} of the adapter's own; no adapter 1.00, "
-        f"the adapter at run time 0.00; {kept if v['kept_old_codes'] else ''}strategy {summary['strategy']}). "
-        "Ways out: " + "; ".join(ways)
+        f"WARNING: the merged model is further from the adapted model than the base without the adapter: KL "
+        f"{summary['kl']:.3e} per token against {summary['kl_no_adapter']:.3e} on {summary['kl_tokens']} held-out "
+        f"calibration tokens (strategy {summary['strategy']}): this merge makes the model worse than not merging. "
+        "Ways out: " + ways_out(summary["format"], summary, calibrated=True)
     )

@@ -29,6 +29,9 @@ METHODS = {
     "magnitude_prune": ("sparse", True, "trim each delta to --density by magnitude, sum; re-factorized"),
 }
 
+USES_DENSITY = tuple(n for n, row in METHODS.items() if row[0] == "sparse")  # what --density sets
+USES_SEED = ("dare_linear", "dare_ties")  # DARE's random drop: the only randomness
+
 
 def get_method(name, rank=None, energy=None):
     """The method's function, after checking that it takes the rank rule given."""
