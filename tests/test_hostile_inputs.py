@@ -421,6 +421,19 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
         (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
+        # what only a quantized base reads, given for a full-precision one, would be ignored
+        (
+            ["merge", "base", "a.safetensors", "-o", "o", "--strategy", "rescale"],
+            "--strategy rescale is for quantized bases: nothing is requantized here",
+        ),
+        (
+            ["merge", "base", "a.safetensors", "-o", "o", "--onto", "original"],
+            "--onto original is for quantized",
+        ),
+        (
+            ["merge", "base", "a.safetensors", "-o", "o", "--full-precision-base", "base"],
+            "--full-precision-base is for quantized bases",
+        ),
         (
             ["convert", "a.safetensors", "-o", "o.gguf", "--to", "gguf", "--base", "/nonexistent"],
             "--base: no such",
