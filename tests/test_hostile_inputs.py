@@ -421,18 +421,19 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
         (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
-        # what only a quantized base reads, given for a full-precision one, would be ignored
+        # an option that another option's absence (or presence) would leave unread
         (
-            ["merge", "base", "a.safetensors", "-o", "o", "--strategy", "rescale"],
-            "--strategy rescale is for quantized bases: nothing is requantized here",
+            ["validate", "a.safetensors", "--engine-version", "0.32"],
+            "--engine-version goes with --for ENGINE",
         ),
         (
-            ["merge", "base", "a.safetensors", "-o", "o", "--onto", "original"],
-            "--onto original is for quantized",
+            ["validate", "a.safetensors", "--quick", "--fail-fast"],
+            "--fail-fast stops the value scan, which --quick",
         ),
         (
-            ["merge", "base", "a.safetensors", "-o", "o", "--full-precision-base", "base"],
-            "--full-precision-base is for quantized bases",
+            ["merge", "base", "a.safetensors", "-o", "o", "--initial", "a.safetensors"],
+            "--initial undoes the initialisation of one adapter that changed its base (PiSSA, OLoRA, CorDA, "
+            "LoRA-GA); none given here did (nothing to undo)",
         ),
         (
             ["convert", "a.safetensors", "-o", "o.gguf", "--to", "gguf", "--base", "/nonexistent"],
@@ -984,3 +985,29 @@ def test_nf4_absmax_nan_never_reaches_the_output(tmp_path, cli):
         )
         assert_one_line_error(code, out, err, "NaN")
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_options_a_full_precision_base_does_not_read_are_said(w, cli):
+    """--strategy, --onto and --full-precision-base are read by quantized modules only: given for a full-precision
+    base the merge is the same, and the report says each was not used (a script may pass them to every base)."""
+    plain = lorakit.merge(w / "base", [w / "a.safetensors"], w / "m1", quiet=True)
+    code, out, err = cli(
+        "merge",
+        w / "base",
+        w / "a.safetensors",
+        "-o",
+        w / "m2",
+        "--strategy",
+        "rescale",
+        "--onto",
+        "original",
+        "--full-precision-base",
+        w / "single",
+        "--json",
+        "-q",
+    )
+    notes = json.loads(out)["notes"]
+    assert code == 0 and not any("was not used" in n for n in plain["notes"]), err
+    for name in ("--strategy rescale", "--onto original", "--full-precision-base"):
+        assert f"{name} was not used: the base has no quantized module" in notes
+    assert (w / "m1" / "model.safetensors").read_bytes() == (w / "m2" / "model.safetensors").read_bytes()

@@ -416,17 +416,19 @@ def test_dequantized_output(tmp_path, kind):
     )
     assert not any(n.startswith("l.q.") and n != "l.q.weight" for n in out.where)
     assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
-    with pytest.raises(
-        LorakitError, match="--strategy rescale writes quantized modules back in their format, and"
-    ):
-        lorakit.merge(  # the strategy would be ignored: refused
-            tmp_path / "q",
-            [str(tmp_path / "a.safetensors")],
-            tmp_path / "o2",
-            dtype="fp32",
-            strategy="rescale",
-        )
-    assert not (tmp_path / "o2").exists()
+    r = lorakit.merge(  # the strategy is not read: said
+        tmp_path / "q",
+        [str(tmp_path / "a.safetensors")],
+        tmp_path / "o2",
+        dtype="fp32",
+        strategy="rescale",
+        quiet=True,
+    )
+    assert (
+        "--strategy rescale was not used: --dtype writes every quantized module in full precision"
+        in r["notes"]
+    )
+    assert Checkpoint(tmp_path / "o2").get("l.q.weight").equal(out.get("l.q.weight"))
 
 
 def test_extract_from_a_quantized_base_is_refused_or_dequantized(tmp_path):

@@ -189,8 +189,13 @@ def undo_initial(loaded, initial, command):
         return loaded, []
     if len(moved) != 1:
         raise LorakitError(
-            f"{opt('initial')} undoes the initialisation of one adapter; {len(moved)} given here changed "
-            "their base (PiSSA, OLoRA, CorDA, LoRA-GA)",
+            f"{opt('initial')} undoes the initialisation of one adapter that changed its base (PiSSA, OLoRA, "
+            "CorDA, LoRA-GA); "
+            + (
+                "none given here did (nothing to undo)"
+                if not moved
+                else f"{len(moved)} given here did: {command} them one at a time"
+            ),
             path=initial,
         )
     label0, ad0 = as_adapter(initial)

@@ -38,7 +38,6 @@ def merge(base, adapters, output, options):
     )
     base = open_base(base)  # headers and configs parsed here, once, for every step below
     refuse_adapter_as_base(base)
-    _refuse_unused(base, options)
     loaded = load_inputs(inputs, base)  # names resolved against the base (kohya's are lossy)
     loaded, undone = undo_initial(loaded, options.initial, "merge")
     calibration = _calibrate(base, loaded, options)
@@ -52,19 +51,6 @@ def merge(base, adapters, output, options):
         warning = model_worse(report["quantization"])
         report["notes"] += [warning] if warning else []
     return report
-
-
-def _refuse_unused(base, options):
-    """The options only a quantized base reads, refused on a full-precision one (they would be ignored)."""
-    if base.quantized:
-        return
-    for given, name in (
-        (options.strategy != "auto", f"--strategy {options.strategy}"),
-        (options.onto != "dequantized", f"--onto {options.onto}"),
-        (options.full_precision_base is not None, "--full-precision-base"),
-    ):
-        if given:
-            raise LorakitError(f"{name} is for quantized bases: nothing is requantized here", path=base.path)
 
 
 def _calibrate(base, loaded, options):

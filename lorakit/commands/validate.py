@@ -31,6 +31,10 @@ def validate(
     """
     if isinstance(files, (str, os.PathLike)):
         files = [files]
+    if engine_version is not None and for_engine is None:
+        raise LorakitError("--engine-version goes with --for ENGINE (it picks that engine's rules)")
+    if fail_fast and quick:
+        raise LorakitError("--fail-fast stops the value scan, which --quick skips: give one of them")
     opened = _open_base(base, quiet)
     if for_engine is not None:
         return _validate_for(files, for_engine, engine_version, opened)

@@ -40,12 +40,6 @@ def merge_into(base, loaded, output, options, input_paths=(), calibration=None):
         )
     full = base.full_precision(options.full_precision_base) if options.full_precision_base else None
     job = pipeline.MergeJob(base, plan, options, full, calibration.factors if calibration else None)
-    if job.dequantize_out and options.strategy != "auto":
-        raise LorakitError(
-            f"--strategy {options.strategy} writes quantized modules back in their format, and --dtype "
-            f"{options.dtype} writes every one in full precision: give one of them",
-            path=base.path,
-        )
     if job.requantizes and "original" in (options.strategy, options.onto) and full is None:
         raise LorakitError(
             "--strategy original and --onto original need --full-precision-base", path=base.path

@@ -11,6 +11,7 @@ from ..quant.requant import weighted
 
 def merge_notes(base, loaded, plan, job, options):
     notes = embedding_notes(base, plan) + base_notes(base, loaded) + base.notes(plan.tensors, job, options)
+    notes += unread_options(job, options)
     empty = [
         path for path, ad, _ in loaded if not (ad.modules or ad.replacements or ad.deltas or ad.transforms)
     ]
@@ -99,6 +100,23 @@ def embedding_notes(base, plan):
             "to have tied embeddings untied and the head written)"
         ]
     return []
+
+
+def unread_options(job, options):
+    """Notes for the options only quantized modules read, given where none is (said, not refused: a script may pass
+    one strategy to every base it merges)."""
+    quantized = bool(job.view.quantized)
+    unread = [
+        (options.strategy != "auto" and not job.requantizes, f"--strategy {options.strategy}"),
+        (options.onto != "dequantized" and not quantized, f"--onto {options.onto}"),
+        (options.full_precision_base is not None and not quantized, "--full-precision-base"),
+    ]
+    why = (
+        "--dtype writes every quantized module in full precision"
+        if quantized
+        else "the base has no quantized module"
+    )
+    return [f"{name} was not used: {why}" for given, name in unread if given]
 
 
 def strategy_label(strategy, rows):
