@@ -243,26 +243,33 @@ def test_combine_refuses_dora_and_bad_options(tmp_path, cli):
     )
     assert_one_line_error(c, out, err, "cat is exact")
     assert "o.st" not in listdir_all(tmp_path)
-    # an option the method ignores is refused (its default could not be told from a value the user gave)
+    # an option the method does not read is said (its default could not be told from a value the user gave)
     d = tmp_path / "p.safetensors"
     make(d, [Module("m", rnd(2, 4), rnd(4, 2), alpha=2.0)])
-    for method, option, value, users in [
+    plain = lorakit.combine([str(d), str(d)], tmp_path / "plain.st", method="linear", quiet=True)
+    for method, option, value, readers in [
         ("linear", "--density", "0.3", "ties, dare_linear, dare_ties, magnitude_prune"),
         ("svd", "--density", "1", "ties, dare_linear, dare_ties, magnitude_prune"),
         ("ties", "--seed", "3", "dare_linear, dare_ties"),
         ("cat", "--seed", "0", "dare_linear, dare_ties"),
     ]:
-        c, out, err = cli("combine", d, d, "-o", tmp_path / "o.st", "--method", method, option, value)
-        assert_one_line_error(c, out, err, f"{option} applies to {users}, not to '{method}'")
-    assert "o.st" not in listdir_all(tmp_path)
+        out = tmp_path / f"{method}.st"
+        c, text, err = cli("combine", d, d, "-o", out, "--method", method, option, value, "--json", "-q")
+        note = f"{option} was not used: {method} does not read it ({readers} do)"
+        assert c == 0 and note in json.loads(text)["notes"], err
+        assert not any("was not used" in n for n in plain["notes"])
+    assert (tmp_path / "linear.st").read_bytes() != b"" and torch.equal(
+        lorakit.load(tmp_path / "linear.st").modules["m"].delta(),
+        lorakit.load(tmp_path / "plain.st").modules["m"].delta(),
+    )
     c, out, err = cli(
         "combine", d, d, "-o", tmp_path / "o.st", "--method", "dare_ties", "--seed", "3", "--json"
     )
     params = lorakit.load(tmp_path / "o.st").provenance["params"]
     assert c == 0 and params["seed"] == 3 and params["density"] == 0.5, err
-    cli("combine", d, d, "-o", tmp_path / "o.st", "--force")
-    params = lorakit.load(tmp_path / "o.st").provenance["params"]
-    assert params["density"] is None and params["seed"] is None  # linear uses neither
+    assert (
+        lorakit.load(tmp_path / "linear.st").provenance["params"]["density"] is None
+    )  # linear reads neither
 
 
 @pytest.mark.parametrize("dtype", [torch.float32])

@@ -27,13 +27,15 @@ from .args import (
 WIDTH = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 1}
 
 
-def _used_by(name, value, default, method, methods):
-    """An option's value (`default` when not given), refused when given to a method that would ignore it."""
-    if value is not None and method not in methods:
-        raise LorakitError(
-            f"--{name} applies to {', '.join(methods)}, not to '{method}' (it would be ignored)"
-        )
-    return default if value is None else value
+def _unread(method, **given):
+    """Notes for the options given that `method` does not read (said, not refused: a script may pass them to every
+    method it tries)."""
+    readers = {"density": USES_DENSITY, "seed": USES_SEED}
+    return [
+        f"--{name} was not used: {method} does not read it ({', '.join(readers[name])} do)"
+        for name, value in given.items()
+        if value is not None and method not in readers[name]
+    ]
 
 
 def _parent(path, adapter, **extra):
@@ -51,8 +53,8 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     rank_rule(rank=rank, energy=energy)
     in_range("density", density, 0, 1, low_open=True)
     seed_in_range(seed)
-    density = _used_by("density", density, 0.5, method, USES_DENSITY)
-    seed = _used_by("seed", seed, 0, method, USES_SEED)
+    unread = _unread(method, density=density, seed=seed)
+    density, seed = 0.5 if density is None else density, 0 if seed is None else seed
     inputs = weighted_inputs(adapters)
     if len(inputs) < 1:
         raise LorakitError("give at least one adapter")
@@ -83,7 +85,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
             "seed": seed if method in USES_SEED else None,
         },
     }
-    notes = result.save(output, force=force)
+    notes = unread + result.save(output, force=force)
     return {
         "output": os.fspath(output),
         "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
