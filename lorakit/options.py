@@ -185,7 +185,9 @@ class TrainOptions:
         for name in ("eval_every", "warmup"):
             in_range(name, getattr(self, name), 0, integer=True)
         if self.warmup is not None and self.warmup > self.steps:  # the schedule would never reach --lr
-            raise LorakitError(f"--warmup must be <= --steps ({self.steps}), got {self.warmup}")
+            raise LorakitError(
+                f"{opt('warmup', bare=True)} must be <= {opt('steps', bare=True)} ({self.steps}), got {self.warmup}"
+            )
         seed_in_range(self.seed)
         in_range("alpha", self.alpha, 0, low_open=True)
         in_range("lr", self.lr, 0, low_open=True)

@@ -5,7 +5,7 @@ import os
 import torch
 
 from ..core import Adapter, algebra
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..io.dtypes import user_dtype
 from ..methods import USES_DENSITY, USES_SEED, get_method
 from ..progress import progress
@@ -32,7 +32,7 @@ def _unread(method, **given):
     method it tries)."""
     readers = {"density": USES_DENSITY, "seed": USES_SEED}
     return [
-        f"--{name} was not used: {method} does not read it ({', '.join(readers[name])} do)"
+        f"{opt(name, bare=True)} was not used: {method} does not read it ({', '.join(readers[name])} do)"
         for name, value in given.items()
         if value is not None and method not in readers[name]
     ]

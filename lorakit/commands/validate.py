@@ -4,7 +4,7 @@ import os
 import shlex
 
 from .. import spec
-from ..errors import LorakitError
+from ..errors import LorakitError, opt
 from ..formats import foreign_container, is_model
 from ..io.hub import local
 
@@ -32,9 +32,13 @@ def validate(
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if engine_version is not None and for_engine is None:
-        raise LorakitError("--engine-version goes with --for ENGINE (it picks that engine's rules)")
+        raise LorakitError(
+            f"{opt('engine_version', bare=True)} goes with --for ENGINE (it picks that engine's rules)"
+        )
     if fail_fast and quick:
-        raise LorakitError("--fail-fast stops the value scan, which --quick skips: give one of them")
+        raise LorakitError(
+            f"{opt('fail_fast', bare=True)} stops the value scan, which {opt('quick', bare=True)} skips: give one of them"
+        )
     opened = _open_base(base, quiet)
     if for_engine is not None:
         return _validate_for(files, for_engine, engine_version, opened)

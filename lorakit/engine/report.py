@@ -4,7 +4,7 @@ tensors, the container's own notes, and the survival of each requantized module.
 import os
 import re
 
-from ..errors import listed
+from ..errors import listed, opt
 from ..naming.embeddings import HEAD, is_embedding
 from ..quant.requant import weighted
 
@@ -107,9 +107,12 @@ def unread_options(job, options):
     one strategy to every base it merges)."""
     quantized = bool(job.view.quantized)
     unread = [
-        (options.strategy != "auto" and not job.requantizes, f"--strategy {options.strategy}"),
-        (options.onto != "dequantized" and not quantized, f"--onto {options.onto}"),
-        (options.full_precision_base is not None and not quantized, "--full-precision-base"),
+        (
+            options.strategy != "auto" and not job.requantizes,
+            f"{opt('strategy', bare=True)} {options.strategy}",
+        ),
+        (options.onto != "dequantized" and not quantized, f"{opt('onto', bare=True)} {options.onto}"),
+        (options.full_precision_base is not None and not quantized, opt("full_precision_base", bare=True)),
     ]
     why = (
         "--dtype writes every quantized module in full precision"
