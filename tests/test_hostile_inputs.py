@@ -604,6 +604,20 @@ def test_malformed_headers_are_one_line_errors(tmp_path, cli, header, fragment):
         ('{"r": 4, "lora_alpha": 8}', "lora_A has rank 2 but adapter_config.json gives this module r = 4"),
         ('{"r": 2, "lora_alpha": 8, "rank_pattern": {"q_proj": 8}}', "gives this module r = 8"),
         ('{"r": 2, "lora_alpha": 8, "use_dora": true}', "use_dora but the file has no lora_magnitude_vector"),
+        (
+            '{"r": 2, "lora_alpha": 8, "target_modules": 5}',
+            "'target_modules' must be a string or a list of strings",
+        ),
+        ('{"r": 2, "lora_alpha": 8, "target_modules": "(a+)+b"}', "'target_modules' '(a+)+b' has a nested"),
+        (
+            '{"r": 2, "lora_alpha": 8, "exclude_modules": "q_proj["}',
+            "'exclude_modules' 'q_proj[' is not a regular",
+        ),
+        (
+            '{"r": 2, "lora_alpha": 8, "layers_to_transform": ["1"]}',
+            "'layers_to_transform' must be a layer index",
+        ),
+        ('{"r": 2, "lora_alpha": 8, "layers_pattern": ["(x+)+y"]}', "'layers_pattern' '(x+)+y' has a nested"),
     ],
 )
 def test_malformed_peft_configs_are_one_line_errors(tmp_path, cli, config, fragment):

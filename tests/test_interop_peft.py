@@ -253,3 +253,41 @@ def test_configs_peft_cannot_load_as_written_are_refused(tmp_path, cli, edit):
         fragment = "use_dora but the file has no lora_magnitude_vector"
     code, out, err = cli("convert", tmp_path / "a", "--to", "lorakit", "-o", tmp_path / "o.safetensors")
     assert code == 2 and fragment in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "targeting",
+    [
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [1]},
+        {
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "layers_to_transform": 0,
+            "layers_pattern": "layers",
+        },
+        {"target_modules": ["q_proj", "v_proj", "down_proj"], "exclude_modules": ["v_proj"]},
+        {"target_modules": r".*\.(q|v|down)_proj", "exclude_modules": r"model\.layers\.0\..*"},
+        {"target_modules": ["model.layers.0.self_attn.q_proj", "down_proj"]},
+    ],
+)
+def test_modules_the_config_does_not_target_are_the_ones_peft_leaves_out(tmp_path, targeting):
+    """An adapter_config.json whose targeting leaves out modules the file holds (edited, or saved beside other
+    weights): lorakit names exactly the modules the real PEFT does not inject, so does not load, and warns."""
+    config = transformers.LlamaConfig(**LLAMA)
+    model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(config),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    model.save_pretrained(tmp_path / "a")
+    assert not any("does not target" in n for n in lorakit.load(tmp_path / "a").notes)  # as PEFT saved it
+    path = tmp_path / "a" / "adapter_config.json"
+    json.dump({**json.load(open(path)), **targeting}, open(path, "w"))
+    held = {
+        n.removesuffix(".lora_A") for n, _ in model.base_model.model.named_modules() if n.endswith(".lora_A")
+    }
+    reloaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(config), tmp_path / "a")
+    injected = {n for n, m in reloaded.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    left_out = sorted(held - injected)
+    notes = [n for n in lorakit.load(tmp_path / "a").notes if "does not target" in n]
+    assert left_out and len(notes) == 1 and f"does not target {len(left_out)} module(s)" in notes[0]
+    assert notes[0].endswith(": " + ", ".join(left_out))

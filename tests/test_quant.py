@@ -425,8 +425,7 @@ def test_dequantized_output(tmp_path, kind):
         quiet=True,
     )
     assert (
-        "strategy rescale was not used: --dtype writes every quantized module in full precision"
-        in r["notes"]
+        "strategy rescale was not used: --dtype writes every quantized module in full precision" in r["notes"]
     )
     assert Checkpoint(tmp_path / "o2").get("l.q.weight").equal(out.get("l.q.weight"))
 

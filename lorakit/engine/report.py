@@ -63,6 +63,7 @@ def base_notes(base, loaded):
         if ad.base_model and _short(ad.base_model) != _short(base.name):
             notes.append(f"{label} records the base '{ad.base_model}'; merging into '{base.name}'")
         notes += codes_notes(label, ad, base)
+        notes += [f"{label}: {n}" for n in ad.notes if n.startswith("WARNING")]  # what reading it found
     return notes
 
 

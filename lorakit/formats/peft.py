@@ -19,7 +19,14 @@ from ..errors import LorakitError, opt
 from ..io import atomic_output, write_safetensors
 from ..io import read_config
 from . import peft_experts
-from .peft_config import CONFIG, base_change, check_config, initialisation_note, pattern_value
+from .peft_config import (
+    CONFIG,
+    base_change,
+    check_config,
+    initialisation_note,
+    pattern_value,
+    untargeted_note,
+)
 from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
 WEIGHTS, WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"
@@ -102,7 +109,7 @@ def from_state_dict(tensors, config, path, alpha=None, base=None, allow_unknown=
         provenance={"source_format": source_format, "source_config": config},
         moved_base=base_change(config),
     )
-    notes += [n for n in [initialisation_note(config)] if n]
+    notes += [n for n in [initialisation_note(config), untargeted_note(config, parts)] if n]
     if base is not None and base.model_type:
         # what writing fused-expert LoRAs back as PEFT needs (their orientation), kept in the adapter's provenance
         ad.provenance["base_model_type"] = base.model_type

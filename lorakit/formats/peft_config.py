@@ -13,7 +13,7 @@ as PiSSA does (lora_ga_init subtracts scale * B0 A0) and PEFT converts it the sa
 
 import re
 
-from ..errors import LorakitError
+from ..errors import LorakitError, listed
 
 CONFIG = "adapter_config.json"
 
@@ -67,20 +67,103 @@ def check_config(config, path):
             raise LorakitError(f"'{key}' must be an object of pattern -> number", path=path)
         for pattern, value in patterns.items():
             number(f"{key}[{pattern!r}]", value)
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LorakitError(
-                    f"'{key}' key {pattern!r} is not a regular expression ({e})", path=path
-                ) from None
-            if NESTED_QUANTIFIER.search(pattern) or len(pattern) > 1000:
-                raise LorakitError(
-                    f"'{key}' key {pattern!r} has a nested quantifier (exponential matching time): refused",
-                    path=path,
-                )
+            _regex(f"'{key}' key", pattern, path)
     to_save = config.get("modules_to_save")
     if to_save is not None and not (isinstance(to_save, list) and all(isinstance(s, str) for s in to_save)):
         raise LorakitError("'modules_to_save' must be a list of module names", path=path)
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(key)
+        if value is not None and not _names(value):
+            raise LorakitError(f"'{key}' must be a string or a list of strings, got {value!r}", path=path)
+    # what PEFT matches as regular expressions: a string of these, every layers_pattern and modules_to_save
+    for key in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+        value = config.get(key)
+        many = key in ("layers_pattern", "modules_to_save") and isinstance(value, list)
+        for pattern in value if many else [value] if isinstance(value, str) else []:
+            _regex(f"'{key}'", pattern, path)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (_index(layers) or isinstance(layers, list) and all(map(_index, layers))):
+        raise LorakitError(
+            f"'layers_to_transform' must be a layer index or a list of them, got {layers!r}", path=path
+        )
+
+
+def _regex(what, pattern, path):
+    """Refuse a pattern that is no regular expression, or one whose matching time can explode."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise LorakitError(f"{what} {pattern!r} is not a regular expression ({e})", path=path) from None
+    if NESTED_QUANTIFIER.search(pattern) or len(pattern) > 1000:
+        raise LorakitError(
+            f"{what} {pattern!r} has a nested quantifier (exponential matching time): refused", path=path
+        )
+
+
+def untargeted_note(config, names):
+    """A warning naming the modules PEFT would leave out by the config's targeting (None where it takes them all)."""
+    missed = untargeted(config, names)
+    if not missed:
+        return None
+    return (
+        f"WARNING: adapter_config.json does not target {len(missed)} module(s) the file holds (its target_modules, "
+        f"exclude_modules, modules_to_save or layers_to_transform): PEFT would not load them, lorakit reads them as "
+        f"the file holds them: {listed(missed)}"
+    )
+
+
+def _names(value):
+    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _index(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def untargeted(config, names):
+    """The modules of `names` that PEFT would not inject with this config, so not load from the file (as
+    peft.tuners.tuners_utils.check_target_module_exists decides: exclude_modules, modules_to_save, target_modules,
+    layers_to_transform with layers_pattern). Empty where the targeting depends on the model: no target_modules (the
+    model type's defaults) or "all-linear"."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear" or not _names(targets):
+        return []
+    return [name for name in names if not _targeted(config, targets, name)]
+
+
+def _targeted(config, targets, key):
+    excluded = config.get("exclude_modules")
+    if excluded and (
+        re.fullmatch(excluded, key)
+        if isinstance(excluded, str)
+        else key in excluded or any(key.endswith(f".{e}") for e in excluded)
+    ):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.get("modules_to_save") or []):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = config.get("layers_to_transform")
+    if not found or layers is None or layers == []:
+        return found
+    pattern = config.get("layers_pattern")
+    if not pattern:  # the first numbered segment (a MoE's expert index comes after the layer's)
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = next(
+            (
+                m
+                for p in ([pattern] if isinstance(pattern, str) else pattern)
+                if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))
+            ),
+            None,
+        )
+    if match is None:
+        return False
+    return int(match["idx"]) == layers if isinstance(layers, int) else int(match["idx"]) in layers
 
 
 def initialisation(config):
