@@ -1025,3 +1025,21 @@ def test_options_a_full_precision_base_does_not_read_are_said(w, cli):
     for name in ("--strategy rescale", "--onto original", "--full-precision-base"):
         assert f"{name} was not used: the base has no quantized module" in notes
     assert (w / "m1" / "model.safetensors").read_bytes() == (w / "m2" / "model.safetensors").read_bytes()
+
+
+def test_broken_gguf_files_say_what_is_wrong_with_them(w, cli):
+    """A file named .gguf that is empty or has another magic is 'not a GGUF file', not a safetensors defect; a
+    truncated GGUF adapter names the tensor that runs past the end, not 'a GGUF model'."""
+    lorakit.convert(w / "a.safetensors", w / "g.gguf", for_engine="llama.cpp", base=w / "base")
+    raw = (w / "g.gguf").read_bytes()
+    cases = {
+        "empty.gguf": (b"", "not a GGUF file: it starts with b'', not b'GGUF'"),
+        "magic.gguf": (b"GGUX" + raw[4:], "not a GGUF file: it starts with b'GGUX', not b'GGUF'"),
+        "cut.gguf": (raw[: len(raw) // 2], "is misaligned or runs past the end of the file"),
+    }
+    for name, (data, message) in cases.items():
+        (w / name).write_bytes(data)
+        assert_one_line_error(*cli("inspect", w / name), name, message)
+        code, out, err = cli("validate", w / name)
+        assert code == 1 and message in out and "safetensors" not in out and "GGUF model" not in out, out
+    assert "tensor 'blk." in cli("validate", w / "cut.gguf")[1]

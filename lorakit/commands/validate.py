@@ -5,7 +5,7 @@ import shlex
 
 from .. import spec
 from ..errors import LorakitError, opt
-from ..formats import foreign_container, is_model
+from ..formats import foreign_container, is_model, named_other_container
 from ..io.hub import local
 
 
@@ -146,8 +146,8 @@ def _other_format(path):
         return spec.Problem(*foreign)
     try:
         fmt = detect_format(path)
-    except LorakitError as e:
-        return spec.Problem("LK101", e.message) if is_model(path) else None
+    except LorakitError as e:  # a model, or a broken file named for another container: no safetensors checks
+        return spec.Problem("LK101", e.message) if is_model(path) or named_other_container(path) else None
     return None if fmt.name == "lorakit" else fmt
 
 

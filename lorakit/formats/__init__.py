@@ -106,6 +106,14 @@ def detect_format(path, header=None):
     if probe.is_file and probe.header is None:
         from ..io import read_header
 
+        if named_other_container(path):  # yet no GGUF detector took it: say so, not safetensors' defects
+            with open(path, "rb") as f:
+                start = f.read(4)
+            raise LorakitError(
+                f"not a GGUF file: it starts with {start!r}, not b'GGUF' (empty, truncated or another kind of "
+                "file)",
+                path=path,
+            )
         read_header(path)  # a broken safetensors file: raise its precise defect rather than "not recognized"
     if _is_model(probe):
         raise LorakitError(
@@ -114,6 +122,12 @@ def detect_format(path, header=None):
             path=path,
         )
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
+
+
+def named_other_container(path):
+    """Whether a file is named for a container other than safetensors (GGUF), so that safetensors' checks say
+    nothing useful when it is broken."""
+    return os.fspath(path).lower().endswith(".gguf")
 
 
 def is_model(path):
@@ -156,8 +170,8 @@ def foreign_container(path):
         return None
     try:
         kind = GGUFHeader(path).kv.get("general.type")
-    except LorakitError:
-        kind = None
+    except LorakitError as e:  # truncated or corrupt: its defect, not a guess at what it is
+        return "LK101", (f"tensor '{e.tensor}': " if e.tensor else "") + e.message
     if kind == "adapter":
         return "LK105", None
     return "LK101", "this is a GGUF model (llama.cpp), not an adapter file"
