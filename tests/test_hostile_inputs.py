@@ -1043,3 +1043,17 @@ def test_broken_gguf_files_say_what_is_wrong_with_them(w, cli):
         code, out, err = cli("validate", w / name)
         assert code == 1 and message in out and "safetensors" not in out and "GGUF model" not in out, out
     assert "tensor 'blk." in cli("validate", w / "cut.gguf")[1]
+
+
+def test_extract_refuses_an_adapter_for_either_checkpoint(w, cli):
+    """extract compares two model checkpoints: an adapter in either place is said in one line (it read as 'nothing
+    to extract', every tensor 'only in the tuned checkpoint')."""
+    for argv, role in [(["base", "a.safetensors"], "TUNED"), (["a.safetensors", "base"], "BASE")]:
+        code, out, err = cli("extract", *(w / a for a in argv), "-o", w / "x.safetensors", "--rank", "2")
+        assert_one_line_error(
+            code,
+            out,
+            err,
+            f"{role} is a lorakit adapter, not a model: extract compares two model checkpoints",
+        )
+        assert not (w / "x.safetensors").exists()

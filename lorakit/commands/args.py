@@ -250,13 +250,15 @@ def _moved(m, m0):
     return float((num / den).sqrt()) if den > 0 else float(num > 0)
 
 
-def refuse_adapter_as_base(base, usage="lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT"):
+def refuse_adapter_as_base(
+    base,
+    usage="lorakit merge BASE ADAPTER[:WEIGHT]... -o OUT",
+    role="BASE",
+    hint="did you swap BASE and ADAPTER?",
+):
     """An opened base that is an adapter (BASE and ADAPTER swapped) refused in one line, with the command's usage."""
     from ..formats import adapter_format
 
     fmt = adapter_format(base)
     if fmt is not None:
-        raise LorakitError(
-            f"BASE is a {fmt.name} adapter, not a model: did you swap BASE and ADAPTER? ({usage})",
-            path=base.path,
-        )
+        raise LorakitError(f"{role} is a {fmt.name} adapter, not a model: {hint} ({usage})", path=base.path)

@@ -14,7 +14,9 @@ from ..options import ExtractOptions, seed_in_range, takes_options
 from ..progress import progress
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
-from .args import local, rank_rule
+from .args import local, rank_rule, refuse_adapter_as_base
+
+USAGE = "lorakit extract BASE TUNED -o OUT"  # in refusals
 
 
 # what extract says of a tensor it does not turn into a module (besides the count of unchanged ones)
@@ -100,6 +102,16 @@ def _check_options(rank, energy, seed):
     seed_in_range(seed)
 
 
+def _opened(base, tuned):
+    """The two checkpoints opened; an adapter given for either refused (there is nothing to extract from it)."""
+    opened = open_base(base), open_base(tuned)
+    for role, ckpt in zip(("BASE", "TUNED"), opened):
+        refuse_adapter_as_base(
+            ckpt, USAGE, role, "extract compares two model checkpoints (merge an adapter first)"
+        )
+    return opened
+
+
 @takes_options(ExtractOptions, unpack=True)
 def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, quiet):
     """Extract a LoRA from tuned - base. Every tensor is reported: extracted, unchanged, replaced (changed 1-D
@@ -108,8 +120,8 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
     base, tuned = local(base, "base", quiet), local(tuned, "base", quiet)
     check_output(output, [base, tuned], force, directory=False)
     targets = target_list(targets)
-    base_ckpt = open_base(base)
-    cb, ct = base_ckpt.view, open_base(tuned).view  # quantized checkpoints are read dequantized
+    base_ckpt, tuned_ckpt = _opened(base, tuned)
+    cb, ct = base_ckpt.view, tuned_ckpt.view  # quantized checkpoints are read dequantized
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     adapter = Adapter(
         base_model=base_ckpt.name,
