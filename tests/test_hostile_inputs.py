@@ -421,6 +421,18 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
         (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
+        (
+            ["convert", "a.safetensors", "-o", "", "--to", "kohya"],
+            "the output path is empty: give one (-o OUT)",
+        ),
+        (
+            ["convert", "a.safetensors", "-o", "o.gguf", "--to", "kohya"],
+            "the name says GGUF, but the kohya format is safetensors",
+        ),
+        (
+            ["combine", "a.safetensors", "a.safetensors", "-o", "o.gguf"],
+            "the name says GGUF, but the lorakit format",
+        ),
         # an option that another option's absence (or presence) would leave unread
         (
             ["validate", "a.safetensors", "--engine-version", "0.32"],

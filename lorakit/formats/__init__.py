@@ -233,6 +233,12 @@ def save(adapter, path, format="lorakit", force=False, **options):
     if fmt.write is None:
         writable = ", ".join(n for n in FORMATS if get_format(n).write)
         raise LorakitError(f"format '{fmt.name}' cannot be written (writable: {writable})")
+    if named_other_container(path) and fmt.name != "gguf":  # every reader would take it for a broken GGUF
+        raise LorakitError(
+            f"the name says GGUF, but the {fmt.name} format is safetensors: name it otherwise, or write a GGUF "
+            "adapter (--to gguf, --for llama.cpp)",
+            path=path,
+        )
     check_options(fmt, "writer", fmt.write, options, path)
     options = _opened_base(options)
     from ..spec import check_adapter, raise_first

@@ -34,6 +34,8 @@ def _inside(child, parent):
 def check_output(output, inputs=(), force=False, directory=None):
     """Refuse an OUT that would lose data, before anything is computed. `directory`: True when the command writes a
     folder, False for a file, None when unknown yet."""
+    if not os.fspath(output).strip():
+        raise LorakitError("the output path is empty: give one (-o OUT)")
     out, flag = _real(output), opt("force", True)
     for given in inputs:
         if given is None:
