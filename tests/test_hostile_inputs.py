@@ -1069,3 +1069,19 @@ def test_extract_refuses_an_adapter_for_either_checkpoint(w, cli):
             f"{role} is a lorakit adapter, not a model: extract compares two model checkpoints",
         )
         assert not (w / "x.safetensors").exists()
+
+
+def test_merge_says_a_weight_of_zero_and_an_adapter_given_twice(w):
+    """Both are legal (the merge is what was asked) and often a slip: the report says so."""
+    zero = lorakit.merge(w / "base", [f"{w / 'a.safetensors'}:0"], w / "m0", quiet=True)
+    assert f"{w / 'a.safetensors'} has weight 0: it changes nothing" in zero["notes"]
+    assert (w / "m0" / "model.safetensors").read_bytes() == (w / "base" / "model.safetensors").read_bytes()
+    twice = lorakit.merge(
+        w / "base", [w / "a.safetensors", f"{w / 'a.safetensors'}:0.5"], w / "m2", quiet=True
+    )
+    assert (
+        f"{w / 'a.safetensors'} is given 2 times: its delta is added once for each, with its weight"
+        in twice["notes"]
+    )
+    once = lorakit.merge(w / "base", [w / "a.safetensors"], w / "m1", quiet=True)
+    assert not any("weight 0" in n or "times" in n for n in once["notes"])
