@@ -480,3 +480,13 @@ def test_extract_says_what_became_of_the_tensors_that_differ(tiny_base, tmp_path
     c, out, err = cli("extract", folder, tuned, "-o", tmp_path / "x.safetensors", "--rank", "2")
     assert_one_line_error(c, out, err, "tuned", fragment.format(k=key))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_combine_says_a_weight_of_zero_and_an_adapter_given_twice(tmp_path):
+    make(tmp_path / "a.safetensors", [Module("m", rnd(2, 4), rnd(4, 2), alpha=2.0)])
+    a = str(tmp_path / "a.safetensors")
+    r = lorakit.combine([a, f"{a}:0"], tmp_path / "c.safetensors", quiet=True)
+    assert f"{a} has weight 0: it changes nothing" in r["notes"]
+    assert f"{a} is given 2 times: its delta is added once for each, with its weight" in r["notes"]
+    alone = lorakit.combine([a], tmp_path / "d.safetensors", quiet=True)
+    assert not any("weight 0" in n or "times" in n for n in alone["notes"])

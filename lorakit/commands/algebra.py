@@ -21,6 +21,7 @@ from .args import (
     paths,
     rank_rule,
     same_base,
+    weight_notes,
     weighted_inputs,
 )
 
@@ -85,7 +86,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
             "seed": seed if method in USES_SEED else None,
         },
     }
-    notes = unread + result.save(output, force=force)
+    notes = unread + weight_notes(loaded) + result.save(output, force=force)
     return {
         "output": os.fspath(output),
         "adapters": [{"file": p, "weight": w} for p, _, w in loaded],

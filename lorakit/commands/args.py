@@ -262,3 +262,15 @@ def refuse_adapter_as_base(
     fmt = adapter_format(base)
     if fmt is not None:
         raise LorakitError(f"{role} is a {fmt.name} adapter, not a model: {hint} ({usage})", path=base.path)
+
+
+def weight_notes(loaded):
+    """An adapter given with weight 0 (it changes nothing), or the same file given twice (its delta added twice)."""
+    notes = [f"{label} has weight 0: it changes nothing" for label, _, w in loaded if w == 0]
+    labels = [label for label, _, _ in loaded]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    notes += [
+        f"{label} is given {labels.count(label)} times: its delta is added once for each, with its weight"
+        for label in twice
+    ]
+    return notes

@@ -13,6 +13,7 @@ from .args import (
     paths,
     refuse_adapter_as_base,
     undo_initial,
+    weight_notes,
     weighted_inputs,
 )
 
@@ -42,7 +43,7 @@ def merge(base, adapters, output, options):
     loaded, undone = undo_initial(loaded, options.initial, "merge")
     calibration = _calibrate(base, loaded, options)
     report = merge_into(base, loaded, output, options, paths(inputs), calibration)
-    report["notes"] = [f"{label}: {note}" for label, note in undone] + report["notes"]
+    report["notes"] = [f"{label}: {note}" for label, note in undone] + report["notes"] + weight_notes(loaded)
     if calibration is not None:
         from ..engine.report import model_worse
         from ..training.calibration import estimate

@@ -11,7 +11,7 @@ from ..quant.requant import weighted
 
 def merge_notes(base, loaded, plan, job, options):
     notes = embedding_notes(base, plan) + base_notes(base, loaded) + base.notes(plan.tensors, job, options)
-    notes += unread_options(job, options) + weight_notes(loaded)
+    notes += unread_options(job, options)
     empty = [
         path for path, ad, _ in loaded if not (ad.modules or ad.replacements or ad.deltas or ad.transforms)
     ]
@@ -101,18 +101,6 @@ def embedding_notes(base, plan):
             "to have tied embeddings untied and the head written)"
         ]
     return []
-
-
-def weight_notes(loaded):
-    """An adapter given with weight 0 (it changes nothing), or the same file given twice (its delta added twice)."""
-    notes = [f"{label} has weight 0: it changes nothing" for label, _, w in loaded if w == 0]
-    labels = [label for label, _, _ in loaded]
-    twice = sorted({label for label in labels if labels.count(label) > 1})
-    notes += [
-        f"{label} is given {labels.count(label)} times: its delta is added once for each, with its weight"
-        for label in twice
-    ]
-    return notes
 
 
 def unread_options(job, options):
