@@ -265,7 +265,8 @@ def refuse_adapter_as_base(
 
 
 def weight_notes(loaded):
-    """An adapter given with weight 0 (it changes nothing), or the same file given twice (its delta added twice)."""
+    """Notes for an adapter given with weight 0 (it changes nothing) and a file given more than once (its delta added
+    once for each)."""
     notes = [f"{label} has weight 0: it changes nothing" for label, _, w in loaded if w == 0]
     labels = [label for label, _, _ in loaded]
     twice = sorted({label for label in labels if labels.count(label) > 1})
