@@ -621,3 +621,25 @@ def test_a_delta_beyond_what_the_type_can_hold_is_dropped_with_a_warning(tmp_pat
     assert rows["blk.0.ffn_down"] == "keep" and rows["blk.1.ffn_down"] != "keep"
     warning = [line for line in out.splitlines() if "larger than the weight itself" in line]
     assert len(warning) == 1 and "1 module(s)" in warning[0] and "blk.0.ffn_down" in warning[0], out
+
+
+def test_an_adapter_whose_rows_the_base_heads_cannot_split_is_one_line(tmp_path, cli):
+    """Q/K rows are put in llama.cpp's order before any shape check: an adapter made for another model (here 6 rows
+    of k_proj for 2 KV heads: no rotary halves) names the base, the module and the mismatch, not only the heads."""
+    base = build(tmp_path / "b.gguf", "Q8_0")
+    ad = Adapter()
+    ad.add(
+        Module("model.layers.0.self_attn.k_proj", torch.randn(4, HIDDEN) * 0.05, torch.randn(6, 4), alpha=8.0)
+    )
+    ad.save(tmp_path / "a.safetensors")
+    for argv in (
+        ["inspect", tmp_path / "a.safetensors", "--base", base],
+        ["merge", base, tmp_path / "a.safetensors", "-o", tmp_path / "o.gguf"],
+    ):
+        code, out, err = cli(*argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert (
+            "b.gguf: tensor 'model.layers.0.self_attn.k_proj': head count 2 does not divide the 6 rows" in err
+        )
+        assert "of the adapter's B [6, 4]: it does not fit this base's attention heads" in err
+    assert not (tmp_path / "o.gguf").exists()

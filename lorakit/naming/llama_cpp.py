@@ -213,12 +213,20 @@ def gguf_modules(adapter, kv, base, to_gguf=True):
     for m in adapter.modules.values():
         name, rows = renamed(m.name)
         if rows is not None:
-            m = replace(
-                m,
-                B=rows(m.B),
-                bias=rows(m.bias),
-                magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude,
-            )
+            try:
+                m = replace(
+                    m,
+                    B=rows(m.B),
+                    bias=rows(m.bias),
+                    magnitude=rows(m.magnitude) if m.dora_axis in (None, 0) else m.magnitude,
+                )
+            except LorakitError as e:  # before any shape check: say what it means
+                raise LorakitError(
+                    f"{e.message} of the adapter's B {list(m.B.shape)}: it does not fit this base's attention "
+                    "heads (an adapter made for another model?)",
+                    path=base,
+                    tensor=m.name,
+                ) from None
         out.add(replace(m, name=name))
     for table in ("replacements", "deltas"):
         for full, t in getattr(adapter, table).items():
