@@ -1,6 +1,7 @@
 """inspect: summary, grouping, spectrum from factors vs a dense fp64 SVD, ||dW||/||W||; CLI basics."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,12 @@ def test_demo_runs(tmp_path, cli):
     assert code == 0, out
     assert "valid" in out and "q_proj x 2 layers" in out
     assert (tmp_path / "demo" / "adapter.safetensors").exists()
+    assert cli("demo", "--keep", tmp_path / "demo", "--quiet")[0] == 0  # an earlier demo's folder: run again
+    (tmp_path / "notes.txt").write_text("mine")
+    code, out, err = cli(
+        "demo", "--keep", tmp_path, "--quiet"
+    )  # a folder with the user's files: never written
+    assert code == 2 and "holds other files (demo, notes.txt): the demo writes" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["demo", "notes.txt"]
+    code, out, err = cli("demo", "--keep", tmp_path / "notes.txt", "--quiet")
+    assert code == 2 and "is not a folder: --keep takes a folder" in err

@@ -9,9 +9,31 @@ def demo(keep=None, quiet=False, echo=print):
     """Run the demo; returns a dict of what it made and found. Its files go to `keep`, or to a temporary folder that
     is removed at the end."""
     if keep:
+        _check_keep(os.fspath(keep))
         return _demo(keep, quiet, echo)
     with tempfile.TemporaryDirectory(prefix="lorakit-demo-") as folder:
         return _demo(folder, quiet, echo)
+
+
+MADE = {"base", "data.npy", "adapter.safetensors", "merged"}  # what the demo writes into its folder
+
+
+def _check_keep(folder):
+    """--keep takes a new or empty folder, or one an earlier demo made (its files are replaced): never a file, nor a
+    folder with other files in it."""
+    from ..errors import LorakitError
+
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise LorakitError(
+            "is not a folder: --keep takes a folder (new, empty, or an earlier demo's)", path=folder
+        )
+    others = sorted(set(os.listdir(folder)) - MADE) if os.path.isdir(folder) else []
+    if others:
+        raise LorakitError(
+            f"holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): the demo writes "
+            f"{', '.join(sorted(MADE))} into it; give a new or empty folder",
+            path=folder,
+        )
 
 
 def _demo(folder, quiet, echo):
