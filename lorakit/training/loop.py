@@ -84,18 +84,33 @@ def frozen_record(model):
     }
 
 
-def fits(model, batch, seq_len, checkpointing, dtype, max_memory):
-    """The memory estimate of one process (MemoryPlan); refused before the first step when over --max-memory."""
+def fits(model, batch, seq_len, checkpointing, dtype, max_memory, dev):
+    """The memory estimate of one process (MemoryPlan); refused before the first step when over --max-memory, or
+    without it over all the memory the device has (it could only end killed for want of memory)."""
     estimate = memory_plan(model, batch, seq_len, checkpointing, dtype)
     limit = parse_size(max_memory, "--max-memory")
+    over = f"--max-memory {max_memory}"
+    if limit is None:
+        limit = device_memory(dev)
+        over = f"all {human_size(limit)} of memory {'this GPU' if dev.type == 'cuda' else 'this machine'} has"
     if limit is not None and estimate.total > limit:
         gb = {k: human_size(v) for k, v in estimate.record().items()}
         raise LorakitError(
             f"training needs about {gb['total']} a process (base {gb['base']}, LoRA and AdamW "
             f"{gb['trainable']}, activations {gb['activations']}, the dequantization workspace {gb['workspace']}), over "
-            f"--max-memory {max_memory}: use --quantize nf4, --checkpointing, or a smaller --batch / --seq-len"
+            f"{over}: use --quantize nf4, --checkpointing, or a smaller --batch / --seq-len"
         )
     return estimate
+
+
+def device_memory(dev):
+    """All the memory of the device (bytes; None where unknown): a CUDA device's, else the machine's RAM."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def learning_rate(step, steps, lr, warmup):
@@ -169,7 +184,7 @@ def train(
             )
         lora.load_into(model, start)
     per_rank = batch // world
-    memory = fits(model, per_rank, seq_len, checkpointing, base_dtype, max_memory)
+    memory = fits(model, per_rank, seq_len, checkpointing, base_dtype, max_memory, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if world > 1:
