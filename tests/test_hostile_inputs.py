@@ -433,6 +433,10 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
             ["combine", "a.safetensors", "a.safetensors", "-o", "o.gguf"],
             "the name says GGUF, but the lorakit format",
         ),
+        (
+            ["extract", "base", "single", "-o", "o.gguf", "--rank", "2"],
+            "the name says GGUF, but the lorakit format",
+        ),
         # an option that another option's absence (or presence) would leave unread
         (
             ["validate", "a.safetensors", "--engine-version", "0.32"],

@@ -3,7 +3,7 @@
 import os
 
 from ..errors import LorakitError
-from ..formats import detect_format, get_format, given, load, save, takes
+from ..formats import detect_format, get_format, given, load, refuse_misnamed, save, takes
 from ..io import check_output
 from .args import existing, local, rank_rule, undo_initial
 
@@ -37,6 +37,7 @@ def convert(
     check_output(output, [input, base, initial], force)
     base = _opened(base)
     dst = get_format(to)
+    refuse_misnamed(dst.name, output)
     if dst.write is None:
         raise LorakitError(f"format '{dst.name}' cannot be written")  # save() lists the writable ones
     src, adapter = _read(input, from_, base, dst, alpha, allow_unknown, engine or rank or energy)

@@ -12,6 +12,7 @@ from ..io.dtypes import user_dtype
 from ..bases import open_base
 from ..options import ExtractOptions, seed_in_range, takes_options
 from ..progress import progress
+from ..formats import refuse_misnamed
 from ..spec import fingerprint
 from ..training.lora import matches, target_list
 from .args import local, rank_rule, refuse_adapter_as_base
@@ -119,6 +120,7 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
     _check_options(rank, energy, seed)
     base, tuned = local(base, "base", quiet), local(tuned, "base", quiet)
     check_output(output, [base, tuned], force, directory=False)
+    refuse_misnamed("lorakit", output)  # now, not after the SVDs
     targets = target_list(targets)
     base_ckpt, tuned_ckpt = _opened(base, tuned)
     cb, ct = base_ckpt.view, tuned_ckpt.view  # quantized checkpoints are read dequantized

@@ -3,6 +3,7 @@
 
 import dataclasses
 
+from ..formats import refuse_misnamed
 from ..io import check_output
 from ..options import TrainOptions, takes_options
 from ..training import loop
@@ -16,4 +17,5 @@ def train(base, data, output, options):
     base = existing(local(base, "base", options.quiet), "base")
     data = existing(local(data, "data", options.quiet), "data")
     check_output(output, [base, data, options.resume], options.force, directory=options.format == "peft")
+    refuse_misnamed(options.format, output)  # now, not after the training
     return loop.train(base, data, output, **dataclasses.asdict(options))

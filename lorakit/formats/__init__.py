@@ -130,6 +130,17 @@ def named_other_container(path):
     return os.fspath(path).lower().endswith(".gguf")
 
 
+def refuse_misnamed(format, path):
+    """An output named for GGUF in a safetensors format, refused (every reader would take it for a broken GGUF):
+    by every writer, and by commands that write only after long work (train) before it."""
+    if named_other_container(path) and ALIASES.get(format, format) != "gguf":
+        raise LorakitError(
+            f"the name says GGUF, but the {format} format is safetensors: name it otherwise, or write a GGUF "
+            "adapter (--to gguf, --for llama.cpp)",
+            path=path,
+        )
+
+
 def is_model(path):
     """Whether `path` is a model checkpoint (a base), not an adapter."""
     return _is_model(Probe(os.fspath(path)))
@@ -233,12 +244,7 @@ def save(adapter, path, format="lorakit", force=False, **options):
     if fmt.write is None:
         writable = ", ".join(n for n in FORMATS if get_format(n).write)
         raise LorakitError(f"format '{fmt.name}' cannot be written (writable: {writable})")
-    if named_other_container(path) and fmt.name != "gguf":  # every reader would take it for a broken GGUF
-        raise LorakitError(
-            f"the name says GGUF, but the {fmt.name} format is safetensors: name it otherwise, or write a GGUF "
-            "adapter (--to gguf, --for llama.cpp)",
-            path=path,
-        )
+    refuse_misnamed(fmt.name, path)
     check_options(fmt, "writer", fmt.write, options, path)
     options = _opened_base(options)
     from ..spec import check_adapter, raise_first
