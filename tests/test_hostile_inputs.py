@@ -437,6 +437,10 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
             ["extract", "base", "single", "-o", "o.gguf", "--rank", "2"],
             "the name says GGUF, but the lorakit format",
         ),
+        (
+            ["merge", "base", "a.safetensors", "-o", "o.gguf"],
+            "the base is safetensors, so the output is safetensors",
+        ),
         # an option that another option's absence (or presence) would leave unread
         (
             ["validate", "a.safetensors", "--engine-version", "0.32"],

@@ -76,6 +76,17 @@ class SafetensorsBase(Base):
             )
         return Checkpoint(path)
 
+    def output_files(self, output):
+        if (
+            os.fspath(output).lower().endswith(".gguf")
+        ):  # llama.cpp could not load it, no reader would take it
+            raise LorakitError(
+                "the base is safetensors, so the output is safetensors: -o names a .gguf file (for a GGUF, merge "
+                "into a GGUF base)",
+                path=output,
+            )
+        return super().output_files(output)
+
     def writer(self, job, outputs, untie_embed, shard_size):
         return SafetensorsWriter(job, self.path, untie_embed, shard_size, outputs[0])
 
