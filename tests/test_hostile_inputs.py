@@ -1093,3 +1093,21 @@ def test_merge_says_a_weight_of_zero_and_an_adapter_given_twice(w):
     )
     once = lorakit.merge(w / "base", [w / "a.safetensors"], w / "m1", quiet=True)
     assert not any("weight 0" in n or "times" in n for n in once["notes"])
+
+
+def test_an_empty_folder_and_a_peft_folder_without_weights_say_so(w, cli):
+    (w / "empty").mkdir()
+    (w / "cfg").mkdir()
+    (w / "cfg" / "adapter_config.json").write_text((w / "peft" / "adapter_config.json").read_text())
+    for name, message in [
+        ("empty", "is an empty folder: no adapter in it"),
+        (
+            "cfg",
+            "holds adapter_config.json but no adapter_model.safetensors (or .bin): the PEFT adapter's weights",
+        ),
+    ]:
+        assert_one_line_error(*cli("inspect", w / name), name, message)
+        code, out, err = cli("validate", w / name)
+        assert (
+            code == 2 and f"{w / name}: is a directory, expected a .safetensors file; it {message}" in out
+        ), out

@@ -5,7 +5,13 @@ import shlex
 
 from .. import spec
 from ..errors import LorakitError, opt
-from ..formats import foreign_container, is_model, named_other_container
+from ..formats import (
+    detect_format,
+    foreign_container,
+    is_model,
+    named_other_container,
+    refuse_incomplete_folder,
+)
 from ..io.hub import local
 
 
@@ -123,6 +129,14 @@ def _validate_file(path, values, fail_fast, quiet):
         other is not None
     ):  # another tool's adapter: valid in its own format when its reader finds nothing wrong
         return _validate_other_format(path, other)
+    if os.path.isdir(
+        path
+    ):  # a folder no format takes: why, where it can be told (empty, PEFT weights missing)
+        try:
+            refuse_incomplete_folder(path)
+        except LorakitError as e:
+            why = f"{path}: is a directory, expected a .safetensors file; it {e.message}"
+            return _result(path, False, [spec.Problem("LK001", why)])
     try:
         with progress(
             quiet=quiet, desc=f"validate {os.path.basename(path)}", unit="B", unit_scale=True
@@ -137,8 +151,6 @@ def _validate_file(path, values, fail_fast, quiet):
 def _other_format(path):
     """The format of an adapter in another tool's format (None for a lorakit file or anything unrecognized), or the
     problem of a model checkpoint given as an adapter."""
-    from ..formats import detect_format
-
     if not (os.path.isfile(path) or os.path.isdir(path)):  # missing, a FIFO, a device: the spec check says so
         return None
     foreign = foreign_container(path)

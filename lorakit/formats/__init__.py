@@ -121,7 +121,22 @@ def detect_format(path, header=None):
             "(lorakit merge BASE ADAPTER -o OUT; --base BASE for inspect, validate, convert, train)",
             path=path,
         )
+    if probe.is_dir:
+        refuse_incomplete_folder(path)
     raise LorakitError(f"not a recognized adapter (known formats: {', '.join(FORMATS)})", path=path)
+
+
+def refuse_incomplete_folder(path):
+    """A folder no format took: empty, or a PEFT folder whose weights file is missing (a partial download)."""
+    names = os.listdir(path)
+    if not names:
+        raise LorakitError("is an empty folder: no adapter in it", path=path)
+    if "adapter_config.json" in names and not any(n.startswith("adapter_model.") for n in names):
+        raise LorakitError(
+            "holds adapter_config.json but no adapter_model.safetensors (or .bin): the PEFT adapter's weights are "
+            "missing (an interrupted download?)",
+            path=path,
+        )
 
 
 def named_other_container(path):
