@@ -1,6 +1,8 @@
 """Which torch device a command computes on: `auto` takes the first of its kinds this machine has; a named one is
 refused in words when it is malformed or absent here (never a fall-back to another)."""
 
+import os
+
 from .errors import LorakitError
 
 
@@ -35,3 +37,16 @@ def available(kind):
     if kind == "mps":
         return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return kind == "cpu"
+
+
+def device_memory(dev=None):
+    """All the memory of the device (bytes; None where unknown): a CUDA device's, else (or with no device) the
+    machine's RAM."""
+    if dev is not None and dev.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -391,7 +391,7 @@ def test_bad_quantized_training_is_refused_before_the_first_step(task, tmp_path,
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
     # without --max-memory, a run over all the machine's memory could only end killed: refused before the first step
-    from lorakit.training.loop import device_memory
+    from lorakit.devices import device_memory
 
     ram = device_memory(torch.device("cpu"))
     code, _, err = cli(*base, "--base", task / "base", "--batch", "10000000", "--seq-len", "8")

@@ -17,7 +17,7 @@ from ..errors import LorakitError
 from ..io.dtypes import user_dtype
 from ..bases import open_base
 from ..progress import progress
-from ..devices import pick_device
+from ..devices import device_memory, pick_device
 from ..spec import fingerprint
 from ..options import parse_size
 from ..render import human_size
@@ -101,16 +101,6 @@ def fits(model, batch, seq_len, checkpointing, dtype, max_memory, dev):
             f"{over}: use --quantize nf4, --checkpointing, or a smaller --batch / --seq-len"
         )
     return estimate
-
-
-def device_memory(dev):
-    """All the memory of the device (bytes; None where unknown): a CUDA device's, else the machine's RAM."""
-    if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def learning_rate(step, steps, lr, warmup):
