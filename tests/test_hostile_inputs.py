@@ -421,6 +421,11 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
         (["merge", "base", "a.safetensors", "-o", "o", "--shard-size", "10"], "give a unit"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "-3"], "--threads must be >= 1"),
         (["merge", "base", "a.safetensors", "-o", "o", "--threads", "0"], "--threads must be >= 1"),
+        # more workers than all the machine's memory holds (each holds the largest tensor it merges, twice)
+        (
+            ["merge", "base", "a.safetensors", "-o", "o", "--threads", str(10**9)],
+            "--threads 1000000000: all the memory this machine has holds",
+        ),
         (
             ["convert", "a.safetensors", "-o", "", "--to", "kohya"],
             "the output path is empty: give one (-o OUT)",

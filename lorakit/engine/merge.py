@@ -6,6 +6,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from ..devices import device_memory
 from ..errors import LorakitError, listed, opt
 from ..io import Staging, atomic_output, check_output, input_identity, spec_nbytes, tokenizer_files
 from ..io.staging import idle_part, parse_part
@@ -101,11 +102,12 @@ def execute(job, writer, staging, output, options):
     publish (rename into place). Returns the Effort."""
     _large_buffers_back_to_os()
     todo = sum(staging.sizes[name] for name in staging.todo)
-    bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
     start, cpu = time.perf_counter(), cpu_seconds()
     try:
-        # a --max-memory that holds no worker is refused here, so that the work folder is swept
+        # a --max-memory that holds no worker is refused here, so that the work folder is swept; before the bar
+        # exists (an unclosed tqdm leaves its monitor thread behind, and a later fork of this process hangs on it)
         threads = workers(job, options)
+        bar = progress(total=todo, quiet=options.quiet, desc="merge", unit="B", unit_scale=True)
         with bar:
             pipeline.run(job, writer, staging, threads, bar)
         if staging.complete:
@@ -234,20 +236,27 @@ def components_report(base, loaded, output, options, reports, skipped):
 
 
 def workers(job, options):
-    """Worker threads: --threads, else one per core this process may run on; with --max-memory, as many as fit in
-    what the process does not hold yet (each holds the largest tensor or quantized module it computes)."""
+    """Worker threads: --threads, else one per core this process may run on; as many as fit in what the process
+    does not hold yet of --max-memory, or without it of all the machine's memory (each holds the largest tensor or
+    quantized module it computes). --threads beyond what all the machine's memory holds is refused."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     wanted = options.threads or cores
     limit = options.max_memory_bytes
+    within = f"{opt('max_memory', bare=True)} {options.max_memory}"
+    if limit is None:
+        limit, within = device_memory(), "all the memory this machine has"
     if limit is None:
         return wanted
     each, held = job.worker_bytes(), resident_bytes()
     fit = (limit - held - job.shared_bytes()) // max(1, each)
+    one = f"one worker needs about {(each + job.shared_bytes()) / 2**20:.0f} MiB (the largest tensor it merges, twice)"
     if fit < 1:
         raise LorakitError(
-            f"{opt('max_memory', bare=True)} {options.max_memory} holds no worker: this process holds "
-            f"{held / 2**20:.0f} MiB already and one worker needs about {(each + job.shared_bytes()) / 2**20:.0f} MiB "
-            "(the largest tensor it merges, twice)"
+            f"{within} holds no worker: this process holds {held / 2**20:.0f} MiB already and {one}"
+        )
+    if options.max_memory is None and options.threads is not None and options.threads > fit:
+        raise LorakitError(
+            f"{opt('threads', bare=True)} {options.threads}: {within} holds {int(fit)} worker(s), {one}: give fewer"
         )
     return int(min(wanted, fit))
 
