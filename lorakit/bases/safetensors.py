@@ -10,6 +10,7 @@ from functools import cached_property
 from ..errors import LorakitError
 from ..io import INDEX, Checkpoint, ShardWriter, read_config, spec_nbytes, tokenizer_files
 from ..io.dtypes import dtype_name
+from ..io.gguf import named_gguf
 from ..naming.embeddings import HEAD
 from ..io.jsonio import read_json
 from .base import Base
@@ -77,9 +78,7 @@ class SafetensorsBase(Base):
         return Checkpoint(path)
 
     def output_files(self, output):
-        if (
-            os.fspath(output).lower().endswith(".gguf")
-        ):  # llama.cpp could not load it, no reader would take it
+        if named_gguf(output):  # llama.cpp could not load it, no reader would take it
             raise LorakitError(
                 "the base is safetensors, so the output is safetensors: -o names a .gguf file (for a GGUF, merge "
                 "into a GGUF base)",

@@ -247,9 +247,9 @@ def workers(job, options):
         limit, within = device_memory(), "all the memory this machine has"
     if limit is None:
         return wanted
-    each, held = job.worker_bytes(), resident_bytes()
-    fit = (limit - held - job.shared_bytes()) // max(1, each)
-    one = f"one worker needs about {(each + job.shared_bytes()) / 2**20:.0f} MiB (the largest tensor it merges, twice)"
+    each, held, shared = job.worker_bytes(), resident_bytes(), job.shared_bytes()
+    fit = (limit - held - shared) // max(1, each)
+    one = f"one worker needs about {(each + shared) / 2**20:.0f} MiB (the largest tensor it merges, twice)"
     if fit < 1:
         raise LorakitError(
             f"{within} holds no worker: this process holds {held / 2**20:.0f} MiB already and {one}"

@@ -107,11 +107,9 @@ def detect_format(path, header=None):
         from ..io import read_header
 
         if named_other_container(path):  # yet no GGUF detector took it: say so, not safetensors' defects
-            with open(path, "rb") as f:
-                start = f.read(4)
             raise LorakitError(
-                f"not a GGUF file: it starts with {start!r}, not b'GGUF' (empty, truncated or another kind of "
-                "file)",
+                f"not a GGUF file: it starts with {probe.magic(4)!r}, not b'GGUF' (empty, truncated or another "
+                "kind of file)",
                 path=path,
             )
         read_header(path)  # a broken safetensors file: raise its precise defect rather than "not recognized"
@@ -128,10 +126,12 @@ def detect_format(path, header=None):
 
 def refuse_incomplete_folder(path):
     """A folder no format took: empty, or a PEFT folder whose weights file is missing (a partial download)."""
+    from .peft_config import CONFIG
+
     names = os.listdir(path)
     if not names:
         raise LorakitError("is an empty folder: no adapter in it", path=path)
-    if "adapter_config.json" in names and not any(n.startswith("adapter_model.") for n in names):
+    if CONFIG in names and not any(n.startswith("adapter_model.") for n in names):
         raise LorakitError(
             "holds adapter_config.json but no adapter_model.safetensors (or .bin): the PEFT adapter's weights are "
             "missing (an interrupted download?)",
@@ -142,7 +142,9 @@ def refuse_incomplete_folder(path):
 def named_other_container(path):
     """Whether a file is named for a container other than safetensors (GGUF), so that safetensors' checks say
     nothing useful when it is broken."""
-    return os.fspath(path).lower().endswith(".gguf")
+    from ..io.gguf import named_gguf
+
+    return named_gguf(path)
 
 
 def refuse_misnamed(format, path):

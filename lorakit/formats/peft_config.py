@@ -71,15 +71,11 @@ def check_config(config, path):
     to_save = config.get("modules_to_save")
     if to_save is not None and not (isinstance(to_save, list) and all(isinstance(s, str) for s in to_save)):
         raise LorakitError("'modules_to_save' must be a list of module names", path=path)
-    for key in ("target_modules", "exclude_modules", "layers_pattern"):
-        value = config.get(key)
-        if value is not None and not _names(value):
-            raise LorakitError(f"'{key}' must be a string or a list of strings, got {value!r}", path=path)
-    # what PEFT matches as regular expressions: a string of these, every layers_pattern and modules_to_save
     for key in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
         value = config.get(key)
-        many = key in ("layers_pattern", "modules_to_save") and isinstance(value, list)
-        for pattern in value if many else [value] if isinstance(value, str) else []:
+        if key != "modules_to_save" and value is not None and not _names(value):
+            raise LorakitError(f"'{key}' must be a string or a list of strings, got {value!r}", path=path)
+        for pattern in _patterns(key, value):
             _regex(f"'{key}'", pattern, path)
     layers = config.get("layers_to_transform")
     if layers is not None and not (_index(layers) or isinstance(layers, list) and all(map(_index, layers))):
@@ -112,6 +108,16 @@ def untargeted_note(config, names):
     )
 
 
+def _patterns(key, value):
+    """What PEFT matches as regular expressions: a string of these keys, every entry of layers_pattern and
+    modules_to_save (target_modules / exclude_modules entries are names, matched as suffixes)."""
+    if isinstance(value, str):
+        return [value]
+    if key in ("layers_pattern", "modules_to_save"):
+        return value or []
+    return []
+
+
 def _names(value):
     return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -126,7 +132,7 @@ def untargeted(config, names):
     layers_to_transform with layers_pattern). Empty where the targeting depends on the model: no target_modules (the
     model type's defaults) or "all-linear"."""
     targets = config.get("target_modules")
-    if targets is None or targets == "all-linear" or not _names(targets):
+    if targets is None or targets == "all-linear":  # check_config saw its type
         return []
     return [name for name in names if not _targeted(config, targets, name)]
 

@@ -75,6 +75,11 @@ MAX_COUNT = 1 << 40
 SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 
 
+def named_gguf(path):
+    """Whether a path is named as a GGUF file (its suffix, whatever it holds)."""
+    return os.fspath(path).lower().endswith(".gguf")
+
+
 def is_gguf(path):
     """A file starting with the GGUF magic (a split's first file included)."""
     try:
