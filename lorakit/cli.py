@@ -100,6 +100,10 @@ def _engine_option(help):
     return click.option("--for", "for_engine", type=click.Choice(list(ENGINES)), help=help)
 
 
+def _verbose(what="Every module's row (default: the totals and the worst modules)."):
+    return click.option("-v", "--verbose", is_flag=True, help=what)
+
+
 def emit(report, as_json, human):
     click.echo(jsonlib.dumps(report, indent=2, default=str) if as_json else human(report))
 
@@ -121,7 +125,7 @@ def main():
 @click.option(
     "--base", type=click.Path(), help="Base checkpoint: adds ||dW|| / ||W|| per module (with --spectrum)."
 )
-@click.option("-v", "--verbose", is_flag=True, help="One line per module.")
+@_verbose("One line per module.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     """Summarize an adapter of any readable format (header only unless --spectrum)."""
@@ -194,22 +198,25 @@ def _output(what):
 @click.argument("adapters", nargs=-1, required=True)
 @_common_output
 @cli_options(CombineOptions, skip=("force", "quiet"))
-def combine_cmd(adapters, output, as_json, **options):
+@_verbose()
+def combine_cmd(adapters, output, as_json, verbose, **options):
     """Combine adapters A[:W] B[:W] ... in delta space (exact for cat and linear)."""
     from .commands.algebra import combine
 
-    emit(combine(list(adapters), output, **options), as_json, render.combine_text)
+    report = combine(list(adapters), output, **options)
+    emit(report, as_json, functools.partial(render.combine_text, verbose=verbose))
 
 
 @command(main, "resize")
 @click.argument("adapter", type=click.Path())
 @_common_output
 @cli_options(ResizeOptions, skip=("force", "quiet"))
-def resize_cmd(adapter, output, as_json, **options):
+@_verbose()
+def resize_cmd(adapter, output, as_json, verbose, **options):
     """Re-rank every module by optimal (Eckart-Young) truncation; the scale is kept."""
     from .commands.algebra import resize
 
-    emit(resize(adapter, output, **options), as_json, render.resize_text)
+    emit(resize(adapter, output, **options), as_json, functools.partial(render.resize_text, verbose=verbose))
 
 
 @command(main, "diff")
@@ -217,11 +224,12 @@ def resize_cmd(adapter, output, as_json, **options):
 @click.argument("b", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def diff_cmd(a, b, as_json, quiet):
+@_verbose()
+def diff_cmd(a, b, as_json, quiet, verbose):
     """Compare two adapters' deltas module by module (a reparametrized delta compares equal)."""
     from .commands.algebra import diff
 
-    emit(diff(a, b, quiet=quiet), as_json, render.diff_text)
+    emit(diff(a, b, quiet=quiet), as_json, functools.partial(render.diff_text, verbose=verbose))
 
 
 @command(main, "extract")
@@ -229,11 +237,13 @@ def diff_cmd(a, b, as_json, quiet):
 @click.argument("tuned", type=click.Path())
 @_common_output
 @cli_options(ExtractOptions, skip=("force", "quiet"))
-def extract_cmd(base, tuned, output, as_json, **options):
+@_verbose()
+def extract_cmd(base, tuned, output, as_json, verbose, **options):
     """Extract an adapter from a base and a fine-tuned checkpoint (files or sharded folders)."""
     from .commands.extract import extract
 
-    emit(extract(base, tuned, output, **options), as_json, render.extract_text)
+    report = extract(base, tuned, output, **options)
+    emit(report, as_json, functools.partial(render.extract_text, verbose=verbose))
 
 
 # ---------------------------------------------------------------- convert
@@ -265,7 +275,7 @@ def extract_cmd(base, tuned, output, as_json, **options):
     help="PiSSA / OLoRA / CorDA / LoRA-GA adapters: the adapter as saved before training; writes the LoRA of "
     "dW = B A - B0 A0 for the original base (rank doubled, as PEFT converts it).",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Every note (default: like notes summed up in one line).")
+@_verbose("Every note (default: like notes summed up in one line).")
 def convert_cmd(input, output, as_json, verbose, **options):
     """Convert an adapter between formats (every input key is consumed or reported)."""
     from .commands.convert import convert
@@ -283,9 +293,7 @@ def convert_cmd(input, output, as_json, verbose, **options):
     "for a GGUF BASE."
 )
 @cli_options(MergeOptions, skip=("force", "quiet"))
-@click.option(
-    "-v", "--verbose", is_flag=True, help="Quantized bases: every module's row (default: the worst)."
-)
+@_verbose("Quantized bases: every module's row (default: the worst).")
 def merge_cmd(base, adapters, output, as_json, verbose, **options):
     """Merge ADAPTER[:WEIGHT]... into BASE (file, folder or GGUF), streaming; fp32 math, rounded once. Quantized bases
     (FP8, INT8, GPTQ, AWQ, NF4, GGUF Q8_0..Q6_K) are written back in their format with a survival report."""

@@ -2,7 +2,10 @@
 
 import re
 
+from .naming import natural_key
 from .quant import score
+
+LISTED = 8  # modules a report lists by default (-v: every one)
 
 
 def human_size(n):
@@ -38,12 +41,10 @@ def inspect_text(r):
         )
     )
     echo("targets")
-    for t in r["targets"]:
-        layers = f" x {t['count']} layers" if "*" in t["pattern"] else ""
-        if t.get("experts"):  # Mixture-of-Experts: E experts in each of the layers
-            layers = f" x {t['experts']} experts x {t['count'] // t['experts']} layers"
-        ranks = ",".join(map(str, t["ranks"]))
-        echo(f"  {t['kind']:<9} {t['target']}{layers}   r={ranks}   ({t['pattern']})")
+    targets = [(t, _target_label(t)) for t in r["targets"]]
+    width = max((len(label) for _, label in targets), default=0)
+    for t, label in targets:
+        echo(f"  {t['kind']:<9} {label:<{width}}   r={','.join(map(str, t['ranks']))}   ({t['pattern']})")
     if r.get("experts"):
         echo("experts")
     for x in r.get("experts", []):
@@ -74,7 +75,7 @@ def inspect_text(r):
             if "relative_norm" in r["modules"][0]:
                 head += "   ||dW||/||W||"
         echo(head)
-        for m in r["modules"]:
+        for m in sorted(r["modules"], key=lambda m: natural_key(m["module"])):
             line = (
                 f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
                 f"{'x'.join(map(str, m['shape'])):<16}"
@@ -85,7 +86,14 @@ def inspect_text(r):
                 if "relative_norm" in m:
                     line += f"   {m['relative_norm']:.3e}"
             echo(line)
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _target_label(t):
+    """'q_proj x 30 layers' (a MoE's: 'w1 x 8 experts x 4 layers'), or the module's name alone."""
+    if t.get("experts"):  # Mixture-of-Experts: E experts in each of the layers
+        return f"{t['target']} x {t['experts']} experts x {t['count'] // t['experts']} layers"
+    return f"{t['target']} x {t['count']} layers" if "*" in t["pattern"] else t["target"]
 
 
 def validate_text(r):
@@ -130,12 +138,27 @@ def _pct(x):
     return f"{100 * x:.2f}%"
 
 
-def combine_text(r):
+def shown_modules(rows, badness, verbose, worst):
+    """(the rows a report lists, the line saying so when it is shortened): every one in natural order with -v or
+    when they are few, else the LISTED worst by `badness` (largest first); `worst` says what they are worst at."""
+    if verbose or len(rows) <= LISTED:
+        return sorted(rows, key=lambda m: natural_key(m["module"])), []
+    shown = sorted(rows, key=badness, reverse=True)[:LISTED]
+    return shown, [f"  the {LISTED} {worst} of {len(rows)} modules (-v: every one):"]
+
+
+def _energy_lost(m):
+    return 1.0 - m["energy_kept"]
+
+
+def combine_text(r, verbose=False):
     lines = [
         f"wrote {r['output']}: method {r['method']}, {len(r['modules'])} modules, total rank {r['rank']}, "
         f"min energy kept {_pct(r['min_energy_kept'])}"
     ]
-    for m in r["modules"]:
+    shown, said = shown_modules(r["modules"], _energy_lost, verbose, "that keep the least energy")
+    lines += said
+    for m in shown:
         lines.append(
             f"  {m['module']:<48} inputs {m['inputs']}  rank {m['rank_in']:>4} -> {m['rank']:<4} "
             f"kept {_pct(m['energy_kept'])}"
@@ -143,12 +166,16 @@ def combine_text(r):
     return "\n".join(lines + [f"note: {n}" for n in r["notes"]])
 
 
-def resize_text(r):
+def resize_text(r, verbose=False):
+    rows = r["modules"]
+    ranks_in, ranks = sorted({m["rank_in"] for m in rows}), sorted({m["rank"] for m in rows})
     lines = [
-        f"wrote {r['output']}: params {r['params_in']:,} -> {r['params']:,}",
-        f"  {'module':<48} {'rank':>11}  {'kept ||dW||^2':>13}  {'rel. error':>10}",
+        f"wrote {r['output']}: params {r['params_in']:,} -> {r['params']:,}, {len(rows)} modules, rank "
+        f"{_span(ranks_in)} -> {_span(ranks)}, min energy kept {_pct(min((m['energy_kept'] for m in rows), default=1.0))}"
     ]
-    for m in r["modules"]:
+    shown, said = shown_modules(rows, _energy_lost, verbose, "that keep the least energy")
+    lines += said + [f"  {'module':<48} {'rank':>11}  {'kept ||dW||^2':>13}  {'rel. error':>10}"]
+    for m in shown:
         lines.append(
             f"  {m['module']:<48} {m['rank_in']:>4} -> {m['rank']:<4}  {_pct(m['energy_kept']):>13}  "
             f"{m['relative_error']:>10.3e}"
@@ -156,21 +183,32 @@ def resize_text(r):
     return "\n".join(lines + [f"note: {n}" for n in r["notes"]])
 
 
-def diff_text(r):
+def _span(values):
+    return "-" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def _difference(m):
+    """How different a module is in the two adapters: present in one only is the most."""
+    return float("inf") if m["present"] != "both" else m["relative_diff"]
+
+
+def diff_text(r, verbose=False):
     s = r["summary"]
     if not s["both"]:
         return (
             f"no module in common: {s['only_a']} only in A ({r['a']}), {s['only_b']} only in B ({r['b']}); "
             "nothing to compare"
         )
+    shown, said = shown_modules(r["modules"], _difference, verbose, "that differ most")
     lines = [
         f"{s['both']} modules in both, {s['only_a']} only in A, {s['only_b']} only in B; "
         f"max ||dA-dB||/||dA|| {s['max_relative_diff']:.3e}; mean cosine {s['mean_cosine']:.4f}"
         + ("; identical deltas" if s["identical_deltas"] else ""),
+        *said,
         f"  {'module':<48} {'ranks':>9} {'||dA||':>10} {'||dB||':>10} {'rel.diff':>10} {'cosine':>7} "
         f"{'col.ovl':>7} {'row.ovl':>7}",
     ]
-    for m in r["modules"]:
+    for m in shown:
         if m["present"] != "both":
             lines.append(f"  {m['module']:<48} only in {m['present'].upper()}")
             continue
@@ -182,12 +220,14 @@ def diff_text(r):
     return "\n".join(lines)
 
 
-def extract_text(r):
+def extract_text(r, verbose=False):
     lines = [
         f"wrote {r['output']}: {len(r['modules'])} modules, mean energy kept {_pct(r['mean_energy_kept'])}; "
         f"{r['unchanged']} tensors unchanged"
     ]
-    for m in r["modules"]:
+    shown, said = shown_modules(r["modules"], _energy_lost, verbose, "that keep the least energy")
+    lines += said
+    for m in shown:
         lines.append(
             f"  {m['module']:<48} rank {m['rank']:<4} kept {_pct(m['energy_kept'])}  "
             f"rel. error {m['relative_error']:.3e}"
@@ -244,9 +284,6 @@ def merge_text(r, verbose=False):
     return "\n".join(lines)
 
 
-WORST = 8  # modules the merge report lists by default (-v: all)
-
-
 def survival_lines(q, verbose):
     """The verdict first, the means, then the worst modules (all of them with -v, in natural order)."""
     v = q["verdict"]
@@ -265,10 +302,8 @@ def survival_lines(q, verbose):
             f"over chance: trained), so dropping it errs in step: auto weighed that {coherence['bias_weight']:g}x "
             "against unbiased rounding noise"
         )
-    modules = q["modules"]
-    if not verbose and len(modules) > WORST:
-        modules = sorted(modules, key=score, reverse=True)[:WORST]
-        lines.append(f"  the {WORST} furthest from W + dW of {len(q['modules'])} modules (-v: every one):")
+    modules, said = shown_modules(q["modules"], score, verbose, "furthest from W + dW")
+    lines += said
     lines.append(
         f"  {'module':<40} {'strategy':<10} {'||dW||/||W||':>12} {'retained':>9} {'noise':>8} {'changed':>8} "
         f"{'err rand':>9} {'err algn':>9}"

@@ -490,3 +490,52 @@ def test_combine_says_a_weight_of_zero_and_an_adapter_given_twice(tmp_path):
     assert f"{a} is given 2 times: its delta is added once for each, with its weight" in r["notes"]
     alone = lorakit.combine([a], tmp_path / "d.safetensors", quiet=True)
     assert not any("weight 0" in n or "times" in n for n in alone["notes"])
+
+
+def test_reports_are_short_by_default_and_whole_with_verbose(tmp_path, cli):
+    """12 modules: resize / combine / diff list the 8 worst (largest loss first) under a line saying so; -v lists
+    every one in natural order (layers.2 before layers.10); a resize that changes no rank says so."""
+    torch.manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(12)]
+    # module i: singular values 1 and (i + 1) / 12, so truncating to rank 1 keeps less energy the larger i is
+    modules = []
+    for i, name in enumerate(names):
+        U, _ = torch.linalg.qr(torch.randn(16, 2, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(10, 2, dtype=torch.float64))
+        B = (U * torch.tensor([1.0, (i + 1) / 12], dtype=torch.float64)).float()
+        modules.append(Module(name, V.T.float().contiguous(), B.contiguous(), alpha=2.0))
+    make(tmp_path / "a.safetensors", modules)
+    code, out, _ = cli(
+        "resize", tmp_path / "a.safetensors", "-o", tmp_path / "r.safetensors", "--rank", "1", "-q"
+    )
+    lines = out.splitlines()
+    assert code == 0 and "12 modules, rank 2 -> 1" in lines[0]
+    assert lines[1] == "  the 8 that keep the least energy of 12 modules (-v: every one):"
+    listed = [line.split()[0] for line in lines[3:]]
+    assert listed == [f"model.layers.{i}.mlp.up_proj" for i in range(11, 3, -1)]
+    code, out, _ = cli(
+        "resize", tmp_path / "a.safetensors", "-o", tmp_path / "v.safetensors", "--rank", "1", "-q", "-v"
+    )
+    assert [line.split()[0] for line in out.splitlines()[2:]] == names
+    code, out, _ = cli("resize", tmp_path / "a.safetensors", "-o", tmp_path / "s.safetensors", "--rank", "5")
+    assert out.splitlines()[-1].startswith("note: no module's rank changed")
+    code, out, _ = cli(
+        "combine",
+        tmp_path / "a.safetensors",
+        tmp_path / "v.safetensors",
+        "-o",
+        tmp_path / "c.safetensors",
+        "--rank",
+        "1",
+        "-q",
+    )
+    assert code == 0 and out.splitlines()[1].startswith("  the 8 that keep the least energy of 12 modules")
+    assert len(out.splitlines()) == 2 + 8
+    code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / "v.safetensors", "-q")
+    lines = out.splitlines()
+    assert lines[1] == "  the 8 that differ most of 12 modules (-v: every one):"
+    assert [line.split()[0] for line in lines[3:]] == [
+        f"model.layers.{i}.mlp.up_proj" for i in range(11, 3, -1)
+    ]
+    code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / "v.safetensors", "-q", "-v")
+    assert [line.split()[0] for line in out.splitlines()[2:]] == names

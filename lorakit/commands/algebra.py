@@ -179,6 +179,10 @@ def resize(
         "params": {**rule, "max_rank": max_rank, **({"minimal": True} if minimal else {})},
     }
     notes = result.save(output, force=force)
+    if rows and all(r["rank"] == r["rank_in"] for r in rows):
+        notes.append(
+            "no module's rank changed: every one already meets the rule (the same deltas, refactored)"
+        )
     return {
         "output": os.fspath(output),
         "modules": rows,

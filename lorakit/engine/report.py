@@ -2,9 +2,9 @@
 tensors, the container's own notes, and the survival of each requantized module."""
 
 import os
-import re
 
 from ..errors import listed, opt
+from ..naming import natural_key
 from ..naming.embeddings import HEAD, is_embedding
 from ..quant.requant import weighted
 
@@ -133,11 +133,6 @@ def strategy_label(strategy, rows):
     return "auto: " + ", ".join(
         f"{s} x {n}" for s, n in sorted(chosen.items(), key=lambda kv: (-kv[1], kv[0]))
     )
-
-
-def natural_key(name):
-    """'blk.2' before 'blk.10': digit runs compared as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def survival_summary(handler, strategy, job, notes, calibrated=False):

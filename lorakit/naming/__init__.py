@@ -8,5 +8,13 @@
 - `diffusers`: pipeline components, original single-file names -> diffusers names;
 - `llama_cpp`: Hugging Face <-> llama.cpp tensor names and Q/K row order.
 
-A new naming family is one file here; nothing in this package reads files.
+A new naming family is one file here; nothing in this package reads files. `natural_key` orders module names
+for every listing.
 """
+
+import re
+
+
+def natural_key(name):
+    """'blk.2' before 'blk.10': digit runs compared as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
