@@ -439,6 +439,10 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
             "the name says GGUF, but the lorakit format",
         ),
         (
+            ["convert", "a.safetensors", "-o", "o.safetensors", "--to", "gguf", "--base", "base"],
+            "o.safetensors: the name says safetensors, but a llama.cpp adapter is a GGUF file: name it .gguf",
+        ),
+        (
             ["extract", "base", "single", "-o", "o.gguf", "--rank", "2"],
             "the name says GGUF, but the lorakit format",
         ),

@@ -148,13 +148,19 @@ def named_other_container(path):
 
 
 def refuse_misnamed(format, path):
-    """An output named for GGUF in a safetensors format, refused (every reader would take it for a broken GGUF):
-    by every writer, and by commands that write only after long work (train) before it."""
-    if named_other_container(path) and ALIASES.get(format, format) != "gguf":
+    """An output named for GGUF in a safetensors format, or .safetensors in the GGUF one, refused (every reader would
+    take it for a broken file of the other kind): by every writer, and by commands that write only after long work
+    (train) before it."""
+    gguf = ALIASES.get(format, format) == "gguf"
+    if named_other_container(path) and not gguf:
         raise LorakitError(
             f"the name says GGUF, but the {format} format is safetensors: name it otherwise, or write a GGUF "
             "adapter (--to gguf, --for llama.cpp)",
             path=path,
+        )
+    if gguf and os.fspath(path).lower().endswith(".safetensors"):
+        raise LorakitError(
+            "the name says safetensors, but a llama.cpp adapter is a GGUF file: name it .gguf", path=path
         )
 
 
