@@ -195,9 +195,12 @@ def _difference(m):
 def diff_text(r, verbose=False):
     s = r["summary"]
     if not s["both"]:
-        return (
-            f"no module in common: {s['only_a']} only in A ({r['a']}), {s['only_b']} only in B ({r['b']}); "
-            "nothing to compare"
+        return "\n".join(
+            [
+                f"no module in common: {s['only_a']} only in A ({r['a']}), {s['only_b']} only in B ({r['b']}); "
+                "nothing to compare"
+            ]
+            + [f"note: {n}" for n in r.get("notes", [])]
         )
     shown, said = shown_modules(r["modules"], _difference, verbose, "that differ most")
     lines = [
@@ -217,7 +220,7 @@ def diff_text(r, verbose=False):
             f"{m['relative_diff']:>10.3e} {m['cosine']:>7.4f} {m['column_overlap']:>7.4f} "
             f"{m['row_overlap']:>7.4f}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note: {n}" for n in r.get("notes", [])])
 
 
 def extract_text(r, verbose=False):

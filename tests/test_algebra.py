@@ -539,3 +539,33 @@ def test_reports_are_short_by_default_and_whole_with_verbose(tmp_path, cli):
     ]
     code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / "v.safetensors", "-q", "-v")
     assert [line.split()[0] for line in out.splitlines()[2:]] == names
+
+
+def test_diff_matches_names_spelled_otherwise(tmp_path, cli):
+    """A kohya file read without --base keeps sd-scripts' mangled names, and a VLM's adapter may say
+    model.language_model. where another says model.: diff compares them under one name, exactly, and says so."""
+    A, B = rnd(4, 20), rnd(12, 4)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    make(tmp_path / "a.safetensors", [Module(n, A, B, alpha=8.0) for n in names])
+    code, _, _ = cli(
+        "convert", tmp_path / "a.safetensors", "-o", tmp_path / "k.safetensors", "--to", "kohya", "-q"
+    )
+    vlm = [n.replace("model.", "model.language_model.", 1) for n in names]
+    make(tmp_path / "v.safetensors", [Module(n, A, B, alpha=8.0) for n in vlm])
+    for other, example in (
+        ("k", "lora_unet_model_layers_0_self_attn_q_proj as model.layers.0.self_attn.q_proj"),
+        ("v", "model.language_model.layers.0.self_attn.q_proj as model.layers.0.self_attn.q_proj"),
+    ):
+        code, out, _ = cli(
+            "diff", tmp_path / "a.safetensors", tmp_path / f"{other}.safetensors", "--json", "-q"
+        )
+        r = json.loads(out)
+        assert code == 0 and r["summary"]["both"] == 2 and r["summary"]["identical_deltas"]
+        assert r["notes"] == [
+            f"2 of B's modules compared under A's names, spelled otherwise there (kohya's mangled names, another "
+            f"prefix): e.g. {example}"
+        ]
+    # both spellings at once in B: its own name is compared, the other is only in B
+    make(tmp_path / "w.safetensors", [Module(n, A, B, alpha=8.0) for n in names + vlm[:1]])
+    r = json.loads(cli("diff", tmp_path / "a.safetensors", tmp_path / "w.safetensors", "--json", "-q")[1])
+    assert (r["summary"]["both"], r["summary"]["only_b"], r["notes"]) == (2, 1, [])

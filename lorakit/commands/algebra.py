@@ -1,10 +1,14 @@
 """`combine`, `resize` and `diff`: IO around lorakit.algebra (the math lives there)."""
 
 import os
+from collections import Counter
 
 import torch
 
 from ..core import Adapter, algebra
+from ..engine.landing import renamed
+from ..naming.kohya import resolution_table
+from ..naming.prefixes import rename_onto
 from ..errors import LorakitError, opt
 from ..io.dtypes import user_dtype
 from ..methods import USES_DENSITY, USES_SEED, get_method
@@ -198,6 +202,9 @@ def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
     a, b = local(a, "adapter", quiet), local(b, "adapter", quiet)
     (a, ad_a), (b, ad_b) = factors_only([as_adapter(a), as_adapter(b)], "diff")
+    ad_b, notes = _spelled_alike(ad_b, ad_a, "B", "A")
+    ad_a, more = _spelled_alike(ad_a, ad_b, "A", "B")
+    notes += more
     rows = []
     for name in progress(
         sorted(set(ad_a.modules) | set(ad_b.modules)), quiet=quiet, desc="diff", unit="module"
@@ -235,7 +242,27 @@ def diff(a, b, quiet=False):
         "summary": summary,
         "module_count": len(rows),
         "modules": rows,
+        "notes": notes,
     }
+
+
+def _spelled_alike(adapter, other, own, others):
+    """(`adapter` with its modules that `other` names otherwise renamed to `other`'s names, the note saying so):
+    kohya's mangled names (read without --base) by their mangled form, another model prefix (model.language_model.
+    against model.) where exactly one lands; a name two modules would take is left as it is."""
+    mine, theirs = set(adapter.modules) - set(other.modules), set(other.modules) - set(adapter.modules)
+    table = resolution_table({f"{n}.weight": None for n in theirs})
+    names = {n: table[n] for n in mine if n in table}
+    names.update(rename_onto(sorted(mine - set(names)), theirs.__contains__))
+    taken = Counter(names.values())
+    names = {k: v for k, v in names.items() if taken[v] == 1}
+    if not names:
+        return adapter, []
+    first = min(names)
+    return renamed(adapter, names), [
+        f"{len(names)} of {own}'s modules compared under {others}'s names, spelled otherwise there (kohya's "
+        f"mangled names, another prefix): e.g. {first} as {names[first]}"
+    ]
 
 
 def _norm(m):
