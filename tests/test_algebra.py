@@ -569,3 +569,24 @@ def test_diff_matches_names_spelled_otherwise(tmp_path, cli):
     make(tmp_path / "w.safetensors", [Module(n, A, B, alpha=8.0) for n in names + vlm[:1]])
     r = json.loads(cli("diff", tmp_path / "a.safetensors", tmp_path / "w.safetensors", "--json", "-q")[1])
     assert (r["summary"]["both"], r["summary"]["only_b"], r["notes"]) == (2, 1, [])
+
+
+def test_combine_joins_names_spelled_otherwise(tmp_path, cli):
+    """lorakit + the same adapter as kohya (read without --base): one module per target, delta 2 dW exactly, and a
+    note; refused before as 'made for different base models'."""
+    A, B = rnd(4, 20), rnd(12, 4)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    make(tmp_path / "a.safetensors", [Module(n, A, B, alpha=8.0) for n in names])
+    cli("convert", tmp_path / "a.safetensors", "-o", tmp_path / "k.safetensors", "--to", "kohya", "-q")
+    for first, second in (("a", "k"), ("k", "a")):
+        out = tmp_path / f"{first}{second}.safetensors"
+        code, text, err = cli(
+            "combine", tmp_path / f"{first}.safetensors", tmp_path / f"{second}.safetensors", "-o", out, "-q"
+        )
+        assert code == 0, err
+        assert "2 of " in text and "spelled otherwise there" in text
+        combined = lorakit.load(out)
+        assert sorted(combined.modules) == names
+        for n in names:
+            delta = combined.modules[n].delta(torch.float64)
+            assert torch.allclose(delta, 2 * 2.0 * B.double() @ A.double(), rtol=0, atol=1e-12)

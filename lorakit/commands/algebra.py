@@ -1,14 +1,10 @@
 """`combine`, `resize` and `diff`: IO around lorakit.algebra (the math lives there)."""
 
 import os
-from collections import Counter
 
 import torch
 
 from ..core import Adapter, algebra
-from ..engine.landing import renamed
-from ..naming.kohya import resolution_table
-from ..naming.prefixes import rename_onto
 from ..errors import LorakitError, opt
 from ..io.dtypes import user_dtype
 from ..methods import USES_DENSITY, USES_SEED, get_method
@@ -25,6 +21,7 @@ from .args import (
     paths,
     rank_rule,
     same_base,
+    spelled_alike,
     weight_notes,
     weighted_inputs,
 )
@@ -65,6 +62,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
         raise LorakitError("give at least one adapter")
     check_output(output, paths(inputs), force, directory=False)
     loaded = factors_only(load_inputs(inputs), "combine")
+    loaded, spelled = _one_spelling(loaded)
     same_base(loaded)
     out_dtype = _combined_dtype(loaded, dtype)
     names = sorted({n for _, ad, _ in loaded for n in ad.modules})
@@ -90,7 +88,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
             "seed": seed if method in USES_SEED else None,
         },
     }
-    notes = unread + weight_notes(loaded) + result.save(output, force=force)
+    notes = unread + spelled + weight_notes(loaded) + result.save(output, force=force)
     return {
         "output": os.fspath(output),
         "adapters": [{"file": p, "weight": w} for p, _, w in loaded],
@@ -101,6 +99,23 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
         "rank": sum(r["rank"] for r in rows),
         "min_energy_kept": min((r["energy_kept"] for r in rows), default=1.0),
     }
+
+
+def _one_spelling(loaded):
+    """(the inputs with every module under one name where they spell it otherwise, the notes saying so): each
+    later input's modules renamed onto the first's names, and the first's onto each later one's (kohya's mangled
+    names give way to dotted ones whichever comes first)."""
+    (path, first, weight), rest, notes = loaded[0], [], []
+    for p, ad, w in loaded[1:]:
+        ad, said = spelled_alike(
+            ad, first, f"{os.path.basename(p)}'s modules combined under the first input's names"
+        )
+        first, more = spelled_alike(
+            first, ad, f"the first input's modules combined under {os.path.basename(p)}'s names"
+        )
+        rest.append((p, ad, w))
+        notes += said + more
+    return [(path, first, weight)] + rest, notes
 
 
 def _combine_modules(loaded, names, combine_method, out_dtype, result, kw, desc, quiet):
@@ -202,8 +217,8 @@ def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
     a, b = local(a, "adapter", quiet), local(b, "adapter", quiet)
     (a, ad_a), (b, ad_b) = factors_only([as_adapter(a), as_adapter(b)], "diff")
-    ad_b, notes = _spelled_alike(ad_b, ad_a, "B", "A")
-    ad_a, more = _spelled_alike(ad_a, ad_b, "A", "B")
+    ad_b, notes = spelled_alike(ad_b, ad_a, "B's modules compared under A's names")
+    ad_a, more = spelled_alike(ad_a, ad_b, "A's modules compared under B's names")
     notes += more
     rows = []
     for name in progress(
@@ -244,25 +259,6 @@ def diff(a, b, quiet=False):
         "modules": rows,
         "notes": notes,
     }
-
-
-def _spelled_alike(adapter, other, own, others):
-    """(`adapter` with its modules that `other` names otherwise renamed to `other`'s names, the note saying so):
-    kohya's mangled names (read without --base) by their mangled form, another model prefix (model.language_model.
-    against model.) where exactly one lands; a name two modules would take is left as it is."""
-    mine, theirs = set(adapter.modules) - set(other.modules), set(other.modules) - set(adapter.modules)
-    table = resolution_table({f"{n}.weight": None for n in theirs})
-    names = {n: table[n] for n in mine if n in table}
-    names.update(rename_onto(sorted(mine - set(names)), theirs.__contains__))
-    taken = Counter(names.values())
-    names = {k: v for k, v in names.items() if taken[v] == 1}
-    if not names:
-        return adapter, []
-    first = min(names)
-    return renamed(adapter, names), [
-        f"{len(names)} of {own}'s modules compared under {others}'s names, spelled otherwise there (kohya's "
-        f"mangled names, another prefix): e.g. {first} as {names[first]}"
-    ]
 
 
 def _norm(m):

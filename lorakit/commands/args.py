@@ -2,10 +2,14 @@
 
 import math
 import os
+from collections import Counter
 
 from ..core import Adapter
-from ..errors import LorakitError, missing, opt
+from ..engine.landing import renamed
+from ..errors import LorakitError, listed, missing, opt
 from ..io.hub import local  # hub ids where a path goes (the commands import it from here)
+from ..naming.kohya import resolution_table
+from ..naming.prefixes import rename_onto
 from ..options import existing, in_range, parse_size  # noqa: F401 (the commands' one import)
 
 FP32_MAX = 3.4028234663852886e38
@@ -98,9 +102,28 @@ def same_base(loaded):
             roots_a = {n.split(".", 1)[0] for n in a.modules}
             roots_b = {n.split(".", 1)[0] for n in b.modules}
             if roots_a and roots_b and not roots_a & roots_b:
-                why = f"their module names share no root ({', '.join(sorted(roots_a))} vs {', '.join(sorted(roots_b))})"
+                why = f"their module names share no root ({listed(sorted(roots_a), 4)} vs {listed(sorted(roots_b), 4)})"
         if why:
             raise LorakitError(f"{pa} and {pb} were made for different base models: {why}")
+
+
+def spelled_alike(adapter, other, what):
+    """(`adapter` with the modules that `other` names otherwise renamed to `other`'s names, the note saying so,
+    `what` its subject): kohya's mangled names (read without --base) by their mangled form, another model prefix
+    (model.language_model. against model.) where exactly one lands; a name two modules would take stays as it is."""
+    mine, theirs = set(adapter.modules) - set(other.modules), set(other.modules) - set(adapter.modules)
+    table = resolution_table({f"{n}.weight": None for n in theirs})
+    names = {n: table[n] for n in mine if n in table}
+    names.update(rename_onto(sorted(mine - set(names)), theirs.__contains__))
+    taken = Counter(names.values())
+    names = {k: v for k, v in names.items() if taken[v] == 1}
+    if not names:
+        return adapter, []
+    first = min(names)
+    return renamed(adapter, names), [
+        f"{len(names)} of {what}, spelled otherwise there (kohya's mangled names, another prefix): e.g. {first} "
+        f"as {names[first]}"
+    ]
 
 
 def one_rule(**rule):
