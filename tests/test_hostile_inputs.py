@@ -601,6 +601,23 @@ def test_train_refuses_bad_configs_data_and_options(tmp_path, cli, edit, data, a
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
+def test_train_refuses_a_folder_as_data(tmp_path, cli):
+    examples.write_llama_checkpoint(str(tmp_path / "b"))
+    argv = [
+        "--base",
+        tmp_path / "b",
+        "--data",
+        tmp_path / "b",
+        "-o",
+        tmp_path / "o.safetensors",
+        "--steps",
+        "1",
+    ]
+    assert_one_line_error(
+        *cli("train", *argv), "is a folder: --data takes one file (.npy, .bin, .jsonl or .txt)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- crashes
 @pytest.mark.parametrize(
     "header, fragment",

@@ -14,6 +14,8 @@ def load_data(path, vocab_size, base=None):
     .jsonl with input_ids (optional labels or loss_mask), or .txt / .jsonl text with the base's tokenizer.json.
     Returns ("stream", 1-D tensor) or ("records", [(ids, labels)]). Every id is checked against the vocabulary."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise LorakitError("is a folder: --data takes one file (.npy, .bin, .jsonl or .txt)", path=path)
     if not os.path.isfile(path):
         raise LorakitError("no such data file", path=path)
     if path.endswith(".npy"):
