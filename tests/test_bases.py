@@ -9,6 +9,7 @@ import torch
 import lorakit
 from lorakit import examples
 from lorakit.bases import open_base
+from lorakit.core import Adapter, Module
 from lorakit.errors import LorakitError
 from lorakit.io import write_safetensors
 
@@ -68,3 +69,58 @@ def test_an_opened_base_serves_readers_and_commands(tmp_path):
     name = next(iter(ad.modules))
     want = base.get(f"{name}.weight").double() + ad.modules[name].delta().double()
     assert torch.allclose(merged.get(f"{name}.weight").double(), want, rtol=1e-6, atol=1e-6)
+
+
+def hub_snapshot(folder, cache, repo="org--model"):
+    """`folder` laid out as the Hugging Face cache holds a download: cache/models--org--model/snapshots/rev/..., every
+    file a relative link to its blob (sub-folders real), as snapshot_download leaves it on Linux."""
+    root = cache / f"models--{repo}"
+    snapshot = root / "snapshots" / "rev"
+    os.makedirs(root / "blobs")
+    for dirpath, _, files in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        os.makedirs(snapshot / rel, exist_ok=True)
+        for f in files:
+            blob = root / "blobs" / f"{len(os.listdir(root / 'blobs'))}"
+            os.replace(os.path.join(dirpath, f), blob)
+            link = snapshot / rel / f
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+@pytest.mark.parametrize("kind", ["sharded", "pipeline"])
+def test_a_base_in_the_hugging_face_cache_merges_as_its_plain_folder(tmp_path, kind):
+    """Hub ids land in the cache, whose files are links to blobs outside the snapshot folder: a sharded checkpoint
+    (its index naming the linked shards) and a diffusers pipeline merge to the same bytes as their plain copies (both
+    were refused: 'not a file of the model folder', 'a link out of its component folder'), and the base is named
+    by its repo id."""
+    import shutil
+
+    from test_kohya import diffusers_base, kohya_file
+
+    if kind == "sharded":
+        examples.write_llama_checkpoint(str(tmp_path / "plain"), shards=3)
+        ad = Adapter()
+        ad.add(Module("model.layers.0.self_attn.q_proj", torch.ones(2, 64) / 8, torch.ones(64, 2) / 8, 2.0))
+        ad.base_model = "someone/else"
+        ad.save(tmp_path / "a.safetensors")
+    else:
+        diffusers_base(tmp_path / "plain")
+        kohya_file(tmp_path / "a.safetensors")
+    shutil.copytree(tmp_path / "plain", tmp_path / "copy")
+    cached = hub_snapshot(tmp_path / "copy", tmp_path / "cache")
+    reports = {}
+    for name, base in (("plain", tmp_path / "plain"), ("cached", cached)):
+        reports[name] = lorakit.merge(
+            base, [tmp_path / "a.safetensors"], tmp_path / f"out-{name}", quiet=True
+        )
+    outputs = [tmp_path / f"out-{name}" for name in ("plain", "cached")]
+    files = [
+        sorted(os.path.relpath(os.path.join(d, f), o) for d, _, fs in os.walk(o) for f in fs) for o in outputs
+    ]
+    assert files[0] == files[1] and len(files[0]) >= (5 if kind == "sharded" else 3)
+    for f in files[0]:
+        assert not os.path.islink(outputs[1] / f)
+        assert (outputs[0] / f).read_bytes() == (outputs[1] / f).read_bytes(), f
+    if kind == "sharded":
+        assert "merging into 'org/model'" in " ".join(reports["cached"]["notes"])

@@ -601,6 +601,23 @@ def test_train_refuses_bad_configs_data_and_options(tmp_path, cli, edit, data, a
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
+def test_bases_without_their_safetensors_say_what_they_hold(tmp_path, cli):
+    """A model saved as PyTorch pickles, and an index naming a shard the folder lacks (an interrupted download)."""
+    examples.write_llama_checkpoint(str(tmp_path / "b"), shards=2)
+    Adapter().save(tmp_path / "a.safetensors")
+    os.remove(tmp_path / "b" / "model-00002-of-00002.safetensors")
+    argv = ["merge", tmp_path / "b", tmp_path / "a.safetensors", "-o", tmp_path / "o"]
+    assert_one_line_error(
+        *cli(*argv), "shard 'model-00002-of-00002.safetensors' named by the index is missing from the folder"
+    )
+    os.makedirs(tmp_path / "p")
+    torch.save({"x": torch.ones(1)}, tmp_path / "p" / "pytorch_model.bin")
+    argv[1] = tmp_path / "p"
+    assert_one_line_error(
+        *cli(*argv), "folder holds PyTorch pickles (pytorch_model.bin), no .safetensors files: lorakit reads"
+    )
+
+
 def test_train_refuses_a_folder_as_data(tmp_path, cli):
     examples.write_llama_checkpoint(str(tmp_path / "b"))
     argv = [

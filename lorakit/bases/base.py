@@ -2,10 +2,13 @@
 once), its full-precision view, its names for an adapter's modules, and a writer of the same container kind."""
 
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
 from ..errors import LorakitError
+
+HUB_SNAPSHOT = re.compile(r"models--(?P<id>[^/]+)/snapshots/[^/]+$")  # the Hugging Face cache's layout
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,14 @@ class Base:
 
     @property
     def name(self):
-        """The name an adapter records for this base: config.json's _name_or_path, else the file or folder's."""
-        return (self.config or {}).get("_name_or_path") or os.path.basename(os.path.normpath(self.path))
+        """The name an adapter records for this base: config.json's _name_or_path, else the hub id of a Hugging Face
+        cache snapshot (.../models--org--name/snapshots/REV: org/name), else the file or folder's."""
+        given = (self.config or {}).get("_name_or_path")
+        if given:
+            return given
+        path = os.path.normpath(os.path.abspath(self.path))
+        snapshot = HUB_SNAPSHOT.search(path if os.path.isdir(path) else os.path.dirname(path))
+        return snapshot["id"].replace("--", "/", 1) if snapshot else os.path.basename(path)
 
     @property
     def tied_embeddings(self):

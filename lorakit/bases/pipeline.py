@@ -16,12 +16,9 @@ def _outside(path, folder):
 
 
 def _holds_weights(folder):
-    """A component folder: its .safetensors files (none of them a link out of it)."""
-    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
-    for f in files:
-        if _outside(os.path.join(folder, f), folder):
-            raise LorakitError(f"'{f}' is a link out of its component folder: refused", path=folder)
-    return bool(files)
+    """A component folder: it holds .safetensors files (links to files too: the Hugging Face cache links every file
+    of a snapshot to its blob)."""
+    return any(f.endswith(".safetensors") for f in os.listdir(folder))
 
 
 class PipelineBase(Base):
@@ -40,7 +37,8 @@ class PipelineBase(Base):
         self.components = {}
         for entry in sorted(os.listdir(self.path)):
             sub = os.path.join(self.path, entry)
-            if os.path.islink(sub) and _outside(sub, self.path):
+            # a component folder linked out of the pipeline is refused (the Hugging Face cache links files only)
+            if os.path.islink(sub) and os.path.isdir(sub) and _outside(sub, self.path):
                 raise LorakitError(
                     f"'{entry}' is a link out of the pipeline folder (to {os.path.realpath(sub)}): refused",
                     path=self.path,

@@ -42,16 +42,29 @@ def shard_files(path):
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise LorakitError("'weight_map' must map tensor names to shard file names", path=index_path)
-        folder = os.path.realpath(path)
         files = []
         for f in sorted(set(weight_map.values())):
-            full = os.path.realpath(os.path.join(path, f))
-            if os.path.dirname(full) != folder:  # ../../etc/passwd, absolute paths, sub-folders, links out
+            full = os.path.join(path, f)
+            # a file name of the folder: never ../../etc/passwd, an absolute path or a sub-folder; a link in the
+            # folder is followed (the Hugging Face cache links every file of a snapshot to its blob)
+            if os.path.basename(f) != f or f in ("", ".", "..") or os.sep in f or "/" in f:
                 raise LorakitError(f"shard '{f}' is not a file of the model folder", path=index_path)
+            if not os.path.isfile(full):
+                raise LorakitError(
+                    f"shard '{f}' named by the index is missing from the folder", path=index_path
+                )
             files.append(os.path.join(path, f))
         return files, index
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    names = os.listdir(path)
+    files = sorted(f for f in names if f.endswith(".safetensors"))
     if not files:
+        pickles = sorted(f for f in names if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        if pickles:
+            raise LorakitError(
+                f"folder holds PyTorch pickles ({', '.join(pickles[:3])}), no .safetensors files: lorakit reads "
+                "safetensors checkpoints (transformers: save_pretrained(..., safe_serialization=True))",
+                path=path,
+            )
         raise LorakitError("folder holds no .safetensors files", path=path)
     return [os.path.join(path, f) for f in files], None
 
