@@ -323,16 +323,20 @@ def test_per_module_notes_are_one_line_unless_verbose(w, cli):
 
 
 def _hub_cache(root, repo, files, commit="0123456789abcdef0123456789abcdef01234567"):
-    """A Hugging Face cache laid out as huggingface_hub lays it out: models--org--name/{refs/main, snapshots/<rev>}."""
+    """A Hugging Face cache laid out as huggingface_hub lays it out: models--org--name/{refs/main, snapshots/<rev>,
+    blobs}, every file of the snapshot a relative link to its blob."""
     import shutil
 
     folder = root / f"models--{repo.replace('/', '--')}"
     os.makedirs(folder / "refs", exist_ok=True)
+    os.makedirs(folder / "blobs", exist_ok=True)
     (folder / "refs" / "main").write_text(commit)
     snapshot = folder / "snapshots" / commit
     os.makedirs(snapshot, exist_ok=True)
     for f in os.listdir(files):
-        shutil.copy(os.path.join(files, f), snapshot / f)
+        blob = folder / "blobs" / f"{repo.replace('/', '-')}-{f}"
+        shutil.copy(os.path.join(files, f), blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f)
     return commit
 
 
