@@ -457,7 +457,11 @@ def test_sdxl_single_file_kohya_to_diffusers(tmp_path):
     for name in unet_names:
         key = f"{name[len('unet.') :]}.weight"
         want = original[key].double() + d.modules[name].delta(torch.float64)
-        assert torch.allclose(merged[key].double(), want, rtol=0, atol=1e-6), key
+        # fp32 math rounded once: a few fp32 ulps of |W| + |B| |A| (the UNet's and the factors' draws depend on the
+        # tests run before in the process, so a fixed atol failed on a large weight now and then)
+        B2, A2 = d.modules[name].factors(torch.float64)
+        size = original[key].double().abs() + (B2.abs() @ A2.abs()).reshape(want.shape)
+        assert ((merged[key].double() - want).abs() <= 4 * torch.finfo(torch.float32).eps * size).all(), key
     assert sum(not torch.equal(merged[k], original[k]) for k in original) == len(unet_names)
     with pytest.raises(
         LorakitError, match="a pipeline folder is written whole"
