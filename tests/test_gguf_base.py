@@ -16,6 +16,7 @@ import lorakit  # noqa: E402
 from lorakit.core import Adapter, Module  # noqa: E402
 from lorakit.examples import TensorDict, quantize_gguf  # noqa: E402
 from lorakit.quant.gguf import TYPES, GGUFBlocks  # noqa: E402
+from conftest import assert_one_line_error  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 64
 KVD = HIDDEN // HEADS * KV_HEADS
@@ -643,3 +644,67 @@ def test_an_adapter_whose_rows_the_base_heads_cannot_split_is_one_line(tmp_path,
         )
         assert "of the adapter's B [6, 4]: it does not fit this base's attention heads" in err
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_a_gguf_repo_on_the_hub_is_read_by_its_tag(tmp_path, cli, monkeypatch):
+    """org/name-GGUF:Q8_0 (llama.cpp's -hf spelling) takes that one GGUF model of a repo of several; without a tag
+    such a repo is refused with its tags, before anything is fetched; online, only the chosen file (or its splits)
+    is asked for, and a repo of safetensors weights and GGUF files fetches no GGUF."""
+    import huggingface_hub
+
+    from test_first_hour import _hub_cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.makedirs("repo")
+    for kind in ("Q8_0", "Q4_0"):
+        build(tmp_path / "repo" / f"tiny-{kind}.gguf", kind)
+    adapter().save("a.safetensors")
+    _hub_cache(tmp_path / "cache", "org/tiny-GGUF", "repo")
+    code, out, err = cli("merge", "org/tiny-GGUF:Q8_0", "a.safetensors", "-o", "hub.gguf", "-q")
+    assert code == 0, err
+    lorakit.merge("repo/tiny-Q8_0.gguf", ["a.safetensors"], "file.gguf", quiet=True)
+    assert open("hub.gguf", "rb").read() == open("file.gguf", "rb").read()
+    for argv, fragment in (
+        (
+            ["merge", "org/tiny-GGUF", "a.safetensors", "-o", "x.gguf"],
+            "org/tiny-GGUF: the repo holds 2 GGUF models (Q4_0, Q8_0): name one as org/tiny-GGUF:TAG, e.g. "
+            "org/tiny-GGUF:Q4_0",
+        ),
+        (["merge", "org/tiny-GGUF:Q5_K", "a.safetensors", "-o", "x.gguf"], "HF_HUB_OFFLINE is set"),
+        (["inspect", "org/tiny-GGUF:Q8_0"], "picks one GGUF file of a model repo: only a base takes it"),
+    ):
+        assert_one_line_error(*cli(*argv), fragment)
+    # online: the repo's file list decides what is fetched
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    listing = {
+        "org/big-GGUF": [
+            "README.md",
+            "big-Q4_K_M.gguf",
+            "Q8_0/big-Q8_0-00001-of-00002.gguf",
+            "Q8_0/big-Q8_0-00002-of-00002.gguf",
+            "mmproj-big-f16.gguf",
+        ],
+        "org/both": ["config.json", "model.safetensors", "both-Q4_K_M.gguf"],
+    }
+    asked = []
+
+    def snapshot_download(**options):
+        if options.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        asked.append(options["allow_patterns"])
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no network in this test")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: listing[repo])
+    for base in ("org/big-GGUF:Q8_0", "org/big-GGUF:q4_k_m", "org/both"):
+        cli("merge", base, "a.safetensors", "-o", "x.gguf", "-q")
+    assert asked[0] == ["Q8_0/big-Q8_0-00001-of-00002.gguf", "Q8_0/big-Q8_0-00002-of-00002.gguf"]
+    assert asked[1] == ["big-Q4_K_M.gguf"]
+    assert "*.safetensors" in asked[2] and "*.gguf" not in asked[2]
+    assert_one_line_error(
+        *cli("merge", "org/big-GGUF", "a.safetensors", "-o", "x.gguf"),
+        "the repo holds 2 GGUF models (Q4_K_M, Q8_0): name one as org/big-GGUF:TAG",
+    )
+    assert len(asked) == 3  # refused before any download

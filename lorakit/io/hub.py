@@ -10,7 +10,12 @@ import re
 
 from ..errors import LorakitError
 
-HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
+# org/name, @revision, and for a base :TAG, the GGUF file of a repo of several (org/name-GGUF:Q4_K_M, as llama.cpp's
+# -hf takes it)
+HUB_ID = re.compile(
+    r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?(?::(?P<tag>[A-Za-z][\w.-]*))?"
+)
+SPLIT = re.compile(r"-\d{5}-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 # What each role reads: never READMEs, optimizer states, other frameworks' weights or training logs.
 ROLE_FILES = {
@@ -40,6 +45,10 @@ def local(path, role="adapter", quiet=False, header_only=False):
     if os.path.exists(text) or not is_hub_id(text):
         return path
     m = HUB_ID.fullmatch(text)
+    if m["tag"] and role != "base":
+        raise LorakitError(
+            f"':{m['tag']}' picks one GGUF file of a model repo: only a base takes it", path=text
+        )
     hub = _import_hub(text)
     options = dict(
         repo_id=m["repo"],
@@ -48,18 +57,83 @@ def local(path, role="adapter", quiet=False, header_only=False):
         allow_patterns=ROLE_FILES[role],
         ignore_patterns=ROLE_SKIPPED,
     )
-    pick = _single_file if role == "adapter" else (lambda folder: folder)
+    pick = {"adapter": _single_file, "base": lambda folder: _base_in(folder, m, text)}.get(role, lambda f: f)
     try:  # the cache first: no network at all
-        return pick(hub.snapshot_download(**options, local_files_only=True))
+        cached = hub.snapshot_download(**options, local_files_only=True)
     except Exception:  # any miss of the cache: fetch (below) or say why not
-        if offline():
-            raise _error(text, "not in the local cache and HF_HUB_OFFLINE is set") from None
+        cached = None
+    found = pick(cached) if cached is not None else None  # None: the GGUF file :TAG names is not cached
+    if found is not None:
+        return found
+    if offline():
+        raise _error(text, "not in the local cache and HF_HUB_OFFLINE is set")
     if header_only:
         try:
             return pick(_headers(hub, m["repo"], m["revision"]))
         except Exception as e:  # every failure becomes one line naming the id
             raise _error(text, _reason(e)) from None
+    if role == "base":  # one GGUF model of the repo, never every quantization of it
+        files = gguf_files(_repo_files(hub, m, text), m, text)
+        options["allow_patterns"] = files or [p for p in ROLE_FILES["base"] if p != "*.gguf"]
     return pick(_download(hub, text, options, quiet))
+
+
+def gguf_files(names, m, text):
+    """The files of the one GGUF model a base reads from a repo holding `names`: the one `m`'s :TAG names ('Q4_K_M'
+    names 'model-Q4_K_M.gguf' and the splits of 'Q4_K_M/model-Q4_K_M-00001-of-00002.gguf'), or the repo's only
+    one; None where no tag is given and the repo holds safetensors weights (those are read). Projector files
+    (mmproj) are not a model."""
+    models = {}
+    for name in sorted(names):
+        if name.lower().endswith(".gguf") and "mmproj" not in os.path.basename(name).lower():
+            models.setdefault(SPLIT.sub(r"-00001-of-\1.gguf", name), []).append(name)
+    tag = m["tag"]
+    if not tag and (not models or any(n.endswith(".safetensors") for n in names)):
+        return None
+    word = re.compile(rf"(^|[-_./]){re.escape(tag or '')}([-.]|$)", re.IGNORECASE)
+    chosen = [files for first, files in models.items() if not tag or word.search(SPLIT.sub(".gguf", first))]
+    if len(chosen) == 1:
+        return chosen[0]
+    tags = sorted({_tag(first) for first in models})
+    what = f"no GGUF file named for ':{tag}'" if tag and not chosen else f"{len(chosen)} GGUF models"
+    raise LorakitError(
+        f"the repo holds {what} ({', '.join(tags) or 'none'}): name one as {m['repo']}:TAG, e.g. "
+        f"{m['repo']}:{tags[0] if tags else 'Q4_K_M'}",
+        path=text,
+    )
+
+
+def _tag(first):
+    """'Q4_K_M' of 'org-model-Q4_K_M.gguf' (or of its first split): the name's last dash-separated part."""
+    return os.path.basename(SPLIT.sub(".gguf", first))[: -len(".gguf")].rsplit("-", 1)[-1]
+
+
+def _base_in(folder, m, text):
+    """A base's path in a snapshot folder: the folder, or its one GGUF model's (first) file; None where the file :TAG
+    names is not there (not cached)."""
+    names = [
+        os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+        for d, _, files in os.walk(folder)
+        for f in files
+    ]
+    try:
+        files = (
+            gguf_files(names, m, text)
+            if m["tag"] or any(n.lower().endswith(".gguf") for n in names)
+            else None
+        )
+    except LorakitError:
+        if m["tag"]:  # not in what the cache holds: fetch it (the repo's own list decides)
+            return None
+        raise
+    return folder if files is None else os.path.join(folder, files[0])
+
+
+def _repo_files(hub, m, text):
+    try:
+        return hub.list_repo_files(m["repo"], revision=m["revision"])
+    except Exception as e:  # every failure becomes one line naming the id
+        raise _error(text, _reason(e)) from None
 
 
 def _single_file(folder):
