@@ -128,6 +128,41 @@ def test_force_replaces_only_the_same_kind_and_atomically(w, cli, monkeypatch):
     assert sorted(f for f in os.listdir(".") if f.startswith(".")) == []  # no temporaries, no old copy left
 
 
+def test_an_empty_folder_made_beforehand_takes_a_folder_output(w, cli, monkeypatch):
+    """`mkdir out` before a command that writes a folder: the empty folder is no output to protect (merge, convert
+    --to peft, train --format peft write into it); one holding anything, or a file output, is refused as before; a
+    file written into it while the command runs is left alone and the result discarded."""
+    import shutil
+
+    import numpy as np
+
+    from lorakit.io import atomic_output
+
+    monkeypatch.chdir(w)
+    np.save("tokens.npy", np.arange(2000) % 200)
+    for argv in (
+        ["merge", "base", "a.safetensors", "-o", "m"],
+        ["convert", "a.safetensors", "-o", "m", "--to", "peft"],
+        ["train", "--base", "base", "--data", "tokens.npy", "-o", "m", "--format", "peft", "--steps", "1"],
+    ):
+        shutil.rmtree("m", ignore_errors=True)
+        os.makedirs("m")
+        code, out, err = cli(*argv, "-q")
+        assert code == 0 and os.path.isfile(
+            "m/config.json" if argv[0] == "merge" else "m/adapter_config.json"
+        ), err
+    os.makedirs("full")
+    open("full/x", "w").write("x")
+    assert_one_line_error(*cli("merge", "base", "a.safetensors", "-o", "full"), "output exists (use --force")
+    os.makedirs("empty")
+    assert_one_line_error(*cli("resize", "a.safetensors", "-o", "empty", "--rank", "1"), "output exists")
+    with pytest.raises(LorakitError, match="output appeared"):
+        with atomic_output(w / "empty", directory=True) as tmp:
+            open(os.path.join(tmp, "mine"), "w").write("mine")
+            open(w / "empty" / "theirs", "w").write("theirs")
+    assert os.listdir("empty") == ["theirs"]
+
+
 def test_two_writers_of_one_output_never_silently_replace(tmp_path):
     from lorakit.io import atomic_output
 

@@ -31,6 +31,10 @@ def _inside(child, parent):
     return child != parent and os.path.commonpath([child, parent]) == parent
 
 
+def _empty_folder(path):
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
 def check_output(output, inputs=(), force=False, directory=None):
     """Refuse an OUT that would lose data, before anything is computed. `directory`: True when the command writes a
     folder, False for a file, None when unknown yet."""
@@ -56,6 +60,8 @@ def check_output(output, inputs=(), force=False, directory=None):
     if not os.path.isdir(parent):
         raise LorakitError("is a file, not a folder: cannot write the output under it", path=parent)
     if not os.path.lexists(out):
+        return
+    if directory is not False and _empty_folder(out):  # made beforehand (mkdir out): nothing in it to lose
         return
     if not force:
         raise LorakitError(f"output exists (use {flag} to replace it)", path=output)
@@ -223,7 +229,9 @@ def atomic_output(path, force=False, directory=False):
 
 def _publish(tmp, path, force, directory):
     try:
-        if not (force and os.path.lexists(path)):
+        if directory and _empty_folder(path):
+            _rename_onto_empty(tmp, path)
+        elif not (force and os.path.lexists(path)):
             _rename_noreplace(tmp, path)
         elif not directory:
             os.replace(tmp, path)  # atomic: the old file stays until the new one is complete
@@ -238,6 +246,17 @@ def _publish(tmp, path, force, directory):
             "alone and this result discarded",
             path=path,
         ) from None
+
+
+def _rename_onto_empty(tmp, path):
+    """A folder made beforehand and still empty is replaced in one rename (POSIX replaces an empty folder only):
+    something written into it meanwhile makes the rename fail, and it is left alone."""
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(path) from None
+        raise
 
 
 def _unlink(p):
