@@ -686,14 +686,15 @@ def test_a_gguf_repo_on_the_hub_is_read_by_its_tag(tmp_path, cli, monkeypatch):
             "Q8_0/big-Q8_0-00002-of-00002.gguf",
             "mmproj-big-f16.gguf",
         ],
-        "org/both": ["config.json", "model.safetensors", "both-Q4_K_M.gguf"],
+        "org/both": ["config.json", "model.safetensors", "both-Q4_K_M.gguf", "consolidated.safetensors"],
     }
-    asked = []
+    asked, ignored = [], []
 
     def snapshot_download(**options):
         if options.get("local_files_only"):
             raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
         asked.append(options["allow_patterns"])
+        ignored.append(options["ignore_patterns"])
         raise huggingface_hub.errors.LocalEntryNotFoundError("no network in this test")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -703,6 +704,7 @@ def test_a_gguf_repo_on_the_hub_is_read_by_its_tag(tmp_path, cli, monkeypatch):
     assert asked[0] == ["Q8_0/big-Q8_0-00001-of-00002.gguf", "Q8_0/big-Q8_0-00002-of-00002.gguf"]
     assert asked[1] == ["big-Q4_K_M.gguf"]
     assert "*.safetensors" in asked[2] and "*.gguf" not in asked[2]
+    assert "consolidated*" in ignored[2] and "consolidated*" not in ignored[0]  # Mistral's second copy
     assert_one_line_error(
         *cli("merge", "org/big-GGUF", "a.safetensors", "-o", "x.gguf"),
         "the repo holds 2 GGUF models (Q4_K_M, Q8_0): name one as org/big-GGUF:TAG",

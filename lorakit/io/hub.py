@@ -73,8 +73,12 @@ def local(path, role="adapter", quiet=False, header_only=False):
         except Exception as e:  # every failure becomes one line naming the id
             raise _error(text, _reason(e)) from None
     if role == "base":  # one GGUF model of the repo, never every quantization of it
-        files = gguf_files(_repo_files(hub, m, text), m, text)
+        names = _repo_files(hub, m, text)
+        files = gguf_files(names, m, text)
         options["allow_patterns"] = files or [p for p in ROLE_FILES["base"] if p != "*.gguf"]
+        if any(n.startswith("model") and n.endswith(".safetensors") for n in names):
+            # Mistral's repos hold their weights twice: Hugging Face shards and the original consolidated file
+            options["ignore_patterns"] = [*ROLE_SKIPPED, "consolidated*"]
     return pick(_download(hub, text, options, quiet))
 
 
