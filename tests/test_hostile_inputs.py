@@ -4,6 +4,7 @@ a correct result, leave the inputs as they were and leave no output or temporary
 
 import json
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -132,8 +133,6 @@ def test_an_empty_folder_made_beforehand_takes_a_folder_output(w, cli, monkeypat
     """`mkdir out` before a command that writes a folder: the empty folder is no output to protect (merge, convert
     --to peft, train --format peft write into it); one holding anything, or a file output, is refused as before; a
     file written into it while the command runs is left alone and the result discarded."""
-    import shutil
-
     import numpy as np
 
     from lorakit.io import atomic_output
@@ -1177,8 +1176,13 @@ def test_an_empty_folder_and_a_peft_folder_without_weights_say_so(w, cli):
     (w / "empty").mkdir()
     (w / "cfg").mkdir()
     (w / "cfg" / "adapter_config.json").write_text((w / "peft" / "adapter_config.json").read_text())
+    shutil.copytree(w / "peft", w / "run" / "checkpoint-500")  # a Trainer's output_dir
     for name, message in [
         ("empty", "is an empty folder: no adapter in it"),
+        (
+            "run",
+            f"holds no adapter itself, but its sub-folder(s) checkpoint-500/ hold PEFT adapters: pass one, e.g. {w / 'run' / 'checkpoint-500'}",
+        ),
         (
             "cfg",
             "holds adapter_config.json but no adapter_model.safetensors (or .bin): the PEFT adapter's weights",
