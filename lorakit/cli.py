@@ -125,7 +125,7 @@ def main():
 @click.option(
     "--base", type=click.Path(), help="Base checkpoint: adds ||dW|| / ||W|| per module (with --spectrum)."
 )
-@_verbose("One line per module.")
+@_verbose("One line per module (with --spectrum: every one; default: the 8 largest).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     """Summarize an adapter of any readable format (header only unless --spectrum)."""
@@ -136,7 +136,7 @@ def inspect_cmd(adapter, as_json, spectrum, base, verbose, quiet):
     emit(
         inspect(adapter, spectrum=spectrum, base=base, verbose=verbose, quiet=quiet),
         as_json,
-        render.inspect_text,
+        functools.partial(render.inspect_text, verbose=verbose),
     )
 
 

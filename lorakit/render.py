@@ -19,7 +19,12 @@ def _fmt_num(x):
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def inspect_text(r):
+def _relative_size(m):
+    """A spectrum row's size: ||dW|| / ||W|| where the base gave it, else ||dW||."""
+    return m.get("relative_norm", m.get("norm", 0.0))
+
+
+def inspect_text(r, verbose=True):
     lines = []
     echo = lines.append
     echo(f"file        {r['file']} ({human_size(r['file_size'])})")
@@ -75,7 +80,9 @@ def inspect_text(r):
             if "relative_norm" in r["modules"][0]:
                 head += "   ||dW||/||W||"
         echo(head)
-        for m in sorted(r["modules"], key=lambda m: natural_key(m["module"])):
+        shown, said = shown_modules(r["modules"], _relative_size, verbose or not spectral, "largest")
+        lines[-1:-1] = said
+        for m in shown:
             line = (
                 f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
                 f"{'x'.join(map(str, m['shape'])):<16}"

@@ -539,6 +539,15 @@ def test_reports_are_short_by_default_and_whole_with_verbose(tmp_path, cli):
     ]
     code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / "v.safetensors", "-q", "-v")
     assert [line.split()[0] for line in out.splitlines()[2:]] == names
+    # inspect --spectrum: the 8 largest ||dW|| (module i's grows with i), -v every one in natural order
+    code, out, _ = cli("inspect", tmp_path / "a.safetensors", "--spectrum", "-q")
+    lines = out.splitlines()
+    start = lines.index("  the 8 largest of 12 modules (-v: every one):")
+    assert [line.split()[0] for line in lines[start + 2 :]] == [
+        f"model.layers.{i}.mlp.up_proj" for i in range(11, 3, -1)
+    ]
+    code, out, _ = cli("inspect", tmp_path / "a.safetensors", "--spectrum", "-q", "-v")
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("model.layers")] == names
 
 
 def test_diff_matches_names_spelled_otherwise(tmp_path, cli):
