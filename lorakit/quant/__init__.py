@@ -149,7 +149,12 @@ def detect(ckpt, q, base):
             check_claimed(fmt, ckpt, found, base)
             return fmt, found
     if not claimed:
-        raise LorakitError(f"quantization method '{q.get('quant_method')}' is not supported", path=base)
+        raise LorakitError(
+            f"quantization method '{q.get('quant_method')}' is not supported (lorakit merges into fp8, fbgemm_fp8, "
+            "compressed-tensors, gptq, awq, bitsandbytes, modelopt, mxfp4 and GGUF checkpoints): merge into the "
+            "full-precision checkpoint it was quantized from",
+            path=base,
+        )
     example = next((n for n in ckpt.where if n.endswith(QUANT_NAMES)), None)
     if example is not None:
         raise LorakitError(
