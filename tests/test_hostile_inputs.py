@@ -447,6 +447,11 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
             "--energy must be in (0, 1]",
         ),
         (["extract", "base", "single", "-o", "o.safetensors", "--rank", "0"], "--rank must be >= 1"),
+        # a misspelt target among good ones: refused, not an adapter extracted without it
+        (
+            ["extract", "base", "single", "-o", "o.safetensors", "--rank", "2", "--targets", "q_proj,q_prj"],
+            "--targets q_prj: matches no tensor of the checkpoints (the other targets match",
+        ),
         (
             ["combine", "a.safetensors", "a.safetensors", "-o", "o.safetensors", "--rank", "0"],
             "--rank must be >= 1",

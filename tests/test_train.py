@@ -243,7 +243,17 @@ def test_bad_input_stops_before_training(task, tmp_path, cli):
         "--targets",
         "nothing_here",
     )
-    assert c == 2 and "match no Linear" in err
+    assert (
+        c == 2
+        and "--targets nothing_here: matches no Linear, Conv, Embedding or Conv1D layer of the base" in err
+    )
+    # one misspelt target among good ones: refused, not an adapter trained without it
+    argv = ["train", "--base", task / "base", "--data", task / "data.npy", "-o", tmp_path / "x"]
+    c, out, err = cli(*argv, "--targets", "q_proj,v_prj")
+    assert c == 2 and "--targets v_prj: matches no Linear" in err and "(the other targets match 2)" in err
+    c, out, err = cli(*argv, "--targets", ",")
+    assert c == 2 and "--targets is empty" in err
+    assert not os.path.exists(tmp_path / "x")
     devices = [("gpu", "--device is auto or one of cuda, mps, cpu"), ("cuda:x", "not 'cuda:x'")]
     if not torch.cuda.is_available():
         devices.append(("cuda", "sees no CUDA device here"))
@@ -297,7 +307,7 @@ def test_lora_layers_for_any_model():
     ad = lora.extract(net)
     assert ad.modules["gpt"].kind == "linear_t" and ad.modules["gpt"].shape == (5, 12)
     assert ad.modules["emb"].kind == "embedding" and ad.modules["c2"].shape == (4, 3, 3, 3)
-    with pytest.raises(LorakitError, match="match no"):
+    with pytest.raises(LorakitError, match="matches no Linear"):
         lora.inject(torch.nn.Sequential(torch.nn.ReLU()), "x")
 
 

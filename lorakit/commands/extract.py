@@ -14,7 +14,7 @@ from ..options import ExtractOptions, seed_in_range, takes_options
 from ..progress import progress
 from ..formats import refuse_misnamed
 from ..spec import fingerprint
-from ..training.lora import matches, target_list
+from ..training.lora import matches, refuse_idle_targets, target_list
 from .args import local, rank_rule, refuse_adapter_as_base
 
 USAGE = "lorakit extract BASE TUNED -o OUT"  # in refusals
@@ -124,6 +124,10 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
     targets = target_list(targets)
     base_ckpt, tuned_ckpt = _opened(base, tuned)
     cb, ct = base_ckpt.view, tuned_ckpt.view  # quantized checkpoints are read dequantized
+    if targets:
+        refuse_idle_targets(
+            targets, [n.removesuffix(".weight") for n in ct.names], "tensor of the checkpoints"
+        )
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     adapter = Adapter(
         base_model=base_ckpt.name,

@@ -97,12 +97,28 @@ def matches(name, patterns):
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def refuse_idle_targets(targets, names, what):
+    """A target pattern that matches none of `names` is refused: a misspelt one would make an adapter without it,
+    silently."""
+    idle = [t for t in targets if not any(matches(n, [t]) for n in names)]
+    if idle:
+        matched = sum(matches(n, targets) for n in names)
+        others = f" (the other targets match {matched})" if matched else ""
+        raise LorakitError(
+            f"--targets {', '.join(idle)}: matches no {what}{others}: drop it or fix its spelling"
+        )
+
+
 def inject(model, targets, rank=16, alpha=32.0):
     """Wrap every supported layer whose name matches `targets`; freeze everything else. Returns the wrapped names."""
     targets = target_list(targets)
-    names = [n for n, m in model.named_modules() if n and matches(n, targets) and _kind(m)]
-    if not names:
-        raise LorakitError(f"targets {','.join(targets)} match no Linear, Conv, Embedding or Conv1D layer")
+    if not targets:
+        raise LorakitError(
+            "--targets is empty: name the layers to train (q_proj,v_proj, a glob or a full name)"
+        )
+    layers = [n for n, m in model.named_modules() if n and _kind(m)]
+    names = [n for n in layers if matches(n, targets)]
+    refuse_idle_targets(targets, layers, "Linear, Conv, Embedding or Conv1D layer of the base")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
