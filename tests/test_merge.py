@@ -233,7 +233,7 @@ def test_bad_input_leaves_no_output(tiny_base, tmp_path, cli, monkeypatch):
         c,
         out,
         err,
-        "2 adapter tensor(s) do not fit",
+        "the adapter does not fit the base (2 problems)",
         "q_proj.weight: base [64, 64], adapter [64, 32]",
         "[LK601] 1 of 2 modules",
         "match nothing in the base: model.layers.9.mlp.up_proj (nearest: model.layers.1.mlp.up_proj)",

@@ -280,7 +280,8 @@ class Planner:
             shown = "; ".join(self.problems[:6]) + (f"; and {n - 6} more" if n > 6 else "")
             hint = f" ({'; '.join(sorted(self.hints))})" if self.hints else ""
             raise LorakitError(
-                f"{n} adapter tensor(s) do not fit the base: {shown}{hint}", path=self.base.path
+                f"the adapter does not fit the base ({n} problem{'s' if n > 1 else ''}): {shown}{hint}",
+                path=self.base.path,
             )
         untie = self.embed is not None and (HEAD in self.tensors or self.embed in self.tensors)
         if untie and self.same_change(self.tensors.get(HEAD), self.tensors.get(self.embed)):
