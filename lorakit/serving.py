@@ -207,6 +207,16 @@ def _scale_problems(adapter, engine, config, fix):
                 None,
             )
         )
+    if config.get("use_qalora"):  # PEFT's own GPTQ layers pool; no serving engine does
+        group = config.get("qalora_group_size", 16)
+        out.append(
+            (
+                "LK512",
+                f"QA-LoRA: lora_A acts on the inputs averaged in groups of {group}, which {engine.name} does not "
+                f"do (it multiplies lora_A by the whole input): {fix} writes the same change on every input",
+                None,
+            )
+        )
     if config.get("use_rslora") and not engine.rslora:
         out.append(
             ("LK503", f"rsLoRA read as alpha / r by {engine.name} (wrong strength): {fix} folds it", None)

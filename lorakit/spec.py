@@ -87,6 +87,7 @@ CODES = {
         "a LoRA on some experts of a MoE layer: the engine loads one for every expert",
     ),
     "LK511": ("experts-not-served", "LoRAs on MoE experts, which the engine (at that version) does not load"),
+    "LK512": ("pooled-inputs", "QA-LoRA's lora_A on inputs averaged in groups, which no engine does"),
     # landing on a base (`validate --base`, merge, convert --base): where each module goes in that base's tensors
     "LK601": ("lands-nowhere", "a module that matches no tensor of the base (the nearest base name given)"),
     "LK602": ("base-shape-mismatch", "a module whose base tensor has another shape"),

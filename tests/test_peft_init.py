@@ -209,3 +209,41 @@ def test_initial_reports_how_far_training_moved_the_factors(cli, base_dir, tmp_p
         tmp_path / "m2",
     )
     assert code == 0 and "training moved the factors by" in out and "another run" not in out
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (
+            {"alora_invocation_tokens": [5, 6]},
+            "an Activated LoRA (alora_invocation_tokens) applies only from",
+        ),
+        (
+            {"layer_replication": [[0, 2], [1, 2]]},
+            "PEFT's layer_replication [[0, 2], [1, 2]] stacks the base's",
+        ),
+    ],
+)
+def test_adapters_no_weight_change_equals_are_refused(cli, base_dir, tmp_path, options, fragment):
+    """An Activated LoRA acts from its invocation tokens on, and layer_replication's adapter names the layers of a
+    stacked model (here 3 layers of a 2-layer base): both made by the real PEFT, which cannot merge the first
+    either; merge and convert refuse them (LK603, no --initial offered), validate --base says so."""
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **options)
+    )
+    pm.save_pretrained(tmp_path / "a")
+    if "alora_invocation_tokens" in options:
+        with pytest.raises(NotImplementedError):
+            pm.merge_and_unload()
+    else:
+        assert len(pm.base_model.model.model.layers) == 3
+    for argv in (
+        ["merge", base_dir, tmp_path / "a", "-o", tmp_path / "m"],
+        ["convert", tmp_path / "a", "-o", tmp_path / "c", "--for", "vllm"],
+    ):
+        code, out, err = cli(*argv)
+        assert_one_line_error(code, out, err, "[LK603]", fragment)
+        assert "--initial" not in err and "does not hold" not in err
+    code, out, err = cli("validate", tmp_path / "a", "--base", base_dir)
+    assert code == 1 and "LK603" in out and fragment in out and "--initial" not in out

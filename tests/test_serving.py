@@ -218,3 +218,52 @@ def test_vllm_rules_by_version(tmp_path, cli):
     assert_one_line_error(code, out, err, "engine version 'latest' does not read as a version")
     assert lorakit.serving.served_rank(lorakit.serving.get_engine("vllm"), 512) == 512
     assert lorakit.serving.served_rank(lorakit.serving.get_engine("vllm"), 513) is None
+
+
+def test_qalora_reads_as_the_lora_on_every_input_and_converts_for_engines(tmp_path, cli):
+    """QA-LoRA (use_qalora, PEFT's GPTQ layers): lora_A [r, in / g] acts on the inputs averaged in groups of g, times
+    in / g (QALoraLinearVariant.forward). lorakit reads it as the same change of W (checked against that forward in
+    fp64 on the identity); validate --for says no engine pools (LK512); convert --for vllm writes a PEFT folder whose
+    delta, as the real PEFT computes it, is that change."""
+    from safetensors.torch import load_file, save_file
+
+    g = 4
+    base, folder, _ = build(tmp_path, "plain", r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    tensors = load_file(folder / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(3)
+    for key in [k for k in tensors if "lora_A" in k]:
+        r, width = tensors[key].shape
+        tensors[key] = torch.randn(r, width // g, generator=gen)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**config, "use_qalora": True, "qalora_group_size": g})
+    )
+
+    def qalora_delta(
+        key,
+    ):  # PEFT's forward on every basis vector: x pooled, times in / g, @ A^T @ B^T * scaling
+        A, B = tensors[key].double(), tensors[key.replace("lora_A", "lora_B")].double()
+        inn = A.shape[1] * g
+        x = torch.eye(inn, dtype=torch.float64)
+        pooled = x.view(inn, inn // g, g).mean(2) * (inn // g)
+        return (pooled @ A.T @ B.T * (4 / 2)).T  # [out, in]
+
+    ad = lorakit.load(folder)
+    for key in [k for k in tensors if "lora_A" in k]:
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        assert torch.allclose(ad.modules[module].delta(torch.float64), qalora_delta(key), rtol=0, atol=1e-12)
+    code, out, err = cli("validate", folder, "--for", "vllm", "--json")
+    assert code == 1 and "LK512" in {p["code"] for p in json.loads(out)["files"][0]["problems"]}
+    code, out, err = cli("convert", folder, "-o", tmp_path / "served", "--for", "vllm", "-q")
+    assert code == 0, err
+    assert "LK512" not in cli("validate", tmp_path / "served", "--for", "vllm")[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        served = peft.PeftModel.from_pretrained(make_base(), tmp_path / "served")
+    for key in [k for k in tensors if "lora_A" in k]:
+        layer = served.base_model.model.get_submodule(
+            key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        )
+        got = layer.get_delta_weight("default").double()
+        assert torch.allclose(got, qalora_delta(key), rtol=0, atol=1e-5 * got.abs().max()), key

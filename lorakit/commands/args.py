@@ -195,19 +195,17 @@ def undo_initial(loaded, initial, command):
     PiSSA, OLoRA, CorDA, LoRA-GA) becomes dW = B A - B0 A0 with its initial adapter (`initial`, a path: the adapter
     as saved before training); refused without one (LK603), and LoftQ always (its base is in no file). Returns
     (the adapters, [(label, note on what was undone)])."""
-    from ..formats.peft_config import LOFTQ
+    from ..formats.peft_config import undoable
 
     moved = [(label, ad) for label, ad, _ in loaded if ad.moved_base]
     for label, ad in moved:
-        if ad.moved_base == LOFTQ or initial is None:
+        if not undoable(ad.moved_base) or initial is None:
             way = (
-                ""
-                if ad.moved_base == LOFTQ
-                else f"; {command} it with {opt('initial', bare=True)} {INITIAL_HOW}"
+                f", which the adapter does not hold; {command} it with {opt('initial', bare=True)} {INITIAL_HOW}"
+                if undoable(ad.moved_base)
+                else ""
             )
-            raise LorakitError(
-                f"{ad.moved_base}, which the adapter does not hold{way}", path=label, code="LK603"
-            )
+            raise LorakitError(f"{ad.moved_base}{way}", path=label, code="LK603")
     if initial is None:
         return loaded, []
     if len(moved) != 1:

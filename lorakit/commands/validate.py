@@ -12,6 +12,7 @@ from ..formats import (
     named_other_container,
     refuse_incomplete_folder,
 )
+from ..formats.peft_config import undoable
 from ..io.hub import local
 
 
@@ -104,7 +105,8 @@ def landing_problems(adapter, base, engine):
     ]
     problems += [spec.Problem("LK602", shapes, name) for name, shapes in shape_mismatches(base, moved)]
     if adapter.moved_base:
-        problems.append(spec.Problem("LK603", f"{adapter.moved_base}: merge / convert it with --initial DIR"))
+        how = ": merge / convert it with --initial DIR" if undoable(adapter.moved_base) else ""
+        problems.append(spec.Problem("LK603", f"{adapter.moved_base}{how}"))
     if engine is not None and found.renamed:
         problems.append(spec.Problem("LK601", renamed_for_engine(found, engine)))
     return found, problems

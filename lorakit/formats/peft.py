@@ -196,11 +196,15 @@ def _module(module, p, config, shapes, notes, path):
     if lora_alpha is None:
         raise LorakitError("adapter_config.json has no lora_alpha", path=path)
     scale = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r
+    bias_scale = scale
+    if config.get("use_qalora") and kind == "linear":
+        spec_A, pooling = _qalora(module, spec_A, config, shapes, notes)
+        scale *= pooling
     mod = Module(module, spec_A, spec_B, alpha=scale * r, kind=kind)
     if abs(mod.scale - scale) > 0:
         notes.append(f"{module}: scale {scale!r} stored as alpha {mod.alpha!r} / {r} (fp32 rounding)")
     if ("lora_B", "bias") in p:
-        mod.bias = (p[("lora_B", "bias")].float() * scale).to(p[("lora_B", "bias")].dtype)
+        mod.bias = (p[("lora_B", "bias")].float() * bias_scale).to(p[("lora_B", "bias")].dtype)
     mag = p.get(("lora_magnitude_vector", None), p.get(("lora_magnitude_vector", "weight")))
     # PEFT would start the magnitude from the base's norms: not this file's delta
     if mag is None and config.get("use_dora"):
@@ -215,6 +219,24 @@ def _module(module, p, config, shapes, notes, path):
         mod.magnitude = mag.reshape(-1)
         mod.dora_axis = 1 if kind == "linear_t" else 0
     return mod
+
+
+def _qalora(module, A, config, shapes, notes):
+    """(A over every input, the factor for the scale) of a QA-LoRA module (use_qalora, PEFT's GPTQ layers): its
+    lora_A [r, in / g] acts on the inputs averaged in groups of g, times in / g (QALoraLinearVariant.forward), which
+    is the LoRA whose A repeats each column over its group of g inputs, at in / g / g times the scale: exact. A
+    module whose A already spans the base's inputs (a layer PEFT left unpooled) stays as it is."""
+    g = config.get("qalora_group_size", 16)
+    width = A.shape[1]
+    stored = shapes.get(f"{module}.weight") if shapes else None
+    if stored is not None and tuple(stored)[-1] == width:
+        return A, 1.0
+    if not any(n.startswith("QA-LoRA") for n in notes):
+        notes.append(
+            f"QA-LoRA (use_qalora, qalora_group_size {g}): lora_A acts on the inputs averaged in groups of {g}; "
+            f"read as the same change of W, lora_A repeated over each group (scale times in / {g} / {g})"
+        )
+    return A.repeat_interleave(g, dim=1), width / g
 
 
 def _is_transposed(module, A, B, fan_in_fan_out, base_shapes):

@@ -77,6 +77,9 @@ def check_config(config, path):
             raise LorakitError(f"'{key}' must be a string or a list of strings, got {value!r}", path=path)
         for pattern in _patterns(key, value):
             _regex(f"'{key}'", pattern, path)
+    group = config.get("qalora_group_size")
+    if config.get("use_qalora") and group is not None and not (_index(group) and group >= 1):
+        raise LorakitError(f"'qalora_group_size' must be a positive integer, got {group!r}", path=path)
     layers = config.get("layers_to_transform")
     if layers is not None and not (_index(layers) or isinstance(layers, list) and all(map(_index, layers))):
         raise LorakitError(
@@ -178,13 +181,33 @@ def initialisation(config):
     return "pissa" if value.startswith("pissa") else value
 
 
+ALORA = (
+    "an Activated LoRA (alora_invocation_tokens) applies only from its invocation tokens on, so no change of the "
+    "weights equals it (PEFT cannot merge it either): serve it at run time with an engine that runs aLoRA"
+)
+
+
 def base_change(config):
     """Why an adapter does not apply to the original base as it is (None where it does): its initialisation
-    moved the base, and the initial adapter is needed to undo that (LoftQ: nothing can)."""
+    moved the base, and the initial adapter is needed to undo that (`undoable`); LoftQ, an Activated LoRA and layer
+    replication: nothing can."""
     init = initialisation(config)
     if init == "loftq":
         return LOFTQ
+    if config.get("alora_invocation_tokens"):
+        return ALORA
+    if config.get("layer_replication"):
+        return (
+            f"PEFT's layer_replication {config['layer_replication']} stacks the base's layers again, sharing "
+            "their weights: the adapter's layer numbers are those of the stacked model, so no change of the base's "
+            "own weights equals it"
+        )
     return MOVES_BASE.get(init)
+
+
+def undoable(reason):
+    """Whether the initial adapter (--initial) undoes what `base_change` said (PiSSA, OLoRA, CorDA, LoRA-GA)."""
+    return reason in MOVES_BASE.values()
 
 
 def initialisation_note(config):
