@@ -103,13 +103,17 @@ def _check_options(rank, energy, seed):
     seed_in_range(seed)
 
 
-def _opened(base, tuned):
-    """The two checkpoints opened; an adapter given for either refused (there is nothing to extract from it)."""
+def _opened(base, tuned, targets):
+    """The two checkpoints opened; an adapter given for either refused (there is nothing to extract from it), and
+    a target pattern that names no tensor of them."""
     opened = open_base(base), open_base(tuned)
     for role, ckpt in zip(("BASE", "TUNED"), opened):
         refuse_adapter_as_base(
             ckpt, USAGE, role, "extract compares two model checkpoints (merge an adapter first)"
         )
+    if targets:
+        names = [n.removesuffix(".weight") for n in opened[1].view.names]
+        refuse_idle_targets(targets, names, "tensor of the checkpoints")
     return opened
 
 
@@ -122,12 +126,8 @@ def extract(base, tuned, output, *, rank, energy, targets, seed, dtype, force, q
     check_output(output, [base, tuned], force, directory=False)
     refuse_misnamed("lorakit", output)  # now, not after the SVDs
     targets = target_list(targets)
-    base_ckpt, tuned_ckpt = _opened(base, tuned)
+    base_ckpt, tuned_ckpt = _opened(base, tuned, targets)
     cb, ct = base_ckpt.view, tuned_ckpt.view  # quantized checkpoints are read dequantized
-    if targets:
-        refuse_idle_targets(
-            targets, [n.removesuffix(".weight") for n in ct.names], "tensor of the checkpoints"
-        )
     out_dtype = None if dtype == "keep" else user_dtype(dtype)
     adapter = Adapter(
         base_model=base_ckpt.name,
