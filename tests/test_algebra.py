@@ -539,6 +539,20 @@ def test_reports_are_short_by_default_and_whole_with_verbose(tmp_path, cli):
     ]
     code, out, _ = cli("diff", tmp_path / "a.safetensors", tmp_path / "v.safetensors", "-q", "-v")
     assert [line.split()[0] for line in out.splitlines()[2:]] == names
+    # --json: every row, in natural order
+    for argv in (
+        ["resize", tmp_path / "a.safetensors", "-o", tmp_path / "j.safetensors", "--rank", "1"],
+        ["diff", tmp_path / "a.safetensors", tmp_path / "v.safetensors"],
+        [
+            "combine",
+            tmp_path / "a.safetensors",
+            tmp_path / "v.safetensors",
+            "-o",
+            tmp_path / "j2.safetensors",
+        ],
+    ):
+        rows = json.loads(cli(*argv, "-q", "--json")[1])["modules"]
+        assert [m["module"] for m in rows] == names
     # inspect --spectrum: the 8 largest ||dW|| (module i's grows with i), -v every one in natural order
     code, out, _ = cli("inspect", tmp_path / "a.safetensors", "--spectrum", "-q")
     lines = out.splitlines()

@@ -7,6 +7,7 @@ import torch
 from ..core import Adapter, algebra
 from ..errors import LorakitError, opt
 from ..io.dtypes import user_dtype
+from ..naming import natural_key
 from ..methods import USES_DENSITY, USES_SEED, get_method
 from ..progress import progress
 from ..io import check_output
@@ -65,7 +66,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     loaded, spelled = _one_spelling(loaded)
     same_base(loaded)
     out_dtype = _combined_dtype(loaded, dtype)
-    names = sorted({n for _, ad, _ in loaded for n in ad.modules})
+    names = sorted({n for _, ad, _ in loaded for n in ad.modules}, key=natural_key)
     first = loaded[0][1]
     result = Adapter(
         base_model=first.base_model,
@@ -188,7 +189,8 @@ def resize(
         user_metadata=dict(ad.user_metadata),
     )
     rows = []
-    for m in progress(ad.modules.values(), quiet=quiet, desc="resize", unit="module"):
+    modules = sorted(ad.modules.values(), key=lambda m: natural_key(m.name))
+    for m in progress(modules, quiet=quiet, desc="resize", unit="module"):
         module, stats = algebra.resize_module(m, dtype=out_dtype, max_rank=max_rank, minimal=minimal, **rule)
         result.add(module)
         rows.append(stats)
@@ -222,7 +224,10 @@ def diff(a, b, quiet=False):
     notes += more
     rows = []
     for name in progress(
-        sorted(set(ad_a.modules) | set(ad_b.modules)), quiet=quiet, desc="diff", unit="module"
+        sorted(set(ad_a.modules) | set(ad_b.modules), key=natural_key),
+        quiet=quiet,
+        desc="diff",
+        unit="module",
     ):
         ma, mb = ad_a.modules.get(name), ad_b.modules.get(name)
         if ma is None or mb is None:
