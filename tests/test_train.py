@@ -18,6 +18,8 @@ from lorakit.training import lora
 from lorakit.errors import LorakitError
 from lorakit.training.model import LlamaForCausalLM
 
+from conftest import assert_one_line_error
+
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -335,3 +337,49 @@ def test_summary_says_held_out_before_and_after_and_when_training_hurt(task, tmp
     code, out, err = cli(*args, "--steps", 4, "--lr", 3.0, "-o", tmp_path / "bad.safetensors", "--quiet")
     assert code == 0, err
     assert "note: training made the held-out loss WORSE" in out and "a lower --lr than 3" in out
+
+
+def test_text_records_prompt_completion_and_a_byte_order_mark(tmp_path, cli):
+    """JSONL text and prompt + completion records through the base's tokenizer.json: the loss on the completion only
+    (TRL's SFT default) with tokenizer_config.json's EOS appended as TRL does; a byte-order mark (Windows editors) is
+    no part of the first record; chat 'messages' are refused with the way to give them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lorakit.training.data import load_data
+
+    examples.write_llama_checkpoint(str(tmp_path / "b"))
+    words = {w: i for i, w in enumerate(["<unk>", "</s>", "what", "is", "two", "four", "a", "b"])}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["</s>"])  # id 1 already: special, so never split
+    tokenizer.save(str(tmp_path / "b" / "tokenizer.json"))
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    lines = ['{"text": "a b a"}', '{"prompt": "what is two", "completion": " four"}'] * 8
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    kind, records = load_data(tmp_path / "d.jsonl", 64, str(tmp_path / "b"))
+    assert kind == "records" and len(records) == 16
+    (ids, labels), (pids, plabels) = records[:2]
+    assert ids.tolist() == labels.tolist() == [6, 7, 6]
+    assert pids.tolist() == [2, 3, 4, 5, 1] and plabels.tolist() == [-100, -100, -100, 5, 1]
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfa b")
+    assert load_data(tmp_path / "t.txt", 64, str(tmp_path / "b"))[1].tolist() == [6, 7]
+    argv = [
+        "train",
+        "--base",
+        tmp_path / "b",
+        "-o",
+        tmp_path / "o.safetensors",
+        "--steps",
+        "1",
+        "--seq-len",
+        "8",
+    ]
+    code, out, err = cli(*argv, "--data", tmp_path / "d.jsonl", "-q")
+    assert code == 0, err
+    os.remove(tmp_path / "o.safetensors")
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    code, out, err = cli(*argv, "--data", tmp_path / "c.jsonl")
+    assert_one_line_error(code, out, err, "line 1: chat 'messages' need the model's chat template")
+    (tmp_path / "p.jsonl").write_text('{"prompt": [{"role": "user", "content": "a"}], "completion": "b"}\n')
+    code, out, err = cli(*argv, "--data", tmp_path / "p.jsonl")
+    assert_one_line_error(code, out, err, "line 1: 'prompt' must be a string")

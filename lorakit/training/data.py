@@ -38,7 +38,7 @@ def load_data(path, vocab_size, base=None):
     elif path.endswith(".jsonl"):
         kind, data = "records", _read_jsonl(path, base)
     elif path.endswith(".txt"):
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             kind, data = (
                 "stream",
                 torch.tensor(_tokenizer(base, path).encode(f.read()).ids, dtype=torch.int64),
@@ -64,24 +64,13 @@ def load_data(path, vocab_size, base=None):
 
 
 def _read_jsonl(path, base):
-    records, tokenizer = [], None
-    with open(path) as f:
+    records, text = [], _Text(base, path)
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is no part of line 1
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             r = parse_json(line, path, f"line {n}")
-            if "input_ids" in r:
-                ids = torch.tensor(_token_ids(r["input_ids"], path, n, "input_ids"), dtype=torch.int64)
-            elif "text" in r:
-                tokenizer = tokenizer or _tokenizer(base, path)
-                ids = torch.tensor(tokenizer.encode(r["text"]).ids, dtype=torch.int64)
-            else:
-                raise LorakitError(f"line {n} has neither input_ids nor text", path=path)
-            labels = (
-                torch.tensor(_token_ids(r["labels"], path, n, "labels"), dtype=torch.int64)
-                if "labels" in r
-                else ids.clone()
-            )
+            ids, labels = _record(r, path, n, text)
             if "loss_mask" in r:
                 mask = _token_ids(r["loss_mask"], path, n, "loss_mask")
                 if len(mask) != len(labels):
@@ -91,6 +80,66 @@ def _read_jsonl(path, base):
                 raise LorakitError(f"line {n}: labels and input_ids differ in length", path=path)
             records.append((ids, labels))
     return records
+
+
+def _record(r, path, n, text):
+    """(ids, labels) of one JSONL record: input_ids (labels optional), text, or prompt + completion (the loss on
+    the completion only, TRL's SFT default, the tokenizer's EOS appended to it as TRL does)."""
+    if not isinstance(r, dict):
+        raise LorakitError(f"line {n} is not a JSON object", path=path)
+    if "input_ids" in r:
+        ids = torch.tensor(_token_ids(r["input_ids"], path, n, "input_ids"), dtype=torch.int64)
+        if "labels" in r:
+            return ids, torch.tensor(_token_ids(r["labels"], path, n, "labels"), dtype=torch.int64)
+        return ids, ids.clone()
+    if "text" in r:
+        ids = torch.tensor(text.encode(_string(r, "text", path, n)), dtype=torch.int64)
+        return ids, ids.clone()
+    if "prompt" in r and "completion" in r:
+        prompt, completion = _string(r, "prompt", path, n), _string(r, "completion", path, n)
+        eos = text.eos()
+        if eos and not completion.endswith(eos):
+            completion += eos
+        ids = torch.tensor(text.encode(prompt + completion), dtype=torch.int64)
+        labels = ids.clone()
+        labels[: len(text.encode(prompt))] = -100
+        return ids, labels
+    if "messages" in r:
+        raise LorakitError(
+            f"line {n}: chat 'messages' need the model's chat template, which lorakit does not run: give "
+            "'text' with the template applied (transformers' apply_chat_template), or 'prompt' and 'completion'",
+            path=path,
+        )
+    raise LorakitError(f"line {n} has none of input_ids, text, or prompt and completion", path=path)
+
+
+def _string(r, key, path, n):
+    if not isinstance(r[key], str):
+        raise LorakitError(
+            f"line {n}: '{key}' must be a string (conversational lists need the chat template: apply it first)",
+            path=path,
+        )
+    return r[key]
+
+
+class _Text:
+    """The base's tokenizer, loaded at the first text that needs it."""
+
+    def __init__(self, base, path):
+        self.base, self.path, self.tokenizer = base, path, None
+
+    def encode(self, text):
+        self.tokenizer = self.tokenizer or _tokenizer(self.base, self.path)
+        return self.tokenizer.encode(text).ids
+
+    def eos(self):
+        """tokenizer_config.json's eos_token (a string or an AddedToken object), None where it names none."""
+        config = os.path.join(self.base or "", "tokenizer_config.json")
+        token = (
+            read_json(config, "tokenizer_config.json").get("eos_token") if os.path.isfile(config) else None
+        )
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) and token else None
 
 
 def _token_ids(value, path, line, key):
