@@ -31,6 +31,7 @@ FORMATS = {
         "HunyuanVideo, Qwen-Image, xlabs Flux ...)",
     ),
     "peft": ("peft", "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) or bare file"),
+    "mlx": ("mlx", "MLX LM adapter folder (adapter_config.json + adapters.safetensors, mlx_lm.lora's)"),
     "kohya": ("kohya", "kohya-ss/sd-scripts LoRA (and LyCORIS, read)"),
     "loralib": ("loralib", "microsoft/LoRA loralib .pt state dict (read only; needs --alpha)"),
     "gguf": ("gguf_lora", "llama.cpp GGUF LoRA adapter (Llama family; needs the gguf package)"),
@@ -41,6 +42,7 @@ ALIASES = {
     "sd-scripts": "kohya",
     "llama.cpp": "gguf",
     "microsoft-lora": "loralib",
+    "mlx-lm": "mlx",
 }
 
 

@@ -1,0 +1,123 @@
+"""MLX LM adapters against the real mlx-lm (its CPU build, a test extra): an adapter mlx-lm made is read, converted
+to PEFT and merged to the logits mlx-lm computes with it; one lorakit writes is loaded by mlx-lm's load_adapters to
+the logits of the PEFT adapter it came from. MLX runs in a child process (its own framework beside torch)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import peft
+import torch
+import transformers
+
+import lorakit
+from lorakit import examples
+
+from conftest import assert_one_line_error
+
+IDS = [[1, 50, 20, 42, 7, 90, 33, 12]]
+
+# mlx-lm: the tiny Llama (Hugging Face folder), optionally an adapter made here (rank 4, scale 3, on the last two
+# layers' q / v / down, lora_b drawn) or loaded from a folder; saves the logits
+MLX_RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import numpy as np
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import load_model
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    base, mode, adapter, out = sys.argv[1:5]
+    model, _ = load_model(Path(base))
+    if mode == "make":
+        model.freeze()
+        params = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}
+        linear_to_lora_layers(model, 2, params)
+        mx.random.seed(0)
+        drawn = [(n, mx.random.normal(p.shape) * 0.05) for n, p in tree_flatten(model.trainable_parameters())
+                 if n.endswith("lora_b")]
+        model.update(tree_unflatten(drawn))
+        os.makedirs(adapter)
+        mx.save_safetensors(os.path.join(adapter, "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}
+        json.dump(config, open(os.path.join(adapter, "adapter_config.json"), "w"))
+    elif mode == "load":
+        load_adapters(model, adapter)
+    np.save(out, np.array(model(mx.array(%s)).astype(mx.float32)))
+    """
+    % IDS
+)
+
+
+def mlx_logits(base, mode, adapter, out):
+    code = subprocess.run(
+        [sys.executable, "-c", MLX_RUN, str(base), mode, str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert code.returncode == 0, code.stderr[-2000:]
+    return torch.from_numpy(np.load(out)).double()
+
+
+def torch_logits(base, adapter=None):
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if adapter is not None:
+            model = peft.PeftModel.from_pretrained(model, adapter)
+        return model(torch.tensor(IDS)).logits.double()
+
+
+def test_an_adapter_mlx_lm_made_reads_converts_and_merges_exactly(tmp_path, cli):
+    base = tmp_path / "base"
+    examples.write_llama_checkpoint(str(base))
+    floor = (mlx_logits(base, "base", "-", tmp_path / "b.npy") - torch_logits(base)).abs().max()
+    want = mlx_logits(base, "make", tmp_path / "mlx", tmp_path / "a.npy")
+    ad = lorakit.load(tmp_path / "mlx")
+    assert (
+        ad.source_format == "mlx" and len(ad.modules) == 6 and {m.scale for m in ad.modules.values()} == {3.0}
+    )
+    assert cli("convert", tmp_path / "mlx", "-o", tmp_path / "peft", "--to", "peft", "-q")[0] == 0
+    assert cli("merge", base, tmp_path / "mlx", "-o", tmp_path / "merged", "-q")[0] == 0
+    effect = (want - torch_logits(base)).abs().max()
+    for got in (torch_logits(base, tmp_path / "peft"), torch_logits(tmp_path / "merged")):
+        assert (got - want).abs().max() < 2 * floor + 1e-5 and effect > 100 * floor
+
+
+def test_an_adapter_lorakit_writes_loads_in_mlx_lm(tmp_path, cli):
+    """A PEFT adapter with two ranks and two scales (rank_pattern / alpha_pattern): mlx-lm takes one rank and one
+    scale, so the writer pads ranks with zeros and folds scales into lora_b; mlx-lm's logits equal PEFT's."""
+    base = tmp_path / "base"
+    examples.write_llama_checkpoint(str(base))
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        init_lora_weights=False,
+    )
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "peft")
+    code, out, err = cli("convert", tmp_path / "peft", "-o", tmp_path / "mlx", "--to", "mlx")
+    assert code == 0 and "folded into B" in out, err
+    written = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert written["num_layers"] == -1 and written["lora_parameters"]["rank"] == 4
+    want = torch_logits(base, tmp_path / "peft")
+    floor = (mlx_logits(base, "base", "-", tmp_path / "b.npy") - torch_logits(base)).abs().max()
+    got = mlx_logits(base, "load", tmp_path / "mlx", tmp_path / "a.npy")
+    assert (got - want).abs().max() < 2 * floor + 1e-5 and (
+        want - torch_logits(base)
+    ).abs().max() > 100 * floor
+    # what mlx-lm's LoRA layers cannot hold is refused by name, never dropped
+    ad = lorakit.load(tmp_path / "peft")
+    ad.replacements["lm_head.weight"] = torch.zeros(2, 2)
+    ad.save(tmp_path / "full.safetensors")
+    code, out, err = cli("convert", tmp_path / "full.safetensors", "-o", tmp_path / "x", "--to", "mlx")
+    assert_one_line_error(code, out, err, "MLX adapters hold no full tensors (lm_head.weight)")
+    assert not os.path.exists(tmp_path / "x")
