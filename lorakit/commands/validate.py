@@ -241,6 +241,7 @@ def _convert_hint(path, fmt):
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     out = os.path.join(os.path.dirname(os.path.normpath(path)), f"{stem}.lorakit.safetensors")
     return (
-        f"a {fmt.name} adapter, not a lorakit file; to write it in the spec format: "
+        f"{'an' if fmt.name == 'mlx' else 'a'} {fmt.name} adapter, not a lorakit file; to write it in the spec "
+        "format: "
         f"lorakit convert {shlex.quote(path)} -o {shlex.quote(out)} --to lorakit"
     )
