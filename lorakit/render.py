@@ -93,6 +93,8 @@ def inspect_text(r, verbose=True):
                 if "relative_norm" in m:
                     line += f"   {m['relative_norm']:.3e}"
             echo(line)
+    notes = r.get("notes", [])
+    lines += [f"note: {n}" for n in (notes if verbose else summarized_notes(notes))]
     return "\n".join(line.rstrip() for line in lines)
 
 

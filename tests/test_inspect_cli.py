@@ -111,3 +111,24 @@ def test_demo_runs(tmp_path, cli):
     assert sorted(os.listdir(tmp_path)) == ["demo", "notes.txt"]
     code, out, err = cli("demo", "--keep", tmp_path / "notes.txt", "--quiet")
     assert code == 2 and "is not a folder: --keep takes a folder" in err
+
+
+def test_inspect_says_what_reading_found(tmp_path, cli):
+    """A PEFT folder whose target_modules leave out a module the file holds, and one whose initialisation moved its
+    base (PiSSA): inspect says so (it said nothing; convert and merge did)."""
+    ad = Adapter()
+    for name, (out, inn) in (
+        ("model.layers.0.self_attn.q_proj", (8, 8)),
+        ("model.layers.0.mlp.up_proj", (16, 8)),
+    ):
+        ad.add(Module(name, torch.randn(2, inn), torch.randn(out, 2), alpha=4.0))
+    ad.save(tmp_path / "p", format="peft")
+    config_path = tmp_path / "p" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    code, out, err = cli("inspect", tmp_path / "p")
+    assert code == 0 and "note: WARNING: adapter_config.json does not target 1 module(s)" in out, err
+    assert inspect(tmp_path / "p")["notes"][0].startswith("WARNING: adapter_config.json does not target 1")
+    config_path.write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    code, out, err = cli("inspect", tmp_path / "p")
+    assert "note: not a weight change of the base as it is: PiSSA trained it against" in out

@@ -79,6 +79,12 @@ def inspect(adapter, spectrum=False, base=None, verbose=False, quiet=False):
         ],
         "provenance": ad.provenance,
         "metadata": ad.user_metadata,
+        # what reading it found (PEFT would not load some modules, kohya names unresolved ...) and why it does not
+        # apply to its base as it is (PiSSA, LoftQ, an Activated LoRA ...)
+        "notes": [
+            *ad.notes,
+            *([f"not a weight change of the base as it is: {ad.moved_base}"] if ad.moved_base else []),
+        ],
     }
     report["engines"] = _engine_verdicts(ad, fmt.name)
     if verbose or spectrum:
