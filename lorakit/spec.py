@@ -101,6 +101,10 @@ CODES = {
         "base-copy-dropped",
         "warning (validate --for): PEFT's copy of a base weight beside its LoRA, which the engine drops",
     ),
+    "LK304": (
+        "reader-warning",
+        "warning: what an adapter's own tool would do otherwise than its file says (PEFT not loading some modules)",
+    ),
 }
 
 SUFFIXES = ("lora_A", "lora_B", "alpha", "bias_delta", "dora_magnitude")

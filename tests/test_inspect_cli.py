@@ -129,6 +129,10 @@ def test_inspect_says_what_reading_found(tmp_path, cli):
     code, out, err = cli("inspect", tmp_path / "p")
     assert code == 0 and "note: WARNING: adapter_config.json does not target 1 module(s)" in out, err
     assert inspect(tmp_path / "p")["notes"][0].startswith("WARNING: adapter_config.json does not target 1")
+    # validate: still valid (a warning, LK304), exit 0
+    code, out, err = cli("validate", tmp_path / "p", "--json")
+    (result,) = json.loads(out)["files"]
+    assert code == 0 and result["valid"] and [p["code"] for p in result["problems"]] == ["LK304"]
     config_path.write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
     code, out, err = cli("inspect", tmp_path / "p")
     assert "note: not a weight change of the base as it is: PiSSA trained it against" in out

@@ -169,7 +169,7 @@ def _validate_other_format(path, fmt):
     """Valid as a `fmt` adapter when its reader reads it without a problem (the way to the spec format a note);
     otherwise invalid, with what the reader finds after the way to the spec format."""
     problems, hint = _reader_problems(path), _convert_hint(path, fmt)
-    if problems:
+    if any(p.is_error for p in problems):  # warnings (LK304) leave it valid, the way to the spec a note
         problems = [spec.Problem("LK105", hint), *problems]
     return {**_result(path, True, problems), "format": fmt.name, "note": hint}
 
@@ -234,7 +234,9 @@ def _reader_problems(path):
         kinds = ", ".join(sorted({t.kind for t in adapter.transforms.values()}))
         message = f"{len(adapter.transforms)} module(s) change W multiplicatively ({kinds}): convert with --base BASE"
         return [spec.Problem("LK402", message)]
-    return []
+    return [
+        spec.Problem("LK304", n.removeprefix("WARNING: ")) for n in adapter.notes if n.startswith("WARNING")
+    ]
 
 
 def _convert_hint(path, fmt):
