@@ -18,7 +18,8 @@ from ..core import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output, read_config, write_safetensors
 from ..naming.embeddings import is_embedding
-from .common import check_rank, open_safetensors, refuse_deltas, refuse_unknown, t_contig
+from ..serving import folded
+from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
 WEIGHTS, CONFIG = "adapters.safetensors", "adapter_config.json"
 LEAVES = ("lora_a", "lora_b", "m")
@@ -109,13 +110,9 @@ def _module(path, name, t, scale, rank, fine_tune):
     return module
 
 
-def write(adapter, path, force=False):
-    """A folder mlx-lm loads: one rank and one scale (each module's scale folded into its B, shorter ranks padded
-    with zeros: the same dW), `keys` naming every module (inside a layer by its path there, with num_layers -1: every
-    layer; a layer without a module here keeps lora_b at zero when mlx-lm loads it)."""
-    from ..serving import folded
-    from .common import most_common
-
+def _writable(adapter, path):
+    """The modules of an adapter mlx-lm's LoRA layers can hold (linear and embedding LoRAs); anything else refused
+    by name, never dropped."""
     refuse_deltas(adapter, "MLX", path)
     if adapter.replacements:
         raise LorakitError(
@@ -126,17 +123,27 @@ def write(adapter, path, force=False):
     if not mods:
         raise LorakitError("the adapter is empty", path=path)
     for m in mods:
-        if m.kind not in ("linear", "embedding") or m.magnitude is not None or m.bias is not None:
-            what = (
-                "DoRA"
-                if m.magnitude is not None
-                else "a bias delta"
-                if m.bias is not None
-                else f"a {m.kind} LoRA"
-            )
+        what = (
+            "DoRA"
+            if m.magnitude is not None
+            else "a bias delta"
+            if m.bias is not None
+            else None
+            if m.kind in ("linear", "embedding")
+            else f"a {m.kind} LoRA"
+        )
+        if what:
             raise LorakitError(
                 f"{what}: mlx-lm's LoRA layers take only linear and embedding LoRAs", path=path, tensor=m.name
             )
+    return mods
+
+
+def write(adapter, path, force=False):
+    """A folder mlx-lm loads: one rank and one scale (each module's scale folded into its B, shorter ranks padded
+    with zeros: the same dW), `keys` naming every module (inside a layer by its path there, with num_layers -1: every
+    layer; a layer without a module here keeps lora_b at zero when mlx-lm loads it)."""
+    mods = _writable(adapter, path)
     rank, scale = max(m.rank for m in mods), most_common([m.scale for m in mods])
     tensors, keys = {}, set()
     for m in mods:

@@ -108,8 +108,8 @@ def gguf_files(names, m, text):
 
 
 def _tag(first):
-    """'Q4_K_M' of 'org-model-Q4_K_M.gguf' (or of its first split): the name's last dash-separated part."""
-    return os.path.basename(SPLIT.sub(".gguf", first))[: -len(".gguf")].rsplit("-", 1)[-1]
+    """'Q4_K_M' of 'model-Q4_K_M.gguf' or 'Model.Q4_K_M.gguf' (or of its first split): the name's last part."""
+    return re.split(r"[-.]", os.path.basename(SPLIT.sub(".gguf", first))[: -len(".gguf")])[-1]
 
 
 def _base_in(folder, m, text):
