@@ -585,8 +585,8 @@ def test_diff_matches_names_spelled_otherwise(tmp_path, cli):
         r = json.loads(out)
         assert code == 0 and r["summary"]["both"] == 2 and r["summary"]["identical_deltas"]
         assert r["notes"] == [
-            f"2 of B's modules compared under A's names, spelled otherwise there (kohya's mangled names, another "
-            f"prefix): e.g. {example}"
+            f"2 of {other}.safetensors's modules compared under the first input's names, spelled otherwise there "
+            f"(kohya's mangled names, another prefix): e.g. {example}"
         ]
     # both spellings at once in B: its own name is compared, the other is only in B
     make(tmp_path / "w.safetensors", [Module(n, A, B, alpha=8.0) for n in names + vlm[:1]])

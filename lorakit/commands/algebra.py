@@ -63,7 +63,7 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
         raise LorakitError("give at least one adapter")
     check_output(output, paths(inputs), force, directory=False)
     loaded = factors_only(load_inputs(inputs), "combine")
-    loaded, spelled = _one_spelling(loaded)
+    loaded, spelled = _one_spelling(loaded, "combined")
     same_base(loaded)
     out_dtype = _combined_dtype(loaded, dtype)
     names = sorted({n for _, ad, _ in loaded for n in ad.modules}, key=natural_key)
@@ -102,17 +102,17 @@ def combine(adapters, output, *, method, rank, energy, density, seed, dtype, for
     }
 
 
-def _one_spelling(loaded):
-    """(the inputs with every module under one name where they spell it otherwise, the notes saying so): each
-    later input's modules renamed onto the first's names, and the first's onto each later one's (kohya's mangled
-    names give way to dotted ones whichever comes first)."""
+def _one_spelling(loaded, verb):
+    """(the inputs with every module under one name where they spell it otherwise, the notes saying so, `verb`
+    what is done with them): each later input's modules renamed onto the first's names, and the first's onto each
+    later one's (kohya's mangled names give way to dotted ones whichever comes first)."""
     (path, first, weight), rest, notes = loaded[0], [], []
     for p, ad, w in loaded[1:]:
         ad, said = spelled_alike(
-            ad, first, f"{os.path.basename(p)}'s modules combined under the first input's names"
+            ad, first, f"{os.path.basename(p)}'s modules {verb} under the first input's names"
         )
         first, more = spelled_alike(
-            first, ad, f"the first input's modules combined under {os.path.basename(p)}'s names"
+            first, ad, f"the first input's modules {verb} under {os.path.basename(p)}'s names"
         )
         rest.append((p, ad, w))
         notes += said + more
@@ -219,9 +219,7 @@ def diff(a, b, quiet=False):
     """Compare two adapters in delta space, module by module, from the factors."""
     a, b = local(a, "adapter", quiet), local(b, "adapter", quiet)
     (a, ad_a), (b, ad_b) = factors_only([as_adapter(a), as_adapter(b)], "diff")
-    ad_b, notes = spelled_alike(ad_b, ad_a, "B's modules compared under A's names")
-    ad_a, more = spelled_alike(ad_a, ad_b, "A's modules compared under B's names")
-    notes += more
+    [(_, ad_a, _), (_, ad_b, _)], notes = _one_spelling([(a, ad_a, 1.0), (b, ad_b, 1.0)], "compared")
     rows = []
     for name in progress(
         sorted(set(ad_a.modules) | set(ad_b.modules), key=natural_key),
