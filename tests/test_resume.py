@@ -3,6 +3,7 @@ bytes of an uninterrupted one; a corrupt journal, or inputs / options changed si
 --part i/N for N = 1, 2, 3 writes the same bytes; files nothing changes are copied whole by the kernel."""
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -42,17 +43,20 @@ EVENTS = ("write", "copy", "done", "append", "torn")
 
 
 def killed_at(k, work, out):
-    """Fork a merge that SIGKILLs itself at its k-th write event (a tensor written or copied, a file renamed into
-    the work folder, a journal line appended, or half of one); returns once it is dead."""
-    pid = os.fork()
-    if pid:
-        _, status = os.waitpid(pid, 0)
-        return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    import torch
+    """Run a merge that SIGKILLs itself at its k-th write event (a tensor written or copied, a file renamed into
+    the work folder, a journal line appended, or half of one) in a child process; returns once it is dead. The child
+    is forked from a fresh forkserver (torch and lorakit preloaded, no math run yet), not from this process: a child
+    forked from a process whose threads ran MKL inherits MKL's allocator mid-use and can spin in it forever (seen
+    twice in CI: both merge workers in mm_account_ptr_by_tid)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "lorakit"])
+    child = context.Process(target=_merge_killed_at, args=(k, work, out))
+    child.start()
+    child.join()
+    return child.exitcode == -signal.SIGKILL
 
-    torch.set_num_threads(
-        1
-    )  # the parent's OpenMP pool does not survive fork: no parallel region in the child
+
+def _merge_killed_at(k, work, out):
     count = [0]
 
     def event():
