@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import peft
+import pytest
 import torch
 import transformers
 
@@ -34,17 +35,19 @@ MLX_RUN = textwrap.dedent(
     from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
     base, mode, adapter, out = sys.argv[1:5]
     model, _ = load_model(Path(base))
-    if mode == "make":
+    if mode in ("lora", "dora"):
         model.freeze()
         params = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}
-        linear_to_lora_layers(model, 2, params)
+        linear_to_lora_layers(model, 2, params, use_dora=mode == "dora")
         mx.random.seed(0)
         drawn = [(n, mx.random.normal(p.shape) * 0.05) for n, p in tree_flatten(model.trainable_parameters())
                  if n.endswith("lora_b")]
+        drawn += [(n, p * (1 + 0.1 * mx.random.normal(p.shape))) for n, p in tree_flatten(model.trainable_parameters())
+                  if n.endswith(".m")]
         model.update(tree_unflatten(drawn))
         os.makedirs(adapter)
         mx.save_safetensors(os.path.join(adapter, "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}
+        config = {"fine_tune_type": mode, "num_layers": 2, "lora_parameters": params}
         json.dump(config, open(os.path.join(adapter, "adapter_config.json"), "w"))
     elif mode == "load":
         load_adapters(model, adapter)
@@ -73,15 +76,19 @@ def torch_logits(base, adapter=None):
         return model(torch.tensor(IDS)).logits.double()
 
 
-def test_an_adapter_mlx_lm_made_reads_converts_and_merges_exactly(tmp_path, cli):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_an_adapter_mlx_lm_made_reads_converts_and_merges_exactly(tmp_path, cli, kind):
+    """mlx-lm's LoRA and DoRA (its magnitudes m drawn too) on the last two layers: PEFT with the converted folder
+    and the merged checkpoint give mlx-lm's logits."""
     base = tmp_path / "base"
     examples.write_llama_checkpoint(str(base))
     floor = (mlx_logits(base, "base", "-", tmp_path / "b.npy") - torch_logits(base)).abs().max()
-    want = mlx_logits(base, "make", tmp_path / "mlx", tmp_path / "a.npy")
+    want = mlx_logits(base, kind, tmp_path / "mlx", tmp_path / "a.npy")
     ad = lorakit.load(tmp_path / "mlx")
     assert (
         ad.source_format == "mlx" and len(ad.modules) == 6 and {m.scale for m in ad.modules.values()} == {3.0}
     )
+    assert all((m.magnitude is not None) == (kind == "dora") for m in ad.modules.values())
     assert cli("convert", tmp_path / "mlx", "-o", tmp_path / "peft", "--to", "peft", "-q")[0] == 0
     assert cli("merge", base, tmp_path / "mlx", "-o", tmp_path / "merged", "-q")[0] == 0
     effect = (want - torch_logits(base)).abs().max()
