@@ -1182,11 +1182,12 @@ def test_an_empty_folder_and_a_peft_folder_without_weights_say_so(w, cli):
     (w / "cfg").mkdir()
     (w / "cfg" / "adapter_config.json").write_text((w / "peft" / "adapter_config.json").read_text())
     shutil.copytree(w / "peft", w / "run" / "checkpoint-500")  # a Trainer's output_dir
+    shutil.copytree(w / "peft", w / "run" / "checkpoint-1000")
     for name, message in [
         ("empty", "is an empty folder: no adapter in it"),
         (
             "run",
-            f"holds no adapter itself, but its sub-folder(s) checkpoint-500/ hold PEFT adapters: pass one, e.g. {w / 'run' / 'checkpoint-500'}",
+            f"holds no adapter itself, but its sub-folder(s) checkpoint-500/, checkpoint-1000/ hold PEFT adapters: pass one, e.g. the last, {w / 'run' / 'checkpoint-1000'}",
         ),
         (
             "cfg",

@@ -139,12 +139,14 @@ def refuse_incomplete_folder(path):
             "missing (an interrupted download?)",
             path=path,
         )
-    named = sorted(n for n in names if os.path.isfile(os.path.join(path, n, CONFIG)))
+    from ..naming import natural_key
+
+    named = sorted((n for n in names if os.path.isfile(os.path.join(path, n, CONFIG))), key=natural_key)
     if named:  # PEFT saves an adapter not named "default" under its name (and a Trainer under checkpoint-N)
         raise LorakitError(
             f"holds no adapter itself, but its sub-folder(s) {', '.join(n + '/' for n in named[:4])}"
-            f"{' ...' if len(named) > 4 else ''} hold PEFT adapters: pass one, e.g. "
-            f"{os.path.join(os.fspath(path), named[0])}",
+            f"{' ...' if len(named) > 4 else ''} hold PEFT adapters: pass one, e.g. the last, "
+            f"{os.path.join(os.fspath(path), named[-1])}",
             path=path,
         )
 
