@@ -128,3 +128,40 @@ def test_an_adapter_lorakit_writes_loads_in_mlx_lm(tmp_path, cli):
     code, out, err = cli("convert", tmp_path / "full.safetensors", "-o", tmp_path / "x", "--to", "mlx")
     assert_one_line_error(code, out, err, "MLX adapters hold no full tensors (lm_head.weight)")
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "corrupt, fragment",
+    [
+        (lambda c, t: c["lora_parameters"].pop("scale"), "lora_parameters has no 'scale'"),
+        (
+            lambda c, t: c["lora_parameters"].update(scale="20"),
+            "lora_parameters 'scale' must be a number, got '20'",
+        ),
+        (
+            lambda c, t: c["lora_parameters"].update(rank=5),
+            "rank 4 but adapter_config.json's lora_parameters gives rank 5",
+        ),
+        (lambda c, t: t.pop(next(k for k in sorted(t) if k.endswith("lora_b"))), "has lora_a but no lora_b"),
+        (lambda c, t: t.update(x=torch.ones(2)), "1 unknown keys: x"),
+        (lambda c, t: c.update(fine_tune_type="full"), "fine_tune_type 'full' holds no adapter"),
+    ],
+)
+def test_broken_mlx_folders_are_one_line_errors(tmp_path, cli, corrupt, fragment):
+    from safetensors.torch import load_file, save_file
+
+    ad = lorakit.core.Adapter()
+    ad.add(
+        lorakit.core.Module(
+            "model.layers.0.self_attn.q_proj", torch.randn(4, 8), torch.randn(8, 4), alpha=8.0
+        )
+    )
+    ad.save(tmp_path / "a.safetensors")
+    assert cli("convert", tmp_path / "a.safetensors", "-o", tmp_path / "m", "--to", "mlx")[0] == 0
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "m" / "adapters.safetensors")
+    corrupt(config, tensors)
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, tmp_path / "m" / "adapters.safetensors")
+    assert_one_line_error(*cli("inspect", tmp_path / "m"), fragment)
+    assert cli("validate", tmp_path / "m")[0] == 1
