@@ -73,29 +73,38 @@ def inspect_text(r, verbose=True):
     for k, v in r["metadata"].items():
         echo(f"metadata    {k} = {v if len(v) < 80 else v[:77] + '...'}")
     if "modules" in r:
-        spectral = "norm" in r["modules"][0] if r["modules"] else False
-        head = f"{'module':<48} {'kind':<9} {'rank':>4} {'alpha':>8} {'shape':<16}"
-        if spectral:
-            head += f" {'||dW||':>10} {'eff.rank':>8}  top singular values"
-            if "relative_norm" in r["modules"][0]:
-                head += "   ||dW||/||W||"
-        echo(head)
-        shown, said = shown_modules(r["modules"], _relative_size, verbose or not spectral, "largest")
-        lines[-1:-1] = said
-        for m in shown:
-            line = (
-                f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
-                f"{'x'.join(map(str, m['shape'])):<16}"
-            )
-            if spectral:
-                sv = ", ".join(f"{s:.3g}" for s in m["singular_values"][:4])
-                line += f" {m['norm']:>10.4g} {m['effective_rank']:>8.2f}  [{sv}{', ...' if m['rank'] > 4 else ''}]"
-                if "relative_norm" in m:
-                    line += f"   {m['relative_norm']:.3e}"
-            echo(line)
+        lines += _inspect_modules(r["modules"], verbose)
     notes = r.get("notes", [])
     lines += [f"note: {n}" for n in (notes if verbose else summarized_notes(notes))]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _inspect_modules(modules, verbose):
+    """inspect's module table: every module in natural order, or with a spectrum the LISTED largest (-v: all)."""
+    lines = []
+    spectral = "norm" in modules[0] if modules else False
+    head = f"{'module':<48} {'kind':<9} {'rank':>4} {'alpha':>8} {'shape':<16}"
+    if spectral:
+        head += f" {'||dW||':>10} {'eff.rank':>8}  top singular values"
+        if "relative_norm" in modules[0]:
+            head += "   ||dW||/||W||"
+    lines.append(head)
+    shown, said = shown_modules(modules, _relative_size, verbose or not spectral, "largest")
+    lines[-1:-1] = said
+    for m in shown:
+        line = (
+            f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "
+            f"{'x'.join(map(str, m['shape'])):<16}"
+        )
+        if spectral:
+            sv = ", ".join(f"{s:.3g}" for s in m["singular_values"][:4])
+            line += (
+                f" {m['norm']:>10.4g} {m['effective_rank']:>8.2f}  [{sv}{', ...' if m['rank'] > 4 else ''}]"
+            )
+            if "relative_norm" in m:
+                line += f"   {m['relative_norm']:.3e}"
+        lines.append(line)
+    return lines
 
 
 def _target_label(t):
