@@ -165,3 +165,38 @@ def test_broken_mlx_folders_are_one_line_errors(tmp_path, cli, corrupt, fragment
     save_file(tensors, tmp_path / "m" / "adapters.safetensors")
     assert_one_line_error(*cli("inspect", tmp_path / "m"), fragment)
     assert cli("validate", tmp_path / "m")[0] == 1
+
+
+def test_an_mlx_folder_round_trips_to_the_same_tensors(tmp_path, cli):
+    """mlx -> mlx: lora_a / lora_b byte for byte (read transposed, written back), the scale and rank kept."""
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(tmp_path / "m")
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.3.self_attn.q_proj.lora_a": torch.randn(16, 4, generator=g),
+        "model.layers.3.self_attn.q_proj.lora_b": torch.randn(4, 16, generator=g),
+        "model.embed_tokens.lora_a": torch.randn(32, 4, generator=g),
+        "model.embed_tokens.lora_b": torch.randn(4, 16, generator=g),
+    }
+    save_file(tensors, tmp_path / "m" / "adapters.safetensors")
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 7.5, "dropout": 0.0},
+    }
+    (tmp_path / "m" / "adapter_config.json").write_text(json.dumps(config))
+    assert cli("convert", tmp_path / "m", "-o", tmp_path / "back", "--to", "mlx", "-q")[0] == 0
+    back = load_file(tmp_path / "back" / "adapters.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].numpy().tobytes() == tensors[k].numpy().tobytes() for k in tensors)
+    params = json.loads((tmp_path / "back" / "adapter_config.json").read_text())["lora_parameters"]
+    assert (params["rank"], params["scale"], params["keys"]) == (
+        4,
+        7.5,
+        ["model.embed_tokens", "self_attn.q_proj"],
+    )
+    # the embedding's delta is scale * lora_a @ lora_b, in the embedding's own [num, dim] layout
+    emb = lorakit.load(tmp_path / "m").modules["model.embed_tokens"]
+    want = 7.5 * tensors["model.embed_tokens.lora_a"].double() @ tensors["model.embed_tokens.lora_b"].double()
+    assert emb.kind == "embedding" and torch.allclose(emb.delta(torch.float64), want, rtol=0, atol=1e-12)
