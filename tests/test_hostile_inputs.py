@@ -482,6 +482,14 @@ def test_merged_values_out_of_the_dtype_range_are_refused(w, cli):
             "o.safetensors: the name says safetensors, but a llama.cpp adapter is a GGUF file: name it .gguf",
         ),
         (
+            ["convert", "a.safetensors", "-o", "o.safetensors", "--to", "peft"],
+            "o.safetensors: the name says one file, but a peft adapter is a folder (its config beside its weights)",
+        ),
+        (
+            ["convert", "a.safetensors", "-o", "o.safetensors", "--to", "mlx"],
+            "the name says one file, but an mlx adapter is a folder",
+        ),
+        (
             ["extract", "base", "single", "-o", "o.gguf", "--rank", "2"],
             "the name says GGUF, but the lorakit format",
         ),

@@ -19,6 +19,8 @@ from .common import refuse_padding, refuse_transforms
 
 # the formats that can say a LoRA widens its base weight (Module.pads_base)
 PADDING_FORMATS = ("lorakit", "comfyui", "diffusers")
+# the formats written as a folder (a config beside the weights), never as one file
+FOLDER_FORMATS = ("peft", "mlx")
 
 # name -> (module in this package, description). Detection asks them in this order: the spec format first, then
 # the formats whose keys another could resemble (diffusers' PEFT-style keys under component prefixes before PEFT).
@@ -173,6 +175,14 @@ def refuse_misnamed(format, path):
     if gguf and os.fspath(path).lower().endswith(".safetensors"):
         raise LorakitError(
             "the name says safetensors, but a llama.cpp adapter is a GGUF file: name it .gguf", path=path
+        )
+    name = ALIASES.get(format, format)
+    if name in FOLDER_FORMATS and os.fspath(path).lower().endswith((".safetensors", ".bin", ".pt")):
+        raise LorakitError(
+            f"the name says one file, but {'an' if name == 'mlx' else 'a'} {name} adapter is a folder (its config "
+            "beside its weights): name it "
+            "without the suffix",
+            path=path,
         )
 
 
