@@ -97,8 +97,13 @@ def kohya_file(path, parts):
         (["convert", "a.safetensors", "-o", ".", "--to", "lorakit", "--force"], "would contain the input"),
         (["convert", "a.safetensors", "-o", "base", "--to", "lorakit", "--force"], "exists as a folder"),
         (
-            ["convert", "a.safetensors", "-o", "single/model.safetensors", "--to", "peft", "--force"],
+            ["convert", "a.safetensors", "-o", "single/config.json", "--to", "peft", "--force"],
             "exists as a file",
+        ),
+        # named for a file, a folder format refused by the name first
+        (
+            ["convert", "a.safetensors", "-o", "single/model.safetensors", "--to", "peft", "--force"],
+            "the name says one file, but a peft adapter is a folder",
         ),
         (["merge", "base", "a.safetensors", "-o", "a.safetensors", "--force"], "also an input"),
         (
