@@ -19,6 +19,7 @@ from .io.dtypes import ALIASES, USER_DTYPES
 from .methods import METHODS
 from .quant import STRATEGIES
 
+TRAIN_FORMATS = ("lorakit", "peft", "mlx")  # what train writes: the spec, and the two folders of other tools
 DTYPE_HELP = f"{', '.join(USER_DTYPES)} (or {', '.join(ALIASES)})"
 ONTO = ("dequantized", "original")
 MERGE_DEVICES = ("cuda", "cpu")  # where merge sums full-precision tensors (lorakit.devices)
@@ -151,7 +152,7 @@ class TrainOptions:
         f"linear layers are codes, else fp32), {DTYPE_HELP}.",
     )
     seed: int = option(0, None, type=int)
-    format: str = option("lorakit", None, choices=("lorakit", "peft"))
+    format: str = option("lorakit", None, choices=TRAIN_FORMATS)
     resume: str = option(None, "Start from this adapter's factors.", path=True)
     quantize: str = option(
         None,
@@ -191,8 +192,8 @@ class TrainOptions:
         seed_in_range(self.seed)
         in_range("alpha", self.alpha, 0, low_open=True)
         in_range("lr", self.lr, 0, low_open=True)
-        if self.format not in ("lorakit", "peft"):
-            raise LorakitError(f"--format is lorakit or peft, not '{self.format}'")
+        if self.format not in TRAIN_FORMATS:
+            raise LorakitError(f"--format is {', '.join(TRAIN_FORMATS)}, not '{self.format}'")
         return self
 
 

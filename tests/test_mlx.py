@@ -200,3 +200,25 @@ def test_an_mlx_folder_round_trips_to_the_same_tensors(tmp_path, cli):
     emb = lorakit.load(tmp_path / "m").modules["model.embed_tokens"]
     want = 7.5 * tensors["model.embed_tokens.lora_a"].double() @ tensors["model.embed_tokens.lora_b"].double()
     assert emb.kind == "embedding" and torch.allclose(emb.delta(torch.float64), want, rtol=0, atol=1e-12)
+
+
+def test_train_writes_an_mlx_folder_mlx_lm_loads(tmp_path, cli):
+    """train --format mlx: the same factors as --format peft from the same run, and mlx-lm's logits with the folder
+    equal PEFT's with its twin."""
+    base = tmp_path / "base"
+    examples.write_llama_checkpoint(str(base))
+    np.save(tmp_path / "d.npy", np.arange(3000) % 200)
+    for fmt in ("peft", "mlx"):
+        argv = ["train", "--base", base, "--data", tmp_path / "d.npy", "-o", tmp_path / fmt, "--format", fmt]
+        code, out, err = cli(*argv, "--steps", "3", "--seq-len", "16", "--lr", "0.01", "-q")
+        assert code == 0, err
+    peft_ad, mlx_ad = lorakit.load(tmp_path / "peft"), lorakit.load(tmp_path / "mlx")
+    assert mlx_ad.modules.keys() == peft_ad.modules.keys()
+    for name, m in peft_ad.modules.items():
+        assert torch.equal(mlx_ad.modules[name].delta(torch.float64), m.delta(torch.float64)), name
+    floor = (mlx_logits(base, "base", "-", tmp_path / "b.npy") - torch_logits(base)).abs().max()
+    want = torch_logits(base, tmp_path / "peft")
+    got = mlx_logits(base, "load", tmp_path / "mlx", tmp_path / "a.npy")
+    assert (got - want).abs().max() < 2 * floor + 1e-5 and (
+        want - torch_logits(base)
+    ).abs().max() > 10 * floor

@@ -3,7 +3,7 @@
 
 import dataclasses
 
-from ..formats import refuse_misnamed
+from ..formats import FOLDER_FORMATS, refuse_misnamed
 from ..io import check_output
 from ..options import TrainOptions, takes_options
 from ..training import loop
@@ -16,6 +16,8 @@ def train(base, data, output, options):
     Options: TrainOptions."""
     base = existing(local(base, "base", options.quiet), "base")
     data = existing(local(data, "data", options.quiet), "data")
-    check_output(output, [base, data, options.resume], options.force, directory=options.format == "peft")
+    check_output(
+        output, [base, data, options.resume], options.force, directory=options.format in FOLDER_FORMATS
+    )
     refuse_misnamed(options.format, output)  # now, not after the training
     return loop.train(base, data, output, **dataclasses.asdict(options))
