@@ -377,12 +377,32 @@ def test_hub_downloads_fetch_only_what_the_role_reads(w, monkeypatch):
             raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
         return str(w / "peft")
 
+    listing = {
+        # a Trainer's push: the adapter at the top, every checkpoint below it
+        "someone/llama-lora": [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.pt",
+            "checkpoint-500/adapter_config.json",
+            "checkpoint-500/adapter_model.safetensors",
+        ],
+        "someone/only-checkpoints": [
+            "checkpoint-500/adapter_config.json",
+            "checkpoint-500/adapter_model.safetensors",
+        ],
+    }
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: listing[repo])
     assert hub.local("someone/llama-lora", "adapter") == str(w / "peft")
     first, second = calls
     assert first["local_files_only"] and "local_files_only" not in second
-    assert "adapter_config.json" in second["allow_patterns"] and "*.json" not in second["allow_patterns"]
+    # the top-level adapter by name: neither the checkpoints' weights nor the optimizer state
+    assert second["allow_patterns"] == ["adapter_config.json", "adapter_model.safetensors"]
     assert "optimizer*" in second["ignore_patterns"] and "*.pth" in second["ignore_patterns"]
+    with pytest.raises(LorakitError, match=r"adapters only in sub-folders \(checkpoint-500\): fetch one"):
+        hub.local("someone/only-checkpoints", "adapter")
+    assert len(calls) == 3  # refused after the cache, before any download
     assert hub.local("base", "base") == "base"  # a path that exists is never an id
 
 

@@ -5,6 +5,7 @@ id. `huggingface_hub` (the `hub` extra) is imported only then. The local cache c
 argument plays (an adapter's config and weights; a model's configs, tokenizer and weights in one format).
 """
 
+import fnmatch
 import os
 import re
 
@@ -72,14 +73,39 @@ def local(path, role="adapter", quiet=False, header_only=False):
             return pick(_headers(hub, m["repo"], m["revision"]))
         except Exception as e:  # every failure becomes one line naming the id
             raise _error(text, _reason(e)) from None
-    if role == "base":  # one GGUF model of the repo, never every quantization of it
-        names = _repo_files(hub, m, text)
+    if role in ("base", "adapter"):
+        options.update(_fetched(role, _repo_files(hub, m, text), m, text))
+    return pick(_download(hub, text, options, quiet))
+
+
+def _fetched(role, names, m, text):
+    """snapshot_download's patterns for a role, from the repo's file list: a base's one GGUF model (never every
+    quantization) or its weights without Mistral's second copy; an adapter's top-level files (a Trainer's
+    checkpoint-N sub-folders are not fetched), refused where only sub-folders hold one."""
+    if role == "base":
         files = gguf_files(names, m, text)
-        options["allow_patterns"] = files or [p for p in ROLE_FILES["base"] if p != "*.gguf"]
+        out = {"allow_patterns": files or [p for p in ROLE_FILES["base"] if p != "*.gguf"]}
         if any(n.startswith("model") and n.endswith(".safetensors") for n in names):
             # Mistral's repos hold their weights twice: Hugging Face shards and the original consolidated file
-            options["ignore_patterns"] = [*ROLE_SKIPPED, "consolidated*"]
-    return pick(_download(hub, text, options, quiet))
+            out["ignore_patterns"] = [*ROLE_SKIPPED, "consolidated*"]
+        return out
+    top = [
+        n
+        for n in names
+        if "/" not in n
+        and any(fnmatch.fnmatch(n, p) for p in ROLE_FILES["adapter"])
+        and not any(fnmatch.fnmatch(n, p) for p in ROLE_SKIPPED)
+    ]
+    if top:
+        return {"allow_patterns": top}
+    nested = sorted({n.rsplit("/", 1)[0] for n in names if n.endswith("/adapter_config.json")})
+    if nested:
+        raise LorakitError(
+            f"the repo holds adapters only in sub-folders ({', '.join(nested[:4])}{' ...' if len(nested) > 4 else ''})"
+            f": fetch one (hf download {m['repo']} --include '{nested[-1]}/*') and pass its folder",
+            path=text,
+        )
+    return {}  # nothing an adapter reads: what the download finds says so
 
 
 def gguf_files(names, m, text):
