@@ -348,6 +348,13 @@ def test_hub_ids_resolve_from_the_cache_offline(w, cli, monkeypatch):
     _hub_cache(cache, "org/tiny-llama", "base")
     report = _json(cli, "inspect", "someone/llama-lora")
     assert report["format"] == "peft" and report["file"].endswith(commit)
+    # a llama.cpp LoRA repo (one .gguf beside its README) stands for that file, as a one-safetensors repo does
+    os.makedirs("gguf-repo")
+    assert cli("convert", "peft", "-o", "gguf-repo/lora.gguf", "--to", "gguf", "--base", "base", "-q")[0] == 0
+    open("gguf-repo/README.md", "w").write("a LoRA")
+    _hub_cache(cache, "someone/lora-gguf", "gguf-repo")
+    gguf_report = _json(cli, "inspect", "someone/lora-gguf")
+    assert gguf_report["format"] == "gguf" and gguf_report["file"].endswith("lora.gguf")
     assert _json(cli, "inspect", f"someone/llama-lora@{commit}")["file"] == report["file"]
     code, out, err = cli("merge", "org/tiny-llama", "someone/llama-lora:0.5", "-o", "m", "-q")
     assert code == 0 and os.path.isfile("m/model.safetensors"), err

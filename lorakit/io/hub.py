@@ -167,9 +167,10 @@ def _repo_files(hub, m, text):
 
 
 def _single_file(folder):
-    """A repo of one safetensors adapter (kohya, diffusers, lorakit files) as that file; a PEFT folder as itself."""
+    """A repo of one adapter file (kohya, diffusers, lorakit safetensors; a llama.cpp GGUF LoRA) as that file; a
+    PEFT or MLX folder as itself."""
     names = os.listdir(folder)
-    weights = [n for n in names if n.endswith(".safetensors")]
+    weights = [n for n in names if n.endswith((".safetensors", ".gguf"))]
     if "adapter_config.json" not in names and len(weights) == 1:
         return os.path.join(folder, weights[0])
     return folder
