@@ -510,3 +510,21 @@ def test_header_only_inspect_of_a_hub_id_fetches_no_weights(w, monkeypatch):
         )  # the header, then the alphas only
     with pytest.raises(LorakitError, match="Hugging Face hub id"):
         lorakit.inspect("someone/peft-lora", spectrum=True)  # values: the download, which fails here
+    # a GGUF LoRA has no safetensors header to stand in for: fetched whole (it was "an empty folder")
+    os.makedirs(w / "remote-gguf")
+    lorakit.convert(w / "peft", w / "remote-gguf" / "lora.gguf", to="gguf", base=str(w / "base"))
+    repos["someone/gguf-lora"] = w / "remote-gguf"
+    fetched = []
+
+    def download(**options):
+        if options.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        fetched.append(options["allow_patterns"])
+        return str(repos[options["repo_id"]])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setattr(
+        huggingface_hub, "list_repo_files", lambda repo, revision=None: os.listdir(repos[repo])
+    )
+    report = lorakit.inspect("someone/gguf-lora")
+    assert report["format"] == "gguf" and fetched == [["lora.gguf"]]

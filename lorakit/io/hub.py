@@ -70,9 +70,11 @@ def local(path, role="adapter", quiet=False, header_only=False):
         raise _error(text, "not in the local cache and HF_HUB_OFFLINE is set")
     if header_only:
         try:
-            return pick(_headers(hub, m["repo"], m["revision"]))
+            stand_in = _headers(hub, m["repo"], m["revision"])
         except Exception as e:  # every failure becomes one line naming the id
             raise _error(text, _reason(e)) from None
+        if stand_in is not None:
+            return pick(stand_in)
     if role in ("base", "adapter"):
         options.update(_fetched(role, _repo_files(hub, m, text), m, text))
     return pick(_download(hub, text, options, quiet))
@@ -195,7 +197,8 @@ def _headers(hub, repo, revision):
                 f.write(fs.cat_file(entry["name"]))
         elif entry.get("type") == "file" and name.endswith(".safetensors"):
             _stand_in(fs, entry["name"], entry["size"], os.path.join(folder, name))
-    return folder
+    # no safetensors file to stand in for (a GGUF LoRA): None, and the adapter is fetched whole
+    return folder if any(n.endswith(".safetensors") for n in os.listdir(folder)) else None
 
 
 def _stand_in(fs, remote, size, path):
