@@ -35,9 +35,10 @@ MLX_RUN = textwrap.dedent(
     from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
     base, mode, adapter, out = sys.argv[1:5]
     model, _ = load_model(Path(base))
-    if mode in ("lora", "dora"):
+    if mode in ("lora", "dora", "embed"):
         model.freeze()
-        params = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]}
+        keys = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"] if mode != "embed" else ["model.embed_tokens", "self_attn.q_proj"]
+        params = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": keys}
         linear_to_lora_layers(model, 2, params, use_dora=mode == "dora")
         mx.random.seed(0)
         drawn = [(n, mx.random.normal(p.shape) * 0.05) for n, p in tree_flatten(model.trainable_parameters())
@@ -47,7 +48,7 @@ MLX_RUN = textwrap.dedent(
         model.update(tree_unflatten(drawn))
         os.makedirs(adapter)
         mx.save_safetensors(os.path.join(adapter, "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        config = {"fine_tune_type": mode, "num_layers": 2, "lora_parameters": params}
+        config = {"fine_tune_type": "dora" if mode == "dora" else "lora", "num_layers": 2, "lora_parameters": params}
         json.dump(config, open(os.path.join(adapter, "adapter_config.json"), "w"))
     elif mode == "load":
         load_adapters(model, adapter)
@@ -222,3 +223,37 @@ def test_train_writes_an_mlx_folder_mlx_lm_loads(tmp_path, cli):
     assert (got - want).abs().max() < 2 * floor + 1e-5 and (
         want - torch_logits(base)
     ).abs().max() > 10 * floor
+
+
+def test_an_embedding_lora_on_a_tied_model_changes_the_head_too_as_mlx_lm_computes_it(tmp_path, cli):
+    """mlx-lm computes a tied model's head as its embedding, LoRA included: read with the base, its embedding LoRA is
+    the same LoRA on lm_head, so the merged model stays tied and gives mlx-lm's logits (merged as the embedding's
+    alone, it did not). Written back for that base, the head's twin is dropped; an embedding LoRA alone (PEFT without
+    ensure_weight_tying) is refused, since mlx-lm would apply it to the head too."""
+    base = tmp_path / "base"
+    examples.write_llama_checkpoint(str(base), tie=True)
+    floor = (mlx_logits(base, "base", "-", tmp_path / "b.npy") - torch_logits(base)).abs().max()
+    want = mlx_logits(base, "embed", tmp_path / "mlx", tmp_path / "a.npy")
+    code, out, err = cli("merge", base, tmp_path / "mlx", "-o", tmp_path / "merged", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    got = torch_logits(tmp_path / "merged")
+    assert (got - want).abs().max() < 2 * floor + 1e-5 and (
+        want - torch_logits(base)
+    ).abs().max() > 100 * floor
+    code, out, err = cli(
+        "convert", tmp_path / "mlx", "-o", tmp_path / "back", "--to", "mlx", "--base", base, "-q"
+    )
+    assert code == 0, err
+    assert "lm_head.lora_a" not in json.dumps(
+        list(lorakit.io.read_header(tmp_path / "back" / "adapters.safetensors").entries)
+    )
+    assert mlx_logits(base, "load", tmp_path / "back", tmp_path / "c.npy").allclose(want, rtol=0, atol=1e-6)
+    ad = lorakit.load(tmp_path / "mlx")  # no base: the embedding's LoRA alone
+    ad.save(tmp_path / "alone.safetensors")
+    code, out, err = cli(
+        "convert", tmp_path / "alone.safetensors", "-o", tmp_path / "x", "--to", "mlx", "--base", base
+    )
+    assert_one_line_error(
+        code, out, err, "the base ties its embeddings, and mlx-lm applies an embedding LoRA to the"
+    )

@@ -14,10 +14,12 @@ import json
 import os
 import re
 
+import torch
+
 from ..core import Adapter, Module
 from ..errors import LorakitError
 from ..io import atomic_output, read_config, write_safetensors
-from ..naming.embeddings import is_embedding
+from ..naming.embeddings import HEAD, is_embedding
 from ..serving import folded
 from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
@@ -34,7 +36,7 @@ def detect(probe):
     return isinstance(config, dict) and "lora_parameters" in config
 
 
-def read(path, allow_unknown=False):
+def read(path, allow_unknown=False, base=None):
     config = read_config(path, CONFIG)
     fine_tune = config.get("fine_tune_type", "lora")
     if fine_tune not in ("lora", "dora"):
@@ -55,7 +57,29 @@ def read(path, allow_unknown=False):
     )
     for module, keys in sorted(parts.items()):
         ad.add(_module(path, module, {leaf: tf.get(k) for leaf, k in keys.items()}, scale, rank, fine_tune))
+    _tied_head(ad, base, notes)
     return ad
+
+
+def _tied_head(ad, base, notes):
+    """mlx-lm computes a tied model's output head as its embedding (`embed_tokens.as_linear`), LoRA included: on a
+    base that ties them, an embedding LoRA is the same LoRA on lm_head too (then the merge changes the one tensor
+    once and it stays tied); without a base, a note says so."""
+    head = HEAD.removesuffix(".weight")
+    embeddings = [m for m in ad.modules.values() if m.kind == "embedding"]
+    if not embeddings or head in ad.modules:
+        return
+    if base is None:
+        notes.append(
+            f"{embeddings[0].name}: on a model that ties its embeddings mlx-lm applies this LoRA to the output head "
+            "too; read with --base (merge passes it) to keep that"
+        )
+    elif base.tied_embeddings:
+        m = embeddings[0]
+        ad.add(Module(head, m.A, m.B, alpha=m.alpha, kind="linear"))
+        notes.append(
+            f"{m.name}: the base ties its embeddings, and mlx-lm applies this LoRA to lm_head too: so read"
+        )
 
 
 def _parameters(config, path):
@@ -139,11 +163,43 @@ def _writable(adapter, path):
     return mods
 
 
-def write(adapter, path, force=False):
+def _untied(mods, base, path, notes):
+    """The modules mlx-lm holds: on a base that ties its embeddings its one embedding LoRA serves the head too, so an
+    lm_head LoRA equal to it (PEFT's ensure_weight_tying) is dropped, and one alone, or an embedding LoRA alone, is
+    refused (mlx-lm would change both, or could not hold it: a tied model has no lm_head module)."""
+    head = HEAD.removesuffix(".weight")
+    by_name = {m.name: m for m in mods}
+    embedding = next((m for m in mods if m.kind == "embedding"), None)
+    if base is None or not base.tied_embeddings:
+        if embedding is not None and base is None:
+            notes.append(
+                f"{embedding.name}: on a model that ties its embeddings mlx-lm applies this LoRA to the output head "
+                "too; give --base to check it"
+            )
+        return mods
+    if head not in by_name and embedding is None:
+        return mods
+    tied = embedding is not None and head in by_name
+    if tied and (
+        torch.equal(embedding.A, by_name[head].A)
+        and torch.equal(embedding.B, by_name[head].B)
+        and embedding.scale == by_name[head].scale
+    ):
+        return [m for m in mods if m.name != head]
+    raise LorakitError(
+        "the base ties its embeddings, and mlx-lm applies an embedding LoRA to the output head too: this adapter "
+        "changes them otherwise, which mlx-lm cannot hold",
+        path=path,
+        tensor=embedding.name if embedding is not None else head,
+    )
+
+
+def write(adapter, path, force=False, base=None):
     """A folder mlx-lm loads: one rank and one scale (each module's scale folded into its B, shorter ranks padded
     with zeros: the same dW), `keys` naming every module (inside a layer by its path there, with num_layers -1: every
     layer; a layer without a module here keeps lora_b at zero when mlx-lm loads it)."""
-    mods = _writable(adapter, path)
+    notes = []
+    mods = _untied(_writable(adapter, path), base, path, notes)
     rank, scale = max(m.rank for m in mods), most_common([m.scale for m in mods])
     tensors, keys = {}, set()
     for m in mods:
@@ -164,8 +220,6 @@ def write(adapter, path, force=False):
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-    return (
-        []
-        if len({m.scale for m in mods}) == 1
-        else [f"every module at scale {scale:g} (the others' folded into B)"]
-    )
+    if len({m.scale for m in mods}) > 1:
+        notes.append(f"every module at scale {scale:g} (the others' folded into B)")
+    return notes
