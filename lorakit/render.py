@@ -88,9 +88,8 @@ def _inspect_modules(modules, verbose):
         head += f" {'||dW||':>10} {'eff.rank':>8}  top singular values"
         if "relative_norm" in modules[0]:
             head += "   ||dW||/||W||"
-    lines.append(head)
     shown, said = shown_modules(modules, _relative_size, verbose or not spectral, "largest")
-    lines[-1:-1] = said
+    lines += [*said, head]
     for m in shown:
         line = (
             f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {_fmt_num(m['alpha']):>8} "

@@ -184,6 +184,11 @@ def problems(adapter, engine, fmt, path=None):
     return out
 
 
+def qalora_group(config):
+    """QA-LoRA's input group size in an adapter_config.json (use_qalora): PEFT's default 16 where it says none."""
+    return config.get("qalora_group_size", 16)
+
+
 def _scale_problems(adapter, engine, config, fix):
     config = config or {}
     out = []
@@ -208,7 +213,7 @@ def _scale_problems(adapter, engine, config, fix):
             )
         )
     if config.get("use_qalora"):  # PEFT's own GPTQ layers pool; no serving engine does
-        group = config.get("qalora_group_size", 16)
+        group = qalora_group(config)
         out.append(
             (
                 "LK512",

@@ -6,6 +6,7 @@ import shlex
 from .. import spec
 from ..errors import LorakitError, opt
 from ..formats import (
+    a_format,
     detect_format,
     foreign_container,
     is_model,
@@ -243,7 +244,6 @@ def _convert_hint(path, fmt):
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     out = os.path.join(os.path.dirname(os.path.normpath(path)), f"{stem}.lorakit.safetensors")
     return (
-        f"{'an' if fmt.name == 'mlx' else 'a'} {fmt.name} adapter, not a lorakit file; to write it in the spec "
-        "format: "
+        f"{a_format(fmt.name)} adapter, not a lorakit file; to write it in the spec format: "
         f"lorakit convert {shlex.quote(path)} -o {shlex.quote(out)} --to lorakit"
     )

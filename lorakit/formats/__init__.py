@@ -165,7 +165,8 @@ def refuse_misnamed(format, path):
     """An output named for GGUF in a safetensors format, or .safetensors in the GGUF one, refused (every reader would
     take it for a broken file of the other kind): by every writer, and by commands that write only after long work
     (train) before it."""
-    gguf = ALIASES.get(format, format) == "gguf"
+    name = ALIASES.get(format, format)
+    gguf = name == "gguf"
     if named_other_container(path) and not gguf:
         raise LorakitError(
             f"the name says GGUF, but the {format} format is safetensors: name it otherwise, or write a GGUF "
@@ -176,14 +177,17 @@ def refuse_misnamed(format, path):
         raise LorakitError(
             "the name says safetensors, but a llama.cpp adapter is a GGUF file: name it .gguf", path=path
         )
-    name = ALIASES.get(format, format)
     if name in FOLDER_FORMATS and os.fspath(path).lower().endswith((".safetensors", ".bin", ".pt")):
         raise LorakitError(
-            f"the name says one file, but {'an' if name == 'mlx' else 'a'} {name} adapter is a folder (its config "
-            "beside its weights): name it "
-            "without the suffix",
+            f"the name says one file, but {a_format(name)} adapter is a folder (its config beside its weights): "
+            "name it without the suffix",
             path=path,
         )
+
+
+def a_format(name):
+    """'a peft', 'an mlx': a format's name with its article, for messages."""
+    return f"{'an' if name == 'mlx' else 'a'} {name}"
 
 
 def is_model(path):

@@ -25,7 +25,7 @@ from .common import check_rank, most_common, open_safetensors, refuse_deltas, re
 
 WEIGHTS, CONFIG = "adapters.safetensors", "adapter_config.json"
 LEAVES = ("lora_a", "lora_b", "m")
-LAYER = re.compile(r"(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)\.(?P<key>.+)")
+LAYER = re.compile(r"(?:.*\.)?layers\.\d+\.(?P<key>.+)")  # a module inside a layer, by its path there
 
 
 def detect(probe):
@@ -70,10 +70,7 @@ def _tied_head(ad, base, notes):
     if not embeddings or head in ad.modules:
         return
     if base is None:
-        notes.append(
-            f"{embeddings[0].name}: on a model that ties its embeddings mlx-lm applies this LoRA to the output head "
-            "too; read with --base (merge passes it) to keep that"
-        )
+        notes.append(_tied_note(embeddings[0].name, "read with --base (merge passes it) to keep that"))
     elif base.tied_embeddings:
         m = embeddings[0]
         ad.add(Module(head, m.A, m.B, alpha=m.alpha, kind="linear"))
@@ -134,6 +131,12 @@ def _module(path, name, t, scale, rank, fine_tune):
     return module
 
 
+def _tied_note(name, way):
+    return (
+        f"{name}: on a model that ties its embeddings mlx-lm applies this LoRA to the output head too; {way}"
+    )
+
+
 def _writable(adapter, path):
     """The modules of an adapter mlx-lm's LoRA layers can hold (linear and embedding LoRAs); anything else refused
     by name, never dropped."""
@@ -147,19 +150,17 @@ def _writable(adapter, path):
     if not mods:
         raise LorakitError("the adapter is empty", path=path)
     for m in mods:
-        what = (
-            "DoRA"
-            if m.magnitude is not None
-            else "a bias delta"
-            if m.bias is not None
-            else None
-            if m.kind in ("linear", "embedding")
-            else f"a {m.kind} LoRA"
+        if m.magnitude is not None:
+            what = "DoRA"
+        elif m.bias is not None:
+            what = "a bias delta"
+        elif m.kind not in ("linear", "embedding"):
+            what = f"a {m.kind} LoRA"
+        else:
+            continue
+        raise LorakitError(
+            f"{what}: mlx-lm's LoRA layers take only linear and embedding LoRAs", path=path, tensor=m.name
         )
-        if what:
-            raise LorakitError(
-                f"{what}: mlx-lm's LoRA layers take only linear and embedding LoRAs", path=path, tensor=m.name
-            )
     return mods
 
 
@@ -167,30 +168,27 @@ def _untied(mods, base, path, notes):
     """The modules mlx-lm holds: on a base that ties its embeddings its one embedding LoRA serves the head too, so an
     lm_head LoRA equal to it (PEFT's ensure_weight_tying) is dropped, and one alone, or an embedding LoRA alone, is
     refused (mlx-lm would change both, or could not hold it: a tied model has no lm_head module)."""
-    head = HEAD.removesuffix(".weight")
-    by_name = {m.name: m for m in mods}
+    head = next((m for m in mods if m.name == HEAD.removesuffix(".weight")), None)
     embedding = next((m for m in mods if m.kind == "embedding"), None)
     if base is None or not base.tied_embeddings:
         if embedding is not None and base is None:
-            notes.append(
-                f"{embedding.name}: on a model that ties its embeddings mlx-lm applies this LoRA to the output head "
-                "too; give --base to check it"
-            )
+            notes.append(_tied_note(embedding.name, "give --base to check it"))
         return mods
-    if head not in by_name and embedding is None:
+    if head is None and embedding is None:
         return mods
-    tied = embedding is not None and head in by_name
-    if tied and (
-        torch.equal(embedding.A, by_name[head].A)
-        and torch.equal(embedding.B, by_name[head].B)
-        and embedding.scale == by_name[head].scale
+    if (
+        head is not None
+        and embedding is not None
+        and torch.equal(embedding.A, head.A)
+        and torch.equal(embedding.B, head.B)
+        and embedding.scale == head.scale
     ):
-        return [m for m in mods if m.name != head]
+        return [m for m in mods if m is not head]
     raise LorakitError(
         "the base ties its embeddings, and mlx-lm applies an embedding LoRA to the output head too: this adapter "
         "changes them otherwise, which mlx-lm cannot hold",
         path=path,
-        tensor=embedding.name if embedding is not None else head,
+        tensor=(embedding if embedding is not None else head).name,
     )
 
 

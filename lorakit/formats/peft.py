@@ -27,6 +27,7 @@ from .peft_config import (
     pattern_value,
     untargeted_note,
 )
+from ..serving import qalora_group
 from .common import check_rank, most_common, open_safetensors, refuse_deltas, refuse_unknown, t_contig
 
 WEIGHTS, WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"
@@ -226,7 +227,7 @@ def _qalora(module, A, config, shapes, notes):
     lora_A [r, in / g] acts on the inputs averaged in groups of g, times in / g (QALoraLinearVariant.forward), which
     is the LoRA whose A repeats each column over its group of g inputs, at in / g / g times the scale: exact. A
     module whose A already spans the base's inputs (a layer PEFT left unpooled) stays as it is."""
-    g = config.get("qalora_group_size", 16)
+    g = qalora_group(config)
     width = A.shape[1]
     stored = shapes.get(f"{module}.weight") if shapes else None
     if stored is not None and tuple(stored)[-1] == width:

@@ -47,13 +47,13 @@ def shard_files(path):
             full = os.path.join(path, f)
             # a file name of the folder: never ../../etc/passwd, an absolute path or a sub-folder; a link in the
             # folder is followed (the Hugging Face cache links every file of a snapshot to its blob)
-            if os.path.basename(f) != f or f in ("", ".", "..") or os.sep in f or "/" in f:
+            if os.path.basename(f) != f or f in ("", ".", ".."):
                 raise LorakitError(f"shard '{f}' is not a file of the model folder", path=index_path)
             if not os.path.isfile(full):
                 raise LorakitError(
                     f"shard '{f}' named by the index is missing from the folder", path=index_path
                 )
-            files.append(os.path.join(path, f))
+            files.append(full)
         return files, index
     names = os.listdir(path)
     files = sorted(f for f in names if f.endswith(".safetensors"))

@@ -10,6 +10,7 @@ import os
 import re
 
 from ..errors import LorakitError
+from .gguf import named_gguf
 
 # org/name, @revision, and for a base :TAG, the GGUF file of a repo of several (org/name-GGUF:Q4_K_M, as llama.cpp's
 # -hf takes it)
@@ -117,7 +118,7 @@ def gguf_files(names, m, text):
     (mmproj) are not a model."""
     models = {}
     for name in sorted(names):
-        if name.lower().endswith(".gguf") and "mmproj" not in os.path.basename(name).lower():
+        if named_gguf(name) and "mmproj" not in os.path.basename(name).lower():
             models.setdefault(SPLIT.sub(r"-00001-of-\1.gguf", name), []).append(name)
     tag = m["tag"]
     if not tag and (not models or any(n.endswith(".safetensors") for n in names)):
@@ -149,11 +150,7 @@ def _base_in(folder, m, text):
         for f in files
     ]
     try:
-        files = (
-            gguf_files(names, m, text)
-            if m["tag"] or any(n.lower().endswith(".gguf") for n in names)
-            else None
-        )
+        files = gguf_files(names, m, text)  # None: no tag, and no GGUF model or safetensors weights beside
     except LorakitError:
         if m["tag"]:  # not in what the cache holds: fetch it (the repo's own list decides)
             return None

@@ -1,6 +1,7 @@
 """Training data: token ids from .npy / .bin / .jsonl or text, a held-out split, and random batches."""
 
 import os
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def _record(r, path, n, text):
         return ids, ids.clone()
     if "prompt" in r and "completion" in r:
         prompt, completion = _string(r, "prompt", path, n), _string(r, "completion", path, n)
-        eos = text.eos()
+        eos = text.eos
         if eos and not completion.endswith(eos):
             completion += eos
         ids = torch.tensor(text.encode(prompt + completion), dtype=torch.int64)
@@ -132,8 +133,10 @@ class _Text:
         self.tokenizer = self.tokenizer or _tokenizer(self.base, self.path)
         return self.tokenizer.encode(text).ids
 
+    @cached_property
     def eos(self):
-        """tokenizer_config.json's eos_token (a string or an AddedToken object), None where it names none."""
+        """tokenizer_config.json's eos_token (a string or an AddedToken object), None where it names none: read once
+        for the whole file."""
         config = os.path.join(self.base or "", "tokenizer_config.json")
         token = (
             read_json(config, "tokenizer_config.json").get("eos_token") if os.path.isfile(config) else None
