@@ -59,7 +59,13 @@ CASES = {
         None,
     ),
     "LoRA on embed_tokens too": (dict(r=8, lora_alpha=16, target_modules=[*TARGETS, "embed_tokens"]), None),
+    # QA-LoRA (PEFT's GPTQ layers): lora_A [r, in / 16] on inputs averaged in groups of 16; made by qalora() below
+    "QA-LoRA (use_qalora, group 16)": (
+        dict(r=8, lora_alpha=16),
+        {"use_qalora": True, "qalora_group_size": 16},
+    ),
 }
+QALORA_GROUP = 16
 
 WORKER = r"""
 import json, os, sys, time
@@ -173,11 +179,36 @@ def make_adapter(model, work, name, kwargs, config_edit, seed):
     path = os.path.join(
         work, "adapters", name.split(":")[0].replace(" ", "_").replace("/", "")[:40] + str(seed)
     )
+    if (config_edit or {}).get("use_qalora"):
+        qalora(pm, g)
     pm.save_pretrained(path)
+    if (config_edit or {}).get("use_qalora"):  # the file holds the pooled A, as PEFT's GPTQ layers save it
+        from safetensors.torch import load_file, save_file
+
+        saved = os.path.join(path, "adapter_model.safetensors")
+        tensors = load_file(saved)
+        for key in [k for k in tensors if "lora_A" in k]:
+            tensors[key] = pm.pooled[key].contiguous()
+        save_file(tensors, saved, {"format": "pt"})
     if config_edit:
         config_path = os.path.join(path, "adapter_config.json")
         json.dump({**json.load(open(config_path)), **config_edit}, open(config_path, "w"))
     return path, pm.eval()
+
+
+def qalora(pm, g):
+    """QA-LoRA's forward on a plain PEFT model: a pooled lora_A [r, in / 16] drawn for each module, and the module's
+    lora_A set to what it computes on every input (each column repeated over its group, times in / 16 / 16, as
+    QALoraLinearVariant.forward: the mean over a group times in / 16), the reference's; `pm.pooled` keeps the file's
+    tensors by their saved names."""
+    pm.pooled = {}
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_A" in n:
+                width = p.shape[1] // QALORA_GROUP
+                pooled = torch.randn(p.shape[0], width, generator=g) * 0.05
+                p.copy_(pooled.repeat_interleave(QALORA_GROUP, 1) * (width / QALORA_GROUP))
+                pm.pooled[n.replace(".default", "")] = pooled
 
 
 def logprobs_of(model, ids):

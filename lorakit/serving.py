@@ -218,7 +218,8 @@ def _scale_problems(adapter, engine, config, fix):
             (
                 "LK512",
                 f"QA-LoRA: lora_A acts on the inputs averaged in groups of {group}, which {engine.name} does not "
-                f"do (it multiplies lora_A by the whole input): {fix} writes the same change on every input",
+                f"do (vLLM 0.32 refuses the folder: 'does not support QALoRA'): {fix} writes the same change on "
+                "every input",
                 None,
             )
         )
